@@ -1,0 +1,112 @@
+//! The desired state of the mesh and the one place that decides what is
+//! legal. Everything else receives a validated [`State`].
+#![forbid(unsafe_code)]
+
+mod document;
+mod load;
+mod names;
+mod validate;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+
+pub use document::{Document, EndpointDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+pub use load::{load_file, parse_document, ConfigError};
+pub use names::{Name, NodeName, Port, Weight};
+pub use validate::{FieldError, ValidationErrors};
+
+/// A validated state. Built only by [`State::from_document`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct State {
+    pub nodes: Vec<Node>,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub name: NodeName,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    pub name: Name,
+    pub namespace: Name,
+    pub service_account: Name,
+    pub node: NodeName,
+    pub ip: Ipv4Addr,
+    pub netns: NetnsRef,
+}
+
+/// How the daemon finds a workload's network namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetnsRef {
+    Path(PathBuf),
+    Pid(u32),
+}
+
+impl NetnsRef {
+    pub fn path(&self) -> PathBuf {
+        match self {
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Connections go through the node proxy.
+    Proxy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: Name,
+    pub namespace: Name,
+    pub vip: Ipv4Addr,
+    pub mode: Mode,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// `namespace/name`, how users refer to a service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServicePort {
+    pub port: Port,
+    pub target_port: Port,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub node: NodeName,
+    pub weight: Weight,
+}
+
+impl Endpoint {
+    pub fn addr(&self, port: Port) -> SocketAddrV4 {
+        SocketAddrV4::new(self.ip, port.0)
+    }
+}
+
+impl State {
+    pub fn from_document(doc: &Document) -> Result<Self, ValidationErrors> {
+        validate::validate(doc)
+    }
+
+    pub fn node(&self, name: &NodeName) -> Option<&Node> {
+        self.nodes.iter().find(|n| &n.name == name)
+    }
+
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.ip == ip)
+    }
+}

@@ -1,0 +1,373 @@
+//! Document -> State, collecting every error with the path of its field.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use mesh_common::limits;
+
+use super::*;
+
+/// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every bad field of a document, in document order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), message: message.into() });
+    }
+    /// Keeps the value of `r`, or records its error under `path`.
+    fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
+        r.map_err(|m| self.push(path, m)).ok()
+    }
+}
+
+fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
+    s.parse().map_err(|_| format!("{s:?} is not an IPv4 address"))
+}
+
+pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
+    let mut e = Errors::default();
+    let mut state = State::default();
+
+    let mut node_names = HashSet::new();
+    for (i, n) in doc.nodes.iter().enumerate() {
+        let p = format!("nodes[{i}]");
+        let name = e.take(format!("{p}.name"), NodeName::parse(&n.name));
+        if let Some(name) = &name {
+            if !node_names.insert(name.clone()) {
+                e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
+            }
+        }
+        let address = e.take(format!("{p}.address"), ipv4(&n.address));
+        if let (Some(name), Some(address)) = (name, address) {
+            state.nodes.push(Node { name, address });
+        }
+    }
+    let known_node = |e: &mut Errors, path: String, s: &str| -> Option<NodeName> {
+        let name = e.take(path.clone(), NodeName::parse(s))?;
+        if node_names.contains(&name) {
+            Some(name)
+        } else {
+            e.push(path, format!("node {s:?} is not in `nodes`; add it there or fix the name"));
+            None
+        }
+    };
+
+    if doc.workloads.len() > limits::MAX_WORKLOADS as usize {
+        e.push(
+            "workloads",
+            format!("{} workloads are more than the maximum {}", doc.workloads.len(), limits::MAX_WORKLOADS),
+        );
+    }
+    let mut workload_ips = HashMap::new();
+    for (i, w) in doc.workloads.iter().enumerate() {
+        let p = format!("workloads[{i}]");
+        let name = e.take(format!("{p}.name"), Name::parse(&w.name));
+        let namespace = e.take(format!("{p}.namespace"), Name::parse(&w.namespace));
+        let sa = e.take(format!("{p}.serviceAccount"), Name::parse(&w.service_account));
+        let node = known_node(&mut e, format!("{p}.node"), &w.node);
+        let ip = e.take(format!("{p}.ip"), ipv4(&w.ip));
+        if let Some(ip) = ip {
+            if let Some(first) = workload_ips.insert(ip, i) {
+                e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
+            }
+        }
+        let netns = match (&w.netns, w.pid) {
+            (Some(path), None) if path.starts_with('/') => Some(NetnsRef::Path(PathBuf::from(path))),
+            (Some(path), None) => {
+                e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
+                None
+            }
+            (None, Some(pid)) => e.take(
+                format!("{p}.pid"),
+                u32::try_from(pid)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(NetnsRef::Pid)
+                    .ok_or_else(|| format!("{pid} is not a process id")),
+            ),
+            (None, None) => {
+                e.push(p.clone(), "give `netns` (a path) or `pid` to find the pod's network namespace");
+                None
+            }
+            (Some(_), Some(_)) => {
+                e.push(p.clone(), "give either `netns` or `pid`, not both");
+                None
+            }
+        };
+        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
+            (name, namespace, sa, node, ip, netns)
+        {
+            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
+        }
+    }
+
+    let frontends: usize = doc.services.iter().map(|s| s.ports.len()).sum();
+    if frontends > limits::MAX_SERVICES as usize {
+        e.push(
+            "services",
+            format!("{frontends} service ports are more than the maximum {}", limits::MAX_SERVICES),
+        );
+    }
+    let mut service_names = HashMap::new();
+    let mut addresses = HashMap::new();
+    for (i, s) in doc.services.iter().enumerate() {
+        let p = format!("services[{i}]");
+        let name = e.take(format!("{p}.name"), Name::parse(&s.name));
+        let namespace = e.take(format!("{p}.namespace"), Name::parse(&s.namespace));
+        if let (Some(name), Some(namespace)) = (&name, &namespace) {
+            if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
+                e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
+            }
+        }
+        let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
+        let mode = match s.mode.as_str() {
+            "proxy" => Some(Mode::Proxy),
+            "kernel" => {
+                e.push(format!("{p}.mode"), "\"kernel\" is not supported by this version yet; use \"proxy\"");
+                None
+            }
+            other => {
+                e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
+                None
+            }
+        };
+        if s.ports.is_empty() {
+            e.push(format!("{p}.ports"), "a service needs at least one port");
+        }
+        let mut ports = Vec::new();
+        let mut seen_ports = HashSet::new();
+        for (j, port) in s.ports.iter().enumerate() {
+            let pp = format!("{p}.ports[{j}]");
+            let number = e.take(format!("{pp}.port"), Port::parse(port.port));
+            let target = e.take(format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
+            if port.protocol != "TCP" {
+                e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
+            }
+            if let Some(number) = number {
+                if !seen_ports.insert(number) {
+                    e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
+                } else if let Some(vip) = vip {
+                    if let Some(first) = addresses.insert((vip, number), i) {
+                        e.push(format!("{pp}.port"), format!("{vip}:{number} is already served by services[{first}]"));
+                    }
+                }
+            }
+            if let (Some(port), Some(target_port)) = (number, target) {
+                ports.push(ServicePort { port, target_port });
+            }
+        }
+        let mut endpoints = Vec::new();
+        let mut seen_ips = HashSet::new();
+        for (j, ep) in s.endpoints.iter().enumerate() {
+            let pp = format!("{p}.endpoints[{j}]");
+            let ip = e.take(format!("{pp}.ip"), ipv4(&ep.ip));
+            if let Some(ip) = ip {
+                if !seen_ips.insert(ip) {
+                    e.push(format!("{pp}.ip"), format!("endpoint {ip} is listed twice"));
+                }
+            }
+            let node = known_node(&mut e, format!("{pp}.node"), &ep.node);
+            let weight = e.take(
+                format!("{pp}.weight"),
+                match ep.weight {
+                    w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
+                    w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
+                    w => Ok(Weight(w as u16)),
+                },
+            );
+            if let (Some(ip), Some(node), Some(weight)) = (ip, node, weight) {
+                endpoints.push(Endpoint { ip, node, weight });
+            }
+        }
+        if let (Some(name), Some(namespace), Some(vip), Some(mode)) = (name, namespace, vip, mode) {
+            state.services.push(Service { name, namespace, vip, mode, ports, endpoints });
+        }
+    }
+
+    if e.0.is_empty() {
+        Ok(state)
+    } else {
+        Err(ValidationErrors(e.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    const GOOD: &str = r#"
+nodes:
+  - { name: node-a, address: 172.18.0.2 }
+  - { name: node-b, address: 172.18.0.3 }
+workloads:
+  - { name: client, namespace: default, serviceAccount: client, node: node-a, ip: 10.244.1.2, netns: /var/run/netns/c }
+  - { name: other, node: node-b, ip: 10.244.2.2, pid: 42 }
+services:
+  - name: web
+    vip: 10.96.0.10
+    ports: [ { port: 80, targetPort: 8080 }, { port: 443 } ]
+    endpoints:
+      - { ip: 10.244.1.3, node: node-a, weight: 3 }
+      - { ip: 10.244.2.4, node: node-b }
+"#;
+
+    fn good() -> Document {
+        parse_document(GOOD).unwrap()
+    }
+
+    /// Applies `edit` to the good document and returns the error messages.
+    fn errors(edit: impl FnOnce(&mut Document)) -> Vec<String> {
+        let mut d = good();
+        edit(&mut d);
+        match State::from_document(&d) {
+            Ok(_) => panic!("document should be rejected"),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn assert_error(edit: impl FnOnce(&mut Document), expected: &str) {
+        let errs = errors(edit);
+        assert!(errs.iter().any(|e| e == expected), "expected {expected:?} in {errs:#?}");
+    }
+
+    #[test]
+    fn good_document_is_accepted_with_defaults() {
+        let s = State::from_document(&good()).unwrap();
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.workloads[1].namespace.as_str(), "default");
+        assert_eq!(s.workloads[1].netns, NetnsRef::Pid(42));
+        let web = &s.services[0];
+        assert_eq!(web.mode, Mode::Proxy);
+        assert_eq!(web.ports[0].target_port, Port(8080));
+        assert_eq!(web.ports[1].target_port, Port(443), "targetPort defaults to port");
+        assert_eq!(web.endpoints[1].weight, Weight(1), "weight defaults to 1");
+    }
+
+    #[test]
+    fn node_rules() {
+        assert_error(|d| d.nodes[0].address = "x".into(), r#"nodes[0].address: "x" is not an IPv4 address"#);
+        assert_error(|d| d.nodes[1].name = "node-a".into(), r#"nodes[1].name: node "node-a" is listed twice"#);
+        let e = errors(|d| d.nodes[0].name = "Node_A".into());
+        assert!(e[0].starts_with("nodes[0].name: \"Node_A\" is not a valid node name"), "{e:?}");
+    }
+
+    #[test]
+    fn workload_rules() {
+        assert_error(|d| d.workloads[0].ip = "10.0.0.300".into(), r#"workloads[0].ip: "10.0.0.300" is not an IPv4 address"#);
+        assert_error(|d| d.workloads[1].ip = "10.244.1.2".into(), "workloads[1].ip: 10.244.1.2 is already the address of workloads[0]");
+        assert_error(
+            |d| d.workloads[0].node = "node-z".into(),
+            r#"workloads[0].node: node "node-z" is not in `nodes`; add it there or fix the name"#,
+        );
+        assert_error(|d| d.workloads[0].netns = Some("relative".into()), r#"workloads[0].netns: "relative" is not an absolute path"#);
+        assert_error(|d| d.workloads[1].pid = Some(0), "workloads[1].pid: 0 is not a process id");
+        assert_error(|d| d.workloads[1].pid = None, "workloads[1]: give `netns` (a path) or `pid` to find the pod's network namespace");
+        assert_error(|d| d.workloads[0].pid = Some(7), "workloads[0]: give either `netns` or `pid`, not both");
+        assert!(errors(|d| d.workloads[0].name = "-x".into())[0].starts_with("workloads[0].name: "));
+        assert!(errors(|d| d.workloads[0].namespace = "A".into())[0].starts_with("workloads[0].namespace: "));
+        assert!(errors(|d| d.workloads[0].service_account = "".into())[0].starts_with("workloads[0].serviceAccount: "));
+    }
+
+    #[test]
+    fn service_rules() {
+        assert_error(|d| d.services[0].vip = "10.96.0".into(), r#"services[0].vip: "10.96.0" is not an IPv4 address"#);
+        assert_error(|d| d.services[0].mode = "fast".into(), r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#);
+        assert_error(|d| d.services[0].mode = "kernel".into(), r#"services[0].mode: "kernel" is not supported by this version yet; use "proxy""#);
+        assert_error(|d| d.services[0].ports.clear(), "services[0].ports: a service needs at least one port");
+        assert_error(|d| d.services[0].ports[0].port = 70000, "services[0].ports[0].port: 70000 is not a port: use 1 to 65535");
+        assert_error(|d| d.services[0].ports[0].target_port = Some(0), "services[0].ports[0].targetPort: 0 is not a port: use 1 to 65535");
+        assert_error(|d| d.services[0].ports[1].port = 80, "services[0].ports[1].port: port 80 is listed twice");
+        assert_error(|d| d.services[0].ports[0].protocol = "UDP".into(), r#"services[0].ports[0].protocol: "UDP" is not supported: use "TCP""#);
+        assert!(errors(|d| d.services[0].name = "Web".into())[0].starts_with("services[0].name: "));
+        assert!(errors(|d| d.services[0].namespace = "".into())[0].starts_with("services[0].namespace: "));
+        let dup = |d: &mut Document| {
+            let mut s = d.services[0].clone();
+            s.vip = "10.96.0.11".into();
+            d.services.push(s);
+        };
+        assert_error(dup, "services[1].name: service default/web is already services[0]");
+        let same_address = |d: &mut Document| {
+            let mut s = d.services[0].clone();
+            s.name = "web2".into();
+            d.services.push(s);
+        };
+        assert_error(same_address, "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]");
+    }
+
+    #[test]
+    fn endpoint_rules() {
+        assert_error(
+            |d| d.services[0].endpoints[0].ip = "10.0.0.300".into(),
+            r#"services[0].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#,
+        );
+        assert_error(
+            |d| d.services[0].endpoints[1].ip = "10.244.1.3".into(),
+            "services[0].endpoints[1].ip: endpoint 10.244.1.3 is listed twice",
+        );
+        assert_error(
+            |d| d.services[0].endpoints[0].node = "nowhere".into(),
+            r#"services[0].endpoints[0].node: node "nowhere" is not in `nodes`; add it there or fix the name"#,
+        );
+        assert_error(
+            |d| d.services[0].endpoints[0].weight = 70000,
+            "services[0].endpoints[0].weight: weight 70000 is above the maximum 65535",
+        );
+        assert_error(
+            |d| d.services[0].endpoints[0].weight = -1,
+            "services[0].endpoints[0].weight: weight -1 is negative: use 0 (drain) to 65535",
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let e = errors(|d| {
+            let w = d.workloads[0].clone();
+            d.workloads = (0..=limits::MAX_WORKLOADS)
+                .map(|i| WorkloadDoc { ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(), ..w.clone() })
+                .collect();
+        });
+        assert!(e.iter().any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")), "{e:?}");
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let e = errors(|d| {
+            d.nodes[0].address = "bad".into();
+            d.services[0].endpoints[0].weight = 70000;
+            d.services[0].vip = "nope".into();
+        });
+        assert_eq!(e.len(), 3, "{e:#?}");
+    }
+}

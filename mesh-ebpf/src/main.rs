@@ -1,0 +1,150 @@
+//! Kernel programs of the mesh: `cgroup/connect4` catches connects from
+//! enrolled network namespaces to service addresses, `sockops` hands the
+//! original destination to the node proxy.
+//!
+//! Every program allows the connection on any lookup miss: a bug in the mesh
+//! must never break a connection that is not meshed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    limits, OrigDst, ServiceKey, ServiceValue, SockAddrV4, Stat, WorkloadValue, IPPROTO_TCP,
+    MODE_PROXY, STAT_COUNT,
+};
+
+const AF_INET: u32 = 2;
+/// `connect4` verdict: let the connect proceed (possibly rewritten).
+const ALLOW: i32 = 1;
+
+#[map]
+static WORKLOADS: HashMap<u64, WorkloadValue> =
+    HashMap::pinned(limits::MAX_WORKLOADS, 0);
+
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(limits::MAX_SERVICES, 0);
+
+/// Original destination by socket cookie, from connect4 until the handshake.
+#[map]
+static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(limits::MAX_SOCK_ORIG, 0);
+
+/// Original destination by the client's (ip, port), read by the proxy.
+#[map]
+static ORIG_DST: LruHashMap<SockAddrV4, OrigDst> = LruHashMap::pinned(limits::MAX_ORIG_DST, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, programs do not migrate while running.
+        unsafe { *c += 1 };
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect4(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn connect4(ctx: &SockAddrContext) {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP as u32 {
+        count(Stat::NotTcp);
+        return;
+    }
+    let key = ServiceKey {
+        vip_be: sa.user_ip4,
+        port_be: sa.user_port as u16,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; the daemon replaces entries
+    // whole, never in place.
+    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+        count(Stat::NotService);
+        return;
+    };
+    // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once, as above.
+    let Some(wl) = (unsafe { WORKLOADS.get(&netns) }).copied() else {
+        count(Stat::NotEnrolled);
+        return;
+    };
+    if svc.mode != MODE_PROXY {
+        // Kernel-mode balancing is not built yet: leave the connect alone.
+        count(Stat::NoBackend);
+        return;
+    }
+    let orig = OrigDst {
+        vip_be: key.vip_be,
+        port_be: key.port_be,
+        _pad: 0,
+        service_id: svc.id,
+        _pad2: 0,
+    };
+    // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
+        count(Stat::SockOrigFull);
+        return;
+    }
+    sa.user_ip4 = wl.proxy_ip_be;
+    sa.user_port = wl.proxy_port_be as u32;
+    count(Stat::Redirected);
+    debug!(ctx, "redirected service {} to the proxy", svc.id);
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == AF_INET {
+        established(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn established(ctx: &SockOpsContext) {
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once; only this program and connect4 write here.
+    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    let client = SockAddrV4 {
+        ip_be: ctx.local_ip4(),
+        // local_port is in host order, unlike remote_port.
+        port_be: (ctx.local_port() as u16).to_be(),
+        _pad: 0,
+    };
+    if ORIG_DST.insert(&client, &orig, 0).is_err() {
+        count(Stat::OrigDstFull);
+    } else {
+        count(Stat::OrigDstStored);
+    }
+    let _ = SOCK_ORIG.remove(&cookie);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
