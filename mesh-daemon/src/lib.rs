@@ -1,4 +1,9 @@
 //! mesh-daemon: the node-level mesh proxy. One folder per concern; see
 //! ARCHITECTURE.md.
 
+pub mod balance;
+pub mod datapath;
 pub mod model;
+pub mod proxy;
+pub mod run;
+pub mod telemetry;

@@ -110,3 +110,43 @@ impl State {
         self.workloads.iter().find(|w| w.ip == ip)
     }
 }
+
+/// One (service, port) pair: what `SERVICES` is keyed by and what the proxy
+/// routes by. `id` is what the kernel records as the original destination's
+/// service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frontend {
+    pub id: u32,
+    /// Index into [`State::services`].
+    pub service: usize,
+    pub vip: Ipv4Addr,
+    pub port: Port,
+    pub target_port: Port,
+}
+
+impl State {
+    /// Every service port, with ids 1.. in the order of (namespace, name, port).
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut order: Vec<usize> = (0..self.services.len()).collect();
+        order.sort_by(|a, b| {
+            let (a, b) = (&self.services[*a], &self.services[*b]);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        let mut out = Vec::new();
+        for i in order {
+            let s = &self.services[i];
+            let mut ports = s.ports.clone();
+            ports.sort_by_key(|p| p.port);
+            for p in ports {
+                out.push(Frontend {
+                    id: out.len() as u32 + 1,
+                    service: i,
+                    vip: s.vip,
+                    port: p.port,
+                    target_port: p.target_port,
+                });
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,7 @@
+//! Connection paths through the node proxy.
+
+pub mod outbound;
+pub mod routes;
+
+pub use outbound::Outbound;
+pub use routes::{Route, RouteTable};

@@ -1,0 +1,62 @@
+//! The admin HTTP endpoint (`--admin-listen`, loopback by default):
+//! `/live`, `/ready`, and `/stats` (JSON: proxy and kernel counters).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::debug;
+
+/// What the admin endpoint reads; implemented by the running daemon.
+pub trait AdminSource: Send + Sync + 'static {
+    fn ready(&self) -> bool;
+    /// `/stats` as JSON.
+    fn stats_json(&self) -> serde_json::Value;
+}
+
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let source = source.clone();
+                async move { Ok::<_, Infallible>(handle(&req, &*source)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                debug!(error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn handle(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if source.ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/stats" => {
+            let mut r = text(StatusCode::OK, source.stats_json().to_string());
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /stats\n"),
+    }
+}
