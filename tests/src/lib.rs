@@ -1,1 +1,18 @@
+//! The mini cluster: nodes and pods made of network namespaces and cgroups
+//! on one machine, with one mesh-daemon per node. Used by the end-to-end
+//! tests, `cargo xtask demo` and `cargo xtask bench`.
+//!
+//! Layout of one cluster (every name starts with a unique run prefix
+//! `mtXXXXXX`, and everything is torn down on drop):
+//! - a fabric netns with a bridge; each node's `eth0` (172.18.0.N/24) hangs
+//!   off it;
+//! - per node a netns with a bridge `cbr0` (10.244.N.1/24) for its pods and
+//!   routes to the other nodes' pod ranges; no default route, so nothing
+//!   leaves the cluster; a cgroup `<root>/<prefix>/<node>`;
+//! - per pod a netns with `eth0` (10.244.N.K/24, default route via its node)
+//!   and a cgroup under its node's.
 
+pub mod cluster;
+pub mod sys;
+
+pub use cluster::{Cluster, ClusterSpec, Daemon, Node, Pod};

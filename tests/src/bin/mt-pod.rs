@@ -1,0 +1,226 @@
+//! Tools that run inside a pod of the mini cluster: an HTTP + echo server
+//! for backends and a few clients. Plain std, one thread per connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT]\n  \
+         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("bulk") if args.len() == 3 => bulk(&args[1], &args[2]),
+        Some("concurrent") if args.len() == 3 => concurrent(&args[1], &args[2]),
+        _ => usage(),
+    }
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+fn serve(args: &[String]) -> ExitCode {
+    let name = flag(args, "--name").unwrap_or("backend").to_owned();
+    let mut handles = Vec::new();
+    if let Some(port) = flag(args, "--http") {
+        let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("mt-pod: listen on {port}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let name = name.clone();
+        handles.push(std::thread::spawn(move || accept_loop(l, move |s| http(s, &name))));
+    }
+    if let Some(port) = flag(args, "--echo") {
+        let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("mt-pod: listen on {port}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        handles.push(std::thread::spawn(move || accept_loop(l, echo_after_eof)));
+    }
+    if handles.is_empty() {
+        return usage();
+    }
+    eprintln!("mt-pod: {name} serving");
+    for h in handles {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
+}
+
+fn accept_loop(l: TcpListener, f: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
+    for s in l.incoming().flatten() {
+        let f = f.clone();
+        std::thread::spawn(move || f(s));
+    }
+}
+
+/// HTTP/1.1 with keep-alive; every GET is answered with
+/// `backend=NAME peer=IP:PORT` so a client sees who answered and from where
+/// the connection came.
+fn http(s: TcpStream, name: &str) {
+    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let _ = s.set_nodelay(true);
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    loop {
+        let mut close = false;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if first {
+                first = false;
+                close = line.ends_with("HTTP/1.0\r\n");
+            }
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let body = format!("backend={name} peer={peer}\n");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes())).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Reads until the client shuts down its write side, then sends everything
+/// back and closes: a client only gets its bytes if half-close works.
+fn echo_after_eof(mut s: TcpStream) {
+    let mut buf = Vec::new();
+    if s.read_to_end(&mut buf).is_ok() {
+        let _ = s.write_all(&buf);
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Deterministic, incompressible-looking bytes.
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Sends BYTES to an echo server, shuts down the write side, reads the
+/// echo to EOF, and prints both sizes and checksums.
+fn bulk(addr: &str, bytes: &str) -> ExitCode {
+    let (Ok(addr), Ok(n)) = (addr.parse::<SocketAddr>(), bytes.parse::<usize>()) else {
+        return usage();
+    };
+    let data = pattern(n);
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error: connect {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sent_sum = fnv1a(&data);
+    let writer = std::thread::spawn(move || {
+        let r = w.write_all(&data);
+        let _ = w.shutdown(Shutdown::Write);
+        r
+    });
+    let mut got = Vec::with_capacity(n);
+    let read = s.read_to_end(&mut got);
+    let wrote = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    println!("sent={n} sent_sum={sent_sum:016x} recv={} recv_sum={:016x}", got.len(), fnv1a(&got));
+    match (wrote, read) {
+        (Ok(()), Ok(_)) => ExitCode::SUCCESS,
+        (w, r) => {
+            println!("error: write {w:?} read {r:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Opens N connections, waits until all are open, then sends one HTTP
+/// request on each; prints `ok=K failed=F` and exits 0 only if all passed.
+fn concurrent(addr: &str, n: &str) -> ExitCode {
+    let (Ok(addr), Ok(n)) = (addr.parse::<SocketAddr>(), n.parse::<usize>()) else {
+        return usage();
+    };
+    let barrier = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<String, String> {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10));
+                barrier.wait();
+                let mut s = s.map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+                if out.starts_with("HTTP/1.1 200 OK") {
+                    Ok(out.lines().last().unwrap_or_default().to_owned())
+                } else {
+                    Err(format!("bad response {out:?}"))
+                }
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("thread panicked".into()),
+        }
+    }
+    println!("ok={ok} failed={}", errors.len());
+    for e in errors.iter().take(5) {
+        println!("error: {e}");
+    }
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

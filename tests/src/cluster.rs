@@ -1,0 +1,446 @@
+//! Building and tearing down a mini cluster, and running things in it.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+
+use crate::sys::{self, ip};
+
+/// Admin port of every daemon, on the loopback of its node's netns.
+pub const ADMIN_PORT: u16 = 15020;
+pub const PROXY_PORT: u16 = 15001;
+
+/// What to build: nodes and pods.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSpec {
+    nodes: Vec<String>,
+    pods: Vec<(String, String, bool)>,
+}
+
+impl ClusterSpec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.to_owned());
+        self
+    }
+    /// A pod enrolled in the mesh (listed as a workload in [`Cluster::config`]).
+    pub fn pod(mut self, name: &str, node: &str) -> Self {
+        self.pods.push((name.to_owned(), node.to_owned(), true));
+        self
+    }
+    /// A pod that is not enrolled.
+    pub fn plain_pod(mut self, name: &str, node: &str) -> Self {
+        self.pods.push((name.to_owned(), node.to_owned(), false));
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    /// Address on the fabric.
+    pub address: Ipv4Addr,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub enrolled: bool,
+}
+
+impl Pod {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.ip, port))
+    }
+}
+
+/// Paths of the binaries the harness runs.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub daemon: PathBuf,
+    pub mt_pod: PathBuf,
+}
+
+impl Bins {
+    /// `MESH_BIN_DIR`, or the cargo target folder this program runs from.
+    pub fn locate() -> anyhow::Result<Self> {
+        let dirs: Vec<PathBuf> = match std::env::var_os("MESH_BIN_DIR") {
+            Some(d) => vec![PathBuf::from(d)],
+            None => {
+                let exe = std::env::current_exe()?;
+                exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect()
+            }
+        };
+        for d in &dirs {
+            let (daemon, mt_pod) = (d.join("mesh-daemon"), d.join("mt-pod"));
+            if daemon.exists() && mt_pod.exists() {
+                return Ok(Self { daemon, mt_pod });
+            }
+        }
+        bail!(
+            "mesh-daemon and mt-pod are not built next to this program (looked in {dirs:?}); \
+             build them with `cargo build -p mesh-daemon -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
+        )
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique_prefix() -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let x = (std::process::id().wrapping_mul(2_654_435_761)) ^ nanos ^ seq.wrapping_mul(0x9E37_79B9);
+    format!("mt{:06x}", x & 0xff_ffff)
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    /// Configs and logs of this run.
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub bins: Bins,
+    cgroup: PathBuf,
+    pin_root: PathBuf,
+    netns: Vec<String>,
+    procs: Mutex<Vec<Child>>,
+}
+
+impl Cluster {
+    pub fn create(spec: &ClusterSpec) -> anyhow::Result<Self> {
+        sys::require_root()?;
+        sys::ensure_bpffs()?;
+        let bins = Bins::locate()?;
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let cgroup = sys::cgroup2_root()?.join(&prefix);
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let mut c = Cluster {
+            pin_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            dir,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            bins,
+            cgroup,
+            netns: Vec::new(),
+            procs: Mutex::new(Vec::new()),
+        };
+        // On error, drop tears down whatever was made so far.
+        c.build(spec)?;
+        Ok(c)
+    }
+
+    fn add_netns(&mut self, suffix: &str) -> anyhow::Result<(String, PathBuf)> {
+        let name = format!("{}-{suffix}", self.prefix);
+        ip(&["netns", "add", &name])?;
+        self.netns.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok((name.clone(), PathBuf::from("/var/run/netns").join(&name)))
+    }
+
+    fn build(&mut self, spec: &ClusterSpec) -> anyhow::Result<()> {
+        let (fab, _) = self.add_netns("fab")?;
+        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        for (i, name) in spec.nodes.iter().enumerate() {
+            let (ns, netns) = self.add_netns(&format!("n-{name}"))?;
+            let address = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
+            let port = format!("n{i}");
+            ip(&["-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("10.244.{}.1/24", i + 1), "dev", "cbr0"])?;
+            ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
+            sys::run(Command::new("nsenter").arg(format!("--net={}", netns.display())).args(["sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+            let cgroup = self.cgroup.join(name);
+            std::fs::create_dir(&cgroup)?;
+            std::fs::create_dir(cgroup.join("mesh-daemon"))?;
+            self.nodes.push(Node { name: name.clone(), address, netns, cgroup, pin_dir: self.pin_root.join(name) });
+        }
+        // Each node routes the other nodes' pod ranges over the fabric.
+        for a in 0..self.nodes.len() {
+            for b in (0..self.nodes.len()).filter(|b| *b != a) {
+                let ns = format!("{}-n-{}", self.prefix, self.nodes[a].name);
+                let via = self.nodes[b].address.to_string();
+                ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
+            }
+        }
+        for (k, (name, node, enrolled)) in spec.pods.iter().enumerate() {
+            let Some(i) = self.nodes.iter().position(|n| &n.name == node) else {
+                bail!("pod {name}: no node {node} in the spec");
+            };
+            let host = 2 + self.pods.iter().filter(|p| &p.node == node).count() as u8;
+            let ip_addr = Ipv4Addr::new(10, 244, i as u8 + 1, host);
+            let (ns, netns) = self.add_netns(&format!("p-{name}"))?;
+            let node_ns = format!("{}-n-{node}", self.prefix);
+            let port = format!("p{k}");
+            ip(&["-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
+            let cgroup = self.nodes[i].cgroup.join(name);
+            std::fs::create_dir(&cgroup)?;
+            self.pods.push(Pod { name: name.clone(), node: node.clone(), ip: ip_addr, netns, cgroup, enrolled: *enrolled });
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// A config document: the nodes, the enrolled pods as workloads, and
+    /// `services` (YAML list items, indented by two spaces) under `services:`.
+    pub fn config(&self, services: &str) -> String {
+        let mut s = String::from("nodes:\n");
+        for n in &self.nodes {
+            let _ = writeln!(s, "  - {{ name: {}, address: {} }}", n.name, n.address);
+        }
+        s.push_str("workloads:\n");
+        for p in self.pods.iter().filter(|p| p.enrolled) {
+            let _ = writeln!(
+                s,
+                "  - {{ name: {0}, namespace: default, serviceAccount: {0}, node: {1}, ip: {2}, netns: {3} }}",
+                p.name,
+                p.node,
+                p.ip,
+                p.netns.display()
+            );
+        }
+        s.push_str("services:\n");
+        s.push_str(services);
+        s
+    }
+
+    /// Writes `text` to a file of this run and returns its path.
+    pub fn write_file(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// Starts mesh-daemon for `node` with its own cgroup, pin dir and netns,
+    /// and waits until it reports ready.
+    pub fn start_daemon(&self, node: &str, config: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
+        let n = self.node(node).clone();
+        let log_path = self.dir.join(format!("daemon-{node}.log"));
+        let log = File::options().create(true).append(true).open(&log_path)?;
+        let mut cmd = Command::new(&self.bins.daemon);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--node", node])
+            .arg("--cgroup")
+            .arg(&n.cgroup)
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        sys::enter(&mut cmd, &n.cgroup.join("mesh-daemon"), &n.netns)?;
+        let child = cmd.spawn().context("starting mesh-daemon")?;
+        let mut d = Daemon { child: Some(child), node: n, log: log_path };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.try_wait() {
+                bail!("mesh-daemon for {node} exited with {status} before it was ready:\n{}", d.log_text());
+            }
+            if matches!(d.admin_get("/ready"), Ok((200, _))) {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-daemon for {node} not ready after 30 s:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pod_command(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<Command> {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        sys::enter(&mut cmd, &p.cgroup, &p.netns)?;
+        Ok(cmd)
+    }
+
+    /// Starts a long-running process in `pod`; it is ended at teardown.
+    pub fn spawn(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<u32> {
+        let log = File::options().create(true).append(true).open(self.dir.join(format!("pod-{pod}.log")))?;
+        let mut cmd = self.pod_command(pod, program, args)?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting {} in pod {pod}", program.display()))?;
+        let pid = child.id();
+        self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push(child);
+        Ok(pid)
+    }
+
+    /// Ends a process started with [`Cluster::spawn`].
+    pub fn kill(&self, pid: u32) {
+        if let Ok(mut procs) = self.procs.lock() {
+            if let Some(i) = procs.iter().position(|c| c.id() == pid) {
+                let mut c = procs.remove(i);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Starts `mt-pod serve` in `pod` (HTTP on `http`, echo on `echo`) and
+    /// waits until it accepts.
+    pub fn serve(&self, pod: &str, http: u16, echo: Option<u16>) -> anyhow::Result<u32> {
+        let (h, e) = (http.to_string(), echo.map(|e| e.to_string()));
+        let mut args = vec!["serve", "--name", pod, "--http", &h];
+        if let Some(e) = &e {
+            args.extend(["--echo", e.as_str()]);
+        }
+        let pid = self.spawn(pod, &self.bins.mt_pod.clone(), &args)?;
+        let p = self.pod(pod);
+        let ports = [Some(http), echo];
+        for port in ports.iter().flatten() {
+            if !sys::wait_until(Duration::from_secs(10), || sys::can_connect(&p.netns, p.addr(*port))) {
+                bail!("server in pod {pod} does not accept on port {port}");
+            }
+        }
+        Ok(pid)
+    }
+
+    /// Runs a command in `pod` to completion (killed after `timeout`).
+    pub fn exec(&self, pod: &str, program: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
+        let mut cmd = self.pod_command(pod, &program, args)?;
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("running {program:?} in pod {pod}"))?;
+        let pid = child.id();
+        let deadline = Instant::now() + timeout;
+        let waited = std::thread::spawn(move || child.wait_with_output());
+        while !waited.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !waited.is_finished() {
+            sys::signal(pid, libc::SIGKILL);
+        }
+        let out = waited.join().map_err(|_| anyhow::anyhow!("wait thread panicked"))??;
+        Ok(out)
+    }
+
+    /// `curl` in `pod`; returns (exit code, stdout).
+    pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
+        let out = self.exec(pod, "curl", &["-sS", "--max-time", "5", url], Duration::from_secs(10))?;
+        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Ok(mut procs) = self.procs.lock() {
+            for c in procs.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            procs.clear();
+        }
+        sys::remove_cgroup_tree(&self.cgroup);
+        for ns in self.netns.iter().rev() {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        if std::thread::panicking() {
+            eprintln!("mini cluster {}: logs kept in {}", self.prefix, self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A running mesh-daemon of one node.
+pub struct Daemon {
+    child: Option<Child>,
+    pub node: Node,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        sys::http_get(&self.node.netns, SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), path)
+    }
+
+    /// `/stats` as JSON.
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.admin_get("/stats")?;
+        if status != 200 {
+            bail!("/stats answered {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// One counter from `/stats`, e.g. `("proxy", "forwarded")`.
+    pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
+        let s = self.stats()?;
+        s[group][name].as_u64().with_context(|| format!("no counter {group}.{name} in {s}"))
+    }
+
+    /// SIGTERM, then waits up to 15 s for the exit.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("daemon already stopped") };
+        sys::signal(c.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("mesh-daemon did not exit within 15 s of SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}

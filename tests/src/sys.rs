@@ -1,0 +1,172 @@
+//! Small system helpers for the harness: commands, namespaces, cgroups.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Fails with a clear message unless running as root.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root (network namespaces, cgroups, eBPF): run it as root, e.g. `sudo -E cargo xtask test`");
+    }
+    Ok(())
+}
+
+/// Runs a command to completion; an error carries its stderr.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// `ip ARGS...`
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted = text.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Makes `cmd` start inside `cgroup` and the network namespace at `netns`.
+/// The child joins the cgroup before exec, so every socket it opens is
+/// seen by the cgroup's programs.
+pub fn enter(cmd: &mut Command, cgroup: &Path, netns: &Path) -> anyhow::Result<()> {
+    let procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let ns = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls (write, setns) on descriptors opened
+    // above, which it owns and keeps alive.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Writing 0 moves the writing process.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread inside the network namespace at `netns`.
+/// Only that thread changes namespace.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let ns = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {}: {}", netns.display(), std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", netns.display()))?
+    })
+}
+
+/// A plain HTTP/1.1 GET from inside `netns`: (status, body).
+pub fn http_get(netns: &Path, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    in_netns(netns, || -> anyhow::Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+/// Whether something accepts TCP connections at `addr` inside `netns`.
+pub fn can_connect(netns: &Path, addr: SocketAddr) -> bool {
+    in_netns(netns, || TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()).unwrap_or(false)
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` to `pid` (a process this harness started).
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid we own; errors (already gone) are fine.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Kills every process in a cgroup subtree (cgroup.kill) and removes the
+/// subtree, deepest first. Only used on cgroups the harness created.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let mut dirs = Vec::new();
+    collect_dirs(dir, &mut dirs);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        // The kernel needs a moment to move killed tasks out.
+        wait_until(Duration::from_secs(5), || match std::fs::remove_dir(&d) {
+            Ok(()) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        });
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_owned());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! End-to-end tests on the real kernel: root, network namespaces, cgroups,
+//! the real daemon and real clients (curl). Each test builds its own mini
+//! cluster and tears it down.
+
+use std::time::Duration;
+
+use mesh_tests::{Cluster, ClusterSpec, Daemon};
+
+/// Daemon first: it must stop (and unpin) before the cluster is torn down.
+struct OneNode {
+    daemon: Daemon,
+    c: Cluster,
+}
+
+const VIP: &str = "10.96.0.10";
+const ECHO_VIP: &str = "10.96.0.11";
+
+/// One node: an enrolled client, a pod that is not enrolled, two backends
+/// serving HTTP on 8080 and echo on 9000; service `web` (VIP:80 -> 8080)
+/// and `echo` (ECHO_VIP:9000 -> web-1:9000).
+fn one_node() -> OneNode {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .pod("client", "node-a")
+            .plain_pod("outsider", "node-a")
+            .pod("web-1", "node-a")
+            .pod("web-2", "node-a"),
+    )
+    .expect("mini cluster");
+    c.serve("web-1", 8080, Some(9000)).unwrap();
+    c.serve("web-2", 8080, None).unwrap();
+    let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
+    let services = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}, {{ ip: {w2}, node: node-a }}]\n\
+         \x20 - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
+    let daemon = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    OneNode { daemon, c }
+}
+
+fn body_field<'a>(body: &'a str, key: &str) -> &'a str {
+    body.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {body:?}"))
+}
+
+#[test]
+fn root_enrolled_pod_reaches_vip_through_the_proxy() {
+    let f = one_node();
+    let client_ip = f.c.pod("client").ip.to_string();
+    let mut answered = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let (code, body) = f.c.curl("client", &format!("http://{VIP}/")).unwrap();
+        assert_eq!(code, 0, "curl to the VIP failed: {body}\n{}", f.daemon.log_text());
+        *answered.entry(body_field(&body, "backend").to_owned()).or_insert(0) += 1;
+        let peer = body_field(&body, "peer");
+        assert!(!peer.starts_with(&format!("{client_ip}:")), "backend saw the client itself, not the proxy: {body}");
+    }
+    assert_eq!(answered.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "both backends answer: {answered:?}");
+    assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 10);
+    assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 10);
+    assert_eq!(f.daemon.counter("kernel", "orig_dst_stored").unwrap(), 10);
+}
+
+#[test]
+fn root_pod_not_enrolled_is_not_redirected() {
+    let f = one_node();
+    let (code, body) = f.c.curl("outsider", &format!("http://{VIP}/")).unwrap();
+    assert_ne!(code, 0, "a pod outside the mesh reached the VIP: {body}");
+    assert_eq!(f.daemon.counter("kernel", "not_enrolled").unwrap(), 1);
+    assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 0);
+    assert_eq!(f.daemon.counter("proxy", "accepted").unwrap(), 0);
+}
+
+#[test]
+fn root_direct_pod_connections_are_not_redirected() {
+    let f = one_node();
+    let client_ip = f.c.pod("client").ip.to_string();
+    let web1 = f.c.pod("web-1").ip;
+    let (code, body) = f.c.curl("client", &format!("http://{web1}:8080/")).unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(body_field(&body, "backend"), "web-1");
+    assert!(body_field(&body, "peer").starts_with(&format!("{client_ip}:")), "not direct: {body}");
+    assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 0);
+    assert_eq!(f.daemon.counter("proxy", "accepted").unwrap(), 0);
+
+    // Straight to the proxy port: no original destination, so closed and
+    // never forwarded anywhere.
+    let proxy = f.c.node("node-a").address;
+    let (code, body) = f.c.curl("client", &format!("http://{proxy}:15001/")).unwrap();
+    assert_ne!(code, 0, "proxy forwarded a connection without original destination: {body}");
+    assert_eq!(f.daemon.counter("proxy", "no_orig_dst").unwrap(), 1);
+    assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 0);
+}
+
+#[test]
+fn root_4mib_each_way_arrive_intact_with_half_close() {
+    let f = one_node();
+    const N: u64 = 4 * 1024 * 1024;
+    let out = f
+        .c
+        .exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), &N.to_string()], Duration::from_secs(60))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "bulk failed: {text}\n{}", f.daemon.log_text());
+    let field = |k: &str| body_field(&text, k).to_owned();
+    assert_eq!(field("sent"), N.to_string());
+    assert_eq!(field("recv"), N.to_string(), "the echo came back short: {text}");
+    assert_eq!(field("sent_sum"), field("recv_sum"), "bytes changed on the way: {text}");
+    // The proxy carried all of it, both ways.
+    let carried = mesh_tests::sys::wait_until(Duration::from_secs(5), || {
+        f.daemon.counter("proxy", "bytes_to_endpoint").unwrap() == N && f.daemon.counter("proxy", "bytes_to_client").unwrap() == N
+    });
+    assert!(carried, "proxy byte counters: {}", f.daemon.stats().unwrap());
+}
+
+#[test]
+fn root_200_concurrent_connections_complete() {
+    let f = one_node();
+    let out = f
+        .c
+        .exec("client", "mt-pod", &["concurrent", &format!("{VIP}:80"), "200"], Duration::from_secs(90))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", f.daemon.log_text());
+    assert!(text.contains("ok=200 failed=0"), "{text}");
+    assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 200);
+}
