@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use mesh_daemon::{model, run};
 
 #[derive(Parser)]
-#[command(name = "mesh-daemon", version, about = "eBPF-accelerated node-level service-mesh proxy")]
+#[command(
+    name = "mesh-daemon",
+    version,
+    about = "eBPF-accelerated node-level service-mesh proxy"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text")]
@@ -35,7 +39,10 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -46,15 +53,17 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Command::Check { config } => model::load_file(&config).map(|s| {
-            println!(
-                "{}: valid ({} nodes, {} workloads, {} services)",
-                config.display(),
-                s.nodes.len(),
-                s.workloads.len(),
-                s.services.len()
-            );
-        }).map_err(anyhow::Error::from),
+        Command::Check { config } => model::load_file(&config)
+            .map(|s| {
+                println!(
+                    "{}: valid ({} nodes, {} workloads, {} services)",
+                    config.display(),
+                    s.nodes.len(),
+                    s.workloads.len(),
+                    s.services.len()
+                );
+            })
+            .map_err(anyhow::Error::from),
         Command::Run(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run::run(args)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),

@@ -85,16 +85,29 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Local> {
         bail!(
             "--node {node}: no such node in {}; the nodes there are: {}",
             args.config.display(),
-            if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+            if names.is_empty() {
+                "(none)".to_owned()
+            } else {
+                names.join(", ")
+            }
         );
     };
-    let proxy_ip = if args.proxy_listen.ip().is_unspecified() { me.address } else { *args.proxy_listen.ip() };
+    let proxy_ip = if args.proxy_listen.ip().is_unspecified() {
+        me.address
+    } else {
+        *args.proxy_listen.ip()
+    };
     let proxy = SocketAddrV4::new(proxy_ip, args.proxy_listen.port());
 
     let own = datapath::own_netns_cookie().context("reading the daemon's own network namespace")?;
     let mut cookies = Vec::new();
     let mut errors = Vec::new();
-    for (i, w) in state.workloads.iter().enumerate().filter(|(_, w)| w.node == node) {
+    for (i, w) in state
+        .workloads
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.node == node)
+    {
         let path = w.netns.path();
         match datapath::netns_cookie(&path) {
             Ok(c) if c == own => errors.push(format!(
@@ -115,7 +128,12 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Local> {
     if !errors.is_empty() {
         bail!("config {}:\n{}", args.config.display(), errors.join("\n"));
     }
-    Ok(Local { state, node, proxy, cookies })
+    Ok(Local {
+        state,
+        node,
+        proxy,
+        cookies,
+    })
 }
 
 struct Daemon {
@@ -131,8 +149,13 @@ impl admin::AdminSource for Daemon {
     fn stats_json(&self) -> serde_json::Value {
         let kernel: serde_json::Map<String, serde_json::Value> = match self.datapath.lock() {
             Ok(guard) => match guard.as_ref().map(Datapath::stats) {
-                Some(Ok(stats)) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
-                Some(Err(e)) => [("error".to_owned(), e.to_string().into())].into_iter().collect(),
+                Some(Ok(stats)) => stats
+                    .into_iter()
+                    .map(|(s, v)| (s.name().to_owned(), v.into()))
+                    .collect(),
+                Some(Err(e)) => [("error".to_owned(), e.to_string().into())]
+                    .into_iter()
+                    .collect(),
                 None => Default::default(),
             },
             Err(_) => Default::default(),
@@ -147,7 +170,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
     };
-    let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(local.node.as_str()));
+    let pin_dir = args
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(local.node.as_str()));
 
     // Listen before attaching, so nothing is redirected to a closed port.
     let listener = TcpListener::bind(args.proxy_listen)
@@ -158,7 +184,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
 
     let frontends = local.state.frontends();
-    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&local.state, &frontends)));
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
+        &local.state,
+        &frontends,
+    )));
     let cfg = DatapathConfig {
         cgroup: cgroup.clone(),
         pin_dir: pin_dir.clone(),
@@ -180,9 +209,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = Arc::new(ProxyCounters::default());
-    let daemon = Arc::new(Daemon { datapath: Mutex::new(Some(dp)), counters: counters.clone() });
+    let daemon = Arc::new(Daemon {
+        datapath: Mutex::new(Some(dp)),
+        counters: counters.clone(),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound { listener, orig, routes, counters };
+    let outbound = Outbound {
+        listener,
+        orig,
+        routes,
+        counters,
+    };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, daemon.clone(), stop_rx));
 
@@ -202,7 +239,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 dp.shutdown();
             }
         }
-        Err(_) => warn!("datapath lock poisoned; pins under {} may be left", pin_dir.display()),
+        Err(_) => warn!(
+            "datapath lock poisoned; pins under {} may be left",
+            pin_dir.display()
+        ),
     }
     Ok(())
 }

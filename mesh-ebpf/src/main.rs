@@ -8,7 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -26,12 +26,10 @@ const AF_INET: u32 = 2;
 const ALLOW: i32 = 1;
 
 #[map]
-static WORKLOADS: HashMap<u64, WorkloadValue> =
-    HashMap::pinned(limits::MAX_WORKLOADS, 0);
+static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(limits::MAX_WORKLOADS, 0);
 
 #[map]
-static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(limits::MAX_SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
 /// Original destination by socket cookie, from connect4 until the handshake.
 #[map]

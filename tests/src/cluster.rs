@@ -84,7 +84,11 @@ impl Bins {
             Some(d) => vec![PathBuf::from(d)],
             None => {
                 let exe = std::env::current_exe()?;
-                exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect()
+                exe.ancestors()
+                    .skip(1)
+                    .take(2)
+                    .map(Path::to_path_buf)
+                    .collect()
             }
         };
         for d in &dirs {
@@ -103,9 +107,13 @@ impl Bins {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn unique_prefix() -> String {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let x = (std::process::id().wrapping_mul(2_654_435_761)) ^ nanos ^ seq.wrapping_mul(0x9E37_79B9);
+    let x =
+        (std::process::id().wrapping_mul(2_654_435_761)) ^ nanos ^ seq.wrapping_mul(0x9E37_79B9);
     format!("mt{:06x}", x & 0xff_ffff)
 }
 
@@ -131,7 +139,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let cgroup = sys::cgroup2_root()?.join(&prefix);
-        std::fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let mut c = Cluster {
             pin_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
             prefix,
@@ -164,25 +173,62 @@ impl Cluster {
             let (ns, netns) = self.add_netns(&format!("n-{name}"))?;
             let address = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
             let port = format!("n{i}");
-            ip(&["-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("10.244.{}.1/24", i + 1), "dev", "cbr0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.244.{}.1/24", i + 1),
+                "dev",
+                "cbr0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
-            sys::run(Command::new("nsenter").arg(format!("--net={}", netns.display())).args(["sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+            sys::run(
+                Command::new("nsenter")
+                    .arg(format!("--net={}", netns.display()))
+                    .args(["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+            )?;
             let cgroup = self.cgroup.join(name);
             std::fs::create_dir(&cgroup)?;
             std::fs::create_dir(cgroup.join("mesh-daemon"))?;
-            self.nodes.push(Node { name: name.clone(), address, netns, cgroup, pin_dir: self.pin_root.join(name) });
+            self.nodes.push(Node {
+                name: name.clone(),
+                address,
+                netns,
+                cgroup,
+                pin_dir: self.pin_root.join(name),
+            });
         }
         // Each node routes the other nodes' pod ranges over the fabric.
         for a in 0..self.nodes.len() {
             for b in (0..self.nodes.len()).filter(|b| *b != a) {
                 let ns = format!("{}-n-{}", self.prefix, self.nodes[a].name);
                 let via = self.nodes[b].address.to_string();
-                ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("10.244.{}.0/24", b + 1),
+                    "via",
+                    &via,
+                ])?;
             }
         }
         for (k, (name, node, enrolled)) in spec.pods.iter().enumerate() {
@@ -194,24 +240,56 @@ impl Cluster {
             let (ns, netns) = self.add_netns(&format!("p-{name}"))?;
             let node_ns = format!("{}-n-{node}", self.prefix);
             let port = format!("p{k}");
-            ip(&["-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
             ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip_addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{}.1", i + 1),
+            ])?;
             let cgroup = self.nodes[i].cgroup.join(name);
             std::fs::create_dir(&cgroup)?;
-            self.pods.push(Pod { name: name.clone(), node: node.clone(), ip: ip_addr, netns, cgroup, enrolled: *enrolled });
+            self.pods.push(Pod {
+                name: name.clone(),
+                node: node.clone(),
+                ip: ip_addr,
+                netns,
+                cgroup,
+                enrolled: *enrolled,
+            });
         }
         Ok(())
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// A config document: the nodes, the enrolled pods as workloads, and
@@ -246,7 +324,12 @@ impl Cluster {
 
     /// Starts mesh-daemon for `node` with its own cgroup, pin dir and netns,
     /// and waits until it reports ready.
-    pub fn start_daemon(&self, node: &str, config: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
+    pub fn start_daemon(
+        &self,
+        node: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Daemon> {
         let n = self.node(node).clone();
         let log_path = self.dir.join(format!("daemon-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
@@ -260,23 +343,36 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(&n.pin_dir)
             .args(extra)
-            .env("RUST_LOG", std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         sys::enter(&mut cmd, &n.cgroup.join("mesh-daemon"), &n.netns)?;
         let child = cmd.spawn().context("starting mesh-daemon")?;
-        let mut d = Daemon { child: Some(child), node: n, log: log_path };
+        let mut d = Daemon {
+            child: Some(child),
+            node: n,
+            log: log_path,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = d.try_wait() {
-                bail!("mesh-daemon for {node} exited with {status} before it was ready:\n{}", d.log_text());
+                bail!(
+                    "mesh-daemon for {node} exited with {status} before it was ready:\n{}",
+                    d.log_text()
+                );
             }
             if matches!(d.admin_get("/ready"), Ok((200, _))) {
                 return Ok(d);
             }
             if Instant::now() > deadline {
-                bail!("mesh-daemon for {node} not ready after 30 s:\n{}", d.log_text());
+                bail!(
+                    "mesh-daemon for {node} not ready after 30 s:\n{}",
+                    d.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -292,12 +388,20 @@ impl Cluster {
 
     /// Starts a long-running process in `pod`; it is ended at teardown.
     pub fn spawn(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<u32> {
-        let log = File::options().create(true).append(true).open(self.dir.join(format!("pod-{pod}.log")))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("pod-{pod}.log")))?;
         let mut cmd = self.pod_command(pod, program, args)?;
         cmd.stdout(log.try_clone()?).stderr(log);
-        let child = cmd.spawn().with_context(|| format!("starting {} in pod {pod}", program.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} in pod {pod}", program.display()))?;
         let pid = child.id();
-        self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push(child);
+        self.procs
+            .lock()
+            .map_err(|_| anyhow::anyhow!("process list poisoned"))?
+            .push(child);
         Ok(pid)
     }
 
@@ -324,7 +428,9 @@ impl Cluster {
         let p = self.pod(pod);
         let ports = [Some(http), echo];
         for port in ports.iter().flatten() {
-            if !sys::wait_until(Duration::from_secs(10), || sys::can_connect(&p.netns, p.addr(*port))) {
+            if !sys::wait_until(Duration::from_secs(10), || {
+                sys::can_connect(&p.netns, p.addr(*port))
+            }) {
                 bail!("server in pod {pod} does not accept on port {port}");
             }
         }
@@ -332,10 +438,24 @@ impl Cluster {
     }
 
     /// Runs a command in `pod` to completion (killed after `timeout`).
-    pub fn exec(&self, pod: &str, program: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
-        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
+    pub fn exec(
+        &self,
+        pod: &str,
+        program: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        let program = if program == "mt-pod" {
+            self.bins.mt_pod.clone()
+        } else {
+            PathBuf::from(program)
+        };
         let mut cmd = self.pod_command(pod, &program, args)?;
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("running {program:?} in pod {pod}"))?;
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {program:?} in pod {pod}"))?;
         let pid = child.id();
         let deadline = Instant::now() + timeout;
         let waited = std::thread::spawn(move || child.wait_with_output());
@@ -345,14 +465,24 @@ impl Cluster {
         if !waited.is_finished() {
             sys::signal(pid, libc::SIGKILL);
         }
-        let out = waited.join().map_err(|_| anyhow::anyhow!("wait thread panicked"))??;
+        let out = waited
+            .join()
+            .map_err(|_| anyhow::anyhow!("wait thread panicked"))??;
         Ok(out)
     }
 
     /// `curl` in `pod`; returns (exit code, stdout).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
-        let out = self.exec(pod, "curl", &["-sS", "--max-time", "5", url], Duration::from_secs(10))?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
+        let out = self.exec(
+            pod,
+            "curl",
+            &["-sS", "--max-time", "5", url],
+            Duration::from_secs(10),
+        )?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
     }
 }
 
@@ -371,7 +501,11 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.pin_root);
         if std::thread::panicking() {
-            eprintln!("mini cluster {}: logs kept in {}", self.prefix, self.dir.display());
+            eprintln!(
+                "mini cluster {}: logs kept in {}",
+                self.prefix,
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -391,7 +525,9 @@ impl Daemon {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log_text(&self) -> String {
@@ -400,7 +536,11 @@ impl Daemon {
 
     /// GET on the admin endpoint: (status, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        sys::http_get(&self.node.netns, SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), path)
+        sys::http_get(
+            &self.node.netns,
+            SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            path,
+        )
     }
 
     /// `/stats` as JSON.
@@ -415,13 +555,22 @@ impl Daemon {
     /// One counter from `/stats`, e.g. `("proxy", "forwarded")`.
     pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
         let s = self.stats()?;
-        s[group][name].as_u64().with_context(|| format!("no counter {group}.{name} in {s}"))
+        s[group][name]
+            .as_u64()
+            .with_context(|| format!("no counter {group}.{name} in {s}"))
     }
 
     /// SIGTERM, then waits up to 15 s for the exit.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut c) = self.child.take() else { bail!("daemon already stopped") };
-        sys::signal(c.id(), libc::SIGTERM);
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `sig`, then waits up to 15 s for the exit.
+    pub fn stop_with(&mut self, sig: i32) -> anyhow::Result<ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("daemon already stopped")
+        };
+        sys::signal(c.id(), sig);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(s) = c.try_wait()? {
@@ -430,7 +579,10 @@ impl Daemon {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!("mesh-daemon did not exit within 15 s of SIGTERM:\n{}", self.log_text());
+                bail!(
+                    "mesh-daemon did not exit within 15 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -441,6 +593,68 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.stop();
+        }
+    }
+}
+
+/// Whether `name` is a run prefix this harness makes: `mt` + 6 hex digits.
+fn is_prefix(name: &str) -> bool {
+    name.len() == 8
+        && name.starts_with("mt")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Removes what crashed runs left behind: network namespaces, cgroups (and
+/// the processes in them, which only the harness starts), pins and logs
+/// whose names carry a run prefix. Returns what was removed.
+pub fn clean_leftovers() -> anyhow::Result<Vec<String>> {
+    sys::require_root()?;
+    let mut removed = Vec::new();
+    let list = sys::run(Command::new("ip").args(["netns", "list"]))?;
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.split_once('-').is_some_and(|(p, _)| is_prefix(p)) {
+            ip(&["netns", "del", name])?;
+            removed.push(format!("netns {name}"));
+        }
+    }
+    let roots = [
+        (sys::cgroup2_root()?, "cgroup"),
+        (PathBuf::from("/sys/fs/bpf"), "pins"),
+        (std::env::temp_dir(), "logs"),
+    ];
+    for (root, what) in roots {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !is_prefix(&name) || !e.path().is_dir() {
+                continue;
+            }
+            if what == "cgroup" {
+                sys::remove_cgroup_tree(&e.path());
+            } else {
+                std::fs::remove_dir_all(e.path())?;
+            }
+            removed.push(format!("{what} {}", e.path().display()));
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes() {
+        assert!(super::is_prefix("mt0a1b2c"));
+        for bad in ["mt0a1b2", "mtx01234", "mt0A1B2C", "ab012345", "mt0a1b2cd"] {
+            assert!(!super::is_prefix(bad), "{bad}");
+        }
+        for _ in 0..50 {
+            assert!(super::is_prefix(&super::unique_prefix()));
         }
     }
 }

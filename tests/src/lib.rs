@@ -15,4 +15,4 @@
 pub mod cluster;
 pub mod sys;
 
-pub use cluster::{Cluster, ClusterSpec, Daemon, Node, Pod};
+pub use cluster::{clean_leftovers, Cluster, ClusterSpec, Daemon, Node, Pod};

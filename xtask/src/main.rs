@@ -1,1 +1,112 @@
-fn main(){}
+//! Developer entry points: `cargo xtask setup | test | demo | clean`.
+
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, test and demo the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (idempotent, quiet when all is there).
+    Setup,
+    /// Set up, build, and run every test (unit and end-to-end; needs root).
+    Test {
+        /// Passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the mesh on a built-in mini cluster and show where requests went.
+    Demo {
+        /// How many requests the client sends.
+        #[arg(long, default_value_t = 200)]
+        requests: u32,
+    },
+    /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
+    Clean,
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Runs a command in the workspace root, streaming its output.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the daemon (with its kernel programs) and the pod tools.
+pub fn build_bins(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--bins", "-p", "mesh-daemon", "-p", "mesh-tests"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
+        Cmd::Clean => clean(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    eprintln!("xtask: building the daemon, its kernel programs and the pod tools");
+    build_bins(false)?;
+    eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");
+    let mut cmd = cargo();
+    cmd.arg("test");
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run(&mut cmd)
+}
+
+fn clean() -> anyhow::Result<()> {
+    let removed = mesh_tests::clean_leftovers()?;
+    if removed.is_empty() {
+        println!("nothing to clean");
+    }
+    for r in removed {
+        println!("removed {r}");
+    }
+    Ok(())
+}

@@ -16,20 +16,47 @@ pub struct MapContents {
 impl MapContents {
     /// `cookies`: the netns cookie of each enrolled workload of this node;
     /// `proxy`: where their redirected connections go.
-    pub fn build(state: &State, frontends: &[Frontend], cookies: &[u64], proxy: SocketAddrV4) -> Self {
-        let wl = WorkloadValue { proxy_ip_be: u32::from(*proxy.ip()).to_be(), proxy_port_be: proxy.port().to_be(), flags: 0 };
+    pub fn build(
+        state: &State,
+        frontends: &[Frontend],
+        cookies: &[u64],
+        proxy: SocketAddrV4,
+    ) -> Self {
+        let wl = WorkloadValue {
+            proxy_ip_be: u32::from(*proxy.ip()).to_be(),
+            proxy_port_be: proxy.port().to_be(),
+            flags: 0,
+        };
         let workloads = cookies.iter().map(|c| (*c, wl)).collect();
         let services = frontends
             .iter()
             .map(|f| {
-                let key = ServiceKey { vip_be: u32::from(f.vip).to_be(), port_be: f.port.0.to_be(), proto: IPPROTO_TCP, _pad: 0 };
+                let key = ServiceKey {
+                    vip_be: u32::from(f.vip).to_be(),
+                    port_be: f.port.0.to_be(),
+                    proto: IPPROTO_TCP,
+                    _pad: 0,
+                };
                 let mode = match state.services[f.service].mode {
                     Mode::Proxy => MODE_PROXY,
                 };
-                (key, ServiceValue { id: f.id, mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 })
+                (
+                    key,
+                    ServiceValue {
+                        id: f.id,
+                        mode,
+                        generation: 0,
+                        _pad: 0,
+                        slot_count: 0,
+                        _pad2: 0,
+                    },
+                )
             })
             .collect();
-        Self { workloads, services }
+        Self {
+            workloads,
+            services,
+        }
     }
 }
 
@@ -50,9 +77,17 @@ mod tests {
         let c = MapContents::build(&state, &f, &[7, 9], "172.18.0.2:15001".parse().unwrap());
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[&7].proxy_port_be, 15001u16.to_be());
-        assert_eq!(c.workloads[&7].proxy_ip_be, u32::from_be_bytes([172, 18, 0, 2]).to_be());
+        assert_eq!(
+            c.workloads[&7].proxy_ip_be,
+            u32::from_be_bytes([172, 18, 0, 2]).to_be()
+        );
         assert_eq!(c.services.len(), 3);
-        let key = ServiceKey { vip_be: u32::from_be_bytes([10, 96, 0, 10]).to_be(), port_be: 443u16.to_be(), proto: 6, _pad: 0 };
+        let key = ServiceKey {
+            vip_be: u32::from_be_bytes([10, 96, 0, 10]).to_be(),
+            port_be: 443u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
         let v = c.services[&key];
         // ids follow (namespace, name, port): db:5432=1, web:80=2, web:443=3
         assert_eq!(v.id, 3);

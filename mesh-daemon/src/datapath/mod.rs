@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{map_names, program_names, OrigDst, ServiceKey, ServiceValue, SockAddrV4, Stat, WorkloadValue};
+use mesh_common::{
+    map_names, program_names, OrigDst, ServiceKey, ServiceValue, SockAddrV4, Stat, WorkloadValue,
+};
 use tracing::{debug, info, warn};
 
 pub use cgroup::{cgroup2_root, cgroup2_root_in};
@@ -30,16 +32,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum DatapathError {
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
-    #[error("pin directory {0} is not on a bpf filesystem; mount one: mount -t bpf bpf /sys/fs/bpf")]
+    #[error(
+        "pin directory {0} is not on a bpf filesystem; mount one: mount -t bpf bpf /sys/fs/bpf"
+    )]
     NotBpffs(PathBuf),
     #[error("cgroup {path}: {source} (give a cgroup2 directory with --cgroup)")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("loading the kernel programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("map {0} is missing from the kernel object")]
     MissingMap(&'static str),
 }
@@ -74,7 +84,10 @@ pub struct SyncReport {
     pub deleted: usize,
 }
 
-fn map<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
+fn map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
     let m = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     BpfHashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })
 }
@@ -83,14 +96,21 @@ impl Datapath {
     /// Loads the programs, pins their maps under `pin_dir` and attaches
     /// connect4 and sockops to the cgroup.
     pub fn load(cfg: &DatapathConfig) -> Result<(Self, OrigDstReader), DatapathError> {
-        std::fs::create_dir_all(&cfg.pin_dir)
-            .map_err(|source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source })?;
-        let fs = nix::sys::statfs::statfs(&cfg.pin_dir)
-            .map_err(|e| DatapathError::PinDir { path: cfg.pin_dir.clone(), source: e.into() })?;
+        std::fs::create_dir_all(&cfg.pin_dir).map_err(|source| DatapathError::PinDir {
+            path: cfg.pin_dir.clone(),
+            source,
+        })?;
+        let fs = nix::sys::statfs::statfs(&cfg.pin_dir).map_err(|e| DatapathError::PinDir {
+            path: cfg.pin_dir.clone(),
+            source: e.into(),
+        })?;
         if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
             return Err(DatapathError::NotBpffs(cfg.pin_dir.clone()));
         }
-        let cgroup = File::open(&cfg.cgroup).map_err(|source| DatapathError::Cgroup { path: cfg.cgroup.clone(), source })?;
+        let cgroup = File::open(&cfg.cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cfg.cgroup.clone(),
+            source,
+        })?;
 
         let level = cfg.ebpf_log_level.map_or(0, |l| l as u8);
         let mut ebpf = EbpfLoader::new()
@@ -105,7 +125,9 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(program_names::CONNECT4))?
             .try_into()
             .map_err(|e| prog(program_names::CONNECT4, e))?;
-        connect4.load().map_err(|e| prog(program_names::CONNECT4, e))?;
+        connect4
+            .load()
+            .map_err(|e| prog(program_names::CONNECT4, e))?;
         // Links on a cgroup always run alongside other programs there; flags
         // must be 0 for bpf_link attachment.
         connect4
@@ -116,25 +138,59 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(program_names::SOCKOPS))?
             .try_into()
             .map_err(|e| prog(program_names::SOCKOPS, e))?;
-        sockops.load().map_err(|e| prog(program_names::SOCKOPS, e))?;
-        sockops.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| prog(program_names::SOCKOPS, e))?;
+        sockops
+            .load()
+            .map_err(|e| prog(program_names::SOCKOPS, e))?;
+        sockops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| prog(program_names::SOCKOPS, e))?;
 
         let workloads = map(&mut ebpf, map_names::WORKLOADS)?;
         let services = map(&mut ebpf, map_names::SERVICES)?;
-        let orig = OrigDstReader { map: map(&mut ebpf, map_names::ORIG_DST)? };
-        let stats_map = ebpf.take_map(map_names::STATS).ok_or(DatapathError::MissingMap(map_names::STATS))?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
+        let orig = OrigDstReader {
+            map: map(&mut ebpf, map_names::ORIG_DST)?,
+        };
+        let stats_map = ebpf
+            .take_map(map_names::STATS)
+            .ok_or(DatapathError::MissingMap(map_names::STATS))?;
+        let stats = PerCpuArray::try_from(stats_map).map_err(|source| DatapathError::Map {
+            name: map_names::STATS,
+            source,
+        })?;
         info!(cgroup = %cfg.cgroup.display(), pin_dir = %cfg.pin_dir.display(), "datapath attached");
-        Ok((Self { ebpf, pin_dir: cfg.pin_dir.clone(), workloads, services, stats }, orig))
+        Ok((
+            Self {
+                ebpf,
+                pin_dir: cfg.pin_dir.clone(),
+                workloads,
+                services,
+                stats,
+            },
+            orig,
+        ))
     }
 
     /// Makes `WORKLOADS` and `SERVICES` equal to `want`, touching only the
     /// entries that differ.
     pub fn sync(&mut self, want: &MapContents) -> Result<SyncReport, DatapathError> {
         let mut report = SyncReport::default();
-        sync_map(&mut self.workloads, map_names::WORKLOADS, &want.workloads, &mut report)?;
-        sync_map(&mut self.services, map_names::SERVICES, &want.services, &mut report)?;
-        debug!(written = report.written, deleted = report.deleted, "maps synced");
+        sync_map(
+            &mut self.workloads,
+            map_names::WORKLOADS,
+            &want.workloads,
+            &mut report,
+        )?;
+        sync_map(
+            &mut self.services,
+            map_names::SERVICES,
+            &want.services,
+            &mut report,
+        )?;
+        debug!(
+            written = report.written,
+            deleted = report.deleted,
+            "maps synced"
+        );
         Ok(report)
     }
 
@@ -146,7 +202,10 @@ impl Datapath {
                 let v = self
                     .stats
                     .get(&(*s as u32), 0)
-                    .map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
+                    .map_err(|source| DatapathError::Map {
+                        name: map_names::STATS,
+                        source,
+                    })?;
                 Ok((*s, v.iter().sum()))
             })
             .collect()
@@ -154,9 +213,21 @@ impl Datapath {
 
     /// Detaches the programs (dropping their links) and removes the pins.
     pub fn shutdown(self) {
-        let Datapath { ebpf, pin_dir, workloads, services, stats } = self;
+        let Datapath {
+            ebpf,
+            pin_dir,
+            workloads,
+            services,
+            stats,
+        } = self;
         drop((ebpf, workloads, services, stats));
-        for name in [map_names::WORKLOADS, map_names::SERVICES, map_names::SOCK_ORIG, map_names::ORIG_DST, map_names::STATS] {
+        for name in [
+            map_names::WORKLOADS,
+            map_names::SERVICES,
+            map_names::SOCK_ORIG,
+            map_names::ORIG_DST,
+            map_names::STATS,
+        ] {
             let path = pin_dir.join(name);
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -214,7 +285,9 @@ fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
     };
     // SAFETY: the logger owns the ring buffer's fd and the AsyncFd owns the
     // logger, so the fd stays open for as long as it is registered.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
     let Ok(mut fd) = registered else {
         warn!("kernel program logs are not available: cannot poll the log ring");
         return;
@@ -231,7 +304,11 @@ impl OrigDstReader {
     /// The original destination recorded for a connection from `client`,
     /// removed from the map so the entry cannot be reused.
     pub fn take(&mut self, client: SocketAddrV4) -> Option<OrigDst> {
-        let key = SockAddrV4 { ip_be: u32::from(*client.ip()).to_be(), port_be: client.port().to_be(), _pad: 0 };
+        let key = SockAddrV4 {
+            ip_be: u32::from(*client.ip()).to_be(),
+            port_be: client.port().to_be(),
+            _pad: 0,
+        };
         let v = self.map.get(&key, 0).ok()?;
         let _ = self.map.remove(&key);
         Some(v)

@@ -43,7 +43,10 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), message: message.into() });
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
     }
     /// Keeps the value of `r`, or records its error under `path`.
     fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
@@ -52,7 +55,8 @@ impl Errors {
 }
 
 fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an IPv4 address"))
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address"))
 }
 
 pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
@@ -65,7 +69,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let name = e.take(format!("{p}.name"), NodeName::parse(&n.name));
         if let Some(name) = &name {
             if !node_names.insert(name.clone()) {
-                e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
+                e.push(
+                    format!("{p}.name"),
+                    format!("node \"{name}\" is listed twice"),
+                );
             }
         }
         let address = e.take(format!("{p}.address"), ipv4(&n.address));
@@ -78,7 +85,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         if node_names.contains(&name) {
             Some(name)
         } else {
-            e.push(path, format!("node {s:?} is not in `nodes`; add it there or fix the name"));
+            e.push(
+                path,
+                format!("node {s:?} is not in `nodes`; add it there or fix the name"),
+            );
             None
         }
     };
@@ -86,7 +96,11 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     if doc.workloads.len() > limits::MAX_WORKLOADS as usize {
         e.push(
             "workloads",
-            format!("{} workloads are more than the maximum {}", doc.workloads.len(), limits::MAX_WORKLOADS),
+            format!(
+                "{} workloads are more than the maximum {}",
+                doc.workloads.len(),
+                limits::MAX_WORKLOADS
+            ),
         );
     }
     let mut workload_ips = HashMap::new();
@@ -94,18 +108,29 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let p = format!("workloads[{i}]");
         let name = e.take(format!("{p}.name"), Name::parse(&w.name));
         let namespace = e.take(format!("{p}.namespace"), Name::parse(&w.namespace));
-        let sa = e.take(format!("{p}.serviceAccount"), Name::parse(&w.service_account));
+        let sa = e.take(
+            format!("{p}.serviceAccount"),
+            Name::parse(&w.service_account),
+        );
         let node = known_node(&mut e, format!("{p}.node"), &w.node);
         let ip = e.take(format!("{p}.ip"), ipv4(&w.ip));
         if let Some(ip) = ip {
             if let Some(first) = workload_ips.insert(ip, i) {
-                e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
+                e.push(
+                    format!("{p}.ip"),
+                    format!("{ip} is already the address of workloads[{first}]"),
+                );
             }
         }
         let netns = match (&w.netns, w.pid) {
-            (Some(path), None) if path.starts_with('/') => Some(NetnsRef::Path(PathBuf::from(path))),
+            (Some(path), None) if path.starts_with('/') => {
+                Some(NetnsRef::Path(PathBuf::from(path)))
+            }
             (Some(path), None) => {
-                e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
+                e.push(
+                    format!("{p}.netns"),
+                    format!("{path:?} is not an absolute path"),
+                );
                 None
             }
             (None, Some(pid)) => e.take(
@@ -117,7 +142,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     .ok_or_else(|| format!("{pid} is not a process id")),
             ),
             (None, None) => {
-                e.push(p.clone(), "give `netns` (a path) or `pid` to find the pod's network namespace");
+                e.push(
+                    p.clone(),
+                    "give `netns` (a path) or `pid` to find the pod's network namespace",
+                );
                 None
             }
             (Some(_), Some(_)) => {
@@ -125,10 +153,23 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 None
             }
         };
-        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
-            (name, namespace, sa, node, ip, netns)
+        if let (
+            Some(name),
+            Some(namespace),
+            Some(service_account),
+            Some(node),
+            Some(ip),
+            Some(netns),
+        ) = (name, namespace, sa, node, ip, netns)
         {
-            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
+            state.workloads.push(Workload {
+                name,
+                namespace,
+                service_account,
+                node,
+                ip,
+                netns,
+            });
         }
     }
 
@@ -136,7 +177,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     if frontends > limits::MAX_SERVICES as usize {
         e.push(
             "services",
-            format!("{frontends} service ports are more than the maximum {}", limits::MAX_SERVICES),
+            format!(
+                "{frontends} service ports are more than the maximum {}",
+                limits::MAX_SERVICES
+            ),
         );
     }
     let mut service_names = HashMap::new();
@@ -147,18 +191,27 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let namespace = e.take(format!("{p}.namespace"), Name::parse(&s.namespace));
         if let (Some(name), Some(namespace)) = (&name, &namespace) {
             if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
-                e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
+                e.push(
+                    format!("{p}.name"),
+                    format!("service {namespace}/{name} is already services[{first}]"),
+                );
             }
         }
         let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
         let mode = match s.mode.as_str() {
             "proxy" => Some(Mode::Proxy),
             "kernel" => {
-                e.push(format!("{p}.mode"), "\"kernel\" is not supported by this version yet; use \"proxy\"");
+                e.push(
+                    format!("{p}.mode"),
+                    "\"kernel\" is not supported by this version yet; use \"proxy\"",
+                );
                 None
             }
             other => {
-                e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
+                e.push(
+                    format!("{p}.mode"),
+                    format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""),
+                );
                 None
             }
         };
@@ -170,16 +223,28 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         for (j, port) in s.ports.iter().enumerate() {
             let pp = format!("{p}.ports[{j}]");
             let number = e.take(format!("{pp}.port"), Port::parse(port.port));
-            let target = e.take(format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
+            let target = e.take(
+                format!("{pp}.targetPort"),
+                Port::parse(port.target_port.unwrap_or(port.port)),
+            );
             if port.protocol != "TCP" {
-                e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
+                e.push(
+                    format!("{pp}.protocol"),
+                    format!("{:?} is not supported: use \"TCP\"", port.protocol),
+                );
             }
             if let Some(number) = number {
                 if !seen_ports.insert(number) {
-                    e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
+                    e.push(
+                        format!("{pp}.port"),
+                        format!("port {number} is listed twice"),
+                    );
                 } else if let Some(vip) = vip {
                     if let Some(first) = addresses.insert((vip, number), i) {
-                        e.push(format!("{pp}.port"), format!("{vip}:{number} is already served by services[{first}]"));
+                        e.push(
+                            format!("{pp}.port"),
+                            format!("{vip}:{number} is already served by services[{first}]"),
+                        );
                     }
                 }
             }
@@ -201,8 +266,13 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             let weight = e.take(
                 format!("{pp}.weight"),
                 match ep.weight {
-                    w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
-                    w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
+                    w if w < 0 => Err(format!(
+                        "weight {w} is negative: use 0 (drain) to {}",
+                        Weight::MAX
+                    )),
+                    w if w > Weight::MAX => {
+                        Err(format!("weight {w} is above the maximum {}", Weight::MAX))
+                    }
                     w => Ok(Weight(w as u16)),
                 },
             );
@@ -211,7 +281,14 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             }
         }
         if let (Some(name), Some(namespace), Some(vip), Some(mode)) = (name, namespace, vip, mode) {
-            state.services.push(Service { name, namespace, vip, mode, ports, endpoints });
+            state.services.push(Service {
+                name,
+                namespace,
+                vip,
+                mode,
+                ports,
+                endpoints,
+            });
         }
     }
 
@@ -259,7 +336,10 @@ services:
 
     fn assert_error(edit: impl FnOnce(&mut Document), expected: &str) {
         let errs = errors(edit);
-        assert!(errs.iter().any(|e| e == expected), "expected {expected:?} in {errs:#?}");
+        assert!(
+            errs.iter().any(|e| e == expected),
+            "expected {expected:?} in {errs:#?}"
+        );
     }
 
     #[test]
@@ -271,59 +351,123 @@ services:
         let web = &s.services[0];
         assert_eq!(web.mode, Mode::Proxy);
         assert_eq!(web.ports[0].target_port, Port(8080));
-        assert_eq!(web.ports[1].target_port, Port(443), "targetPort defaults to port");
+        assert_eq!(
+            web.ports[1].target_port,
+            Port(443),
+            "targetPort defaults to port"
+        );
         assert_eq!(web.endpoints[1].weight, Weight(1), "weight defaults to 1");
     }
 
     #[test]
     fn node_rules() {
-        assert_error(|d| d.nodes[0].address = "x".into(), r#"nodes[0].address: "x" is not an IPv4 address"#);
-        assert_error(|d| d.nodes[1].name = "node-a".into(), r#"nodes[1].name: node "node-a" is listed twice"#);
+        assert_error(
+            |d| d.nodes[0].address = "x".into(),
+            r#"nodes[0].address: "x" is not an IPv4 address"#,
+        );
+        assert_error(
+            |d| d.nodes[1].name = "node-a".into(),
+            r#"nodes[1].name: node "node-a" is listed twice"#,
+        );
         let e = errors(|d| d.nodes[0].name = "Node_A".into());
-        assert!(e[0].starts_with("nodes[0].name: \"Node_A\" is not a valid node name"), "{e:?}");
+        assert!(
+            e[0].starts_with("nodes[0].name: \"Node_A\" is not a valid node name"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn workload_rules() {
-        assert_error(|d| d.workloads[0].ip = "10.0.0.300".into(), r#"workloads[0].ip: "10.0.0.300" is not an IPv4 address"#);
-        assert_error(|d| d.workloads[1].ip = "10.244.1.2".into(), "workloads[1].ip: 10.244.1.2 is already the address of workloads[0]");
+        assert_error(
+            |d| d.workloads[0].ip = "10.0.0.300".into(),
+            r#"workloads[0].ip: "10.0.0.300" is not an IPv4 address"#,
+        );
+        assert_error(
+            |d| d.workloads[1].ip = "10.244.1.2".into(),
+            "workloads[1].ip: 10.244.1.2 is already the address of workloads[0]",
+        );
         assert_error(
             |d| d.workloads[0].node = "node-z".into(),
             r#"workloads[0].node: node "node-z" is not in `nodes`; add it there or fix the name"#,
         );
-        assert_error(|d| d.workloads[0].netns = Some("relative".into()), r#"workloads[0].netns: "relative" is not an absolute path"#);
-        assert_error(|d| d.workloads[1].pid = Some(0), "workloads[1].pid: 0 is not a process id");
-        assert_error(|d| d.workloads[1].pid = None, "workloads[1]: give `netns` (a path) or `pid` to find the pod's network namespace");
-        assert_error(|d| d.workloads[0].pid = Some(7), "workloads[0]: give either `netns` or `pid`, not both");
+        assert_error(
+            |d| d.workloads[0].netns = Some("relative".into()),
+            r#"workloads[0].netns: "relative" is not an absolute path"#,
+        );
+        assert_error(
+            |d| d.workloads[1].pid = Some(0),
+            "workloads[1].pid: 0 is not a process id",
+        );
+        assert_error(
+            |d| d.workloads[1].pid = None,
+            "workloads[1]: give `netns` (a path) or `pid` to find the pod's network namespace",
+        );
+        assert_error(
+            |d| d.workloads[0].pid = Some(7),
+            "workloads[0]: give either `netns` or `pid`, not both",
+        );
         assert!(errors(|d| d.workloads[0].name = "-x".into())[0].starts_with("workloads[0].name: "));
-        assert!(errors(|d| d.workloads[0].namespace = "A".into())[0].starts_with("workloads[0].namespace: "));
-        assert!(errors(|d| d.workloads[0].service_account = "".into())[0].starts_with("workloads[0].serviceAccount: "));
+        assert!(errors(|d| d.workloads[0].namespace = "A".into())[0]
+            .starts_with("workloads[0].namespace: "));
+        assert!(errors(|d| d.workloads[0].service_account = "".into())[0]
+            .starts_with("workloads[0].serviceAccount: "));
     }
 
     #[test]
     fn service_rules() {
-        assert_error(|d| d.services[0].vip = "10.96.0".into(), r#"services[0].vip: "10.96.0" is not an IPv4 address"#);
-        assert_error(|d| d.services[0].mode = "fast".into(), r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#);
-        assert_error(|d| d.services[0].mode = "kernel".into(), r#"services[0].mode: "kernel" is not supported by this version yet; use "proxy""#);
-        assert_error(|d| d.services[0].ports.clear(), "services[0].ports: a service needs at least one port");
-        assert_error(|d| d.services[0].ports[0].port = 70000, "services[0].ports[0].port: 70000 is not a port: use 1 to 65535");
-        assert_error(|d| d.services[0].ports[0].target_port = Some(0), "services[0].ports[0].targetPort: 0 is not a port: use 1 to 65535");
-        assert_error(|d| d.services[0].ports[1].port = 80, "services[0].ports[1].port: port 80 is listed twice");
-        assert_error(|d| d.services[0].ports[0].protocol = "UDP".into(), r#"services[0].ports[0].protocol: "UDP" is not supported: use "TCP""#);
+        assert_error(
+            |d| d.services[0].vip = "10.96.0".into(),
+            r#"services[0].vip: "10.96.0" is not an IPv4 address"#,
+        );
+        assert_error(
+            |d| d.services[0].mode = "fast".into(),
+            r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#,
+        );
+        assert_error(
+            |d| d.services[0].mode = "kernel".into(),
+            r#"services[0].mode: "kernel" is not supported by this version yet; use "proxy""#,
+        );
+        assert_error(
+            |d| d.services[0].ports.clear(),
+            "services[0].ports: a service needs at least one port",
+        );
+        assert_error(
+            |d| d.services[0].ports[0].port = 70000,
+            "services[0].ports[0].port: 70000 is not a port: use 1 to 65535",
+        );
+        assert_error(
+            |d| d.services[0].ports[0].target_port = Some(0),
+            "services[0].ports[0].targetPort: 0 is not a port: use 1 to 65535",
+        );
+        assert_error(
+            |d| d.services[0].ports[1].port = 80,
+            "services[0].ports[1].port: port 80 is listed twice",
+        );
+        assert_error(
+            |d| d.services[0].ports[0].protocol = "UDP".into(),
+            r#"services[0].ports[0].protocol: "UDP" is not supported: use "TCP""#,
+        );
         assert!(errors(|d| d.services[0].name = "Web".into())[0].starts_with("services[0].name: "));
-        assert!(errors(|d| d.services[0].namespace = "".into())[0].starts_with("services[0].namespace: "));
+        assert!(errors(|d| d.services[0].namespace = "".into())[0]
+            .starts_with("services[0].namespace: "));
         let dup = |d: &mut Document| {
             let mut s = d.services[0].clone();
             s.vip = "10.96.0.11".into();
             d.services.push(s);
         };
-        assert_error(dup, "services[1].name: service default/web is already services[0]");
+        assert_error(
+            dup,
+            "services[1].name: service default/web is already services[0]",
+        );
         let same_address = |d: &mut Document| {
             let mut s = d.services[0].clone();
             s.name = "web2".into();
             d.services.push(s);
         };
-        assert_error(same_address, "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]");
+        assert_error(
+            same_address,
+            "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]",
+        );
     }
 
     #[test]
@@ -355,10 +499,17 @@ services:
         let e = errors(|d| {
             let w = d.workloads[0].clone();
             d.workloads = (0..=limits::MAX_WORKLOADS)
-                .map(|i| WorkloadDoc { ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(), ..w.clone() })
+                .map(|i| WorkloadDoc {
+                    ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(),
+                    ..w.clone()
+                })
                 .collect();
         });
-        assert!(e.iter().any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -69,7 +69,13 @@ impl Outbound {
     }
 }
 
-async fn forward(client: TcpStream, peer: SocketAddrV4, source: &str, route: &super::Route, counters: &ProxyCounters) {
+async fn forward(
+    client: TcpStream,
+    peer: SocketAddrV4,
+    source: &str,
+    route: &super::Route,
+    counters: &ProxyCounters,
+) {
     let Some(endpoint) = route.pick() else {
         counters.no_endpoint.inc();
         warn!(client = %peer, source, service = %route.name, "service has no endpoint; closed");

@@ -21,7 +21,9 @@ pub struct Route {
 
 impl Route {
     pub fn pick(&self) -> Option<SocketAddrV4> {
-        self.rr.pick(self.endpoints.len()).map(|i| self.endpoints[i])
+        self.rr
+            .pick(self.endpoints.len())
+            .map(|i| self.endpoints[i])
     }
 }
 
@@ -38,12 +40,25 @@ impl RouteTable {
             .iter()
             .map(|f| {
                 let s = &state.services[f.service];
-                let endpoints = s.endpoints.iter().filter(|e| e.weight.0 > 0).map(|e| e.addr(f.target_port)).collect();
-                let route = Route { name: format!("{}:{}", s.key(), f.port), endpoints, rr: RoundRobin::default() };
+                let endpoints = s
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.weight.0 > 0)
+                    .map(|e| e.addr(f.target_port))
+                    .collect();
+                let route = Route {
+                    name: format!("{}:{}", s.key(), f.port),
+                    endpoints,
+                    rr: RoundRobin::default(),
+                };
                 (f.id, Arc::new(route))
             })
             .collect();
-        let workloads = state.workloads.iter().map(|w| (w.ip, format!("{}/{}", w.namespace, w.name))).collect();
+        let workloads = state
+            .workloads
+            .iter()
+            .map(|w| (w.ip, format!("{}/{}", w.namespace, w.name)))
+            .collect();
         Self { by_id, workloads }
     }
 

@@ -26,7 +26,10 @@ fn main() -> ExitCode {
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
 }
 
 fn serve(args: &[String]) -> ExitCode {
@@ -41,7 +44,9 @@ fn serve(args: &[String]) -> ExitCode {
             }
         };
         let name = name.clone();
-        handles.push(std::thread::spawn(move || accept_loop(l, move |s| http(s, &name))));
+        handles.push(std::thread::spawn(move || {
+            accept_loop(l, move |s| http(s, &name))
+        }));
     }
     if let Some(port) = flag(args, "--echo") {
         let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
@@ -109,7 +114,11 @@ fn http(s: TcpStream, name: &str) {
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
-        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes())).is_err() || close {
+        if w.write_all(head.as_bytes())
+            .and_then(|_| w.write_all(body.as_bytes()))
+            .is_err()
+            || close
+        {
             return;
         }
     }
@@ -139,7 +148,9 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Sends BYTES to an echo server, shuts down the write side, reads the
@@ -172,8 +183,14 @@ fn bulk(addr: &str, bytes: &str) -> ExitCode {
     });
     let mut got = Vec::with_capacity(n);
     let read = s.read_to_end(&mut got);
-    let wrote = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
-    println!("sent={n} sent_sum={sent_sum:016x} recv={} recv_sum={:016x}", got.len(), fnv1a(&got));
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    println!(
+        "sent={n} sent_sum={sent_sum:016x} recv={} recv_sum={:016x}",
+        got.len(),
+        fnv1a(&got)
+    );
     match (wrote, read) {
         (Ok(()), Ok(_)) => ExitCode::SUCCESS,
         (w, r) => {
@@ -197,10 +214,13 @@ fn concurrent(addr: &str, n: &str) -> ExitCode {
                 let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10));
                 barrier.wait();
                 let mut s = s.map_err(|e| format!("connect: {e}"))?;
-                s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
-                s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .map_err(|e| e.to_string())?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
+                    .map_err(|e| format!("write: {e}"))?;
                 let mut out = String::new();
-                s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+                s.read_to_string(&mut out)
+                    .map_err(|e| format!("read: {e}"))?;
                 if out.starts_with("HTTP/1.1 200 OK") {
                     Ok(out.lines().last().unwrap_or_default().to_owned())
                 } else {
@@ -222,5 +242,9 @@ fn concurrent(addr: &str, n: &str) -> ExitCode {
     for e in errors.iter().take(5) {
         println!("error: {e}");
     }
-    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

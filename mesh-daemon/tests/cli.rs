@@ -1,0 +1,109 @@
+//! The daemon binary refuses a bad config before touching the system, and
+//! names every bad field. No root needed: it fails before any attach.
+
+use std::process::Command;
+
+fn daemon() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mesh-daemon"))
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const BAD: &str = r#"
+nodes: [{ name: node-a, address: 172.18.0.2 }]
+services:
+  - name: web
+    vip: 10.96.0.10
+    ports: [{ port: 80 }]
+  - name: api
+    vip: 10.96.0.11
+    ports: [{ port: 80 }]
+    endpoints:
+      - { ip: 10.0.0.300, node: node-a, weight: 70000 }
+"#;
+
+#[test]
+fn run_refuses_a_bad_config_naming_every_field() {
+    let cfg = write("bad.yaml", BAD);
+    let out = daemon()
+        .args([
+            "run",
+            "--node",
+            "node-a",
+            "--pin-dir",
+            "/nonexistent/never-created",
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#),
+        "{err}"
+    );
+    assert!(
+        err.contains("services[1].endpoints[0].weight: weight 70000 is above the maximum 65535"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new("/nonexistent/never-created").exists());
+}
+
+#[test]
+fn run_refuses_an_unknown_node() {
+    let cfg = write(
+        "good.yaml",
+        "nodes: [{ name: node-a, address: 172.18.0.2 }]\n",
+    );
+    let out = daemon()
+        .args(["run", "--node", "node-z"])
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--node node-z: no such node in")
+            && err.contains("the nodes there are: node-a"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_validates_without_running() {
+    let good = write(
+        "check-good.yaml",
+        "nodes: [{ name: node-a, address: 172.18.0.2 }]\n",
+    );
+    let out = daemon()
+        .arg("check")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("valid (1 nodes, 0 workloads, 0 services)")
+    );
+    let bad = write(
+        "check-bad.yaml",
+        "nodes: [{ name: node-a, adress: 1.2.3.4 }]\n",
+    );
+    let out = daemon()
+        .arg("check")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("nodes[0]: unknown field `adress`"), "{err}");
+}
