@@ -35,7 +35,11 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 fn serve(args: &[String]) -> ExitCode {
     let name = flag(args, "--name").unwrap_or("backend").to_owned();
     let mut handles = Vec::new();
-    if let Some(port) = flag(args, "--http") {
+    for (port, kind) in [
+        (flag(args, "--http"), "http"),
+        (flag(args, "--echo"), "echo"),
+    ] {
+        let Some(port) = port else { continue };
         let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
             Ok(l) => l,
             Err(e) => {
@@ -44,19 +48,10 @@ fn serve(args: &[String]) -> ExitCode {
             }
         };
         let name = name.clone();
-        handles.push(std::thread::spawn(move || {
-            accept_loop(l, move |s| http(s, &name))
+        handles.push(std::thread::spawn(move || match kind {
+            "http" => accept_loop(l, move |s| http(s, &name)),
+            _ => accept_loop(l, echo_after_eof),
         }));
-    }
-    if let Some(port) = flag(args, "--echo") {
-        let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("mt-pod: listen on {port}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        handles.push(std::thread::spawn(move || accept_loop(l, echo_after_eof)));
     }
     if handles.is_empty() {
         return usage();
