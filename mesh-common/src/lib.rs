@@ -13,12 +13,21 @@ pub mod map_names {
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const STATS: &str = "STATS";
+    pub const SLOTS: &str = "SLOTS";
+}
+
+/// Where links are pinned, under `<pin-dir>/links/`.
+pub mod link_names {
+    pub const CONNECT4: &str = "connect4";
+    pub const SOCKOPS: &str = "sockops";
+    pub const GETPEERNAME4: &str = "getpeername4";
 }
 
 /// Names of the kernel programs (at most 15 bytes: the kernel's limit).
 pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SOCKOPS: &str = "mesh_sockops";
+    pub const GETPEERNAME4: &str = "mesh_getpeer4";
 }
 
 /// Map capacities.
@@ -30,6 +39,10 @@ pub mod limits {
     /// Connections accepted by the proxy whose original destination it has not
     /// read yet.
     pub const MAX_ORIG_DST: u32 = 65536;
+    /// Slots of one service's table in one generation.
+    pub const MAX_SLOTS_PER_SERVICE: u32 = 4096;
+    /// All slot entries: both generations of every kernel-mode service.
+    pub const MAX_SLOTS: u32 = 262_144;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -74,10 +87,20 @@ pub struct ServiceValue {
     pub _pad2: u32,
 }
 
+/// `SLOTS` key: one slot of one generation of a service's table. The value
+/// is the backend, a [`SockAddrV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub generation: u32,
+    pub slot: u32,
+}
+
 /// An IPv4 socket address, the key of `ORIG_DST`: the client's address as
 /// the proxy sees it on accept.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SockAddrV4 {
     pub ip_be: u32,
     pub port_be: u16,
@@ -105,7 +128,8 @@ pub enum Stat {
     Redirected = 0,
     /// connect4: destination rewritten to a backend in the kernel.
     KernelBalanced = 1,
-    /// connect4: service has no backend.
+    /// connect4: kernel-mode service has no backend; the connect is refused
+    /// (ECONNREFUSED).
     NoBackend = 2,
     /// connect4: destination is a service, but the netns is not enrolled.
     NotEnrolled = 3,
@@ -120,6 +144,10 @@ pub enum Stat {
     OrigDstStored = 7,
     /// sockops: could not store into `ORIG_DST`.
     OrigDstFull = 8,
+    /// getpeername4: the dialled service address was given back.
+    PeerRestored = 9,
+    /// connect4: slot table entry missing (should not happen); untouched.
+    SlotMissing = 10,
 }
 
 impl Stat {
@@ -133,6 +161,8 @@ impl Stat {
         Stat::SockOrigFull,
         Stat::OrigDstStored,
         Stat::OrigDstFull,
+        Stat::PeerRestored,
+        Stat::SlotMissing,
     ];
 
     /// Stable snake_case name, used in metrics and dumps.
@@ -147,11 +177,13 @@ impl Stat {
             Stat::SockOrigFull => "sock_orig_full",
             Stat::OrigDstStored => "orig_dst_stored",
             Stat::OrigDstFull => "orig_dst_full",
+            Stat::PeerRestored => "peer_restored",
+            Stat::SlotMissing => "slot_missing",
         }
     }
 }
 
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 11;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -167,6 +199,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddrV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotKey {}
 }
 
 #[cfg(test)]
@@ -181,6 +215,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<SockAddrV4>(), 8);
         assert_eq!(size_of::<OrigDst>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 12);
     }
 
     #[test]

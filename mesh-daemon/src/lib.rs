@@ -2,6 +2,7 @@
 //! ARCHITECTURE.md.
 
 pub mod balance;
+pub mod control;
 pub mod datapath;
 pub mod model;
 pub mod proxy;

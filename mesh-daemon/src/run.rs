@@ -1,44 +1,68 @@
-//! `mesh-daemon run`: load the state, attach the datapath, serve the proxy
-//! and the admin endpoint until SIGTERM/SIGINT, then detach and unpin.
+//! `mesh-daemon run`: restore or seed the state, attach (or take over) the
+//! datapath, serve the proxy, the control API and the admin endpoint until
+//! SIGTERM/SIGINT.
+//!
+//! On SIGTERM the datapath stays attached and pinned by default: in-kernel
+//! balancing keeps working while no daemon runs (a restart, a rolling
+//! update), and the next daemon takes the pinned programs over without a
+//! second attach. `--cleanup-on-exit` detaches everything and removes the
+//! pins, for uninstalling.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
-use arc_swap::ArcSwap;
+use anyhow::{anyhow, Context};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::datapath::{self, Datapath, DatapathConfig, MapContents};
-use crate::model::{self, NodeName, State};
-use crate::proxy::{Outbound, RouteTable};
+use crate::control::{api, Control, ControlConfig};
+use crate::datapath::{self, Datapath, DatapathConfig};
+use crate::model::NodeName;
+use crate::proxy::Outbound;
 use crate::telemetry::{admin, ProxyCounters};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// The state: nodes, workloads and services (YAML or JSON).
+    /// Seeds the state when none is saved in --state-dir (YAML or JSON).
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-    /// Which node of the config this daemon runs on.
+    pub config: Option<PathBuf>,
+    /// Which node this daemon runs on.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node: String,
+    /// Where the accepted state is saved and restored from.
+    #[arg(long, default_value = "/var/lib/mesh", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The control API's Unix socket.
+    #[arg(long, default_value = "/run/mesh/mesh.sock", value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Group whose members may use the control API (besides root).
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
     /// cgroup2 directory to attach the programs to [default: the cgroup2 root,
     /// from /proc/self/mountinfo].
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// Where maps are pinned [default: /sys/fs/bpf/mesh/<node>].
+    /// Where maps and links are pinned [default: /sys/fs/bpf/mesh/<node>].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
     /// Outbound listener, the target of redirected connections. With an
-    /// unspecified IP, pods are sent to the node's address from the config.
+    /// unspecified IP, pods are sent to the node's address from the state.
     #[arg(long, default_value = "0.0.0.0:15001", value_name = "ADDR")]
     pub proxy_listen: SocketAddrV4,
     /// Admin HTTP endpoint (/live, /ready, /stats).
     #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
+    /// Slots per kernel-mode service table (1 to 4096); more slots follow
+    /// weights more finely.
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub slot_table_size: u32,
+    /// On exit, detach the programs and remove every pin (uninstall).
+    /// Without it the datapath keeps working until the next daemon.
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
     /// Highest level the kernel programs log at: off, error, warn, info,
     /// debug, trace.
     #[arg(long, default_value = "warn", value_name = "LEVEL")]
@@ -68,112 +92,40 @@ impl EbpfLogLevel {
     }
 }
 
-/// The node-local view the daemon needs after start.
-struct Local {
-    state: State,
-    node: NodeName,
-    proxy: SocketAddrV4,
-    /// Netns cookies of this node's workloads.
-    cookies: Vec<u64>,
-}
-
-fn prepare(args: &RunArgs) -> anyhow::Result<Local> {
-    let state = model::load_file(&args.config)?;
-    let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
-    let Some(me) = state.node(&node) else {
-        let names: Vec<_> = state.nodes.iter().map(|n| n.name.as_str()).collect();
-        bail!(
-            "--node {node}: no such node in {}; the nodes there are: {}",
-            args.config.display(),
-            if names.is_empty() {
-                "(none)".to_owned()
-            } else {
-                names.join(", ")
-            }
-        );
-    };
-    let proxy_ip = if args.proxy_listen.ip().is_unspecified() {
-        me.address
-    } else {
-        *args.proxy_listen.ip()
-    };
-    let proxy = SocketAddrV4::new(proxy_ip, args.proxy_listen.port());
-
-    let own = datapath::own_netns_cookie().context("reading the daemon's own network namespace")?;
-    let mut cookies = Vec::new();
-    let mut errors = Vec::new();
-    for (i, w) in state
-        .workloads
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| w.node == node)
-    {
-        let path = w.netns.path();
-        match datapath::netns_cookie(&path) {
-            Ok(c) if c == own => errors.push(format!(
-                "workloads[{i}] ({}/{}): {} is the daemon's own network namespace; a host-network pod cannot be enrolled",
-                w.namespace,
-                w.name,
-                path.display()
-            )),
-            Ok(c) => cookies.push(c),
-            Err(e) => errors.push(format!(
-                "workloads[{i}] ({}/{}): cannot open network namespace {}: {e}",
-                w.namespace,
-                w.name,
-                path.display()
-            )),
-        }
-    }
-    if !errors.is_empty() {
-        bail!("config {}:\n{}", args.config.display(), errors.join("\n"));
-    }
-    Ok(Local {
-        state,
-        node,
-        proxy,
-        cookies,
-    })
-}
-
-struct Daemon {
-    datapath: Mutex<Option<Datapath>>,
+/// What the admin endpoint shows.
+struct AdminView {
+    control: Arc<Control>,
     counters: Arc<ProxyCounters>,
 }
 
-impl admin::AdminSource for Daemon {
+impl admin::AdminSource for AdminView {
     fn ready(&self) -> bool {
-        self.datapath.lock().map(|d| d.is_some()).unwrap_or(false)
+        self.control.ready()
     }
 
     fn stats_json(&self) -> serde_json::Value {
-        let kernel: serde_json::Map<String, serde_json::Value> = match self.datapath.lock() {
-            Ok(guard) => match guard.as_ref().map(Datapath::stats) {
-                Some(Ok(stats)) => stats
-                    .into_iter()
-                    .map(|(s, v)| (s.name().to_owned(), v.into()))
-                    .collect(),
-                Some(Err(e)) => [("error".to_owned(), e.to_string().into())]
-                    .into_iter()
-                    .collect(),
-                None => Default::default(),
-            },
-            Err(_) => Default::default(),
+        let kernel: serde_json::Map<String, serde_json::Value> = match self.control.kernel_stats() {
+            Ok(stats) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
+            Err(e) => [("error".to_owned(), e.into())].into_iter().collect(),
         };
         serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel })
     }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let local = prepare(&args)?;
+    let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    let cfg = ControlConfig {
+        node: node.clone(),
+        state_dir: args.state_dir.clone(),
+        proxy_listen: args.proxy_listen,
+        slot_table_size: args.slot_table_size,
+    };
+    let prepared = Control::prepare(cfg, args.config.clone())?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
     };
-    let pin_dir = args
-        .pin_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(local.node.as_str()));
+    let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
 
     // Listen before attaching, so nothing is redirected to a closed port.
     let listener = TcpListener::bind(args.proxy_listen)
@@ -182,46 +134,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
+    let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
+    let api_listener =
+        api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
-    let frontends = local.state.frontends();
-    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
-        &local.state,
-        &frontends,
-    )));
-    let cfg = DatapathConfig {
-        cgroup: cgroup.clone(),
-        pin_dir: pin_dir.clone(),
-        ebpf_log_level: args.ebpf_log_level.to_aya(),
+    let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
+    let (dp, orig) = Datapath::load(&dp_cfg)?;
+    let control = match prepared.attach(dp) {
+        Ok(c) => Arc::new(c),
+        Err((e, dp)) => {
+            // A datapath this start attached is removed again; one that was
+            // running before is left running.
+            let reused = dp.reused();
+            dp.shutdown(!reused);
+            return Err(e);
+        }
     };
-    let (mut dp, orig) = Datapath::load(&cfg)?;
-    let want = MapContents::build(&local.state, &frontends, &local.cookies, local.proxy);
-    if let Err(e) = dp.sync(&want) {
-        dp.shutdown();
-        return Err(e).context("writing the maps");
-    }
+    let snap = control.snapshot();
     info!(
-        node = %local.node,
-        workloads = local.cookies.len(),
-        service_ports = frontends.len(),
-        proxy = %local.proxy,
+        node = %node,
+        generation = snap.generation,
+        services = snap.state.services.len(),
+        workloads = snap.state.workloads.len(),
+        api = %args.api_socket.display(),
         admin = %args.admin_listen,
         "mesh-daemon running"
     );
 
     let counters = Arc::new(ProxyCounters::default());
-    let daemon = Arc::new(Daemon {
-        datapath: Mutex::new(Some(dp)),
-        counters: counters.clone(),
-    });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound {
-        listener,
-        orig,
-        routes,
-        counters,
-    };
+    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone() };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
-    let admin_task = tokio::spawn(admin::serve(admin_listener, daemon.clone(), stop_rx));
+    let view = Arc::new(AdminView { control: control.clone(), counters });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));
+    let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, stop_rx));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -229,20 +175,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!(signal = sig, "shutting down");
+    info!(signal = sig, cleanup = args.cleanup_on_exit, "shutting down");
     let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
-    let _ = admin_task.await;
-    match daemon.datapath.lock() {
-        Ok(mut guard) => {
-            if let Some(dp) = guard.take() {
-                dp.shutdown();
-            }
-        }
-        Err(_) => warn!(
-            "datapath lock poisoned; pins under {} may be left",
-            pin_dir.display()
-        ),
-    }
+    let _ = tokio::join!(proxy_task, admin_task, api_task);
+    let _ = std::fs::remove_file(&args.api_socket);
+    control.shutdown(args.cleanup_on_exit);
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Kernel programs of the mesh: `cgroup/connect4` catches connects from
-//! enrolled network namespaces to service addresses, `sockops` hands the
-//! original destination to the node proxy.
+//! enrolled network namespaces to service addresses and either balances
+//! them in the kernel (slot tables) or sends them to the node proxy;
+//! `sockops` hands the original destination to the proxy; `getpeername4`
+//! shows the application the address it dialled.
 //!
 //! Every program allows the connection on any lookup miss: a bug in the mesh
 //! must never break a connection that is not meshed.
@@ -9,21 +11,25 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    btf_maps::SkStorage,
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    limits, OrigDst, ServiceKey, ServiceValue, SockAddrV4, Stat, WorkloadValue, IPPROTO_TCP,
-    MODE_PROXY, STAT_COUNT,
+    limits, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue,
+    IPPROTO_TCP, MODE_KERNEL, MODE_PROXY, STAT_COUNT,
 };
 
 const AF_INET: u32 = 2;
 /// `connect4` verdict: let the connect proceed (possibly rewritten).
 const ALLOW: i32 = 1;
+/// `connect4` verdict: fail the connect (with the errno set by bpf_set_retval).
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
 
 #[map]
 static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(limits::MAX_WORKLOADS, 0);
@@ -42,6 +48,15 @@ static ORIG_DST: LruHashMap<SockAddrV4, OrigDst> = LruHashMap::pinned(limits::MA
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
+/// Kernel-mode slot tables: (service id, generation, slot) -> backend.
+#[map]
+static SLOTS: HashMap<SlotKey, SockAddrV4> = HashMap::pinned(limits::MAX_SLOTS, 0);
+
+/// The service address a socket dialled, for getpeername; freed with the
+/// socket.
+#[btf_map]
+static PEER: SkStorage<OrigDst> = SkStorage::new();
+
 #[inline(always)]
 fn count(stat: Stat) {
     if let Some(c) = STATS.get_ptr_mut(stat as u32) {
@@ -52,17 +67,16 @@ fn count(stat: Stat) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    connect4(&ctx);
-    ALLOW
+    connect4(&ctx)
 }
 
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) {
+fn connect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP as u32 {
         count(Stat::NotTcp);
-        return;
+        return ALLOW;
     }
     let key = ServiceKey {
         vip_be: sa.user_ip4,
@@ -74,37 +88,80 @@ fn connect4(ctx: &SockAddrContext) {
     // whole, never in place.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         count(Stat::NotService);
-        return;
+        return ALLOW;
     };
     // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once, as above.
     let Some(wl) = (unsafe { WORKLOADS.get(&netns) }).copied() else {
         count(Stat::NotEnrolled);
-        return;
+        return ALLOW;
     };
-    if svc.mode != MODE_PROXY {
-        // Kernel-mode balancing is not built yet: leave the connect alone.
-        count(Stat::NoBackend);
-        return;
-    }
-    let orig = OrigDst {
+    let mut orig = OrigDst {
         vip_be: key.vip_be,
         port_be: key.port_be,
         _pad: 0,
         service_id: svc.id,
         _pad2: 0,
     };
-    // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
-        count(Stat::SockOrigFull);
-        return;
+    if svc.mode == MODE_KERNEL {
+        if svc.slot_count == 0 {
+            count(Stat::NoBackend);
+            // SAFETY: helper valid for cgroup programs (kernel >= 5.18).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return REJECT;
+        }
+        // SAFETY: helper without preconditions.
+        let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
+        let slot_key = SlotKey { service_id: svc.id, generation: svc.generation as u32, slot };
+        // SAFETY: copied out at once, as above.
+        let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() else {
+            count(Stat::SlotMissing);
+            return ALLOW;
+        };
+        sa.user_ip4 = backend.ip_be;
+        sa.user_port = backend.port_be as u32;
+        count(Stat::KernelBalanced);
+    } else if svc.mode == MODE_PROXY {
+        // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
+            count(Stat::SockOrigFull);
+            return ALLOW;
+        }
+        sa.user_ip4 = wl.proxy_ip_be;
+        sa.user_port = wl.proxy_port_be as u32;
+        count(Stat::Redirected);
+    } else {
+        return ALLOW;
     }
-    sa.user_ip4 = wl.proxy_ip_be;
-    sa.user_port = wl.proxy_port_be as u32;
-    count(Stat::Redirected);
-    debug!(ctx, "redirected service {} to the proxy", svc.id);
+    // SAFETY: the context's socket is valid for the program's run.
+    let peer = unsafe { PEER.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+    if !peer.is_null() {
+        // SAFETY: non-null storage of this socket, written only here.
+        unsafe { *peer = orig };
+    }
+    debug!(ctx, "service {} mode {} rewritten", svc.id, svc.mode);
+    ALLOW
+}
+
+/// Gives back the service address the socket dialled, not the backend or
+/// proxy it was rewritten to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context's socket is valid for the program's run.
+    let peer = unsafe { PEER.get_ptr_mut(&ctx) };
+    if !peer.is_null() {
+        // SAFETY: non-null storage of this socket; the kernel passes a valid
+        // bpf_sock_addr for this program type.
+        unsafe {
+            let sa = &mut *ctx.sock_addr;
+            sa.user_ip4 = (*peer).vip_be;
+            sa.user_port = (*peer).port_be as u32;
+        }
+        count(Stat::PeerRestored);
+    }
+    ALLOW
 }
 
 #[sock_ops]

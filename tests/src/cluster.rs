@@ -322,8 +322,18 @@ impl Cluster {
         Ok(p)
     }
 
-    /// Starts mesh-daemon for `node` with its own cgroup, pin dir and netns,
-    /// and waits until it reports ready.
+    /// Where the daemon of `node` saves its state.
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("state-{node}"))
+    }
+
+    /// The control API socket of the daemon of `node`.
+    pub fn api_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("api-{node}.sock"))
+    }
+
+    /// Starts mesh-daemon for `node` with its own cgroup, pin dir, state
+    /// dir, API socket and netns, and waits until it reports ready.
     pub fn start_daemon(
         &self,
         node: &str,
@@ -342,6 +352,10 @@ impl Cluster {
             .arg(&n.cgroup)
             .arg("--pin-dir")
             .arg(&n.pin_dir)
+            .arg("--state-dir")
+            .arg(self.state_dir(node))
+            .arg("--api-socket")
+            .arg(self.api_socket(node))
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -19,6 +19,10 @@ const ECHO_VIP: &str = "10.96.0.11";
 /// serving HTTP on 8080 and echo on 9000; service `web` (VIP:80 -> 8080)
 /// and `echo` (ECHO_VIP:9000 -> web-1:9000).
 fn one_node() -> OneNode {
+    one_node_with(&[])
+}
+
+fn one_node_with(daemon_args: &[&str]) -> OneNode {
     let c = Cluster::create(
         &ClusterSpec::new()
             .node("node-a")
@@ -36,7 +40,7 @@ fn one_node() -> OneNode {
          \x20 - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n"
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
-    let daemon = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let daemon = c.start_daemon("node-a", &cfg, daemon_args).unwrap();
     OneNode { daemon, c }
 }
 
@@ -179,17 +183,17 @@ fn root_200_concurrent_connections_complete() {
 #[test]
 fn root_daemon_exit_leaves_no_program_link_or_pin() {
     use mesh_tests::sys::{cgroup_programs, loaded, wait_until};
-    let mut f = one_node();
+    let mut f = one_node_with(&["--cleanup-on-exit"]);
     let node = f.c.node("node-a").clone();
     let attached = cgroup_programs(&node.cgroup).unwrap();
     let mut names: Vec<_> = attached.iter().map(|(_, n)| n.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["mesh_connect4", "mesh_sockops"]);
+    assert_eq!(names, ["mesh_connect4", "mesh_getpeer4", "mesh_sockops"]);
     let ids: Vec<u64> = attached.iter().map(|(id, _)| *id).collect();
     let links = loaded().unwrap().link_programs;
     assert_eq!(
         links.iter().filter(|p| ids.contains(p)).count(),
-        2,
+        3,
         "one link per program"
     );
     assert!(
@@ -237,7 +241,7 @@ fn root_two_daemons_run_side_by_side() {
         "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {wa}, node: node-a }}, {{ ip: {wb}, node: node-b }}]\n"
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
-    let mut da = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let mut da = c.start_daemon("node-a", &cfg, &["--cleanup-on-exit"]).unwrap();
     let db = c.start_daemon("node-b", &cfg, &[]).unwrap();
 
     let (pa, pb) = (
@@ -246,8 +250,8 @@ fn root_two_daemons_run_side_by_side() {
     );
     assert_eq!(
         (pa.len(), pb.len()),
-        (2, 2),
-        "each node cgroup has its own two programs"
+        (3, 3),
+        "each node cgroup has its own three programs"
     );
     assert!(
         pa.iter().all(|a| !pb.contains(a)),
@@ -287,7 +291,7 @@ fn root_two_daemons_run_side_by_side() {
     );
     let (code, body) = c.curl("client-b", &format!("http://{VIP}/")).unwrap();
     assert_eq!(code, 0, "node-b still works: {body}");
-    assert_eq!(cgroup_programs(&c.node("node-b").cgroup).unwrap().len(), 2);
+    assert_eq!(cgroup_programs(&c.node("node-b").cgroup).unwrap().len(), 3);
     assert!(c.node("node-b").pin_dir.join("SERVICES").exists());
     assert!(!c.node("node-a").pin_dir.exists());
     drop(db);

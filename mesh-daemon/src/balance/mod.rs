@@ -1,6 +1,8 @@
-//! Endpoint selection. For now a plain rotation over the endpoints that
-//! take new connections (weight above 0); weights and health come later.
+//! Endpoint selection: a rotation for the proxy (weights and health come
+//! later) and the slot tables of in-kernel balancing.
 #![forbid(unsafe_code)]
+
+pub mod slots;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

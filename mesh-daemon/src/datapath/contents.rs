@@ -3,94 +3,91 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 
-use mesh_common::{ServiceKey, ServiceValue, WorkloadValue, IPPROTO_TCP, MODE_PROXY};
+use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNEL, MODE_PROXY};
 
+use crate::balance::slots;
 use crate::model::{Frontend, Mode, State};
+
+/// One `SERVICES` entry as wanted; for kernel mode with its slot table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredService {
+    pub id: u32,
+    pub mode: u8,
+    /// Kernel mode: the backend of each slot. Empty: connects are refused.
+    pub slots: Vec<SockAddrV4>,
+}
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct MapContents {
     pub workloads: BTreeMap<u64, WorkloadValue>,
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: BTreeMap<ServiceKey, DesiredService>,
+}
+
+pub fn sockaddr(a: SocketAddrV4) -> SockAddrV4 {
+    SockAddrV4 { ip_be: u32::from(*a.ip()).to_be(), port_be: a.port().to_be(), _pad: 0 }
+}
+
+pub fn service_key(vip: std::net::Ipv4Addr, port: u16) -> ServiceKey {
+    ServiceKey { vip_be: u32::from(vip).to_be(), port_be: port.to_be(), proto: IPPROTO_TCP, _pad: 0 }
 }
 
 impl MapContents {
     /// `cookies`: the netns cookie of each enrolled workload of this node;
-    /// `proxy`: where their redirected connections go.
-    pub fn build(
-        state: &State,
-        frontends: &[Frontend],
-        cookies: &[u64],
-        proxy: SocketAddrV4,
-    ) -> Self {
-        let wl = WorkloadValue {
-            proxy_ip_be: u32::from(*proxy.ip()).to_be(),
-            proxy_port_be: proxy.port().to_be(),
-            flags: 0,
-        };
+    /// `proxy`: where their redirected connections go; `table_size`: slots
+    /// per kernel-mode service.
+    pub fn build(state: &State, frontends: &[Frontend], cookies: &[u64], proxy: SocketAddrV4, table_size: u32) -> Self {
+        let wl = WorkloadValue { proxy_ip_be: u32::from(*proxy.ip()).to_be(), proxy_port_be: proxy.port().to_be(), flags: 0 };
         let workloads = cookies.iter().map(|c| (*c, wl)).collect();
         let services = frontends
             .iter()
             .map(|f| {
-                let key = ServiceKey {
-                    vip_be: u32::from(f.vip).to_be(),
-                    port_be: f.port.0.to_be(),
-                    proto: IPPROTO_TCP,
-                    _pad: 0,
+                let s = &state.services[f.service];
+                let desired = match s.mode {
+                    Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
+                    Mode::Kernel => {
+                        let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
+                        let slots = slots::layout(&weights, table_size)
+                            .into_iter()
+                            .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))
+                            .collect();
+                        DesiredService { id: f.id, mode: MODE_KERNEL, slots }
+                    }
                 };
-                let mode = match state.services[f.service].mode {
-                    Mode::Proxy => MODE_PROXY,
-                };
-                (
-                    key,
-                    ServiceValue {
-                        id: f.id,
-                        mode,
-                        generation: 0,
-                        _pad: 0,
-                        slot_count: 0,
-                        _pad2: 0,
-                    },
-                )
+                (service_key(f.vip, f.port.0), desired)
             })
             .collect();
-        Self {
-            workloads,
-            services,
-        }
+        Self { workloads, services }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{parse_document, State};
+    use crate::model::{parse_document, ServiceIds, State};
 
     #[test]
-    fn one_entry_per_service_port_in_network_order() {
+    fn one_entry_per_service_port_with_slots_for_kernel_mode() {
         let doc = parse_document(
             "nodes: [{name: a, address: 172.18.0.2}]\n\
-             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}, {port: 443}]}\n - {name: db, vip: 10.96.0.20, ports: [{port: 5432}]}\n",
+             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}, {port: 443}]}\n\
+             \x20- {name: db, vip: 10.96.0.20, mode: kernel, ports: [{port: 5432, targetPort: 5433}], endpoints: [{ip: 10.0.0.1, node: a, weight: 3}, {ip: 10.0.0.2, node: a, weight: 2}]}\n",
         )
         .unwrap();
         let state = State::from_document(&doc).unwrap();
-        let f = state.frontends();
-        let c = MapContents::build(&state, &f, &[7, 9], "172.18.0.2:15001".parse().unwrap());
+        let ids = ServiceIds::default().assign(&state.frontend_keys());
+        let f = state.frontends(&ids);
+        let c = MapContents::build(&state, &f, &[7, 9], "172.18.0.2:15001".parse().unwrap(), 256);
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[&7].proxy_port_be, 15001u16.to_be());
-        assert_eq!(
-            c.workloads[&7].proxy_ip_be,
-            u32::from_be_bytes([172, 18, 0, 2]).to_be()
-        );
+        assert_eq!(c.workloads[&7].proxy_ip_be, u32::from_be_bytes([172, 18, 0, 2]).to_be());
         assert_eq!(c.services.len(), 3);
-        let key = ServiceKey {
-            vip_be: u32::from_be_bytes([10, 96, 0, 10]).to_be(),
-            port_be: 443u16.to_be(),
-            proto: 6,
-            _pad: 0,
-        };
-        let v = c.services[&key];
-        // ids follow (namespace, name, port): db:5432=1, web:80=2, web:443=3
-        assert_eq!(v.id, 3);
-        assert_eq!(v.mode, MODE_PROXY);
+        let web = &c.services[&service_key("10.96.0.10".parse().unwrap(), 443)];
+        assert_eq!((web.mode, web.slots.len()), (MODE_PROXY, 0));
+        assert_eq!(web.id, ids.get("default/web:443").unwrap());
+        let db = &c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)];
+        assert_eq!(db.mode, MODE_KERNEL);
+        assert_eq!(db.slots.len(), 256);
+        let first = sockaddr("10.0.0.1:5433".parse().unwrap());
+        assert_eq!(db.slots.iter().filter(|s| **s == first).count(), 154);
     }
 }

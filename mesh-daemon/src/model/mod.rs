@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod document;
+mod ids;
 mod load;
 mod names;
 mod validate;
@@ -11,6 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 pub use document::{Document, EndpointDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{Name, NodeName, Port, Weight};
 pub use validate::{FieldError, ValidationErrors};
@@ -59,6 +61,8 @@ impl NetnsRef {
 pub enum Mode {
     /// Connections go through the node proxy.
     Proxy,
+    /// connect4 picks a backend from the slot table; no proxy on the path.
+    Kernel,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,7 +117,7 @@ impl State {
 
 /// One (service, port) pair: what `SERVICES` is keyed by and what the proxy
 /// routes by. `id` is what the kernel records as the original destination's
-/// service.
+/// service; it comes from [`ServiceIds`] and stays the same across writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frontend {
     pub id: u32,
@@ -124,29 +128,33 @@ pub struct Frontend {
     pub target_port: Port,
 }
 
+/// `namespace/name:port`: the stable name of a frontend.
+pub fn frontend_key(service: &Service, port: Port) -> String {
+    format!("{}:{}", service.key(), port)
+}
+
 impl State {
-    /// Every service port, with ids 1.. in the order of (namespace, name, port).
-    pub fn frontends(&self) -> Vec<Frontend> {
-        let mut order: Vec<usize> = (0..self.services.len()).collect();
-        order.sort_by(|a, b| {
-            let (a, b) = (&self.services[*a], &self.services[*b]);
-            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
-        });
+    /// Every service port with its id from `ids`, in the order of
+    /// (namespace, name, port). Ports without an id are left out: assign
+    /// ids with [`ServiceIds::assign`] first.
+    pub fn frontends(&self, ids: &ServiceIds) -> Vec<Frontend> {
         let mut out = Vec::new();
-        for i in order {
-            let s = &self.services[i];
-            let mut ports = s.ports.clone();
-            ports.sort_by_key(|p| p.port);
-            for p in ports {
-                out.push(Frontend {
-                    id: out.len() as u32 + 1,
-                    service: i,
-                    vip: s.vip,
-                    port: p.port,
-                    target_port: p.target_port,
-                });
+        for (i, s) in self.services.iter().enumerate() {
+            for p in &s.ports {
+                if let Some(id) = ids.get(&frontend_key(s, p.port)) {
+                    out.push(Frontend { id, service: i, vip: s.vip, port: p.port, target_port: p.target_port });
+                }
             }
         }
+        out.sort_by(|a, b| {
+            let (sa, sb) = (&self.services[a.service], &self.services[b.service]);
+            (&sa.namespace, &sa.name, a.port).cmp(&(&sb.namespace, &sb.name, b.port))
+        });
         out
+    }
+
+    /// `namespace/name:port` of every service port.
+    pub fn frontend_keys(&self) -> Vec<String> {
+        self.services.iter().flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port))).collect()
     }
 }

@@ -200,13 +200,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
         let mode = match s.mode.as_str() {
             "proxy" => Some(Mode::Proxy),
-            "kernel" => {
-                e.push(
-                    format!("{p}.mode"),
-                    "\"kernel\" is not supported by this version yet; use \"proxy\"",
-                );
-                None
-            }
+            "kernel" => Some(Mode::Kernel),
             other => {
                 e.push(
                     format!("{p}.mode"),
@@ -422,10 +416,6 @@ services:
         assert_error(
             |d| d.services[0].mode = "fast".into(),
             r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#,
-        );
-        assert_error(
-            |d| d.services[0].mode = "kernel".into(),
-            r#"services[0].mode: "kernel" is not supported by this version yet; use "proxy""#,
         );
         assert_error(
             |d| d.services[0].ports.clear(),

@@ -84,7 +84,8 @@ mod tests {
         )
         .unwrap();
         let state = State::from_document(&doc).unwrap();
-        let t = RouteTable::build(&state, &state.frontends());
+        let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
+        let t = RouteTable::build(&state, &state.frontends(&ids));
         let r = t.route(1).unwrap();
         assert_eq!(r.name, "default/web:80");
         for _ in 0..4 {

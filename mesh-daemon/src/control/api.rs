@@ -1,0 +1,481 @@
+//! The control API: HTTP/1.1 + JSON over a Unix socket.
+//!
+//! Callers are checked by SO_PEERCRED: root, or members of `--api-group`.
+//! Reads come from the last accepted state; writes go through
+//! [`Control::write`] (validated whole, saved, synced to the kernel before
+//! the answer). Request bodies may be JSON or YAML.
+//!
+//! ```text
+//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints
+//! PUT    /v1/state                                 (the whole document)
+//! GET    /v1/nodes[/NAME]            PUT|DELETE /v1/nodes/NAME
+//! GET    /v1/workloads[/NS/NAME]     PUT|DELETE /v1/workloads/NS/NAME
+//! GET    /v1/services[/NS/NAME]      PUT|DELETE /v1/services/NS/NAME
+//! PATCH  /v1/services/NS/NAME/endpoints/IP         {"weight": N}
+//! ```
+//! Writes answer `{"generation": N}`; `If-Match: N` makes a write fail
+//! with 409 when the state is no longer at generation N.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::{Control, WriteError};
+use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
+
+const MAX_BODY: usize = 16 << 20;
+
+/// Who may call: root, and members of this group.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    group: Option<(String, u32, Vec<String>)>,
+}
+
+impl Access {
+    /// `group`: a group name from the system's group database.
+    pub fn new(group: Option<&str>) -> anyhow::Result<Self> {
+        let Some(name) = group else { return Ok(Self::default()) };
+        let g = nix::unistd::Group::from_name(name)?
+            .ok_or_else(|| anyhow::anyhow!("--api-group {name}: no such group; create it (groupadd {name}) or drop the flag"))?;
+        Ok(Self { group: Some((name.to_owned(), g.gid.as_raw(), g.mem)) })
+    }
+
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let Some((_, group, members)) = &self.group else { return false };
+        if gid == *group {
+            return true;
+        }
+        // Supplementary groups of the calling process.
+        if let Some(pid) = pid {
+            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
+                    if line.split_whitespace().skip(1).any(|g| g.parse() == Ok(*group)) {
+                        return true;
+                    }
+                }
+            }
+        }
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .is_some_and(|u| members.contains(&u.name))
+    }
+
+    fn who_may(&self) -> String {
+        match &self.group {
+            Some((name, _, _)) => format!("only root and members of group {name} may"),
+            None => "only root may (give --api-group to let a group in)".to_owned(),
+        }
+    }
+}
+
+/// Creates the socket's folder (0750), replaces a stale socket, and
+/// listens with mode 0660 (group: the API group).
+pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
+            if let Some((_, gid, _)) = &access.group {
+                nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(*gid)))?;
+            }
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("--api-socket {}: another mesh-daemon is serving there", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some((_, gid, _)) = &access.group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(*gid)))?;
+    }
+    info!(socket = %path.display(), "control API listening");
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, control: Arc<Control>, access: Arc<Access>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "control API accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let allowed = match stream.peer_cred() {
+            Ok(c) => access.allows(c.uid(), c.gid(), c.pid()).then_some(()).ok_or(format!(
+                "uid {} may not use the mesh API: {}",
+                c.uid(),
+                access.who_may()
+            )),
+            Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
+        };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let control = control.clone();
+                let allowed = allowed.clone();
+                async move {
+                    Ok::<_, Infallible>(match allowed {
+                        Ok(()) => handle(req, control).await,
+                        Err(msg) => error(StatusCode::FORBIDDEN, &msg),
+                    })
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                debug!(error = %e, "control API connection");
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
+    text.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    respond(status, &json!({ "error": msg }))
+}
+
+fn invalid(errors: &ValidationErrors) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::BAD_REQUEST,
+        &json!({
+            "error": format!("the request is invalid: {} bad field(s); nothing was changed", errors.0.len()),
+            "fields": errors.0.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+fn write_error(e: WriteError) -> Response<Full<Bytes>> {
+    match e {
+        WriteError::Conflict { current, .. } => {
+            respond(StatusCode::CONFLICT, &json!({ "error": e.to_string(), "generation": current }))
+        }
+        WriteError::Invalid(v) => invalid(&v),
+        WriteError::NotFound(m) => error(StatusCode::NOT_FOUND, &m),
+        WriteError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// Runs a write off the async runtime (it does file and bpf system calls).
+async fn write(
+    control: &Arc<Control>,
+    if_match: Option<u64>,
+    edit: impl FnOnce(&mut Document) -> Result<(), WriteError> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    let c = control.clone();
+    match tokio::task::spawn_blocking(move || c.write(if_match, edit)).await {
+        Ok(Ok(generation)) => respond(StatusCode::OK, &json!({ "generation": generation })),
+        Ok(Err(e)) => write_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write failed: {e}")),
+    }
+}
+
+async fn body_value(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}")))?
+        .to_bytes();
+    serde_yaml::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("the body is not valid JSON or YAML: {e}")))
+}
+
+/// Sets `key` of an object body from the URL, or checks it matches.
+fn url_field(v: &mut Value, key: &str, from_url: &str) -> Result<(), Response<Full<Bytes>>> {
+    let Some(obj) = v.as_object_mut() else {
+        return Err(error(StatusCode::BAD_REQUEST, "the body must be an object"));
+    };
+    match obj.get(key) {
+        None => {
+            obj.insert(key.to_owned(), Value::String(from_url.to_owned()));
+            Ok(())
+        }
+        Some(Value::String(s)) if s == from_url => Ok(()),
+        Some(other) => Err(error(StatusCode::BAD_REQUEST, &format!("{key}: {other} does not match the URL's {from_url:?}"))),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Response<Full<Bytes>>> {
+    serde_json::from_value(v).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("the body is not a valid object: {e}")))
+}
+
+fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>>> {
+    match req.headers().get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .map(|s| s.trim().trim_matches('"'))
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| error(StatusCode::BAD_REQUEST, "If-Match: give the generation number, e.g. If-Match: 12")),
+    }
+}
+
+/// Rewrites errors of `prefix` (the edited item, e.g. `services[3]`) to be
+/// relative to the request body.
+fn relative(v: ValidationErrors, prefix: &str) -> ValidationErrors {
+    ValidationErrors(
+        v.0.into_iter()
+            .map(|e| match e.path.strip_prefix(prefix) {
+                Some(rest) => FieldError { path: rest.trim_start_matches('.').to_owned(), message: e.message },
+                None => e,
+            })
+            .map(|e| if e.path.is_empty() { FieldError { path: "(body)".into(), ..e } } else { e })
+            .collect(),
+    )
+}
+
+/// Puts `item` into `list` where `same` finds it, or at the end; returns the index.
+fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) -> usize {
+    match list.iter().position(same) {
+        Some(i) => {
+            list[i] = item;
+            i
+        }
+        None => {
+            list.push(item);
+            list.len() - 1
+        }
+    }
+}
+
+/// PUT of one item: upserts it and reports its errors relative to the body.
+async fn put_item<T: Send + 'static>(
+    control: &Arc<Control>,
+    m: Option<u64>,
+    kind: &'static str,
+    item: T,
+    place: impl FnOnce(&mut Document, T) -> usize + Send + 'static,
+) -> Response<Full<Bytes>> {
+    let c = control.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut at = None;
+        let r = c.write(m, |doc| {
+            at = Some(place(doc, item));
+            Ok(())
+        });
+        (r, at)
+    })
+    .await;
+    match done {
+        Ok((Ok(generation), _)) => respond(StatusCode::OK, &json!({ "generation": generation })),
+        Ok((Err(WriteError::Invalid(v)), Some(i))) => invalid(&relative(v, &format!("{kind}[{i}]"))),
+        Ok((Err(e), _)) => write_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write failed: {e}")),
+    }
+}
+
+async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let method = req.method().clone();
+    let m = match if_match(&req) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let snap = control.snapshot();
+    let doc = &snap.state;
+    let not_found = |what: String| error(StatusCode::NOT_FOUND, &format!("{what} not found"));
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => {
+            let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
+                Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
+                Err(e) => [("error".to_owned(), Value::String(e))].into_iter().collect(),
+            };
+            respond(
+                StatusCode::OK,
+                &json!({
+                    "node": control.node().as_str(),
+                    "generation": snap.generation,
+                    "nodes": doc.nodes.len(),
+                    "workloads": doc.workloads.len(),
+                    "services": doc.services.len(),
+                    "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+                    "datapath": { "attached": control.ready(), "reused_at_start": control.datapath_reused(), "stats": stats },
+                }),
+            )
+        }
+        (&Method::GET, ["v1", "state"]) => respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc })),
+        (&Method::PUT, ["v1", "state"]) => {
+            let v = match body_value(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let new: Document = match parse(v) {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            write(&control, m, move |d| {
+                *d = new;
+                Ok(())
+            })
+            .await
+        }
+        (&Method::GET, ["v1", "datapath"]) => match control.dump() {
+            Ok(d) => respond(StatusCode::OK, &d),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        },
+        (&Method::GET, ["v1", "nodes"]) => respond(StatusCode::OK, &doc.nodes),
+        (&Method::GET, ["v1", "nodes", name]) => match doc.nodes.iter().find(|n| n.name == *name) {
+            Some(n) => respond(StatusCode::OK, n),
+            None => not_found(format!("node {name}")),
+        },
+        (&Method::GET, ["v1", "workloads"]) => respond(StatusCode::OK, &doc.workloads),
+        (&Method::GET, ["v1", "workloads", ns, name]) => {
+            match doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name) {
+                Some(w) => respond(StatusCode::OK, w),
+                None => not_found(format!("workload {ns}/{name}")),
+            }
+        }
+        (&Method::GET, ["v1", "services"]) => respond(StatusCode::OK, &doc.services),
+        (&Method::GET, ["v1", "services", ns, name]) => {
+            match doc.services.iter().find(|s| s.namespace == *ns && s.name == *name) {
+                Some(s) => respond(StatusCode::OK, s),
+                None => not_found(format!("service {ns}/{name}")),
+            }
+        }
+        (&Method::GET, ["v1", "endpoints"]) => {
+            let list: Vec<Value> = doc
+                .services
+                .iter()
+                .flat_map(|s| {
+                    s.endpoints.iter().map(move |e| {
+                        json!({"service": format!("{}/{}", s.namespace, s.name), "ip": e.ip, "node": e.node, "weight": e.weight})
+                    })
+                })
+                .collect();
+            respond(StatusCode::OK, &list)
+        }
+        (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => {
+            let kind = *kind;
+            let (ns, name) = match (kind, rest) {
+                ("nodes", [name]) => (None, name.to_string()),
+                ("workloads" | "services", [ns, name]) => (Some(ns.to_string()), name.to_string()),
+                _ => return error(StatusCode::NOT_FOUND, &format!("no such resource {path}")),
+            };
+            let mut v = match body_value(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            if let Err(r) = url_field(&mut v, "name", &name) {
+                return r;
+            }
+            if let Some(ns) = &ns {
+                if let Err(r) = url_field(&mut v, "namespace", ns) {
+                    return r;
+                }
+            }
+            match kind {
+                "nodes" => match parse::<NodeDoc>(v) {
+                    Ok(n) => put_item(&control, m, "nodes", n, |d, n| {
+                        let name = n.name.clone();
+                        upsert(&mut d.nodes, n, |x| x.name == name)
+                    })
+                    .await,
+                    Err(r) => r,
+                },
+                "workloads" => match parse::<WorkloadDoc>(v) {
+                    Ok(w) => put_item(&control, m, "workloads", w, |d, w| {
+                        let key = (w.namespace.clone(), w.name.clone());
+                        upsert(&mut d.workloads, w, |x| (x.namespace.clone(), x.name.clone()) == key)
+                    })
+                    .await,
+                    Err(r) => r,
+                },
+                _ => match parse::<ServiceDoc>(v) {
+                    Ok(s) => put_item(&control, m, "services", s, |d, s| {
+                        let key = (s.namespace.clone(), s.name.clone());
+                        upsert(&mut d.services, s, |x| (x.namespace.clone(), x.name.clone()) == key)
+                    })
+                    .await,
+                    Err(r) => r,
+                },
+            }
+        }
+        (&Method::DELETE, ["v1", "nodes", name]) => {
+            let name = name.to_string();
+            write(&control, m, move |d| {
+                let before = d.nodes.len();
+                d.nodes.retain(|n| n.name != name);
+                if d.nodes.len() == before {
+                    return Err(WriteError::NotFound(format!("node {name} not found")));
+                }
+                Ok(())
+            })
+            .await
+        }
+        (&Method::DELETE, ["v1", kind @ ("workloads" | "services"), ns, name]) => {
+            let (kind, ns, name) = (kind.to_string(), ns.to_string(), name.to_string());
+            write(&control, m, move |d| {
+                let gone = if kind == "workloads" {
+                    let before = d.workloads.len();
+                    d.workloads.retain(|w| !(w.namespace == ns && w.name == name));
+                    before != d.workloads.len()
+                } else {
+                    let before = d.services.len();
+                    d.services.retain(|s| !(s.namespace == ns && s.name == name));
+                    before != d.services.len()
+                };
+                if !gone {
+                    return Err(WriteError::NotFound(format!("{} {ns}/{name} not found", kind.trim_end_matches('s'))));
+                }
+                Ok(())
+            })
+            .await
+        }
+        (&Method::PATCH, ["v1", "services", ns, name, "endpoints", ip]) => {
+            let (ns, name, ip) = (ns.to_string(), name.to_string(), ip.to_string());
+            let v = match body_value(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let Some(weight) = v.get("weight").and_then(Value::as_i64) else {
+                return error(StatusCode::BAD_REQUEST, "the body must be {\"weight\": N} with N from 0 to 65535");
+            };
+            write(&control, m, move |d| {
+                let s = d
+                    .services
+                    .iter_mut()
+                    .find(|s| s.namespace == ns && s.name == name)
+                    .ok_or_else(|| WriteError::NotFound(format!("service {ns}/{name} not found")))?;
+                let e: &mut EndpointDoc = s
+                    .endpoints
+                    .iter_mut()
+                    .find(|e| e.ip == ip)
+                    .ok_or_else(|| WriteError::NotFound(format!("endpoint {ip} of service {ns}/{name} not found")))?;
+                e.weight = weight;
+                Ok(())
+            })
+            .await
+        }
+        (_, ["v1", ..]) => error(StatusCode::NOT_FOUND, &format!("no such resource {} {path}; see the API list in the README", method)),
+        _ => error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/")),
+    }
+}

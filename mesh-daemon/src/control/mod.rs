@@ -1,0 +1,265 @@
+//! The control plane: the desired state, its persistence, and applying it.
+//!
+//! Every write is an edit of a copy of the document. The copy is validated
+//! whole, this node's workloads are resolved to their netns cookies, the
+//! result is saved (write-temp, fsync, rename), the kernel maps are synced
+//! and the proxy's routes swapped, and only then the write is answered.
+//! Writes are serialized; one failing step leaves the old state in place.
+
+pub mod api;
+mod store;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+pub use store::{Store, StoreError, Stored};
+
+use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
+use crate::model::{self, Document, FieldError, NodeName, State, ValidationErrors};
+use crate::proxy::RouteTable;
+
+pub struct ControlConfig {
+    pub node: NodeName,
+    pub state_dir: PathBuf,
+    pub proxy_listen: SocketAddrV4,
+    /// Slots per kernel-mode service table.
+    pub slot_table_size: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the state is at generation {current}, not {expected}: read it again and retry")]
+    Conflict { current: u64, expected: u64 },
+    #[error("the request is invalid:\n{0}")]
+    Invalid(ValidationErrors),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("saved as generation {generation}, but the kernel maps could not be updated: {source}")]
+    Datapath { generation: u64, source: DatapathError },
+    #[error("the daemon is shutting down")]
+    Stopped,
+}
+
+struct Inner {
+    stored: Stored,
+    datapath: Option<Datapath>,
+}
+
+pub struct Control {
+    cfg: ControlConfig,
+    store: Store,
+    own_netns: u64,
+    inner: Mutex<Inner>,
+    /// The last accepted state, for readers.
+    snapshot: ArcSwap<Stored>,
+    routes: Arc<ArcSwap<RouteTable>>,
+}
+
+/// A checked state, ready to be written to the datapath.
+pub struct Prepared {
+    control: Control,
+    stored: Stored,
+    applied: Applied,
+}
+
+impl Prepared {
+    /// Syncs the datapath to the state and starts taking writes. On error
+    /// the datapath is handed back.
+    pub fn attach(self, mut datapath: Datapath) -> Result<Control, (anyhow::Error, Datapath)> {
+        if let Err(e) = datapath.sync(&self.applied.contents) {
+            return Err((anyhow::anyhow!("writing the maps: {e}"), datapath));
+        }
+        let Prepared { control, stored, applied } = self;
+        control.routes.store(Arc::new(applied.routes));
+        control.snapshot.store(Arc::new(stored.clone()));
+        if let Ok(mut inner) = control.inner.lock() {
+            *inner = Inner { stored, datapath: Some(datapath) };
+        }
+        Ok(control)
+    }
+}
+
+/// The kernel view of a state: map contents and proxy routes.
+struct Applied {
+    contents: MapContents,
+    routes: RouteTable,
+}
+
+impl Control {
+    /// Restores the saved state, or seeds it from `seed` (a config file)
+    /// when nothing was saved, and checks all of it, before anything
+    /// touches the kernel.
+    pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> anyhow::Result<Prepared> {
+        let store = Store::new(&cfg.state_dir);
+        let control = Control {
+            store,
+            own_netns: datapath::own_netns_cookie()?,
+            inner: Mutex::new(Inner { stored: Stored::default(), datapath: None }),
+            snapshot: ArcSwap::from_pointee(Stored::default()),
+            routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            cfg,
+        };
+        let restored = control.store.load()?;
+        let (stored, seeded) = match (restored, &seed) {
+            (Some(s), _) => {
+                info!(file = %control.store.path().display(), generation = s.generation, "state restored");
+                (s, false)
+            }
+            (None, Some(path)) => {
+                let state = model::load_file(path)?;
+                let text = std::fs::read_to_string(path)?;
+                let doc = model::parse_document(&text).map_err(anyhow::Error::msg)?;
+                let ids = model::ServiceIds::default().assign(&state.frontend_keys());
+                info!(config = %path.display(), "state seeded from the config");
+                (Stored { generation: 1, ids, state: doc }, true)
+            }
+            (None, None) => (Stored::default(), false),
+        };
+        let state = State::from_document(&stored.state).map_err(|e| {
+            anyhow::anyhow!("state file {} is invalid; it was left as it is:\n{e}", control.store.path().display())
+        })?;
+        // A restored pod may be gone: skipped with a warning. A seeded config
+        // is checked as strictly as an API write.
+        let applied = control.applied(&state, &stored, seeded).map_err(|e| match (e, &seed) {
+            (WriteError::Invalid(v), Some(p)) => anyhow::anyhow!("config {}:\n{v}", p.display()),
+            (e, _) => anyhow::Error::from(e),
+        })?;
+        if seeded {
+            control.store.save(&stored)?;
+        }
+        Ok(Prepared { control, stored, applied })
+    }
+
+    pub fn node(&self) -> &NodeName {
+        &self.cfg.node
+    }
+
+    pub fn routes(&self) -> Arc<ArcSwap<RouteTable>> {
+        self.routes.clone()
+    }
+
+    /// The last accepted state.
+    pub fn snapshot(&self) -> Arc<Stored> {
+        self.snapshot.load_full()
+    }
+
+    /// Netns cookies of this node's workloads; with `strict`, a netns that
+    /// cannot be read is an error, otherwise it is skipped with a warning.
+    fn local_cookies(&self, state: &State, strict: bool) -> Result<Vec<u64>, ValidationErrors> {
+        let mut cookies = Vec::new();
+        let mut errors = Vec::new();
+        for (i, w) in state.workloads.iter().enumerate().filter(|(_, w)| w.node == self.cfg.node) {
+            let path = w.netns.path();
+            let field = match w.netns {
+                model::NetnsRef::Path(_) => format!("workloads[{i}].netns"),
+                model::NetnsRef::Pid(_) => format!("workloads[{i}].pid"),
+            };
+            let problem = match datapath::netns_cookie(&path) {
+                Ok(c) if c == self.own_netns => format!(
+                    "{} is the daemon's own network namespace; a host-network pod cannot be enrolled",
+                    path.display()
+                ),
+                Ok(c) => {
+                    cookies.push(c);
+                    continue;
+                }
+                Err(e) => format!("cannot open network namespace {}: {e}", path.display()),
+            };
+            if strict {
+                errors.push(FieldError { path: field, message: problem });
+            } else {
+                warn!(workload = %format!("{}/{}", w.namespace, w.name), problem, "workload skipped");
+            }
+        }
+        if errors.is_empty() {
+            Ok(cookies)
+        } else {
+            Err(ValidationErrors(errors))
+        }
+    }
+
+    fn applied(&self, state: &State, stored: &Stored, strict: bool) -> Result<Applied, WriteError> {
+        let cookies = self.local_cookies(state, strict).map_err(WriteError::Invalid)?;
+        let frontends = state.frontends(&stored.ids);
+        let node_ip = state.node(&self.cfg.node).map(|n| n.address);
+        let listen = self.cfg.proxy_listen;
+        let proxy_ip = match (listen.ip().is_unspecified(), node_ip) {
+            (true, Some(ip)) => ip,
+            (true, None) => Ipv4Addr::UNSPECIFIED,
+            (false, _) => *listen.ip(),
+        };
+        let proxy = SocketAddrV4::new(proxy_ip, listen.port());
+        Ok(Applied {
+            contents: MapContents::build(state, &frontends, &cookies, proxy, self.cfg.slot_table_size),
+            routes: RouteTable::build(state, &frontends),
+        })
+    }
+
+    /// Applies `edit` to a copy of the document; see the module doc.
+    /// Returns the new generation.
+    pub fn write(
+        &self,
+        if_match: Option<u64>,
+        edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
+    ) -> Result<u64, WriteError> {
+        let mut inner = self.inner.lock().map_err(|_| WriteError::Stopped)?;
+        let current = inner.stored.generation;
+        if let Some(expected) = if_match {
+            if expected != current {
+                return Err(WriteError::Conflict { current, expected });
+            }
+        }
+        let mut doc = inner.stored.state.clone();
+        edit(&mut doc)?;
+        let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
+        let ids = inner.stored.ids.assign(&state.frontend_keys());
+        let stored = Stored { generation: current + 1, ids, state: doc };
+        let applied = self.applied(&state, &stored, true)?;
+        self.store.save(&stored)?;
+        let generation = stored.generation;
+        let dp = inner.datapath.as_mut().ok_or(WriteError::Stopped)?;
+        let synced = dp.sync(&applied.contents);
+        // Saved: from here on this is the state, even if the kernel lags.
+        self.routes.store(Arc::new(applied.routes));
+        self.snapshot.store(Arc::new(stored.clone()));
+        inner.stored = stored;
+        let report = synced.map_err(|source| WriteError::Datapath { generation, source })?;
+        info!(generation, written = report.written, deleted = report.deleted, "state applied");
+        Ok(generation)
+    }
+
+    pub fn dump(&self) -> Result<Dump, String> {
+        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
+        dp.dump().map_err(|e| e.to_string())
+    }
+
+    pub fn datapath_reused(&self) -> bool {
+        self.inner.lock().ok().and_then(|i| i.datapath.as_ref().map(Datapath::reused)).unwrap_or(false)
+    }
+
+    pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, String> {
+        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
+        dp.stats().map_err(|e| e.to_string())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.inner.lock().map(|i| i.datapath.is_some()).unwrap_or(false)
+    }
+
+    /// Stops taking writes and hands the datapath to `shutdown`.
+    pub fn shutdown(&self, cleanup: bool) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(dp) = inner.datapath.take() {
+                dp.shutdown(cleanup);
+            }
+        }
+    }
+}
