@@ -105,7 +105,10 @@ impl admin::AdminSource for AdminView {
 
     fn stats_json(&self) -> serde_json::Value {
         let kernel: serde_json::Map<String, serde_json::Value> = match self.control.kernel_stats() {
-            Ok(stats) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
+            Ok(stats) => stats
+                .into_iter()
+                .map(|(s, v)| (s.name().to_owned(), v.into()))
+                .collect(),
             Err(e) => [("error".to_owned(), e.into())].into_iter().collect(),
         };
         serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel })
@@ -125,7 +128,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
     };
-    let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
+    let pin_dir = args
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
 
     // Listen before attaching, so nothing is redirected to a closed port.
     let listener = TcpListener::bind(args.proxy_listen)
@@ -135,10 +141,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
     let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
-    let api_listener =
-        api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
+    let api_listener = api::bind(&args.api_socket, &access)
+        .with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
-    let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
+    let dp_cfg = DatapathConfig {
+        cgroup,
+        pin_dir,
+        ebpf_log_level: args.ebpf_log_level.to_aya(),
+    };
     let (dp, orig) = Datapath::load(&dp_cfg)?;
     let control = match prepared.attach(dp) {
         Ok(c) => Arc::new(c),
@@ -163,9 +173,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = Arc::new(ProxyCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone() };
+    let outbound = Outbound {
+        listener,
+        orig,
+        routes: control.routes(),
+        counters: counters.clone(),
+    };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
-    let view = Arc::new(AdminView { control: control.clone(), counters });
+    let view = Arc::new(AdminView {
+        control: control.clone(),
+        counters,
+    });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, stop_rx));
 
@@ -175,7 +193,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!(signal = sig, cleanup = args.cleanup_on_exit, "shutting down");
+    info!(
+        signal = sig,
+        cleanup = args.cleanup_on_exit,
+        "shutting down"
+    );
     let _ = stop_tx.send(true);
     let _ = tokio::join!(proxy_task, admin_task, api_task);
     let _ = std::fs::remove_file(&args.api_socket);

@@ -7,6 +7,33 @@ fn daemon() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mesh-daemon"))
 }
 
+/// `mesh-daemon run` with every path in a scratch folder and a cgroup that
+/// does not exist, so that even a regression cannot touch the host.
+fn run(config: &std::path::Path, node: &str) -> std::process::Output {
+    let scratch = config.parent().unwrap().join(format!("scratch-{node}"));
+    daemon()
+        .args([
+            "run",
+            "--node",
+            node,
+            "--cgroup",
+            "/nonexistent/cgroup",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--proxy-listen", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(scratch.join("state"))
+        .arg("--pin-dir")
+        .arg(scratch.join("pins"))
+        .arg("--api-socket")
+        .arg(scratch.join("api.sock"))
+        .output()
+        .unwrap()
+}
+
 fn write(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -31,18 +58,7 @@ services:
 #[test]
 fn run_refuses_a_bad_config_naming_every_field() {
     let cfg = write("bad.yaml", BAD);
-    let out = daemon()
-        .args([
-            "run",
-            "--node",
-            "node-a",
-            "--pin-dir",
-            "/nonexistent/never-created",
-        ])
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run(&cfg, "node-a");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -53,7 +69,13 @@ fn run_refuses_a_bad_config_naming_every_field() {
         err.contains("services[1].endpoints[0].weight: weight 70000 is above the maximum 65535"),
         "{err}"
     );
-    assert!(!std::path::Path::new("/nonexistent/never-created").exists());
+    assert!(
+        !cfg.parent()
+            .unwrap()
+            .join("scratch-node-a/state/state.json")
+            .exists(),
+        "nothing saved"
+    );
 }
 
 #[test]
@@ -62,12 +84,7 @@ fn run_refuses_an_unknown_node() {
         "good.yaml",
         "nodes: [{ name: node-a, address: 172.18.0.2 }]\n",
     );
-    let out = daemon()
-        .args(["run", "--node", "node-z"])
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run(&cfg, "node-z");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -113,7 +113,11 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         }
         // SAFETY: helper without preconditions.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
-        let slot_key = SlotKey { service_id: svc.id, generation: svc.generation as u32, slot };
+        let slot_key = SlotKey {
+            service_id: svc.id,
+            generation: svc.generation as u32,
+            slot,
+        };
         // SAFETY: copied out at once, as above.
         let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() else {
             count(Stat::SlotMissing);

@@ -241,7 +241,9 @@ fn root_two_daemons_run_side_by_side() {
         "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {wa}, node: node-a }}, {{ ip: {wb}, node: node-b }}]\n"
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
-    let mut da = c.start_daemon("node-a", &cfg, &["--cleanup-on-exit"]).unwrap();
+    let mut da = c
+        .start_daemon("node-a", &cfg, &["--cleanup-on-exit"])
+        .unwrap();
     let db = c.start_daemon("node-b", &cfg, &[]).unwrap();
 
     let (pa, pb) = (

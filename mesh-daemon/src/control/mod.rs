@@ -40,8 +40,13 @@ pub enum WriteError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("saved as generation {generation}, but the kernel maps could not be updated: {source}")]
-    Datapath { generation: u64, source: DatapathError },
+    #[error(
+        "saved as generation {generation}, but the kernel maps could not be updated: {source}"
+    )]
+    Datapath {
+        generation: u64,
+        source: DatapathError,
+    },
     #[error("the daemon is shutting down")]
     Stopped,
 }
@@ -75,11 +80,18 @@ impl Prepared {
         if let Err(e) = datapath.sync(&self.applied.contents) {
             return Err((anyhow::anyhow!("writing the maps: {e}"), datapath));
         }
-        let Prepared { control, stored, applied } = self;
+        let Prepared {
+            control,
+            stored,
+            applied,
+        } = self;
         control.routes.store(Arc::new(applied.routes));
         control.snapshot.store(Arc::new(stored.clone()));
         if let Ok(mut inner) = control.inner.lock() {
-            *inner = Inner { stored, datapath: Some(datapath) };
+            *inner = Inner {
+                stored,
+                datapath: Some(datapath),
+            };
         }
         Ok(control)
     }
@@ -91,6 +103,36 @@ struct Applied {
     routes: RouteTable,
 }
 
+/// The pure part of a write: checks the generation, applies `edit` to a
+/// copy of the document, validates the result whole and assigns ids.
+/// `current` is never changed.
+pub fn plan(
+    current: &Stored,
+    if_match: Option<u64>,
+    edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
+) -> Result<(Stored, State), WriteError> {
+    if let Some(expected) = if_match {
+        if expected != current.generation {
+            return Err(WriteError::Conflict {
+                current: current.generation,
+                expected,
+            });
+        }
+    }
+    let mut doc = current.state.clone();
+    edit(&mut doc)?;
+    let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
+    let ids = current.ids.assign(&state.frontend_keys());
+    Ok((
+        Stored {
+            generation: current.generation + 1,
+            ids,
+            state: doc,
+        },
+        state,
+    ))
+}
+
 impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
@@ -100,7 +142,10 @@ impl Control {
         let control = Control {
             store,
             own_netns: datapath::own_netns_cookie()?,
-            inner: Mutex::new(Inner { stored: Stored::default(), datapath: None }),
+            inner: Mutex::new(Inner {
+                stored: Stored::default(),
+                datapath: None,
+            }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             cfg,
@@ -117,23 +162,55 @@ impl Control {
                 let doc = model::parse_document(&text).map_err(anyhow::Error::msg)?;
                 let ids = model::ServiceIds::default().assign(&state.frontend_keys());
                 info!(config = %path.display(), "state seeded from the config");
-                (Stored { generation: 1, ids, state: doc }, true)
+                (
+                    Stored {
+                        generation: 1,
+                        ids,
+                        state: doc,
+                    },
+                    true,
+                )
             }
             (None, None) => (Stored::default(), false),
         };
         let state = State::from_document(&stored.state).map_err(|e| {
-            anyhow::anyhow!("state file {} is invalid; it was left as it is:\n{e}", control.store.path().display())
+            anyhow::anyhow!(
+                "state file {} is invalid; it was left as it is:\n{e}",
+                control.store.path().display()
+            )
         })?;
+        // A state that names nodes must name this one (an empty state waits
+        // for its first write).
+        if !state.nodes.is_empty() && state.node(&control.cfg.node).is_none() {
+            let names: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+            let source = match (&seed, seeded) {
+                (Some(p), true) => format!("config {}", p.display()),
+                _ => format!("state file {}", control.store.path().display()),
+            };
+            anyhow::bail!(
+                "--node {}: no such node in {source}; the nodes there are: {}",
+                control.cfg.node,
+                names.join(", ")
+            );
+        }
         // A restored pod may be gone: skipped with a warning. A seeded config
         // is checked as strictly as an API write.
-        let applied = control.applied(&state, &stored, seeded).map_err(|e| match (e, &seed) {
-            (WriteError::Invalid(v), Some(p)) => anyhow::anyhow!("config {}:\n{v}", p.display()),
-            (e, _) => anyhow::Error::from(e),
-        })?;
+        let applied = control
+            .applied(&state, &stored, seeded)
+            .map_err(|e| match (e, &seed) {
+                (WriteError::Invalid(v), Some(p)) => {
+                    anyhow::anyhow!("config {}:\n{v}", p.display())
+                }
+                (e, _) => anyhow::Error::from(e),
+            })?;
         if seeded {
             control.store.save(&stored)?;
         }
-        Ok(Prepared { control, stored, applied })
+        Ok(Prepared {
+            control,
+            stored,
+            applied,
+        })
     }
 
     pub fn node(&self) -> &NodeName {
@@ -154,7 +231,12 @@ impl Control {
     fn local_cookies(&self, state: &State, strict: bool) -> Result<Vec<u64>, ValidationErrors> {
         let mut cookies = Vec::new();
         let mut errors = Vec::new();
-        for (i, w) in state.workloads.iter().enumerate().filter(|(_, w)| w.node == self.cfg.node) {
+        for (i, w) in state
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.node == self.cfg.node)
+        {
             let path = w.netns.path();
             let field = match w.netns {
                 model::NetnsRef::Path(_) => format!("workloads[{i}].netns"),
@@ -172,7 +254,10 @@ impl Control {
                 Err(e) => format!("cannot open network namespace {}: {e}", path.display()),
             };
             if strict {
-                errors.push(FieldError { path: field, message: problem });
+                errors.push(FieldError {
+                    path: field,
+                    message: problem,
+                });
             } else {
                 warn!(workload = %format!("{}/{}", w.namespace, w.name), problem, "workload skipped");
             }
@@ -185,7 +270,9 @@ impl Control {
     }
 
     fn applied(&self, state: &State, stored: &Stored, strict: bool) -> Result<Applied, WriteError> {
-        let cookies = self.local_cookies(state, strict).map_err(WriteError::Invalid)?;
+        let cookies = self
+            .local_cookies(state, strict)
+            .map_err(WriteError::Invalid)?;
         let frontends = state.frontends(&stored.ids);
         let node_ip = state.node(&self.cfg.node).map(|n| n.address);
         let listen = self.cfg.proxy_listen;
@@ -196,7 +283,13 @@ impl Control {
         };
         let proxy = SocketAddrV4::new(proxy_ip, listen.port());
         Ok(Applied {
-            contents: MapContents::build(state, &frontends, &cookies, proxy, self.cfg.slot_table_size),
+            contents: MapContents::build(
+                state,
+                &frontends,
+                &cookies,
+                proxy,
+                self.cfg.slot_table_size,
+            ),
             routes: RouteTable::build(state, &frontends),
         })
     }
@@ -209,17 +302,7 @@ impl Control {
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
     ) -> Result<u64, WriteError> {
         let mut inner = self.inner.lock().map_err(|_| WriteError::Stopped)?;
-        let current = inner.stored.generation;
-        if let Some(expected) = if_match {
-            if expected != current {
-                return Err(WriteError::Conflict { current, expected });
-            }
-        }
-        let mut doc = inner.stored.state.clone();
-        edit(&mut doc)?;
-        let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
-        let ids = inner.stored.ids.assign(&state.frontend_keys());
-        let stored = Stored { generation: current + 1, ids, state: doc };
+        let (stored, state) = plan(&inner.stored, if_match, edit)?;
         let applied = self.applied(&state, &stored, true)?;
         self.store.save(&stored)?;
         let generation = stored.generation;
@@ -230,28 +313,52 @@ impl Control {
         self.snapshot.store(Arc::new(stored.clone()));
         inner.stored = stored;
         let report = synced.map_err(|source| WriteError::Datapath { generation, source })?;
-        info!(generation, written = report.written, deleted = report.deleted, "state applied");
+        info!(
+            generation,
+            written = report.written,
+            deleted = report.deleted,
+            "state applied"
+        );
         Ok(generation)
     }
 
     pub fn dump(&self) -> Result<Dump, String> {
-        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner
+            .datapath
+            .as_ref()
+            .ok_or("the daemon is shutting down")?;
         dp.dump().map_err(|e| e.to_string())
     }
 
     pub fn datapath_reused(&self) -> bool {
-        self.inner.lock().ok().and_then(|i| i.datapath.as_ref().map(Datapath::reused)).unwrap_or(false)
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|i| i.datapath.as_ref().map(Datapath::reused))
+            .unwrap_or(false)
     }
 
     pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, String> {
-        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner
+            .datapath
+            .as_ref()
+            .ok_or("the daemon is shutting down")?;
         dp.stats().map_err(|e| e.to_string())
     }
 
     pub fn ready(&self) -> bool {
-        self.inner.lock().map(|i| i.datapath.is_some()).unwrap_or(false)
+        self.inner
+            .lock()
+            .map(|i| i.datapath.is_some())
+            .unwrap_or(false)
     }
 
     /// Stops taking writes and hands the datapath to `shutdown`.
@@ -261,5 +368,86 @@ impl Control {
                 dp.shutdown(cleanup);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    fn stored() -> Stored {
+        let doc = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}]\n\
+             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}], endpoints: [{ip: 10.0.0.1, node: a}]}\n",
+        )
+        .unwrap();
+        let state = State::from_document(&doc).unwrap();
+        Stored {
+            generation: 4,
+            ids: model::ServiceIds::default().assign(&state.frontend_keys()),
+            state: doc,
+        }
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_endpoint_changes_nothing() {
+        let cur = stored();
+        let before = cur.clone();
+        let batch = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}]\n\
+             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}], endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}]}\n\
+             \x20- {name: api, vip: 10.96.0.11, ports: [{port: 80}], endpoints: [{ip: 10.0.0.300, node: a}]}\n",
+        )
+        .unwrap();
+        let e = plan(&cur, None, |d| {
+            *d = batch;
+            Ok(())
+        })
+        .unwrap_err();
+        match e {
+            WriteError::Invalid(v) => {
+                assert_eq!(v.0.len(), 1, "{v}");
+                assert_eq!(v.0[0].path, "services[1].endpoints[0].ip");
+            }
+            other => panic!("expected a validation error, got {other}"),
+        }
+        assert_eq!(cur, before);
+    }
+
+    #[test]
+    fn a_stale_generation_conflicts_and_the_current_one_applies() {
+        let cur = stored();
+        let e = plan(&cur, Some(3), |_| Ok(())).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WriteError::Conflict {
+                    current: 4,
+                    expected: 3
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("generation 4, not 3"), "{e}");
+        let (next, _) = plan(&cur, Some(4), |d| {
+            d.services[0].endpoints[0].weight = 7;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(next.generation, 5);
+        assert_eq!(next.state.services[0].endpoints[0].weight, 7);
+        assert_eq!(next.ids, cur.ids, "same service ports keep their ids");
+        let (unconditional, _) = plan(&cur, None, |_| Ok(())).unwrap();
+        assert_eq!(unconditional.generation, 5);
+    }
+
+    #[test]
+    fn an_edit_error_is_returned_as_is() {
+        let e = plan(&stored(), None, |_| {
+            Err(WriteError::NotFound("service x/y not found".into()))
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "service x/y not found");
     }
 }

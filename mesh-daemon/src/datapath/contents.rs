@@ -24,39 +24,69 @@ pub struct MapContents {
 }
 
 pub fn sockaddr(a: SocketAddrV4) -> SockAddrV4 {
-    SockAddrV4 { ip_be: u32::from(*a.ip()).to_be(), port_be: a.port().to_be(), _pad: 0 }
+    SockAddrV4 {
+        ip_be: u32::from(*a.ip()).to_be(),
+        port_be: a.port().to_be(),
+        _pad: 0,
+    }
 }
 
 pub fn service_key(vip: std::net::Ipv4Addr, port: u16) -> ServiceKey {
-    ServiceKey { vip_be: u32::from(vip).to_be(), port_be: port.to_be(), proto: IPPROTO_TCP, _pad: 0 }
+    ServiceKey {
+        vip_be: u32::from(vip).to_be(),
+        port_be: port.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
 }
 
 impl MapContents {
     /// `cookies`: the netns cookie of each enrolled workload of this node;
     /// `proxy`: where their redirected connections go; `table_size`: slots
     /// per kernel-mode service.
-    pub fn build(state: &State, frontends: &[Frontend], cookies: &[u64], proxy: SocketAddrV4, table_size: u32) -> Self {
-        let wl = WorkloadValue { proxy_ip_be: u32::from(*proxy.ip()).to_be(), proxy_port_be: proxy.port().to_be(), flags: 0 };
+    pub fn build(
+        state: &State,
+        frontends: &[Frontend],
+        cookies: &[u64],
+        proxy: SocketAddrV4,
+        table_size: u32,
+    ) -> Self {
+        let wl = WorkloadValue {
+            proxy_ip_be: u32::from(*proxy.ip()).to_be(),
+            proxy_port_be: proxy.port().to_be(),
+            flags: 0,
+        };
         let workloads = cookies.iter().map(|c| (*c, wl)).collect();
         let services = frontends
             .iter()
             .map(|f| {
                 let s = &state.services[f.service];
                 let desired = match s.mode {
-                    Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
+                    Mode::Proxy => DesiredService {
+                        id: f.id,
+                        mode: MODE_PROXY,
+                        slots: Vec::new(),
+                    },
                     Mode::Kernel => {
                         let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
                         let slots = slots::layout(&weights, table_size)
                             .into_iter()
                             .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))
                             .collect();
-                        DesiredService { id: f.id, mode: MODE_KERNEL, slots }
+                        DesiredService {
+                            id: f.id,
+                            mode: MODE_KERNEL,
+                            slots,
+                        }
                     }
                 };
                 (service_key(f.vip, f.port.0), desired)
             })
             .collect();
-        Self { workloads, services }
+        Self {
+            workloads,
+            services,
+        }
     }
 }
 
@@ -76,10 +106,19 @@ mod tests {
         let state = State::from_document(&doc).unwrap();
         let ids = ServiceIds::default().assign(&state.frontend_keys());
         let f = state.frontends(&ids);
-        let c = MapContents::build(&state, &f, &[7, 9], "172.18.0.2:15001".parse().unwrap(), 256);
+        let c = MapContents::build(
+            &state,
+            &f,
+            &[7, 9],
+            "172.18.0.2:15001".parse().unwrap(),
+            256,
+        );
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[&7].proxy_port_be, 15001u16.to_be());
-        assert_eq!(c.workloads[&7].proxy_ip_be, u32::from_be_bytes([172, 18, 0, 2]).to_be());
+        assert_eq!(
+            c.workloads[&7].proxy_ip_be,
+            u32::from_be_bytes([172, 18, 0, 2]).to_be()
+        );
         assert_eq!(c.services.len(), 3);
         let web = &c.services[&service_key("10.96.0.10".parse().unwrap(), 443)];
         assert_eq!((web.mode, web.slots.len()), (MODE_PROXY, 0));

@@ -142,7 +142,13 @@ impl State {
         for (i, s) in self.services.iter().enumerate() {
             for p in &s.ports {
                 if let Some(id) = ids.get(&frontend_key(s, p.port)) {
-                    out.push(Frontend { id, service: i, vip: s.vip, port: p.port, target_port: p.target_port });
+                    out.push(Frontend {
+                        id,
+                        service: i,
+                        vip: s.vip,
+                        port: p.port,
+                        target_port: p.target_port,
+                    });
                 }
             }
         }
@@ -155,6 +161,9 @@ impl State {
 
     /// `namespace/name:port` of every service port.
     pub fn frontend_keys(&self) -> Vec<String> {
-        self.services.iter().flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port))).collect()
+        self.services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port)))
+            .collect()
     }
 }
