@@ -152,7 +152,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (dp, orig) = Datapath::load(&dp_cfg)?;
     let control = match prepared.attach(dp) {
         Ok(c) => Arc::new(c),
-        Err((e, dp)) => {
+        Err(failed) => {
+            let (e, dp) = *failed;
             // A datapath this start attached is removed again; one that was
             // running before is left running.
             let reused = dp.reused();

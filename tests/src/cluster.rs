@@ -74,6 +74,7 @@ impl Pod {
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub daemon: PathBuf,
+    pub meshctl: PathBuf,
     pub mt_pod: PathBuf,
 }
 
@@ -92,13 +93,18 @@ impl Bins {
             }
         };
         for d in &dirs {
-            let (daemon, mt_pod) = (d.join("mesh-daemon"), d.join("mt-pod"));
-            if daemon.exists() && mt_pod.exists() {
-                return Ok(Self { daemon, mt_pod });
+            let (daemon, meshctl, mt_pod) =
+                (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"));
+            if daemon.exists() && meshctl.exists() && mt_pod.exists() {
+                return Ok(Self {
+                    daemon,
+                    meshctl,
+                    mt_pod,
+                });
             }
         }
         bail!(
-            "mesh-daemon and mt-pod are not built next to this program (looked in {dirs:?}); \
+            "mesh-daemon, meshctl and mt-pod are not built next to this program (looked in {dirs:?}); \
              build them with `cargo build -p mesh-daemon -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
         )
     }
@@ -485,6 +491,31 @@ impl Cluster {
         Ok(out)
     }
 
+    /// `meshctl --socket <node's API socket> ARGS`, as root, from the host.
+    pub fn meshctl(&self, node: &str, args: &[&str]) -> anyhow::Result<Output> {
+        self.meshctl_as(node, None, args)
+    }
+
+    /// `meshctl` as another user (uid, gid).
+    pub fn meshctl_as(
+        &self,
+        node: &str,
+        user: Option<(u32, u32)>,
+        args: &[&str],
+    ) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(&self.bins.meshctl);
+        cmd.arg("--socket")
+            .arg(self.api_socket(node))
+            .args(args)
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = user {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
+            // As root, std also drops the supplementary groups.
+        }
+        Ok(cmd.output()?)
+    }
+
     /// `curl` in `pod`; returns (exit code, stdout).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
         let out = self.exec(
@@ -572,6 +603,14 @@ impl Daemon {
         s[group][name]
             .as_u64()
             .with_context(|| format!("no counter {group}.{name} in {s}"))
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// SIGTERM, then waits up to 15 s for the exit.

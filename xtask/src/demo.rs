@@ -43,8 +43,8 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
         println!("    {line}");
     }
 
-    say("starting mesh-daemon for node-a (attaches connect4 + sockops to the node's cgroup)");
-    let mut daemon = cluster.start_daemon("node-a", &path, &[])?;
+    say("starting mesh-daemon for node-a (attaches connect4, sockops and getpeername4 to the node's cgroup)");
+    let mut daemon = cluster.start_daemon("node-a", &path, &["--cleanup-on-exit"])?;
     say(&format!(
         "  ready; pid {}, maps pinned under {}",
         daemon.pid(),
@@ -102,7 +102,13 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
         stats["proxy"]["bytes_to_client"]
     );
 
-    say("stopping the daemon (SIGTERM: detach programs, remove pins) and tearing down the cluster");
+    say("meshctl get endpoints (the daemon's control API, on its Unix socket):");
+    let out = cluster.meshctl("node-a", &["get", "endpoints"])?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {line}");
+    }
+
+    say("stopping the daemon (SIGTERM with --cleanup-on-exit: detach programs, remove pins) and tearing down the cluster");
     let status = daemon.stop()?;
     drop(cluster);
     say(&format!(

@@ -38,6 +38,8 @@ use crate::model::{
 
 const MAX_BODY: usize = 16 << 20;
 
+type Reply = Response<Full<Bytes>>;
+
 /// Who may call: root, and members of this group.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
@@ -196,6 +198,10 @@ fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     respond(status, &json!({ "error": msg }))
 }
 
+fn bad(msg: &str) -> Box<Reply> {
+    Box::new(error(StatusCode::BAD_REQUEST, msg))
+}
+
 fn invalid(errors: &ValidationErrors) -> Response<Full<Bytes>> {
     respond(
         StatusCode::BAD_REQUEST,
@@ -236,29 +242,20 @@ async fn write(
     }
 }
 
-async fn body_value(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
+async fn body_value(req: Request<Incoming>) -> Result<Value, Box<Reply>> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the body: {e}"),
-            )
-        })?
+        .map_err(|e| bad(&format!("cannot read the body: {e}")))?
         .to_bytes();
-    serde_yaml::from_slice(&bytes).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not valid JSON or YAML: {e}"),
-        )
-    })
+    serde_yaml::from_slice(&bytes)
+        .map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
 }
 
 /// Sets `key` of an object body from the URL, or checks it matches.
-fn url_field(v: &mut Value, key: &str, from_url: &str) -> Result<(), Response<Full<Bytes>>> {
+fn url_field(v: &mut Value, key: &str, from_url: &str) -> Result<(), Box<Reply>> {
     let Some(obj) = v.as_object_mut() else {
-        return Err(error(StatusCode::BAD_REQUEST, "the body must be an object"));
+        return Err(bad("the body must be an object"));
     };
     match obj.get(key) {
         None => {
@@ -266,23 +263,17 @@ fn url_field(v: &mut Value, key: &str, from_url: &str) -> Result<(), Response<Fu
             Ok(())
         }
         Some(Value::String(s)) if s == from_url => Ok(()),
-        Some(other) => Err(error(
-            StatusCode::BAD_REQUEST,
-            &format!("{key}: {other} does not match the URL's {from_url:?}"),
-        )),
+        Some(other) => Err(bad(&format!(
+            "{key}: {other} does not match the URL's {from_url:?}"
+        ))),
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Response<Full<Bytes>>> {
-    serde_json::from_value(v).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not a valid object: {e}"),
-        )
-    })
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Box<Reply>> {
+    serde_json::from_value(v).map_err(|e| bad(&format!("the body is not a valid object: {e}")))
 }
 
-fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>>> {
+fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, Box<Reply>> {
     match req.headers().get(header::IF_MATCH) {
         None => Ok(None),
         Some(v) => v
@@ -291,12 +282,7 @@ fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>
             .map(|s| s.trim().trim_matches('"'))
             .and_then(|s| s.parse().ok())
             .map(Some)
-            .ok_or_else(|| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "If-Match: give the generation number, e.g. If-Match: 12",
-                )
-            }),
+            .ok_or_else(|| bad("If-Match: give the generation number, e.g. If-Match: 12")),
     }
 }
 
@@ -377,7 +363,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
     let method = req.method().clone();
     let m = match if_match(&req) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let snap = control.snapshot();
     let doc = &snap.state;
@@ -413,11 +399,11 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
         (&Method::PUT, ["v1", "state"]) => {
             let v = match body_value(req).await {
                 Ok(v) => v,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let new: Document = match parse(v) {
                 Ok(d) => d,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             write(&control, m, move |d| {
                 *d = new;
@@ -477,14 +463,14 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             };
             let mut v = match body_value(req).await {
                 Ok(v) => v,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             if let Err(r) = url_field(&mut v, "name", &name) {
-                return r;
+                return *r;
             }
             if let Some(ns) = &ns {
                 if let Err(r) = url_field(&mut v, "namespace", ns) {
-                    return r;
+                    return *r;
                 }
             }
             match kind {
@@ -496,7 +482,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                         })
                         .await
                     }
-                    Err(r) => r,
+                    Err(r) => *r,
                 },
                 "workloads" => match parse::<WorkloadDoc>(v) {
                     Ok(w) => {
@@ -508,7 +494,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                         })
                         .await
                     }
-                    Err(r) => r,
+                    Err(r) => *r,
                 },
                 _ => match parse::<ServiceDoc>(v) {
                     Ok(s) => {
@@ -520,7 +506,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                         })
                         .await
                     }
-                    Err(r) => r,
+                    Err(r) => *r,
                 },
             }
         }
@@ -564,7 +550,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             let (ns, name, ip) = (ns.to_string(), name.to_string(), ip.to_string());
             let v = match body_value(req).await {
                 Ok(v) => v,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let Some(weight) = v.get("weight").and_then(Value::as_i64) else {
                 return error(

@@ -76,9 +76,12 @@ pub struct Prepared {
 impl Prepared {
     /// Syncs the datapath to the state and starts taking writes. On error
     /// the datapath is handed back.
-    pub fn attach(self, mut datapath: Datapath) -> Result<Control, (anyhow::Error, Datapath)> {
+    pub fn attach(self, mut datapath: Datapath) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
         if let Err(e) = datapath.sync(&self.applied.contents) {
-            return Err((anyhow::anyhow!("writing the maps: {e}"), datapath));
+            return Err(Box::new((
+                anyhow::anyhow!("writing the maps: {e}"),
+                datapath,
+            )));
         }
         let Prepared {
             control,

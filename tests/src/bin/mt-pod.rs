@@ -10,7 +10,7 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT]\n  \
-         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N"
+         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N"
     );
     ExitCode::from(2)
 }
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("bulk") if args.len() == 3 => bulk(&args[1], &args[2]),
         Some("concurrent") if args.len() == 3 => concurrent(&args[1], &args[2]),
+        Some("tally") if args.len() == 3 => tally(&args[1], &args[2]),
         _ => usage(),
     }
 }
@@ -242,4 +243,86 @@ fn concurrent(addr: &str, n: &str) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// One HTTP GET on a new connection: (backend name, the address
+/// getpeername gave, the peer the backend saw).
+fn one_request(addr: SocketAddr) -> Result<(String, SocketAddr, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    let body = out.lines().last().unwrap_or_default();
+    let field = |k: &str| {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Ok((field("backend="), peer, field("peer=")))
+}
+
+/// N requests, each on a new connection, four at a time. Prints
+/// `NAME=COUNT` per backend, then `failed=F peer_is_dialled=P direct=D`:
+/// P counts connections whose getpeername was ADDR itself, D those whose
+/// backend saw this pod's own address (no proxy in between).
+fn tally(addr: &str, n: &str) -> ExitCode {
+    let (Ok(addr), Ok(n)) = (addr.parse::<SocketAddr>(), n.parse::<usize>()) else {
+        return usage();
+    };
+    let workers = 4;
+    let results: Vec<Result<(String, SocketAddr, String), String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                sc.spawn(move || {
+                    (w..n)
+                        .step_by(workers)
+                        .map(|_| one_request(addr))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut counts = std::collections::BTreeMap::new();
+    let (mut failed, mut dialled, mut direct) = (0, 0, 0);
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok((backend, peer, seen)) => {
+                *counts.entry(backend).or_insert(0) += 1;
+                dialled += usize::from(peer == addr);
+                let own = local_ip(addr).unwrap_or_default();
+                direct += usize::from(!own.is_empty() && seen.starts_with(&format!("{own}:")));
+            }
+            Err(e) => {
+                failed += 1;
+                errors.push(e);
+            }
+        }
+    }
+    for (b, c) in &counts {
+        println!("{b}={c}");
+    }
+    println!("failed={failed} peer_is_dialled={dialled} direct={direct}");
+    for e in errors.iter().take(3) {
+        println!("error: {e}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// This pod's address toward `addr` (the source the kernel picks).
+fn local_ip(addr: SocketAddr) -> Option<String> {
+    let u = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    u.connect(addr).ok()?;
+    Some(u.local_addr().ok()?.ip().to_string())
 }

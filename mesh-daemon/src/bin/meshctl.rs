@@ -1,0 +1,523 @@
+//! `meshctl`: the operator's CLI, a thin client of mesh-daemon's Unix-socket
+//! API. Tables for people, `-o json` for scripts; exit code 0 only on
+//! success.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Drive mesh-daemon through its node-local API"
+)]
+struct Cli {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_SOCKET",
+        default_value = "/run/mesh/mesh.sock"
+    )]
+    socket: PathBuf,
+    /// Output: table (for people) or json (for scripts).
+    #[arg(short, long, global = true, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The daemon's node, state generation, sizes and kernel counters.
+    Status,
+    /// Replace the whole state with a document (YAML or JSON).
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Apply only if the state is still at this generation.
+        #[arg(long, value_name = "GENERATION")]
+        if_match: Option<u64>,
+    },
+    /// List nodes, workloads, services or endpoints, or show one.
+    Get {
+        kind: Kind,
+        /// A node name, or a workload or service as [NAMESPACE/]NAME (for
+        /// endpoints: the service whose endpoints to list).
+        name: Option<String>,
+    },
+    /// Set one endpoint's weight (0 drains it).
+    SetWeight {
+        /// [NAMESPACE/]NAME
+        service: String,
+        /// The endpoint's IP.
+        endpoint: String,
+        weight: i64,
+        #[arg(long, value_name = "GENERATION")]
+        if_match: Option<u64>,
+    },
+    /// Enroll a pod in the mesh.
+    Enroll {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        ip: String,
+        /// The pod's network namespace.
+        #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+        netns: Option<String>,
+        /// A process in the pod.
+        #[arg(long)]
+        pid: Option<i64>,
+    },
+    /// Take a pod out of the mesh.
+    Unenroll {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Delete a node, workload or service.
+    Delete { kind: DeleteKind, name: String },
+    /// What is in the kernel.
+    Datapath {
+        #[command(subcommand)]
+        command: DatapathCmd,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Nodes,
+    Workloads,
+    Services,
+    Endpoints,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeleteKind {
+    Node,
+    Workload,
+    Service,
+}
+
+#[derive(Subcommand)]
+enum DatapathCmd {
+    /// The maps decoded: services, slots and their backends, workloads, counters.
+    Dump,
+}
+
+/// An answer of the API that is not a success.
+struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    if_match: Option<u64>,
+) -> anyhow::Result<Result<Value, ApiError>> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        anyhow!(
+            "cannot reach mesh-daemon at {} (is it running?): {e}",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "mesh-daemon");
+    if let Some(g) = if_match {
+        req = req.header(hyper::header::IF_MATCH, g.to_string());
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("talking to mesh-daemon")?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let body: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+    Ok(if status.is_success() {
+        Ok(body)
+    } else {
+        Err(ApiError { status, body })
+    })
+}
+
+/// `[ns/]name` -> (ns, name)
+fn ns_name(s: &str) -> (String, String) {
+    match s.split_once('/') {
+        Some((ns, n)) => (ns.to_owned(), n.to_owned()),
+        None => ("default".to_owned(), s.to_owned()),
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_list(kind: Kind, v: &Value) {
+    let items: Vec<Value> = match v {
+        Value::Array(a) => a.clone(),
+        other => vec![other.clone()],
+    };
+    match kind {
+        Kind::Nodes => table(
+            &["NAME", "ADDRESS"],
+            items
+                .iter()
+                .map(|n| vec![s(&n["name"]), s(&n["address"])])
+                .collect(),
+        ),
+        Kind::Workloads => table(
+            &[
+                "NAMESPACE",
+                "NAME",
+                "NODE",
+                "IP",
+                "SERVICE ACCOUNT",
+                "NETNS",
+            ],
+            items
+                .iter()
+                .map(|w| {
+                    let netns = if w["netns"].is_null() {
+                        format!("pid {}", s(&w["pid"]))
+                    } else {
+                        s(&w["netns"])
+                    };
+                    vec![
+                        s(&w["namespace"]),
+                        s(&w["name"]),
+                        s(&w["node"]),
+                        s(&w["ip"]),
+                        s(&w["serviceAccount"]),
+                        netns,
+                    ]
+                })
+                .collect(),
+        ),
+        Kind::Services => table(
+            &["NAMESPACE", "NAME", "VIP", "MODE", "PORTS", "ENDPOINTS"],
+            items
+                .iter()
+                .map(|sv| {
+                    let ports: Vec<String> = sv["ports"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|p| {
+                                    format!(
+                                        "{}->{}",
+                                        s(&p["port"]),
+                                        if p["targetPort"].is_null() {
+                                            s(&p["port"])
+                                        } else {
+                                            s(&p["targetPort"])
+                                        }
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let n = sv["endpoints"].as_array().map_or(0, Vec::len);
+                    vec![
+                        s(&sv["namespace"]),
+                        s(&sv["name"]),
+                        s(&sv["vip"]),
+                        s(&sv["mode"]),
+                        ports.join(","),
+                        n.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        Kind::Endpoints => table(
+            &["SERVICE", "IP", "NODE", "WEIGHT"],
+            items
+                .iter()
+                .map(|e| {
+                    vec![
+                        s(&e["service"]),
+                        s(&e["ip"]),
+                        s(&e["node"]),
+                        s(&e["weight"]),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn print_dump(v: &Value) {
+    println!("services:");
+    let services = v["services"].as_array().cloned().unwrap_or_default();
+    table(
+        &["  ADDRESS", "ID", "MODE", "GEN", "SLOTS"],
+        services
+            .iter()
+            .map(|sv| {
+                let slots = sv["slots"].as_array().cloned().unwrap_or_default();
+                let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+                for b in &slots {
+                    *counts.entry(s(b)).or_default() += 1;
+                }
+                let summary = if slots.is_empty() {
+                    "-".to_owned()
+                } else {
+                    counts
+                        .iter()
+                        .map(|(b, n)| format!("{b} x{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                vec![
+                    format!("  {}", s(&sv["address"])),
+                    s(&sv["id"]),
+                    s(&sv["mode"]),
+                    s(&sv["generation"]),
+                    summary,
+                ]
+            })
+            .collect(),
+    );
+    println!("workloads:");
+    let wl = v["workloads"].as_object().cloned().unwrap_or_default();
+    table(
+        &["  NETNS COOKIE", "PROXY"],
+        wl.iter()
+            .map(|(k, p)| vec![format!("  {k}"), s(p)])
+            .collect(),
+    );
+    println!("counters:");
+    let st = v["stats"].as_object().cloned().unwrap_or_default();
+    table(
+        &["  NAME", "VALUE"],
+        st.iter()
+            .map(|(k, n)| vec![format!("  {k}"), s(n)])
+            .collect(),
+    );
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let sock = cli.socket.as_path();
+    let json_out = cli.output == Output::Json;
+    let (method, path, body, if_match) = match &cli.command {
+        Cmd::Status => (Method::GET, "/v1/status".to_owned(), None, None),
+        Cmd::Apply { file, if_match } => {
+            let text =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            (Method::PUT, "/v1/state".to_owned(), Some(text), *if_match)
+        }
+        Cmd::Get { kind, name } => {
+            let path = match (kind, name) {
+                (Kind::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
+                (Kind::Workloads, Some(n)) | (Kind::Services, Some(n)) => {
+                    let (ns, n) = ns_name(n);
+                    let k = if matches!(kind, Kind::Workloads) {
+                        "workloads"
+                    } else {
+                        "services"
+                    };
+                    format!("/v1/{k}/{ns}/{n}")
+                }
+                (Kind::Nodes, None) => "/v1/nodes".into(),
+                (Kind::Workloads, None) => "/v1/workloads".into(),
+                (Kind::Services, None) => "/v1/services".into(),
+                (Kind::Endpoints, _) => "/v1/endpoints".into(),
+            };
+            (Method::GET, path, None, None)
+        }
+        Cmd::SetWeight {
+            service,
+            endpoint,
+            weight,
+            if_match,
+        } => {
+            let (ns, n) = ns_name(service);
+            let body = serde_json::to_vec(&json!({ "weight": weight }))?;
+            (
+                Method::PATCH,
+                format!("/v1/services/{ns}/{n}/endpoints/{endpoint}"),
+                Some(body),
+                *if_match,
+            )
+        }
+        Cmd::Enroll {
+            name,
+            namespace,
+            service_account,
+            node,
+            ip,
+            netns,
+            pid,
+        } => {
+            let mut w = json!({ "name": name, "namespace": namespace, "serviceAccount": service_account, "node": node, "ip": ip });
+            if let Some(n) = netns {
+                w["netns"] = json!(n);
+            }
+            if let Some(p) = pid {
+                w["pid"] = json!(p);
+            }
+            (
+                Method::PUT,
+                format!("/v1/workloads/{namespace}/{name}"),
+                Some(serde_json::to_vec(&w)?),
+                None,
+            )
+        }
+        Cmd::Unenroll { name, namespace } => (
+            Method::DELETE,
+            format!("/v1/workloads/{namespace}/{name}"),
+            None,
+            None,
+        ),
+        Cmd::Delete { kind, name } => {
+            let path = match kind {
+                DeleteKind::Node => format!("/v1/nodes/{name}"),
+                DeleteKind::Workload => {
+                    let (ns, n) = ns_name(name);
+                    format!("/v1/workloads/{ns}/{n}")
+                }
+                DeleteKind::Service => {
+                    let (ns, n) = ns_name(name);
+                    format!("/v1/services/{ns}/{n}")
+                }
+            };
+            (Method::DELETE, path, None, None)
+        }
+        Cmd::Datapath {
+            command: DatapathCmd::Dump,
+        } => (Method::GET, "/v1/datapath".to_owned(), None, None),
+    };
+    let answer = call(sock, method.clone(), &path, body, if_match).await?;
+    let v = match answer {
+        Ok(v) => v,
+        Err(ApiError { status, body }) => {
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                eprintln!("error: {} ({})", s(&body["error"]), status);
+                for f in body["fields"].as_array().cloned().unwrap_or_default() {
+                    eprintln!("  {}: {}", s(&f["path"]), s(&f["message"]));
+                }
+            }
+            bail!("the daemon refused the request ({status})");
+        }
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match &cli.command {
+        Cmd::Status => {
+            println!("node:        {}", s(&v["node"]));
+            println!("generation:  {}", s(&v["generation"]));
+            println!(
+                "state:       {} nodes, {} workloads, {} services, {} endpoints",
+                s(&v["nodes"]),
+                s(&v["workloads"]),
+                s(&v["services"]),
+                s(&v["endpoints"])
+            );
+            println!(
+                "datapath:    attached {}, taken over at start {}",
+                s(&v["datapath"]["attached"]),
+                s(&v["datapath"]["reused_at_start"])
+            );
+            if let Some(st) = v["datapath"]["stats"].as_object() {
+                let parts: Vec<String> = st.iter().map(|(k, n)| format!("{k}={}", s(n))).collect();
+                println!("counters:    {}", parts.join(" "));
+            }
+        }
+        Cmd::Get {
+            kind: Kind::Endpoints,
+            name: Some(svc),
+        } => {
+            let (ns, n) = ns_name(svc);
+            let want = format!("{ns}/{n}");
+            let list: Vec<Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["service"] == want.as_str())
+                .cloned()
+                .collect();
+            print_list(Kind::Endpoints, &Value::Array(list));
+        }
+        Cmd::Get { kind, .. } => print_list(*kind, &v),
+        Cmd::Datapath { .. } => print_dump(&v),
+        _ => println!("applied: generation {}", s(&v["generation"])),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
