@@ -144,6 +144,7 @@ impl Cluster {
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let cgroup = sys::cgroup2_root()?.join(&prefix);
         std::fs::create_dir(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
@@ -503,7 +504,19 @@ impl Cluster {
         user: Option<(u32, u32)>,
         args: &[&str],
     ) -> anyhow::Result<Output> {
-        let mut cmd = Command::new(&self.bins.meshctl);
+        // Another user may not reach the build folder (a clone under a 0700
+        // folder): run a copy from this run's folder, which is 0755.
+        let program = match user {
+            Some(_) => {
+                let copy = self.dir.join("meshctl");
+                if !copy.exists() {
+                    std::fs::copy(&self.bins.meshctl, &copy)?;
+                }
+                copy
+            }
+            None => self.bins.meshctl.clone(),
+        };
+        let mut cmd = Command::new(program);
         cmd.arg("--socket")
             .arg(self.api_socket(node))
             .args(args)
