@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod control;
 pub mod datapath;
+pub mod health;
 pub mod model;
 pub mod proxy;
 pub mod run;

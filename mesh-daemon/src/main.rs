@@ -4,11 +4,7 @@ use clap::{Parser, Subcommand};
 use mesh_daemon::{model, run};
 
 #[derive(Parser)]
-#[command(
-    name = "mesh-daemon",
-    version,
-    about = "eBPF-accelerated node-level service-mesh proxy"
-)]
+#[command(name = "mesh-daemon", version, about = "eBPF-accelerated node-level service-mesh proxy")]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text")]
@@ -39,10 +35,7 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

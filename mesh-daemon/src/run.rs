@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::balance::BalanceConfig;
 use crate::control::{api, Control, ControlConfig};
 use crate::datapath::{self, Datapath, DatapathConfig};
 use crate::model::NodeName;
@@ -105,10 +106,7 @@ impl admin::AdminSource for AdminView {
 
     fn stats_json(&self) -> serde_json::Value {
         let kernel: serde_json::Map<String, serde_json::Value> = match self.control.kernel_stats() {
-            Ok(stats) => stats
-                .into_iter()
-                .map(|(s, v)| (s.name().to_owned(), v.into()))
-                .collect(),
+            Ok(stats) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
             Err(e) => [("error".to_owned(), e.into())].into_iter().collect(),
         };
         serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel })
@@ -122,16 +120,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir.clone(),
         proxy_listen: args.proxy_listen,
         slot_table_size: args.slot_table_size,
+        balance: BalanceConfig::default(),
     };
-    let prepared = Control::prepare(cfg, args.config.clone())?;
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let prepared = Control::prepare(cfg, args.config.clone(), health_tx)?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
     };
-    let pin_dir = args
-        .pin_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
+    let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
 
     // Listen before attaching, so nothing is redirected to a closed port.
     let listener = TcpListener::bind(args.proxy_listen)
@@ -141,14 +138,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
     let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
-    let api_listener = api::bind(&args.api_socket, &access)
-        .with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
+    let api_listener =
+        api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
-    let dp_cfg = DatapathConfig {
-        cgroup,
-        pin_dir,
-        ebpf_log_level: args.ebpf_log_level.to_aya(),
-    };
+    let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
     let (dp, orig) = Datapath::load(&dp_cfg)?;
     let control = match prepared.attach(dp) {
         Ok(c) => Arc::new(c),
@@ -174,19 +167,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = Arc::new(ProxyCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound {
-        listener,
-        orig,
-        routes: control.routes(),
-        counters: counters.clone(),
-    };
+    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone() };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
-    let view = Arc::new(AdminView {
-        control: control.clone(),
-        counters,
-    });
+    let view = Arc::new(AdminView { control: control.clone(), counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, stop_rx));
+    // Health changes reach the kernel slot tables at once.
+    let resync_control = control.clone();
+    let resync_task = tokio::spawn(async move {
+        while health_rx.recv().await.is_some() {
+            while health_rx.try_recv().is_ok() {}
+            let c = resync_control.clone();
+            let _ = tokio::task::spawn_blocking(move || c.resync()).await;
+        }
+    });
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -194,13 +188,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!(
-        signal = sig,
-        cleanup = args.cleanup_on_exit,
-        "shutting down"
-    );
+    info!(signal = sig, cleanup = args.cleanup_on_exit, "shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(proxy_task, admin_task, api_task);
+    resync_task.abort();
     let _ = std::fs::remove_file(&args.api_socket);
     control.shutdown(args.cleanup_on_exit);
     Ok(())

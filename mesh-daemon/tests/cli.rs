@@ -12,15 +12,7 @@ fn daemon() -> Command {
 fn run(config: &std::path::Path, node: &str) -> std::process::Output {
     let scratch = config.parent().unwrap().join(format!("scratch-{node}"));
     daemon()
-        .args([
-            "run",
-            "--node",
-            node,
-            "--cgroup",
-            "/nonexistent/cgroup",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["run", "--node", node, "--cgroup", "/nonexistent/cgroup", "--admin-listen", "127.0.0.1:0"])
         .args(["--proxy-listen", "127.0.0.1:0"])
         .arg("--config")
         .arg(config)
@@ -61,65 +53,28 @@ fn run_refuses_a_bad_config_naming_every_field() {
     let out = run(&cfg, "node-a");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#),
-        "{err}"
-    );
-    assert!(
-        err.contains("services[1].endpoints[0].weight: weight 70000 is above the maximum 65535"),
-        "{err}"
-    );
-    assert!(
-        !cfg.parent()
-            .unwrap()
-            .join("scratch-node-a/state/state.json")
-            .exists(),
-        "nothing saved"
-    );
+    assert!(err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#), "{err}");
+    assert!(err.contains("services[1].endpoints[0].weight: weight 70000 is above the maximum 65535"), "{err}");
+    assert!(!cfg.parent().unwrap().join("scratch-node-a/state/state.json").exists(), "nothing saved");
 }
 
 #[test]
 fn run_refuses_an_unknown_node() {
-    let cfg = write(
-        "good.yaml",
-        "nodes: [{ name: node-a, address: 172.18.0.2 }]\n",
-    );
+    let cfg = write("good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
     let out = run(&cfg, "node-z");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("--node node-z: no such node in")
-            && err.contains("the nodes there are: node-a"),
-        "{err}"
-    );
+    assert!(err.contains("--node node-z: no such node in") && err.contains("the nodes there are: node-a"), "{err}");
 }
 
 #[test]
 fn check_validates_without_running() {
-    let good = write(
-        "check-good.yaml",
-        "nodes: [{ name: node-a, address: 172.18.0.2 }]\n",
-    );
-    let out = daemon()
-        .arg("check")
-        .arg("--config")
-        .arg(&good)
-        .output()
-        .unwrap();
+    let good = write("check-good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
+    let out = daemon().arg("check").arg("--config").arg(&good).output().unwrap();
     assert!(out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("valid (1 nodes, 0 workloads, 0 services)")
-    );
-    let bad = write(
-        "check-bad.yaml",
-        "nodes: [{ name: node-a, adress: 1.2.3.4 }]\n",
-    );
-    let out = daemon()
-        .arg("check")
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (1 nodes, 0 workloads, 0 services)"));
+    let bad = write("check-bad.yaml", "nodes: [{ name: node-a, adress: 1.2.3.4 }]\n");
+    let out = daemon().arg("check").arg("--config").arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("nodes[0]: unknown field `adress`"), "{err}");

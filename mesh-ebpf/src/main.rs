@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    limits, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue,
-    IPPROTO_TCP, MODE_KERNEL, MODE_PROXY, STAT_COUNT,
+    limits, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue, IPPROTO_TCP, MODE_KERNEL,
+    MODE_PROXY, STAT_COUNT,
 };
 
 const AF_INET: u32 = 2;
@@ -78,12 +78,7 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         count(Stat::NotTcp);
         return ALLOW;
     }
-    let key = ServiceKey {
-        vip_be: sa.user_ip4,
-        port_be: sa.user_port as u16,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
+    let key = ServiceKey { vip_be: sa.user_ip4, port_be: sa.user_port as u16, proto: IPPROTO_TCP, _pad: 0 };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, never in place.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
@@ -97,13 +92,7 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         count(Stat::NotEnrolled);
         return ALLOW;
     };
-    let mut orig = OrigDst {
-        vip_be: key.vip_be,
-        port_be: key.port_be,
-        _pad: 0,
-        service_id: svc.id,
-        _pad2: 0,
-    };
+    let mut orig = OrigDst { vip_be: key.vip_be, port_be: key.port_be, _pad: 0, service_id: svc.id, _pad2: 0 };
     if svc.mode == MODE_KERNEL {
         if svc.slot_count == 0 {
             count(Stat::NoBackend);
@@ -113,11 +102,7 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         }
         // SAFETY: helper without preconditions.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
-        let slot_key = SlotKey {
-            service_id: svc.id,
-            generation: svc.generation as u32,
-            slot,
-        };
+        let slot_key = SlotKey { service_id: svc.id, generation: svc.generation as u32, slot };
         // SAFETY: copied out at once, as above.
         let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() else {
             count(Stat::SlotMissing);

@@ -85,22 +85,13 @@ impl Bins {
             Some(d) => vec![PathBuf::from(d)],
             None => {
                 let exe = std::env::current_exe()?;
-                exe.ancestors()
-                    .skip(1)
-                    .take(2)
-                    .map(Path::to_path_buf)
-                    .collect()
+                exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect()
             }
         };
         for d in &dirs {
-            let (daemon, meshctl, mt_pod) =
-                (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"));
+            let (daemon, meshctl, mt_pod) = (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"));
             if daemon.exists() && meshctl.exists() && mt_pod.exists() {
-                return Ok(Self {
-                    daemon,
-                    meshctl,
-                    mt_pod,
-                });
+                return Ok(Self { daemon, meshctl, mt_pod });
             }
         }
         bail!(
@@ -113,13 +104,9 @@ impl Bins {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn unique_prefix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let x =
-        (std::process::id().wrapping_mul(2_654_435_761)) ^ nanos ^ seq.wrapping_mul(0x9E37_79B9);
+    let x = (std::process::id().wrapping_mul(2_654_435_761)) ^ nanos ^ seq.wrapping_mul(0x9E37_79B9);
     format!("mt{:06x}", x & 0xff_ffff)
 }
 
@@ -146,8 +133,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let cgroup = sys::cgroup2_root()?.join(&prefix);
-        std::fs::create_dir(&cgroup)
-            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let mut c = Cluster {
             pin_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
             prefix,
@@ -180,62 +166,29 @@ impl Cluster {
             let (ns, netns) = self.add_netns(&format!("n-{name}"))?;
             let address = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
             let port = format!("n{i}");
-            ip(&[
-                "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
+            ip(&["-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{address}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.244.{}.1/24", i + 1),
-                "dev",
-                "cbr0",
-            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("10.244.{}.1/24", i + 1), "dev", "cbr0"])?;
             ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
-            sys::run(
-                Command::new("nsenter")
-                    .arg(format!("--net={}", netns.display()))
-                    .args(["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
-            )?;
+            sys::run(Command::new("nsenter").arg(format!("--net={}", netns.display())).args([
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]))?;
             let cgroup = self.cgroup.join(name);
             std::fs::create_dir(&cgroup)?;
             std::fs::create_dir(cgroup.join("mesh-daemon"))?;
-            self.nodes.push(Node {
-                name: name.clone(),
-                address,
-                netns,
-                cgroup,
-                pin_dir: self.pin_root.join(name),
-            });
+            self.nodes.push(Node { name: name.clone(), address, netns, cgroup, pin_dir: self.pin_root.join(name) });
         }
         // Each node routes the other nodes' pod ranges over the fabric.
         for a in 0..self.nodes.len() {
             for b in (0..self.nodes.len()).filter(|b| *b != a) {
                 let ns = format!("{}-n-{}", self.prefix, self.nodes[a].name);
                 let via = self.nodes[b].address.to_string();
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("10.244.{}.0/24", b + 1),
-                    "via",
-                    &via,
-                ])?;
+                ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
             }
         }
         for (k, (name, node, enrolled)) in spec.pods.iter().enumerate() {
@@ -247,30 +200,11 @@ impl Cluster {
             let (ns, netns) = self.add_netns(&format!("p-{name}"))?;
             let node_ns = format!("{}-n-{node}", self.prefix);
             let port = format!("p{k}");
-            ip(&[
-                "-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
+            ip(&["-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip_addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.244.{}.1", i + 1),
-            ])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
             let cgroup = self.nodes[i].cgroup.join(name);
             std::fs::create_dir(&cgroup)?;
             self.pods.push(Pod {
@@ -286,17 +220,11 @@ impl Cluster {
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// A config document: the nodes, the enrolled pods as workloads, and
@@ -341,12 +269,7 @@ impl Cluster {
 
     /// Starts mesh-daemon for `node` with its own cgroup, pin dir, state
     /// dir, API socket and netns, and waits until it reports ready.
-    pub fn start_daemon(
-        &self,
-        node: &str,
-        config: &Path,
-        extra: &[&str],
-    ) -> anyhow::Result<Daemon> {
+    pub fn start_daemon(&self, node: &str, config: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
         let n = self.node(node).clone();
         let log_path = self.dir.join(format!("daemon-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
@@ -364,36 +287,23 @@ impl Cluster {
             .arg("--api-socket")
             .arg(self.api_socket(node))
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         sys::enter(&mut cmd, &n.cgroup.join("mesh-daemon"), &n.netns)?;
         let child = cmd.spawn().context("starting mesh-daemon")?;
-        let mut d = Daemon {
-            child: Some(child),
-            node: n,
-            log: log_path,
-        };
+        let mut d = Daemon { child: Some(child), node: n, log: log_path };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = d.try_wait() {
-                bail!(
-                    "mesh-daemon for {node} exited with {status} before it was ready:\n{}",
-                    d.log_text()
-                );
+                bail!("mesh-daemon for {node} exited with {status} before it was ready:\n{}", d.log_text());
             }
             if matches!(d.admin_get("/ready"), Ok((200, _))) {
                 return Ok(d);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "mesh-daemon for {node} not ready after 30 s:\n{}",
-                    d.log_text()
-                );
+                bail!("mesh-daemon for {node} not ready after 30 s:\n{}", d.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -409,20 +319,12 @@ impl Cluster {
 
     /// Starts a long-running process in `pod`; it is ended at teardown.
     pub fn spawn(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<u32> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("pod-{pod}.log")))?;
+        let log = File::options().create(true).append(true).open(self.dir.join(format!("pod-{pod}.log")))?;
         let mut cmd = self.pod_command(pod, program, args)?;
         cmd.stdout(log.try_clone()?).stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} in pod {pod}", program.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {} in pod {pod}", program.display()))?;
         let pid = child.id();
-        self.procs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("process list poisoned"))?
-            .push(child);
+        self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push(child);
         Ok(pid)
     }
 
@@ -449,9 +351,7 @@ impl Cluster {
         let p = self.pod(pod);
         let ports = [Some(http), echo];
         for port in ports.iter().flatten() {
-            if !sys::wait_until(Duration::from_secs(10), || {
-                sys::can_connect(&p.netns, p.addr(*port))
-            }) {
+            if !sys::wait_until(Duration::from_secs(10), || sys::can_connect(&p.netns, p.addr(*port))) {
                 bail!("server in pod {pod} does not accept on port {port}");
             }
         }
@@ -459,18 +359,8 @@ impl Cluster {
     }
 
     /// Runs a command in `pod` to completion (killed after `timeout`).
-    pub fn exec(
-        &self,
-        pod: &str,
-        program: &str,
-        args: &[&str],
-        timeout: Duration,
-    ) -> anyhow::Result<Output> {
-        let program = if program == "mt-pod" {
-            self.bins.mt_pod.clone()
-        } else {
-            PathBuf::from(program)
-        };
+    pub fn exec(&self, pod: &str, program: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
         let mut cmd = self.pod_command(pod, &program, args)?;
         let child = cmd
             .stdout(Stdio::piped())
@@ -486,9 +376,7 @@ impl Cluster {
         if !waited.is_finished() {
             sys::signal(pid, libc::SIGKILL);
         }
-        let out = waited
-            .join()
-            .map_err(|_| anyhow::anyhow!("wait thread panicked"))??;
+        let out = waited.join().map_err(|_| anyhow::anyhow!("wait thread panicked"))??;
         Ok(out)
     }
 
@@ -498,49 +386,45 @@ impl Cluster {
     }
 
     /// `meshctl` as another user (uid, gid).
-    pub fn meshctl_as(
-        &self,
-        node: &str,
-        user: Option<(u32, u32)>,
-        args: &[&str],
-    ) -> anyhow::Result<Output> {
+    pub fn meshctl_as(&self, node: &str, user: Option<(u32, u32)>, args: &[&str]) -> anyhow::Result<Output> {
         // Another user may not reach the build folder (a clone under a 0700
         // folder): run a copy from this run's folder, which is 0755.
         let program = match user {
             Some(_) => {
                 let copy = self.dir.join("meshctl");
                 if !copy.exists() {
-                    std::fs::copy(&self.bins.meshctl, &copy)?;
+                    // Written under another name and renamed, so no open
+                    // writable fd (inherited by a concurrent fork) makes
+                    // the exec fail with ETXTBSY.
+                    let tmp = self.dir.join("meshctl.tmp");
+                    std::fs::copy(&self.bins.meshctl, &tmp)?;
+                    std::fs::rename(&tmp, &copy)?;
                 }
                 copy
             }
             None => self.bins.meshctl.clone(),
         };
         let mut cmd = Command::new(program);
-        cmd.arg("--socket")
-            .arg(self.api_socket(node))
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.arg("--socket").arg(self.api_socket(node)).args(args).stdin(Stdio::null());
         if let Some((uid, gid)) = user {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
             std::os::unix::process::CommandExt::gid(&mut cmd, gid);
             // As root, std also drops the supplementary groups.
+        }
+        // A fork in another thread may still hold the copy open for a moment.
+        for _ in 0..20 {
+            match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => std::thread::sleep(Duration::from_millis(50)),
+                other => return Ok(other?),
+            }
         }
         Ok(cmd.output()?)
     }
 
     /// `curl` in `pod`; returns (exit code, stdout).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
-        let out = self.exec(
-            pod,
-            "curl",
-            &["-sS", "--max-time", "5", url],
-            Duration::from_secs(10),
-        )?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        ))
+        let out = self.exec(pod, "curl", &["-sS", "--max-time", "5", url], Duration::from_secs(10))?;
+        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
     }
 }
 
@@ -559,11 +443,7 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.pin_root);
         if std::thread::panicking() {
-            eprintln!(
-                "mini cluster {}: logs kept in {}",
-                self.prefix,
-                self.dir.display()
-            );
+            eprintln!("mini cluster {}: logs kept in {}", self.prefix, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -583,9 +463,7 @@ impl Daemon {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log_text(&self) -> String {
@@ -594,11 +472,7 @@ impl Daemon {
 
     /// GET on the admin endpoint: (status, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        sys::http_get(
-            &self.node.netns,
-            SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-            path,
-        )
+        sys::http_get(&self.node.netns, SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), path)
     }
 
     /// `/stats` as JSON.
@@ -613,9 +487,7 @@ impl Daemon {
     /// One counter from `/stats`, e.g. `("proxy", "forwarded")`.
     pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
         let s = self.stats()?;
-        s[group][name]
-            .as_u64()
-            .with_context(|| format!("no counter {group}.{name} in {s}"))
+        s[group][name].as_u64().with_context(|| format!("no counter {group}.{name} in {s}"))
     }
 
     /// SIGKILL: the daemon gets no chance to clean up.
@@ -633,9 +505,7 @@ impl Daemon {
 
     /// Sends `sig`, then waits up to 15 s for the exit.
     pub fn stop_with(&mut self, sig: i32) -> anyhow::Result<ExitStatus> {
-        let Some(mut c) = self.child.take() else {
-            bail!("daemon already stopped")
-        };
+        let Some(mut c) = self.child.take() else { bail!("daemon already stopped") };
         sys::signal(c.id(), sig);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -645,10 +515,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!(
-                    "mesh-daemon did not exit within 15 s of SIGTERM:\n{}",
-                    self.log_text()
-                );
+                bail!("mesh-daemon did not exit within 15 s of SIGTERM:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -667,9 +534,7 @@ impl Drop for Daemon {
 fn is_prefix(name: &str) -> bool {
     name.len() == 8
         && name.starts_with("mt")
-        && name[2..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && name[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Removes what crashed runs left behind: network namespaces, cgroups (and
@@ -686,11 +551,8 @@ pub fn clean_leftovers() -> anyhow::Result<Vec<String>> {
             removed.push(format!("netns {name}"));
         }
     }
-    let roots = [
-        (sys::cgroup2_root()?, "cgroup"),
-        (PathBuf::from("/sys/fs/bpf"), "pins"),
-        (std::env::temp_dir(), "logs"),
-    ];
+    let roots =
+        [(sys::cgroup2_root()?, "cgroup"), (PathBuf::from("/sys/fs/bpf"), "pins"), (std::env::temp_dir(), "logs")];
     for (root, what) in roots {
         let Ok(entries) = std::fs::read_dir(&root) else {
             continue;

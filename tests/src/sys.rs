@@ -24,11 +24,7 @@ pub fn require_root() -> anyhow::Result<()> {
 pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -53,9 +49,7 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mounted = text
-        .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    let mounted = text.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
     if !mounted {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
@@ -97,11 +91,7 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> anyhow::
         s.spawn(|| {
             // SAFETY: setns on this thread only, with a valid namespace fd.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "setns {}: {}",
-                    netns.display(),
-                    std::io::Error::last_os_error()
-                );
+                bail!("setns {}: {}", netns.display(), std::io::Error::last_os_error());
             }
             Ok(f())
         })
@@ -115,31 +105,18 @@ pub fn http_get(netns: &Path, addr: SocketAddr, path: &str) -> anyhow::Result<(u
     in_netns(netns, || -> anyhow::Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status line")?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         Ok((status, body))
     })?
 }
 
 /// Whether something accepts TCP connections at `addr` inside `netns`.
 pub fn can_connect(netns: &Path, addr: SocketAddr) -> bool {
-    in_netns(netns, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-    })
-    .unwrap_or(false)
+    in_netns(netns, || TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()).unwrap_or(false)
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.
@@ -210,12 +187,7 @@ pub fn cgroup_programs(cgroup: &Path) -> anyhow::Result<Vec<(u64, String)>> {
     Ok(v.as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|p| {
-                    Some((
-                        p["id"].as_u64()?,
-                        p["name"].as_str().unwrap_or_default().to_owned(),
-                    ))
-                })
+                .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str().unwrap_or_default().to_owned())))
                 .collect()
         })
         .unwrap_or_default())
@@ -230,18 +202,13 @@ pub struct Loaded {
 impl Loaded {
     /// Whether any of `ids` is still loaded or still has a link.
     pub fn any_of(&self, ids: &[u64]) -> bool {
-        self.programs
-            .iter()
-            .chain(&self.link_programs)
-            .any(|p| ids.contains(p))
+        self.programs.iter().chain(&self.link_programs).any(|p| ids.contains(p))
     }
 }
 
 pub fn loaded() -> anyhow::Result<Loaded> {
     let ids = |v: serde_json::Value, key: &str| -> Vec<u64> {
-        v.as_array()
-            .map(|a| a.iter().filter_map(|p| p[key].as_u64()).collect())
-            .unwrap_or_default()
+        v.as_array().map(|a| a.iter().filter_map(|p| p[key].as_u64()).collect()).unwrap_or_default()
     };
     Ok(Loaded {
         programs: ids(bpftool(&["prog", "show"])?, "id"),

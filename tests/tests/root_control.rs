@@ -14,11 +14,7 @@ const VIP: &str = "10.96.0.10";
 /// One node: client, web-1, web-2 (HTTP on 8080).
 fn cluster() -> Cluster {
     let c = Cluster::create(
-        &ClusterSpec::new()
-            .node("node-a")
-            .pod("client", "node-a")
-            .pod("web-1", "node-a")
-            .pod("web-2", "node-a"),
+        &ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a").pod("web-2", "node-a"),
     )
     .expect("mini cluster");
     c.serve("web-1", 8080, None).unwrap();
@@ -49,28 +45,12 @@ struct Tally {
 
 /// `n` requests from the client pod, each on a new connection.
 fn tally(c: &Cluster, n: u32) -> Tally {
-    let out = c
-        .exec(
-            "client",
-            "mt-pod",
-            &["tally", &format!("{VIP}:80"), &n.to_string()],
-            Duration::from_secs(120),
-        )
-        .unwrap();
+    let out =
+        c.exec("client", "mt-pod", &["tally", &format!("{VIP}:80"), &n.to_string()], Duration::from_secs(120)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "tally: {text}");
-    let mut t = Tally {
-        by_backend: BTreeMap::new(),
-        failed: 0,
-        peer_is_dialled: 0,
-        direct: 0,
-        text: text.clone(),
-    };
-    for kv in text
-        .lines()
-        .filter(|l| !l.starts_with("error:"))
-        .flat_map(str::split_whitespace)
-    {
+    let mut t = Tally { by_backend: BTreeMap::new(), failed: 0, peer_is_dialled: 0, direct: 0, text: text.clone() };
+    for kv in text.lines().filter(|l| !l.starts_with("error:")).flat_map(str::split_whitespace) {
         let Some((k, v)) = kv.split_once('=') else {
             continue;
         };
@@ -117,23 +97,14 @@ fn root_meshctl_apply_and_set_weight_change_routing_live() {
     let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
     let t = tally(&c, 20);
     assert_eq!(t.by_backend.len(), 2, "{}", t.text);
-    assert_eq!(
-        t.peer_is_dialled, 20,
-        "getpeername shows the VIP in proxy mode too: {}",
-        t.text
-    );
+    assert_eq!(t.peer_is_dialled, 20, "getpeername shows the VIP in proxy mode too: {}", t.text);
 
     let w2 = c.pod("web-2").ip.to_string();
     let (code, out, err) = ctl(&c, &["set-weight", "web", &w2, "0"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "applied: generation 2");
     let t = tally(&c, 20);
-    assert_eq!(
-        t.by_backend,
-        BTreeMap::from([("web-1".to_owned(), 20)]),
-        "{}",
-        t.text
-    );
+    assert_eq!(t.by_backend, BTreeMap::from([("web-1".to_owned(), 20)]), "{}", t.text);
 
     let only_web2 = c.config(&web(&c, "proxy", 0, 5));
     let f = c.write_file("only-web2.yaml", &only_web2).unwrap();
@@ -141,12 +112,7 @@ fn root_meshctl_apply_and_set_weight_change_routing_live() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "applied: generation 3");
     let t = tally(&c, 20);
-    assert_eq!(
-        t.by_backend,
-        BTreeMap::from([("web-2".to_owned(), 20)]),
-        "{}",
-        t.text
-    );
+    assert_eq!(t.by_backend, BTreeMap::from([("web-2".to_owned(), 20)]), "{}", t.text);
     let eps = ctl_json(&c, &["get", "endpoints", "web"]);
     assert_eq!(eps[1]["weight"], 5, "{eps}");
     drop(d);
@@ -159,55 +125,24 @@ fn root_kernel_mode_follows_weights_and_drains() {
     let t = tally(&c, 2000);
     assert_eq!(t.failed, 0, "{}", t.text);
     let share = |b: &str| *t.by_backend.get(b).unwrap_or(&0) as f64 / 20.0;
-    eprintln!(
-        "kernel mode 3:2 over 2000 connections: web-1 {:.1}%, web-2 {:.1}%",
-        share("web-1"),
-        share("web-2")
-    );
-    assert!(
-        (share("web-1") - 60.0).abs() <= 4.0,
-        "web-1 share {} not 60±4: {}",
-        share("web-1"),
-        t.text
-    );
-    assert!(
-        (share("web-2") - 40.0).abs() <= 4.0,
-        "web-2 share {} not 40±4: {}",
-        share("web-2"),
-        t.text
-    );
-    assert_eq!(
-        t.peer_is_dialled, 2000,
-        "getpeername must show the VIP: {}",
-        t.text
-    );
-    assert_eq!(
-        t.direct, 2000,
-        "kernel mode has no proxy on the path: {}",
-        t.text
-    );
+    eprintln!("kernel mode 3:2 over 2000 connections: web-1 {:.1}%, web-2 {:.1}%", share("web-1"), share("web-2"));
+    assert!((share("web-1") - 60.0).abs() <= 4.0, "web-1 share {} not 60±4: {}", share("web-1"), t.text);
+    assert!((share("web-2") - 40.0).abs() <= 4.0, "web-2 share {} not 40±4: {}", share("web-2"), t.text);
+    assert_eq!(t.peer_is_dialled, 2000, "getpeername must show the VIP: {}", t.text);
+    assert_eq!(t.direct, 2000, "kernel mode has no proxy on the path: {}", t.text);
     assert_eq!(d.counter("proxy", "accepted").unwrap(), 0);
     assert_eq!(d.counter("kernel", "kernel_balanced").unwrap(), 2000);
 
     let w2 = c.pod("web-2").ip.to_string();
     assert_eq!(ctl(&c, &["set-weight", "web", &w2, "0"]).0, 0);
     let t = tally(&c, 200);
-    assert_eq!(
-        t.by_backend,
-        BTreeMap::from([("web-1".to_owned(), 200)]),
-        "drained web-2 got connections: {}",
-        t.text
-    );
+    assert_eq!(t.by_backend, BTreeMap::from([("web-1".to_owned(), 200)]), "drained web-2 got connections: {}", t.text);
 
     let w1 = c.pod("web-1").ip.to_string();
     assert_eq!(ctl(&c, &["set-weight", "web", &w1, "0"]).0, 0);
     let t = tally(&c, 5);
     assert_eq!(t.failed, 5, "{}", t.text);
-    assert!(
-        t.text.contains("Connection refused"),
-        "no endpoint left must refuse at once: {}",
-        t.text
-    );
+    assert!(t.text.contains("Connection refused"), "no endpoint left must refuse at once: {}", t.text);
     assert_eq!(d.counter("kernel", "no_backend").unwrap(), 5);
 }
 
@@ -219,15 +154,9 @@ fn root_removed_service_is_no_longer_redirected() {
     let (code, _, err) = ctl(&c, &["delete", "service", "web"]);
     assert_eq!(code, 0, "{err}");
     let (code, body) = c.curl("client", &format!("http://{VIP}/")).unwrap();
-    assert_ne!(
-        code, 0,
-        "the VIP of a removed service still answers: {body}"
-    );
+    assert_ne!(code, 0, "the VIP of a removed service still answers: {body}");
     assert_eq!(d.counter("kernel", "redirected").unwrap(), 1);
-    assert!(ctl_json(&c, &["datapath", "dump"])["services"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(ctl_json(&c, &["datapath", "dump"])["services"].as_array().unwrap().is_empty());
     let (code, _, err) = ctl(&c, &["delete", "service", "web"]);
     assert_eq!(code, 1);
     assert!(err.contains("service default/web not found"), "{err}");
@@ -243,31 +172,18 @@ fn root_datapath_survives_kill9_and_restart_takes_it_over() {
 
     d.kill9();
     let t = tally(&c, 100);
-    assert_eq!(
-        t.failed, 0,
-        "kernel mode broke while the daemon was down: {}",
-        t.text
-    );
+    assert_eq!(t.failed, 0, "kernel mode broke while the daemon was down: {}", t.text);
     assert_eq!(t.by_backend.len(), 2, "{}", t.text);
 
-    let cfg = c
-        .write_file("mesh.yaml", &c.config(&web(&c, "kernel", 1, 1)))
-        .unwrap();
+    let cfg = c.write_file("mesh.yaml", &c.config(&web(&c, "kernel", 1, 1))).unwrap();
     let d2 = c.start_daemon("node-a", &cfg, &[]).unwrap();
-    assert_eq!(
-        cgroup_programs(&c.node("node-a").cgroup).unwrap(),
-        programs,
-        "restart attached again"
-    );
+    assert_eq!(cgroup_programs(&c.node("node-a").cgroup).unwrap(), programs, "restart attached again");
     let after = ctl_json(&c, &["datapath", "dump"]);
     assert_eq!(after["services"], before["services"]);
     assert_eq!(after["workloads"], before["workloads"]);
     let status = ctl_json(&c, &["status"]);
     assert_eq!(status["datapath"]["reused_at_start"], true, "{status}");
-    assert_eq!(
-        status["generation"], 1,
-        "state restored, not re-seeded: {status}"
-    );
+    assert_eq!(status["generation"], 1, "state restored, not re-seeded: {status}");
     let t = tally(&c, 20);
     assert_eq!(t.failed, 0, "{}", t.text);
     drop(d2);
@@ -283,14 +199,8 @@ fn root_concurrent_applies_are_serialized() {
                 let c = &c;
                 s.spawn(move || {
                     let g = generation(c).to_string();
-                    let f = c
-                        .write_file(
-                            &format!("apply-{i}.yaml"),
-                            &c.config(&web(c, "proxy", i, 1)),
-                        )
-                        .unwrap();
-                    let (code, out, err) =
-                        ctl(c, &["apply", "-f", f.to_str().unwrap(), "--if-match", &g]);
+                    let f = c.write_file(&format!("apply-{i}.yaml"), &c.config(&web(c, "proxy", i, 1))).unwrap();
+                    let (code, out, err) = ctl(c, &["apply", "-f", f.to_str().unwrap(), "--if-match", &g]);
                     (i, code, out, err)
                 })
             })
@@ -300,18 +210,8 @@ fn root_concurrent_applies_are_serialized() {
     let mut accepted = Vec::new();
     for (i, code, out, err) in &results {
         match code {
-            0 => accepted.push((
-                out.trim()
-                    .strip_prefix("applied: generation ")
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap(),
-                *i,
-            )),
-            1 => assert!(
-                err.contains("409"),
-                "caller {i} failed other than by conflict: {err}"
-            ),
+            0 => accepted.push((out.trim().strip_prefix("applied: generation ").unwrap().parse::<u64>().unwrap(), *i)),
+            1 => assert!(err.contains("409"), "caller {i} failed other than by conflict: {err}"),
             other => panic!("caller {i}: exit {other}: {err}"),
         }
     }
@@ -319,22 +219,12 @@ fn root_concurrent_applies_are_serialized() {
     accepted.sort();
     let mut gens: Vec<u64> = accepted.iter().map(|a| a.0).collect();
     gens.dedup();
-    assert_eq!(
-        gens.len(),
-        accepted.len(),
-        "two writes got the same generation: {accepted:?}"
-    );
+    assert_eq!(gens.len(), accepted.len(), "two writes got the same generation: {accepted:?}");
     let (last_gen, last_i) = *accepted.last().unwrap();
     assert_eq!(generation(&c), last_gen);
     let svc = ctl_json(&c, &["get", "services", "web"]);
-    assert_eq!(
-        svc["endpoints"][0]["weight"], last_i,
-        "final state is not the last accepted write: {svc}"
-    );
-    eprintln!(
-        "{} of 10 concurrent applies accepted, the rest refused with 409",
-        accepted.len()
-    );
+    assert_eq!(svc["endpoints"][0]["weight"], last_i, "final state is not the last accepted write: {svc}");
+    eprintln!("{} of 10 concurrent applies accepted, the rest refused with 409", accepted.len());
     drop(d);
 }
 
@@ -351,16 +241,12 @@ fn root_invalid_write_changes_nothing() {
     let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("400")
-            && err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#),
+        err.contains("400") && err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#),
         "{err}"
     );
     assert_eq!(generation(&c), 1);
     let after = ctl_json(&c, &["datapath", "dump"]);
-    assert_eq!(
-        after["services"], before["services"],
-        "a refused write reached the kernel"
-    );
+    assert_eq!(after["services"], before["services"], "a refused write reached the kernel");
     drop(d);
 }
 
@@ -370,32 +256,17 @@ fn root_api_checks_caller_credentials() {
     let d = start(&c, &web(&c, "proxy", 1, 1), &["--api-group", "nogroup"]);
     let sock = c.api_socket("node-a");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
-        0o660
-    );
-    let member = text(
-        &c.meshctl_as("node-a", Some((65534, 65534)), &["status"])
-            .unwrap(),
-    );
-    assert_eq!(
-        member.0, 0,
-        "a member of the API group was refused: {}",
-        member.2
-    );
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    let member = text(&c.meshctl_as("node-a", Some((65534, 65534)), &["status"]).unwrap());
+    assert_eq!(member.0, 0, "a member of the API group was refused: {}", member.2);
     // Loosen the socket so a stranger can connect at all; the daemon must
     // still refuse it.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let (code, _, err) = text(
-        &c.meshctl_as("node-a", Some((12345, 12345)), &["status"])
-            .unwrap(),
-    );
+    let (code, _, err) = text(&c.meshctl_as("node-a", Some((12345, 12345)), &["status"]).unwrap());
     assert_eq!(code, 1);
     assert!(
         err.contains("403")
-            && err.contains(
-                "uid 12345 may not use the mesh API: only root and members of group nogroup may"
-            ),
+            && err.contains("uid 12345 may not use the mesh API: only root and members of group nogroup may"),
         "{err}"
     );
     drop(d);
@@ -408,26 +279,18 @@ fn root_corrupt_state_file_stops_the_start() {
     std::fs::create_dir_all(&state).unwrap();
     let file = state.join("state.json");
     std::fs::write(&file, "{ \"generation\": 3, oops").unwrap();
-    let cfg = c
-        .write_file("mesh.yaml", &c.config(&web(&c, "proxy", 1, 1)))
-        .unwrap();
+    let cfg = c.write_file("mesh.yaml", &c.config(&web(&c, "proxy", 1, 1))).unwrap();
     let err = match c.start_daemon("node-a", &cfg, &[]) {
         Ok(_) => panic!("the daemon started on a corrupt state file"),
         Err(e) => e.to_string(),
     };
     assert!(
-        err.contains(&format!("state file {} is corrupt", file.display()))
-            && err.contains("left as it is"),
+        err.contains(&format!("state file {} is corrupt", file.display())) && err.contains("left as it is"),
         "{err}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&file).unwrap(),
-        "{ \"generation\": 3, oops"
-    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ \"generation\": 3, oops");
     assert!(
-        cgroup_programs(&c.node("node-a").cgroup)
-            .unwrap()
-            .is_empty(),
+        cgroup_programs(&c.node("node-a").cgroup).unwrap().is_empty(),
         "programs attached despite the failed start"
     );
 }
@@ -445,38 +308,15 @@ fn root_unenroll_and_enroll_switch_redirection_live() {
 
     let p = c.pod("client");
     let (ip, netns) = (p.ip.to_string(), p.netns.display().to_string());
-    let (code, _, err) = ctl(
-        &c,
-        &[
-            "enroll", "client", "--node", "node-a", "--ip", &ip, "--netns", &netns,
-        ],
-    );
+    let (code, _, err) = ctl(&c, &["enroll", "client", "--node", "node-a", "--ip", &ip, "--netns", &netns]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        c.curl("client", &format!("http://{VIP}/")).unwrap().0,
-        0,
-        "enrolled again, but not redirected"
-    );
+    assert_eq!(c.curl("client", &format!("http://{VIP}/")).unwrap().0, 0, "enrolled again, but not redirected");
     let wl = ctl_json(&c, &["get", "workloads", "client"]);
     assert_eq!(wl["netns"], netns.as_str());
 
     // A netns that does not exist is refused, naming the field.
-    let (code, _, err) = ctl(
-        &c,
-        &[
-            "enroll",
-            "ghost",
-            "--node",
-            "node-a",
-            "--ip",
-            "10.244.1.99",
-            "--netns",
-            "/var/run/netns/nope",
-        ],
-    );
+    let (code, _, err) =
+        ctl(&c, &["enroll", "ghost", "--node", "node-a", "--ip", "10.244.1.99", "--netns", "/var/run/netns/nope"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("netns: cannot open network namespace /var/run/netns/nope"),
-        "{err}"
-    );
+    assert!(err.contains("netns: cannot open network namespace /var/run/netns/nope"), "{err}");
 }

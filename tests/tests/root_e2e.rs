@@ -57,26 +57,12 @@ fn root_enrolled_pod_reaches_vip_through_the_proxy() {
     let mut answered = std::collections::BTreeMap::new();
     for _ in 0..10 {
         let (code, body) = f.c.curl("client", &format!("http://{VIP}/")).unwrap();
-        assert_eq!(
-            code,
-            0,
-            "curl to the VIP failed: {body}\n{}",
-            f.daemon.log_text()
-        );
-        *answered
-            .entry(body_field(&body, "backend").to_owned())
-            .or_insert(0) += 1;
+        assert_eq!(code, 0, "curl to the VIP failed: {body}\n{}", f.daemon.log_text());
+        *answered.entry(body_field(&body, "backend").to_owned()).or_insert(0) += 1;
         let peer = body_field(&body, "peer");
-        assert!(
-            !peer.starts_with(&format!("{client_ip}:")),
-            "backend saw the client itself, not the proxy: {body}"
-        );
+        assert!(!peer.starts_with(&format!("{client_ip}:")), "backend saw the client itself, not the proxy: {body}");
     }
-    assert_eq!(
-        answered.keys().collect::<Vec<_>>(),
-        ["web-1", "web-2"],
-        "both backends answer: {answered:?}"
-    );
+    assert_eq!(answered.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "both backends answer: {answered:?}");
     assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "orig_dst_stored").unwrap(), 10);
@@ -100,23 +86,15 @@ fn root_direct_pod_connections_are_not_redirected() {
     let (code, body) = f.c.curl("client", &format!("http://{web1}:8080/")).unwrap();
     assert_eq!(code, 0, "{body}");
     assert_eq!(body_field(&body, "backend"), "web-1");
-    assert!(
-        body_field(&body, "peer").starts_with(&format!("{client_ip}:")),
-        "not direct: {body}"
-    );
+    assert!(body_field(&body, "peer").starts_with(&format!("{client_ip}:")), "not direct: {body}");
     assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 0);
     assert_eq!(f.daemon.counter("proxy", "accepted").unwrap(), 0);
 
     // Straight to the proxy port: no original destination, so closed and
     // never forwarded anywhere.
     let proxy = f.c.node("node-a").address;
-    let (code, body) =
-        f.c.curl("client", &format!("http://{proxy}:15001/"))
-            .unwrap();
-    assert_ne!(
-        code, 0,
-        "proxy forwarded a connection without original destination: {body}"
-    );
+    let (code, body) = f.c.curl("client", &format!("http://{proxy}:15001/")).unwrap();
+    assert_ne!(code, 0, "proxy forwarded a connection without original destination: {body}");
     assert_eq!(f.daemon.counter("proxy", "no_orig_dst").unwrap(), 1);
     assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 0);
 }
@@ -126,54 +104,27 @@ fn root_4mib_each_way_arrive_intact_with_half_close() {
     let f = one_node();
     const N: u64 = 4 * 1024 * 1024;
     let out =
-        f.c.exec(
-            "client",
-            "mt-pod",
-            &["bulk", &format!("{ECHO_VIP}:9000"), &N.to_string()],
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        f.c.exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), &N.to_string()], Duration::from_secs(60))
+            .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "bulk failed: {text}\n{}",
-        f.daemon.log_text()
-    );
+    assert!(out.status.success(), "bulk failed: {text}\n{}", f.daemon.log_text());
     let field = |k: &str| body_field(&text, k).to_owned();
     assert_eq!(field("sent"), N.to_string());
-    assert_eq!(
-        field("recv"),
-        N.to_string(),
-        "the echo came back short: {text}"
-    );
-    assert_eq!(
-        field("sent_sum"),
-        field("recv_sum"),
-        "bytes changed on the way: {text}"
-    );
+    assert_eq!(field("recv"), N.to_string(), "the echo came back short: {text}");
+    assert_eq!(field("sent_sum"), field("recv_sum"), "bytes changed on the way: {text}");
     // The proxy carried all of it, both ways.
     let carried = mesh_tests::sys::wait_until(Duration::from_secs(5), || {
         f.daemon.counter("proxy", "bytes_to_endpoint").unwrap() == N
             && f.daemon.counter("proxy", "bytes_to_client").unwrap() == N
     });
-    assert!(
-        carried,
-        "proxy byte counters: {}",
-        f.daemon.stats().unwrap()
-    );
+    assert!(carried, "proxy byte counters: {}", f.daemon.stats().unwrap());
 }
 
 #[test]
 fn root_200_concurrent_connections_complete() {
     let f = one_node();
     let out =
-        f.c.exec(
-            "client",
-            "mt-pod",
-            &["concurrent", &format!("{VIP}:80"), "200"],
-            Duration::from_secs(90),
-        )
-        .unwrap();
+        f.c.exec("client", "mt-pod", &["concurrent", &format!("{VIP}:80"), "200"], Duration::from_secs(90)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}\n{}", f.daemon.log_text());
     assert!(text.contains("ok=200 failed=0"), "{text}");
@@ -191,34 +142,16 @@ fn root_daemon_exit_leaves_no_program_link_or_pin() {
     assert_eq!(names, ["mesh_connect4", "mesh_getpeer4", "mesh_sockops"]);
     let ids: Vec<u64> = attached.iter().map(|(id, _)| *id).collect();
     let links = loaded().unwrap().link_programs;
-    assert_eq!(
-        links.iter().filter(|p| ids.contains(p)).count(),
-        3,
-        "one link per program"
-    );
-    assert!(
-        node.pin_dir.join("SERVICES").exists(),
-        "maps are pinned while running"
-    );
+    assert_eq!(links.iter().filter(|p| ids.contains(p)).count(), 3, "one link per program");
+    assert!(node.pin_dir.join("SERVICES").exists(), "maps are pinned while running");
 
     let status = f.daemon.stop().unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM exit: {status}\n{}",
-        f.daemon.log_text()
-    );
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", f.daemon.log_text());
     // Programs are freed asynchronously after their last reference goes.
     let gone = wait_until(Duration::from_secs(10), || !loaded().unwrap().any_of(&ids));
     assert!(gone, "programs {ids:?} or their links are still loaded");
-    assert!(
-        cgroup_programs(&node.cgroup).unwrap().is_empty(),
-        "cgroup still has programs"
-    );
-    assert!(
-        !node.pin_dir.exists(),
-        "pin dir {} is left",
-        node.pin_dir.display()
-    );
+    assert!(cgroup_programs(&node.cgroup).unwrap().is_empty(), "cgroup still has programs");
+    assert!(!node.pin_dir.exists(), "pin dir {} is left", node.pin_dir.display());
 }
 
 #[test]
@@ -241,43 +174,22 @@ fn root_two_daemons_run_side_by_side() {
         "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {wa}, node: node-a }}, {{ ip: {wb}, node: node-b }}]\n"
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
-    let mut da = c
-        .start_daemon("node-a", &cfg, &["--cleanup-on-exit"])
-        .unwrap();
+    let mut da = c.start_daemon("node-a", &cfg, &["--cleanup-on-exit"]).unwrap();
     let db = c.start_daemon("node-b", &cfg, &[]).unwrap();
 
-    let (pa, pb) = (
-        cgroup_programs(&c.node("node-a").cgroup).unwrap(),
-        cgroup_programs(&c.node("node-b").cgroup).unwrap(),
-    );
-    assert_eq!(
-        (pa.len(), pb.len()),
-        (3, 3),
-        "each node cgroup has its own three programs"
-    );
-    assert!(
-        pa.iter().all(|a| !pb.contains(a)),
-        "the daemons share programs: {pa:?} {pb:?}"
-    );
+    let (pa, pb) =
+        (cgroup_programs(&c.node("node-a").cgroup).unwrap(), cgroup_programs(&c.node("node-b").cgroup).unwrap());
+    assert_eq!((pa.len(), pb.len()), (3, 3), "each node cgroup has its own three programs");
+    assert!(pa.iter().all(|a| !pb.contains(a)), "the daemons share programs: {pa:?} {pb:?}");
 
     for client in ["client-a", "client-b"] {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..6 {
             let (code, body) = c.curl(client, &format!("http://{VIP}/")).unwrap();
-            assert_eq!(
-                code,
-                0,
-                "{client}: {body}\n{}\n{}",
-                da.log_text(),
-                db.log_text()
-            );
+            assert_eq!(code, 0, "{client}: {body}\n{}\n{}", da.log_text(), db.log_text());
             seen.insert(body_field(&body, "backend").to_owned());
         }
-        assert_eq!(
-            seen.into_iter().collect::<Vec<_>>(),
-            ["web-a", "web-b"],
-            "{client} reaches both nodes' backends"
-        );
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web-a", "web-b"], "{client} reaches both nodes' backends");
     }
     // Each daemon carried only its own node's clients.
     assert_eq!(da.counter("proxy", "forwarded").unwrap(), 6);
@@ -287,10 +199,7 @@ fn root_two_daemons_run_side_by_side() {
     let status = da.stop_with(libc::SIGINT).unwrap();
     assert!(status.success(), "SIGINT exit: {status}");
     let (code, _) = c.curl("client-a", &format!("http://{VIP}/")).unwrap();
-    assert_ne!(
-        code, 0,
-        "node-a no longer redirects once its daemon is gone"
-    );
+    assert_ne!(code, 0, "node-a no longer redirects once its daemon is gone");
     let (code, body) = c.curl("client-b", &format!("http://{VIP}/")).unwrap();
     assert_eq!(code, 0, "node-b still works: {body}");
     assert_eq!(cgroup_programs(&c.node("node-b").cgroup).unwrap().len(), 3);

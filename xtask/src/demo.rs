@@ -14,19 +14,11 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
     crate::build_bins(false)?;
 
     say("building a mini cluster: node-a with pods client, web-1, web-2");
-    let spec = ClusterSpec::new()
-        .node("node-a")
-        .pod("client", "node-a")
-        .pod("web-1", "node-a")
-        .pod("web-2", "node-a");
+    let spec = ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a").pod("web-2", "node-a");
     let cluster = Cluster::create(&spec)?;
     for pod in ["client", "web-1", "web-2"] {
         let p = cluster.pod(pod);
-        say(&format!(
-            "  pod {pod:<7} {}  (netns {})",
-            p.ip,
-            p.netns.display()
-        ));
+        say(&format!("  pod {pod:<7} {}  (netns {})", p.ip, p.netns.display()));
     }
     cluster.serve("web-1", 8080, None)?;
     cluster.serve("web-2", 8080, None)?;
@@ -45,11 +37,7 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
 
     say("starting mesh-daemon for node-a (attaches connect4, sockops and getpeername4 to the node's cgroup)");
     let mut daemon = cluster.start_daemon("node-a", &path, &["--cleanup-on-exit"])?;
-    say(&format!(
-        "  ready; pid {}, maps pinned under {}",
-        daemon.pid(),
-        daemon.node.pin_dir.display()
-    ));
+    say(&format!("  ready; pid {}, maps pinned under {}", daemon.pid(), daemon.node.pin_dir.display()));
 
     say(&format!("sending {requests} requests from pod client to http://{VIP}/ with curl, one connection each"));
     let started = Instant::now();
@@ -65,26 +53,15 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
         args.extend(std::iter::repeat_n(url.as_str(), n as usize));
         let out = cluster.exec("client", "curl", &args, Duration::from_secs(60))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let ok: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("backend="))
-            .collect();
+        let ok: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("backend=")).collect();
         failed += n as usize - ok.len();
         for l in ok {
-            *answered
-                .entry(l.split_whitespace().next().unwrap_or_default().to_owned())
-                .or_default() += 1;
+            *answered.entry(l.split_whitespace().next().unwrap_or_default().to_owned()).or_default() += 1;
         }
     }
-    say(&format!(
-        "done in {:.1} s; which backend answered:",
-        started.elapsed().as_secs_f64()
-    ));
+    say(&format!("done in {:.1} s; which backend answered:", started.elapsed().as_secs_f64()));
     for (backend, n) in &answered {
-        println!(
-            "    {backend:<8} {n:>5}  {}",
-            "#".repeat((*n as usize * 40).div_ceil(requests.max(1) as usize))
-        );
+        println!("    {backend:<8} {n:>5}  {}", "#".repeat((*n as usize * 40).div_ceil(requests.max(1) as usize)));
     }
     if failed > 0 {
         println!("    failed   {failed:>5}");
@@ -97,9 +74,7 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
     );
     println!(
         "    proxy:  forwarded {}, connect failures {}, bytes to client {}",
-        stats["proxy"]["forwarded"],
-        stats["proxy"]["connect_failed"],
-        stats["proxy"]["bytes_to_client"]
+        stats["proxy"]["forwarded"], stats["proxy"]["connect_failed"], stats["proxy"]["bytes_to_client"]
     );
 
     say("meshctl get endpoints (the daemon's control API, on its Unix socket):");
@@ -111,9 +86,7 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
     say("stopping the daemon (SIGTERM with --cleanup-on-exit: detach programs, remove pins) and tearing down the cluster");
     let status = daemon.stop()?;
     drop(cluster);
-    say(&format!(
-        "daemon exited with {status}; all namespaces, cgroups and pins removed"
-    ));
+    say(&format!("daemon exited with {status}; all namespaces, cgroups and pins removed"));
     if failed > 0 || !status.success() {
         anyhow::bail!("{failed} of {requests} requests failed");
     }

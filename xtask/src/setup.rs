@@ -9,38 +9,22 @@ use anyhow::{bail, Context};
 use crate::run;
 
 /// Commands the tests and the demo run, with the Debian package of each.
-const TOOLS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("curl", "curl"),
-    ("bpftool", "bpftool"),
-    ("nsenter", "util-linux"),
-    ("sysctl", "procps"),
-];
+const TOOLS: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("curl", "curl"), ("bpftool", "bpftool"), ("nsenter", "util-linux"), ("sysctl", "procps")];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
 }
 
 fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(cmd).is_file())
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(cmd).is_file())
 }
 
 pub fn setup() -> anyhow::Result<()> {
@@ -59,18 +43,9 @@ fn rust_src() -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("the nightly toolchain is not installed; the kernel programs need it: rustup toolchain install nightly");
     }
-    if !String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -81,9 +56,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     if succeeds(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
-    let sysroot = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
-        .output()?;
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     let lib = std::fs::read_dir(sysroot.join("lib"))
         .with_context(|| format!("reading {}/lib", sysroot.display()))?
@@ -91,10 +64,7 @@ fn bpf_linker() -> anyhow::Result<()> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
-    let major: String = lib["libLLVM.so.".len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let major: String = lib["libLLVM.so.".len()..].chars().take_while(char::is_ascii_digit).collect();
     let prefix = crate::root().join("target").join("llvm-prefix");
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
@@ -104,16 +74,11 @@ fn bpf_linker() -> anyhow::Result<()> {
         std::os::unix::fs::symlink(sysroot.join("lib").join(&lib), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (takes a minute or two)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (takes a minute or two)"
+    );
     run(crate::cargo()
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-        ])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
     if !succeeds(Command::new("bpf-linker").arg("--version")) {
@@ -123,20 +88,13 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn packages() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(c, _)| !on_path(c))
-        .map(|(_, p)| *p)
-        .collect();
+    let mut missing: Vec<&str> = TOOLS.iter().filter(|(c, _)| !on_path(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}; install them as root: apt-get install {}",
-            missing.join(" ")
-        );
+        bail!("missing Debian packages {missing:?}; install them as root: apt-get install {}", missing.join(" "));
     }
     eprintln!("setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -148,9 +106,8 @@ fn packages() -> anyhow::Result<()> {
 
 fn bpffs() -> anyhow::Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mounted = mountinfo
-        .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    let mounted =
+        mountinfo.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
     if mounted {
         return Ok(());
     }

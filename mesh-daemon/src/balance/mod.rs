@@ -1,36 +1,47 @@
-//! Endpoint selection: a rotation for the proxy (weights and health come
-//! later) and the slot tables of in-kernel balancing.
+//! Endpoint selection: shared per-endpoint state ([`endpoint`]), the
+//! selection rules ([`select`]: priority failover, fail-open, weighted P2C
+//! over peak-EWMA load), passive health ([`breaker`]), backoff, and the
+//! slot tables of in-kernel balancing ([`slots`]).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod breaker;
+pub mod endpoint;
+pub mod ewma;
+pub mod select;
 pub mod slots;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddrV4;
+use std::sync::{Arc, Mutex};
 
-/// Round-robin over a fixed list.
+pub use endpoint::{BalanceConfig, EndpointState, EndpointView};
+
+/// The state of every endpoint address in use, kept across state writes
+/// so latency, breakers and health survive an `apply`.
 #[derive(Debug, Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
+pub struct Registry {
+    cfg: BalanceConfig,
+    states: Mutex<HashMap<SocketAddrV4, Arc<EndpointState>>>,
 }
 
-impl RoundRobin {
-    /// The next of `n` choices, or None when there are none.
-    pub fn pick(&self, n: usize) -> Option<usize> {
-        (n > 0).then(|| self.next.fetch_add(1, Ordering::Relaxed) % n)
+impl Registry {
+    pub fn new(cfg: BalanceConfig) -> Self {
+        Self { cfg, states: Mutex::new(HashMap::new()) }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    pub fn get(&self, addr: SocketAddrV4) -> Arc<EndpointState> {
+        let mut m = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(addr).or_insert_with(|| Arc::new(EndpointState::new(addr, &self.cfg))).clone()
+    }
 
-    #[test]
-    fn rotates_evenly_and_handles_empty() {
-        let rr = RoundRobin::default();
-        let mut counts = [0; 3];
-        for _ in 0..300 {
-            counts[rr.pick(3).unwrap()] += 1;
-        }
-        assert_eq!(counts, [100, 100, 100]);
-        assert_eq!(rr.pick(0), None);
+    /// Forgets addresses no longer in use.
+    pub fn retain(&self, keep: &HashSet<SocketAddrV4>) {
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).retain(|a, _| keep.contains(a));
+    }
+
+    /// Actively healthy, for addresses known; unknown ones are healthy.
+    pub fn actively_healthy(&self, addr: SocketAddrV4) -> bool {
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).is_none_or(|s| s.actively_healthy())
     }
 }

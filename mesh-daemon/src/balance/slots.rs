@@ -9,31 +9,22 @@
 
 /// For each slot, the index of the endpoint it points to.
 pub fn layout(weights: &[u16], size: u32) -> Vec<usize> {
-    let live: Vec<(usize, u64)> = weights
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| **w > 0)
-        .map(|(i, w)| (i, u64::from(*w)))
-        .collect();
+    let live: Vec<(usize, u64)> =
+        weights.iter().enumerate().filter(|(_, w)| **w > 0).map(|(i, w)| (i, u64::from(*w))).collect();
     if live.is_empty() {
         return Vec::new();
     }
     let slots = u64::from(size).max(live.len() as u64);
     let total: u64 = live.iter().map(|(_, w)| w).sum();
-    let mut counts: Vec<(usize, u64, u64)> = live
-        .iter()
-        .map(|(i, w)| (*i, w * slots / total, w * slots % total))
-        .collect();
+    let mut counts: Vec<(usize, u64, u64)> =
+        live.iter().map(|(i, w)| (*i, w * slots / total, w * slots % total)).collect();
     let left = slots - counts.iter().map(|c| c.1).sum::<u64>();
     let mut by_remainder: Vec<usize> = (0..counts.len()).collect();
     by_remainder.sort_by(|a, b| counts[*b].2.cmp(&counts[*a].2).then(a.cmp(b)));
     for k in by_remainder.into_iter().take(left as usize) {
         counts[k].1 += 1;
     }
-    counts
-        .iter()
-        .flat_map(|(i, n, _)| std::iter::repeat_n(*i, *n as usize))
-        .collect()
+    counts.iter().flat_map(|(i, n, _)| std::iter::repeat_n(*i, *n as usize)).collect()
 }
 
 #[cfg(test)]
@@ -42,9 +33,7 @@ mod tests {
 
     fn shares(weights: &[u16], size: u32) -> Vec<usize> {
         let t = layout(weights, size);
-        (0..weights.len())
-            .map(|i| t.iter().filter(|s| **s == i).count())
-            .collect()
+        (0..weights.len()).map(|i| t.iter().filter(|s| **s == i).count()).collect()
     }
 
     #[test]
@@ -63,11 +52,7 @@ mod tests {
     fn table_is_exactly_the_size_and_rounding_is_fair() {
         assert_eq!(shares(&[1, 1, 1], 256), [86, 85, 85]);
         assert_eq!(layout(&[7, 11, 13], 256).len(), 256);
-        assert_eq!(
-            shares(&[65535, 1], 256),
-            [256, 0],
-            "a tiny weight can round to nothing"
-        );
+        assert_eq!(shares(&[65535, 1], 256), [256, 0], "a tiny weight can round to nothing");
     }
 
     #[test]

@@ -14,19 +14,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(
-    name = "meshctl",
-    version,
-    about = "Drive mesh-daemon through its node-local API"
-)]
+#[command(name = "meshctl", version, about = "Drive mesh-daemon through its node-local API")]
 struct Cli {
     /// The daemon's API socket.
-    #[arg(
-        long,
-        global = true,
-        env = "MESH_SOCKET",
-        default_value = "/run/mesh/mesh.sock"
-    )]
+    #[arg(long, global = true, env = "MESH_SOCKET", default_value = "/run/mesh/mesh.sock")]
     socket: PathBuf,
     /// Output: table (for people) or json (for scripts).
     #[arg(short, long, global = true, default_value = "table")]
@@ -137,35 +128,22 @@ async fn call(
     body: Option<Vec<u8>>,
     if_match: Option<u64>,
 ) -> anyhow::Result<Result<Value, ApiError>> {
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        anyhow!(
-            "cannot reach mesh-daemon at {} (is it running?): {e}",
-            socket.display()
-        )
-    })?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow!("cannot reach mesh-daemon at {} (is it running?): {e}", socket.display()))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, "mesh-daemon");
+    let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "mesh-daemon");
     if let Some(g) = if_match {
         req = req.header(hyper::header::IF_MATCH, g.to_string());
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("talking to mesh-daemon")?;
+    let resp = sender.send_request(req).await.context("talking to mesh-daemon")?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    let body: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
-    Ok(if status.is_success() {
-        Ok(body)
-    } else {
-        Err(ApiError { status, body })
-    })
+    let body: Value =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+    Ok(if status.is_success() { Ok(body) } else { Err(ApiError { status, body }) })
 }
 
 /// `[ns/]name` -> (ns, name)
@@ -184,11 +162,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -211,38 +185,16 @@ fn print_list(kind: Kind, v: &Value) {
         other => vec![other.clone()],
     };
     match kind {
-        Kind::Nodes => table(
-            &["NAME", "ADDRESS"],
-            items
-                .iter()
-                .map(|n| vec![s(&n["name"]), s(&n["address"])])
-                .collect(),
-        ),
+        Kind::Nodes => {
+            table(&["NAME", "ADDRESS"], items.iter().map(|n| vec![s(&n["name"]), s(&n["address"])]).collect())
+        }
         Kind::Workloads => table(
-            &[
-                "NAMESPACE",
-                "NAME",
-                "NODE",
-                "IP",
-                "SERVICE ACCOUNT",
-                "NETNS",
-            ],
+            &["NAMESPACE", "NAME", "NODE", "IP", "SERVICE ACCOUNT", "NETNS"],
             items
                 .iter()
                 .map(|w| {
-                    let netns = if w["netns"].is_null() {
-                        format!("pid {}", s(&w["pid"]))
-                    } else {
-                        s(&w["netns"])
-                    };
-                    vec![
-                        s(&w["namespace"]),
-                        s(&w["name"]),
-                        s(&w["node"]),
-                        s(&w["ip"]),
-                        s(&w["serviceAccount"]),
-                        netns,
-                    ]
+                    let netns = if w["netns"].is_null() { format!("pid {}", s(&w["pid"])) } else { s(&w["netns"]) };
+                    vec![s(&w["namespace"]), s(&w["name"]), s(&w["node"]), s(&w["ip"]), s(&w["serviceAccount"]), netns]
                 })
                 .collect(),
         ),
@@ -259,11 +211,7 @@ fn print_list(kind: Kind, v: &Value) {
                                     format!(
                                         "{}->{}",
                                         s(&p["port"]),
-                                        if p["targetPort"].is_null() {
-                                            s(&p["port"])
-                                        } else {
-                                            s(&p["targetPort"])
-                                        }
+                                        if p["targetPort"].is_null() { s(&p["port"]) } else { s(&p["targetPort"]) }
                                     )
                                 })
                                 .collect()
@@ -283,17 +231,7 @@ fn print_list(kind: Kind, v: &Value) {
         ),
         Kind::Endpoints => table(
             &["SERVICE", "IP", "NODE", "WEIGHT"],
-            items
-                .iter()
-                .map(|e| {
-                    vec![
-                        s(&e["service"]),
-                        s(&e["ip"]),
-                        s(&e["node"]),
-                        s(&e["weight"]),
-                    ]
-                })
-                .collect(),
+            items.iter().map(|e| vec![s(&e["service"]), s(&e["ip"]), s(&e["node"]), s(&e["weight"])]).collect(),
         ),
     }
 }
@@ -314,38 +252,18 @@ fn print_dump(v: &Value) {
                 let summary = if slots.is_empty() {
                     "-".to_owned()
                 } else {
-                    counts
-                        .iter()
-                        .map(|(b, n)| format!("{b} x{n}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    counts.iter().map(|(b, n)| format!("{b} x{n}")).collect::<Vec<_>>().join(", ")
                 };
-                vec![
-                    format!("  {}", s(&sv["address"])),
-                    s(&sv["id"]),
-                    s(&sv["mode"]),
-                    s(&sv["generation"]),
-                    summary,
-                ]
+                vec![format!("  {}", s(&sv["address"])), s(&sv["id"]), s(&sv["mode"]), s(&sv["generation"]), summary]
             })
             .collect(),
     );
     println!("workloads:");
     let wl = v["workloads"].as_object().cloned().unwrap_or_default();
-    table(
-        &["  NETNS COOKIE", "PROXY"],
-        wl.iter()
-            .map(|(k, p)| vec![format!("  {k}"), s(p)])
-            .collect(),
-    );
+    table(&["  NETNS COOKIE", "PROXY"], wl.iter().map(|(k, p)| vec![format!("  {k}"), s(p)]).collect());
     println!("counters:");
     let st = v["stats"].as_object().cloned().unwrap_or_default();
-    table(
-        &["  NAME", "VALUE"],
-        st.iter()
-            .map(|(k, n)| vec![format!("  {k}"), s(n)])
-            .collect(),
-    );
+    table(&["  NAME", "VALUE"], st.iter().map(|(k, n)| vec![format!("  {k}"), s(n)]).collect());
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -354,8 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (method, path, body, if_match) = match &cli.command {
         Cmd::Status => (Method::GET, "/v1/status".to_owned(), None, None),
         Cmd::Apply { file, if_match } => {
-            let text =
-                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
             (Method::PUT, "/v1/state".to_owned(), Some(text), *if_match)
         }
         Cmd::Get { kind, name } => {
@@ -363,11 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Kind::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
                 (Kind::Workloads, Some(n)) | (Kind::Services, Some(n)) => {
                     let (ns, n) = ns_name(n);
-                    let k = if matches!(kind, Kind::Workloads) {
-                        "workloads"
-                    } else {
-                        "services"
-                    };
+                    let k = if matches!(kind, Kind::Workloads) { "workloads" } else { "services" };
                     format!("/v1/{k}/{ns}/{n}")
                 }
                 (Kind::Nodes, None) => "/v1/nodes".into(),
@@ -377,30 +290,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             (Method::GET, path, None, None)
         }
-        Cmd::SetWeight {
-            service,
-            endpoint,
-            weight,
-            if_match,
-        } => {
+        Cmd::SetWeight { service, endpoint, weight, if_match } => {
             let (ns, n) = ns_name(service);
             let body = serde_json::to_vec(&json!({ "weight": weight }))?;
-            (
-                Method::PATCH,
-                format!("/v1/services/{ns}/{n}/endpoints/{endpoint}"),
-                Some(body),
-                *if_match,
-            )
+            (Method::PATCH, format!("/v1/services/{ns}/{n}/endpoints/{endpoint}"), Some(body), *if_match)
         }
-        Cmd::Enroll {
-            name,
-            namespace,
-            service_account,
-            node,
-            ip,
-            netns,
-            pid,
-        } => {
+        Cmd::Enroll { name, namespace, service_account, node, ip, netns, pid } => {
             let mut w = json!({ "name": name, "namespace": namespace, "serviceAccount": service_account, "node": node, "ip": ip });
             if let Some(n) = netns {
                 w["netns"] = json!(n);
@@ -408,19 +303,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(p) = pid {
                 w["pid"] = json!(p);
             }
-            (
-                Method::PUT,
-                format!("/v1/workloads/{namespace}/{name}"),
-                Some(serde_json::to_vec(&w)?),
-                None,
-            )
+            (Method::PUT, format!("/v1/workloads/{namespace}/{name}"), Some(serde_json::to_vec(&w)?), None)
         }
-        Cmd::Unenroll { name, namespace } => (
-            Method::DELETE,
-            format!("/v1/workloads/{namespace}/{name}"),
-            None,
-            None,
-        ),
+        Cmd::Unenroll { name, namespace } => (Method::DELETE, format!("/v1/workloads/{namespace}/{name}"), None, None),
         Cmd::Delete { kind, name } => {
             let path = match kind {
                 DeleteKind::Node => format!("/v1/nodes/{name}"),
@@ -435,9 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             (Method::DELETE, path, None, None)
         }
-        Cmd::Datapath {
-            command: DatapathCmd::Dump,
-        } => (Method::GET, "/v1/datapath".to_owned(), None, None),
+        Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
     };
     let answer = call(sock, method.clone(), &path, body, if_match).await?;
     let v = match answer {
@@ -479,19 +362,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("counters:    {}", parts.join(" "));
             }
         }
-        Cmd::Get {
-            kind: Kind::Endpoints,
-            name: Some(svc),
-        } => {
+        Cmd::Get { kind: Kind::Endpoints, name: Some(svc) } => {
             let (ns, n) = ns_name(svc);
             let want = format!("{ns}/{n}");
-            let list: Vec<Value> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|e| e["service"] == want.as_str())
-                .cloned()
-                .collect();
+            let list: Vec<Value> =
+                v.as_array().into_iter().flatten().filter(|e| e["service"] == want.as_str()).cloned().collect();
             print_list(Kind::Endpoints, &Value::Array(list));
         }
         Cmd::Get { kind, .. } => print_list(*kind, &v),
@@ -503,10 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

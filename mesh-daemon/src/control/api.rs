@@ -32,9 +32,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{Control, WriteError};
-use crate::model::{
-    Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc,
-};
+use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
 
 const MAX_BODY: usize = 16 << 20;
 
@@ -53,13 +51,9 @@ impl Access {
             return Ok(Self::default());
         };
         let g = nix::unistd::Group::from_name(name)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "--api-group {name}: no such group; create it (groupadd {name}) or drop the flag"
-            )
+            anyhow::anyhow!("--api-group {name}: no such group; create it (groupadd {name}) or drop the flag")
         })?;
-        Ok(Self {
-            group: Some((name.to_owned(), g.gid.as_raw(), g.mem)),
-        })
+        Ok(Self { group: Some((name.to_owned(), g.gid.as_raw(), g.mem)) })
     }
 
     fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
@@ -76,11 +70,7 @@ impl Access {
         if let Some(pid) = pid {
             if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
                 if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-                    if line
-                        .split_whitespace()
-                        .skip(1)
-                        .any(|g| g.parse() == Ok(*group))
-                    {
+                    if line.split_whitespace().skip(1).any(|g| g.parse() == Ok(*group)) {
                         return true;
                     }
                 }
@@ -105,10 +95,7 @@ impl Access {
 pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
             if let Some((_, gid, _)) = &access.group {
                 nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(*gid)))?;
             }
@@ -116,10 +103,7 @@ pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "--api-socket {}: another mesh-daemon is serving there",
-                path.display()
-            );
+            anyhow::bail!("--api-socket {}: another mesh-daemon is serving there", path.display());
         }
         std::fs::remove_file(path)?;
     }
@@ -150,14 +134,11 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let allowed = match stream.peer_cred() {
-            Ok(c) => access
-                .allows(c.uid(), c.gid(), c.pid())
-                .then_some(())
-                .ok_or(format!(
-                    "uid {} may not use the mesh API: {}",
-                    c.uid(),
-                    access.who_may()
-                )),
+            Ok(c) => access.allows(c.uid(), c.gid(), c.pid()).then_some(()).ok_or(format!(
+                "uid {} may not use the mesh API: {}",
+                c.uid(),
+                access.who_may()
+            )),
             Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
         };
         let control = control.clone();
@@ -172,9 +153,7 @@ pub async fn serve(
                     })
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 debug!(error = %e, "control API connection");
             }
@@ -187,10 +166,7 @@ fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
     text.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -214,10 +190,9 @@ fn invalid(errors: &ValidationErrors) -> Response<Full<Bytes>> {
 
 fn write_error(e: WriteError) -> Response<Full<Bytes>> {
     match e {
-        WriteError::Conflict { current, .. } => respond(
-            StatusCode::CONFLICT,
-            &json!({ "error": e.to_string(), "generation": current }),
-        ),
+        WriteError::Conflict { current, .. } => {
+            respond(StatusCode::CONFLICT, &json!({ "error": e.to_string(), "generation": current }))
+        }
         WriteError::Invalid(v) => invalid(&v),
         WriteError::NotFound(m) => error(StatusCode::NOT_FOUND, &m),
         WriteError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -235,10 +210,7 @@ async fn write(
     match tokio::task::spawn_blocking(move || c.write(if_match, edit)).await {
         Ok(Ok(generation)) => respond(StatusCode::OK, &json!({ "generation": generation })),
         Ok(Err(e)) => write_error(e),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("write failed: {e}"),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write failed: {e}")),
     }
 }
 
@@ -248,8 +220,7 @@ async fn body_value(req: Request<Incoming>) -> Result<Value, Box<Reply>> {
         .await
         .map_err(|e| bad(&format!("cannot read the body: {e}")))?
         .to_bytes();
-    serde_yaml::from_slice(&bytes)
-        .map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
+    serde_yaml::from_slice(&bytes).map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
 }
 
 /// Sets `key` of an object body from the URL, or checks it matches.
@@ -263,9 +234,7 @@ fn url_field(v: &mut Value, key: &str, from_url: &str) -> Result<(), Box<Reply>>
             Ok(())
         }
         Some(Value::String(s)) if s == from_url => Ok(()),
-        Some(other) => Err(bad(&format!(
-            "{key}: {other} does not match the URL's {from_url:?}"
-        ))),
+        Some(other) => Err(bad(&format!("{key}: {other} does not match the URL's {from_url:?}"))),
     }
 }
 
@@ -292,22 +261,10 @@ fn relative(v: ValidationErrors, prefix: &str) -> ValidationErrors {
     ValidationErrors(
         v.0.into_iter()
             .map(|e| match e.path.strip_prefix(prefix) {
-                Some(rest) => FieldError {
-                    path: rest.trim_start_matches('.').to_owned(),
-                    message: e.message,
-                },
+                Some(rest) => FieldError { path: rest.trim_start_matches('.').to_owned(), message: e.message },
                 None => e,
             })
-            .map(|e| {
-                if e.path.is_empty() {
-                    FieldError {
-                        path: "(body)".into(),
-                        ..e
-                    }
-                } else {
-                    e
-                }
-            })
+            .map(|e| if e.path.is_empty() { FieldError { path: "(body)".into(), ..e } } else { e })
             .collect(),
     )
 }
@@ -346,14 +303,9 @@ async fn put_item<T: Send + 'static>(
     .await;
     match done {
         Ok((Ok(generation), _)) => respond(StatusCode::OK, &json!({ "generation": generation })),
-        Ok((Err(WriteError::Invalid(v)), Some(i))) => {
-            invalid(&relative(v, &format!("{kind}[{i}]")))
-        }
+        Ok((Err(WriteError::Invalid(v)), Some(i))) => invalid(&relative(v, &format!("{kind}[{i}]"))),
         Ok((Err(e), _)) => write_error(e),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("write failed: {e}"),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write failed: {e}")),
     }
 }
 
@@ -371,13 +323,8 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
     match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => {
             let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
-                Ok(s) => s
-                    .into_iter()
-                    .map(|(s, v)| (s.name().to_owned(), v.into()))
-                    .collect(),
-                Err(e) => [("error".to_owned(), Value::String(e))]
-                    .into_iter()
-                    .collect(),
+                Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
+                Err(e) => [("error".to_owned(), Value::String(e))].into_iter().collect(),
             };
             respond(
                 StatusCode::OK,
@@ -392,10 +339,9 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 }),
             )
         }
-        (&Method::GET, ["v1", "state"]) => respond(
-            StatusCode::OK,
-            &json!({ "generation": snap.generation, "state": doc }),
-        ),
+        (&Method::GET, ["v1", "state"]) => {
+            respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc }))
+        }
         (&Method::PUT, ["v1", "state"]) => {
             let v = match body_value(req).await {
                 Ok(v) => v,
@@ -422,38 +368,19 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
         },
         (&Method::GET, ["v1", "workloads"]) => respond(StatusCode::OK, &doc.workloads),
         (&Method::GET, ["v1", "workloads", ns, name]) => {
-            match doc
-                .workloads
-                .iter()
-                .find(|w| w.namespace == *ns && w.name == *name)
-            {
+            match doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name) {
                 Some(w) => respond(StatusCode::OK, w),
                 None => not_found(format!("workload {ns}/{name}")),
             }
         }
         (&Method::GET, ["v1", "services"]) => respond(StatusCode::OK, &doc.services),
         (&Method::GET, ["v1", "services", ns, name]) => {
-            match doc
-                .services
-                .iter()
-                .find(|s| s.namespace == *ns && s.name == *name)
-            {
+            match doc.services.iter().find(|s| s.namespace == *ns && s.name == *name) {
                 Some(s) => respond(StatusCode::OK, s),
                 None => not_found(format!("service {ns}/{name}")),
             }
         }
-        (&Method::GET, ["v1", "endpoints"]) => {
-            let list: Vec<Value> = doc
-                .services
-                .iter()
-                .flat_map(|s| {
-                    s.endpoints.iter().map(move |e| {
-                        json!({"service": format!("{}/{}", s.namespace, s.name), "ip": e.ip, "node": e.node, "weight": e.weight})
-                    })
-                })
-                .collect();
-            respond(StatusCode::OK, &list)
-        }
+        (&Method::GET, ["v1", "endpoints"]) => respond(StatusCode::OK, &control.endpoints()),
         (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => {
             let kind = *kind;
             let (ns, name) = match (kind, rest) {
@@ -488,9 +415,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     Ok(w) => {
                         put_item(&control, m, "workloads", w, |d, w| {
                             let key = (w.namespace.clone(), w.name.clone());
-                            upsert(&mut d.workloads, w, |x| {
-                                (x.namespace.clone(), x.name.clone()) == key
-                            })
+                            upsert(&mut d.workloads, w, |x| (x.namespace.clone(), x.name.clone()) == key)
                         })
                         .await
                     }
@@ -500,9 +425,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     Ok(s) => {
                         put_item(&control, m, "services", s, |d, s| {
                             let key = (s.namespace.clone(), s.name.clone());
-                            upsert(&mut d.services, s, |x| {
-                                (x.namespace.clone(), x.name.clone()) == key
-                            })
+                            upsert(&mut d.services, s, |x| (x.namespace.clone(), x.name.clone()) == key)
                         })
                         .await
                     }
@@ -527,20 +450,15 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             write(&control, m, move |d| {
                 let gone = if kind == "workloads" {
                     let before = d.workloads.len();
-                    d.workloads
-                        .retain(|w| !(w.namespace == ns && w.name == name));
+                    d.workloads.retain(|w| !(w.namespace == ns && w.name == name));
                     before != d.workloads.len()
                 } else {
                     let before = d.services.len();
-                    d.services
-                        .retain(|s| !(s.namespace == ns && s.name == name));
+                    d.services.retain(|s| !(s.namespace == ns && s.name == name));
                     before != d.services.len()
                 };
                 if !gone {
-                    return Err(WriteError::NotFound(format!(
-                        "{} {ns}/{name} not found",
-                        kind.trim_end_matches('s')
-                    )));
+                    return Err(WriteError::NotFound(format!("{} {ns}/{name} not found", kind.trim_end_matches('s'))));
                 }
                 Ok(())
             })
@@ -553,40 +471,26 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 Err(r) => return *r,
             };
             let Some(weight) = v.get("weight").and_then(Value::as_i64) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "the body must be {\"weight\": N} with N from 0 to 65535",
-                );
+                return error(StatusCode::BAD_REQUEST, "the body must be {\"weight\": N} with N from 0 to 65535");
             };
             write(&control, m, move |d| {
                 let s = d
                     .services
                     .iter_mut()
                     .find(|s| s.namespace == ns && s.name == name)
-                    .ok_or_else(|| {
-                        WriteError::NotFound(format!("service {ns}/{name} not found"))
-                    })?;
+                    .ok_or_else(|| WriteError::NotFound(format!("service {ns}/{name} not found")))?;
                 let e: &mut EndpointDoc =
                     s.endpoints.iter_mut().find(|e| e.ip == ip).ok_or_else(|| {
-                        WriteError::NotFound(format!(
-                            "endpoint {ip} of service {ns}/{name} not found"
-                        ))
+                        WriteError::NotFound(format!("endpoint {ip} of service {ns}/{name} not found"))
                     })?;
                 e.weight = weight;
                 Ok(())
             })
             .await
         }
-        (_, ["v1", ..]) => error(
-            StatusCode::NOT_FOUND,
-            &format!(
-                "no such resource {} {path}; see the API list in the README",
-                method
-            ),
-        ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            &format!("no such resource {path}: the API is under /v1/"),
-        ),
+        (_, ["v1", ..]) => {
+            error(StatusCode::NOT_FOUND, &format!("no such resource {} {path}; see the API list in the README", method))
+        }
+        _ => error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/")),
     }
 }

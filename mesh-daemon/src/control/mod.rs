@@ -5,21 +5,29 @@
 //! result is saved (write-temp, fsync, rename), the kernel maps are synced
 //! and the proxy's routes swapped, and only then the write is answered.
 //! Writes are serialized; one failing step leaves the old state in place.
+//! Health changes re-sync the kernel maps without a write ([`Control::resync`]).
 
 pub mod api;
 mod store;
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tracing::{info, warn};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 pub use store::{Store, StoreError, Stored};
 
+use crate::balance::select::{effective_weights, Candidate};
+use crate::balance::{BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
-use crate::model::{self, Document, FieldError, NodeName, State, ValidationErrors};
+use crate::health::Checker;
+use crate::model::{self, Document, FieldError, Mode, NodeName, State, ValidationErrors};
 use crate::proxy::RouteTable;
 
 pub struct ControlConfig {
@@ -28,6 +36,7 @@ pub struct ControlConfig {
     pub proxy_listen: SocketAddrV4,
     /// Slots per kernel-mode service table.
     pub slot_table_size: u32,
+    pub balance: BalanceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,19 +49,22 @@ pub enum WriteError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(
-        "saved as generation {generation}, but the kernel maps could not be updated: {source}"
-    )]
-    Datapath {
-        generation: u64,
-        source: DatapathError,
-    },
+    #[error("saved as generation {generation}, but the kernel maps could not be updated: {source}")]
+    Datapath { generation: u64, source: DatapathError },
     #[error("the daemon is shutting down")]
     Stopped,
 }
 
-struct Inner {
+/// The accepted state and what the kernel view of it needs.
+struct Current {
     stored: Stored,
+    state: State,
+    /// Netns cookies of this node's workloads.
+    cookies: Vec<u64>,
+}
+
+struct Inner {
+    current: Current,
     datapath: Option<Datapath>,
 }
 
@@ -64,46 +76,30 @@ pub struct Control {
     /// The last accepted state, for readers.
     snapshot: ArcSwap<Stored>,
     routes: Arc<ArcSwap<RouteTable>>,
+    registry: Arc<Registry>,
+    checker: Mutex<Checker>,
 }
 
 /// A checked state, ready to be written to the datapath.
 pub struct Prepared {
     control: Control,
-    stored: Stored,
-    applied: Applied,
+    current: Current,
 }
 
 impl Prepared {
     /// Syncs the datapath to the state and starts taking writes. On error
     /// the datapath is handed back.
     pub fn attach(self, mut datapath: Datapath) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
-        if let Err(e) = datapath.sync(&self.applied.contents) {
-            return Err(Box::new((
-                anyhow::anyhow!("writing the maps: {e}"),
-                datapath,
-            )));
+        let Prepared { control, current } = self;
+        if let Err(e) = datapath.sync(&control.contents(&current)) {
+            return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
         }
-        let Prepared {
-            control,
-            stored,
-            applied,
-        } = self;
-        control.routes.store(Arc::new(applied.routes));
-        control.snapshot.store(Arc::new(stored.clone()));
+        control.accepted(&current);
         if let Ok(mut inner) = control.inner.lock() {
-            *inner = Inner {
-                stored,
-                datapath: Some(datapath),
-            };
+            *inner = Inner { current, datapath: Some(datapath) };
         }
         Ok(control)
     }
-}
-
-/// The kernel view of a state: map contents and proxy routes.
-struct Applied {
-    contents: MapContents,
-    routes: RouteTable,
 }
 
 /// The pure part of a write: checks the generation, applies `edit` to a
@@ -116,41 +112,36 @@ pub fn plan(
 ) -> Result<(Stored, State), WriteError> {
     if let Some(expected) = if_match {
         if expected != current.generation {
-            return Err(WriteError::Conflict {
-                current: current.generation,
-                expected,
-            });
+            return Err(WriteError::Conflict { current: current.generation, expected });
         }
     }
     let mut doc = current.state.clone();
     edit(&mut doc)?;
     let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
     let ids = current.ids.assign(&state.frontend_keys());
-    Ok((
-        Stored {
-            generation: current.generation + 1,
-            ids,
-            state: doc,
-        },
-        state,
-    ))
+    Ok((Stored { generation: current.generation + 1, ids, state: doc }, state))
 }
 
 impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
-    /// touches the kernel.
-    pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> anyhow::Result<Prepared> {
-        let store = Store::new(&cfg.state_dir);
+    /// touches the kernel. Health changes are announced on `health_changed`.
+    pub fn prepare(
+        cfg: ControlConfig,
+        seed: Option<PathBuf>,
+        health_changed: mpsc::UnboundedSender<()>,
+    ) -> anyhow::Result<Prepared> {
         let control = Control {
-            store,
+            store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
             inner: Mutex::new(Inner {
-                stored: Stored::default(),
+                current: Current { stored: Stored::default(), state: State::default(), cookies: Vec::new() },
                 datapath: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            registry: Arc::new(Registry::new(cfg.balance)),
+            checker: Mutex::new(Checker::new(health_changed)),
             cfg,
         };
         let restored = control.store.load()?;
@@ -165,22 +156,12 @@ impl Control {
                 let doc = model::parse_document(&text).map_err(anyhow::Error::msg)?;
                 let ids = model::ServiceIds::default().assign(&state.frontend_keys());
                 info!(config = %path.display(), "state seeded from the config");
-                (
-                    Stored {
-                        generation: 1,
-                        ids,
-                        state: doc,
-                    },
-                    true,
-                )
+                (Stored { generation: 1, ids, state: doc }, true)
             }
             (None, None) => (Stored::default(), false),
         };
         let state = State::from_document(&stored.state).map_err(|e| {
-            anyhow::anyhow!(
-                "state file {} is invalid; it was left as it is:\n{e}",
-                control.store.path().display()
-            )
+            anyhow::anyhow!("state file {} is invalid; it was left as it is:\n{e}", control.store.path().display())
         })?;
         // A state that names nodes must name this one (an empty state waits
         // for its first write).
@@ -198,22 +179,14 @@ impl Control {
         }
         // A restored pod may be gone: skipped with a warning. A seeded config
         // is checked as strictly as an API write.
-        let applied = control
-            .applied(&state, &stored, seeded)
-            .map_err(|e| match (e, &seed) {
-                (WriteError::Invalid(v), Some(p)) => {
-                    anyhow::anyhow!("config {}:\n{v}", p.display())
-                }
-                (e, _) => anyhow::Error::from(e),
-            })?;
+        let cookies = control.local_cookies(&state, seeded).map_err(|v| match &seed {
+            Some(p) => anyhow::anyhow!("config {}:\n{v}", p.display()),
+            None => anyhow::anyhow!("{v}"),
+        })?;
         if seeded {
             control.store.save(&stored)?;
         }
-        Ok(Prepared {
-            control,
-            stored,
-            applied,
-        })
+        Ok(Prepared { control, current: Current { stored, state, cookies } })
     }
 
     pub fn node(&self) -> &NodeName {
@@ -234,22 +207,19 @@ impl Control {
     fn local_cookies(&self, state: &State, strict: bool) -> Result<Vec<u64>, ValidationErrors> {
         let mut cookies = Vec::new();
         let mut errors = Vec::new();
-        for (i, w) in state
-            .workloads
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.node == self.cfg.node)
-        {
+        for (i, w) in state.workloads.iter().enumerate().filter(|(_, w)| w.node == self.cfg.node) {
             let path = w.netns.path();
             let field = match w.netns {
                 model::NetnsRef::Path(_) => format!("workloads[{i}].netns"),
                 model::NetnsRef::Pid(_) => format!("workloads[{i}].pid"),
             };
             let problem = match datapath::netns_cookie(&path) {
-                Ok(c) if c == self.own_netns => format!(
-                    "{} is the daemon's own network namespace; a host-network pod cannot be enrolled",
-                    path.display()
-                ),
+                Ok(c) if c == self.own_netns => {
+                    format!(
+                        "{} is the daemon's own network namespace; a host-network pod cannot be enrolled",
+                        path.display()
+                    )
+                }
                 Ok(c) => {
                     cookies.push(c);
                     continue;
@@ -257,10 +227,7 @@ impl Control {
                 Err(e) => format!("cannot open network namespace {}: {e}", path.display()),
             };
             if strict {
-                errors.push(FieldError {
-                    path: field,
-                    message: problem,
-                });
+                errors.push(FieldError { path: field, message: problem });
             } else {
                 warn!(workload = %format!("{}/{}", w.namespace, w.name), problem, "workload skipped");
             }
@@ -272,11 +239,10 @@ impl Control {
         }
     }
 
-    fn applied(&self, state: &State, stored: &Stored, strict: bool) -> Result<Applied, WriteError> {
-        let cookies = self
-            .local_cookies(state, strict)
-            .map_err(WriteError::Invalid)?;
-        let frontends = state.frontends(&stored.ids);
+    /// The map contents for `current`, with the health seen now.
+    fn contents(&self, current: &Current) -> MapContents {
+        let state = &current.state;
+        let frontends = state.frontends(&current.stored.ids);
         let node_ip = state.node(&self.cfg.node).map(|n| n.address);
         let listen = self.cfg.proxy_listen;
         let proxy_ip = match (listen.ip().is_unspecified(), node_ip) {
@@ -285,16 +251,35 @@ impl Control {
             (false, _) => *listen.ip(),
         };
         let proxy = SocketAddrV4::new(proxy_ip, listen.port());
-        Ok(Applied {
-            contents: MapContents::build(
-                state,
-                &frontends,
-                &cookies,
-                proxy,
-                self.cfg.slot_table_size,
-            ),
-            routes: RouteTable::build(state, &frontends),
+        let registry = &self.registry;
+        MapContents::build(state, &frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
+            registry.actively_healthy(a)
         })
+    }
+
+    /// Makes the proxy, the endpoint registry and the health checks follow
+    /// an accepted state.
+    fn accepted(&self, current: &Current) {
+        let state = &current.state;
+        let frontends = state.frontends(&current.stored.ids);
+        let mut in_use = HashSet::new();
+        let mut checks = Vec::new();
+        for f in &frontends {
+            let s = &state.services[f.service];
+            for e in &s.endpoints {
+                let addr = e.addr(f.target_port);
+                in_use.insert(addr);
+                if let Some(c) = &s.health_check {
+                    checks.push((self.registry.get(addr), c.clone()));
+                }
+            }
+        }
+        self.routes.store(Arc::new(RouteTable::build(state, &frontends, &self.registry)));
+        self.registry.retain(&in_use);
+        if let Ok(mut checker) = self.checker.lock() {
+            checker.reconcile(checks);
+        }
+        self.snapshot.store(Arc::new(current.stored.clone()));
     }
 
     /// Applies `edit` to a copy of the document; see the module doc.
@@ -305,67 +290,110 @@ impl Control {
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
     ) -> Result<u64, WriteError> {
         let mut inner = self.inner.lock().map_err(|_| WriteError::Stopped)?;
-        let (stored, state) = plan(&inner.stored, if_match, edit)?;
-        let applied = self.applied(&state, &stored, true)?;
-        self.store.save(&stored)?;
-        let generation = stored.generation;
+        let (stored, state) = plan(&inner.current.stored, if_match, edit)?;
+        let cookies = self.local_cookies(&state, true).map_err(WriteError::Invalid)?;
+        let next = Current { stored, state, cookies };
+        self.store.save(&next.stored)?;
+        let generation = next.stored.generation;
+        let contents = self.contents(&next);
         let dp = inner.datapath.as_mut().ok_or(WriteError::Stopped)?;
-        let synced = dp.sync(&applied.contents);
+        let synced = dp.sync(&contents);
         // Saved: from here on this is the state, even if the kernel lags.
-        self.routes.store(Arc::new(applied.routes));
-        self.snapshot.store(Arc::new(stored.clone()));
-        inner.stored = stored;
+        self.accepted(&next);
+        inner.current = next;
         let report = synced.map_err(|source| WriteError::Datapath { generation, source })?;
-        info!(
-            generation,
-            written = report.written,
-            deleted = report.deleted,
-            "state applied"
-        );
+        info!(generation, written = report.written, deleted = report.deleted, "state applied");
         Ok(generation)
     }
 
+    /// Re-syncs the kernel maps after health changed.
+    pub fn resync(&self) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let contents = self.contents(&inner.current);
+        if let Some(dp) = inner.datapath.as_mut() {
+            match dp.sync(&contents) {
+                Ok(r) => debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change"),
+                Err(e) => warn!(error = %e, "re-syncing the maps after a health change failed"),
+            }
+        }
+    }
+
+    /// Every endpoint with its configured and effective weight, priority,
+    /// health, latency estimate and connections in flight.
+    pub fn endpoints(&self) -> Vec<Value> {
+        let snap = self.snapshot();
+        let Ok(state) = State::from_document(&snap.state) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for s in &state.services {
+            let Some(port) = s.ports.first() else {
+                continue;
+            };
+            let states: Vec<_> = s.endpoints.iter().map(|e| self.registry.get(e.addr(port.target_port))).collect();
+            let cands: Vec<Candidate> = s
+                .endpoints
+                .iter()
+                .zip(&states)
+                .map(|(e, st)| Candidate {
+                    weight: e.weight.0,
+                    priority: e.priority,
+                    available: match s.mode {
+                        Mode::Kernel => st.actively_healthy(),
+                        Mode::Proxy => st.available(now),
+                    },
+                })
+                .collect();
+            let effective = effective_weights(&cands, s.fail_open);
+            for ((e, st), eff) in s.endpoints.iter().zip(&states).zip(effective) {
+                let v = st.view(now);
+                out.push(json!({
+                    "service": s.key(),
+                    "ip": e.ip.to_string(),
+                    "node": e.node.as_str(),
+                    "weight": e.weight.0,
+                    "effectiveWeight": eff,
+                    "priority": e.priority,
+                    "health": v.active,
+                    "breaker": v.breaker,
+                    "reason": v.reason,
+                    "sinceChangeSeconds": v.since_change_s,
+                    "ewmaRttMs": v.ewma_rtt_ms,
+                    "inFlight": v.in_flight,
+                }));
+            }
+        }
+        out
+    }
+
     pub fn dump(&self) -> Result<Dump, String> {
-        let inner = self
-            .inner
-            .lock()
-            .map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner
-            .datapath
-            .as_ref()
-            .ok_or("the daemon is shutting down")?;
+        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
         dp.dump().map_err(|e| e.to_string())
     }
 
     pub fn datapath_reused(&self) -> bool {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|i| i.datapath.as_ref().map(Datapath::reused))
-            .unwrap_or(false)
+        self.inner.lock().ok().and_then(|i| i.datapath.as_ref().map(Datapath::reused)).unwrap_or(false)
     }
 
     pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, String> {
-        let inner = self
-            .inner
-            .lock()
-            .map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner
-            .datapath
-            .as_ref()
-            .ok_or("the daemon is shutting down")?;
+        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
+        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
         dp.stats().map_err(|e| e.to_string())
     }
 
     pub fn ready(&self) -> bool {
-        self.inner
-            .lock()
-            .map(|i| i.datapath.is_some())
-            .unwrap_or(false)
+        self.inner.lock().map(|i| i.datapath.is_some()).unwrap_or(false)
     }
 
     /// Stops taking writes and hands the datapath to `shutdown`.
     pub fn shutdown(&self, cleanup: bool) {
+        if let Ok(mut checker) = self.checker.lock() {
+            checker.reconcile(Vec::new());
+        }
         if let Ok(mut inner) = self.inner.lock() {
             if let Some(dp) = inner.datapath.take() {
                 dp.shutdown(cleanup);
@@ -386,11 +414,7 @@ mod tests {
         )
         .unwrap();
         let state = State::from_document(&doc).unwrap();
-        Stored {
-            generation: 4,
-            ids: model::ServiceIds::default().assign(&state.frontend_keys()),
-            state: doc,
-        }
+        Stored { generation: 4, ids: model::ServiceIds::default().assign(&state.frontend_keys()), state: doc }
     }
 
     #[test]
@@ -422,16 +446,7 @@ mod tests {
     fn a_stale_generation_conflicts_and_the_current_one_applies() {
         let cur = stored();
         let e = plan(&cur, Some(3), |_| Ok(())).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                WriteError::Conflict {
-                    current: 4,
-                    expected: 3
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, WriteError::Conflict { current: 4, expected: 3 }), "{e}");
         assert!(e.to_string().contains("generation 4, not 3"), "{e}");
         let (next, _) = plan(&cur, Some(4), |d| {
             d.services[0].endpoints[0].weight = 7;
@@ -447,10 +462,7 @@ mod tests {
 
     #[test]
     fn an_edit_error_is_returned_as_is() {
-        let e = plan(&stored(), None, |_| {
-            Err(WriteError::NotFound("service x/y not found".into()))
-        })
-        .unwrap_err();
+        let e = plan(&stored(), None, |_| Err(WriteError::NotFound("service x/y not found".into()))).unwrap_err();
         assert_eq!(e.to_string(), "service x/y not found");
     }
 }

@@ -23,19 +23,13 @@ pub struct Stored {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state file {path} cannot be read: {source}; it was left as it is")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error(
         "state file {path} is corrupt: {message}; it was left as it is: repair it, or move it away to start from --config"
     )]
     Corrupt { path: PathBuf, message: String },
     #[error("cannot save the state to {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 pub struct Store {
@@ -46,9 +40,7 @@ impl Store {
     pub const FILE: &'static str = "state.json";
 
     pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-        }
+        Self { dir: dir.to_owned() }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -63,40 +55,21 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Read { path, source }),
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt {
-                path,
-                message: e.to_string(),
-            })
+        serde_json::from_str(&text).map(Some).map_err(|e| StoreError::Corrupt { path, message: e.to_string() })
     }
 
     pub fn save(&self, stored: &Stored) -> Result<(), StoreError> {
         let path = self.path();
-        let err = |source| StoreError::Write {
-            path: path.clone(),
-            source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(err)?;
+        let err = |source| StoreError::Write { path: path.clone(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(err)?;
         let tmp = self.dir.join(format!("{}.tmp", Self::FILE));
         let text = serde_json::to_vec_pretty(stored).map_err(|e| err(e.into()))?;
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
+        let mut f =
+            std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
         f.write_all(&text).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err)?;
         Ok(())
     }
 }
@@ -118,11 +91,7 @@ mod tests {
         let store = Store::new(&d);
         assert_eq!(store.load().unwrap(), None);
         let doc = parse_document("nodes: [{name: a, address: 1.2.3.4}]").unwrap();
-        let s = Stored {
-            generation: 7,
-            ids: ServiceIds::default(),
-            state: doc,
-        };
+        let s = Stored { generation: 7, ids: ServiceIds::default(), state: doc };
         store.save(&s).unwrap();
         assert_eq!(store.load().unwrap(), Some(s.clone()));
         let s2 = Stored { generation: 8, ..s };
@@ -138,14 +107,8 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("state.json"), "{ not json").unwrap();
         let e = Store::new(&d).load().unwrap_err().to_string();
-        assert!(
-            e.contains("state.json is corrupt") && e.contains("left as it is"),
-            "{e}"
-        );
-        assert_eq!(
-            std::fs::read_to_string(d.join("state.json")).unwrap(),
-            "{ not json"
-        );
+        assert!(e.contains("state.json is corrupt") && e.contains("left as it is"), "{e}");
+        assert_eq!(std::fs::read_to_string(d.join("state.json")).unwrap(), "{ not json");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

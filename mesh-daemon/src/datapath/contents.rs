@@ -5,6 +5,7 @@ use std::net::SocketAddrV4;
 
 use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNEL, MODE_PROXY};
 
+use crate::balance::select::{effective_weights, Candidate};
 use crate::balance::slots;
 use crate::model::{Frontend, Mode, State};
 
@@ -24,32 +25,26 @@ pub struct MapContents {
 }
 
 pub fn sockaddr(a: SocketAddrV4) -> SockAddrV4 {
-    SockAddrV4 {
-        ip_be: u32::from(*a.ip()).to_be(),
-        port_be: a.port().to_be(),
-        _pad: 0,
-    }
+    SockAddrV4 { ip_be: u32::from(*a.ip()).to_be(), port_be: a.port().to_be(), _pad: 0 }
 }
 
 pub fn service_key(vip: std::net::Ipv4Addr, port: u16) -> ServiceKey {
-    ServiceKey {
-        vip_be: u32::from(vip).to_be(),
-        port_be: port.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    }
+    ServiceKey { vip_be: u32::from(vip).to_be(), port_be: port.to_be(), proto: IPPROTO_TCP, _pad: 0 }
 }
 
 impl MapContents {
     /// `cookies`: the netns cookie of each enrolled workload of this node;
     /// `proxy`: where their redirected connections go; `table_size`: slots
-    /// per kernel-mode service.
+    /// per kernel-mode service; `healthy`: whether an endpoint address
+    /// passes its active checks (kernel-mode tables hold only healthy
+    /// endpoints of the best live priority, by weight).
     pub fn build(
         state: &State,
         frontends: &[Frontend],
         cookies: &[u64],
         proxy: SocketAddrV4,
         table_size: u32,
+        healthy: &dyn Fn(SocketAddrV4) -> bool,
     ) -> Self {
         let wl = WorkloadValue {
             proxy_ip_be: u32::from(*proxy.ip()).to_be(),
@@ -62,31 +57,29 @@ impl MapContents {
             .map(|f| {
                 let s = &state.services[f.service];
                 let desired = match s.mode {
-                    Mode::Proxy => DesiredService {
-                        id: f.id,
-                        mode: MODE_PROXY,
-                        slots: Vec::new(),
-                    },
+                    Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
                     Mode::Kernel => {
-                        let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
+                        let cands: Vec<Candidate> = s
+                            .endpoints
+                            .iter()
+                            .map(|e| Candidate {
+                                weight: e.weight.0,
+                                priority: e.priority,
+                                available: healthy(e.addr(f.target_port)),
+                            })
+                            .collect();
+                        let weights = effective_weights(&cands, s.fail_open);
                         let slots = slots::layout(&weights, table_size)
                             .into_iter()
                             .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))
                             .collect();
-                        DesiredService {
-                            id: f.id,
-                            mode: MODE_KERNEL,
-                            slots,
-                        }
+                        DesiredService { id: f.id, mode: MODE_KERNEL, slots }
                     }
                 };
                 (service_key(f.vip, f.port.0), desired)
             })
             .collect();
-        Self {
-            workloads,
-            services,
-        }
+        Self { workloads, services }
     }
 }
 
@@ -106,19 +99,10 @@ mod tests {
         let state = State::from_document(&doc).unwrap();
         let ids = ServiceIds::default().assign(&state.frontend_keys());
         let f = state.frontends(&ids);
-        let c = MapContents::build(
-            &state,
-            &f,
-            &[7, 9],
-            "172.18.0.2:15001".parse().unwrap(),
-            256,
-        );
+        let c = MapContents::build(&state, &f, &[7, 9], "172.18.0.2:15001".parse().unwrap(), 256, &|_| true);
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[&7].proxy_port_be, 15001u16.to_be());
-        assert_eq!(
-            c.workloads[&7].proxy_ip_be,
-            u32::from_be_bytes([172, 18, 0, 2]).to_be()
-        );
+        assert_eq!(c.workloads[&7].proxy_ip_be, u32::from_be_bytes([172, 18, 0, 2]).to_be());
         assert_eq!(c.services.len(), 3);
         let web = &c.services[&service_key("10.96.0.10".parse().unwrap(), 443)];
         assert_eq!((web.mode, web.slots.len()), (MODE_PROXY, 0));
@@ -128,5 +112,14 @@ mod tests {
         assert_eq!(db.slots.len(), 256);
         let first = sockaddr("10.0.0.1:5433".parse().unwrap());
         assert_eq!(db.slots.iter().filter(|s| **s == first).count(), 154);
+
+        // An unhealthy endpoint leaves the table; none healthy fails open.
+        let down = sockaddr("10.0.0.1:5433".parse().unwrap());
+        let c = MapContents::build(&state, &f, &[], "172.18.0.2:15001".parse().unwrap(), 256, &|a| sockaddr(a) != down);
+        let db = &c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)];
+        assert_eq!(db.slots.len(), 256);
+        assert!(db.slots.iter().all(|s| *s != down));
+        let c = MapContents::build(&state, &f, &[], "172.18.0.2:15001".parse().unwrap(), 256, &|_| false);
+        assert_eq!(c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)].slots.len(), 256, "fail open");
     }
 }

@@ -23,8 +23,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    link_names, map_names, program_names, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4,
-    Stat, WorkloadValue, MODE_KERNEL, MODE_PROXY,
+    link_names, map_names, program_names, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue,
+    MODE_KERNEL, MODE_PROXY,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -52,26 +52,18 @@ const PINNED_MAPS: [&str; 6] = [
 pub enum DatapathError {
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
-    #[error(
-        "pin directory {0} is not on a bpf filesystem; mount one: mount -t bpf bpf /sys/fs/bpf"
-    )]
+    #[error("pin directory {0} is not on a bpf filesystem; mount one: mount -t bpf bpf /sys/fs/bpf")]
     NotBpffs(PathBuf),
     #[error("cgroup {path}: {source} (give a cgroup2 directory with --cgroup)")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("loading the kernel programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("pinned link {path}: {message}")]
     Link { path: PathBuf, message: String },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("{0} is missing from the kernel object")]
     Missing(&'static str),
 }
@@ -139,9 +131,7 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
 
 /// FNV-1a of the object: tells whether pinned links run this build's code.
 fn object_id() -> String {
-    let h = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let h = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
     format!("{h:016x}")
 }
 
@@ -153,19 +143,14 @@ impl Datapath {
     /// Loads the object (reusing pinned maps), and attaches and pins the
     /// programs unless links of the same object are pinned already.
     pub fn load(cfg: &DatapathConfig) -> Result<(Self, OrigDstReader), DatapathError> {
-        let pin_err = |source| DatapathError::PinDir {
-            path: cfg.pin_dir.clone(),
-            source,
-        };
+        let pin_err = |source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source };
         std::fs::create_dir_all(&cfg.pin_dir).map_err(pin_err)?;
         let fs = nix::sys::statfs::statfs(&cfg.pin_dir).map_err(|e| pin_err(e.into()))?;
         if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
             return Err(DatapathError::NotBpffs(cfg.pin_dir.clone()));
         }
-        let cgroup = File::open(&cfg.cgroup).map_err(|source| DatapathError::Cgroup {
-            path: cfg.cgroup.clone(),
-            source,
-        })?;
+        let cgroup =
+            File::open(&cfg.cgroup).map_err(|source| DatapathError::Cgroup { path: cfg.cgroup.clone(), source })?;
 
         let level = cfg.ebpf_log_level.map_or(0, |l| l as u8);
         let mut ebpf = EbpfLoader::new()
@@ -173,14 +158,8 @@ impl Datapath {
             .override_global(aya_log::LEVEL, &level, false)
             .load(OBJECT)?;
 
-        let links_dir = cfg
-            .pin_dir
-            .join(format!("{LINKS_DIR_PREFIX}{}", object_id()));
-        let names = [
-            link_names::CONNECT4,
-            link_names::SOCKOPS,
-            link_names::GETPEERNAME4,
-        ];
+        let links_dir = cfg.pin_dir.join(format!("{LINKS_DIR_PREFIX}{}", object_id()));
+        let names = [link_names::CONNECT4, link_names::SOCKOPS, link_names::GETPEERNAME4];
         let link_paths: Vec<PathBuf> = names.iter().map(|n| links_dir.join(n)).collect();
         // Links of any build found here: this one's are reused, others replaced.
         let old_dirs = links_dirs(&cfg.pin_dir);
@@ -189,15 +168,10 @@ impl Datapath {
             .flat_map(|d| names.iter().map(move |n| d.join(n)))
             .filter_map(|p| PinnedLink::from_pin(&p).ok().map(|l| (p, FdLink::from(l))))
             .collect();
-        let reused = link_paths.iter().all(|p| old.iter().any(|(q, _)| q == p))
-            && old.len() == link_paths.len();
+        let reused = link_paths.iter().all(|p| old.iter().any(|(q, _)| q == p)) && old.len() == link_paths.len();
         let links = if reused {
             info!(pin_dir = %cfg.pin_dir.display(), "reusing the attached programs pinned there");
-            if let Some(prog) = old
-                .first()
-                .and_then(|(_, l)| l.info().ok())
-                .map(|i| i.program_id())
-            {
+            if let Some(prog) = old.first().and_then(|(_, l)| l.info().ok()).map(|i| i.program_id()) {
                 spawn_ebpf_logger(aya_log::EbpfLogger::init_from_id(prog));
             }
             old
@@ -208,10 +182,8 @@ impl Datapath {
             let mut links = Vec::new();
             for (path, link) in link_paths.iter().zip(new) {
                 let _ = std::fs::remove_file(path);
-                let pinned = link.pin(path).map_err(|e| DatapathError::Link {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                let pinned =
+                    link.pin(path).map_err(|e| DatapathError::Link { path: path.clone(), message: e.to_string() })?;
                 links.push((path.clone(), FdLink::from(pinned)));
             }
             // The new links run before the old ones go, so no connect is missed.
@@ -229,26 +201,11 @@ impl Datapath {
         let workloads = hash_map(&mut ebpf, map_names::WORKLOADS)?;
         let services = hash_map(&mut ebpf, map_names::SERVICES)?;
         let slots = hash_map(&mut ebpf, map_names::SLOTS)?;
-        let orig = OrigDstReader {
-            map: hash_map(&mut ebpf, map_names::ORIG_DST)?,
-        };
-        let stats_map = ebpf
-            .take_map(map_names::STATS)
-            .ok_or(DatapathError::Missing(map_names::STATS))?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(|source| DatapathError::Map {
-            name: map_names::STATS,
-            source,
-        })?;
-        let dp = Self {
-            _ebpf: ebpf,
-            pin_dir: cfg.pin_dir.clone(),
-            links,
-            reused,
-            workloads,
-            services,
-            slots,
-            stats,
-        };
+        let orig = OrigDstReader { map: hash_map(&mut ebpf, map_names::ORIG_DST)? };
+        let stats_map = ebpf.take_map(map_names::STATS).ok_or(DatapathError::Missing(map_names::STATS))?;
+        let stats =
+            PerCpuArray::try_from(stats_map).map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
+        let dp = Self { _ebpf: ebpf, pin_dir: cfg.pin_dir.clone(), links, reused, workloads, services, slots, stats };
         Ok((dp, orig))
     }
 
@@ -264,38 +221,18 @@ impl Datapath {
     pub fn sync(&mut self, want: &MapContents) -> Result<SyncReport, DatapathError> {
         let mut report = SyncReport::default();
         let err = |name| move |source| DatapathError::Map { name, source };
-        sync_map(
-            &mut self.workloads,
-            map_names::WORKLOADS,
-            &want.workloads,
-            &mut report,
-        )?;
+        sync_map(&mut self.workloads, map_names::WORKLOADS, &want.workloads, &mut report)?;
 
-        let slot_keys: Vec<SlotKey> = self
-            .slots
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(err(map_names::SLOTS))?;
+        let slot_keys: Vec<SlotKey> = self.slots.keys().collect::<Result<_, _>>().map_err(err(map_names::SLOTS))?;
         for (key, d) in &want.services {
             let have = self.services.get(key, 0).ok();
-            let mut value = ServiceValue {
-                id: d.id,
-                mode: d.mode,
-                generation: 0,
-                _pad: 0,
-                slot_count: 0,
-                _pad2: 0,
-            };
+            let mut value = ServiceValue { id: d.id, mode: d.mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 };
             if d.mode == MODE_KERNEL {
                 let current = have.filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
                 let unchanged = current.is_some_and(|h| {
                     h.slot_count as usize == d.slots.len()
                         && d.slots.iter().enumerate().all(|(i, b)| {
-                            let k = SlotKey {
-                                service_id: d.id,
-                                generation: u32::from(h.generation),
-                                slot: i as u32,
-                            };
+                            let k = SlotKey { service_id: d.id, generation: u32::from(h.generation), slot: i as u32 };
                             self.slots.get(&k, 0).ok().as_ref() == Some(b)
                         })
                 });
@@ -304,11 +241,7 @@ impl Datapath {
                 } else {
                     let generation = current.map_or(0, |h| h.generation ^ 1);
                     for (i, b) in d.slots.iter().enumerate() {
-                        let k = SlotKey {
-                            service_id: d.id,
-                            generation: u32::from(generation),
-                            slot: i as u32,
-                        };
+                        let k = SlotKey { service_id: d.id, generation: u32::from(generation), slot: i as u32 };
                         self.slots.insert(k, b, 0).map_err(err(map_names::SLOTS))?;
                         report.written += 1;
                     }
@@ -325,9 +258,7 @@ impl Datapath {
                 }
             }
             if have != Some(value) {
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(err(map_names::SERVICES))?;
+                self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
                 report.written += 1;
             }
         }
@@ -345,24 +276,13 @@ impl Datapath {
         }
         // Slots of services that are gone or no longer in kernel mode; only
         // after their service entries are gone.
-        let kernel_ids: BTreeSet<u32> = want
-            .services
-            .values()
-            .filter(|d| d.mode == MODE_KERNEL)
-            .map(|d| d.id)
-            .collect();
-        for k in slot_keys
-            .iter()
-            .filter(|k| !kernel_ids.contains(&k.service_id))
-        {
+        let kernel_ids: BTreeSet<u32> =
+            want.services.values().filter(|d| d.mode == MODE_KERNEL).map(|d| d.id).collect();
+        for k in slot_keys.iter().filter(|k| !kernel_ids.contains(&k.service_id)) {
             self.slots.remove(k).map_err(err(map_names::SLOTS))?;
             report.deleted += 1;
         }
-        debug!(
-            written = report.written,
-            deleted = report.deleted,
-            "maps synced"
-        );
+        debug!(written = report.written, deleted = report.deleted, "maps synced");
         Ok(report)
     }
 
@@ -374,10 +294,7 @@ impl Datapath {
                 let v = self
                     .stats
                     .get(&(*s as u32), 0)
-                    .map_err(|source| DatapathError::Map {
-                        name: map_names::STATS,
-                        source,
-                    })?;
+                    .map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
                 Ok((*s, v.iter().sum()))
             })
             .collect()
@@ -389,17 +306,9 @@ impl Datapath {
         let mut services = Vec::new();
         for entry in self.services.iter() {
             let (k, v) = entry.map_err(err(map_names::SERVICES))?;
-            let slots = (0..if v.mode == MODE_KERNEL {
-                v.slot_count
-            } else {
-                0
-            })
+            let slots = (0..if v.mode == MODE_KERNEL { v.slot_count } else { 0 })
                 .map(|i| {
-                    let key = SlotKey {
-                        service_id: v.id,
-                        generation: u32::from(v.generation),
-                        slot: i,
-                    };
+                    let key = SlotKey { service_id: v.id, generation: u32::from(v.generation), slot: i };
                     match self.slots.get(&key, 0) {
                         Ok(b) => addr(b.ip_be, b.port_be).to_string(),
                         Err(_) => "(missing)".to_owned(),
@@ -425,32 +334,15 @@ impl Datapath {
             let (cookie, w) = entry.map_err(err(map_names::WORKLOADS))?;
             workloads.insert(cookie, addr(w.proxy_ip_be, w.proxy_port_be).to_string());
         }
-        let stats = self
-            .stats()?
-            .into_iter()
-            .map(|(s, v)| (s.name().to_owned(), v))
-            .collect();
-        Ok(Dump {
-            services,
-            workloads,
-            stats,
-        })
+        let stats = self.stats()?.into_iter().map(|(s, v)| (s.name().to_owned(), v)).collect();
+        Ok(Dump { services, workloads, stats })
     }
 
     /// With `cleanup`: detaches the programs and removes every pin. Without:
     /// leaves programs attached and maps pinned, so the datapath keeps
     /// working until a daemon starts again and takes it over.
     pub fn shutdown(self, cleanup: bool) {
-        let Datapath {
-            _ebpf,
-            pin_dir,
-            links,
-            workloads,
-            services,
-            slots,
-            stats,
-            ..
-        } = self;
+        let Datapath { _ebpf, pin_dir, links, workloads, services, slots, stats, .. } = self;
         if !cleanup {
             info!(pin_dir = %pin_dir.display(), "datapath left attached and pinned");
             return;
@@ -475,46 +367,24 @@ impl Datapath {
 /// order connect4, sockops, getpeername4.
 fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> {
     let prog = |name: &'static str| move |source| DatapathError::Program { name, source };
-    let link = |name: &'static str| {
-        move |e: aya::programs::ProgramError| DatapathError::Program { name, source: e }
-    };
+    let link = |name: &'static str| move |e: aya::programs::ProgramError| DatapathError::Program { name, source: e };
     let mut out = Vec::new();
     for name in [program_names::CONNECT4, program_names::GETPEERNAME4] {
-        let p: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(prog(name))?;
+        let p: &mut CgroupSockAddr =
+            ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog(name))?;
         p.load().map_err(prog(name))?;
         // Links on a cgroup always run alongside other programs there; flags
         // must be 0 for bpf_link attachment.
-        let id = p
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(prog(name))?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(prog(name))?;
         let l = p.take_link(id).map_err(link(name))?;
-        out.push(FdLink::try_from(l).map_err(|e| DatapathError::Link {
-            path: name.into(),
-            message: e.to_string(),
-        })?);
+        out.push(FdLink::try_from(l).map_err(|e| DatapathError::Link { path: name.into(), message: e.to_string() })?);
     }
     let name = program_names::SOCKOPS;
-    let p: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Missing(name))?
-        .try_into()
-        .map_err(prog(name))?;
+    let p: &mut SockOps = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog(name))?;
     p.load().map_err(prog(name))?;
-    let id = p
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(prog(name))?;
+    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(prog(name))?;
     let l = p.take_link(id).map_err(link(name))?;
-    out.insert(
-        1,
-        FdLink::try_from(l).map_err(|e| DatapathError::Link {
-            path: name.into(),
-            message: e.to_string(),
-        })?,
-    );
+    out.insert(1, FdLink::try_from(l).map_err(|e| DatapathError::Link { path: name.into(), message: e.to_string() })?);
     Ok(out)
 }
 
@@ -523,11 +393,7 @@ fn links_dirs(pin_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(pin_dir)
         .map(|rd| {
             rd.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(LINKS_DIR_PREFIX)
-                })
+                .filter(|e| e.file_name().to_string_lossy().starts_with(LINKS_DIR_PREFIX))
                 .map(|e| e.path())
                 .collect()
         })
@@ -577,9 +443,7 @@ where
 
 /// Forwards the kernel programs' aya-log records to `log`, which the
 /// tracing subscriber picks up.
-fn spawn_ebpf_logger<T: log::Log + 'static>(
-    logger: Result<aya_log::EbpfLogger<T>, aya_log::Error>,
-) {
+fn spawn_ebpf_logger<T: log::Log + 'static>(logger: Result<aya_log::EbpfLogger<T>, aya_log::Error>) {
     let logger = match logger {
         Ok(l) => l,
         Err(e) => {
@@ -589,9 +453,7 @@ fn spawn_ebpf_logger<T: log::Log + 'static>(
     };
     // SAFETY: the logger owns the ring buffer's fd and the AsyncFd owns the
     // logger, so the fd stays open for as long as it is registered.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let Ok(mut fd) = registered else {
         warn!("kernel program logs are not available: cannot poll the log ring");
         return;

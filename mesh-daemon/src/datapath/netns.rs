@@ -13,8 +13,7 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
     let ns = File::open(path)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
             cookie_of_current_netns()
         })
         .join()

@@ -54,6 +54,41 @@ pub struct ServiceDoc {
     pub ports: Vec<PortDoc>,
     #[serde(default)]
     pub endpoints: Vec<EndpointDoc>,
+    /// Active health checks of the endpoints [default: tcp, 5s, 1s, 2, 3].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckDoc>,
+    /// When no endpoint is healthy: use all of them (true) or none.
+    #[serde(default = "default_true")]
+    pub fail_open: bool,
+    /// Proxy: how long a connect to an endpoint may take [default 1s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// Proxy: other endpoints tried after a failed connect [default 3].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i64>,
+    /// Proxy: the most all tries of one connection may take [default 5s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckDoc {
+    /// tcp (connect), http (GET `path`, expect 2xx) or none.
+    #[serde(default = "default_check")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Successes in a row that make an endpoint healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<i64>,
+    /// Failures in a row that make it unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +109,10 @@ pub struct EndpointDoc {
     pub node: String,
     #[serde(default = "default_weight")]
     pub weight: i64,
+    /// 0 is the most preferred level; a level takes traffic only while no
+    /// better one has a healthy endpoint.
+    #[serde(default)]
+    pub priority: i64,
 }
 
 fn default_namespace() -> String {
@@ -87,4 +126,10 @@ fn default_protocol() -> String {
 }
 fn default_weight() -> i64 {
     1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_check() -> String {
+    "tcp".into()
 }

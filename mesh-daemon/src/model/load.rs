@@ -7,17 +7,11 @@ use super::{Document, State, ValidationErrors};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path} is not a valid document: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path} is invalid:\n{errors}")]
-    Invalid {
-        path: PathBuf,
-        errors: ValidationErrors,
-    },
+    Invalid { path: PathBuf, errors: ValidationErrors },
 }
 
 /// Parses YAML or JSON; a structural error names the field's path
@@ -28,18 +22,9 @@ pub fn parse_document(text: &str) -> Result<Document, String> {
 
 /// Reads, parses and validates a config file.
 pub fn load_file(path: &Path) -> Result<State, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let doc = parse_document(&text).map_err(|message| ConfigError::Parse {
-        path: path.to_owned(),
-        message,
-    })?;
-    State::from_document(&doc).map_err(|errors| ConfigError::Invalid {
-        path: path.to_owned(),
-        errors,
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let doc = parse_document(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+    State::from_document(&doc).map_err(|errors| ConfigError::Invalid { path: path.to_owned(), errors })
 }
 
 #[cfg(test)]
@@ -48,19 +33,14 @@ mod tests {
 
     #[test]
     fn structural_errors_name_the_field() {
+        let e = parse_document("services:\n  - name: web\n    vip: 10.0.0.1\n    ports: [{ port: 80, prot: 1 }]\n")
+            .unwrap_err();
+        assert!(e.starts_with("services[0].ports[0]: unknown field `prot`"), "{e}");
         let e = parse_document(
-            "services:\n  - name: web\n    vip: 10.0.0.1\n    ports: [{ port: 80, prot: 1 }]\n",
+            "nodes: [{ name: a, address: 1.2.3.4 }]\nservices: [{ name: w, vip: 1.1.1.1, ports: [{port: x}] }]",
         )
         .unwrap_err();
-        assert!(
-            e.starts_with("services[0].ports[0]: unknown field `prot`"),
-            "{e}"
-        );
-        let e = parse_document("nodes: [{ name: a, address: 1.2.3.4 }]\nservices: [{ name: w, vip: 1.1.1.1, ports: [{port: x}] }]").unwrap_err();
-        assert!(
-            e.starts_with("services[0].ports[0].port: invalid type"),
-            "{e}"
-        );
+        assert!(e.starts_with("services[0].ports[0].port: invalid type"), "{e}");
     }
 
     #[test]
@@ -75,16 +55,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("missing.yaml");
         let e = load_file(&missing).unwrap_err().to_string();
-        assert!(
-            e.contains("missing.yaml") && e.contains("cannot read config"),
-            "{e}"
-        );
+        assert!(e.contains("missing.yaml") && e.contains("cannot read config"), "{e}");
         let bad = dir.join("bad.yaml");
         std::fs::write(&bad, "nodes: [{ name: a, address: 300.1.1.1 }]").unwrap();
         let e = load_file(&bad).unwrap_err().to_string();
         assert!(
-            e.contains("bad.yaml is invalid")
-                && e.contains("nodes[0].address: \"300.1.1.1\" is not an IPv4 address"),
+            e.contains("bad.yaml is invalid") && e.contains("nodes[0].address: \"300.1.1.1\" is not an IPv4 address"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

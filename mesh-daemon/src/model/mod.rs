@@ -10,11 +10,12 @@ mod validate;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::time::Duration;
 
-pub use document::{Document, EndpointDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+pub use document::{Document, EndpointDoc, HealthCheckDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
-pub use names::{Name, NodeName, Port, Weight};
+pub use names::{parse_duration, Name, NodeName, Port, Weight};
 pub use validate::{FieldError, ValidationErrors};
 
 /// A validated state. Built only by [`State::from_document`].
@@ -73,6 +74,28 @@ pub struct Service {
     pub mode: Mode,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// None: no active checks (`protocol: none`).
+    pub health_check: Option<HealthCheck>,
+    pub fail_open: bool,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub retry_budget: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    Tcp,
+    /// GET this path, expect 2xx.
+    Http(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 impl Service {
@@ -93,6 +116,8 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub node: NodeName,
     pub weight: Weight,
+    /// 0 is the most preferred.
+    pub priority: u8,
 }
 
 impl Endpoint {
@@ -142,13 +167,7 @@ impl State {
         for (i, s) in self.services.iter().enumerate() {
             for p in &s.ports {
                 if let Some(id) = ids.get(&frontend_key(s, p.port)) {
-                    out.push(Frontend {
-                        id,
-                        service: i,
-                        vip: s.vip,
-                        port: p.port,
-                        target_port: p.target_port,
-                    });
+                    out.push(Frontend { id, service: i, vip: s.vip, port: p.port, target_port: p.target_port });
                 }
             }
         }
@@ -161,9 +180,6 @@ impl State {
 
     /// `namespace/name:port` of every service port.
     pub fn frontend_keys(&self) -> Vec<String> {
-        self.services
-            .iter()
-            .flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port)))
-            .collect()
+        self.services.iter().flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port))).collect()
     }
 }

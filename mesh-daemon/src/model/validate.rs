@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mesh_common::limits;
 
@@ -43,10 +44,7 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.0.push(FieldError { path: path.into(), message: message.into() });
     }
     /// Keeps the value of `r`, or records its error under `path`.
     fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
@@ -54,9 +52,72 @@ impl Errors {
     }
 }
 
+fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!("{s} is not between {min:?} and {max:?}"));
+    }
+    Ok(d)
+}
+
+/// `Some(None)`: checks off; `None`: an error was recorded.
+fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> Option<Option<HealthCheck>> {
+    let p = format!("{service}.healthCheck");
+    let default =
+        HealthCheckDoc { protocol: "tcp".into(), path: None, interval: None, timeout: None, rise: None, fall: None };
+    let doc = doc.unwrap_or(&default);
+    let kind = match (doc.protocol.as_str(), &doc.path) {
+        ("none", _) => return Some(None),
+        ("tcp", None) => Some(CheckKind::Tcp),
+        ("tcp", Some(_)) => {
+            e.push(format!("{p}.path"), "a tcp check has no path; use protocol: http");
+            None
+        }
+        ("http", Some(path)) if path.starts_with('/') => Some(CheckKind::Http(path.clone())),
+        ("http", Some(path)) => {
+            e.push(format!("{p}.path"), format!("{path:?} must start with '/'"));
+            None
+        }
+        ("http", None) => Some(CheckKind::Http("/".into())),
+        (other, _) => {
+            e.push(format!("{p}.protocol"), format!("{other:?} is not a check: use \"tcp\", \"http\" or \"none\""));
+            None
+        }
+    };
+    let interval = e.take(
+        format!("{p}.interval"),
+        bounded_duration(
+            doc.interval.as_deref().unwrap_or("5s"),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ),
+    );
+    let timeout = e.take(
+        format!("{p}.timeout"),
+        bounded_duration(doc.timeout.as_deref().unwrap_or("1s"), Duration::from_millis(10), Duration::from_secs(60)),
+    );
+    if let (Some(i), Some(t)) = (interval, timeout) {
+        if t > i {
+            e.push(format!("{p}.timeout"), format!("{t:?} is longer than the interval {i:?}"));
+            return None;
+        }
+    }
+    let count = |e: &mut Errors, field: &str, v: Option<i64>, default: u32| {
+        e.take(
+            format!("{p}.{field}"),
+            match v.unwrap_or(i64::from(default)) {
+                n @ 1..=100 => Ok(n as u32),
+                n => Err(format!("{n} is not in 1..100")),
+            },
+        )
+    };
+    let rise = count(e, "rise", doc.rise, 2);
+    let fall = count(e, "fall", doc.fall, 3);
+    Some(Some(HealthCheck { kind: kind?, interval: interval?, timeout: timeout?, rise: rise?, fall: fall? }))
+}
+
 fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 address"))
+    s.parse().map_err(|_| format!("{s:?} is not an IPv4 address"))
 }
 
 pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
@@ -69,10 +130,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let name = e.take(format!("{p}.name"), NodeName::parse(&n.name));
         if let Some(name) = &name {
             if !node_names.insert(name.clone()) {
-                e.push(
-                    format!("{p}.name"),
-                    format!("node \"{name}\" is listed twice"),
-                );
+                e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
             }
         }
         let address = e.take(format!("{p}.address"), ipv4(&n.address));
@@ -85,10 +143,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         if node_names.contains(&name) {
             Some(name)
         } else {
-            e.push(
-                path,
-                format!("node {s:?} is not in `nodes`; add it there or fix the name"),
-            );
+            e.push(path, format!("node {s:?} is not in `nodes`; add it there or fix the name"));
             None
         }
     };
@@ -96,11 +151,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     if doc.workloads.len() > limits::MAX_WORKLOADS as usize {
         e.push(
             "workloads",
-            format!(
-                "{} workloads are more than the maximum {}",
-                doc.workloads.len(),
-                limits::MAX_WORKLOADS
-            ),
+            format!("{} workloads are more than the maximum {}", doc.workloads.len(), limits::MAX_WORKLOADS),
         );
     }
     let mut workload_ips = HashMap::new();
@@ -108,29 +159,18 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let p = format!("workloads[{i}]");
         let name = e.take(format!("{p}.name"), Name::parse(&w.name));
         let namespace = e.take(format!("{p}.namespace"), Name::parse(&w.namespace));
-        let sa = e.take(
-            format!("{p}.serviceAccount"),
-            Name::parse(&w.service_account),
-        );
+        let sa = e.take(format!("{p}.serviceAccount"), Name::parse(&w.service_account));
         let node = known_node(&mut e, format!("{p}.node"), &w.node);
         let ip = e.take(format!("{p}.ip"), ipv4(&w.ip));
         if let Some(ip) = ip {
             if let Some(first) = workload_ips.insert(ip, i) {
-                e.push(
-                    format!("{p}.ip"),
-                    format!("{ip} is already the address of workloads[{first}]"),
-                );
+                e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
             }
         }
         let netns = match (&w.netns, w.pid) {
-            (Some(path), None) if path.starts_with('/') => {
-                Some(NetnsRef::Path(PathBuf::from(path)))
-            }
+            (Some(path), None) if path.starts_with('/') => Some(NetnsRef::Path(PathBuf::from(path))),
             (Some(path), None) => {
-                e.push(
-                    format!("{p}.netns"),
-                    format!("{path:?} is not an absolute path"),
-                );
+                e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
                 None
             }
             (None, Some(pid)) => e.take(
@@ -142,10 +182,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     .ok_or_else(|| format!("{pid} is not a process id")),
             ),
             (None, None) => {
-                e.push(
-                    p.clone(),
-                    "give `netns` (a path) or `pid` to find the pod's network namespace",
-                );
+                e.push(p.clone(), "give `netns` (a path) or `pid` to find the pod's network namespace");
                 None
             }
             (Some(_), Some(_)) => {
@@ -153,35 +190,16 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 None
             }
         };
-        if let (
-            Some(name),
-            Some(namespace),
-            Some(service_account),
-            Some(node),
-            Some(ip),
-            Some(netns),
-        ) = (name, namespace, sa, node, ip, netns)
+        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
+            (name, namespace, sa, node, ip, netns)
         {
-            state.workloads.push(Workload {
-                name,
-                namespace,
-                service_account,
-                node,
-                ip,
-                netns,
-            });
+            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
         }
     }
 
     let frontends: usize = doc.services.iter().map(|s| s.ports.len()).sum();
     if frontends > limits::MAX_SERVICES as usize {
-        e.push(
-            "services",
-            format!(
-                "{frontends} service ports are more than the maximum {}",
-                limits::MAX_SERVICES
-            ),
-        );
+        e.push("services", format!("{frontends} service ports are more than the maximum {}", limits::MAX_SERVICES));
     }
     let mut service_names = HashMap::new();
     let mut addresses = HashMap::new();
@@ -191,10 +209,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let namespace = e.take(format!("{p}.namespace"), Name::parse(&s.namespace));
         if let (Some(name), Some(namespace)) = (&name, &namespace) {
             if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
-                e.push(
-                    format!("{p}.name"),
-                    format!("service {namespace}/{name} is already services[{first}]"),
-                );
+                e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
             }
         }
         let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
@@ -202,10 +217,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             "proxy" => Some(Mode::Proxy),
             "kernel" => Some(Mode::Kernel),
             other => {
-                e.push(
-                    format!("{p}.mode"),
-                    format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""),
-                );
+                e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
                 None
             }
         };
@@ -217,28 +229,16 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         for (j, port) in s.ports.iter().enumerate() {
             let pp = format!("{p}.ports[{j}]");
             let number = e.take(format!("{pp}.port"), Port::parse(port.port));
-            let target = e.take(
-                format!("{pp}.targetPort"),
-                Port::parse(port.target_port.unwrap_or(port.port)),
-            );
+            let target = e.take(format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
             if port.protocol != "TCP" {
-                e.push(
-                    format!("{pp}.protocol"),
-                    format!("{:?} is not supported: use \"TCP\"", port.protocol),
-                );
+                e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
             }
             if let Some(number) = number {
                 if !seen_ports.insert(number) {
-                    e.push(
-                        format!("{pp}.port"),
-                        format!("port {number} is listed twice"),
-                    );
+                    e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
                 } else if let Some(vip) = vip {
                     if let Some(first) = addresses.insert((vip, number), i) {
-                        e.push(
-                            format!("{pp}.port"),
-                            format!("{vip}:{number} is already served by services[{first}]"),
-                        );
+                        e.push(format!("{pp}.port"), format!("{vip}:{number} is already served by services[{first}]"));
                     }
                 }
             }
@@ -260,21 +260,55 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             let weight = e.take(
                 format!("{pp}.weight"),
                 match ep.weight {
-                    w if w < 0 => Err(format!(
-                        "weight {w} is negative: use 0 (drain) to {}",
-                        Weight::MAX
-                    )),
-                    w if w > Weight::MAX => {
-                        Err(format!("weight {w} is above the maximum {}", Weight::MAX))
-                    }
+                    w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
+                    w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
                     w => Ok(Weight(w as u16)),
                 },
             );
-            if let (Some(ip), Some(node), Some(weight)) = (ip, node, weight) {
-                endpoints.push(Endpoint { ip, node, weight });
+            let priority = e.take(
+                format!("{pp}.priority"),
+                u8::try_from(ep.priority)
+                    .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
+            );
+            if let (Some(ip), Some(node), Some(weight), Some(priority)) = (ip, node, weight, priority) {
+                endpoints.push(Endpoint { ip, node, weight, priority });
             }
         }
-        if let (Some(name), Some(namespace), Some(vip), Some(mode)) = (name, namespace, vip, mode) {
+        let health_check = health_check(&mut e, &p, s.health_check.as_ref());
+        let connect_timeout = e.take(
+            format!("{p}.connectTimeout"),
+            bounded_duration(
+                s.connect_timeout.as_deref().unwrap_or("1s"),
+                Duration::from_millis(10),
+                Duration::from_secs(60),
+            ),
+        );
+        let retry_budget = e.take(
+            format!("{p}.retryBudget"),
+            bounded_duration(
+                s.retry_budget.as_deref().unwrap_or("5s"),
+                Duration::from_millis(10),
+                Duration::from_secs(300),
+            ),
+        );
+        let retries = e.take(
+            format!("{p}.retries"),
+            match s.retries.unwrap_or(3) {
+                r @ 0..=10 => Ok(r as u32),
+                r => Err(format!("{r} retries are not in 0..10")),
+            },
+        );
+        if let (
+            Some(name),
+            Some(namespace),
+            Some(vip),
+            Some(mode),
+            Some(health_check),
+            Some(connect_timeout),
+            Some(retries),
+            Some(retry_budget),
+        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget)
+        {
             state.services.push(Service {
                 name,
                 namespace,
@@ -282,6 +316,11 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 mode,
                 ports,
                 endpoints,
+                health_check,
+                fail_open: s.fail_open,
+                connect_timeout,
+                retries,
+                retry_budget,
             });
         }
     }
@@ -330,10 +369,7 @@ services:
 
     fn assert_error(edit: impl FnOnce(&mut Document), expected: &str) {
         let errs = errors(edit);
-        assert!(
-            errs.iter().any(|e| e == expected),
-            "expected {expected:?} in {errs:#?}"
-        );
+        assert!(errs.iter().any(|e| e == expected), "expected {expected:?} in {errs:#?}");
     }
 
     #[test]
@@ -345,29 +381,16 @@ services:
         let web = &s.services[0];
         assert_eq!(web.mode, Mode::Proxy);
         assert_eq!(web.ports[0].target_port, Port(8080));
-        assert_eq!(
-            web.ports[1].target_port,
-            Port(443),
-            "targetPort defaults to port"
-        );
+        assert_eq!(web.ports[1].target_port, Port(443), "targetPort defaults to port");
         assert_eq!(web.endpoints[1].weight, Weight(1), "weight defaults to 1");
     }
 
     #[test]
     fn node_rules() {
-        assert_error(
-            |d| d.nodes[0].address = "x".into(),
-            r#"nodes[0].address: "x" is not an IPv4 address"#,
-        );
-        assert_error(
-            |d| d.nodes[1].name = "node-a".into(),
-            r#"nodes[1].name: node "node-a" is listed twice"#,
-        );
+        assert_error(|d| d.nodes[0].address = "x".into(), r#"nodes[0].address: "x" is not an IPv4 address"#);
+        assert_error(|d| d.nodes[1].name = "node-a".into(), r#"nodes[1].name: node "node-a" is listed twice"#);
         let e = errors(|d| d.nodes[0].name = "Node_A".into());
-        assert!(
-            e[0].starts_with("nodes[0].name: \"Node_A\" is not a valid node name"),
-            "{e:?}"
-        );
+        assert!(e[0].starts_with("nodes[0].name: \"Node_A\" is not a valid node name"), "{e:?}");
     }
 
     #[test]
@@ -388,39 +411,25 @@ services:
             |d| d.workloads[0].netns = Some("relative".into()),
             r#"workloads[0].netns: "relative" is not an absolute path"#,
         );
-        assert_error(
-            |d| d.workloads[1].pid = Some(0),
-            "workloads[1].pid: 0 is not a process id",
-        );
+        assert_error(|d| d.workloads[1].pid = Some(0), "workloads[1].pid: 0 is not a process id");
         assert_error(
             |d| d.workloads[1].pid = None,
             "workloads[1]: give `netns` (a path) or `pid` to find the pod's network namespace",
         );
-        assert_error(
-            |d| d.workloads[0].pid = Some(7),
-            "workloads[0]: give either `netns` or `pid`, not both",
-        );
+        assert_error(|d| d.workloads[0].pid = Some(7), "workloads[0]: give either `netns` or `pid`, not both");
         assert!(errors(|d| d.workloads[0].name = "-x".into())[0].starts_with("workloads[0].name: "));
-        assert!(errors(|d| d.workloads[0].namespace = "A".into())[0]
-            .starts_with("workloads[0].namespace: "));
-        assert!(errors(|d| d.workloads[0].service_account = "".into())[0]
-            .starts_with("workloads[0].serviceAccount: "));
+        assert!(errors(|d| d.workloads[0].namespace = "A".into())[0].starts_with("workloads[0].namespace: "));
+        assert!(errors(|d| d.workloads[0].service_account = "".into())[0].starts_with("workloads[0].serviceAccount: "));
     }
 
     #[test]
     fn service_rules() {
-        assert_error(
-            |d| d.services[0].vip = "10.96.0".into(),
-            r#"services[0].vip: "10.96.0" is not an IPv4 address"#,
-        );
+        assert_error(|d| d.services[0].vip = "10.96.0".into(), r#"services[0].vip: "10.96.0" is not an IPv4 address"#);
         assert_error(
             |d| d.services[0].mode = "fast".into(),
             r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#,
         );
-        assert_error(
-            |d| d.services[0].ports.clear(),
-            "services[0].ports: a service needs at least one port",
-        );
+        assert_error(|d| d.services[0].ports.clear(), "services[0].ports: a service needs at least one port");
         assert_error(
             |d| d.services[0].ports[0].port = 70000,
             "services[0].ports[0].port: 70000 is not a port: use 1 to 65535",
@@ -429,35 +438,25 @@ services:
             |d| d.services[0].ports[0].target_port = Some(0),
             "services[0].ports[0].targetPort: 0 is not a port: use 1 to 65535",
         );
-        assert_error(
-            |d| d.services[0].ports[1].port = 80,
-            "services[0].ports[1].port: port 80 is listed twice",
-        );
+        assert_error(|d| d.services[0].ports[1].port = 80, "services[0].ports[1].port: port 80 is listed twice");
         assert_error(
             |d| d.services[0].ports[0].protocol = "UDP".into(),
             r#"services[0].ports[0].protocol: "UDP" is not supported: use "TCP""#,
         );
         assert!(errors(|d| d.services[0].name = "Web".into())[0].starts_with("services[0].name: "));
-        assert!(errors(|d| d.services[0].namespace = "".into())[0]
-            .starts_with("services[0].namespace: "));
+        assert!(errors(|d| d.services[0].namespace = "".into())[0].starts_with("services[0].namespace: "));
         let dup = |d: &mut Document| {
             let mut s = d.services[0].clone();
             s.vip = "10.96.0.11".into();
             d.services.push(s);
         };
-        assert_error(
-            dup,
-            "services[1].name: service default/web is already services[0]",
-        );
+        assert_error(dup, "services[1].name: service default/web is already services[0]");
         let same_address = |d: &mut Document| {
             let mut s = d.services[0].clone();
             s.name = "web2".into();
             d.services.push(s);
         };
-        assert_error(
-            same_address,
-            "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]",
-        );
+        assert_error(same_address, "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]");
     }
 
     #[test]
@@ -485,21 +484,96 @@ services:
     }
 
     #[test]
+    fn failover_and_health_rules() {
+        assert_error(
+            |d| d.services[0].endpoints[0].priority = 300,
+            "services[0].endpoints[0].priority: priority 300 is not in 0..255 (0 is the most preferred)",
+        );
+        let hc = |f: fn(&mut HealthCheckDoc)| {
+            move |d: &mut Document| {
+                let mut h = HealthCheckDoc {
+                    protocol: "http".into(),
+                    path: Some("/healthz".into()),
+                    interval: None,
+                    timeout: None,
+                    rise: None,
+                    fall: None,
+                };
+                f(&mut h);
+                d.services[0].health_check = Some(h);
+            }
+        };
+        assert_error(
+            hc(|h| h.protocol = "udp".into()),
+            r#"services[0].healthCheck.protocol: "udp" is not a check: use "tcp", "http" or "none""#,
+        );
+        assert_error(
+            hc(|h| h.path = Some("healthz".into())),
+            r#"services[0].healthCheck.path: "healthz" must start with '/'"#,
+        );
+        assert_error(
+            hc(|h| h.protocol = "tcp".into()),
+            "services[0].healthCheck.path: a tcp check has no path; use protocol: http",
+        );
+        assert_error(
+            hc(|h| h.interval = Some("5".into())),
+            r#"services[0].healthCheck.interval: "5" is not a duration: write e.g. 500ms, 5s or 1m"#,
+        );
+        assert_error(
+            hc(|h| h.interval = Some("10ms".into())),
+            "services[0].healthCheck.interval: 10ms is not between 100ms and 3600s",
+        );
+        assert_error(
+            hc(|h| h.timeout = Some("6s".into())),
+            "services[0].healthCheck.timeout: 6s is longer than the interval 5s",
+        );
+        assert_error(hc(|h| h.rise = Some(0)), "services[0].healthCheck.rise: 0 is not in 1..100");
+        assert_error(hc(|h| h.fall = Some(101)), "services[0].healthCheck.fall: 101 is not in 1..100");
+        assert_error(|d| d.services[0].retries = Some(11), "services[0].retries: 11 retries are not in 0..10");
+        assert_error(
+            |d| d.services[0].connect_timeout = Some("5ms".into()),
+            "services[0].connectTimeout: 5ms is not between 10ms and 60s",
+        );
+        assert_error(
+            |d| d.services[0].retry_budget = Some("x".into()),
+            r#"services[0].retryBudget: "x" is not a duration: write e.g. 500ms, 5s or 1m"#,
+        );
+        let s = State::from_document(&good()).unwrap();
+        let web = &s.services[0];
+        assert_eq!(
+            web.health_check,
+            Some(HealthCheck {
+                kind: CheckKind::Tcp,
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3
+            }),
+            "tcp check with the documented defaults"
+        );
+        assert!(web.fail_open);
+        assert_eq!((web.retries, web.connect_timeout), (3, Duration::from_secs(1)));
+        let mut d = good();
+        d.services[0].health_check = Some(HealthCheckDoc {
+            protocol: "none".into(),
+            path: None,
+            interval: None,
+            timeout: None,
+            rise: None,
+            fall: None,
+        });
+        assert_eq!(State::from_document(&d).unwrap().services[0].health_check, None);
+    }
+
+    #[test]
     fn limits_are_enforced() {
         let e = errors(|d| {
             let w = d.workloads[0].clone();
             d.workloads = (0..=limits::MAX_WORKLOADS)
-                .map(|i| WorkloadDoc {
-                    ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(),
-                    ..w.clone()
-                })
+                .map(|i| WorkloadDoc { ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(), ..w.clone() })
                 .collect();
         });
-        assert!(
-            e.iter()
-                .any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")),
-            "{e:?}"
-        );
+        assert!(e.iter().any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")), "{e:?}");
     }
 
     #[test]

@@ -12,11 +12,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::RouteTable;
+use tokio::time::Instant;
+
+use super::{Route, RouteTable};
+use crate::balance::backoff::Backoff;
+use crate::balance::EndpointState;
 use crate::datapath::OrigDstReader;
 use crate::telemetry::ProxyCounters;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Outbound {
     pub listener: TcpListener,
@@ -69,36 +71,62 @@ impl Outbound {
     }
 }
 
-async fn forward(
-    client: TcpStream,
-    peer: SocketAddrV4,
-    source: &str,
-    route: &super::Route,
-    counters: &ProxyCounters,
-) {
-    let Some(endpoint) = route.pick() else {
-        counters.no_endpoint.inc();
-        warn!(client = %peer, source, service = %route.name, "service has no endpoint; closed");
-        return;
-    };
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+/// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
+const RETRY_BACKOFF: Backoff =
+    Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
+
+/// Connects to an endpoint of `route`: on a refused, unreachable or slow
+/// connect, another endpoint is tried after a backoff, up to the route's
+/// retry count and budget. Every outcome feeds the endpoint's latency
+/// estimate and breaker.
+async fn connect(route: &Route, counters: &ProxyCounters) -> Result<(TcpStream, Arc<EndpointState>, Duration), String> {
+    let start = Instant::now();
+    let mut tried = Vec::new();
+    let mut last = String::from("the service has no endpoint");
+    for attempt in 0..=route.retries {
+        let Some(ep) = route.pick(&tried, Instant::now()) else {
+            break;
+        };
+        let t0 = Instant::now();
+        let result = tokio::time::timeout(route.connect_timeout, TcpStream::connect(ep.addr)).await;
+        match result {
+            Ok(Ok(s)) => {
+                let rtt = t0.elapsed();
+                ep.connected(rtt, Instant::now());
+                return Ok((s, ep, rtt));
+            }
+            Ok(Err(e)) => last = format!("{}: {e}", ep.addr),
+            Err(_) => last = format!("{}: connect timed out after {:?}", ep.addr, route.connect_timeout),
+        }
+        ep.failed(Instant::now());
+        tried.push(ep.addr);
+        let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
+        if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
+            break;
+        }
+        counters.retries.inc();
+        debug!(service = %route.name, error = %last, attempt, "connect failed; trying another endpoint");
+        tokio::time::sleep(pause).await;
+    }
+    Err(last)
+}
+
+async fn forward(client: TcpStream, peer: SocketAddrV4, source: &str, route: &Route, counters: &ProxyCounters) {
+    let (upstream, ep, rtt) = match connect(route, counters).await {
+        Ok(c) => c,
+        Err(e) => {
             counters.connect_failed.inc();
-            warn!(client = %peer, source, service = %route.name, %endpoint, error = %e, "connect to endpoint failed");
+            warn!(client = %peer, source, service = %route.name, error = %e, "no endpoint could be reached; closed");
             return;
         }
-        Err(_) => {
-            counters.connect_failed.inc();
-            warn!(client = %peer, source, service = %route.name, %endpoint, "connect to endpoint timed out");
-            return;
-        }
     };
+    let endpoint = ep.addr;
+    let _in_flight = ep.start();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     counters.forwarded.inc();
     counters.active.inc();
-    debug!(client = %peer, source, service = %route.name, %endpoint, "forwarding");
+    debug!(client = %peer, source, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let (mut client, mut upstream) = (client, upstream);
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     counters.active.dec();
@@ -110,6 +138,9 @@ async fn forward(
         }
         Err(e) => {
             counters.io_errors.inc();
+            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                ep.failed(Instant::now());
+            }
             debug!(client = %peer, service = %route.name, %endpoint, error = %e, "connection ended with an error");
         }
     }

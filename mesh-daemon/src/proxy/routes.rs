@@ -1,29 +1,63 @@
 //! What the proxy needs from the state, indexed for the accept path: the
-//! service port behind each kernel service id, its endpoints, and the
-//! workloads by IP.
+//! service port behind each kernel service id, its endpoints with their
+//! shared state, and the workloads by IP.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::balance::RoundRobin;
+use tokio::time::Instant;
+
+use crate::balance::select::{eligible, p2c, Candidate};
+use crate::balance::{EndpointState, Registry};
 use crate::model::{Frontend, State};
+
+#[derive(Debug)]
+pub struct RouteEndpoint {
+    pub state: Arc<EndpointState>,
+    pub weight: u16,
+    pub priority: u8,
+}
 
 #[derive(Debug)]
 pub struct Route {
     /// `namespace/name:port`, for logs.
     pub name: String,
-    /// Endpoints that take new connections (weight above 0), with the
-    /// target port.
-    pub endpoints: Vec<SocketAddrV4>,
-    rr: RoundRobin,
+    pub endpoints: Vec<RouteEndpoint>,
+    pub fail_open: bool,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub retry_budget: Duration,
 }
 
 impl Route {
-    pub fn pick(&self) -> Option<SocketAddrV4> {
-        self.rr
-            .pick(self.endpoints.len())
-            .map(|i| self.endpoints[i])
+    /// The endpoint for a new connection (see [`crate::balance::select`]),
+    /// leaving out `tried`; claims the breaker's probe if one is due.
+    pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<Arc<EndpointState>> {
+        let mut excluded: Vec<SocketAddrV4> = tried.to_vec();
+        // A candidate whose probe another connection just claimed is
+        // skipped and the choice made again.
+        for _ in 0..self.endpoints.len() {
+            let cands: Vec<Candidate> = self
+                .endpoints
+                .iter()
+                .map(|e| Candidate {
+                    weight: if excluded.contains(&e.state.addr) { 0 } else { e.weight },
+                    priority: e.priority,
+                    available: e.state.available(now),
+                })
+                .collect();
+            let ok = eligible(&cands, self.fail_open);
+            let loads: Vec<_> = ok.iter().map(|i| self.endpoints[*i].state.load(self.endpoints[*i].weight)).collect();
+            let chosen = &self.endpoints[ok[p2c(&loads, fastrand::f64)?]].state;
+            // Failing open goes to ejected endpoints too: no probe to claim.
+            if chosen.admit(now) || !chosen.available(now) {
+                return Some(chosen.clone());
+            }
+            excluded.push(chosen.addr);
+        }
+        None
     }
 }
 
@@ -35,7 +69,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn build(state: &State, frontends: &[Frontend]) -> Self {
+    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry) -> Self {
         let by_id = frontends
             .iter()
             .map(|f| {
@@ -43,22 +77,24 @@ impl RouteTable {
                 let endpoints = s
                     .endpoints
                     .iter()
-                    .filter(|e| e.weight.0 > 0)
-                    .map(|e| e.addr(f.target_port))
+                    .map(|e| RouteEndpoint {
+                        state: registry.get(e.addr(f.target_port)),
+                        weight: e.weight.0,
+                        priority: e.priority,
+                    })
                     .collect();
                 let route = Route {
                     name: format!("{}:{}", s.key(), f.port),
                     endpoints,
-                    rr: RoundRobin::default(),
+                    fail_open: s.fail_open,
+                    connect_timeout: s.connect_timeout,
+                    retries: s.retries,
+                    retry_budget: s.retry_budget,
                 };
                 (f.id, Arc::new(route))
             })
             .collect();
-        let workloads = state
-            .workloads
-            .iter()
-            .map(|w| (w.ip, format!("{}/{}", w.namespace, w.name)))
-            .collect();
+        let workloads = state.workloads.iter().map(|w| (w.ip, format!("{}/{}", w.namespace, w.name))).collect();
         Self { by_id, workloads }
     }
 
@@ -76,21 +112,44 @@ mod tests {
     use super::*;
     use crate::model::parse_document;
 
-    #[test]
-    fn drained_endpoints_get_no_connections() {
-        let doc = parse_document(
-            "nodes: [{name: a, address: 172.18.0.2}]\n\
-             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{port: 80, targetPort: 8080}]\n   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a, weight: 0}]\n",
-        )
+    fn table(extra: &str) -> (RouteTable, Registry) {
+        let doc = parse_document(&format!(
+            "nodes: [{{name: a, address: 172.18.0.2}}]\n\
+             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+        ))
         .unwrap();
         let state = State::from_document(&doc).unwrap();
         let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
-        let t = RouteTable::build(&state, &state.frontends(&ids));
+        let registry = Registry::default();
+        (RouteTable::build(&state, &state.frontends(&ids), &registry), registry)
+    }
+
+    #[tokio::test]
+    async fn drained_and_tried_endpoints_get_no_connections() {
+        let (t, _) = table(
+            "   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a, weight: 0}, {ip: 10.0.0.3, node: a}]\n",
+        );
         let r = t.route(1).unwrap();
         assert_eq!(r.name, "default/web:80");
-        for _ in 0..4 {
-            assert_eq!(r.pick(), Some("10.0.0.1:8080".parse().unwrap()));
+        let first: SocketAddrV4 = "10.0.0.1:8080".parse().unwrap();
+        for _ in 0..20 {
+            let e = r.pick(&[first], Instant::now()).unwrap();
+            assert_eq!(e.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
         }
         assert!(t.route(2).is_none());
+    }
+
+    #[tokio::test]
+    async fn lower_priority_serves_only_when_the_best_level_is_down() {
+        let (t, reg) =
+            table("   endpoints: [{ip: 10.0.0.1, node: a, priority: 0}, {ip: 10.0.0.2, node: a, priority: 1}]\n");
+        let r = t.route(1).unwrap();
+        let (p0, p1): (SocketAddrV4, SocketAddrV4) =
+            ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p0));
+        reg.get(p0).record_check(false, "refused", 1, 1);
+        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p1));
+        reg.get(p0).record_check(true, "ok", 1, 1);
+        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p0), "traffic returns to priority 0");
     }
 }

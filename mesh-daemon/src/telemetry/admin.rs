@@ -19,11 +19,7 @@ pub trait AdminSource: Send + Sync + 'static {
     fn stats_json(&self) -> serde_json::Value;
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    source: Arc<dyn AdminSource>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
@@ -35,9 +31,7 @@ pub async fn serve(
                 let source = source.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &*source)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 debug!(error = %e, "admin connection");
             }
@@ -61,15 +55,10 @@ fn handle(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<By
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/stats" => {
             let mut r = text(StatusCode::OK, source.stats_json().to_string());
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /stats\n",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /stats\n"),
     }
 }

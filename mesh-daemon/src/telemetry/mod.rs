@@ -37,6 +37,8 @@ pub struct ProxyCounters {
     /// Closed at once: the service has no endpoint.
     pub no_endpoint: Counter,
     pub connect_failed: Counter,
+    /// Connect tries on another endpoint after a failed one.
+    pub retries: Counter,
     /// Connected to an endpoint and forwarded.
     pub forwarded: Counter,
     /// Open forwarded connections.
@@ -53,6 +55,7 @@ pub struct ProxySnapshot {
     pub no_route: u64,
     pub no_endpoint: u64,
     pub connect_failed: u64,
+    pub retries: u64,
     pub forwarded: u64,
     pub active: u64,
     pub io_errors: u64,
@@ -68,6 +71,7 @@ impl ProxyCounters {
             no_route: self.no_route.get(),
             no_endpoint: self.no_endpoint.get(),
             connect_failed: self.connect_failed.get(),
+            retries: self.retries.get(),
             forwarded: self.forwarded.get(),
             active: self.active.get(),
             io_errors: self.io_errors.get(),

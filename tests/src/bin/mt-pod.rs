@@ -27,19 +27,13 @@ fn main() -> ExitCode {
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
 fn serve(args: &[String]) -> ExitCode {
     let name = flag(args, "--name").unwrap_or("backend").to_owned();
     let mut handles = Vec::new();
-    for (port, kind) in [
-        (flag(args, "--http"), "http"),
-        (flag(args, "--echo"), "echo"),
-    ] {
+    for (port, kind) in [(flag(args, "--http"), "http"), (flag(args, "--echo"), "echo")] {
         let Some(port) = port else { continue };
         let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
             Ok(l) => l,
@@ -110,11 +104,7 @@ fn http(s: TcpStream, name: &str) {
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
-        if w.write_all(head.as_bytes())
-            .and_then(|_| w.write_all(body.as_bytes()))
-            .is_err()
-            || close
-        {
+        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes())).is_err() || close {
             return;
         }
     }
@@ -144,9 +134,7 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Sends BYTES to an echo server, shuts down the write side, reads the
@@ -179,14 +167,8 @@ fn bulk(addr: &str, bytes: &str) -> ExitCode {
     });
     let mut got = Vec::with_capacity(n);
     let read = s.read_to_end(&mut got);
-    let wrote = writer
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
-    println!(
-        "sent={n} sent_sum={sent_sum:016x} recv={} recv_sum={:016x}",
-        got.len(),
-        fnv1a(&got)
-    );
+    let wrote = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    println!("sent={n} sent_sum={sent_sum:016x} recv={} recv_sum={:016x}", got.len(), fnv1a(&got));
     match (wrote, read) {
         (Ok(()), Ok(_)) => ExitCode::SUCCESS,
         (w, r) => {
@@ -210,13 +192,11 @@ fn concurrent(addr: &str, n: &str) -> ExitCode {
                 let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10));
                 barrier.wait();
                 let mut s = s.map_err(|e| format!("connect: {e}"))?;
-                s.set_read_timeout(Some(Duration::from_secs(20)))
-                    .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
                 s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
                     .map_err(|e| format!("write: {e}"))?;
                 let mut out = String::new();
-                s.read_to_string(&mut out)
-                    .map_err(|e| format!("read: {e}"))?;
+                s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
                 if out.starts_with("HTTP/1.1 200 OK") {
                     Ok(out.lines().last().unwrap_or_default().to_owned())
                 } else {
@@ -248,23 +228,14 @@ fn concurrent(addr: &str, n: &str) -> ExitCode {
 /// One HTTP GET on a new connection: (backend name, the address
 /// getpeername gave, the peer the backend saw).
 fn one_request(addr: SocketAddr) -> Result<(String, SocketAddr, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
     let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
     let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("read: {e}"))?;
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
     let body = out.lines().last().unwrap_or_default();
-    let field = |k: &str| {
-        body.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |k: &str| body.split_whitespace().find_map(|kv| kv.strip_prefix(k)).unwrap_or_default().to_owned();
     Ok((field("backend="), peer, field("peer=")))
 }
 
@@ -279,19 +250,9 @@ fn tally(addr: &str, n: &str) -> ExitCode {
     let workers = 4;
     let results: Vec<Result<(String, SocketAddr, String), String>> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                sc.spawn(move || {
-                    (w..n)
-                        .step_by(workers)
-                        .map(|_| one_request(addr))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|w| sc.spawn(move || (w..n).step_by(workers).map(|_| one_request(addr)).collect::<Vec<_>>()))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
     });
     let mut counts = std::collections::BTreeMap::new();
     let (mut failed, mut dialled, mut direct) = (0, 0, 0);

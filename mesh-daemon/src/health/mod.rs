@@ -1,0 +1,185 @@
+//! Active health checks: one task per (endpoint address, check), probing
+//! at the check's interval with ±10% jitter (and a random first delay) so
+//! checks do not synchronise. `tcp` passes when a connect succeeds; `http`
+//! when `GET path` answers 2xx, both within the timeout. Results go to the
+//! endpoint's shared state; a change of healthy state is announced on
+//! `changed`, so kernel slot tables follow at once.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::info;
+
+use crate::balance::EndpointState;
+use crate::model::{CheckKind, HealthCheck};
+
+pub struct Checker {
+    runtime: tokio::runtime::Handle,
+    changed: mpsc::UnboundedSender<()>,
+    tasks: HashMap<(SocketAddrV4, HealthCheck), AbortHandle>,
+}
+
+impl Checker {
+    /// Must be made inside the runtime the checks run on.
+    pub fn new(changed: mpsc::UnboundedSender<()>) -> Self {
+        Self { runtime: tokio::runtime::Handle::current(), changed, tasks: HashMap::new() }
+    }
+
+    /// Runs exactly the checks in `wanted`: new ones start, gone ones stop,
+    /// unchanged ones keep their rhythm.
+    pub fn reconcile(&mut self, wanted: Vec<(Arc<EndpointState>, HealthCheck)>) {
+        let keys: Vec<(SocketAddrV4, HealthCheck)> = wanted.iter().map(|(e, c)| (e.addr, c.clone())).collect();
+        self.tasks.retain(|k, task| {
+            let keep = keys.contains(k);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (ep, check) in wanted {
+            let key = (ep.addr, check.clone());
+            if self.tasks.contains_key(&key) {
+                continue;
+            }
+            let changed = self.changed.clone();
+            let task = self.runtime.spawn(run(ep, check, changed));
+            self.tasks.insert(key, task.abort_handle());
+        }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        for t in self.tasks.values() {
+            t.abort();
+        }
+    }
+}
+
+async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::UnboundedSender<()>) {
+    tokio::time::sleep(check.interval.mul_f64(fastrand::f64())).await;
+    loop {
+        let (ok, reason, rtt) = probe(ep.addr, &check).await;
+        if let Some(rtt) = rtt {
+            ep.observe_rtt(rtt, tokio::time::Instant::now());
+        }
+        if ep.record_check(ok, &reason, check.rise, check.fall) {
+            info!(endpoint = %ep.addr, healthy = ok, reason, "endpoint health changed");
+            let _ = changed.send(());
+        }
+        tokio::time::sleep(check.interval.mul_f64(0.9 + 0.2 * fastrand::f64())).await;
+    }
+}
+
+/// One check: (passed, what was seen, the connect time when it connected).
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> (bool, String, Option<std::time::Duration>) {
+    let mut connect_time = None;
+    match tokio::time::timeout(check.timeout, attempt(addr, &check.kind, &mut connect_time)).await {
+        Ok((ok, why)) => (ok, why, connect_time),
+        Err(_) => {
+            (false, format!("{} check timed out after {:?}", kind_name(&check.kind), check.timeout), connect_time)
+        }
+    }
+}
+
+fn kind_name(k: &CheckKind) -> &'static str {
+    match k {
+        CheckKind::Tcp => "tcp",
+        CheckKind::Http(_) => "http",
+    }
+}
+
+async fn attempt(
+    addr: SocketAddrV4,
+    kind: &CheckKind,
+    connect_time: &mut Option<std::time::Duration>,
+) -> (bool, String) {
+    let t0 = tokio::time::Instant::now();
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return (false, format!("connect: {e}")),
+    };
+    *connect_time = Some(t0.elapsed());
+    let CheckKind::Http(path) = kind else {
+        return (true, "tcp connect ok".into());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-health\r\nConnection: close\r\n\r\n");
+    if let Err(e) = s.write_all(req.as_bytes()).await {
+        return (false, format!("http write: {e}"));
+    }
+    let mut buf = vec![0u8; 256];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') && got < buf.len() {
+        match s.read(&mut buf[got..]).await {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return (false, format!("http read: {e}")),
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..got]);
+    let status = line.lines().next().unwrap_or_default().trim().to_owned();
+    match status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+        Some(c) if (200..300).contains(&c) => (true, format!("http {c}")),
+        Some(c) => (false, format!("http {c} from GET {path}")),
+        None => (false, format!("no HTTP status line from GET {path}: {status:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    fn check(kind: CheckKind) -> HealthCheck {
+        HealthCheck { kind, interval: Duration::from_secs(1), timeout: Duration::from_millis(500), rise: 1, fall: 1 }
+    }
+
+    async fn server(status: &'static str) -> SocketAddrV4 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else { unreachable!() };
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut b = [0u8; 512];
+                let _ = s.read(&mut b).await;
+                let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_on_real_sockets() {
+        let ok = server("200 OK").await;
+        let bad = server("503 Service Unavailable").await;
+        let (pass, _, rtt) = probe(ok, &check(CheckKind::Tcp)).await;
+        assert!(pass && rtt.is_some(), "a passing tcp check measures the connect time");
+        let (pass, why, _) = probe(ok, &check(CheckKind::Http("/healthz".into()))).await;
+        assert!(pass && why == "http 200", "{why}");
+        let (pass, why, _) = probe(bad, &check(CheckKind::Http("/healthz".into()))).await;
+        assert!(!pass && why == "http 503 from GET /healthz", "{why}");
+        // A port nobody listens on (bound then closed).
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
+            a
+        };
+        let (pass, why, _) = probe(closed, &check(CheckKind::Tcp)).await;
+        assert!(!pass && why.starts_with("connect:"), "{why}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_endpoint_times_out() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
+        // Accepts (backlog) but never answers the HTTP request.
+        let (pass, why, _) = probe(a, &check(CheckKind::Http("/".into()))).await;
+        assert!(!pass && why == "http check timed out after 500ms", "{why}");
+        drop(l);
+    }
+}
