@@ -121,6 +121,8 @@ pub struct Cluster {
     pin_root: PathBuf,
     netns: Vec<String>,
     procs: Mutex<Vec<Child>>,
+    /// (pod, pid) of every process started with [`Cluster::spawn`].
+    spawned_pods: Mutex<Vec<(String, u32)>>,
 }
 
 impl Cluster {
@@ -144,6 +146,7 @@ impl Cluster {
             cgroup,
             netns: Vec::new(),
             procs: Mutex::new(Vec::new()),
+            spawned_pods: Mutex::new(Vec::new()),
         };
         // On error, drop tears down whatever was made so far.
         c.build(spec)?;
@@ -325,7 +328,41 @@ impl Cluster {
         let child = cmd.spawn().with_context(|| format!("starting {} in pod {pod}", program.display()))?;
         let pid = child.id();
         self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push(child);
+        self.spawned_pods.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push((pod.to_owned(), pid));
         Ok(pid)
+    }
+
+    /// Stops a process started with [`Cluster::spawn`] with SIGTERM (a
+    /// graceful stop) and waits up to 10 s for it to exit.
+    pub fn terminate(&self, pid: u32) -> anyhow::Result<()> {
+        let mut procs = self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?;
+        let i = procs.iter().position(|c| c.id() == pid).context("no such process of this cluster")?;
+        let mut c = procs.remove(i);
+        sys::signal(pid, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("process {pid} did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Starts a client in `pod` whose output the caller collects with
+    /// `wait_with_output` (teardown kills it if the caller does not).
+    pub fn start(&self, pod: &str, program: &str, args: &[&str]) -> anyhow::Result<Child> {
+        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
+        let mut cmd = self.pod_command(pod, &program, args)?;
+        Ok(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
+    }
+
+    /// The pid of the newest process started with [`Cluster::spawn`] in `pod`.
+    pub fn spawned_pid_of(&self, pod: &str) -> Option<u32> {
+        let pods = self.spawned_pods.lock().ok()?;
+        pods.iter().rev().find(|(p, _)| p == pod).map(|(_, pid)| *pid)
     }
 
     /// Ends a process started with [`Cluster::spawn`].
@@ -342,11 +379,17 @@ impl Cluster {
     /// Starts `mt-pod serve` in `pod` (HTTP on `http`, echo on `echo`) and
     /// waits until it accepts.
     pub fn serve(&self, pod: &str, http: u16, echo: Option<u16>) -> anyhow::Result<u32> {
+        self.serve_with(pod, http, echo, &[])
+    }
+
+    /// [`Cluster::serve`] with more `mt-pod serve` flags (e.g. `--delay-ms`).
+    pub fn serve_with(&self, pod: &str, http: u16, echo: Option<u16>, extra: &[&str]) -> anyhow::Result<u32> {
         let (h, e) = (http.to_string(), echo.map(|e| e.to_string()));
         let mut args = vec!["serve", "--name", pod, "--http", &h];
         if let Some(e) = &e {
             args.extend(["--echo", e.as_str()]);
         }
+        args.extend(extra);
         let pid = self.spawn(pod, &self.bins.mt_pod.clone(), &args)?;
         let p = self.pod(pod);
         let ports = [Some(http), echo];

@@ -230,8 +230,39 @@ fn print_list(kind: Kind, v: &Value) {
                 .collect(),
         ),
         Kind::Endpoints => table(
-            &["SERVICE", "IP", "NODE", "WEIGHT"],
-            items.iter().map(|e| vec![s(&e["service"]), s(&e["ip"]), s(&e["node"]), s(&e["weight"])]).collect(),
+            &[
+                "SERVICE",
+                "IP",
+                "NODE",
+                "WEIGHT",
+                "EFFECTIVE",
+                "PRIORITY",
+                "HEALTH",
+                "BREAKER",
+                "RTT(ms)",
+                "IN-FLIGHT",
+                "SINCE(s)",
+                "REASON",
+            ],
+            items
+                .iter()
+                .map(|e| {
+                    vec![
+                        s(&e["service"]),
+                        s(&e["ip"]),
+                        s(&e["node"]),
+                        s(&e["weight"]),
+                        s(&e["effectiveWeight"]),
+                        s(&e["priority"]),
+                        s(&e["health"]),
+                        s(&e["breaker"]),
+                        s(&e["ewmaRttMs"]),
+                        s(&e["inFlight"]),
+                        s(&e["sinceChangeSeconds"]),
+                        s(&e["reason"]),
+                    ]
+                })
+                .collect(),
         ),
     }
 }

@@ -4,13 +4,15 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT]\n  \
-         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N"
+        "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
+         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
+         mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS"
     );
     ExitCode::from(2)
 }
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
         Some("bulk") if args.len() == 3 => bulk(&args[1], &args[2]),
         Some("concurrent") if args.len() == 3 => concurrent(&args[1], &args[2]),
         Some("tally") if args.len() == 3 => tally(&args[1], &args[2]),
+        Some("load") if args.len() == 5 => load(&args[1], &args[2], &args[3], &args[4]),
         _ => usage(),
     }
 }
@@ -30,45 +33,77 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
+static TERM: AtomicBool = AtomicBool::new(false);
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+/// Serves until SIGTERM, then shuts down gracefully as a real server does:
+/// accepts what is queued, closes the listeners (new connects are
+/// refused), finishes the connections it has, and exits.
 fn serve(args: &[String]) -> ExitCode {
     let name = flag(args, "--name").unwrap_or("backend").to_owned();
-    let mut handles = Vec::new();
+    let delay = Duration::from_millis(flag(args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0));
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let mut listeners = Vec::new();
     for (port, kind) in [(flag(args, "--http"), "http"), (flag(args, "--echo"), "echo")] {
         let Some(port) = port else { continue };
-        let l = match TcpListener::bind(format!("0.0.0.0:{port}")) {
-            Ok(l) => l,
+        match TcpListener::bind(format!("0.0.0.0:{port}")).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
+            Ok(l) => listeners.push((l, kind)),
             Err(e) => {
                 eprintln!("mt-pod: listen on {port}: {e}");
                 return ExitCode::FAILURE;
             }
-        };
-        let name = name.clone();
-        handles.push(std::thread::spawn(move || match kind {
-            "http" => accept_loop(l, move |s| http(s, &name)),
-            _ => accept_loop(l, echo_after_eof),
-        }));
+        }
     }
-    if handles.is_empty() {
+    if listeners.is_empty() {
         return usage();
     }
     eprintln!("mt-pod: {name} serving");
-    for h in handles {
-        let _ = h.join();
+    let name: Arc<str> = name.into();
+    let accept_all = |listeners: &[(TcpListener, &str)]| {
+        let mut got = false;
+        for (l, kind) in listeners {
+            while let Ok((s, _)) = l.accept() {
+                got = true;
+                let _ = s.set_nonblocking(false);
+                let (http_kind, name) = (*kind == "http", name.clone());
+                ACTIVE.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    if http_kind {
+                        http(s, &name, delay);
+                    } else {
+                        echo_after_eof(s);
+                    }
+                    ACTIVE.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        }
+        got
+    };
+    while !TERM.load(Ordering::SeqCst) {
+        if !accept_all(&listeners) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
+    accept_all(&listeners);
+    drop(listeners);
+    while ACTIVE.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("mt-pod: {name} stopped");
     ExitCode::SUCCESS
-}
-
-fn accept_loop(l: TcpListener, f: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
-    for s in l.incoming().flatten() {
-        let f = f.clone();
-        std::thread::spawn(move || f(s));
-    }
 }
 
 /// HTTP/1.1 with keep-alive; every GET is answered with
 /// `backend=NAME peer=IP:PORT` so a client sees who answered and from where
 /// the connection came.
-fn http(s: TcpStream, name: &str) {
+fn http(s: TcpStream, name: &str, delay: Duration) {
     let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
     let _ = s.set_nodelay(true);
     let mut w = match s.try_clone() {
@@ -97,6 +132,9 @@ fn http(s: TcpStream, name: &str) {
             if line == "\r\n" || line == "\n" {
                 break;
             }
+        }
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         let body = format!("backend={name} peer={peer}\n");
         let head = format!(
@@ -286,4 +324,47 @@ fn local_ip(addr: SocketAddr) -> Option<String> {
     let u = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
     u.connect(addr).ok()?;
     Some(u.local_addr().ok()?.ip().to_string())
+}
+
+/// TOTAL requests, each on a new connection, from CONCURRENCY clients that
+/// pause PAUSE_MS between requests. Prints `start=<unix ms>`, then one line
+/// per request, `<ms since start> <backend>` or `<ms> FAIL <error>`, then
+/// `ok=K failed=F`.
+fn load(addr: &str, total: &str, conc: &str, pause: &str) -> ExitCode {
+    let (Ok(addr), Ok(total), Ok(conc), Ok(pause)) =
+        (addr.parse::<SocketAddr>(), total.parse::<usize>(), conc.parse::<usize>(), pause.parse::<u64>())
+    else {
+        return usage();
+    };
+    let start = std::time::SystemTime::now();
+    let t0 = std::time::Instant::now();
+    let since_epoch = start.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let lines: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..conc)
+            .map(|c| {
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    for _ in (c..total).step_by(conc) {
+                        let r = one_request(addr);
+                        let at = t0.elapsed().as_millis();
+                        out.push(match r {
+                            Ok((backend, _, _)) if !backend.is_empty() => format!("{at} {backend}"),
+                            Ok(_) => format!("{at} FAIL empty response"),
+                            Err(e) => format!("{at} FAIL {e}"),
+                        });
+                        std::thread::sleep(Duration::from_millis(pause));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    println!("start={since_epoch}");
+    let failed = lines.iter().filter(|l| l.contains(" FAIL ")).count();
+    for l in &lines {
+        println!("{l}");
+    }
+    println!("ok={} failed={failed}", lines.len() - failed);
+    ExitCode::SUCCESS
 }
