@@ -14,9 +14,10 @@
 //!    When both drawn endpoints are idle, `/ weight` would hand every
 //!    connection to the heavier one and microseconds of connect jitter
 //!    would decide between equals; so then the faster one wins only if the
-//!    other's latency is clearly higher (by more than 25%; both measured,
-//!    so a new endpoint is not starved by its default), and otherwise the
-//!    first drawn (already weight-proportional) wins.
+//!    other's latency is clearly higher (by more than 25% and more than
+//!    1 ms; both measured, so a new endpoint is not starved by its
+//!    default), and otherwise the first drawn (already weight-proportional)
+//!    wins.
 
 /// One endpoint as selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,15 +52,17 @@ pub fn effective_weights(c: &[Candidate], fail_open: bool) -> Vec<u16> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {
     pub weight: u16,
-    /// Peak-EWMA connect time, any unit.
+    /// Peak-EWMA connect time, in nanoseconds.
     pub rtt: f64,
     /// Whether `rtt` was measured (else it is the default).
     pub measured: bool,
     pub in_flight: u64,
 }
 
-/// Idle endpoints: latency decides only past this ratio.
+/// Idle endpoints: latency decides only past this ratio...
 const CLEARLY_SLOWER: f64 = 1.25;
+/// ...and this gap (1 ms): below it, connect times differ by noise.
+const NOISE_NS: f64 = 1_000_000.0;
 
 /// Rule 4 over the eligible endpoints; `rng` gives uniform numbers in
 /// [0, 1). Returns an index into `cands`.
@@ -88,7 +91,8 @@ pub fn p2c(cands: &[Load], mut rng: impl FnMut() -> f64) -> Option<usize> {
             let b = draw(Some(a), total - f64::from(cands[a].weight), rng());
             let (ca, cb) = (cands[a], cands[b]);
             if ca.in_flight == 0 && cb.in_flight == 0 {
-                let b_clearly_faster = ca.measured && cb.measured && ca.rtt > cb.rtt * CLEARLY_SLOWER;
+                let b_clearly_faster =
+                    ca.measured && cb.measured && ca.rtt > cb.rtt * CLEARLY_SLOWER && ca.rtt - cb.rtt > NOISE_NS;
                 return Some(if b_clearly_faster { b } else { a });
             }
             let cost = |c: Load| c.rtt * (c.in_flight + 1) as f64 / f64::from(c.weight.max(1));
@@ -131,7 +135,7 @@ mod tests {
                 .iter()
                 .zip(&in_flight)
                 .zip(latency_ms)
-                .map(|((w, f), l)| Load { weight: *w, rtt: *l, measured: true, in_flight: *f })
+                .map(|((w, f), l)| Load { weight: *w, rtt: *l * 1e6, measured: true, in_flight: *f })
                 .collect();
             let i = p2c(&cands, || rng.f64()).unwrap();
             in_flight[i] += 1;
@@ -167,11 +171,14 @@ mod tests {
         assert_eq!(p2c(&[load(1, 10.0, 1), load(1, 1.0, 1)], || 0.0), Some(1));
         assert_eq!(p2c(&[load(1, 1.0, 1), load(1, 10.0, 1)], || 0.9), Some(0));
         // Idle: a clearly slower endpoint loses, near-equals go by the draw.
-        assert_eq!(p2c(&[load(1, 10.0, 0), load(1, 1.0, 0)], || 0.0), Some(1));
-        assert_eq!(p2c(&[load(1, 1.1, 0), load(1, 1.0, 0)], || 0.0), Some(0));
+        let ms = 1e6;
+        assert_eq!(p2c(&[load(1, 10.0 * ms, 0), load(1, ms, 0)], || 0.0), Some(1));
+        assert_eq!(p2c(&[load(1, 1.1 * ms, 0), load(1, ms, 0)], || 0.0), Some(0));
+        // Idle: three times slower but by 0.2 ms is noise, not a reason.
+        assert_eq!(p2c(&[load(1, 0.3 * ms, 0), load(1, 0.1 * ms, 0)], || 0.0), Some(0));
         // Idle: a default (unmeasured) latency does not starve a new endpoint.
-        let new = Load { measured: false, ..load(1, 30.0, 0) };
-        assert_eq!(p2c(&[new, load(1, 1.0, 0)], || 0.0), Some(0));
+        let new = Load { measured: false, ..load(1, 30.0 * ms, 0) };
+        assert_eq!(p2c(&[new, load(1, ms, 0)], || 0.0), Some(0));
     }
 
     #[test]
