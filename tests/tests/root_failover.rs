@@ -12,6 +12,14 @@ const VIP: &str = "10.96.0.10";
 const CHECK: &str = "    healthCheck: { protocol: tcp, interval: 1s, timeout: 500ms, rise: 2, fall: 1 }\n";
 const INTERVAL_MS: u128 = 1000;
 
+/// These tests assert on timing (health detection, traffic returning), so
+/// they run one at a time rather than competing for the machine's cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn cluster() -> Cluster {
     Cluster::create(
         &ClusterSpec::new()
@@ -94,6 +102,7 @@ fn slot_backends(c: &Cluster) -> Vec<String> {
 
 #[test]
 fn root_proxy_fails_over_without_client_errors() {
+    let _serial = serial();
     let c = cluster();
     for p in ["web-1", "web-2", "web-3"] {
         c.serve(p, 8080, None).unwrap();
@@ -139,7 +148,8 @@ fn root_proxy_fails_over_without_client_errors() {
     assert!(web3_times.iter().any(|t| *t < killed), "web-3 served before it was stopped");
     assert!(!web3_times.iter().any(|t| *t > killed + 50 && *t < restarted), "web-3 answered while stopped");
     let back = web3_times.iter().find(|t| **t > restarted).copied();
-    let limit = restarted + 2 * INTERVAL_MS * 11 / 10 + 200;
+    // Two intervals, plus a little for scheduling and the request itself.
+    let limit = restarted + 2 * INTERVAL_MS + 400;
     assert!(
         back.is_some_and(|t| t <= limit),
         "web-3 got no traffic within two check intervals of coming back: first at {back:?}, limit {limit}"
@@ -151,6 +161,7 @@ fn root_proxy_fails_over_without_client_errors() {
 
 #[test]
 fn root_kernel_mode_drops_a_dead_backend_from_the_slots() {
+    let _serial = serial();
     let c = cluster();
     for p in ["web-1", "web-2", "web-3"] {
         c.serve(p, 8080, None).unwrap();
@@ -166,7 +177,7 @@ fn root_kernel_mode_drops_a_dead_backend_from_the_slots() {
     let took = stopped.elapsed();
     eprintln!("kernel mode: web-3 left the slot table {took:?} after it stopped");
     assert!(
-        gone && took <= Duration::from_millis(INTERVAL_MS as u64 * 11 / 10 + 1000),
+        gone && took <= Duration::from_millis(INTERVAL_MS as u64 + 1000),
         "took {took:?}: {:?}",
         slot_backends(&c)
     );
@@ -186,6 +197,7 @@ fn root_kernel_mode_drops_a_dead_backend_from_the_slots() {
 
 #[test]
 fn root_priority_failover_and_return() {
+    let _serial = serial();
     let c = cluster();
     for p in ["web-1", "web-2", "web-3"] {
         c.serve(p, 8080, None).unwrap();
@@ -219,6 +231,7 @@ fn root_priority_failover_and_return() {
 
 #[test]
 fn root_slow_backend_gets_a_smaller_share() {
+    let _serial = serial();
     let c = cluster();
     c.serve("web-1", 8080, None).unwrap();
     c.serve_with("web-2", 8080, None, &["--delay-ms", "50"]).unwrap();

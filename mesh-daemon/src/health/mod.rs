@@ -1,6 +1,7 @@
 //! Active health checks: one task per (endpoint address, check), probing
-//! at the check's interval with ±10% jitter (and a random first delay) so
-//! checks do not synchronise. `tcp` passes when a connect succeeds; `http`
+//! at the check's interval shortened by up to 20% at random (and after a
+//! random first delay) so checks do not synchronise, while `rise` checks
+//! still take at most `rise` intervals. `tcp` passes when a connect succeeds; `http`
 //! when `GET path` answers 2xx, both within the timeout. Results go to the
 //! endpoint's shared state; a change of healthy state is announced on
 //! `changed`, so kernel slot tables follow at once.
@@ -72,7 +73,7 @@ async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::Unbounde
             info!(endpoint = %ep.addr, healthy = ok, reason, "endpoint health changed");
             let _ = changed.send(());
         }
-        tokio::time::sleep(check.interval.mul_f64(0.9 + 0.2 * fastrand::f64())).await;
+        tokio::time::sleep(check.interval.mul_f64(0.8 + 0.2 * fastrand::f64())).await;
     }
 }
 
