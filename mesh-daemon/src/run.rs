@@ -60,6 +60,15 @@ pub struct RunArgs {
     /// weights more finely.
     #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub slot_table_size: u32,
+    /// Time constant of the peak-EWMA of connect time (e.g. 10s).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    pub ewma_decay: std::time::Duration,
+    /// Connect time assumed for an endpoint not measured yet.
+    #[arg(long, default_value = "30ms", value_name = "DURATION", value_parser = duration)]
+    pub default_rtt: std::time::Duration,
+    /// Consecutive connect failures or resets that eject an endpoint.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub breaker_failures: u32,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -93,6 +102,10 @@ impl EbpfLogLevel {
     }
 }
 
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::model::parse_duration(s)
+}
+
 /// What the admin endpoint shows.
 struct AdminView {
     control: Arc<Control>,
@@ -120,7 +133,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir.clone(),
         proxy_listen: args.proxy_listen,
         slot_table_size: args.slot_table_size,
-        balance: BalanceConfig::default(),
+        balance: BalanceConfig {
+            default_rtt: args.default_rtt,
+            decay: args.ewma_decay,
+            breaker_failures: args.breaker_failures,
+            ..BalanceConfig::default()
+        },
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let prepared = Control::prepare(cfg, args.config.clone(), health_tx)?;

@@ -176,11 +176,7 @@ fn root_kernel_mode_drops_a_dead_backend_from_the_slots() {
     let gone = wait_until(Duration::from_secs(5), || !slot_backends(&c).contains(&web3));
     let took = stopped.elapsed();
     eprintln!("kernel mode: web-3 left the slot table {took:?} after it stopped");
-    assert!(
-        gone && took <= Duration::from_millis(INTERVAL_MS as u64 + 1000),
-        "took {took:?}: {:?}",
-        slot_backends(&c)
-    );
+    assert!(gone && took <= Duration::from_millis(INTERVAL_MS as u64 + 1000), "took {took:?}: {:?}", slot_backends(&c));
     let (counts, failed, text) = tally(&c, 100);
     assert_eq!(failed, 0, "{text}");
     assert!(!counts.contains_key("web-3"), "{text}");
