@@ -22,7 +22,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and run the proxy until SIGTERM/SIGINT.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Validate a config file and exit: 0 when valid, 1 with every bad field named.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Run(args) => match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt.block_on(run::run(args)),
+            Ok(rt) => rt.block_on(run::run(*args)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
         },
     };
