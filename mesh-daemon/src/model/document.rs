@@ -69,6 +69,25 @@ pub struct ServiceDoc {
     /// Proxy: the most all tries of one connection may take [default 5s].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<String>,
+    /// Between nodes: `required` (mTLS tunnel, the default) or `disabled`
+    /// (plain TCP, for debugging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<String>,
+    /// Who may reach this service's endpoints through the tunnel
+    /// [default: any identity of the same trust domain].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationDoc {
+    /// SPIFFE IDs allowed.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Namespaces whose workloads (same trust domain) are allowed.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

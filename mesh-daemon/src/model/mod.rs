@@ -12,7 +12,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use document::{Document, EndpointDoc, HealthCheckDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+pub use document::{
+    AuthorizationDoc, Document, EndpointDoc, HealthCheckDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc,
+};
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{parse_duration, Name, NodeName, Port, Weight};
@@ -80,6 +82,32 @@ pub struct Service {
     pub connect_timeout: Duration,
     pub retries: u32,
     pub retry_budget: Duration,
+    /// Cross-node connections go through the mTLS tunnel.
+    pub mtls: bool,
+    /// None: the same trust domain is allowed.
+    pub authorization: Option<Authorization>,
+}
+
+/// Who may reach a service's endpoints through the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    pub identities: Vec<crate::identity::Identity>,
+    pub namespaces: Vec<Name>,
+}
+
+impl Authorization {
+    /// Whether `peer` may reach the service; `policy` None allows the
+    /// local trust domain only.
+    pub fn allows(policy: Option<&Authorization>, trust_domain: &str, peer: &crate::identity::Identity) -> bool {
+        match policy {
+            None => peer.trust_domain() == trust_domain,
+            Some(a) => {
+                a.identities.contains(peer)
+                    || (peer.trust_domain() == trust_domain
+                        && peer.namespace().is_some_and(|ns| a.namespaces.iter().any(|n| n.as_str() == ns)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -291,6 +291,32 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 Duration::from_secs(300),
             ),
         );
+        let mtls = match s.mtls.as_deref().unwrap_or("required") {
+            "required" => Some(true),
+            "disabled" => Some(false),
+            other => {
+                e.push(format!("{p}.mtls"), format!("{other:?} is not an mTLS mode: use \"required\" or \"disabled\""));
+                None
+            }
+        };
+        let authorization = s.authorization.as_ref().map(|a| {
+            let identities: Vec<_> = a
+                .identities
+                .iter()
+                .enumerate()
+                .filter_map(|(j, id)| {
+                    let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
+                    e.take(format!("{p}.authorization.identities[{j}]"), r)
+                })
+                .collect();
+            let namespaces: Vec<_> = a
+                .namespaces
+                .iter()
+                .enumerate()
+                .filter_map(|(j, n)| e.take(format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
+                .collect();
+            Authorization { identities, namespaces }
+        });
         let retries = e.take(
             format!("{p}.retries"),
             match s.retries.unwrap_or(3) {
@@ -307,7 +333,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             Some(connect_timeout),
             Some(retries),
             Some(retry_budget),
-        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget)
+            Some(mtls),
+        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget, mtls)
         {
             state.services.push(Service {
                 name,
@@ -321,6 +348,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 connect_timeout,
                 retries,
                 retry_budget,
+                mtls,
+                authorization,
             });
         }
     }
@@ -563,6 +592,53 @@ services:
             fall: None,
         });
         assert_eq!(State::from_document(&d).unwrap().services[0].health_check, None);
+    }
+
+    #[test]
+    fn mtls_and_authorization_rules() {
+        assert_error(
+            |d| d.services[0].mtls = Some("maybe".into()),
+            r#"services[0].mtls: "maybe" is not an mTLS mode: use "required" or "disabled""#,
+        );
+        let auth = |ids: &[&str], ns: &[&str]| {
+            let a = AuthorizationDoc {
+                identities: ids.iter().map(|s| s.to_string()).collect(),
+                namespaces: ns.iter().map(|s| s.to_string()).collect(),
+            };
+            move |d: &mut Document| d.services[0].authorization = Some(a)
+        };
+        assert_error(
+            auth(&["spiffe://cluster.local/ns/a/sa/b", "web"], &[]),
+            r#"services[0].authorization.identities[1]: "web" is not a SPIFFE ID: it must start with spiffe://"#,
+        );
+        assert!(errors(auth(&[], &["Bad_NS"]))[0].starts_with("services[0].authorization.namespaces[0]: "));
+        let s = State::from_document(&good()).unwrap();
+        assert!(s.services[0].mtls, "mTLS is required by default");
+        assert_eq!(s.services[0].authorization, None);
+    }
+
+    #[test]
+    fn policy_decisions() {
+        use crate::identity::Identity;
+        let id = |s: &str| Identity::parse(s).unwrap();
+        let td = "cluster.local";
+        let (web, other_ns, foreign) = (
+            id("spiffe://cluster.local/ns/default/sa/web"),
+            id("spiffe://cluster.local/ns/shop/sa/cart"),
+            id("spiffe://evil.example/ns/default/sa/web"),
+        );
+        assert!(Authorization::allows(None, td, &web), "default: same trust domain");
+        assert!(!Authorization::allows(None, td, &foreign), "default: other trust domains are denied");
+        let by_id = Authorization { identities: vec![web.clone()], namespaces: vec![] };
+        assert!(Authorization::allows(Some(&by_id), td, &web));
+        assert!(!Authorization::allows(Some(&by_id), td, &other_ns));
+        let by_ns = Authorization { identities: vec![], namespaces: vec![Name::parse("shop").unwrap()] };
+        assert!(Authorization::allows(Some(&by_ns), td, &other_ns));
+        assert!(!Authorization::allows(Some(&by_ns), td, &web));
+        let foreign_shop = id("spiffe://evil.example/ns/shop/sa/cart");
+        assert!(!Authorization::allows(Some(&by_ns), td, &foreign_shop), "namespaces only count in our trust domain");
+        let empty = Authorization { identities: vec![], namespaces: vec![] };
+        assert!(!Authorization::allows(Some(&empty), td, &web), "an empty allow list denies all");
     }
 
     #[test]
