@@ -10,3 +10,4 @@ pub mod model;
 pub mod proxy;
 pub mod run;
 pub mod telemetry;
+pub mod tunnel;

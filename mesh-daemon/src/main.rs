@@ -23,11 +23,79 @@ enum LogFormat {
 enum Command {
     /// Attach the datapath and run the proxy until SIGTERM/SIGINT.
     Run(Box<run::RunArgs>),
+    /// Make a mesh CA, or issue a certificate from one.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Validate a config file and exit: 0 when valid, 1 with every bad field named.
     Check {
         #[arg(long, value_name = "FILE")]
         config: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new self-signed CA to DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Lifetime of the CA certificate, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Issue a certificate for a SPIFFE ID: DIR/cert.pem (chain) and DIR/key.pem.
+    Issue {
+        #[arg(long, value_name = "FILE")]
+        ca_cert: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        ca_key: std::path::PathBuf,
+        /// e.g. spiffe://cluster.local/ns/default/sa/web
+        #[arg(long, value_name = "SPIFFE-ID")]
+        id: String,
+        /// How long it is valid, in seconds.
+        #[arg(long, default_value_t = 86400)]
+        seconds: u64,
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(path)?.write_all(text.as_bytes())
+}
+
+fn ca(cmd: CaCommand) -> anyhow::Result<()> {
+    use mesh_daemon::identity::certs::Ca;
+    use mesh_daemon::identity::Identity;
+    match cmd {
+        CaCommand::Init { trust_domain, out, days } => {
+            Identity::check_trust_domain(&trust_domain)?;
+            let (cert, key) = Ca::generate(&trust_domain, std::time::Duration::from_secs(days * 86400))?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("ca.pem"), cert)?;
+            write_private(&out.join("ca.key"), &key)?;
+            println!("CA for {trust_domain} written to {}/ca.pem and ca.key", out.display());
+        }
+        CaCommand::Issue { ca_cert, ca_key, id, seconds, out } => {
+            let id = Identity::parse(&id)?;
+            let ca = Ca::from_files(&ca_cert, &ca_key)?;
+            let issued = ca.issue(&id, std::time::Duration::from_secs(seconds), 1)?;
+            let pem = |label: &str, der: &[u8]| pem::encode(&pem::Pem::new(label, der.to_vec()));
+            let chain: String = issued.chain.iter().map(|c| pem("CERTIFICATE", c.as_ref())).collect();
+            let key = pem("PRIVATE KEY", issued.key.secret_der());
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("cert.pem"), chain)?;
+            write_private(&out.join("key.pem"), &key)?;
+            println!("certificate for {id} written to {}/cert.pem and key.pem", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn init_logs(format: LogFormat) {
@@ -57,6 +125,7 @@ fn main() -> std::process::ExitCode {
                 );
             })
             .map_err(anyhow::Error::from),
+        Command::Ca { command } => ca(command),
         Command::Run(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run::run(*args)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),

@@ -16,14 +16,19 @@ use anyhow::{anyhow, Context};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::balance::BalanceConfig;
 use crate::control::{api, Control, ControlConfig};
 use crate::datapath::{self, Datapath, DatapathConfig};
+use crate::identity::certs::Ca;
+use crate::identity::manager::Certs;
+use crate::identity::tls;
 use crate::model::NodeName;
 use crate::proxy::Outbound;
 use crate::telemetry::{admin, ProxyCounters};
+use crate::tunnel::client::Pool;
+use crate::tunnel::TunnelCounters;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -69,6 +74,25 @@ pub struct RunArgs {
     /// Consecutive connect failures or resets that eject an endpoint.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub breaker_failures: u32,
+    /// Trust domain of the SPIFFE identities.
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    pub trust_domain: String,
+    /// PEM CA certificates that tunnel peers must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// CA certificate (PEM) this daemon issues node and workload
+    /// certificates from.
+    #[arg(long, value_name = "FILE", requires_all = ["ca_key", "trust_bundle"])]
+    pub ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["ca_cert", "trust_bundle"])]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of issued certificates; renewed at 70% of it.
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = long_duration)]
+    pub cert_lifetime: std::time::Duration,
+    /// The mTLS tunnel listener (HTTP/2 CONNECT); every node uses the same port.
+    #[arg(long, default_value = "0.0.0.0:15008", value_name = "ADDR")]
+    pub tunnel_listen: SocketAddrV4,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -106,10 +130,19 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
     crate::model::parse_duration(s)
 }
 
+/// Like [`duration`], also taking hours (`24h`).
+fn long_duration(s: &str) -> Result<std::time::Duration, String> {
+    match s.strip_suffix('h').and_then(|h| h.parse::<u64>().ok()) {
+        Some(h) => Ok(std::time::Duration::from_secs(h * 3600)),
+        None => crate::model::parse_duration(s),
+    }
+}
+
 /// What the admin endpoint shows.
 struct AdminView {
     control: Arc<Control>,
     counters: Arc<ProxyCounters>,
+    tunnel: Arc<TunnelCounters>,
 }
 
 impl admin::AdminSource for AdminView {
@@ -122,14 +155,17 @@ impl admin::AdminSource for AdminView {
             Ok(stats) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
             Err(e) => [("error".to_owned(), e.into())].into_iter().collect(),
         };
-        serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel })
+        serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel, "tunnel": self.tunnel.snapshot() })
     }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let cfg = ControlConfig {
         node: node.clone(),
+        trust_domain: args.trust_domain.clone(),
+        tunnel_port: args.tunnel_listen.port(),
         state_dir: args.state_dir.clone(),
         proxy_listen: args.proxy_listen,
         slot_table_size: args.slot_table_size,
@@ -159,6 +195,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let api_listener =
         api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
+    let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle) {
+        (Some(cert), Some(key), Some(bundle)) => {
+            let ca = Ca::from_files(cert, key)?;
+            let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
+            let id = crate::identity::Identity::node(&args.trust_domain, &node);
+            Some(Certs::new(&args.trust_domain, ca, roots, args.cert_lifetime, id)?)
+        }
+        _ => {
+            warn!("no --ca-cert/--ca-key/--trust-bundle: the mTLS tunnel is off, and cross-node endpoints of services with mtls: required are refused");
+            None
+        }
+    };
+    let tunnel_listener = match &certs {
+        Some(_) => Some(
+            TcpListener::bind(args.tunnel_listen)
+                .await
+                .with_context(|| format!("--tunnel-listen {}: cannot listen", args.tunnel_listen))?,
+        ),
+        None => None,
+    };
     let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
     let (dp, orig) = Datapath::load(&dp_cfg)?;
     let control = match prepared.attach(dp) {
@@ -184,10 +240,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = Arc::new(ProxyCounters::default());
+    let tunnel_counters = Arc::new(TunnelCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone() };
+    let mut tasks = Vec::new();
+    let pool = match (&certs, tunnel_listener) {
+        (Some(certs), Some(l)) => {
+            let cfg =
+                tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            tasks.push(tokio::spawn(crate::tunnel::server::serve(
+                l,
+                acceptor,
+                control.inbound(),
+                tunnel_counters.clone(),
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(certs.clone().renew_loop()));
+            info!(tunnel = %args.tunnel_listen, identity = %certs.node_id(), "mTLS tunnel listening");
+            Some(Pool::new(certs.clone()))
+        }
+        _ => None,
+    };
+    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
-    let view = Arc::new(AdminView { control: control.clone(), counters });
+    let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, stop_rx));
     // Health changes reach the kernel slot tables at once.
@@ -210,6 +286,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = tokio::join!(proxy_task, admin_task, api_task);
     resync_task.abort();
+    for t in tasks {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&args.api_socket);
     control.shutdown(args.cleanup_on_exit);
     Ok(())

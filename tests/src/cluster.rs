@@ -123,6 +123,7 @@ pub struct Cluster {
     procs: Mutex<Vec<Child>>,
     /// (pod, pid) of every process started with [`Cluster::spawn`].
     spawned_pods: Mutex<Vec<(String, u32)>>,
+    ca_lock: Mutex<()>,
 }
 
 impl Cluster {
@@ -147,6 +148,7 @@ impl Cluster {
             netns: Vec::new(),
             procs: Mutex::new(Vec::new()),
             spawned_pods: Mutex::new(Vec::new()),
+            ca_lock: Mutex::new(()),
         };
         // On error, drop tears down whatever was made so far.
         c.build(spec)?;
@@ -260,6 +262,31 @@ impl Cluster {
         Ok(p)
     }
 
+    /// This run's mesh CA (made on first use with `mesh-daemon ca init`):
+    /// its folder, holding ca.pem and ca.key.
+    pub fn ca_dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join("ca");
+        let _once = self.ca_lock.lock().map_err(|_| anyhow::anyhow!("CA lock poisoned"))?;
+        if !dir.join("ca.key").exists() {
+            sys::run(Command::new(&self.bins.daemon).args(["ca", "init", "--out"]).arg(&dir))?;
+        }
+        Ok(dir)
+    }
+
+    /// The daemon flags that hand it this run's CA.
+    fn ca_flags(&self) -> anyhow::Result<Vec<std::ffi::OsString>> {
+        let ca = self.ca_dir()?;
+        let (cert, key) = (ca.join("ca.pem"), ca.join("ca.key"));
+        Ok(vec![
+            "--trust-bundle".into(),
+            cert.clone().into(),
+            "--ca-cert".into(),
+            cert.into(),
+            "--ca-key".into(),
+            key.into(),
+        ])
+    }
+
     /// Where the daemon of `node` saves its state.
     pub fn state_dir(&self, node: &str) -> PathBuf {
         self.dir.join(format!("state-{node}"))
@@ -289,6 +316,7 @@ impl Cluster {
             .arg(self.state_dir(node))
             .arg("--api-socket")
             .arg(self.api_socket(node))
+            .args(self.ca_flags()?)
             .args(extra)
             .env("RUST_LOG", std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())

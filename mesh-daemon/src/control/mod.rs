@@ -28,10 +28,14 @@ use crate::balance::{BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
 use crate::health::Checker;
 use crate::model::{self, Document, FieldError, Mode, NodeName, State, ValidationErrors};
-use crate::proxy::RouteTable;
+use crate::proxy::{Local, RouteTable};
+use crate::tunnel::server::Inbound;
 
 pub struct ControlConfig {
     pub node: NodeName,
+    pub trust_domain: String,
+    /// Port of every node's tunnel listener.
+    pub tunnel_port: u16,
     pub state_dir: PathBuf,
     pub proxy_listen: SocketAddrV4,
     /// Slots per kernel-mode service table.
@@ -78,6 +82,8 @@ pub struct Control {
     routes: Arc<ArcSwap<RouteTable>>,
     registry: Arc<Registry>,
     checker: Mutex<Checker>,
+    /// What the tunnel's inbound checks need.
+    inbound: Arc<ArcSwap<Inbound>>,
 }
 
 /// A checked state, ready to be written to the datapath.
@@ -142,6 +148,7 @@ impl Control {
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             registry: Arc::new(Registry::new(cfg.balance)),
             checker: Mutex::new(Checker::new(health_changed)),
+            inbound: Arc::new(ArcSwap::from_pointee(Inbound::default())),
             cfg,
         };
         let restored = control.store.load()?;
@@ -195,6 +202,10 @@ impl Control {
 
     pub fn routes(&self) -> Arc<ArcSwap<RouteTable>> {
         self.routes.clone()
+    }
+
+    pub fn inbound(&self) -> Arc<ArcSwap<Inbound>> {
+        self.inbound.clone()
     }
 
     /// The last accepted state.
@@ -274,7 +285,13 @@ impl Control {
                 }
             }
         }
-        self.routes.store(Arc::new(RouteTable::build(state, &frontends, &self.registry)));
+        let local = Local {
+            node: self.cfg.node.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            tunnel_port: self.cfg.tunnel_port,
+        };
+        self.routes.store(Arc::new(RouteTable::build(state, &frontends, &self.registry, &local)));
+        self.inbound.store(Arc::new(Inbound::build(state, &self.cfg.node, &self.cfg.trust_domain)));
         self.registry.retain(&in_use);
         if let Ok(mut checker) = self.checker.lock() {
             checker.reconcile(checks);

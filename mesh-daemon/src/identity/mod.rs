@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod manager;
 pub mod tls;
 
 use std::fmt;

@@ -4,4 +4,4 @@ pub mod outbound;
 pub mod routes;
 
 pub use outbound::Outbound;
-pub use routes::{Route, RouteEndpoint, RouteTable};
+pub use routes::{Local, Route, RouteEndpoint, RouteTable};

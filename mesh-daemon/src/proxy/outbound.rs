@@ -1,30 +1,47 @@
 //! The outbound listener: connections that connect4 redirected from
 //! enrolled pods. Each one is matched to the service the client dialled
-//! (recorded by the kernel), sent to an endpoint, and its bytes copied both
-//! ways with half-close kept.
+//! (recorded by the kernel), sent to an endpoint chosen by the balancer
+//! (with retries on other endpoints before the client sees an error), and
+//! its bytes copied both ways with half-close kept. An endpoint on another
+//! node is reached through the mTLS tunnel as the client's workload
+//! identity, unless the service says `mtls: disabled`.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use tokio::time::Instant;
-
-use super::{Route, RouteTable};
+use super::{Route, RouteEndpoint, RouteTable};
 use crate::balance::backoff::Backoff;
 use crate::balance::EndpointState;
 use crate::datapath::OrigDstReader;
+use crate::identity::Identity;
 use crate::telemetry::ProxyCounters;
+use crate::tunnel::client::Pool;
+
+/// Bytes both ways: a TCP stream or a tunnelled one.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub struct Outbound {
     pub listener: TcpListener,
     pub orig: OrigDstReader,
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub counters: Arc<ProxyCounters>,
+    /// None: no certificates, so no tunnel.
+    pub tunnel: Option<Arc<Pool>>,
+}
+
+/// Who is connecting, for the tunnel and the logs.
+struct Source {
+    name: String,
+    identity: Option<Identity>,
 }
 
 impl Outbound {
@@ -62,10 +79,13 @@ impl Outbound {
                 warn!(client = %peer, service_id = orig.service_id, "original destination is no longer a service; closed");
                 continue;
             };
-            let source = routes.workload(*peer.ip()).unwrap_or("unknown").to_owned();
-            let counters = self.counters.clone();
+            let source = match routes.workload(*peer.ip()) {
+                Some((name, id)) => Source { name: name.clone(), identity: Some(id.clone()) },
+                None => Source { name: "unknown".into(), identity: None },
+            };
+            let (counters, tunnel) = (self.counters.clone(), self.tunnel.clone());
             tokio::spawn(async move {
-                forward(client, peer, &source, &route, &counters).await;
+                forward(client, peer, &source, &route, &counters, tunnel.as_deref()).await;
             });
         }
     }
@@ -75,31 +95,64 @@ impl Outbound {
 const RETRY_BACKOFF: Backoff =
     Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
 
+/// One connect try to one endpoint: plain TCP, or a tunnel stream.
+async fn open(
+    ep: &RouteEndpoint,
+    route: &Route,
+    source: &Source,
+    tunnel: Option<&Pool>,
+) -> Result<Box<dyn Io>, String> {
+    let addr = ep.state.addr;
+    match (&ep.remote, route.mtls) {
+        (Some((node, tunnel_addr)), true) => {
+            let pool = tunnel.ok_or_else(|| {
+                format!("{addr} is on node {node} and the service requires mTLS, but this daemon has no certificates (--ca-cert, --ca-key, --trust-bundle)")
+            })?;
+            let id = source.identity.as_ref().ok_or("the client is not an enrolled workload, so it has no identity")?;
+            let s = tokio::time::timeout(route.connect_timeout, pool.connect(id, node, *tunnel_addr, addr))
+                .await
+                .map_err(|_| {
+                    format!("{addr} via the tunnel to {node}: timed out after {:?}", route.connect_timeout)
+                })??;
+            Ok(Box::new(s))
+        }
+        _ => {
+            let s = tokio::time::timeout(route.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("{addr}: connect timed out after {:?}", route.connect_timeout))?
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+    }
+}
+
 /// Connects to an endpoint of `route`: on a refused, unreachable or slow
 /// connect, another endpoint is tried after a backoff, up to the route's
 /// retry count and budget. Every outcome feeds the endpoint's latency
 /// estimate and breaker.
-async fn connect(route: &Route, counters: &ProxyCounters) -> Result<(TcpStream, Arc<EndpointState>, Duration), String> {
+async fn connect(
+    route: &Route,
+    source: &Source,
+    counters: &ProxyCounters,
+    tunnel: Option<&Pool>,
+) -> Result<(Box<dyn Io>, Arc<EndpointState>, Duration), String> {
     let start = Instant::now();
     let mut tried = Vec::new();
     let mut last = String::from("the service has no endpoint");
     for attempt in 0..=route.retries {
-        let Some(ep) = route.pick(&tried, Instant::now()) else {
-            break;
-        };
+        let Some(ep) = route.pick(&tried, Instant::now()) else { break };
         let t0 = Instant::now();
-        let result = tokio::time::timeout(route.connect_timeout, TcpStream::connect(ep.addr)).await;
-        match result {
-            Ok(Ok(s)) => {
+        match open(ep, route, source, tunnel).await {
+            Ok(s) => {
                 let rtt = t0.elapsed();
-                ep.connected(rtt, Instant::now());
-                return Ok((s, ep, rtt));
+                ep.state.connected(rtt, Instant::now());
+                return Ok((s, ep.state.clone(), rtt));
             }
-            Ok(Err(e)) => last = format!("{}: {e}", ep.addr),
-            Err(_) => last = format!("{}: connect timed out after {:?}", ep.addr, route.connect_timeout),
+            Err(e) => last = e,
         }
-        ep.failed(Instant::now());
-        tried.push(ep.addr);
+        ep.state.failed(Instant::now());
+        tried.push(ep.state.addr);
         let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
         if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
             break;
@@ -111,30 +164,38 @@ async fn connect(route: &Route, counters: &ProxyCounters) -> Result<(TcpStream, 
     Err(last)
 }
 
-async fn forward(client: TcpStream, peer: SocketAddrV4, source: &str, route: &Route, counters: &ProxyCounters) {
-    let (upstream, ep, rtt) = match connect(route, counters).await {
+async fn forward(
+    client: TcpStream,
+    peer: SocketAddrV4,
+    source: &Source,
+    route: &Route,
+    counters: &ProxyCounters,
+    tunnel: Option<&Pool>,
+) {
+    let src = source.name.as_str();
+    let (mut upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
         Err(e) => {
             counters.connect_failed.inc();
-            warn!(client = %peer, source, service = %route.name, error = %e, "no endpoint could be reached; closed");
+            warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
             return;
         }
     };
     let endpoint = ep.addr;
     let _in_flight = ep.start();
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     counters.forwarded.inc();
     counters.active.inc();
-    debug!(client = %peer, source, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
-    let (mut client, mut upstream) = (client, upstream);
+    debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
+    let mut client = client;
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     counters.active.dec();
     match result {
         Ok((up, down)) => {
             counters.bytes_to_endpoint.add(up);
             counters.bytes_to_client.add(down);
-            info!(target: "access", source, client = %peer, service = %route.name, %endpoint, bytes_up = up, bytes_down = down, "closed");
+            let identity = source.identity.as_ref().map(ToString::to_string).unwrap_or_default();
+            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, bytes_up = up, bytes_down = down, "closed");
         }
         Err(e) => {
             counters.io_errors.inc();

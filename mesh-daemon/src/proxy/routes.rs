@@ -11,13 +11,16 @@ use tokio::time::Instant;
 
 use crate::balance::select::{eligible, p2c, Candidate};
 use crate::balance::{EndpointState, Registry};
-use crate::model::{Frontend, State};
+use crate::identity::Identity;
+use crate::model::{Frontend, NodeName, State};
 
 #[derive(Debug)]
 pub struct RouteEndpoint {
     pub state: Arc<EndpointState>,
     pub weight: u16,
     pub priority: u8,
+    /// On another node: that node and its tunnel address.
+    pub remote: Option<(NodeName, SocketAddrV4)>,
 }
 
 #[derive(Debug)]
@@ -29,12 +32,14 @@ pub struct Route {
     pub connect_timeout: Duration,
     pub retries: u32,
     pub retry_budget: Duration,
+    /// Cross-node connections go through the mTLS tunnel.
+    pub mtls: bool,
 }
 
 impl Route {
     /// The endpoint for a new connection (see [`crate::balance::select`]),
     /// leaving out `tried`; claims the breaker's probe if one is due.
-    pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<Arc<EndpointState>> {
+    pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<&RouteEndpoint> {
         let mut excluded: Vec<SocketAddrV4> = tried.to_vec();
         // A candidate whose probe another connection just claimed is
         // skipped and the choice made again.
@@ -50,26 +55,34 @@ impl Route {
                 .collect();
             let ok = eligible(&cands, self.fail_open);
             let loads: Vec<_> = ok.iter().map(|i| self.endpoints[*i].state.load(self.endpoints[*i].weight)).collect();
-            let chosen = &self.endpoints[ok[p2c(&loads, fastrand::f64)?]].state;
+            let chosen = &self.endpoints[ok[p2c(&loads, fastrand::f64)?]];
             // Failing open goes to ejected endpoints too: no probe to claim.
-            if chosen.admit(now) || !chosen.available(now) {
-                return Some(chosen.clone());
+            if chosen.state.admit(now) || !chosen.state.available(now) {
+                return Some(chosen);
             }
-            excluded.push(chosen.addr);
+            excluded.push(chosen.state.addr);
         }
         None
     }
 }
 
+/// Where the node proxy is and how it names identities.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub node: NodeName,
+    pub trust_domain: String,
+    pub tunnel_port: u16,
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_id: HashMap<u32, Arc<Route>>,
-    /// `namespace/name` of each workload, by IP.
-    workloads: HashMap<Ipv4Addr, String>,
+    /// `namespace/name` and SPIFFE ID of each workload, by IP.
+    workloads: HashMap<Ipv4Addr, (String, Identity)>,
 }
 
 impl RouteTable {
-    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry) -> Self {
+    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry, local: &Local) -> Self {
         let by_id = frontends
             .iter()
             .map(|f| {
@@ -81,6 +94,13 @@ impl RouteTable {
                         state: registry.get(e.addr(f.target_port)),
                         weight: e.weight.0,
                         priority: e.priority,
+                        remote: (e.node != local.node)
+                            .then(|| {
+                                state
+                                    .node(&e.node)
+                                    .map(|n| (e.node.clone(), SocketAddrV4::new(n.address, local.tunnel_port)))
+                            })
+                            .flatten(),
                     })
                     .collect();
                 let route = Route {
@@ -90,11 +110,19 @@ impl RouteTable {
                     connect_timeout: s.connect_timeout,
                     retries: s.retries,
                     retry_budget: s.retry_budget,
+                    mtls: s.mtls,
                 };
                 (f.id, Arc::new(route))
             })
             .collect();
-        let workloads = state.workloads.iter().map(|w| (w.ip, format!("{}/{}", w.namespace, w.name))).collect();
+        let workloads = state
+            .workloads
+            .iter()
+            .map(|w| {
+                let id = Identity::workload(&local.trust_domain, &w.namespace, &w.service_account);
+                (w.ip, (format!("{}/{}", w.namespace, w.name), id))
+            })
+            .collect();
         Self { by_id, workloads }
     }
 
@@ -102,8 +130,9 @@ impl RouteTable {
         self.by_id.get(&id)
     }
 
-    pub fn workload(&self, ip: Ipv4Addr) -> Option<&str> {
-        self.workloads.get(&ip).map(String::as_str)
+    /// `namespace/name` and SPIFFE ID of the workload at `ip`.
+    pub fn workload(&self, ip: Ipv4Addr) -> Option<&(String, Identity)> {
+        self.workloads.get(&ip)
     }
 }
 
@@ -121,7 +150,9 @@ mod tests {
         let state = State::from_document(&doc).unwrap();
         let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
         let registry = Registry::default();
-        (RouteTable::build(&state, &state.frontends(&ids), &registry), registry)
+        let local =
+            Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
+        (RouteTable::build(&state, &state.frontends(&ids), &registry, &local), registry)
     }
 
     #[tokio::test]
@@ -134,7 +165,7 @@ mod tests {
         let first: SocketAddrV4 = "10.0.0.1:8080".parse().unwrap();
         for _ in 0..20 {
             let e = r.pick(&[first], Instant::now()).unwrap();
-            assert_eq!(e.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
+            assert_eq!(e.state.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
         }
         assert!(t.route(2).is_none());
     }
@@ -146,10 +177,13 @@ mod tests {
         let r = t.route(1).unwrap();
         let (p0, p1): (SocketAddrV4, SocketAddrV4) =
             ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
-        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p0));
+        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p0));
         reg.get(p0).record_check(false, "refused", 1, 1);
-        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p1));
+        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p1));
         reg.get(p0).record_check(true, "ok", 1, 1);
-        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().addr == p0), "traffic returns to priority 0");
+        assert!(
+            (0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p0),
+            "traffic returns to priority 0"
+        );
     }
 }

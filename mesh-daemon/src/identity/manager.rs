@@ -1,0 +1,147 @@
+//! The certificates this daemon holds: its node's (served by the tunnel)
+//! and one per local workload (presented as tunnel clients), issued from
+//! the mesh CA and renewed at 70% of their lifetime. Renewal swaps the
+//! certificate in place: open connections keep going, new handshakes get
+//! the new one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use tracing::{info, warn};
+
+use super::certs::{Ca, CertError, Issued};
+use super::tls::{self, SwapCert};
+use super::Identity;
+
+struct Held {
+    issued: Arc<Issued>,
+    swap: Arc<SwapCert>,
+}
+
+pub struct Certs {
+    pub trust_domain: String,
+    pub roots: Arc<RootCertStore>,
+    ca: Ca,
+    lifetime: Duration,
+    node_id: Identity,
+    node: Held,
+    node_issued: Mutex<Arc<Issued>>,
+    workloads: Mutex<HashMap<Identity, Held>>,
+    serial: AtomicU64,
+}
+
+fn held(issued: Arc<Issued>) -> Result<Held, CertError> {
+    let key =
+        tls::certified(&issued).map_err(|e| CertError::Issue { id: "certificate".into(), message: e.to_string() })?;
+    Ok(Held { swap: SwapCert::new(key), issued })
+}
+
+impl Certs {
+    pub fn new(
+        trust_domain: &str,
+        ca: Ca,
+        roots: Arc<RootCertStore>,
+        lifetime: Duration,
+        node_id: Identity,
+    ) -> Result<Arc<Self>, CertError> {
+        let issued = ca.issue(&node_id, lifetime, 1)?;
+        let node = held(issued.clone())?;
+        info!(identity = %node_id, lifetime_s = lifetime.as_secs(), "node certificate issued");
+        Ok(Arc::new(Self {
+            trust_domain: trust_domain.to_owned(),
+            roots,
+            ca,
+            lifetime,
+            node_id,
+            node,
+            node_issued: Mutex::new(issued),
+            workloads: Mutex::new(HashMap::new()),
+            serial: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn node_id(&self) -> &Identity {
+        &self.node_id
+    }
+
+    /// The node certificate, as the tunnel server presents it.
+    pub fn node_cert(&self) -> Arc<SwapCert> {
+        self.node.swap.clone()
+    }
+
+    /// A workload's client certificate and its serial (a new serial means
+    /// it was renewed); issued on first use.
+    pub fn workload(&self, id: &Identity) -> Result<(Arc<SwapCert>, u64), CertError> {
+        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = m.get(id) {
+            return Ok((h.swap.clone(), h.issued.serial));
+        }
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        let h = held(self.ca.issue(id, self.lifetime, serial)?)?;
+        info!(identity = %id, serial, "workload certificate issued");
+        let out = (h.swap.clone(), serial);
+        m.insert(id.clone(), h);
+        Ok(out)
+    }
+
+    /// Renews every certificate past 70% of its lifetime.
+    pub fn renew_due(&self) {
+        let now = SystemTime::now();
+        {
+            let mut node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner());
+            if node.due(now) {
+                match self.renew(&self.node_id).and_then(|i| {
+                    Ok((
+                        tls::certified(&i)
+                            .map_err(|e| CertError::Issue { id: self.node_id.to_string(), message: e.to_string() })?,
+                        i,
+                    ))
+                }) {
+                    Ok((key, issued)) => {
+                        self.node.swap.set(key);
+                        info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
+                        *node = issued;
+                    }
+                    Err(e) => warn!(error = %e, "renewing the node certificate failed; will retry"),
+                }
+            }
+        }
+        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, h) in m.iter_mut() {
+            if !h.issued.due(now) {
+                continue;
+            }
+            match self.renew(id).and_then(|i| {
+                Ok((
+                    tls::certified(&i).map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?,
+                    i,
+                ))
+            }) {
+                Ok((key, issued)) => {
+                    h.swap.set(key);
+                    info!(identity = %id, serial = issued.serial, "workload certificate renewed");
+                    h.issued = issued;
+                }
+                Err(e) => warn!(identity = %id, error = %e, "renewing a workload certificate failed; will retry"),
+            }
+        }
+    }
+
+    fn renew(&self, id: &Identity) -> Result<Arc<Issued>, CertError> {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ca.issue(id, self.lifetime, serial)
+    }
+
+    /// Checks for due renewals every 1/20 of the lifetime (0.2 s to 60 s).
+    pub async fn renew_loop(self: Arc<Self>) {
+        let every = (self.lifetime / 20).clamp(Duration::from_millis(200), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(every).await;
+            let c = self.clone();
+            let _ = tokio::task::spawn_blocking(move || c.renew_due()).await;
+        }
+    }
+}

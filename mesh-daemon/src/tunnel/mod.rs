@@ -1,0 +1,57 @@
+//! The node-to-node tunnel: HTTP/2 CONNECT over mutually authenticated
+//! TLS 1.3 (port 15008). `:authority` is the endpoint's ip:port.
+//!
+//! Inbound, every stream is checked: the peer chain verified against the
+//! trust bundle (in the handshake), the target an enrolled workload of
+//! this node (else 403, and no connection is made: the port is never an
+//! open proxy), and the service's authorization policy allowing the peer's
+//! SPIFFE ID (else 403). Outbound, one pooled HTTP/2 connection per
+//! (source identity, destination node) carries many streams, with
+//! keepalive pings, and is closed when idle.
+
+pub mod client;
+pub mod server;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    pub handshakes: AtomicU64,
+    pub tls_failures: AtomicU64,
+    pub streams: AtomicU64,
+    pub denied_not_local: AtomicU64,
+    pub denied_policy: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct TunnelSnapshot {
+    pub handshakes: u64,
+    pub tls_failures: u64,
+    pub streams: u64,
+    pub denied_not_local: u64,
+    pub denied_policy: u64,
+    pub bad_requests: u64,
+    pub upstream_failures: u64,
+}
+
+impl TunnelCounters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> TunnelSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TunnelSnapshot {
+            handshakes: g(&self.handshakes),
+            tls_failures: g(&self.tls_failures),
+            streams: g(&self.streams),
+            denied_not_local: g(&self.denied_not_local),
+            denied_policy: g(&self.denied_policy),
+            bad_requests: g(&self.bad_requests),
+            upstream_failures: g(&self.upstream_failures),
+        }
+    }
+}
