@@ -287,6 +287,11 @@ impl Cluster {
         ])
     }
 
+    /// The fabric's network namespace (the wire between nodes).
+    pub fn fabric_netns(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(format!("{}-fab", self.prefix))
+    }
+
     /// Where the daemon of `node` saves its state.
     pub fn state_dir(&self, node: &str) -> PathBuf {
         self.dir.join(format!("state-{node}"))

@@ -215,3 +215,58 @@ pub fn loaded() -> anyhow::Result<Loaded> {
         link_programs: ids(bpftool(&["link", "show"])?, "prog_id"),
     })
 }
+
+/// Captures every frame on every interface of the network namespace at
+/// `netns` while `during` runs, and says whether `needle` appeared in any
+/// of them (an AF_PACKET socket, as tcpdump would use).
+pub fn wire_contains<T>(netns: &Path, needle: &[u8], during: impl FnOnce() -> T) -> anyhow::Result<(bool, T)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    let ns = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let needle = needle.to_vec();
+    let stop2 = stop.clone();
+    let capture = std::thread::spawn(move || -> anyhow::Result<bool> {
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        // SAFETY: plain socket(2); checked below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours; owned from here on.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        // SAFETY: tv is a valid timeval of the stated size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        let _ = ready_tx.send(());
+        let mut buf = vec![0u8; 65536];
+        let mut found = false;
+        while !stop2.load(Ordering::SeqCst) {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 && buf[..n as usize].windows(needle.len()).any(|w| w == needle.as_slice()) {
+                found = true;
+            }
+        }
+        Ok(found)
+    });
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    let out = during();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let found = capture.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
+    Ok((found, out))
+}
