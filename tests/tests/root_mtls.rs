@@ -210,3 +210,52 @@ fn root_connect_to_an_address_that_is_not_local_is_refused() {
     assert_eq!(b.counter("tunnel", "upstream_failures").unwrap(), 0, "a connection was attempted");
     assert!(b.log_text().contains("is not a workload of this node; refused (403)"));
 }
+
+#[test]
+fn root_certificates_renew_without_breaking_new_or_open_connections() {
+    let c = Cluster::create(
+        &ClusterSpec::new().node("node-a").node("node-b").pod("client-a", "node-a").pod("web-b", "node-b"),
+    )
+    .expect("mini cluster");
+    c.serve_with("web-b", 8080, None, &["--echo-now", "9100"]).unwrap();
+    let web_b = c.pod("web-b").clone();
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || mesh_tests::sys::can_connect(
+        &web_b.netns,
+        web_b.addr(9100)
+    )));
+    let wb = web_b.ip;
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}, {{ port: 9100 }}]\n    endpoints: [{{ ip: {wb}, node: node-b }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    // 20 s certificates: renewed at 14 s and again at 28 s.
+    let a = c.start_daemon("node-a", &cfg, &["--cert-lifetime", "20s"]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &["--cert-lifetime", "20s"]).unwrap();
+
+    // One connection opened now, before the first renewal, streaming past the second.
+    let long = c.start("client-a", "mt-pod", &["stream", &format!("{VIP}:9100"), "33"]).unwrap();
+    let started = std::time::Instant::now();
+    let mut new_ok = 0;
+    while started.elapsed() < Duration::from_secs(32) {
+        let (code, body) = c.curl("client-a", &format!("http://{VIP}/")).unwrap();
+        assert_eq!(code, 0, "a new connection failed at {:?}: {body}\n{}", started.elapsed(), b.log_text());
+        new_ok += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let out = long.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the connection opened before the first renewal broke: {text}");
+    let renewed = |d: &Daemon, what: &str| d.log_text().matches(what).count();
+    eprintln!(
+        "{new_ok} new connections ok; long connection: {}; node-b renewals: {}, client-a renewals: {}",
+        text.trim(),
+        renewed(&b, "node certificate renewed"),
+        renewed(&a, "workload certificate renewed")
+    );
+    assert!(renewed(&b, "node certificate renewed") >= 2, "{}", b.log_text());
+    assert!(renewed(&a, "workload certificate renewed") >= 2, "{}", a.log_text());
+    assert!(
+        b.counter("tunnel", "handshakes").unwrap() >= 3,
+        "renewed client certificates were not used for new connections"
+    );
+}

@@ -27,7 +27,7 @@ pub struct Certs {
     ca: Ca,
     lifetime: Duration,
     node_id: Identity,
-    node: Held,
+    node_swap: Arc<SwapCert>,
     node_issued: Mutex<Arc<Issued>>,
     workloads: Mutex<HashMap<Identity, Held>>,
     serial: AtomicU64,
@@ -48,7 +48,7 @@ impl Certs {
         node_id: Identity,
     ) -> Result<Arc<Self>, CertError> {
         let issued = ca.issue(&node_id, lifetime, 1)?;
-        let node = held(issued.clone())?;
+        let node_swap = held(issued.clone())?.swap;
         info!(identity = %node_id, lifetime_s = lifetime.as_secs(), "node certificate issued");
         Ok(Arc::new(Self {
             trust_domain: trust_domain.to_owned(),
@@ -56,7 +56,7 @@ impl Certs {
             ca,
             lifetime,
             node_id,
-            node,
+            node_swap,
             node_issued: Mutex::new(issued),
             workloads: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(1),
@@ -69,7 +69,7 @@ impl Certs {
 
     /// The node certificate, as the tunnel server presents it.
     pub fn node_cert(&self) -> Arc<SwapCert> {
-        self.node.swap.clone()
+        self.node_swap.clone()
     }
 
     /// A workload's client certificate and its serial (a new serial means
@@ -93,15 +93,9 @@ impl Certs {
         {
             let mut node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner());
             if node.due(now) {
-                match self.renew(&self.node_id).and_then(|i| {
-                    Ok((
-                        tls::certified(&i)
-                            .map_err(|e| CertError::Issue { id: self.node_id.to_string(), message: e.to_string() })?,
-                        i,
-                    ))
-                }) {
+                match self.renew(&self.node_id) {
                     Ok((key, issued)) => {
-                        self.node.swap.set(key);
+                        self.node_swap.set(key);
                         info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
                         *node = issued;
                     }
@@ -114,12 +108,7 @@ impl Certs {
             if !h.issued.due(now) {
                 continue;
             }
-            match self.renew(id).and_then(|i| {
-                Ok((
-                    tls::certified(&i).map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?,
-                    i,
-                ))
-            }) {
+            match self.renew(id) {
                 Ok((key, issued)) => {
                     h.swap.set(key);
                     info!(identity = %id, serial = issued.serial, "workload certificate renewed");
@@ -130,9 +119,13 @@ impl Certs {
         }
     }
 
-    fn renew(&self, id: &Identity) -> Result<Arc<Issued>, CertError> {
+    /// A new certificate for `id` and its rustls key.
+    fn renew(&self, id: &Identity) -> Result<(Arc<rustls::sign::CertifiedKey>, Arc<Issued>), CertError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        self.ca.issue(id, self.lifetime, serial)
+        let issued = self.ca.issue(id, self.lifetime, serial)?;
+        let key =
+            tls::certified(&issued).map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?;
+        Ok((key, issued))
     }
 
     /// Checks for due renewals every 1/20 of the lifetime (0.2 s to 60 s).

@@ -37,8 +37,25 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Must be called inside the runtime: it starts the idle sweeper.
     pub fn new(certs: Arc<Certs>) -> Arc<Self> {
-        Arc::new(Self { certs, conns: Mutex::new(HashMap::new()) })
+        let pool = Arc::new(Self { certs, conns: Mutex::new(HashMap::new()) });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE / 4).await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.sweep();
+            }
+        });
+        pool
+    }
+
+    /// Drops connections that are closed or idle for longer than a minute;
+    /// dropping the last sender closes the connection once its streams end.
+    fn sweep(&self) {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, p| !p.sender.is_closed() && p.used.elapsed() < IDLE);
     }
 
     /// Opens a stream to `target` on `node` (tunnel at `node_addr`) as
@@ -53,8 +70,8 @@ impl Pool {
         let (cert, serial) = self.certs.workload(source).map_err(|e| e.to_string())?;
         let key = (source.clone(), node.clone());
         let reuse = {
+            self.sweep();
             let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            m.retain(|_, p| !p.sender.is_closed() && p.used.elapsed() < IDLE);
             m.get_mut(&key).filter(|p| p.serial == serial && p.sender.is_ready()).map(|p| {
                 p.used = Instant::now();
                 p.sender.clone()

@@ -12,7 +12,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
          mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
-         mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS"
+         mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS"
     );
     ExitCode::from(2)
 }
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Some("concurrent") if args.len() == 3 => concurrent(&args[1], &args[2]),
         Some("tally") if args.len() == 3 => tally(&args[1], &args[2]),
         Some("load") if args.len() == 5 => load(&args[1], &args[2], &args[3], &args[4]),
+        Some("stream") if args.len() == 3 => stream(&args[1], &args[2]),
         _ => usage(),
     }
 }
@@ -51,7 +52,9 @@ fn serve(args: &[String]) -> ExitCode {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
     }
     let mut listeners = Vec::new();
-    for (port, kind) in [(flag(args, "--http"), "http"), (flag(args, "--echo"), "echo")] {
+    for (port, kind) in
+        [(flag(args, "--http"), "http"), (flag(args, "--echo"), "echo"), (flag(args, "--echo-now"), "echo-now")]
+    {
         let Some(port) = port else { continue };
         match TcpListener::bind(format!("0.0.0.0:{port}")).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
             Ok(l) => listeners.push((l, kind)),
@@ -72,13 +75,13 @@ fn serve(args: &[String]) -> ExitCode {
             while let Ok((s, _)) = l.accept() {
                 got = true;
                 let _ = s.set_nonblocking(false);
-                let (http_kind, name) = (*kind == "http", name.clone());
+                let (kind, name) = (kind.to_string(), name.clone());
                 ACTIVE.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
-                    if http_kind {
-                        http(s, &name, delay);
-                    } else {
-                        echo_after_eof(s);
+                    match kind.as_str() {
+                        "http" => http(s, &name, delay),
+                        "echo" => echo_after_eof(s),
+                        _ => echo_now(s),
                     }
                     ACTIVE.fetch_sub(1, Ordering::SeqCst);
                 });
@@ -156,6 +159,15 @@ fn echo_after_eof(mut s: TcpStream) {
         let _ = s.write_all(&buf);
     }
     let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Sends back whatever arrives, as it arrives.
+fn echo_now(mut s: TcpStream) {
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let _ = std::io::copy(&mut s, &mut w);
 }
 
 /// Deterministic, incompressible-looking bytes.
@@ -366,5 +378,40 @@ fn load(addr: &str, total: &str, conc: &str, pause: &str) -> ExitCode {
         println!("{l}");
     }
     println!("ok={} failed={failed}", lines.len() - failed);
+    ExitCode::SUCCESS
+}
+
+/// Keeps one connection to an echo-now server for SECONDS, sending 1 KiB
+/// every 100 ms and checking each comes back; prints `rounds=N` and exits
+/// 0 only if every round trip was intact.
+fn stream(addr: &str, seconds: &str) -> ExitCode {
+    let (Ok(addr), Ok(secs)) = (addr.parse::<SocketAddr>(), seconds.parse::<u64>()) else {
+        return usage();
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error: connect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0u64;
+    while std::time::Instant::now() < end {
+        let chunk: Vec<u8> = pattern(1024 + rounds as usize).split_off(rounds as usize);
+        let mut back = vec![0u8; chunk.len()];
+        if let Err(e) = s.write_all(&chunk).and_then(|_| s.read_exact(&mut back)) {
+            println!("rounds={rounds}\nerror: round {rounds}: {e}");
+            return ExitCode::FAILURE;
+        }
+        if back != chunk {
+            println!("rounds={rounds}\nerror: round {rounds}: bytes changed");
+            return ExitCode::FAILURE;
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("rounds={rounds}");
     ExitCode::SUCCESS
 }
