@@ -26,6 +26,7 @@ use crate::identity::manager::Certs;
 use crate::identity::tls;
 use crate::model::NodeName;
 use crate::proxy::Outbound;
+use crate::telemetry::Metrics;
 use crate::telemetry::{admin, ProxyCounters};
 use crate::tunnel::client::Pool;
 use crate::tunnel::TunnelCounters;
@@ -157,11 +158,22 @@ impl admin::AdminSource for AdminView {
         };
         serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel, "tunnel": self.tunnel.snapshot() })
     }
+
+    fn metrics(&self) -> String {
+        self.control.render_metrics()
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let s = self.control.snapshot();
+        serde_json::json!({ "generation": s.generation, "state": s.state })
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    let metrics = Arc::new(Metrics::new());
+    let tunnel_counters = Arc::new(TunnelCounters::default());
     let cfg = ControlConfig {
         node: node.clone(),
         trust_domain: args.trust_domain.clone(),
@@ -175,6 +187,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             breaker_failures: args.breaker_failures,
             ..BalanceConfig::default()
         },
+        metrics: metrics.clone(),
+        tunnel: tunnel_counters.clone(),
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let prepared = Control::prepare(cfg, args.config.clone(), health_tx)?;
@@ -240,7 +254,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = Arc::new(ProxyCounters::default());
-    let tunnel_counters = Arc::new(TunnelCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let pool = match (&certs, tunnel_listener) {
@@ -261,7 +274,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
+    let outbound =
+        Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool, metrics };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));

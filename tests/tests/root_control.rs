@@ -96,25 +96,27 @@ fn root_meshctl_apply_and_set_weight_change_routing_live() {
     let c = cluster();
     let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
     let t = tally(&c, 20);
-    assert_eq!(t.by_backend.len(), 2, "{}", t.text);
+    assert_eq!(t.failed, 0, "{}", t.text);
     assert_eq!(t.peer_is_dialled, 20, "getpeername shows the VIP in proxy mode too: {}", t.text);
 
-    let w2 = c.pod("web-2").ip.to_string();
-    let (code, out, err) = ctl(&c, &["set-weight", "web", &w2, "0"]);
+    // Drain web-1: everything goes to web-2.
+    let w1 = c.pod("web-1").ip.to_string();
+    let (code, out, err) = ctl(&c, &["set-weight", "web", &w1, "0"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "applied: generation 2");
     let t = tally(&c, 20);
-    assert_eq!(t.by_backend, BTreeMap::from([("web-1".to_owned(), 20)]), "{}", t.text);
+    assert_eq!(t.by_backend, BTreeMap::from([("web-2".to_owned(), 20)]), "{}", t.text);
 
-    let only_web2 = c.config(&web(&c, "proxy", 0, 5));
-    let f = c.write_file("only-web2.yaml", &only_web2).unwrap();
+    // A whole new state that drains web-2 instead: everything to web-1.
+    let only_web1 = c.config(&web(&c, "proxy", 5, 0));
+    let f = c.write_file("only-web1.yaml", &only_web1).unwrap();
     let (code, out, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "applied: generation 3");
     let t = tally(&c, 20);
-    assert_eq!(t.by_backend, BTreeMap::from([("web-2".to_owned(), 20)]), "{}", t.text);
+    assert_eq!(t.by_backend, BTreeMap::from([("web-1".to_owned(), 20)]), "{}", t.text);
     let eps = ctl_json(&c, &["get", "endpoints", "web"]);
-    assert_eq!(eps[1]["weight"], 5, "{eps}");
+    assert_eq!((eps[0]["weight"].as_u64(), eps[1]["weight"].as_u64()), (Some(5), Some(0)), "{eps}");
     drop(d);
 }
 

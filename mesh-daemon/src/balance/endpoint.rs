@@ -147,9 +147,14 @@ impl EndpointState {
         self.with(|h| h.ewma.observe(rtt, now));
     }
 
-    pub fn failed(&self, now: Instant) {
+    /// Records a failure; returns whether it ejected the endpoint.
+    pub fn failed(&self, now: Instant) -> bool {
         let unit = fastrand::f64();
-        self.with(|h| h.breaker.failure(now, unit));
+        self.with(|h| {
+            let was = h.breaker.available(now);
+            h.breaker.failure(now, unit);
+            was && !h.breaker.available(now)
+        })
     }
 
     /// Records an active check; returns whether the healthy state changed.

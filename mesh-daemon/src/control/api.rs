@@ -357,6 +357,12 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             })
             .await
         }
+        (&Method::GET, ["metrics"]) | (&Method::GET, ["v1", "metrics"]) => {
+            let mut r = Response::new(Full::new(Bytes::from(control.render_metrics())));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::telemetry::admin::METRICS_TYPE));
+            r
+        }
         (&Method::GET, ["v1", "datapath"]) => match control.dump() {
             Ok(d) => respond(StatusCode::OK, &d),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),

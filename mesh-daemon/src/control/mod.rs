@@ -29,7 +29,9 @@ use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
 use crate::health::Checker;
 use crate::model::{self, Document, FieldError, Mode, NodeName, State, ValidationErrors};
 use crate::proxy::{Local, RouteTable};
+use crate::telemetry::metrics::{EndpointLabels, Metrics};
 use crate::tunnel::server::Inbound;
+use crate::tunnel::TunnelCounters;
 
 pub struct ControlConfig {
     pub node: NodeName,
@@ -41,6 +43,8 @@ pub struct ControlConfig {
     /// Slots per kernel-mode service table.
     pub slot_table_size: u32,
     pub balance: BalanceConfig,
+    pub metrics: Arc<Metrics>,
+    pub tunnel: Arc<TunnelCounters>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +101,7 @@ impl Prepared {
     /// the datapath is handed back.
     pub fn attach(self, mut datapath: Datapath) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
         let Prepared { control, current } = self;
-        if let Err(e) = datapath.sync(&control.contents(&current)) {
+        if let Err(e) = control.timed_sync(&mut datapath, &control.contents(&current)) {
             return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
         }
         control.accepted(&current);
@@ -268,9 +272,53 @@ impl Control {
         })
     }
 
+    fn timed_sync(&self, dp: &mut Datapath, contents: &MapContents) -> Result<datapath::SyncReport, DatapathError> {
+        let t0 = std::time::Instant::now();
+        let r = dp.sync(contents);
+        self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
+        r
+    }
+
+    /// `/metrics`: counters as they are, and the gauges and mirrored
+    /// counters (kernel, tunnel, endpoints) brought up to date first.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.cfg.metrics;
+        if let Ok(stats) = self.kernel_stats() {
+            for (s, v) in stats {
+                Metrics::mirror(&m.kernel, s.name(), v);
+            }
+        }
+        let t = self.cfg.tunnel.snapshot();
+        for (name, v) in [
+            ("handshakes", t.handshakes),
+            ("tls_failures", t.tls_failures),
+            ("streams", t.streams),
+            ("denied_not_local", t.denied_not_local),
+            ("denied_policy", t.denied_policy),
+            ("bad_requests", t.bad_requests),
+            ("upstream_failures", t.upstream_failures),
+        ] {
+            Metrics::mirror(&m.tunnel, name, v);
+        }
+        m.healthy.clear();
+        m.effective_weight.clear();
+        m.ewma_rtt.clear();
+        for e in self.endpoints() {
+            let l = EndpointLabels {
+                service: e["service"].as_str().unwrap_or_default().to_owned(),
+                endpoint: e["ip"].as_str().unwrap_or_default().to_owned(),
+            };
+            m.healthy.get_or_create(&l).set(i64::from(e["health"] == "healthy"));
+            m.effective_weight.get_or_create(&l).set(e["effectiveWeight"].as_i64().unwrap_or(0));
+            m.ewma_rtt.get_or_create(&l).set(e["ewmaRttMs"].as_f64().unwrap_or(0.0) / 1000.0);
+        }
+        m.encode()
+    }
+
     /// Makes the proxy, the endpoint registry and the health checks follow
     /// an accepted state.
     fn accepted(&self, current: &Current) {
+        self.cfg.metrics.generation.set(current.stored.generation as i64);
         let state = &current.state;
         let frontends = state.frontends(&current.stored.ids);
         let mut in_use = HashSet::new();
@@ -314,7 +362,7 @@ impl Control {
         let generation = next.stored.generation;
         let contents = self.contents(&next);
         let dp = inner.datapath.as_mut().ok_or(WriteError::Stopped)?;
-        let synced = dp.sync(&contents);
+        let synced = self.timed_sync(dp, &contents);
         // Saved: from here on this is the state, even if the kernel lags.
         self.accepted(&next);
         inner.current = next;
@@ -330,7 +378,7 @@ impl Control {
         };
         let contents = self.contents(&inner.current);
         if let Some(dp) = inner.datapath.as_mut() {
-            match dp.sync(&contents) {
+            match self.timed_sync(dp, &contents) {
                 Ok(r) => debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change"),
                 Err(e) => warn!(error = %e, "re-syncing the maps after a health change failed"),
             }

@@ -22,7 +22,8 @@ use crate::balance::backoff::Backoff;
 use crate::balance::EndpointState;
 use crate::datapath::OrigDstReader;
 use crate::identity::Identity;
-use crate::telemetry::ProxyCounters;
+use crate::telemetry::metrics::{ConnLabels, EndpointLabels, ServiceLabels};
+use crate::telemetry::{Metrics, ProxyCounters};
 use crate::tunnel::client::Pool;
 
 /// Bytes both ways: a TCP stream or a tunnelled one.
@@ -36,6 +37,7 @@ pub struct Outbound {
     pub counters: Arc<ProxyCounters>,
     /// None: no certificates, so no tunnel.
     pub tunnel: Option<Arc<Pool>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Who is connecting, for the tunnel and the logs.
@@ -83,12 +85,24 @@ impl Outbound {
                 Some((name, id)) => Source { name: name.clone(), identity: Some(id.clone()) },
                 None => Source { name: "unknown".into(), identity: None },
             };
-            let (counters, tunnel) = (self.counters.clone(), self.tunnel.clone());
+            let ctx =
+                Ctx { counters: self.counters.clone(), tunnel: self.tunnel.clone(), metrics: self.metrics.clone() };
             tokio::spawn(async move {
-                forward(client, peer, &source, &route, &counters, tunnel.as_deref()).await;
+                forward(client, peer, &source, &route, &ctx).await;
             });
         }
     }
+}
+
+/// What a forwarded connection reports to.
+struct Ctx {
+    counters: Arc<ProxyCounters>,
+    tunnel: Option<Arc<Pool>>,
+    metrics: Arc<Metrics>,
+}
+
+fn service_labels(route: &Route) -> ServiceLabels {
+    ServiceLabels { service: route.name.clone(), direction: "outbound" }
 }
 
 /// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
@@ -134,8 +148,7 @@ async fn open(
 async fn connect(
     route: &Route,
     source: &Source,
-    counters: &ProxyCounters,
-    tunnel: Option<&Pool>,
+    ctx: &Ctx,
 ) -> Result<(Box<dyn Io>, Arc<EndpointState>, Duration), String> {
     let start = Instant::now();
     let mut tried = Vec::new();
@@ -143,66 +156,84 @@ async fn connect(
     for attempt in 0..=route.retries {
         let Some(ep) = route.pick(&tried, Instant::now()) else { break };
         let t0 = Instant::now();
-        match open(ep, route, source, tunnel).await {
+        let endpoint = EndpointLabels { service: route.name.clone(), endpoint: ep.state.addr.to_string() };
+        match open(ep, route, source, ctx.tunnel.as_deref()).await {
             Ok(s) => {
                 let rtt = t0.elapsed();
                 ep.state.connected(rtt, Instant::now());
+                ctx.metrics.connect_latency.get_or_create(&endpoint).observe(rtt.as_secs_f64());
                 return Ok((s, ep.state.clone(), rtt));
             }
             Err(e) => last = e,
         }
-        ep.state.failed(Instant::now());
+        if ep.state.failed(Instant::now()) {
+            ctx.metrics.ejections.get_or_create(&endpoint).inc();
+        }
         tried.push(ep.state.addr);
         let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
         if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
             break;
         }
-        counters.retries.inc();
+        ctx.counters.retries.inc();
+        ctx.metrics.retries.get_or_create(&service_labels(route)).inc();
         debug!(service = %route.name, error = %last, attempt, "connect failed; trying another endpoint");
         tokio::time::sleep(pause).await;
     }
     Err(last)
 }
 
-async fn forward(
-    client: TcpStream,
-    peer: SocketAddrV4,
-    source: &Source,
-    route: &Route,
-    counters: &ProxyCounters,
-    tunnel: Option<&Pool>,
-) {
+async fn forward(client: TcpStream, peer: SocketAddrV4, source: &Source, route: &Route, ctx: &Ctx) {
     let src = source.name.as_str();
-    let (mut upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
+    let identity = source.identity.as_ref().map(ToString::to_string).unwrap_or_default();
+    let started = Instant::now();
+    let (mut upstream, ep, rtt) = match connect(route, source, ctx).await {
         Ok(c) => c,
         Err(e) => {
-            counters.connect_failed.inc();
+            ctx.counters.connect_failed.inc();
+            ctx.metrics.failed.get_or_create(&service_labels(route)).inc();
             warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
+            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, outcome = "no_endpoint", duration_ms = started.elapsed().as_millis() as u64, "closed");
             return;
         }
     };
     let endpoint = ep.addr;
+    let node = route
+        .endpoints
+        .iter()
+        .find(|e| e.state.addr == endpoint)
+        .and_then(|e| e.remote.as_ref())
+        .map_or("local".to_owned(), |(n, _)| n.to_string());
+    let labels = ConnLabels { service: route.name.clone(), endpoint: endpoint.to_string(), direction: "outbound" };
+    ctx.metrics.opened.get_or_create(&labels).inc();
     let _in_flight = ep.start();
     let _ = client.set_nodelay(true);
-    counters.forwarded.inc();
-    counters.active.inc();
+    ctx.counters.forwarded.inc();
+    ctx.counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let mut client = client;
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    counters.active.dec();
+    ctx.counters.active.dec();
+    ctx.metrics.closed.get_or_create(&labels).inc();
+    let duration = started.elapsed();
+    ctx.metrics.duration.get_or_create(&service_labels(route)).observe(duration.as_secs_f64());
+    let duration_ms = duration.as_millis() as u64;
     match result {
         Ok((up, down)) => {
-            counters.bytes_to_endpoint.add(up);
-            counters.bytes_to_client.add(down);
-            let identity = source.identity.as_ref().map(ToString::to_string).unwrap_or_default();
-            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, bytes_up = up, bytes_down = down, "closed");
+            ctx.counters.bytes_to_endpoint.add(up);
+            ctx.counters.bytes_to_client.add(down);
+            ctx.metrics.bytes_sent.get_or_create(&labels).inc_by(up);
+            ctx.metrics.bytes_received.get_or_create(&labels).inc_by(down);
+            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, bytes_up = up, bytes_down = down, duration_ms, outcome = "ok", "closed");
         }
         Err(e) => {
-            counters.io_errors.inc();
-            if e.kind() == std::io::ErrorKind::ConnectionReset {
-                ep.failed(Instant::now());
+            ctx.counters.io_errors.inc();
+            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.failed(Instant::now()) {
+                ctx.metrics
+                    .ejections
+                    .get_or_create(&EndpointLabels { service: route.name.clone(), endpoint: endpoint.to_string() })
+                    .inc();
             }
-            debug!(client = %peer, service = %route.name, %endpoint, error = %e, "connection ended with an error");
+            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, duration_ms, outcome = "error", error = %e, "closed");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint (`--admin-listen`, loopback by default):
-//! `/live`, `/ready`, and `/stats` (JSON: proxy and kernel counters).
+//! `/live`, `/ready`, `/stats` (JSON counters), `/metrics` (Prometheus)
+//! and `/config_dump` (the accepted state as JSON).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,7 +18,14 @@ pub trait AdminSource: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// `/stats` as JSON.
     fn stats_json(&self) -> serde_json::Value;
+    /// `/metrics` in the Prometheus text format.
+    fn metrics(&self) -> String;
+    /// `/config_dump`: the accepted state as JSON.
+    fn config_dump(&self) -> serde_json::Value;
 }
+
+/// Content type of the Prometheus text format.
+pub const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -59,6 +67,17 @@ fn handle(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<By
                 .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /stats\n"),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, source.metrics());
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(METRICS_TYPE));
+            r
+        }
+        "/config_dump" => {
+            let mut r = text(StatusCode::OK, source.config_dump().to_string());
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /stats, /metrics, /config_dump\n"),
     }
 }

@@ -2,6 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod metrics;
+
+pub use metrics::Metrics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

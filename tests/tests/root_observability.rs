@@ -1,0 +1,107 @@
+//! Metrics, admin endpoints and access logs after known traffic (root,
+//! real kernel).
+
+use std::time::Duration;
+
+use mesh_tests::{Cluster, ClusterSpec};
+
+const VIP: &str = "10.96.0.10";
+const ECHO_VIP: &str = "10.96.0.11";
+
+/// The value of the sample `name{labels}` whose labels contain every one
+/// of `want`.
+fn sample(text: &str, name: &str, want: &[&str]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        let (n, labels) = key.split_once('{').unwrap_or((key, ""));
+        (n == name && want.iter().all(|w| labels.contains(w))).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
+    let c = Cluster::create(&ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a")).unwrap();
+    c.serve("web-1", 8080, Some(9000)).unwrap();
+    let w1 = c.pod("web-1").ip;
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n\
+         \x20 - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
+
+    // Known traffic: 7 echo connections of 12345 bytes each way.
+    for _ in 0..7 {
+        let out = c
+            .exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), "12345"], Duration::from_secs(20))
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let labels = ["service=\"default/echo:9000\"", &format!("endpoint=\"{w1}:9000\""), "direction=\"outbound\""];
+    let metrics = || d.admin_get("/metrics").unwrap().1;
+    let closed = mesh_tests::sys::wait_until(Duration::from_secs(5), || {
+        sample(&metrics(), "mesh_connections_closed_total", &labels) == Some(7.0)
+    });
+    assert!(closed, "{}", metrics());
+    let m = metrics();
+    assert_eq!(sample(&m, "mesh_connections_opened_total", &labels), Some(7.0), "{m}");
+    assert_eq!(sample(&m, "mesh_sent_bytes_total", &labels), Some(7.0 * 12345.0), "{m}");
+    assert_eq!(sample(&m, "mesh_received_bytes_total", &labels), Some(7.0 * 12345.0), "{m}");
+    assert_eq!(
+        sample(&m, "mesh_connection_duration_seconds_count", &["service=\"default/echo:9000\""]),
+        Some(7.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "mesh_kernel_events_total", &["counter=\"redirected\""]), Some(7.0), "{m}");
+    assert_eq!(sample(&m, "mesh_state_generation", &[]), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "mesh_endpoint_healthy", &["service=\"default/echo\""]), Some(1.0), "{m}");
+    assert!(!m.contains("client="), "no per-client labels");
+
+    // promtool agrees it is valid exposition format.
+    let f = c.write_file("metrics.txt", &m).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The same metrics on the control socket, and the other admin endpoints.
+    let api = c.meshctl("node-a", &["status"]).unwrap();
+    assert!(api.status.success());
+    let (status, dump) = d.admin_get("/config_dump").unwrap();
+    assert_eq!(status, 200);
+    assert!(dump.contains("\"generation\":1") && dump.contains("default") && dump.contains("echo"), "{dump}");
+    assert_eq!(d.admin_get("/live").unwrap().0, 200);
+    assert_eq!(d.admin_get("/ready").unwrap().0, 200);
+}
+
+#[test]
+fn root_access_log_names_identities_endpoint_and_bytes() {
+    let c = Cluster::create(&ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a")).unwrap();
+    c.serve("web-1", 8080, Some(9000)).unwrap();
+    let w1 = c.pod("web-1").ip;
+    let svc = format!("  - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n");
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &["--log-format", "json"]).unwrap();
+    let out =
+        c.exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), "4321"], Duration::from_secs(20)).unwrap();
+    assert!(out.status.success());
+    let line = || d.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || line().is_some()), "{}", d.log_text());
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["source"], "default/client", "{v}");
+    assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client", "{v}");
+    assert_eq!(f["service"], "default/echo:9000", "{v}");
+    assert_eq!(f["endpoint"], format!("{w1}:9000"), "{v}");
+    assert_eq!(f["node"], "local", "{v}");
+    assert_eq!((f["bytes_up"].as_u64(), f["bytes_down"].as_u64()), (Some(4321), Some(4321)), "{v}");
+    assert_eq!(f["outcome"], "ok", "{v}");
+    assert!(f["duration_ms"].is_u64(), "{v}");
+}
