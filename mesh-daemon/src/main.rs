@@ -98,6 +98,15 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The async runtime; `threads` 0: one worker per CPU.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
 fn init_logs(format: LogFormat) {
     // RUST_LOG overrides; aya-log records arrive through the `log` bridge.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -126,7 +135,7 @@ fn main() -> std::process::ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Ca { command } => ca(command),
-        Command::Run(args) => match tokio::runtime::Runtime::new() {
+        Command::Run(args) => match runtime(args.worker_threads) {
             Ok(rt) => rt.block_on(run::run(*args)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
         },

@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Consecutive connect failures or resets that eject an endpoint.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub breaker_failures: u32,
+    /// Worker threads of the proxy's runtime (0: one per CPU).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub worker_threads: usize,
     /// Trust domain of the SPIFFE identities.
     #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
     pub trust_domain: String,

@@ -365,6 +365,22 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// Starts a long-running process in `node`'s network namespace (beside
+    /// the daemon, like a node proxy would run); ended at teardown.
+    pub fn spawn_on_node(&self, node: &str, program: &str, args: &[&str]) -> anyhow::Result<u32> {
+        let n = self.node(node).clone();
+        let cgroup = n.cgroup.join("extra");
+        std::fs::create_dir_all(&cgroup)?;
+        let log = File::options().create(true).append(true).open(self.dir.join(format!("node-{node}.log")))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        sys::enter(&mut cmd, &cgroup, &n.netns)?;
+        let child = cmd.spawn().with_context(|| format!("starting {program} on node {node}"))?;
+        let pid = child.id();
+        self.procs.lock().map_err(|_| anyhow::anyhow!("process list poisoned"))?.push(child);
+        Ok(pid)
+    }
+
     /// Stops a process started with [`Cluster::spawn`] with SIGTERM (a
     /// graceful stop) and waits up to 10 s for it to exit.
     pub fn terminate(&self, pid: u32) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! Developer entry points: `cargo xtask setup | test | demo | clean`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -31,6 +32,12 @@ enum Cmd {
         /// How many requests the client sends.
         #[arg(long, default_value_t = 200)]
         requests: u32,
+    },
+    /// Measure direct, kernel, proxy-local, proxy-mtls and HAProxy in one run.
+    Bench {
+        /// A second per measurement: checks every path works, not how fast.
+        #[arg(long)]
+        quick: bool,
     },
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
@@ -70,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
+        Cmd::Bench { quick } => setup::setup().and_then(|_| bench::bench(quick)),
         Cmd::Clean => clean(),
     };
     match result {
@@ -91,7 +99,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if args.is_empty() {
+        eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick)");
+        bench::bench(true)?;
+    }
+    Ok(())
 }
 
 fn clean() -> anyhow::Result<()> {

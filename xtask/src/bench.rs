@@ -1,0 +1,245 @@
+//! `cargo xtask bench`: the same load, in one run, through five paths, on a
+//! two-node mini cluster, reported as ratios to `direct` and to HAProxy.
+//!
+//! - direct: client pod to the backend pod's IP (the baseline);
+//! - kernel: the VIP in `mode: kernel` (connect4 picks the backend);
+//! - proxy-local: the VIP in `mode: proxy`, backend on the same node;
+//! - proxy-mtls: the VIP in `mode: proxy`, backend on the other node
+//!   (through the mTLS tunnel);
+//! - haproxy: HAProxy in TCP mode, one thread, on the client's node, in
+//!   front of the same backend: what a user would run instead.
+//!
+//! The mesh daemons get one worker thread, like HAProxy. Per path: wrk with
+//! 32 keep-alive connections (requests/s, p50, p99), wrk with a new
+//! connection per request (connections/s), iperf3 (Gbit/s), and the RSS
+//! and CPU seconds of the proxy process (the node's mesh-daemon, or
+//! HAProxy on its row).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use mesh_tests::{Cluster, ClusterSpec};
+
+struct Row {
+    name: &'static str,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conns: f64,
+    gbps: f64,
+    rss_mib: f64,
+    cpu_s: f64,
+}
+
+fn say(s: &str) {
+    println!("bench: {s}");
+}
+
+/// Microseconds from wrk's `123.45us`, `1.20ms`, `1.00s`.
+fn micros(v: &str) -> Option<f64> {
+    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1000.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * mult)
+}
+
+/// (requests/s, p50 µs, p99 µs) from wrk's output with `--latency`.
+fn parse_wrk(out: &str) -> Option<(f64, f64, f64)> {
+    let rps = out.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")?.trim().parse().ok())?;
+    let pct = |p: &str| {
+        out.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == p).then(|| micros(w.next()?)).flatten()
+        })
+    };
+    Some((rps, pct("50%").unwrap_or(0.0), pct("99%").unwrap_or(0.0)))
+}
+
+/// (RSS MiB, CPU seconds) of a process.
+fn usage(pid: u32) -> (f64, f64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+                })
+                .flatten()
+        })
+        .unwrap_or(0.0)
+        / 1024.0;
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+pub fn bench(quick: bool) -> anyhow::Result<()> {
+    mesh_tests::sys::require_root()?;
+    let secs: u64 = if quick { 1 } else { 5 };
+    say("building release binaries");
+    crate::build_bins(true)?;
+    std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
+
+    say("building the mini cluster: node-a (client, web-1), node-b (web-2)");
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("client", "node-a")
+            .pod("web-1", "node-a")
+            .pod("web-2", "node-b"),
+    )?;
+    for pod in ["web-1", "web-2"] {
+        c.serve(pod, 8080, None)?;
+        c.spawn(pod, std::path::Path::new("iperf3"), &["-s", "-p", "5201"])?;
+    }
+    let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
+    let svc = |name: &str, vip: &str, mode: &str, ip: std::net::Ipv4Addr, node: &str| {
+        format!("  - name: {name}\n    vip: {vip}\n    mode: {mode}\n    ports: [{{ port: 80, targetPort: 8080 }}, {{ port: 5201 }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
+    };
+    let services = [
+        svc("kernel", "10.96.0.20", "kernel", w1, "node-a"),
+        svc("local", "10.96.0.21", "proxy", w1, "node-a"),
+        svc("mtls", "10.96.0.22", "proxy", w2, "node-b"),
+    ]
+    .concat();
+    let cfg = c.write_file("mesh.yaml", &c.config(&services))?;
+    let da = c.start_daemon("node-a", &cfg, &["--worker-threads", "1"])?;
+    let _db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
+
+    let node_a = c.node("node-a").address;
+    let haproxy_cfg = format!(
+        "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n"
+    );
+    let hcfg = c.write_file("haproxy.cfg", &haproxy_cfg)?;
+    let haproxy = c.spawn_on_node("node-a", "haproxy", &["-db", "-f", hcfg.to_str().context("path")?])?;
+    let listening = std::net::SocketAddr::from((node_a, 18080));
+    if !mesh_tests::sys::wait_until(Duration::from_secs(5), || {
+        mesh_tests::sys::can_connect(&c.node("node-a").netns, listening)
+    }) {
+        let log = std::fs::read_to_string(c.dir.join("node-node-a.log")).unwrap_or_default();
+        bail!("HAProxy does not accept on {listening}:\n{log}");
+    }
+
+    let scenarios: [(&str, String, String, u32); 5] = [
+        ("direct", format!("{w1}:8080"), format!("{w1}:5201"), da.pid()),
+        ("kernel", "10.96.0.20:80".into(), "10.96.0.20:5201".into(), da.pid()),
+        ("proxy-local", "10.96.0.21:80".into(), "10.96.0.21:5201".into(), da.pid()),
+        ("proxy-mtls", "10.96.0.22:80".into(), "10.96.0.22:5201".into(), da.pid()),
+        ("haproxy", format!("{node_a}:18080"), format!("{node_a}:15201"), haproxy),
+    ];
+    let wait = Duration::from_secs(secs + 30);
+    let mut rows = Vec::new();
+    for (name, http, tcp, pid) in scenarios {
+        say(&format!("{name}: keep-alive, new connections, throughput ({secs} s each)"));
+        let (_, cpu0) = usage(pid);
+        let d = format!("{secs}s");
+        let url = format!("http://{http}/");
+        let ka = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &url], wait)?;
+        let ka = String::from_utf8_lossy(&ka.stdout).into_owned();
+        let (rps, p50, p99) = parse_wrk(&ka).with_context(|| format!("{name}: no wrk result:\n{ka}"))?;
+        let nc = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "-H", "Connection: close", &url], wait)?;
+        let nc = String::from_utf8_lossy(&nc.stdout).into_owned();
+        let (conns, _, _) = parse_wrk(&nc).with_context(|| format!("{name}: no wrk result:\n{nc}"))?;
+        let (host, port) = tcp.rsplit_once(':').context("address")?;
+        let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
+        let ip: serde_json::Value =
+            serde_json::from_slice(&ip.stdout).with_context(|| format!("{name}: iperf3 output"))?;
+        let gbps =
+            ip["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| format!("{name}: iperf3: {ip}"))?
+                / 1e9;
+        let (rss, cpu1) = usage(pid);
+        let row = Row { name, rps, p50_us: p50, p99_us: p99, conns, gbps, rss_mib: rss, cpu_s: cpu1 - cpu0 };
+        say(&format!(
+            "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s",
+            row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s
+        ));
+        rows.push(row);
+    }
+    for r in &rows {
+        if r.rps <= 0.0 || r.conns <= 0.0 || r.gbps <= 0.0 {
+            bail!("{}: a measurement produced no number", r.name);
+        }
+    }
+    let table = render(&rows, secs, quick);
+    println!("{table}");
+    let dir = crate::root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let file: PathBuf = dir.join(if quick { "quick.md" } else { "latest.md" });
+    std::fs::write(&file, &table)?;
+    say(&format!("written to {}", file.display()));
+    Ok(())
+}
+
+fn render(rows: &[Row], secs: u64, quick: bool) -> String {
+    let base = |f: fn(&Row) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
+    let cell = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
+        let (d, h) = (base(f, "direct"), base(f, "haproxy"));
+        let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
+        format!("{:.*} ({}x direct, {}x haproxy)", digits, f(r), ratio(d), ratio(h))
+    };
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmark results{}\n", if quick { " (quick run, not for comparison)" } else { "" });
+    let _ = writeln!(
+        s,
+        "Made by `cargo xtask bench{}` on {} ({} CPUs), {} s per measurement. See BENCHMARKS.md for the method.\n",
+        if quick { " --quick" } else { "" },
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| format!("Linux {}", k.trim()))
+            .unwrap_or_default(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        secs
+    );
+    let _ = writeln!(
+        s,
+        "| path | keep-alive req/s | p50 µs | p99 µs | new conn/s | Gbit/s | proxy RSS MiB | proxy CPU s |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} |",
+            r.name,
+            cell(r, |r| r.rps, 0),
+            cell(r, |r| r.p50_us, 0),
+            cell(r, |r| r.p99_us, 0),
+            cell(r, |r| r.conns, 0),
+            cell(r, |r| r.gbps, 2),
+            r.rss_mib,
+            r.cpu_s
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nFor latency, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS and CPU are the node-a mesh-daemon's (HAProxy's on its row)."
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 1s test @ http://10.96.0.21:80/\n  Latency Distribution\n     50%  212.00us\n     75%  300.00us\n     99%    1.50ms\n  1234 requests in 1.00s\nRequests/sec:  12345.67\nTransfer/sec: 1.00MB\n";
+        assert_eq!(parse_wrk(out), Some((12345.67, 212.0, 1500.0)));
+        assert_eq!(micros("2.00s"), Some(2_000_000.0));
+        assert_eq!(parse_wrk("nothing"), None);
+    }
+}
