@@ -165,6 +165,14 @@ fn root_the_tunnel_refuses_plaintext_strangers_and_expired_certificates() {
     assert!(mesh_tests::sys::wait_until(Duration::from_secs(3), || failures() == 3), "expired certificate not counted");
 
     assert_eq!(tunnel(&t.b, "streams"), 0, "a refused peer reached a pod");
+    let reasons = t.b.stats().unwrap()["tunnel"]["tls_failures_by_reason"].clone();
+    assert_eq!(
+        (reasons["plaintext"].as_u64(), reasons["untrusted_issuer"].as_u64(), reasons["expired"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{reasons}"
+    );
+    let (_, m) = t.b.admin_get("/metrics").unwrap();
+    assert!(m.contains("mesh_tunnel_tls_failures_total{reason=\"expired\"} 1"), "{m}");
     let log = t.b.log_text();
     assert_eq!(log.matches("tunnel handshake refused").count(), 3, "{log}");
     assert!(log.contains("expired"), "{log}");

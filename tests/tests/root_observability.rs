@@ -71,9 +71,19 @@ fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // The same metrics on the control socket, and the other admin endpoints.
-    let api = c.meshctl("node-a", &["status"]).unwrap();
-    assert!(api.status.success());
+    // meshctl stats reads the same metrics over the control socket.
+    let out = c.meshctl("node-a", &["stats", "-o", "json"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let echo = rows.as_array().unwrap().iter().find(|r| r["service"] == "default/echo:9000").expect("echo row");
+    assert_eq!(echo["opened"].as_f64(), Some(7.0), "{rows}");
+    assert_eq!(echo["bytesSent"].as_f64(), Some(7.0 * 12345.0), "{rows}");
+    assert_eq!(echo["bytesReceived"].as_f64(), Some(7.0 * 12345.0), "{rows}");
+    assert!(echo["ewmaRttMs"].as_f64().is_some(), "{rows}");
+    let table = String::from_utf8_lossy(&c.meshctl("node-a", &["stats"]).unwrap().stdout).into_owned();
+    assert!(table.contains("EWMA RTT(ms)") && table.contains("default/echo:9000"), "{table}");
+
+    // The other admin endpoints.
     let (status, dump) = d.admin_get("/config_dump").unwrap();
     assert_eq!(status, 200);
     assert!(dump.contains("\"generation\":1") && dump.contains("default") && dump.contains("echo"), "{dump}");

@@ -300,6 +300,14 @@ impl Control {
         ] {
             Metrics::mirror(&m.tunnel, name, v);
         }
+        for (reason, v) in &t.tls_failures_by_reason {
+            if let Some(r) = crate::tunnel::TLS_FAILURE_REASONS.iter().find(|r| **r == reason.as_str()) {
+                let c = m.tls_failures.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: r });
+                if *v > c.get() {
+                    c.inc_by(v - c.get());
+                }
+            }
+        }
         m.healthy.clear();
         m.effective_weight.clear();
         m.ewma_rtt.clear();

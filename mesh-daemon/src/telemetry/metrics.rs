@@ -71,6 +71,7 @@ pub struct Metrics {
     pub effective_weight: Family<EndpointLabels, Gauge>,
     pub ewma_rtt: Family<EndpointLabels, FloatGauge>,
     pub tunnel: Family<CounterLabels, Counter>,
+    pub tls_failures: Family<ReasonLabels, Counter>,
     pub kernel: Family<CounterLabels, Counter>,
     pub generation: Gauge,
     pub map_sync: Histogram,
@@ -99,6 +100,7 @@ impl Metrics {
             effective_weight: Family::default(),
             ewma_rtt: Family::default(),
             tunnel: Family::default(),
+            tls_failures: Family::default(),
             kernel: Family::default(),
             generation: Gauge::default(),
             map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
@@ -127,6 +129,7 @@ impl Metrics {
         r.register("endpoint_effective_weight", "Weight the balancer uses now", m.effective_weight.clone());
         r.register_with_unit("endpoint_ewma_rtt", "Peak-EWMA of connect time", Unit::Seconds, m.ewma_rtt.clone());
         r.register("tunnel_events", "mTLS tunnel handshakes, streams, TLS failures and denials", m.tunnel.clone());
+        r.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", m.tls_failures.clone());
         r.register("kernel_events", "Counters of the kernel programs (STATS map)", m.kernel.clone());
         r.register("state_generation", "Generation of the accepted state", m.generation.clone());
         r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());

@@ -16,8 +16,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+/// Why a tunnel handshake failed.
+pub const TLS_FAILURE_REASONS: [&str; 6] =
+    ["plaintext", "untrusted_issuer", "expired", "no_client_cert", "bad_certificate", "other"];
+
+/// The reason label of a failed handshake.
+pub fn tls_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error, PeerMisbehaved};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::InvalidMessage(_))
+        | Some(Error::PeerMisbehaved(PeerMisbehaved::IllegalMiddleboxChangeCipherSpec)) => "plaintext",
+        // Not signed by a CA of the bundle: unknown issuer, or one with the
+        // same name whose signature does not verify.
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => {
+            "untrusted_issuer"
+        }
+        Some(Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
+            "expired"
+        }
+        Some(Error::NoCertificatesPresented) => "no_client_cert",
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        _ => "other",
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct TunnelCounters {
+    /// Failed handshakes by [`TLS_FAILURE_REASONS`] index.
+    pub tls_failures_by_reason: [AtomicU64; 6],
     pub handshakes: AtomicU64,
     pub tls_failures: AtomicU64,
     pub streams: AtomicU64,
@@ -36,11 +62,23 @@ pub struct TunnelSnapshot {
     pub denied_policy: u64,
     pub bad_requests: u64,
     pub upstream_failures: u64,
+    /// Failed handshakes by reason.
+    pub tls_failures_by_reason: std::collections::BTreeMap<String, u64>,
 }
 
 impl TunnelCounters {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed handshake under its reason; returns the reason.
+    pub fn tls_failed(&self, e: &std::io::Error) -> &'static str {
+        let reason = tls_failure_reason(e);
+        Self::inc(&self.tls_failures);
+        if let Some(i) = TLS_FAILURE_REASONS.iter().position(|r| *r == reason) {
+            Self::inc(&self.tls_failures_by_reason[i]);
+        }
+        reason
     }
     pub fn snapshot(&self) -> TunnelSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -52,6 +90,11 @@ impl TunnelCounters {
             denied_policy: g(&self.denied_policy),
             bad_requests: g(&self.bad_requests),
             upstream_failures: g(&self.upstream_failures),
+            tls_failures_by_reason: TLS_FAILURE_REASONS
+                .iter()
+                .zip(&self.tls_failures_by_reason)
+                .map(|(r, c)| (r.to_string(), g(c)))
+                .collect(),
         }
     }
 }

@@ -89,8 +89,8 @@ async fn connection(
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            TunnelCounters::inc(&counters.tls_failures);
-            warn!(%peer, error = %e, "tunnel handshake refused");
+            let reason = counters.tls_failed(&e);
+            warn!(%peer, reason, error = %e, "tunnel handshake refused");
             return;
         }
         Err(_) => {
