@@ -99,12 +99,47 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
-    run(&mut cmd)?;
-    if args.is_empty() {
+    let (passed, failed, ok) = run_counting(&mut cmd)?;
+    let bench = if ok && args.is_empty() {
         eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick)");
-        bench::bench(true)?;
+        bench::bench(true)
+    } else {
+        Ok(())
+    };
+    // One closing line for the whole run, whatever ran last.
+    println!("tests: {passed} passed, {failed} failed");
+    if !ok {
+        bail!("the tests failed");
     }
-    Ok(())
+    bench
+}
+
+/// Runs `cargo test`, passing its output through, and adds up the
+/// `test result:` lines: (passed, failed, success).
+fn run_counting(cmd: &mut Command) -> anyhow::Result<(u64, u64, bool)> {
+    use std::io::BufRead;
+    let mut child =
+        cmd.current_dir(root()).stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                // "ok. 18 passed; 0 failed; ...": a count before each word.
+                let num = |word: &str| {
+                    rest.split(';').find_map(|p| {
+                        let mut w = p.split_whitespace().rev();
+                        (w.next()? == word).then(|| w.next()?.parse::<u64>().ok()).flatten()
+                    })
+                };
+                passed += num("passed").unwrap_or(0);
+                failed += num("failed").unwrap_or(0);
+            }
+        }
+    }
+    let status = child.wait()?;
+    Ok((passed, failed, status.success()))
 }
 
 fn clean() -> anyhow::Result<()> {
