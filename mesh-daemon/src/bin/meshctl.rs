@@ -190,16 +190,31 @@ fn stats_rows(text: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn call_text(socket: &Path, path: &str) -> anyhow::Result<String> {
+/// Sends one request to the daemon: (status, body bytes).
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    if_match: Option<u64>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| anyhow!("cannot reach mesh-daemon at {} (is it running?): {e}", socket.display()))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = Request::builder().uri(path).header(hyper::header::HOST, "mesh-daemon").body(Full::new(Bytes::new()))?;
-    let resp = sender.send_request(req).await.context("talking to mesh-daemon")?;
+    let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "mesh-daemon");
+    if let Some(g) = if_match {
+        req = req.header(hyper::header::IF_MATCH, g.to_string());
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::from(body)))?).await.context("talking to mesh-daemon")?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+/// A GET whose answer is text (`/metrics`).
+async fn call_text(socket: &Path, path: &str) -> anyhow::Result<String> {
+    let (status, bytes) = send(socket, Method::GET, path, Vec::new(), None).await?;
     if !status.is_success() {
         bail!("the daemon refused the request ({status}): {}", String::from_utf8_lossy(&bytes));
     }
@@ -213,19 +228,7 @@ async fn call(
     body: Option<Vec<u8>>,
     if_match: Option<u64>,
 ) -> anyhow::Result<Result<Value, ApiError>> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| anyhow!("cannot reach mesh-daemon at {} (is it running?): {e}", socket.display()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "mesh-daemon");
-    if let Some(g) = if_match {
-        req = req.header(hyper::header::IF_MATCH, g.to_string());
-    }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender.send_request(req).await.context("talking to mesh-daemon")?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    let (status, bytes) = send(socket, method, path, body.unwrap_or_default(), if_match).await?;
     let body: Value =
         serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
     Ok(if status.is_success() { Ok(body) } else { Err(ApiError { status, body }) })
