@@ -172,7 +172,22 @@ impl admin::AdminSource for AdminView {
     }
 }
 
+/// Every proxied connection takes two descriptors: lift the soft limit on
+/// open files to the hard one, as proxies do.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => warn!(error = %e, soft, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let metrics = Arc::new(Metrics::new());

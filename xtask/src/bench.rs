@@ -143,6 +143,32 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         ("proxy-mtls", "10.96.0.22:80".into(), "10.96.0.22:5201".into(), da.pid()),
         ("haproxy", format!("{node_a}:18080"), format!("{node_a}:15201"), haproxy),
     ];
+    // Memory with many connections open: idle ones through proxy-local,
+    // measured first, before the new-connection runs fill the node's
+    // ephemeral ports with TIME_WAIT.
+    const HELD: u64 = 1000;
+    say(&format!("mesh-daemon RSS with {HELD} connections open through proxy-local"));
+    let (rss_idle, _) = usage(da.pid());
+    let mut holder = c.start("client", "mt-pod", &["hold", "10.96.0.21:80", &HELD.to_string(), "60"])?;
+    // Until all are open, or the count stops growing for two seconds.
+    let (mut last, mut still) = (0, 0);
+    while still < 20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = da.counter("proxy", "active").unwrap_or(0);
+        if now >= HELD {
+            break;
+        }
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let active = da.counter("proxy", "active").unwrap_or(0);
+    let (rss_held, _) = usage(da.pid());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    if active == 0 {
+        bail!("no connection could be held open through proxy-local: {}", da.stats()?);
+    }
+    say(&format!("  RSS {rss_idle:.1} MiB idle, {rss_held:.1} MiB with {active} of {HELD} connections open"));
     let wait = Duration::from_secs(secs + 30);
     let mut rows = Vec::new();
     for (name, http, tcp, pid) in scenarios {
@@ -176,7 +202,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             bail!("{}: a measurement produced no number", r.name);
         }
     }
-    let table = render(&rows, secs, quick);
+
+    let mut table = render(&rows, secs, quick);
+    let _ = writeln!(
+        table,
+        "\nmesh-daemon RSS with {active} idle connections open through proxy-local (of {HELD} opened): {rss_held:.1} MiB ({rss_idle:.1} MiB before; target: under 30 MiB at 1000)."
+    );
     println!("{table}");
     let dir = crate::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;

@@ -511,7 +511,12 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>, 
     // stated size; key and value point to memory of the map's key and
     // value sizes (K and V are the map's types), the value writable.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
     };
     if rc == 0 {
         // SAFETY: the kernel wrote the whole value on success.

@@ -12,7 +12,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
          mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
-         mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS"
+         mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS\n  \
+         mt-pod hold ADDR N SECONDS"
     );
     ExitCode::from(2)
 }
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Some("tally") if args.len() == 3 => tally(&args[1], &args[2]),
         Some("load") if args.len() == 5 => load(&args[1], &args[2], &args[3], &args[4]),
         Some("stream") if args.len() == 3 => stream(&args[1], &args[2]),
+        Some("hold") if args.len() == 4 => hold(&args[1], &args[2], &args[3]),
         _ => usage(),
     }
 }
@@ -413,5 +415,29 @@ fn stream(addr: &str, seconds: &str) -> ExitCode {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("rounds={rounds}");
+    ExitCode::SUCCESS
+}
+
+/// Opens N connections and keeps them open, idle, for SECONDS; prints
+/// `held=N` once all are open.
+fn hold(addr: &str, n: &str, seconds: &str) -> ExitCode {
+    let (Ok(addr), Ok(n), Ok(secs)) = (addr.parse::<SocketAddr>(), n.parse::<usize>(), seconds.parse::<u64>()) else {
+        return usage();
+    };
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        // Paced, so the backend's accept queue is not flooded.
+        std::thread::sleep(Duration::from_millis(1));
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                println!("error: connection {i}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("held={}", held.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(secs));
     ExitCode::SUCCESS
 }
