@@ -19,10 +19,8 @@ use tracing::{debug, info, warn};
 
 use super::{Route, RouteEndpoint, RouteTable};
 use crate::balance::backoff::Backoff;
-use crate::balance::EndpointState;
 use crate::datapath::OrigDstReader;
 use crate::identity::Identity;
-use crate::telemetry::metrics::{ConnLabels, EndpointLabels, ServiceLabels};
 use crate::telemetry::{Metrics, ProxyCounters};
 use crate::tunnel::client::Pool;
 
@@ -101,10 +99,6 @@ struct Ctx {
     metrics: Arc<Metrics>,
 }
 
-fn service_labels(route: &Route) -> ServiceLabels {
-    ServiceLabels { service: route.name.clone(), direction: "outbound" }
-}
-
 /// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
 const RETRY_BACKOFF: Backoff =
     Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
@@ -145,29 +139,28 @@ async fn open(
 /// connect, another endpoint is tried after a backoff, up to the route's
 /// retry count and budget. Every outcome feeds the endpoint's latency
 /// estimate and breaker.
-async fn connect(
-    route: &Route,
+async fn connect<'r>(
+    route: &'r Route,
     source: &Source,
     ctx: &Ctx,
-) -> Result<(Box<dyn Io>, Arc<EndpointState>, Duration), String> {
+) -> Result<(Box<dyn Io>, &'r RouteEndpoint, Duration), String> {
     let start = Instant::now();
     let mut tried = Vec::new();
     let mut last = String::from("the service has no endpoint");
     for attempt in 0..=route.retries {
         let Some(ep) = route.pick(&tried, Instant::now()) else { break };
         let t0 = Instant::now();
-        let endpoint = EndpointLabels { service: route.name.clone(), endpoint: ep.state.addr.to_string() };
         match open(ep, route, source, ctx.tunnel.as_deref()).await {
             Ok(s) => {
                 let rtt = t0.elapsed();
                 ep.state.connected(rtt, Instant::now());
-                ctx.metrics.connect_latency.get_or_create(&endpoint).observe(rtt.as_secs_f64());
-                return Ok((s, ep.state.clone(), rtt));
+                ctx.metrics.connect_latency.get_or_create(&ep.endpoint_labels).observe(rtt.as_secs_f64());
+                return Ok((s, ep, rtt));
             }
             Err(e) => last = e,
         }
         if ep.state.failed(Instant::now()) {
-            ctx.metrics.ejections.get_or_create(&endpoint).inc();
+            ctx.metrics.ejections.get_or_create(&ep.endpoint_labels).inc();
         }
         tried.push(ep.state.addr);
         let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
@@ -175,7 +168,7 @@ async fn connect(
             break;
         }
         ctx.counters.retries.inc();
-        ctx.metrics.retries.get_or_create(&service_labels(route)).inc();
+        ctx.metrics.retries.get_or_create(&route.service_labels).inc();
         debug!(service = %route.name, error = %last, attempt, "connect failed; trying another endpoint");
         tokio::time::sleep(pause).await;
     }
@@ -190,22 +183,17 @@ async fn forward(client: TcpStream, peer: SocketAddrV4, source: &Source, route: 
         Ok(c) => c,
         Err(e) => {
             ctx.counters.connect_failed.inc();
-            ctx.metrics.failed.get_or_create(&service_labels(route)).inc();
+            ctx.metrics.failed.get_or_create(&route.service_labels).inc();
             warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
             info!(target: "access", source = src, %identity, client = %peer, service = %route.name, outcome = "no_endpoint", duration_ms = started.elapsed().as_millis() as u64, "closed");
             return;
         }
     };
-    let endpoint = ep.addr;
-    let node = route
-        .endpoints
-        .iter()
-        .find(|e| e.state.addr == endpoint)
-        .and_then(|e| e.remote.as_ref())
-        .map_or("local".to_owned(), |(n, _)| n.to_string());
-    let labels = ConnLabels { service: route.name.clone(), endpoint: endpoint.to_string(), direction: "outbound" };
-    ctx.metrics.opened.get_or_create(&labels).inc();
-    let _in_flight = ep.start();
+    let endpoint = ep.state.addr;
+    let node = ep.node.as_str();
+    let labels = &ep.labels;
+    ctx.metrics.opened.get_or_create(labels).inc();
+    let _in_flight = ep.state.start();
     let _ = client.set_nodelay(true);
     ctx.counters.forwarded.inc();
     ctx.counters.active.inc();
@@ -213,25 +201,22 @@ async fn forward(client: TcpStream, peer: SocketAddrV4, source: &Source, route: 
     let mut client = client;
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     ctx.counters.active.dec();
-    ctx.metrics.closed.get_or_create(&labels).inc();
+    ctx.metrics.closed.get_or_create(labels).inc();
     let duration = started.elapsed();
-    ctx.metrics.duration.get_or_create(&service_labels(route)).observe(duration.as_secs_f64());
+    ctx.metrics.duration.get_or_create(&route.service_labels).observe(duration.as_secs_f64());
     let duration_ms = duration.as_millis() as u64;
     match result {
         Ok((up, down)) => {
             ctx.counters.bytes_to_endpoint.add(up);
             ctx.counters.bytes_to_client.add(down);
-            ctx.metrics.bytes_sent.get_or_create(&labels).inc_by(up);
-            ctx.metrics.bytes_received.get_or_create(&labels).inc_by(down);
+            ctx.metrics.bytes_sent.get_or_create(labels).inc_by(up);
+            ctx.metrics.bytes_received.get_or_create(labels).inc_by(down);
             info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, bytes_up = up, bytes_down = down, duration_ms, outcome = "ok", "closed");
         }
         Err(e) => {
             ctx.counters.io_errors.inc();
-            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.failed(Instant::now()) {
-                ctx.metrics
-                    .ejections
-                    .get_or_create(&EndpointLabels { service: route.name.clone(), endpoint: endpoint.to_string() })
-                    .inc();
+            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
+                ctx.metrics.ejections.get_or_create(&ep.endpoint_labels).inc();
             }
             info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, duration_ms, outcome = "error", error = %e, "closed");
         }

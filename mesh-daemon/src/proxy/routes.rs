@@ -13,6 +13,7 @@ use crate::balance::select::{eligible, p2c, Candidate};
 use crate::balance::{EndpointState, Registry};
 use crate::identity::Identity;
 use crate::model::{Frontend, NodeName, State};
+use crate::telemetry::metrics::{ConnLabels, EndpointLabels, ServiceLabels};
 
 #[derive(Debug)]
 pub struct RouteEndpoint {
@@ -21,6 +22,11 @@ pub struct RouteEndpoint {
     pub priority: u8,
     /// On another node: that node and its tunnel address.
     pub remote: Option<(NodeName, SocketAddrV4)>,
+    /// Metric labels, made once per state, not per connection.
+    pub labels: ConnLabels,
+    pub endpoint_labels: EndpointLabels,
+    /// `local` or the node's name, for the access log.
+    pub node: String,
 }
 
 #[derive(Debug)]
@@ -34,6 +40,7 @@ pub struct Route {
     pub retry_budget: Duration,
     /// Cross-node connections go through the mTLS tunnel.
     pub mtls: bool,
+    pub service_labels: ServiceLabels,
 }
 
 impl Route {
@@ -87,24 +94,37 @@ impl RouteTable {
             .iter()
             .map(|f| {
                 let s = &state.services[f.service];
+                let name = format!("{}:{}", s.key(), f.port);
                 let endpoints = s
                     .endpoints
                     .iter()
-                    .map(|e| RouteEndpoint {
-                        state: registry.get(e.addr(f.target_port)),
-                        weight: e.weight.0,
-                        priority: e.priority,
-                        remote: (e.node != local.node)
+                    .map(|e| {
+                        let addr = e.addr(f.target_port);
+                        let remote = (e.node != local.node)
                             .then(|| {
                                 state
                                     .node(&e.node)
                                     .map(|n| (e.node.clone(), SocketAddrV4::new(n.address, local.tunnel_port)))
                             })
-                            .flatten(),
+                            .flatten();
+                        RouteEndpoint {
+                            state: registry.get(addr),
+                            weight: e.weight.0,
+                            priority: e.priority,
+                            node: remote.as_ref().map_or("local".to_owned(), |(n, _)| n.to_string()),
+                            remote,
+                            labels: ConnLabels {
+                                service: name.clone(),
+                                endpoint: addr.to_string(),
+                                direction: "outbound",
+                            },
+                            endpoint_labels: EndpointLabels { service: name.clone(), endpoint: addr.to_string() },
+                        }
                     })
                     .collect();
                 let route = Route {
-                    name: format!("{}:{}", s.key(), f.port),
+                    service_labels: ServiceLabels { service: name.clone(), direction: "outbound" },
+                    name,
                     endpoints,
                     fail_open: s.fail_open,
                     connect_timeout: s.connect_timeout,
