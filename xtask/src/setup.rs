@@ -9,8 +9,17 @@ use anyhow::{bail, Context};
 use crate::run;
 
 /// Commands the tests and the demo run, with the Debian package of each.
-const TOOLS: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("curl", "curl"), ("bpftool", "bpftool"), ("nsenter", "util-linux"), ("sysctl", "procps")];
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+    ("promtool", "prometheus"),
+    ("wrk", "wrk"),
+    ("iperf3", "iperf3"),
+    ("haproxy", "haproxy"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
