@@ -220,6 +220,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.proxy_listen)
         .await
         .with_context(|| format!("--proxy-listen {}: cannot listen", args.proxy_listen))?;
+    // Accepted sockets inherit TCP_NODELAY: no call per connection.
+    if let Err(e) = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true) {
+        warn!(error = %e, "cannot set TCP_NODELAY on the outbound listener");
+    }
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
@@ -292,8 +296,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let outbound =
-        Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool, metrics };
+    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));

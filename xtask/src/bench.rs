@@ -87,9 +87,13 @@ fn usage(pid: u32) -> (f64, f64) {
     (rss, cpu)
 }
 
-pub fn bench(quick: bool) -> anyhow::Result<()> {
+pub fn bench(quick: bool, only: &[String], seconds: Option<u64>) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    let secs: u64 = if quick { 1 } else { 5 };
+    const PATHS: [&str; 5] = ["direct", "kernel", "proxy-local", "proxy-mtls", "haproxy"];
+    if let Some(bad) = only.iter().find(|o| !PATHS.contains(&o.as_str())) {
+        bail!("--only {bad}: no such path; the paths are {}", PATHS.join(", "));
+    }
+    let secs: u64 = seconds.unwrap_or(if quick { 1 } else { 5 }).max(1);
     say("building release binaries");
     crate::build_bins(true)?;
     std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
@@ -172,6 +176,9 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let wait = Duration::from_secs(secs + 30);
     let mut rows = Vec::new();
     for (name, http, tcp, pid) in scenarios {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
         say(&format!("{name}: keep-alive, new connections, throughput ({secs} s each)"));
         let (_, cpu0) = usage(pid);
         let d = format!("{secs}s");
@@ -203,7 +210,16 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         }
     }
 
-    let mut table = render(&rows, secs, quick);
+    // Only a full run of every path replaces the committed results.
+    let full = !quick && only.is_empty() && seconds.is_none();
+    let mut flags = String::from(if quick { " --quick" } else { "" });
+    if !only.is_empty() {
+        let _ = write!(flags, " --only {}", only.join(","));
+    }
+    if let Some(n) = seconds {
+        let _ = write!(flags, " --seconds {n}");
+    }
+    let mut table = render(&rows, secs, full, &flags);
     let _ = writeln!(
         table,
         "\nmesh-daemon RSS with {active} idle connections open through proxy-local (of {HELD} opened): {rss_held:.1} MiB ({rss_idle:.1} MiB before; target: under 30 MiB at 1000)."
@@ -211,13 +227,13 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     println!("{table}");
     let dir = crate::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    let file: PathBuf = dir.join(if quick { "quick.md" } else { "latest.md" });
+    let file: PathBuf = dir.join(if full { "latest.md" } else { "quick.md" });
     std::fs::write(&file, &table)?;
     say(&format!("written to {}", file.display()));
     Ok(())
 }
 
-fn render(rows: &[Row], secs: u64, quick: bool) -> String {
+fn render(rows: &[Row], secs: u64, full: bool, flags: &str) -> String {
     let base = |f: fn(&Row) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
     let cell = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
         let (d, h) = (base(f, "direct"), base(f, "haproxy"));
@@ -225,11 +241,12 @@ fn render(rows: &[Row], secs: u64, quick: bool) -> String {
         format!("{:.*} ({}x direct, {}x haproxy)", digits, f(r), ratio(d), ratio(h))
     };
     let mut s = String::new();
-    let _ = writeln!(s, "# Benchmark results{}\n", if quick { " (quick run, not for comparison)" } else { "" });
+    let _ =
+        writeln!(s, "# Benchmark results{}\n", if full { "" } else { " (quick or partial run, not for comparison)" });
     let _ = writeln!(
         s,
         "Made by `cargo xtask bench{}` on {} ({} CPUs), {} s per measurement. See BENCHMARKS.md for the method.\n",
-        if quick { " --quick" } else { "" },
+        flags,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|k| format!("Linux {}", k.trim()))
             .unwrap_or_default(),

@@ -38,6 +38,13 @@ enum Cmd {
         /// A second per measurement: checks every path works, not how fast.
         #[arg(long)]
         quick: bool,
+        /// Measure only these paths (comma-separated: direct, kernel,
+        /// proxy-local, proxy-mtls, haproxy); for profiling one path.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Seconds per measurement (default 5; 1 with --quick).
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
@@ -77,7 +84,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
-        Cmd::Bench { quick } => setup::setup().and_then(|_| bench::bench(quick)),
+        Cmd::Bench { quick, only, seconds } => setup::setup().and_then(|_| bench::bench(quick, &only, seconds)),
         Cmd::Clean => clean(),
     };
     match result {
@@ -102,7 +109,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let (passed, failed, ok) = run_counting(&mut cmd)?;
     let bench = if ok && args.is_empty() {
         eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick)");
-        bench::bench(true)
+        bench::bench(true, &[], None)
     } else {
         Ok(())
     };

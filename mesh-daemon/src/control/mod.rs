@@ -346,7 +346,8 @@ impl Control {
             trust_domain: self.cfg.trust_domain.clone(),
             tunnel_port: self.cfg.tunnel_port,
         };
-        self.routes.store(Arc::new(RouteTable::build(state, &frontends, &self.registry, &local)));
+        let routes = RouteTable::build(state, &frontends, &self.registry, &local, &self.cfg.metrics);
+        self.routes.swap(Arc::new(routes)).forget_series_missing_from(&self.routes.load(), &self.cfg.metrics);
         self.inbound.store(Arc::new(Inbound::build(state, &self.cfg.node, &self.cfg.trust_domain)));
         self.registry.retain(&in_use);
         if let Ok(mut checker) = self.checker.lock() {

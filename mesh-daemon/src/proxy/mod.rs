@@ -1,7 +1,8 @@
 //! Connection paths through the node proxy.
 
 pub mod outbound;
+pub mod relay;
 pub mod routes;
 
 pub use outbound::Outbound;
-pub use routes::{Local, Route, RouteEndpoint, RouteTable};
+pub use routes::{Local, Route, RouteEndpoint, RouteTable, Workload};

@@ -11,37 +11,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Route, RouteEndpoint, RouteTable};
+use super::relay::{self, Transfer};
+use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::balance::backoff::Backoff;
 use crate::datapath::OrigDstReader;
-use crate::identity::Identity;
-use crate::telemetry::{Metrics, ProxyCounters};
-use crate::tunnel::client::Pool;
-
-/// Bytes both ways: a TCP stream or a tunnelled one.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+use crate::telemetry::ProxyCounters;
+use crate::tunnel::client::{Pool, Stream};
 
 pub struct Outbound {
+    /// Set TCP_NODELAY on it: accepted sockets inherit it, one call fewer per connection.
     pub listener: TcpListener,
     pub orig: OrigDstReader,
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub counters: Arc<ProxyCounters>,
     /// None: no certificates, so no tunnel.
     pub tunnel: Option<Arc<Pool>>,
-    pub metrics: Arc<Metrics>,
 }
 
-/// Who is connecting, for the tunnel and the logs.
-struct Source {
-    name: String,
-    identity: Option<Identity>,
+/// The upstream side of a forwarded connection.
+enum Upstream {
+    /// An endpoint on this node, or one reached without mTLS: spliced.
+    Tcp(TcpStream),
+    /// A stream of the mTLS tunnel to the endpoint's node: copied.
+    Tunnel(Box<Stream>),
 }
 
 impl Outbound {
@@ -79,24 +76,13 @@ impl Outbound {
                 warn!(client = %peer, service_id = orig.service_id, "original destination is no longer a service; closed");
                 continue;
             };
-            let source = match routes.workload(*peer.ip()) {
-                Some((name, id)) => Source { name: name.clone(), identity: Some(id.clone()) },
-                None => Source { name: "unknown".into(), identity: None },
-            };
-            let ctx =
-                Ctx { counters: self.counters.clone(), tunnel: self.tunnel.clone(), metrics: self.metrics.clone() };
+            let source = routes.workload(*peer.ip()).cloned();
+            let (counters, tunnel) = (self.counters.clone(), self.tunnel.clone());
             tokio::spawn(async move {
-                forward(client, peer, &source, &route, &ctx).await;
+                forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref()).await;
             });
         }
     }
-}
-
-/// What a forwarded connection reports to.
-struct Ctx {
-    counters: Arc<ProxyCounters>,
-    tunnel: Option<Arc<Pool>>,
-    metrics: Arc<Metrics>,
 }
 
 /// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
@@ -107,22 +93,22 @@ const RETRY_BACKOFF: Backoff =
 async fn open(
     ep: &RouteEndpoint,
     route: &Route,
-    source: &Source,
+    source: Option<&Workload>,
     tunnel: Option<&Pool>,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<Upstream, String> {
     let addr = ep.state.addr;
     match (&ep.remote, route.mtls) {
         (Some((node, tunnel_addr)), true) => {
             let pool = tunnel.ok_or_else(|| {
                 format!("{addr} is on node {node} and the service requires mTLS, but this daemon has no certificates (--ca-cert, --ca-key, --trust-bundle)")
             })?;
-            let id = source.identity.as_ref().ok_or("the client is not an enrolled workload, so it has no identity")?;
+            let id = &source.ok_or("the client is not an enrolled workload, so it has no identity")?.identity;
             let s = tokio::time::timeout(route.connect_timeout, pool.connect(id, node, *tunnel_addr, addr))
                 .await
                 .map_err(|_| {
                     format!("{addr} via the tunnel to {node}: timed out after {:?}", route.connect_timeout)
                 })??;
-            Ok(Box::new(s))
+            Ok(Upstream::Tunnel(Box::new(s)))
         }
         _ => {
             let s = tokio::time::timeout(route.connect_timeout, TcpStream::connect(addr))
@@ -130,7 +116,7 @@ async fn open(
                 .map_err(|_| format!("{addr}: connect timed out after {:?}", route.connect_timeout))?
                 .map_err(|e| format!("{addr}: {e}"))?;
             let _ = s.set_nodelay(true);
-            Ok(Box::new(s))
+            Ok(Upstream::Tcp(s))
         }
     }
 }
@@ -141,84 +127,109 @@ async fn open(
 /// estimate and breaker.
 async fn connect<'r>(
     route: &'r Route,
-    source: &Source,
-    ctx: &Ctx,
-) -> Result<(Box<dyn Io>, &'r RouteEndpoint, Duration), String> {
+    source: Option<&Workload>,
+    counters: &ProxyCounters,
+    tunnel: Option<&Pool>,
+) -> Result<(Upstream, &'r RouteEndpoint, Duration), String> {
     let start = Instant::now();
     let mut tried = Vec::new();
     let mut last = String::from("the service has no endpoint");
     for attempt in 0..=route.retries {
         let Some(ep) = route.pick(&tried, Instant::now()) else { break };
         let t0 = Instant::now();
-        match open(ep, route, source, ctx.tunnel.as_deref()).await {
+        match open(ep, route, source, tunnel).await {
             Ok(s) => {
                 let rtt = t0.elapsed();
                 ep.state.connected(rtt, Instant::now());
-                ctx.metrics.connect_latency.get_or_create(&ep.endpoint_labels).observe(rtt.as_secs_f64());
+                ep.series.connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
             }
             Err(e) => last = e,
         }
         if ep.state.failed(Instant::now()) {
-            ctx.metrics.ejections.get_or_create(&ep.endpoint_labels).inc();
+            ep.series.ejections.inc();
         }
         tried.push(ep.state.addr);
         let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
         if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
             break;
         }
-        ctx.counters.retries.inc();
-        ctx.metrics.retries.get_or_create(&route.service_labels).inc();
+        counters.retries.inc();
+        route.series.retries.inc();
         debug!(service = %route.name, error = %last, attempt, "connect failed; trying another endpoint");
         tokio::time::sleep(pause).await;
     }
     Err(last)
 }
 
-async fn forward(client: TcpStream, peer: SocketAddrV4, source: &Source, route: &Route, ctx: &Ctx) {
-    let src = source.name.as_str();
-    let identity = source.identity.as_ref().map(ToString::to_string).unwrap_or_default();
+/// Closes a socket with RST instead of FIN: a relay that failed must not
+/// look like a clean end to the other side (SO_LINGER 0 makes close abort).
+fn abort(s: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger);
+}
+
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddrV4,
+    source: Option<&Workload>,
+    route: &Route,
+    counters: &ProxyCounters,
+    tunnel: Option<&Pool>,
+) {
+    let src = source.map_or("unknown", |w| w.name.as_str());
+    let identity = source.map(|w| &w.identity);
     let started = Instant::now();
-    let (mut upstream, ep, rtt) = match connect(route, source, ctx).await {
+    let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
         Err(e) => {
-            ctx.counters.connect_failed.inc();
-            ctx.metrics.failed.get_or_create(&route.service_labels).inc();
+            counters.connect_failed.inc();
+            route.series.failed.inc();
             warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
-            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, outcome = "no_endpoint", duration_ms = started.elapsed().as_millis() as u64, "closed");
+            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, outcome = "no_endpoint", duration_ms = started.elapsed().as_millis() as u64, "closed");
             return;
         }
     };
     let endpoint = ep.state.addr;
-    let node = ep.node.as_str();
-    let labels = &ep.labels;
-    ctx.metrics.opened.get_or_create(labels).inc();
+    let series = &ep.series;
+    series.opened.inc();
     let _in_flight = ep.state.start();
-    let _ = client.set_nodelay(true);
-    ctx.counters.forwarded.inc();
-    ctx.counters.active.inc();
+    counters.forwarded.inc();
+    counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
-    let mut client = client;
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    ctx.counters.active.dec();
-    ctx.metrics.closed.get_or_create(labels).inc();
-    let duration = started.elapsed();
-    ctx.metrics.duration.get_or_create(&route.service_labels).observe(duration.as_secs_f64());
-    let duration_ms = duration.as_millis() as u64;
-    match result {
-        Ok((up, down)) => {
-            ctx.counters.bytes_to_endpoint.add(up);
-            ctx.counters.bytes_to_client.add(down);
-            ctx.metrics.bytes_sent.get_or_create(labels).inc_by(up);
-            ctx.metrics.bytes_received.get_or_create(labels).inc_by(down);
-            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, bytes_up = up, bytes_down = down, duration_ms, outcome = "ok", "closed");
-        }
-        Err(e) => {
-            ctx.counters.io_errors.inc();
-            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
-                ctx.metrics.ejections.get_or_create(&ep.endpoint_labels).inc();
+    let Transfer { up, down, error } = match upstream {
+        Upstream::Tcp(mut up) => {
+            let t = relay::tcp_both(&mut client, &mut up).await;
+            if t.error.is_some() {
+                abort(&up);
             }
-            info!(target: "access", source = src, %identity, client = %peer, service = %route.name, %endpoint, %node, duration_ms, outcome = "error", error = %e, "closed");
+            t
+        }
+        Upstream::Tunnel(mut up) => relay::copy_both(&mut client, &mut *up).await,
+    };
+    if error.is_some() {
+        abort(&client);
+    }
+    counters.active.dec();
+    counters.bytes_to_endpoint.add(up);
+    counters.bytes_to_client.add(down);
+    series.closed.inc();
+    series.sent.inc_by(up);
+    series.received.inc_by(down);
+    let duration = started.elapsed();
+    route.series.duration.observe(duration.as_secs_f64());
+    let duration_ms = duration.as_millis() as u64;
+    let node = ep.node.as_str();
+    match error {
+        None => {
+            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, %endpoint, node, bytes_up = up, bytes_down = down, duration_ms, outcome = "ok", "closed");
+        }
+        Some(e) => {
+            counters.io_errors.inc();
+            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
+                series.ejections.inc();
+            }
+            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, %endpoint, node, bytes_up = up, bytes_down = down, duration_ms, outcome = "error", error = %e, "closed");
         }
     }
 }

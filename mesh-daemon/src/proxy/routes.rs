@@ -13,7 +13,8 @@ use crate::balance::select::{eligible, p2c, Candidate};
 use crate::balance::{EndpointState, Registry};
 use crate::identity::Identity;
 use crate::model::{Frontend, NodeName, State};
-use crate::telemetry::metrics::{ConnLabels, EndpointLabels, ServiceLabels};
+use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries};
+use crate::telemetry::Metrics;
 
 #[derive(Debug)]
 pub struct RouteEndpoint {
@@ -22,9 +23,8 @@ pub struct RouteEndpoint {
     pub priority: u8,
     /// On another node: that node and its tunnel address.
     pub remote: Option<(NodeName, SocketAddrV4)>,
-    /// Metric labels, made once per state, not per connection.
-    pub labels: ConnLabels,
-    pub endpoint_labels: EndpointLabels,
+    /// Its metric series, looked up once per state, not per connection.
+    pub series: EndpointSeries,
     /// `local` or the node's name, for the access log.
     pub node: String,
 }
@@ -40,7 +40,7 @@ pub struct Route {
     pub retry_budget: Duration,
     /// Cross-node connections go through the mTLS tunnel.
     pub mtls: bool,
-    pub service_labels: ServiceLabels,
+    pub series: ServiceSeries,
 }
 
 impl Route {
@@ -81,15 +81,23 @@ pub struct Local {
     pub tunnel_port: u16,
 }
 
+/// An enrolled workload, as the proxy names it.
+#[derive(Debug)]
+pub struct Workload {
+    /// `namespace/name`.
+    pub name: String,
+    pub identity: Identity,
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_id: HashMap<u32, Arc<Route>>,
-    /// `namespace/name` and SPIFFE ID of each workload, by IP.
-    workloads: HashMap<Ipv4Addr, (String, Identity)>,
+    /// Workloads by IP.
+    workloads: HashMap<Ipv4Addr, Arc<Workload>>,
 }
 
 impl RouteTable {
-    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry, local: &Local) -> Self {
+    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry, local: &Local, metrics: &Metrics) -> Self {
         let by_id = frontends
             .iter()
             .map(|f| {
@@ -113,17 +121,16 @@ impl RouteTable {
                             priority: e.priority,
                             node: remote.as_ref().map_or("local".to_owned(), |(n, _)| n.to_string()),
                             remote,
-                            labels: ConnLabels {
+                            series: metrics.endpoint_series(ConnLabels {
                                 service: name.clone(),
                                 endpoint: addr.to_string(),
                                 direction: "outbound",
-                            },
-                            endpoint_labels: EndpointLabels { service: name.clone(), endpoint: addr.to_string() },
+                            }),
                         }
                     })
                     .collect();
                 let route = Route {
-                    service_labels: ServiceLabels { service: name.clone(), direction: "outbound" },
+                    series: metrics.service_series(ServiceLabels { service: name.clone(), direction: "outbound" }),
                     name,
                     endpoints,
                     fail_open: s.fail_open,
@@ -140,18 +147,34 @@ impl RouteTable {
             .iter()
             .map(|w| {
                 let id = Identity::workload(&local.trust_domain, &w.namespace, &w.service_account);
-                (w.ip, (format!("{}/{}", w.namespace, w.name), id))
+                (w.ip, Arc::new(Workload { name: format!("{}/{}", w.namespace, w.name), identity: id }))
             })
             .collect();
         Self { by_id, workloads }
+    }
+
+    /// Drops from `metrics` the series of this table that `next` has not.
+    pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
+        let services: std::collections::HashSet<&ServiceLabels> =
+            next.by_id.values().map(|r| &r.series.labels).collect();
+        let endpoints: std::collections::HashSet<&ConnLabels> =
+            next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| &e.series.labels)).collect();
+        for r in self.by_id.values() {
+            if !services.contains(&r.series.labels) {
+                metrics.forget_service(&r.series.labels);
+            }
+            for e in r.endpoints.iter().filter(|e| !endpoints.contains(&e.series.labels)) {
+                metrics.forget_endpoint(&e.series.labels);
+            }
+        }
     }
 
     pub fn route(&self, id: u32) -> Option<&Arc<Route>> {
         self.by_id.get(&id)
     }
 
-    /// `namespace/name` and SPIFFE ID of the workload at `ip`.
-    pub fn workload(&self, ip: Ipv4Addr) -> Option<&(String, Identity)> {
+    /// The enrolled workload at `ip`.
+    pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
 }
@@ -162,6 +185,10 @@ mod tests {
     use crate::model::parse_document;
 
     fn table(extra: &str) -> (RouteTable, Registry) {
+        table_with(extra, &Metrics::new())
+    }
+
+    fn table_with(extra: &str, metrics: &Metrics) -> (RouteTable, Registry) {
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 172.18.0.2}}]\n\
              services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
@@ -172,7 +199,26 @@ mod tests {
         let registry = Registry::default();
         let local =
             Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
-        (RouteTable::build(&state, &state.frontends(&ids), &registry, &local), registry)
+        (RouteTable::build(&state, &state.frontends(&ids), &registry, &local, metrics), registry)
+    }
+
+    #[test]
+    fn series_of_endpoints_that_left_the_state_are_dropped() {
+        let m = Metrics::new();
+        let (old, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}]\n", &m);
+        for e in &old.route(1).unwrap().endpoints {
+            e.series.opened.inc();
+        }
+        let (new, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}]\n", &m);
+        old.forget_series_missing_from(&new, &m);
+        let text = m.encode();
+        assert!(text.contains("endpoint=\"10.0.0.1:8080\""), "{text}");
+        assert!(!text.contains("10.0.0.2"), "{text}");
+        // The kept endpoint's handle still counts into the exported series.
+        new.route(1).unwrap().endpoints[0].series.opened.inc();
+        assert!(m.encode().contains(
+            "mesh_connections_opened_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 2"
+        ));
     }
 
     #[tokio::test]

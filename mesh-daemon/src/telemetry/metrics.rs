@@ -18,6 +18,12 @@ pub struct ConnLabels {
     pub direction: &'static str,
 }
 
+impl ConnLabels {
+    fn endpoint_labels(&self) -> EndpointLabels {
+        EndpointLabels { service: self.service.clone(), endpoint: self.endpoint.clone() }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
@@ -41,6 +47,28 @@ pub struct CounterLabels {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// One endpoint's series of one service port, looked up once per state so
+/// that a connection only touches atomics.
+#[derive(Clone, Debug)]
+pub struct EndpointSeries {
+    pub labels: ConnLabels,
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+    pub connect_latency: Histogram,
+    pub ejections: Counter,
+}
+
+/// One service port's series, looked up once per state.
+#[derive(Clone, Debug)]
+pub struct ServiceSeries {
+    pub labels: ServiceLabels,
+    pub failed: Counter,
+    pub duration: Histogram,
+    pub retries: Counter,
+}
 
 fn duration_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
     fn ctor() -> Histogram {
@@ -134,6 +162,46 @@ impl Metrics {
         r.register("state_generation", "Generation of the accepted state", m.generation.clone());
         r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());
         Self { registry: r, ..m }
+    }
+
+    pub fn endpoint_series(&self, labels: ConnLabels) -> EndpointSeries {
+        let e = labels.endpoint_labels();
+        EndpointSeries {
+            opened: self.opened.get_or_create(&labels).clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
+            sent: self.bytes_sent.get_or_create(&labels).clone(),
+            received: self.bytes_received.get_or_create(&labels).clone(),
+            connect_latency: self.connect_latency.get_or_create(&e).clone(),
+            ejections: self.ejections.get_or_create(&e).clone(),
+            labels,
+        }
+    }
+
+    pub fn service_series(&self, labels: ServiceLabels) -> ServiceSeries {
+        ServiceSeries {
+            failed: self.failed.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    /// Drops the series of an endpoint that left the state, so that label
+    /// sets stay bounded by the state, not by its history.
+    pub fn forget_endpoint(&self, labels: &ConnLabels) {
+        let e = labels.endpoint_labels();
+        for f in [&self.opened, &self.closed, &self.bytes_sent, &self.bytes_received] {
+            f.remove(labels);
+        }
+        self.connect_latency.remove(&e);
+        self.ejections.remove(&e);
+    }
+
+    /// Drops the series of a service port that left the state.
+    pub fn forget_service(&self, labels: &ServiceLabels) {
+        self.failed.remove(labels);
+        self.duration.remove(labels);
+        self.retries.remove(labels);
     }
 
     /// Brings a counter that mirrors an absolute value (kernel or tunnel
