@@ -186,6 +186,16 @@ fn raise_nofile_limit() {
     }
 }
 
+/// A listener for relayed traffic. Its accepted sockets inherit
+/// TCP_NODELAY (no call per connection): small writes such as responses
+/// and HTTP/2 WINDOW_UPDATEs must not wait for Nagle and delayed ACKs.
+async fn relay_listener(addr: SocketAddrV4, flag: &str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr).await.with_context(|| format!("{flag} {addr}: cannot listen"))?;
+    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
+        .with_context(|| format!("{flag} {addr}: setting TCP_NODELAY"))?;
+    Ok(l)
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     raise_nofile_limit();
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
@@ -217,13 +227,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
 
     // Listen before attaching, so nothing is redirected to a closed port.
-    let listener = TcpListener::bind(args.proxy_listen)
-        .await
-        .with_context(|| format!("--proxy-listen {}: cannot listen", args.proxy_listen))?;
-    // Accepted sockets inherit TCP_NODELAY: no call per connection.
-    if let Err(e) = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true) {
-        warn!(error = %e, "cannot set TCP_NODELAY on the outbound listener");
-    }
+    let listener = relay_listener(args.proxy_listen, "--proxy-listen").await?;
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
@@ -244,11 +248,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let tunnel_listener = match &certs {
-        Some(_) => Some(
-            TcpListener::bind(args.tunnel_listen)
-                .await
-                .with_context(|| format!("--tunnel-listen {}: cannot listen", args.tunnel_listen))?,
-        ),
+        Some(_) => Some(relay_listener(args.tunnel_listen, "--tunnel-listen").await?),
         None => None,
     };
     let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };

@@ -115,3 +115,50 @@ fn root_access_log_names_identities_endpoint_and_bytes() {
     assert_eq!(f["outcome"], "ok", "{v}");
     assert!(f["duration_ms"].is_u64(), "{v}");
 }
+
+#[test]
+fn root_cross_node_connections_are_counted_on_both_nodes_with_their_direction() {
+    let c = Cluster::create(
+        &ClusterSpec::new().node("node-a").node("node-b").pod("client", "node-a").pod("web-2", "node-b"),
+    )
+    .unwrap();
+    c.serve("web-2", 8080, Some(9000)).unwrap();
+    let w2 = c.pod("web-2").ip;
+    let svc = format!("  - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {w2}, node: node-b }}]\n");
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &["--log-format", "json"]).unwrap();
+    for _ in 0..5 {
+        let out = c
+            .exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), "23456"], Duration::from_secs(20))
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let series = |d: &mesh_tests::Daemon, direction: &str| {
+        let m = d.admin_get("/metrics").unwrap().1;
+        let labels = ["service=\"default/echo:9000\"", &format!("endpoint=\"{w2}:9000\""), direction];
+        let get = |name| sample(&m, name, &labels);
+        (
+            get("mesh_connections_closed_total"),
+            get("mesh_connections_opened_total"),
+            get("mesh_sent_bytes_total"),
+            get("mesh_received_bytes_total"),
+        )
+    };
+    let want = (Some(5.0), Some(5.0), Some(5.0 * 23456.0), Some(5.0 * 23456.0));
+    for (d, direction) in [(&a, "direction=\"outbound\""), (&b, "direction=\"inbound\"")] {
+        let ok = mesh_tests::sys::wait_until(Duration::from_secs(5), || series(d, direction) == want);
+        assert!(ok, "{direction}: {:?}\n{}", series(d, direction), d.admin_get("/metrics").unwrap().1);
+    }
+    // node-b logs each stream it received, with the client's identity.
+    let line = || b.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || line().is_some()), "{}", b.log_text());
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["direction"], "inbound", "{v}");
+    assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client", "{v}");
+    assert_eq!(f["service"], "default/echo:9000", "{v}");
+    assert_eq!(f["endpoint"], format!("{w2}:9000"), "{v}");
+    assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(23456), Some(23456)), "{v}");
+    assert_eq!(f["outcome"], "ok", "{v}");
+}

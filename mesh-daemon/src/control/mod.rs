@@ -348,7 +348,8 @@ impl Control {
         };
         let routes = RouteTable::build(state, &frontends, &self.registry, &local, &self.cfg.metrics);
         self.routes.swap(Arc::new(routes)).forget_series_missing_from(&self.routes.load(), &self.cfg.metrics);
-        self.inbound.store(Arc::new(Inbound::build(state, &self.cfg.node, &self.cfg.trust_domain)));
+        let inbound = Inbound::build(state, &self.cfg.node, &self.cfg.trust_domain, &self.cfg.metrics);
+        self.inbound.swap(Arc::new(inbound)).forget_series_missing_from(&self.inbound.load(), &self.cfg.metrics);
         self.registry.retain(&in_use);
         if let Ok(mut checker) = self.checker.lock() {
             checker.reconcile(checks);

@@ -162,13 +162,6 @@ async fn connect<'r>(
     Err(last)
 }
 
-/// Closes a socket with RST instead of FIN: a relay that failed must not
-/// look like a clean end to the other side (SO_LINGER 0 makes close abort).
-fn abort(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger);
-}
-
 async fn forward(
     mut client: TcpStream,
     peer: SocketAddrV4,
@@ -199,16 +192,16 @@ async fn forward(
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let Transfer { up, down, error } = match upstream {
         Upstream::Tcp(mut up) => {
-            let t = relay::tcp_both(&mut client, &mut up).await;
+            let t = relay::relay(&mut client, &mut up).await;
             if t.error.is_some() {
-                abort(&up);
+                relay::abort(&up);
             }
             t
         }
-        Upstream::Tunnel(mut up) => relay::copy_both(&mut client, &mut *up).await,
+        Upstream::Tunnel(mut up) => relay::relay(&mut client, &mut *up).await,
     };
     if error.is_some() {
-        abort(&client);
+        relay::abort(&client);
     }
     counters.active.dec();
     counters.bytes_to_endpoint.add(up);

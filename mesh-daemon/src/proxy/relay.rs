@@ -2,31 +2,47 @@
 //! upstream, with half-close kept, and the byte counts kept even when one
 //! side fails.
 //!
-//! TCP to TCP adapts to the traffic, as HAProxy's `splice-auto` does. Small
-//! reads (requests, responses) are copied through one scratch buffer per
-//! thread, written out in the same step: one `recv` and one `send`, and no
-//! buffer held between reads. Once a read fills the scratch buffer the
-//! direction is bulk and switches to `splice(2)` through a pipe: the bytes
-//! stay in the kernel, no copy through the proxy. A pipe is borrowed from a
-//! pool only while bytes are in it and given back empty, so an idle
-//! connection holds neither buffer nor pipe, and a new connection makes no
-//! `pipe2` call. Only when the destination is full are the unwritten bytes
-//! of a copy kept (at most one scratch buffer). Anything else (a tunnel
-//! stream) is copied through tokio's buffers.
+//! Each direction adapts to its traffic, as HAProxy's `splice-auto` does.
+//! Reads land in one scratch buffer per thread and are written on in the
+//! same poll: small requests and responses cost one `recv` and one `send`,
+//! and no buffer is held between reads. Reads from a stream that yields in
+//! pieces (a tunnel stream's HTTP/2 frames) are gathered up to the buffer's
+//! size first, so that they leave in one `send`, and writes to a tunnel
+//! stream are large, so that they leave as full TLS records. Between two
+//! TCP sockets, once a read brings [`BULK`] bytes or more the direction is
+//! bulk and switches to `splice(2)` through a pipe: the bytes stay in the
+//! kernel. A pipe is borrowed from a pool only while bytes are in it and
+//! given back empty, so an idle connection holds neither buffer nor pipe,
+//! and a new connection makes no `pipe2` call. Only when the destination
+//! is full are unwritten bytes kept (at most one scratch buffer).
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+
+/// One end of a relay: a byte stream, which may be a TCP socket.
+pub trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// The socket, when this end is plain TCP (then it can be spliced).
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Side for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl Side for crate::tunnel::client::Stream {}
 
 /// Bytes moved each way, and how the connection ended.
 #[derive(Debug)]
@@ -39,73 +55,54 @@ pub struct Transfer {
     pub error: Option<io::Error>,
 }
 
-/// Relays between two TCP sockets until both directions reached EOF, or
-/// one failed.
-pub async fn tcp_both(client: &mut TcpStream, upstream: &mut TcpStream) -> Transfer {
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (client_r, client_w) = client.split();
-    let (upstream_r, upstream_w) = upstream.split();
-    let error = both(OneWay::new(client_r, upstream_w, &up), OneWay::new(upstream_r, client_w, &down)).await.err();
-    Transfer { up: up.into_inner(), down: down.into_inner(), error }
-}
-
-/// Relays between any two byte streams through tokio's copy buffers.
-pub async fn copy_both<A, B>(client: &mut A, upstream: &mut B) -> Transfer
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let mut client = Counted::new(client);
-    let mut upstream = Counted::new(upstream);
-    let error = tokio::io::copy_bidirectional(&mut client, &mut upstream).await.err();
-    // Bytes written to a side are the bytes that reached it.
-    Transfer { up: upstream.written, down: client.written, error }
-}
-
-/// Drives both directions in one task: a direction that ends with EOF lets
-/// the other go on (half-close); the first error ends both.
-async fn both(a: impl Future<Output = io::Result<()>>, b: impl Future<Output = io::Result<()>>) -> io::Result<()> {
-    let (mut a, mut b) = (pin!(a), pin!(b));
-    let (mut a_done, mut b_done) = (false, false);
-    poll_fn(|cx| {
-        if !a_done {
-            if let Poll::Ready(r) = a.as_mut().poll(cx) {
-                r?;
-                a_done = true;
-            }
+/// Relays until both directions reached EOF (each passed on as a write
+/// shutdown: half-close), or one failed, which ends both.
+pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream: &mut B) -> Transfer {
+    let (mut up, mut down) = (OneWay::default(), OneWay::default());
+    let result = poll_fn(|cx| {
+        if !up.done {
+            ready_or_err(up.poll(cx, &mut *client, &mut *upstream))?;
         }
-        if !b_done {
-            if let Poll::Ready(r) = b.as_mut().poll(cx) {
-                r?;
-                b_done = true;
-            }
+        if !down.done {
+            ready_or_err(down.poll(cx, &mut *upstream, &mut *client))?;
         }
-        if a_done && b_done {
+        if up.done && down.done {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     })
-    .await
+    .await;
+    Transfer { up: up.moved, down: down.moved, error: result.err() }
 }
 
-/// A read of this size or more marks a direction as bulk: it is spliced.
-const SCRATCH_LEN: usize = 16 * 1024;
+/// Errors out of a direction's poll; Ready(Ok) and Pending both go on.
+fn ready_or_err(p: Poll<io::Result<()>>) -> Result<(), io::Error> {
+    match p {
+        Poll::Ready(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A read of this size or more between two TCP sockets marks the
+/// direction as bulk: it is spliced.
+const BULK: usize = 16 * 1024;
+/// The scratch buffer: the most one read step takes.
+const SCRATCH_LEN: usize = 64 * 1024;
 
 thread_local! {
-    /// Where small reads land before they are written on, in the same poll.
+    /// Where reads land before they are written on, in the same poll.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
 }
 
 const SPLICE_FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-/// One direction: `src` to `dst` until EOF, which is passed on as a write
-/// shutdown of `dst`. Bytes that reached `dst` are added to `moved`.
-struct OneWay<'a> {
-    src: ReadHalf<'a>,
-    dst: WriteHalf<'a>,
-    moved: &'a AtomicU64,
-    /// Copied bytes `dst` had no room for yet, from `held_from` on.
+/// The state of one direction.
+#[derive(Default)]
+struct OneWay {
+    /// Bytes that reached the destination.
+    moved: u64,
+    /// Copied bytes the destination had no room for yet, from `held_from` on.
     held: Vec<u8>,
     held_from: usize,
     /// Spliced bytes not yet written on, in `pipe`.
@@ -113,40 +110,60 @@ struct OneWay<'a> {
     in_pipe: usize,
     bulk: bool,
     eof: bool,
+    done: bool,
 }
 
-impl<'a> OneWay<'a> {
-    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, moved: &'a AtomicU64) -> Self {
-        Self { src, dst, moved, held: Vec::new(), held_from: 0, pipe: None, in_pipe: 0, bulk: false, eof: false }
-    }
-
-    fn count(&self, n: usize) {
-        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+impl OneWay {
+    /// Moves what `src` has to `dst`; Ready(Ok) once EOF was passed on.
+    fn poll<S: Side + ?Sized, D: Side + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_flush_held(cx, dst))?;
+            if self.eof {
+                ready!(poll_shutdown(cx, dst))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let n = match (self.bulk, src.tcp(), dst.tcp()) {
+                (true, Some(s), Some(_)) => ready!(self.poll_splice_in(cx, s))?,
+                _ => ready!(self.poll_copy(cx, src, dst))?,
+            };
+            self.bulk = n >= BULK;
+        }
     }
 
     /// Writes out what is held (copied or spliced); Ready when nothing is.
-    fn poll_flush_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush_held<D: Side + ?Sized>(&mut self, cx: &mut Context<'_>, dst: &mut D) -> Poll<io::Result<()>> {
         while self.held_from < self.held.len() {
-            let n = ready!(Pin::new(&mut self.dst).poll_write(cx, &self.held[self.held_from..]))?;
+            let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.held[self.held_from..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.held_from += n;
-            self.count(n);
+            self.moved += n as u64;
         }
         if !self.held.is_empty() {
             // Freed, not kept: idle connections hold no buffer.
             self.held = Vec::new();
             self.held_from = 0;
+            ready!(Pin::new(&mut *dst).poll_flush(cx))?;
         }
         while self.in_pipe > 0 {
-            let (dst, pipe) = (self.dst.as_ref(), self.pipe.as_ref().ok_or(io::ErrorKind::Other)?);
-            match dst.try_io(Interest::WRITABLE, || Ok(splice(&pipe.r, None, dst, None, self.in_pipe, SPLICE_FLAGS)?)) {
+            let (Some(sock), Some(pipe)) = (dst.tcp(), self.pipe.as_ref()) else {
+                return Poll::Ready(Err(io::Error::other("spliced bytes without a socket to write them to")));
+            };
+            let spliced =
+                sock.try_io(Interest::WRITABLE, || Ok(splice(&pipe.r, None, sock, None, self.in_pipe, SPLICE_FLAGS)?));
+            match spliced {
                 Ok(n) => {
                     self.in_pipe -= n;
-                    self.count(n);
+                    self.moved += n as u64;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(dst.poll_write_ready(cx))?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(sock.poll_write_ready(cx))?,
                 // A pipe that still holds bytes is closed (dropped with self), not pooled.
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -157,9 +174,8 @@ impl<'a> OneWay<'a> {
         Poll::Ready(Ok(()))
     }
 
-    /// One read, spliced into a pipe: Ready(Ok(bytes read)), 0 at EOF.
-    fn poll_splice_in(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let src = self.src.as_ref();
+    /// One read, spliced into a pipe: Ready(Ok(bytes read)); EOF is noted.
+    fn poll_splice_in(&mut self, cx: &mut Context<'_>, src: &TcpStream) -> Poll<io::Result<usize>> {
         loop {
             let pipe = Pipe::take()?;
             // The pipe is empty, so EAGAIN can only mean that `src` has
@@ -167,6 +183,7 @@ impl<'a> OneWay<'a> {
             // full pipe, and waiting for `src` would then hang).
             match src.try_io(Interest::READABLE, || Ok(splice(src, None, &pipe.w, None, pipe.size, SPLICE_FLAGS)?)) {
                 Ok(n) => {
+                    self.eof = n == 0;
                     self.in_pipe = n;
                     self.pipe = Some(pipe);
                     return Poll::Ready(Ok(n));
@@ -182,56 +199,68 @@ impl<'a> OneWay<'a> {
         }
     }
 
-    /// One read into the scratch buffer, written on at once; what `dst`
-    /// has no room for is held. Ready(Ok(bytes read)), 0 at EOF.
-    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Reads what `src` has now (up to the scratch buffer) and writes it on
+    /// at once; what `dst` has no room for is held. Ready(Ok(bytes read));
+    /// EOF is noted.
+    fn poll_copy<S: Side + ?Sized, D: Side + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+    ) -> Poll<io::Result<usize>> {
         SCRATCH.with_borrow_mut(|buf| {
             let mut rb = ReadBuf::new(buf);
-            ready!(Pin::new(&mut self.src).poll_read(cx, &mut rb))?;
+            // Gather until `src` has no more now: a TCP read drains the
+            // socket at once, a tunnel stream yields a frame at a time.
+            while rb.remaining() > 0 {
+                let before = rb.filled().len();
+                match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().len() == before => {
+                        self.eof = true;
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending if before == 0 => return Poll::Pending,
+                    Poll::Pending => break,
+                }
+            }
             let n = rb.filled().len();
             let mut off = 0;
             while off < n {
-                match Pin::new(&mut self.dst).poll_write(cx, &buf[off..n]) {
+                match Pin::new(&mut *dst).poll_write(cx, &buf[off..n]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(m)) => {
                         off += m;
-                        self.count(m);
+                        self.moved += m as u64;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         self.held = buf[off..n].to_vec();
-                        break;
+                        return Poll::Ready(Ok(n));
                     }
                 }
+            }
+            if n > 0 {
+                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
             }
             Poll::Ready(Ok(n))
         })
     }
 }
 
-impl Future for OneWay<'_> {
-    type Output = io::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            ready!(this.poll_flush_held(cx))?;
-            if this.eof {
-                return Poll::Ready(shutdown_write(this.dst.as_ref()));
-            }
-            let n = ready!(if this.bulk { this.poll_splice_in(cx) } else { this.poll_copy(cx) })?;
-            this.eof = n == 0;
-            this.bulk = n >= SCRATCH_LEN;
-        }
-    }
+/// Makes the socket's close send RST instead of FIN (SO_LINGER 0): a relay
+/// that failed must not look like a clean end to the other side.
+pub fn abort(s: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger);
 }
 
-fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    match nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
-        // The peer is already gone: nothing left to tell it.
-        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
-        Err(e) => Err(e.into()),
+/// Passes EOF on; a peer that is already gone needs no telling.
+fn poll_shutdown<D: Side + ?Sized>(cx: &mut Context<'_>, dst: &mut D) -> Poll<io::Result<()>> {
+    match ready!(Pin::new(dst).poll_shutdown(cx)) {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+        r => Poll::Ready(r),
     }
 }
 
@@ -272,42 +301,6 @@ impl Pipe {
     }
 }
 
-/// Counts the bytes written to a stream.
-struct Counted<'a, T: ?Sized> {
-    inner: &'a mut T,
-    written: u64,
-}
-
-impl<'a, T: ?Sized> Counted<'a, T> {
-    fn new(inner: &'a mut T) -> Self {
-        Self { inner, written: 0 }
-    }
-}
-
-impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.written += n as u64;
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +319,7 @@ mod tests {
     async fn tcp_relay_moves_every_byte_both_ways_and_passes_half_close_on() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { tcp_both(&mut client_side, &mut upstream_side).await });
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
         // 3 MiB up while the server sends 5 MiB down, then the client
         // half-closes and still receives everything.
         let up: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
@@ -362,7 +355,7 @@ mod tests {
     async fn a_slow_reader_gets_every_byte_through_both_modes() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { tcp_both(&mut client_side, &mut upstream_side).await });
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
         // Small writes first (copied), then bulk (spliced), all while the
         // server does not read, so the relay must hold and wait.
         let mut sent = Vec::new();
@@ -393,7 +386,7 @@ mod tests {
     async fn small_requests_and_answers_alternate_without_stalling() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { tcp_both(&mut client_side, &mut upstream_side).await });
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
         let echo = tokio::spawn(async move {
             let mut buf = [0u8; 100];
             for _ in 0..1000 {
@@ -421,7 +414,7 @@ mod tests {
     async fn a_reset_ends_the_relay_with_the_bytes_counted_so_far() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, server) = pair().await;
-        let relay = tokio::spawn(async move { tcp_both(&mut client_side, &mut upstream_side).await });
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
         client.write_all(b"hello").await.unwrap();
         let mut server = server;
         let mut buf = [0u8; 5];
@@ -435,22 +428,33 @@ mod tests {
         assert_eq!(t.error.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
     }
 
+    /// A byte stream that is not TCP (like a tunnel stream): copied.
+    impl Side for tokio::io::DuplexStream {}
+
     #[tokio::test]
-    async fn copy_counts_bytes_each_way() {
+    async fn a_stream_that_is_not_tcp_is_copied_with_its_bytes_counted() {
         let (mut client, mut client_side) = pair().await;
-        let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { copy_both(&mut client_side, &mut upstream_side).await });
-        client.write_all(&[7u8; 1000]).await.unwrap();
-        client.shutdown().await.unwrap();
+        // 4 KiB at a time, like frames of a tunnel stream.
+        let (mut upstream_side, mut server) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let up: Vec<u8> = (0..1 << 20).map(|i| (i % 239) as u8).collect();
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
-        server.write_all(&[1u8; 300]).await.unwrap();
+        assert!(got == up, "{} bytes of {}", got.len(), up.len());
+        server.write_all(&[1u8; 300_000]).await.unwrap();
         server.shutdown().await.unwrap();
+        let mut client = writer.await.unwrap();
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back.len(), 300_000);
         let t = relay.await.unwrap();
-        assert_eq!((got.len(), back.len()), (1000, 300));
-        assert_eq!((t.up, t.down), (1000, 300));
+        assert_eq!((t.up, t.down), (1 << 20, 300_000));
         assert!(t.error.is_none());
     }
 }

@@ -20,6 +20,18 @@ use super::TunnelCounters;
 use crate::identity::tls::identity_of;
 use crate::identity::Identity;
 use crate::model::{Authorization, NodeName, State};
+use crate::proxy::relay::{abort, relay, Transfer};
+use crate::telemetry::metrics::{ConnLabels, EndpointSeries};
+use crate::telemetry::Metrics;
+
+/// A local endpoint address that services send tunnel streams to.
+#[derive(Debug)]
+struct Target {
+    /// Policies of the services it serves.
+    policies: Vec<Option<Authorization>>,
+    /// Its inbound series, labelled with the first service it serves.
+    series: EndpointSeries,
+}
 
 /// What inbound checks need from the state.
 #[derive(Debug, Default)]
@@ -27,29 +39,46 @@ pub struct Inbound {
     trust_domain: String,
     /// Enrolled workloads of this node.
     local: HashSet<Ipv4Addr>,
-    /// Policies of the services each local endpoint address serves.
-    policies: HashMap<SocketAddrV4, Vec<Option<Authorization>>>,
+    targets: HashMap<SocketAddrV4, Target>,
 }
 
 impl Inbound {
-    pub fn build(state: &State, node: &NodeName, trust_domain: &str) -> Self {
+    pub fn build(state: &State, node: &NodeName, trust_domain: &str, metrics: &Metrics) -> Self {
         let local = state.workloads.iter().filter(|w| &w.node == node).map(|w| w.ip).collect();
-        let mut policies: HashMap<SocketAddrV4, Vec<Option<Authorization>>> = HashMap::new();
+        let mut targets: HashMap<SocketAddrV4, Target> = HashMap::new();
         for s in &state.services {
             for p in &s.ports {
                 for e in s.endpoints.iter().filter(|e| &e.node == node) {
-                    policies.entry(e.addr(p.target_port)).or_default().push(s.authorization.clone());
+                    let addr = e.addr(p.target_port);
+                    let t = targets.entry(addr).or_insert_with(|| Target {
+                        policies: Vec::new(),
+                        series: metrics.endpoint_series(ConnLabels {
+                            service: format!("{}:{}", s.key(), p.port),
+                            endpoint: addr.to_string(),
+                            direction: "inbound",
+                        }),
+                    });
+                    t.policies.push(s.authorization.clone());
                 }
             }
         }
-        Self { trust_domain: trust_domain.to_owned(), local, policies }
+        Self { trust_domain: trust_domain.to_owned(), local, targets }
+    }
+
+    /// Drops from `metrics` the series of this view that `next` has not.
+    pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
+        for t in self.targets.values() {
+            if !next.targets.values().any(|n| n.series.labels == t.series.labels) {
+                metrics.forget_endpoint(&t.series.labels);
+            }
+        }
     }
 
     /// Whether `peer` may reach `target`: allowed by a service `target`
     /// serves, or (serving none) of this trust domain.
     fn allows(&self, target: SocketAddrV4, peer: &Identity) -> bool {
-        match self.policies.get(&target) {
-            Some(ps) => ps.iter().any(|p| Authorization::allows(p.as_ref(), &self.trust_domain, peer)),
+        match self.targets.get(&target) {
+            Some(t) => t.policies.iter().any(|p| Authorization::allows(p.as_ref(), &self.trust_domain, peer)),
             None => Authorization::allows(None, &self.trust_domain, peer),
         }
     }
@@ -165,19 +194,38 @@ async fn stream(
     let _ = upstream.set_nodelay(true);
     TunnelCounters::inc(&counters.streams);
     let peer = peer.clone();
+    let series = inbound.targets.get(&target).map(|t| t.series.clone());
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                let mut up = TokioIo::new(up);
-                let mut upstream = upstream;
-                match tokio::io::copy_bidirectional(&mut up, &mut upstream).await {
-                    Ok((down, back)) => {
-                        info!(target: "access", direction = "inbound", identity = %peer, %target, bytes_in = down, bytes_out = back, "closed")
-                    }
-                    Err(e) => debug!(identity = %peer, %target, error = %e, "tunnel stream ended with an error"),
-                }
+        let started = tokio::time::Instant::now();
+        let mut up = match hyper::upgrade::on(req).await {
+            Ok(up) => TokioIo::new(up),
+            Err(e) => {
+                debug!(identity = %peer, %target, error = %e, "tunnel stream upgrade failed");
+                return;
             }
-            Err(e) => debug!(identity = %peer, %target, error = %e, "tunnel stream upgrade failed"),
+        };
+        if let Some(s) = &series {
+            s.opened.inc();
+        }
+        let mut upstream = upstream;
+        let Transfer { up: bytes_in, down: bytes_out, error } = relay(&mut up, &mut upstream).await;
+        if error.is_some() {
+            abort(&upstream);
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        if let Some(s) = &series {
+            s.closed.inc();
+            s.sent.inc_by(bytes_in);
+            s.received.inc_by(bytes_out);
+        }
+        let service = series.as_ref().map(|s| s.labels.service.as_str()).unwrap_or("");
+        match error {
+            None => {
+                info!(target: "access", direction = "inbound", identity = %peer, service, endpoint = %target, bytes_in, bytes_out, duration_ms, outcome = "ok", "closed")
+            }
+            Some(e) => {
+                info!(target: "access", direction = "inbound", identity = %peer, service, endpoint = %target, bytes_in, bytes_out, duration_ms, outcome = "error", error = %e, "closed")
+            }
         }
     });
     status(StatusCode::OK)
