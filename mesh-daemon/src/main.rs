@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use mesh_daemon::{model, run};
+use tracing_appender::non_blocking::WorkerGuard;
 
 #[derive(Parser)]
 #[command(name = "mesh-daemon", version, about = "eBPF-accelerated node-level service-mesh proxy")]
@@ -100,28 +101,45 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
 
 /// The async runtime; `threads` 0: one worker per CPU.
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
+    let mut b = match threads {
+        // One worker: no work stealing to pay for.
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
         b.worker_threads(threads);
     }
     b.enable_all().build()
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr through a writer thread, so a slow reader of stderr
+/// (a full pipe to the container runtime) never stalls the proxy: lines
+/// are batched into large writes, and when 16k lines are waiting new ones
+/// are dropped and counted (`mesh_log_lines_dropped_total`), never waited
+/// for. The guard flushes what is left when dropped.
+fn init_logs(format: LogFormat) -> (tracing_appender::non_blocking::ErrorCounter, WorkerGuard) {
     // RUST_LOG overrides; aya-log records arrive through the `log` bridge.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        // The queue is allocated whole: 16k lines are 0.5 MiB.
+        .buffered_lines_limit(16 * 1024)
+        .thread_name("mesh-log")
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    (dropped, guard)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let (log_drops, log_flush) = init_logs(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => model::load_file(&config)
             .map(|s| {
@@ -136,10 +154,12 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from),
         Command::Ca { command } => ca(command),
         Command::Run(args) => match runtime(args.worker_threads) {
-            Ok(rt) => rt.block_on(run::run(*args)),
+            Ok(rt) => rt.block_on(run::run(*args, log_drops)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
         },
     };
+    // Logged lines first, then the error.
+    drop(log_flush);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -196,11 +196,12 @@ async fn relay_listener(addr: SocketAddrV4, flag: &str) -> anyhow::Result<TcpLis
     Ok(l)
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log_drops: tracing_appender::non_blocking::ErrorCounter) -> anyhow::Result<()> {
     raise_nofile_limit();
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let metrics = Arc::new(Metrics::new());
+    metrics.watch_log_drops(log_drops);
     let tunnel_counters = Arc::new(TunnelCounters::default());
     let cfg = ControlConfig {
         node: node.clone(),

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub tls_failures: Family<ReasonLabels, Counter>,
     pub kernel: Family<CounterLabels, Counter>,
     pub generation: Gauge,
+    log_drops: Counter,
+    log_drop_source: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter>,
     pub map_sync: Histogram,
 }
 
@@ -131,6 +133,8 @@ impl Metrics {
             tls_failures: Family::default(),
             kernel: Family::default(),
             generation: Gauge::default(),
+            log_drops: Counter::default(),
+            log_drop_source: std::sync::OnceLock::new(),
             map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
             registry: Registry::default(),
         };
@@ -160,6 +164,7 @@ impl Metrics {
         r.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", m.tls_failures.clone());
         r.register("kernel_events", "Counters of the kernel programs (STATS map)", m.kernel.clone());
         r.register("state_generation", "Generation of the accepted state", m.generation.clone());
+        r.register("log_lines_dropped", "Log lines dropped because stderr could not keep up", m.log_drops.clone());
         r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());
         Self { registry: r, ..m }
     }
@@ -214,11 +219,22 @@ impl Metrics {
         }
     }
 
+    /// Reports the log lines `counter` counts as dropped.
+    pub fn watch_log_drops(&self, counter: tracing_appender::non_blocking::ErrorCounter) {
+        let _ = self.log_drop_source.set(counter);
+    }
+
     /// The Prometheus text exposition format (0.0.4), which Prometheus and
     /// promtool read: prometheus-client writes OpenMetrics, so counter
     /// families get their `_total` sample name in HELP and TYPE, and the
     /// `# UNIT` and `# EOF` lines go.
     pub fn encode(&self) -> String {
+        if let Some(c) = self.log_drop_source.get() {
+            let (have, now) = (self.log_drops.get(), c.dropped_lines() as u64);
+            if now > have {
+                self.log_drops.inc_by(now - have);
+            }
+        }
         let mut open = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut open, &self.registry);
         to_prometheus_text(&open)
@@ -258,5 +274,43 @@ mod tests {
         assert!(text.contains("mesh_retries_total{service=\"default/web:80\",direction=\"outbound\"} 1"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
         assert!(text.contains("# TYPE mesh_state_generation gauge"), "{text}");
+    }
+
+    /// A writer that blocks until the test lets it go, like a full pipe.
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+
+    impl std::io::Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_dropped_for_a_stuck_stderr_are_counted() {
+        use std::io::Write;
+        let (release, stuck) = std::sync::mpsc::channel();
+        let (mut w, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(4)
+            .finish(Stuck(stuck));
+        let m = Metrics::new();
+        m.watch_log_drops(w.error_counter());
+        for _ in 0..50 {
+            w.write_all(b"line\n").unwrap();
+        }
+        let text = m.encode();
+        let dropped: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mesh_log_lines_dropped_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        // 4 queued, at most one taken by the writer: the rest dropped.
+        assert!(dropped >= 45.0, "{text}");
+        drop(release);
+        drop(guard);
     }
 }
