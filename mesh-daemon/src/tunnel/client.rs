@@ -93,6 +93,7 @@ impl Pool {
                     .map_err(|e| format!("tunnel to {node} ({node_addr}): TLS: {e}"))?;
                 let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(hyper_util::rt::TokioTimer::new())
+                    .max_frame_size(super::MAX_FRAME_SIZE)
                     .keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(10))
                     .keep_alive_while_idle(true);

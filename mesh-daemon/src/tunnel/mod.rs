@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+/// Largest HTTP/2 frame either side accepts: bulk data crosses in
+/// 64 KiB DATA frames (four TLS records) instead of 16 KiB ones.
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
+
 /// Why a tunnel handshake failed.
 pub const TLS_FAILURE_REASONS: [&str; 6] =
     ["plaintext", "untrusted_issuer", "expired", "no_client_cert", "bad_certificate", "other"];

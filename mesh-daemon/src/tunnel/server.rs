@@ -144,6 +144,7 @@ async fn connection(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(hyper_util::rt::TokioTimer::new())
+        .max_frame_size(super::MAX_FRAME_SIZE)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
