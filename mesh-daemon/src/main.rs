@@ -1,8 +1,8 @@
 //! `mesh-daemon`: the node daemon of the mesh.
 
 use clap::{Parser, Subcommand};
+use mesh_daemon::telemetry::logwriter::{self, DroppedLines, FlushOnDrop};
 use mesh_daemon::{model, run};
-use tracing_appender::non_blocking::WorkerGuard;
 
 #[derive(Parser)]
 #[command(name = "mesh-daemon", version, about = "eBPF-accelerated node-level service-mesh proxy")]
@@ -112,29 +112,20 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
-/// Logs go to stderr through a writer thread, so a slow reader of stderr
-/// (a full pipe to the container runtime) never stalls the proxy: lines
-/// are batched into large writes, and when 16k lines are waiting new ones
-/// are dropped and counted (`mesh_log_lines_dropped_total`), never waited
-/// for. The guard flushes what is left when dropped.
-fn init_logs(format: LogFormat) -> (tracing_appender::non_blocking::ErrorCounter, WorkerGuard) {
+/// Logs go to stderr through a writer thread (see
+/// [`mesh_daemon::telemetry::logwriter`]); the guard writes what is left.
+fn init_logs(format: LogFormat) -> (DroppedLines, FlushOnDrop) {
     // RUST_LOG overrides; aya-log records arrive through the `log` bridge.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        // The queue is allocated whole: 16k lines are 0.5 MiB.
-        .buffered_lines_limit(16 * 1024)
-        .thread_name("mesh-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let dropped = writer.error_counter();
+    let (writer, dropped, flush) = logwriter::start(std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    (dropped, guard)
+    (dropped, flush)
 }
 
 fn main() -> std::process::ExitCode {

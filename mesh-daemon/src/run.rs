@@ -196,7 +196,7 @@ async fn relay_listener(addr: SocketAddrV4, flag: &str) -> anyhow::Result<TcpLis
     Ok(l)
 }
 
-pub async fn run(args: RunArgs, log_drops: tracing_appender::non_blocking::ErrorCounter) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedLines) -> anyhow::Result<()> {
     raise_nofile_limit();
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;

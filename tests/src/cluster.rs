@@ -562,6 +562,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `what` occurs in it `count` times, waiting up to 5 s
+    /// (the daemon writes its log in batches, a little after the event).
+    pub fn log_with(&self, what: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log_text();
+            if log.matches(what).count() >= count || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET on the admin endpoint: (status, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         sys::http_get(&self.node.netns, SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), path)

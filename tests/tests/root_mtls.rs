@@ -173,7 +173,7 @@ fn root_the_tunnel_refuses_plaintext_strangers_and_expired_certificates() {
     );
     let (_, m) = t.b.admin_get("/metrics").unwrap();
     assert!(m.contains("mesh_tunnel_tls_failures_total{reason=\"expired\"} 1"), "{m}");
-    let log = t.b.log_text();
+    let log = t.b.log_with("tunnel handshake refused", 3);
     assert_eq!(log.matches("tunnel handshake refused").count(), 3, "{log}");
     assert!(log.contains("expired"), "{log}");
 }
@@ -185,7 +185,7 @@ fn root_policy_denial_is_a_403_with_the_identities_logged() {
     assert_ne!(code, 0, "a denied identity got through");
     assert!(tunnel(&t.b, "denied_policy") >= 1);
     assert_eq!(tunnel(&t.b, "streams"), 0, "no connection to the pod");
-    let log = t.b.log_text();
+    let log = t.b.log_with("authorization policy does not allow this identity", 1);
     assert!(
         log.contains("authorization policy does not allow this identity")
             && log.contains("spiffe://cluster.local/ns/default/sa/client-a"),
@@ -216,7 +216,7 @@ fn root_connect_to_an_address_that_is_not_local_is_refused() {
     assert!(b.counter("tunnel", "denied_not_local").unwrap() >= 1);
     assert_eq!(b.counter("tunnel", "streams").unwrap(), 0);
     assert_eq!(b.counter("tunnel", "upstream_failures").unwrap(), 0, "a connection was attempted");
-    assert!(b.log_text().contains("is not a workload of this node; refused (403)"));
+    assert!(b.log_with("is not a workload of this node; refused (403)", 1).contains("is not a workload of this node"));
 }
 
 #[test]
@@ -253,7 +253,7 @@ fn root_certificates_renew_without_breaking_new_or_open_connections() {
     let out = long.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "the connection opened before the first renewal broke: {text}");
-    let renewed = |d: &Daemon, what: &str| d.log_text().matches(what).count();
+    let renewed = |d: &Daemon, what: &str| d.log_with(what, 2).matches(what).count();
     eprintln!(
         "{new_ok} new connections ok; long connection: {}; node-b renewals: {}, client-a renewals: {}",
         text.trim(),

@@ -56,6 +56,7 @@ fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
     assert_eq!(sample(&m, "mesh_state_generation", &[]), Some(1.0), "{m}");
     assert_eq!(sample(&m, "mesh_endpoint_healthy", &["service=\"default/echo\""]), Some(1.0), "{m}");
     assert!(!m.contains("client="), "no per-client labels");
+    assert_eq!(sample(&m, "mesh_log_lines_dropped_total", &[]), Some(0.0), "{m}");
 
     // promtool agrees it is valid exposition format.
     let f = c.write_file("metrics.txt", &m).unwrap();

@@ -56,15 +56,16 @@ pub struct Transfer {
 }
 
 /// Relays until both directions reached EOF (each passed on as a write
-/// shutdown: half-close), or one failed, which ends both.
+/// shutdown: half-close), or one failed, which ends both. The caller
+/// closes both ends when this returns.
 pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream: &mut B) -> Transfer {
     let (mut up, mut down) = (OneWay::default(), OneWay::default());
     let result = poll_fn(|cx| {
         if !up.done {
-            ready_or_err(up.poll(cx, &mut *client, &mut *upstream))?;
+            ready_or_err(up.poll(cx, &mut *client, &mut *upstream, down.done))?;
         }
         if !down.done {
-            ready_or_err(down.poll(cx, &mut *upstream, &mut *client))?;
+            ready_or_err(down.poll(cx, &mut *upstream, &mut *client, up.done))?;
         }
         if up.done && down.done {
             Poll::Ready(Ok(()))
@@ -115,16 +116,22 @@ struct OneWay {
 
 impl OneWay {
     /// Moves what `src` has to `dst`; Ready(Ok) once EOF was passed on.
+    /// `last`: the other direction is done, so both sockets are closed
+    /// right after this one, and a TCP `dst` needs no shutdown (its close
+    /// sends the FIN).
     fn poll<S: Side + ?Sized, D: Side + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut S,
         dst: &mut D,
+        last: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_flush_held(cx, dst))?;
             if self.eof {
-                ready!(poll_shutdown(cx, dst))?;
+                if !(last && dst.tcp().is_some()) {
+                    ready!(poll_shutdown(cx, dst))?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod logwriter;
 pub mod metrics;
 
 pub use metrics::Metrics;
