@@ -87,13 +87,14 @@ fn usage(pid: u32) -> (f64, f64) {
     (rss, cpu)
 }
 
-pub fn bench(quick: bool, only: &[String], seconds: Option<u64>) -> anyhow::Result<()> {
+pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<usize>) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
     const PATHS: [&str; 5] = ["direct", "kernel", "proxy-local", "proxy-mtls", "haproxy"];
     if let Some(bad) = only.iter().find(|o| !PATHS.contains(&o.as_str())) {
         bail!("--only {bad}: no such path; the paths are {}", PATHS.join(", "));
     }
     let secs: u64 = seconds.unwrap_or(if quick { 1 } else { 5 }).max(1);
+    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
     say("building release binaries");
     crate::build_bins(true)?;
     std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
@@ -174,44 +175,58 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>) -> anyhow::Resu
     }
     say(&format!("  RSS {rss_idle:.1} MiB idle, {rss_held:.1} MiB with {active} of {HELD} connections open"));
     let wait = Duration::from_secs(secs + 30);
-    let mut rows = Vec::new();
-    for (name, http, tcp, pid) in scenarios {
-        if !only.is_empty() && !only.iter().any(|o| o == name) {
-            continue;
-        }
-        say(&format!("{name}: keep-alive, new connections, throughput ({secs} s each)"));
-        let (_, cpu0) = usage(pid);
-        let d = format!("{secs}s");
-        let url = format!("http://{http}/");
-        let ka = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &url], wait)?;
-        let ka = String::from_utf8_lossy(&ka.stdout).into_owned();
-        let (rps, p50, p99) = parse_wrk(&ka).with_context(|| format!("{name}: no wrk result:\n{ka}"))?;
-        let nc = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "-H", "Connection: close", &url], wait)?;
-        let nc = String::from_utf8_lossy(&nc.stdout).into_owned();
-        let (conns, _, _) = parse_wrk(&nc).with_context(|| format!("{name}: no wrk result:\n{nc}"))?;
-        let (host, port) = tcp.rsplit_once(':').context("address")?;
-        let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
-        let ip: serde_json::Value =
-            serde_json::from_slice(&ip.stdout).with_context(|| format!("{name}: iperf3 output"))?;
-        let gbps =
-            ip["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| format!("{name}: iperf3: {ip}"))?
+    let selected: Vec<_> = scenarios.iter().filter(|s| only.is_empty() || only.iter().any(|o| o == s.0)).collect();
+    // Rounds interleave the paths, so that a slow spell of the machine
+    // hits every path alike, and each round starts one path later, so that
+    // no path always follows the same one (the new-connection runs leave
+    // TIME_WAIT sockets behind). Each figure is the median over the rounds.
+    let mut runs: Vec<Vec<Row>> = selected.iter().map(|_| Vec::new()).collect();
+    let mut socket_errors = Vec::new();
+    for round in 1..=rounds {
+        let n = selected.len();
+        for i in (0..n).map(|k| (k + round - 1) % n) {
+            let (name, http, tcp, pid) = selected[i];
+            say(&format!(
+                "{name} (round {round} of {rounds}): keep-alive, new connections, throughput ({secs} s each)"
+            ));
+            let (_, cpu0) = usage(*pid);
+            let d = format!("{secs}s");
+            let url = format!("http://{http}/");
+            let ka = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &url], wait)?;
+            let ka = String::from_utf8_lossy(&ka.stdout).into_owned();
+            let (rps, p50, p99) = parse_wrk(&ka).with_context(|| format!("{name}: no wrk result:\n{ka}"))?;
+            let nc = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "-H", "Connection: close", &url], wait)?;
+            let nc = String::from_utf8_lossy(&nc.stdout).into_owned();
+            let (conns, _, _) = parse_wrk(&nc).with_context(|| format!("{name}: no wrk result:\n{nc}"))?;
+            for out in [&ka, &nc] {
+                if let Some(e) = out.lines().find(|l| l.trim_start().starts_with("Socket errors:")) {
+                    socket_errors.push(format!("{name}, round {round}: {}", e.trim()));
+                }
+            }
+            let (host, port) = tcp.rsplit_once(':').context("address")?;
+            let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
+            let ip: serde_json::Value =
+                serde_json::from_slice(&ip.stdout).with_context(|| format!("{name}: iperf3 output"))?;
+            let gbps = ip["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .with_context(|| format!("{name}: iperf3: {ip}"))?
                 / 1e9;
-        let (rss, cpu1) = usage(pid);
-        let row = Row { name, rps, p50_us: p50, p99_us: p99, conns, gbps, rss_mib: rss, cpu_s: cpu1 - cpu0 };
-        say(&format!(
-            "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s",
-            row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s
-        ));
-        rows.push(row);
-    }
-    for r in &rows {
-        if r.rps <= 0.0 || r.conns <= 0.0 || r.gbps <= 0.0 {
-            bail!("{}: a measurement produced no number", r.name);
+            let (rss, cpu1) = usage(*pid);
+            let row = Row { name, rps, p50_us: p50, p99_us: p99, conns, gbps, rss_mib: rss, cpu_s: cpu1 - cpu0 };
+            say(&format!(
+                "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s",
+                row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s
+            ));
+            if row.rps <= 0.0 || row.conns <= 0.0 || row.gbps <= 0.0 {
+                bail!("{name}: a measurement produced no number");
+            }
+            runs[i].push(row);
         }
     }
+    let rows: Vec<Row> = runs.iter().map(|r| median_row(r)).collect();
 
     // Only a full run of every path replaces the committed results.
-    let full = !quick && only.is_empty() && seconds.is_none();
+    let full = !quick && only.is_empty() && seconds.is_none() && rounds >= 3;
     let mut flags = String::from(if quick { " --quick" } else { "" });
     if !only.is_empty() {
         let _ = write!(flags, " --only {}", only.join(","));
@@ -219,7 +234,16 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>) -> anyhow::Resu
     if let Some(n) = seconds {
         let _ = write!(flags, " --seconds {n}");
     }
-    let mut table = render(&rows, secs, full, &flags);
+    if !quick && rounds != 3 {
+        let _ = write!(flags, " --rounds {rounds}");
+    }
+    let mut table = render(&rows, secs, rounds, full, &flags);
+    if !socket_errors.is_empty() {
+        let _ = writeln!(table, "\nwrk reported socket errors (the figures above include them):");
+        for e in &socket_errors {
+            let _ = writeln!(table, "- {e}");
+        }
+    }
     let _ = writeln!(
         table,
         "\nmesh-daemon RSS with {active} idle connections open through proxy-local (of {HELD} opened): {rss_held:.1} MiB ({rss_idle:.1} MiB before; target: under 30 MiB at 1000)."
@@ -233,7 +257,26 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>) -> anyhow::Resu
     Ok(())
 }
 
-fn render(rows: &[Row], secs: u64, full: bool, flags: &str) -> String {
+/// Each figure's median over the rounds.
+fn median_row(runs: &[Row]) -> Row {
+    let med = |f: fn(&Row) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Row {
+        name: runs[0].name,
+        rps: med(|r| r.rps),
+        p50_us: med(|r| r.p50_us),
+        p99_us: med(|r| r.p99_us),
+        conns: med(|r| r.conns),
+        gbps: med(|r| r.gbps),
+        rss_mib: med(|r| r.rss_mib),
+        cpu_s: med(|r| r.cpu_s),
+    }
+}
+
+fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> String {
     let base = |f: fn(&Row) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
     let cell = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
         let (d, h) = (base(f, "direct"), base(f, "haproxy"));
@@ -245,13 +288,14 @@ fn render(rows: &[Row], secs: u64, full: bool, flags: &str) -> String {
         writeln!(s, "# Benchmark results{}\n", if full { "" } else { " (quick or partial run, not for comparison)" });
     let _ = writeln!(
         s,
-        "Made by `cargo xtask bench{}` on {} ({} CPUs), {} s per measurement. See BENCHMARKS.md for the method.\n",
+        "Made by `cargo xtask bench{}` on {} ({} CPUs), {} s per measurement, each figure the median of {} rounds. See BENCHMARKS.md for the method.\n",
         flags,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|k| format!("Linux {}", k.trim()))
             .unwrap_or_default(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        secs
+        secs,
+        rounds
     );
     let _ = writeln!(
         s,
@@ -282,6 +326,22 @@ fn render(rows: &[Row], secs: u64, full: bool, flags: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_figure_is_its_own_median() {
+        let row = |rps, p99| Row {
+            name: "x",
+            rps,
+            p50_us: 1.0,
+            p99_us: p99,
+            conns: 1.0,
+            gbps: 1.0,
+            rss_mib: 1.0,
+            cpu_s: 1.0,
+        };
+        let m = median_row(&[row(10.0, 900.0), row(30.0, 100.0), row(20.0, 5000.0)]);
+        assert_eq!((m.rps, m.p99_us), (20.0, 900.0));
+    }
 
     #[test]
     fn parses_wrk_output() {

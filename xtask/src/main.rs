@@ -45,6 +45,9 @@ enum Cmd {
         /// Seconds per measurement (default 5; 1 with --quick).
         #[arg(long)]
         seconds: Option<u64>,
+        /// Rounds over all paths; each figure is the median (default 3; 1 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
@@ -84,7 +87,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
-        Cmd::Bench { quick, only, seconds } => setup::setup().and_then(|_| bench::bench(quick, &only, seconds)),
+        Cmd::Bench { quick, only, seconds, rounds } => {
+            setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds))
+        }
         Cmd::Clean => clean(),
     };
     match result {
@@ -109,7 +114,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let (passed, failed, ok) = run_counting(&mut cmd)?;
     let bench = if ok && args.is_empty() {
         eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick)");
-        bench::bench(true, &[], None)
+        bench::bench(true, &[], None, None)
     } else {
         Ok(())
     };
