@@ -40,7 +40,40 @@ pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
+    manifest_tools()?;
     bpffs()?;
+    Ok(())
+}
+
+/// The Kubernetes schema validator the deploy/ tests run (from PyPI).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// What checks deploy/ offline: kubectl (for `kubectl kustomize`) and
+/// kubernetes-validate.
+fn manifest_tools() -> anyhow::Result<()> {
+    if !on_path("kubectl") {
+        bail!("kubectl is missing; the deploy/ tests render the manifests with `kubectl kustomize`: install kubectl");
+    }
+    let validator = || {
+        let mut c = Command::new("python3");
+        c.args(["-m", "kubernetes_validate", "--version"]);
+        c
+    };
+    if succeeds(&mut validator()) {
+        return Ok(());
+    }
+    eprintln!("setup: installing {KUBERNETES_VALIDATE} from PyPI");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))?;
+    if !succeeds(&mut validator()) {
+        bail!("kubernetes-validate was installed but `python3 -m kubernetes_validate` does not run");
+    }
     Ok(())
 }
 

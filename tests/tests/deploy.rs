@@ -1,0 +1,164 @@
+//! The Kubernetes manifests in `deploy/`, checked offline (no cluster
+//! here): they render with `kubectl kustomize`, every rendered object
+//! validates against the OpenAPI schema of a current Kubernetes release
+//! (`kubernetes-validate --strict`, which `cargo xtask setup` installs),
+//! and the DaemonSet has what the datapath needs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Kubernetes release the manifests are validated against.
+const KUBERNETES: &str = "1.33.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// `kubectl`, or `python3 -m kubernetes_validate`; fails clearly when missing.
+fn tool(name: &str) -> Command {
+    let mut cmd = match name {
+        "kubernetes-validate" => {
+            let mut c = Command::new("python3");
+            c.args(["-m", "kubernetes_validate"]);
+            c
+        }
+        _ => Command::new(name),
+    };
+    let version: &[&str] = if name == "kubectl" { &["version", "--client"] } else { &["--version"] };
+    let probe = Command::new(cmd.get_program()).args(cmd.get_args()).args(version).output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "{name} is not installed: run `cargo xtask setup` (kubectl comes with the machine, kubernetes-validate from PyPI)"
+    );
+    cmd
+}
+
+/// `kubectl kustomize DIR`, as text.
+fn render(dir: &str) -> String {
+    let out = tool("kubectl").arg("kustomize").arg(root().join(dir)).output().unwrap();
+    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Validates `yaml`; Err with the validator's report.
+fn validate(name: &str, yaml: &str) -> Result<String, String> {
+    let dir = std::env::temp_dir().join(format!("mesh-deploy-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out =
+        tool("kubernetes-validate").args(["--strict", "--kubernetes-version", KUBERNETES]).arg(&file).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(report)
+    } else {
+        Err(report)
+    }
+}
+
+fn objects(yaml: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(yaml).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
+}
+
+#[test]
+fn deploy_renders_and_every_object_validates_against_the_kubernetes_schema() {
+    let yaml = render("deploy");
+    let report = validate("deploy", &yaml).unwrap_or_else(|r| panic!("deploy/ does not validate:\n{r}\n{yaml}"));
+    let kinds: Vec<String> = objects(&yaml).iter().map(|o| o["kind"].as_str().unwrap_or_default().to_owned()).collect();
+    for kind in ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/: {kinds:?}");
+    }
+    assert_eq!(report.matches("passed").count(), kinds.len(), "{report}");
+
+    let example = render("deploy/example");
+    validate("example", &example).unwrap_or_else(|r| panic!("deploy/example does not validate:\n{r}"));
+}
+
+#[test]
+fn the_validator_rejects_a_broken_daemonset() {
+    // So that the test above cannot pass with a validator that checks nothing.
+    let yaml = render("deploy").replace("  selector:\n    matchLabels:", "  selectr:\n    matchLabels:");
+    let report = validate("broken", &yaml).expect_err("a DaemonSet without a selector validated");
+    assert!(report.contains("daemonset/mesh-daemon"), "{report}");
+}
+
+#[test]
+fn the_daemonset_gives_the_daemon_what_the_datapath_needs() {
+    let yaml = render("deploy");
+    let all = objects(&yaml);
+    let ds = all.iter().find(|o| o["kind"] == "DaemonSet").expect("a DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["hostPID"], true, "pods are found by their processes");
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    let c = &spec["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let env = c["env"].as_sequence().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+        "NODE_NAME from the downward API"
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], 15020, "{probe} on the admin port");
+        assert_eq!(c[probe]["httpGet"]["host"], "127.0.0.1", "{probe}: the admin port listens on loopback");
+    }
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert!(c["resources"]["requests"].is_mapping() && c["resources"]["limits"].is_mapping());
+    let mounts = c["volumeMounts"].as_sequence().unwrap();
+    let mount =
+        |path: &str| mounts.iter().find(|m| m["mountPath"] == path).unwrap_or_else(|| panic!("no mount at {path}"));
+    assert_eq!(mount("/sys/fs/bpf")["mountPropagation"], "Bidirectional", "pins must reach the host");
+    for path in ["/sys/fs/cgroup", "/run/mesh", "/var/lib/mesh"] {
+        mount(path);
+    }
+    // Read-only RBAC on what discovery watches.
+    let role = all.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let verbs: Vec<&str> = rule["verbs"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+    }
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The value in `text` after `key` up to the first `stop` character.
+fn after<'a>(text: &'a str, key: &str, stop: char) -> &'a str {
+    let rest = &text[text.find(key).unwrap_or_else(|| panic!("no {key:?}")) + key.len()..];
+    &rest[..rest.find(stop).unwrap_or(rest.len())]
+}
+
+#[test]
+fn the_dockerfile_builds_what_the_workspace_builds_with_the_same_recipe() {
+    // No container engine here: check the Dockerfile's steps against the
+    // workspace instead of running them.
+    let docker = read("deploy/Dockerfile");
+    let workspace = read("Cargo.toml");
+    let setup = read("xtask/src/setup.rs");
+    // The stable toolchain is the workspace's rust-version.
+    assert_eq!(after(&docker, "FROM rust:", '-'), after(&workspace, "rust-version = \"", '"'));
+    // bpf-linker: the version setup installs, without default features,
+    // against the nightly's LLVM; the nightly carries rust-src.
+    assert_eq!(
+        after(&docker, "ARG BPF_LINKER_VERSION=", '\n'),
+        after(&setup, "const BPF_LINKER_VERSION: &str = \"", '"')
+    );
+    assert!(setup.contains("--no-default-features") && docker.contains("--no-default-features"));
+    assert!(docker.contains("LLVM_PREFIX=") && docker.contains("--features \"llvm-$major\""));
+    assert!(docker.contains("--component rust-src") && setup.contains("rust-src"));
+    // The crate and binaries it builds and ships exist as such.
+    let daemon_manifest = read("mesh-daemon/Cargo.toml");
+    assert_eq!(after(&daemon_manifest, "name = \"", '"'), "mesh-daemon");
+    assert!(docker.contains("cargo build --release --locked -p mesh-daemon --bins"));
+    assert!(root().join("mesh-daemon/src/main.rs").exists(), "the mesh-daemon binary");
+    assert!(root().join("mesh-daemon/src/bin/meshctl.rs").exists(), "the meshctl binary");
+    let copy = docker.lines().find(|l| l.starts_with("COPY --from=build")).expect("a COPY of the binaries");
+    for bin in ["mesh-daemon", "meshctl"] {
+        assert!(copy.contains(&format!("/src/target/release/{bin} ")), "{bin} not shipped: {copy}");
+    }
+    // The image name the DaemonSet runs is the one kustomize sets.
+    let ds = render("deploy");
+    assert!(ds.contains("image: mesh-daemon:dev"), "{ds}");
+}
