@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod control;
 pub mod datapath;
+pub mod discovery;
 pub mod health;
 pub mod identity;
 pub mod model;

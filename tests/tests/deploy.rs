@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 
 /// `kubectl`, or `python3 -m kubernetes_validate`; fails clearly when missing.
 fn tool(name: &str) -> Command {
-    let mut cmd = match name {
+    let cmd = match name {
         "kubernetes-validate" => {
             let mut c = Command::new("python3");
             c.args(["-m", "kubernetes_validate"]);

@@ -1,0 +1,388 @@
+//! From Kubernetes objects to the mesh's state document: a pure function,
+//! so that every rule is tested on objects as the API server returns them.
+//!
+//! - **Services**: every Service with an IPv4 ClusterIP (headless and
+//!   ExternalName ones have none) becomes a VIP with its TCP ports.
+//!   `mesh.io/mode: kernel` balances it in the kernel; otherwise through the
+//!   node proxy. A Service in a meshed namespace crosses nodes through the
+//!   mTLS tunnel; one elsewhere has no mesh identity on the other side, so
+//!   it crosses as plain TCP (`mtls: disabled`). A Service whose endpoints
+//!   are all outside the pod network (no node, e.g. `default/kubernetes`)
+//!   is left out: the mesh does not touch its traffic.
+//! - **Endpoints**, from the Service's IPv4 EndpointSlices: ready ones with
+//!   the weight of their pod's `mesh.io/weight` annotation (default 1);
+//!   terminating ones with weight 0 (drained: no new connections, open ones
+//!   go on); not-ready ones left out. The node is the endpoint's
+//!   `nodeName`; a named target port is resolved through the slice's ports.
+//! - **Nodes**: every node a pod runs on, at its pod's `status.hostIP`.
+//! - **Workloads** (enrolled): this node's pods in namespaces labelled
+//!   `mesh.io/inject=enabled`, running with an IPv4 address on the pod
+//!   network, with the identity of their service account; their network
+//!   namespace is that of one of their processes (`pid_of`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{Document, EndpointDoc, Name, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+
+pub const INJECT_LABEL: &str = "mesh.io/inject";
+pub const WEIGHT_ANNOTATION: &str = "mesh.io/weight";
+pub const MODE_ANNOTATION: &str = "mesh.io/mode";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What discovery has seen of the cluster.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Objects<'a> {
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+    pub namespaces: &'a [Namespace],
+    pub pods: &'a [Pod],
+}
+
+/// The document, and what was left out with the reason (for the log).
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub document: Document,
+    pub skipped: Vec<String>,
+}
+
+/// The state for the daemon of `node`. `pid_of` finds a process of a
+/// local pod (for its network namespace).
+pub fn translate(objs: Objects<'_>, node: &str, pid_of: &dyn Fn(&Pod) -> Option<i64>) -> Translation {
+    let mut t = Translation::default();
+    let meshed: BTreeSet<&str> = objs
+        .namespaces
+        .iter()
+        .filter(|n| label(&n.metadata.labels, INJECT_LABEL) == Some("enabled"))
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+    let pods: BTreeMap<(&str, &str), &Pod> = objs
+        .pods
+        .iter()
+        .filter_map(|p| Some(((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?), p)))
+        .collect();
+
+    let nodes: BTreeMap<&str, Ipv4Addr> = objs
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let name = p.spec.as_ref()?.node_name.as_deref()?;
+            let ip = p.status.as_ref()?.host_ip.as_deref()?.parse().ok()?;
+            Some((name, ip))
+        })
+        .collect();
+    t.document.nodes = nodes.iter().map(|(n, ip)| NodeDoc { name: (*n).to_owned(), address: ip.to_string() }).collect();
+
+    for p in objs.pods {
+        if let Some(w) = workload(p, node, &meshed, pid_of, &mut t.skipped) {
+            t.document.workloads.push(w);
+        }
+    }
+    t.document.workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    for s in objs.services {
+        if let Some(doc) = service(s, objs.slices, &pods, &nodes, &meshed, &mut t.skipped) {
+            t.document.services.push(doc);
+        }
+    }
+    t.document.services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    t
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn workload(
+    p: &Pod,
+    node: &str,
+    meshed: &BTreeSet<&str>,
+    pid_of: &dyn Fn(&Pod) -> Option<i64>,
+    skipped: &mut Vec<String>,
+) -> Option<WorkloadDoc> {
+    let (ns, name) = (p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?);
+    let spec = p.spec.as_ref()?;
+    if spec.node_name.as_deref() != Some(node) || !meshed.contains(ns) {
+        return None;
+    }
+    let status = p.status.as_ref()?;
+    let mut skip = |why: &str| {
+        skipped.push(format!("pod {ns}/{name}: {why}"));
+        None
+    };
+    if spec.host_network == Some(true) {
+        return skip("uses the host's network, which cannot be enrolled");
+    }
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+        return skip("has no IPv4 address yet");
+    };
+    if Name::parse(name).is_err() {
+        return skip("its name is not a DNS-1123 label, which workload names must be");
+    }
+    let Some(pid) = pid_of(p) else {
+        return skip("no process of it was found, so its network namespace is unknown");
+    };
+    Some(WorkloadDoc {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        node: node.to_owned(),
+        ip: ip.to_string(),
+        netns: None,
+        pid: Some(pid),
+    })
+}
+
+fn service(
+    s: &Service,
+    slices: &[EndpointSlice],
+    pods: &BTreeMap<(&str, &str), &Pod>,
+    nodes: &BTreeMap<&str, Ipv4Addr>,
+    meshed: &BTreeSet<&str>,
+    skipped: &mut Vec<String>,
+) -> Option<ServiceDoc> {
+    let (ns, name) = (s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?);
+    let spec = s.spec.as_ref()?;
+    // Headless ("None"), ExternalName (no ClusterIP) and IPv6-only
+    // Services have no IPv4 VIP.
+    let vip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+    let mode = match s.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)).map(String::as_str) {
+        None | Some("proxy") => "proxy",
+        Some("kernel") => "kernel",
+        Some(other) => {
+            skipped.push(format!(
+                "service {ns}/{name}: {MODE_ANNOTATION}: {other:?} is neither kernel nor proxy; using proxy"
+            ));
+            "proxy"
+        }
+    };
+    let own: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|sl| {
+            sl.metadata.namespace.as_deref() == Some(ns)
+                && label(&sl.metadata.labels, SERVICE_NAME_LABEL) == Some(name)
+                && sl.address_type == "IPv4"
+        })
+        .collect();
+
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        // The slices' port of the same name carries the resolved number.
+        let resolved = own.iter().flat_map(|sl| sl.ports.iter().flatten()).find(|sp| {
+            sp.name.as_deref().unwrap_or("") == p.name.as_deref().unwrap_or("")
+                && sp.protocol.as_deref().unwrap_or("TCP") == "TCP"
+        });
+        let target = match (resolved.and_then(|sp| sp.port), &p.target_port) {
+            (Some(n), _) => i64::from(n),
+            (None, Some(IntOrString::Int(n))) => i64::from(*n),
+            (None, None) => i64::from(p.port),
+            (None, Some(IntOrString::String(named))) => {
+                skipped.push(format!(
+                    "service {ns}/{name} port {}: target port {named:?} is not resolved by any EndpointSlice yet",
+                    p.port
+                ));
+                continue;
+            }
+        };
+        ports.push(PortDoc { port: i64::from(p.port), target_port: Some(target), protocol: "TCP".into() });
+    }
+    if ports.is_empty() {
+        return None;
+    }
+
+    let mut endpoints: BTreeMap<Ipv4Addr, EndpointDoc> = BTreeMap::new();
+    let mut outside = 0;
+    for e in own.iter().flat_map(|sl| sl.endpoints.iter()) {
+        let Some(node) = e.node_name.as_deref().filter(|n| nodes.contains_key(n)) else {
+            outside += 1;
+            continue;
+        };
+        let c = e.conditions.as_ref();
+        // The API: a missing `ready` means ready, a missing `terminating` not.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        let weight = if terminating {
+            0
+        } else if ready {
+            pod_weight(e.target_ref.as_ref(), ns, pods, skipped)
+        } else {
+            continue;
+        };
+        for ip in e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()) {
+            let doc = EndpointDoc { ip: ip.to_string(), node: node.to_owned(), weight, priority: 0 };
+            // The same address in two slices: the one that takes traffic wins.
+            let keep = endpoints.get(&ip).is_none_or(|old| old.weight < weight);
+            if keep {
+                endpoints.insert(ip, doc);
+            }
+        }
+    }
+    if endpoints.is_empty() && outside > 0 {
+        skipped.push(format!(
+            "service {ns}/{name}: its endpoints are not pods on a node; left to the cluster's own routing"
+        ));
+        return None;
+    }
+    Some(ServiceDoc {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        vip: vip.to_string(),
+        mode: mode.to_owned(),
+        ports,
+        endpoints: endpoints.into_values().collect(),
+        health_check: None,
+        fail_open: true,
+        connect_timeout: None,
+        retries: None,
+        retry_budget: None,
+        mtls: (!meshed.contains(ns)).then(|| "disabled".to_owned()),
+        authorization: None,
+    })
+}
+
+/// The endpoint pod's `mesh.io/weight`, 1 when absent or invalid.
+fn pod_weight(
+    target: Option<&k8s_openapi::api::core::v1::ObjectReference>,
+    ns: &str,
+    pods: &BTreeMap<(&str, &str), &Pod>,
+    skipped: &mut Vec<String>,
+) -> i64 {
+    let Some(pod) = target
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+        .and_then(|r| pods.get(&(r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?)))
+    else {
+        return 1;
+    };
+    match pod.metadata.annotations.as_ref().and_then(|a| a.get(WEIGHT_ANNOTATION)) {
+        None => 1,
+        Some(v) => match v.trim().parse::<u16>() {
+            Ok(w) => i64::from(w),
+            Err(_) => {
+                let who = pod.metadata.name.as_deref().unwrap_or_default();
+                skipped.push(format!(
+                    "pod {ns}/{who}: {WEIGHT_ANNOTATION}: {v:?} is not a weight from 0 to 65535; using 1"
+                ));
+                1
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::State;
+
+    /// The fixture, as `kubectl get … -o yaml` printed it, sorted by kind.
+    struct Fixture {
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+        namespaces: Vec<Namespace>,
+        pods: Vec<Pod>,
+    }
+
+    fn fixture() -> Fixture {
+        let text = include_str!("../../../tests/fixtures/discovery.yaml");
+        let list: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        let items = list["items"].as_sequence().unwrap();
+        let of = |kind: &'static str| items.iter().filter(move |i| i["kind"] == kind).cloned();
+        Fixture {
+            services: of("Service").map(|v| serde_yaml::from_value(v).unwrap()).collect(),
+            slices: of("EndpointSlice").map(|v| serde_yaml::from_value(v).unwrap()).collect(),
+            namespaces: of("Namespace").map(|v| serde_yaml::from_value(v).unwrap()).collect(),
+            pods: of("Pod").map(|v| serde_yaml::from_value(v).unwrap()).collect(),
+        }
+    }
+
+    fn run(f: &Fixture, node: &str) -> Translation {
+        let objs = Objects { services: &f.services, slices: &f.slices, namespaces: &f.namespaces, pods: &f.pods };
+        // Stands in for the /proc scan: a pid made from the pod's IP.
+        let pid = |p: &Pod| {
+            let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            Some(i64::from(ip.octets()[3]) + 1000)
+        };
+        translate(objs, node, &pid)
+    }
+
+    fn svc<'a>(t: &'a Translation, key: &str) -> Option<&'a ServiceDoc> {
+        t.document.services.iter().find(|s| format!("{}/{}", s.namespace, s.name) == key)
+    }
+
+    #[test]
+    fn a_service_with_two_ports_gets_ready_endpoints_drains_terminating_ones_and_drops_not_ready_ones() {
+        let t = run(&fixture(), "node-a");
+        let web = svc(&t, "shop/web").expect("shop/web");
+        assert_eq!(web.vip, "10.96.0.50");
+        assert_eq!(web.mode, "proxy");
+        assert_eq!(web.mtls, None, "a meshed namespace: mTLS across nodes");
+        let ports: Vec<(i64, Option<i64>)> = web.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        // The named target port `http` resolves through the slice to 8080.
+        assert_eq!(ports, [(80, Some(8080)), (9090, Some(9090))]);
+        let eps: Vec<(&str, &str, i64)> =
+            web.endpoints.iter().map(|e| (e.ip.as_str(), e.node.as_str(), e.weight)).collect();
+        // web-1 ready (weight 3 from its annotation), web-2 not ready (left
+        // out), web-3 terminating (kept, weight 0: drained).
+        assert_eq!(eps, [("10.244.1.5", "node-a", 3), ("10.244.2.7", "node-b", 0)]);
+    }
+
+    #[test]
+    fn the_weight_comes_from_the_pod_annotation_and_a_bad_one_is_reported() {
+        let mut f = fixture();
+        let t = run(&f, "node-a");
+        assert_eq!(svc(&t, "shop/web").unwrap().endpoints[0].weight, 3);
+        let web1 = f.pods.iter_mut().find(|p| p.metadata.name.as_deref() == Some("web-1")).unwrap();
+        web1.metadata.annotations.as_mut().unwrap().insert(WEIGHT_ANNOTATION.into(), "70000".into());
+        let t = run(&f, "node-a");
+        assert_eq!(svc(&t, "shop/web").unwrap().endpoints[0].weight, 1);
+        assert!(t.skipped.iter().any(|s| s.contains("shop/web-1") && s.contains("70000")), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn a_namespace_without_the_inject_label_enrolls_no_pod_and_its_service_crosses_nodes_in_plain_tcp() {
+        let t = run(&fixture(), "node-a");
+        let names: Vec<String> = t.document.workloads.iter().map(|w| format!("{}/{}", w.namespace, w.name)).collect();
+        // shop's running pods on node-a; not plain/api-1, not the finished
+        // batch pod, not the host-network one, not node-b's pods.
+        assert_eq!(names, ["shop/client", "shop/web-1"]);
+        assert!(t.skipped.iter().any(|s| s.contains("shop/node-agent") && s.contains("host's network")));
+        let client = &t.document.workloads[0];
+        assert_eq!(
+            (client.service_account.as_str(), client.ip.as_str(), client.node.as_str(), client.pid),
+            ("client", "10.244.1.4", "node-a", Some(1004))
+        );
+        let api = svc(&t, "plain/api").expect("plain/api is still balanced");
+        assert_eq!(api.mtls.as_deref(), Some("disabled"));
+        assert_eq!(api.mode, "kernel", "mesh.io/mode: kernel");
+        // Only the TCP port.
+        assert_eq!(api.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [8000]);
+        let on_b = run(&fixture(), "node-b");
+        assert!(on_b.document.workloads.iter().all(|w| w.node == "node-b"));
+    }
+
+    #[test]
+    fn a_headless_service_is_no_vip_and_the_api_server_is_left_alone() {
+        let t = run(&fixture(), "node-a");
+        assert!(svc(&t, "shop/db").is_none(), "clusterIP None");
+        assert!(svc(&t, "default/kubernetes").is_none(), "endpoints off the pod network");
+        assert!(t.skipped.iter().any(|s| s.contains("default/kubernetes")), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn the_nodes_come_from_the_pods_and_the_document_is_a_valid_state() {
+        let t = run(&fixture(), "node-a");
+        let nodes: Vec<(&str, &str)> = t.document.nodes.iter().map(|n| (n.name.as_str(), n.address.as_str())).collect();
+        assert_eq!(nodes, [("node-a", "172.18.0.2"), ("node-b", "172.18.0.3")]);
+        let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state.services.len(), 2);
+    }
+}
