@@ -3,4 +3,5 @@
 //! ([`translate`]); watching the API server is still to come (issue 7).
 #![forbid(unsafe_code)]
 
+pub mod procs;
 pub mod translate;
