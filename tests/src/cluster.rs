@@ -534,7 +534,7 @@ impl Drop for Cluster {
             let _ = ip(&["netns", "del", ns]);
         }
         let _ = std::fs::remove_dir_all(&self.pin_root);
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MESH_KEEP_LOGS").is_some() {
             eprintln!("mini cluster {}: logs kept in {}", self.prefix, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);

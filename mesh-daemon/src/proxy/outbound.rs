@@ -191,18 +191,9 @@ async fn forward(
     counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let Transfer { up, down, error } = match upstream {
-        Upstream::Tcp(mut up) => {
-            let t = relay::relay(&mut client, &mut up).await;
-            if t.error.is_some() {
-                relay::abort(&up);
-            }
-            t
-        }
+        Upstream::Tcp(mut up) => relay::relay(&mut client, &mut up).await,
         Upstream::Tunnel(mut up) => relay::relay(&mut client, &mut *up).await,
     };
-    if error.is_some() {
-        relay::abort(&client);
-    }
     counters.active.dec();
     counters.bytes_to_endpoint.add(up);
     counters.bytes_to_client.add(down);

@@ -256,13 +256,6 @@ impl OneWay {
     }
 }
 
-/// Makes the socket's close send RST instead of FIN (SO_LINGER 0): a relay
-/// that failed must not look like a clean end to the other side.
-pub fn abort(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger);
-}
-
 /// Passes EOF on; a peer that is already gone needs no telling.
 fn poll_shutdown<D: Side + ?Sized>(cx: &mut Context<'_>, dst: &mut D) -> Poll<io::Result<()>> {
     match ready!(Pin::new(dst).poll_shutdown(cx)) {

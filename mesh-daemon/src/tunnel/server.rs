@@ -20,7 +20,7 @@ use super::TunnelCounters;
 use crate::identity::tls::identity_of;
 use crate::identity::Identity;
 use crate::model::{Authorization, NodeName, State};
-use crate::proxy::relay::{abort, relay, Transfer};
+use crate::proxy::relay::{relay, Transfer};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries};
 use crate::telemetry::Metrics;
 
@@ -210,9 +210,6 @@ async fn stream(
         }
         let mut upstream = upstream;
         let Transfer { up: bytes_in, down: bytes_out, error } = relay(&mut up, &mut upstream).await;
-        if error.is_some() {
-            abort(&upstream);
-        }
         let duration_ms = started.elapsed().as_millis() as u64;
         if let Some(s) = &series {
             s.closed.inc();
