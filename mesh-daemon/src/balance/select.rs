@@ -95,8 +95,17 @@ pub fn p2c(cands: &[Load], mut rng: impl FnMut() -> f64) -> Option<usize> {
                     ca.measured && cb.measured && ca.rtt > cb.rtt * CLEARLY_SLOWER && ca.rtt - cb.rtt > NOISE_NS;
                 return Some(if b_clearly_faster { b } else { a });
             }
-            let cost = |c: Load| c.rtt * (c.in_flight + 1) as f64 / f64::from(c.weight.max(1));
-            Some(if cost(cb) < cost(ca) { b } else { a })
+            // An endpoint not measured yet competes on load alone against a
+            // measured one: its default latency is a guess, and judged by
+            // it a new endpoint would get nothing under load until an
+            // active check measured it (or forever, with checks off).
+            let (ra, rb) = match (ca.measured, cb.measured) {
+                (true, false) => (ca.rtt, ca.rtt),
+                (false, true) => (cb.rtt, cb.rtt),
+                _ => (ca.rtt, cb.rtt),
+            };
+            let cost = |rtt: f64, c: Load| rtt * (c.in_flight + 1) as f64 / f64::from(c.weight.max(1));
+            Some(if cost(rb, cb) < cost(ra, ca) { b } else { a })
         }
     }
 }
@@ -179,6 +188,11 @@ mod tests {
         // Idle: a default (unmeasured) latency does not starve a new endpoint.
         let new = Load { measured: false, ..load(1, 30.0 * ms, 0) };
         assert_eq!(p2c(&[new, load(1, ms, 0)], || 0.0), Some(0));
+        // Under load neither: it competes on load, so an idle new endpoint
+        // beats a busy measured one, and a busier new one loses.
+        assert_eq!(p2c(&[load(1, ms, 1), new], || 0.0), Some(1));
+        let busy_new = Load { in_flight: 3, ..new };
+        assert_eq!(p2c(&[busy_new, load(1, ms, 1)], || 0.0), Some(1));
     }
 
     #[test]
