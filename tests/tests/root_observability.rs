@@ -18,6 +18,13 @@ fn sample(text: &str, name: &str, want: &[&str]) -> Option<f64> {
     })
 }
 
+/// The daemon's first access log line (JSON logs), once it is written.
+fn first_access_line(d: &mesh_tests::Daemon) -> serde_json::Value {
+    let line = || d.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || line().is_some()), "{}", d.log_text());
+    serde_json::from_str(&line().unwrap()).unwrap()
+}
+
 #[test]
 fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
     let c = Cluster::create(&ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a")).unwrap();
@@ -103,9 +110,7 @@ fn root_access_log_names_identities_endpoint_and_bytes() {
     let out =
         c.exec("client", "mt-pod", &["bulk", &format!("{ECHO_VIP}:9000"), "4321"], Duration::from_secs(20)).unwrap();
     assert!(out.status.success());
-    let line = || d.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
-    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || line().is_some()), "{}", d.log_text());
-    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let v = first_access_line(&d);
     let f = &v["fields"];
     assert_eq!(f["source"], "default/client", "{v}");
     assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client", "{v}");
@@ -152,9 +157,7 @@ fn root_cross_node_connections_are_counted_on_both_nodes_with_their_direction() 
         assert!(ok, "{direction}: {:?}\n{}", series(d, direction), d.admin_get("/metrics").unwrap().1);
     }
     // node-b logs each stream it received, with the client's identity.
-    let line = || b.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
-    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || line().is_some()), "{}", b.log_text());
-    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let v = first_access_line(&b);
     let f = &v["fields"];
     assert_eq!(f["direction"], "inbound", "{v}");
     assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client", "{v}");

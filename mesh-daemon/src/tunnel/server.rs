@@ -29,8 +29,9 @@ use crate::telemetry::Metrics;
 struct Target {
     /// Policies of the services it serves.
     policies: Vec<Option<Authorization>>,
-    /// Its inbound series, labelled with the first service it serves.
-    series: EndpointSeries,
+    /// Its inbound series, labelled with the first service it serves;
+    /// shared with the streams, so a stream copies no labels.
+    series: Arc<EndpointSeries>,
 }
 
 /// What inbound checks need from the state.
@@ -52,11 +53,11 @@ impl Inbound {
                     let addr = e.addr(p.target_port);
                     let t = targets.entry(addr).or_insert_with(|| Target {
                         policies: Vec::new(),
-                        series: metrics.endpoint_series(ConnLabels {
+                        series: Arc::new(metrics.endpoint_series(ConnLabels {
                             service: format!("{}:{}", s.key(), p.port),
                             endpoint: addr.to_string(),
                             direction: "inbound",
-                        }),
+                        })),
                     });
                     t.policies.push(s.authorization.clone());
                 }
@@ -67,10 +68,9 @@ impl Inbound {
 
     /// Drops from `metrics` the series of this view that `next` has not.
     pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
-        for t in self.targets.values() {
-            if !next.targets.values().any(|n| n.series.labels == t.series.labels) {
-                metrics.forget_endpoint(&t.series.labels);
-            }
+        let kept: HashSet<&ConnLabels> = next.targets.values().map(|t| &t.series.labels).collect();
+        for t in self.targets.values().filter(|t| !kept.contains(&t.series.labels)) {
+            metrics.forget_endpoint(&t.series.labels);
         }
     }
 
