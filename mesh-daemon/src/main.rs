@@ -116,8 +116,10 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// [`mesh_daemon::telemetry::logwriter`]); the guard writes what is left.
 fn init_logs(format: LogFormat) -> (DroppedLines, FlushOnDrop) {
     // RUST_LOG overrides; aya-log records arrive through the `log` bridge.
+    // kube-client logs every failed API request at error; discovery
+    // reports a failing watch once, with the error, instead.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, dropped, flush) = logwriter::start(std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);

@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// debug, trace.
     #[arg(long, default_value = "warn", value_name = "LEVEL")]
     pub ebpf_log_level: EbpfLogLevel,
+    /// Follow the Kubernetes API server: Services, EndpointSlices, Pods and
+    /// Namespaces become the state, and the control API only reads. In a
+    /// pod it uses the pod's service account, elsewhere KUBECONFIG. Needs
+    /// a build with the `kubernetes` feature (the container image has it).
+    #[arg(long, conflicts_with = "config")]
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -141,6 +147,10 @@ fn long_duration(s: &str) -> Result<std::time::Duration, String> {
         None => crate::model::parse_duration(s),
     }
 }
+
+/// Who owns the state with --kubernetes; the control API says so when it
+/// refuses a write.
+const MANAGED_BY_KUBERNETES: &str = "Kubernetes discovery (mesh-daemon run --kubernetes)";
 
 /// What the admin endpoint shows.
 struct AdminView {
@@ -199,6 +209,18 @@ async fn relay_listener(addr: SocketAddrV4, flag: &str) -> anyhow::Result<TcpLis
 pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedLines) -> anyhow::Result<()> {
     raise_nofile_limit();
     let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    #[cfg(feature = "kubernetes")]
+    let kube = match args.kubernetes {
+        true => Some(crate::discovery::watch::connect().await?),
+        false => None,
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    if args.kubernetes {
+        anyhow::bail!(
+            "--kubernetes: this mesh-daemon was built without Kubernetes discovery; \
+             build it with `cargo build --release -p mesh-daemon --features kubernetes` or use the container image"
+        );
+    }
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_log_drops(log_drops);
@@ -218,6 +240,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         },
         metrics: metrics.clone(),
         tunnel: tunnel_counters.clone(),
+        managed_by: args.kubernetes.then_some(MANAGED_BY_KUBERNETES),
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let prepared = Control::prepare(cfg, args.config.clone(), health_tx)?;
@@ -297,6 +320,15 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         }
         _ => None,
     };
+    #[cfg(feature = "kubernetes")]
+    if let Some(client) = kube {
+        let (c, stop) = (control.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::discovery::watch::run(client, c, PathBuf::from("/proc"), stop).await {
+                tracing::error!(error = %e, "Kubernetes discovery stopped; the state stays as it was");
+            }
+        }));
+    }
     let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
     let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });

@@ -21,7 +21,8 @@ pub const PROXY_PORT: u16 = 15001;
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
     nodes: Vec<String>,
-    pods: Vec<(String, String, bool)>,
+    /// (name, node, enrolled, cgroup name)
+    pods: Vec<(String, String, bool, String)>,
 }
 
 impl ClusterSpec {
@@ -34,12 +35,19 @@ impl ClusterSpec {
     }
     /// A pod enrolled in the mesh (listed as a workload in [`Cluster::config`]).
     pub fn pod(mut self, name: &str, node: &str) -> Self {
-        self.pods.push((name.to_owned(), node.to_owned(), true));
+        self.pods.push((name.to_owned(), node.to_owned(), true, name.to_owned()));
+        self
+    }
+    /// A pod as the kubelet makes one: its cgroup is `pod<uid>` (the
+    /// cgroupfs driver's name), so discovery finds its processes by UID.
+    /// Not listed in [`Cluster::config`]; discovery enrolls it.
+    pub fn kube_pod(mut self, name: &str, node: &str, uid: &str) -> Self {
+        self.pods.push((name.to_owned(), node.to_owned(), false, format!("pod{uid}")));
         self
     }
     /// A pod that is not enrolled.
     pub fn plain_pod(mut self, name: &str, node: &str) -> Self {
-        self.pods.push((name.to_owned(), node.to_owned(), false));
+        self.pods.push((name.to_owned(), node.to_owned(), false, name.to_owned()));
         self
     }
 }
@@ -196,7 +204,7 @@ impl Cluster {
                 ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
             }
         }
-        for (k, (name, node, enrolled)) in spec.pods.iter().enumerate() {
+        for (k, (name, node, enrolled, cgroup_name)) in spec.pods.iter().enumerate() {
             let Some(i) = self.nodes.iter().position(|n| &n.name == node) else {
                 bail!("pod {name}: no node {node} in the spec");
             };
@@ -210,7 +218,7 @@ impl Cluster {
             ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
-            let cgroup = self.nodes[i].cgroup.join(name);
+            let cgroup = self.nodes[i].cgroup.join(cgroup_name);
             std::fs::create_dir(&cgroup)?;
             self.pods.push(Pod {
                 name: name.clone(),
@@ -305,14 +313,27 @@ impl Cluster {
     /// Starts mesh-daemon for `node` with its own cgroup, pin dir, state
     /// dir, API socket and netns, and waits until it reports ready.
     pub fn start_daemon(&self, node: &str, config: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
+        self.start_daemon_with(node, Some(config), extra, &[])
+    }
+
+    /// [`Cluster::start_daemon`] with an optional config and more
+    /// environment (e.g. KUBECONFIG).
+    pub fn start_daemon_with(
+        &self,
+        node: &str,
+        config: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Daemon> {
         let n = self.node(node).clone();
         let log_path = self.dir.join(format!("daemon-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(&self.bins.daemon);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(["--node", node])
+        cmd.arg("run");
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.args(["--node", node])
             .arg("--cgroup")
             .arg(&n.cgroup)
             .arg("--pin-dir")
@@ -327,6 +348,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        cmd.envs(env.iter().copied());
         sys::enter(&mut cmd, &n.cgroup.join("mesh-daemon"), &n.netns)?;
         let child = cmd.spawn().context("starting mesh-daemon")?;
         let mut d = Daemon { child: Some(child), node: n, log: log_path };

@@ -13,6 +13,7 @@
 //!   and a cgroup under its node's.
 
 pub mod cluster;
+pub mod fake_kube;
 pub mod sys;
 
 pub use cluster::{clean_leftovers, Cluster, ClusterSpec, Daemon, Node, Pod};

@@ -71,10 +71,14 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// The daemon's features in every build xtask makes, tests and the
+/// container image alike (deploy/Dockerfile; a test keeps them equal).
+pub const FEATURES: &str = "mesh-daemon/kubernetes";
+
 /// Builds the daemon (with its kernel programs) and the pod tools.
 pub fn build_bins(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins", "-p", "mesh-daemon", "-p", "mesh-tests"]);
+    cmd.args(["build", "--bins", "-p", "mesh-daemon", "-p", "mesh-tests", "--features", FEATURES]);
     if release {
         cmd.arg("--release");
     }
@@ -107,7 +111,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build_bins(false)?;
     eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");
     let mut cmd = cargo();
-    cmd.arg("test");
+    cmd.args(["test", "--features", FEATURES]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }

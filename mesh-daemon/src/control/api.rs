@@ -317,6 +317,15 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
         Ok(m) => m,
         Err(r) => return *r,
     };
+    if method != Method::GET {
+        if let Some(owner) = control.managed_by() {
+            let msg = format!(
+                "the state is managed by {owner}: change the cluster's objects instead (Services, EndpointSlices, \
+                 Pods, the mesh.io/* annotations); this API only reads"
+            );
+            return error(StatusCode::FORBIDDEN, &msg);
+        }
+    }
     let snap = control.snapshot();
     let doc = &snap.state;
     let not_found = |what: String| error(StatusCode::NOT_FOUND, &format!("{what} not found"));

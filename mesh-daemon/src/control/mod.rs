@@ -45,6 +45,9 @@ pub struct ControlConfig {
     pub balance: BalanceConfig,
     pub metrics: Arc<Metrics>,
     pub tunnel: Arc<TunnelCounters>,
+    /// Who writes the state when it is not the control API (e.g.
+    /// Kubernetes discovery); the API then refuses writes, naming it.
+    pub managed_by: Option<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +201,11 @@ impl Control {
             control.store.save(&stored)?;
         }
         Ok(Prepared { control, current: Current { stored, state, cookies } })
+    }
+
+    /// Who owns the state, when the control API must not write it.
+    pub fn managed_by(&self) -> Option<&'static str> {
+        self.cfg.managed_by
     }
 
     pub fn node(&self) -> &NodeName {

@@ -1,7 +1,10 @@
 //! Kubernetes discovery: Services, EndpointSlices, Pods and Namespaces
 //! turned into the mesh's state. The translation is a pure function
-//! ([`translate`]); watching the API server is still to come (issue 7).
+//! ([`translate`]); [`watch`] (cargo feature `kubernetes`) follows the API
+//! server and applies it.
 #![forbid(unsafe_code)]
 
 pub mod procs;
 pub mod translate;
+#[cfg(feature = "kubernetes")]
+pub mod watch;

@@ -8,17 +8,28 @@ use std::path::Path;
 /// The lowest pid under `proc_root` whose cgroup belongs to the pod `uid`
 /// (usually the pod's sandbox, which lives as long as the pod).
 pub fn pid_of_pod(proc_root: &Path, uid: &str) -> Option<i64> {
-    let cgroupfs = format!("pod{uid}");
-    let systemd = format!("pod{}", uid.replace('-', "_"));
+    let (cgroupfs, systemd) = needles(uid);
     let entries = std::fs::read_dir(proc_root).ok()?;
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
-                .is_ok_and(|c| c.lines().any(|l| names_pod(l, &cgroupfs) || names_pod(l, &systemd)))
-        })
+        .filter(|&pid| in_pod(proc_root, pid, &cgroupfs, &systemd))
         .min()
+}
+
+/// Whether process `pid` (still) belongs to the pod `uid`.
+pub fn pid_in_pod(proc_root: &Path, pid: i64, uid: &str) -> bool {
+    let (cgroupfs, systemd) = needles(uid);
+    in_pod(proc_root, pid, &cgroupfs, &systemd)
+}
+
+fn needles(uid: &str) -> (String, String) {
+    (format!("pod{uid}"), format!("pod{}", uid.replace('-', "_")))
+}
+
+fn in_pod(proc_root: &Path, pid: i64, cgroupfs: &str, systemd: &str) -> bool {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+        .is_ok_and(|c| c.lines().any(|l| names_pod(l, cgroupfs) || names_pod(l, systemd)))
 }
 
 /// Whether a cgroup line has `pod` + uid as a whole path element or

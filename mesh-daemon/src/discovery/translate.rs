@@ -37,10 +37,10 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// What discovery has seen of the cluster.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Objects<'a> {
-    pub services: &'a [Service],
-    pub slices: &'a [EndpointSlice],
-    pub namespaces: &'a [Namespace],
-    pub pods: &'a [Pod],
+    pub services: &'a [&'a Service],
+    pub slices: &'a [&'a EndpointSlice],
+    pub namespaces: &'a [&'a Namespace],
+    pub pods: &'a [&'a Pod],
 }
 
 /// The document, and what was left out with the reason (for the log).
@@ -63,7 +63,7 @@ pub fn translate(objs: Objects<'_>, node: &str, pid_of: &dyn Fn(&Pod) -> Option<
     let pods: BTreeMap<(&str, &str), &Pod> = objs
         .pods
         .iter()
-        .filter_map(|p| Some(((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?), p)))
+        .filter_map(|&p| Some(((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?), p)))
         .collect();
 
     let nodes: BTreeMap<&str, Ipv4Addr> = objs
@@ -142,7 +142,7 @@ fn workload(
 
 fn service(
     s: &Service,
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     pods: &BTreeMap<(&str, &str), &Pod>,
     nodes: &BTreeMap<&str, Ipv4Addr>,
     meshed: &BTreeSet<&str>,
@@ -165,6 +165,7 @@ fn service(
     };
     let own: Vec<&EndpointSlice> = slices
         .iter()
+        .copied()
         .filter(|sl| {
             sl.metadata.namespace.as_deref() == Some(ns)
                 && label(&sl.metadata.labels, SERVICE_NAME_LABEL) == Some(name)
@@ -305,13 +306,19 @@ mod tests {
     }
 
     fn run(f: &Fixture, node: &str) -> Translation {
-        let objs = Objects { services: &f.services, slices: &f.slices, namespaces: &f.namespaces, pods: &f.pods };
+        let (services, slices, namespaces, pods) =
+            (refs(&f.services), refs(&f.slices), refs(&f.namespaces), refs(&f.pods));
+        let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
         // Stands in for the /proc scan: a pid made from the pod's IP.
         let pid = |p: &Pod| {
             let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             Some(i64::from(ip.octets()[3]) + 1000)
         };
         translate(objs, node, &pid)
+    }
+
+    fn refs<T>(v: &[T]) -> Vec<&T> {
+        v.iter().collect()
     }
 
     fn svc<'a>(t: &'a Translation, key: &str) -> Option<&'a ServiceDoc> {

@@ -1,0 +1,288 @@
+//! Watching the API server (`mesh-daemon run --kubernetes`, cargo feature
+//! `kubernetes`): a reflector per kind keeps a local copy of every
+//! Service, EndpointSlice, Namespace and Pod; after a change settles, the
+//! copies are translated ([`super::translate`]) and, when the result
+//! differs from the state, written as one whole state.
+//!
+//! - Nothing is written before all four kinds have been listed once, so a
+//!   half-known cluster never replaces a good state (the state saved in
+//!   `--state-dir` serves until then).
+//! - A failed watch resumes with exponential backoff (kube-runtime's
+//!   default: 800 ms doubling to 30 s, with jitter). Its copy keeps every
+//!   object meanwhile, and a re-list replaces it only once complete, so
+//!   an API-server outage drops nothing that is still valid.
+//! - A write that fails is tried again after [`RETRY`] even if nothing
+//!   changes; one whose only bad fields are workloads that vanished
+//!   between the /proc scan and the write is retried at once without them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, reflector, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use super::procs;
+use super::translate::{translate, Objects};
+use crate::control::{Control, WriteError};
+use crate::model::Document;
+
+/// How long changes settle before they are applied: a rollout touches
+/// pods, slices and more within moments, and one write covers them all.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// When a failed write is tried again without a new change.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+}
+
+/// Drops what the translation never reads and which can dwarf the rest:
+/// the field managers' bookkeeping and kubectl's copy of the last apply.
+fn slim<K: ResourceExt>(o: &mut K) {
+    o.managed_fields_mut().clear();
+    o.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Starts watching one kind; `changed` is notified after every change of
+/// its copy.
+fn reflect<K>(client: &Client, changed: Arc<Notify>, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + ResourceExt + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).into_owned();
+    let stream =
+        reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(slim::<K>))
+            .default_backoff();
+    tasks.push(tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                // A re-list in progress: the copy changes once it is done.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(_) => {
+                    if std::mem::take(&mut failing) {
+                        info!(kind, "watch resumed");
+                    }
+                    changed.notify_one();
+                }
+                // Once per outage at warn; each retry at debug.
+                Err(e) if failing => debug!(kind, error = %e, "watch still failing"),
+                Err(e) => {
+                    failing = true;
+                    warn!(kind, error = %e, "watch failed; resuming with backoff, keeping what was seen");
+                }
+            }
+        }
+    }));
+    reader
+}
+
+/// The API server's client: in a pod, from its service account; elsewhere
+/// from KUBECONFIG or ~/.kube/config. Nothing is contacted yet.
+pub async fn connect() -> anyhow::Result<Client> {
+    Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "--kubernetes: no API server to watch: {e} (in a pod: give it a service account; elsewhere: set KUBECONFIG)"
+        )
+    })
+}
+
+/// Follows the cluster until `stop`.
+pub async fn run(
+    client: Client,
+    control: Arc<Control>,
+    proc_root: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let stores = Stores {
+        services: reflect(&client, changed.clone(), &mut tasks),
+        slices: reflect(&client, changed.clone(), &mut tasks),
+        namespaces: reflect(&client, changed.clone(), &mut tasks),
+        pods: reflect(&client, changed.clone(), &mut tasks),
+    };
+    let result = tokio::select! {
+        _ = stop.wait_for(|s| *s) => Ok(()),
+        r = follow(&control, &stores, &changed, proc_root) => r,
+    };
+    for t in tasks {
+        t.abort();
+    }
+    result
+}
+
+async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_root: PathBuf) -> anyhow::Result<()> {
+    info!("waiting for the first list of Services, EndpointSlices, Namespaces and Pods");
+    let ready = async {
+        stores.services.wait_until_ready().await?;
+        stores.slices.wait_until_ready().await?;
+        stores.namespaces.wait_until_ready().await?;
+        stores.pods.wait_until_ready().await
+    };
+    ready.await.map_err(|e| anyhow::anyhow!("discovery stopped: {e}"))?;
+    info!("the cluster is listed; following it");
+    let pids = PidCache::new(proc_root);
+    let mut retry = false;
+    loop {
+        if retry {
+            // A failed write is tried again, sooner if something changes.
+            let _ = tokio::time::timeout(RETRY, changed.notified()).await;
+        } else {
+            // Also the first pass: the permits of the initial lists.
+            changed.notified().await;
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        let next = sync_once(control, stores, &pids);
+        retry = match tokio::task::spawn_blocking({
+            let control = control.clone();
+            move || apply(&control, next)
+        })
+        .await
+        {
+            Ok(ok) => !ok,
+            Err(e) => {
+                warn!(error = %e, "applying the cluster's state panicked");
+                true
+            }
+        };
+    }
+}
+
+/// The translation of what the copies hold now.
+fn sync_once(control: &Control, stores: &Stores, pids: &PidCache) -> Document {
+    let (services, slices, namespaces, pods) =
+        (stores.services.state(), stores.slices.state(), stores.namespaces.state(), stores.pods.state());
+    let (services, slices, namespaces, pods) = (refs(&services), refs(&slices), refs(&namespaces), refs(&pods));
+    let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
+    let t = translate(objs, control.node().as_str(), &|p: &Pod| pids.pid_of(p));
+    pids.forget_all_but(&pods);
+    for why in &t.skipped {
+        debug!(skipped = %why, "left out of the state");
+    }
+    t.document
+}
+
+fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
+    v.iter().map(Arc::as_ref).collect()
+}
+
+/// Writes `next` when it differs from the state; false when it failed.
+fn apply(control: &Control, mut next: Document) -> bool {
+    if control.snapshot().state == next {
+        debug!("the cluster changed, the mesh's state did not");
+        return true;
+    }
+    for attempt in 0..2 {
+        let doc = next.clone();
+        match control.write(None, move |d| {
+            *d = doc;
+            Ok(())
+        }) {
+            Ok(generation) => {
+                info!(
+                    generation,
+                    services = next.services.len(),
+                    workloads = next.workloads.len(),
+                    nodes = next.nodes.len(),
+                    "state follows the cluster"
+                );
+                return true;
+            }
+            Err(WriteError::Invalid(errors)) if attempt == 0 => {
+                let gone = vanished_workloads(&errors);
+                if gone.is_empty() || gone.len() != errors.0.len() {
+                    warn!(errors = %errors, "the cluster's state is not valid; keeping the current one");
+                    return false;
+                }
+                for i in gone.into_iter().rev() {
+                    let w = next.workloads.remove(i);
+                    warn!(workload = %format!("{}/{}", w.namespace, w.name), "its process exited; left out for now");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "writing the cluster's state failed; retrying in {}s", RETRY.as_secs());
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// Indices (ascending) of the workloads whose network namespace could not
+/// be opened: `workloads[i].pid` errors.
+fn vanished_workloads(errors: &crate::model::ValidationErrors) -> Vec<usize> {
+    let mut v: Vec<usize> = errors
+        .0
+        .iter()
+        .filter_map(|e| e.path.strip_prefix("workloads[")?.strip_suffix("].pid")?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Pod UID → one of its pids, checked again before each use: a scan of
+/// /proc only for pods not seen before or whose process has gone.
+struct PidCache {
+    proc_root: PathBuf,
+    known: RefCell<HashMap<String, i64>>,
+}
+
+impl PidCache {
+    fn new(proc_root: PathBuf) -> Self {
+        PidCache { proc_root, known: RefCell::default() }
+    }
+
+    fn pid_of(&self, pod: &Pod) -> Option<i64> {
+        let uid = pod.metadata.uid.as_deref()?;
+        let mut known = self.known.borrow_mut();
+        if let Some(&pid) = known.get(uid) {
+            if procs::pid_in_pod(&self.proc_root, pid, uid) {
+                return Some(pid);
+            }
+        }
+        let pid = procs::pid_of_pod(&self.proc_root, uid);
+        match pid {
+            Some(p) => known.insert(uid.to_owned(), p),
+            None => known.remove(uid),
+        };
+        pid
+    }
+
+    fn forget_all_but(&self, pods: &[&Pod]) {
+        let live: std::collections::HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        self.known.borrow_mut().retain(|uid, _| live.contains(uid.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FieldError, ValidationErrors};
+
+    #[test]
+    fn only_workload_pid_errors_count_as_vanished_processes() {
+        let e = |p: &str| FieldError { path: p.into(), message: "x".into() };
+        let errs = ValidationErrors(vec![e("workloads[3].pid"), e("workloads[1].pid"), e("workloads[3].pid")]);
+        assert_eq!(vanished_workloads(&errs), [1, 3]);
+        let mixed = ValidationErrors(vec![e("workloads[1].pid"), e("services[0].vip")]);
+        assert_eq!(vanished_workloads(&mixed), [1], "the caller compares the count to spot other errors");
+    }
+}

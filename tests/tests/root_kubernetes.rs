@@ -1,0 +1,186 @@
+//! Kubernetes discovery end to end (root, real kernel): the daemon runs
+//! with `--kubernetes` against a stand-in API server (tests/src/fake_kube.rs)
+//! and must enroll the pods it finds by their cgroup, balance the Service
+//! it lists, follow changes, refuse control-API writes, and keep its state
+//! through an API-server outage.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_tests::fake_kube::FakeApiServer;
+use mesh_tests::sys::wait_until;
+use mesh_tests::{Cluster, ClusterSpec, Daemon};
+use serde_json::{json, Value};
+
+const VIP: &str = "10.96.0.50";
+const CLIENT_UID: &str = "6f1c2a10-0000-4000-8000-00000000c001";
+const WEB1_UID: &str = "6f1c2a10-0000-4000-8000-00000000e001";
+const WEB2_UID: &str = "6f1c2a10-0000-4000-8000-00000000e002";
+
+fn pod(c: &Cluster, name: &str, uid: &str, sa: &str, weight: Option<&str>) -> Value {
+    let p = c.pod(name);
+    let mut o = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "shop", "uid": uid, "labels": { "app": name } },
+        "spec": { "nodeName": p.node, "serviceAccountName": sa, "containers": [{ "name": "c", "image": "x" }] },
+        "status": { "phase": "Running", "podIP": p.ip.to_string(), "hostIP": c.node(&p.node).address.to_string() },
+    });
+    if let Some(w) = weight {
+        o["metadata"]["annotations"] = json!({ "mesh.io/weight": w });
+    }
+    o
+}
+
+fn endpoint(c: &Cluster, name: &str, ready: bool, terminating: bool) -> Value {
+    let p = c.pod(name);
+    json!({
+        "addresses": [p.ip.to_string()],
+        "conditions": { "ready": ready, "serving": ready || terminating, "terminating": terminating },
+        "nodeName": p.node,
+        "targetRef": { "kind": "Pod", "namespace": "shop", "name": name },
+    })
+}
+
+fn objects(c: &Cluster) -> Vec<Value> {
+    vec![
+        json!({ "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": "shop", "labels": { "mesh.io/inject": "enabled" } } }),
+        json!({ "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "web", "namespace": "shop" },
+                "spec": { "type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP],
+                          "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": "http" }] } }),
+        json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": { "name": "web-abcde", "namespace": "shop",
+                              "labels": { "kubernetes.io/service-name": "web" } },
+                "addressType": "IPv4",
+                "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+                "endpoints": [endpoint(c, "web-1", true, false), endpoint(c, "web-2", true, false)] }),
+        pod(c, "client", CLIENT_UID, "shopper", None),
+        pod(c, "web-1", WEB1_UID, "web", Some("3")),
+        pod(c, "web-2", WEB2_UID, "web", None),
+    ]
+}
+
+/// The daemon's accepted state (its config dump).
+fn state(d: &Daemon) -> Value {
+    d.admin_get("/config_dump").ok().and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok()).unwrap_or_default()
+        ["state"]
+        .clone()
+}
+
+/// (ip, weight) of shop/web's endpoints in the daemon's state.
+fn web_endpoints(d: &Daemon) -> Vec<(String, i64)> {
+    let s = state(d);
+    let Some(web) = s["services"].as_array().and_then(|v| v.iter().find(|s| s["name"] == "web")) else {
+        return Vec::new();
+    };
+    web["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["ip"].as_str().unwrap_or_default().to_owned(), e["weight"].as_i64().unwrap_or(1)))
+        .collect()
+}
+
+fn eventually(d: &Daemon, what: &str, mut f: impl FnMut() -> bool) {
+    assert!(wait_until(Duration::from_secs(20), &mut f), "{what}; state: {}\nlog:\n{}", state(d), d.log_text());
+}
+
+#[test]
+fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .kube_pod("client", "node-a", CLIENT_UID)
+            .kube_pod("web-1", "node-a", WEB1_UID)
+            .kube_pod("web-2", "node-a", WEB2_UID),
+    )
+    .unwrap();
+    // The pods' processes, by which the daemon finds their network namespaces.
+    c.serve("web-1", 8080, None).unwrap();
+    c.serve("web-2", 8080, None).unwrap();
+    c.spawn("client", Path::new("/bin/sleep"), &["600"]).unwrap();
+    let (ip1, ip2) = (c.pod("web-1").ip.to_string(), c.pod("web-2").ip.to_string());
+
+    let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objects(&c)).unwrap();
+    let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+    let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes", "--log-format", "json"], &env).unwrap();
+
+    // Listed and translated: the VIP with both endpoints and web-1's
+    // annotated weight, and the three pods enrolled with their accounts.
+    eventually(&d, "shop/web with weights 3 and 1", || web_endpoints(&d) == [(ip1.clone(), 3), (ip2.clone(), 1)]);
+    let s = state(&d);
+    let mut enrolled: Vec<(String, String)> = s["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["name"].as_str().unwrap().to_owned(), w["serviceAccount"].as_str().unwrap().to_owned()))
+        .collect();
+    enrolled.sort();
+    let want = [("client", "shopper"), ("web-1", "web"), ("web-2", "web")].map(|(a, b)| (a.to_owned(), b.to_owned()));
+    assert_eq!(enrolled, want, "{s}");
+    let pid_of_client = c.spawned_pid_of("client").unwrap();
+    let client = s["workloads"].as_array().unwrap().iter().find(|w| w["name"] == "client").unwrap();
+    assert_eq!(client["pid"].as_u64(), Some(u64::from(pid_of_client)), "the pod's process, found by its cgroup");
+
+    // A meshed pod reaches the Service through the mesh.
+    let (code, body) = c.curl("client", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(code, 0, "curl to the VIP failed; log:\n{}", d.log_text());
+    assert!(body.contains("web-"), "{body}");
+    let logged = d.log_with("\"target\":\"access\"", 1);
+    assert!(logged.contains("shop/web"), "{logged}");
+    let metrics = d.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_connections_opened_total{") && l.contains("service=\"shop/web:80\"")),
+        "{metrics}"
+    );
+
+    // The control API only reads now.
+    let out = c.meshctl("node-a", &["set-weight", "shop/web", &ip1, "9"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("managed by Kubernetes discovery"), "{err}");
+
+    // web-2 terminates: drained (weight 0), not dropped.
+    api.edit("discovery.k8s.io/v1", "EndpointSlice", "shop", "web-abcde", |o| {
+        o["endpoints"][1] = endpoint(&c, "web-2", false, true);
+    })
+    .unwrap();
+    eventually(&d, "web-2 drained", || web_endpoints(&d) == [(ip1.clone(), 3), (ip2.clone(), 0)]);
+
+    // An outage: the state stays while the watches fail and back off...
+    api.set_down(true);
+    let log = d.log_with("watch failed", 4);
+    assert_eq!(log.matches("watch failed").count(), 4, "one warning per kind:\n{log}");
+    assert_eq!(web_endpoints(&d), [(ip1.clone(), 3), (ip2.clone(), 0)], "nothing dropped during the outage");
+    // ...and what changed meanwhile arrives once the server is back.
+    api.set_down(false);
+    api.edit("v1", "Pod", "shop", "web-1", |o| o["metadata"]["annotations"]["mesh.io/weight"] = json!("5")).unwrap();
+    eventually(&d, "web-1's new weight after the outage", || web_endpoints(&d) == [(ip1.clone(), 5), (ip2.clone(), 0)]);
+    // Said when a failed watch delivers again: here the Pods' one.
+    let log = d.log_with("watch resumed", 1);
+    assert!(log.lines().any(|l| l.contains("watch resumed") && l.contains("\"kind\":\"Pod\"")), "{log}");
+
+    // A restart while Pods cannot be listed: the saved state serves, not a
+    // translation without pods (which would have no endpoints).
+    let mut d = d;
+    d.stop().unwrap();
+    api.set_down_only(&["/api/v1/pods"]);
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes", "--log-format", "json"], &env).unwrap();
+    let log = d.log_with("watch failed", 5);
+    assert!(log.lines().filter(|l| l.contains("watch failed")).any(|l| l.contains("\"kind\":\"Pod\"")), "{log}");
+    std::thread::sleep(2 * Duration::from_millis(200)); // past the debounce
+    assert_eq!(web_endpoints(&d), [(ip1.clone(), 5), (ip2.clone(), 0)], "the saved state serves meanwhile");
+    let (code, _) = c.curl("client", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(code, 0, "traffic still flows; log:\n{}", d.log_text());
+    api.set_down(false);
+
+    // The Service goes away: its VIP with it.
+    api.delete("v1", "Service", "shop", "web").unwrap();
+    eventually(&d, "the deleted service's VIP is gone", || state(&d)["services"].as_array().is_some_and(Vec::is_empty));
+    assert!(api.requests().iter().any(|r| r.contains("watch=true")), "{:?}", api.requests());
+}
