@@ -151,7 +151,12 @@ fn the_dockerfile_builds_what_the_workspace_builds_with_the_same_recipe() {
     // The crate and binaries it builds and ships exist as such.
     let daemon_manifest = read("mesh-daemon/Cargo.toml");
     assert_eq!(after(&daemon_manifest, "name = \"", '"'), "mesh-daemon");
-    assert!(docker.contains("cargo build --release --locked -p mesh-daemon --bins"));
+    // With the features of every xtask build (Kubernetes discovery on).
+    let xtask = read("xtask/src/main.rs");
+    let features = after(&xtask, "pub const FEATURES: &str = \"", '"');
+    assert!(features.contains("mesh-daemon/kubernetes"), "{features}");
+    let build = format!("cargo build --release --locked -p mesh-daemon --bins --features {features}");
+    assert!(docker.contains(&build), "the image is not built with `{build}`");
     assert!(root().join("mesh-daemon/src/main.rs").exists(), "the mesh-daemon binary");
     assert!(root().join("mesh-daemon/src/bin/meshctl.rs").exists(), "the meshctl binary");
     let copy = docker.lines().find(|l| l.starts_with("COPY --from=build")).expect("a COPY of the binaries");
@@ -161,4 +166,43 @@ fn the_dockerfile_builds_what_the_workspace_builds_with_the_same_recipe() {
     // The image name the DaemonSet runs is the one kustomize sets.
     let ds = render("deploy");
     assert!(ds.contains("image: mesh-daemon:dev"), "{ds}");
+}
+
+#[test]
+fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
+    let yaml = render("deploy");
+    let all = objects(&yaml);
+    let ds = all.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let spec = &ds["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(args.first(), Some(&"run"));
+    assert!(args.contains(&"--kubernetes"), "discovery on: {args:?}");
+    let bins = mesh_tests::cluster::Bins::locate().unwrap();
+    let out = Command::new(&bins.daemon).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag}: not in run --help:\n{help}"
+        );
+    }
+    // The CA files the flags name come from the mesh-ca Secret's mount.
+    let mounts = c["volumeMounts"].as_sequence().unwrap();
+    let volumes = spec["volumes"].as_sequence().unwrap();
+    for flag in ["--ca-cert=", "--ca-key=", "--trust-bundle="] {
+        let path = args.iter().find_map(|a| a.strip_prefix(flag)).unwrap_or_else(|| panic!("no {flag}"));
+        let m = mounts
+            .iter()
+            .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+            .unwrap_or_else(|| panic!("{path}: not under any mount"));
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
+        assert_eq!(v["secret"]["secretName"], "mesh-ca", "{flag}{path}");
+    }
+    // bpffs is mounted on the node before the daemon starts.
+    let init = &spec["initContainers"][0];
+    let cmd = init["command"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect::<Vec<_>>().join(" ");
+    assert!(cmd.contains("mount -t bpf bpf /sys/fs/bpf"), "{cmd}");
+    assert_eq!(init["volumeMounts"][0]["mountPropagation"], "Bidirectional");
 }
