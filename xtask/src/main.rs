@@ -1,7 +1,8 @@
-//! Developer entry points: `cargo xtask setup | test | demo | clean`.
+//! Developer entry points: `cargo xtask setup | test | demo | bench | kind | clean`.
 
 mod bench;
 mod demo;
+mod kind;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,10 @@ enum Cmd {
         #[arg(long)]
         rounds: Option<usize>,
     },
+    /// Deploy on a kind cluster in Docker (deploy/kind-config.yaml) and
+    /// check a meshed pod reaches a Service through the mesh. Needs Docker,
+    /// kind and kubectl.
+    Kind,
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
 }
@@ -94,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench { quick, only, seconds, rounds } => {
             setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds))
         }
+        Cmd::Kind => kind::kind(),
         Cmd::Clean => clean(),
     };
     match result {

@@ -1,0 +1,321 @@
+//! `cargo xtask kind`: the mesh on a real Kubernetes cluster in Docker.
+//!
+//! Creates (or reuses) the kind cluster of `deploy/kind-config.yaml`,
+//! builds the image from `deploy/Dockerfile` and loads it into the nodes,
+//! makes the mesh CA Secret, applies `deploy/` and `deploy/example`, and
+//! checks that the meshed client pod reaches the `web` Service through the
+//! mesh: the daemon on the client's node logs the connection and counts it
+//! in its metrics. Then it says how to clean up.
+
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::root;
+
+pub const CLUSTER: &str = "mesh";
+const IMAGE: &str = "mesh-daemon:dev";
+const SERVICE: &str = "demo/web:80";
+
+fn say(msg: &str) {
+    eprintln!("kind: {msg}");
+}
+
+/// What the kind path needs, each with how to get it.
+const TOOLS: [(&str, &str); 3] = [
+    ("docker", "Docker Engine: https://docs.docker.com/engine/install/"),
+    ("kind", "kind: https://kind.sigs.k8s.io/docs/user/quick-start/#installation"),
+    ("kubectl", "kubectl: https://kubernetes.io/docs/tasks/tools/"),
+];
+
+fn on_path(path: &OsStr, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path).map(|d| d.join(name)).find(|p| {
+        std::fs::metadata(p)
+            .is_ok_and(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+    })
+}
+
+/// Checks that docker, kind and kubectl are on `path` and that Docker's
+/// engine answers. The error names everything missing and how to get it.
+pub fn preflight(path: &OsStr) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    let mut docker = None;
+    for (name, how) in TOOLS {
+        match on_path(path, name) {
+            Some(p) if name == "docker" => docker = Some(p),
+            Some(_) => {}
+            None => missing.push(format!("  - {name} is not on the PATH; install {how}")),
+        }
+    }
+    if let Some(docker) = docker {
+        let out = Command::new(&docker).arg("info").env("PATH", path).stdin(Stdio::null()).output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+                missing.push(format!(
+                    "  - Docker's engine does not answer (`docker info`: {first}); start it (e.g. `systemctl start docker`) \
+                     or point DOCKER_HOST at one"
+                ));
+            }
+            Err(e) => missing.push(format!("  - cannot run {}: {e}", docker.display())),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the kind end-to-end needs Docker, kind and kubectl:\n{}\n\
+             Without them, `cargo xtask test` checks deploy/ offline (schemas, Dockerfile, flags).",
+            missing.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmd`, streaming its output, after saying what it is.
+fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    say(what);
+    crate::run(cmd.stdin(Stdio::null()))
+}
+
+/// Runs `cmd` and returns its stdout (stderr passes through).
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl(args: &[&str]) -> Command {
+    let mut c = Command::new("kubectl");
+    c.args(["--context", &format!("kind-{CLUSTER}")]).args(args);
+    c
+}
+
+pub fn kind() -> anyhow::Result<()> {
+    preflight(&std::env::var_os("PATH").unwrap_or_default())?;
+    let started = Instant::now();
+
+    let clusters = output(Command::new("kind").args(["get", "clusters"]))?;
+    if clusters.lines().any(|l| l.trim() == CLUSTER) {
+        say(&format!("reusing the kind cluster {CLUSTER:?}"));
+    } else {
+        step(
+            &format!("creating the kind cluster {CLUSTER:?} from deploy/kind-config.yaml (a few minutes)"),
+            Command::new("kind").args(["create", "cluster", "--config", "deploy/kind-config.yaml", "--wait", "120s"]),
+        )?;
+    }
+    step(
+        &format!("building {IMAGE} from deploy/Dockerfile (the first build compiles everything: ~10 minutes)"),
+        Command::new("docker").args(["build", "-f", "deploy/Dockerfile", "-t", IMAGE, "."]),
+    )?;
+    step(
+        &format!("loading {IMAGE} into the nodes"),
+        Command::new("kind").args(["load", "docker-image", IMAGE, "--name", CLUSTER]),
+    )?;
+
+    step("applying deploy/namespace.yaml", &mut kubectl(&["apply", "-f", "deploy/namespace.yaml"]))?;
+    ca_secret()?;
+    step("applying deploy/ (RBAC and the DaemonSet)", &mut kubectl(&["apply", "-k", "deploy/"]))?;
+    // A rebuilt image under the same tag: restart the daemons onto it.
+    step(
+        "restarting the daemons onto the image just loaded",
+        &mut kubectl(&["-n", "mesh-system", "rollout", "restart", "daemonset/mesh-daemon"]),
+    )?;
+    step(
+        "waiting for a mesh-daemon on every node",
+        &mut kubectl(&["-n", "mesh-system", "rollout", "status", "daemonset/mesh-daemon", "--timeout=300s"]),
+    )?;
+    step(
+        "applying deploy/example (namespace demo: web ×2 and client)",
+        &mut kubectl(&["apply", "-k", "deploy/example"]),
+    )?;
+    for d in ["web", "client"] {
+        step(
+            &format!("waiting for deployment demo/{d}"),
+            &mut kubectl(&["-n", "demo", "rollout", "status", &format!("deployment/{d}"), "--timeout=300s"]),
+        )?;
+    }
+
+    check_traffic()?;
+    say(&format!("done in {:.0?}: the client reached demo/web through the mesh", started.elapsed()));
+    say("explore:  kubectl --context kind-mesh -n mesh-system logs daemonset/mesh-daemon");
+    say("          kubectl --context kind-mesh -n mesh-system exec daemonset/mesh-daemon -- meshctl get services");
+    say(&format!("clean up: kind delete cluster --name {CLUSTER}"));
+    Ok(())
+}
+
+/// The Secret mesh-ca (the mesh's CA), made once with `mesh-daemon ca
+/// init` from the image; kept when it exists.
+fn ca_secret() -> anyhow::Result<()> {
+    let exists = kubectl(&["-n", "mesh-system", "get", "secret", "mesh-ca"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if exists {
+        say("the mesh CA Secret mesh-system/mesh-ca exists; keeping it");
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("mesh-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let mut mount = OsString::from(dir.as_os_str());
+        mount.push(":/out");
+        step(
+            "making the mesh CA (mesh-daemon ca init, in the image)",
+            Command::new("docker").args(["run", "--rm", "-v"]).arg(&mount).args([IMAGE, "ca", "init", "--out", "/out"]),
+        )?;
+        let file = |name: &str| {
+            let mut f = OsString::from(format!("{name}="));
+            f.push(dir.join(name));
+            f
+        };
+        let mut create = kubectl(&["-n", "mesh-system", "create", "secret", "generic", "mesh-ca"]);
+        create.arg("--from-file").arg(file("ca.pem")).arg("--from-file").arg(file("ca.key"));
+        step("storing it as the Secret mesh-system/mesh-ca", &mut create)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The client curls the Service until it answers; then the daemon on the
+/// client's node must show the connection in its access log and metrics.
+fn check_traffic() -> anyhow::Result<()> {
+    say("checking: client -> http://web.demo/ through the mesh");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = kubectl(&[
+            "-n",
+            "demo",
+            "exec",
+            "deploy/client",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://web.demo/",
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+        if out.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the client could not reach http://web.demo/ in 2 minutes: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let node = output(&mut kubectl(&[
+        "-n",
+        "demo",
+        "get",
+        "pod",
+        "-l",
+        "app=client",
+        "-o",
+        "jsonpath={.items[0].spec.nodeName}",
+    ]))?;
+    let daemon = output(&mut kubectl(&[
+        "-n",
+        "mesh-system",
+        "get",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=mesh-daemon",
+        "--field-selector",
+        &format!("spec.nodeName={}", node.trim()),
+        "-o",
+        "name",
+    ]))?;
+    let daemon = daemon.trim();
+    if daemon.is_empty() {
+        bail!("no mesh-daemon pod on node {}", node.trim());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = output(&mut kubectl(&["-n", "mesh-system", "logs", daemon]))?;
+        let logged = logs.lines().any(|l| l.contains("\"target\":\"access\"") && l.contains(SERVICE));
+        let stats =
+            output(&mut kubectl(&["-n", "mesh-system", "exec", daemon, "--", "meshctl", "-o", "json", "stats"]))?;
+        let rows: serde_json::Value = serde_json::from_str(&stats).context("meshctl -o json stats")?;
+        let opened: f64 = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["service"] == SERVICE)
+            .filter_map(|r| r["opened"].as_f64())
+            .sum();
+        if logged && opened > 0.0 {
+            say(&format!(
+                "  {daemon} on {}: access log has {SERVICE}; {opened} connection(s) in its metrics",
+                node.trim()
+            ));
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{daemon} on {} did not show the connection (access log: {logged}, opened: {opened})", node.trim());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fake_bin(dir: &Path, name: &str, script: &str) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-kind-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn without_the_tools_it_names_each_one_and_how_to_get_it() {
+        let d = temp_dir("none");
+        let e = preflight(d.as_os_str()).unwrap_err().to_string();
+        for (name, how) in TOOLS {
+            assert!(e.contains(&format!("{name} is not on the PATH")) && e.contains(how), "{e}");
+        }
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_docker_client_without_an_engine_is_not_enough() {
+        let d = temp_dir("noengine");
+        fake_bin(
+            &d,
+            "docker",
+            "echo 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock.' >&2; exit 1",
+        );
+        fake_bin(&d, "kind", "exit 0");
+        fake_bin(&d, "kubectl", "exit 0");
+        let e = preflight(d.as_os_str()).unwrap_err().to_string();
+        assert!(
+            e.contains("Docker's engine does not answer") && e.contains("Cannot connect to the Docker daemon"),
+            "{e}"
+        );
+        assert!(!e.contains("not on the PATH"), "{e}");
+        fake_bin(&d, "docker", "exit 0");
+        preflight(d.as_os_str()).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
