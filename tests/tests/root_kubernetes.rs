@@ -59,6 +59,11 @@ fn objects(c: &Cluster) -> Vec<Value> {
         pod(c, "client", CLIENT_UID, "shopper", None),
         pod(c, "web-1", WEB1_UID, "web", Some("3")),
         pod(c, "web-2", WEB2_UID, "web", None),
+        // Running by the API, but no process of it is on the node (yet).
+        json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "ghost", "namespace": "shop", "uid": "6f1c2a10-0000-4000-8000-0000000000ff" },
+                "spec": { "nodeName": "node-a", "containers": [{ "name": "c", "image": "x" }] },
+                "status": { "phase": "Running", "podIP": "10.244.1.99", "hostIP": c.node("node-a").address.to_string() } }),
     ]
 }
 
@@ -139,6 +144,11 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
         "{metrics}"
     );
 
+    // The pod without a process is left out, and said so once, though
+    // the state is written again below.
+    let ghost = |log: &str| log.lines().filter(|l| l.contains("shop/ghost") && l.contains("no process")).count();
+    assert_eq!(ghost(&d.log_with("shop/ghost", 1)), 1, "{}", d.log_text());
+
     // The control API only reads now.
     let out = c.meshctl("node-a", &["set-weight", "shop/web", &ip1, "9"]).unwrap();
     assert!(!out.status.success());
@@ -164,6 +174,8 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
     // Said when a failed watch delivers again: here the Pods' one.
     let log = d.log_with("watch resumed", 1);
     assert!(log.lines().any(|l| l.contains("watch resumed") && l.contains("\"kind\":\"Pod\"")), "{log}");
+
+    assert_eq!(ghost(&d.log_text()), 1, "told once: {}", d.log_text());
 
     // A restart while Pods cannot be listed: the saved state serves, not a
     // translation without pods (which would have no endpoints).

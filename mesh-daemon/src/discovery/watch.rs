@@ -10,7 +10,10 @@
 //! - A failed watch resumes with exponential backoff (kube-runtime's
 //!   default: 800 ms doubling to 30 s, with jitter). Its copy keeps every
 //!   object meanwhile, and a re-list replaces it only once complete, so
-//!   an API-server outage drops nothing that is still valid.
+//!   an API-server outage drops nothing that is still valid. (Requests
+//!   answered 429, 503 or 504 are first retried by kube-client itself.)
+//! - What the translation leaves out (a pod without a process yet, a bad
+//!   annotation) is logged once per reason, at info.
 //! - A write that fails is tried again after [`RETRY`] even if nothing
 //!   changes; one whose only bad fields are workloads that vanished
 //!   between the /proc scan and the write is retried at once without them.
@@ -138,7 +141,7 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
     };
     ready.await.map_err(|e| anyhow::anyhow!("discovery stopped: {e}"))?;
     info!("the cluster is listed; following it");
-    let pids = PidCache::new(proc_root);
+    let mut pass = Pass { pids: PidCache::new(proc_root), skipped: Vec::new() };
     let mut retry = false;
     loop {
         if retry {
@@ -149,34 +152,55 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
             changed.notified().await;
         }
         tokio::time::sleep(DEBOUNCE).await;
-        let next = sync_once(control, stores, &pids);
-        retry = match tokio::task::spawn_blocking({
-            let control = control.clone();
-            move || apply(&control, next)
+        let seen = Seen {
+            services: stores.services.state(),
+            slices: stores.slices.state(),
+            namespaces: stores.namespaces.state(),
+            pods: stores.pods.state(),
+        };
+        // The /proc scan and the write block: off the runtime.
+        let c = control.clone();
+        let (ok, back) = tokio::task::spawn_blocking(move || {
+            let ok = pass.apply(&c, &seen);
+            (ok, pass)
         })
         .await
-        {
-            Ok(ok) => !ok,
-            Err(e) => {
-                warn!(error = %e, "applying the cluster's state panicked");
-                true
-            }
-        };
+        .map_err(|e| anyhow::anyhow!("applying the cluster's state panicked: {e}"))?;
+        pass = back;
+        retry = !ok;
     }
 }
 
-/// The translation of what the copies hold now.
-fn sync_once(control: &Control, stores: &Stores, pids: &PidCache) -> Document {
-    let (services, slices, namespaces, pods) =
-        (stores.services.state(), stores.slices.state(), stores.namespaces.state(), stores.pods.state());
-    let (services, slices, namespaces, pods) = (refs(&services), refs(&slices), refs(&namespaces), refs(&pods));
-    let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
-    let t = translate(objs, control.node().as_str(), &|p: &Pod| pids.pid_of(p));
-    pids.forget_all_but(&pods);
-    for why in &t.skipped {
-        debug!(skipped = %why, "left out of the state");
+/// The copies' contents at one moment.
+struct Seen {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    namespaces: Vec<Arc<Namespace>>,
+    pods: Vec<Arc<Pod>>,
+}
+
+/// What one pass of translating and writing keeps for the next.
+struct Pass {
+    pids: PidCache,
+    /// What the last translation left out, so each reason is told once.
+    skipped: Vec<String>,
+}
+
+impl Pass {
+    /// Translates `seen` and writes it when it differs from the state;
+    /// false when the write failed.
+    fn apply(&mut self, control: &Control, seen: &Seen) -> bool {
+        let (services, slices, namespaces, pods) =
+            (refs(&seen.services), refs(&seen.slices), refs(&seen.namespaces), refs(&seen.pods));
+        let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
+        let t = translate(objs, control.node().as_str(), &|p: &Pod| self.pids.pid_of(p));
+        self.pids.forget_all_but(&pods);
+        for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
+            info!(reason = %why, "left out of the mesh");
+        }
+        self.skipped = t.skipped;
+        apply(control, t.document)
     }
-    t.document
 }
 
 fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
