@@ -21,8 +21,16 @@ pub const PROXY_PORT: u16 = 15001;
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
     nodes: Vec<String>,
-    /// (name, node, enrolled, cgroup name)
-    pods: Vec<(String, String, bool, String)>,
+    pods: Vec<PodSpec>,
+}
+
+#[derive(Debug, Clone)]
+struct PodSpec {
+    name: String,
+    node: String,
+    enrolled: bool,
+    /// The pod's cgroup folder under its node's.
+    cgroup: String,
 }
 
 impl ClusterSpec {
@@ -34,20 +42,21 @@ impl ClusterSpec {
         self
     }
     /// A pod enrolled in the mesh (listed as a workload in [`Cluster::config`]).
-    pub fn pod(mut self, name: &str, node: &str) -> Self {
-        self.pods.push((name.to_owned(), node.to_owned(), true, name.to_owned()));
-        self
+    pub fn pod(self, name: &str, node: &str) -> Self {
+        self.add_pod(name, node, true, name)
     }
     /// A pod as the kubelet makes one: its cgroup is `pod<uid>` (the
     /// cgroupfs driver's name), so discovery finds its processes by UID.
     /// Not listed in [`Cluster::config`]; discovery enrolls it.
-    pub fn kube_pod(mut self, name: &str, node: &str, uid: &str) -> Self {
-        self.pods.push((name.to_owned(), node.to_owned(), false, format!("pod{uid}")));
-        self
+    pub fn kube_pod(self, name: &str, node: &str, uid: &str) -> Self {
+        self.add_pod(name, node, false, &format!("pod{uid}"))
     }
     /// A pod that is not enrolled.
-    pub fn plain_pod(mut self, name: &str, node: &str) -> Self {
-        self.pods.push((name.to_owned(), node.to_owned(), false, name.to_owned()));
+    pub fn plain_pod(self, name: &str, node: &str) -> Self {
+        self.add_pod(name, node, false, name)
+    }
+    fn add_pod(mut self, name: &str, node: &str, enrolled: bool, cgroup: &str) -> Self {
+        self.pods.push(PodSpec { name: name.into(), node: node.into(), enrolled, cgroup: cgroup.into() });
         self
     }
 }
@@ -204,7 +213,7 @@ impl Cluster {
                 ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
             }
         }
-        for (k, (name, node, enrolled, cgroup_name)) in spec.pods.iter().enumerate() {
+        for (k, PodSpec { name, node, enrolled, cgroup: cgroup_name }) in spec.pods.iter().enumerate() {
             let Some(i) = self.nodes.iter().position(|n| &n.name == node) else {
                 bail!("pod {name}: no node {node} in the spec");
             };

@@ -52,7 +52,7 @@ pub struct Translation {
 
 /// The state for the daemon of `node`. `pid_of` finds a process of a
 /// local pod (for its network namespace).
-pub fn translate(objs: Objects<'_>, node: &str, pid_of: &dyn Fn(&Pod) -> Option<i64>) -> Translation {
+pub fn translate(objs: Objects<'_>, node: &str, pid_of: &mut dyn FnMut(&Pod) -> Option<i64>) -> Translation {
     let mut t = Translation::default();
     let meshed: BTreeSet<&str> = objs
         .namespaces
@@ -101,7 +101,7 @@ fn workload(
     p: &Pod,
     node: &str,
     meshed: &BTreeSet<&str>,
-    pid_of: &dyn Fn(&Pod) -> Option<i64>,
+    pid_of: &mut dyn FnMut(&Pod) -> Option<i64>,
     skipped: &mut Vec<String>,
 ) -> Option<WorkloadDoc> {
     let (ns, name) = (p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?);
@@ -310,11 +310,11 @@ mod tests {
             (refs(&f.services), refs(&f.slices), refs(&f.namespaces), refs(&f.pods));
         let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
         // Stands in for the /proc scan: a pid made from the pod's IP.
-        let pid = |p: &Pod| {
+        let mut pid = |p: &Pod| {
             let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             Some(i64::from(ip.octets()[3]) + 1000)
         };
-        translate(objs, node, &pid)
+        translate(objs, node, &mut pid)
     }
 
     fn refs<T>(v: &[T]) -> Vec<&T> {

@@ -18,7 +18,6 @@
 //!   changes; one whose only bad fields are workloads that vanished
 //!   between the /proc scan and the write is retried at once without them.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -51,6 +50,18 @@ struct Stores {
     slices: Store<EndpointSlice>,
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
+}
+
+impl Stores {
+    /// What the copies hold now.
+    fn seen(&self) -> Seen {
+        Seen {
+            services: self.services.state(),
+            slices: self.slices.state(),
+            namespaces: self.namespaces.state(),
+            pods: self.pods.state(),
+        }
+    }
 }
 
 /// Drops what the translation never reads and which can dwarf the rest:
@@ -152,12 +163,7 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
             changed.notified().await;
         }
         tokio::time::sleep(DEBOUNCE).await;
-        let seen = Seen {
-            services: stores.services.state(),
-            slices: stores.slices.state(),
-            namespaces: stores.namespaces.state(),
-            pods: stores.pods.state(),
-        };
+        let seen = stores.seen();
         // The /proc scan and the write block: off the runtime.
         let c = control.clone();
         let (ok, back) = tokio::task::spawn_blocking(move || {
@@ -193,7 +199,7 @@ impl Pass {
         let (services, slices, namespaces, pods) =
             (refs(&seen.services), refs(&seen.slices), refs(&seen.namespaces), refs(&seen.pods));
         let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
-        let t = translate(objs, control.node().as_str(), &|p: &Pod| self.pids.pid_of(p));
+        let t = translate(objs, control.node().as_str(), &mut |p: &Pod| self.pids.pid_of(p));
         self.pids.forget_all_but(&pods);
         for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
             info!(reason = %why, "left out of the mesh");
@@ -230,11 +236,10 @@ fn apply(control: &Control, mut next: Document) -> bool {
                 return true;
             }
             Err(WriteError::Invalid(errors)) if attempt == 0 => {
-                let gone = vanished_workloads(&errors);
-                if gone.is_empty() || gone.len() != errors.0.len() {
+                let Some(gone) = vanished_workloads(&errors) else {
                     warn!(errors = %errors, "the cluster's state is not valid; keeping the current one");
                     return false;
-                }
+                };
                 for i in gone.into_iter().rev() {
                     let w = next.workloads.remove(i);
                     warn!(workload = %format!("{}/{}", w.namespace, w.name), "its process exited; left out for now");
@@ -249,50 +254,49 @@ fn apply(control: &Control, mut next: Document) -> bool {
     false
 }
 
-/// Indices (ascending) of the workloads whose network namespace could not
-/// be opened: `workloads[i].pid` errors.
-fn vanished_workloads(errors: &crate::model::ValidationErrors) -> Vec<usize> {
-    let mut v: Vec<usize> = errors
+/// When every error is a workload whose network namespace could not be
+/// opened (`workloads[i].pid`): their indices, ascending.
+fn vanished_workloads(errors: &crate::model::ValidationErrors) -> Option<Vec<usize>> {
+    let mut v = errors
         .0
         .iter()
-        .filter_map(|e| e.path.strip_prefix("workloads[")?.strip_suffix("].pid")?.parse().ok())
-        .collect();
+        .map(|e| e.path.strip_prefix("workloads[")?.strip_suffix("].pid")?.parse().ok())
+        .collect::<Option<Vec<usize>>>()?;
     v.sort_unstable();
     v.dedup();
-    v
+    (!v.is_empty()).then_some(v)
 }
 
 /// Pod UID → one of its pids, checked again before each use: a scan of
 /// /proc only for pods not seen before or whose process has gone.
 struct PidCache {
     proc_root: PathBuf,
-    known: RefCell<HashMap<String, i64>>,
+    known: HashMap<String, i64>,
 }
 
 impl PidCache {
     fn new(proc_root: PathBuf) -> Self {
-        PidCache { proc_root, known: RefCell::default() }
+        PidCache { proc_root, known: HashMap::new() }
     }
 
-    fn pid_of(&self, pod: &Pod) -> Option<i64> {
+    fn pid_of(&mut self, pod: &Pod) -> Option<i64> {
         let uid = pod.metadata.uid.as_deref()?;
-        let mut known = self.known.borrow_mut();
-        if let Some(&pid) = known.get(uid) {
+        if let Some(&pid) = self.known.get(uid) {
             if procs::pid_in_pod(&self.proc_root, pid, uid) {
                 return Some(pid);
             }
         }
         let pid = procs::pid_of_pod(&self.proc_root, uid);
         match pid {
-            Some(p) => known.insert(uid.to_owned(), p),
-            None => known.remove(uid),
+            Some(p) => self.known.insert(uid.to_owned(), p),
+            None => self.known.remove(uid),
         };
         pid
     }
 
-    fn forget_all_but(&self, pods: &[&Pod]) {
+    fn forget_all_but(&mut self, pods: &[&Pod]) {
         let live: std::collections::HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
-        self.known.borrow_mut().retain(|uid, _| live.contains(uid.as_str()));
+        self.known.retain(|uid, _| live.contains(uid.as_str()));
     }
 }
 
@@ -305,8 +309,9 @@ mod tests {
     fn only_workload_pid_errors_count_as_vanished_processes() {
         let e = |p: &str| FieldError { path: p.into(), message: "x".into() };
         let errs = ValidationErrors(vec![e("workloads[3].pid"), e("workloads[1].pid"), e("workloads[3].pid")]);
-        assert_eq!(vanished_workloads(&errs), [1, 3]);
+        assert_eq!(vanished_workloads(&errs), Some(vec![1, 3]));
         let mixed = ValidationErrors(vec![e("workloads[1].pid"), e("services[0].vip")]);
-        assert_eq!(vanished_workloads(&mixed), [1], "the caller compares the count to spot other errors");
+        assert_eq!(vanished_workloads(&mixed), None, "another error: the state is invalid");
+        assert_eq!(vanished_workloads(&ValidationErrors(vec![])), None);
     }
 }
