@@ -160,8 +160,8 @@ struct AdminView {
 }
 
 impl admin::AdminSource for AdminView {
-    fn ready(&self) -> bool {
-        self.control.ready()
+    fn readiness(&self) -> Result<(), String> {
+        self.control.readiness()
     }
 
     fn stats_json(&self) -> serde_json::Value {

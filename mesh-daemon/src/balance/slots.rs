@@ -14,7 +14,7 @@ pub fn layout(weights: &[u16], size: u32) -> Vec<usize> {
     if live.is_empty() {
         return Vec::new();
     }
-    let slots = u64::from(size).max(live.len() as u64);
+    let slots = crate::model::capacity::slot_table_len(live.len(), size) as u64;
     let total: u64 = live.iter().map(|(_, w)| w).sum();
     let mut counts: Vec<(usize, u64, u64)> =
         live.iter().map(|(i, w)| (*i, w * slots / total, w * slots % total)).collect();

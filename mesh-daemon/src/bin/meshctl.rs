@@ -506,11 +506,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s(&v["services"]),
                 s(&v["endpoints"])
             );
-            println!(
-                "datapath:    attached {}, taken over at start {}",
-                s(&v["datapath"]["attached"]),
-                s(&v["datapath"]["reused_at_start"])
-            );
+            match v["notReadyReason"].as_str() {
+                None => println!("ready:       yes"),
+                Some(why) => println!("ready:       no: {why}"),
+            }
+            println!("datapath:    taken over at start {}", s(&v["datapath"]["reused_at_start"]));
             if let Some(st) = v["datapath"]["stats"].as_object() {
                 let parts: Vec<String> = st.iter().map(|(k, n)| format!("{k}={}", s(n))).collect();
                 println!("counters:    {}", parts.join(" "));

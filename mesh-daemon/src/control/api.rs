@@ -344,7 +344,9 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     "workloads": doc.workloads.len(),
                     "services": doc.services.len(),
                     "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
-                    "datapath": { "attached": control.ready(), "reused_at_start": control.datapath_reused(), "stats": stats },
+                    "ready": control.readiness().is_ok(),
+                    "notReadyReason": control.readiness().err(),
+                    "datapath": { "reused_at_start": control.datapath_reused(), "stats": stats },
                 }),
             )
         }

@@ -1,11 +1,17 @@
 //! The control plane: the desired state, its persistence, and applying it.
 //!
 //! Every write is an edit of a copy of the document. The copy is validated
-//! whole, this node's workloads are resolved to their netns cookies, the
-//! result is saved (write-temp, fsync, rename), the kernel maps are synced
-//! and the proxy's routes swapped, and only then the write is answered.
-//! Writes are serialized; one failing step leaves the old state in place.
+//! whole, including what it needs in each kernel map; this node's
+//! workloads are resolved to their netns cookies; the kernel maps are
+//! synced, the result saved (write-temp, fsync, rename), the proxy's routes
+//! swapped, and only then the write is answered. Writes are serialized; a
+//! step that fails puts the maps back as they were and saves nothing.
 //! Health changes re-sync the kernel maps without a write ([`Control::resync`]).
+//!
+//! A saved state that no longer fits the maps at start (the daemon was
+//! started with a larger `--slot-table-size`) does not stop the daemon: the
+//! kernel-mode services that do not fit are served by the proxy instead,
+//! `/ready` says why, and writes must fit again.
 
 pub mod api;
 mod store;
@@ -15,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,7 +33,7 @@ use crate::balance::select::{effective_weights, Candidate};
 use crate::balance::{BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
 use crate::health::Checker;
-use crate::model::{self, Document, FieldError, Mode, NodeName, State, ValidationErrors};
+use crate::model::{self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, State, ValidationErrors};
 use crate::proxy::{Local, RouteTable};
 use crate::telemetry::metrics::{EndpointLabels, Metrics};
 use crate::tunnel::server::Inbound;
@@ -60,10 +66,29 @@ pub enum WriteError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("saved as generation {generation}, but the kernel maps could not be updated: {source}")]
-    Datapath { generation: u64, source: DatapathError },
+    #[error("the kernel maps could not be updated ({source}); {rollback}; nothing was saved")]
+    Datapath { source: DatapathError, rollback: Rollback },
     #[error("the daemon is shutting down")]
     Stopped,
+}
+
+/// What became of the maps after a failed write.
+#[derive(Debug)]
+pub enum Rollback {
+    Done { generation: u64 },
+    Failed { generation: u64, error: DatapathError },
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rollback::Done { generation } => write!(f, "they were put back as generation {generation}"),
+            Rollback::Failed { generation, error } => write!(
+                f,
+                "putting them back as generation {generation} failed too ({error}): they differ from it until the next write"
+            ),
+        }
+    }
 }
 
 /// The accepted state and what the kernel view of it needs.
@@ -91,6 +116,9 @@ pub struct Control {
     checker: Mutex<Checker>,
     /// What the tunnel's inbound checks need.
     inbound: Arc<ArcSwap<Inbound>>,
+    /// Why the daemon is not ready though it runs (the saved state does
+    /// not fit the maps, or the maps could not be put back); None: ready.
+    problem: ArcSwapOption<String>,
 }
 
 /// A checked state, ready to be written to the datapath.
@@ -104,6 +132,15 @@ impl Prepared {
     /// the datapath is handed back.
     pub fn attach(self, mut datapath: Datapath) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
         let Prepared { control, current } = self;
+        let needs = MapNeeds::of(&current.state, &control.cfg.node, control.cfg.slot_table_size);
+        if let Err(e) = needs.check(&control.capacity()) {
+            let why = format!(
+                "the saved state (generation {}) does not fit the kernel maps: {e}; kernel-mode services that do not fit are served by the proxy until a state that fits is applied",
+                current.stored.generation
+            );
+            tracing::error!(reason = %why, "not ready");
+            control.problem.store(Some(Arc::new(why)));
+        }
         if let Err(e) = control.timed_sync(&mut datapath, &control.contents(&current)) {
             return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
         }
@@ -121,6 +158,8 @@ impl Prepared {
 pub fn plan(
     current: &Stored,
     if_match: Option<u64>,
+    node: &NodeName,
+    capacity: &MapCapacity,
     edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
 ) -> Result<(Stored, State), WriteError> {
     if let Some(expected) = if_match {
@@ -131,6 +170,7 @@ pub fn plan(
     let mut doc = current.state.clone();
     edit(&mut doc)?;
     let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
+    MapNeeds::of(&state, node, capacity.slot_table_size).check(capacity).map_err(WriteError::Invalid)?;
     let ids = current.ids.assign(&state.frontend_keys());
     Ok((Stored { generation: current.generation + 1, ids, state: doc }, state))
 }
@@ -156,6 +196,7 @@ impl Control {
             registry: Arc::new(Registry::new(cfg.balance)),
             checker: Mutex::new(Checker::new(health_changed)),
             inbound: Arc::new(ArcSwap::from_pointee(Inbound::default())),
+            problem: ArcSwapOption::empty(),
             cfg,
         };
         let restored = control.store.load()?;
@@ -201,6 +242,11 @@ impl Control {
             control.store.save(&stored)?;
         }
         Ok(Prepared { control, current: Current { stored, state, cookies } })
+    }
+
+    /// What the kernel maps hold.
+    fn capacity(&self) -> MapCapacity {
+        MapCapacity::with_table_size(self.cfg.slot_table_size)
     }
 
     /// Who owns the state, when the control API must not write it.
@@ -262,7 +308,9 @@ impl Control {
         }
     }
 
-    /// The map contents for `current`, with the health seen now.
+    /// The map contents for `current`, with the health seen now; kernel-mode
+    /// tables that do not fit the maps (only a restored state can have
+    /// them: writes are checked) are left to the proxy.
     fn contents(&self, current: &Current) -> MapContents {
         let state = &current.state;
         let frontends = state.frontends(&current.stored.ids);
@@ -275,9 +323,15 @@ impl Control {
         };
         let proxy = SocketAddrV4::new(proxy_ip, listen.port());
         let registry = &self.registry;
-        MapContents::build(state, &frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
-            registry.actively_healthy(a)
-        })
+        let mut contents =
+            MapContents::build(state, &frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
+                registry.actively_healthy(a)
+            });
+        let moved = contents.fit(&self.capacity());
+        if moved > 0 {
+            warn!(service_ports = moved, "kernel-mode service ports that do not fit map SLOTS are served by the proxy");
+        }
+        contents
     }
 
     fn timed_sync(&self, dp: &mut Datapath, contents: &MapContents) -> Result<datapath::SyncReport, DatapathError> {
@@ -372,21 +426,44 @@ impl Control {
         if_match: Option<u64>,
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
     ) -> Result<u64, WriteError> {
-        let mut inner = self.inner.lock().map_err(|_| WriteError::Stopped)?;
-        let (stored, state) = plan(&inner.current.stored, if_match, edit)?;
+        let mut guard = self.inner.lock().map_err(|_| WriteError::Stopped)?;
+        let Inner { current, datapath } = &mut *guard;
+        let (stored, state) = plan(&current.stored, if_match, &self.cfg.node, &self.capacity(), edit)?;
         let cookies = self.local_cookies(&state, true).map_err(WriteError::Invalid)?;
         let next = Current { stored, state, cookies };
-        self.store.save(&next.stored)?;
         let generation = next.stored.generation;
-        let contents = self.contents(&next);
-        let dp = inner.datapath.as_mut().ok_or(WriteError::Stopped)?;
-        let synced = self.timed_sync(dp, &contents);
-        // Saved: from here on this is the state, even if the kernel lags.
+        let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
+        let report = match self.timed_sync(dp, &self.contents(&next)) {
+            Ok(r) => r,
+            Err(source) => return Err(WriteError::Datapath { rollback: self.roll_back(dp, current), source }),
+        };
+        if let Err(e) = self.store.save(&next.stored) {
+            // The maps took the new state but it is not saved: put them back.
+            let rollback = self.roll_back(dp, current);
+            warn!(error = %e, %rollback, "the state could not be saved");
+            return Err(e.into());
+        }
         self.accepted(&next);
-        inner.current = next;
-        let report = synced.map_err(|source| WriteError::Datapath { generation, source })?;
+        *current = next;
+        // A state that passed planning fits: whatever kept the daemon from
+        // being ready is over.
+        self.problem.store(None);
         info!(generation, written = report.written, deleted = report.deleted, "state applied");
         Ok(generation)
+    }
+
+    /// Puts the maps back to `current` after a failed write.
+    fn roll_back(&self, dp: &mut Datapath, current: &Current) -> Rollback {
+        let generation = current.stored.generation;
+        match self.timed_sync(dp, &self.contents(current)) {
+            Ok(_) => Rollback::Done { generation },
+            Err(error) => {
+                let why = format!("the kernel maps could not be put back as generation {generation}: {error}");
+                tracing::error!(reason = %why, "not ready");
+                self.problem.store(Some(Arc::new(why)));
+                Rollback::Failed { generation, error }
+            }
+        }
     }
 
     /// Re-syncs the kernel maps after health changed.
@@ -468,8 +545,16 @@ impl Control {
         dp.stats().map_err(|e| e.to_string())
     }
 
-    pub fn ready(&self) -> bool {
-        self.inner.lock().map(|i| i.datapath.is_some()).unwrap_or(false)
+    /// Ready: the datapath is attached and holds the accepted state.
+    /// Otherwise, why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(p) = self.problem.load_full() {
+            return Err((*p).clone());
+        }
+        match self.inner.lock() {
+            Ok(i) if i.datapath.is_some() => Ok(()),
+            _ => Err("the datapath is not attached".into()),
+        }
     }
 
     /// Stops taking writes and hands the datapath to `shutdown`.
@@ -489,6 +574,10 @@ impl Control {
 mod tests {
     use super::*;
     use crate::model::parse_document;
+
+    fn node() -> NodeName {
+        NodeName::parse("a").unwrap()
+    }
 
     fn stored() -> Stored {
         let doc = parse_document(
@@ -510,7 +599,7 @@ mod tests {
              \x20- {name: api, vip: 10.96.0.11, ports: [{port: 80}], endpoints: [{ip: 10.0.0.300, node: a}]}\n",
         )
         .unwrap();
-        let e = plan(&cur, None, |d| {
+        let e = plan(&cur, None, &node(), &MapCapacity::default(), |d| {
             *d = batch;
             Ok(())
         })
@@ -528,10 +617,10 @@ mod tests {
     #[test]
     fn a_stale_generation_conflicts_and_the_current_one_applies() {
         let cur = stored();
-        let e = plan(&cur, Some(3), |_| Ok(())).unwrap_err();
+        let e = plan(&cur, Some(3), &node(), &MapCapacity::default(), |_| Ok(())).unwrap_err();
         assert!(matches!(e, WriteError::Conflict { current: 4, expected: 3 }), "{e}");
         assert!(e.to_string().contains("generation 4, not 3"), "{e}");
-        let (next, _) = plan(&cur, Some(4), |d| {
+        let (next, _) = plan(&cur, Some(4), &node(), &MapCapacity::default(), |d| {
             d.services[0].endpoints[0].weight = 7;
             Ok(())
         })
@@ -539,13 +628,16 @@ mod tests {
         assert_eq!(next.generation, 5);
         assert_eq!(next.state.services[0].endpoints[0].weight, 7);
         assert_eq!(next.ids, cur.ids, "same service ports keep their ids");
-        let (unconditional, _) = plan(&cur, None, |_| Ok(())).unwrap();
+        let (unconditional, _) = plan(&cur, None, &node(), &MapCapacity::default(), |_| Ok(())).unwrap();
         assert_eq!(unconditional.generation, 5);
     }
 
     #[test]
     fn an_edit_error_is_returned_as_is() {
-        let e = plan(&stored(), None, |_| Err(WriteError::NotFound("service x/y not found".into()))).unwrap_err();
+        let e = plan(&stored(), None, &node(), &MapCapacity::default(), |_| {
+            Err(WriteError::NotFound("service x/y not found".into()))
+        })
+        .unwrap_err();
         assert_eq!(e.to_string(), "service x/y not found");
     }
 }

@@ -7,7 +7,7 @@ use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNE
 
 use crate::balance::select::{effective_weights, Candidate};
 use crate::balance::slots;
-use crate::model::{Frontend, Mode, State};
+use crate::model::{Frontend, MapCapacity, Mode, State};
 
 /// One `SERVICES` entry as wanted; for kernel mode with its slot table.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +83,33 @@ impl MapContents {
     }
 }
 
+impl MapContents {
+    /// Makes the contents fit `cap`: kernel-mode tables that would overflow
+    /// `SLOTS` (both generations counted) become proxy-mode entries, so
+    /// their connections still reach an endpoint, through the proxy;
+    /// service and workload entries past their maps are left out. Returns
+    /// how many service ports left kernel mode.
+    pub fn fit(&mut self, cap: &MapCapacity) -> usize {
+        while self.workloads.len() > cap.workloads {
+            self.workloads.pop_last();
+        }
+        while self.services.len() > cap.services {
+            self.services.pop_last();
+        }
+        let (mut used, mut moved) = (0, 0);
+        for d in self.services.values_mut().filter(|d| d.mode == MODE_KERNEL) {
+            let need = 2 * d.slots.len();
+            if used + need <= cap.slots {
+                used += need;
+            } else {
+                *d = DesiredService { id: d.id, mode: MODE_PROXY, slots: Vec::new() };
+                moved += 1;
+            }
+        }
+        moved
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +148,28 @@ mod tests {
         assert!(db.slots.iter().all(|s| *s != down));
         let c = MapContents::build(&state, &f, &[], "172.18.0.2:15001".parse().unwrap(), 256, &|_| false);
         assert_eq!(c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)].slots.len(), 256, "fail open");
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_are_served_by_the_proxy() {
+        let slots = |n: usize| DesiredService {
+            id: 0,
+            mode: MODE_KERNEL,
+            slots: vec![sockaddr("10.0.0.1:80".parse().unwrap()); n],
+        };
+        let mut c = MapContents::default();
+        for i in 0..3u32 {
+            c.services.insert(
+                service_key(std::net::Ipv4Addr::from(0x0a60_0001 + i), 80),
+                DesiredService { id: i + 1, ..slots(256) },
+            );
+        }
+        let cap = MapCapacity { slots: 2 * 256 * 2, ..MapCapacity::default() };
+        assert_eq!(c.fit(&cap), 1, "two tables of two generations fit, the third does not");
+        let modes: Vec<u8> = c.services.values().map(|d| d.mode).collect();
+        assert_eq!(modes, [MODE_KERNEL, MODE_KERNEL, MODE_PROXY]);
+        assert!(c.services.values().last().unwrap().slots.is_empty());
+        assert_eq!(c.services.values().last().unwrap().id, 3, "the proxy still knows the service by its id");
+        assert_eq!(c.fit(&cap), 0, "fitting contents are left as they are");
     }
 }

@@ -225,45 +225,8 @@ impl Datapath {
         let err = |name| move |source| DatapathError::Map { name, source };
         sync_map(&mut self.workloads, map_names::WORKLOADS, &want.workloads, &mut report)?;
 
-        let slot_keys: Vec<SlotKey> = self.slots.keys().collect::<Result<_, _>>().map_err(err(map_names::SLOTS))?;
-        for (key, d) in &want.services {
-            let have = self.services.get(key, 0).ok();
-            let mut value = ServiceValue { id: d.id, mode: d.mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 };
-            if d.mode == MODE_KERNEL {
-                let current = have.filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
-                let unchanged = current.is_some_and(|h| {
-                    h.slot_count as usize == d.slots.len()
-                        && d.slots.iter().enumerate().all(|(i, b)| {
-                            let k = SlotKey { service_id: d.id, generation: u32::from(h.generation), slot: i as u32 };
-                            self.slots.get(&k, 0).ok().as_ref() == Some(b)
-                        })
-                });
-                if let (true, Some(h)) = (unchanged, current) {
-                    value = h;
-                } else {
-                    let generation = current.map_or(0, |h| h.generation ^ 1);
-                    for (i, b) in d.slots.iter().enumerate() {
-                        let k = SlotKey { service_id: d.id, generation: u32::from(generation), slot: i as u32 };
-                        self.slots.insert(k, b, 0).map_err(err(map_names::SLOTS))?;
-                        report.written += 1;
-                    }
-                    for k in slot_keys.iter().filter(|k| {
-                        k.service_id == d.id
-                            && k.generation == u32::from(generation)
-                            && k.slot as usize >= d.slots.len()
-                    }) {
-                        self.slots.remove(k).map_err(err(map_names::SLOTS))?;
-                        report.deleted += 1;
-                    }
-                    value.generation = generation;
-                    value.slot_count = d.slots.len() as u32;
-                }
-            }
-            if have != Some(value) {
-                self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
-                report.written += 1;
-            }
-        }
+        // What goes away goes first, so the maps never hold old and new
+        // together beyond what planning counted.
         let stale: Vec<ServiceKey> = self
             .services
             .keys()
@@ -276,13 +239,60 @@ impl Datapath {
             self.services.remove(&k).map_err(err(map_names::SERVICES))?;
             report.deleted += 1;
         }
+        for (key, d) in want.services.iter().filter(|(_, d)| d.mode != MODE_KERNEL) {
+            let value = ServiceValue { id: d.id, mode: d.mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 };
+            if self.services.get(key, 0).ok() != Some(value) {
+                self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
+                report.written += 1;
+            }
+        }
         // Slots of services that are gone or no longer in kernel mode; only
-        // after their service entries are gone.
+        // after their service entries are gone or switched.
         let kernel_ids: BTreeSet<u32> =
             want.services.values().filter(|d| d.mode == MODE_KERNEL).map(|d| d.id).collect();
+        let mut slot_keys: Vec<SlotKey> = self.slots.keys().collect::<Result<_, _>>().map_err(err(map_names::SLOTS))?;
         for k in slot_keys.iter().filter(|k| !kernel_ids.contains(&k.service_id)) {
             self.slots.remove(k).map_err(err(map_names::SLOTS))?;
             report.deleted += 1;
+        }
+        slot_keys.retain(|k| kernel_ids.contains(&k.service_id));
+
+        for (key, d) in want.services.iter().filter(|(_, d)| d.mode == MODE_KERNEL) {
+            let have = self.services.get(key, 0).ok();
+            let current = have.filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
+            let unchanged = current.is_some_and(|h| {
+                h.slot_count as usize == d.slots.len()
+                    && d.slots.iter().enumerate().all(|(i, b)| {
+                        let k = SlotKey { service_id: d.id, generation: u32::from(h.generation), slot: i as u32 };
+                        self.slots.get(&k, 0).ok().as_ref() == Some(b)
+                    })
+            });
+            if unchanged {
+                continue;
+            }
+            let generation = current.map_or(0, |h| h.generation ^ 1);
+            // The inactive generation's entries past the new table go first.
+            for k in slot_keys.iter().filter(|k| {
+                k.service_id == d.id && k.generation == u32::from(generation) && k.slot as usize >= d.slots.len()
+            }) {
+                self.slots.remove(k).map_err(err(map_names::SLOTS))?;
+                report.deleted += 1;
+            }
+            for (i, b) in d.slots.iter().enumerate() {
+                let k = SlotKey { service_id: d.id, generation: u32::from(generation), slot: i as u32 };
+                self.slots.insert(k, b, 0).map_err(err(map_names::SLOTS))?;
+                report.written += 1;
+            }
+            let value = ServiceValue {
+                id: d.id,
+                mode: MODE_KERNEL,
+                generation,
+                _pad: 0,
+                slot_count: d.slots.len() as u32,
+                _pad2: 0,
+            };
+            self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
+            report.written += 1;
         }
         debug!(written = report.written, deleted = report.deleted, "maps synced");
         Ok(report)

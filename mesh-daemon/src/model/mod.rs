@@ -2,6 +2,7 @@
 //! legal. Everything else receives a validated [`State`].
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 mod document;
 mod ids;
 mod load;
@@ -12,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use capacity::{MapCapacity, MapNeeds};
 pub use document::{
     AuthorizationDoc, Document, EndpointDoc, HealthCheckDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc,
 };

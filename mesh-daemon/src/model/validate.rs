@@ -6,8 +6,6 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_common::limits;
-
 use super::*;
 
 /// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
@@ -125,6 +123,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut state = State::default();
 
     let mut node_names = HashSet::new();
+    // First holder of each address, for refusing a VIP that shadows it.
+    let mut node_addrs = HashMap::new();
+    let mut endpoint_ips: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
+    let mut vips = Vec::new();
     for (i, n) in doc.nodes.iter().enumerate() {
         let p = format!("nodes[{i}]");
         let name = e.take(format!("{p}.name"), NodeName::parse(&n.name));
@@ -134,6 +136,9 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             }
         }
         let address = e.take(format!("{p}.address"), ipv4(&n.address));
+        if let Some(a) = address {
+            node_addrs.entry(a).or_insert(i);
+        }
         if let (Some(name), Some(address)) = (name, address) {
             state.nodes.push(Node { name, address });
         }
@@ -148,12 +153,6 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         }
     };
 
-    if doc.workloads.len() > limits::MAX_WORKLOADS as usize {
-        e.push(
-            "workloads",
-            format!("{} workloads are more than the maximum {}", doc.workloads.len(), limits::MAX_WORKLOADS),
-        );
-    }
     let mut workload_ips = HashMap::new();
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
@@ -197,10 +196,6 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         }
     }
 
-    let frontends: usize = doc.services.iter().map(|s| s.ports.len()).sum();
-    if frontends > limits::MAX_SERVICES as usize {
-        e.push("services", format!("{frontends} service ports are more than the maximum {}", limits::MAX_SERVICES));
-    }
     let mut service_names = HashMap::new();
     let mut addresses = HashMap::new();
     for (i, s) in doc.services.iter().enumerate() {
@@ -213,6 +208,9 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             }
         }
         let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
+        if let Some(v) = vip {
+            vips.push((i, v));
+        }
         let mode = match s.mode.as_str() {
             "proxy" => Some(Mode::Proxy),
             "kernel" => Some(Mode::Kernel),
@@ -255,6 +253,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 if !seen_ips.insert(ip) {
                     e.push(format!("{pp}.ip"), format!("endpoint {ip} is listed twice"));
                 }
+                endpoint_ips.entry(ip).or_insert((i, j));
             }
             let node = known_node(&mut e, format!("{pp}.node"), &ep.node);
             let weight = e.take(
@@ -352,6 +351,25 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 authorization,
             });
         }
+    }
+
+    // connect4 rewrites every connect to a VIP: one that is also a pod's or
+    // a node's address would capture ordinary traffic to it.
+    for (i, vip) in vips {
+        let holder = if let Some(n) = node_addrs.get(&vip) {
+            format!("node {} (nodes[{n}])", doc.nodes[*n].name)
+        } else if let Some(w) = workload_ips.get(&vip) {
+            let w = &doc.workloads[*w];
+            format!("workload {}/{} (workloads[{}])", w.namespace, w.name, workload_ips[&vip])
+        } else if let Some((si, ei)) = endpoint_ips.get(&vip) {
+            format!("an endpoint of {} (services[{si}].endpoints[{ei}])", doc.services[*si].name)
+        } else {
+            continue;
+        };
+        e.push(
+            format!("services[{i}].vip"),
+            format!("{vip} is the address of {holder}: a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP"),
+        );
     }
 
     if e.0.is_empty() {
@@ -642,14 +660,41 @@ services:
     }
 
     #[test]
-    fn limits_are_enforced() {
-        let e = errors(|d| {
-            let w = d.workloads[0].clone();
-            d.workloads = (0..=limits::MAX_WORKLOADS)
-                .map(|i| WorkloadDoc { ip: Ipv4Addr::from(0x0a00_0000 + i).to_string(), ..w.clone() })
-                .collect();
-        });
-        assert!(e.iter().any(|e| e.starts_with("workloads: 4097 workloads are more than the maximum")), "{e:?}");
+    fn a_vip_may_not_shadow_a_node_a_workload_or_an_endpoint() {
+        assert_error(
+            |d| d.services[0].vip = "172.18.0.3".into(),
+            "services[0].vip: 172.18.0.3 is the address of node node-b (nodes[1]): a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP",
+        );
+        assert_error(
+            |d| d.services[0].vip = "10.244.2.2".into(),
+            "services[0].vip: 10.244.2.2 is the address of workload default/other (workloads[1]): a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP",
+        );
+        // Another service's endpoint: the rule looks across services.
+        let shadow = |d: &mut Document| {
+            let mut s = d.services[0].clone();
+            s.name = "api".into();
+            s.vip = "10.96.0.20".into();
+            s.endpoints.truncate(1);
+            s.endpoints[0].ip = "10.244.9.9".into();
+            d.services.push(s);
+            d.services[0].vip = "10.244.9.9".into();
+        };
+        assert_error(
+            shadow,
+            "services[0].vip: 10.244.9.9 is the address of an endpoint of api (services[1].endpoints[0]): a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP",
+        );
+    }
+
+    #[test]
+    fn more_workloads_than_one_node_holds_are_left_to_the_capacity_check() {
+        // Cluster-wide counts are not limits: each node holds only its own
+        // workloads in its map (see capacity.rs).
+        let mut d = good();
+        let w = d.workloads[1].clone();
+        d.workloads = (0..5000u32)
+            .map(|i| WorkloadDoc { ip: Ipv4Addr::from(0x0a01_0000 + i).to_string(), ..w.clone() })
+            .collect();
+        assert!(State::from_document(&d).is_ok());
     }
 
     #[test]

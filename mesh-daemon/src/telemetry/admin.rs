@@ -15,7 +15,8 @@ use tracing::debug;
 
 /// What the admin endpoint reads; implemented by the running daemon.
 pub trait AdminSource: Send + Sync + 'static {
-    fn ready(&self) -> bool;
+    /// Ok when ready; otherwise why not (`/ready` answers 503 with it).
+    fn readiness(&self) -> Result<(), String>;
     /// `/stats` as JSON.
     fn stats_json(&self) -> serde_json::Value;
     /// `/metrics` in the Prometheus text format.
@@ -59,8 +60,10 @@ fn handle(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<By
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" if source.ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => match source.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
         "/stats" => {
             let mut r = text(StatusCode::OK, source.stats_json().to_string());
             r.headers_mut()

@@ -1,0 +1,195 @@
+//! What a state needs in each kernel map, checked against what the maps
+//! hold before anything is saved or written: a state that does not fit is
+//! refused whole at planning, never half-applied.
+
+use mesh_common::{limits, map_names};
+
+use super::{FieldError, Mode, NodeName, State, ValidationErrors};
+
+/// Slots in one kernel-mode table with `weighted` endpoints of weight
+/// above 0: `size`, or one per endpoint when there are more; none when no
+/// endpoint has weight. Health only ever shrinks the weighted set, so this
+/// is the most a table of the service can take.
+pub fn slot_table_len(weighted: usize, size: u32) -> usize {
+    if weighted == 0 {
+        0
+    } else {
+        weighted.max(size as usize)
+    }
+}
+
+/// Entries the kernel maps hold, and the table size kernel-mode services get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapCapacity {
+    pub workloads: usize,
+    pub services: usize,
+    pub slots: usize,
+    /// `--slot-table-size`.
+    pub slot_table_size: u32,
+}
+
+impl MapCapacity {
+    /// The maps as the kernel programs declare them.
+    pub fn with_table_size(slot_table_size: u32) -> Self {
+        Self {
+            workloads: limits::MAX_WORKLOADS as usize,
+            services: limits::MAX_SERVICES as usize,
+            slots: limits::MAX_SLOTS as usize,
+            slot_table_size,
+        }
+    }
+}
+
+impl Default for MapCapacity {
+    fn default() -> Self {
+        Self::with_table_size(256)
+    }
+}
+
+/// Entries one state needs on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapNeeds {
+    /// This node's workloads.
+    pub workloads: usize,
+    /// One per service port.
+    pub services: usize,
+    /// Both generations of every kernel-mode table at its largest.
+    pub slots: usize,
+}
+
+impl MapNeeds {
+    pub fn of(state: &State, node: &NodeName, slot_table_size: u32) -> Self {
+        let workloads = state.workloads.iter().filter(|w| &w.node == node).count();
+        let services = state.services.iter().map(|s| s.ports.len()).sum();
+        let slots = state
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::Kernel)
+            .map(|s| {
+                let weighted = s.endpoints.iter().filter(|e| e.weight.0 > 0).count();
+                2 * s.ports.len() * slot_table_len(weighted, slot_table_size)
+            })
+            .sum();
+        Self { workloads, services, slots }
+    }
+
+    /// Every map this state overflows, each naming what would fix it.
+    pub fn check(&self, cap: &MapCapacity) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        if self.workloads > cap.workloads {
+            errors.push(FieldError {
+                path: "workloads".into(),
+                message: format!(
+                    "map {}: this node's {} workloads need {} entries, but the map holds {}; spread the pods over more nodes",
+                    map_names::WORKLOADS,
+                    self.workloads,
+                    self.workloads,
+                    cap.workloads
+                ),
+            });
+        }
+        if self.services > cap.services {
+            errors.push(FieldError {
+                path: "services".into(),
+                message: format!(
+                    "map {}: {} service ports need {} entries, but the map holds {}; remove services or ports",
+                    map_names::SERVICES,
+                    self.services,
+                    self.services,
+                    cap.services
+                ),
+            });
+        }
+        if self.slots > cap.slots {
+            errors.push(FieldError {
+                path: "services".into(),
+                message: format!(
+                    "map {}: the kernel-mode services need {} entries (two generations of tables of --slot-table-size {} slots, or one per endpoint where there are more), but the map holds {}; lower --slot-table-size or move services to mode: proxy",
+                    map_names::SLOTS,
+                    self.slots,
+                    cap.slot_table_size,
+                    cap.slots
+                ),
+            });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    fn state(kernel_services: usize, endpoints: usize) -> State {
+        let mut text = String::from("nodes: [{name: a, address: 172.18.0.2}]\nservices:\n");
+        for i in 0..kernel_services {
+            let eps: Vec<String> =
+                (0..endpoints).map(|j| format!("{{ip: 10.244.{}.{}, node: a}}", i / 200, j + 1)).collect();
+            text += &format!(
+                " - {{name: s{i}, vip: 10.96.{}.{}, mode: kernel, ports: [{{port: 80}}], endpoints: [{}]}}\n",
+                i / 250,
+                i % 250 + 1,
+                eps.join(", ")
+            );
+        }
+        State::from_document(&parse_document(&text).unwrap()).unwrap()
+    }
+
+    fn node() -> NodeName {
+        NodeName::parse("a").unwrap()
+    }
+
+    #[test]
+    fn table_len_follows_the_size_or_the_endpoints() {
+        assert_eq!(slot_table_len(0, 256), 0, "no weighted endpoint: an empty table");
+        assert_eq!(slot_table_len(10, 256), 256);
+        assert_eq!(slot_table_len(300, 256), 300, "one slot per endpoint when there are more");
+    }
+
+    #[test]
+    fn kernel_tables_count_both_generations() {
+        let needs = MapNeeds::of(&state(3, 10), &node(), 256);
+        assert_eq!(needs, MapNeeds { workloads: 0, services: 3, slots: 3 * 2 * 256 });
+        assert!(needs.check(&MapCapacity::with_table_size(256)).is_ok());
+    }
+
+    #[test]
+    fn an_overflowing_slot_map_is_refused_naming_the_map_the_numbers_and_the_flag() {
+        // 520 services x 2 generations x 256 slots = 266 240 > 262 144.
+        let needs = MapNeeds::of(&state(520, 10), &node(), 256);
+        assert_eq!(needs.slots, 266_240);
+        let e = needs.check(&MapCapacity::with_table_size(256)).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        let msg = e.to_string();
+        assert!(msg.starts_with("services: map SLOTS: the kernel-mode services need 266240 entries"), "{msg}");
+        assert!(msg.contains("holds 262144") && msg.contains("--slot-table-size"), "{msg}");
+        // The same state with smaller tables fits.
+        assert!(MapNeeds::of(&state(520, 10), &node(), 128).check(&MapCapacity::with_table_size(128)).is_ok());
+    }
+
+    #[test]
+    fn services_and_workloads_over_their_maps_are_refused() {
+        let small = MapCapacity { workloads: 1, services: 2, slots: 1 << 20, slot_table_size: 256 };
+        let e = MapNeeds { workloads: 2, services: 3, slots: 0 }.check(&small).unwrap_err().to_string();
+        assert!(
+            e.contains("workloads: map WORKLOADS: this node's 2 workloads need 2 entries, but the map holds 1"),
+            "{e}"
+        );
+        assert!(e.contains("services: map SERVICES: 3 service ports need 3 entries, but the map holds 2"), "{e}");
+    }
+
+    #[test]
+    fn proxy_mode_and_drained_services_need_no_slots() {
+        let mut s = state(2, 3);
+        s.services[0].mode = Mode::Proxy;
+        for e in &mut s.services[1].endpoints {
+            e.weight = crate::model::Weight(0);
+        }
+        assert_eq!(MapNeeds::of(&s, &node(), 256).slots, 0);
+    }
+}
