@@ -93,9 +93,19 @@ pub struct Bins {
     pub daemon: PathBuf,
     pub meshctl: PathBuf,
     pub mt_pod: PathBuf,
+    pub mt_tunnel: PathBuf,
 }
 
 impl Bins {
+    /// The harness's own tools by name; anything else is looked up on PATH.
+    fn program(&self, name: &str) -> PathBuf {
+        match name {
+            "mt-pod" => self.mt_pod.clone(),
+            "mt-tunnel" => self.mt_tunnel.clone(),
+            other => PathBuf::from(other),
+        }
+    }
+
     /// `MESH_BIN_DIR`, or the cargo target folder this program runs from.
     pub fn locate() -> anyhow::Result<Self> {
         let dirs: Vec<PathBuf> = match std::env::var_os("MESH_BIN_DIR") {
@@ -106,13 +116,14 @@ impl Bins {
             }
         };
         for d in &dirs {
-            let (daemon, meshctl, mt_pod) = (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"));
-            if daemon.exists() && meshctl.exists() && mt_pod.exists() {
-                return Ok(Self { daemon, meshctl, mt_pod });
+            let (daemon, meshctl, mt_pod, mt_tunnel) =
+                (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"), d.join("mt-tunnel"));
+            if daemon.exists() && meshctl.exists() && mt_pod.exists() && mt_tunnel.exists() {
+                return Ok(Self { daemon, meshctl, mt_pod, mt_tunnel });
             }
         }
         bail!(
-            "mesh-daemon, meshctl and mt-pod are not built next to this program (looked in {dirs:?}); \
+            "mesh-daemon, meshctl, mt-pod and mt-tunnel are not built next to this program (looked in {dirs:?}); \
              build them with `cargo build -p mesh-daemon -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
         )
     }
@@ -290,6 +301,23 @@ impl Cluster {
         Ok(dir)
     }
 
+    /// Issues a certificate for SPIFFE ID `id` from the CA in `ca` (a
+    /// folder with ca.pem and ca.key), valid for `seconds`, into a folder
+    /// `name` of this run (cert.pem, key.pem), and returns that folder.
+    pub fn issue_cert(&self, ca: &Path, id: &str, seconds: u64, name: &str) -> anyhow::Result<PathBuf> {
+        let out = self.dir.join(name);
+        sys::run(
+            Command::new(&self.bins.daemon)
+                .args(["ca", "issue", "--ca-cert"])
+                .arg(ca.join("ca.pem"))
+                .arg("--ca-key")
+                .arg(ca.join("ca.key"))
+                .args(["--id", id, "--seconds", &seconds.to_string(), "--out"])
+                .arg(&out),
+        )?;
+        Ok(out)
+    }
+
     /// The daemon flags that hand it this run's CA.
     fn ca_flags(&self) -> anyhow::Result<Vec<std::ffi::OsString>> {
         let ca = self.ca_dir()?;
@@ -334,6 +362,23 @@ impl Cluster {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> anyhow::Result<Daemon> {
+        self.launch_daemon(node, config, extra, env, "/ready")
+    }
+
+    /// Starts mesh-daemon for `node` like [`Cluster::start_daemon`], but
+    /// waits only until it is live: for a daemon expected not to be ready.
+    pub fn start_daemon_live(&self, node: &str, extra: &[&str]) -> anyhow::Result<Daemon> {
+        self.launch_daemon(node, None, extra, &[], "/live")
+    }
+
+    fn launch_daemon(
+        &self,
+        node: &str,
+        config: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        wait_for: &str,
+    ) -> anyhow::Result<Daemon> {
         let n = self.node(node).clone();
         let log_path = self.dir.join(format!("daemon-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
@@ -366,7 +411,7 @@ impl Cluster {
             if let Some(status) = d.try_wait() {
                 bail!("mesh-daemon for {node} exited with {status} before it was ready:\n{}", d.log_text());
             }
-            if matches!(d.admin_get("/ready"), Ok((200, _))) {
+            if matches!(d.admin_get(wait_for), Ok((200, _))) {
                 return Ok(d);
             }
             if Instant::now() > deadline {
@@ -434,7 +479,7 @@ impl Cluster {
     /// Starts a client in `pod` whose output the caller collects with
     /// `wait_with_output` (teardown kills it if the caller does not).
     pub fn start(&self, pod: &str, program: &str, args: &[&str]) -> anyhow::Result<Child> {
-        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
+        let program = self.bins.program(program);
         let mut cmd = self.pod_command(pod, &program, args)?;
         Ok(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
     }
@@ -483,7 +528,7 @@ impl Cluster {
 
     /// Runs a command in `pod` to completion (killed after `timeout`).
     pub fn exec(&self, pod: &str, program: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
-        let program = if program == "mt-pod" { self.bins.mt_pod.clone() } else { PathBuf::from(program) };
+        let program = self.bins.program(program);
         let mut cmd = self.pod_command(pod, &program, args)?;
         let child = cmd
             .stdout(Stdio::piped())

@@ -270,3 +270,20 @@ pub fn wire_contains<T>(netns: &Path, needle: &[u8], during: impl FnOnce() -> T)
     let found = capture.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
     Ok((found, out))
 }
+
+/// TCP counters of the network namespace `pid` runs in, from
+/// /proc/PID/net/snmp: (PassiveOpens, OutRsts). Any connection attempt to
+/// the namespace moves one of them: accepted SYNs the first, SYNs to a
+/// closed port the second.
+pub fn tcp_inbound_attempts(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        anyhow::bail!("/proc/{pid}/net/snmp has no Tcp lines");
+    };
+    let get = |name: &str| -> anyhow::Result<u64> {
+        let i = names.split_whitespace().position(|n| n == name).context(format!("no Tcp {name}"))?;
+        Ok(values.split_whitespace().nth(i).context("short Tcp line")?.parse()?)
+    };
+    Ok((get("PassiveOpens")?, get("OutRsts")?))
+}

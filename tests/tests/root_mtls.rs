@@ -110,32 +110,11 @@ fn root_the_tunnel_refuses_plaintext_strangers_and_expired_certificates() {
     assert!(mesh_tests::sys::wait_until(Duration::from_secs(3), || failures() == 1), "plaintext not counted");
 
     // A client certificate from another CA.
-    let daemon = t.c.bins.daemon.clone();
     let other = t.c.dir.join("other-ca");
-    let run = |args: &[&std::ffi::OsStr]| {
-        let o = std::process::Command::new(&daemon).args(args).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    run(&["ca".as_ref(), "init".as_ref(), "--out".as_ref(), other.as_os_str()]);
+    let o = std::process::Command::new(&t.c.bins.daemon).args(["ca", "init", "--out"]).arg(&other).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = "spiffe://cluster.local/ns/default/sa/client-a";
-    let issue = |ca: &std::path::Path, out: &std::path::Path, seconds: &str| {
-        run(&[
-            "ca".as_ref(),
-            "issue".as_ref(),
-            "--ca-cert".as_ref(),
-            ca.join("ca.pem").as_os_str(),
-            "--ca-key".as_ref(),
-            ca.join("ca.key").as_os_str(),
-            "--id".as_ref(),
-            id.as_ref(),
-            "--seconds".as_ref(),
-            seconds.as_ref(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ])
-    };
-    let stranger = t.c.dir.join("stranger");
-    issue(&other, &stranger, "3600");
+    let stranger = t.c.issue_cert(&other, id, 3600, "stranger").unwrap();
     let with_cert = |dir: &std::path::Path| {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let args = [
@@ -158,8 +137,7 @@ fn root_the_tunnel_refuses_plaintext_strangers_and_expired_certificates() {
     );
 
     // An expired certificate from the right CA.
-    let expired = t.c.dir.join("expired");
-    issue(&t.c.ca_dir().unwrap(), &expired, "1");
+    let expired = t.c.issue_cert(&t.c.ca_dir().unwrap(), id, 1, "expired").unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert!(!with_cert(&expired).status.success());
     assert!(mesh_tests::sys::wait_until(Duration::from_secs(3), || failures() == 3), "expired certificate not counted");
@@ -266,4 +244,137 @@ fn root_certificates_renew_without_breaking_new_or_open_connections() {
         b.counter("tunnel", "handshakes").unwrap() >= 3,
         "renewed client certificates were not used for new connections"
     );
+}
+
+/// Runs mt-tunnel in `pod` against `node`'s tunnel port with the
+/// certificate in `cert`: CONNECT `target`, naming `service`. Returns its
+/// output line (`status=… deny=… [reply=…]`).
+fn probe(c: &Cluster, pod: &str, node: &str, cert: &std::path::Path, target: &str, service: Option<&str>) -> String {
+    let tunnel = format!("{}:15008", c.node(node).address);
+    let mut args = vec![tunnel.as_str(), cert.to_str().unwrap(), target];
+    args.extend(service);
+    let out = c.exec(pod, "mt-tunnel", &args, Duration::from_secs(15)).unwrap();
+    assert!(out.status.success(), "mt-tunnel failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn root_the_tunnel_carries_only_service_traffic_to_service_endpoints() {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("client-a", "node-a")
+            .plain_pod("evil", "node-a")
+            .pod("web-b", "node-b"),
+    )
+    .expect("mini cluster");
+    // web-b answers HTTP on 8080 (the service's port) and echoes on 9090
+    // (an admin port, no service's).
+    c.serve_with("web-b", 8080, None, &["--echo-now", "9090"]).unwrap();
+    let web_b = c.pod("web-b").clone();
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || mesh_tests::sys::can_connect(
+        &web_b.netns,
+        web_b.addr(9090)
+    )));
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    healthCheck: {{ protocol: none }}\n    \
+         authorization: {{ identities: [\"spiffe://cluster.local/ns/default/sa/client-a\"] }}\n    endpoints: [{{ ip: {}, node: node-b }}]\n",
+        web_b.ip
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let _a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+
+    // sa/evil holds a valid certificate of the trust domain.
+    let evil = c.issue_cert(&c.ca_dir().unwrap(), "spiffe://cluster.local/ns/default/sa/evil", 3600, "evil").unwrap();
+    let server = c.spawned_pid_of("web-b").unwrap();
+    let before = mesh_tests::sys::tcp_inbound_attempts(server).unwrap();
+    let ip = web_b.ip;
+    let cases = [
+        (format!("{ip}:8080"), Some("default/web"), "status=403 deny=policy"),
+        (format!("{ip}:9090"), Some("default/web"), "status=403 deny=not-service-endpoint"),
+        (format!("{ip}:22"), Some("default/web"), "status=403 deny=not-service-endpoint"),
+        (format!("{ip}:9090"), None, "status=403 deny=not-service-endpoint"),
+        (format!("{ip}:8080"), None, "status=403 deny=not-service-endpoint"),
+    ];
+    for (target, service, want) in &cases {
+        let got = probe(&c, "evil", "node-b", &evil, target, *service);
+        assert_eq!(&got, want, "CONNECT {target} naming {service:?} as sa/evil\n{}", b.log_text());
+    }
+    // Even sa/client-a, allowed on web, reaches no other port of web-b.
+    let client =
+        c.issue_cert(&c.ca_dir().unwrap(), "spiffe://cluster.local/ns/default/sa/client-a", 3600, "client").unwrap();
+    let got = probe(&c, "evil", "node-b", &client, &format!("{ip}:9090"), Some("default/web"));
+    assert_eq!(got, "status=403 deny=not-service-endpoint");
+
+    let after = mesh_tests::sys::tcp_inbound_attempts(server).unwrap();
+    assert_eq!(before, after, "a connection to web-b was attempted (PassiveOpens, OutRsts)");
+    assert_eq!(tunnel(&b, "denied_policy"), 1);
+    assert_eq!(tunnel(&b, "denied_not_endpoint"), 5);
+    assert_eq!((tunnel(&b, "streams"), tunnel(&b, "upstream_failures")), (0, 0), "no connection attempted");
+    let log = b.log_with("refused (403)", 6);
+    assert!(
+        log.contains("spiffe://cluster.local/ns/default/sa/evil")
+            && log.contains("spiffe://cluster.local/ns/default/sa/web-b"),
+        "the refusal names both identities: {log}"
+    );
+
+    // sa/client-a still reaches web through the mesh, and the same CONNECT
+    // by hand with its certificate is let through.
+    let (code, body) = c.curl("client-a", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(code, 0, "{body}\n{}", b.log_text());
+    assert_eq!(field(&body, "backend"), "web-b");
+    let got = probe(&c, "evil", "node-b", &client, &format!("{ip}:8080"), Some("default/web"));
+    assert!(got.starts_with("status=200 deny=- reply=HTTP/1.1_200_OK"), "{got}");
+}
+
+#[test]
+fn root_refused_clients_do_not_eject_endpoints_for_others() {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("client-a", "node-a")
+            .pod("client-b", "node-a")
+            .pod("web-b1", "node-b")
+            .pod("web-b2", "node-b"),
+    )
+    .expect("mini cluster");
+    c.serve("web-b1", 8080, None).unwrap();
+    c.serve("web-b2", 8080, None).unwrap();
+    // Only client-a may use web; no active checks, so only the breaker
+    // could take the endpoints out, and without fail-open nothing is
+    // left once it has.
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    failOpen: false\n    healthCheck: {{ protocol: none }}\n    \
+         authorization: {{ identities: [\"spiffe://cluster.local/ns/default/sa/client-a\"] }}\n    \
+         endpoints: [{{ ip: {}, node: node-b }}, {{ ip: {}, node: node-b }}]\n",
+        c.pod("web-b1").ip,
+        c.pod("web-b2").ip
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    let url = format!("http://{VIP}/");
+
+    for i in 0..20 {
+        let (code, body) = c.curl("client-b", &url).unwrap();
+        assert_ne!(code, 0, "denied client-b got through on try {i}: {body}");
+    }
+    assert_eq!(a.counter("proxy", "refused").unwrap(), 20, "{}", a.log_text());
+    assert_eq!(a.counter("proxy", "retries").unwrap(), 0, "a refusal was retried on another endpoint");
+    assert_eq!(a.counter("proxy", "connect_failed").unwrap(), 0);
+    assert_eq!(tunnel(&b, "denied_policy"), 20);
+    let out = c.meshctl("node-a", &["get", "endpoints", "-o", "json"]).unwrap();
+    let eps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let breakers: Vec<&str> = eps.as_array().unwrap().iter().map(|e| e["breaker"].as_str().unwrap()).collect();
+    assert_eq!(breakers, ["closed", "closed"], "{eps:#}");
+    let log = a.log_with("outcome=\"denied\"", 20);
+    assert!(log.contains("outcome=\"denied\"") || log.contains("outcome=denied"), "{log}");
+
+    for i in 0..50 {
+        let (code, body) = c.curl("client-a", &url).unwrap();
+        assert_eq!(code, 0, "client-a failed on try {i} after client-b's refusals: {body}\n{}", a.log_text());
+    }
 }

@@ -59,6 +59,14 @@ impl Breaker {
         }
     }
 
+    /// Gives back a probe that was never tested (its connection failed for
+    /// a reason that is not the endpoint's): the next connection probes.
+    pub fn release(&mut self, now: Instant) {
+        if let BreakerState::Probing { attempt } = self.state {
+            self.state = BreakerState::Open { until: now, attempt };
+        }
+    }
+
     pub fn success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };
     }
@@ -129,6 +137,21 @@ mod tests {
         assert!(b.admit(now()));
         b.success();
         assert_eq!(b.state, BreakerState::Closed { failures: 0 }, "a good probe restores the endpoint");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_probe_lets_the_next_connection_probe() {
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.failure(Instant::now(), 0.0);
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.admit(Instant::now()));
+        b.release(Instant::now());
+        assert!(b.admit(Instant::now()), "the untested probe was given back");
+        b.success();
+        b.release(Instant::now());
+        assert_eq!(b.state, BreakerState::Closed { failures: 0 }, "releasing without a probe changes nothing");
     }
 
     #[tokio::test(start_paused = true)]

@@ -129,6 +129,13 @@ impl EndpointState {
         self.with(|h| h.breaker.admit(now))
     }
 
+    /// Gives back the breaker's probe if this connection held it but
+    /// failed for a reason that is not the endpoint's.
+    pub fn release_probe(&self) {
+        let now = Instant::now();
+        self.with(|h| h.breaker.release(now));
+    }
+
     pub fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)

@@ -67,7 +67,7 @@ pub enum WriteError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the kernel maps could not be updated ({source}); {rollback}; nothing was saved")]
-    Datapath { source: DatapathError, rollback: Rollback },
+    Datapath { source: DatapathError, rollback: Box<Rollback> },
     #[error("the daemon is shutting down")]
     Stopped,
 }
@@ -356,6 +356,7 @@ impl Control {
             ("tls_failures", t.tls_failures),
             ("streams", t.streams),
             ("denied_not_local", t.denied_not_local),
+            ("denied_not_endpoint", t.denied_not_endpoint),
             ("denied_policy", t.denied_policy),
             ("bad_requests", t.bad_requests),
             ("upstream_failures", t.upstream_failures),
@@ -435,7 +436,9 @@ impl Control {
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
         let report = match self.timed_sync(dp, &self.contents(&next)) {
             Ok(r) => r,
-            Err(source) => return Err(WriteError::Datapath { rollback: self.roll_back(dp, current), source }),
+            Err(source) => {
+                return Err(WriteError::Datapath { rollback: Box::new(self.roll_back(dp, current)), source })
+            }
         };
         if let Err(e) = self.store.save(&next.stored) {
             // The maps took the new state but it is not saved: put them back.

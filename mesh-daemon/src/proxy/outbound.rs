@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::error::ConnectError;
 use super::relay::{self, Transfer};
 use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::balance::backoff::Backoff;
@@ -95,45 +96,43 @@ async fn open(
     route: &Route,
     source: Option<&Workload>,
     tunnel: Option<&Pool>,
-) -> Result<Upstream, String> {
+) -> Result<Upstream, ConnectError> {
     let addr = ep.state.addr;
+    let after = route.connect_timeout;
     match (&ep.remote, route.mtls) {
         (Some((node, tunnel_addr)), true) => {
-            let pool = tunnel.ok_or_else(|| {
-                format!("{addr} is on node {node} and the service requires mTLS, but this daemon has no certificates (--ca-cert, --ca-key, --trust-bundle)")
-            })?;
-            let id = &source.ok_or("the client is not an enrolled workload, so it has no identity")?.identity;
-            let s = tokio::time::timeout(route.connect_timeout, pool.connect(id, node, *tunnel_addr, addr))
+            let pool = tunnel.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
+            let id = &source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?.identity;
+            let s = tokio::time::timeout(after, pool.connect(id, node, *tunnel_addr, addr, &route.service))
                 .await
-                .map_err(|_| {
-                    format!("{addr} via the tunnel to {node}: timed out after {:?}", route.connect_timeout)
-                })??;
+                .map_err(|_| ConnectError::Timeout { addr, after })?
+                .map_err(|source| ConnectError::Tunnel { addr, source })?;
             Ok(Upstream::Tunnel(Box::new(s)))
         }
         _ => {
-            let s = tokio::time::timeout(route.connect_timeout, TcpStream::connect(addr))
+            let s = tokio::time::timeout(after, TcpStream::connect(addr))
                 .await
-                .map_err(|_| format!("{addr}: connect timed out after {:?}", route.connect_timeout))?
-                .map_err(|e| format!("{addr}: {e}"))?;
+                .map_err(|_| ConnectError::Timeout { addr, after })?
+                .map_err(|source| ConnectError::Io { addr, source })?;
             let _ = s.set_nodelay(true);
             Ok(Upstream::Tcp(s))
         }
     }
 }
 
-/// Connects to an endpoint of `route`: on a refused, unreachable or slow
-/// connect, another endpoint is tried after a backoff, up to the route's
-/// retry count and budget. Every outcome feeds the endpoint's latency
-/// estimate and breaker.
+/// Connects to an endpoint of `route`. A failure of the endpoint (see
+/// [`ConnectError::counts_against_endpoint`]) feeds its breaker and is
+/// retried on another endpoint after a backoff, up to the route's retry
+/// count and budget; any other failure ends the connection at once.
 async fn connect<'r>(
     route: &'r Route,
     source: Option<&Workload>,
     counters: &ProxyCounters,
     tunnel: Option<&Pool>,
-) -> Result<(Upstream, &'r RouteEndpoint, Duration), String> {
+) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
     let start = Instant::now();
     let mut tried = Vec::new();
-    let mut last = String::from("the service has no endpoint");
+    let mut last = ConnectError::NoEndpoint;
     for attempt in 0..=route.retries {
         let Some(ep) = route.pick(&tried, Instant::now()) else { break };
         let t0 = Instant::now();
@@ -143,6 +142,11 @@ async fn connect<'r>(
                 ep.state.connected(rtt, Instant::now());
                 ep.series.connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
+            }
+            Err(e) if !e.counts_against_endpoint() => {
+                // A probe this connection claimed is given back untested.
+                ep.state.release_probe();
+                return Err(e);
             }
             Err(e) => last = e,
         }
@@ -176,10 +180,16 @@ async fn forward(
     let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
         Err(e) => {
-            counters.connect_failed.inc();
-            route.series.failed.inc();
-            warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
-            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, outcome = "no_endpoint", duration_ms = started.elapsed().as_millis() as u64, "closed");
+            let outcome = e.reason();
+            if e.counts_against_endpoint() || outcome == "no_endpoint" {
+                counters.connect_failed.inc();
+                route.series.failed.inc();
+                warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
+            } else {
+                counters.refused.inc();
+                warn!(client = %peer, source = src, service = %route.name, error = %e, outcome, "connection refused; closed, not retried");
+            }
+            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, outcome, error = %e, duration_ms = started.elapsed().as_millis() as u64, "closed");
             return;
         }
     };

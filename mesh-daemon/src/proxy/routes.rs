@@ -33,6 +33,8 @@ pub struct RouteEndpoint {
 pub struct Route {
     /// `namespace/name:port`, for logs.
     pub name: String,
+    /// `namespace/name`: what tunnel streams name as their service.
+    pub service: String,
     pub endpoints: Vec<RouteEndpoint>,
     pub fail_open: bool,
     pub connect_timeout: Duration,
@@ -132,6 +134,7 @@ impl RouteTable {
                 let route = Route {
                     series: metrics.service_series(ServiceLabels { service: name.clone(), direction: "outbound" }),
                     name,
+                    service: s.key(),
                     endpoints,
                     fail_open: s.fail_open,
                     connect_timeout: s.connect_timeout,

@@ -41,6 +41,9 @@ pub struct ProxyCounters {
     /// Closed at once: the service has no endpoint.
     pub no_endpoint: Counter,
     pub connect_failed: Counter,
+    /// Closed at once, not retried, no endpoint blamed: refused by the
+    /// remote node's policy, or the client has no identity to cross with.
+    pub refused: Counter,
     /// Connect tries on another endpoint after a failed one.
     pub retries: Counter,
     /// Connected to an endpoint and forwarded.
@@ -59,6 +62,7 @@ pub struct ProxySnapshot {
     pub no_route: u64,
     pub no_endpoint: u64,
     pub connect_failed: u64,
+    pub refused: u64,
     pub retries: u64,
     pub forwarded: u64,
     pub active: u64,
@@ -75,6 +79,7 @@ impl ProxyCounters {
             no_route: self.no_route.get(),
             no_endpoint: self.no_endpoint.get(),
             connect_failed: self.connect_failed.get(),
+            refused: self.refused.get(),
             retries: self.retries.get(),
             forwarded: self.forwarded.get(),
             active: self.active.get(),

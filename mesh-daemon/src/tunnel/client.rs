@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
@@ -22,6 +23,27 @@ use crate::model::NodeName;
 
 /// A tunnelled stream: bytes in both directions.
 pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// Why a tunnel stream could not be opened. Which of these count against
+/// the endpoint is the proxy's decision (`proxy::ConnectError`).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// This node cannot present the source's identity.
+    #[error("no certificate for {identity}: {message}")]
+    Certificate { identity: Identity, message: String },
+    #[error("tunnel to {node} ({addr}): connect timed out")]
+    ConnectTimeout { node: NodeName, addr: SocketAddrV4 },
+    #[error("tunnel to {node} ({addr}): {source}")]
+    Connect { node: NodeName, addr: SocketAddrV4, source: std::io::Error },
+    #[error("tunnel to {node} ({addr}): TLS handshake: {source}")]
+    Handshake { node: NodeName, addr: SocketAddrV4, source: std::io::Error },
+    #[error("tunnel to {node}: HTTP/2: {source}")]
+    Http2 { node: NodeName, source: hyper::Error },
+    /// The remote node answered the CONNECT with another status than 200;
+    /// `reason` is its `mesh-deny` header, when it refused by policy.
+    #[error("tunnel to {node}: CONNECT {target} refused with {status}{}", reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    Refused { node: NodeName, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
+}
 
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -59,15 +81,19 @@ impl Pool {
     }
 
     /// Opens a stream to `target` on `node` (tunnel at `node_addr`) as
-    /// `source`. Errors say what failed, for the proxy's log and retry.
+    /// `source`, for `service` (`namespace/name`): the receiving node lets
+    /// the stream through only to an endpoint of that service whose
+    /// policy allows `source`.
     pub async fn connect(
         &self,
         source: &Identity,
         node: &NodeName,
         node_addr: SocketAddrV4,
         target: SocketAddrV4,
-    ) -> Result<Stream, String> {
-        let (cert, serial) = self.certs.workload(source).map_err(|e| e.to_string())?;
+        service: &str,
+    ) -> Result<Stream, TunnelError> {
+        let cert_err = |message: String| TunnelError::Certificate { identity: source.clone(), message };
+        let (cert, serial) = self.certs.workload(source).map_err(|e| cert_err(e.to_string()))?;
         let key = (source.clone(), node.clone());
         let reuse = {
             self.sweep();
@@ -81,24 +107,27 @@ impl Pool {
             Some(s) => s,
             None => {
                 let expected = Identity::node(&self.certs.trust_domain, node);
-                let cfg = tls::client_config(cert, self.certs.roots.clone(), expected)?;
+                let cfg = tls::client_config(cert, self.certs.roots.clone(), expected).map_err(cert_err)?;
+                let (node_name, addr) = (node.clone(), node_addr);
                 let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(node_addr))
                     .await
-                    .map_err(|_| format!("tunnel to {node} ({node_addr}): connect timed out"))?
-                    .map_err(|e| format!("tunnel to {node} ({node_addr}): {e}"))?;
+                    .map_err(|_| TunnelError::ConnectTimeout { node: node_name.clone(), addr })?
+                    .map_err(|source| TunnelError::Connect { node: node_name.clone(), addr, source })?;
                 let _ = tcp.set_nodelay(true);
                 let tls = TlsConnector::from(Arc::new(cfg))
                     .connect(ServerName::IpAddress((*node_addr.ip()).into()), tcp)
                     .await
-                    .map_err(|e| format!("tunnel to {node} ({node_addr}): TLS: {e}"))?;
+                    .map_err(|source| TunnelError::Handshake { node: node_name, addr, source })?;
                 let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(hyper_util::rt::TokioTimer::new())
                     .max_frame_size(super::MAX_FRAME_SIZE)
                     .keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(10))
                     .keep_alive_while_idle(true);
-                let (sender, conn) =
-                    b.handshake(TokioIo::new(tls)).await.map_err(|e| format!("tunnel to {node}: HTTP/2: {e}"))?;
+                let (sender, conn) = b
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|source| TunnelError::Http2 { node: node.clone(), source })?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "tunnel connection closed");
@@ -109,16 +138,22 @@ impl Pool {
                 sender
             }
         };
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("tunnel to {node}: {e}"))?;
-        if resp.status() != StatusCode::OK {
-            return Err(format!("tunnel to {node}: CONNECT {target} refused with {}", resp.status()));
+        let mut req = Request::new(Empty::new());
+        *req.method_mut() = Method::CONNECT;
+        *req.uri_mut() = hyper::Uri::from_maybe_shared(Bytes::from(target.to_string())).map_err(|_| {
+            TunnelError::Refused { node: node.clone(), target, status: StatusCode::BAD_REQUEST, reason: None }
+        })?;
+        // Names are validated DNS labels: always a valid header value.
+        if let Ok(v) = HeaderValue::from_str(service) {
+            req.headers_mut().insert(super::SERVICE_HEADER, v);
         }
-        let up = hyper::upgrade::on(resp).await.map_err(|e| format!("tunnel to {node}: {e}"))?;
+        let http2 = |source| TunnelError::Http2 { node: node.clone(), source };
+        let resp = sender.send_request(req).await.map_err(http2)?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp.headers().get(super::DENY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            return Err(TunnelError::Refused { node: node.clone(), target, status: resp.status(), reason });
+        }
+        let up = hyper::upgrade::on(resp).await.map_err(http2)?;
         Ok(TokioIo::new(up))
     }
 }

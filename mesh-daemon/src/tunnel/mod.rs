@@ -3,9 +3,11 @@
 //!
 //! Inbound, every stream is checked: the peer chain verified against the
 //! trust bundle (in the handshake), the target an enrolled workload of
-//! this node (else 403, and no connection is made: the port is never an
-//! open proxy), and the service's authorization policy allowing the peer's
-//! SPIFFE ID (else 403). Outbound, one pooled HTTP/2 connection per
+//! this node, an endpoint (ip and target port) of the service the stream
+//! names in its `mesh-service` header, and that service's authorization
+//! policy allowing the peer's SPIFFE ID. Any check failing is a 403 with
+//! the reason in `mesh-deny`, and no connection is made: the port is never
+//! an open proxy, not even to other ports of a pod the peer may reach. Outbound, one pooled HTTP/2 connection per
 //! (source identity, destination node) carries many streams, with
 //! keepalive pings, and is closed when idle.
 
@@ -15,6 +17,12 @@ pub mod server;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+
+/// Request header of a CONNECT: the service (`namespace/name`) the stream
+/// is for. The receiving node relays only to an endpoint of that service.
+pub const SERVICE_HEADER: &str = "mesh-service";
+/// Response header of a refused CONNECT: why (see [`server::Deny`]).
+pub const DENY_HEADER: &str = "mesh-deny";
 
 /// Largest HTTP/2 frame either side accepts: bulk data crosses in
 /// 64 KiB DATA frames (four TLS records) instead of 16 KiB ones.
@@ -52,6 +60,8 @@ pub struct TunnelCounters {
     pub tls_failures: AtomicU64,
     pub streams: AtomicU64,
     pub denied_not_local: AtomicU64,
+    /// The target is no endpoint of the service the stream names.
+    pub denied_not_endpoint: AtomicU64,
     pub denied_policy: AtomicU64,
     pub bad_requests: AtomicU64,
     pub upstream_failures: AtomicU64,
@@ -63,6 +73,7 @@ pub struct TunnelSnapshot {
     pub tls_failures: u64,
     pub streams: u64,
     pub denied_not_local: u64,
+    pub denied_not_endpoint: u64,
     pub denied_policy: u64,
     pub bad_requests: u64,
     pub upstream_failures: u64,
@@ -91,6 +102,7 @@ impl TunnelCounters {
             tls_failures: g(&self.tls_failures),
             streams: g(&self.streams),
             denied_not_local: g(&self.denied_not_local),
+            denied_not_endpoint: g(&self.denied_not_endpoint),
             denied_policy: g(&self.denied_policy),
             bad_requests: g(&self.bad_requests),
             upstream_failures: g(&self.upstream_failures),
