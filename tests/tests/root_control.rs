@@ -322,3 +322,102 @@ fn root_unenroll_and_enroll_switch_redirection_live() {
     assert_eq!(code, 1);
     assert!(err.contains("netns: cannot open network namespace /var/run/netns/nope"), "{err}");
 }
+
+/// `n` kernel-mode services `k0`, `k1`, … (VIPs 10.97.x.y, port 80 ->
+/// 8080) over web-1 and web-2, without active checks.
+fn kernel_services(c: &Cluster, n: usize) -> String {
+    let (a, b) = (c.pod("web-1").ip, c.pod("web-2").ip);
+    (0..n)
+        .map(|i| {
+            format!(
+                "  - {{ name: k{i}, vip: 10.97.{}.{}, mode: kernel, ports: [{{ port: 80, targetPort: 8080 }}], healthCheck: {{ protocol: none }}, endpoints: [{{ ip: {a}, node: node-a }}, {{ ip: {b}, node: node-a }}] }}\n",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn root_a_write_that_overflows_the_maps_is_refused_and_changes_nothing() {
+    let c = cluster();
+    let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
+    let file = c.state_dir("node-a").join("state.json");
+    let (saved, services, dump) =
+        (std::fs::read(&file).unwrap(), ctl_json(&c, &["get", "services"]), ctl_json(&c, &["datapath", "dump"]));
+
+    // 1100 kernel tables x 2 generations x 256 slots = 563 200 > 262 144.
+    let big = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 1100));
+    let f = c.write_file("big.yaml", &c.config(&big)).unwrap();
+    let (code, out, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("400") && err.contains("nothing was changed"), "{err}");
+    assert!(
+        err.contains("map SLOTS: the kernel-mode services need 563200 entries")
+            && err.contains("the map holds 262144")
+            && err.contains("lower --slot-table-size"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), saved, "the refused state was saved");
+    assert_eq!(generation(&c), 1);
+    assert_eq!(ctl_json(&c, &["get", "services"]), services);
+    assert_eq!(ctl_json(&c, &["datapath", "dump"])["services"], dump["services"], "a refused write reached the kernel");
+    let t = tally(&c, 20);
+    assert_eq!(t.failed, 0, "{}", t.text);
+    assert!(d.log_text().contains("state seeded"), "{}", d.log_text());
+}
+
+#[test]
+fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
+    let c = cluster();
+    // 40 kernel tables fit at 256 slots (20 480 entries), not at 4096 (327 680).
+    let mut d = start(&c, &format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 40)), &[]);
+    assert_eq!(ctl_json(&c, &["datapath", "dump"])["services"].as_array().unwrap().len(), 41);
+    d.stop().unwrap();
+
+    let d = c.start_daemon_live("node-a", &["--slot-table-size", "4096"]).unwrap();
+    let (status, body) = d.admin_get("/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("the saved state (generation 1) does not fit the kernel maps")
+            && body.contains("map SLOTS: the kernel-mode services need 327680 entries"),
+        "{body}"
+    );
+    assert!(d.log_with("does not fit the kernel maps", 1).contains("does not fit the kernel maps"));
+    let (code, out, _) = ctl(&c, &["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ready:       no: the saved state"), "{out}");
+
+    // What fits is served: the proxy-mode service, the kernel tables that
+    // fit (32 of 8192 entries) and, through the proxy, the rest.
+    let t = tally(&c, 20);
+    assert_eq!(t.failed, 0, "{}", t.text);
+    let dump = ctl_json(&c, &["datapath", "dump"]);
+    let modes: Vec<&str> = dump["services"].as_array().unwrap().iter().map(|s| s["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes.iter().filter(|m| **m == "kernel").count(), 32, "{modes:?}");
+    for vip in ["10.97.0.1", "10.97.0.40"] {
+        let (code, body) = c.curl("client", &format!("http://{vip}/")).unwrap();
+        assert_eq!(code, 0, "{vip}: {body}");
+        assert!(body.starts_with("backend=web-"), "{vip}: {body}");
+    }
+
+    // Writes must fit: the same tables do not, a smaller state does.
+    let w1 = c.pod("web-1").ip.to_string();
+    let (code, _, err) = ctl(&c, &["set-weight", "web", &w1, "2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("map SLOTS") && err.contains("--slot-table-size"), "{err}");
+    let small = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 10));
+    let f = c.write_file("small.yaml", &c.config(&small)).unwrap();
+    let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(d.admin_get("/ready").unwrap().0, 200, "a state that fits makes the daemon ready again");
+    let dump = ctl_json(&c, &["datapath", "dump"]);
+    let kernel: Vec<usize> = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["mode"] == "kernel")
+        .map(|s| s["slots"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(kernel, vec![4096; 10]);
+}
