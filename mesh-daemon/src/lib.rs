@@ -5,6 +5,7 @@ pub mod balance;
 pub mod control;
 pub mod datapath;
 pub mod discovery;
+pub mod drain;
 pub mod health;
 pub mod identity;
 pub mod model;

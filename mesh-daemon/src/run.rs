@@ -15,12 +15,12 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::balance::BalanceConfig;
 use crate::control::{api, Control, ControlConfig};
-use crate::datapath::{self, Datapath, DatapathConfig};
+use crate::datapath::{self, Datapath, DatapathConfig, MapsView};
+use crate::drain::Drain;
 use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
 use crate::identity::tls;
@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// The mTLS tunnel listener (HTTP/2 CONNECT); every node uses the same port.
     #[arg(long, default_value = "0.0.0.0:15008", value_name = "ADDR")]
     pub tunnel_listen: SocketAddrV4,
+    /// On SIGTERM, how long open proxied connections and tunnel streams
+    /// may take to finish before the daemon exits anyway. Keep the pod's
+    /// terminationGracePeriodSeconds above it.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    pub drain_timeout: std::time::Duration,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -277,7 +282,15 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     };
     let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
     let (dp, orig) = Datapath::load(&dp_cfg)?;
-    let control = match prepared.attach(dp) {
+    let view = match MapsView::open(&dp_cfg.pin_dir) {
+        Ok(v) => v,
+        Err(e) => {
+            let reused = dp.reused();
+            dp.shutdown(!reused);
+            return Err(anyhow!("opening the pinned maps: {e}"));
+        }
+    };
+    let control = match prepared.attach(dp, view) {
         Ok(c) => Arc::new(c),
         Err(failed) => {
             let (e, dp) = *failed;
@@ -300,7 +313,9 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     );
 
     let counters = Arc::new(ProxyCounters::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // `drain` stops the listeners that take traffic; `exit` the admin
+    // endpoint, once the drain is over.
+    let (drain, exit) = (Drain::new(), Drain::new());
     let mut tasks = Vec::new();
     let pool = match (&certs, tunnel_listener) {
         (Some(certs), Some(l)) => {
@@ -312,7 +327,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
                 acceptor,
                 control.inbound(),
                 tunnel_counters.clone(),
-                stop_rx.clone(),
+                drain.clone(),
             )));
             tasks.push(tokio::spawn(certs.clone().renew_loop()));
             info!(tunnel = %args.tunnel_listen, identity = %certs.node_id(), "mTLS tunnel listening");
@@ -322,7 +337,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     };
     #[cfg(feature = "kubernetes")]
     if let Some(client) = kube {
-        let (c, stop) = (control.clone(), stop_rx.clone());
+        let (c, stop) = (control.clone(), drain.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::discovery::watch::run(client, c, PathBuf::from("/proc"), stop).await {
                 tracing::error!(error = %e, "Kubernetes discovery stopped; the state stays as it was");
@@ -330,10 +345,10 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         }));
     }
     let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
-    let proxy_task = tokio::spawn(outbound.run(stop_rx.clone()));
+    let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, view, stop_rx.clone()));
-    let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, stop_rx));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, view, exit.clone()));
+    let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, drain.clone()));
     // Health changes reach the kernel slot tables at once.
     let resync_control = control.clone();
     let resync_task = tokio::spawn(async move {
@@ -350,9 +365,22 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!(signal = sig, cleanup = args.cleanup_on_exit, "shutting down");
-    let _ = stop_tx.send(true);
-    let _ = tokio::join!(proxy_task, admin_task, api_task);
+    info!(signal = sig, open = drain.open(), drain_timeout = ?args.drain_timeout, "draining: new connections are refused, open ones may finish");
+    drain.start();
+    let _ = tokio::join!(proxy_task, api_task);
+    let left = tokio::select! {
+        left = drain.wait_idle(args.drain_timeout) => left,
+        _ = term.recv() => drain.open(),
+        _ = int.recv() => drain.open(),
+    };
+    if left > 0 {
+        warn!(open = left, "drain ended with connections still open; they are cut");
+    } else {
+        info!("drained");
+    }
+    exit.start();
+    let _ = admin_task.await;
+    info!(cleanup = args.cleanup_on_exit, "shutting down");
     resync_task.abort();
     for t in tasks {
         t.abort();

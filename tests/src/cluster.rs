@@ -686,9 +686,21 @@ impl Daemon {
 
     /// Sends `sig`, then waits up to 15 s for the exit.
     pub fn stop_with(&mut self, sig: i32) -> anyhow::Result<ExitStatus> {
-        let Some(mut c) = self.child.take() else { bail!("daemon already stopped") };
+        self.signal(sig)?;
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Sends `sig` and returns at once.
+    pub fn signal(&self, sig: i32) -> anyhow::Result<()> {
+        let Some(c) = self.child.as_ref() else { bail!("daemon already stopped") };
         sys::signal(c.id(), sig);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit (then kills it and fails).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("daemon already stopped") };
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = c.try_wait()? {
                 return Ok(s);
@@ -696,7 +708,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!("mesh-daemon did not exit within 15 s of SIGTERM:\n{}", self.log_text());
+                bail!("mesh-daemon did not exit within {timeout:?}:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -421,3 +421,54 @@ fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
         .collect();
     assert_eq!(kernel, vec![4096; 10]);
 }
+
+#[test]
+fn root_readiness_metrics_and_status_answer_while_a_write_is_stuck_saving() {
+    let c = cluster();
+    let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
+    // The save's temporary file is a FIFO: opening it for writing blocks
+    // until someone reads, so the write stays in progress, holding the
+    // state, until the test lets it go.
+    let tmp = c.state_dir("node-a").join("state.json.tmp");
+    let path = std::ffi::CString::new(tmp.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let w1 = c.pod("web-1").ip.to_string();
+    let writer = {
+        let (sock, meshctl) = (c.api_socket("node-a"), c.bins.meshctl.clone());
+        std::thread::spawn(move || {
+            std::process::Command::new(meshctl)
+                .arg("--socket")
+                .arg(sock)
+                .args(["set-weight", "web", &w1, "5"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!writer.is_finished(), "the write should be stuck opening the FIFO");
+
+    let (status, body) = d.admin_get("/ready").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, metrics) = d.admin_get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("mesh_state_generation 1"), "{metrics}");
+    assert!(metrics.contains("mesh_kernel_events_total{counter=\"redirected\"}"), "{metrics}");
+    assert_eq!(generation(&c), 1, "meshctl status answers too");
+    assert!(!writer.is_finished());
+
+    // Let it go: the FIFO takes the bytes but cannot be fsynced, so the
+    // save fails; the maps are put back and nothing is saved.
+    let mut fifo = std::fs::File::open(&tmp).unwrap();
+    let mut sink = Vec::new();
+    std::io::Read::read_to_end(&mut fifo, &mut sink).unwrap();
+    let (code, _, err) = text(&writer.join().unwrap());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot save the state"), "{err}");
+    std::fs::remove_file(&tmp).unwrap();
+    assert_eq!(generation(&c), 1);
+    let weights: Vec<u64> =
+        ctl_json(&c, &["get", "endpoints"]).as_array().unwrap().iter().map(|e| e["weight"].as_u64().unwrap()).collect();
+    assert_eq!(weights, [1, 1], "the refused write changed nothing");
+    assert_eq!(ctl(&c, &["set-weight", "web", &c.pod("web-1").ip.to_string(), "5"]).0, 0, "writes work again");
+}

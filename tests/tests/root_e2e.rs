@@ -62,7 +62,11 @@ fn root_enrolled_pod_reaches_vip_through_the_proxy() {
         let peer = body_field(&body, "peer");
         assert!(!peer.starts_with(&format!("{client_ip}:")), "backend saw the client itself, not the proxy: {body}");
     }
-    assert_eq!(answered.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "both backends answer: {answered:?}");
+    // Which of the two answers is the balancer's choice (an idle endpoint
+    // whose connects are clearly slower gets none: on a loaded machine one
+    // slow sample can be that); how the choice follows weights and latency
+    // is root_failover's and the unit tests' to show.
+    assert!(answered.keys().all(|b| b == "web-1" || b == "web-2"), "an endpoint of the service answers: {answered:?}");
     assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "orig_dst_stored").unwrap(), 10);
@@ -212,4 +216,44 @@ fn root_two_daemons_run_side_by_side() {
     assert!(c.node("node-b").pin_dir.join("SERVICES").exists());
     assert!(!c.node("node-a").pin_dir.exists());
     drop(db);
+}
+
+#[test]
+fn root_sigterm_drains_open_connections_and_refuses_new_ones() {
+    let c = Cluster::create(&ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a"))
+        .expect("mini cluster");
+    c.serve_with("web-1", 8080, None, &["--echo-now", "9100"]).unwrap();
+    let web = c.pod("web-1").clone();
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || mesh_tests::sys::can_connect(
+        &web.netns,
+        web.addr(9100)
+    )));
+    let w1 = web.ip;
+    let services = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n\
+         \x20 - name: live\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9100 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
+    let mut d = c.start_daemon("node-a", &cfg, &["--drain-timeout", "30s"]).unwrap();
+    // A connection that echoes a chunk every 100 ms for 4 s, through the proxy.
+    let long = c.start("client", "mt-pod", &["stream", &format!("{ECHO_VIP}:9100"), "4"]).unwrap();
+    assert!(
+        mesh_tests::sys::wait_until(Duration::from_secs(5), || d.counter("proxy", "forwarded").unwrap_or(0) == 1),
+        "the stream did not start"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal(libc::SIGTERM).unwrap();
+    assert!(d.log_with("draining", 1).contains("draining"), "{}", d.log_text());
+
+    // While the stream drains, new connections are refused.
+    let (code, body) = c.curl("client", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(code, 7, "curl should fail to connect (7) during the drain: {body}");
+
+    let out = long.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the open connection was cut by the shutdown: {text}\n{}", d.log_text());
+    let status = d.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "exit status {status}\n{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.contains("drained") && !log.contains("they are cut"), "{log}");
 }

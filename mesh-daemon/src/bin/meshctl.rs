@@ -488,7 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("  {}: {}", s(&f["path"]), s(&f["message"]));
                 }
             }
-            bail!("the daemon refused the request ({status})");
+            return Err(Reported.into());
         }
     };
     if json_out {
@@ -530,6 +530,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon's refusal was printed already: exit 1 without saying it again.
+#[derive(Debug)]
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the daemon refused the request")
+    }
+}
+
+impl std::error::Error for Reported {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -541,6 +553,7 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

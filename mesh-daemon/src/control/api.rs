@@ -21,6 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::drain::Drain;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
@@ -28,8 +29,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{Control, WriteError};
 use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
@@ -116,23 +116,8 @@ pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    control: Arc<Control>,
-    access: Arc<Access>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let stream = tokio::select! {
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "control API accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+pub async fn serve(listener: UnixListener, control: Arc<Control>, access: Arc<Access>, drain: Drain) {
+    crate::drain::accept_loop(listener, "control API", drain, move |stream, _| {
         let allowed = match stream.peer_cred() {
             Ok(c) => access.allows(c.uid(), c.gid(), c.pid()).then_some(()).ok_or(format!(
                 "uid {} may not use the mesh API: {}",
@@ -158,7 +143,8 @@ pub async fn serve(
                 debug!(error = %e, "control API connection");
             }
         });
-    }
+    })
+    .await;
 }
 
 fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {

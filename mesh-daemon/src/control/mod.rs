@@ -19,7 +19,8 @@ mod store;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::{json, Value};
@@ -31,7 +32,7 @@ pub use store::{Store, StoreError, Stored};
 
 use crate::balance::select::{effective_weights, Candidate};
 use crate::balance::{BalanceConfig, Registry};
-use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents};
+use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents, MapsView};
 use crate::health::Checker;
 use crate::model::{self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, State, ValidationErrors};
 use crate::proxy::{Local, RouteTable};
@@ -119,6 +120,10 @@ pub struct Control {
     /// Why the daemon is not ready though it runs (the saved state does
     /// not fit the maps, or the maps could not be put back); None: ready.
     problem: ArcSwapOption<String>,
+    /// Read handles of the maps: counters and dumps never wait for a write.
+    view: OnceLock<MapsView>,
+    attached: AtomicBool,
+    reused: AtomicBool,
 }
 
 /// A checked state, ready to be written to the datapath.
@@ -130,7 +135,8 @@ pub struct Prepared {
 impl Prepared {
     /// Syncs the datapath to the state and starts taking writes. On error
     /// the datapath is handed back.
-    pub fn attach(self, mut datapath: Datapath) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
+    /// `view` reads the same maps through its own handles.
+    pub fn attach(self, mut datapath: Datapath, view: MapsView) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
         let Prepared { control, current } = self;
         let needs = MapNeeds::of(&current.state, &control.cfg.node, control.cfg.slot_table_size);
         if let Err(e) = needs.check(&control.capacity()) {
@@ -145,9 +151,12 @@ impl Prepared {
             return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
         }
         control.accepted(&current);
+        control.reused.store(datapath.reused(), Ordering::Relaxed);
         if let Ok(mut inner) = control.inner.lock() {
             *inner = Inner { current, datapath: Some(datapath) };
         }
+        let _ = control.view.set(view);
+        control.attached.store(true, Ordering::Release);
         Ok(control)
     }
 }
@@ -197,6 +206,9 @@ impl Control {
             checker: Mutex::new(Checker::new(health_changed)),
             inbound: Arc::new(ArcSwap::from_pointee(Inbound::default())),
             problem: ArcSwapOption::empty(),
+            view: OnceLock::new(),
+            attached: AtomicBool::new(false),
+            reused: AtomicBool::new(false),
             cfg,
         };
         let restored = control.store.load()?;
@@ -532,31 +544,33 @@ impl Control {
         out
     }
 
+    fn view(&self) -> Result<&MapsView, String> {
+        self.view.get().ok_or_else(|| "the datapath is not attached yet".to_owned())
+    }
+
     pub fn dump(&self) -> Result<Dump, String> {
-        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
-        dp.dump().map_err(|e| e.to_string())
+        self.view()?.dump().map_err(|e| e.to_string())
     }
 
     pub fn datapath_reused(&self) -> bool {
-        self.inner.lock().ok().and_then(|i| i.datapath.as_ref().map(Datapath::reused)).unwrap_or(false)
+        self.reused.load(Ordering::Relaxed)
     }
 
     pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, String> {
-        let inner = self.inner.lock().map_err(|_| "the daemon is shutting down".to_owned())?;
-        let dp = inner.datapath.as_ref().ok_or("the daemon is shutting down")?;
-        dp.stats().map_err(|e| e.to_string())
+        self.view()?.stats().map_err(|e| e.to_string())
     }
 
     /// Ready: the datapath is attached and holds the accepted state.
-    /// Otherwise, why not.
+    /// Otherwise, why not. Takes no lock: a write in progress does not
+    /// hold it up.
     pub fn readiness(&self) -> Result<(), String> {
         if let Some(p) = self.problem.load_full() {
             return Err((*p).clone());
         }
-        match self.inner.lock() {
-            Ok(i) if i.datapath.is_some() => Ok(()),
-            _ => Err("the datapath is not attached".into()),
+        if self.attached.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err("the datapath is not attached".into())
         }
     }
 
@@ -565,6 +579,7 @@ impl Control {
         if let Ok(mut checker) = self.checker.lock() {
             checker.reconcile(Vec::new());
         }
+        self.attached.store(false, Ordering::Release);
         if let Ok(mut inner) = self.inner.lock() {
             if let Some(dp) = inner.datapath.take() {
                 dp.shutdown(cleanup);

@@ -31,7 +31,7 @@ use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::procs;
@@ -122,7 +122,7 @@ pub async fn run(
     client: Client,
     control: Arc<Control>,
     proc_root: PathBuf,
-    mut stop: watch::Receiver<bool>,
+    stop: crate::drain::Drain,
 ) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
@@ -133,7 +133,7 @@ pub async fn run(
         pods: reflect(&client, changed.clone(), &mut tasks),
     };
     let result = tokio::select! {
-        _ = stop.wait_for(|s| *s) => Ok(()),
+        _ = stop.stopped() => Ok(()),
         r = follow(&control, &stores, &changed, proc_root) => r,
     };
     for t in tasks {

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -21,6 +20,7 @@ use super::relay::{self, Transfer};
 use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::balance::backoff::Backoff;
 use crate::datapath::OrigDstReader;
+use crate::drain::Drain;
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::{Pool, Stream};
 
@@ -43,46 +43,38 @@ enum Upstream {
 }
 
 impl Outbound {
-    /// Accepts until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = shutdown.changed() => return,
-            };
-            let (client, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            self.counters.accepted.inc();
+    /// Accepts until the drain starts; each forwarded connection holds a
+    /// drain guard until it closes.
+    pub async fn run(self, drain: Drain) {
+        let Outbound { listener, mut orig, routes, counters, tunnel } = self;
+        let guards = drain.clone();
+        crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
+            counters.accepted.inc();
             let SocketAddr::V4(peer) = peer else {
-                self.counters.no_orig_dst.inc();
-                continue;
+                counters.no_orig_dst.inc();
+                return;
             };
             // Read in the accept loop: it owns the map handle, and the entry
             // must be gone before the client's port can be reused.
-            let Some(orig) = self.orig.take(peer) else {
-                self.counters.no_orig_dst.inc();
+            let Some(orig) = orig.take(peer) else {
+                counters.no_orig_dst.inc();
                 warn!(client = %peer, "connection without a recorded original destination; closed");
-                continue;
+                return;
             };
-            let routes = self.routes.load();
-            let Some(route) = routes.route(orig.service_id).cloned() else {
-                self.counters.no_route.inc();
+            let table = routes.load();
+            let Some(route) = table.route(orig.service_id).cloned() else {
+                counters.no_route.inc();
                 warn!(client = %peer, service_id = orig.service_id, "original destination is no longer a service; closed");
-                continue;
+                return;
             };
-            let source = routes.workload(*peer.ip()).cloned();
-            let (counters, tunnel) = (self.counters.clone(), self.tunnel.clone());
+            let source = table.workload(*peer.ip()).cloned();
+            let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
             tokio::spawn(async move {
                 forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref()).await;
+                drop(guard);
             });
-        }
+        })
+        .await;
     }
 }
 

@@ -5,12 +5,12 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use crate::drain::Drain;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::debug;
 
 /// What the admin endpoint reads; implemented by the running daemon.
@@ -28,12 +28,10 @@ pub trait AdminSource: Send + Sync + 'static {
 /// Content type of the Prometheus text format.
 pub const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            _ = shutdown.changed() => return,
-        };
+/// Serves until `exit` starts draining (after the daemon's own drain, so
+/// probes keep their answers while connections finish).
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, exit: Drain) {
+    crate::drain::accept_loop(listener, "admin", exit, move |stream, _| {
         let source = source.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -45,7 +43,8 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, mut shut
                 debug!(error = %e, "admin connection");
             }
         });
-    }
+    })
+    .await;
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

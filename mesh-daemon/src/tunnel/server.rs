@@ -12,11 +12,11 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::TunnelCounters;
+use crate::drain::Drain;
 use crate::identity::tls::identity_of;
 use crate::identity::Identity;
 use crate::model::{Authorization, NodeName, State};
@@ -141,23 +141,14 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     inbound: Arc<ArcSwap<Inbound>>,
     counters: Arc<TunnelCounters>,
-    mut shutdown: watch::Receiver<bool>,
+    drain: Drain,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let (acceptor, inbound, counters) = (acceptor.clone(), inbound.clone(), counters.clone());
-        tokio::spawn(async move { connection(tcp, peer, acceptor, inbound, counters).await });
-    }
+    let conns = drain.clone();
+    crate::drain::accept_loop(listener, "tunnel", drain, move |tcp, peer| {
+        let (acceptor, inbound, counters, drain) = (acceptor.clone(), inbound.clone(), counters.clone(), conns.clone());
+        tokio::spawn(async move { connection(tcp, peer, acceptor, inbound, counters, drain).await });
+    })
+    .await;
 }
 
 async fn connection(
@@ -166,6 +157,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     inbound: Arc<ArcSwap<Inbound>>,
     counters: Arc<TunnelCounters>,
+    drain: Drain,
 ) {
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -189,9 +181,10 @@ async fn connection(
     TunnelCounters::inc(&counters.handshakes);
     debug!(%peer, identity = %id, "tunnel connection");
     let id = Arc::new(id);
+    let streams = drain.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let (id, inbound, counters) = (id.clone(), inbound.clone(), counters.clone());
-        async move { Ok::<_, Infallible>(stream(req, &id, &inbound.load(), &counters).await) }
+        let (id, inbound, counters, drain) = (id.clone(), inbound.clone(), counters.clone(), streams.clone());
+        async move { Ok::<_, Infallible>(stream(req, &id, &inbound.load(), &counters, &drain).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -199,7 +192,18 @@ async fn connection(
         .max_frame_size(super::MAX_FRAME_SIZE)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
-    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    // On drain: GOAWAY, so the peer opens no new stream here and the open
+    // ones finish.
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.stopped() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         debug!(%peer, error = %e, "tunnel connection ended");
     }
 }
@@ -215,6 +219,7 @@ async fn stream(
     peer: &Identity,
     inbound: &Inbound,
     counters: &TunnelCounters,
+    drain: &Drain,
 ) -> Response<Empty<Bytes>> {
     let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok());
     let (true, Some(target)) = (req.method() == Method::CONNECT, target) else {
@@ -255,8 +260,9 @@ async fn stream(
     };
     let _ = upstream.set_nodelay(true);
     TunnelCounters::inc(&counters.streams);
-    let peer = peer.clone();
+    let (peer, guard) = (peer.clone(), drain.guard());
     tokio::spawn(async move {
+        let _guard = guard;
         let started = tokio::time::Instant::now();
         let mut up = match hyper::upgrade::on(req).await {
             Ok(up) => TokioIo::new(up),

@@ -1,0 +1,107 @@
+//! A read-only view of the pinned maps, opened by pin path with its own
+//! file descriptors: counters and the dump are read without waiting for a
+//! write that holds the datapath.
+
+use super::*;
+
+/// The maps decoded, for `meshctl datapath dump`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Dump {
+    pub services: Vec<ServiceDump>,
+    /// Netns cookie -> proxy address.
+    pub workloads: BTreeMap<u64, String>,
+    pub stats: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ServiceDump {
+    pub address: String,
+    pub id: u32,
+    pub mode: String,
+    pub generation: u8,
+    /// Kernel mode: the backend of each slot of the active generation.
+    pub slots: Vec<String>,
+}
+
+/// Read handles of the maps.
+pub struct MapsView {
+    workloads: BpfHashMap<MapData, u64, WorkloadValue>,
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    slots: BpfHashMap<MapData, SlotKey, SockAddrV4>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn pinned(pin_dir: &Path, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    let err = |source| DatapathError::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(err)?;
+    aya::maps::Map::from_map_data(data).map_err(err)
+}
+
+impl MapsView {
+    /// Opens the maps pinned in `pin_dir` (after [`Datapath::load`]).
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let hash = |name: &'static str| -> Result<_, DatapathError> {
+            let m = pinned(pin_dir, name)?;
+            Ok(m)
+        };
+        let err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        Ok(Self {
+            workloads: BpfHashMap::try_from(hash(map_names::WORKLOADS)?).map_err(err(map_names::WORKLOADS))?,
+            services: BpfHashMap::try_from(hash(map_names::SERVICES)?).map_err(err(map_names::SERVICES))?,
+            slots: BpfHashMap::try_from(hash(map_names::SLOTS)?).map_err(err(map_names::SLOTS))?,
+            stats: PerCpuArray::try_from(hash(map_names::STATS)?).map_err(err(map_names::STATS))?,
+        })
+    }
+
+    /// The kernel counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self
+                    .stats
+                    .get(&(*s as u32), 0)
+                    .map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Everything in the maps, decoded.
+    pub fn dump(&self) -> Result<Dump, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let mut services = Vec::new();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(err(map_names::SERVICES))?;
+            let slots = (0..if v.mode == MODE_KERNEL { v.slot_count } else { 0 })
+                .map(|i| {
+                    let key = SlotKey { service_id: v.id, generation: u32::from(v.generation), slot: i };
+                    match self.slots.get(&key, 0) {
+                        Ok(b) => addr(b.ip_be, b.port_be).to_string(),
+                        Err(_) => "(missing)".to_owned(),
+                    }
+                })
+                .collect();
+            let mode = match v.mode {
+                MODE_KERNEL => "kernel",
+                MODE_PROXY => "proxy",
+                _ => "unknown",
+            };
+            services.push(ServiceDump {
+                address: addr(k.vip_be, k.port_be).to_string(),
+                id: v.id,
+                mode: mode.to_owned(),
+                generation: v.generation,
+                slots,
+            });
+        }
+        services.sort_by(|a, b| a.address.cmp(&b.address));
+        let mut workloads = BTreeMap::new();
+        for entry in self.workloads.iter() {
+            let (cookie, w) = entry.map_err(err(map_names::WORKLOADS))?;
+            workloads.insert(cookie, addr(w.proxy_ip_be, w.proxy_port_be).to_string());
+        }
+        let stats = self.stats()?.into_iter().map(|(s, v)| (s.name().to_owned(), v)).collect();
+        Ok(Dump { services, workloads, stats })
+    }
+}

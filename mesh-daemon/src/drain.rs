@@ -1,0 +1,219 @@
+//! Graceful shutdown and the one accept loop every listener runs.
+//!
+//! On SIGTERM the daemon calls [`Drain::start`]: every accept loop returns
+//! and drops its listener (new connections are refused), while the
+//! connections already accepted hold a [`Guard`] and run on. The daemon
+//! then waits in [`Drain::wait_idle`] until the last guard is gone or the
+//! drain deadline passes, and exits. ztunnel's `drain.rs` is the model.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+#[derive(Debug)]
+struct Inner {
+    stop: watch::Sender<bool>,
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Cheap to clone: every listener and connection shares one.
+#[derive(Debug, Clone)]
+pub struct Drain(Arc<Inner>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One connection (or tunnel stream) in flight; the drain waits for it.
+#[derive(Debug)]
+pub struct Guard(Arc<Inner>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        Self(Arc::new(Inner { stop: watch::channel(false).0, open: AtomicUsize::new(0), idle: Notify::new() }))
+    }
+
+    /// Counts one connection until the guard is dropped.
+    pub fn guard(&self) -> Guard {
+        self.0.open.fetch_add(1, Ordering::AcqRel);
+        Guard(self.0.clone())
+    }
+
+    /// Connections in flight.
+    pub fn open(&self) -> usize {
+        self.0.open.load(Ordering::Acquire)
+    }
+
+    /// Stops every accept loop.
+    pub fn start(&self) {
+        self.0.stop.send_replace(true);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.0.stop.borrow()
+    }
+
+    /// Resolves once [`Drain::start`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.0.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Waits until no connection is in flight, or `deadline` passes.
+    /// Returns how many were still open (0: all finished).
+    pub async fn wait_idle(&self, deadline: Duration) -> usize {
+        let wait = async {
+            loop {
+                let idle = self.0.idle.notified();
+                if self.open() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.open()
+    }
+}
+
+/// A listener of any kind: TCP or Unix.
+pub trait Listener: Send + 'static {
+    type Io: Send + 'static;
+    type Addr: Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+}
+
+/// Out of descriptors or memory: accepting again at once would fail again.
+fn exhausted(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Pause after a failed accept: 5 ms, doubling to 1 s while the failures
+/// are about exhausted resources; other errors (a peer that reset before
+/// the accept) retry after 5 ms.
+fn pause(e: &io::Error, streak: u32) -> Duration {
+    if exhausted(e) {
+        Duration::from_millis(5u64 << streak.min(8)).min(Duration::from_secs(1))
+    } else {
+        Duration::from_millis(5)
+    }
+}
+
+/// Accepts on `listener` until the drain starts, handing each connection
+/// to `on_accept`; the listener is dropped on return, so new connections
+/// are refused from then on.
+pub async fn accept_loop<L: Listener>(
+    listener: L,
+    name: &'static str,
+    drain: Drain,
+    mut on_accept: impl FnMut(L::Io, L::Addr) + Send,
+) {
+    let mut streak = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.stopped() => {
+                info!(listener = name, "stopped accepting");
+                return;
+            }
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((io, addr)) => {
+                streak = 0;
+                on_accept(io, addr);
+            }
+            Err(e) => {
+                let wait = pause(&e, streak);
+                // One line per streak step, not per failed call.
+                if streak < 9 {
+                    warn!(listener = name, error = %e, pause_ms = wait.as_millis() as u64, "accept failed");
+                }
+                streak = streak.saturating_add(1);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_drain_waits_for_every_guard_up_to_the_deadline() {
+        let d = Drain::new();
+        assert_eq!(d.wait_idle(Duration::from_millis(10)).await, 0, "nothing open: at once");
+        let g1 = d.guard();
+        let g2 = d.guard();
+        assert_eq!(d.wait_idle(Duration::from_millis(20)).await, 2, "the deadline ends the wait");
+        drop(g1);
+        let waiter = tokio::spawn({
+            let d = d.clone();
+            async move { d.wait_idle(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(g2);
+        assert_eq!(waiter.await.unwrap(), 0, "the last guard ends the wait");
+    }
+
+    #[tokio::test]
+    async fn accept_loops_return_when_the_drain_starts_and_new_connects_are_refused() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let d = Drain::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(accept_loop(l, "test", d.clone(), move |io, _| {
+            let _ = tx.send(io);
+        }));
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(rx.recv().await.is_some(), "accepted before the drain");
+        d.start();
+        task.await.unwrap();
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn exhausted_resources_back_off_other_errors_do_not() {
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(pause(&emfile, 0), Duration::from_millis(5));
+        assert_eq!(pause(&emfile, 3), Duration::from_millis(40));
+        assert_eq!(pause(&emfile, 30), Duration::from_secs(1), "capped");
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(pause(&aborted, 30), Duration::from_millis(5));
+    }
+}
