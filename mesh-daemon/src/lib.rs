@@ -1,15 +1,16 @@
 //! mesh-daemon: the node-level mesh proxy. One folder per concern; see
 //! ARCHITECTURE.md.
 
-pub mod balance;
-pub mod control;
-pub mod datapath;
-pub mod discovery;
-pub mod drain;
-pub mod health;
+pub(crate) mod balance;
+pub(crate) mod control;
+pub(crate) mod datapath;
+pub(crate) mod discovery;
+pub(crate) mod drain;
+pub(crate) mod health;
 pub mod identity;
 pub mod model;
-pub mod proxy;
+pub(crate) mod proxy;
+pub(crate) mod relay;
 pub mod run;
 pub mod telemetry;
-pub mod tunnel;
+pub(crate) mod tunnel;

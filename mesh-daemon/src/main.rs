@@ -1,4 +1,5 @@
 //! `mesh-daemon`: the node daemon of the mesh.
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use mesh_daemon::telemetry::logwriter::{self, DroppedLines, FlushOnDrop};

@@ -7,6 +7,7 @@
 //! update), and the next daemon takes the pinned programs over without a
 //! second attach. `--cleanup-on-exit` detaches everything and removes the
 //! pins, for uninstalling.
+#![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -18,14 +19,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::balance::BalanceConfig;
-use crate::control::{api, Control, ControlConfig};
+use crate::control::{api, Control, ControlConfig, LiveView};
 use crate::datapath::{self, Datapath, DatapathConfig, MapsView};
 use crate::drain::Drain;
 use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
 use crate::identity::tls;
 use crate::model::NodeName;
-use crate::proxy::Outbound;
+use crate::proxy::{InboundHandler, Outbound};
 use crate::telemetry::Metrics;
 use crate::telemetry::{admin, ProxyCounters};
 use crate::tunnel::client::Pool;
@@ -229,7 +230,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_log_drops(log_drops);
-    let tunnel_counters = Arc::new(TunnelCounters::default());
+    let tunnel_counters = Arc::new(TunnelCounters::new(&metrics));
     let cfg = ControlConfig {
         node: node.clone(),
         trust_domain: args.trust_domain.clone(),
@@ -244,7 +245,6 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             ..BalanceConfig::default()
         },
         metrics: metrics.clone(),
-        tunnel: tunnel_counters.clone(),
         managed_by: args.kubernetes.then_some(MANAGED_BY_KUBERNETES),
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -312,7 +312,8 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         "mesh-daemon running"
     );
 
-    let counters = Arc::new(ProxyCounters::default());
+    metrics.serve_live(Arc::new(LiveView(Arc::downgrade(&control))));
+    let counters = Arc::new(ProxyCounters::new(&metrics));
     // `drain` stops the listeners that take traffic; `exit` the admin
     // endpoint, once the drain is over.
     let (drain, exit) = (Drain::new(), Drain::new());
@@ -322,10 +323,11 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             let cfg =
                 tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            let handler = Arc::new(InboundHandler { view: control.inbound(), counters: tunnel_counters.clone() });
             tasks.push(tokio::spawn(crate::tunnel::server::serve(
                 l,
                 acceptor,
-                control.inbound(),
+                handler,
                 tunnel_counters.clone(),
                 drain.clone(),
             )));

@@ -84,12 +84,14 @@ fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let echo = rows.as_array().unwrap().iter().find(|r| r["service"] == "default/echo:9000").expect("echo row");
-    assert_eq!(echo["opened"].as_f64(), Some(7.0), "{rows}");
-    assert_eq!(echo["bytesSent"].as_f64(), Some(7.0 * 12345.0), "{rows}");
-    assert_eq!(echo["bytesReceived"].as_f64(), Some(7.0 * 12345.0), "{rows}");
+    assert_eq!(echo["opened"].as_u64(), Some(7), "counts are integers: {rows}");
+    assert_eq!(echo["bytesSent"].as_u64(), Some(7 * 12345), "{rows}");
+    assert_eq!(echo["bytesReceived"].as_u64(), Some(7 * 12345), "{rows}");
+    assert_eq!(echo["direction"], "outbound", "{rows}");
     assert!(echo["ewmaRttMs"].as_f64().is_some(), "{rows}");
     let table = String::from_utf8_lossy(&c.meshctl("node-a", &["stats"]).unwrap().stdout).into_owned();
     assert!(table.contains("EWMA RTT(ms)") && table.contains("default/echo:9000"), "{table}");
+    assert!(table.contains(&(7 * 12345).to_string()) && !table.contains(".0 "), "integers print as integers: {table}");
 
     // The other admin endpoints.
     let (status, dump) = d.admin_get("/config_dump").unwrap();
@@ -163,6 +165,6 @@ fn root_cross_node_connections_are_counted_on_both_nodes_with_their_direction() 
     assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client", "{v}");
     assert_eq!(f["service"], "default/echo:9000", "{v}");
     assert_eq!(f["endpoint"], format!("{w2}:9000"), "{v}");
-    assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(23456), Some(23456)), "{v}");
+    assert_eq!((f["bytes_up"].as_u64(), f["bytes_down"].as_u64()), (Some(23456), Some(23456)), "{v}");
     assert_eq!(f["outcome"], "ok", "{v}");
 }

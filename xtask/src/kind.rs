@@ -249,14 +249,14 @@ fn check_traffic() -> anyhow::Result<()> {
         let stats =
             output(&mut kubectl(&["-n", "mesh-system", "exec", daemon, "--", "meshctl", "-o", "json", "stats"]))?;
         let rows: serde_json::Value = serde_json::from_str(&stats).context("meshctl -o json stats")?;
-        let opened: f64 = rows
+        let opened: u64 = rows
             .as_array()
             .into_iter()
             .flatten()
             .filter(|r| r["service"] == SERVICE)
-            .filter_map(|r| r["opened"].as_f64())
+            .filter_map(|r| r["opened"].as_u64())
             .sum();
-        if logged && opened > 0.0 {
+        if logged && opened > 0 {
             say(&format!(
                 "  {daemon} on {}: access log has {SERVICE}; {opened} connection(s) in its metrics",
                 node.trim()

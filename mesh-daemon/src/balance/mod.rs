@@ -17,6 +17,74 @@ use std::sync::{Arc, Mutex};
 
 pub use endpoint::{BalanceConfig, EndpointState, EndpointView};
 
+use select::{Candidate, Eligible};
+use tokio::time::Instant;
+
+/// An endpoint of a route, as picking sees it.
+pub trait Member {
+    fn weight(&self) -> u16;
+    fn priority(&self) -> u8;
+    fn state(&self) -> &EndpointState;
+}
+
+/// Most endpoints whose breaker probe other connections may claim during
+/// one pick before it gives up (each claim is a race lost by microseconds).
+const MAX_CLAIMED: usize = 8;
+
+/// The endpoint for a new connection among `members` (see [`select`]),
+/// leaving out the addresses in `tried`; claims the breaker's probe if
+/// one is due. Allocates nothing: a connection and each of its retries
+/// cost passes over the members and two load reads.
+pub fn pick<M: Member>(
+    members: &[M],
+    fail_open: bool,
+    tried: &[SocketAddrV4],
+    now: Instant,
+    mut rng: impl FnMut() -> f64,
+) -> Option<usize> {
+    let mut claimed = [usize::MAX; MAX_CLAIMED];
+    let mut n_claimed = 0;
+    loop {
+        let cand = |i: usize| {
+            let m = &members[i];
+            let skip = claimed[..n_claimed].contains(&i) || tried.contains(&m.state().addr);
+            Candidate {
+                weight: if skip { 0 } else { m.weight() },
+                priority: m.priority(),
+                available: m.state().available(now),
+            }
+        };
+        let rule = Eligible::of((0..members.len()).map(cand), fail_open);
+        let i = select::p2c_by(
+            members.len(),
+            |i| {
+                let c = cand(i);
+                rule.admits(&c).then_some(c.weight)
+            },
+            |i| members[i].state().load(members[i].weight()),
+            &mut rng,
+        )?;
+        let st = members[i].state();
+        // Failing open goes to ejected endpoints too: no probe to claim.
+        if st.admit(now) || !st.available(now) {
+            return Some(i);
+        }
+        if n_claimed == MAX_CLAIMED {
+            return None;
+        }
+        claimed[n_claimed] = i;
+        n_claimed += 1;
+    }
+}
+
+/// The weights the balancer gives `members` now (rules 1-3): what
+/// `meshctl get endpoints` and the kernel slot tables show. `available`
+/// says which may take traffic (kernel mode: the active checks only).
+pub fn effective_weights<M>(members: &[M], fail_open: bool, candidate: impl Fn(&M) -> Candidate) -> Vec<u16> {
+    let cands: Vec<Candidate> = members.iter().map(candidate).collect();
+    select::effective_weights(&cands, fail_open)
+}
+
 /// The state of every endpoint address in use, kept across state writes
 /// so latency, breakers and health survive an `apply`.
 #[derive(Debug, Default)]

@@ -27,25 +27,57 @@ pub struct Candidate {
     pub available: bool,
 }
 
-/// Indices of the endpoints that may take new connections (rules 1-3).
-pub fn eligible(c: &[Candidate], fail_open: bool) -> Vec<usize> {
-    let weighted = || c.iter().enumerate().filter(|(_, e)| e.weight > 0);
-    let best = weighted().filter(|(_, e)| e.available).map(|(_, e)| e.priority).min();
-    match best {
-        Some(level) => weighted().filter(|(_, e)| e.available && e.priority == level).map(|(i, _)| i).collect(),
-        None if fail_open => weighted().map(|(i, _)| i).collect(),
-        None => Vec::new(),
+/// Which endpoints rules 1-3 let take new connections, found in one pass
+/// without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eligible {
+    /// The best priority level with an available weighted endpoint: its
+    /// available weighted endpoints.
+    Level(u8),
+    /// None available, failing open: every weighted endpoint.
+    All,
+    None,
+}
+
+impl Eligible {
+    pub fn of(c: impl Iterator<Item = Candidate>, fail_open: bool) -> Self {
+        let mut weighted = false;
+        let mut best: Option<u8> = None;
+        for e in c.filter(|e| e.weight > 0) {
+            weighted = true;
+            if e.available {
+                best = Some(best.map_or(e.priority, |b| b.min(e.priority)));
+            }
+        }
+        match best {
+            Some(level) => Eligible::Level(level),
+            None if fail_open && weighted => Eligible::All,
+            None => Eligible::None,
+        }
+    }
+
+    pub fn admits(self, e: &Candidate) -> bool {
+        e.weight > 0
+            && match self {
+                Eligible::Level(l) => e.available && e.priority == l,
+                Eligible::All => true,
+                Eligible::None => false,
+            }
     }
 }
 
-/// Kernel-mode slot weights: the configured weight for eligible endpoints
-/// (rules 1-3, with `available` meaning actively healthy), 0 otherwise.
+/// Indices of the endpoints that may take new connections (rules 1-3).
+#[cfg(test)]
+pub fn eligible(c: &[Candidate], fail_open: bool) -> Vec<usize> {
+    let rule = Eligible::of(c.iter().copied(), fail_open);
+    c.iter().enumerate().filter(|(_, e)| rule.admits(e)).map(|(i, _)| i).collect()
+}
+
+/// Kernel-mode slot weights and the weights `meshctl get endpoints` shows:
+/// the configured weight for eligible endpoints (rules 1-3), 0 otherwise.
 pub fn effective_weights(c: &[Candidate], fail_open: bool) -> Vec<u16> {
-    let mut w = vec![0; c.len()];
-    for i in eligible(c, fail_open) {
-        w[i] = c[i].weight;
-    }
-    w
+    let rule = Eligible::of(c.iter().copied(), fail_open);
+    c.iter().map(|e| if rule.admits(e) { e.weight } else { 0 }).collect()
 }
 
 /// One eligible endpoint's inputs to rule 4.
@@ -66,48 +98,67 @@ const NOISE_NS: f64 = 1_000_000.0;
 
 /// Rule 4 over the eligible endpoints; `rng` gives uniform numbers in
 /// [0, 1). Returns an index into `cands`.
-pub fn p2c(cands: &[Load], mut rng: impl FnMut() -> f64) -> Option<usize> {
-    let total: f64 = cands.iter().map(|c| f64::from(c.weight)).sum();
-    let draw = |skip: Option<usize>, total: f64, r: f64| -> usize {
+#[cfg(test)]
+pub fn p2c(cands: &[Load], rng: impl FnMut() -> f64) -> Option<usize> {
+    p2c_by(cands.len(), |i| Some(cands[i].weight), |i| cands[i], rng)
+}
+
+/// Rule 4 without a list: `weight(i)` is the weight of endpoint `i` if it
+/// is eligible (None otherwise), `load(i)` is asked only of the two drawn.
+/// Two passes over `n` and no allocation. Returns the chosen index.
+pub fn p2c_by(
+    n: usize,
+    weight: impl Fn(usize) -> Option<u16>,
+    load: impl Fn(usize) -> Load,
+    mut rng: impl FnMut() -> f64,
+) -> Option<usize> {
+    let (mut total, mut count, mut only) = (0.0, 0usize, None);
+    for (i, wt) in (0..n).filter_map(|i| weight(i).map(|w| (i, f64::from(w)))) {
+        total += wt;
+        count += 1;
+        only = Some(i);
+    }
+    // A weighted draw over the eligible endpoints, leaving out `skip`;
+    // returns the index and its weight.
+    let draw = |skip: Option<usize>, total: f64, r: f64| -> Option<(usize, f64)> {
         let mut x = r * total;
-        let mut last = 0;
-        for (i, c) in cands.iter().enumerate() {
-            if Some(i) == skip {
-                continue;
-            }
-            last = i;
-            x -= f64::from(c.weight);
+        let mut last = None;
+        for (i, wt) in (0..n).filter(|i| Some(*i) != skip).filter_map(|i| weight(i).map(|w| (i, f64::from(w)))) {
+            last = Some((i, wt));
+            x -= wt;
             if x < 0.0 {
-                return i;
+                return last;
             }
         }
         last
     };
-    match cands.len() {
+    match count {
         0 => None,
-        1 => Some(0),
+        1 => only,
         _ => {
-            let a = draw(None, total, rng());
-            let b = draw(Some(a), total - f64::from(cands[a].weight), rng());
-            let (ca, cb) = (cands[a], cands[b]);
-            if ca.in_flight == 0 && cb.in_flight == 0 {
-                let b_clearly_faster =
-                    ca.measured && cb.measured && ca.rtt > cb.rtt * CLEARLY_SLOWER && ca.rtt - cb.rtt > NOISE_NS;
-                return Some(if b_clearly_faster { b } else { a });
-            }
-            // An endpoint not measured yet competes on load alone against a
-            // measured one: its default latency is a guess, and judged by
-            // it a new endpoint would get nothing under load until an
-            // active check measured it (or forever, with checks off).
-            let (ra, rb) = match (ca.measured, cb.measured) {
-                (true, false) => (ca.rtt, ca.rtt),
-                (false, true) => (cb.rtt, cb.rtt),
-                _ => (ca.rtt, cb.rtt),
-            };
-            let cost = |rtt: f64, c: Load| rtt * (c.in_flight + 1) as f64 / f64::from(c.weight.max(1));
-            Some(if cost(rb, cb) < cost(ra, ca) { b } else { a })
+            let (a, wa) = draw(None, total, rng())?;
+            let (b, _) = draw(Some(a), total - wa, rng())?;
+            Some(if prefer_second(load(a), load(b)) { b } else { a })
         }
     }
+}
+
+/// Whether the second of two drawn endpoints wins (rule 4).
+fn prefer_second(ca: Load, cb: Load) -> bool {
+    if ca.in_flight == 0 && cb.in_flight == 0 {
+        return ca.measured && cb.measured && ca.rtt > cb.rtt * CLEARLY_SLOWER && ca.rtt - cb.rtt > NOISE_NS;
+    }
+    // An endpoint not measured yet competes on load alone against a
+    // measured one: its default latency is a guess, and judged by it a new
+    // endpoint would get nothing under load until an active check measured
+    // it (or forever, with checks off).
+    let (ra, rb) = match (ca.measured, cb.measured) {
+        (true, false) => (ca.rtt, ca.rtt),
+        (false, true) => (cb.rtt, cb.rtt),
+        _ => (ca.rtt, cb.rtt),
+    };
+    let cost = |rtt: f64, c: Load| rtt * (c.in_flight + 1) as f64 / f64::from(c.weight.max(1));
+    cost(rb, cb) < cost(ra, ca)
 }
 
 #[cfg(test)]

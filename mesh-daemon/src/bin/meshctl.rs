@@ -1,6 +1,7 @@
 //! `meshctl`: the operator's CLI, a thin client of mesh-daemon's Unix-socket
 //! API. Tables for people, `-o json` for scripts; exit code 0 only on
 //! success.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -124,72 +125,6 @@ struct ApiError {
     body: Value,
 }
 
-/// Samples of a Prometheus text exposition: (name, labels, value).
-fn samples(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match key.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (key, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once("=\"")?;
-                    Some((k.trim_start_matches(',').to_owned(), v.trim_end_matches('"').to_owned()))
-                })
-                .collect();
-            Some((name.to_owned(), labels, value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// `meshctl stats` rows from `/metrics` text.
-fn stats_rows(text: &str) -> Vec<Value> {
-    let all = samples(text);
-    let label = |l: &std::collections::BTreeMap<String, String>, k: &str| l.get(k).cloned().unwrap_or_default();
-    let sum = |name: &str, service: &str, endpoint: Option<&str>| -> f64 {
-        all.iter()
-            .filter(|(n, l, _)| {
-                n == name && label(l, "service") == service && endpoint.is_none_or(|e| label(l, "endpoint") == e)
-            })
-            .map(|(_, _, v)| *v)
-            .sum()
-    };
-    let mut keys: Vec<(String, String)> = all
-        .iter()
-        .filter(|(n, _, _)| n == "mesh_connections_opened_total")
-        .map(|(_, l, _)| (label(l, "service"), label(l, "endpoint")))
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .map(|(service, endpoint)| {
-            // Health gauges are per service (no port) and endpoint IP.
-            let svc = service.rsplit_once(':').map_or(service.as_str(), |(s, _)| s);
-            let ip = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(i, _)| i);
-            let ewma = all
-                .iter()
-                .find(|(n, l, _)| {
-                    n == "mesh_endpoint_ewma_rtt_seconds" && label(l, "service") == svc && label(l, "endpoint") == ip
-                })
-                .map(|(_, _, v)| v * 1000.0);
-            json!({
-                "service": service,
-                "endpoint": endpoint,
-                "opened": sum("mesh_connections_opened_total", &service, Some(&endpoint)),
-                "closed": sum("mesh_connections_closed_total", &service, Some(&endpoint)),
-                "bytesSent": sum("mesh_sent_bytes_total", &service, Some(&endpoint)),
-                "bytesReceived": sum("mesh_received_bytes_total", &service, Some(&endpoint)),
-                "serviceErrors": sum("mesh_connections_failed_total", &service, None),
-                "ewmaRttMs": ewma,
-            })
-        })
-        .collect()
-}
-
 /// Sends one request to the daemon: (status, body bytes).
 async fn send(
     socket: &Path,
@@ -213,14 +148,6 @@ async fn send(
 }
 
 /// A GET whose answer is text (`/metrics`).
-async fn call_text(socket: &Path, path: &str) -> anyhow::Result<String> {
-    let (status, bytes) = send(socket, Method::GET, path, Vec::new(), None).await?;
-    if !status.is_success() {
-        bail!("the daemon refused the request ({status}): {}", String::from_utf8_lossy(&bytes));
-    }
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
-}
-
 async fn call(
     socket: &Path,
     method: Method,
@@ -389,7 +316,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sock = cli.socket.as_path();
     let json_out = cli.output == Output::Json;
     if let Cmd::Stats = cli.command {
-        let rows = stats_rows(&call_text(sock, "/metrics").await?);
+        let rows = match call(sock, Method::GET, "/v1/stats", None, None).await? {
+            Ok(Value::Array(rows)) => rows,
+            Ok(other) => bail!("the daemon answered /v1/stats with {other}, not a list"),
+            Err(ApiError { status, body }) => bail!("the daemon refused the request ({status}): {}", s(&body["error"])),
+        };
         if json_out {
             println!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
@@ -408,7 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|r| {
                         vec![
                             s(&r["service"]),
-                            s(&r["endpoint"]),
+                            format!("{} ({})", s(&r["endpoint"]), s(&r["direction"])),
                             s(&r["opened"]),
                             s(&r["closed"]),
                             s(&r["bytesSent"]),
@@ -558,28 +489,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_rows_from_metrics() {
-        let text = "# TYPE mesh_connections_opened_total counter\n\
-            mesh_connections_opened_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 3\n\
-            mesh_connections_closed_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 2\n\
-            mesh_sent_bytes_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 100\n\
-            mesh_received_bytes_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 200\n\
-            mesh_connections_failed_total{service=\"default/web:80\",direction=\"outbound\"} 1\n\
-            mesh_endpoint_ewma_rtt_seconds{service=\"default/web\",endpoint=\"10.0.0.1\"} 0.0015\n";
-        let rows = stats_rows(text);
-        assert_eq!(rows.len(), 1);
-        let r = &rows[0];
-        assert_eq!((r["opened"].as_f64(), r["closed"].as_f64()), (Some(3.0), Some(2.0)));
-        assert_eq!((r["bytesSent"].as_f64(), r["bytesReceived"].as_f64()), (Some(100.0), Some(200.0)));
-        assert_eq!(r["serviceErrors"].as_f64(), Some(1.0));
-        assert!((r["ewmaRttMs"].as_f64().unwrap() - 1.5).abs() < 1e-9);
     }
 }

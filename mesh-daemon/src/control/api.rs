@@ -6,7 +6,7 @@
 //! the answer). Request bodies may be JSON or YAML.
 //!
 //! ```text
-//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints
+//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints | /v1/stats
 //! PUT    /v1/state                                 (the whole document)
 //! GET    /v1/nodes[/NAME]            PUT|DELETE /v1/nodes/NAME
 //! GET    /v1/workloads[/NS/NAME]     PUT|DELETE /v1/workloads/NS/NAME
@@ -336,6 +336,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 }),
             )
         }
+        (&Method::GET, ["v1", "stats"]) => respond(StatusCode::OK, &control.stats_rows()),
         (&Method::GET, ["v1", "state"]) => {
             respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc }))
         }

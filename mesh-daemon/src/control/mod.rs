@@ -12,6 +12,7 @@
 //! started with a larger `--slot-table-size`) does not stop the daemon: the
 //! kernel-mode services that do not fit are served by the proxy instead,
 //! `/ready` says why, and writes must fit again.
+#![forbid(unsafe_code)]
 
 pub mod api;
 mod store;
@@ -30,15 +31,13 @@ use tracing::{debug, info, warn};
 
 pub use store::{Store, StoreError, Stored};
 
-use crate::balance::select::{effective_weights, Candidate};
-use crate::balance::{BalanceConfig, Registry};
+use crate::balance::select::Candidate;
+use crate::balance::{self, BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents, MapsView};
 use crate::health::Checker;
 use crate::model::{self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, State, ValidationErrors};
-use crate::proxy::{Local, RouteTable};
-use crate::telemetry::metrics::{EndpointLabels, Metrics};
-use crate::tunnel::server::Inbound;
-use crate::tunnel::TunnelCounters;
+use crate::proxy::{Inbound, Local, RouteTable};
+use crate::telemetry::metrics::{EndpointGauges, Live, Metrics};
 
 pub struct ControlConfig {
     pub node: NodeName,
@@ -51,7 +50,6 @@ pub struct ControlConfig {
     pub slot_table_size: u32,
     pub balance: BalanceConfig,
     pub metrics: Arc<Metrics>,
-    pub tunnel: Arc<TunnelCounters>,
     /// Who writes the state when it is not the control API (e.g.
     /// Kubernetes discovery); the API then refuses writes, naming it.
     pub managed_by: Option<&'static str>,
@@ -92,6 +90,44 @@ impl std::fmt::Display for Rollback {
     }
 }
 
+/// One endpoint of one service, as `meshctl get endpoints` and the
+/// metrics show it.
+#[derive(Debug, Clone)]
+pub struct EndpointRow {
+    pub service: String,
+    pub ip: Ipv4Addr,
+    pub node: NodeName,
+    pub weight: u16,
+    pub effective_weight: u16,
+    pub priority: u8,
+    pub view: crate::balance::EndpointView,
+}
+
+/// What a scrape reads from a running [`Control`] (weakly held: the
+/// metrics outlive no daemon).
+pub struct LiveView(pub std::sync::Weak<Control>);
+
+impl Live for LiveView {
+    fn kernel(&self) -> Vec<(&'static str, u64)> {
+        let Some(c) = self.0.upgrade() else { return Vec::new() };
+        c.kernel_stats().map(|v| v.into_iter().map(|(s, n)| (s.name(), n)).collect()).unwrap_or_default()
+    }
+
+    fn endpoints(&self) -> Vec<EndpointGauges> {
+        let Some(c) = self.0.upgrade() else { return Vec::new() };
+        c.endpoint_rows()
+            .into_iter()
+            .map(|r| EndpointGauges {
+                service: r.service,
+                endpoint: r.ip.to_string(),
+                healthy: r.view.active == "healthy",
+                effective_weight: r.effective_weight,
+                ewma_rtt: std::time::Duration::from_secs_f64(r.view.ewma_rtt_ms / 1000.0),
+            })
+            .collect()
+    }
+}
+
 /// The accepted state and what the kernel view of it needs.
 struct Current {
     stored: Stored,
@@ -110,8 +146,9 @@ pub struct Control {
     store: Store,
     own_netns: u64,
     inner: Mutex<Inner>,
-    /// The last accepted state, for readers.
+    /// The last accepted state, for readers: as saved, and validated.
     snapshot: ArcSwap<Stored>,
+    state: ArcSwap<State>,
     routes: Arc<ArcSwap<RouteTable>>,
     registry: Arc<Registry>,
     checker: Mutex<Checker>,
@@ -201,6 +238,7 @@ impl Control {
                 datapath: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
+            state: ArcSwap::from_pointee(State::default()),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             registry: Arc::new(Registry::new(cfg.balance)),
             checker: Mutex::new(Checker::new(health_changed)),
@@ -353,49 +391,11 @@ impl Control {
         r
     }
 
-    /// `/metrics`: counters as they are, and the gauges and mirrored
-    /// counters (kernel, tunnel, endpoints) brought up to date first.
+    /// `/metrics`: nothing is copied or waited for; the kernel's counters
+    /// and the endpoints' state are read during the encoding (see
+    /// [`LiveView`]).
     pub fn render_metrics(&self) -> String {
-        let m = &self.cfg.metrics;
-        if let Ok(stats) = self.kernel_stats() {
-            for (s, v) in stats {
-                Metrics::mirror(&m.kernel, s.name(), v);
-            }
-        }
-        let t = self.cfg.tunnel.snapshot();
-        for (name, v) in [
-            ("handshakes", t.handshakes),
-            ("tls_failures", t.tls_failures),
-            ("streams", t.streams),
-            ("denied_not_local", t.denied_not_local),
-            ("denied_not_endpoint", t.denied_not_endpoint),
-            ("denied_policy", t.denied_policy),
-            ("bad_requests", t.bad_requests),
-            ("upstream_failures", t.upstream_failures),
-        ] {
-            Metrics::mirror(&m.tunnel, name, v);
-        }
-        for (reason, v) in &t.tls_failures_by_reason {
-            if let Some(r) = crate::tunnel::TLS_FAILURE_REASONS.iter().find(|r| **r == reason.as_str()) {
-                let c = m.tls_failures.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: r });
-                if *v > c.get() {
-                    c.inc_by(v - c.get());
-                }
-            }
-        }
-        m.healthy.clear();
-        m.effective_weight.clear();
-        m.ewma_rtt.clear();
-        for e in self.endpoints() {
-            let l = EndpointLabels {
-                service: e["service"].as_str().unwrap_or_default().to_owned(),
-                endpoint: e["ip"].as_str().unwrap_or_default().to_owned(),
-            };
-            m.healthy.get_or_create(&l).set(i64::from(e["health"] == "healthy"));
-            m.effective_weight.get_or_create(&l).set(e["effectiveWeight"].as_i64().unwrap_or(0));
-            m.ewma_rtt.get_or_create(&l).set(e["ewmaRttMs"].as_f64().unwrap_or(0.0) / 1000.0);
-        }
-        m.encode()
+        self.cfg.metrics.encode()
     }
 
     /// Makes the proxy, the endpoint registry and the health checks follow
@@ -429,6 +429,7 @@ impl Control {
         if let Ok(mut checker) = self.checker.lock() {
             checker.reconcile(checks);
         }
+        self.state.store(Arc::new(current.state.clone()));
         self.snapshot.store(Arc::new(current.stored.clone()));
     }
 
@@ -497,11 +498,8 @@ impl Control {
 
     /// Every endpoint with its configured and effective weight, priority,
     /// health, latency estimate and connections in flight.
-    pub fn endpoints(&self) -> Vec<Value> {
-        let snap = self.snapshot();
-        let Ok(state) = State::from_document(&snap.state) else {
-            return Vec::new();
-        };
+    pub fn endpoint_rows(&self) -> Vec<EndpointRow> {
+        let state = self.state.load();
         let now = Instant::now();
         let mut out = Vec::new();
         for s in &state.services {
@@ -509,39 +507,59 @@ impl Control {
                 continue;
             };
             let states: Vec<_> = s.endpoints.iter().map(|e| self.registry.get(e.addr(port.target_port))).collect();
-            let cands: Vec<Candidate> = s
-                .endpoints
-                .iter()
-                .zip(&states)
-                .map(|(e, st)| Candidate {
+            let members: Vec<_> = s.endpoints.iter().zip(&states).collect();
+            let effective = balance::effective_weights(&members, s.fail_open, |(e, st)| Candidate {
+                weight: e.weight.0,
+                priority: e.priority,
+                available: match s.mode {
+                    Mode::Kernel => st.actively_healthy(),
+                    Mode::Proxy => st.available(now),
+                },
+            });
+            for ((e, st), effective_weight) in s.endpoints.iter().zip(&states).zip(effective) {
+                out.push(EndpointRow {
+                    service: s.key(),
+                    ip: e.ip,
+                    node: e.node.clone(),
                     weight: e.weight.0,
+                    effective_weight,
                     priority: e.priority,
-                    available: match s.mode {
-                        Mode::Kernel => st.actively_healthy(),
-                        Mode::Proxy => st.available(now),
-                    },
-                })
-                .collect();
-            let effective = effective_weights(&cands, s.fail_open);
-            for ((e, st), eff) in s.endpoints.iter().zip(&states).zip(effective) {
-                let v = st.view(now);
-                out.push(json!({
-                    "service": s.key(),
-                    "ip": e.ip.to_string(),
-                    "node": e.node.as_str(),
-                    "weight": e.weight.0,
-                    "effectiveWeight": eff,
-                    "priority": e.priority,
-                    "health": v.active,
-                    "breaker": v.breaker,
-                    "reason": v.reason,
-                    "sinceChangeSeconds": v.since_change_s,
-                    "ewmaRttMs": v.ewma_rtt_ms,
-                    "inFlight": v.in_flight,
-                }));
+                    view: st.view(now),
+                });
             }
         }
         out
+    }
+
+    /// `meshctl stats`: per service port and endpoint, outbound then
+    /// inbound, from the series the proxy counts into.
+    pub fn stats_rows(&self) -> Vec<crate::telemetry::metrics::StatsRow> {
+        let mut rows = self.routes.load().stats_rows();
+        rows.extend(self.inbound.load().stats_rows());
+        rows
+    }
+
+    /// [`Control::endpoint_rows`] as the API shows them.
+    pub fn endpoints(&self) -> Vec<Value> {
+        self.endpoint_rows()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "service": r.service,
+                    "ip": r.ip.to_string(),
+                    "node": r.node.as_str(),
+                    "weight": r.weight,
+                    "effectiveWeight": r.effective_weight,
+                    "priority": r.priority,
+                    "health": r.view.active,
+                    "breaker": r.view.breaker,
+                    "reason": r.view.reason,
+                    "sinceChangeSeconds": r.view.since_change_s,
+                    "ewmaRttMs": r.view.ewma_rtt_ms,
+                    "inFlight": r.view.in_flight,
+                })
+            })
+            .collect()
     }
 
     fn view(&self) -> Result<&MapsView, String> {

@@ -5,8 +5,8 @@ use std::net::SocketAddrV4;
 
 use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNEL, MODE_PROXY};
 
-use crate::balance::select::{effective_weights, Candidate};
-use crate::balance::slots;
+use crate::balance::select::Candidate;
+use crate::balance::{self, slots};
 use crate::model::{Frontend, MapCapacity, Mode, State};
 
 /// One `SERVICES` entry as wanted; for kernel mode with its slot table.
@@ -59,16 +59,11 @@ impl MapContents {
                 let desired = match s.mode {
                     Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
                     Mode::Kernel => {
-                        let cands: Vec<Candidate> = s
-                            .endpoints
-                            .iter()
-                            .map(|e| Candidate {
-                                weight: e.weight.0,
-                                priority: e.priority,
-                                available: healthy(e.addr(f.target_port)),
-                            })
-                            .collect();
-                        let weights = effective_weights(&cands, s.fail_open);
+                        let weights = balance::effective_weights(&s.endpoints, s.fail_open, |e| Candidate {
+                            weight: e.weight.0,
+                            priority: e.priority,
+                            available: healthy(e.addr(f.target_port)),
+                        });
                         let slots = slots::layout(&weights, table_size)
                             .into_iter()
                             .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))

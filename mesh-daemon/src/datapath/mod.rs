@@ -34,12 +34,12 @@ use mesh_common::{
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-pub use cgroup::{cgroup2_root, cgroup2_root_in};
-pub use contents::{service_key, sockaddr, DesiredService, MapContents};
+pub use cgroup::cgroup2_root;
+pub use contents::{sockaddr, MapContents};
 pub use netns::{netns_cookie, own_netns_cookie};
 pub use orig_dst::OrigDstReader;
 pub use sync::SyncReport;
-pub use view::{Dump, MapsView, ServiceDump};
+pub use view::{Dump, MapsView};
 
 /// The kernel object, built by build.rs from mesh-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));

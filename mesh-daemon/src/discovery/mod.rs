@@ -4,7 +4,10 @@
 //! server and applies it.
 #![forbid(unsafe_code)]
 
+// Used by `watch`; built (and unit-tested) without the feature too.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub mod procs;
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub mod translate;
 #[cfg(feature = "kubernetes")]
 pub mod watch;

@@ -72,19 +72,30 @@ impl Certs {
         self.node_swap.clone()
     }
 
+    /// A workload's client certificate and its serial, if one was issued.
+    /// Never signs anything: safe on an async worker thread.
+    pub fn cached(&self, id: &Identity) -> Option<(Arc<SwapCert>, u64)> {
+        let m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).map(|h| (h.swap.clone(), h.issued.serial))
+    }
+
     /// A workload's client certificate and its serial (a new serial means
-    /// it was renewed); issued on first use.
+    /// it was renewed); issued on first use. Signing takes milliseconds of
+    /// CPU: async callers try [`Certs::cached`] first and call this from
+    /// `spawn_blocking`. The lock is not held while signing.
     pub fn workload(&self, id: &Identity) -> Result<(Arc<SwapCert>, u64), CertError> {
-        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = m.get(id) {
-            return Ok((h.swap.clone(), h.issued.serial));
+        if let Some(c) = self.cached(id) {
+            return Ok(c);
         }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
         let h = held(self.ca.issue(id, self.lifetime, serial)?)?;
-        info!(identity = %id, serial, "workload certificate issued");
-        let out = (h.swap.clone(), serial);
-        m.insert(id.clone(), h);
-        Ok(out)
+        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        // Another caller may have issued one meanwhile: the first one stays.
+        let h = m.entry(id.clone()).or_insert_with(|| {
+            info!(identity = %id, serial, "workload certificate issued");
+            h
+        });
+        Ok((h.swap.clone(), h.issued.serial))
     }
 
     /// Renews every certificate past 70% of its lifetime.

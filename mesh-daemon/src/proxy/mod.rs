@@ -1,10 +1,12 @@
 //! Connection paths through the node proxy.
+#![forbid(unsafe_code)]
 
+pub mod access;
 pub mod error;
+pub mod inbound;
 pub mod outbound;
-pub mod relay;
 pub mod routes;
 
-pub use error::ConnectError;
+pub use inbound::{Inbound, InboundHandler};
 pub use outbound::Outbound;
 pub use routes::{Local, Route, RouteEndpoint, RouteTable, Workload};

@@ -13,14 +13,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use super::access::Record;
 use super::error::ConnectError;
-use super::relay::{self, Transfer};
 use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::balance::backoff::Backoff;
 use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
+use crate::relay::{self, Transfer};
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::{Pool, Stream};
 
@@ -78,6 +79,9 @@ impl Outbound {
     }
 }
 
+/// A first try and at most 10 retries (`retries` is validated to 0..10).
+const MAX_TRIES: usize = 11;
+
 /// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
 const RETRY_BACKOFF: Backoff =
     Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
@@ -123,10 +127,12 @@ async fn connect<'r>(
     tunnel: Option<&Pool>,
 ) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
     let start = Instant::now();
-    let mut tried = Vec::new();
+    // Every endpoint tried so far, on the stack: retries are at most 10.
+    let mut tried = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); MAX_TRIES];
+    let mut n_tried = 0;
     let mut last = ConnectError::NoEndpoint;
     for attempt in 0..=route.retries {
-        let Some(ep) = route.pick(&tried, Instant::now()) else { break };
+        let Some(ep) = route.pick(&tried[..n_tried], Instant::now()) else { break };
         let t0 = Instant::now();
         match open(ep, route, source, tunnel).await {
             Ok(s) => {
@@ -145,7 +151,10 @@ async fn connect<'r>(
         if ep.state.failed(Instant::now()) {
             ep.series.ejections.inc();
         }
-        tried.push(ep.state.addr);
+        if n_tried < MAX_TRIES {
+            tried[n_tried] = ep.state.addr;
+            n_tried += 1;
+        }
         let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
         if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
             break;
@@ -167,21 +176,34 @@ async fn forward(
     tunnel: Option<&Pool>,
 ) {
     let src = source.map_or("unknown", |w| w.name.as_str());
-    let identity = source.map(|w| &w.identity);
     let started = Instant::now();
+    let mut record = Record {
+        direction: "outbound",
+        source: source.map(|w| w.name.as_str()),
+        identity: source.map(|w| &w.identity),
+        client: Some(peer),
+        service: &route.name,
+        endpoint: None,
+        node: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration: Duration::ZERO,
+        outcome: "ok",
+        error: None,
+    };
     let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
         Err(e) => {
             let outcome = e.reason();
+            route.series.failed(outcome);
             if e.counts_against_endpoint() || outcome == "no_endpoint" {
                 counters.connect_failed.inc();
-                route.series.failed.inc();
                 warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
             } else {
                 counters.refused.inc();
                 warn!(client = %peer, source = src, service = %route.name, error = %e, outcome, "connection refused; closed, not retried");
             }
-            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, outcome, error = %e, duration_ms = started.elapsed().as_millis() as u64, "closed");
+            Record { outcome, error: Some(&e), duration: started.elapsed(), ..record }.log();
             return;
         }
     };
@@ -197,25 +219,201 @@ async fn forward(
         Upstream::Tunnel(mut up) => relay::relay(&mut client, &mut *up).await,
     };
     counters.active.dec();
-    counters.bytes_to_endpoint.add(up);
-    counters.bytes_to_client.add(down);
+    counters.bytes_to_endpoint.inc_by(up);
+    counters.bytes_to_client.inc_by(down);
     series.closed.inc();
     series.sent.inc_by(up);
     series.received.inc_by(down);
     let duration = started.elapsed();
     route.series.duration.observe(duration.as_secs_f64());
-    let duration_ms = duration.as_millis() as u64;
-    let node = ep.node.as_str();
-    match error {
-        None => {
-            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, %endpoint, node, bytes_up = up, bytes_down = down, duration_ms, outcome = "ok", "closed");
+    if let Some(e) = &error {
+        counters.io_errors.inc();
+        if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
+            series.ejections.inc();
         }
-        Some(e) => {
-            counters.io_errors.inc();
-            if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
-                series.ejections.inc();
+    }
+    record.endpoint = Some(endpoint);
+    record.node = Some(ep.node.as_str());
+    record.bytes_up = up;
+    record.bytes_down = down;
+    record.duration = duration;
+    record.outcome = if error.is_some() { "error" } else { "ok" };
+    record.error = error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync));
+    record.log();
+}
+
+/// The connect decision in-process, over loopback, with real TLS: a
+/// tunnel server for node b and the pool of node a, no root needed.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::balance::Registry;
+    use crate::identity::manager::Certs;
+    use crate::identity::{certs::Ca, tls, Identity};
+    use crate::model::{parse_document, NodeName, ServiceIds, State};
+    use crate::proxy::{Inbound, InboundHandler, Local};
+    use crate::telemetry::Metrics;
+    use crate::tunnel::TunnelCounters;
+
+    struct Mesh {
+        routes: RouteTable,
+        source: Arc<Workload>,
+        pool: Arc<Pool>,
+        counters: ProxyCounters,
+        tunnel: Arc<TunnelCounters>,
+        _dir: TempDir,
+        _drain: crate::drain::Drain,
+    }
+
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn certs(dir: &std::path::Path, node: &str) -> Arc<Certs> {
+        let ca = Ca::from_files(&dir.join("ca.pem"), &dir.join("ca.key")).unwrap();
+        let roots = tls::trust_bundle(&dir.join("ca.pem")).unwrap();
+        let id = Identity::node("cluster.local", &NodeName::parse(node).unwrap());
+        Certs::new("cluster.local", ca, roots, Duration::from_secs(3600), id).unwrap()
+    }
+
+    /// Node b (its tunnel on loopback) runs pods 127.0.0.2 (listening on
+    /// `port`) and 127.0.0.3 (nothing listens); 127.0.0.5 is nobody's.
+    /// The client 127.0.0.10 (sa/client) is on node a.
+    async fn mesh(services: &str) -> (Mesh, u16) {
+        let dir = std::env::temp_dir().join(format!("mesh-outbound-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert).unwrap();
+        std::fs::write(dir.join("ca.key"), key).unwrap();
+        let pod = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = pod.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = pod.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"hello from b1").await;
+                });
             }
-            info!(target: "access", source = src, identity = identity.map(tracing::field::display), client = %peer, service = %route.name, %endpoint, node, bytes_up = up, bytes_down = down, duration_ms, outcome = "error", error = %e, "closed");
+        });
+        let tunnel_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tunnel_port = tunnel_listener.local_addr().unwrap().port();
+        let doc = parse_document(&format!(
+            "nodes: [{{name: a, address: 127.0.0.1}}, {{name: b, address: 127.0.0.1}}]\n\
+             workloads:\n - {{name: client, serviceAccount: client, node: a, ip: 127.0.0.10, pid: 1}}\n\
+             \x20- {{name: b1, serviceAccount: web, node: b, ip: 127.0.0.2, pid: 1}}\n\
+             \x20- {{name: b2, serviceAccount: web, node: b, ip: 127.0.0.3, pid: 1}}\n\
+             services:\n{}",
+            services.replace("PORT", &port.to_string())
+        ))
+        .unwrap();
+        let state = State::from_document(&doc).unwrap();
+        let ids = ServiceIds::default().assign(&state.frontend_keys());
+        let metrics = Metrics::new();
+        let tunnel = Arc::new(TunnelCounters::new(&metrics));
+        let view = Inbound::build(&state, &NodeName::parse("b").unwrap(), "cluster.local", &metrics);
+        let handler = Arc::new(InboundHandler {
+            view: Arc::new(arc_swap::ArcSwap::from_pointee(view)),
+            counters: tunnel.clone(),
+        });
+        let server = certs(&dir, "b");
+        let cfg = tls::server_config(server.node_cert(), server.roots.clone()).unwrap();
+        let drain = crate::drain::Drain::new();
+        tokio::spawn(crate::tunnel::server::serve(
+            tunnel_listener,
+            tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            handler,
+            tunnel.clone(),
+            drain.clone(),
+        ));
+        let local = Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port };
+        let routes = RouteTable::build(&state, &state.frontends(&ids), &Registry::default(), &local, &metrics);
+        let source = routes.workload("127.0.0.10".parse().unwrap()).unwrap().clone();
+        let m = Mesh {
+            routes,
+            source,
+            pool: Pool::new(certs(&dir, "a")),
+            counters: ProxyCounters::new(&metrics),
+            tunnel,
+            _dir: TempDir(dir),
+            _drain: drain,
+        };
+        (m, port)
+    }
+
+    async fn read_all(u: Upstream) -> String {
+        let mut buf = Vec::new();
+        match u {
+            Upstream::Tcp(mut s) => tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await.unwrap(),
+            Upstream::Tunnel(mut s) => tokio::io::AsyncReadExt::read_to_end(&mut *s, &mut buf).await.unwrap(),
+        };
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_retried_on_another_endpoint() {
+        // 127.0.0.3 is preferred (priority 0) but refuses: node b answers
+        // 502, which counts against it, and the retry goes to 127.0.0.2.
+        let (m, port) = mesh(
+            " - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], healthCheck: {protocol: none},\n\
+             \x20  endpoints: [{ip: 127.0.0.3, node: b, priority: 0}, {ip: 127.0.0.2, node: b, priority: 1}]}\n",
+        )
+        .await;
+        let route = m.routes.route(1).unwrap();
+        let (up, ep, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        assert_eq!(ep.state.addr, SocketAddrV4::new("127.0.0.2".parse().unwrap(), port));
+        assert_eq!(read_all(up).await, "hello from b1");
+        assert_eq!((m.counters.retries.get(), m.tunnel.upstream_failures.get()), (1, 1));
+        let refused = &route.endpoints[0];
+        assert_eq!(refused.state.view(Instant::now()).breaker, "closed", "one failure of three");
+        assert_eq!(m.tunnel.handshakes.get(), 1, "both tries shared one tunnel connection");
+    }
+
+    #[tokio::test]
+    async fn a_denied_connect_fails_at_once_and_blames_no_endpoint() {
+        let (m, _) = mesh(
+            " - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], healthCheck: {protocol: none},\n\
+             \x20  authorization: {identities: [\"spiffe://cluster.local/ns/default/sa/someone-else\"]},\n\
+             \x20  endpoints: [{ip: 127.0.0.2, node: b}, {ip: 127.0.0.3, node: b}]}\n",
+        )
+        .await;
+        let route = m.routes.route(1).unwrap();
+        for _ in 0..5 {
+            let e = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.err().unwrap();
+            assert_eq!(e.reason(), "denied", "{e}");
+            assert!(e.to_string().contains("refused with 403 Forbidden (policy)"), "{e}");
+            assert!(!e.counts_against_endpoint());
         }
+        assert_eq!(m.counters.retries.get(), 0, "a refusal is not retried elsewhere");
+        assert_eq!(m.tunnel.denied_policy.get(), 5);
+        for ep in &route.endpoints {
+            assert_eq!(ep.state.view(Instant::now()).breaker, "closed");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_that_is_not_a_workload_of_its_node_is_refused_with_403() {
+        let (m, _) = mesh(
+            " - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], healthCheck: {protocol: none},\n\
+             \x20  endpoints: [{ip: 127.0.0.5, node: b}]}\n",
+        )
+        .await;
+        let e = connect(m.routes.route(1).unwrap(), Some(&m.source), &m.counters, Some(&m.pool)).await.err().unwrap();
+        assert_eq!(e.reason(), "denied");
+        assert!(e.to_string().contains("(not-local)"), "{e}");
+        assert_eq!((m.tunnel.denied_not_local.get(), m.tunnel.streams.get()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_client_without_identity_is_refused_before_the_tunnel() {
+        let (m, _) =
+            mesh(" - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], endpoints: [{ip: 127.0.0.2, node: b}]}\n")
+                .await;
+        let e = connect(m.routes.route(1).unwrap(), None, &m.counters, Some(&m.pool)).await.err().unwrap();
+        assert_eq!(e.reason(), "no_identity");
+        assert_eq!(m.tunnel.handshakes.get(), 0, "nothing was sent to node b");
     }
 }

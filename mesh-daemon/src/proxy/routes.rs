@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::balance::select::{eligible, p2c, Candidate};
-use crate::balance::{EndpointState, Registry};
+use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
 use crate::model::{Frontend, NodeName, State};
-use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries};
+use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
 
 #[derive(Debug)]
@@ -45,33 +44,23 @@ pub struct Route {
     pub series: ServiceSeries,
 }
 
+impl Member for RouteEndpoint {
+    fn weight(&self) -> u16 {
+        self.weight
+    }
+    fn priority(&self) -> u8 {
+        self.priority
+    }
+    fn state(&self) -> &EndpointState {
+        &self.state
+    }
+}
+
 impl Route {
-    /// The endpoint for a new connection (see [`crate::balance::select`]),
+    /// The endpoint for a new connection (see [`crate::balance::pick`]),
     /// leaving out `tried`; claims the breaker's probe if one is due.
     pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<&RouteEndpoint> {
-        let mut excluded: Vec<SocketAddrV4> = tried.to_vec();
-        // A candidate whose probe another connection just claimed is
-        // skipped and the choice made again.
-        for _ in 0..self.endpoints.len() {
-            let cands: Vec<Candidate> = self
-                .endpoints
-                .iter()
-                .map(|e| Candidate {
-                    weight: if excluded.contains(&e.state.addr) { 0 } else { e.weight },
-                    priority: e.priority,
-                    available: e.state.available(now),
-                })
-                .collect();
-            let ok = eligible(&cands, self.fail_open);
-            let loads: Vec<_> = ok.iter().map(|i| self.endpoints[*i].state.load(self.endpoints[*i].weight)).collect();
-            let chosen = &self.endpoints[ok[p2c(&loads, fastrand::f64)?]];
-            // Failing open goes to ejected endpoints too: no probe to claim.
-            if chosen.state.admit(now) || !chosen.state.available(now) {
-                return Some(chosen);
-            }
-            excluded.push(chosen.state.addr);
-        }
-        None
+        balance::pick(&self.endpoints, self.fail_open, tried, now, fastrand::f64).map(|i| &self.endpoints[i])
     }
 }
 
@@ -170,6 +159,21 @@ impl RouteTable {
                 metrics.forget_endpoint(&e.series.labels);
             }
         }
+    }
+
+    /// `meshctl stats` rows of every endpoint of every route.
+    pub fn stats_rows(&self) -> Vec<StatsRow> {
+        let now = Instant::now();
+        let mut rows: Vec<StatsRow> = self
+            .by_id
+            .values()
+            .flat_map(|r| {
+                let errors = r.series.failures();
+                r.endpoints.iter().map(move |e| e.series.row(errors, Some(e.state.view(now).ewma_rtt_ms)))
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.service, &a.endpoint).cmp(&(&b.service, &b.endpoint)));
+        rows
     }
 
     pub fn route(&self, id: u32) -> Option<&Arc<Route>> {

@@ -2,7 +2,13 @@
 //! bounded: service, endpoint (from the state), direction, reason; never a
 //! client port or anything per connection.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,7 +52,146 @@ pub struct CounterLabels {
     pub counter: &'static str,
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabels {
+    pub service: String,
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// Every `reason` a failed connection can have (the connect error's
+/// reasons); series are dropped by these when a service goes.
+pub const FAILURE_REASONS: [&str; 12] = [
+    "refused",
+    "unreachable",
+    "reset",
+    "timeout",
+    "io",
+    "tls_handshake",
+    "tunnel",
+    "upstream",
+    "denied",
+    "no_identity",
+    "no_certificates",
+    "no_endpoint",
+];
+
+/// One endpoint of one service as a scrape shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointGauges {
+    pub service: String,
+    pub endpoint: String,
+    pub healthy: bool,
+    pub effective_weight: u16,
+    pub ewma_rtt: std::time::Duration,
+}
+
+/// What a scrape reads from the running daemon.
+pub trait Live: Send + Sync + 'static {
+    /// The kernel programs' counters (the STATS map), by name.
+    fn kernel(&self) -> Vec<(&'static str, u64)>;
+    fn endpoints(&self) -> Vec<EndpointGauges>;
+}
+
+/// Encodes what [`Live`] reads at scrape time: nothing is copied between
+/// scrapes, and nothing is kept for endpoints that left.
+struct LiveCollector(Arc<OnceLock<Arc<dyn Live>>>);
+
+impl std::fmt::Debug for LiveCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveCollector")
+    }
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(live) = self.0.get() else { return Ok(()) };
+        let kernel = live.kernel();
+        let mut family = encoder.encode_descriptor(
+            "kernel_events",
+            "Counters of the kernel programs (STATS map)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (counter, v) in kernel {
+            ConstCounter::new(v).encode(family.encode_family(&CounterLabels { counter })?)?;
+        }
+        let endpoints = live.endpoints();
+        let labels = |e: &EndpointGauges| EndpointLabels { service: e.service.clone(), endpoint: e.endpoint.clone() };
+        let mut family = encoder.encode_descriptor(
+            "endpoint_healthy",
+            "1 when the endpoint passes its active checks",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in &endpoints {
+            ConstGauge::new(i64::from(e.healthy)).encode(family.encode_family(&labels(e))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "endpoint_effective_weight",
+            "Weight the balancer uses now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in &endpoints {
+            ConstGauge::new(i64::from(e.effective_weight)).encode(family.encode_family(&labels(e))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "endpoint_ewma_rtt",
+            "Peak-EWMA of connect time",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for e in &endpoints {
+            ConstGauge::new(e.ewma_rtt.as_secs_f64()).encode(family.encode_family(&labels(e))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One row of `meshctl stats`: an endpoint of a service port, one direction.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsRow {
+    pub service: String,
+    pub endpoint: String,
+    pub direction: String,
+    pub opened: u64,
+    pub closed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Failed connections of the service port (outbound only).
+    pub service_errors: u64,
+    /// Peak-EWMA of connect time (outbound only).
+    pub ewma_rtt_ms: Option<f64>,
+}
+
+impl EndpointSeries {
+    /// This series as a stats row.
+    pub fn row(&self, service_errors: u64, ewma_rtt_ms: Option<f64>) -> StatsRow {
+        StatsRow {
+            service: self.labels.service.clone(),
+            endpoint: self.labels.endpoint.clone(),
+            direction: self.labels.direction.to_owned(),
+            opened: self.opened.get(),
+            closed: self.closed.get(),
+            bytes_sent: self.sent.get(),
+            bytes_received: self.received.get(),
+            service_errors,
+            ewma_rtt_ms,
+        }
+    }
+}
 
 /// One endpoint's series of one service port, looked up once per state so
 /// that a connection only touches atomics.
@@ -65,9 +210,29 @@ pub struct EndpointSeries {
 #[derive(Clone, Debug)]
 pub struct ServiceSeries {
     pub labels: ServiceLabels,
-    pub failed: Counter,
+    /// `mesh_connections_failed_total`, by reason when one fails.
+    failed: Family<FailedLabels, Counter>,
     pub duration: Histogram,
     pub retries: Counter,
+}
+
+impl ServiceSeries {
+    /// Connections of this service port that failed, for any reason.
+    pub fn failures(&self) -> u64 {
+        FAILURE_REASONS
+            .iter()
+            .filter_map(|reason| {
+                let l = FailedLabels { service: self.labels.service.clone(), direction: self.labels.direction, reason };
+                self.failed.get(&l).map(|c| c.get())
+            })
+            .sum()
+    }
+
+    /// Counts a connection that failed, by the reason of its error.
+    pub fn failed(&self, reason: &'static str) {
+        let l = FailedLabels { service: self.labels.service.clone(), direction: self.labels.direction, reason };
+        self.failed.get_or_create(&l).inc();
+    }
 }
 
 fn duration_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
@@ -88,20 +253,22 @@ pub struct Metrics {
     registry: Registry,
     pub opened: Family<ConnLabels, Counter>,
     pub closed: Family<ConnLabels, Counter>,
-    pub failed: Family<ServiceLabels, Counter>,
+    pub failed: Family<FailedLabels, Counter>,
     pub bytes_sent: Family<ConnLabels, Counter>,
     pub bytes_received: Family<ConnLabels, Counter>,
     pub duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub connect_latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabels, Counter>,
     pub ejections: Family<EndpointLabels, Counter>,
-    pub healthy: Family<EndpointLabels, Gauge>,
-    pub effective_weight: Family<EndpointLabels, Gauge>,
-    pub ewma_rtt: Family<EndpointLabels, FloatGauge>,
     pub tunnel: Family<CounterLabels, Counter>,
     pub tls_failures: Family<ReasonLabels, Counter>,
-    pub kernel: Family<CounterLabels, Counter>,
+    pub outbound: Family<EventLabels, Counter>,
+    pub outbound_active: Gauge,
+    pub outbound_bytes: Family<DirectionLabels, Counter>,
     pub generation: Gauge,
+    /// What a scrape reads from the running daemon (kernel counters,
+    /// endpoint state), once it runs.
+    live: Arc<OnceLock<Arc<dyn Live>>>,
     log_drops: Counter,
     log_drop_source: std::sync::OnceLock<super::logwriter::DroppedLines>,
     pub map_sync: Histogram,
@@ -126,13 +293,13 @@ impl Metrics {
             connect_latency: latency_family(),
             retries: Family::default(),
             ejections: Family::default(),
-            healthy: Family::default(),
-            effective_weight: Family::default(),
-            ewma_rtt: Family::default(),
             tunnel: Family::default(),
             tls_failures: Family::default(),
-            kernel: Family::default(),
+            outbound: Family::default(),
+            outbound_active: Gauge::default(),
+            outbound_bytes: Family::default(),
             generation: Gauge::default(),
+            live: Arc::new(OnceLock::new()),
             log_drops: Counter::default(),
             log_drop_source: std::sync::OnceLock::new(),
             map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
@@ -140,7 +307,7 @@ impl Metrics {
         };
         r.register("connections_opened", "Connections forwarded to an endpoint", m.opened.clone());
         r.register("connections_closed", "Forwarded connections that ended", m.closed.clone());
-        r.register("connections_failed", "Connections closed because no endpoint could be reached", m.failed.clone());
+        r.register("connections_failed", "Connections closed before reaching an endpoint, by reason", m.failed.clone());
         r.register_with_unit("sent", "Bytes sent to endpoints", Unit::Bytes, m.bytes_sent.clone());
         r.register_with_unit("received", "Bytes received from endpoints", Unit::Bytes, m.bytes_received.clone());
         r.register_with_unit(
@@ -157,12 +324,17 @@ impl Metrics {
         );
         r.register("retries", "Connect tries on another endpoint after a failed one", m.retries.clone());
         r.register("breaker_ejections", "Times an endpoint's breaker opened", m.ejections.clone());
-        r.register("endpoint_healthy", "1 when the endpoint passes its active checks", m.healthy.clone());
-        r.register("endpoint_effective_weight", "Weight the balancer uses now", m.effective_weight.clone());
-        r.register_with_unit("endpoint_ewma_rtt", "Peak-EWMA of connect time", Unit::Seconds, m.ewma_rtt.clone());
         r.register("tunnel_events", "mTLS tunnel handshakes, streams, TLS failures and denials", m.tunnel.clone());
         r.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", m.tls_failures.clone());
-        r.register("kernel_events", "Counters of the kernel programs (STATS map)", m.kernel.clone());
+        r.register("outbound_events", "What the outbound listener did with accepted connections", m.outbound.clone());
+        r.register("outbound_active_connections", "Forwarded connections open now", m.outbound_active.clone());
+        r.register_with_unit(
+            "outbound",
+            "Bytes the outbound proxy moved, by direction",
+            Unit::Bytes,
+            m.outbound_bytes.clone(),
+        );
+        r.register_collector(Box::new(LiveCollector(m.live.clone())));
         r.register("state_generation", "Generation of the accepted state", m.generation.clone());
         r.register("log_lines_dropped", "Log lines dropped because stderr could not keep up", m.log_drops.clone());
         r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());
@@ -184,7 +356,7 @@ impl Metrics {
 
     pub fn service_series(&self, labels: ServiceLabels) -> ServiceSeries {
         ServiceSeries {
-            failed: self.failed.get_or_create(&labels).clone(),
+            failed: self.failed.clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             labels,
@@ -204,19 +376,17 @@ impl Metrics {
 
     /// Drops the series of a service port that left the state.
     pub fn forget_service(&self, labels: &ServiceLabels) {
-        self.failed.remove(labels);
+        for reason in FAILURE_REASONS {
+            self.failed.remove(&FailedLabels { service: labels.service.clone(), direction: labels.direction, reason });
+        }
         self.duration.remove(labels);
         self.retries.remove(labels);
     }
 
-    /// Brings a counter that mirrors an absolute value (kernel or tunnel
-    /// counters) up to `value`.
-    pub fn mirror(family: &Family<CounterLabels, Counter>, counter: &'static str, value: u64) {
-        let c = family.get_or_create(&CounterLabels { counter });
-        let have = c.get();
-        if value > have {
-            c.inc_by(value - have);
-        }
+    /// Reads the kernel's counters and the endpoints' state from `live`
+    /// at every scrape.
+    pub fn serve_live(&self, live: Arc<dyn Live>) {
+        let _ = self.live.set(live);
     }
 
     /// Reports the log lines `counter` counts as dropped.

@@ -1,4 +1,5 @@
-//! Counters of the proxy and the admin HTTP endpoint that shows them.
+//! Metrics (one prometheus-client registry), the admin HTTP endpoint
+//! that shows them, and the log writer.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -7,30 +8,17 @@ pub mod metrics;
 
 pub use metrics::Metrics;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+use metrics::{DirectionLabels, EventLabels};
 
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// What the outbound proxy has done since start.
-#[derive(Debug, Default)]
+/// What the outbound proxy has done since start: handles of
+/// `mesh_outbound_events_total`, `mesh_outbound_active_connections` and
+/// `mesh_outbound_bytes_total`, so a connection only touches atomics and a
+/// scrape copies nothing.
+#[derive(Debug, Clone)]
 pub struct ProxyCounters {
     /// Connections accepted on the outbound listener.
     pub accepted: Counter,
@@ -38,8 +26,7 @@ pub struct ProxyCounters {
     pub no_orig_dst: Counter,
     /// Closed at once: the recorded service no longer exists.
     pub no_route: Counter,
-    /// Closed at once: the service has no endpoint.
-    pub no_endpoint: Counter,
+    /// No endpoint could be reached (its own failures, or none left).
     pub connect_failed: Counter,
     /// Closed at once, not retried, no endpoint blamed: refused by the
     /// remote node's policy, or the client has no identity to cross with.
@@ -49,10 +36,30 @@ pub struct ProxyCounters {
     /// Connected to an endpoint and forwarded.
     pub forwarded: Counter,
     /// Open forwarded connections.
-    pub active: Counter,
+    pub active: Gauge,
     pub io_errors: Counter,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
+}
+
+impl ProxyCounters {
+    pub fn new(m: &Metrics) -> Self {
+        let event = |event| m.outbound.get_or_create(&EventLabels { event }).clone();
+        let bytes = |direction| m.outbound_bytes.get_or_create(&DirectionLabels { direction }).clone();
+        Self {
+            accepted: event("accepted"),
+            no_orig_dst: event("no_orig_dst"),
+            no_route: event("no_route"),
+            connect_failed: event("connect_failed"),
+            refused: event("refused"),
+            retries: event("retries"),
+            forwarded: event("forwarded"),
+            active: m.outbound_active.clone(),
+            io_errors: event("io_errors"),
+            bytes_to_endpoint: bytes("to_endpoint"),
+            bytes_to_client: bytes("to_client"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -60,7 +67,6 @@ pub struct ProxySnapshot {
     pub accepted: u64,
     pub no_orig_dst: u64,
     pub no_route: u64,
-    pub no_endpoint: u64,
     pub connect_failed: u64,
     pub refused: u64,
     pub retries: u64,
@@ -72,17 +78,17 @@ pub struct ProxySnapshot {
 }
 
 impl ProxyCounters {
+    /// `/stats`' `proxy` object.
     pub fn snapshot(&self) -> ProxySnapshot {
         ProxySnapshot {
             accepted: self.accepted.get(),
             no_orig_dst: self.no_orig_dst.get(),
             no_route: self.no_route.get(),
-            no_endpoint: self.no_endpoint.get(),
             connect_failed: self.connect_failed.get(),
             refused: self.refused.get(),
             retries: self.retries.get(),
             forwarded: self.forwarded.get(),
-            active: self.active.get(),
+            active: self.active.get().max(0) as u64,
             io_errors: self.io_errors.get(),
             bytes_to_endpoint: self.bytes_to_endpoint.get(),
             bytes_to_client: self.bytes_to_client.get(),

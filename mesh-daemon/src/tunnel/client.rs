@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -18,6 +20,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::identity::manager::Certs;
+use crate::identity::tls::SwapCert;
 use crate::identity::{tls, Identity};
 use crate::model::NodeName;
 
@@ -53,15 +56,20 @@ struct Pooled {
     used: Instant,
 }
 
+/// One (source identity, destination node): its connection, behind an
+/// async lock that makes racing connects wait for one handshake.
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
 pub struct Pool {
     certs: Arc<Certs>,
-    conns: Mutex<HashMap<(Identity, NodeName), Pooled>>,
+    /// Held only to find or add a slot: O(1), never across an await.
+    slots: Mutex<HashMap<(Identity, NodeName), Slot>>,
 }
 
 impl Pool {
     /// Must be called inside the runtime: it starts the idle sweeper.
     pub fn new(certs: Arc<Certs>) -> Arc<Self> {
-        let pool = Arc::new(Self { certs, conns: Mutex::new(HashMap::new()) });
+        let pool = Arc::new(Self { certs, slots: Mutex::new(HashMap::new()) });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
             loop {
@@ -73,11 +81,37 @@ impl Pool {
         pool
     }
 
-    /// Drops connections that are closed or idle for longer than a minute;
-    /// dropping the last sender closes the connection once its streams end.
+    /// Drops connections that are closed or idle for longer than a minute
+    /// (dropping the last sender closes one once its streams end), and
+    /// their slots. Slots in use right now are left for the next sweep.
     fn sweep(&self) {
-        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, p| !p.sender.is_closed() && p.used.elapsed() < IDLE);
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, slot| match slot.try_lock() {
+            Ok(mut g) => {
+                if g.as_ref().is_some_and(|p| p.sender.is_closed() || p.used.elapsed() >= IDLE) {
+                    *g = None;
+                }
+                g.is_some()
+            }
+            Err(_) => true,
+        });
+    }
+
+    fn slot(&self, key: (Identity, NodeName)) -> Slot {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key).or_default().clone()
+    }
+
+    /// The client certificate of `source`, issued off the async workers
+    /// the first time.
+    async fn cert(&self, source: &Identity) -> Result<(Arc<SwapCert>, u64), TunnelError> {
+        if let Some(c) = self.certs.cached(source) {
+            return Ok(c);
+        }
+        let (certs, id) = (self.certs.clone(), source.clone());
+        let issued = tokio::task::spawn_blocking(move || certs.workload(&id)).await;
+        let message = |m: String| TunnelError::Certificate { identity: source.clone(), message: m };
+        issued.map_err(|e| message(e.to_string()))?.map_err(|e| message(e.to_string()))
     }
 
     /// Opens a stream to `target` on `node` (tunnel at `node_addr`) as
@@ -92,50 +126,22 @@ impl Pool {
         target: SocketAddrV4,
         service: &str,
     ) -> Result<Stream, TunnelError> {
-        let cert_err = |message: String| TunnelError::Certificate { identity: source.clone(), message };
-        let (cert, serial) = self.certs.workload(source).map_err(|e| cert_err(e.to_string()))?;
-        let key = (source.clone(), node.clone());
-        let reuse = {
-            self.sweep();
-            let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            m.get_mut(&key).filter(|p| p.serial == serial && p.sender.is_ready()).map(|p| {
-                p.used = Instant::now();
-                p.sender.clone()
-            })
-        };
-        let mut sender = match reuse {
-            Some(s) => s,
-            None => {
-                let expected = Identity::node(&self.certs.trust_domain, node);
-                let cfg = tls::client_config(cert, self.certs.roots.clone(), expected).map_err(cert_err)?;
-                let (node_name, addr) = (node.clone(), node_addr);
-                let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(node_addr))
-                    .await
-                    .map_err(|_| TunnelError::ConnectTimeout { node: node_name.clone(), addr })?
-                    .map_err(|source| TunnelError::Connect { node: node_name.clone(), addr, source })?;
-                let _ = tcp.set_nodelay(true);
-                let tls = TlsConnector::from(Arc::new(cfg))
-                    .connect(ServerName::IpAddress((*node_addr.ip()).into()), tcp)
-                    .await
-                    .map_err(|source| TunnelError::Handshake { node: node_name, addr, source })?;
-                let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-                b.timer(hyper_util::rt::TokioTimer::new())
-                    .max_frame_size(super::MAX_FRAME_SIZE)
-                    .keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .keep_alive_while_idle(true);
-                let (sender, conn) = b
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|source| TunnelError::Http2 { node: node.clone(), source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "tunnel connection closed");
-                    }
-                });
-                let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-                m.insert(key, Pooled { serial, sender: sender.clone(), used: Instant::now() });
-                sender
+        let (cert, serial) = self.cert(source).await?;
+        let slot = self.slot((source.clone(), node.clone()));
+        let mut sender = {
+            let mut pooled = slot.lock().await;
+            match pooled.as_mut().filter(|p| p.serial == serial && p.sender.is_ready()) {
+                Some(p) => {
+                    p.used = Instant::now();
+                    p.sender.clone()
+                }
+                None => {
+                    // The lock is held through the handshake: connects that
+                    // race for this node wait for it and share it.
+                    let sender = self.handshake(source, cert, node, node_addr).await?;
+                    *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
+                    sender
+                }
             }
         };
         let mut req = Request::new(Empty::new());
@@ -155,5 +161,43 @@ impl Pool {
         }
         let up = hyper::upgrade::on(resp).await.map_err(http2)?;
         Ok(TokioIo::new(up))
+    }
+
+    /// A new HTTP/2 connection over TLS to `node`'s tunnel, presenting
+    /// `source`'s certificate `cert`.
+    async fn handshake(
+        &self,
+        source: &Identity,
+        cert: Arc<SwapCert>,
+        node: &NodeName,
+        node_addr: SocketAddrV4,
+    ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let expected = Identity::node(&self.certs.trust_domain, node);
+        let cert_err = |message: String| TunnelError::Certificate { identity: source.clone(), message };
+        let cfg = tls::client_config(cert, self.certs.roots.clone(), expected).map_err(cert_err)?;
+        let (node_name, addr) = (node.clone(), node_addr);
+        let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(node_addr))
+            .await
+            .map_err(|_| TunnelError::ConnectTimeout { node: node_name.clone(), addr })?
+            .map_err(|source| TunnelError::Connect { node: node_name.clone(), addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::IpAddress((*node_addr.ip()).into()), tcp)
+            .await
+            .map_err(|source| TunnelError::Handshake { node: node_name, addr, source })?;
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(hyper_util::rt::TokioTimer::new())
+            .max_frame_size(super::MAX_FRAME_SIZE)
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let (sender, conn) =
+            b.handshake(TokioIo::new(tls)).await.map_err(|source| TunnelError::Http2 { node: node.clone(), source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "tunnel connection closed");
+            }
+        });
+        Ok(sender)
     }
 }

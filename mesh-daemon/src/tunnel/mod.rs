@@ -10,13 +10,16 @@
 //! an open proxy, not even to other ports of a pod the peer may reach. Outbound, one pooled HTTP/2 connection per
 //! (source identity, destination node) carries many streams, with
 //! keepalive pings, and is closed when idle.
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod server;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+
+use crate::telemetry::metrics::{CounterLabels, ReasonLabels};
+use crate::telemetry::Metrics;
 
 /// Request header of a CONNECT: the service (`namespace/name`) the stream
 /// is for. The receiving node relays only to an endpoint of that service.
@@ -52,19 +55,21 @@ pub fn tls_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-#[derive(Debug, Default)]
+/// Handles of `mesh_tunnel_events_total` and
+/// `mesh_tunnel_tls_failures_total`.
+#[derive(Debug, Clone)]
 pub struct TunnelCounters {
     /// Failed handshakes by [`TLS_FAILURE_REASONS`] index.
-    pub tls_failures_by_reason: [AtomicU64; 6],
-    pub handshakes: AtomicU64,
-    pub tls_failures: AtomicU64,
-    pub streams: AtomicU64,
-    pub denied_not_local: AtomicU64,
+    pub tls_failures_by_reason: [Counter; 6],
+    pub handshakes: Counter,
+    pub tls_failures: Counter,
+    pub streams: Counter,
+    pub denied_not_local: Counter,
     /// The target is no endpoint of the service the stream names.
-    pub denied_not_endpoint: AtomicU64,
-    pub denied_policy: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub upstream_failures: AtomicU64,
+    pub denied_not_endpoint: Counter,
+    pub denied_policy: Counter,
+    pub bad_requests: Counter,
+    pub upstream_failures: Counter,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -82,34 +87,47 @@ pub struct TunnelSnapshot {
 }
 
 impl TunnelCounters {
-    pub fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    pub fn new(m: &Metrics) -> Self {
+        let c = |counter| m.tunnel.get_or_create(&CounterLabels { counter }).clone();
+        Self {
+            tls_failures_by_reason: TLS_FAILURE_REASONS
+                .map(|reason| m.tls_failures.get_or_create(&ReasonLabels { reason }).clone()),
+            handshakes: c("handshakes"),
+            tls_failures: c("tls_failures"),
+            streams: c("streams"),
+            denied_not_local: c("denied_not_local"),
+            denied_not_endpoint: c("denied_not_endpoint"),
+            denied_policy: c("denied_policy"),
+            bad_requests: c("bad_requests"),
+            upstream_failures: c("upstream_failures"),
+        }
     }
 
     /// Counts a failed handshake under its reason; returns the reason.
     pub fn tls_failed(&self, e: &std::io::Error) -> &'static str {
         let reason = tls_failure_reason(e);
-        Self::inc(&self.tls_failures);
+        self.tls_failures.inc();
         if let Some(i) = TLS_FAILURE_REASONS.iter().position(|r| *r == reason) {
-            Self::inc(&self.tls_failures_by_reason[i]);
+            self.tls_failures_by_reason[i].inc();
         }
         reason
     }
+
+    /// `/stats`' `tunnel` object.
     pub fn snapshot(&self) -> TunnelSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         TunnelSnapshot {
-            handshakes: g(&self.handshakes),
-            tls_failures: g(&self.tls_failures),
-            streams: g(&self.streams),
-            denied_not_local: g(&self.denied_not_local),
-            denied_not_endpoint: g(&self.denied_not_endpoint),
-            denied_policy: g(&self.denied_policy),
-            bad_requests: g(&self.bad_requests),
-            upstream_failures: g(&self.upstream_failures),
+            handshakes: self.handshakes.get(),
+            tls_failures: self.tls_failures.get(),
+            streams: self.streams.get(),
+            denied_not_local: self.denied_not_local.get(),
+            denied_not_endpoint: self.denied_not_endpoint.get(),
+            denied_policy: self.denied_policy.get(),
+            bad_requests: self.bad_requests.get(),
+            upstream_failures: self.upstream_failures.get(),
             tls_failures_by_reason: TLS_FAILURE_REASONS
                 .iter()
                 .zip(&self.tls_failures_by_reason)
-                .map(|(r, c)| (r.to_string(), g(c)))
+                .map(|(r, c)| (r.to_string(), c.get()))
                 .collect(),
         }
     }

@@ -15,6 +15,7 @@
 //! given back empty, so an idle connection holds neither buffer nor pipe,
 //! and a new connection makes no `pipe2` call. Only when the destination
 //! is full are unwritten bytes kept (at most one scratch buffer).
+#![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::future::poll_fn;

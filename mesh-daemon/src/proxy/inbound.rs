@@ -1,0 +1,297 @@
+//! Streams arriving through the tunnel: which may reach which pod (a
+//! pure decision, [`Inbound::check`]), the connect to the pod, the relay,
+//! metrics and access log. The tunnel hands over the verified peer
+//! identity, the target and the service the stream names.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::StatusCode;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::access::Record;
+use crate::identity::Identity;
+use crate::model::{Authorization, NodeName, State};
+use crate::relay::{relay, Transfer};
+use crate::telemetry::metrics::{ConnLabels, EndpointSeries, StatsRow};
+use crate::telemetry::Metrics;
+use crate::tunnel::client::Stream;
+use crate::tunnel::server::{Refusal, StreamHandler, StreamRequest};
+use crate::tunnel::TunnelCounters;
+
+/// One service with endpoints on this node, as inbound checks see it.
+#[derive(Debug)]
+struct LocalService {
+    policy: Option<Authorization>,
+    /// Its endpoints on this node (ip, target port), each with its inbound
+    /// series, shared with the streams so a stream copies no labels.
+    targets: HashMap<SocketAddrV4, Arc<EndpointSeries>>,
+}
+
+/// Why a CONNECT was refused (403); the `mesh-deny` header carries
+/// [`Deny::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deny {
+    /// The target is not an enrolled workload of this node.
+    NotLocal,
+    /// No `mesh-service` header, an unknown service, or a target that is
+    /// not an endpoint of it on this node.
+    NotEndpoint,
+    /// The service's authorization does not allow the peer.
+    Policy,
+}
+
+impl Deny {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deny::NotLocal => "not-local",
+            Deny::NotEndpoint => "not-service-endpoint",
+            Deny::Policy => "policy",
+        }
+    }
+}
+
+/// What inbound checks need from the state.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    trust_domain: String,
+    /// Enrolled workloads of this node, with their identities (logged
+    /// beside the peer's when a stream to them is refused).
+    local: HashMap<Ipv4Addr, Identity>,
+    /// By `namespace/name`.
+    services: HashMap<String, LocalService>,
+}
+
+impl Inbound {
+    pub fn build(state: &State, node: &NodeName, trust_domain: &str, metrics: &Metrics) -> Self {
+        let local = state
+            .workloads
+            .iter()
+            .filter(|w| &w.node == node)
+            .map(|w| (w.ip, Identity::workload(trust_domain, &w.namespace, &w.service_account)))
+            .collect();
+        let mut services = HashMap::new();
+        for s in &state.services {
+            let mut targets = HashMap::new();
+            for p in &s.ports {
+                for e in s.endpoints.iter().filter(|e| &e.node == node) {
+                    let addr = e.addr(p.target_port);
+                    targets.entry(addr).or_insert_with(|| {
+                        Arc::new(metrics.endpoint_series(ConnLabels {
+                            service: format!("{}:{}", s.key(), p.port),
+                            endpoint: addr.to_string(),
+                            direction: "inbound",
+                        }))
+                    });
+                }
+            }
+            if !targets.is_empty() {
+                services.insert(s.key(), LocalService { policy: s.authorization.clone(), targets });
+            }
+        }
+        Self { trust_domain: trust_domain.to_owned(), local, services }
+    }
+
+    fn series(&self) -> impl Iterator<Item = &Arc<EndpointSeries>> {
+        self.services.values().flat_map(|s| s.targets.values())
+    }
+
+    /// Drops from `metrics` the series of this view that `next` has not.
+    pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
+        let kept: HashSet<&ConnLabels> = next.series().map(|s| &s.labels).collect();
+        for s in self.series().filter(|s| !kept.contains(&s.labels)) {
+            metrics.forget_endpoint(&s.labels);
+        }
+    }
+
+    /// Whether `peer` may open a stream to `target` for `service`: the
+    /// target is a workload of this node and an endpoint of that service
+    /// here, and the service's policy allows the peer. Returns the
+    /// stream's series.
+    pub fn check(
+        &self,
+        service: Option<&str>,
+        target: SocketAddrV4,
+        peer: &Identity,
+    ) -> Result<&Arc<EndpointSeries>, Deny> {
+        if !self.local.contains_key(target.ip()) {
+            return Err(Deny::NotLocal);
+        }
+        let svc = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
+        let series = svc.targets.get(&target).ok_or(Deny::NotEndpoint)?;
+        if !Authorization::allows(svc.policy.as_ref(), &self.trust_domain, peer) {
+            return Err(Deny::Policy);
+        }
+        Ok(series)
+    }
+
+    /// `meshctl stats` rows of the streams to this node's endpoints.
+    pub fn stats_rows(&self) -> Vec<StatsRow> {
+        let mut rows: Vec<StatsRow> = self.series().map(|s| s.row(0, None)).collect();
+        rows.sort_by(|a, b| (&a.service, &a.endpoint).cmp(&(&b.service, &b.endpoint)));
+        rows
+    }
+
+    /// The identity of the local workload at `ip`, for logs.
+    fn workload_identity(&self, ip: &Ipv4Addr) -> Option<&Identity> {
+        self.local.get(ip)
+    }
+}
+
+/// How long the connect to a local pod may take.
+const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The receiving end of tunnel streams on this node.
+pub struct InboundHandler {
+    pub view: Arc<ArcSwap<Inbound>>,
+    pub counters: Arc<TunnelCounters>,
+}
+
+/// A stream let through: the pod's connection and its series.
+pub struct Accepted {
+    upstream: TcpStream,
+    series: Arc<EndpointSeries>,
+}
+
+impl StreamHandler for InboundHandler {
+    type Upstream = Accepted;
+
+    async fn open(&self, req: &StreamRequest) -> Result<Accepted, Refusal> {
+        let view = self.view.load();
+        let (peer, target, service) = (&req.peer, req.target, req.service.as_deref());
+        let series = match view.check(service, target, peer) {
+            Ok(s) => s.clone(),
+            Err(deny) => {
+                let (counter, why) = match deny {
+                    Deny::NotLocal => (&self.counters.denied_not_local, "the target is not a workload of this node"),
+                    Deny::NotEndpoint => (
+                        &self.counters.denied_not_endpoint,
+                        "the target is not an endpoint of the service the stream names",
+                    ),
+                    Deny::Policy => (&self.counters.denied_policy, "authorization policy does not allow this identity"),
+                };
+                counter.inc();
+                let target_identity = view.workload_identity(target.ip()).map(tracing::field::display);
+                warn!(identity = %peer, target_identity, %target, service = service.unwrap_or(""), reason = deny.as_str(), "{why}; refused (403)");
+                return Err(Refusal { status: StatusCode::FORBIDDEN, reason: Some(deny.as_str()) });
+            }
+        };
+        let upstream = match tokio::time::timeout(POD_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.counters.upstream_failures.inc();
+                warn!(identity = %peer, %target, error = %e, "connect to the workload failed");
+                return Err(Refusal { status: StatusCode::BAD_GATEWAY, reason: None });
+            }
+            Err(_) => {
+                self.counters.upstream_failures.inc();
+                warn!(identity = %peer, %target, "connect to the workload timed out");
+                return Err(Refusal { status: StatusCode::GATEWAY_TIMEOUT, reason: None });
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.counters.streams.inc();
+        Ok(Accepted { upstream, series })
+    }
+
+    async fn carry(&self, req: StreamRequest, accepted: Accepted, mut stream: Stream) {
+        let Accepted { mut upstream, series } = accepted;
+        let started = Instant::now();
+        series.opened.inc();
+        let Transfer { up, down, error } = relay(&mut stream, &mut upstream).await;
+        series.closed.inc();
+        series.sent.inc_by(up);
+        series.received.inc_by(down);
+        Record {
+            direction: "inbound",
+            source: None,
+            identity: Some(&req.peer),
+            client: None,
+            service: &series.labels.service,
+            endpoint: Some(req.target),
+            node: Some("local"),
+            bytes_up: up,
+            bytes_down: down,
+            duration: started.elapsed(),
+            outcome: if error.is_some() { "error" } else { "ok" },
+            error: error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync)),
+        }
+        .log();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    /// Node b runs web-b (10.244.2.3, sa web) serving `web` on 8080 and
+    /// `echo` on 9000; `web` allows only sa/client.
+    fn inbound() -> Inbound {
+        let doc = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]\n\
+             workloads: [{name: web-b, serviceAccount: web, node: b, ip: 10.244.2.3, pid: 1},\n\
+             \x20 {name: client, serviceAccount: client, node: a, ip: 10.244.1.2, pid: 1}]\n\
+             services:\n\
+             \x20- {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: 8080}], endpoints: [{ip: 10.244.2.3, node: b}],\n\
+             \x20   authorization: {identities: [\"spiffe://cluster.local/ns/default/sa/client\"]}}\n\
+             \x20- {name: echo, vip: 10.96.0.11, ports: [{port: 9000}], endpoints: [{ip: 10.244.2.3, node: b}]}\n",
+        )
+        .unwrap();
+        let state = State::from_document(&doc).unwrap();
+        Inbound::build(&state, &NodeName::parse("b").unwrap(), "cluster.local", &Metrics::new())
+    }
+
+    fn id(sa: &str) -> Identity {
+        Identity::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap()
+    }
+
+    fn target(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_allowed_peer_reaches_the_endpoint_of_the_service_it_names() {
+        let i = inbound();
+        let series = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client")).unwrap();
+        assert_eq!(series.labels.service, "default/web:80");
+        assert!(i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("evil")).is_ok(), "echo has no policy");
+    }
+
+    #[test]
+    fn a_denied_peer_gets_policy() {
+        assert_eq!(i_check("default/web", "10.244.2.3:8080", "evil"), Err(Deny::Policy));
+    }
+
+    fn i_check(service: &str, t: &str, sa: &str) -> Result<(), Deny> {
+        inbound().check(Some(service), target(t), &id(sa)).map(|_| ())
+    }
+
+    #[test]
+    fn other_ports_of_an_endpoint_are_not_reachable_in_the_name_of_a_service() {
+        // b1 listens on 9090 too, but it is no port of web: whatever the identity.
+        assert_eq!(i_check("default/web", "10.244.2.3:9090", "evil"), Err(Deny::NotEndpoint));
+        assert_eq!(i_check("default/web", "10.244.2.3:9090", "client"), Err(Deny::NotEndpoint));
+        assert_eq!(i_check("default/web", "10.244.2.3:22", "client"), Err(Deny::NotEndpoint));
+        // echo's port is not web's either, even for web's allowed client.
+        assert_eq!(i_check("default/web", "10.244.2.3:9000", "client"), Err(Deny::NotEndpoint));
+    }
+
+    #[test]
+    fn a_stream_without_a_known_service_is_refused() {
+        let i = inbound();
+        assert_eq!(i.check(None, target("10.244.2.3:8080"), &id("client")).map(|_| ()), Err(Deny::NotEndpoint));
+        assert_eq!(i_check("default/nope", "10.244.2.3:8080", "client"), Err(Deny::NotEndpoint));
+    }
+
+    #[test]
+    fn a_target_that_is_not_a_workload_of_this_node_is_refused_first() {
+        assert_eq!(i_check("default/web", "10.244.1.2:8080", "client"), Err(Deny::NotLocal));
+        assert_eq!(i_check("default/web", "10.0.0.1:22", "client"), Err(Deny::NotLocal));
+    }
+}
