@@ -208,6 +208,11 @@ fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
         let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
         assert_eq!(v["secret"]["secretName"], "mesh-ca", "{flag}{path}");
     }
+    // The drain fits in the grace period, or the kubelet cuts it short.
+    let drain = args.iter().find_map(|a| a.strip_prefix("--drain-timeout=")).expect("--drain-timeout");
+    let drain_s: u64 = drain.strip_suffix('s').and_then(|n| n.parse().ok()).expect("--drain-timeout in seconds");
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+    assert!(grace > drain_s, "terminationGracePeriodSeconds {grace} must exceed --drain-timeout {drain}");
     // bpffs is mounted on the node before the daemon starts.
     let init = &spec["initContainers"][0];
     let cmd = init["command"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect::<Vec<_>>().join(" ");

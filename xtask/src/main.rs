@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod kind;
+mod lint;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -113,6 +114,10 @@ fn main() -> std::process::ExitCode {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
+    eprintln!("xtask: checking formatting (cargo fmt --check) and lints (cargo clippy -D warnings)");
+    lint::check_formatting(&root())?;
+    lint::check_clippy(&root())?;
+    lint::check_deny(&root())?;
     eprintln!("xtask: building the daemon, its kernel programs and the pod tools");
     build_bins(false)?;
     eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");

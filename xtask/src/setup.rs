@@ -39,6 +39,7 @@ fn on_path(cmd: &str) -> bool {
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_deny()?;
     packages()?;
     manifest_tools()?;
     bpffs()?;
@@ -73,6 +74,21 @@ fn manifest_tools() -> anyhow::Result<()> {
     ]))?;
     if !succeeds(&mut validator()) {
         bail!("kubernetes-validate was installed but `python3 -m kubernetes_validate` does not run");
+    }
+    Ok(())
+}
+
+/// cargo-deny, for the license and ban checks of `cargo xtask test`.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+fn cargo_deny() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo-deny").arg("--version")) {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (takes a few minutes, once)");
+    run(crate::cargo().args(["install", "--locked", "cargo-deny", "--version", CARGO_DENY_VERSION]))?;
+    if !succeeds(Command::new("cargo-deny").arg("--version")) {
+        bail!("cargo-deny was installed but does not run; is ~/.cargo/bin on PATH?");
     }
     Ok(())
 }
