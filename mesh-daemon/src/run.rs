@@ -22,11 +22,12 @@ use crate::balance::BalanceConfig;
 use crate::control::{api, Control, ControlConfig, LiveView};
 use crate::datapath::{self, Datapath, DatapathConfig, MapsView};
 use crate::drain::Drain;
+use crate::health::HealthView;
 use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
 use crate::identity::tls;
 use crate::model::NodeName;
-use crate::proxy::{InboundHandler, Outbound};
+use crate::proxy::{InboundHandler, InboundView, Local, Outbound, RoutesView};
 use crate::telemetry::Metrics;
 use crate::telemetry::{admin, ProxyCounters};
 use crate::tunnel::client::Pool;
@@ -233,8 +234,6 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let tunnel_counters = Arc::new(TunnelCounters::new(&metrics));
     let cfg = ControlConfig {
         node: node.clone(),
-        trust_domain: args.trust_domain.clone(),
-        tunnel_port: args.tunnel_listen.port(),
         state_dir: args.state_dir.clone(),
         proxy_listen: args.proxy_listen,
         slot_table_size: args.slot_table_size,
@@ -248,7 +247,16 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         managed_by: args.kubernetes.then_some(MANAGED_BY_KUBERNETES),
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let prepared = Control::prepare(cfg, args.config.clone(), health_tx)?;
+    let mut prepared = Control::prepare(cfg, args.config.clone())?;
+    // The readers of every accepted state, each deriving its own view.
+    let local =
+        Local { node: node.clone(), trust_domain: args.trust_domain.clone(), tunnel_port: args.tunnel_listen.port() };
+    let routes = Arc::new(RoutesView::new(prepared.registry(), local, metrics.clone()));
+    let inbound = Arc::new(InboundView::new(node.clone(), &args.trust_domain, metrics.clone()));
+    let health = Arc::new(HealthView::new(prepared.registry(), health_tx));
+    prepared.subscribe(routes.clone());
+    prepared.subscribe(inbound.clone());
+    prepared.subscribe(health.clone());
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
@@ -323,7 +331,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             let cfg =
                 tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-            let handler = Arc::new(InboundHandler { view: control.inbound(), counters: tunnel_counters.clone() });
+            let handler = Arc::new(InboundHandler { view: inbound.view(), counters: tunnel_counters.clone() });
             tasks.push(tokio::spawn(crate::tunnel::server::serve(
                 l,
                 acceptor,
@@ -346,7 +354,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             }
         }));
     }
-    let outbound = Outbound { listener, orig, routes: control.routes(), counters: counters.clone(), tunnel: pool };
+    let outbound = Outbound { listener, orig, routes: routes.table(), counters: counters.clone(), tunnel: pool };
     let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, exit.clone()));
@@ -388,6 +396,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         t.abort();
     }
     let _ = std::fs::remove_file(&args.api_socket);
+    health.stop();
     control.shutdown(args.cleanup_on_exit);
     Ok(())
 }

@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -34,16 +33,14 @@ pub use store::{Store, StoreError, Stored};
 use crate::balance::select::Candidate;
 use crate::balance::{self, BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents, MapsView};
-use crate::health::Checker;
-use crate::model::{self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, State, ValidationErrors};
-use crate::proxy::{Inbound, Local, RouteTable};
+use crate::model::{
+    self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, Snapshot, State, ValidationErrors, View,
+};
+
 use crate::telemetry::metrics::{EndpointGauges, Live, Metrics};
 
 pub struct ControlConfig {
     pub node: NodeName,
-    pub trust_domain: String,
-    /// Port of every node's tunnel listener.
-    pub tunnel_port: u16,
     pub state_dir: PathBuf,
     pub proxy_listen: SocketAddrV4,
     /// Slots per kernel-mode service table.
@@ -148,12 +145,12 @@ pub struct Control {
     inner: Mutex<Inner>,
     /// The last accepted state, for readers: as saved, and validated.
     snapshot: ArcSwap<Stored>,
-    state: ArcSwap<State>,
-    routes: Arc<ArcSwap<RouteTable>>,
+    published: ArcSwap<Snapshot>,
     registry: Arc<Registry>,
-    checker: Mutex<Checker>,
-    /// What the tunnel's inbound checks need.
-    inbound: Arc<ArcSwap<Inbound>>,
+    /// Readers that derive their views from each accepted state (the
+    /// proxy's routes, the tunnel's inbound checks, the health checks);
+    /// registered before the datapath is attached.
+    views: Vec<Arc<dyn View>>,
     /// Why the daemon is not ready though it runs (the saved state does
     /// not fit the maps, or the maps could not be put back); None: ready.
     problem: ArcSwapOption<String>,
@@ -170,6 +167,16 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Adds a reader of every accepted state, the first one included.
+    pub fn subscribe(&mut self, view: Arc<dyn View>) {
+        self.control.views.push(view);
+    }
+
+    /// See [`Control::registry`].
+    pub fn registry(&self) -> Arc<Registry> {
+        self.control.registry()
+    }
+
     /// Syncs the datapath to the state and starts taking writes. On error
     /// the datapath is handed back.
     /// `view` reads the same maps through its own handles.
@@ -224,12 +231,8 @@ pub fn plan(
 impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
-    /// touches the kernel. Health changes are announced on `health_changed`.
-    pub fn prepare(
-        cfg: ControlConfig,
-        seed: Option<PathBuf>,
-        health_changed: mpsc::UnboundedSender<()>,
-    ) -> anyhow::Result<Prepared> {
+    /// touches the kernel.
+    pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> anyhow::Result<Prepared> {
         let control = Control {
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
@@ -238,11 +241,9 @@ impl Control {
                 datapath: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
-            state: ArcSwap::from_pointee(State::default()),
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            published: ArcSwap::from_pointee(Snapshot::default()),
             registry: Arc::new(Registry::new(cfg.balance)),
-            checker: Mutex::new(Checker::new(health_changed)),
-            inbound: Arc::new(ArcSwap::from_pointee(Inbound::default())),
+            views: Vec::new(),
             problem: ArcSwapOption::empty(),
             view: OnceLock::new(),
             attached: AtomicBool::new(false),
@@ -308,12 +309,9 @@ impl Control {
         &self.cfg.node
     }
 
-    pub fn routes(&self) -> Arc<ArcSwap<RouteTable>> {
-        self.routes.clone()
-    }
-
-    pub fn inbound(&self) -> Arc<ArcSwap<Inbound>> {
-        self.inbound.clone()
+    /// The state of every endpoint address in use, shared with the views.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// The last accepted state.
@@ -398,38 +396,25 @@ impl Control {
         self.cfg.metrics.encode()
     }
 
-    /// Makes the proxy, the endpoint registry and the health checks follow
-    /// an accepted state.
+    /// Publishes an accepted state: a snapshot every view derives its own
+    /// view from, and the registry keeps only the addresses in use.
     fn accepted(&self, current: &Current) {
         self.cfg.metrics.generation.set(current.stored.generation as i64);
-        let state = &current.state;
-        let frontends = state.frontends(&current.stored.ids);
-        let mut in_use = HashSet::new();
-        let mut checks = Vec::new();
-        for f in &frontends {
-            let s = &state.services[f.service];
-            for e in &s.endpoints {
-                let addr = e.addr(f.target_port);
-                in_use.insert(addr);
-                if let Some(c) = &s.health_check {
-                    checks.push((self.registry.get(addr), c.clone()));
-                }
-            }
+        let snap = Arc::new(Snapshot {
+            generation: current.stored.generation,
+            state: current.state.clone(),
+            frontends: current.state.frontends(&current.stored.ids),
+        });
+        for v in &self.views {
+            v.update(&snap);
         }
-        let local = Local {
-            node: self.cfg.node.clone(),
-            trust_domain: self.cfg.trust_domain.clone(),
-            tunnel_port: self.cfg.tunnel_port,
-        };
-        let routes = RouteTable::build(state, &frontends, &self.registry, &local, &self.cfg.metrics);
-        self.routes.swap(Arc::new(routes)).forget_series_missing_from(&self.routes.load(), &self.cfg.metrics);
-        let inbound = Inbound::build(state, &self.cfg.node, &self.cfg.trust_domain, &self.cfg.metrics);
-        self.inbound.swap(Arc::new(inbound)).forget_series_missing_from(&self.inbound.load(), &self.cfg.metrics);
+        let in_use: HashSet<SocketAddrV4> = snap
+            .frontends
+            .iter()
+            .flat_map(|f| snap.state.services[f.service].endpoints.iter().map(move |e| e.addr(f.target_port)))
+            .collect();
         self.registry.retain(&in_use);
-        if let Ok(mut checker) = self.checker.lock() {
-            checker.reconcile(checks);
-        }
-        self.state.store(Arc::new(current.state.clone()));
+        self.published.store(snap);
         self.snapshot.store(Arc::new(current.stored.clone()));
     }
 
@@ -499,7 +484,8 @@ impl Control {
     /// Every endpoint with its configured and effective weight, priority,
     /// health, latency estimate and connections in flight.
     pub fn endpoint_rows(&self) -> Vec<EndpointRow> {
-        let state = self.state.load();
+        let published = self.published.load();
+        let state = &published.state;
         let now = Instant::now();
         let mut out = Vec::new();
         for s in &state.services {
@@ -534,9 +520,7 @@ impl Control {
     /// `meshctl stats`: per service port and endpoint, outbound then
     /// inbound, from the series the proxy counts into.
     pub fn stats_rows(&self) -> Vec<crate::telemetry::metrics::StatsRow> {
-        let mut rows = self.routes.load().stats_rows();
-        rows.extend(self.inbound.load().stats_rows());
-        rows
+        self.views.iter().flat_map(|v| v.stats_rows()).collect()
     }
 
     /// [`Control::endpoint_rows`] as the API shows them.
@@ -594,9 +578,6 @@ impl Control {
 
     /// Stops taking writes and hands the datapath to `shutdown`.
     pub fn shutdown(&self, cleanup: bool) {
-        if let Ok(mut checker) = self.checker.lock() {
-            checker.reconcile(Vec::new());
-        }
         self.attached.store(false, Ordering::Release);
         if let Ok(mut inner) = self.inner.lock() {
             if let Some(dp) = inner.datapath.take() {

@@ -7,17 +7,51 @@
 //! `changed`, so kernel slot tables follow at once.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::info;
 
-use crate::balance::EndpointState;
-use crate::model::{CheckKind, HealthCheck};
+use crate::balance::{EndpointState, Registry};
+use crate::model::{CheckKind, HealthCheck, Snapshot, View};
+
+/// The health checks' reader of the state: runs exactly the checks the
+/// latest snapshot asks for.
+pub struct HealthView {
+    checker: Mutex<Checker>,
+    registry: Arc<Registry>,
+}
+
+impl HealthView {
+    /// Must be made inside the runtime the checks run on; health changes
+    /// are announced on `changed`.
+    pub fn new(registry: Arc<Registry>, changed: mpsc::UnboundedSender<()>) -> Self {
+        Self { checker: Mutex::new(Checker::new(changed)), registry }
+    }
+
+    /// Stops every check.
+    pub fn stop(&self) {
+        self.checker.lock().unwrap_or_else(|p| p.into_inner()).reconcile(Vec::new());
+    }
+}
+
+impl View for HealthView {
+    fn update(&self, snap: &Snapshot) {
+        let mut wanted = Vec::new();
+        for f in &snap.frontends {
+            let s = &snap.state.services[f.service];
+            if let Some(c) = &s.health_check {
+                wanted.extend(s.endpoints.iter().map(|e| (self.registry.get(e.addr(f.target_port)), c.clone())));
+            }
+        }
+        self.checker.lock().unwrap_or_else(|p| p.into_inner()).reconcile(wanted);
+    }
+}
 
 pub struct Checker {
     runtime: tokio::runtime::Handle,
@@ -34,7 +68,7 @@ impl Checker {
     /// Runs exactly the checks in `wanted`: new ones start, gone ones stop,
     /// unchanged ones keep their rhythm.
     pub fn reconcile(&mut self, wanted: Vec<(Arc<EndpointState>, HealthCheck)>) {
-        let keys: Vec<(SocketAddrV4, HealthCheck)> = wanted.iter().map(|(e, c)| (e.addr, c.clone())).collect();
+        let keys: HashSet<(SocketAddrV4, HealthCheck)> = wanted.iter().map(|(e, c)| (e.addr, c.clone())).collect();
         self.tasks.retain(|k, task| {
             let keep = keys.contains(k);
             if !keep {

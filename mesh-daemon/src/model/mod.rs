@@ -7,6 +7,7 @@ mod document;
 mod ids;
 mod load;
 mod names;
+mod snapshot;
 mod validate;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -20,6 +21,7 @@ pub use document::{
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{parse_duration, Name, NodeName, Port, Weight};
+pub use snapshot::{Snapshot, View};
 pub use validate::{FieldError, ValidationErrors};
 
 /// A validated state. Built only by [`State::from_document`].

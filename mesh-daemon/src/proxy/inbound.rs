@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::access::Record;
 use crate::identity::Identity;
-use crate::model::{Authorization, NodeName, State};
+use crate::model::{Authorization, NodeName, Snapshot, State, View};
 use crate::relay::{relay, Transfer};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -140,6 +140,37 @@ impl Inbound {
     /// The identity of the local workload at `ip`, for logs.
     fn workload_identity(&self, ip: &Ipv4Addr) -> Option<&Identity> {
         self.local.get(ip)
+    }
+}
+
+/// The tunnel's reader of the state: rebuilds this node's inbound checks
+/// from each snapshot.
+pub struct InboundView {
+    view: Arc<ArcSwap<Inbound>>,
+    node: NodeName,
+    trust_domain: String,
+    metrics: Arc<Metrics>,
+}
+
+impl InboundView {
+    pub fn new(node: NodeName, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
+        let view = Arc::new(ArcSwap::from_pointee(Inbound::default()));
+        Self { view, node, trust_domain: trust_domain.to_owned(), metrics }
+    }
+
+    pub fn view(&self) -> Arc<ArcSwap<Inbound>> {
+        self.view.clone()
+    }
+}
+
+impl View for InboundView {
+    fn update(&self, snap: &Snapshot) {
+        let next = Inbound::build(&snap.state, &self.node, &self.trust_domain, &self.metrics);
+        self.view.swap(Arc::new(next)).forget_series_missing_from(&self.view.load(), &self.metrics);
+    }
+
+    fn stats_rows(&self) -> Vec<StatsRow> {
+        self.view.load().stats_rows()
     }
 }
 

@@ -7,6 +7,6 @@ pub mod inbound;
 pub mod outbound;
 pub mod routes;
 
-pub use inbound::{Inbound, InboundHandler};
+pub use inbound::{InboundHandler, InboundView};
 pub use outbound::Outbound;
-pub use routes::{Local, Route, RouteEndpoint, RouteTable, Workload};
+pub use routes::{Local, Route, RouteEndpoint, RouteTable, RoutesView, Workload};

@@ -253,7 +253,8 @@ mod tests {
     use crate::identity::manager::Certs;
     use crate::identity::{certs::Ca, tls, Identity};
     use crate::model::{parse_document, NodeName, ServiceIds, State};
-    use crate::proxy::{Inbound, InboundHandler, Local};
+    use crate::proxy::inbound::Inbound;
+    use crate::proxy::{InboundHandler, Local};
     use crate::telemetry::Metrics;
     use crate::tunnel::TunnelCounters;
 

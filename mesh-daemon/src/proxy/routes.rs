@@ -7,11 +7,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
-use crate::model::{Frontend, NodeName, State};
+use crate::model::{Frontend, NodeName, Snapshot, State, View};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
 
@@ -78,6 +79,36 @@ pub struct Workload {
     /// `namespace/name`.
     pub name: String,
     pub identity: Identity,
+}
+
+/// The proxy's reader of the state: rebuilds the route table from each
+/// snapshot and swaps it in; the accept loop loads it per connection.
+pub struct RoutesView {
+    table: Arc<ArcSwap<RouteTable>>,
+    registry: Arc<Registry>,
+    local: Local,
+    metrics: Arc<Metrics>,
+}
+
+impl RoutesView {
+    pub fn new(registry: Arc<Registry>, local: Local, metrics: Arc<Metrics>) -> Self {
+        Self { table: Arc::new(ArcSwap::from_pointee(RouteTable::default())), registry, local, metrics }
+    }
+
+    pub fn table(&self) -> Arc<ArcSwap<RouteTable>> {
+        self.table.clone()
+    }
+}
+
+impl View for RoutesView {
+    fn update(&self, snap: &Snapshot) {
+        let next = RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.local, &self.metrics);
+        self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
+    }
+
+    fn stats_rows(&self) -> Vec<StatsRow> {
+        self.table.load().stats_rows()
+    }
 }
 
 #[derive(Debug, Default)]
