@@ -104,6 +104,10 @@ pub struct RunArgs {
     /// terminationGracePeriodSeconds above it.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     pub drain_timeout: std::time::Duration,
+    /// `appProtocol: auto` ports: how long a client may take to send its
+    /// first bytes before the connection is treated as opaque TCP.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    pub protocol_detect_timeout: std::time::Duration,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -354,7 +358,15 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             }
         }));
     }
-    let outbound = Outbound { listener, orig, routes: routes.table(), counters: counters.clone(), tunnel: pool };
+    let outbound = Outbound {
+        listener,
+        orig,
+        routes: routes.table(),
+        counters: counters.clone(),
+        tunnel: pool,
+        upstreams: routes.upstreams(),
+        detect_timeout: args.protocol_detect_timeout,
+    };
     let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
     let admin_task = tokio::spawn(admin::serve(admin_listener, view, exit.clone()));

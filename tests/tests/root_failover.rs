@@ -152,8 +152,9 @@ fn root_proxy_fails_over_without_client_errors() {
     assert!(web3_times.iter().any(|t| *t < killed), "web-3 served before it was stopped");
     assert!(!web3_times.iter().any(|t| *t > killed + 50 && *t < restarted), "web-3 answered while stopped");
     let back = web3_times.iter().find(|t| **t > restarted).copied();
-    // Two intervals, plus a little for scheduling and the request itself.
-    let limit = restarted + 2 * SLOW_INTERVAL_MS + 400;
+    // Two intervals, plus a second for the check's timeout, scheduling on
+    // a loaded machine and the request itself.
+    let limit = restarted + 2 * SLOW_INTERVAL_MS + 1000;
     assert!(
         back.is_some_and(|t| t <= limit),
         "web-3 got no traffic within two check intervals of coming back: first at {back:?}, limit {limit}"

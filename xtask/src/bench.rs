@@ -14,6 +14,17 @@
 //! connection per request (connections/s), iperf3 (Gbit/s), and the RSS
 //! and CPU seconds of the proxy process (the node's mesh-daemon, or
 //! HAProxy on its row).
+//!
+//! Requests (a second table), to an HTTP/1.1 + h2c backend (mt-http):
+//! - http-direct: client pod to the backend pod;
+//! - http-proxy-local / http-proxy-mtls: the VIP with `appProtocol: http`
+//!   (wrk) or `http2` (h2load), every request routed on its own;
+//! - haproxy-http: HAProxy in `mode http` (h2 on the h2load port), one
+//!   thread, on the client's node.
+//!
+//! Per path: wrk, 32 HTTP/1.1 keep-alive connections (requests/s, p50,
+//! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s); and
+//! the proxy's CPU seconds over both.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -21,6 +32,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use mesh_tests::{Cluster, ClusterSpec};
+
+/// One request path's figures.
+struct HttpRow {
+    name: &'static str,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    h2_rps: f64,
+    cpu_s: f64,
+}
+
+/// Requests/s from h2load's `finished in 5.00s, 12345.67 req/s, ...`, if
+/// every request succeeded.
+fn parse_h2load(out: &str) -> Option<f64> {
+    let done = out.lines().find(|l| l.starts_with("requests:"))?;
+    if !done.contains(" 0 failed, 0 errored") {
+        return None;
+    }
+    let line = out.lines().find(|l| l.starts_with("finished in"))?;
+    line.split(',').nth(1)?.trim().strip_suffix(" req/s")?.parse().ok()
+}
 
 struct Row {
     name: &'static str,
@@ -89,7 +121,17 @@ fn usage(pid: u32) -> (f64, f64) {
 
 pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<usize>) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 5] = ["direct", "kernel", "proxy-local", "proxy-mtls", "haproxy"];
+    const PATHS: [&str; 9] = [
+        "direct",
+        "kernel",
+        "proxy-local",
+        "proxy-mtls",
+        "haproxy",
+        "http-direct",
+        "http-proxy-local",
+        "http-proxy-mtls",
+        "haproxy-http",
+    ];
     if let Some(bad) = only.iter().find(|o| !PATHS.contains(&o.as_str())) {
         bail!("--only {bad}: no such path; the paths are {}", PATHS.join(", "));
     }
@@ -111,15 +153,23 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     for pod in ["web-1", "web-2"] {
         c.serve(pod, 8080, None)?;
         c.spawn(pod, std::path::Path::new("iperf3"), &["-s", "-p", "5201"])?;
+        c.serve_http(pod, 8090, &[])?;
     }
     let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
     let svc = |name: &str, vip: &str, mode: &str, ip: std::net::Ipv4Addr, node: &str| {
         format!("  - name: {name}\n    vip: {vip}\n    mode: {mode}\n    ports: [{{ port: 80, targetPort: 8080 }}, {{ port: 5201 }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
     };
+    let http_svc = |name: &str, vip: &str, app: &str, ip: std::net::Ipv4Addr, node: &str| {
+        format!("  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8090, appProtocol: {app} }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
+    };
     let services = [
         svc("kernel", "10.96.0.20", "kernel", w1, "node-a"),
         svc("local", "10.96.0.21", "proxy", w1, "node-a"),
         svc("mtls", "10.96.0.22", "proxy", w2, "node-b"),
+        http_svc("http-local", "10.96.0.23", "http", w1, "node-a"),
+        http_svc("h2-local", "10.96.0.24", "http2", w1, "node-a"),
+        http_svc("http-mtls", "10.96.0.25", "http", w2, "node-b"),
+        http_svc("h2-mtls", "10.96.0.26", "http2", w2, "node-b"),
     ]
     .concat();
     let cfg = c.write_file("mesh.yaml", &c.config(&services))?;
@@ -129,7 +179,9 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     let node_a = c.node("node-a").address;
     let haproxy_cfg = format!(
         "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-         listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n"
+         listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n\
+         listen h1\n  mode http\n  bind {node_a}:18090\n  server web {w1}:8090\n\
+         listen h2\n  mode http\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n"
     );
     let hcfg = c.write_file("haproxy.cfg", &haproxy_cfg)?;
     let haproxy = c.spawn_on_node("node-a", "haproxy", &["-db", "-f", hcfg.to_str().context("path")?])?;
@@ -225,6 +277,49 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     }
     let rows: Vec<Row> = runs.iter().map(|r| median_row(r)).collect();
 
+    // Requests: the same rounds, interleaved the same way.
+    let http_paths: [(&str, String, String, u32); 4] = [
+        ("http-direct", format!("{w1}:8090"), format!("{w1}:8090"), da.pid()),
+        ("http-proxy-local", "10.96.0.23:80".into(), "10.96.0.24:80".into(), da.pid()),
+        ("http-proxy-mtls", "10.96.0.25:80".into(), "10.96.0.26:80".into(), da.pid()),
+        ("haproxy-http", format!("{node_a}:18090"), format!("{node_a}:18091"), haproxy),
+    ];
+    let http_selected: Vec<_> =
+        http_paths.iter().filter(|s| only.is_empty() || only.iter().any(|o| o == s.0)).collect();
+    let mut http_runs: Vec<Vec<HttpRow>> = http_selected.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        let n = http_selected.len();
+        for i in (0..n).map(|k| (k + round - 1) % n) {
+            let (name, h1, h2, pid) = http_selected[i];
+            say(&format!("{name} (round {round} of {rounds}): HTTP/1.1 keep-alive, HTTP/2 ({secs} s each)"));
+            let (_, cpu0) = usage(*pid);
+            let d = format!("{secs}s");
+            let ka =
+                c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &format!("http://{h1}/")], wait)?;
+            let ka = String::from_utf8_lossy(&ka.stdout).into_owned();
+            let (rps, p50, p99) = parse_wrk(&ka).with_context(|| format!("{name}: no wrk result:\n{ka}"))?;
+            if let Some(e) = ka.lines().find(|l| l.trim_start().starts_with("Socket errors:")) {
+                socket_errors.push(format!("{name}, round {round}: {}", e.trim()));
+            }
+            let h2load = c.exec(
+                "client",
+                "h2load",
+                &["-c", "4", "-m", "32", "-D", &secs.to_string(), &format!("http://{h2}/")],
+                wait,
+            )?;
+            let h2out = String::from_utf8_lossy(&h2load.stdout).into_owned();
+            let h2_rps = parse_h2load(&h2out).with_context(|| format!("{name}: h2load failed:\n{h2out}"))?;
+            let (_, cpu1) = usage(*pid);
+            let row = HttpRow { name, rps, p50_us: p50, p99_us: p99, h2_rps, cpu_s: cpu1 - cpu0 };
+            say(&format!(
+                "  HTTP/1.1 {:.0} req/s, p50 {:.0} us, p99 {:.0} us; HTTP/2 {:.0} req/s; CPU {:.2} s",
+                row.rps, row.p50_us, row.p99_us, row.h2_rps, row.cpu_s
+            ));
+            http_runs[i].push(row);
+        }
+    }
+    let http_rows: Vec<HttpRow> = http_runs.iter().filter(|r| !r.is_empty()).map(|r| median_http_row(r)).collect();
+
     // Only a full run of every path replaces the committed results.
     let full = !quick && only.is_empty() && seconds.is_none() && rounds >= 3;
     let mut flags = String::from(if quick { " --quick" } else { "" });
@@ -238,6 +333,9 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
         let _ = write!(flags, " --rounds {rounds}");
     }
     let mut table = render(&rows, secs, rounds, full, &flags);
+    if !http_rows.is_empty() {
+        table.push_str(&render_http(&http_rows));
+    }
     if !socket_errors.is_empty() {
         let _ = writeln!(table, "\nwrk reported socket errors (the figures above include them):");
         for e in &socket_errors {
@@ -255,6 +353,50 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     std::fs::write(&file, &table)?;
     say(&format!("written to {}", file.display()));
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn median_http_row(runs: &[HttpRow]) -> HttpRow {
+    let med = |f: fn(&HttpRow) -> f64| median(runs.iter().map(f).collect());
+    HttpRow {
+        name: runs[0].name,
+        rps: med(|r| r.rps),
+        p50_us: med(|r| r.p50_us),
+        p99_us: med(|r| r.p99_us),
+        h2_rps: med(|r| r.h2_rps),
+        cpu_s: med(|r| r.cpu_s),
+    }
+}
+
+fn render_http(rows: &[HttpRow]) -> String {
+    let base = |f: fn(&HttpRow) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
+    let cell = |r: &HttpRow, f: fn(&HttpRow) -> f64| {
+        let (d, h) = (base(f, "http-direct"), base(f, "haproxy-http"));
+        let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
+        format!("{:.0} ({}x direct, {}x haproxy)", f(r), ratio(d), ratio(h))
+    };
+    let mut s = String::from(
+        "\n## Requests\n\nHTTP/1.1: wrk, 32 keep-alive connections. HTTP/2: h2load, 4 connections x 32 streams (prior knowledge). The mesh rows route every request on its own (`appProtocol: http` / `http2`); haproxy-http is HAProxy `mode http`, one thread. CPU is the proxy's over both.\n\n",
+    );
+    let _ = writeln!(s, "| path | HTTP/1.1 req/s | p50 µs | p99 µs | HTTP/2 req/s | proxy CPU s |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2} |",
+            r.name,
+            cell(r, |r| r.rps),
+            cell(r, |r| r.p50_us),
+            cell(r, |r| r.p99_us),
+            cell(r, |r| r.h2_rps),
+            r.cpu_s
+        );
+    }
+    s
 }
 
 /// Each figure's median over the rounds.
@@ -341,6 +483,14 @@ mod tests {
         };
         let m = median_row(&[row(10.0, 900.0), row(30.0, 100.0), row(20.0, 5000.0)]);
         assert_eq!((m.rps, m.p99_us), (20.0, 900.0));
+    }
+
+    #[test]
+    fn parses_h2load_output() {
+        let out = "finished in 5.00s, 12345.67 req/s, 1.00MB/s\nrequests: 61728 total, 61728 started, 61728 done, 61728 succeeded, 0 failed, 0 errored, 0 timeout\n";
+        assert_eq!(parse_h2load(out), Some(12345.67));
+        let failed = out.replace("0 failed", "3 failed");
+        assert_eq!(parse_h2load(&failed), None, "failed requests make no figure");
     }
 
     #[test]

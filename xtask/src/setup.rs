@@ -19,6 +19,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("haproxy", "haproxy"),
+    ("nghttp", "nghttp2-client"),
+    ("h2load", "nghttp2-client"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -50,6 +50,26 @@ pub struct Translation {
     pub skipped: Vec<String>,
 }
 
+/// The mesh's `appProtocol` of a Service port: its `appProtocol` (`http`,
+/// `http2`, `kubernetes.io/h2c`, `grpc`), else an Istio-style name prefix
+/// (`http-`, `http2-`, `grpc-`), else none (tcp). An HTTP port of a
+/// `mesh.io/mode: kernel` Service stays tcp: the kernel cannot see
+/// requests (see `translate`).
+pub fn app_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Option<&'static str> {
+    match app_protocol {
+        Some("http") => return Some("http"),
+        Some("http2" | "kubernetes.io/h2c") => return Some("http2"),
+        Some("grpc") => return Some("grpc"),
+        Some(_) => return None,
+        None => {}
+    }
+    let name = name.unwrap_or("");
+    [("http2-", "http2"), ("grpc-", "grpc"), ("http-", "http")]
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix) || name == &prefix[..prefix.len() - 1])
+        .map(|(_, p)| *p)
+}
+
 /// The state for the daemon of `node`. `pid_of` finds a process of a
 /// local pod (for its network namespace).
 pub fn translate(objs: Objects<'_>, node: &str, pid_of: &mut dyn FnMut(&Pod) -> Option<i64>) -> Translation {
@@ -195,7 +215,15 @@ fn service(
                 continue;
             }
         };
-        ports.push(PortDoc { port: i64::from(p.port), target_port: Some(target), protocol: "TCP".into() });
+        ports.push(PortDoc {
+            port: i64::from(p.port),
+            target_port: Some(target),
+            protocol: "TCP".into(),
+            // The kernel balances connections: a kernel-mode port stays tcp.
+            app_protocol: app_protocol(p.app_protocol.as_deref(), p.name.as_deref())
+                .filter(|_| mode == "proxy")
+                .map(str::to_owned),
+        });
     }
     if ports.is_empty() {
         return None;
@@ -391,5 +419,20 @@ mod tests {
         assert_eq!(nodes, [("node-a", "172.18.0.2"), ("node-b", "172.18.0.3")]);
         let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state.services.len(), 2);
+    }
+
+    #[test]
+    fn app_protocol_comes_from_the_port_or_its_name() {
+        assert_eq!(app_protocol(Some("http"), Some("web")), Some("http"));
+        assert_eq!(app_protocol(Some("kubernetes.io/h2c"), None), Some("http2"));
+        assert_eq!(app_protocol(Some("http2"), None), Some("http2"));
+        assert_eq!(app_protocol(Some("grpc"), Some("http-x")), Some("grpc"), "appProtocol wins over the name");
+        assert_eq!(app_protocol(Some("kubernetes.io/ws"), Some("http-x")), None, "an unknown appProtocol is tcp");
+        assert_eq!(app_protocol(None, Some("http-web")), Some("http"));
+        assert_eq!(app_protocol(None, Some("http2-api")), Some("http2"));
+        assert_eq!(app_protocol(None, Some("grpc")), Some("grpc"));
+        assert_eq!(app_protocol(None, Some("https-web")), None, "TLS from the client is opaque");
+        assert_eq!(app_protocol(None, Some("web")), None);
+        assert_eq!(app_protocol(None, None), None);
     }
 }

@@ -119,6 +119,9 @@ pub struct PortDoc {
     pub target_port: Option<i64>,
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// `tcp` (default), `http`, `http2`, `grpc` or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -141,6 +141,57 @@ impl Service {
 pub struct ServicePort {
     pub port: Port,
     pub target_port: Port,
+    pub app_protocol: AppProtocol,
+}
+
+/// What a service port carries above TCP (Kubernetes' `appProtocol`): it
+/// decides whether the proxy relays bytes or routes each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AppProtocol {
+    /// Opaque bytes: one decision per connection.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 from the client; every request routed on its own.
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// HTTP/2 with gRPC status handling.
+    Grpc,
+    /// Detected from the first bytes: HTTP/2's preface, an HTTP/1 request
+    /// line, or else (and after the detection timeout) opaque TCP.
+    Auto,
+}
+
+impl AppProtocol {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "tcp" => AppProtocol::Tcp,
+            "http" => AppProtocol::Http,
+            "http2" => AppProtocol::Http2,
+            "grpc" => AppProtocol::Grpc,
+            "auto" => AppProtocol::Auto,
+            other => {
+                return Err(format!(
+                    "{other:?} is not an application protocol: use \"tcp\", \"http\", \"http2\", \"grpc\" or \"auto\""
+                ))
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Tcp => "tcp",
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Auto => "auto",
+        }
+    }
+
+    /// Whether the proxy may see requests on this port.
+    pub fn is_requests(self) -> bool {
+        !matches!(self, AppProtocol::Tcp)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +234,7 @@ pub struct Frontend {
     pub vip: Ipv4Addr,
     pub port: Port,
     pub target_port: Port,
+    pub app_protocol: AppProtocol,
 }
 
 /// `namespace/name:port`: the stable name of a frontend.
@@ -199,7 +251,14 @@ impl State {
         for (i, s) in self.services.iter().enumerate() {
             for p in &s.ports {
                 if let Some(id) = ids.get(&frontend_key(s, p.port)) {
-                    out.push(Frontend { id, service: i, vip: s.vip, port: p.port, target_port: p.target_port });
+                    out.push(Frontend {
+                        id,
+                        service: i,
+                        vip: s.vip,
+                        port: p.port,
+                        target_port: p.target_port,
+                        app_protocol: p.app_protocol,
+                    });
                 }
             }
         }

@@ -240,8 +240,21 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     }
                 }
             }
-            if let (Some(port), Some(target_port)) = (number, target) {
-                ports.push(ServicePort { port, target_port });
+            let app_protocol =
+                e.take(format!("{pp}.appProtocol"), AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")));
+            if let (Some(app), Some(Mode::Kernel)) = (app_protocol, mode) {
+                if app.is_requests() {
+                    e.push(
+                        format!("{pp}.appProtocol"),
+                        format!(
+                            "{:?} needs {p}.mode: proxy, not kernel: the kernel balances connections and cannot see requests",
+                            app.as_str()
+                        ),
+                    );
+                }
+            }
+            if let (Some(port), Some(target_port), Some(app_protocol)) = (number, target, app_protocol) {
+                ports.push(ServicePort { port, target_port, app_protocol });
             }
         }
         let mut endpoints = Vec::new();
@@ -467,6 +480,40 @@ services:
         assert!(errors(|d| d.workloads[0].name = "-x".into())[0].starts_with("workloads[0].name: "));
         assert!(errors(|d| d.workloads[0].namespace = "A".into())[0].starts_with("workloads[0].namespace: "));
         assert!(errors(|d| d.workloads[0].service_account = "".into())[0].starts_with("workloads[0].serviceAccount: "));
+    }
+
+    #[test]
+    fn app_protocol_rules() {
+        assert_error(
+            |d| d.services[0].ports[0].app_protocol = Some("quic".into()),
+            r#"services[0].ports[0].appProtocol: "quic" is not an application protocol: use "tcp", "http", "http2", "grpc" or "auto""#,
+        );
+        assert_error(
+            |d| {
+                d.services[0].mode = "kernel".into();
+                d.services[0].ports[1].app_protocol = Some("grpc".into());
+            },
+            r#"services[0].ports[1].appProtocol: "grpc" needs services[0].mode: proxy, not kernel: the kernel balances connections and cannot see requests"#,
+        );
+        let mut d = good();
+        d.services[0].mode = "kernel".into();
+        d.services[0].ports[0].app_protocol = Some("tcp".into());
+        assert!(State::from_document(&d).is_ok(), "kernel mode with tcp is fine");
+        d.services[0].mode = "proxy".into();
+        for (name, want) in [
+            ("http", AppProtocol::Http),
+            ("http2", AppProtocol::Http2),
+            ("grpc", AppProtocol::Grpc),
+            ("auto", AppProtocol::Auto),
+        ] {
+            d.services[0].ports[0].app_protocol = Some(name.into());
+            assert_eq!(State::from_document(&d).unwrap().services[0].ports[0].app_protocol, want);
+        }
+        assert_eq!(
+            State::from_document(&good()).unwrap().services[0].ports[0].app_protocol,
+            AppProtocol::Tcp,
+            "default"
+        );
     }
 
     #[test]

@@ -55,3 +55,50 @@ impl Record<'_> {
         );
     }
 }
+
+/// One finished request of the request-aware path.
+pub struct RequestRecord<'a> {
+    pub direction: &'static str,
+    pub source: Option<&'a str>,
+    pub identity: Option<&'a Identity>,
+    pub client: Option<SocketAddrV4>,
+    pub service: &'a str,
+    pub endpoint: Option<SocketAddrV4>,
+    pub node: Option<&'a str>,
+    pub method: &'a str,
+    pub authority: &'a str,
+    /// Without the query string.
+    pub path: &'a str,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    /// Response body bytes.
+    pub bytes: u64,
+    pub duration: Duration,
+    /// `ok`, `error`, `cancelled`, or why no endpoint took it.
+    pub outcome: &'static str,
+}
+
+impl RequestRecord<'_> {
+    pub fn log(&self) {
+        let duration_ms = self.duration.as_millis() as u64;
+        info!(
+            target: "access",
+            direction = self.direction,
+            source = self.source,
+            identity = self.identity.map(tracing::field::display),
+            client = self.client.map(tracing::field::display),
+            service = self.service,
+            endpoint = self.endpoint.map(tracing::field::display),
+            node = self.node,
+            method = self.method,
+            authority = self.authority,
+            path = self.path,
+            status = self.status,
+            grpc_status = self.grpc_status,
+            bytes = self.bytes,
+            duration_ms,
+            outcome = self.outcome,
+            "request"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod error;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod routes;

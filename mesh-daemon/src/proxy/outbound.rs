@@ -17,10 +17,12 @@ use tracing::{debug, warn};
 
 use super::access::Record;
 use super::error::ConnectError;
+use super::http::{self, upstream::Upstreams};
 use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::balance::backoff::Backoff;
 use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
+use crate::model::AppProtocol;
 use crate::relay::{self, Transfer};
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::{Pool, Stream};
@@ -33,6 +35,10 @@ pub struct Outbound {
     pub counters: Arc<ProxyCounters>,
     /// None: no certificates, so no tunnel.
     pub tunnel: Option<Arc<Pool>>,
+    /// Pools of upstream HTTP connections, for request-aware ports.
+    pub upstreams: Arc<Upstreams>,
+    /// `appProtocol: auto`: how long a client may take to say what it speaks.
+    pub detect_timeout: Duration,
 }
 
 /// The upstream side of a forwarded connection.
@@ -47,7 +53,7 @@ impl Outbound {
     /// Accepts until the drain starts; each forwarded connection holds a
     /// drain guard until it closes.
     pub async fn run(self, drain: Drain) {
-        let Outbound { listener, mut orig, routes, counters, tunnel } = self;
+        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout } = self;
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
@@ -70,8 +76,23 @@ impl Outbound {
             };
             let source = table.workload(*peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
+            let (upstreams, drain) = (upstreams.clone(), guards.clone());
             tokio::spawn(async move {
-                forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref()).await;
+                let proto = match route.app_protocol {
+                    AppProtocol::Auto => http::detect::detect(&client, detect_timeout).await,
+                    p => p,
+                };
+                match proto {
+                    AppProtocol::Tcp | AppProtocol::Auto => {
+                        forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref()).await
+                    }
+                    AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
+                        counters.forwarded.inc();
+                        let grpc = proto == AppProtocol::Grpc;
+                        let conn = Arc::new(http::Conn { route, source, client: peer, upstreams, tunnel, grpc });
+                        http::serve(client, conn, proto != AppProtocol::Http, drain).await
+                    }
+                }
                 drop(guard);
             });
         })
@@ -80,7 +101,7 @@ impl Outbound {
 }
 
 /// A first try and at most 10 retries (`retries` is validated to 0..10).
-const MAX_TRIES: usize = 11;
+pub(crate) const MAX_TRIES: usize = 11;
 
 /// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
 const RETRY_BACKOFF: Backoff =

@@ -7,12 +7,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use arc_swap::ArcSwap;
+
+use super::http::upstream::Upstreams;
 use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
-use crate::model::{Frontend, NodeName, Snapshot, State, View};
+use crate::model::{AppProtocol, Frontend, NodeName, Snapshot, State, View};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
 
@@ -42,6 +46,8 @@ pub struct Route {
     pub retry_budget: Duration,
     /// Cross-node connections go through the mTLS tunnel.
     pub mtls: bool,
+    /// Bytes, or requests routed one by one.
+    pub app_protocol: AppProtocol,
     pub series: ServiceSeries,
 }
 
@@ -86,13 +92,20 @@ pub struct Workload {
 pub struct RoutesView {
     table: Arc<ArcSwap<RouteTable>>,
     registry: Arc<Registry>,
+    /// Upstream HTTP pools, kept for the endpoints still in use.
+    upstreams: Arc<Upstreams>,
     local: Local,
     metrics: Arc<Metrics>,
 }
 
 impl RoutesView {
     pub fn new(registry: Arc<Registry>, local: Local, metrics: Arc<Metrics>) -> Self {
-        Self { table: Arc::new(ArcSwap::from_pointee(RouteTable::default())), registry, local, metrics }
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        Self { table, registry, upstreams: Arc::default(), local, metrics }
+    }
+
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams.clone()
     }
 
     pub fn table(&self) -> Arc<ArcSwap<RouteTable>> {
@@ -103,6 +116,9 @@ impl RoutesView {
 impl View for RoutesView {
     fn update(&self, snap: &Snapshot) {
         let next = RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.local, &self.metrics);
+        let in_use: HashSet<SocketAddrV4> =
+            next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
+        self.upstreams.retain(|a| in_use.contains(&a));
         self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
     }
 
@@ -161,6 +177,7 @@ impl RouteTable {
                     retries: s.retries,
                     retry_budget: s.retry_budget,
                     mtls: s.mtls,
+                    app_protocol: f.app_protocol,
                 };
                 (f.id, Arc::new(route))
             })

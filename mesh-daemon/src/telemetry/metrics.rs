@@ -60,6 +60,15 @@ pub struct FailedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub direction: &'static str,
+    /// `2xx`..`5xx`; for gRPC the call's status (`OK`, `UNAVAILABLE`, ...).
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: &'static str,
 }
@@ -204,12 +213,73 @@ pub struct EndpointSeries {
     pub received: Counter,
     pub connect_latency: Histogram,
     pub ejections: Counter,
+    /// `mesh_requests_total`, by class when a response ends.
+    requests: Family<RequestLabels, Counter>,
 }
+
+impl EndpointSeries {
+    /// Counts one finished request of this endpoint by its class.
+    pub fn request(&self, class: &'static str) {
+        let l = RequestLabels {
+            service: self.labels.service.clone(),
+            endpoint: self.labels.endpoint.clone(),
+            direction: self.labels.direction,
+            class,
+        };
+        self.requests.get_or_create(&l).inc();
+    }
+
+    /// Requests of this endpoint that ended, by class (for `meshctl stats`).
+    pub fn requests_by_class(&self) -> Vec<(&'static str, u64)> {
+        REQUEST_CLASSES
+            .iter()
+            .filter_map(|class| {
+                let l = RequestLabels {
+                    service: self.labels.service.clone(),
+                    endpoint: self.labels.endpoint.clone(),
+                    direction: self.labels.direction,
+                    class,
+                };
+                self.requests.get(&l).map(|c| (*class, c.get()))
+            })
+            .collect()
+    }
+}
+
+/// Every `class` a request can have: HTTP status classes and gRPC statuses.
+pub const REQUEST_CLASSES: [&str; 22] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 /// One service port's series, looked up once per state.
 #[derive(Clone, Debug)]
 pub struct ServiceSeries {
     pub labels: ServiceLabels,
+    /// `mesh_requests_total` of requests that reached no endpoint.
+    requests: Family<RequestLabels, Counter>,
+    /// Time from a request to its response's headers.
+    pub response_latency: Histogram,
     /// `mesh_connections_failed_total`, by reason when one fails.
     failed: Family<FailedLabels, Counter>,
     pub duration: Histogram,
@@ -217,6 +287,17 @@ pub struct ServiceSeries {
 }
 
 impl ServiceSeries {
+    /// Counts a request that reached no endpoint (`endpoint=""`).
+    pub fn request_failed(&self, class: &'static str) {
+        let l = RequestLabels {
+            service: self.labels.service.clone(),
+            endpoint: String::new(),
+            direction: self.labels.direction,
+            class,
+        };
+        self.requests.get_or_create(&l).inc();
+    }
+
     /// Connections of this service port that failed, for any reason.
     pub fn failures(&self) -> u64 {
         FAILURE_REASONS
@@ -242,6 +323,13 @@ fn duration_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
     Family::new_with_constructor(ctor)
 }
 
+fn response_latency_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
+    fn ctor() -> Histogram {
+        Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+    }
+    Family::new_with_constructor(ctor)
+}
+
 fn latency_family() -> Family<EndpointLabels, Histogram, fn() -> Histogram> {
     fn ctor() -> Histogram {
         Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
@@ -257,6 +345,8 @@ pub struct Metrics {
     pub bytes_sent: Family<ConnLabels, Counter>,
     pub bytes_received: Family<ConnLabels, Counter>,
     pub duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub response_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub connect_latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabels, Counter>,
     pub ejections: Family<EndpointLabels, Counter>,
@@ -290,6 +380,8 @@ impl Metrics {
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             duration: duration_family(),
+            requests: Family::default(),
+            response_latency: response_latency_family(),
             connect_latency: latency_family(),
             retries: Family::default(),
             ejections: Family::default(),
@@ -323,6 +415,13 @@ impl Metrics {
             m.connect_latency.clone(),
         );
         r.register("retries", "Connect tries on another endpoint after a failed one", m.retries.clone());
+        r.register("requests", "Requests whose response ended, by status class or gRPC status", m.requests.clone());
+        r.register_with_unit(
+            "response_latency",
+            "Time from a request to its response's headers",
+            Unit::Seconds,
+            m.response_latency.clone(),
+        );
         r.register("breaker_ejections", "Times an endpoint's breaker opened", m.ejections.clone());
         r.register("tunnel_events", "mTLS tunnel handshakes, streams, TLS failures and denials", m.tunnel.clone());
         r.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", m.tls_failures.clone());
@@ -350,12 +449,15 @@ impl Metrics {
             received: self.bytes_received.get_or_create(&labels).clone(),
             connect_latency: self.connect_latency.get_or_create(&e).clone(),
             ejections: self.ejections.get_or_create(&e).clone(),
+            requests: self.requests.clone(),
             labels,
         }
     }
 
     pub fn service_series(&self, labels: ServiceLabels) -> ServiceSeries {
         ServiceSeries {
+            requests: self.requests.clone(),
+            response_latency: self.response_latency.get_or_create(&labels).clone(),
             failed: self.failed.clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
@@ -367,6 +469,14 @@ impl Metrics {
     /// sets stay bounded by the state, not by its history.
     pub fn forget_endpoint(&self, labels: &ConnLabels) {
         let e = labels.endpoint_labels();
+        for class in REQUEST_CLASSES {
+            self.requests.remove(&RequestLabels {
+                service: labels.service.clone(),
+                endpoint: labels.endpoint.clone(),
+                direction: labels.direction,
+                class,
+            });
+        }
         for f in [&self.opened, &self.closed, &self.bytes_sent, &self.bytes_received] {
             f.remove(labels);
         }
@@ -376,6 +486,16 @@ impl Metrics {
 
     /// Drops the series of a service port that left the state.
     pub fn forget_service(&self, labels: &ServiceLabels) {
+        self.response_latency.remove(labels);
+        for class in REQUEST_CLASSES {
+            let l = RequestLabels {
+                service: labels.service.clone(),
+                endpoint: String::new(),
+                direction: labels.direction,
+                class,
+            };
+            self.requests.remove(&l);
+        }
         for reason in FAILURE_REASONS {
             self.failed.remove(&FailedLabels { service: labels.service.clone(), direction: labels.direction, reason });
         }

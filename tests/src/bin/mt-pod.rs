@@ -13,7 +13,7 @@ fn usage() -> ExitCode {
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
          mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
          mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS\n  \
-         mt-pod hold ADDR N SECONDS"
+         mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS"
     );
     ExitCode::from(2)
 }
@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Some("load") if args.len() == 5 => load(&args[1], &args[2], &args[3], &args[4]),
         Some("stream") if args.len() == 3 => stream(&args[1], &args[2]),
         Some("hold") if args.len() == 4 => hold(&args[1], &args[2], &args[3]),
+        Some("late") if args.len() == 3 => late(&args[1], &args[2]),
         _ => usage(),
     }
 }
@@ -440,4 +441,32 @@ fn hold(addr: &str, n: &str, seconds: &str) -> ExitCode {
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(secs));
     ExitCode::SUCCESS
+}
+
+/// Connects, stays silent for MS (as a client of a server-speaks-first
+/// protocol would), then sends an HTTP/1.0 GET and prints the answer.
+fn late(addr: &str, ms: &str) -> ExitCode {
+    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
+        return usage();
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error: connect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::thread::sleep(Duration::from_millis(ms));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut answer = String::new();
+    match s.write_all(b"GET / HTTP/1.0\r\n\r\n").and_then(|_| s.read_to_string(&mut answer)) {
+        Ok(_) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -116,6 +116,21 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// Starts `mt-http` (HTTP/1.1 and h2c, answering `backend=POD`) in
+    /// `pod` on `port` and waits until it accepts.
+    pub fn serve_http(&self, pod: &str, port: u16, extra: &[&str]) -> anyhow::Result<u32> {
+        let p = port.to_string();
+        let mut args = vec!["--name", pod, "--port", &p];
+        args.extend(extra);
+        let pid = self.spawn(pod, &self.bins.mt_http.clone(), &args)?;
+        let addr = self.pod(pod).addr(port);
+        let netns = self.pod(pod).netns.clone();
+        if !sys::wait_until(Duration::from_secs(10), || sys::can_connect(&netns, addr)) {
+            bail!("mt-http in pod {pod} does not accept on port {port}");
+        }
+        Ok(pid)
+    }
+
     /// Runs a command in `pod` to completion (killed after `timeout`).
     pub fn exec(&self, pod: &str, program: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
         let program = self.bins.program(program);

@@ -98,6 +98,8 @@ pub struct Bins {
     pub meshctl: PathBuf,
     pub mt_pod: PathBuf,
     pub mt_tunnel: PathBuf,
+    pub mt_http: PathBuf,
+    pub mt_grpc: PathBuf,
 }
 
 impl Bins {
@@ -106,6 +108,8 @@ impl Bins {
         match name {
             "mt-pod" => self.mt_pod.clone(),
             "mt-tunnel" => self.mt_tunnel.clone(),
+            "mt-http" => self.mt_http.clone(),
+            "mt-grpc" => self.mt_grpc.clone(),
             other => PathBuf::from(other),
         }
     }
@@ -120,14 +124,20 @@ impl Bins {
             }
         };
         for d in &dirs {
-            let (daemon, meshctl, mt_pod, mt_tunnel) =
-                (d.join("mesh-daemon"), d.join("meshctl"), d.join("mt-pod"), d.join("mt-tunnel"));
-            if daemon.exists() && meshctl.exists() && mt_pod.exists() && mt_tunnel.exists() {
-                return Ok(Self { daemon, meshctl, mt_pod, mt_tunnel });
+            let b = Self {
+                daemon: d.join("mesh-daemon"),
+                meshctl: d.join("meshctl"),
+                mt_pod: d.join("mt-pod"),
+                mt_tunnel: d.join("mt-tunnel"),
+                mt_http: d.join("mt-http"),
+                mt_grpc: d.join("mt-grpc"),
+            };
+            if [&b.daemon, &b.meshctl, &b.mt_pod, &b.mt_tunnel, &b.mt_http, &b.mt_grpc].iter().all(|p| p.exists()) {
+                return Ok(b);
             }
         }
         bail!(
-            "mesh-daemon, meshctl, mt-pod and mt-tunnel are not built next to this program (looked in {dirs:?}); \
+            "mesh-daemon, meshctl and the mt-* pod tools are not built next to this program (looked in {dirs:?}); \
              build them with `cargo build -p mesh-daemon -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
         )
     }

@@ -1,0 +1,280 @@
+//! The request-aware path: the proxy terminates the client's HTTP/1.1 or
+//! HTTP/2 connection and routes every request on its own (P2C by weight
+//! over peak-EWMA of response-header latency and requests in flight,
+//! priority failover, breaker), over pooled upstream connections
+//! ([`upstream`]). A connect failure is retried on another endpoint before
+//! the request fails; a request no endpoint could take gets 503 (gRPC:
+//! `UNAVAILABLE`), never a reset. Each finished request is counted by
+//! status class (gRPC: its status) and logged once.
+
+pub mod detect;
+mod observe;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use self::observe::{Finished, Observed};
+use self::upstream::{Body, ConnectedAt, Dial, Upstreams};
+use super::error::ConnectError;
+use super::{Route, RouteEndpoint, Workload};
+use crate::drain::Drain;
+use crate::tunnel::client::Pool;
+
+/// What every request of one client connection shares.
+pub struct Conn {
+    pub route: Arc<Route>,
+    pub source: Option<Arc<Workload>>,
+    pub client: SocketAddrV4,
+    pub upstreams: Arc<Upstreams>,
+    pub tunnel: Option<Arc<Pool>>,
+    /// gRPC: failures answer with a gRPC status, not an HTTP one.
+    pub grpc: bool,
+}
+
+/// Serves one client connection speaking HTTP/1.1 (`http2` false) or
+/// HTTP/2 with prior knowledge, until the client closes it or the drain
+/// ends it gracefully.
+pub async fn serve(stream: TcpStream, conn: Arc<Conn>, http2: bool, drain: Drain) {
+    let io = TokioIo::new(stream);
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+    });
+    let result = if http2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new()).max_concurrent_streams(1024);
+        let c = b.serve_connection(io, svc);
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = drain.stopped() => {
+                c.as_mut().graceful_shutdown();
+                c.await
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(Duration::from_secs(30));
+        let c = b.serve_connection(io, svc);
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = drain.stopped() => {
+                c.as_mut().graceful_shutdown();
+                c.await
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP client connection ended");
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and
+/// are not forwarded; nor is any header the `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in HOP_BY_HOP.iter().chain(&named) {
+        h.remove(n);
+    }
+    // `te` may only say `trailers` (which gRPC needs) past this hop.
+    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The request's URI in absolute form, which the pooling client needs:
+/// HTTP/1 requests carry the authority in `Host`.
+fn absolute(req: &Request<Incoming>) -> Option<Uri> {
+    if req.uri().authority().is_some() {
+        return Some(req.uri().clone());
+    }
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{host}{path}").parse().ok()
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The answer when no endpoint takes the request: 503, or for gRPC a
+/// trailers-only `UNAVAILABLE` (code 14).
+fn unavailable(grpc: bool, why: &str) -> Response<Body> {
+    let mut r = if grpc {
+        let mut r = Response::new(empty());
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+        if let Ok(v) = HeaderValue::from_str(why) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let body = Full::new(Bytes::from(format!("no endpoint could take the request: {why}\n")));
+        let mut r = Response::new(body.map_err(|never| match never {}).boxed_unsync());
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    };
+    r.headers_mut().insert("mesh-error", HeaderValue::from_static("unavailable"));
+    r
+}
+
+fn bad_request(why: &'static str) -> Response<Body> {
+    let body = Full::new(Bytes::from_static(why.as_bytes())).map_err(|never| match never {}).boxed_unsync();
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r
+}
+
+/// How to reach `ep` for a request of `conn`'s client.
+fn dial(ep: &RouteEndpoint, conn: &Conn) -> Result<Dial, ConnectError> {
+    let addr = ep.state.addr;
+    match (&ep.remote, conn.route.mtls) {
+        (Some((node, node_addr)), true) => {
+            let source = conn.source.as_ref().ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
+            Ok(Dial::Tunnel {
+                target: addr,
+                node: node.clone(),
+                node_addr: *node_addr,
+                source: source.identity.clone(),
+                service: conn.route.service.clone(),
+            })
+        }
+        _ => Ok(Dial::Direct(addr)),
+    }
+}
+
+/// The connect error under a pooling client's error, if that is what it is.
+fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// Routes one request: picks an endpoint, sends it over that endpoint's
+/// pool, and retries on another endpoint when connecting fails (and the
+/// request can be sent again: it has no body).
+async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    let started = Instant::now();
+    let route = &conn.route;
+    let Some(uri) = absolute(&req) else {
+        return bad_request("the request names no host\n");
+    };
+    let http2 = req.version() == Version::HTTP_2;
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.uri = uri;
+    let replayable = hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body.boxed_unsync());
+    let finished = Finished::new(conn, &parts);
+
+    let mut tried = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); super::outbound::MAX_TRIES];
+    let mut n_tried = 0;
+    let mut reason = "no_endpoint";
+    for attempt in 0..=route.retries {
+        let Some(ep) = route.pick(&tried[..n_tried], Instant::now()) else { break };
+        if n_tried < tried.len() {
+            tried[n_tried] = ep.state.addr;
+            n_tried += 1;
+        }
+        let dial = match dial(ep, conn) {
+            Ok(d) => d,
+            Err(e) => {
+                // No identity or certificates: the same for every endpoint.
+                ep.state.release_probe();
+                warn!(service = %route.name, error = %e, "request refused; not retried");
+                return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
+            }
+        };
+        let client = conn.upstreams.client(dial, http2, conn.tunnel.as_ref(), route.connect_timeout);
+        let body = match body.take() {
+            Some(b) => b,
+            None if replayable => empty(),
+            None => break,
+        };
+        let mut req = Request::from_parts(parts.clone(), body);
+        *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        let in_flight = ep.state.start();
+        let t0 = Instant::now();
+        match client.request(req).await {
+            Ok(resp) => {
+                // From the send, or from the connect if this request waited for one.
+                let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
+                let latency = since.elapsed();
+                drop(in_flight);
+                ep.state.connected(latency, Instant::now());
+                route.series.response_latency.observe(latency.as_secs_f64());
+                let (mut head, body) = resp.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                let observed = Observed::new(body, finished.at(conn.route.clone(), ep, &head, started));
+                return Response::from_parts(head, observed.boxed_unsync());
+            }
+            Err(e) => {
+                drop(in_flight);
+                match connect_error(&e) {
+                    Some(c) if !c.counts_against_endpoint() => {
+                        ep.state.release_probe();
+                        warn!(service = %route.name, error = %c, "request refused; not retried");
+                        return finished.failed(c.reason(), started, unavailable(conn.grpc, c.reason()));
+                    }
+                    Some(c) => {
+                        if ep.state.failed(Instant::now()) {
+                            ep.series.ejections.inc();
+                        }
+                        debug!(service = %route.name, error = %c, attempt, "connect failed; trying another endpoint");
+                        reason = c.reason();
+                        if !replayable {
+                            break;
+                        }
+                        route.series.retries.inc();
+                    }
+                    None => {
+                        // The endpoint took the request and then failed it.
+                        warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upstream request failed");
+                        let mut r = unavailable(conn.grpc, "upstream");
+                        if !conn.grpc {
+                            *r.status_mut() = StatusCode::BAD_GATEWAY;
+                        }
+                        return finished.failed("upstream", started, r);
+                    }
+                }
+            }
+        }
+    }
+    warn!(service = %route.name, reason, "no endpoint could take the request");
+    finished.failed(reason, started, unavailable(conn.grpc, reason))
+}

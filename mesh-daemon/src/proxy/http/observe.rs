@@ -1,0 +1,227 @@
+//! The end of a request: its response body is watched to the end (bytes,
+//! gRPC status in the trailers), then the request is counted by class and
+//! logged once, however it ended.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::header::HeaderMap;
+use hyper::http::request::Parts;
+use hyper::http::response::Parts as ResponseParts;
+use hyper::{Method, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::upstream::Body;
+use super::Conn;
+use crate::proxy::access::RequestRecord;
+use crate::proxy::{Route, RouteEndpoint, Workload};
+
+/// What is known of a request before it is sent: enough to log it.
+pub struct Finished {
+    method: Method,
+    authority: String,
+    /// Without the query string, which may hold secrets.
+    path: String,
+    source: Option<Arc<Workload>>,
+    client: std::net::SocketAddrV4,
+    grpc: bool,
+    route: Arc<Route>,
+}
+
+/// A request that reached an endpoint, waiting for its response to end.
+pub struct Completion {
+    finished: Finished,
+    route: Arc<Route>,
+    endpoint: usize,
+    status: StatusCode,
+    grpc_status: Option<u32>,
+    started: Instant,
+    bytes: u64,
+}
+
+/// gRPC status names by code (0..16).
+const GRPC: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The metrics class of a response: its gRPC status for gRPC (UNKNOWN
+/// when a gRPC call ended without one), else its HTTP status class.
+pub fn class(status: StatusCode, grpc: bool, grpc_status: Option<u32>) -> &'static str {
+    if grpc {
+        return grpc_status.and_then(|c| GRPC.get(c as usize)).copied().unwrap_or("UNKNOWN");
+    }
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+impl Finished {
+    pub fn new(conn: &Conn, parts: &Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            authority: parts.uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+            path: parts.uri.path().to_owned(),
+            source: conn.source.clone(),
+            client: conn.client,
+            grpc: conn.grpc,
+            route: conn.route.clone(),
+        }
+    }
+
+    /// The request reached `ep` (of `route`) and its response began.
+    pub fn at(self, route: Arc<Route>, ep: &RouteEndpoint, head: &ResponseParts, started: Instant) -> Completion {
+        let endpoint = route.endpoints.iter().position(|e| std::ptr::eq(e, ep)).unwrap_or(0);
+        Completion {
+            grpc_status: grpc_status(&head.headers),
+            status: head.status,
+            finished: self,
+            route,
+            endpoint,
+            started,
+            bytes: 0,
+        }
+    }
+
+    /// The request reached no endpoint: counted and logged now.
+    pub fn failed(self, reason: &'static str, started: Instant, response: Response<Body>) -> Response<Body> {
+        let status = response.status();
+        let grpc_status = grpc_status(response.headers());
+        let class = class(status, self.grpc, grpc_status);
+        self.route.series.request_failed(class);
+        self.route.series.failed(reason);
+        self.log(None, status, grpc_status, 0, started, reason);
+        response
+    }
+
+    fn log(
+        &self,
+        ep: Option<&RouteEndpoint>,
+        status: StatusCode,
+        grpc_status: Option<u32>,
+        bytes: u64,
+        started: Instant,
+        outcome: &'static str,
+    ) {
+        RequestRecord {
+            direction: "outbound",
+            source: self.source.as_ref().map(|w| w.name.as_str()),
+            identity: self.source.as_ref().map(|w| &w.identity),
+            client: Some(self.client),
+            service: &self.route.name,
+            endpoint: ep.map(|e| e.state.addr),
+            node: ep.map(|e| e.node.as_str()),
+            method: self.method.as_str(),
+            authority: &self.authority,
+            path: &self.path,
+            status: status.as_u16(),
+            grpc_status,
+            bytes,
+            duration: started.elapsed(),
+            outcome,
+        }
+        .log();
+    }
+}
+
+impl Completion {
+    fn end(&mut self, trailers: Option<&HeaderMap>, outcome: &'static str) {
+        if let Some(t) = trailers.and_then(grpc_status) {
+            self.grpc_status = Some(t);
+        }
+        let ep = &self.route.endpoints[self.endpoint];
+        let class = class(self.status, self.finished.grpc, self.grpc_status);
+        ep.series.request(class);
+        self.finished.log(Some(ep), self.status, self.grpc_status, self.bytes, self.started, outcome);
+    }
+}
+
+/// The response body on its way to the client, watched for its end.
+pub struct Observed {
+    inner: Incoming,
+    completion: Option<Completion>,
+}
+
+impl Observed {
+    pub fn new(inner: Incoming, completion: Completion) -> Self {
+        Self { inner, completion: Some(completion) }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(c), Some(d)) = (self.completion.as_mut(), frame.data_ref()) {
+                    c.bytes += d.len() as u64;
+                }
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(mut c) = self.completion.take() {
+                        c.end(Some(t), "ok");
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(mut c) = self.completion.take() {
+                    c.end(None, "ok");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut c) = self.completion.take() {
+                    c.end(None, "error");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // The client went away before the end, or the body was empty and
+        // never polled.
+        if let Some(mut c) = self.completion.take() {
+            let outcome = if self.inner.is_end_stream() { "ok" } else { "cancelled" };
+            c.end(None, outcome);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! An HTTP backend for the request-aware tests: HTTP/1.1 and HTTP/2 with
+//! prior knowledge (h2c) on one port, each answer `backend=NAME`.
+//!
+//! usage: mt-http --name NAME --port PORT [--delay-ms MS]
+//! `GET /__count` answers `served=N`: the requests it answered so far.
+
+use std::convert::Infallible;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// Requests answered, but for `/__count` itself.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> {
+    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("mt-http: {name} serving on {port}");
+    let body: Bytes = format!("backend={name}\n").into();
+    loop {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move {
+                    if req.uri().path() == "/__count" {
+                        let n = SERVED.load(Ordering::Relaxed);
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("served={n}\n")))));
+                    }
+                    SERVED.fetch_add(1, Ordering::Relaxed);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok(Response::new(Full::new(body)))
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(name), Some(port)) = (flag(&args, "--name"), flag(&args, "--port").and_then(|p| p.parse().ok())) else {
+        eprintln!("usage: mt-http --name NAME --port PORT [--delay-ms MS]");
+        return ExitCode::from(2);
+    };
+    let delay = Duration::from_millis(flag(&args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0));
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mt-http: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(name.to_owned(), port, delay)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mt-http: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
