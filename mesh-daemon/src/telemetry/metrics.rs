@@ -246,7 +246,11 @@ impl EndpointSeries {
     }
 }
 
-/// Every `class` a request can have: HTTP status classes and gRPC statuses.
+/// Where the gRPC statuses start in [`REQUEST_CLASSES`]: code 0 (`OK`).
+pub const GRPC_CLASSES: usize = 5;
+
+/// Every `class` a request can have: HTTP status classes, then the gRPC
+/// statuses by code.
 pub const REQUEST_CLASSES: [&str; 22] = [
     "1xx",
     "2xx",

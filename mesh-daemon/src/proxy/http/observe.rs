@@ -18,6 +18,7 @@ use super::upstream::Body;
 use super::Conn;
 use crate::proxy::access::RequestRecord;
 use crate::proxy::{Route, RouteEndpoint, Workload};
+use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
 
 /// What is known of a request before it is sent: enough to log it.
 pub struct Finished {
@@ -42,32 +43,15 @@ pub struct Completion {
     bytes: u64,
 }
 
-/// gRPC status names by code (0..16).
-const GRPC: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// The metrics class of a response: its gRPC status for gRPC (UNKNOWN
 /// when a gRPC call ended without one), else its HTTP status class.
 pub fn class(status: StatusCode, grpc: bool, grpc_status: Option<u32>) -> &'static str {
     if grpc {
-        return grpc_status.and_then(|c| GRPC.get(c as usize)).copied().unwrap_or("UNKNOWN");
+        return grpc_status
+            .filter(|c| *c <= 16)
+            .and_then(|c| REQUEST_CLASSES.get(GRPC_CLASSES + c as usize))
+            .copied()
+            .unwrap_or("UNKNOWN");
     }
     match status.as_u16() {
         100..=199 => "1xx",
@@ -223,5 +207,21 @@ impl Drop for Observed {
             let outcome = if self.inner.is_end_stream() { "ok" } else { "cancelled" };
             c.end(None, outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_http_status_classes_or_grpc_statuses() {
+        assert_eq!(class(StatusCode::OK, false, None), "2xx");
+        assert_eq!(class(StatusCode::SERVICE_UNAVAILABLE, false, Some(14)), "5xx");
+        assert_eq!(class(StatusCode::OK, true, Some(0)), "OK");
+        assert_eq!(class(StatusCode::OK, true, Some(14)), "UNAVAILABLE");
+        assert_eq!(class(StatusCode::OK, true, Some(16)), "UNAUTHENTICATED");
+        assert_eq!(class(StatusCode::OK, true, Some(99)), "UNKNOWN");
+        assert_eq!(class(StatusCode::OK, true, None), "UNKNOWN", "a call that ended without a status");
     }
 }
