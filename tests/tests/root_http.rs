@@ -104,6 +104,29 @@ fn root_one_http2_connection_spreads_its_requests_by_weight() {
     };
     assert_eq!(count("class=\"2xx\""), 2000, "{m}");
     assert_eq!(count(&format!("endpoint=\"{}:8080\"", h.c.pod("web-1").ip)), t["web-1"], "{m}");
+    // promtool agrees the request metrics are valid exposition format.
+    let f = h.c.write_file("metrics.txt", &m).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // meshctl stats shows the requests and their success rate per endpoint.
+    let out = h.c.meshctl("node-a", &["stats", "-o", "json"]).unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = rows.as_array().unwrap().iter().filter_map(|r| r["requests"].as_u64()).sum();
+    assert_eq!(total, 2000, "{rows}");
+    let with_requests = rows.as_array().unwrap().iter().filter(|r| r["requests"].as_u64() > Some(0));
+    assert!(
+        with_requests.clone().count() == 2 && with_requests.clone().all(|r| r["successRate"].as_f64() == Some(1.0)),
+        "{rows}"
+    );
 }
 
 #[test]

@@ -334,6 +334,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "BYTES RECEIVED",
                     "SERVICE ERRORS",
                     "EWMA RTT(ms)",
+                    "REQUESTS",
+                    "SUCCESS",
                 ],
                 rows.iter()
                     .map(|r| {
@@ -346,6 +348,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             s(&r["bytesReceived"]),
                             s(&r["serviceErrors"]),
                             r["ewmaRttMs"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
+                            s(&r["requests"]),
+                            r["successRate"].as_f64().map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
                         ]
                     })
                     .collect(),

@@ -183,12 +183,22 @@ pub struct StatsRow {
     pub service_errors: u64,
     /// Peak-EWMA of connect time (outbound only).
     pub ewma_rtt_ms: Option<f64>,
+    /// Requests that ended (request-aware ports).
+    pub requests: u64,
+    /// Of those, the share that succeeded: HTTP status below 500, gRPC
+    /// status OK. None without requests.
+    pub success_rate: Option<f64>,
 }
 
 impl EndpointSeries {
     /// This series as a stats row.
     pub fn row(&self, service_errors: u64, ewma_rtt_ms: Option<f64>) -> StatsRow {
+        let by_class = self.requests_by_class();
+        let requests: u64 = by_class.iter().map(|(_, n)| n).sum();
+        let ok: u64 = by_class.iter().filter(|(c, _)| succeeded(c)).map(|(_, n)| n).sum();
         StatsRow {
+            requests,
+            success_rate: (requests > 0).then(|| ok as f64 / requests as f64),
             service: self.labels.service.clone(),
             endpoint: self.labels.endpoint.clone(),
             direction: self.labels.direction.to_owned(),
@@ -243,6 +253,14 @@ impl EndpointSeries {
                 self.requests.get(&l).map(|c| (*class, c.get()))
             })
             .collect()
+    }
+}
+
+/// Whether a request of this class succeeded: HTTP below 500, gRPC `OK`.
+pub fn succeeded(class: &str) -> bool {
+    match REQUEST_CLASSES.iter().position(|c| *c == class) {
+        Some(i) if i < GRPC_CLASSES => class != "5xx",
+        _ => class == "OK",
     }
 }
 
@@ -557,6 +575,12 @@ fn to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn success_is_below_500_or_grpc_ok() {
+        assert!(succeeded("2xx") && succeeded("4xx") && succeeded("OK"));
+        assert!(!succeeded("5xx") && !succeeded("UNAVAILABLE") && !succeeded("UNKNOWN"));
+    }
 
     #[test]
     fn counters_get_their_total_name_and_openmetrics_lines_go() {
