@@ -268,3 +268,16 @@ fn root_a_slower_backend_gets_fewer_requests_of_one_http2_connection() {
     eprintln!("1000 requests, 10 at a time: {t:?} (equal weights; web-2 50 ms slower)");
     assert!(t["web-2"] < 500, "the slower backend got {} of 1000, its weight's share or more", t["web-2"]);
 }
+
+#[test]
+fn root_an_upgraded_connection_is_relayed_as_bytes() {
+    let _one = serial();
+    let h = http("http");
+    let out = h.c.exec("client", "mt-pod", &["upgrade", &format!("{VIP}:80")], Duration::from_secs(20)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.trim(), "upgraded echo=ping-mesh", "{}", h.d.log_text());
+    // That connection left HTTP; new ones still have their requests routed.
+    let (code, body) = h.c.curl("client", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert!(body.starts_with("backend=web-"), "{body}");
+}

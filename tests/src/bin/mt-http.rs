@@ -2,7 +2,9 @@
 //! prior knowledge (h2c) on one port, each answer `backend=NAME`.
 //!
 //! usage: mt-http --name NAME --port PORT [--delay-ms MS]
-//! `GET /__count` answers `served=N`: the requests it answered so far.
+//! `GET /__count` answers `served=N`: the requests it answered so far. A
+//! request with `Upgrade: echo` is answered 101 and the connection then
+//! echoes its bytes.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -33,9 +35,25 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = body.clone();
                 async move {
+                    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                        // Leave HTTP: echo whatever arrives on the connection.
+                        let mut req = req;
+                        tokio::spawn(async move {
+                            if let Ok(up) = hyper::upgrade::on(&mut req).await {
+                                let mut io = TokioIo::new(up);
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                        resp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+                        return Ok::<_, Infallible>(resp);
+                    }
                     if req.uri().path() == "/__count" {
                         let n = SERVED.load(Ordering::Relaxed);
-                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("served={n}\n")))));
+                        return Ok(Response::new(Full::new(Bytes::from(format!("served={n}\n")))));
                     }
                     SERVED.fetch_add(1, Ordering::Relaxed);
                     if !delay.is_zero() {
@@ -45,7 +63,7 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(s), svc)
+                .serve_connection_with_upgrades(TokioIo::new(s), svc)
                 .await;
         });
     }

@@ -13,7 +13,7 @@ fn usage() -> ExitCode {
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
          mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
          mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS\n  \
-         mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS"
+         mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS\n  mt-pod upgrade ADDR"
     );
     ExitCode::from(2)
 }
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Some("stream") if args.len() == 3 => stream(&args[1], &args[2]),
         Some("hold") if args.len() == 4 => hold(&args[1], &args[2], &args[3]),
         Some("late") if args.len() == 3 => late(&args[1], &args[2]),
+        Some("upgrade") if args.len() == 2 => upgrade(&args[1]),
         _ => usage(),
     }
 }
@@ -463,6 +464,49 @@ fn late(addr: &str, ms: &str) -> ExitCode {
         Ok(_) => {
             print!("{answer}");
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks to upgrade an HTTP/1.1 connection to `echo`, then checks that
+/// bytes come back on it; prints `upgraded echo=...`.
+fn upgrade(addr: &str) -> ExitCode {
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return usage();
+    };
+    let run = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if !head.starts_with("HTTP/1.1 101") {
+            return Ok(format!("refused: {}", head.lines().next().unwrap_or("")));
+        }
+        s.write_all(b"ping-mesh")?;
+        let mut back = [0u8; 9];
+        s.read_exact(&mut back)?;
+        Ok(format!("upgraded echo={}", String::from_utf8_lossy(&back)))
+    };
+    match run() {
+        Ok(line) => {
+            println!("{line}");
+            if line.starts_with("upgraded") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             println!("error: {e}");

@@ -9,6 +9,7 @@
 
 pub mod detect;
 mod observe;
+mod upgrade;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -68,7 +69,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, http2: bool, drain: Drain
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(Duration::from_secs(30));
-        let c = b.serve_connection(io, svc);
+        let c = b.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
@@ -185,12 +186,57 @@ fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError>
     None
 }
 
+/// An upgrade or `CONNECT`: one endpoint, a connection of its own, then
+/// bytes both ways (see [`upgrade`]). Not retried: the client's side is
+/// handed over with the request.
+async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Response<Body> {
+    let route = &conn.route;
+    let (parts, _) = Request::new(()).into_parts();
+    let mut finished = Finished::new(conn, &parts);
+    finished.describe(&req);
+    let Some(ep) = route.pick(&[], Instant::now()) else {
+        return finished.failed("no_endpoint", started, unavailable(false, "no_endpoint"));
+    };
+    let dial = match dial(ep, conn) {
+        Ok(d) => d,
+        Err(e) => {
+            ep.state.release_probe();
+            return finished.failed(e.reason(), started, unavailable(false, e.reason()));
+        }
+    };
+    let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout);
+    match upgrade::forward(req, dial, connector).await {
+        Ok(resp) => {
+            ep.state.connected(started.elapsed(), Instant::now());
+            let (head, body) = resp.into_parts();
+            let observed = Observed::new(body, finished.at(conn.route.clone(), ep, &head, started));
+            Response::from_parts(head, observed.boxed_unsync())
+        }
+        Err(e) => {
+            let reason = match &e {
+                upgrade::UpgradeError::Connect(c) => {
+                    if c.counts_against_endpoint() && ep.state.failed(Instant::now()) {
+                        ep.series.ejections.inc();
+                    }
+                    c.reason()
+                }
+                upgrade::UpgradeError::Http(_) => "upstream",
+            };
+            warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upgrade could not reach the endpoint");
+            finished.failed(reason, started, unavailable(false, reason))
+        }
+    }
+}
+
 /// Routes one request: picks an endpoint, sends it over that endpoint's
 /// pool, and retries on another endpoint when connecting fails (and the
 /// request can be sent again: it has no body).
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let started = Instant::now();
     let route = &conn.route;
+    if req.version() != Version::HTTP_2 && upgrade::wanted(&req) {
+        return upgraded(req, conn, started).await;
+    }
     let Some(uri) = absolute(&req) else {
         return bad_request("the request names no host\n");
     };

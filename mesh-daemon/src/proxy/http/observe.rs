@@ -79,6 +79,19 @@ impl Finished {
         }
     }
 
+    /// Takes the method, authority and path of `req` (for a request whose
+    /// parts are not at hand).
+    pub fn describe<B>(&mut self, req: &hyper::Request<B>) {
+        self.method = req.method().clone();
+        self.authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .unwrap_or_default();
+        self.path = req.uri().path().to_owned();
+    }
+
     /// The request reached `ep` (of `route`) and its response began.
     pub fn at(self, route: Arc<Route>, ep: &RouteEndpoint, head: &ResponseParts, started: Instant) -> Completion {
         let endpoint = route.endpoints.iter().position(|e| std::ptr::eq(e, ep)).unwrap_or(0);

@@ -58,6 +58,12 @@ pub struct Connector {
     timeout: Duration,
 }
 
+impl Connector {
+    pub fn new(dial: Dial, pool: Option<Arc<Pool>>, timeout: Duration) -> Self {
+        Self { dial: Arc::new(dial), pool, timeout }
+    }
+}
+
 /// An upstream connection of either kind, and when it was made.
 pub enum Io {
     Tcp(TokioIo<TcpStream>, Instant),
@@ -167,7 +173,7 @@ impl Upstreams {
         let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((dial.clone(), http2))
             .or_insert_with(|| {
-                let connector = Connector { dial: Arc::new(dial), pool: pool.cloned(), timeout: connect_timeout };
+                let connector = Connector::new(dial, pool.cloned(), connect_timeout);
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
