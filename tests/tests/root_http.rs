@@ -124,7 +124,11 @@ fn root_one_http2_connection_spreads_its_requests_by_weight() {
     assert_eq!(total, 2000, "{rows}");
     let with_requests = rows.as_array().unwrap().iter().filter(|r| r["requests"].as_u64() > Some(0));
     assert!(
-        with_requests.clone().count() == 2 && with_requests.clone().all(|r| r["successRate"].as_f64() == Some(1.0)),
+        with_requests.clone().count() == 2
+            && with_requests.clone().all(|r| r["successRate"].as_f64() == Some(1.0))
+            && with_requests
+                .clone()
+                .all(|r| r["p50Ms"].as_f64() > Some(0.0) && r["p99Ms"].as_f64() >= r["p50Ms"].as_f64()),
         "{rows}"
     );
 }

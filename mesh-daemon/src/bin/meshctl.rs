@@ -336,6 +336,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "EWMA RTT(ms)",
                     "REQUESTS",
                     "SUCCESS",
+                    "P50(ms)",
+                    "P99(ms)",
                 ],
                 rows.iter()
                     .map(|r| {
@@ -350,6 +352,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             r["ewmaRttMs"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
                             s(&r["requests"]),
                             r["successRate"].as_f64().map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
+                            r["p50Ms"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
+                            r["p99Ms"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
                         ]
                     })
                     .collect(),

@@ -2,6 +2,8 @@
 //! bounded: service, endpoint (from the state), direction, reason; never a
 //! client port or anything per connection.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::collector::Collector;
@@ -188,6 +190,9 @@ pub struct StatsRow {
     /// Of those, the share that succeeded: HTTP status below 500, gRPC
     /// status OK. None without requests.
     pub success_rate: Option<f64>,
+    /// Response-header latency quantiles, to within 25%.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 impl EndpointSeries {
@@ -197,6 +202,8 @@ impl EndpointSeries {
         let requests: u64 = by_class.iter().map(|(_, n)| n).sum();
         let ok: u64 = by_class.iter().filter(|(c, _)| succeeded(c)).map(|(_, n)| n).sum();
         StatsRow {
+            p50_ms: self.latency.quantile_ms(0.5),
+            p99_ms: self.latency.quantile_ms(0.99),
             requests,
             success_rate: (requests > 0).then(|| ok as f64 / requests as f64),
             service: self.labels.service.clone(),
@@ -209,6 +216,56 @@ impl EndpointSeries {
             service_errors,
             ewma_rtt_ms,
         }
+    }
+}
+
+/// Response latencies of one endpoint in log-spaced buckets (each 25%
+/// wider than the one before, from 20 µs), for `meshctl stats`' p50 and
+/// p99: a quantile is known to within 25%. Lock-free, fixed size.
+#[derive(Debug)]
+pub struct LatencySketch {
+    buckets: [AtomicU64; SKETCH_BUCKETS],
+}
+
+const SKETCH_BUCKETS: usize = 64;
+const SKETCH_FIRST_US: f64 = 20.0;
+const SKETCH_GROWTH: f64 = 1.25;
+
+impl Default for LatencySketch {
+    fn default() -> Self {
+        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl LatencySketch {
+    fn upper_us(i: usize) -> f64 {
+        SKETCH_FIRST_US * SKETCH_GROWTH.powi(i as i32)
+    }
+
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = d.as_secs_f64() * 1e6;
+        let i =
+            if us <= SKETCH_FIRST_US { 0 } else { ((us / SKETCH_FIRST_US).ln() / SKETCH_GROWTH.ln()).ceil() as usize };
+        self.buckets[i.min(SKETCH_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..1) in milliseconds: the upper bound of its
+    /// bucket. None before the first observation.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some((Self::upper_us(i) / 10.0).round() / 100.0);
+            }
+        }
+        None
     }
 }
 
@@ -225,6 +282,8 @@ pub struct EndpointSeries {
     pub ejections: Counter,
     /// `mesh_requests_total`, by class when a response ends.
     requests: Family<RequestLabels, Counter>,
+    /// Response-header latencies, for `meshctl stats`.
+    pub latency: Arc<LatencySketch>,
 }
 
 impl EndpointSeries {
@@ -381,6 +440,9 @@ pub struct Metrics {
     /// What a scrape reads from the running daemon (kernel counters,
     /// endpoint state), once it runs.
     live: Arc<OnceLock<Arc<dyn Live>>>,
+    /// Latency sketches by endpoint series, kept across state writes like
+    /// the registered families.
+    sketches: std::sync::Mutex<HashMap<ConnLabels, Arc<LatencySketch>>>,
     log_drops: Counter,
     log_drop_source: std::sync::OnceLock<super::logwriter::DroppedLines>,
     pub map_sync: Histogram,
@@ -414,6 +476,7 @@ impl Metrics {
             outbound_bytes: Family::default(),
             generation: Gauge::default(),
             live: Arc::new(OnceLock::new()),
+            sketches: std::sync::Mutex::new(HashMap::new()),
             log_drops: Counter::default(),
             log_drop_source: std::sync::OnceLock::new(),
             map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
@@ -472,6 +535,7 @@ impl Metrics {
             connect_latency: self.connect_latency.get_or_create(&e).clone(),
             ejections: self.ejections.get_or_create(&e).clone(),
             requests: self.requests.clone(),
+            latency: self.sketches.lock().unwrap_or_else(|p| p.into_inner()).entry(labels.clone()).or_default().clone(),
             labels,
         }
     }
@@ -491,6 +555,7 @@ impl Metrics {
     /// sets stay bounded by the state, not by its history.
     pub fn forget_endpoint(&self, labels: &ConnLabels) {
         let e = labels.endpoint_labels();
+        self.sketches.lock().unwrap_or_else(|p| p.into_inner()).remove(labels);
         for class in REQUEST_CLASSES {
             self.requests.remove(&RequestLabels {
                 service: labels.service.clone(),
@@ -575,6 +640,23 @@ fn to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_are_known_to_within_a_quarter() {
+        let s = LatencySketch::default();
+        assert_eq!(s.quantile_ms(0.5), None);
+        for _ in 0..98 {
+            s.observe(std::time::Duration::from_micros(800));
+        }
+        s.observe(std::time::Duration::from_millis(50));
+        s.observe(std::time::Duration::from_millis(50));
+        let p50 = s.quantile_ms(0.5).unwrap();
+        assert!((0.8..=1.0).contains(&p50), "p50 {p50}");
+        let p99 = s.quantile_ms(0.99).unwrap();
+        assert!((50.0..=62.5).contains(&p99), "p99 {p99}");
+        s.observe(std::time::Duration::from_secs(3600));
+        assert!(s.quantile_ms(1.0).unwrap() > 1000.0, "the last bucket takes the rest");
+    }
 
     #[test]
     fn success_is_below_500_or_grpc_ok() {

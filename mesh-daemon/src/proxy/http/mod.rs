@@ -284,6 +284,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 drop(in_flight);
                 ep.state.connected(latency, Instant::now());
                 route.series.response_latency.observe(latency.as_secs_f64());
+                ep.series.latency.observe(latency);
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 let observed = Observed::new(body, finished.at(conn.route.clone(), ep, &head, started));
