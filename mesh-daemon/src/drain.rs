@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +91,23 @@ impl Drain {
         };
         let _ = tokio::time::timeout(deadline, wait).await;
         self.open()
+    }
+}
+
+impl Drain {
+    /// Runs a served connection to its end; when the drain starts, asks it
+    /// to end gracefully (`shutdown`: hyper's `graceful_shutdown`, so
+    /// HTTP/2 peers get a GOAWAY and HTTP/1 ones a close after the
+    /// response in progress) and lets it finish.
+    pub async fn serve<C: Future>(&self, conn: C, shutdown: impl FnOnce(Pin<&mut C>)) -> C::Output {
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.stopped() => {
+                shutdown(conn.as_mut());
+                conn.await
+            }
+        }
     }
 }
 

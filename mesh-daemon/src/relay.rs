@@ -43,8 +43,6 @@ impl Side for TcpStream {
     }
 }
 
-impl Side for crate::tunnel::client::Stream {}
-
 /// Bytes moved each way, and how the connection ended.
 #[derive(Debug)]
 pub struct Transfer {

@@ -287,3 +287,21 @@ pub fn tcp_inbound_attempts(pid: u32) -> anyhow::Result<(u64, u64)> {
     };
     Ok((get("PassiveOpens")?, get("OutRsts")?))
 }
+
+/// What `promtool check metrics` says of an exposition: Ok, or its complaint.
+pub fn promtool_check(metrics: &str) -> anyhow::Result<Result<(), String>> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (cargo xtask setup installs it)")?;
+    child.stdin.take().context("promtool stdin")?.write_all(metrics.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    })
+}

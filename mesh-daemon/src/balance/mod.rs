@@ -31,6 +31,9 @@ pub trait Member {
 /// one pick before it gives up (each claim is a race lost by microseconds).
 const MAX_CLAIMED: usize = 8;
 
+/// Members whose candidates one pick keeps on the stack.
+const SEEN: usize = 64;
+
 /// The endpoint for a new connection among `members` (see [`select`]),
 /// leaving out the addresses in `tried`; claims the breaker's probe if
 /// one is due. Allocates nothing: a connection and each of its retries
@@ -44,8 +47,12 @@ pub fn pick<M: Member>(
 ) -> Option<usize> {
     let mut claimed = [usize::MAX; MAX_CLAIMED];
     let mut n_claimed = 0;
+    // Each member's candidate is read once per round (reading it takes the
+    // endpoint's lock): kept on the stack for up to SEEN members, read
+    // again per pass for larger services.
+    let mut seen = [Candidate { weight: 0, priority: 0, available: false }; SEEN];
     loop {
-        let cand = |i: usize| {
+        let read = |i: usize| {
             let m = &members[i];
             let skip = claimed[..n_claimed].contains(&i) || tried.contains(&m.state().addr);
             Candidate {
@@ -54,6 +61,13 @@ pub fn pick<M: Member>(
                 available: m.state().available(now),
             }
         };
+        let stacked = members.len() <= SEEN;
+        if stacked {
+            for (i, c) in seen.iter_mut().enumerate().take(members.len()) {
+                *c = read(i);
+            }
+        }
+        let cand = |i: usize| if stacked { seen[i] } else { read(i) };
         let rule = Eligible::of((0..members.len()).map(cand), fail_open);
         let i = select::p2c_by(
             members.len(),

@@ -246,11 +246,12 @@ impl StreamHandler for InboundHandler {
             service: &series.labels.service,
             endpoint: Some(req.target),
             node: Some("local"),
-            bytes_up: up,
+            bytes_up: Some(up),
             bytes_down: down,
             duration: started.elapsed(),
             outcome: if error.is_some() { "error" } else { "ok" },
             error: error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync)),
+            request: None,
         }
         .log();
     }

@@ -2,11 +2,13 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod dial;
 pub mod error;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod routes;
+pub mod tries;
 
 pub use inbound::{InboundHandler, InboundView};
 pub use outbound::Outbound;

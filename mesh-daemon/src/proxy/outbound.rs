@@ -16,16 +16,17 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::access::Record;
+use super::dial::{self, Upstream};
 use super::error::ConnectError;
 use super::http::{self, upstream::Upstreams};
+use super::tries::Tries;
 use super::{Route, RouteEndpoint, RouteTable, Workload};
-use crate::balance::backoff::Backoff;
 use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
 use crate::model::AppProtocol;
 use crate::relay::{self, Transfer};
 use crate::telemetry::ProxyCounters;
-use crate::tunnel::client::{Pool, Stream};
+use crate::tunnel::client::Pool;
 
 pub struct Outbound {
     /// Set TCP_NODELAY on it: accepted sockets inherit it, one call fewer per connection.
@@ -39,14 +40,6 @@ pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     /// `appProtocol: auto`: how long a client may take to say what it speaks.
     pub detect_timeout: Duration,
-}
-
-/// The upstream side of a forwarded connection.
-enum Upstream {
-    /// An endpoint on this node, or one reached without mTLS: spliced.
-    Tcp(TcpStream),
-    /// A stream of the mTLS tunnel to the endpoint's node: copied.
-    Tunnel(Box<Stream>),
 }
 
 impl Outbound {
@@ -88,9 +81,8 @@ impl Outbound {
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let grpc = proto == AppProtocol::Grpc;
-                        let conn = Arc::new(http::Conn { route, source, client: peer, upstreams, tunnel, grpc });
-                        http::serve(client, conn, proto != AppProtocol::Http, drain).await
+                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters);
+                        http::serve(client, Arc::new(conn), drain).await
                     }
                 }
                 drop(guard);
@@ -100,60 +92,27 @@ impl Outbound {
     }
 }
 
-/// A first try and at most 10 retries (`retries` is validated to 0..10).
-pub(crate) const MAX_TRIES: usize = 11;
-
-/// Backoff between connect tries: 10 ms doubling to 500 ms, jitter 0.5.
-const RETRY_BACKOFF: Backoff =
-    Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
-
-/// One connect try to one endpoint: plain TCP, or a tunnel stream.
+/// One connect try to one endpoint.
 async fn open(
     ep: &RouteEndpoint,
     route: &Route,
     source: Option<&Workload>,
     tunnel: Option<&Pool>,
 ) -> Result<Upstream, ConnectError> {
-    let addr = ep.state.addr;
-    let after = route.connect_timeout;
-    match (&ep.remote, route.mtls) {
-        (Some((node, tunnel_addr)), true) => {
-            let pool = tunnel.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
-            let id = &source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?.identity;
-            let s = tokio::time::timeout(after, pool.connect(id, node, *tunnel_addr, addr, &route.service))
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, after })?
-                .map_err(|source| ConnectError::Tunnel { addr, source })?;
-            Ok(Upstream::Tunnel(Box::new(s)))
-        }
-        _ => {
-            let s = tokio::time::timeout(after, TcpStream::connect(addr))
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, after })?
-                .map_err(|source| ConnectError::Io { addr, source })?;
-            let _ = s.set_nodelay(true);
-            Ok(Upstream::Tcp(s))
-        }
-    }
+    let id = source.map(|w| &w.identity);
+    dial::connect(ep.state.addr, dial::via(ep, route), id, &route.service, tunnel, route.connect_timeout).await
 }
 
-/// Connects to an endpoint of `route`. A failure of the endpoint (see
-/// [`ConnectError::counts_against_endpoint`]) feeds its breaker and is
-/// retried on another endpoint after a backoff, up to the route's retry
-/// count and budget; any other failure ends the connection at once.
+/// Connects to an endpoint of `route`, trying others as [`Tries`] allows.
 async fn connect<'r>(
     route: &'r Route,
     source: Option<&Workload>,
     counters: &ProxyCounters,
     tunnel: Option<&Pool>,
 ) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
-    let start = Instant::now();
-    // Every endpoint tried so far, on the stack: retries are at most 10.
-    let mut tried = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); MAX_TRIES];
-    let mut n_tried = 0;
+    let mut tries = Tries::new(route);
     let mut last = ConnectError::NoEndpoint;
-    for attempt in 0..=route.retries {
-        let Some(ep) = route.pick(&tried[..n_tried], Instant::now()) else { break };
+    while let Some((_, ep)) = tries.pick() {
         let t0 = Instant::now();
         match open(ep, route, source, tunnel).await {
             Ok(s) => {
@@ -162,28 +121,14 @@ async fn connect<'r>(
                 ep.series.connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
             }
-            Err(e) if !e.counts_against_endpoint() => {
-                // A probe this connection claimed is given back untested.
-                ep.state.release_probe();
-                return Err(e);
+            Err(e) => {
+                let again = tries.failed(ep, &e, counters).await;
+                last = e;
+                if !again {
+                    break;
+                }
             }
-            Err(e) => last = e,
         }
-        if ep.state.failed(Instant::now()) {
-            ep.series.ejections.inc();
-        }
-        if n_tried < MAX_TRIES {
-            tried[n_tried] = ep.state.addr;
-            n_tried += 1;
-        }
-        let pause = RETRY_BACKOFF.delay(attempt, fastrand::f64());
-        if attempt == route.retries || start.elapsed() + pause >= route.retry_budget {
-            break;
-        }
-        counters.retries.inc();
-        route.series.retries.inc();
-        debug!(service = %route.name, error = %last, attempt, "connect failed; trying another endpoint");
-        tokio::time::sleep(pause).await;
     }
     Err(last)
 }
@@ -206,11 +151,12 @@ async fn forward(
         service: &route.name,
         endpoint: None,
         node: None,
-        bytes_up: 0,
+        bytes_up: None,
         bytes_down: 0,
         duration: Duration::ZERO,
         outcome: "ok",
         error: None,
+        request: None,
     };
     let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
@@ -235,10 +181,8 @@ async fn forward(
     counters.forwarded.inc();
     counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
-    let Transfer { up, down, error } = match upstream {
-        Upstream::Tcp(mut up) => relay::relay(&mut client, &mut up).await,
-        Upstream::Tunnel(mut up) => relay::relay(&mut client, &mut *up).await,
-    };
+    let mut upstream = upstream;
+    let Transfer { up, down, error } = relay::relay(&mut client, &mut upstream).await;
     counters.active.dec();
     counters.bytes_to_endpoint.inc_by(up);
     counters.bytes_to_client.inc_by(down);
@@ -255,7 +199,7 @@ async fn forward(
     }
     record.endpoint = Some(endpoint);
     record.node = Some(ep.node.as_str());
-    record.bytes_up = up;
+    record.bytes_up = Some(up);
     record.bytes_down = down;
     record.duration = duration;
     record.outcome = if error.is_some() { "error" } else { "ok" };
@@ -368,10 +312,8 @@ mod tests {
 
     async fn read_all(u: Upstream) -> String {
         let mut buf = Vec::new();
-        match u {
-            Upstream::Tcp(mut s) => tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await.unwrap(),
-            Upstream::Tunnel(mut s) => tokio::io::AsyncReadExt::read_to_end(&mut *s, &mut buf).await.unwrap(),
-        };
+        let mut u = u;
+        tokio::io::AsyncReadExt::read_to_end(&mut u, &mut buf).await.unwrap();
         String::from_utf8(buf).unwrap()
     }
 

@@ -66,8 +66,16 @@ impl Member for RouteEndpoint {
 impl Route {
     /// The endpoint for a new connection (see [`crate::balance::pick`]),
     /// leaving out `tried`; claims the breaker's probe if one is due.
+    #[cfg(test)]
     pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<&RouteEndpoint> {
-        balance::pick(&self.endpoints, self.fail_open, tried, now, fastrand::f64).map(|i| &self.endpoints[i])
+        self.pick_index(tried, now).map(|i| &self.endpoints[i])
+    }
+
+    /// The endpoint for a new connection or request (see
+    /// [`crate::balance::pick`]), leaving out `tried`, as an index into
+    /// `endpoints`; claims the breaker's probe if one is due.
+    pub fn pick_index(&self, tried: &[SocketAddrV4], now: Instant) -> Option<usize> {
+        balance::pick(&self.endpoints, self.fail_open, tried, now, fastrand::f64)
     }
 }
 

@@ -282,20 +282,29 @@ pub struct EndpointSeries {
     pub ejections: Counter,
     /// `mesh_requests_total`, by class when a response ends.
     requests: Family<RequestLabels, Counter>,
+    /// Its counters by [`REQUEST_CLASSES`] index, once looked up.
+    by_class: [OnceLock<Counter>; REQUEST_CLASSES.len()],
     /// Response-header latencies, for `meshctl stats`.
     pub latency: Arc<LatencySketch>,
 }
 
 impl EndpointSeries {
     /// Counts one finished request of this endpoint by its class.
+    /// The counter of each class is looked up once per state, on its
+    /// first request, so a request only touches an atomic.
     pub fn request(&self, class: &'static str) {
-        let l = RequestLabels {
-            service: self.labels.service.clone(),
-            endpoint: self.labels.endpoint.clone(),
-            direction: self.labels.direction,
-            class,
-        };
-        self.requests.get_or_create(&l).inc();
+        let Some(i) = REQUEST_CLASSES.iter().position(|c| *c == class) else { return };
+        self.by_class[i]
+            .get_or_init(|| {
+                let l = RequestLabels {
+                    service: self.labels.service.clone(),
+                    endpoint: self.labels.endpoint.clone(),
+                    direction: self.labels.direction,
+                    class,
+                };
+                self.requests.get_or_create(&l).clone()
+            })
+            .inc();
     }
 
     /// Requests of this endpoint that ended, by class (for `meshctl stats`).
@@ -535,6 +544,7 @@ impl Metrics {
             connect_latency: self.connect_latency.get_or_create(&e).clone(),
             ejections: self.ejections.get_or_create(&e).clone(),
             requests: self.requests.clone(),
+            by_class: Default::default(),
             latency: self.sketches.lock().unwrap_or_else(|p| p.into_inner()).entry(labels.clone()).or_default().clone(),
             labels,
         }

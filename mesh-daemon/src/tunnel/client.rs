@@ -27,6 +27,8 @@ use crate::model::NodeName;
 /// A tunnelled stream: bytes in both directions.
 pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
 
+impl crate::relay::Side for Stream {}
+
 /// Why a tunnel stream could not be opened. Which of these count against
 /// the endpoint is the proxy's decision (`proxy::ConnectError`).
 #[derive(Debug, thiserror::Error)]

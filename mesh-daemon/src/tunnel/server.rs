@@ -109,16 +109,9 @@ async fn connection<H: StreamHandler>(
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
     // On drain: GOAWAY, so the peer opens no new stream here and the open
     // ones finish.
-    let ended = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.stopped() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let ended = drain.serve(conn, |c| c.graceful_shutdown()).await;
     if let Err(e) = ended {
         debug!(%peer, error = %e, "tunnel connection ended");
     }

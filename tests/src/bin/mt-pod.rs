@@ -392,12 +392,9 @@ fn stream(addr: &str, seconds: &str) -> ExitCode {
     let (Ok(addr), Ok(secs)) = (addr.parse::<SocketAddr>(), seconds.parse::<u64>()) else {
         return usage();
     };
-    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+    let mut s = match connect(addr) {
         Ok(s) => s,
-        Err(e) => {
-            println!("error: connect: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let end = std::time::Instant::now() + Duration::from_secs(secs);
@@ -450,12 +447,9 @@ fn late(addr: &str, ms: &str) -> ExitCode {
     let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
         return usage();
     };
-    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+    let mut s = match connect(addr) {
         Ok(s) => s,
-        Err(e) => {
-            println!("error: connect: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     std::thread::sleep(Duration::from_millis(ms));
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -513,4 +507,12 @@ fn upgrade(addr: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A connection to `addr` within 5 s, or the exit code after saying why.
+fn connect(addr: SocketAddr) -> Result<TcpStream, ExitCode> {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
+        println!("error: connect: {e}");
+        ExitCode::FAILURE
+    })
 }

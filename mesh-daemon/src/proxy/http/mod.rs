@@ -28,11 +28,16 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use self::observe::{Finished, Observed};
-use self::upstream::{Body, ConnectedAt, Dial, Upstreams};
+use self::upstream::{Body, ConnectedAt, Connector, Dial, Upstreams};
 use super::error::ConnectError;
+use super::tries::Tries;
 use super::{Route, RouteEndpoint, Workload};
 use crate::drain::Drain;
+use crate::model::AppProtocol;
+use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::Pool;
+use hyper_util::client::legacy::Client;
+use std::sync::OnceLock;
 
 /// What every request of one client connection shares.
 pub struct Conn {
@@ -43,12 +48,46 @@ pub struct Conn {
     pub tunnel: Option<Arc<Pool>>,
     /// gRPC: failures answer with a gRPC status, not an HTTP one.
     pub grpc: bool,
+    /// HTTP/2 with prior knowledge (else HTTP/1.1), to the client and so
+    /// to the endpoints.
+    pub http2: bool,
+    pub counters: Arc<ProxyCounters>,
+    /// The pooling client of each endpoint of `route`, found once per
+    /// client connection, not per request.
+    clients: Vec<OnceLock<Client<Connector, Body>>>,
+}
+
+impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        route: Arc<Route>,
+        source: Option<Arc<Workload>>,
+        client: SocketAddrV4,
+        upstreams: Arc<Upstreams>,
+        tunnel: Option<Arc<Pool>>,
+        proto: AppProtocol,
+        counters: Arc<ProxyCounters>,
+    ) -> Self {
+        let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
+        let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
+        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, clients }
+    }
+
+    /// The pooling client for endpoint `i` (`ep`) of the route.
+    fn client(&self, i: usize, ep: &RouteEndpoint) -> Result<Client<Connector, Body>, ConnectError> {
+        if let Some(c) = self.clients[i].get() {
+            return Ok(c.clone());
+        }
+        let c = self.upstreams.client(dial(ep, self)?, self.http2, self.tunnel.as_ref(), self.route.connect_timeout);
+        Ok(self.clients[i].get_or_init(|| c).clone())
+    }
 }
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
 /// HTTP/2 with prior knowledge, until the client closes it or the drain
 /// ends it gracefully.
-pub async fn serve(stream: TcpStream, conn: Arc<Conn>, http2: bool, drain: Drain) {
+pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
+    let http2 = conn.http2;
     let io = TokioIo::new(stream);
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -57,27 +96,11 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, http2: bool, drain: Drain
     let result = if http2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_concurrent_streams(1024);
-        let c = b.serve_connection(io, svc);
-        tokio::pin!(c);
-        tokio::select! {
-            r = c.as_mut() => r,
-            _ = drain.stopped() => {
-                c.as_mut().graceful_shutdown();
-                c.await
-            }
-        }
+        drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(Duration::from_secs(30));
-        let c = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(c);
-        tokio::select! {
-            r = c.as_mut() => r,
-            _ = drain.stopped() => {
-                c.as_mut().graceful_shutdown();
-                c.await
-            }
-        }
+        drain.serve(b.serve_connection(io, svc).with_upgrades(), |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         debug!(error = %e, "HTTP client connection ended");
@@ -156,21 +179,21 @@ fn bad_request(why: &'static str) -> Response<Body> {
     r
 }
 
-/// How to reach `ep` for a request of `conn`'s client.
+/// How to reach `ep` for a request of `conn`'s client (see
+/// [`crate::proxy::dial`]), as the key of its pool.
 fn dial(ep: &RouteEndpoint, conn: &Conn) -> Result<Dial, ConnectError> {
     let addr = ep.state.addr;
-    match (&ep.remote, conn.route.mtls) {
-        (Some((node, node_addr)), true) => {
-            let source = conn.source.as_ref().ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
+    match crate::proxy::dial::via(ep, &conn.route) {
+        Some(via) => {
+            let source = conn.source.as_ref().ok_or_else(|| ConnectError::NoIdentity { addr, node: via.0.clone() })?;
             Ok(Dial::Tunnel {
                 target: addr,
-                node: node.clone(),
-                node_addr: *node_addr,
+                via: via.clone(),
                 source: source.identity.clone(),
                 service: conn.route.service.clone(),
             })
         }
-        _ => Ok(Dial::Direct(addr)),
+        None => Ok(Dial::Direct(addr)),
     }
 }
 
@@ -191,16 +214,15 @@ fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError>
 /// handed over with the request.
 async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Response<Body> {
     let route = &conn.route;
-    let (parts, _) = Request::new(()).into_parts();
-    let mut finished = Finished::new(conn, &parts);
-    finished.describe(&req);
-    let Some(ep) = route.pick(&[], Instant::now()) else {
+    let finished = Finished::new(conn, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
+    let Some(i) = route.pick_index(&[], Instant::now()) else {
         return finished.failed("no_endpoint", started, unavailable(false, "no_endpoint"));
     };
+    let ep = &route.endpoints[i];
     let dial = match dial(ep, conn) {
         Ok(d) => d,
         Err(e) => {
-            ep.state.release_probe();
+            super::tries::blame(ep, &e);
             return finished.failed(e.reason(), started, unavailable(false, e.reason()));
         }
     };
@@ -209,15 +231,13 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
         Ok(resp) => {
             ep.state.connected(started.elapsed(), Instant::now());
             let (head, body) = resp.into_parts();
-            let observed = Observed::new(body, finished.at(conn.route.clone(), ep, &head, started));
+            let observed = Observed::new(body, finished.at(i, &head, started));
             Response::from_parts(head, observed.boxed_unsync())
         }
         Err(e) => {
             let reason = match &e {
                 upgrade::UpgradeError::Connect(c) => {
-                    if c.counts_against_endpoint() && ep.state.failed(Instant::now()) {
-                        ep.series.ejections.inc();
-                    }
+                    super::tries::blame(ep, c);
                     c.reason()
                 }
                 upgrade::UpgradeError::Http(_) => "upstream",
@@ -229,8 +249,8 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
 }
 
 /// Routes one request: picks an endpoint, sends it over that endpoint's
-/// pool, and retries on another endpoint when connecting fails (and the
-/// request can be sent again: it has no body).
+/// pool, and tries another endpoint as [`Tries`] allows when connecting
+/// fails and the request can be sent again (it has no body).
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let started = Instant::now();
     let route = &conn.route;
@@ -240,43 +260,33 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let Some(uri) = absolute(&req) else {
         return bad_request("the request names no host\n");
     };
-    let http2 = req.version() == Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
     let replayable = hyper::body::Body::is_end_stream(&body);
     let mut body = Some(body.boxed_unsync());
-    let finished = Finished::new(conn, &parts);
-
-    let mut tried = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); super::outbound::MAX_TRIES];
-    let mut n_tried = 0;
+    let finished = Finished::new(conn, &parts.method, &parts.uri);
+    // Kept for another try only when there can be one.
+    let mut parts = Some(parts);
+    let mut tries = Tries::new(route);
     let mut reason = "no_endpoint";
-    for attempt in 0..=route.retries {
-        let Some(ep) = route.pick(&tried[..n_tried], Instant::now()) else { break };
-        if n_tried < tried.len() {
-            tried[n_tried] = ep.state.addr;
-            n_tried += 1;
-        }
-        let dial = match dial(ep, conn) {
-            Ok(d) => d,
+    while let Some((i, ep)) = tries.pick() {
+        let client = match conn.client(i, ep) {
+            Ok(c) => c,
             Err(e) => {
-                // No identity or certificates: the same for every endpoint.
-                ep.state.release_probe();
+                super::tries::blame(ep, &e);
                 warn!(service = %route.name, error = %e, "request refused; not retried");
                 return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
             }
         };
-        let client = conn.upstreams.client(dial, http2, conn.tunnel.as_ref(), route.connect_timeout);
-        let body = match body.take() {
-            Some(b) => b,
-            None if replayable => empty(),
-            None => break,
+        let (Some(head), Some(b)) =
+            (if replayable { parts.clone() } else { parts.take() }, body.take().or_else(|| replayable.then(empty)))
+        else {
+            break;
         };
-        let mut req = Request::from_parts(parts.clone(), body);
-        *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         let in_flight = ep.state.start();
         let t0 = Instant::now();
-        match client.request(req).await {
+        match client.request(Request::from_parts(head, b)).await {
             Ok(resp) => {
                 // From the send, or from the connect if this request waited for one.
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
@@ -287,37 +297,28 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 ep.series.latency.observe(latency);
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
-                let observed = Observed::new(body, finished.at(conn.route.clone(), ep, &head, started));
+                let observed = Observed::new(body, finished.at(i, &head, started));
                 return Response::from_parts(head, observed.boxed_unsync());
             }
             Err(e) => {
                 drop(in_flight);
-                match connect_error(&e) {
-                    Some(c) if !c.counts_against_endpoint() => {
-                        ep.state.release_probe();
-                        warn!(service = %route.name, error = %c, "request refused; not retried");
-                        return finished.failed(c.reason(), started, unavailable(conn.grpc, c.reason()));
+                let Some(c) = connect_error(&e) else {
+                    // The endpoint took the request and then failed it.
+                    warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upstream request failed");
+                    let mut r = unavailable(conn.grpc, "upstream");
+                    if !conn.grpc {
+                        *r.status_mut() = StatusCode::BAD_GATEWAY;
                     }
-                    Some(c) => {
-                        if ep.state.failed(Instant::now()) {
-                            ep.series.ejections.inc();
-                        }
-                        debug!(service = %route.name, error = %c, attempt, "connect failed; trying another endpoint");
-                        reason = c.reason();
-                        if !replayable {
-                            break;
-                        }
-                        route.series.retries.inc();
-                    }
-                    None => {
-                        // The endpoint took the request and then failed it.
-                        warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upstream request failed");
-                        let mut r = unavailable(conn.grpc, "upstream");
-                        if !conn.grpc {
-                            *r.status_mut() = StatusCode::BAD_GATEWAY;
-                        }
-                        return finished.failed("upstream", started, r);
-                    }
+                    return finished.failed("upstream", started, r);
+                };
+                reason = c.reason();
+                if !replayable {
+                    // A request with a body went with its one try.
+                    super::tries::blame(ep, c);
+                    break;
+                }
+                if !tries.failed(ep, c, &conn.counters).await {
+                    break;
                 }
             }
         }

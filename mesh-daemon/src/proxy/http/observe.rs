@@ -9,14 +9,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::header::HeaderMap;
-use hyper::http::request::Parts;
 use hyper::http::response::Parts as ResponseParts;
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::upstream::Body;
 use super::Conn;
-use crate::proxy::access::RequestRecord;
+use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
 
@@ -35,7 +34,7 @@ pub struct Finished {
 /// A request that reached an endpoint, waiting for its response to end.
 pub struct Completion {
     finished: Finished,
-    route: Arc<Route>,
+    /// Index into `finished.route.endpoints`.
     endpoint: usize,
     status: StatusCode,
     grpc_status: Option<u32>,
@@ -67,11 +66,12 @@ fn grpc_status(h: &HeaderMap) -> Option<u32> {
 }
 
 impl Finished {
-    pub fn new(conn: &Conn, parts: &Parts) -> Self {
+    /// `uri` in absolute form (see `absolute`), for its authority.
+    pub fn new(conn: &Conn, method: &Method, uri: &hyper::Uri) -> Self {
         Self {
-            method: parts.method.clone(),
-            authority: parts.uri.authority().map(|a| a.to_string()).unwrap_or_default(),
-            path: parts.uri.path().to_owned(),
+            method: method.clone(),
+            authority: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+            path: uri.path().to_owned(),
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
@@ -79,27 +79,13 @@ impl Finished {
         }
     }
 
-    /// Takes the method, authority and path of `req` (for a request whose
-    /// parts are not at hand).
-    pub fn describe<B>(&mut self, req: &hyper::Request<B>) {
-        self.method = req.method().clone();
-        self.authority = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-            .unwrap_or_default();
-        self.path = req.uri().path().to_owned();
-    }
-
-    /// The request reached `ep` (of `route`) and its response began.
-    pub fn at(self, route: Arc<Route>, ep: &RouteEndpoint, head: &ResponseParts, started: Instant) -> Completion {
-        let endpoint = route.endpoints.iter().position(|e| std::ptr::eq(e, ep)).unwrap_or(0);
+    /// The request reached an endpoint of `route` and its response began;
+    /// `endpoint` indexes `route.endpoints`.
+    pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant) -> Completion {
         Completion {
             grpc_status: grpc_status(&head.headers),
             status: head.status,
             finished: self,
-            route,
             endpoint,
             started,
             bytes: 0,
@@ -126,7 +112,7 @@ impl Finished {
         started: Instant,
         outcome: &'static str,
     ) {
-        RequestRecord {
+        Record {
             direction: "outbound",
             source: self.source.as_ref().map(|w| w.name.as_str()),
             identity: self.source.as_ref().map(|w| &w.identity),
@@ -134,14 +120,18 @@ impl Finished {
             service: &self.route.name,
             endpoint: ep.map(|e| e.state.addr),
             node: ep.map(|e| e.node.as_str()),
-            method: self.method.as_str(),
-            authority: &self.authority,
-            path: &self.path,
-            status: status.as_u16(),
-            grpc_status,
-            bytes,
+            bytes_up: None,
+            bytes_down: bytes,
             duration: started.elapsed(),
             outcome,
+            error: None,
+            request: Some(RequestLine {
+                method: self.method.as_str(),
+                authority: &self.authority,
+                path: &self.path,
+                status: status.as_u16(),
+                grpc_status,
+            }),
         }
         .log();
     }
@@ -152,7 +142,7 @@ impl Completion {
         if let Some(t) = trailers.and_then(grpc_status) {
             self.grpc_status = Some(t);
         }
-        let ep = &self.route.endpoints[self.endpoint];
+        let ep = &self.finished.route.endpoints[self.endpoint];
         let class = class(self.status, self.finished.grpc, self.grpc_status);
         ep.series.request(class);
         self.finished.log(Some(ep), self.status, self.grpc_status, self.bytes, self.started, outcome);

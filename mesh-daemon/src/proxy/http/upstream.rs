@@ -19,13 +19,13 @@ use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::identity::Identity;
 use crate::model::NodeName;
+use crate::proxy::dial::{self, Upstream};
 use crate::proxy::error::ConnectError;
-use crate::tunnel::client::{Pool, Stream};
+use crate::tunnel::client::Pool;
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -33,13 +33,14 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 const MAX_IDLE_PER_ENDPOINT: usize = 32;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How a connection to one endpoint is made.
+/// How a connection to one endpoint is made (see [`dial`]): the key of
+/// its pool.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Dial {
     /// Plain TCP to the endpoint (this node, or `mtls: disabled`).
     Direct(SocketAddrV4),
     /// A stream of the mTLS tunnel to the endpoint's node, as `source`.
-    Tunnel { target: SocketAddrV4, node: NodeName, node_addr: SocketAddrV4, source: Identity, service: String },
+    Tunnel { target: SocketAddrV4, via: (NodeName, SocketAddrV4), source: Identity, service: String },
 }
 
 impl Dial {
@@ -64,10 +65,10 @@ impl Connector {
     }
 }
 
-/// An upstream connection of either kind, and when it was made.
-pub enum Io {
-    Tcp(TokioIo<TcpStream>, Instant),
-    Tunnel(Box<TokioIo<Stream>>, Instant),
+/// An upstream connection, and when it was made.
+pub struct Io {
+    inner: TokioIo<Upstream>,
+    at: Instant,
 }
 
 /// When the connection a response came over was made (a response
@@ -78,42 +79,29 @@ pub struct ConnectedAt(pub Instant);
 
 impl Connection for Io {
     fn connected(&self) -> Connected {
-        let (Io::Tcp(_, at) | Io::Tunnel(_, at)) = self;
-        Connected::new().extra(ConnectedAt(*at))
+        Connected::new().extra(ConnectedAt(self.at))
     }
 }
 
 impl hyper::rt::Read for Io {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
-            Io::Tunnel(s, _) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
-            Io::Tunnel(s, _) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s, _) => Pin::new(s).poll_flush(cx),
-            Io::Tunnel(s, _) => Pin::new(&mut **s).poll_flush(cx),
-        }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
-            Io::Tunnel(s, _) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -129,26 +117,13 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let (dial, pool, after) = (self.dial.clone(), self.pool.clone(), self.timeout);
         Box::pin(async move {
-            match &*dial {
-                Dial::Direct(addr) => {
-                    let addr = *addr;
-                    let s = tokio::time::timeout(after, TcpStream::connect(addr))
-                        .await
-                        .map_err(|_| ConnectError::Timeout { addr, after })?
-                        .map_err(|source| ConnectError::Io { addr, source })?;
-                    let _ = s.set_nodelay(true);
-                    Ok(Io::Tcp(TokioIo::new(s), Instant::now()))
+            let up = match &*dial {
+                Dial::Direct(addr) => dial::connect(*addr, None, None, "", None, after).await?,
+                Dial::Tunnel { target, via, source, service } => {
+                    dial::connect(*target, Some(via), Some(source), service, pool.as_deref(), after).await?
                 }
-                Dial::Tunnel { target, node, node_addr, source, service } => {
-                    let addr = *target;
-                    let pool = pool.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
-                    let s = tokio::time::timeout(after, pool.connect(source, node, *node_addr, addr, service))
-                        .await
-                        .map_err(|_| ConnectError::Timeout { addr, after })?
-                        .map_err(|source| ConnectError::Tunnel { addr, source })?;
-                    Ok(Io::Tunnel(Box::new(TokioIo::new(s)), Instant::now()))
-                }
-            }
+            };
+            Ok(Io { inner: TokioIo::new(up), at: Instant::now() })
         })
     }
 }
