@@ -105,18 +105,7 @@ fn root_one_http2_connection_spreads_its_requests_by_weight() {
     assert_eq!(count("class=\"2xx\""), 2000, "{m}");
     assert_eq!(count(&format!("endpoint=\"{}:8080\"", h.c.pod("web-1").ip)), t["web-1"], "{m}");
     // promtool agrees the request metrics are valid exposition format.
-    let f = h.c.write_file("metrics.txt", &m).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&f).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mesh_tests::sys::promtool_check(&m).unwrap().unwrap_or_else(|e| panic!("promtool: {e}"));
     // meshctl stats shows the requests and their success rate per endpoint.
     let out = h.c.meshctl("node-a", &["stats", "-o", "json"]).unwrap();
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -243,6 +232,18 @@ fn root_a_killed_backend_fails_no_request_of_a_steady_http2_connection() {
     // unless it had just accepted it; such a request may fail, no other.
     assert!(failed + errored <= 1, "requests failed: {text}\n{}", h.d.log_text());
     assert_eq!(ok + failed + errored, 800, "{text}");
+    // Succeeded means answered: every answer but the one allowed is a 2xx
+    // (a 503 for want of an endpoint would be a failure the client saw).
+    let ok_2xx: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("status codes:")?.split(',').next()?.trim().strip_suffix(" 2xx")?.parse().ok()
+        })
+        .unwrap_or(0);
+    assert!(ok_2xx + 1 >= 800, "{ok_2xx} of 800 answered 2xx: {text}");
+    // No request failed because the ones that met the dead web-3 went to
+    // another endpoint.
+    assert!(h.d.counter("proxy", "retries").unwrap() >= 1, "{}", h.d.stats().unwrap());
     // web-3 served `before` by the time it was counted, and at most a few
     // more in the moment until it was killed; web-1 and web-2 the rest.
     let after = served(&h.c, &["web-1", "web-2"]);
@@ -270,7 +271,8 @@ fn root_a_slower_backend_gets_fewer_requests_of_one_http2_connection() {
     assert_eq!(h2load_counts(&text), (1000, 0, 0), "{text}");
     let t = served(&h.c, &["web-1", "web-2"]);
     eprintln!("1000 requests, 10 at a time: {t:?} (equal weights; web-2 50 ms slower)");
-    assert!(t["web-2"] < 500, "the slower backend got {} of 1000, its weight's share or more", t["web-2"]);
+    // Its weight's share is 500; chance alone would keep it near that.
+    assert!(t["web-2"] < 250, "the slower backend got {} of 1000, near its weight's share of 500", t["web-2"]);
 }
 
 #[test]

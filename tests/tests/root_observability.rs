@@ -66,18 +66,7 @@ fn root_metrics_count_exactly_what_was_sent_and_pass_promtool() {
     assert_eq!(sample(&m, "mesh_log_lines_dropped_total", &[]), Some(0.0), "{m}");
 
     // promtool agrees it is valid exposition format.
-    let f = c.write_file("metrics.txt", &m).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&f).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mesh_tests::sys::promtool_check(&m).unwrap().unwrap_or_else(|e| panic!("promtool: {e}"));
 
     // meshctl stats reads the same metrics over the control socket.
     let out = c.meshctl("node-a", &["stats", "-o", "json"]).unwrap();
