@@ -335,7 +335,11 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             let cfg =
                 tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-            let handler = Arc::new(InboundHandler { view: inbound.view(), counters: tunnel_counters.clone() });
+            let handler = Arc::new(InboundHandler {
+                view: inbound.view(),
+                counters: tunnel_counters.clone(),
+                drain: drain.clone(),
+            });
             tasks.push(tokio::spawn(crate::tunnel::server::serve(
                 l,
                 acceptor,

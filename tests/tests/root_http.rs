@@ -287,3 +287,113 @@ fn root_an_upgraded_connection_is_relayed_as_bytes() {
     assert_eq!(code, 0, "{body}");
     assert!(body.starts_with("backend=web-"), "{body}");
 }
+
+#[test]
+fn root_requests_through_the_tunnel_are_proxied_counted_and_logged_on_the_receiving_node() {
+    let _one = serial();
+    let c = Cluster::create(
+        &ClusterSpec::new().node("node-a").node("node-b").pod("client", "node-a").pod("web-2", "node-b"),
+    )
+    .expect("mini cluster");
+    c.serve_http("web-2", 8080, &[]).unwrap();
+    let w = c.pod("web-2").ip;
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: http }}]\n    healthCheck: {{ protocol: none }}\n    \
+         endpoints: [{{ ip: {w}, node: node-b }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &["--log-format", "json"]).unwrap();
+
+    // One keep-alive connection: 30 answered 200, 10 answered 404.
+    let (ok, missing) = (format!("http://{VIP}/"), format!("http://{VIP}/status/404"));
+    let mut args = vec!["-sS", "--max-time", "60"];
+    args.extend(std::iter::repeat_n(ok.as_str(), 30));
+    args.extend(std::iter::repeat_n(missing.as_str(), 10));
+    let out = c.exec("client", "curl", &args, Duration::from_secs(90)).unwrap();
+    assert!(out.status.success(), "curl: {}\n{}", String::from_utf8_lossy(&out.stderr), b.log_text());
+    assert_eq!(tally(&String::from_utf8_lossy(&out.stdout)).get("web-2"), Some(&40));
+    // A request body crosses both proxies whole.
+    let body = "x".repeat(5000);
+    let out =
+        c.exec("client", "curl", &["-sS", "--max-time", "10", "--data", &body, &ok], Duration::from_secs(20)).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("received=5000"), "{}", b.log_text());
+
+    let count = |d: &Daemon, direction: &str, class: &str| -> u64 {
+        let (_, m) = d.admin_get("/metrics").unwrap();
+        m.lines()
+            .filter(|l| l.starts_with("mesh_requests_total{"))
+            .filter(|l| l.contains(&format!("direction=\"{direction}\"")) && l.contains(&format!("class=\"{class}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let counted = mesh_tests::sys::wait_until(Duration::from_secs(5), || count(&b, "inbound", "2xx") == 31);
+    assert!(counted, "{}", b.admin_get("/metrics").unwrap().1);
+    assert_eq!(count(&b, "inbound", "4xx"), 10);
+    assert_eq!((count(&a, "outbound", "2xx"), count(&a, "outbound", "4xx")), (31, 10));
+    let (_, m) = b.admin_get("/metrics").unwrap();
+    assert!(
+        m.lines().any(|l| l.starts_with("mesh_response_latency_seconds_count{")
+            && l.contains("direction=\"inbound\"")
+            && l.ends_with(" 41")),
+        "{m}"
+    );
+    mesh_tests::sys::promtool_check(&m).unwrap().unwrap_or_else(|e| panic!("promtool: {e}"));
+
+    // One access-log line per request on the receiving node, with the
+    // client's identity as the tunnel proved it.
+    let lines: Vec<serde_json::Value> = b
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "request" && v["fields"]["direction"] == "inbound")
+        .collect();
+    assert_eq!(lines.len(), 41, "{}", b.log_text());
+    assert!(lines.iter().all(|v| v["fields"]["identity"] == "spiffe://cluster.local/ns/default/sa/client"));
+    assert_eq!(lines.iter().filter(|v| v["fields"]["status"] == 404).count(), 10);
+    assert!(lines.iter().all(|v| v["fields"]["path"] == "/" || v["fields"]["path"] == "/status/404"));
+
+    // meshctl stats on the receiving node: the inbound requests and their rate.
+    let out = c.meshctl("node-b", &["stats", "-o", "json"]).unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["direction"] == "inbound").expect("inbound row");
+    assert_eq!(row["requests"].as_u64(), Some(41), "{rows}");
+    assert!(row["ratePerSecond"].as_f64() > Some(0.0), "{rows}");
+    // Pooled: the requests shared one tunnel stream (two at most).
+    assert!(b.counter("tunnel", "streams").unwrap() <= 2);
+
+    // An upgrade crosses as bytes, not as requests.
+    let out = c.exec("client", "mt-pod", &["upgrade", &format!("{VIP}:80")], Duration::from_secs(20)).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "upgraded echo=ping-mesh", "{}", b.log_text());
+}
+
+#[test]
+fn root_a_request_with_a_body_whose_connect_failed_goes_whole_to_another_endpoint() {
+    let _one = serial();
+    let c = Cluster::create(
+        &ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a").pod("gone", "node-a"),
+    )
+    .expect("mini cluster");
+    c.serve_http("web-1", 8080, &[]).unwrap();
+    // Nothing listens on `gone`, which has most of the weight: most
+    // requests try it first, and its connect is refused.
+    let (w, g) = (c.pod("web-1").ip, c.pod("gone").ip);
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: http }}]\n    healthCheck: {{ protocol: none }}\n    \
+         endpoints: [{{ ip: {w}, node: node-a, weight: 1 }}, {{ ip: {g}, node: node-a, weight: 9 }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let data = c.write_file("body.bin", &"y".repeat(1 << 20)).unwrap();
+    let at = format!("@{}", data.display());
+    let url = format!("http://{VIP}/");
+    let mut args = vec!["-sS", "--max-time", "60", "--data-binary", &at];
+    args.extend(std::iter::repeat_n(url.as_str(), 10));
+    let out = c.exec("client", "curl", &args, Duration::from_secs(90)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), d.log_text());
+    assert_eq!(text.lines().filter(|l| *l == "received=1048576").count(), 10, "every 1 MiB body arrived whole: {text}");
+    assert_eq!(tally(&text).get("web-1"), Some(&10), "{text}");
+    assert!(d.counter("proxy", "retries").unwrap() >= 1, "some went to `gone` first: {}", d.stats().unwrap());
+}

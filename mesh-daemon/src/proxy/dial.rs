@@ -18,6 +18,7 @@ use crate::identity::Identity;
 use crate::model::NodeName;
 use crate::relay::Side;
 use crate::tunnel::client::{Pool, Stream};
+use crate::tunnel::StreamProtocol;
 
 /// A connection to an endpoint.
 pub enum Upstream {
@@ -75,12 +76,13 @@ pub fn via<'r>(ep: &'r RouteEndpoint, route: &Route) -> Option<&'r (NodeName, So
 
 /// Connects to `addr`, directly or through the tunnel `via`, within
 /// `after`. Through the tunnel the client needs an identity (`source`)
-/// and this node certificates (`pool`).
+/// and this node certificates (`pool`); `protocol` tells the receiving
+/// node the stream carries requests.
 pub async fn connect(
     addr: SocketAddrV4,
     via: Option<&(NodeName, SocketAddrV4)>,
     source: Option<&Identity>,
-    service: &str,
+    (service, protocol): (&str, Option<StreamProtocol>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
@@ -88,7 +90,7 @@ pub async fn connect(
         Some((node, node_addr)) => {
             let pool = pool.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
             let id = source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
-            let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, service))
+            let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, service, protocol))
                 .await
                 .map_err(|_| ConnectError::Timeout { addr, after })?
                 .map_err(|source| ConnectError::Tunnel { addr, source })?;

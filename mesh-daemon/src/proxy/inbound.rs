@@ -10,15 +10,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::StatusCode;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::access::Record;
+use crate::drain::Drain;
 use crate::identity::Identity;
-use crate::model::{Authorization, NodeName, Snapshot, State, View};
+use crate::model::{AppProtocol, Authorization, NodeName, Snapshot, State, View};
 use crate::relay::{relay, Transfer};
-use crate::telemetry::metrics::{ConnLabels, EndpointSeries, StatsRow};
+use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, StatsRow};
 use crate::telemetry::Metrics;
 use crate::tunnel::client::Stream;
 use crate::tunnel::server::{Refusal, StreamHandler, StreamRequest};
@@ -28,9 +30,20 @@ use crate::tunnel::TunnelCounters;
 #[derive(Debug)]
 struct LocalService {
     policy: Option<Authorization>,
-    /// Its endpoints on this node (ip, target port), each with its inbound
-    /// series, shared with the streams so a stream copies no labels.
-    targets: HashMap<SocketAddrV4, Arc<EndpointSeries>>,
+    /// Its endpoints on this node (ip, target port), shared with the
+    /// streams so a stream copies no labels.
+    targets: HashMap<SocketAddrV4, Arc<Target>>,
+}
+
+/// An endpoint on this node of one service port.
+#[derive(Debug)]
+pub struct Target {
+    /// Its inbound series.
+    pub series: EndpointSeries,
+    /// `mesh_response_latency_seconds` of the service port, inbound.
+    pub response_latency: Histogram,
+    /// The port speaks gRPC: its requests are classed by gRPC status.
+    pub grpc: bool,
 }
 
 /// Why a CONNECT was refused (403); the `mesh-deny` header carries
@@ -82,11 +95,17 @@ impl Inbound {
                 for e in s.endpoints.iter().filter(|e| &e.node == node) {
                     let addr = e.addr(p.target_port);
                     targets.entry(addr).or_insert_with(|| {
-                        Arc::new(metrics.endpoint_series(ConnLabels {
-                            service: format!("{}:{}", s.key(), p.port),
-                            endpoint: addr.to_string(),
-                            direction: "inbound",
-                        }))
+                        let service = format!("{}:{}", s.key(), p.port);
+                        let labels = ServiceLabels { service: service.clone(), direction: "inbound" };
+                        Arc::new(Target {
+                            response_latency: metrics.response_latency.get_or_create(&labels).clone(),
+                            series: metrics.endpoint_series(ConnLabels {
+                                service,
+                                endpoint: addr.to_string(),
+                                direction: "inbound",
+                            }),
+                            grpc: p.app_protocol == AppProtocol::Grpc,
+                        })
                     });
                 }
             }
@@ -97,37 +116,36 @@ impl Inbound {
         Self { trust_domain: trust_domain.to_owned(), local, services }
     }
 
-    fn series(&self) -> impl Iterator<Item = &Arc<EndpointSeries>> {
-        self.services.values().flat_map(|s| s.targets.values())
+    fn series(&self) -> impl Iterator<Item = &EndpointSeries> {
+        self.services.values().flat_map(|s| s.targets.values()).map(|t| &t.series)
     }
 
     /// Drops from `metrics` the series of this view that `next` has not.
     pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
         let kept: HashSet<&ConnLabels> = next.series().map(|s| &s.labels).collect();
+        let ports: HashSet<&str> = next.series().map(|s| s.labels.service.as_str()).collect();
         for s in self.series().filter(|s| !kept.contains(&s.labels)) {
             metrics.forget_endpoint(&s.labels);
+            if !ports.contains(s.labels.service.as_str()) {
+                let labels = ServiceLabels { service: s.labels.service.clone(), direction: "inbound" };
+                metrics.response_latency.remove(&labels);
+            }
         }
     }
 
     /// Whether `peer` may open a stream to `target` for `service`: the
     /// target is a workload of this node and an endpoint of that service
-    /// here, and the service's policy allows the peer. Returns the
-    /// stream's series.
-    pub fn check(
-        &self,
-        service: Option<&str>,
-        target: SocketAddrV4,
-        peer: &Identity,
-    ) -> Result<&Arc<EndpointSeries>, Deny> {
+    /// here, and the service's policy allows the peer. Returns the target.
+    pub fn check(&self, service: Option<&str>, target: SocketAddrV4, peer: &Identity) -> Result<&Arc<Target>, Deny> {
         if !self.local.contains_key(target.ip()) {
             return Err(Deny::NotLocal);
         }
         let svc = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
-        let series = svc.targets.get(&target).ok_or(Deny::NotEndpoint)?;
+        let found = svc.targets.get(&target).ok_or(Deny::NotEndpoint)?;
         if !Authorization::allows(svc.policy.as_ref(), &self.trust_domain, peer) {
             return Err(Deny::Policy);
         }
-        Ok(series)
+        Ok(found)
     }
 
     /// `meshctl stats` rows of the streams to this node's endpoints.
@@ -181,12 +199,14 @@ const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct InboundHandler {
     pub view: Arc<ArcSwap<Inbound>>,
     pub counters: Arc<TunnelCounters>,
+    /// Ends request streams gracefully when the daemon drains.
+    pub drain: Drain,
 }
 
-/// A stream let through: the pod's connection and its series.
+/// A stream let through: the pod's connection and its target.
 pub struct Accepted {
     upstream: TcpStream,
-    series: Arc<EndpointSeries>,
+    target: Arc<Target>,
 }
 
 impl StreamHandler for InboundHandler {
@@ -195,7 +215,7 @@ impl StreamHandler for InboundHandler {
     async fn open(&self, req: &StreamRequest) -> Result<Accepted, Refusal> {
         let view = self.view.load();
         let (peer, target, service) = (&req.peer, req.target, req.service.as_deref());
-        let series = match view.check(service, target, peer) {
+        let found = match view.check(service, target, peer) {
             Ok(s) => s.clone(),
             Err(deny) => {
                 let (counter, why) = match deny {
@@ -227,11 +247,20 @@ impl StreamHandler for InboundHandler {
         };
         let _ = upstream.set_nodelay(true);
         self.counters.streams.inc();
-        Ok(Accepted { upstream, series })
+        Ok(Accepted { upstream, target: found })
     }
 
     async fn carry(&self, req: StreamRequest, accepted: Accepted, mut stream: Stream) {
-        let Accepted { mut upstream, series } = accepted;
+        let Accepted { mut upstream, target } = accepted;
+        let series = &target.series;
+        if let Some(protocol) = req.protocol {
+            // Requests the sending proxy terminated: each proxied, counted
+            // and logged here too.
+            series.opened.inc();
+            super::http::inbound::serve(stream, upstream, protocol, req, target.clone(), self.drain.clone()).await;
+            target.series.closed.inc();
+            return;
+        }
         let started = Instant::now();
         series.opened.inc();
         let Transfer { up, down, error } = relay(&mut stream, &mut upstream).await;
@@ -290,8 +319,8 @@ mod tests {
     #[test]
     fn an_allowed_peer_reaches_the_endpoint_of_the_service_it_names() {
         let i = inbound();
-        let series = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client")).unwrap();
-        assert_eq!(series.labels.service, "default/web:80");
+        let t = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client")).unwrap();
+        assert_eq!(t.series.labels.service, "default/web:80");
         assert!(i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("evil")).is_ok(), "echo has no policy");
     }
 

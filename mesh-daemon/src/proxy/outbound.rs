@@ -100,7 +100,7 @@ async fn open(
     tunnel: Option<&Pool>,
 ) -> Result<Upstream, ConnectError> {
     let id = source.map(|w| &w.identity);
-    dial::connect(ep.state.addr, dial::via(ep, route), id, &route.service, tunnel, route.connect_timeout).await
+    dial::connect(ep.state.addr, dial::via(ep, route), id, (&route.service, None), tunnel, route.connect_timeout).await
 }
 
 /// Connects to an endpoint of `route`, trying others as [`Tries`] allows.
@@ -281,13 +281,14 @@ mod tests {
         let metrics = Metrics::new();
         let tunnel = Arc::new(TunnelCounters::new(&metrics));
         let view = Inbound::build(&state, &NodeName::parse("b").unwrap(), "cluster.local", &metrics);
+        let drain = crate::drain::Drain::new();
         let handler = Arc::new(InboundHandler {
             view: Arc::new(arc_swap::ArcSwap::from_pointee(view)),
             counters: tunnel.clone(),
+            drain: drain.clone(),
         });
         let server = certs(&dir, "b");
         let cfg = tls::server_config(server.node_cert(), server.roots.clone()).unwrap();
-        let drain = crate::drain::Drain::new();
         tokio::spawn(crate::tunnel::server::serve(
             tunnel_listener,
             tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),

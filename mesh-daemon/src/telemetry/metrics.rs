@@ -190,6 +190,9 @@ pub struct StatsRow {
     /// Of those, the share that succeeded: HTTP status below 500, gRPC
     /// status OK. None without requests.
     pub success_rate: Option<f64>,
+    /// Requests per second over the last [`RATE_WINDOW_SECS`] seconds.
+    /// None without requests.
+    pub rate_per_second: Option<f64>,
     /// Response-header latency quantiles, to within 25%.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -205,6 +208,7 @@ impl EndpointSeries {
             p50_ms: self.latency.quantile_ms(0.5),
             p99_ms: self.latency.quantile_ms(0.99),
             requests,
+            rate_per_second: (requests > 0).then(|| self.rate.per_second(now_secs())),
             success_rate: (requests > 0).then(|| ok as f64 / requests as f64),
             service: self.labels.service.clone(),
             endpoint: self.labels.endpoint.clone(),
@@ -269,6 +273,53 @@ impl LatencySketch {
     }
 }
 
+/// An endpoint series' latency sketch and request rate.
+type Recent = (Arc<LatencySketch>, Arc<RecentRate>);
+
+/// Seconds the request rate of `meshctl stats` is taken over.
+pub const RATE_WINDOW_SECS: u64 = 10;
+
+/// Seconds since this process first asked: the clock of [`RecentRate`].
+pub fn now_secs() -> u64 {
+    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
+    START.get_or_init(tokio::time::Instant::now).elapsed().as_secs()
+}
+
+/// Requests of the last [`RATE_WINDOW_SECS`] seconds, one bucket per
+/// second. Each bucket packs its second (high 32 bits) and its count (low
+/// 32) in one atomic, so the first request of a new second resets it
+/// without losing a concurrent one. Lock-free, fixed size.
+#[derive(Debug, Default)]
+pub struct RecentRate {
+    buckets: [AtomicU64; RATE_WINDOW_SECS as usize],
+}
+
+impl RecentRate {
+    /// Counts one request at second `now`.
+    pub fn record(&self, now: u64) {
+        let b = &self.buckets[(now % RATE_WINDOW_SECS) as usize];
+        let second = now & 0xffff_ffff;
+        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(if v >> 32 == second { v.saturating_add(1) } else { (second << 32) | 1 })
+        });
+    }
+
+    /// The mean rate over the window ending with second `now`, this second
+    /// included.
+    pub fn per_second(&self, now: u64) -> f64 {
+        let oldest = now.saturating_sub(RATE_WINDOW_SECS - 1) & 0xffff_ffff;
+        let now = now & 0xffff_ffff;
+        let sum: u64 = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .filter(|v| (oldest..=now).contains(&(v >> 32)))
+            .map(|v| v & 0xffff_ffff)
+            .sum();
+        sum as f64 / RATE_WINDOW_SECS as f64
+    }
+}
+
 /// One endpoint's series of one service port, looked up once per state so
 /// that a connection only touches atomics.
 #[derive(Clone, Debug)]
@@ -286,6 +337,8 @@ pub struct EndpointSeries {
     by_class: [OnceLock<Counter>; REQUEST_CLASSES.len()],
     /// Response-header latencies, for `meshctl stats`.
     pub latency: Arc<LatencySketch>,
+    /// Recent requests, for `meshctl stats`' rate.
+    rate: Arc<RecentRate>,
 }
 
 impl EndpointSeries {
@@ -293,6 +346,7 @@ impl EndpointSeries {
     /// The counter of each class is looked up once per state, on its
     /// first request, so a request only touches an atomic.
     pub fn request(&self, class: &'static str) {
+        self.rate.record(now_secs());
         let Some(i) = REQUEST_CLASSES.iter().position(|c| *c == class) else { return };
         self.by_class[i]
             .get_or_init(|| {
@@ -451,7 +505,7 @@ pub struct Metrics {
     live: Arc<OnceLock<Arc<dyn Live>>>,
     /// Latency sketches by endpoint series, kept across state writes like
     /// the registered families.
-    sketches: std::sync::Mutex<HashMap<ConnLabels, Arc<LatencySketch>>>,
+    sketches: std::sync::Mutex<HashMap<ConnLabels, Recent>>,
     log_drops: Counter,
     log_drop_source: std::sync::OnceLock<super::logwriter::DroppedLines>,
     pub map_sync: Histogram,
@@ -536,6 +590,7 @@ impl Metrics {
 
     pub fn endpoint_series(&self, labels: ConnLabels) -> EndpointSeries {
         let e = labels.endpoint_labels();
+        let sketch = self.sketches.lock().unwrap_or_else(|p| p.into_inner()).entry(labels.clone()).or_default().clone();
         EndpointSeries {
             opened: self.opened.get_or_create(&labels).clone(),
             closed: self.closed.get_or_create(&labels).clone(),
@@ -545,7 +600,8 @@ impl Metrics {
             ejections: self.ejections.get_or_create(&e).clone(),
             requests: self.requests.clone(),
             by_class: Default::default(),
-            latency: self.sketches.lock().unwrap_or_else(|p| p.into_inner()).entry(labels.clone()).or_default().clone(),
+            latency: sketch.0,
+            rate: sketch.1,
             labels,
         }
     }
@@ -666,6 +722,24 @@ mod tests {
         assert!((50.0..=62.5).contains(&p99), "p99 {p99}");
         s.observe(std::time::Duration::from_secs(3600));
         assert!(s.quantile_ms(1.0).unwrap() > 1000.0, "the last bucket takes the rest");
+    }
+
+    #[test]
+    fn the_rate_is_the_mean_of_the_last_ten_seconds() {
+        let r = RecentRate::default();
+        assert_eq!(r.per_second(0), 0.0);
+        for s in 100..110 {
+            for _ in 0..5 {
+                r.record(s);
+            }
+        }
+        assert_eq!(r.per_second(109), 5.0);
+        // Seconds leave the window as it moves on; a bucket is reused by
+        // the second ten later, starting from zero.
+        assert_eq!(r.per_second(114), 2.5);
+        r.record(115);
+        assert_eq!(r.per_second(115), (20.0 + 1.0) / 10.0);
+        assert_eq!(r.per_second(200), 0.0, "nothing recent");
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Pool {
     /// Opens a stream to `target` on `node` (tunnel at `node_addr`) as
     /// `source`, for `service` (`namespace/name`): the receiving node lets
     /// the stream through only to an endpoint of that service whose
-    /// policy allows `source`.
+    /// policy allows `source`. `protocol` says the stream carries requests.
     pub async fn connect(
         &self,
         source: &Identity,
@@ -127,6 +127,7 @@ impl Pool {
         node_addr: SocketAddrV4,
         target: SocketAddrV4,
         service: &str,
+        protocol: Option<super::StreamProtocol>,
     ) -> Result<Stream, TunnelError> {
         let (cert, serial) = self.cert(source).await?;
         let slot = self.slot((source.clone(), node.clone()));
@@ -154,6 +155,9 @@ impl Pool {
         // Names are validated DNS labels: always a valid header value.
         if let Ok(v) = HeaderValue::from_str(service) {
             req.headers_mut().insert(super::SERVICE_HEADER, v);
+        }
+        if let Some(p) = protocol {
+            req.headers_mut().insert(super::PROTOCOL_HEADER, HeaderValue::from_static(p.as_str()));
         }
         let http2 = |source| TunnelError::Http2 { node: node.clone(), source };
         let resp = sender.send_request(req).await.map_err(http2)?;

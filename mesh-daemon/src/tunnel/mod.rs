@@ -24,8 +24,37 @@ use crate::telemetry::Metrics;
 /// Request header of a CONNECT: the service (`namespace/name`) the stream
 /// is for. The receiving node relays only to an endpoint of that service.
 pub const SERVICE_HEADER: &str = "mesh-service";
+/// Request header of a CONNECT whose stream carries requests the sending
+/// proxy terminated (`http/1.1` or `h2`): the receiving node proxies and
+/// counts each request. Without it a stream is opaque bytes.
+pub const PROTOCOL_HEADER: &str = "mesh-protocol";
 /// Response header of a refused CONNECT: why (see [`server::Deny`]).
 pub const DENY_HEADER: &str = "mesh-deny";
+
+/// What a stream carries, when it carries requests (see [`PROTOCOL_HEADER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamProtocol {
+    Http1,
+    Http2,
+}
+
+impl StreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamProtocol::Http1 => "http/1.1",
+            StreamProtocol::Http2 => "h2",
+        }
+    }
+
+    /// None for anything else: the stream is then relayed as bytes.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http/1.1" => Some(StreamProtocol::Http1),
+            "h2" => Some(StreamProtocol::Http2),
+            _ => None,
+        }
+    }
+}
 
 /// Largest HTTP/2 frame either side accepts: bulk data crosses in
 /// 64 KiB DATA frames (four TLS records) instead of 16 KiB ones.

@@ -31,6 +31,8 @@ pub struct StreamRequest {
     pub target: SocketAddrV4,
     /// The `mesh-service` header, when there is one.
     pub service: Option<String>,
+    /// The `mesh-protocol` header: the stream carries requests.
+    pub protocol: Option<super::StreamProtocol>,
 }
 
 /// Why a CONNECT is not let through: the status and, for a refusal by
@@ -137,7 +139,9 @@ async fn stream<H: StreamHandler>(
         return status(StatusCode::BAD_REQUEST);
     };
     let service = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let request = StreamRequest { peer, target, service };
+    let protocol =
+        req.headers().get(super::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(super::StreamProtocol::parse);
+    let request = StreamRequest { peer, target, service, protocol };
     let upstream = match handler.open(&request).await {
         Ok(u) => u,
         Err(Refusal { status: code, reason }) => {

@@ -4,7 +4,8 @@
 //! usage: mt-http --name NAME --port PORT [--delay-ms MS]
 //! `GET /__count` answers `served=N`: the requests it answered so far. A
 //! request with `Upgrade: echo` is answered 101 and the connection then
-//! echoes its bytes.
+//! echoes its bytes. `/status/NNN` answers with status NNN. A request body
+//! is read whole and its length answered as a `received=N` line.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -59,7 +60,25 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    Ok(Response::new(Full::new(body)))
+                    let status = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/status/")
+                        .and_then(|s| s.parse::<u16>().ok())
+                        .and_then(|s| hyper::StatusCode::from_u16(s).ok());
+                    let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                    let body = if received > 0 {
+                        let mut b = body.to_vec();
+                        b.extend_from_slice(format!("received={received}\n").as_bytes());
+                        Bytes::from(b)
+                    } else {
+                        body
+                    };
+                    let mut resp = Response::new(Full::new(body));
+                    if let Some(s) = status {
+                        *resp.status_mut() = s;
+                    }
+                    Ok(resp)
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -8,7 +8,9 @@
 //! status class (gRPC: its status) and logged once.
 
 pub mod detect;
+pub mod inbound;
 mod observe;
+mod unread;
 mod upgrade;
 pub mod upstream;
 
@@ -119,7 +121,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -153,7 +155,7 @@ fn empty() -> Body {
 
 /// The answer when no endpoint takes the request: 503, or for gRPC a
 /// trailers-only `UNAVAILABLE` (code 14).
-fn unavailable(grpc: bool, why: &str) -> Response<Body> {
+pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
     let mut r = if grpc {
         let mut r = Response::new(empty());
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -226,7 +228,7 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
             return finished.failed(e.reason(), started, unavailable(false, e.reason()));
         }
     };
-    let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout);
+    let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout, None);
     match upgrade::forward(req, dial, connector).await {
         Ok(resp) => {
             ep.state.connected(started.elapsed(), Instant::now());
@@ -250,7 +252,8 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
 
 /// Routes one request: picks an endpoint, sends it over that endpoint's
 /// pool, and tries another endpoint as [`Tries`] allows when connecting
-/// fails and the request can be sent again (it has no body).
+/// fails: such a request was never written, so its body (if any, see
+/// [`unread`]) is still there to send.
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let started = Instant::now();
     let route = &conn.route;
@@ -263,11 +266,8 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
-    let replayable = hyper::body::Body::is_end_stream(&body);
-    let mut body = Some(body.boxed_unsync());
+    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| unread::Unread::new(body.boxed_unsync()));
     let finished = Finished::new(conn, &parts.method, &parts.uri);
-    // Kept for another try only when there can be one.
-    let mut parts = Some(parts);
     let mut tries = Tries::new(route);
     let mut reason = "no_endpoint";
     while let Some((i, ep)) = tries.pick() {
@@ -279,14 +279,10 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
             }
         };
-        let (Some(head), Some(b)) =
-            (if replayable { parts.clone() } else { parts.take() }, body.take().or_else(|| replayable.then(empty)))
-        else {
-            break;
-        };
+        let b = body.as_ref().map_or_else(empty, unread::Unread::body);
         let in_flight = ep.state.start();
         let t0 = Instant::now();
-        match client.request(Request::from_parts(head, b)).await {
+        match client.request(Request::from_parts(parts.clone(), b)).await {
             Ok(resp) => {
                 // From the send, or from the connect if this request waited for one.
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
@@ -312,8 +308,8 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                     return finished.failed("upstream", started, r);
                 };
                 reason = c.reason();
-                if !replayable {
-                    // A request with a body went with its one try.
+                if body.as_ref().is_some_and(|b| !b.still_unread()) {
+                    // Part of the body went with this try: it cannot go again.
                     super::tries::blame(ep, c);
                     break;
                 }

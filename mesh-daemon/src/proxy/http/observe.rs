@@ -19,27 +19,84 @@ use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
 
-/// What is known of a request before it is sent: enough to log it.
-pub struct Finished {
+/// What the access log says of a request.
+pub struct Line {
     method: Method,
     authority: String,
     /// Without the query string, which may hold secrets.
     path: String,
+}
+
+impl Line {
+    /// `authority` from the URI, else from `Host` (an HTTP/1 request).
+    pub fn new(method: &Method, uri: &hyper::Uri, headers: &HeaderMap) -> Self {
+        let authority = match uri.authority() {
+            Some(a) => a.to_string(),
+            None => headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
+        };
+        Self { method: method.clone(), authority, path: uri.path().to_owned() }
+    }
+
+    pub fn with(&self, status: StatusCode, grpc_status: Option<u32>) -> RequestLine<'_> {
+        RequestLine {
+            method: self.method.as_str(),
+            authority: &self.authority,
+            path: &self.path,
+            status: status.as_u16(),
+            grpc_status,
+        }
+    }
+}
+
+/// What is known of a request before it is sent: enough to log it.
+pub struct Finished {
+    line: Line,
     source: Option<Arc<Workload>>,
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
 }
 
+/// Where a request that reached an endpoint is counted and logged once
+/// its response ends: on this node's outbound side, or its inbound side.
+pub trait Report: Send + 'static {
+    fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str);
+}
+
 /// A request that reached an endpoint, waiting for its response to end.
-pub struct Completion {
-    finished: Finished,
-    /// Index into `finished.route.endpoints`.
-    endpoint: usize,
+pub struct Completion<R: Report> {
+    report: R,
     status: StatusCode,
     grpc_status: Option<u32>,
-    started: Instant,
     bytes: u64,
+}
+
+impl<R: Report> Completion<R> {
+    /// The response with this head began.
+    pub fn new(report: R, head: &ResponseParts) -> Self {
+        Self { report, status: head.status, grpc_status: grpc_status(&head.headers), bytes: 0 }
+    }
+
+    fn end(self, trailers: Option<&HeaderMap>, outcome: &'static str) {
+        let Self { mut report, status, grpc_status: in_head, bytes } = self;
+        let grpc_status = trailers.and_then(grpc_status).or(in_head);
+        report.report(status, grpc_status, bytes, outcome);
+    }
+}
+
+/// An outbound request at endpoint `endpoint` (index into the route's).
+pub struct AtEndpoint {
+    finished: Finished,
+    endpoint: usize,
+    started: Instant,
+}
+
+impl Report for AtEndpoint {
+    fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
+        let ep = &self.finished.route.endpoints[self.endpoint];
+        ep.series.request(class(status, self.finished.grpc, grpc_status));
+        self.finished.log(Some(ep), status, grpc_status, bytes, self.started, outcome);
+    }
 }
 
 /// The metrics class of a response: its gRPC status for gRPC (UNKNOWN
@@ -61,7 +118,7 @@ pub fn class(status: StatusCode, grpc: bool, grpc_status: Option<u32>) -> &'stat
     }
 }
 
-fn grpc_status(h: &HeaderMap) -> Option<u32> {
+pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
     h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
@@ -69,9 +126,7 @@ impl Finished {
     /// `uri` in absolute form (see `absolute`), for its authority.
     pub fn new(conn: &Conn, method: &Method, uri: &hyper::Uri) -> Self {
         Self {
-            method: method.clone(),
-            authority: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
-            path: uri.path().to_owned(),
+            line: Line::new(method, uri, &HeaderMap::new()),
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
@@ -81,15 +136,8 @@ impl Finished {
 
     /// The request reached an endpoint of `route` and its response began;
     /// `endpoint` indexes `route.endpoints`.
-    pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant) -> Completion {
-        Completion {
-            grpc_status: grpc_status(&head.headers),
-            status: head.status,
-            finished: self,
-            endpoint,
-            started,
-            bytes: 0,
-        }
+    pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant) -> Completion<AtEndpoint> {
+        Completion::new(AtEndpoint { finished: self, endpoint, started }, head)
     }
 
     /// The request reached no endpoint: counted and logged now.
@@ -125,43 +173,25 @@ impl Finished {
             duration: started.elapsed(),
             outcome,
             error: None,
-            request: Some(RequestLine {
-                method: self.method.as_str(),
-                authority: &self.authority,
-                path: &self.path,
-                status: status.as_u16(),
-                grpc_status,
-            }),
+            request: Some(self.line.with(status, grpc_status)),
         }
         .log();
     }
 }
 
-impl Completion {
-    fn end(&mut self, trailers: Option<&HeaderMap>, outcome: &'static str) {
-        if let Some(t) = trailers.and_then(grpc_status) {
-            self.grpc_status = Some(t);
-        }
-        let ep = &self.finished.route.endpoints[self.endpoint];
-        let class = class(self.status, self.finished.grpc, self.grpc_status);
-        ep.series.request(class);
-        self.finished.log(Some(ep), self.status, self.grpc_status, self.bytes, self.started, outcome);
-    }
-}
-
 /// The response body on its way to the client, watched for its end.
-pub struct Observed {
+pub struct Observed<R: Report> {
     inner: Incoming,
-    completion: Option<Completion>,
+    completion: Option<Completion<R>>,
 }
 
-impl Observed {
-    pub fn new(inner: Incoming, completion: Completion) -> Self {
+impl<R: Report> Observed<R> {
+    pub fn new(inner: Incoming, completion: Completion<R>) -> Self {
         Self { inner, completion: Some(completion) }
     }
 }
 
-impl HttpBody for Observed {
+impl<R: Report + Unpin> HttpBody for Observed<R> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -173,18 +203,18 @@ impl HttpBody for Observed {
                     c.bytes += d.len() as u64;
                 }
                 if let Some(t) = frame.trailers_ref() {
-                    if let Some(mut c) = self.completion.take() {
+                    if let Some(c) = self.completion.take() {
                         c.end(Some(t), "ok");
                     }
                 }
             }
             Poll::Ready(None) => {
-                if let Some(mut c) = self.completion.take() {
+                if let Some(c) = self.completion.take() {
                     c.end(None, "ok");
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(mut c) = self.completion.take() {
+                if let Some(c) = self.completion.take() {
                     c.end(None, "error");
                 }
             }
@@ -202,11 +232,11 @@ impl HttpBody for Observed {
     }
 }
 
-impl Drop for Observed {
+impl<R: Report> Drop for Observed<R> {
     fn drop(&mut self) {
         // The client went away before the end, or the body was empty and
         // never polled.
-        if let Some(mut c) = self.completion.take() {
+        if let Some(c) = self.completion.take() {
             let outcome = if self.inner.is_end_stream() { "ok" } else { "cancelled" };
             c.end(None, outcome);
         }

@@ -26,6 +26,7 @@ use crate::model::NodeName;
 use crate::proxy::dial::{self, Upstream};
 use crate::proxy::error::ConnectError;
 use crate::tunnel::client::Pool;
+use crate::tunnel::StreamProtocol;
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -57,11 +58,14 @@ pub struct Connector {
     dial: Arc<Dial>,
     pool: Option<Arc<Pool>>,
     timeout: Duration,
+    /// What a tunnel stream will carry: requests in this protocol, or
+    /// (None) bytes the receiving node relays as they are.
+    protocol: Option<StreamProtocol>,
 }
 
 impl Connector {
-    pub fn new(dial: Dial, pool: Option<Arc<Pool>>, timeout: Duration) -> Self {
-        Self { dial: Arc::new(dial), pool, timeout }
+    pub fn new(dial: Dial, pool: Option<Arc<Pool>>, timeout: Duration, protocol: Option<StreamProtocol>) -> Self {
+        Self { dial: Arc::new(dial), pool, timeout, protocol }
     }
 }
 
@@ -115,12 +119,12 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (dial, pool, after) = (self.dial.clone(), self.pool.clone(), self.timeout);
+        let (dial, pool, after, protocol) = (self.dial.clone(), self.pool.clone(), self.timeout, self.protocol);
         Box::pin(async move {
             let up = match &*dial {
-                Dial::Direct(addr) => dial::connect(*addr, None, None, "", None, after).await?,
+                Dial::Direct(addr) => dial::connect(*addr, None, None, ("", None), None, after).await?,
                 Dial::Tunnel { target, via, source, service } => {
-                    dial::connect(*target, Some(via), Some(source), service, pool.as_deref(), after).await?
+                    dial::connect(*target, Some(via), Some(source), (service, protocol), pool.as_deref(), after).await?
                 }
             };
             Ok(Io { inner: TokioIo::new(up), at: Instant::now() })
@@ -148,7 +152,8 @@ impl Upstreams {
         let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((dial.clone(), http2))
             .or_insert_with(|| {
-                let connector = Connector::new(dial, pool.cloned(), connect_timeout);
+                let protocol = if http2 { StreamProtocol::Http2 } else { StreamProtocol::Http1 };
+                let connector = Connector::new(dial, pool.cloned(), connect_timeout, Some(protocol));
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())

@@ -1,0 +1,179 @@
+//! Requests arriving through the tunnel from another node's proxy, which
+//! terminated its client's HTTP (the stream's `mesh-protocol`): each one
+//! is forwarded to the pod over the stream's own connection, counted by
+//! class with `direction="inbound"`, timed, and logged with the peer's
+//! identity. The checks (target, service, policy) were made for the
+//! stream before it was accepted.
+
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::observe::{class, grpc_status, Completion, Line, Observed, Report};
+use super::upstream::Body;
+use super::{strip_hop_by_hop, unavailable};
+use crate::drain::Drain;
+use crate::identity::Identity;
+use crate::proxy::access::Record;
+use crate::proxy::inbound::Target;
+use crate::tunnel::client::Stream;
+use crate::tunnel::server::StreamRequest;
+use crate::tunnel::StreamProtocol;
+
+/// How long an HTTP/1.1 stream may wait for its next request: longer than
+/// the sending proxy keeps an idle pooled connection, so that side closes
+/// first and never sends on a connection this side is closing.
+const IDLE: Duration = Duration::from_secs(90);
+
+/// The stream's connection to the pod.
+enum Pod {
+    /// One request at a time, as the stream brings them.
+    Http1(tokio::sync::Mutex<http1::SendRequest<Incoming>>),
+    Http2(http2::SendRequest<Incoming>),
+}
+
+/// What every request of one stream shares.
+struct Ctx {
+    pod: Pod,
+    peer: Arc<Identity>,
+    addr: SocketAddrV4,
+    target: Arc<Target>,
+}
+
+/// Serves the requests of one stream until the sending proxy closes it, or
+/// the drain ends it gracefully.
+pub async fn serve(
+    stream: Stream,
+    pod: TcpStream,
+    protocol: StreamProtocol,
+    req: StreamRequest,
+    target: Arc<Target>,
+    drain: Drain,
+) {
+    let pod_io = TokioIo::new(pod);
+    let sender = match protocol {
+        StreamProtocol::Http1 => http1::handshake(pod_io).await.map(|(s, conn)| {
+            tokio::spawn(conn);
+            Pod::Http1(tokio::sync::Mutex::new(s))
+        }),
+        StreamProtocol::Http2 => {
+            let mut b = http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new());
+            b.handshake(pod_io).await.map(|(s, conn)| {
+                tokio::spawn(conn);
+                Pod::Http2(s)
+            })
+        }
+    };
+    let pod = match sender {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(identity = %req.peer, target = %req.target, error = %e, "HTTP/2 handshake with the workload failed");
+            return;
+        }
+    };
+    let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target });
+    let svc = hyper::service::service_fn(move |r| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.forward(r).await) }
+    });
+    let io = TokioIo::new(stream);
+    let ended = match protocol {
+        StreamProtocol::Http1 => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(IDLE);
+            drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
+        }
+        StreamProtocol::Http2 => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new()).max_concurrent_streams(1024);
+            drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
+        }
+    };
+    if let Err(e) = ended {
+        debug!(target = %req.target, error = %e, "inbound request stream ended");
+    }
+}
+
+impl Ctx {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        strip_hop_by_hop(req.headers_mut());
+        let line = Line::new(req.method(), req.uri(), req.headers());
+        let sent = match &self.pod {
+            Pod::Http1(s) => {
+                let mut s = s.lock().await;
+                match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Pod::Http2(s) => s.clone().send_request(req).await,
+        };
+        let mut report =
+            Reported { target: self.target.clone(), peer: self.peer.clone(), addr: self.addr, line, started };
+        match sent {
+            Ok(resp) => {
+                let latency = started.elapsed();
+                self.target.series.latency.observe(latency);
+                self.target.response_latency.observe(latency.as_secs_f64());
+                let (mut head, body) = resp.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                let observed = Observed::new(body, Completion::new(report, &head));
+                Response::from_parts(head, observed.boxed_unsync())
+            }
+            Err(e) => {
+                warn!(identity = %self.peer, target = %self.addr, error = %e, "request to the workload failed");
+                let mut r = unavailable(self.target.grpc, "upstream");
+                if !self.target.grpc {
+                    *r.status_mut() = StatusCode::BAD_GATEWAY;
+                }
+                report.report(r.status(), grpc_status(r.headers()), 0, "upstream");
+                r
+            }
+        }
+    }
+}
+
+/// An inbound request, counted and logged when its response ends.
+struct Reported {
+    target: Arc<Target>,
+    peer: Arc<Identity>,
+    addr: SocketAddrV4,
+    line: Line,
+    started: Instant,
+}
+
+impl Report for Reported {
+    fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
+        let series = &self.target.series;
+        series.request(class(status, self.target.grpc, grpc_status));
+        series.received.inc_by(bytes);
+        Record {
+            direction: "inbound",
+            source: None,
+            identity: Some(&self.peer),
+            client: None,
+            service: &series.labels.service,
+            endpoint: Some(self.addr),
+            node: Some("local"),
+            bytes_up: None,
+            bytes_down: bytes,
+            duration: self.started.elapsed(),
+            outcome,
+            error: None,
+            request: Some(self.line.with(status, grpc_status)),
+        }
+        .log();
+    }
+}
