@@ -123,6 +123,7 @@ fn init_logs(format: LogFormat) -> (DroppedLines, FlushOnDrop) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, dropped, flush) = logwriter::start(std::io::stderr());
+    mesh_daemon::telemetry::line::install(writer.clone(), matches!(format, LogFormat::Json));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),

@@ -23,8 +23,9 @@
 //!   thread, on the client's node.
 //!
 //! Per path: wrk, 32 HTTP/1.1 keep-alive connections (requests/s, p50,
-//! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s); and
-//! the proxy's CPU seconds over both.
+//! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s);
+//! oha at a fixed 1000 requests/s over 8 keep-alive connections (p50,
+//! p99, with latency correction); and the proxy's CPU seconds over all.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,7 +41,23 @@ struct HttpRow {
     p50_us: f64,
     p99_us: f64,
     h2_rps: f64,
+    /// oha at a fixed rate of [`FIXED_RATE`] requests/s.
+    fixed_p50_us: f64,
+    fixed_p99_us: f64,
     cpu_s: f64,
+}
+
+/// The rate of the fixed-rate latency measurement, requests/s.
+const FIXED_RATE: u32 = 1000;
+
+/// (p50 µs, p99 µs) from oha's JSON output, when every request succeeded.
+fn parse_oha(out: &str) -> Option<(f64, f64)> {
+    let v: serde_json::Value = serde_json::from_str(out).ok()?;
+    if v["summary"]["successRate"].as_f64()? < 1.0 {
+        return None;
+    }
+    let p = &v["latencyPercentiles"];
+    Some((p["p50"].as_f64()? * 1e6, p["p99"].as_f64()? * 1e6))
 }
 
 /// Requests/s from h2load's `finished in 5.00s, 12345.67 req/s, ...`, if
@@ -284,6 +301,10 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
         ("http-proxy-mtls", "10.96.0.25:80".into(), "10.96.0.26:80".into(), da.pid()),
         ("haproxy-http", format!("{node_a}:18090"), format!("{node_a}:18091"), haproxy),
     ];
+    let oha = crate::setup::oha_path()
+        .context("oha is missing (the fixed-rate latency needs it): run cargo xtask setup")?
+        .display()
+        .to_string();
     let http_selected: Vec<_> =
         http_paths.iter().filter(|s| only.is_empty() || only.iter().any(|o| o == s.0)).collect();
     let mut http_runs: Vec<Vec<HttpRow>> = http_selected.iter().map(|_| Vec::new()).collect();
@@ -309,11 +330,25 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
             )?;
             let h2out = String::from_utf8_lossy(&h2load.stdout).into_owned();
             let h2_rps = parse_h2load(&h2out).with_context(|| format!("{name}: h2load failed:\n{h2out}"))?;
+            let rate = FIXED_RATE.to_string();
+            let fixed = c.exec(
+                "client",
+                &oha,
+                &["-z", &d, "-q", &rate, "-c", "8", "--latency-correction", "--no-tui", "--output-format", "json"]
+                    .into_iter()
+                    .chain([format!("http://{h1}/").as_str()])
+                    .collect::<Vec<_>>(),
+                wait,
+            )?;
+            let fixed = String::from_utf8_lossy(&fixed.stdout).into_owned();
+            let (fixed_p50_us, fixed_p99_us) =
+                parse_oha(&fixed).with_context(|| format!("{name}: oha failed or had failures:\n{fixed}"))?;
             let (_, cpu1) = usage(*pid);
-            let row = HttpRow { name, rps, p50_us: p50, p99_us: p99, h2_rps, cpu_s: cpu1 - cpu0 };
+            let row =
+                HttpRow { name, rps, p50_us: p50, p99_us: p99, h2_rps, fixed_p50_us, fixed_p99_us, cpu_s: cpu1 - cpu0 };
             say(&format!(
-                "  HTTP/1.1 {:.0} req/s, p50 {:.0} us, p99 {:.0} us; HTTP/2 {:.0} req/s; CPU {:.2} s",
-                row.rps, row.p50_us, row.p99_us, row.h2_rps, row.cpu_s
+                "  HTTP/1.1 {:.0} req/s, p50 {:.0} us, p99 {:.0} us; HTTP/2 {:.0} req/s; at {FIXED_RATE}/s p50 {:.0} us, p99 {:.0} us; CPU {:.2} s",
+                row.rps, row.p50_us, row.p99_us, row.h2_rps, row.fixed_p50_us, row.fixed_p99_us, row.cpu_s
             ));
             http_runs[i].push(row);
         }
@@ -368,6 +403,8 @@ fn median_http_row(runs: &[HttpRow]) -> HttpRow {
         p50_us: med(|r| r.p50_us),
         p99_us: med(|r| r.p99_us),
         h2_rps: med(|r| r.h2_rps),
+        fixed_p50_us: med(|r| r.fixed_p50_us),
+        fixed_p99_us: med(|r| r.fixed_p99_us),
         cpu_s: med(|r| r.cpu_s),
     }
 }
@@ -395,6 +432,23 @@ fn render_http(rows: &[HttpRow]) -> String {
             cell(r, |r| r.h2_rps),
             r.cpu_s
         );
+    }
+    let _ = writeln!(
+        s,
+        "\nAt a fixed {FIXED_RATE} requests/s (oha `-q {FIXED_RATE}`, 8 HTTP/1.1 keep-alive connections, latency-corrected). A hop is one proxy a request passes: one for http-proxy-local and haproxy-http, two for http-proxy-mtls (both nodes' proxies).\n"
+    );
+    let _ = writeln!(s, "| path | p50 µs | p99 µs | added p50 per hop µs |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let direct = base(|r| r.fixed_p50_us, "http-direct");
+    for r in rows {
+        let hops = match r.name {
+            "http-direct" => 0.0,
+            "http-proxy-mtls" => 2.0,
+            _ => 1.0,
+        };
+        let added =
+            if hops > 0.0 && direct > 0.0 { format!("{:+.0}", (r.fixed_p50_us - direct) / hops) } else { "-".into() };
+        let _ = writeln!(s, "| {} | {:.0} | {:.0} | {added} |", r.name, r.fixed_p50_us, r.fixed_p99_us);
     }
     s
 }
@@ -491,6 +545,15 @@ mod tests {
         assert_eq!(parse_h2load(out), Some(12345.67));
         let failed = out.replace("0 failed", "3 failed");
         assert_eq!(parse_h2load(&failed), None, "failed requests make no figure");
+    }
+
+    #[test]
+    fn parses_oha_json() {
+        let out = r#"{"summary":{"successRate":1.0},"latencyPercentiles":{"p50":0.000158815,"p99":0.000549096}}"#;
+        let (p50, p99) = parse_oha(out).unwrap();
+        assert!((p50 - 158.815).abs() < 1e-6 && (p99 - 549.096).abs() < 1e-6);
+        let failed = out.replace("1.0", "0.98");
+        assert_eq!(parse_oha(&failed), None, "failed requests make no figure");
     }
 
     #[test]

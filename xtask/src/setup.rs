@@ -42,6 +42,7 @@ pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     cargo_deny()?;
+    oha()?;
     packages()?;
     manifest_tools()?;
     bpffs()?;
@@ -91,6 +92,34 @@ fn cargo_deny() -> anyhow::Result<()> {
     run(crate::cargo().args(["install", "--locked", "cargo-deny", "--version", CARGO_DENY_VERSION]))?;
     if !succeeds(Command::new("cargo-deny").arg("--version")) {
         bail!("cargo-deny was installed but does not run; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+/// oha, the bench's fixed-rate HTTP client (`-q`): not packaged by Debian.
+const OHA_VERSION: &str = "1.10.0";
+
+/// Where oha is: on PATH, else where `cargo install` put it.
+pub fn oha_path() -> Option<std::path::PathBuf> {
+    if let Some(p) =
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("oha")).find(|f| f.is_file()))
+    {
+        return Some(p);
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    Some(home.join("bin/oha")).filter(|p| p.is_file())
+}
+
+fn oha() -> anyhow::Result<()> {
+    if oha_path().is_some() {
+        return Ok(());
+    }
+    eprintln!("setup: building oha {OHA_VERSION} (takes a few minutes, once)");
+    run(crate::cargo().args(["install", "--locked", "oha", "--version", OHA_VERSION]))?;
+    if oha_path().is_none() {
+        bail!("oha was installed but is not in ~/.cargo/bin or on PATH");
     }
     Ok(())
 }

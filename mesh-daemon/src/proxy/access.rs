@@ -49,6 +49,55 @@ pub struct Record<'a> {
 
 impl Record<'_> {
     pub fn log(&self) {
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
+        let message = if self.request.is_some() { "request" } else { "closed" };
+        if !crate::telemetry::line::write("access", message, |f| self.fields(f)) {
+            self.log_through_tracing();
+        }
+    }
+
+    /// The same fields as [`Self::log_through_tracing`], in its order.
+    fn fields(&self, f: &mut crate::telemetry::line::Fields<'_>) {
+        f.str("direction", self.direction);
+        if let Some(v) = self.source {
+            f.str("source", v);
+        }
+        if let Some(v) = self.identity {
+            f.display("identity", v);
+        }
+        if let Some(v) = self.client {
+            f.display("client", &v);
+        }
+        f.str("service", self.service);
+        if let Some(v) = self.endpoint {
+            f.display("endpoint", &v);
+        }
+        if let Some(v) = self.node {
+            f.str("node", v);
+        }
+        if let Some(v) = self.bytes_up {
+            f.u64("bytes_up", v);
+        }
+        f.u64("bytes_down", self.bytes_down);
+        f.u64("duration_ms", self.duration.as_millis() as u64);
+        f.str("outcome", self.outcome);
+        if let Some(v) = self.error {
+            f.display("error", v);
+        }
+        if let Some(r) = &self.request {
+            f.str("method", r.method);
+            f.str("authority", r.authority);
+            f.str("path", r.path);
+            f.u64("status", u64::from(r.status));
+            if let Some(g) = r.grpc_status {
+                f.u64("grpc_status", u64::from(g));
+            }
+        }
+    }
+
+    fn log_through_tracing(&self) {
         let duration_ms = self.duration.as_millis() as u64;
         let r = self.request.as_ref();
         info!(
@@ -73,5 +122,61 @@ impl Record<'_> {
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(json: bool, r: &Record<'_>) -> String {
+        let (mut out, mut scratch) = (String::new(), String::new());
+        let now = Duration::from_secs(1_795_910_400);
+        crate::telemetry::line::format(&mut out, &mut scratch, json, now, "access", "request", |f| r.fields(f));
+        out
+    }
+
+    #[test]
+    fn a_request_line_has_the_json_shape_of_the_tracing_subscriber() {
+        let id = Identity::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+        let error = "connection reset by \"peer\"";
+        let r = Record {
+            direction: "inbound",
+            source: None,
+            identity: Some(&id),
+            client: None,
+            service: "default/web:80",
+            endpoint: Some("10.244.2.3:8080".parse().unwrap()),
+            node: Some("local"),
+            bytes_up: None,
+            bytes_down: 12,
+            duration: Duration::from_millis(7),
+            outcome: "error",
+            error: Some(&error),
+            request: Some(RequestLine { method: "GET", authority: "web", path: "/a", status: 404, grpc_status: None }),
+        };
+        let text = line(true, &r);
+        assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["target"], "access");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["timestamp"], "2026-11-29T00:00:00.000000Z");
+        let f = &v["fields"];
+        assert_eq!(f["message"], "request");
+        assert_eq!(f["direction"], "inbound");
+        assert_eq!(f["identity"], "spiffe://cluster.local/ns/default/sa/client");
+        assert_eq!(f["endpoint"], "10.244.2.3:8080");
+        assert_eq!(
+            (f["status"].as_u64(), f["bytes_down"].as_u64(), f["duration_ms"].as_u64()),
+            (Some(404), Some(12), Some(7))
+        );
+        assert_eq!(f["error"], error);
+        assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
+        let text = line(false, &r);
+        assert!(
+            text.starts_with("2026-11-29T00:00:00.000000Z  INFO access: request direction=inbound identity=spiffe://"),
+            "{text}"
+        );
+        assert!(text.contains(" status=404") && text.contains(" error=\"connection reset by \\\"peer\\\"\""), "{text}");
     }
 }

@@ -98,13 +98,14 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
     }
 }
 
-impl Write for LogWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl LogWriter {
+    /// Queues one line (or drops and counts it when too much waits).
+    pub fn push(&self, line: &[u8]) {
         let first = {
             let mut p = self.0.pending.lock().unwrap_or_else(|p| p.into_inner());
             if p.buf.len() + line.len() > MAX_PENDING {
                 self.0.dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(line.len());
+                return;
             }
             p.buf.extend_from_slice(line);
             p.buf.len() == line.len()
@@ -112,6 +113,12 @@ impl Write for LogWriter {
         if first {
             self.0.ready.notify_one();
         }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.push(line);
         Ok(line.len())
     }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod line;
 pub mod logwriter;
 pub mod metrics;
 
