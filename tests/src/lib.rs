@@ -14,6 +14,14 @@
 
 pub mod cluster;
 pub mod fake_kube;
+pub mod loadgen;
 pub mod sys;
 
 pub use cluster::{clean_leftovers, Cluster, ClusterSpec, Daemon, Node, Pod};
+
+/// Tests whose shares and counts depend on their backends answering at
+/// their own pace run one at a time within their test binary: hold this.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}

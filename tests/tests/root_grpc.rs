@@ -41,7 +41,7 @@ fn root_grpc_calls_of_one_channel_are_balanced_across_nodes_through_the_tunnel()
         c.exec("client", "mt-grpc", &["call", &format!("http://{VIP}:50051"), "200"], Duration::from_secs(60)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), a.log_text());
-    assert!(text.contains("failed=0"), "{text}");
+    assert!(text.contains("failed=0"), "{text}\n{}\n{}", a.log_text(), b.log_text());
     let by = |g: &str| text.lines().filter(|l| *l == format!("unary backend={g}")).count();
     eprintln!("200 unary calls on one channel: g-1 {}, g-2 {}", by("g-1"), by("g-2"));
     assert_eq!(by("g-1") + by("g-2"), 200, "{text}");

@@ -9,14 +9,8 @@ use mesh_tests::{Cluster, ClusterSpec, Daemon};
 
 const VIP: &str = "10.96.0.10";
 
-/// Shares follow weights only while the endpoints answer equally fast
-/// (latency rightly moves traffic), so these tests run one at a time
-/// rather than slowing each other's backends.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Shares and counts depend on the backends answering at their own pace.
+use mesh_tests::one_at_a_time as serial;
 
 struct Http {
     d: Daemon,
@@ -61,15 +55,7 @@ fn assert_3_to_2(t: &BTreeMap<String, u64>, n: u64, what: &str) {
 
 /// Requests each backend answered, asked of it directly (pod to pod).
 fn served(c: &Cluster, pods: &[&str]) -> BTreeMap<String, u64> {
-    pods.iter()
-        .map(|p| {
-            let (code, body) = c.curl("client", &format!("http://{}:8080/__count", c.pod(p).ip)).unwrap();
-            assert_eq!(code, 0, "{p}: {body}");
-            let n =
-                body.trim().strip_prefix("served=").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{body}"));
-            (p.to_string(), n)
-        })
-        .collect()
+    mesh_tests::loadgen::backend_counts(c, "client", pods, "/__count")
 }
 
 #[test]
@@ -201,16 +187,7 @@ fn backends(delays: &[u64]) -> Http {
     Http { d, c }
 }
 
-/// h2load's `N succeeded, N failed, N errored` and 2xx count.
-fn h2load_counts(text: &str) -> (u64, u64, u64) {
-    let line = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default();
-    let num = |word: &str| -> u64 {
-        line.split(',')
-            .find_map(|p| p.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
-            .unwrap_or(0)
-    };
-    (num("succeeded"), num("failed"), num("errored"))
-}
+use mesh_tests::loadgen::h2load_counts;
 
 #[test]
 fn root_a_killed_backend_fails_no_request_of_a_steady_http2_connection() {

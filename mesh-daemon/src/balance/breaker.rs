@@ -85,6 +85,23 @@ impl Breaker {
         };
     }
 
+    /// Opens at once (failed answers in a row, counted by the caller):
+    /// the same penalty and probe as consecutive connect failures.
+    pub fn eject(&mut self, now: Instant, unit: f64) {
+        self.state = match self.state {
+            BreakerState::Closed { .. } => BreakerState::Open { until: now + self.backoff.delay(0, unit), attempt: 0 },
+            BreakerState::Probing { attempt } => {
+                BreakerState::Open { until: now + self.backoff.delay(attempt + 1, unit), attempt: attempt + 1 }
+            }
+            open @ BreakerState::Open { .. } => open,
+        };
+    }
+
+    /// Whether a probe is out.
+    pub fn probing(&self) -> bool {
+        matches!(self.state, BreakerState::Probing { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self.state {
             BreakerState::Closed { .. } => "closed",

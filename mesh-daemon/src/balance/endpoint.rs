@@ -51,6 +51,18 @@ struct Health {
     ewma: PeakEwma,
     breaker: Breaker,
     active: Active,
+    /// Failed answers in a row (outlier ejection by answers).
+    failed_answers: u32,
+}
+
+/// What an answer did to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    Ok,
+    /// Failed, not (yet) ejected.
+    Failed,
+    /// Failed, and the endpoint is ejected (or, a failed probe, again).
+    Ejected,
 }
 
 #[derive(Debug)]
@@ -98,6 +110,7 @@ impl EndpointState {
                     reason: "not checked yet".into(),
                     changed: SystemTime::now(),
                 },
+                failed_answers: 0,
             }),
         }
     }
@@ -146,6 +159,30 @@ impl EndpointState {
             h.ewma.observe(rtt, now);
             h.breaker.success();
         });
+    }
+
+    /// An endpoint's answer to a request ended: a good one closes the
+    /// breaker (it was reached and answered); a failed one counts, and the
+    /// `threshold`-th in a row (0: never) ejects it through the breaker if
+    /// `may_eject` (the service's cap on ejected endpoints). A failed probe
+    /// ejects it again, for longer.
+    pub fn answered(&self, ok: bool, threshold: u32, may_eject: bool, now: Instant) -> Answered {
+        let unit = fastrand::f64();
+        self.with(|h| {
+            if ok {
+                h.failed_answers = 0;
+                h.breaker.success();
+                return Answered::Ok;
+            }
+            h.failed_answers = h.failed_answers.saturating_add(1);
+            if h.breaker.probing() || (threshold > 0 && h.failed_answers >= threshold && may_eject) {
+                h.failed_answers = 0;
+                h.breaker.eject(now, unit);
+                Answered::Ejected
+            } else {
+                Answered::Failed
+            }
+        })
     }
 
     /// A connect time seen by an active check: feeds the latency estimate

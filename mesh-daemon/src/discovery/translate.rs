@@ -9,6 +9,13 @@
 //!   it crosses as plain TCP (`mtls: disabled`). A Service whose endpoints
 //!   are all outside the pod network (no node, e.g. `default/kubernetes`)
 //!   is left out: the mesh does not touch its traffic.
+//! - **Per-request policy**, from the Service's annotations (see
+//!   [`HTTP_ANNOTATIONS`]): `mesh.io/timeout`, `mesh.io/per-try-timeout`,
+//!   `mesh.io/retry-on` (comma-separated), `mesh.io/retry-attempts`,
+//!   `mesh.io/retry-max-body`, `mesh.io/consecutive-5xx`,
+//!   `mesh.io/rate-limit` (requests per second), `mesh.io/rate-limit-burst`
+//!   and `mesh.io/rate-limit-per-identity`. Bad values leave all of them
+//!   out for that Service, with the reason.
 //! - **Endpoints**, from the Service's IPv4 EndpointSlices: ready ones with
 //!   the weight of their pod's `mesh.io/weight` annotation (default 1);
 //!   terminating ones with weight 0 (drained: no new connections, open ones
@@ -27,12 +34,107 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Document, EndpointDoc, Name, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc};
+use crate::model::{
+    Document, EndpointDoc, HttpDoc, Name, NodeDoc, OutlierDoc, PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc,
+    WorkloadDoc,
+};
 
 pub const INJECT_LABEL: &str = "mesh.io/inject";
 pub const WEIGHT_ANNOTATION: &str = "mesh.io/weight";
 pub const MODE_ANNOTATION: &str = "mesh.io/mode";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Service annotations that set its per-request policy.
+pub const HTTP_ANNOTATIONS: [&str; 9] = [
+    "mesh.io/timeout",
+    "mesh.io/per-try-timeout",
+    "mesh.io/retry-on",
+    "mesh.io/retry-attempts",
+    "mesh.io/retry-max-body",
+    "mesh.io/consecutive-5xx",
+    "mesh.io/rate-limit",
+    "mesh.io/rate-limit-burst",
+    "mesh.io/rate-limit-per-identity",
+];
+
+/// The per-request policy the annotations give, if any; a value that does
+/// not parse or validate leaves it out, with the reason in `skipped`.
+fn http_policy(
+    annotations: Option<&BTreeMap<String, String>>,
+    ports: &[PortDoc],
+    what: &str,
+    skipped: &mut Vec<String>,
+) -> Option<HttpDoc> {
+    let a = annotations?;
+    let get = |k: &str| a.get(k).map(|v| v.trim().to_owned());
+    if !HTTP_ANNOTATIONS.iter().any(|k| a.contains_key(*k)) {
+        return None;
+    }
+    let int = |k: &str| -> Result<Option<i64>, String> {
+        get(k).map(|v| v.parse::<i64>().map_err(|_| format!("{k}: {v:?} is not a whole number"))).transpose()
+    };
+    let parsed = (|| -> Result<HttpDoc, String> {
+        let attempts = int("mesh.io/retry-attempts")?;
+        let retry_on = get("mesh.io/retry-on").map(|v| v.split(',').map(|s| s.trim().to_owned()).collect::<Vec<_>>());
+        let max_body = get("mesh.io/retry-max-body");
+        let retries = (retry_on.is_some() || attempts.is_some() || max_body.is_some()).then(|| RetriesDoc {
+            retry_on,
+            attempts,
+            max_body,
+            ..Default::default()
+        });
+        let consecutive = int("mesh.io/consecutive-5xx")?;
+        let outlier = consecutive.map(|n| OutlierDoc { consecutive5xx: Some(n), max_ejected_percent: None });
+        let rate_limit = match get("mesh.io/rate-limit") {
+            None => None,
+            Some(v) => {
+                let rps = v
+                    .trim_end_matches("/s")
+                    .parse::<f64>()
+                    .map_err(|_| format!("mesh.io/rate-limit: {v:?} is not requests per second (100, or 100/s)"))?;
+                let per_identity = match get("mesh.io/rate-limit-per-identity").as_deref() {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(o) => return Err(format!("mesh.io/rate-limit-per-identity: {o:?} is not true or false")),
+                };
+                Some(RateLimitDoc { requests_per_second: rps, burst: int("mesh.io/rate-limit-burst")?, per_identity })
+            }
+        };
+        Ok(HttpDoc {
+            timeout: get("mesh.io/timeout"),
+            per_try_timeout: get("mesh.io/per-try-timeout"),
+            retries,
+            outlier,
+            rate_limit,
+        })
+    })();
+    let doc = match parsed {
+        Ok(d) => d,
+        Err(why) => {
+            skipped.push(format!("{what}: {why}; its per-request annotations are left out"));
+            return None;
+        }
+    };
+    // Check against what validation will see, so one bad annotation never
+    // makes the whole state invalid.
+    let typed: Vec<crate::model::ServicePort> = ports
+        .iter()
+        .filter_map(|p| {
+            Some(crate::model::ServicePort {
+                port: crate::model::Port::parse(p.port).ok()?,
+                target_port: crate::model::Port::parse(p.target_port.unwrap_or(p.port)).ok()?,
+                app_protocol: crate::model::AppProtocol::parse(p.app_protocol.as_deref().unwrap_or("tcp")).ok()?,
+            })
+        })
+        .collect();
+    match crate::model::http::check(&doc, &typed) {
+        Ok(()) => Some(doc),
+        Err(errors) => {
+            skipped.push(format!("{what}: {}; its per-request annotations are left out", errors.join("; ")));
+            None
+        }
+    }
+}
 
 /// What discovery has seen of the cluster.
 #[derive(Debug, Default, Clone, Copy)]
@@ -262,7 +364,9 @@ fn service(
         ));
         return None;
     }
+    let http = http_policy(s.metadata.annotations.as_ref(), &ports, &format!("service {ns}/{name}"), skipped);
     Some(ServiceDoc {
+        http,
         name: name.to_owned(),
         namespace: ns.to_owned(),
         vip: vip.to_string(),
@@ -419,6 +523,41 @@ mod tests {
         assert_eq!(nodes, [("node-a", "172.18.0.2"), ("node-b", "172.18.0.3")]);
         let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state.services.len(), 2);
+    }
+
+    #[test]
+    fn the_per_request_policy_comes_from_service_annotations_and_a_bad_one_is_left_out() {
+        let mut f = fixture();
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        let a = web.metadata.annotations.get_or_insert_with(Default::default);
+        for (k, v) in [
+            ("mesh.io/timeout", "2s"),
+            ("mesh.io/retry-on", "5xx, unavailable"),
+            ("mesh.io/retry-attempts", "3"),
+            ("mesh.io/rate-limit", "100/s"),
+            ("mesh.io/rate-limit-burst", "20"),
+        ] {
+            a.insert(k.into(), v.into());
+        }
+        let t = run(&f, "node-a");
+        let http = svc(&t, "shop/web").unwrap().http.clone().expect("a policy");
+        assert_eq!(http.timeout.as_deref(), Some("2s"));
+        let r = http.retries.unwrap();
+        assert_eq!((r.retry_on.unwrap(), r.attempts), (vec!["5xx".to_owned(), "unavailable".to_owned()], Some(3)));
+        let rl = http.rate_limit.unwrap();
+        assert_eq!((rl.requests_per_second, rl.burst, rl.per_identity), (100.0, Some(20), false));
+        let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
+        let web = state.services.iter().find(|s| s.name.as_str() == "web").unwrap();
+        assert_eq!(web.http.timeout, Some(std::time::Duration::from_secs(2)));
+
+        // One bad value: the whole policy of that Service is left out, the
+        // reason reported, and the state stays valid.
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        web.metadata.annotations.as_mut().unwrap().insert("mesh.io/retry-on".into(), "sometimes".into());
+        let t = run(&f, "node-a");
+        assert!(svc(&t, "shop/web").unwrap().http.is_none());
+        assert!(t.skipped.iter().any(|s| s.contains("shop/web") && s.contains("sometimes")), "{:?}", t.skipped);
+        State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]

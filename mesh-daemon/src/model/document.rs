@@ -77,6 +77,86 @@ pub struct ServiceDoc {
     /// [default: any identity of the same trust domain].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<AuthorizationDoc>,
+    /// What the proxy does per request on request ports (`appProtocol`
+    /// other than `tcp`): timeouts, retries, outlier ejection, rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpDoc {
+    /// The whole request, retries included, until the response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// One try, until its response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetriesDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetriesDoc {
+    /// `connect-failure`, `5xx`, `gateway-error`, status codes, gRPC
+    /// statuses (`unavailable`, ...) [default: gateway-error, and
+    /// unavailable on gRPC ports].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<String>>,
+    /// Retries after the first try [default 2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetDoc>,
+    /// Largest request body kept to send again [default 64KiB].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<String>,
+    /// Methods that may be retried [default: the idempotent ones; every
+    /// call on gRPC ports].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BudgetDoc {
+    /// Retries allowed per request [default 0.2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Retries allowed per second on top [default 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<i64>,
+    /// Over how long requests and retries are counted [default 10s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDoc {
+    /// Failed answers in a row that eject an endpoint [default 5; 0: off].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive5xx: Option<i64>,
+    /// Most of a service's endpoints ejected at once [default 50; at least one].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejected_percent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitDoc {
+    pub requests_per_second: f64,
+    /// Requests allowed at once above the rate [default: requestsPerSecond].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
+    /// One bucket per client identity instead of one per service.
+    #[serde(default)]
+    pub per_identity: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 
 pub mod capacity;
 mod document;
+pub mod http;
 mod ids;
 mod load;
 mod names;
@@ -16,7 +17,8 @@ use std::time::Duration;
 
 pub use capacity::{MapCapacity, MapNeeds};
 pub use document::{
-    AuthorizationDoc, Document, EndpointDoc, HealthCheckDoc, NodeDoc, PortDoc, ServiceDoc, WorkloadDoc,
+    AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, NodeDoc, OutlierDoc, PortDoc,
+    RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
 };
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
@@ -90,6 +92,8 @@ pub struct Service {
     pub mtls: bool,
     /// None: the same trust domain is allowed.
     pub authorization: Option<Authorization>,
+    /// Per request, on request ports.
+    pub http: http::HttpPolicy,
 }
 
 /// Who may reach a service's endpoints through the tunnel.

@@ -38,14 +38,14 @@ impl fmt::Display for ValidationErrors {
 }
 
 #[derive(Default)]
-struct Errors(Vec<FieldError>);
+pub(super) struct Errors(pub(super) Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError { path: path.into(), message: message.into() });
     }
     /// Keeps the value of `r`, or records its error under `path`.
-    fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
+    pub(super) fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
         r.map_err(|m| self.push(path, m)).ok()
     }
 }
@@ -336,6 +336,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 r => Err(format!("{r} retries are not in 0..10")),
             },
         );
+        let http = super::http::validate(&mut e, &p, s.http.as_ref(), &ports);
         if let (
             Some(name),
             Some(namespace),
@@ -346,7 +347,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             Some(retries),
             Some(retry_budget),
             Some(mtls),
-        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget, mtls)
+            Some(http),
+        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget, mtls, http)
         {
             state.services.push(Service {
                 name,
@@ -362,6 +364,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 retry_budget,
                 mtls,
                 authorization,
+                http,
             });
         }
     }

@@ -18,6 +18,8 @@ pub struct RequestLine<'a> {
     pub path: &'a str,
     pub status: u16,
     pub grpc_status: Option<u32>,
+    /// Tries after the first (outbound).
+    pub retries: u32,
 }
 
 /// One finished connection or request. `bytes_up` went from the client
@@ -94,6 +96,9 @@ impl Record<'_> {
             if let Some(g) = r.grpc_status {
                 f.u64("grpc_status", u64::from(g));
             }
+            if r.retries > 0 {
+                f.u64("retries", u64::from(r.retries));
+            }
         }
     }
 
@@ -119,6 +124,7 @@ impl Record<'_> {
             path = r.map(|r| r.path),
             status = r.map(|r| r.status),
             grpc_status = r.and_then(|r| r.grpc_status),
+            retries = r.map(|r| r.retries).filter(|n| *n > 0),
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
@@ -153,7 +159,14 @@ mod tests {
             duration: Duration::from_millis(7),
             outcome: "error",
             error: Some(&error),
-            request: Some(RequestLine { method: "GET", authority: "web", path: "/a", status: 404, grpc_status: None }),
+            request: Some(RequestLine {
+                method: "GET",
+                authority: "web",
+                path: "/a",
+                status: 404,
+                grpc_status: None,
+                retries: 2,
+            }),
         };
         let text = line(true, &r);
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
@@ -171,6 +184,7 @@ mod tests {
             (Some(404), Some(12), Some(7))
         );
         assert_eq!(f["error"], error);
+        assert_eq!(f["retries"].as_u64(), Some(2));
         assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
         let text = line(false, &r);
         assert!(

@@ -158,6 +158,19 @@ async fn forward(
         error: None,
         request: None,
     };
+    if let Some(limiter) = &route.policy.limiter {
+        if limiter.admit(source.map(|w| &w.identity), super::http::policy::clock_secs()).is_err() {
+            route.series.rate_limited.inc();
+            route.series.failed("rate_limited");
+            if limiter.should_log(crate::telemetry::metrics::now_secs()) {
+                warn!(client = %peer, source = src, service = %route.name, "over the rate limit: connection refused (logged once a second)");
+            }
+            // A reset, as a refused connection: the client may try again later.
+            let _ = client.set_zero_linger();
+            Record { outcome: "rate_limited", duration: started.elapsed(), ..record }.log();
+            return;
+        }
+    }
     let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
         Ok(c) => c,
         Err(e) => {
@@ -297,7 +310,14 @@ mod tests {
             drain.clone(),
         ));
         let local = Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port };
-        let routes = RouteTable::build(&state, &state.frontends(&ids), &Registry::default(), &local, &metrics);
+        let routes = RouteTable::build(
+            &state,
+            &state.frontends(&ids),
+            &Registry::default(),
+            &Default::default(),
+            &local,
+            &metrics,
+        );
         let source = routes.workload("127.0.0.10".parse().unwrap()).unwrap().clone();
         let m = Mesh {
             routes,

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 
 use arc_swap::ArcSwap;
 
+use super::http::policy::{Policies, Policy};
 use super::http::upstream::Upstreams;
 use tokio::time::Instant;
 
@@ -49,6 +50,9 @@ pub struct Route {
     /// Bytes, or requests routed one by one.
     pub app_protocol: AppProtocol,
     pub series: ServiceSeries,
+    /// Per request: timeouts, retries, outlier ejection, rate limit (the
+    /// rate limit applies to connections of `tcp` ports too).
+    pub policy: Arc<Policy>,
 }
 
 impl Member for RouteEndpoint {
@@ -77,6 +81,16 @@ impl Route {
     pub fn pick_index(&self, tried: &[SocketAddrV4], now: Instant) -> Option<usize> {
         balance::pick(&self.endpoints, self.fail_open, tried, now, fastrand::f64)
     }
+
+    /// Whether one more endpoint may be ejected by its answers: at most
+    /// the policy's share of the endpoints is out at once, and one always
+    /// may be.
+    pub fn may_eject(&self, now: Instant) -> bool {
+        let Some(o) = &self.policy.cfg.outlier else { return false };
+        let out = self.endpoints.iter().filter(|e| !e.state.available(now)).count();
+        let cap = (self.endpoints.len() * o.max_ejected_percent as usize / 100).max(1);
+        out < cap
+    }
 }
 
 /// Where the node proxy is and how it names identities.
@@ -102,6 +116,8 @@ pub struct RoutesView {
     registry: Arc<Registry>,
     /// Upstream HTTP pools, kept for the endpoints still in use.
     upstreams: Arc<Upstreams>,
+    /// Retry budgets and rate limiters, kept while their policy is.
+    policies: Policies,
     local: Local,
     metrics: Arc<Metrics>,
 }
@@ -109,7 +125,7 @@ pub struct RoutesView {
 impl RoutesView {
     pub fn new(registry: Arc<Registry>, local: Local, metrics: Arc<Metrics>) -> Self {
         let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        Self { table, registry, upstreams: Arc::default(), local, metrics }
+        Self { table, registry, upstreams: Arc::default(), policies: Policies::default(), local, metrics }
     }
 
     pub fn upstreams(&self) -> Arc<Upstreams> {
@@ -123,7 +139,10 @@ impl RoutesView {
 
 impl View for RoutesView {
     fn update(&self, snap: &Snapshot) {
-        let next = RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.local, &self.metrics);
+        let next =
+            RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.policies, &self.local, &self.metrics);
+        let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
+        self.policies.retain(|n| names.contains(n));
         let in_use: HashSet<SocketAddrV4> =
             next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
         self.upstreams.retain(|a| in_use.contains(&a));
@@ -143,7 +162,14 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn build(state: &State, frontends: &[Frontend], registry: &Registry, local: &Local, metrics: &Metrics) -> Self {
+    pub fn build(
+        state: &State,
+        frontends: &[Frontend],
+        registry: &Registry,
+        policies: &Policies,
+        local: &Local,
+        metrics: &Metrics,
+    ) -> Self {
         let by_id = frontends
             .iter()
             .map(|f| {
@@ -177,6 +203,7 @@ impl RouteTable {
                     .collect();
                 let route = Route {
                     series: metrics.service_series(ServiceLabels { service: name.clone(), direction: "outbound" }),
+                    policy: policies.get(&name, &s.http),
                     name,
                     service: s.key(),
                     endpoints,
@@ -262,7 +289,7 @@ mod tests {
         let registry = Registry::default();
         let local =
             Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
-        (RouteTable::build(&state, &state.frontends(&ids), &registry, &local, metrics), registry)
+        (RouteTable::build(&state, &state.frontends(&ids), &registry, &Default::default(), &local, metrics), registry)
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::telemetry::ProxyCounters;
 const MAX_TRIES: usize = 11;
 
 /// Backoff between tries: 10 ms doubling to 500 ms, jitter 0.5.
-const RETRY_BACKOFF: Backoff =
+pub const RETRY_BACKOFF: Backoff =
     Backoff { base: Duration::from_millis(10), max: Duration::from_millis(500), jitter: 0.5 };
 
 /// Feeds a failed try on `ep` to its breaker if the failure is the
@@ -67,6 +67,12 @@ impl<'r> Tries<'r> {
             self.n += 1;
         }
         Some((i, ep))
+    }
+
+    /// Lets every endpoint be picked again (a retried answer when all
+    /// were tried: the same endpoint may answer differently).
+    pub fn forget_tried(&mut self) {
+        self.n = 0;
     }
 
     /// Records that the try on `ep` failed with `e`. Returns whether to try

@@ -82,7 +82,7 @@ pub struct DirectionLabels {
 
 /// Every `reason` a failed connection can have (the connect error's
 /// reasons); series are dropped by these when a service goes.
-pub const FAILURE_REASONS: [&str; 12] = [
+pub const FAILURE_REASONS: [&str; 13] = [
     "refused",
     "unreachable",
     "reset",
@@ -95,6 +95,7 @@ pub const FAILURE_REASONS: [&str; 12] = [
     "no_identity",
     "no_certificates",
     "no_endpoint",
+    "rate_limited",
 ];
 
 /// One endpoint of one service as a scrape shows it.
@@ -428,6 +429,10 @@ pub struct ServiceSeries {
     failed: Family<FailedLabels, Counter>,
     pub duration: Histogram,
     pub retries: Counter,
+    /// Retries the retry budget refused.
+    pub budget_exhausted: Counter,
+    /// Requests or connections the rate limit refused.
+    pub rate_limited: Counter,
 }
 
 impl ServiceSeries {
@@ -493,6 +498,8 @@ pub struct Metrics {
     pub response_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub connect_latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabels, Counter>,
+    pub budget_exhausted: Family<ServiceLabels, Counter>,
+    pub rate_limited: Family<ServiceLabels, Counter>,
     pub ejections: Family<EndpointLabels, Counter>,
     pub tunnel: Family<CounterLabels, Counter>,
     pub tls_failures: Family<ReasonLabels, Counter>,
@@ -531,6 +538,8 @@ impl Metrics {
             response_latency: response_latency_family(),
             connect_latency: latency_family(),
             retries: Family::default(),
+            budget_exhausted: Family::default(),
+            rate_limited: Family::default(),
             ejections: Family::default(),
             tunnel: Family::default(),
             tls_failures: Family::default(),
@@ -562,7 +571,17 @@ impl Metrics {
             Unit::Seconds,
             m.connect_latency.clone(),
         );
-        r.register("retries", "Connect tries on another endpoint after a failed one", m.retries.clone());
+        r.register("retries", "Tries after a failed connect, or after a retried answer or timeout", m.retries.clone());
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not made because the service's retry budget was spent",
+            m.budget_exhausted.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests (429) or connections refused by the service's rate limit",
+            m.rate_limited.clone(),
+        );
         r.register("requests", "Requests whose response ended, by status class or gRPC status", m.requests.clone());
         r.register_with_unit(
             "response_latency",
@@ -613,6 +632,8 @@ impl Metrics {
             failed: self.failed.clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&labels).clone(),
+            rate_limited: self.rate_limited.get_or_create(&labels).clone(),
             labels,
         }
     }
@@ -654,6 +675,8 @@ impl Metrics {
         }
         self.duration.remove(labels);
         self.retries.remove(labels);
+        self.budget_exhausted.remove(labels);
+        self.rate_limited.remove(labels);
     }
 
     /// Reads the kernel's counters and the endpoints' state from `live`

@@ -2,7 +2,9 @@
 //! so no protoc is needed): service `mesh.test.Echo` with a unary `Say`
 //! and a server-streaming `Count`.
 //!
-//! usage: mt-grpc serve --name NAME --port PORT
+//! usage: mt-grpc serve --name NAME --port PORT [--unavailable] [--delay-ms MS]
+//!        (`--unavailable`: `Say` fails with UNAVAILABLE; `--delay-ms`: it
+//!        answers that late)
 //!        mt-grpc call URL N    (N unary calls on one channel, then one
 //!                               stream of 5; prints who answered)
 
@@ -35,20 +37,28 @@ pub struct Reply {
 #[derive(Clone)]
 struct Echo {
     name: String,
+    unavailable: bool,
+    delay: std::time::Duration,
 }
 
 impl NamedService for Echo {
     const NAME: &'static str = "mesh.test.Echo";
 }
 
-struct Say(String);
+struct Say(Echo);
 
 impl UnaryService<Hello> for Say {
     type Response = Reply;
     type Future = BoxFuture<Response<Reply>, Status>;
     fn call(&mut self, _: Request<Hello>) -> Self::Future {
-        let backend = self.0.clone();
-        Box::pin(async move { Ok(Response::new(Reply { backend, seq: 0 })) })
+        let echo = self.0.clone();
+        Box::pin(async move {
+            tokio::time::sleep(echo.delay).await;
+            if echo.unavailable {
+                return Err(Status::unavailable(format!("{} is unavailable", echo.name)));
+            }
+            Ok(Response::new(Reply { backend: echo.name, seq: 0 }))
+        })
     }
 }
 
@@ -93,11 +103,11 @@ impl Service<http::Request<Body>> for Echo {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let name = self.name.clone();
+        let (name, echo) = (self.name.clone(), self.clone());
         match req.uri().path() {
             "/mesh.test.Echo/Say" => Box::pin(async move {
                 let mut grpc = Grpc::new(ProstCodec::<Reply, Hello>::default());
-                Ok(grpc.unary(Say(name), req).await)
+                Ok(grpc.unary(Say(echo), req).await)
             }),
             "/mesh.test.Echo/Count" => Box::pin(async move {
                 let mut grpc = Grpc::new(ProstCodec::<Reply, Hello>::default());
@@ -114,10 +124,9 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 
 /// Serves HTTP/2 (prior knowledge) with hyper, each request handed to the
 /// tonic service.
-async fn serve(name: &str, port: u16) -> Result<(), String> {
+async fn serve(echo: Echo, port: u16) -> Result<(), String> {
     let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| e.to_string())?;
-    eprintln!("mt-grpc: {name} serving on {port}");
-    let echo = Echo { name: name.to_owned() };
+    eprintln!("mt-grpc: {} serving on {port}", echo.name);
     loop {
         let (s, _) = l.accept().await.map_err(|e| e.to_string())?;
         let echo = echo.clone();
@@ -190,7 +199,15 @@ fn main() -> ExitCode {
     };
     let r = match args.first().map(String::as_str) {
         Some("serve") => match (flag(&args, "--name"), flag(&args, "--port").and_then(|p| p.parse().ok())) {
-            (Some(name), Some(port)) => rt.block_on(serve(name, port)),
+            (Some(name), Some(port)) => {
+                let delay = flag(&args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0);
+                let echo = Echo {
+                    name: name.to_owned(),
+                    unavailable: args.iter().any(|a| a == "--unavailable"),
+                    delay: std::time::Duration::from_millis(delay),
+                };
+                rt.block_on(serve(echo, port))
+            }
             _ => Err("usage: mt-grpc serve --name NAME --port PORT".into()),
         },
         Some("call") if args.len() == 3 => match args[2].parse() {

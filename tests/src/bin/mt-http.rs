@@ -1,11 +1,14 @@
 //! An HTTP backend for the request-aware tests: HTTP/1.1 and HTTP/2 with
 //! prior knowledge (h2c) on one port, each answer `backend=NAME`.
 //!
-//! usage: mt-http --name NAME --port PORT [--delay-ms MS]
+//! usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]
 //! `GET /__count` answers `served=N`: the requests it answered so far. A
 //! request with `Upgrade: echo` is answered 101 and the connection then
 //! echoes its bytes. `/status/NNN` answers with status NNN. A request body
 //! is read whole and its length answered as a `received=N` line.
+//! `--fail-percent P` answers 503 to P% of requests at random, `--status S`
+//! answers S to every request. `GET /__cancelled` answers `cancelled=N`:
+//! requests whose client (the proxy) went away before the answer.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -19,12 +22,33 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// Requests answered, but for `/__count` itself.
 static SERVED: AtomicU64 = AtomicU64::new(0);
+/// Requests dropped before their answer was ready.
+static CANCELLED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a request as cancelled if dropped before `done`.
+struct Pending(bool);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.0 {
+            CANCELLED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How this backend answers.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    delay: Duration,
+    fail_percent: u32,
+    status: Option<hyper::StatusCode>,
+}
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
-async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> {
+async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
     let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     eprintln!("mt-http: {name} serving on {port}");
     let body: Bytes = format!("backend={name}\n").into();
@@ -56,10 +80,16 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
                         let n = SERVED.load(Ordering::Relaxed);
                         return Ok(Response::new(Full::new(Bytes::from(format!("served={n}\n")))));
                     }
-                    SERVED.fetch_add(1, Ordering::Relaxed);
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                    if req.uri().path() == "/__cancelled" {
+                        let n = CANCELLED.load(Ordering::Relaxed);
+                        return Ok(Response::new(Full::new(Bytes::from(format!("cancelled={n}\n")))));
                     }
+                    SERVED.fetch_add(1, Ordering::Relaxed);
+                    let mut pending = Pending(false);
+                    if !how.delay.is_zero() {
+                        tokio::time::sleep(how.delay).await;
+                    }
+                    pending.0 = true;
                     let status = req
                         .uri()
                         .path()
@@ -75,8 +105,11 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
                         body
                     };
                     let mut resp = Response::new(Full::new(body));
-                    if let Some(s) = status {
+                    let failed = how.fail_percent > 0 && fastrand::u32(0..100) < how.fail_percent;
+                    if let Some(s) = status.or(how.status) {
                         *resp.status_mut() = s;
+                    } else if failed {
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                     }
                     Ok(resp)
                 }
@@ -91,10 +124,14 @@ async fn serve(name: String, port: u16, delay: Duration) -> std::io::Result<()> 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(name), Some(port)) = (flag(&args, "--name"), flag(&args, "--port").and_then(|p| p.parse().ok())) else {
-        eprintln!("usage: mt-http --name NAME --port PORT [--delay-ms MS]");
+        eprintln!("usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]");
         return ExitCode::from(2);
     };
-    let delay = Duration::from_millis(flag(&args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0));
+    let how = Behaviour {
+        delay: Duration::from_millis(flag(&args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0)),
+        fail_percent: flag(&args, "--fail-percent").and_then(|d| d.parse().ok()).unwrap_or(0),
+        status: flag(&args, "--status").and_then(|s| s.parse().ok()).and_then(|s| hyper::StatusCode::from_u16(s).ok()),
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -102,7 +139,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(name.to_owned(), port, delay)) {
+    match rt.block_on(serve(name.to_owned(), port, how)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mt-http: {e}");

@@ -101,7 +101,7 @@ pub async fn serve(
         }
     };
     if let Err(e) = ended {
-        debug!(target = %req.target, error = %e, "inbound request stream ended");
+        debug!(target = %req.target, error = %super::chain(&e), "inbound request stream ended");
     }
 }
 

@@ -10,7 +10,8 @@
 pub mod detect;
 pub mod inbound;
 mod observe;
-mod unread;
+pub mod policy;
+mod replay;
 mod upgrade;
 pub mod upstream;
 
@@ -34,8 +35,11 @@ use self::upstream::{Body, ConnectedAt, Connector, Dial, Upstreams};
 use super::error::ConnectError;
 use super::tries::Tries;
 use super::{Route, RouteEndpoint, Workload};
+use crate::balance::endpoint::Answered;
 use crate::drain::Drain;
+use crate::model::http::{HttpPolicy, RetryPolicy};
 use crate::model::AppProtocol;
+use crate::telemetry::metrics::now_secs;
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::Pool;
 use hyper_util::client::legacy::Client;
@@ -153,25 +157,96 @@ fn empty() -> Body {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// The answer when no endpoint takes the request: 503, or for gRPC a
-/// trailers-only `UNAVAILABLE` (code 14).
-pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
+/// An answer the proxy makes itself: `status`, or for gRPC a
+/// trailers-only status `grpc_code` with `why` as its message; its
+/// `mesh-error` header says what happened (`error`).
+fn answer(grpc: bool, status: StatusCode, grpc_code: u32, error: &'static str, why: &str) -> Response<Body> {
     let mut r = if grpc {
         let mut r = Response::new(empty());
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        r.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from(grpc_code));
         if let Ok(v) = HeaderValue::from_str(why) {
             r.headers_mut().insert("grpc-message", v);
         }
         r
     } else {
-        let body = Full::new(Bytes::from(format!("no endpoint could take the request: {why}\n")));
+        let body = Full::new(Bytes::from(format!("{why}\n")));
         let mut r = Response::new(body.map_err(|never| match never {}).boxed_unsync());
-        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        *r.status_mut() = status;
         r
     };
-    r.headers_mut().insert("mesh-error", HeaderValue::from_static("unavailable"));
+    r.headers_mut().insert("mesh-error", HeaderValue::from_static(error));
     r
+}
+
+/// The answer when no endpoint takes the request: 503, or for gRPC
+/// `UNAVAILABLE` (code 14).
+pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
+    answer(
+        grpc,
+        StatusCode::SERVICE_UNAVAILABLE,
+        14,
+        "unavailable",
+        &format!("no endpoint could take the request: {why}"),
+    )
+}
+
+/// The answer when the request's time ran out: 504, or for gRPC
+/// `DEADLINE_EXCEEDED` (code 4).
+fn timed_out(grpc: bool, after: Duration) -> Response<Body> {
+    answer(grpc, StatusCode::GATEWAY_TIMEOUT, 4, "timeout", &format!("no answer within {after:?}"))
+}
+
+/// The answer over the rate limit: 429 with `Retry-After`, or for gRPC
+/// `RESOURCE_EXHAUSTED` (code 8).
+fn rate_limited(grpc: bool, wait: Duration) -> Response<Body> {
+    let mut r = answer(grpc, StatusCode::TOO_MANY_REQUESTS, 8, "rate-limited", "over the service's rate limit");
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// `grpc-timeout` (RFC: up to 8 digits and a unit of H, M, S, m, u, n).
+fn grpc_timeout(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok().filter(|_| (1..=8).contains(&n.len()))?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long the whole request may take until its response headers: the
+/// service's timeout, or a shorter `grpc-timeout` the gRPC client sent.
+fn request_timeout(policy: &HttpPolicy, grpc: bool, h: &HeaderMap) -> Option<Duration> {
+    let client = grpc.then(|| grpc_timeout(h)).flatten();
+    match (policy.timeout, client) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The retry policy, if this request may be sent again: an idempotent
+/// method (any gRPC call) unless the policy lists the methods.
+fn retry_policy<'p>(policy: &'p HttpPolicy, method: &hyper::Method, grpc: bool) -> Option<&'p RetryPolicy> {
+    let r = policy.retries.as_ref()?;
+    let ok = match &r.methods {
+        Some(m) => m.contains(method),
+        None => grpc || method.is_idempotent(),
+    };
+    ok.then_some(r)
+}
+
+/// Whether an answer (its head) is one the policy retries.
+fn retried_answer(r: &RetryPolicy, head: &Response<Incoming>, grpc: bool) -> bool {
+    r.on.status(head.status().as_u16())
+        || (grpc && observe::grpc_status(head.headers()).is_some_and(|c| r.on.grpc_status(c)))
 }
 
 fn bad_request(why: &'static str) -> Response<Body> {
@@ -197,6 +272,18 @@ fn dial(ep: &RouteEndpoint, conn: &Conn) -> Result<Dial, ConnectError> {
         }
         None => Ok(Dial::Direct(addr)),
     }
+}
+
+/// An error with its causes, `outer: inner: ...`.
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }
 
 /// The connect error under a pooling client's error, if that is what it is.
@@ -250,10 +337,27 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
     }
 }
 
+/// A failed answer or a try that ran out of time: counted against `ep`,
+/// which may be ejected through its breaker (see [`Route::may_eject`]).
+fn failed_answer(route: &Route, ep: &RouteEndpoint) {
+    let now = Instant::now();
+    let threshold = route.policy.cfg.outlier.map_or(0, |o| o.consecutive_failures);
+    if ep.state.answered(false, threshold, route.may_eject(now), now) == Answered::Ejected {
+        ep.series.ejections.inc();
+        warn!(service = %route.name, endpoint = %ep.state.addr, "failed answers in a row: endpoint ejected");
+    }
+}
+
 /// Routes one request: picks an endpoint, sends it over that endpoint's
-/// pool, and tries another endpoint as [`Tries`] allows when connecting
-/// fails: such a request was never written, so its body (if any, see
-/// [`unread`]) is still there to send.
+/// pool, and tries again, on another endpoint when there is one:
+/// - when connecting fails (as [`Tries`] allows): nothing of the request
+///   was sent, so any request goes again;
+/// - when the answer, or the end of a try's time, is one the service's
+///   retry policy names, the request is one it may repeat (method, body
+///   kept whole, see [`replay`]), attempts are left and the retry budget
+///   allows one.
+///
+/// Before it, the service's rate limit; over all of it, the timeout.
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let started = Instant::now();
     let route = &conn.route;
@@ -266,11 +370,54 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
-    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| unread::Unread::new(body.boxed_unsync()));
-    let finished = Finished::new(conn, &parts.method, &parts.uri);
+    let mut finished = Finished::new(conn, &parts.method, &parts.uri);
+    let policy = &route.policy;
+    if let Some(limiter) = &policy.limiter {
+        let identity = conn.source.as_ref().map(|w| &w.identity);
+        if let Err(wait) = limiter.admit(identity, policy::clock_secs()) {
+            route.series.rate_limited.inc();
+            if limiter.should_log(now_secs()) {
+                warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
+            }
+            return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
+        }
+    }
+    let timeout = request_timeout(&policy.cfg, conn.grpc, &parts.headers);
+    let deadline = timeout.map(|t| started + t);
+    let retry = retry_policy(&policy.cfg, &parts.method, conn.grpc);
+    let body = (!hyper::body::Body::is_end_stream(&body))
+        .then(|| replay::Replay::new(body.boxed_unsync(), retry.map_or(0, |r| r.max_body)));
+    if let Some(b) = &policy.budget {
+        b.deposit(now_secs());
+    }
     let mut tries = Tries::new(route);
     let mut reason = "no_endpoint";
-    while let Some((i, ep)) = tries.pick() {
+    let mut retried = 0u32;
+    // Whether one more try may repeat this request, after waiting the
+    // backoff (false also when the wait would pass the deadline).
+    let again = |retried: u32| -> Option<Duration> {
+        let r = retry?;
+        if retried >= r.attempts || !body.as_ref().is_none_or(replay::Replay::replayable) {
+            return None;
+        }
+        let pause = super::tries::RETRY_BACKOFF.delay(retried, fastrand::f64());
+        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+            return None;
+        }
+        if !policy.budget.as_ref().is_some_and(|b| b.withdraw(now_secs())) {
+            route.series.budget_exhausted.inc();
+            return None;
+        }
+        Some(pause)
+    };
+    loop {
+        let picked = tries.pick().or_else(|| {
+            (retried > 0).then(|| {
+                tries.forget_tried();
+                tries.pick()
+            })?
+        });
+        let Some((i, ep)) = picked else { break };
         let client = match conn.client(i, ep) {
             Ok(c) => c,
             Err(e) => {
@@ -279,36 +426,78 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
             }
         };
-        let b = body.as_ref().map_or_else(empty, unread::Unread::body);
+        let b = body.as_ref().map_or_else(empty, replay::Replay::body);
         let in_flight = ep.state.start();
         let t0 = Instant::now();
-        match client.request(Request::from_parts(parts.clone(), b)).await {
-            Ok(resp) => {
+        let until = match (deadline, policy.cfg.per_try_timeout.map(|t| t0 + t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = client.request(Request::from_parts(parts.clone(), b));
+        let outcome = match until {
+            Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        drop(in_flight);
+        match outcome {
+            None => {
+                // Out of time: dropping the try cancelled it upstream (a
+                // stream reset, or the connection closed).
+                let waited = t0.elapsed();
+                ep.state.observe_rtt(waited, Instant::now());
+                failed_answer(route, ep);
+                let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                if !overall {
+                    if let Some(pause) = again(retried) {
+                        retried += 1;
+                        conn.counters.retries.inc();
+                        route.series.retries.inc();
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                }
+                finished.retries = retried;
+                let after = if overall { timeout.unwrap_or(waited) } else { waited };
+                return finished.failed("timeout", started, timed_out(conn.grpc, after));
+            }
+            Some(Ok(resp)) => {
                 // From the send, or from the connect if this request waited for one.
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
                 let latency = since.elapsed();
-                drop(in_flight);
-                ep.state.connected(latency, Instant::now());
+                ep.state.observe_rtt(latency, Instant::now());
                 route.series.response_latency.observe(latency.as_secs_f64());
                 ep.series.latency.observe(latency);
+                if retry.is_some_and(|r| retried_answer(r, &resp, conn.grpc)) {
+                    if let Some(pause) = again(retried) {
+                        // Dropping the answer resets its stream, or closes
+                        // its connection if its body was not read.
+                        drop(resp);
+                        failed_answer(route, ep);
+                        retried += 1;
+                        conn.counters.retries.inc();
+                        route.series.retries.inc();
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                }
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
+                finished.retries = retried;
                 let observed = Observed::new(body, finished.at(i, &head, started));
                 return Response::from_parts(head, observed.boxed_unsync());
             }
-            Err(e) => {
-                drop(in_flight);
+            Some(Err(e)) => {
                 let Some(c) = connect_error(&e) else {
                     // The endpoint took the request and then failed it.
-                    warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upstream request failed");
-                    let mut r = unavailable(conn.grpc, "upstream");
-                    if !conn.grpc {
-                        *r.status_mut() = StatusCode::BAD_GATEWAY;
-                    }
+                    warn!(service = %route.name, endpoint = %ep.state.addr, error = %chain(&e), "upstream request failed");
+                    failed_answer(route, ep);
+                    let r =
+                        answer(conn.grpc, StatusCode::BAD_GATEWAY, 14, "upstream", "the endpoint failed the request");
+                    finished.retries = retried;
                     return finished.failed("upstream", started, r);
                 };
                 reason = c.reason();
-                if body.as_ref().is_some_and(|b| !b.still_unread()) {
+                if body.as_ref().is_some_and(|b| !b.replayable()) {
                     // Part of the body went with this try: it cannot go again.
                     super::tries::blame(ep, c);
                     break;
@@ -320,5 +509,6 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         }
     }
     warn!(service = %route.name, reason, "no endpoint could take the request");
+    finished.retries = retried;
     finished.failed(reason, started, unavailable(conn.grpc, reason))
 }

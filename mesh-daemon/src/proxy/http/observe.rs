@@ -44,6 +44,7 @@ impl Line {
             path: &self.path,
             status: status.as_u16(),
             grpc_status,
+            retries: 0,
         }
     }
 }
@@ -51,6 +52,8 @@ impl Line {
 /// What is known of a request before it is sent: enough to log it.
 pub struct Finished {
     line: Line,
+    /// Tries after the first, for the access log.
+    pub retries: u32,
     source: Option<Arc<Workload>>,
     client: std::net::SocketAddrV4,
     grpc: bool,
@@ -93,9 +96,25 @@ pub struct AtEndpoint {
 
 impl Report for AtEndpoint {
     fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
-        let ep = &self.finished.route.endpoints[self.endpoint];
+        let route = &self.finished.route;
+        let ep = &route.endpoints[self.endpoint];
         ep.series.request(class(status, self.finished.grpc, grpc_status));
+        if failed(status, self.finished.grpc, grpc_status) {
+            super::failed_answer(route, ep);
+        } else {
+            ep.state.answered(true, 0, false, Instant::now());
+        }
         self.finished.log(Some(ep), status, grpc_status, bytes, self.started, outcome);
+    }
+}
+
+/// Whether an answer counts against its endpoint: HTTP 5xx; for gRPC the
+/// statuses that say the server failed (UNKNOWN, INTERNAL, UNAVAILABLE,
+/// DATA_LOSS), or a 5xx without a status.
+pub fn failed(status: StatusCode, grpc: bool, grpc_status: Option<u32>) -> bool {
+    match (grpc, grpc_status) {
+        (true, Some(c)) => matches!(c, 2 | 13 | 14 | 15),
+        _ => status.is_server_error(),
     }
 }
 
@@ -127,6 +146,7 @@ impl Finished {
     pub fn new(conn: &Conn, method: &Method, uri: &hyper::Uri) -> Self {
         Self {
             line: Line::new(method, uri, &HeaderMap::new()),
+            retries: 0,
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
@@ -173,7 +193,7 @@ impl Finished {
             duration: started.elapsed(),
             outcome,
             error: None,
-            request: Some(self.line.with(status, grpc_status)),
+            request: Some(RequestLine { retries: self.retries, ..self.line.with(status, grpc_status) }),
         }
         .log();
     }
