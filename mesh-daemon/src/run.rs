@@ -28,6 +28,7 @@ use crate::identity::manager::Certs;
 use crate::identity::tls;
 use crate::model::NodeName;
 use crate::proxy::{InboundHandler, InboundView, Local, Outbound, RoutesView};
+use crate::telemetry::otlp::Spans;
 use crate::telemetry::Metrics;
 use crate::telemetry::{admin, ProxyCounters};
 use crate::tunnel::client::Pool;
@@ -108,6 +109,16 @@ pub struct RunArgs {
     /// first bytes before the connection is treated as opaque TCP.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     pub protocol_detect_timeout: std::time::Duration,
+    /// Export spans of sampled requests (those arriving with a sampled W3C
+    /// or B3 trace context) to this OTLP collector, e.g.
+    /// `http://otel-collector.observability:4318`. Without it the proxy
+    /// records no spans and passes trace headers on unchanged.
+    #[arg(long, value_name = "URL", value_parser = otlp_endpoint)]
+    pub otlp_endpoint: Option<hyper::Uri>,
+    /// How spans reach the collector: http/protobuf (port 4318) or grpc
+    /// (port 4317, HTTP/2 without TLS).
+    #[arg(long, default_value = "http/protobuf", value_name = "PROTOCOL")]
+    pub otlp_protocol: crate::telemetry::otlp::OtlpProtocol,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -149,6 +160,18 @@ impl EbpfLogLevel {
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {
     crate::model::parse_duration(s)
+}
+
+/// An OTLP collector's base URL: `http://host:port`.
+fn otlp_endpoint(s: &str) -> Result<hyper::Uri, String> {
+    let u: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (u.scheme_str(), u.authority()) {
+        (Some("http"), Some(_)) => Ok(u),
+        (Some("https"), _) => Err(format!(
+            "{s}: TLS to the collector is not supported yet; use http:// (a node-local collector or agent)"
+        )),
+        _ => Err(format!("{s:?}: give http://host:port")),
+    }
 }
 
 /// Like [`duration`], also taking hours (`24h`).
@@ -236,6 +259,19 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let metrics = Arc::new(Metrics::new());
     metrics.watch_log_drops(log_drops);
     let tunnel_counters = Arc::new(TunnelCounters::new(&metrics));
+    let spans = Arc::new(match &args.otlp_endpoint {
+        Some(endpoint) => {
+            info!(%endpoint, protocol = ?args.otlp_protocol, "exporting spans of sampled requests over OTLP");
+            Spans::start(
+                endpoint.clone(),
+                args.otlp_protocol,
+                node.to_string(),
+                metrics.spans_exported.clone(),
+                metrics.spans_dropped.clone(),
+            )
+        }
+        None => Spans::disabled(),
+    });
     let cfg = ControlConfig {
         node: node.clone(),
         state_dir: args.state_dir.clone(),
@@ -339,6 +375,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
                 view: inbound.view(),
                 counters: tunnel_counters.clone(),
                 drain: drain.clone(),
+                spans: spans.clone(),
             });
             tasks.push(tokio::spawn(crate::tunnel::server::serve(
                 l,
@@ -363,6 +400,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         }));
     }
     let outbound = Outbound {
+        spans: spans.clone(),
         listener,
         orig,
         routes: routes.table(),

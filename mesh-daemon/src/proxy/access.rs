@@ -20,6 +20,8 @@ pub struct RequestLine<'a> {
     pub grpc_status: Option<u32>,
     /// Tries after the first (outbound).
     pub retries: u32,
+    /// The trace the request belongs to, when it came with one (hex).
+    pub trace_id: Option<&'a str>,
 }
 
 /// One finished connection or request. `bytes_up` went from the client
@@ -99,6 +101,9 @@ impl Record<'_> {
             if r.retries > 0 {
                 f.u64("retries", u64::from(r.retries));
             }
+            if let Some(t) = r.trace_id {
+                f.str("trace_id", t);
+            }
         }
     }
 
@@ -125,6 +130,7 @@ impl Record<'_> {
             status = r.map(|r| r.status),
             grpc_status = r.and_then(|r| r.grpc_status),
             retries = r.map(|r| r.retries).filter(|n| *n > 0),
+            trace_id = r.and_then(|r| r.trace_id),
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
@@ -166,6 +172,7 @@ mod tests {
                 status: 404,
                 grpc_status: None,
                 retries: 2,
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
             }),
         };
         let text = line(true, &r);
@@ -185,6 +192,7 @@ mod tests {
         );
         assert_eq!(f["error"], error);
         assert_eq!(f["retries"].as_u64(), Some(2));
+        assert_eq!(f["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
         let text = line(false, &r);
         assert!(

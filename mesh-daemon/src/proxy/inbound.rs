@@ -201,6 +201,8 @@ pub struct InboundHandler {
     pub counters: Arc<TunnelCounters>,
     /// Ends request streams gracefully when the daemon drains.
     pub drain: Drain,
+    /// Spans of sampled requests.
+    pub spans: Arc<crate::telemetry::otlp::Spans>,
 }
 
 /// A stream let through: the pod's connection and its target.
@@ -257,7 +259,9 @@ impl StreamHandler for InboundHandler {
             // Requests the sending proxy terminated: each proxied, counted
             // and logged here too.
             series.opened.inc();
-            super::http::inbound::serve(stream, upstream, protocol, req, target.clone(), self.drain.clone()).await;
+            let spans = self.spans.clone();
+            super::http::inbound::serve(stream, upstream, protocol, req, target.clone(), spans, self.drain.clone())
+                .await;
             target.series.closed.inc();
             return;
         }

@@ -25,6 +25,7 @@ use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
 use crate::model::AppProtocol;
 use crate::relay::{self, Transfer};
+use crate::telemetry::otlp::Spans;
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::Pool;
 
@@ -40,13 +41,15 @@ pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     /// `appProtocol: auto`: how long a client may take to say what it speaks.
     pub detect_timeout: Duration,
+    /// Spans of sampled requests.
+    pub spans: Arc<Spans>,
 }
 
 impl Outbound {
     /// Accepts until the drain starts; each forwarded connection holds a
     /// drain guard until it closes.
     pub async fn run(self, drain: Drain) {
-        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout } = self;
+        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans } = self;
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
@@ -69,7 +72,7 @@ impl Outbound {
             };
             let source = table.workload(*peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
-            let (upstreams, drain) = (upstreams.clone(), guards.clone());
+            let (upstreams, drain, spans) = (upstreams.clone(), guards.clone(), spans.clone());
             tokio::spawn(async move {
                 let proto = match route.app_protocol {
                     AppProtocol::Auto => http::detect::detect(&client, detect_timeout).await,
@@ -81,7 +84,7 @@ impl Outbound {
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters);
+                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters, spans);
                         http::serve(client, Arc::new(conn), drain).await
                     }
                 }
@@ -299,6 +302,7 @@ mod tests {
             view: Arc::new(arc_swap::ArcSwap::from_pointee(view)),
             counters: tunnel.clone(),
             drain: drain.clone(),
+            spans: Arc::new(crate::telemetry::otlp::Spans::disabled()),
         });
         let server = certs(&dir, "b");
         let cfg = tls::server_config(server.node_cert(), server.roots.clone()).unwrap();

@@ -516,6 +516,8 @@ pub struct Metrics {
     log_drops: Counter,
     log_drop_source: std::sync::OnceLock<super::logwriter::DroppedLines>,
     pub map_sync: Histogram,
+    pub spans_exported: Counter,
+    pub spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -552,6 +554,8 @@ impl Metrics {
             log_drops: Counter::default(),
             log_drop_source: std::sync::OnceLock::new(),
             map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         r.register("connections_opened", "Connections forwarded to an endpoint", m.opened.clone());
@@ -603,6 +607,12 @@ impl Metrics {
         r.register_collector(Box::new(LiveCollector(m.live.clone())));
         r.register("state_generation", "Generation of the accepted state", m.generation.clone());
         r.register("log_lines_dropped", "Log lines dropped because stderr could not keep up", m.log_drops.clone());
+        r.register("spans_exported", "Spans of sampled requests the OTLP collector took", m.spans_exported.clone());
+        r.register(
+            "spans_dropped",
+            "Spans dropped: the queue to the collector was full, or their export failed",
+            m.spans_dropped.clone(),
+        );
         r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());
         Self { registry: r, ..m }
     }

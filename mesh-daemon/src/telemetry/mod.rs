@@ -6,6 +6,7 @@ pub mod admin;
 pub mod line;
 pub mod logwriter;
 pub mod metrics;
+pub mod otlp;
 
 pub use metrics::Metrics;
 

@@ -6,6 +6,8 @@
 //! request with `Upgrade: echo` is answered 101 and the connection then
 //! echoes its bytes. `/status/NNN` answers with status NNN. A request body
 //! is read whole and its length answered as a `received=N` line.
+//! Trace headers it received (`traceparent`, `b3`, `x-b3-spanid`) come back
+//! as `NAME=VALUE` lines.
 //! `--fail-percent P` answers 503 to P% of requests at random, `--status S`
 //! answers S to every request. `GET /__cancelled` answers `cancelled=N`:
 //! requests whose client (the proxy) went away before the answer.
@@ -96,13 +98,22 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                         .strip_prefix("/status/")
                         .and_then(|s| s.parse::<u16>().ok())
                         .and_then(|s| hyper::StatusCode::from_u16(s).ok());
+                    let mut extra = String::new();
+                    for h in ["traceparent", "b3", "x-b3-spanid"] {
+                        if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
+                            extra.push_str(&format!("{h}={v}\n"));
+                        }
+                    }
                     let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                    let body = if received > 0 {
-                        let mut b = body.to_vec();
-                        b.extend_from_slice(format!("received={received}\n").as_bytes());
-                        Bytes::from(b)
-                    } else {
+                    if received > 0 {
+                        extra.push_str(&format!("received={received}\n"));
+                    }
+                    let body = if extra.is_empty() {
                         body
+                    } else {
+                        let mut b = body.to_vec();
+                        b.extend_from_slice(extra.as_bytes());
+                        Bytes::from(b)
                     };
                     let mut resp = Response::new(Full::new(body));
                     let failed = how.fail_percent > 0 && fastrand::u32(0..100) < how.fail_percent;

@@ -100,6 +100,7 @@ pub struct Bins {
     pub mt_tunnel: PathBuf,
     pub mt_http: PathBuf,
     pub mt_grpc: PathBuf,
+    pub mt_otlp: PathBuf,
 }
 
 impl Bins {
@@ -110,6 +111,7 @@ impl Bins {
             "mt-tunnel" => self.mt_tunnel.clone(),
             "mt-http" => self.mt_http.clone(),
             "mt-grpc" => self.mt_grpc.clone(),
+            "mt-otlp" => self.mt_otlp.clone(),
             other => PathBuf::from(other),
         }
     }
@@ -131,8 +133,10 @@ impl Bins {
                 mt_tunnel: d.join("mt-tunnel"),
                 mt_http: d.join("mt-http"),
                 mt_grpc: d.join("mt-grpc"),
+                mt_otlp: d.join("mt-otlp"),
             };
-            if [&b.daemon, &b.meshctl, &b.mt_pod, &b.mt_tunnel, &b.mt_http, &b.mt_grpc].iter().all(|p| p.exists()) {
+            let all = [&b.daemon, &b.meshctl, &b.mt_pod, &b.mt_tunnel, &b.mt_http, &b.mt_grpc, &b.mt_otlp];
+            if all.iter().all(|p| p.exists()) {
                 return Ok(b);
             }
         }

@@ -19,13 +19,15 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::observe::{class, grpc_status, Completion, Line, Observed, Report};
+use super::observe::{class, failed, grpc_status, Completion, Line, Observed, Report};
+use super::trace::Traced;
 use super::upstream::Body;
 use super::{strip_hop_by_hop, unavailable};
 use crate::drain::Drain;
 use crate::identity::Identity;
-use crate::proxy::access::Record;
+use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::inbound::Target;
+use crate::telemetry::otlp::Spans;
 use crate::tunnel::client::Stream;
 use crate::tunnel::server::StreamRequest;
 use crate::tunnel::StreamProtocol;
@@ -48,6 +50,7 @@ struct Ctx {
     peer: Arc<Identity>,
     addr: SocketAddrV4,
     target: Arc<Target>,
+    spans: Arc<Spans>,
 }
 
 /// Serves the requests of one stream until the sending proxy closes it, or
@@ -58,6 +61,7 @@ pub async fn serve(
     protocol: StreamProtocol,
     req: StreamRequest,
     target: Arc<Target>,
+    spans: Arc<Spans>,
     drain: Drain,
 ) {
     let pod_io = TokioIo::new(pod);
@@ -82,7 +86,7 @@ pub async fn serve(
             return;
         }
     };
-    let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target });
+    let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target, spans });
     let svc = hyper::service::service_fn(move |r| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.forward(r).await) }
@@ -110,6 +114,7 @@ impl Ctx {
         let started = Instant::now();
         strip_hop_by_hop(req.headers_mut());
         let line = Line::new(req.method(), req.uri(), req.headers());
+        let traced = Traced::of(req.headers_mut(), &self.spans);
         let sent = match &self.pod {
             Pod::Http1(s) => {
                 let mut s = s.lock().await;
@@ -120,8 +125,15 @@ impl Ctx {
             }
             Pod::Http2(s) => s.clone().send_request(req).await,
         };
-        let mut report =
-            Reported { target: self.target.clone(), peer: self.peer.clone(), addr: self.addr, line, started };
+        let mut report = Reported {
+            target: self.target.clone(),
+            peer: self.peer.clone(),
+            addr: self.addr,
+            line,
+            started,
+            traced,
+            spans: self.spans.clone(),
+        };
         match sent {
             Ok(resp) => {
                 let latency = started.elapsed();
@@ -152,6 +164,8 @@ struct Reported {
     addr: SocketAddrV4,
     line: Line,
     started: Instant,
+    traced: Option<Traced>,
+    spans: Arc<Spans>,
 }
 
 impl Report for Reported {
@@ -172,8 +186,19 @@ impl Report for Reported {
             duration: self.started.elapsed(),
             outcome,
             error: None,
-            request: Some(self.line.with(status, grpc_status)),
+            request: Some(RequestLine {
+                trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
+                ..self.line.with(status, grpc_status)
+            }),
         }
         .log();
+        if let Some(t) = &self.traced {
+            let error = outcome != "ok" || failed(status, self.target.grpc, grpc_status);
+            let (service, s) = (&series.labels.service, status.as_u16());
+            if let Some(span) = t.span("inbound", service, Some(self.addr), self.line.parts(), s, grpc_status, 0, error)
+            {
+                self.spans.record(span);
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod inbound;
 mod observe;
 pub mod policy;
 mod replay;
+pub mod trace;
 mod upgrade;
 pub mod upstream;
 
@@ -40,6 +41,7 @@ use crate::drain::Drain;
 use crate::model::http::{HttpPolicy, RetryPolicy};
 use crate::model::AppProtocol;
 use crate::telemetry::metrics::now_secs;
+use crate::telemetry::otlp::Spans;
 use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::Pool;
 use hyper_util::client::legacy::Client;
@@ -58,6 +60,8 @@ pub struct Conn {
     /// to the endpoints.
     pub http2: bool,
     pub counters: Arc<ProxyCounters>,
+    /// Where spans of sampled requests go.
+    pub spans: Arc<Spans>,
     /// The pooling client of each endpoint of `route`, found once per
     /// client connection, not per request.
     clients: Vec<OnceLock<Client<Connector, Body>>>,
@@ -73,10 +77,11 @@ impl Conn {
         tunnel: Option<Arc<Pool>>,
         proto: AppProtocol,
         counters: Arc<ProxyCounters>,
+        spans: Arc<Spans>,
     ) -> Self {
         let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
-        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, clients }
+        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients }
     }
 
     /// The pooling client for endpoint `i` (`ep`) of the route.
@@ -371,6 +376,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
     let mut finished = Finished::new(conn, &parts.method, &parts.uri);
+    finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));
     let policy = &route.policy;
     if let Some(limiter) = &policy.limiter {
         let identity = conn.source.as_ref().map(|w| &w.identity);

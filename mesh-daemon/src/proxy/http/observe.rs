@@ -13,11 +13,13 @@ use hyper::http::response::Parts as ResponseParts;
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Instant;
 
+use super::trace::Traced;
 use super::upstream::Body;
 use super::Conn;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
+use crate::telemetry::otlp::Spans;
 
 /// What the access log says of a request.
 pub struct Line {
@@ -37,8 +39,14 @@ impl Line {
         Self { method: method.clone(), authority, path: uri.path().to_owned() }
     }
 
+    /// (method, authority, path), for a span.
+    pub fn parts(&self) -> (&str, &str, &str) {
+        (self.method.as_str(), &self.authority, &self.path)
+    }
+
     pub fn with(&self, status: StatusCode, grpc_status: Option<u32>) -> RequestLine<'_> {
         RequestLine {
+            trace_id: None,
             method: self.method.as_str(),
             authority: &self.authority,
             path: &self.path,
@@ -54,6 +62,9 @@ pub struct Finished {
     line: Line,
     /// Tries after the first, for the access log.
     pub retries: u32,
+    /// Its trace, when it came with one; with a span when recorded.
+    traced: Option<Traced>,
+    spans: Arc<Spans>,
     source: Option<Arc<Workload>>,
     client: std::net::SocketAddrV4,
     grpc: bool,
@@ -147,11 +158,17 @@ impl Finished {
         Self {
             line: Line::new(method, uri, &HeaderMap::new()),
             retries: 0,
+            traced: None,
+            spans: conn.spans.clone(),
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
             route: conn.route.clone(),
         }
+    }
+
+    pub fn trace(&mut self, traced: Option<Traced>) {
+        self.traced = traced;
     }
 
     /// The request reached an endpoint of `route` and its response began;
@@ -193,9 +210,23 @@ impl Finished {
             duration: started.elapsed(),
             outcome,
             error: None,
-            request: Some(RequestLine { retries: self.retries, ..self.line.with(status, grpc_status) }),
+            request: Some(RequestLine {
+                retries: self.retries,
+                trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
+                ..self.line.with(status, grpc_status)
+            }),
         }
         .log();
+        if let Some(t) = &self.traced {
+            let error = outcome != "ok" || failed(status, self.grpc, grpc_status);
+            let endpoint = ep.map(|e| e.state.addr);
+            let s = status.as_u16();
+            if let Some(span) =
+                t.span("outbound", &self.route.name, endpoint, self.line.parts(), s, grpc_status, self.retries, error)
+            {
+                self.spans.record(span);
+            }
+        }
     }
 }
 
