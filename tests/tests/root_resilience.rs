@@ -77,9 +77,9 @@ fn root_a_backend_failing_30_percent_is_hidden_by_retries_for_bodies_that_fit() 
 
     // POSTs of 10 KiB: kept whole (under the 64 KiB default) and retried.
     let small = m.c.write_file("small.bin", &"s".repeat(10 << 10)).unwrap();
-    let text = h2load(&m, &["-n", "1000", "-d", small.to_str().unwrap()]);
-    eprintln!("1000 POSTs of 10 KiB: {} 2xx, {} 5xx", h2load_status(&text, "2xx"), h2load_status(&text, "5xx"));
-    assert_eq!(h2load_status(&text, "2xx"), 1000, "{text}");
+    let text = h2load(&m, &["-n", "3000", "-d", small.to_str().unwrap()]);
+    eprintln!("3000 POSTs of 10 KiB: {} 2xx, {} 5xx", h2load_status(&text, "2xx"), h2load_status(&text, "5xx"));
+    assert_eq!(h2load_status(&text, "2xx"), 3000, "{text}");
 
     // POSTs of 1 MiB: too big to keep, so never retried: the client sees
     // web-1's 503s.
@@ -124,7 +124,7 @@ fn root_when_every_backend_fails_retries_stay_within_the_budget() {
 #[test]
 fn root_a_request_over_its_timeout_gets_504_and_is_cancelled_upstream() {
     let _one = serial();
-    let m = mesh("http", &[&["--delay-ms", "2000"]], "{ timeout: 500ms }");
+    let m = mesh("http", &[&["--delay-ms", "2000"]], "{ timeout: 500ms, routes: [{ prefix: /patient, timeout: 5s }] }");
     let out =
         m.c.exec(
             "client",
@@ -155,6 +155,9 @@ fn root_a_request_over_its_timeout_gets_504_and_is_cancelled_upstream() {
     assert!(cancelled, "the upstream request was not cancelled");
     let (_, metrics) = m.d.admin_get("/metrics").unwrap();
     assert!(metrics.contains("reason=\"timeout\""), "{metrics}");
+    // A route with a longer timeout waits for the same backend.
+    let (code, body) = m.c.curl("client", &format!("http://{VIP}/patient/1")).unwrap();
+    assert_eq!((code, body.trim()), (0, "backend=web-1"), "{}", m.d.log_text());
 }
 
 #[test]
@@ -247,4 +250,23 @@ fn root_grpc_unavailable_is_retried_and_a_slow_call_ends_deadline_exceeded() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("two slow calls took {:.2} s", t0.elapsed().as_secs_f64());
     assert_eq!(text.lines().filter(|l| l.starts_with("unary status=DeadlineExceeded")).count(), 2, "{text}");
+}
+
+#[test]
+fn root_a_tcp_port_over_its_rate_limit_resets_new_connections() {
+    let _one = serial();
+    let m = mesh("tcp", &[&[]], "{ rateLimit: { requestsPerSecond: 5, burst: 5 } }");
+    // 20 connections in a row (the backend closes each after its answer).
+    let url = format!("http://{VIP}/");
+    let mut args =
+        vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}\\n", "-H", "Connection: close", "--max-time", "5"];
+    args.extend(std::iter::repeat_n(url.as_str(), 20));
+    let out = m.c.exec("client", "curl", &args, Duration::from_secs(60)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = text.lines().filter(|l| *l == "200").count();
+    let refused = metric(&m.d, "mesh_rate_limited_total");
+    eprintln!("20 connections at once: {ok} answered, {refused} refused");
+    assert!((5..=10).contains(&ok), "{ok} answered: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ok as u64 + refused, 20, "each connection was either relayed or refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reset"), "refused connections are reset");
 }

@@ -106,6 +106,7 @@ fn http_policy(
             retries,
             outlier,
             rate_limit,
+            routes: Vec::new(),
         })
     })();
     let doc = match parsed {

@@ -98,6 +98,25 @@ pub struct HttpDoc {
     pub outlier: Option<OutlierDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDoc>,
+    /// Per path prefix: other timeouts and retries (longest prefix wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<HttpRouteDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteDoc {
+    /// Requests whose path starts with it.
+    pub prefix: String,
+    /// Default: the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Default: the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Default: the service's (the budget is always the service's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetriesDoc>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 pub use capacity::{MapCapacity, MapNeeds};
 pub use document::{
-    AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, NodeDoc, OutlierDoc, PortDoc,
-    RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
+    AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, HttpRouteDoc, NodeDoc, OutlierDoc,
+    PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
 };
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};

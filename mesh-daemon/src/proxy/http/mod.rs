@@ -38,7 +38,7 @@ use super::tries::Tries;
 use super::{Route, RouteEndpoint, Workload};
 use crate::balance::endpoint::Answered;
 use crate::drain::Drain;
-use crate::model::http::{HttpPolicy, RetryPolicy};
+use crate::model::http::{RetryPolicy, Rules};
 use crate::model::AppProtocol;
 use crate::telemetry::metrics::now_secs;
 use crate::telemetry::otlp::Spans;
@@ -228,10 +228,10 @@ fn grpc_timeout(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// How long the whole request may take until its response headers: the
-/// service's timeout, or a shorter `grpc-timeout` the gRPC client sent.
-fn request_timeout(policy: &HttpPolicy, grpc: bool, h: &HeaderMap) -> Option<Duration> {
+/// timeout of its rules, or a shorter `grpc-timeout` the gRPC client sent.
+fn request_timeout(rules: &Rules<'_>, grpc: bool, h: &HeaderMap) -> Option<Duration> {
     let client = grpc.then(|| grpc_timeout(h)).flatten();
-    match (policy.timeout, client) {
+    match (rules.timeout, client) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
@@ -239,8 +239,8 @@ fn request_timeout(policy: &HttpPolicy, grpc: bool, h: &HeaderMap) -> Option<Dur
 
 /// The retry policy, if this request may be sent again: an idempotent
 /// method (any gRPC call) unless the policy lists the methods.
-fn retry_policy<'p>(policy: &'p HttpPolicy, method: &hyper::Method, grpc: bool) -> Option<&'p RetryPolicy> {
-    let r = policy.retries.as_ref()?;
+fn retry_policy<'p>(rules: &Rules<'p>, method: &hyper::Method, grpc: bool) -> Option<&'p RetryPolicy> {
+    let r = rules.retries?;
     let ok = match &r.methods {
         Some(m) => m.contains(method),
         None => grpc || method.is_idempotent(),
@@ -388,9 +388,10 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
         }
     }
-    let timeout = request_timeout(&policy.cfg, conn.grpc, &parts.headers);
+    let rules = policy.cfg.rules(parts.uri.path());
+    let timeout = request_timeout(&rules, conn.grpc, &parts.headers);
     let deadline = timeout.map(|t| started + t);
-    let retry = retry_policy(&policy.cfg, &parts.method, conn.grpc);
+    let retry = retry_policy(&rules, &parts.method, conn.grpc);
     let body = (!hyper::body::Body::is_end_stream(&body))
         .then(|| replay::Replay::new(body.boxed_unsync(), retry.map_or(0, |r| r.max_body)));
     if let Some(b) = &policy.budget {
@@ -435,7 +436,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let b = body.as_ref().map_or_else(empty, replay::Replay::body);
         let in_flight = ep.state.start();
         let t0 = Instant::now();
-        let until = match (deadline, policy.cfg.per_try_timeout.map(|t| t0 + t)) {
+        let until = match (deadline, rules.per_try_timeout.map(|t| t0 + t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };

@@ -28,7 +28,9 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(cfg: HttpPolicy) -> Self {
-        let budget = cfg.retries.as_ref().map(|r| RetryBudget::new(r.budget));
+        let budget = cfg
+            .retries_anywhere()
+            .then(|| RetryBudget::new(cfg.retries.as_ref().map_or_else(Budget::default, |r| r.budget)));
         let limiter = cfg.rate_limit.map(RateLimiter::new);
         Self { cfg, budget, limiter }
     }
