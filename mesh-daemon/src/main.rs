@@ -49,6 +49,54 @@ enum CaCommand {
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
+    /// Run the issuer: the one process that holds the CA key. Nodes send
+    /// it CSRs with their credential; it signs a node's own identity and
+    /// the identities of the workloads the state places on that node.
+    Serve {
+        #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddrV4,
+        #[arg(long, value_name = "FILE")]
+        ca_cert: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        ca_key: std::path::PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// The node credentials (`ca bootstrap` writes it).
+        #[arg(long, value_name = "FILE")]
+        credentials: std::path::PathBuf,
+        /// The state document: which workloads run on which node.
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Lifetime of issued certificates.
+        #[arg(long, default_value_t = 86400)]
+        seconds: u64,
+    },
+    /// Make a node's credential for the issuer: writes its token to OUT
+    /// (mode 0600; give it to that node's daemon as --issuer-token) and its
+    /// hash to the credentials file. Run it again to replace it.
+    Bootstrap {
+        #[arg(long, value_name = "FILE")]
+        credentials: std::path::PathBuf,
+        #[arg(long, value_name = "NODE")]
+        node: String,
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
+    /// Ask the issuer for a certificate as a node would (to check a
+    /// credential or the issuer): prints what it answered; exit 1 if refused.
+    Request {
+        #[arg(long, value_name = "IP:PORT")]
+        issuer: std::net::SocketAddrV4,
+        #[arg(long, value_name = "FILE")]
+        token: std::path::PathBuf,
+        /// PEM CA certificates the issuer's certificate must chain to.
+        #[arg(long, value_name = "FILE")]
+        trust_bundle: std::path::PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, value_name = "SPIFFE-ID")]
+        id: String,
+    },
     /// Issue a certificate for a SPIFFE ID: DIR/cert.pem (chain) and DIR/key.pem.
     Issue {
         #[arg(long, value_name = "FILE")]
@@ -83,6 +131,41 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             std::fs::write(out.join("ca.pem"), cert)?;
             write_private(&out.join("ca.key"), &key)?;
             println!("CA for {trust_domain} written to {}/ca.pem and ca.key", out.display());
+        }
+        CaCommand::Serve { listen, ca_cert, ca_key, trust_domain, credentials, config, seconds } => {
+            Identity::check_trust_domain(&trust_domain)?;
+            let cfg = mesh_daemon::identity::issuer::IssuerConfig {
+                listen,
+                ca: Ca::from_files(&ca_cert, &ca_key)?,
+                trust_domain,
+                lifetime: std::time::Duration::from_secs(seconds),
+                credentials,
+                state: config,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(mesh_daemon::identity::issuer::serve(cfg))?;
+        }
+        CaCommand::Bootstrap { credentials, node, out } => {
+            let node = model::NodeName::parse(&node).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+            let token = mesh_daemon::identity::issuer::Credentials::bootstrap(&credentials, &node)
+                .map_err(|e| anyhow::anyhow!("--credentials {e}"))?;
+            write_private(&out, &token)?;
+            println!("credential of node {node} written to {} (its hash to {})", out.display(), credentials.display());
+        }
+        CaCommand::Request { issuer, token, trust_bundle, trust_domain, id } => {
+            let id = Identity::parse(&id)?;
+            let roots = mesh_daemon::identity::tls::trust_bundle(&trust_bundle)
+                .map_err(|e| anyhow::anyhow!("--trust-bundle {e}"))?;
+            let client = mesh_daemon::identity::issuer::IssuerClient {
+                addr: issuer,
+                token: std::fs::read_to_string(&token)?,
+                roots,
+                trust_domain,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let issued = rt.block_on(client.issue(&id, 1))?;
+            let left = issued.not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            println!("issued {id}, valid for {} s more", left.as_secs());
         }
         CaCommand::Issue { ca_cert, ca_key, id, seconds, out } => {
             let id = Identity::parse(&id)?;

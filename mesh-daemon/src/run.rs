@@ -87,8 +87,17 @@ pub struct RunArgs {
     /// PEM CA certificates that tunnel peers must chain to.
     #[arg(long, value_name = "FILE")]
     pub trust_bundle: Option<PathBuf>,
+    /// The issuer (`mesh-daemon ca serve`) this daemon gets its node's and
+    /// its workloads' certificates from, by CSR; no CA key on the node.
+    /// Its certificate must chain to --trust-bundle.
+    #[arg(long, value_name = "IP:PORT", requires_all = ["issuer_token", "trust_bundle"], conflicts_with = "ca_key")]
+    pub issuer: Option<SocketAddrV4>,
+    /// This node's credential for the issuer (made by `mesh-daemon ca bootstrap`).
+    #[arg(long, value_name = "FILE", requires = "issuer")]
+    pub issuer_token: Option<PathBuf>,
     /// CA certificate (PEM) this daemon issues node and workload
-    /// certificates from.
+    /// certificates from, holding the CA key itself: for development on
+    /// one machine; clusters use --issuer.
     #[arg(long, value_name = "FILE", requires_all = ["ca_key", "trust_bundle"])]
     pub ca_cert: Option<PathBuf>,
     /// The CA's private key (PEM).
@@ -312,15 +321,32 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let api_listener =
         api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
-    let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle) {
-        (Some(cert), Some(key), Some(bundle)) => {
+    let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle, args.issuer, &args.issuer_token) {
+        (_, _, Some(bundle), Some(addr), Some(token)) => {
+            let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
+            let token = std::fs::read_to_string(token)
+                .with_context(|| format!("--issuer-token {}: cannot read it", token.display()))?;
+            let client = crate::identity::issuer::IssuerClient {
+                addr,
+                token,
+                roots: roots.clone(),
+                trust_domain: args.trust_domain.clone(),
+            };
+            let id = crate::identity::Identity::node(&args.trust_domain, &node);
+            let certs = Certs::from_issuer(&args.trust_domain, client, roots, args.cert_lifetime, id)
+                .await
+                .map_err(|e| anyhow!("--issuer {addr}: {e}"))?;
+            info!(issuer = %addr, "certificates come from the issuer; this node holds no CA key");
+            Some(certs)
+        }
+        (Some(cert), Some(key), Some(bundle), None, _) => {
             let ca = Ca::from_files(cert, key)?;
             let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
             let id = crate::identity::Identity::node(&args.trust_domain, &node);
             Some(Certs::new(&args.trust_domain, ca, roots, args.cert_lifetime, id)?)
         }
         _ => {
-            warn!("no --ca-cert/--ca-key/--trust-bundle: the mTLS tunnel is off, and cross-node endpoints of services with mtls: required are refused");
+            warn!("no --issuer (or --ca-cert/--ca-key) with --trust-bundle: the mTLS tunnel is off, and cross-node endpoints of services with mtls: required are refused");
             None
         }
     };

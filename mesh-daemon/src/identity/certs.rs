@@ -34,8 +34,13 @@ pub struct Issued {
 impl Issued {
     /// Whether 70% of the lifetime has passed: time to renew.
     pub fn due(&self, now: SystemTime) -> bool {
+        self.due_at(now, 0.7)
+    }
+
+    /// Whether the share `at` of the lifetime has passed.
+    pub fn due_at(&self, now: SystemTime, at: f64) -> bool {
         let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        now.duration_since(self.not_before).unwrap_or_default() >= life.mul_f64(0.7)
+        now.duration_since(self.not_before).unwrap_or_default() >= life.mul_f64(at)
     }
 }
 
@@ -92,16 +97,7 @@ impl Ca {
     ) -> Result<Arc<Issued>, CertError> {
         let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
         let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
-        let mut p = CertificateParams::default();
-        let uri = id.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
-        p.subject_alt_names = vec![SanType::URI(uri)];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let skew = Duration::from_secs(60);
-        let not_before = at - skew;
-        let not_after = at + lifetime;
-        p.not_before = time::OffsetDateTime::from(not_before);
-        p.not_after = time::OffsetDateTime::from(not_after);
+        let (p, not_after) = leaf_params(id, at, lifetime)?;
         let cert = p.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
         Ok(Arc::new(Issued {
             chain: vec![cert.der().clone(), self.ca_der.clone()],
@@ -113,9 +109,89 @@ impl Ca {
     }
 }
 
+/// The parameters of a leaf certificate for `id`: its SPIFFE ID as the
+/// only name, client and server use, valid from a minute before `at`.
+fn leaf_params(
+    id: &Identity,
+    at: SystemTime,
+    lifetime: Duration,
+) -> Result<(CertificateParams, SystemTime), CertError> {
+    let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
+    let mut p = CertificateParams::default();
+    let uri = id.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let not_after = at + lifetime;
+    p.not_before = time::OffsetDateTime::from(at - Duration::from_secs(60));
+    p.not_after = time::OffsetDateTime::from(not_after);
+    Ok((p, not_after))
+}
+
+/// A new key pair and a CSR (PEM) for `id`: what a node sends the issuer;
+/// the key never leaves the node.
+pub fn request(id: &Identity) -> Result<(KeyPair, String), CertError> {
+    let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
+    let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
+    let (p, _) = leaf_params(id, SystemTime::now(), Duration::from_secs(60))?;
+    let csr = p.serialize_request(&key).map_err(|e| err(e.to_string()))?;
+    Ok((key, csr.pem().map_err(|e| err(e.to_string()))?))
+}
+
+impl Ca {
+    /// Signs `csr` (PEM) for `id`, which must be the CSR's only name: the
+    /// chain (leaf, CA) in DER and when it expires. Only the CSR's public
+    /// key is taken; validity and usage are the CA's.
+    pub fn sign(
+        &self,
+        csr: &str,
+        id: &Identity,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CertError> {
+        let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
+        let req = rcgen::CertificateSigningRequestParams::from_pem(csr).map_err(|e| err(format!("bad CSR: {e}")))?;
+        let want = id.to_string();
+        let names: Vec<String> = req
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|n| match n {
+                SanType::URI(u) => u.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if names != [want.clone()] {
+            return Err(err(format!("the CSR names {names:?}, not only {want}")));
+        }
+        let (params, not_after) = leaf_params(id, SystemTime::now(), lifetime)?;
+        let signed = rcgen::CertificateSigningRequestParams { params, public_key: req.public_key }
+            .signed_by(&self.issuer)
+            .map_err(|e| err(e.to_string()))?;
+        Ok((vec![signed.der().clone(), self.ca_der.clone()], not_after))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_csr_is_signed_only_for_the_identity_it_names() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-csr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        std::fs::write(dir.join("ca.pem"), c).unwrap();
+        std::fs::write(dir.join("ca.key"), k).unwrap();
+        let ca = Ca::from_files(&dir.join("ca.pem"), &dir.join("ca.key")).unwrap();
+        let web = Identity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+        let (_key, csr) = request(&web).unwrap();
+        let (chain, _) = ca.sign(&csr, &web, Duration::from_secs(600)).unwrap();
+        assert_eq!(crate::identity::tls::identity_of(&chain[0]), Some(web));
+        let other = Identity::parse("spiffe://cluster.local/ns/default/sa/admin").unwrap();
+        let e = ca.sign(&csr, &other, Duration::from_secs(600)).err().unwrap().to_string();
+        assert!(e.contains("not only spiffe://cluster.local/ns/default/sa/admin"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn renewal_is_due_at_70_percent() {

@@ -1,8 +1,11 @@
 //! The certificates this daemon holds: its node's (served by the tunnel)
-//! and one per local workload (presented as tunnel clients), issued from
-//! the mesh CA and renewed at 70% of their lifetime. Renewal swaps the
-//! certificate in place: open connections keep going, new handshakes get
-//! the new one.
+//! and one per local workload (presented as tunnel clients). They come
+//! from the issuer (CSRs; the CA key stays there), renewed at 50% of their
+//! lifetime so that an issuer outage of up to half a lifetime costs
+//! nothing, or, for development on one machine, from a CA key this daemon
+//! holds (renewed at 70%). Renewal swaps the certificate in place: open
+//! connections keep going, new handshakes get the new one. A renewal that
+//! fails is retried at the next check, and logged loudly as expiry nears.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +16,7 @@ use rustls::RootCertStore;
 use tracing::{info, warn};
 
 use super::certs::{Ca, CertError, Issued};
+use super::issuer::IssuerClient;
 use super::tls::{self, SwapCert};
 use super::Identity;
 
@@ -21,16 +25,55 @@ struct Held {
     swap: Arc<SwapCert>,
 }
 
+/// Where certificates come from.
+pub enum Signer {
+    /// A CA key held by this daemon (development on one machine).
+    Local(Box<Ca>),
+    /// CSRs to the issuer: no CA key on the node.
+    Issuer(IssuerClient),
+}
+
+impl Signer {
+    /// Blocks: call from `spawn_blocking` (the issuer is asked through the
+    /// runtime that thread belongs to).
+    fn issue_blocking(&self, id: &Identity, lifetime: Duration, serial: u64) -> Result<Arc<Issued>, CertError> {
+        match self {
+            Signer::Local(ca) => ca.issue(id, lifetime, serial),
+            Signer::Issuer(c) => tokio::runtime::Handle::current().block_on(c.issue(id, serial)),
+        }
+    }
+
+    /// The share of a certificate's lifetime after which it is renewed.
+    fn renew_at(&self) -> f64 {
+        match self {
+            Signer::Local(_) => 0.7,
+            Signer::Issuer(_) => 0.5,
+        }
+    }
+}
+
 pub struct Certs {
     pub trust_domain: String,
     pub roots: Arc<RootCertStore>,
-    ca: Ca,
+    signer: Signer,
     lifetime: Duration,
     node_id: Identity,
     node_swap: Arc<SwapCert>,
     node_issued: Mutex<Arc<Issued>>,
     workloads: Mutex<HashMap<Identity, Held>>,
     serial: AtomicU64,
+}
+
+/// A renewal failed: retried at the next check; loud once less than a
+/// fifth of the lifetime is left.
+fn failed(id: &Identity, current: &Issued, now: SystemTime, e: &CertError) {
+    let left = current.not_after.duration_since(now).unwrap_or_default();
+    let life = current.not_after.duration_since(current.not_before).unwrap_or_default();
+    if left < life / 5 {
+        tracing::error!(identity = %id, expires_in_s = left.as_secs(), error = %e, "certificate renewal keeps failing and the certificate expires soon: is the issuer up?");
+    } else {
+        warn!(identity = %id, expires_in_s = left.as_secs(), error = %e, "renewing a certificate failed; will retry");
+    }
 }
 
 fn held(issued: Arc<Issued>) -> Result<Held, CertError> {
@@ -40,6 +83,7 @@ fn held(issued: Arc<Issued>) -> Result<Held, CertError> {
 }
 
 impl Certs {
+    /// Certificates from a CA key this daemon holds.
     pub fn new(
         trust_domain: &str,
         ca: Ca,
@@ -48,12 +92,47 @@ impl Certs {
         node_id: Identity,
     ) -> Result<Arc<Self>, CertError> {
         let issued = ca.issue(&node_id, lifetime, 1)?;
+        Self::build(trust_domain, Signer::Local(Box::new(ca)), roots, lifetime, node_id, issued)
+    }
+
+    /// Certificates from the issuer; the node certificate first, asked for
+    /// up to five times over about 15 s before giving up.
+    pub async fn from_issuer(
+        trust_domain: &str,
+        client: IssuerClient,
+        roots: Arc<RootCertStore>,
+        lifetime: Duration,
+        node_id: Identity,
+    ) -> Result<Arc<Self>, CertError> {
+        let mut pause = Duration::from_secs(1);
+        let issued = loop {
+            match client.issue(&node_id, 1).await {
+                Ok(i) => break i,
+                Err(e) if pause <= Duration::from_secs(8) => {
+                    warn!(error = %e, retry_in_s = pause.as_secs(), "no node certificate from the issuer yet");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Self::build(trust_domain, Signer::Issuer(client), roots, lifetime, node_id, issued)
+    }
+
+    fn build(
+        trust_domain: &str,
+        signer: Signer,
+        roots: Arc<RootCertStore>,
+        lifetime: Duration,
+        node_id: Identity,
+        issued: Arc<Issued>,
+    ) -> Result<Arc<Self>, CertError> {
         let node_swap = held(issued.clone())?.swap;
         info!(identity = %node_id, lifetime_s = lifetime.as_secs(), "node certificate issued");
         Ok(Arc::new(Self {
             trust_domain: trust_domain.to_owned(),
             roots,
-            ca,
+            signer,
             lifetime,
             node_id,
             node_swap,
@@ -88,7 +167,7 @@ impl Certs {
             return Ok(c);
         }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let h = held(self.ca.issue(id, self.lifetime, serial)?)?;
+        let h = held(self.signer.issue_blocking(id, self.lifetime, serial)?)?;
         let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
         // Another caller may have issued one meanwhile: the first one stays.
         let h = m.entry(id.clone()).or_insert_with(|| {
@@ -98,34 +177,40 @@ impl Certs {
         Ok((h.swap.clone(), h.issued.serial))
     }
 
-    /// Renews every certificate past 70% of its lifetime.
+    /// Renews every certificate past its renewal point. Blocks (the
+    /// issuer is asked): call from `spawn_blocking`.
     pub fn renew_due(&self) {
         let now = SystemTime::now();
+        let at = self.signer.renew_at();
         {
             let mut node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner());
-            if node.due(now) {
+            if node.due_at(now, at) {
                 match self.renew(&self.node_id) {
                     Ok((key, issued)) => {
                         self.node_swap.set(key);
                         info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
                         *node = issued;
                     }
-                    Err(e) => warn!(error = %e, "renewing the node certificate failed; will retry"),
+                    Err(e) => failed(&self.node_id, &node, now, &e),
                 }
             }
         }
-        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, h) in m.iter_mut() {
-            if !h.issued.due(now) {
-                continue;
-            }
-            match self.renew(id) {
+        // Renewed outside the lock: asking the issuer takes a round trip.
+        let due: Vec<Identity> = {
+            let m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter().filter(|(_, h)| h.issued.due_at(now, at)).map(|(id, _)| id.clone()).collect()
+        };
+        for id in due {
+            let renewed = self.renew(&id);
+            let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(h) = m.get_mut(&id) else { continue };
+            match renewed {
                 Ok((key, issued)) => {
                     h.swap.set(key);
                     info!(identity = %id, serial = issued.serial, "workload certificate renewed");
                     h.issued = issued;
                 }
-                Err(e) => warn!(identity = %id, error = %e, "renewing a workload certificate failed; will retry"),
+                Err(e) => failed(&id, &h.issued, now, &e),
             }
         }
     }
@@ -133,7 +218,7 @@ impl Certs {
     /// A new certificate for `id` and its rustls key.
     fn renew(&self, id: &Identity) -> Result<(Arc<rustls::sign::CertifiedKey>, Arc<Issued>), CertError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let issued = self.ca.issue(id, self.lifetime, serial)?;
+        let issued = self.signer.issue_blocking(id, self.lifetime, serial)?;
         let key =
             tls::certified(&issued).map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?;
         Ok((key, issued))

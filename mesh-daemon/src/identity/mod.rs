@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod issuer;
 pub mod manager;
 pub mod tls;
 
@@ -64,6 +65,16 @@ impl Identity {
 
     pub fn workload(td: &str, namespace: &Name, service_account: &Name) -> Self {
         Self { trust_domain: td.to_owned(), path: format!("ns/{namespace}/sa/{service_account}") }
+    }
+
+    /// An identity of `td` with path `path` (`ns/.../...`).
+    pub fn from_parts(td: &str, path: &str) -> Self {
+        Self { trust_domain: td.to_owned(), path: path.to_owned() }
+    }
+
+    /// The node a node identity names.
+    pub fn node_name(&self) -> Option<&str> {
+        self.path.strip_prefix("ns/mesh-system/node/")
     }
 
     pub fn node(td: &str, node: &NodeName) -> Self {

@@ -20,7 +20,7 @@ use super::Identity;
 
 pub const ALPN_H2: &[u8] = b"h2";
 
-fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 

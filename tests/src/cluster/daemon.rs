@@ -61,7 +61,8 @@ impl Cluster {
             .arg(self.state_dir(node))
             .arg("--api-socket")
             .arg(self.api_socket(node))
-            .args(self.ca_flags()?)
+            // A daemon with an issuer holds the trust bundle only.
+            .args(if extra.contains(&"--issuer") { self.trust_flags()? } else { self.ca_flags()? })
             .args(extra)
             .env("RUST_LOG", std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())

@@ -350,6 +350,26 @@ impl Cluster {
         ])
     }
 
+    /// The daemon flags that hand it only the trust bundle (its
+    /// certificates then come from an issuer).
+    fn trust_flags(&self) -> anyhow::Result<Vec<std::ffi::OsString>> {
+        Ok(vec!["--trust-bundle".into(), self.ca_dir()?.join("ca.pem").into()])
+    }
+
+    /// A credential for `node` from `mesh-daemon ca bootstrap`, recorded in
+    /// this run's issuer credentials file: the token file's path.
+    pub fn bootstrap_node(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let out = self.dir.join(format!("{node}.token"));
+        sys::run(
+            Command::new(&self.bins.daemon)
+                .args(["ca", "bootstrap", "--credentials"])
+                .arg(self.dir.join("credentials.json"))
+                .args(["--node", node, "--out"])
+                .arg(&out),
+        )?;
+        Ok(out)
+    }
+
     /// The fabric's network namespace (the wire between nodes).
     pub fn fabric_netns(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(format!("{}-fab", self.prefix))

@@ -1,0 +1,436 @@
+//! The issuer: the only process that holds the mesh CA's key. Node daemons
+//! send it certificate signing requests over TLS (their private keys never
+//! travel) with a bearer credential bound to one node; it signs a node's
+//! own identity only for that node, and a workload identity only when the
+//! state places an enrolled workload of that namespace and service account
+//! on that node. Everything else is refused, counted and logged with the
+//! caller.
+//!
+//! Outside Kubernetes a node's credential is a random token made by
+//! `mesh-daemon ca bootstrap`; the issuer keeps only its SHA-256.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::RootCertStore;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::certs::{request, Ca, CertError, Issued};
+use super::tls::{self, SwapCert};
+use super::Identity;
+use crate::model::NodeName;
+
+/// Where nodes send CSRs.
+pub const PATH: &str = "/v1/certificates";
+
+/// The issuer's own identity, which nodes expect its certificate to name.
+pub fn identity(trust_domain: &str) -> Identity {
+    Identity::from_parts(trust_domain, "ns/mesh-system/sa/mesh-issuer")
+}
+
+/// The node credentials the issuer accepts: node name -> SHA-256 of its
+/// token, in hex.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Credentials {
+    pub nodes: BTreeMap<String, String>,
+}
+
+fn sha256_hex(token: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Credentials {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The node `token` belongs to.
+    pub fn node_of(&self, token: &str) -> Option<&str> {
+        let h = sha256_hex(token);
+        // Compared without an early exit: no timing tells how much matched.
+        let same =
+            |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        self.nodes.iter().find(|(_, v)| same(v.as_bytes(), h.as_bytes())).map(|(k, _)| k.as_str())
+    }
+
+    /// Makes a new token for `node` (replacing any it had), records its
+    /// hash in `path`, and returns the token.
+    pub fn bootstrap(path: &Path, node: &NodeName) -> Result<String, String> {
+        let mut c = Self::load(path)?;
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| "no randomness from the system".to_owned())?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        c.nodes.insert(node.to_string(), sha256_hex(&token));
+        let text = serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(token)
+    }
+}
+
+/// What a node sends.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub identity: String,
+    /// PKCS#10, PEM.
+    pub csr: String,
+}
+
+/// What the issuer answers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignResponse {
+    /// Leaf first, PEM.
+    pub chain: Vec<String>,
+    /// Seconds since the epoch.
+    pub not_after: u64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// No credential, or one no node has.
+    Unauthenticated,
+    /// Another node's identity.
+    OtherNode,
+    /// A workload identity no enrolled workload on the caller's node has.
+    NotOnNode,
+    /// Not an identity of this trust domain, or not a node or workload one.
+    BadIdentity,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Unauthenticated => "unauthenticated",
+            Refused::OtherNode => "other_node",
+            Refused::NotOnNode => "not_on_node",
+            Refused::BadIdentity => "bad_identity",
+        }
+    }
+}
+
+/// Whether `node` may hold `id`: its own node identity, or the identity
+/// of a workload the state places on it. A pure decision.
+pub fn authorize(state: &crate::model::State, trust_domain: &str, node: &str, id: &Identity) -> Result<(), Refused> {
+    if id.trust_domain() != trust_domain {
+        return Err(Refused::BadIdentity);
+    }
+    if let Some(n) = id.node_name() {
+        return if n == node { Ok(()) } else { Err(Refused::OtherNode) };
+    }
+    let on_node = state
+        .workloads
+        .iter()
+        .any(|w| w.node.as_str() == node && &Identity::workload(trust_domain, &w.namespace, &w.service_account) == id);
+    if on_node {
+        Ok(())
+    } else {
+        Err(Refused::NotOnNode)
+    }
+}
+
+/// The issuer's settings.
+pub struct IssuerConfig {
+    pub listen: SocketAddrV4,
+    pub ca: Ca,
+    pub trust_domain: String,
+    pub lifetime: Duration,
+    pub credentials: PathBuf,
+    /// The state document: which workloads run on which node.
+    pub state: PathBuf,
+}
+
+struct Issuer {
+    cfg: IssuerConfig,
+    issued: AtomicU64,
+    refused: [AtomicU64; 4],
+}
+
+impl Issuer {
+    fn count(&self, r: Refused) -> u64 {
+        let i = [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity]
+            .iter()
+            .position(|x| *x == r)
+            .unwrap_or(0);
+        self.refused[i].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = String::from("# TYPE mesh_issuer_issued_total counter\n");
+        s.push_str(&format!("mesh_issuer_issued_total {}\n", self.issued.load(Ordering::Relaxed)));
+        s.push_str("# TYPE mesh_issuer_refused_total counter\n");
+        for (i, r) in
+            [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity].iter().enumerate()
+        {
+            s.push_str(&format!(
+                "mesh_issuer_refused_total{{reason=\"{}\"}} {}\n",
+                r.as_str(),
+                self.refused[i].load(Ordering::Relaxed)
+            ));
+        }
+        s
+    }
+
+    fn state(&self) -> Result<crate::model::State, String> {
+        crate::model::load_file(&self.cfg.state).map_err(|e| e.to_string())
+    }
+
+    fn answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        if req.method() == Method::GET && req.uri().path() == "/metrics" {
+            return Self::answer(StatusCode::OK, self.metrics());
+        }
+        if req.method() != Method::POST || req.uri().path() != PATH {
+            return Self::answer(StatusCode::NOT_FOUND, format!("POST {PATH}\n"));
+        }
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let node = match (token, Credentials::load(&self.cfg.credentials)) {
+            (Some(t), Ok(c)) => c.node_of(&t).map(str::to_owned),
+            (_, Err(e)) => {
+                warn!(error = %e, "cannot read the node credentials");
+                None
+            }
+            (None, _) => None,
+        };
+        let Some(node) = node else {
+            let n = self.count(Refused::Unauthenticated);
+            warn!(%peer, refused = n, "a caller without a valid node credential; refused (401)");
+            return Self::answer(StatusCode::UNAUTHORIZED, "no valid node credential\n".into());
+        };
+        let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+            return Self::answer(StatusCode::BAD_REQUEST, "unreadable body\n".into());
+        };
+        let Ok(sign) = serde_json::from_slice::<SignRequest>(&body) else {
+            return Self::answer(StatusCode::BAD_REQUEST, "the body is not {identity, csr}\n".into());
+        };
+        let id = match Identity::parse(&sign.identity) {
+            Ok(id) => id,
+            Err(e) => {
+                self.count(Refused::BadIdentity);
+                return Self::answer(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        };
+        let state = match self.state() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot read the state; refusing workload certificates until it reads");
+                crate::model::State::default()
+            }
+        };
+        if let Err(r) = authorize(&state, &self.cfg.trust_domain, &node, &id) {
+            let n = self.count(r);
+            warn!(%peer, caller = %node, identity = %id, reason = r.as_str(), refused = n, "certificate refused (403)");
+            return Self::answer(StatusCode::FORBIDDEN, format!("{node} may not hold {id}: {}\n", r.as_str()));
+        }
+        match self.cfg.ca.sign(&sign.csr, &id, self.cfg.lifetime) {
+            Ok((chain, not_after)) => {
+                self.issued.fetch_add(1, Ordering::Relaxed);
+                info!(caller = %node, identity = %id, "certificate issued");
+                let pem = |c: &CertificateDer<'_>| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()));
+                let resp = SignResponse {
+                    chain: chain.iter().map(pem).collect(),
+                    not_after: not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                };
+                Self::answer(StatusCode::OK, serde_json::to_string(&resp).unwrap_or_default())
+            }
+            Err(e) => Self::answer(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        }
+    }
+}
+
+/// Serves CSRs until the process ends. Its own TLS certificate (the
+/// issuer identity) comes from the CA it holds and is renewed in place.
+pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
+    let me = identity(&cfg.trust_domain);
+    let own = cfg.ca.issue(&me, cfg.lifetime, 1)?;
+    let swap = SwapCert::new(tls::certified(&own).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(swap.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    info!(listen = %cfg.listen, identity = %me, "issuer listening");
+    let issuer = Arc::new(Issuer { cfg, issued: AtomicU64::new(0), refused: Default::default() });
+    let renewer = issuer.clone();
+    tokio::spawn(async move {
+        let every = renewer.cfg.lifetime.mul_f64(0.5).max(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(every).await;
+            match renewer.cfg.ca.issue(&me, renewer.cfg.lifetime, 1).map(|i| tls::certified(&i)) {
+                Ok(Ok(k)) => swap.set(k),
+                _ => warn!("renewing the issuer's own certificate failed; will retry"),
+            }
+        }
+    });
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, issuer) = (acceptor.clone(), issuer.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let issuer = issuer.clone();
+                async move { Ok::<_, Infallible>(issuer.handle(req, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+        });
+    }
+}
+
+/// A node's way to its certificates: CSRs to the issuer at `addr`, whose
+/// certificate must chain to `roots` and name the issuer identity.
+pub struct IssuerClient {
+    pub addr: SocketAddrV4,
+    pub token: String,
+    pub roots: Arc<RootCertStore>,
+    pub trust_domain: String,
+}
+
+impl IssuerClient {
+    /// A new key and a certificate for `id` (serial `serial`), signed by
+    /// the issuer.
+    pub async fn issue(&self, id: &Identity, serial: u64) -> Result<Arc<Issued>, CertError> {
+        let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
+        let (key, csr) = request(id)?;
+        let body =
+            serde_json::to_vec(&SignRequest { identity: id.to_string(), csr }).map_err(|e| err(e.to_string()))?;
+        let verifier = Arc::new(tls::SpiffeServerVerifier::new(self.roots.clone(), identity(&self.trust_domain)));
+        let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| err(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        let issuer = format!("issuer {}", self.addr);
+        let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| err(format!("{issuer}: connect timed out")))?
+            .map_err(|e| err(format!("{issuer}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::IpAddress((*self.addr.ip()).into()), tcp)
+            .await
+            .map_err(|e| err(format!("{issuer}: TLS: {e}")))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| err(format!("{issuer}: {e}")))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(PATH)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token.trim()))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| err(e.to_string()))?;
+        let resp = send.send_request(req).await.map_err(|e| err(format!("{issuer}: {e}")))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| err(format!("{issuer}: {e}")))?.to_bytes();
+        if status != StatusCode::OK {
+            return Err(err(format!("{issuer} refused ({status}): {}", String::from_utf8_lossy(&bytes).trim())));
+        }
+        let r: SignResponse = serde_json::from_slice(&bytes).map_err(|e| err(format!("{issuer}: {e}")))?;
+        let chain = r
+            .chain
+            .iter()
+            .map(|p| {
+                rustls::pki_types::pem::PemObject::from_pem_slice(p.as_bytes())
+                    .map_err(|e| err(format!("{issuer}: a certificate that is not PEM: {e:?}")))
+            })
+            .collect::<Result<Vec<CertificateDer<'static>>, _>>()?;
+        if chain.first().and_then(tls::identity_of).as_ref() != Some(id) {
+            return Err(err(format!("{issuer} answered a certificate for another identity")));
+        }
+        Ok(Arc::new(Issued {
+            chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: SystemTime::now(),
+            not_after: UNIX_EPOCH + Duration::from_secs(r.not_after),
+            serial,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    fn state() -> crate::model::State {
+        let doc = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]\n\
+             workloads: [{name: web-a, serviceAccount: web, node: a, ip: 10.244.1.3, pid: 1},\n\
+             \x20 {name: db-b, serviceAccount: db, node: b, ip: 10.244.2.3, pid: 1}]\n",
+        )
+        .unwrap();
+        crate::model::State::from_document(&doc).unwrap()
+    }
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_node_may_hold_its_own_identity_and_those_of_its_workloads_only() {
+        let s = state();
+        let td = "cluster.local";
+        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/a")), Ok(()));
+        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/default/sa/web")), Ok(()));
+        assert_eq!(
+            authorize(&s, td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/b")),
+            Err(Refused::OtherNode)
+        );
+        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/default/sa/db")), Err(Refused::NotOnNode));
+        assert_eq!(authorize(&s, td, "a", &id("spiffe://other.domain/ns/default/sa/web")), Err(Refused::BadIdentity));
+    }
+
+    #[test]
+    fn a_token_is_known_only_by_its_hash_and_names_one_node() {
+        let dir = std::env::temp_dir().join(format!("mesh-issuer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("creds.json");
+        let ta = Credentials::bootstrap(&path, &NodeName::parse("a").unwrap()).unwrap();
+        let tb = Credentials::bootstrap(&path, &NodeName::parse("b").unwrap()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&ta) && !text.contains(&tb), "only hashes are stored");
+        let c = Credentials::load(&path).unwrap();
+        assert_eq!((c.node_of(&ta), c.node_of(&tb), c.node_of("guess")), (Some("a"), Some("b"), None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
