@@ -320,13 +320,17 @@ fn root_the_tunnel_carries_only_service_traffic_to_service_endpoints() {
         "the refusal names both identities: {log}"
     );
 
-    // sa/client-a still reaches web through the mesh, and the same CONNECT
-    // by hand with its certificate is let through.
+    // sa/client-a still reaches web through the mesh (its node's proxy).
     let (code, body) = c.curl("client-a", &format!("http://{VIP}/")).unwrap();
     assert_eq!(code, 0, "{body}\n{}", b.log_text());
     assert_eq!(field(&body, "backend"), "web-b");
+    // The same CONNECT with its stolen certificate, from a pod rather than
+    // from node-a (where the state places client-a): refused.
     let got = probe(&c, "evil", "node-b", &client, &format!("{ip}:8080"), Some("default/web"));
-    assert!(got.starts_with("status=200 deny=- reply=HTTP/1.1_200_OK"), "{got}");
+    assert_eq!(got, "status=403 deny=wrong-node", "{}", b.log_text());
+    assert_eq!(tunnel(&b, "denied_wrong_node"), 1);
+    let log = b.log_with("the one the stream came from", 1);
+    assert!(log.contains("spiffe://cluster.local/ns/default/sa/client-a") && log.contains("from=10.244.1."), "{log}");
 }
 
 #[test]

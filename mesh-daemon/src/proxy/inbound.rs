@@ -57,6 +57,9 @@ pub enum Deny {
     NotEndpoint,
     /// The service's authorization does not allow the peer.
     Policy,
+    /// The peer's workload identity belongs to workloads the state places
+    /// on other nodes than the one the stream came from.
+    WrongNode,
 }
 
 impl Deny {
@@ -65,6 +68,7 @@ impl Deny {
             Deny::NotLocal => "not-local",
             Deny::NotEndpoint => "not-service-endpoint",
             Deny::Policy => "policy",
+            Deny::WrongNode => "wrong-node",
         }
     }
 }
@@ -78,6 +82,9 @@ pub struct Inbound {
     local: HashMap<Ipv4Addr, Identity>,
     /// By `namespace/name`.
     services: HashMap<String, LocalService>,
+    /// For each workload identity, the addresses of the nodes its
+    /// workloads run on: where its streams may come from.
+    homes: HashMap<Identity, Vec<std::net::IpAddr>>,
 }
 
 impl Inbound {
@@ -113,7 +120,17 @@ impl Inbound {
                 services.insert(s.key(), LocalService { policy: s.authorization.clone(), targets });
             }
         }
-        Self { trust_domain: trust_domain.to_owned(), local, services }
+        let mut homes: HashMap<Identity, Vec<std::net::IpAddr>> = HashMap::new();
+        for w in &state.workloads {
+            if let Some(n) = state.node(&w.node) {
+                let id = Identity::workload(trust_domain, &w.namespace, &w.service_account);
+                let addrs = homes.entry(id).or_default();
+                if !addrs.contains(&n.address.into()) {
+                    addrs.push(n.address.into());
+                }
+            }
+        }
+        Self { trust_domain: trust_domain.to_owned(), local, services, homes }
     }
 
     fn series(&self) -> impl Iterator<Item = &EndpointSeries> {
@@ -133,15 +150,26 @@ impl Inbound {
         }
     }
 
-    /// Whether `peer` may open a stream to `target` for `service`: the
-    /// target is a workload of this node and an endpoint of that service
-    /// here, and the service's policy allows the peer. Returns the target.
-    pub fn check(&self, service: Option<&str>, target: SocketAddrV4, peer: &Identity) -> Result<&Arc<Target>, Deny> {
+    /// Whether `peer`, connected from `from`, may open a stream to `target`
+    /// for `service`: the target is a workload of this node and an
+    /// endpoint of that service here; when the state places workloads of
+    /// the peer's identity, the stream comes from one of their nodes; and
+    /// the service's policy allows the peer. Returns the target.
+    pub fn check(
+        &self,
+        service: Option<&str>,
+        target: SocketAddrV4,
+        peer: &Identity,
+        from: std::net::IpAddr,
+    ) -> Result<&Arc<Target>, Deny> {
         if !self.local.contains_key(target.ip()) {
             return Err(Deny::NotLocal);
         }
         let svc = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
         let found = svc.targets.get(&target).ok_or(Deny::NotEndpoint)?;
+        if self.homes.get(peer).is_some_and(|homes| !homes.contains(&from)) {
+            return Err(Deny::WrongNode);
+        }
         if !Authorization::allows(svc.policy.as_ref(), &self.trust_domain, peer) {
             return Err(Deny::Policy);
         }
@@ -217,7 +245,7 @@ impl StreamHandler for InboundHandler {
     async fn open(&self, req: &StreamRequest) -> Result<Accepted, Refusal> {
         let view = self.view.load();
         let (peer, target, service) = (&req.peer, req.target, req.service.as_deref());
-        let found = match view.check(service, target, peer) {
+        let found = match view.check(service, target, peer, req.from) {
             Ok(s) => s.clone(),
             Err(deny) => {
                 let (counter, why) = match deny {
@@ -227,10 +255,14 @@ impl StreamHandler for InboundHandler {
                         "the target is not an endpoint of the service the stream names",
                     ),
                     Deny::Policy => (&self.counters.denied_policy, "authorization policy does not allow this identity"),
+                    Deny::WrongNode => (
+                        &self.counters.denied_wrong_node,
+                        "this identity's workloads run on other nodes than the one the stream came from",
+                    ),
                 };
                 counter.inc();
                 let target_identity = view.workload_identity(target.ip()).map(tracing::field::display);
-                warn!(identity = %peer, target_identity, %target, service = service.unwrap_or(""), reason = deny.as_str(), "{why}; refused (403)");
+                warn!(identity = %peer, from = %req.from, target_identity, %target, service = service.unwrap_or(""), reason = deny.as_str(), "{why}; refused (403)");
                 return Err(Refusal { status: StatusCode::FORBIDDEN, reason: Some(deny.as_str()) });
             }
         };
@@ -320,12 +352,35 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Node a's address: where sa/client's streams come from.
+    fn node_a() -> std::net::IpAddr {
+        "172.18.0.2".parse().unwrap()
+    }
+
+    #[test]
+    fn a_workload_identity_is_let_through_only_from_the_node_it_runs_on() {
+        let i = inbound();
+        let from_b: std::net::IpAddr = "172.18.0.3".parse().unwrap();
+        let from_pod: std::net::IpAddr = "10.244.1.2".parse().unwrap();
+        let web = |from| i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client"), from).map(|_| ());
+        assert_eq!(web(node_a()), Ok(()));
+        assert_eq!(web(from_b), Err(Deny::WrongNode), "sa/client runs on a, not b");
+        assert_eq!(web(from_pod), Err(Deny::WrongNode), "a pod is not its node's proxy");
+        // An identity the state has no workload of: nothing to tell by;
+        // the policy decides (echo has none).
+        let echo = i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("stranger"), from_b);
+        assert!(echo.is_ok());
+    }
+
     #[test]
     fn an_allowed_peer_reaches_the_endpoint_of_the_service_it_names() {
         let i = inbound();
-        let t = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client")).unwrap();
+        let t = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client"), node_a()).unwrap();
         assert_eq!(t.series.labels.service, "default/web:80");
-        assert!(i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("evil")).is_ok(), "echo has no policy");
+        assert!(
+            i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("evil"), node_a()).is_ok(),
+            "echo has no policy"
+        );
     }
 
     #[test]
@@ -334,7 +389,7 @@ mod tests {
     }
 
     fn i_check(service: &str, t: &str, sa: &str) -> Result<(), Deny> {
-        inbound().check(Some(service), target(t), &id(sa)).map(|_| ())
+        inbound().check(Some(service), target(t), &id(sa), node_a()).map(|_| ())
     }
 
     #[test]
@@ -350,7 +405,10 @@ mod tests {
     #[test]
     fn a_stream_without_a_known_service_is_refused() {
         let i = inbound();
-        assert_eq!(i.check(None, target("10.244.2.3:8080"), &id("client")).map(|_| ()), Err(Deny::NotEndpoint));
+        assert_eq!(
+            i.check(None, target("10.244.2.3:8080"), &id("client"), node_a()).map(|_| ()),
+            Err(Deny::NotEndpoint)
+        );
         assert_eq!(i_check("default/nope", "10.244.2.3:8080", "client"), Err(Deny::NotEndpoint));
     }
 

@@ -97,6 +97,8 @@ pub struct TunnelCounters {
     /// The target is no endpoint of the service the stream names.
     pub denied_not_endpoint: Counter,
     pub denied_policy: Counter,
+    /// A workload identity from another node than the state places it on.
+    pub denied_wrong_node: Counter,
     pub bad_requests: Counter,
     pub upstream_failures: Counter,
 }
@@ -109,6 +111,7 @@ pub struct TunnelSnapshot {
     pub denied_not_local: u64,
     pub denied_not_endpoint: u64,
     pub denied_policy: u64,
+    pub denied_wrong_node: u64,
     pub bad_requests: u64,
     pub upstream_failures: u64,
     /// Failed handshakes by reason.
@@ -127,6 +130,7 @@ impl TunnelCounters {
             denied_not_local: c("denied_not_local"),
             denied_not_endpoint: c("denied_not_endpoint"),
             denied_policy: c("denied_policy"),
+            denied_wrong_node: c("denied_wrong_node"),
             bad_requests: c("bad_requests"),
             upstream_failures: c("upstream_failures"),
         }
@@ -151,6 +155,7 @@ impl TunnelCounters {
             denied_not_local: self.denied_not_local.get(),
             denied_not_endpoint: self.denied_not_endpoint.get(),
             denied_policy: self.denied_policy.get(),
+            denied_wrong_node: self.denied_wrong_node.get(),
             bad_requests: self.bad_requests.get(),
             upstream_failures: self.upstream_failures.get(),
             tls_failures_by_reason: TLS_FAILURE_REASONS

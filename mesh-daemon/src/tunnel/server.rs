@@ -33,6 +33,9 @@ pub struct StreamRequest {
     pub service: Option<String>,
     /// The `mesh-protocol` header: the stream carries requests.
     pub protocol: Option<super::StreamProtocol>,
+    /// Where the tunnel connection came from (the sending node's address,
+    /// when nothing rewrote it).
+    pub from: std::net::IpAddr,
 }
 
 /// Why a CONNECT is not let through: the status and, for a refusal by
@@ -102,7 +105,7 @@ async fn connection<H: StreamHandler>(
     let streams = drain.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (id, handler, counters, drain) = (id.clone(), handler.clone(), counters.clone(), streams.clone());
-        async move { Ok::<_, Infallible>(stream(req, id, handler, &counters, &drain).await) }
+        async move { Ok::<_, Infallible>(stream(req, id, peer.ip(), handler, &counters, &drain).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -128,6 +131,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 async fn stream<H: StreamHandler>(
     req: Request<hyper::body::Incoming>,
     peer: Arc<Identity>,
+    from: std::net::IpAddr,
     handler: Arc<H>,
     counters: &TunnelCounters,
     drain: &Drain,
@@ -141,7 +145,7 @@ async fn stream<H: StreamHandler>(
     let service = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let protocol =
         req.headers().get(super::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(super::StreamProtocol::parse);
-    let request = StreamRequest { peer, target, service, protocol };
+    let request = StreamRequest { peer, target, service, protocol, from };
     let upstream = match handler.open(&request).await {
         Ok(u) => u,
         Err(Refusal { status: code, reason }) => {
