@@ -324,8 +324,8 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle, args.issuer, &args.issuer_token) {
         (_, _, Some(bundle), Some(addr), Some(token)) => {
             let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
-            let token = std::fs::read_to_string(token)
-                .with_context(|| format!("--issuer-token {}: cannot read it", token.display()))?;
+            std::fs::metadata(token).with_context(|| format!("--issuer-token {}: cannot read it", token.display()))?;
+            let token = token.clone();
             let client = crate::identity::issuer::IssuerClient {
                 addr,
                 token,

@@ -318,7 +318,9 @@ pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
 /// certificate must chain to `roots` and name the issuer identity.
 pub struct IssuerClient {
     pub addr: SocketAddrV4,
-    pub token: String,
+    /// The node's credential, read at every request: a token that is
+    /// rotated in place (a projected service-account token) is picked up.
+    pub token: PathBuf,
     pub roots: Arc<RootCertStore>,
     pub trust_domain: String,
 }
@@ -328,6 +330,8 @@ impl IssuerClient {
     /// the issuer.
     pub async fn issue(&self, id: &Identity, serial: u64) -> Result<Arc<Issued>, CertError> {
         let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
+        let token = std::fs::read_to_string(&self.token)
+            .map_err(|e| err(format!("the issuer credential {}: {e}", self.token.display())))?;
         let (key, csr) = request(id)?;
         let body =
             serde_json::to_vec(&SignRequest { identity: id.to_string(), csr }).map_err(|e| err(e.to_string()))?;
@@ -355,7 +359,7 @@ impl IssuerClient {
             .method(Method::POST)
             .uri(PATH)
             .header(hyper::header::HOST, self.addr.to_string())
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token.trim()))
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| err(e.to_string()))?;
