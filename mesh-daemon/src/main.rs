@@ -156,7 +156,7 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             let id = Identity::parse(&id)?;
             let roots = mesh_daemon::identity::tls::trust_bundle(&trust_bundle)
                 .map_err(|e| anyhow::anyhow!("--trust-bundle {e}"))?;
-            let client = mesh_daemon::identity::issuer::IssuerClient { addr: issuer, token, roots, trust_domain };
+            let client = mesh_daemon::identity::issuer::IssuerClient::new(vec![issuer], token, roots, trust_domain);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let issued = rt.block_on(client.issue(&id, 1))?;
             let left = issued.not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();

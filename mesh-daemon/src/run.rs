@@ -89,9 +89,10 @@ pub struct RunArgs {
     pub trust_bundle: Option<PathBuf>,
     /// The issuer (`mesh-daemon ca serve`) this daemon gets its node's and
     /// its workloads' certificates from, by CSR; no CA key on the node.
-    /// Its certificate must chain to --trust-bundle.
+    /// Its certificate must chain to --trust-bundle. Repeat it for
+    /// replicas: one that cannot be reached is passed over.
     #[arg(long, value_name = "IP:PORT", requires_all = ["issuer_token", "trust_bundle"], conflicts_with = "ca_key")]
-    pub issuer: Option<SocketAddrV4>,
+    pub issuer: Vec<SocketAddrV4>,
     /// This node's credential for the issuer (made by `mesh-daemon ca bootstrap`).
     #[arg(long, value_name = "FILE", requires = "issuer")]
     pub issuer_token: Option<PathBuf>,
@@ -321,17 +322,19 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let api_listener =
         api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
-    let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle, args.issuer, &args.issuer_token) {
-        (_, _, Some(bundle), Some(addr), Some(token)) => {
+    let issuers = (!args.issuer.is_empty()).then(|| args.issuer.clone());
+    let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle, issuers, &args.issuer_token) {
+        (_, _, Some(bundle), Some(addrs), Some(token)) => {
             let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
             std::fs::metadata(token).with_context(|| format!("--issuer-token {}: cannot read it", token.display()))?;
             let token = token.clone();
-            let client = crate::identity::issuer::IssuerClient {
-                addr,
+            let client = crate::identity::issuer::IssuerClient::new(
+                addrs.clone(),
                 token,
-                roots: roots.clone(),
-                trust_domain: args.trust_domain.clone(),
-            };
+                roots.clone(),
+                args.trust_domain.clone(),
+            );
+            let addr = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             let id = crate::identity::Identity::node(&args.trust_domain, &node);
             let certs = Certs::from_issuer(&args.trust_domain, client, roots, args.cert_lifetime, id)
                 .await

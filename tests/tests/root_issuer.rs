@@ -57,8 +57,10 @@ fn bulk(c: &Cluster) -> bool {
     out.status.success()
 }
 
-#[test]
-fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_ca_key() {
+/// node-a with the client pod, node-b with web-2 (echo on 9000, the
+/// `echo` service), and a node-sized namespace for issuers; the config and
+/// both nodes' credentials.
+fn cluster() -> (Cluster, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let c = Cluster::create(
         &ClusterSpec::new().node("node-a").node("node-b").node("issuer").pod("client", "node-a").pod("web-2", "node-b"),
     )
@@ -69,35 +71,15 @@ fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_c
         c.pod("web-2").ip
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
-    let ca = c.ca_dir().unwrap();
     let (token_a, token_b) = (c.bootstrap_node("node-a").unwrap(), c.bootstrap_node("node-b").unwrap());
+    (c, cfg, token_a, token_b)
+}
+
+#[test]
+fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_ca_key() {
+    let (c, cfg, token_a, token_b) = cluster();
     let issuer = format!("{}:15012", c.node("issuer").address);
-    let serve = |c: &Cluster| {
-        let (cert, key) = (ca.join("ca.pem"), ca.join("ca.key"));
-        let creds = c.dir.join("credentials.json");
-        let args = [
-            "ca",
-            "serve",
-            "--listen",
-            &issuer,
-            "--ca-cert",
-            cert.to_str().unwrap(),
-            "--ca-key",
-            key.to_str().unwrap(),
-            "--credentials",
-            creds.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--seconds",
-            "30",
-        ];
-        let pid = c.spawn_on_node("issuer", &c.bins.daemon.to_string_lossy(), &args).unwrap();
-        let netns = c.node("issuer").netns.clone();
-        let addr: std::net::SocketAddr = issuer.parse().unwrap();
-        assert!(mesh_tests::sys::wait_until(Duration::from_secs(10), || mesh_tests::sys::can_connect(&netns, addr)));
-        pid
-    };
-    let issuer_pid = serve(&c);
+    let issuer_pid = start_issuer(&c, &cfg, &issuer);
     let flags = |token: &Path| {
         vec![
             "--issuer".to_owned(),
@@ -147,10 +129,65 @@ fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_c
     std::thread::sleep(Duration::from_secs(18));
     assert!(bulk(&c), "{}", a.log_text());
     assert!(a.log_text().contains("renewing a certificate failed"), "{}", a.log_text());
-    serve(&c);
+    start_issuer(&c, &cfg, &issuer);
     let renewed = mesh_tests::sys::wait_until(Duration::from_secs(10), || {
         a.log_text().contains("node certificate renewed") && b.log_text().contains("node certificate renewed")
     });
     assert!(renewed, "{}\n{}", a.log_text(), b.log_text());
+    assert!(bulk(&c));
+}
+
+/// Starts `mesh-daemon ca serve` at `addr` in the issuer's namespace and
+/// waits until it listens; its pid.
+fn start_issuer(c: &Cluster, cfg: &Path, addr: &str) -> u32 {
+    let ca = c.ca_dir().unwrap();
+    let (cert, key, creds) = (ca.join("ca.pem"), ca.join("ca.key"), c.dir.join("credentials.json"));
+    let args = [
+        "ca",
+        "serve",
+        "--listen",
+        addr,
+        "--ca-cert",
+        cert.to_str().unwrap(),
+        "--ca-key",
+        key.to_str().unwrap(),
+        "--credentials",
+        creds.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--seconds",
+        "30",
+    ];
+    let pid = c.spawn_on_node("issuer", &c.bins.daemon.to_string_lossy(), &args).unwrap();
+    let netns = c.node("issuer").netns.clone();
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(10), || mesh_tests::sys::can_connect(&netns, sock)));
+    pid
+}
+
+#[test]
+fn root_with_two_issuers_a_node_renews_from_the_one_that_is_up() {
+    let (c, cfg, token_a, token_b) = cluster();
+    let ip = c.node("issuer").address;
+    let (one, two) = (format!("{ip}:15012"), format!("{ip}:15013"));
+    let first = start_issuer(&c, &cfg, &one);
+    start_issuer(&c, &cfg, &two);
+    let flags = |token: &Path| {
+        let t = token.to_str().unwrap().to_owned();
+        ["--issuer", &one, "--issuer", &two, "--issuer-token", &t, "--cert-lifetime", "30s"].map(str::to_owned)
+    };
+    let (fa, fb) = (flags(&token_a), flags(&token_b));
+    let a = c.start_daemon("node-a", &cfg, &fa.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &fb.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    assert!(bulk(&c), "{}\n{}", a.log_text(), b.log_text());
+
+    // The first issuer goes away for good: past the renewal point the
+    // nodes renew from the second, and nothing fails on the way.
+    c.kill(first);
+    let renewed = mesh_tests::sys::wait_until(Duration::from_secs(25), || {
+        a.log_text().contains("node certificate renewed") && b.log_text().contains("node certificate renewed")
+    });
+    assert!(renewed, "{}\n{}", a.log_text(), b.log_text());
+    assert!(!a.log_text().contains("renewing a certificate failed"), "{}", a.log_text());
     assert!(bulk(&c));
 }

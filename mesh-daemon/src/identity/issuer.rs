@@ -314,72 +314,99 @@ pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
     }
 }
 
-/// A node's way to its certificates: CSRs to the issuer at `addr`, whose
-/// certificate must chain to `roots` and name the issuer identity.
+/// A node's way to its certificates: CSRs to the issuers at `addrs`
+/// (replicas: one that cannot be reached is passed over for the next, and
+/// the one that answered is asked first next time), whose certificates
+/// must chain to `roots` and name the issuer identity.
 pub struct IssuerClient {
-    pub addr: SocketAddrV4,
+    pub addrs: Vec<SocketAddrV4>,
     /// The node's credential, read at every request: a token that is
     /// rotated in place (a projected service-account token) is picked up.
     pub token: PathBuf,
     pub roots: Arc<RootCertStore>,
     pub trust_domain: String,
+    /// Index into `addrs` of the issuer that answered last.
+    pub last_good: std::sync::atomic::AtomicUsize,
 }
 
 impl IssuerClient {
-    /// A new key and a certificate for `id` (serial `serial`), signed by
-    /// the issuer.
+    pub fn new(addrs: Vec<SocketAddrV4>, token: PathBuf, roots: Arc<RootCertStore>, trust_domain: String) -> Self {
+        Self { addrs, token, roots, trust_domain, last_good: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// A new key and a certificate for `id` (serial `serial`), signed by an
+    /// issuer. A refusal is final (every replica decides the same); an
+    /// issuer that cannot be reached is passed over for the next.
     pub async fn issue(&self, id: &Identity, serial: u64) -> Result<Arc<Issued>, CertError> {
         let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
         let token = std::fs::read_to_string(&self.token)
             .map_err(|e| err(format!("the issuer credential {}: {e}", self.token.display())))?;
-        let (key, csr) = request(id)?;
+        let first = self.last_good.load(Ordering::Relaxed);
+        let mut unreachable = Vec::new();
+        for k in 0..self.addrs.len() {
+            let i = (first + k) % self.addrs.len();
+            match self.ask(self.addrs[i], id, serial, &token).await {
+                Ok(issued) => {
+                    self.last_good.store(i, Ordering::Relaxed);
+                    return Ok(issued);
+                }
+                Err(Failure::Refused(m)) => return Err(err(m)),
+                Err(Failure::Unreachable(m)) => unreachable.push(m),
+            }
+        }
+        Err(err(if unreachable.is_empty() { "no issuer given".into() } else { unreachable.join("; ") }))
+    }
+
+    async fn ask(&self, addr: SocketAddrV4, id: &Identity, serial: u64, token: &str) -> Result<Arc<Issued>, Failure> {
+        let issuer = format!("issuer {addr}");
+        let down = |m: String| Failure::Unreachable(format!("{issuer}: {m}"));
+        let refused = |m: String| Failure::Refused(format!("{issuer}: {m}"));
+        let (key, csr) = request(id).map_err(|e| refused(e.to_string()))?;
         let body =
-            serde_json::to_vec(&SignRequest { identity: id.to_string(), csr }).map_err(|e| err(e.to_string()))?;
+            serde_json::to_vec(&SignRequest { identity: id.to_string(), csr }).map_err(|e| refused(e.to_string()))?;
         let verifier = Arc::new(tls::SpiffeServerVerifier::new(self.roots.clone(), identity(&self.trust_domain)));
         let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| refused(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        let issuer = format!("issuer {}", self.addr);
-        let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(self.addr))
+        let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
             .await
-            .map_err(|_| err(format!("{issuer}: connect timed out")))?
-            .map_err(|e| err(format!("{issuer}: {e}")))?;
+            .map_err(|_| down("connect timed out".into()))?
+            .map_err(|e| down(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::IpAddress((*self.addr.ip()).into()), tcp)
+            .connect(ServerName::IpAddress((*addr.ip()).into()), tcp)
             .await
-            .map_err(|e| err(format!("{issuer}: TLS: {e}")))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| err(format!("{issuer}: {e}")))?;
+            .map_err(|e| down(format!("TLS: {e}")))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| down(e.to_string()))?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(Method::POST)
             .uri(PATH)
-            .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::HOST, addr.to_string())
             .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| err(e.to_string()))?;
-        let resp = send.send_request(req).await.map_err(|e| err(format!("{issuer}: {e}")))?;
+            .map_err(|e| refused(e.to_string()))?;
+        let resp = send.send_request(req).await.map_err(|e| down(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| err(format!("{issuer}: {e}")))?.to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| down(e.to_string()))?.to_bytes();
         if status != StatusCode::OK {
-            return Err(err(format!("{issuer} refused ({status}): {}", String::from_utf8_lossy(&bytes).trim())));
+            return Err(refused(format!("refused ({status}): {}", String::from_utf8_lossy(&bytes).trim())));
         }
-        let r: SignResponse = serde_json::from_slice(&bytes).map_err(|e| err(format!("{issuer}: {e}")))?;
+        let r: SignResponse = serde_json::from_slice(&bytes).map_err(|e| refused(e.to_string()))?;
         let chain = r
             .chain
             .iter()
             .map(|p| {
                 rustls::pki_types::pem::PemObject::from_pem_slice(p.as_bytes())
-                    .map_err(|e| err(format!("{issuer}: a certificate that is not PEM: {e:?}")))
+                    .map_err(|e| refused(format!("a certificate that is not PEM: {e:?}")))
             })
             .collect::<Result<Vec<CertificateDer<'static>>, _>>()?;
         if chain.first().and_then(tls::identity_of).as_ref() != Some(id) {
-            return Err(err(format!("{issuer} answered a certificate for another identity")));
+            return Err(refused("answered a certificate for another identity".into()));
         }
         Ok(Arc::new(Issued {
             chain,
@@ -389,6 +416,14 @@ impl IssuerClient {
             serial,
         }))
     }
+}
+
+/// How asking one issuer failed.
+enum Failure {
+    /// It could not be reached or broke off: another replica may answer.
+    Unreachable(String),
+    /// It answered no, or something no replica would do otherwise.
+    Refused(String),
 }
 
 #[cfg(test)]
