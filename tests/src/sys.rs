@@ -305,3 +305,32 @@ pub fn promtool_check(metrics: &str) -> anyhow::Result<Result<(), String>> {
         Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     })
 }
+
+/// The sum of the samples of metric `name` in Prometheus text `text` whose
+/// labels contain every one of `labels` (e.g. `class="OK"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name && labels.iter().all(|w| rest.contains(w))).then(|| value.parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod metric_tests {
+    #[test]
+    fn sums_the_samples_whose_labels_match() {
+        let text = "# TYPE mesh_requests_total counter\n\
+                    mesh_requests_total{direction=\"inbound\",class=\"OK\"} 3\n\
+                    mesh_requests_total{direction=\"outbound\",class=\"OK\"} 4\n\
+                    mesh_requests_total_other{class=\"OK\"} 100\n\
+                    mesh_spans_dropped_total 7\n";
+        assert_eq!(super::metric_sum(text, "mesh_requests_total", &["class=\"OK\""]), 7);
+        assert_eq!(super::metric_sum(text, "mesh_requests_total", &["direction=\"inbound\""]), 3);
+        assert_eq!(super::metric_sum(text, "mesh_spans_dropped_total", &[]), 7);
+        assert_eq!(super::metric_sum(text, "mesh_nothing", &[]), 0);
+    }
+}

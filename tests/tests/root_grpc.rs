@@ -50,21 +50,10 @@ fn root_grpc_calls_of_one_channel_are_balanced_across_nodes_through_the_tunnel()
 
     assert_eq!(a.counter("proxy", "accepted").unwrap(), 1, "one client connection");
     let (_, m) = a.admin_get("/metrics").unwrap();
-    let ok: u64 = m
-        .lines()
-        .filter(|l| l.starts_with("mesh_requests_total{") && l.contains("class=\"OK\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum();
+    let ok = mesh_tests::sys::metric_sum(&m, "mesh_requests_total", &["class=\"OK\""]);
     assert_eq!(ok, 201, "200 unary calls and one stream, by their gRPC status: {m}");
     // The receiving node proxied and counted each call too.
-    let inbound_ok = || -> u64 {
-        let (_, m) = b.admin_get("/metrics").unwrap();
-        m.lines()
-            .filter(|l| l.starts_with("mesh_requests_total{") && l.contains("class=\"OK\""))
-            .filter(|l| l.contains("direction=\"inbound\""))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum()
-    };
+    let inbound_ok = || b.metric("mesh_requests_total", &["class=\"OK\"", "direction=\"inbound\""]);
     assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || inbound_ok() == 201), "{}", inbound_ok());
     // Pooled: one upstream HTTP/2 connection (one tunnel stream) per
     // endpoint, not one per call, over one tunnel connection.

@@ -82,12 +82,7 @@ fn root_one_http2_connection_spreads_its_requests_by_weight() {
     assert_3_to_2(&t, 2000, "HTTP/2, one connection");
     assert_eq!(h.d.counter("proxy", "accepted").unwrap(), 1, "one client connection");
     let (_, m) = h.d.admin_get("/metrics").unwrap();
-    let count = |needle: &str| -> u64 {
-        m.lines()
-            .filter(|l| l.starts_with("mesh_requests_total{") && l.contains(needle))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |needle: &str| mesh_tests::sys::metric_sum(&m, "mesh_requests_total", &[needle]);
     assert_eq!(count("class=\"2xx\""), 2000, "{m}");
     assert_eq!(count(&format!("endpoint=\"{}:8080\"", h.c.pod("web-1").ip)), t["web-1"], "{m}");
     // promtool agrees the request metrics are valid exposition format.
@@ -145,11 +140,7 @@ fn root_auto_detects_http1_http2_and_falls_back_to_tcp_for_a_silent_client() {
     let out = c.exec("client", "nghttp", &[&format!("http://{VIP}/")], Duration::from_secs(20)).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "backend=web-1", "HTTP/2 detected");
     let (_, m) = d.admin_get("/metrics").unwrap();
-    let requests: u64 = m
-        .lines()
-        .filter(|l| l.starts_with("mesh_requests_total{") && l.contains("default/web:80"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum();
+    let requests = mesh_tests::sys::metric_sum(&m, "mesh_requests_total", &["default/web:80"]);
     assert_eq!(requests, 2, "both went through the request path: {m}");
     // A client that waits for the server to speak first: after the
     // detection timeout the connection is relayed as bytes, and then the
@@ -296,13 +287,9 @@ fn root_requests_through_the_tunnel_are_proxied_counted_and_logged_on_the_receiv
         c.exec("client", "curl", &["-sS", "--max-time", "10", "--data", &body, &ok], Duration::from_secs(20)).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("received=5000"), "{}", b.log_text());
 
-    let count = |d: &Daemon, direction: &str, class: &str| -> u64 {
-        let (_, m) = d.admin_get("/metrics").unwrap();
-        m.lines()
-            .filter(|l| l.starts_with("mesh_requests_total{"))
-            .filter(|l| l.contains(&format!("direction=\"{direction}\"")) && l.contains(&format!("class=\"{class}\"")))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum()
+    let count = |d: &Daemon, direction: &str, class: &str| {
+        let (direction, class) = (format!("direction=\"{direction}\""), format!("class=\"{class}\""));
+        d.metric("mesh_requests_total", &[&direction, &class])
     };
     let counted = mesh_tests::sys::wait_until(Duration::from_secs(5), || count(&b, "inbound", "2xx") == 31);
     assert!(counted, "{}", b.admin_get("/metrics").unwrap().1);

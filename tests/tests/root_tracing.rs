@@ -16,8 +16,7 @@ fn spans(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 fn metric(d: &mesh_tests::Daemon, name: &str) -> u64 {
-    let (_, m) = d.admin_get("/metrics").unwrap();
-    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok()).unwrap_or(0)
+    d.metric(name, &[])
 }
 
 #[test]

@@ -455,11 +455,7 @@ fn render_http(rows: &[HttpRow]) -> String {
 
 /// Each figure's median over the rounds.
 fn median_row(runs: &[Row]) -> Row {
-    let med = |f: fn(&Row) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let med = |f: fn(&Row) -> f64| median(runs.iter().map(f).collect());
     Row {
         name: runs[0].name,
         rps: med(|r| r.rps),

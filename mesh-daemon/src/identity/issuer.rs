@@ -117,6 +117,9 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Every reason, in the order of the issuer's counters.
+    const ALL: [Refused; 4] = [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refused::Unauthenticated => "unauthenticated",
@@ -166,10 +169,7 @@ struct Issuer {
 
 impl Issuer {
     fn count(&self, r: Refused) -> u64 {
-        let i = [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity]
-            .iter()
-            .position(|x| *x == r)
-            .unwrap_or(0);
+        let i = Refused::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.refused[i].fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -177,9 +177,7 @@ impl Issuer {
         let mut s = String::from("# TYPE mesh_issuer_issued_total counter\n");
         s.push_str(&format!("mesh_issuer_issued_total {}\n", self.issued.load(Ordering::Relaxed)));
         s.push_str("# TYPE mesh_issuer_refused_total counter\n");
-        for (i, r) in
-            [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity].iter().enumerate()
-        {
+        for (i, r) in Refused::ALL.iter().enumerate() {
             s.push_str(&format!(
                 "mesh_issuer_refused_total{{reason=\"{}\"}} {}\n",
                 r.as_str(),

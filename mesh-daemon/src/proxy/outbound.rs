@@ -162,7 +162,7 @@ async fn forward(
         request: None,
     };
     if let Some(limiter) = &route.policy.limiter {
-        if limiter.admit(source.map(|w| &w.identity), super::http::policy::clock_secs()).is_err() {
+        if limiter.admit(source.map(|w| &w.identity), crate::telemetry::metrics::clock_secs()).is_err() {
             route.series.rate_limited.inc();
             route.series.failed("rate_limited");
             if limiter.should_log(crate::telemetry::metrics::now_secs()) {

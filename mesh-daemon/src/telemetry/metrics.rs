@@ -280,10 +280,16 @@ type Recent = (Arc<LatencySketch>, Arc<RecentRate>);
 /// Seconds the request rate of `meshctl stats` is taken over.
 pub const RATE_WINDOW_SECS: u64 = 10;
 
-/// Seconds since this process first asked: the clock of [`RecentRate`].
-pub fn now_secs() -> u64 {
+/// Seconds since this process first asked, with their fraction: the clock
+/// of the rate limiters (and, whole, of [`RecentRate`] and retry budgets).
+pub fn clock_secs() -> f64 {
     static START: OnceLock<tokio::time::Instant> = OnceLock::new();
-    START.get_or_init(tokio::time::Instant::now).elapsed().as_secs()
+    START.get_or_init(tokio::time::Instant::now).elapsed().as_secs_f64()
+}
+
+/// [`clock_secs`] in whole seconds.
+pub fn now_secs() -> u64 {
+    clock_secs() as u64
 }
 
 /// Requests of the last [`RATE_WINDOW_SECS`] seconds, one bucket per

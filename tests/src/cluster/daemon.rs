@@ -135,6 +135,13 @@ impl Daemon {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// The sum of the `/metrics` samples of `name` whose labels contain
+    /// every one of `labels` (e.g. `class="OK"`); 0 when there is none.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let (_, text) = self.admin_get("/metrics").unwrap_or_default();
+        crate::sys::metric_sum(&text, name, labels)
+    }
+
     /// One counter from `/stats`, e.g. `("proxy", "forwarded")`.
     pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
         let s = self.stats()?;

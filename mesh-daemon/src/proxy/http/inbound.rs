@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use super::observe::{class, failed, grpc_status, Completion, Line, Observed, Report};
 use super::trace::Traced;
 use super::upstream::Body;
-use super::{strip_hop_by_hop, unavailable};
+use super::{answer, strip_hop_by_hop};
 use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::proxy::access::{Record, RequestLine};
@@ -125,15 +125,8 @@ impl Ctx {
             }
             Pod::Http2(s) => s.clone().send_request(req).await,
         };
-        let mut report = Reported {
-            target: self.target.clone(),
-            peer: self.peer.clone(),
-            addr: self.addr,
-            line,
-            started,
-            traced,
-            spans: self.spans.clone(),
-        };
+        let mut report =
+            Reported { target: self.target.clone(), peer: self.peer.clone(), addr: self.addr, line, started, traced };
         match sent {
             Ok(resp) => {
                 let latency = started.elapsed();
@@ -146,10 +139,13 @@ impl Ctx {
             }
             Err(e) => {
                 warn!(identity = %self.peer, target = %self.addr, error = %e, "request to the workload failed");
-                let mut r = unavailable(self.target.grpc, "upstream");
-                if !self.target.grpc {
-                    *r.status_mut() = StatusCode::BAD_GATEWAY;
-                }
+                let r = answer(
+                    self.target.grpc,
+                    StatusCode::BAD_GATEWAY,
+                    14,
+                    "upstream",
+                    "the workload failed the request",
+                );
                 report.report(r.status(), grpc_status(r.headers()), 0, "upstream");
                 r
             }
@@ -165,7 +161,6 @@ struct Reported {
     line: Line,
     started: Instant,
     traced: Option<Traced>,
-    spans: Arc<Spans>,
 }
 
 impl Report for Reported {
@@ -195,10 +190,7 @@ impl Report for Reported {
         if let Some(t) = &self.traced {
             let error = outcome != "ok" || failed(status, self.target.grpc, grpc_status);
             let (service, s) = (&series.labels.service, status.as_u16());
-            if let Some(span) = t.span("inbound", service, Some(self.addr), self.line.parts(), s, grpc_status, 0, error)
-            {
-                self.spans.record(span);
-            }
+            t.finish("inbound", service, Some(self.addr), self.line.parts(), s, grpc_status, 0, error);
         }
     }
 }

@@ -165,7 +165,7 @@ fn empty() -> Body {
 /// An answer the proxy makes itself: `status`, or for gRPC a
 /// trailers-only status `grpc_code` with `why` as its message; its
 /// `mesh-error` header says what happened (`error`).
-fn answer(grpc: bool, status: StatusCode, grpc_code: u32, error: &'static str, why: &str) -> Response<Body> {
+pub(super) fn answer(grpc: bool, status: StatusCode, grpc_code: u32, error: &'static str, why: &str) -> Response<Body> {
     let mut r = if grpc {
         let mut r = Response::new(empty());
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -380,7 +380,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let policy = &route.policy;
     if let Some(limiter) = &policy.limiter {
         let identity = conn.source.as_ref().map(|w| &w.identity);
-        if let Err(wait) = limiter.admit(identity, policy::clock_secs()) {
+        if let Err(wait) = limiter.admit(identity, crate::telemetry::metrics::clock_secs()) {
             route.series.rate_limited.inc();
             if limiter.should_log(now_secs()) {
                 warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");

@@ -19,7 +19,6 @@ use super::Conn;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
-use crate::telemetry::otlp::Spans;
 
 /// What the access log says of a request.
 pub struct Line {
@@ -64,7 +63,6 @@ pub struct Finished {
     pub retries: u32,
     /// Its trace, when it came with one; with a span when recorded.
     traced: Option<Traced>,
-    spans: Arc<Spans>,
     source: Option<Arc<Workload>>,
     client: std::net::SocketAddrV4,
     grpc: bool,
@@ -159,7 +157,6 @@ impl Finished {
             line: Line::new(method, uri, &HeaderMap::new()),
             retries: 0,
             traced: None,
-            spans: conn.spans.clone(),
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
@@ -221,11 +218,7 @@ impl Finished {
             let error = outcome != "ok" || failed(status, self.grpc, grpc_status);
             let endpoint = ep.map(|e| e.state.addr);
             let s = status.as_u16();
-            if let Some(span) =
-                t.span("outbound", &self.route.name, endpoint, self.line.parts(), s, grpc_status, self.retries, error)
-            {
-                self.spans.record(span);
-            }
+            t.finish("outbound", &self.route.name, endpoint, self.line.parts(), s, grpc_status, self.retries, error);
         }
     }
 }

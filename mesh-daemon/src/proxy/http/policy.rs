@@ -11,12 +11,6 @@ use std::time::Duration;
 use crate::identity::Identity;
 use crate::model::http::{Budget, HttpPolicy, RateLimit};
 
-/// Seconds on the monotonic clock, with their fraction: the rate limiters'.
-pub fn clock_secs() -> f64 {
-    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(tokio::time::Instant::now).elapsed().as_secs_f64()
-}
-
 /// One service port's policy and its state.
 #[derive(Debug)]
 pub struct Policy {

@@ -143,26 +143,34 @@ pub struct Traced {
     /// The trace id in hex, for the access log.
     pub trace_hex: String,
     /// Recorded: the request was sampled and spans are exported.
-    pub span: Option<([u8; 8], std::time::SystemTime)>,
+    span: Option<Recording>,
+}
+
+/// The proxy's span of a request, until it ends.
+#[derive(Debug, Clone)]
+struct Recording {
+    id: [u8; 8],
+    start: std::time::SystemTime,
+    to: std::sync::Arc<crate::telemetry::otlp::Spans>,
 }
 
 impl Traced {
     /// Reads the request's trace context and, when it is sampled and spans
     /// are exported, starts the proxy's span and makes it the next hop's
     /// parent.
-    pub fn of(h: &mut HeaderMap, spans: &crate::telemetry::otlp::Spans) -> Option<Self> {
+    pub fn of(h: &mut HeaderMap, spans: &std::sync::Arc<crate::telemetry::otlp::Spans>) -> Option<Self> {
         let context = extract(h)?;
         let span = (context.sampled && spans.enabled()).then(|| {
             let id = new_span_id();
             inject(h, id);
-            (id, std::time::SystemTime::now())
+            Recording { id, start: std::time::SystemTime::now(), to: spans.clone() }
         });
         Some(Self { trace_hex: context.trace_hex(), context, span })
     }
 
-    /// The finished span, to export.
+    /// The request ended: exports its span, if one is recorded.
     #[allow(clippy::too_many_arguments)]
-    pub fn span(
+    pub fn finish(
         &self,
         direction: &'static str,
         service: &str,
@@ -172,14 +180,14 @@ impl Traced {
         grpc_status: Option<u32>,
         retries: u32,
         error: bool,
-    ) -> Option<crate::telemetry::otlp::SpanRecord> {
-        let (span_id, start) = self.span?;
-        Some(crate::telemetry::otlp::SpanRecord {
+    ) {
+        let Some(r) = &self.span else { return };
+        r.to.record(crate::telemetry::otlp::SpanRecord {
             trace_id: self.context.trace_id,
-            span_id,
+            span_id: r.id,
             parent: self.context.parent,
             direction,
-            start,
+            start: r.start,
             end: std::time::SystemTime::now(),
             service: service.to_owned(),
             endpoint,
@@ -190,7 +198,7 @@ impl Traced {
             grpc_status,
             retries,
             error,
-        })
+        });
     }
 }
 
