@@ -61,12 +61,24 @@ enum CaCommand {
         ca_key: std::path::PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
-        /// The node credentials (`ca bootstrap` writes it).
-        #[arg(long, value_name = "FILE")]
-        credentials: std::path::PathBuf,
-        /// The state document: which workloads run on which node.
-        #[arg(long, value_name = "FILE")]
-        config: std::path::PathBuf,
+        /// The node credentials (`ca bootstrap` writes it); not with --kubernetes.
+        #[arg(long, value_name = "FILE", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        credentials: Option<std::path::PathBuf>,
+        /// The state document: which workloads run on which node; not with --kubernetes.
+        #[arg(long, value_name = "FILE", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        config: Option<std::path::PathBuf>,
+        /// Authenticate nodes by their projected service-account tokens
+        /// (TokenReview) and place workloads by the pods' spec.nodeName,
+        /// asking the API server (in a pod: its service account; else
+        /// KUBECONFIG).
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: the audience node tokens must be minted for.
+        #[arg(long, default_value = mesh_daemon::identity::kube::AUDIENCE, requires = "kubernetes")]
+        audience: String,
+        /// With --kubernetes: the node daemons' service account, NAMESPACE/NAME.
+        #[arg(long, default_value = "mesh-system/mesh-daemon", value_name = "NAMESPACE/NAME", requires = "kubernetes")]
+        node_account: String,
         /// Lifetime of issued certificates.
         #[arg(long, default_value_t = 86400)]
         seconds: u64,
@@ -85,8 +97,8 @@ enum CaCommand {
     /// Ask the issuer for a certificate as a node would (to check a
     /// credential or the issuer): prints what it answered; exit 1 if refused.
     Request {
-        #[arg(long, value_name = "IP:PORT")]
-        issuer: std::net::SocketAddrV4,
+        #[arg(long, value_name = "HOST:PORT", value_parser = mesh_daemon::identity::issuer::host_port)]
+        issuer: String,
         #[arg(long, value_name = "FILE")]
         token: std::path::PathBuf,
         /// PEM CA certificates the issuer's certificate must chain to.
@@ -120,6 +132,39 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(path)?.write_all(text.as_bytes())
 }
 
+/// The issuer's Kubernetes authority (`ca serve --kubernetes`).
+#[cfg(feature = "kubernetes")]
+async fn kube_authority(
+    audience: String,
+    node_account: &str,
+) -> anyhow::Result<mesh_daemon::identity::issuer::Authority> {
+    let (ns, name) =
+        node_account.split_once('/').filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/')).ok_or_else(
+            || anyhow::anyhow!("--node-account {node_account:?}: give NAMESPACE/NAME (e.g. mesh-system/mesh-daemon)"),
+        )?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "--kubernetes: no API server: {e} (in a pod: give it a service account; elsewhere: set KUBECONFIG)"
+        )
+    })?;
+    Ok(mesh_daemon::identity::issuer::Authority::Kubernetes(mesh_daemon::identity::kube::Kube {
+        client,
+        audience,
+        account: (ns.to_owned(), name.to_owned()),
+    }))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn kube_authority(
+    _audience: String,
+    _node_account: &str,
+) -> anyhow::Result<mesh_daemon::identity::issuer::Authority> {
+    anyhow::bail!(
+        "--kubernetes: this mesh-daemon was built without Kubernetes support; \
+         build it with `cargo build --release -p mesh-daemon --features kubernetes` or use the container image"
+    )
+}
+
 fn ca(cmd: CaCommand) -> anyhow::Result<()> {
     use mesh_daemon::identity::certs::Ca;
     use mesh_daemon::identity::Identity;
@@ -132,17 +177,33 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             write_private(&out.join("ca.key"), &key)?;
             println!("CA for {trust_domain} written to {}/ca.pem and ca.key", out.display());
         }
-        CaCommand::Serve { listen, ca_cert, ca_key, trust_domain, credentials, config, seconds } => {
+        CaCommand::Serve {
+            listen,
+            ca_cert,
+            ca_key,
+            trust_domain,
+            credentials,
+            config,
+            kubernetes: _,
+            audience,
+            node_account,
+            seconds,
+        } => {
+            use mesh_daemon::identity::issuer::Authority;
             Identity::check_trust_domain(&trust_domain)?;
+            let ca = Ca::from_files(&ca_cert, &ca_key)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let authority = match (credentials, config) {
+                (Some(credentials), Some(state)) => Authority::Tokens { credentials, state },
+                _ => rt.block_on(kube_authority(audience, &node_account))?,
+            };
             let cfg = mesh_daemon::identity::issuer::IssuerConfig {
                 listen,
-                ca: Ca::from_files(&ca_cert, &ca_key)?,
+                ca,
                 trust_domain,
                 lifetime: std::time::Duration::from_secs(seconds),
-                credentials,
-                state: config,
+                authority,
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(mesh_daemon::identity::issuer::serve(cfg))?;
         }
         CaCommand::Bootstrap { credentials, node, out } => {

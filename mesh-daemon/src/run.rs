@@ -91,9 +91,17 @@ pub struct RunArgs {
     /// its workloads' certificates from, by CSR; no CA key on the node.
     /// Its certificate must chain to --trust-bundle. Repeat it for
     /// replicas: one that cannot be reached is passed over.
-    #[arg(long, value_name = "IP:PORT", requires_all = ["issuer_token", "trust_bundle"], conflicts_with = "ca_key")]
-    pub issuer: Vec<SocketAddrV4>,
-    /// This node's credential for the issuer (made by `mesh-daemon ca bootstrap`).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        value_parser = crate::identity::issuer::host_port,
+        requires_all = ["issuer_token", "trust_bundle"],
+        conflicts_with = "ca_key"
+    )]
+    pub issuer: Vec<String>,
+    /// This node's credential for the issuer, read at every request: a
+    /// token from `mesh-daemon ca bootstrap`, or in Kubernetes the daemon's
+    /// projected service-account token (audience mesh-issuer).
     #[arg(long, value_name = "FILE", requires = "issuer")]
     pub issuer_token: Option<PathBuf>,
     /// CA certificate (PEM) this daemon issues node and workload
@@ -334,7 +342,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
                 roots.clone(),
                 args.trust_domain.clone(),
             );
-            let addr = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let addr = addrs.join(", ");
             let id = crate::identity::Identity::node(&args.trust_domain, &node);
             let certs = Certs::from_issuer(&args.trust_domain, client, roots, args.cert_lifetime, id)
                 .await

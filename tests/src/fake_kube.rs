@@ -1,6 +1,9 @@
 //! A small stand-in for the Kubernetes API server, enough for the daemon's
-//! discovery: cluster-wide list and watch of Services, EndpointSlices,
-//! Namespaces and Pods, over plain HTTP in a test's network namespace.
+//! discovery and the issuer: cluster-wide list and watch of Services,
+//! EndpointSlices, Namespaces and Pods; GET of one Pod or Namespace; pods
+//! listed per namespace with a `spec.nodeName` field selector; and
+//! TokenReviews of the tokens a test registers ([`FakeApiServer::add_token`]),
+//! over plain HTTP in a test's network namespace.
 //!
 //! Lists carry a resourceVersion; a watch from version N first replays
 //! every change after N, then streams new ones as JSON lines, as the real
@@ -44,6 +47,21 @@ struct State {
     epoch: u64,
     /// Request lines seen, for failure messages.
     requests: Vec<String>,
+    /// Token -> what a TokenReview says of it.
+    tokens: BTreeMap<String, Token>,
+}
+
+/// A token the stand-in accepts, as the real server would review a
+/// projected service-account token.
+#[derive(Clone, Debug)]
+pub struct Token {
+    /// `system:serviceaccount:NS:NAME`.
+    pub username: String,
+    pub audiences: Vec<String>,
+    /// (name, uid) of the pod it is bound to.
+    pub pod: Option<(String, String)>,
+    /// The node it was issued on (Kubernetes 1.32+ says).
+    pub node: Option<String>,
 }
 
 pub struct FakeApiServer {
@@ -177,6 +195,13 @@ impl FakeApiServer {
         }
     }
 
+    /// Registers a token that TokenReviews will accept.
+    pub fn add_token(&self, token: &str, t: Token) {
+        if let Ok(mut s) = self.state.lock() {
+            s.tokens.insert(token.to_owned(), t);
+        }
+    }
+
     /// The request lines seen so far.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().map(|s| s.requests.clone()).unwrap_or_default()
@@ -192,6 +217,12 @@ impl Drop for FakeApiServer {
     }
 }
 
+/// An answer after which the connection stays open for the next request.
+fn respond_keep(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(conn, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+}
+
 fn respond(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
     let body = body.to_string();
     write!(
@@ -201,52 +232,195 @@ fn respond(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<
     )
 }
 
-fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> anyhow::Result<()> {
+/// `%XX` escapes and `+` of a query string, decoded.
+fn unescape(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(c) => {
+                        out.push(c);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads the request's head and body (by Content-Length or chunked).
+fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let (mut length, mut chunked) = (0usize, false);
+    let mut h = String::new();
+    while reader.read_line(&mut h)? > 2 {
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            chunked = true;
+        }
+        h.clear();
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
+            let mut chunk = vec![0u8; n + 2];
+            std::io::Read::read_exact(reader, &mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        body.resize(length, 0);
+        std::io::Read::read_exact(reader, &mut body)?;
+    }
+    Ok((line, body))
+}
+
+fn not_found_status() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+}
+
+/// What a TokenReview of `body` answers.
+fn review(tokens: &BTreeMap<String, Token>, body: &[u8]) -> Value {
+    let req: Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = req["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<&str> =
+        req["spec"]["audiences"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let status = match tokens.get(token) {
+        Some(t) if wanted.is_empty() || wanted.iter().any(|w| t.audiences.iter().any(|a| a == w)) => {
+            let mut extra = serde_json::Map::new();
+            if let Some((name, uid)) = &t.pod {
+                extra.insert("authentication.kubernetes.io/pod-name".into(), json!([name]));
+                extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+            }
+            if let Some(n) = &t.node {
+                extra.insert("authentication.kubernetes.io/node-name".into(), json!([n]));
+            }
+            let audiences: Vec<&str> =
+                if wanted.is_empty() { t.audiences.iter().map(String::as_str).collect() } else { wanted };
+            json!({ "authenticated": true, "audiences": audiences,
+                    "user": { "username": t.username, "groups": ["system:serviceaccounts"], "extra": extra } })
+        }
+        Some(_) => json!({ "authenticated": false, "error": "token audiences do not match" }),
+        None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+    };
+    json!({ "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "spec": req["spec"], "status": status })
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> anyhow::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    // The rest of the head; requests here have no body.
-    let mut h = String::new();
-    while reader.read_line(&mut h)? > 2 {
-        h.clear();
+    let mut conn = conn;
+    // Clients keep the connection for more requests (the issuer's does).
+    loop {
+        let (line, body) = match read_request(&mut reader) {
+            Ok((l, b)) if !l.is_empty() => (l, b),
+            _ => return Ok(()),
+        };
+        if !answer(&mut conn, &line, &body, state, stop)? {
+            return Ok(());
+        }
     }
+}
+
+/// Answers one request; false when the connection is done (a watch, an
+/// outage).
+fn answer(
+    conn: &mut TcpStream,
+    line: &str,
+    body: &[u8],
+    state: &Mutex<State>,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    let method = line.split_whitespace().next().unwrap_or_default().to_owned();
     let target = line.split_whitespace().nth(1).unwrap_or_default().to_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let param = |name: &str| {
-        query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_owned()))
+        query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| unescape(v)))
     };
-    let (epoch, list) = {
-        let mut s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        s.requests.push(line.trim_end().to_owned());
-        if s.down.iter().any(|d| d == "*" || d == path) {
-            // Closed without an answer, as by a server that goes away.
-            return Ok(());
+    let mut s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    s.requests.push(line.trim_end().to_owned());
+    if s.down.iter().any(|d| d == "*" || d == path) {
+        // Closed without an answer, as by a server that goes away.
+        return Ok(false);
+    }
+    if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        let r = review(&s.tokens, body);
+        drop(s);
+        respond_keep(conn, "201 Created", &r)?;
+        return Ok(true);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // One object: /api/v1/namespaces/NAME and /api/v1/namespaces/NS/pods/NAME.
+    let one = match segments.as_slice() {
+        ["api", "v1", "namespaces", name] => Some(("/api/v1/namespaces".to_owned(), String::new(), (*name).to_owned())),
+        ["api", "v1", "namespaces", ns, "pods", name] => {
+            Some(("/api/v1/pods".to_owned(), (*ns).to_owned(), (*name).to_owned()))
         }
-        let items: Vec<Value> = s.objects.iter().filter(|(k, _)| k.0 == path).map(|(_, v)| v.clone()).collect();
-        (s.epoch, (items, s.rv))
+        _ => None,
     };
+    if let Some(k) = one {
+        let found = s.objects.get(&k).cloned();
+        drop(s);
+        match found {
+            Some(o) => respond_keep(conn, "200 OK", &o)?,
+            None => respond_keep(conn, "404 Not Found", &not_found_status())?,
+        }
+        return Ok(true);
+    }
+    // Pods of one namespace: /api/v1/namespaces/NS/pods, maybe on one node.
+    let (collection, only_ns) = match segments.as_slice() {
+        ["api", "v1", "namespaces", ns, "pods"] => ("/api/v1/pods".to_owned(), Some((*ns).to_owned())),
+        _ => (path.to_owned(), None),
+    };
+    let node = param("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=").map(str::to_owned));
+    let items: Vec<Value> = s
+        .objects
+        .iter()
+        .filter(|(k, _)| k.0 == collection && only_ns.as_ref().is_none_or(|ns| *ns == k.1))
+        .filter(|(_, v)| node.as_ref().is_none_or(|n| v["spec"]["nodeName"].as_str() == Some(n)))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let (epoch, rv) = (s.epoch, s.rv);
+    drop(s);
     let known = ["/api/v1/services", "/api/v1/pods", "/api/v1/namespaces", "/apis/discovery.k8s.io/v1/endpointslices"];
-    if !known.contains(&path) {
-        let status =
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
-        return Ok(respond(&mut conn, "404 Not Found", &status)?);
+    if !known.contains(&collection.as_str()) {
+        respond(conn, "404 Not Found", &not_found_status())?;
+        return Ok(false);
     }
     if param("watch").is_some_and(|w| w == "true" || w == "1") {
         let from: u64 = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-        return watch(conn, state, stop, path, from, epoch);
+        watch(conn.try_clone()?, state, stop, &collection, from, epoch)?;
+        return Ok(false);
     }
-    let (items, rv) = list;
-    let kind = match path.rsplit('/').next() {
+    let kind = match collection.rsplit('/').next() {
         Some("services") => "ServiceList",
         Some("pods") => "PodList",
         Some("namespaces") => "NamespaceList",
         _ => "EndpointSliceList",
     };
-    let api_version = if path.starts_with("/api/v1") { "v1" } else { "discovery.k8s.io/v1" };
+    let api_version = if collection.starts_with("/api/v1") { "v1" } else { "discovery.k8s.io/v1" };
     let body = json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() }, "items": items });
-    Ok(respond(&mut conn, "200 OK", &body)?)
+    respond(conn, "200 OK", &body)?;
+    Ok(false)
 }
 
 /// Streams the changes of `path` after version `from` until the epoch

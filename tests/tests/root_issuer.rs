@@ -137,28 +137,25 @@ fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_c
     assert!(bulk(&c));
 }
 
-/// Starts `mesh-daemon ca serve` at `addr` in the issuer's namespace and
-/// waits until it listens; its pid.
+/// Starts `mesh-daemon ca serve` at `addr` in the issuer's namespace,
+/// with bootstrap credentials and the state in `cfg`, 30 s certificates.
 fn start_issuer(c: &Cluster, cfg: &Path, addr: &str) -> u32 {
+    let creds = c.dir.join("credentials.json");
+    let args = ["--credentials", creds.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--seconds", "30"];
+    spawn_issuer(c, addr, &args, &[])
+}
+
+/// Starts `mesh-daemon ca serve` at `addr` in the issuer's namespace with
+/// this run's CA, more `args` and `env`, and waits until it listens; its pid.
+fn spawn_issuer(c: &Cluster, addr: &str, args: &[&str], env: &[String]) -> u32 {
     let ca = c.ca_dir().unwrap();
-    let (cert, key, creds) = (ca.join("ca.pem"), ca.join("ca.key"), c.dir.join("credentials.json"));
-    let args = [
-        "ca",
-        "serve",
-        "--listen",
-        addr,
-        "--ca-cert",
-        cert.to_str().unwrap(),
-        "--ca-key",
-        key.to_str().unwrap(),
-        "--credentials",
-        creds.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--seconds",
-        "30",
-    ];
-    let pid = c.spawn_on_node("issuer", &c.bins.daemon.to_string_lossy(), &args).unwrap();
+    let (cert, key) = (ca.join("ca.pem"), ca.join("ca.key"));
+    let daemon = c.bins.daemon.to_string_lossy().into_owned();
+    let mut all: Vec<&str> = env.iter().map(String::as_str).collect();
+    all.extend([daemon.as_str(), "ca", "serve", "--listen", addr]);
+    all.extend(["--ca-cert", cert.to_str().unwrap(), "--ca-key", key.to_str().unwrap()]);
+    all.extend(args);
+    let pid = c.spawn_on_node("issuer", "/usr/bin/env", &all).unwrap();
     let netns = c.node("issuer").netns.clone();
     let sock: std::net::SocketAddr = addr.parse().unwrap();
     assert!(mesh_tests::sys::wait_until(Duration::from_secs(10), || mesh_tests::sys::can_connect(&netns, sock)));
@@ -190,4 +187,219 @@ fn root_with_two_issuers_a_node_renews_from_the_one_that_is_up() {
     assert!(renewed, "{}\n{}", a.log_text(), b.log_text());
     assert!(!a.log_text().contains("renewing a certificate failed"), "{}", a.log_text());
     assert!(bulk(&c));
+}
+
+mod kubernetes {
+    //! The issuer with `--kubernetes` against the stand-in API server: nodes
+    //! present projected service-account tokens (TokenReview), and a pod's
+    //! identity goes only to the daemon of the node its `spec.nodeName` names.
+
+    use std::ffi::OsStr;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use mesh_tests::fake_kube::{FakeApiServer, Token};
+    use mesh_tests::sys::wait_until;
+    use mesh_tests::{Cluster, ClusterSpec};
+    use serde_json::{json, Value};
+
+    use super::request;
+
+    const VIP: &str = "10.96.0.60";
+    const CLIENT_UID: &str = "7a2b3c10-0000-4000-8000-00000000c001";
+    const WEB_UID: &str = "7a2b3c10-0000-4000-8000-00000000e001";
+    const DAEMON_ACCOUNT: &str = "system:serviceaccount:mesh-system:mesh-daemon";
+
+    fn pod(c: &Cluster, ns: &str, name: &str, uid: &str, node: &str, sa: &str, ip: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": ns, "uid": uid },
+            "spec": { "nodeName": node, "serviceAccountName": sa, "containers": [{ "name": "c", "image": "x" }] },
+            "status": { "phase": "Running", "podIP": ip, "hostIP": c.node(node).address.to_string() },
+        })
+    }
+
+    fn objects(c: &Cluster) -> Vec<Value> {
+        let (client, web) = (c.pod("client"), c.pod("web"));
+        let mut daemons: Vec<Value> = ["node-a", "node-b"]
+            .iter()
+            .map(|n| {
+                let addr = c.node(n).address.to_string();
+                let mut p =
+                    pod(c, "mesh-system", &format!("mesh-daemon-{n}"), &format!("uid-{n}"), n, "mesh-daemon", &addr);
+                p["spec"]["hostNetwork"] = json!(true);
+                p
+            })
+            .collect();
+        let mut v = vec![
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "mesh-system" } }),
+            json!({ "apiVersion": "v1", "kind": "Namespace",
+                    "metadata": { "name": "shop", "labels": { "mesh.io/inject": "enabled" } } }),
+            json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "name": "web", "namespace": "shop" },
+                    "spec": { "type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP],
+                              "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }] } }),
+            json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": { "name": "web-x1", "namespace": "shop",
+                                  "labels": { "kubernetes.io/service-name": "web" } },
+                    "addressType": "IPv4", "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+                    "endpoints": [{ "addresses": [web.ip.to_string()], "conditions": { "ready": true },
+                                    "nodeName": "node-b", "targetRef": { "kind": "Pod", "namespace": "shop", "name": "web" } }] }),
+            pod(c, "shop", "client", CLIENT_UID, "node-a", "shopper", &client.ip.to_string()),
+            pod(c, "shop", "web", WEB_UID, "node-b", "web", &web.ip.to_string()),
+        ];
+        v.append(&mut daemons);
+        v
+    }
+
+    fn token(c: &Cluster, api: &FakeApiServer, name: &str, t: Token) -> PathBuf {
+        // Opaque to the issuer, as a JWT is: only the API server reads it.
+        let text = format!("eyJ.{name}.{}", std::process::id());
+        api.add_token(&text, t);
+        c.write_file(&format!("{name}.jwt"), &text).unwrap()
+    }
+
+    fn daemon_token(pod: &str, uid: &str, node: Option<&str>) -> Token {
+        Token {
+            username: DAEMON_ACCOUNT.into(),
+            audiences: vec!["mesh-issuer".into()],
+            pod: Some((pod.into(), uid.into())),
+            node: node.map(str::to_owned),
+        }
+    }
+
+    /// Starts `ca serve --kubernetes` at `addr` in the issuer's namespace.
+    fn start_issuer(c: &Cluster, addr: &str, kubeconfig: &Path) -> u32 {
+        let env = [format!("KUBECONFIG={}", kubeconfig.display()), "RUST_LOG=info".into()];
+        super::spawn_issuer(c, addr, &["--kubernetes", "--seconds", "60"], &env)
+    }
+
+    fn refused(text: &str, status: &str, reason: &str) -> bool {
+        text.contains(status) && text.contains(reason)
+    }
+
+    #[test]
+    fn root_kubernetes_a_pod_gets_its_certificate_only_through_its_nodes_daemon() {
+        let c = Cluster::create(
+            &ClusterSpec::new()
+                .node("node-a")
+                .node("node-b")
+                .node("issuer")
+                .kube_pod("client", "node-a", CLIENT_UID)
+                .kube_pod("web", "node-b", WEB_UID),
+        )
+        .expect("mini cluster");
+        c.serve("web", 8080, None).unwrap();
+        c.spawn("client", Path::new("/bin/sleep"), &["600"]).unwrap();
+        let issuer_node = c.node("issuer").clone();
+        let api = FakeApiServer::start(&issuer_node.netns, issuer_node.address, objects(&c)).unwrap();
+        let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+        // node-a's token says its node (Kubernetes 1.32+); node-b's does
+        // not (older servers): the issuer reads the bound pod either way.
+        let tok_a = token(&c, &api, "node-a", daemon_token("mesh-daemon-node-a", "uid-node-a", Some("node-a")));
+        let tok_b = token(&c, &api, "node-b", daemon_token("mesh-daemon-node-b", "uid-node-b", None));
+        let issuer = format!("{}:15012", issuer_node.address);
+        start_issuer(&c, &issuer, &kubeconfig);
+
+        let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+        let start = |node: &str, tok: &Path| {
+            let t = tok.to_str().unwrap();
+            let flags = ["--kubernetes", "--issuer", &issuer, "--issuer-token", t, "--cert-lifetime", "60s"];
+            c.start_daemon_with(node, None, &flags, &env).unwrap()
+        };
+        let (a, b) = (start("node-a", &tok_a), start("node-b", &tok_b));
+        for d in [&a, &b] {
+            assert_eq!(super::holds_ca_key(d), None, "a node daemon holds the CA key");
+        }
+
+        // The client on node-a reaches web on node-b through the tunnel,
+        // with node-a's daemon holding the client's certificate from the
+        // issuer.
+        let reached = wait_until(Duration::from_secs(20), || {
+            c.curl("client", &format!("http://{VIP}/")).is_ok_and(|(code, body)| code == 0 && body.contains("web"))
+        });
+        assert!(reached, "{}\n{}", a.log_text(), b.log_text());
+        assert!(b.counter("tunnel", "streams").unwrap() >= 1);
+        let issued = a.log_with("workload certificate issued identity=spiffe://cluster.local/ns/shop/sa/shopper", 1);
+        assert!(issued.contains("workload certificate issued"), "{issued}");
+        let issuer_log = || std::fs::read_to_string(c.dir.join("node-issuer.log")).unwrap_or_default();
+        let by_issuer = wait_until(Duration::from_secs(5), || {
+            issuer_log().contains("caller=node-a identity=spiffe://cluster.local/ns/shop/sa/shopper")
+        });
+        assert!(by_issuer, "{}", issuer_log());
+
+        let ask = |tok: &Path, id: &str| request(&c, &issuer, tok, id);
+        let shopper = "spiffe://cluster.local/ns/shop/sa/shopper";
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        assert!(ask(&tok_a, shopper).0, "{}", ask(&tok_a, shopper).1);
+        assert!(ask(&tok_b, web).0);
+        let (ok, text) = ask(&tok_a, web);
+        assert!(!ok && refused(&text, "403", "not_on_node"), "web runs on node-b: {text}");
+        let (ok, text) = ask(&tok_b, shopper);
+        assert!(!ok && refused(&text, "403", "not_on_node"), "{text}");
+        let (ok, text) = ask(&tok_a, "spiffe://cluster.local/ns/mesh-system/node/node-b");
+        assert!(!ok && refused(&text, "403", "other_node"), "{text}");
+
+        // A workload's own token, or a daemon token minted for another
+        // audience, gets nothing.
+        let workload = Token {
+            username: "system:serviceaccount:shop:shopper".into(),
+            audiences: vec!["mesh-issuer".into()],
+            pod: Some(("client".into(), CLIENT_UID.into())),
+            node: None,
+        };
+        let tok_w = token(&c, &api, "workload", workload);
+        let (ok, text) = ask(&tok_w, "spiffe://cluster.local/ns/mesh-system/node/node-a");
+        assert!(!ok && refused(&text, "403", "not_node_account"), "{text}");
+        let mut other = daemon_token("mesh-daemon-node-a", "uid-node-a", None);
+        other.audiences = vec!["https://kubernetes.default.svc.cluster.local".into()];
+        let tok_aud = token(&c, &api, "audience", other);
+        let (ok, text) = ask(&tok_aud, shopper);
+        assert!(!ok && refused(&text, "401", "audience"), "{text}");
+
+        // A pod newly scheduled on node-a: its identity goes to node-a's
+        // daemon from then on, never to node-b's.
+        let late = "spiffe://cluster.local/ns/shop/sa/late";
+        let (ok, text) = ask(&tok_a, late);
+        assert!(!ok && refused(&text, "403", "not_on_node"), "not scheduled yet: {text}");
+        api.put(pod(&c, "shop", "late", "7a2b3c10-0000-4000-8000-0000000000aa", "node-a", "late", "10.244.1.77"))
+            .unwrap();
+        let (ok, text) = ask(&tok_a, late);
+        assert!(ok, "scheduled on node-a: {text}");
+        let (ok, text) = ask(&tok_b, late);
+        assert!(!ok && refused(&text, "403", "not_on_node"), "{text}");
+
+        // node-a's daemon pod replaced: the old pod's token is void.
+        api.edit("v1", "Pod", "mesh-system", "mesh-daemon-node-a", |p| {
+            p["metadata"]["uid"] = json!("uid-node-a-2");
+        })
+        .unwrap();
+        let (ok, text) = ask(&tok_a, shopper);
+        assert!(!ok && refused(&text, "401", "replaced"), "{text}");
+
+        // The API server down: the issuer cannot decide, says so (503: a
+        // node tries another replica, or again later) and refuses nothing.
+        api.set_down(true);
+        let (ok, text) = ask(&tok_b, web);
+        assert!(!ok && text.contains("503") && text.contains("cannot decide now"), "{text}");
+        api.set_down(false);
+        assert!(ask(&tok_b, web).0, "the API server back");
+
+        // Each refusal counted by reason, and logged with the caller.
+        let metrics = mesh_tests::sys::in_netns(&c.node("node-a").netns, || {
+            std::process::Command::new("curl").args(["-sk", &format!("https://{issuer}/metrics")]).output()
+        })
+        .unwrap()
+        .unwrap();
+        let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+        for (reason, n) in [("not_on_node", 4), ("other_node", 1), ("not_node_account", 1), ("unauthenticated", 2)] {
+            let line = format!("mesh_issuer_refused_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(metrics.contains(&line), "{line}in\n{metrics}");
+        }
+        assert!(metrics.contains("mesh_issuer_unavailable_total 1\n"), "{metrics}");
+        let logged =
+            wait_until(Duration::from_secs(5), || issuer_log().matches("certificate refused (403)").count() == 6);
+        assert!(logged, "{}", issuer_log());
+        assert!(issuer_log()
+            .contains("caller=node-b identity=spiffe://cluster.local/ns/shop/sa/late reason=\"not_on_node\""));
+    }
 }

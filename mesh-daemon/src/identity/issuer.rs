@@ -114,11 +114,20 @@ pub enum Refused {
     NotOnNode,
     /// Not an identity of this trust domain, or not a node or workload one.
     BadIdentity,
+    /// A valid credential of another account than the node daemons' (in
+    /// Kubernetes: a workload's own service-account token).
+    NotNodeAccount,
 }
 
 impl Refused {
     /// Every reason, in the order of the issuer's counters.
-    const ALL: [Refused; 4] = [Refused::Unauthenticated, Refused::OtherNode, Refused::NotOnNode, Refused::BadIdentity];
+    const ALL: [Refused; 5] = [
+        Refused::Unauthenticated,
+        Refused::OtherNode,
+        Refused::NotOnNode,
+        Refused::BadIdentity,
+        Refused::NotNodeAccount,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -126,27 +135,90 @@ impl Refused {
             Refused::OtherNode => "other_node",
             Refused::NotOnNode => "not_on_node",
             Refused::BadIdentity => "bad_identity",
+            Refused::NotNodeAccount => "not_node_account",
         }
     }
 }
 
 /// Whether `node` may hold `id`: its own node identity, or the identity
-/// of a workload the state places on it. A pure decision.
-pub fn authorize(state: &crate::model::State, trust_domain: &str, node: &str, id: &Identity) -> Result<(), Refused> {
+/// of a workload `placed` ((namespace, service account) of the enrolled
+/// workloads on that node) names. A pure decision.
+pub fn authorize(trust_domain: &str, node: &str, id: &Identity, placed: &[(String, String)]) -> Result<(), Refused> {
     if id.trust_domain() != trust_domain {
         return Err(Refused::BadIdentity);
     }
     if let Some(n) = id.node_name() {
         return if n == node { Ok(()) } else { Err(Refused::OtherNode) };
     }
-    let on_node = state
-        .workloads
-        .iter()
-        .any(|w| w.node.as_str() == node && &Identity::workload(trust_domain, &w.namespace, &w.service_account) == id);
+    let on_node = placed.iter().any(|(ns, sa)| &Identity::from_parts(trust_domain, &format!("ns/{ns}/sa/{sa}")) == id);
     if on_node {
         Ok(())
     } else {
         Err(Refused::NotOnNode)
+    }
+}
+
+/// Who callers are and what runs where.
+pub enum Authority {
+    /// Outside Kubernetes: per-node tokens (`ca bootstrap`) and the state
+    /// document's workloads.
+    Tokens {
+        credentials: PathBuf,
+        /// The state document: which workloads run on which node.
+        state: PathBuf,
+    },
+    /// The API server: projected service-account tokens and the pods.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes(super::kube::Kube),
+}
+
+/// Why a request got no certificate.
+enum Check {
+    Refused(Refused, String),
+    /// What would decide cannot be read now (the API server is down):
+    /// 503, and the node asks again (or another replica).
+    Unavailable(String),
+}
+
+impl Authority {
+    /// The node `token` is the credential of.
+    async fn node_of(&self, token: &str) -> Result<String, Check> {
+        match self {
+            Authority::Tokens { credentials, .. } => match Credentials::load(credentials) {
+                Ok(c) => c
+                    .node_of(token)
+                    .map(str::to_owned)
+                    .ok_or_else(|| Check::Refused(Refused::Unauthenticated, "a token no node has".into())),
+                Err(e) => Err(Check::Unavailable(format!("cannot read the node credentials: {e}"))),
+            },
+            #[cfg(feature = "kubernetes")]
+            Authority::Kubernetes(k) => match k.node_of(token).await {
+                Ok(Ok(node)) => Ok(node),
+                Ok(Err((r, why))) => Err(Check::Refused(r, why)),
+                Err(e) => Err(Check::Unavailable(e)),
+            },
+        }
+    }
+
+    /// (namespace, service account) of the enrolled workloads of `id`'s
+    /// namespace on `node`.
+    async fn placed(&self, node: &str, id: &Identity) -> Result<Vec<(String, String)>, Check> {
+        match self {
+            Authority::Tokens { state, .. } => {
+                let s = crate::model::load_file(state)
+                    .map_err(|e| Check::Unavailable(format!("cannot read the state: {e}")))?;
+                Ok(s.workloads
+                    .iter()
+                    .filter(|w| w.node.as_str() == node && Some(w.namespace.as_str()) == id.namespace())
+                    .map(|w| (w.namespace.to_string(), w.service_account.to_string()))
+                    .collect())
+            }
+            #[cfg(feature = "kubernetes")]
+            Authority::Kubernetes(k) => {
+                let Some(ns) = id.namespace() else { return Ok(Vec::new()) };
+                k.placed(node, ns).await.map_err(Check::Unavailable)
+            }
+        }
     }
 }
 
@@ -156,15 +228,14 @@ pub struct IssuerConfig {
     pub ca: Ca,
     pub trust_domain: String,
     pub lifetime: Duration,
-    pub credentials: PathBuf,
-    /// The state document: which workloads run on which node.
-    pub state: PathBuf,
+    pub authority: Authority,
 }
 
 struct Issuer {
     cfg: IssuerConfig,
     issued: AtomicU64,
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; 5],
+    unavailable: AtomicU64,
 }
 
 impl Issuer {
@@ -184,11 +255,30 @@ impl Issuer {
                 self.refused[i].load(Ordering::Relaxed)
             ));
         }
+        s.push_str("# TYPE mesh_issuer_unavailable_total counter\n");
+        s.push_str(&format!("mesh_issuer_unavailable_total {}\n", self.unavailable.load(Ordering::Relaxed)));
         s
     }
 
-    fn state(&self) -> Result<crate::model::State, String> {
-        crate::model::load_file(&self.cfg.state).map_err(|e| e.to_string())
+    /// The answer to a request that got no certificate, counted and logged.
+    fn refuse(&self, check: Check, peer: std::net::SocketAddr, caller: &str, id: &str) -> Response<Full<Bytes>> {
+        match check {
+            Check::Refused(Refused::Unauthenticated, why) => {
+                let n = self.count(Refused::Unauthenticated);
+                warn!(%peer, why, refused = n, "a caller without a valid node credential; refused (401)");
+                Self::answer(StatusCode::UNAUTHORIZED, format!("no valid node credential: {why}\n"))
+            }
+            Check::Refused(r, why) => {
+                let n = self.count(r);
+                warn!(%peer, caller = %caller, identity = %id, reason = r.as_str(), why, refused = n, "certificate refused (403)");
+                Self::answer(StatusCode::FORBIDDEN, format!("{caller} may not hold {id}: {}: {why}\n", r.as_str()))
+            }
+            Check::Unavailable(why) => {
+                let n = self.unavailable.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(%peer, caller = %caller, identity = %id, why, unavailable = n, "cannot decide now; answered 503");
+                Self::answer(StatusCode::SERVICE_UNAVAILABLE, format!("cannot decide now: {why}\n"))
+            }
+        }
     }
 
     fn answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -210,18 +300,13 @@ impl Issuer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let node = match (token, Credentials::load(&self.cfg.credentials)) {
-            (Some(t), Ok(c)) => c.node_of(&t).map(str::to_owned),
-            (_, Err(e)) => {
-                warn!(error = %e, "cannot read the node credentials");
-                None
-            }
-            (None, _) => None,
+        let node = match token {
+            Some(t) => self.cfg.authority.node_of(&t).await,
+            None => Err(Check::Refused(Refused::Unauthenticated, "no bearer token".into())),
         };
-        let Some(node) = node else {
-            let n = self.count(Refused::Unauthenticated);
-            warn!(%peer, refused = n, "a caller without a valid node credential; refused (401)");
-            return Self::answer(StatusCode::UNAUTHORIZED, "no valid node credential\n".into());
+        let node = match node {
+            Ok(n) => n,
+            Err(c) => return self.refuse(c, peer, "?", "?"),
         };
         let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
             return Self::answer(StatusCode::BAD_REQUEST, "unreadable body\n".into());
@@ -232,21 +317,24 @@ impl Issuer {
         let id = match Identity::parse(&sign.identity) {
             Ok(id) => id,
             Err(e) => {
-                self.count(Refused::BadIdentity);
-                return Self::answer(StatusCode::BAD_REQUEST, format!("{e}\n"));
+                return self.refuse(Check::Refused(Refused::BadIdentity, e.to_string()), peer, &node, &sign.identity)
             }
         };
-        let state = match self.state() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot read the state; refusing workload certificates until it reads");
-                crate::model::State::default()
+        let placed = if id.node_name().is_some() {
+            Vec::new()
+        } else {
+            match self.cfg.authority.placed(&node, &id).await {
+                Ok(p) => p,
+                Err(c) => return self.refuse(c, peer, &node, &sign.identity),
             }
         };
-        if let Err(r) = authorize(&state, &self.cfg.trust_domain, &node, &id) {
-            let n = self.count(r);
-            warn!(%peer, caller = %node, identity = %id, reason = r.as_str(), refused = n, "certificate refused (403)");
-            return Self::answer(StatusCode::FORBIDDEN, format!("{node} may not hold {id}: {}\n", r.as_str()));
+        if let Err(r) = authorize(&self.cfg.trust_domain, &node, &id, &placed) {
+            let why = match r {
+                Refused::OtherNode => "another node's identity",
+                Refused::NotOnNode => "no enrolled workload of it runs on the caller's node",
+                _ => "not a node or workload identity of this trust domain",
+            };
+            return self.refuse(Check::Refused(r, why.into()), peer, &node, &sign.identity);
         }
         match self.cfg.ca.sign(&sign.csr, &id, self.cfg.lifetime) {
             Ok((chain, not_after)) => {
@@ -277,7 +365,12 @@ pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
     info!(listen = %cfg.listen, identity = %me, "issuer listening");
-    let issuer = Arc::new(Issuer { cfg, issued: AtomicU64::new(0), refused: Default::default() });
+    let issuer = Arc::new(Issuer {
+        cfg,
+        issued: AtomicU64::new(0),
+        refused: Default::default(),
+        unavailable: AtomicU64::new(0),
+    });
     let renewer = issuer.clone();
     tokio::spawn(async move {
         let every = renewer.cfg.lifetime.mul_f64(0.5).max(Duration::from_secs(1));
@@ -312,12 +405,28 @@ pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
     }
 }
 
+/// An issuer's address as flags take it: `HOST:PORT`, the host an IPv4
+/// address or a DNS name (a Kubernetes Service's).
+pub fn host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?}: give HOST:PORT (e.g. 10.0.0.5:15012 or mesh-issuer.mesh-system.svc:15012)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    match (host_ok, port.parse::<u16>()) {
+        (true, Ok(p)) if p > 0 => Ok(s.to_owned()),
+        _ => Err(bad()),
+    }
+}
+
 /// A node's way to its certificates: CSRs to the issuers at `addrs`
 /// (replicas: one that cannot be reached is passed over for the next, and
 /// the one that answered is asked first next time), whose certificates
 /// must chain to `roots` and name the issuer identity.
 pub struct IssuerClient {
-    pub addrs: Vec<SocketAddrV4>,
+    /// `HOST:PORT`, resolved at every request (a Service name follows its
+    /// address).
+    pub addrs: Vec<String>,
     /// The node's credential, read at every request: a token that is
     /// rotated in place (a projected service-account token) is picked up.
     pub token: PathBuf,
@@ -328,7 +437,7 @@ pub struct IssuerClient {
 }
 
 impl IssuerClient {
-    pub fn new(addrs: Vec<SocketAddrV4>, token: PathBuf, roots: Arc<RootCertStore>, trust_domain: String) -> Self {
+    pub fn new(addrs: Vec<String>, token: PathBuf, roots: Arc<RootCertStore>, trust_domain: String) -> Self {
         Self { addrs, token, roots, trust_domain, last_good: std::sync::atomic::AtomicUsize::new(0) }
     }
 
@@ -343,7 +452,7 @@ impl IssuerClient {
         let mut unreachable = Vec::new();
         for k in 0..self.addrs.len() {
             let i = (first + k) % self.addrs.len();
-            match self.ask(self.addrs[i], id, serial, &token).await {
+            match self.ask(&self.addrs[i], id, serial, &token).await {
                 Ok(issued) => {
                     self.last_good.store(i, Ordering::Relaxed);
                     return Ok(issued);
@@ -355,10 +464,15 @@ impl IssuerClient {
         Err(err(if unreachable.is_empty() { "no issuer given".into() } else { unreachable.join("; ") }))
     }
 
-    async fn ask(&self, addr: SocketAddrV4, id: &Identity, serial: u64, token: &str) -> Result<Arc<Issued>, Failure> {
-        let issuer = format!("issuer {addr}");
+    async fn ask(&self, name: &str, id: &Identity, serial: u64, token: &str) -> Result<Arc<Issued>, Failure> {
+        let issuer = format!("issuer {name}");
         let down = |m: String| Failure::Unreachable(format!("{issuer}: {m}"));
         let refused = |m: String| Failure::Refused(format!("{issuer}: {m}"));
+        let addr = tokio::net::lookup_host(name)
+            .await
+            .map_err(|e| down(format!("cannot resolve it: {e}")))?
+            .next()
+            .ok_or_else(|| down("it resolves to no address".into()))?;
         let (key, csr) = request(id).map_err(|e| refused(e.to_string()))?;
         let body =
             serde_json::to_vec(&SignRequest { identity: id.to_string(), csr }).map_err(|e| refused(e.to_string()))?;
@@ -374,7 +488,7 @@ impl IssuerClient {
             .map_err(|_| down("connect timed out".into()))?
             .map_err(|e| down(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::IpAddress((*addr.ip()).into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await
             .map_err(|e| down(format!("TLS: {e}")))?;
         let (mut send, conn) =
@@ -383,7 +497,7 @@ impl IssuerClient {
         let req = Request::builder()
             .method(Method::POST)
             .uri(PATH)
-            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::HOST, name)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -391,6 +505,9 @@ impl IssuerClient {
         let resp = send.send_request(req).await.map_err(|e| down(e.to_string()))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| down(e.to_string()))?.to_bytes();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(down(format!("{status}: {}", String::from_utf8_lossy(&bytes).trim())));
+        }
         if status != StatusCode::OK {
             return Err(refused(format!("refused ({status}): {}", String::from_utf8_lossy(&bytes).trim())));
         }
@@ -427,34 +544,47 @@ enum Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::parse_document;
 
-    fn state() -> crate::model::State {
-        let doc = parse_document(
-            "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]\n\
+    const STATE: &str = "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]\n\
              workloads: [{name: web-a, serviceAccount: web, node: a, ip: 10.244.1.3, pid: 1},\n\
-             \x20 {name: db-b, serviceAccount: db, node: b, ip: 10.244.2.3, pid: 1}]\n",
-        )
-        .unwrap();
-        crate::model::State::from_document(&doc).unwrap()
-    }
+             \x20 {name: db-b, serviceAccount: db, node: b, ip: 10.244.2.3, pid: 1}]\n";
 
     fn id(s: &str) -> Identity {
         Identity::parse(s).unwrap()
     }
 
-    #[test]
-    fn a_node_may_hold_its_own_identity_and_those_of_its_workloads_only() {
-        let s = state();
+    #[tokio::test]
+    async fn a_node_may_hold_its_own_identity_and_those_of_its_workloads_only() {
+        let dir = std::env::temp_dir().join(format!("mesh-issuer-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, STATE).unwrap();
+        let authority = Authority::Tokens { credentials: dir.join("none.json"), state: path };
         let td = "cluster.local";
-        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/a")), Ok(()));
-        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/default/sa/web")), Ok(()));
+        let on_a = authority.placed("a", &id("spiffe://cluster.local/ns/default/sa/web")).await.ok().unwrap();
+        assert_eq!(on_a, [("default".to_owned(), "web".to_owned())], "the state's workloads on node a");
+        assert_eq!(authorize(td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/a"), &[]), Ok(()));
+        assert_eq!(authorize(td, "a", &id("spiffe://cluster.local/ns/default/sa/web"), &on_a), Ok(()));
         assert_eq!(
-            authorize(&s, td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/b")),
+            authorize(td, "a", &id("spiffe://cluster.local/ns/mesh-system/node/b"), &on_a),
             Err(Refused::OtherNode)
         );
-        assert_eq!(authorize(&s, td, "a", &id("spiffe://cluster.local/ns/default/sa/db")), Err(Refused::NotOnNode));
-        assert_eq!(authorize(&s, td, "a", &id("spiffe://other.domain/ns/default/sa/web")), Err(Refused::BadIdentity));
+        assert_eq!(authorize(td, "a", &id("spiffe://cluster.local/ns/default/sa/db"), &on_a), Err(Refused::NotOnNode));
+        assert_eq!(
+            authorize(td, "a", &id("spiffe://other.domain/ns/default/sa/web"), &on_a),
+            Err(Refused::BadIdentity)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_issuer_address_is_a_host_and_a_port() {
+        for ok in ["10.0.0.5:15012", "mesh-issuer.mesh-system.svc:15012", "localhost:1"] {
+            assert_eq!(host_port(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["10.0.0.5", ":15012", "host:0", "host:99999", "a b:1", "[::1]:15012"] {
+            assert!(host_port(bad).unwrap_err().contains("give HOST:PORT"), "{bad}");
+        }
     }
 
     #[test]

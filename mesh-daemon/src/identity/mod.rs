@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod issuer;
+pub mod kube;
 pub mod manager;
 pub mod tls;
 
