@@ -66,7 +66,9 @@ fn deploy_renders_and_every_object_validates_against_the_kubernetes_schema() {
     let yaml = render("deploy");
     let report = validate("deploy", &yaml).unwrap_or_else(|r| panic!("deploy/ does not validate:\n{r}\n{yaml}"));
     let kinds: Vec<String> = objects(&yaml).iter().map(|o| o["kind"].as_str().unwrap_or_default().to_owned()).collect();
-    for kind in ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"] {
+    for kind in
+        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Deployment", "Service"]
+    {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/: {kinds:?}");
     }
     assert_eq!(report.matches("passed").count(), kinds.len(), "{report}");
@@ -113,7 +115,7 @@ fn the_daemonset_gives_the_daemon_what_the_datapath_needs() {
         mount(path);
     }
     // Read-only RBAC on what discovery watches.
-    let role = all.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    let role = all.iter().find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "mesh-daemon").unwrap();
     for rule in role["rules"].as_sequence().unwrap() {
         let verbs: Vec<&str> = rule["verbs"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
         assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
@@ -196,18 +198,97 @@ fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
         let flag = a.split('=').next().unwrap();
         assert!(options.contains(&flag), "{flag}: not an option of run --help:\n{help}");
     }
-    // The CA files the flags name come from the mesh-ca Secret's mount.
+    // No CA key on a node: nothing of the DaemonSet names the CA Secret or
+    // the CA flags; the daemon's credential is its projected token for the
+    // issuer's audience, and its trust bundle the ConfigMap of the CA's
+    // certificate.
+    let ds_text = serde_yaml::to_string(ds).unwrap();
+    assert!(
+        !ds_text.contains("mesh-ca") && !ds_text.contains("ca.key"),
+        "the DaemonSet touches the CA key:\n{ds_text}"
+    );
+    assert!(!args.iter().any(|a| a.starts_with("--ca-cert") || a.starts_with("--ca-key")), "{args:?}");
     let mounts = c["volumeMounts"].as_sequence().unwrap();
     let volumes = spec["volumes"].as_sequence().unwrap();
-    for flag in ["--ca-cert=", "--ca-key=", "--trust-bundle="] {
+    let volume_of = |flag: &str| {
         let path = args.iter().find_map(|a| a.strip_prefix(flag)).unwrap_or_else(|| panic!("no {flag}"));
         let m = mounts
             .iter()
             .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
-            .unwrap_or_else(|| panic!("{path}: not under any mount"));
-        let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
-        assert_eq!(v["secret"]["secretName"], "mesh-ca", "{flag}{path}");
+            .unwrap_or_else(|| panic!("{flag}{path}: not under any mount"));
+        let file = &path[m["mountPath"].as_str().unwrap().len() + 1..];
+        (volumes.iter().find(|v| v["name"] == m["name"]).unwrap().clone(), file.to_owned())
+    };
+    let (trust, file) = volume_of("--trust-bundle=");
+    assert_eq!((trust["configMap"]["name"].as_str(), file.as_str()), (Some("mesh-trust"), "ca.pem"));
+    let (token, file) = volume_of("--issuer-token=");
+    let sa_token = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(sa_token["path"].as_str(), Some(file.as_str()), "{token:?}");
+    let audience = sa_token["audience"].as_str().expect("a token bound to the issuer's audience");
+    // The issuer: a Deployment that mounts the CA Secret, takes tokens for
+    // that audience, and is reached at the Service the daemons name.
+    let issuer = all.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "mesh-issuer").unwrap();
+    let ispec = &issuer["spec"]["template"]["spec"];
+    let ic = &ispec["containers"][0];
+    let iargs: Vec<&str> = ic["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(&iargs[..2], ["ca", "serve"]);
+    assert!(iargs.contains(&"--kubernetes"), "{iargs:?}");
+    let out = Command::new(&bins.daemon).args(["ca", "serve", "--help"]).output().unwrap();
+    let ihelp = String::from_utf8_lossy(&out.stdout);
+    for a in iargs.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(ihelp.contains(&format!("  {flag}")), "{flag}: not an option of ca serve --help:\n{ihelp}");
     }
+    let default_audience = ihelp.split("--audience").nth(1).and_then(|t| t.split("[default: ").nth(1)).unwrap();
+    let issuer_audience = iargs
+        .iter()
+        .find_map(|a| a.strip_prefix("--audience="))
+        .unwrap_or(&default_audience[..default_audience.find(']').unwrap()]);
+    assert_eq!(issuer_audience, audience, "the daemons' tokens are for another audience than the issuer takes");
+    let ca_volume = ispec["volumes"].as_sequence().unwrap().iter().find(|v| v["secret"]["secretName"] == "mesh-ca");
+    let ca_volume = ca_volume.expect("the issuer mounts the CA Secret");
+    let ca_mount = ic["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == ca_volume["name"]).unwrap();
+    for flag in ["--ca-cert=", "--ca-key="] {
+        let path = iargs.iter().find_map(|a| a.strip_prefix(flag)).unwrap_or_else(|| panic!("issuer: no {flag}"));
+        assert!(path.starts_with(ca_mount["mountPath"].as_str().unwrap()), "{flag}{path}");
+    }
+    let listen_port =
+        iargs.iter().find_map(|a| a.strip_prefix("--listen=")).and_then(|l| l.rsplit(':').next()).unwrap();
+    let svc = all.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "mesh-issuer").unwrap();
+    let port = &svc["spec"]["ports"][0];
+    let target = ic["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == port["targetPort"]).unwrap();
+    assert_eq!(target["containerPort"].as_u64().map(|p| p.to_string()).as_deref(), Some(listen_port));
+    assert_eq!(svc["spec"]["selector"], issuer["spec"]["selector"]["matchLabels"]);
+    let want = format!(
+        "{}.{}.svc:{}",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap(),
+        port["port"].as_u64().unwrap()
+    );
+    assert!(args.contains(&format!("--issuer={want}").as_str()), "the daemons must ask {want}: {args:?}");
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet", "a host-network daemon resolves the Service name");
+    assert!(issuer["spec"]["replicas"].as_u64() >= Some(2), "two replicas");
+    // The issuer may review tokens and read pods and namespaces, nothing more.
+    let role = all.iter().find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "mesh-issuer").unwrap();
+    let rules: Vec<(String, Vec<String>)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| {
+                r[k].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+            };
+            (format!("{}/{}", list("apiGroups").join(","), list("resources").join(",")), list("verbs"))
+        })
+        .collect();
+    let want_rules = [
+        ("authentication.k8s.io/tokenreviews", vec!["create"]),
+        ("/pods", vec!["get", "list"]),
+        ("/namespaces", vec!["get"]),
+    ];
+    let want_rules: Vec<(String, Vec<String>)> =
+        want_rules.iter().map(|(r, v)| ((*r).to_owned(), v.iter().map(|s| (*s).to_owned()).collect())).collect();
+    assert_eq!(rules, want_rules);
     // The drain fits in the grace period, or the kubelet cuts it short.
     let drain = args.iter().find_map(|a| a.strip_prefix("--drain-timeout=")).expect("--drain-timeout");
     let drain_s: u64 = drain.strip_suffix('s').and_then(|n| n.parse().ok()).expect("--drain-timeout in seconds");

@@ -2,10 +2,13 @@
 //!
 //! Creates (or reuses) the kind cluster of `deploy/kind-config.yaml`,
 //! builds the image from `deploy/Dockerfile` and loads it into the nodes,
-//! makes the mesh CA Secret, applies `deploy/` and `deploy/example`, and
-//! checks that the meshed client pod reaches the `web` Service through the
-//! mesh: the daemon on the client's node logs the connection and counts it
-//! in its metrics. Then it says how to clean up.
+//! makes the mesh CA (the Secret mesh-ca, mounted by the issuer only, and
+//! its certificate as the ConfigMap mesh-trust for the daemons), applies
+//! `deploy/` (the issuer first) and `deploy/example`, and checks that the
+//! daemons got their certificates from the issuer and that the meshed
+//! client pod reaches the `web` Service through the mesh: the daemon on the
+//! client's node logs the connection and counts it in its metrics. Then it
+//! says how to clean up.
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
@@ -125,16 +128,22 @@ pub fn kind() -> anyhow::Result<()> {
 
     step("applying deploy/namespace.yaml", &mut kubectl(&["apply", "-f", "deploy/namespace.yaml"]))?;
     ca_secret()?;
-    step("applying deploy/ (RBAC and the DaemonSet)", &mut kubectl(&["apply", "-k", "deploy/"]))?;
-    // A rebuilt image under the same tag: restart the daemons onto it.
-    step(
-        "restarting the daemons onto the image just loaded",
-        &mut kubectl(&["-n", "mesh-system", "rollout", "restart", "daemonset/mesh-daemon"]),
-    )?;
-    step(
-        "waiting for a mesh-daemon on every node",
-        &mut kubectl(&["-n", "mesh-system", "rollout", "status", "daemonset/mesh-daemon", "--timeout=300s"]),
-    )?;
+    step("applying deploy/ (RBAC, the issuer and the DaemonSet)", &mut kubectl(&["apply", "-k", "deploy/"]))?;
+    // A rebuilt image under the same tag: restart onto it, the issuer
+    // first (daemons wait for their certificates from it).
+    for (workload, what) in [
+        ("deployment/mesh-issuer", "the issuer (two replicas)"),
+        ("daemonset/mesh-daemon", "a mesh-daemon on every node"),
+    ] {
+        step(
+            &format!("restarting {workload} onto the image just loaded"),
+            &mut kubectl(&["-n", "mesh-system", "rollout", "restart", workload]),
+        )?;
+        step(
+            &format!("waiting for {what}"),
+            &mut kubectl(&["-n", "mesh-system", "rollout", "status", workload, "--timeout=300s"]),
+        )?;
+    }
     step(
         "applying deploy/example (namespace demo: web ×2 and client)",
         &mut kubectl(&["apply", "-k", "deploy/example"]),
@@ -146,6 +155,7 @@ pub fn kind() -> anyhow::Result<()> {
         )?;
     }
 
+    check_issued()?;
     check_traffic()?;
     say(&format!("done in {:.0?}: the client reached demo/web through the mesh", started.elapsed()));
     say("explore:  kubectl --context kind-mesh -n mesh-system logs daemonset/mesh-daemon");
@@ -154,38 +164,91 @@ pub fn kind() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Secret mesh-ca (the mesh's CA), made once with `mesh-daemon ca
-/// init` from the image; kept when it exists.
-fn ca_secret() -> anyhow::Result<()> {
-    let exists = kubectl(&["-n", "mesh-system", "get", "secret", "mesh-ca"])
+/// Whether `kind/name` exists in mesh-system.
+fn exists(kind: &str, name: &str) -> bool {
+    kubectl(&["-n", "mesh-system", "get", kind, name])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if exists {
-        say("the mesh CA Secret mesh-system/mesh-ca exists; keeping it");
-        return Ok(());
-    }
+        .is_ok_and(|s| s.success())
+}
+
+/// The mesh CA: the Secret mesh-ca (certificate and key, for the issuer
+/// only), made once with `mesh-daemon ca init` from the image and kept when
+/// it exists; and the ConfigMap mesh-trust (the certificate alone, the
+/// daemons' trust bundle), made from the Secret when missing.
+fn ca_secret() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("mesh-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let file = |name: &str| {
+        let mut f = OsString::from(format!("{name}="));
+        f.push(dir.join(name));
+        f
+    };
     let result = (|| {
-        let mut mount = OsString::from(dir.as_os_str());
-        mount.push(":/out");
-        step(
-            "making the mesh CA (mesh-daemon ca init, in the image)",
-            Command::new("docker").args(["run", "--rm", "-v"]).arg(&mount).args([IMAGE, "ca", "init", "--out", "/out"]),
-        )?;
-        let file = |name: &str| {
-            let mut f = OsString::from(format!("{name}="));
-            f.push(dir.join(name));
-            f
-        };
-        let mut create = kubectl(&["-n", "mesh-system", "create", "secret", "generic", "mesh-ca"]);
-        create.arg("--from-file").arg(file("ca.pem")).arg("--from-file").arg(file("ca.key"));
-        step("storing it as the Secret mesh-system/mesh-ca", &mut create)
+        if exists("secret", "mesh-ca") {
+            say("the mesh CA Secret mesh-system/mesh-ca exists; keeping it");
+        } else {
+            let mut mount = OsString::from(dir.as_os_str());
+            mount.push(":/out");
+            step(
+                "making the mesh CA (mesh-daemon ca init, in the image)",
+                Command::new("docker")
+                    .args(["run", "--rm", "-v"])
+                    .arg(&mount)
+                    .args([IMAGE, "ca", "init", "--out", "/out"]),
+            )?;
+            let mut create = kubectl(&["-n", "mesh-system", "create", "secret", "generic", "mesh-ca"]);
+            create.arg("--from-file").arg(file("ca.pem")).arg("--from-file").arg(file("ca.key"));
+            step("storing it as the Secret mesh-system/mesh-ca (mounted by the issuer only)", &mut create)?;
+        }
+        if exists("configmap", "mesh-trust") {
+            say("the trust bundle ConfigMap mesh-system/mesh-trust exists; keeping it");
+            return Ok(());
+        }
+        let cert = output(&mut kubectl(&[
+            "-n",
+            "mesh-system",
+            "get",
+            "secret",
+            "mesh-ca",
+            "-o",
+            "go-template={{index .data \"ca.pem\" | base64decode}}",
+        ]))?;
+        if !cert.contains("BEGIN CERTIFICATE") {
+            bail!("the Secret mesh-system/mesh-ca has no ca.pem certificate");
+        }
+        std::fs::write(dir.join("ca.pem"), cert)?;
+        let mut create = kubectl(&["-n", "mesh-system", "create", "configmap", "mesh-trust"]);
+        create.arg("--from-file").arg(file("ca.pem"));
+        step("storing its certificate as the ConfigMap mesh-system/mesh-trust (the daemons' trust bundle)", &mut create)
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The mesh-daemon pods (`pod/NAME`), of one node or all.
+fn daemon_pods(node: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let mut cmd =
+        kubectl(&["-n", "mesh-system", "get", "pod", "-l", "app.kubernetes.io/name=mesh-daemon", "-o", "name"]);
+    if let Some(n) = node {
+        cmd.args(["--field-selector", &format!("spec.nodeName={n}")]);
+    }
+    Ok(output(&mut cmd)?.lines().map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect())
+}
+
+/// Every daemon got its certificates from the issuer (it holds no CA key).
+fn check_issued() -> anyhow::Result<()> {
+    say("checking: every daemon's certificates come from the issuer");
+    for pod in daemon_pods(None)? {
+        let pod = pod.as_str();
+        let logs = output(&mut kubectl(&["-n", "mesh-system", "logs", pod]))?;
+        if !logs.contains("certificates come from the issuer") {
+            bail!("{pod} did not get its certificates from the issuer; its log:\n{logs}");
+        }
+        say(&format!("  {pod}: certificates from the issuer"));
+    }
+    Ok(())
 }
 
 /// The client curls the Service until it answers; then the daemon on the
@@ -226,22 +289,10 @@ fn check_traffic() -> anyhow::Result<()> {
         "-o",
         "jsonpath={.items[0].spec.nodeName}",
     ]))?;
-    let daemon = output(&mut kubectl(&[
-        "-n",
-        "mesh-system",
-        "get",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=mesh-daemon",
-        "--field-selector",
-        &format!("spec.nodeName={}", node.trim()),
-        "-o",
-        "name",
-    ]))?;
-    let daemon = daemon.trim();
-    if daemon.is_empty() {
+    let daemons = daemon_pods(Some(node.trim()))?;
+    let Some(daemon) = daemons.first().map(String::as_str) else {
         bail!("no mesh-daemon pod on node {}", node.trim());
-    }
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let logs = output(&mut kubectl(&["-n", "mesh-system", "logs", daemon]))?;
