@@ -5,7 +5,9 @@
 //! nothing, or, for development on one machine, from a CA key this daemon
 //! holds (renewed at 70%). Renewal swaps the certificate in place: open
 //! connections keep going, new handshakes get the new one. A renewal that
-//! fails is retried at the next check, and logged loudly as expiry nears.
+//! fails is retried with backoff (1 s doubling up to the check interval,
+//! jittered so that nodes do not return to an issuer all at once), and
+//! logged loudly as expiry nears.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,10 +179,11 @@ impl Certs {
         Ok((h.swap.clone(), h.issued.serial))
     }
 
-    /// Renews every certificate past its renewal point. Blocks (the
-    /// issuer is asked): call from `spawn_blocking`.
-    pub fn renew_due(&self) {
+    /// Renews every certificate past its renewal point; false when one
+    /// failed. Blocks (the issuer is asked): call from `spawn_blocking`.
+    pub fn renew_due(&self) -> bool {
         let now = SystemTime::now();
+        let mut all_ok = true;
         let at = self.signer.renew_at();
         {
             let mut node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner());
@@ -191,7 +194,10 @@ impl Certs {
                         info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
                         *node = issued;
                     }
-                    Err(e) => failed(&self.node_id, &node, now, &e),
+                    Err(e) => {
+                        all_ok = false;
+                        failed(&self.node_id, &node, now, &e);
+                    }
                 }
             }
         }
@@ -210,9 +216,13 @@ impl Certs {
                     info!(identity = %id, serial = issued.serial, "workload certificate renewed");
                     h.issued = issued;
                 }
-                Err(e) => failed(&id, &h.issued, now, &e),
+                Err(e) => {
+                    all_ok = false;
+                    failed(&id, &h.issued, now, &e);
+                }
             }
         }
+        all_ok
     }
 
     /// A new certificate for `id` and its rustls key.
@@ -224,13 +234,45 @@ impl Certs {
         Ok((key, issued))
     }
 
-    /// Checks for due renewals every 1/20 of the lifetime (0.2 s to 60 s).
+    /// Checks for due renewals every 1/20 of the lifetime (0.2 s to 60
+    /// s); after a failed renewal, sooner: see [`next_pause`].
     pub async fn renew_loop(self: Arc<Self>) {
         let every = (self.lifetime / 20).clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let mut failures = 0u32;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(next_pause(every, failures, fastrand::f64())).await;
             let c = self.clone();
-            let _ = tokio::task::spawn_blocking(move || c.renew_due()).await;
+            let ok = tokio::task::spawn_blocking(move || c.renew_due()).await.unwrap_or(false);
+            failures = if ok { 0 } else { failures.saturating_add(1) };
         }
+    }
+}
+
+/// The pause before the next renewal check: `every`, or after `failures`
+/// failed ones in a row 1 s doubling up to `every`; within ±20% by
+/// `jitter` (0..1) so that nodes spread out.
+fn next_pause(every: Duration, failures: u32, jitter: f64) -> Duration {
+    let base = match failures {
+        0 => every,
+        n => Duration::from_secs(1).saturating_mul(1 << (n - 1).min(16)).min(every),
+    };
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_renewal_is_retried_after_1s_doubling_up_to_the_check_interval_with_jitter() {
+        let every = Duration::from_secs(60);
+        let mid = |failures| next_pause(every, failures, 0.5);
+        assert_eq!(mid(0), every, "no failure: the check interval");
+        let backoff: Vec<u64> = (1..=8).map(|n| mid(n).as_secs()).collect();
+        assert_eq!(backoff, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(next_pause(every, 0, 0.0), Duration::from_secs(48), "-20%");
+        assert_eq!(next_pause(every, 0, 1.0), Duration::from_secs(72), "+20%");
+        assert_eq!(next_pause(Duration::from_millis(500), 3, 0.5), Duration::from_millis(500), "never past the interval");
+        assert_eq!(mid(u32::MAX), every, "no overflow");
     }
 }
