@@ -272,7 +272,11 @@ mod tests {
         assert_eq!(backoff, [1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(next_pause(every, 0, 0.0), Duration::from_secs(48), "-20%");
         assert_eq!(next_pause(every, 0, 1.0), Duration::from_secs(72), "+20%");
-        assert_eq!(next_pause(Duration::from_millis(500), 3, 0.5), Duration::from_millis(500), "never past the interval");
+        assert_eq!(
+            next_pause(Duration::from_millis(500), 3, 0.5),
+            Duration::from_millis(500),
+            "never past the interval"
+        );
         assert_eq!(mid(u32::MAX), every, "no overflow");
     }
 }
