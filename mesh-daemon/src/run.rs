@@ -65,10 +65,16 @@ pub struct RunArgs {
     /// Admin HTTP endpoint (/live, /ready, /stats).
     #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
-    /// Slots per kernel-mode service table (1 to 4096); more slots follow
-    /// weights more finely.
+    /// The most slots a kernel-mode service table gets (1 to 4096): tables
+    /// are as small as their weights allow, up to this.
     #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub slot_table_size: u32,
+    /// Entries of the kernel's slot map, shared by every kernel-mode table
+    /// (about 100 bytes of kernel memory each, allocated at start). Taken
+    /// when the map is created; a map pinned by an earlier daemon keeps
+    /// its size.
+    #[arg(long, default_value_t = mesh_common::limits::MAX_SLOTS, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub slot_entries: u32,
     /// Time constant of the peak-EWMA of connect time (e.g. 10s).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     pub ewma_decay: std::time::Duration,
@@ -295,6 +301,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         state_dir: args.state_dir.clone(),
         proxy_listen: args.proxy_listen,
         slot_table_size: args.slot_table_size,
+        slot_entries: args.slot_entries,
         balance: BalanceConfig {
             default_rtt: args.default_rtt,
             decay: args.ewma_decay,
@@ -365,7 +372,12 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         Some(_) => Some(relay_listener(args.tunnel_listen, "--tunnel-listen").await?),
         None => None,
     };
-    let dp_cfg = DatapathConfig { cgroup, pin_dir, ebpf_log_level: args.ebpf_log_level.to_aya() };
+    let dp_cfg = DatapathConfig {
+        cgroup,
+        pin_dir,
+        ebpf_log_level: args.ebpf_log_level.to_aya(),
+        slot_entries: args.slot_entries,
+    };
     let (dp, orig) = Datapath::load(&dp_cfg)?;
     let view = match MapsView::open(&dp_cfg.pin_dir) {
         Ok(v) => v,

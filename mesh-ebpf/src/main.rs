@@ -10,7 +10,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     btf_maps::SkStorage,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
@@ -49,8 +49,10 @@ static ORIG_DST: LruHashMap<SockAddrV4, OrigDst> = LruHashMap::pinned(limits::MA
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 /// Kernel-mode slot tables: (service id, generation, slot) -> backend.
+/// Not preallocated: its memory follows the slots in use (the daemon
+/// sizes it with --slot-entries).
 #[map]
-static SLOTS: HashMap<SlotKey, SockAddrV4> = HashMap::pinned(limits::MAX_SLOTS, 0);
+static SLOTS: HashMap<SlotKey, SockAddrV4> = HashMap::pinned(limits::MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// The service address a socket dialled, for getpeername; freed with the
 /// socket.

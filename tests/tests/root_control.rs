@@ -338,49 +338,130 @@ fn kernel_services(c: &Cluster, n: usize) -> String {
         .collect()
 }
 
+/// What a refused write must leave as it was: the state file, the
+/// generation, the services and the maps; and traffic still flows.
+struct Before {
+    file: std::path::PathBuf,
+    saved: Vec<u8>,
+    services: serde_json::Value,
+    dump: serde_json::Value,
+}
+
+impl Before {
+    fn take(c: &Cluster) -> Self {
+        let file = c.state_dir("node-a").join("state.json");
+        let saved = std::fs::read(&file).unwrap();
+        Before { file, saved, services: ctl_json(c, &["get", "services"]), dump: ctl_json(c, &["datapath", "dump"]) }
+    }
+
+    fn check(&self, c: &Cluster) {
+        assert_eq!(std::fs::read(&self.file).unwrap(), self.saved, "the refused state was saved");
+        assert_eq!(generation(c), 1);
+        assert_eq!(ctl_json(c, &["get", "services"]), self.services);
+        assert_eq!(
+            ctl_json(c, &["datapath", "dump"])["services"],
+            self.dump["services"],
+            "a refused write reached the kernel"
+        );
+        let t = tally(c, 20);
+        assert_eq!(t.failed, 0, "{}", t.text);
+    }
+}
+
+/// Applies `services` (file `name`) and expects a refusal: meshctl's stderr.
+fn apply_refused(c: &Cluster, name: &str, services: &str) -> String {
+    let f = c.write_file(name, &c.config(services)).unwrap();
+    let (code, out, err) = ctl(c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    err
+}
+
 #[test]
 fn root_a_write_that_overflows_the_maps_is_refused_and_changes_nothing() {
     let c = cluster();
-    let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
-    let file = c.state_dir("node-a").join("state.json");
-    let (saved, services, dump) =
-        (std::fs::read(&file).unwrap(), ctl_json(&c, &["get", "services"]), ctl_json(&c, &["datapath", "dump"]));
+    // A slot map of 1000 entries (the default holds 262 144).
+    let d = start(&c, &web(&c, "proxy", 1, 1), &["--slot-entries", "1000"]);
+    let before = Before::take(&c);
 
-    // 1100 kernel tables x 2 generations x 256 slots = 563 200 > 262 144.
-    let big = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 1100));
-    let f = c.write_file("big.yaml", &c.config(&big)).unwrap();
-    let (code, out, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
-    assert_eq!(code, 1, "{out}");
+    // 600 kernel tables of two equal endpoints: 2 slots each, plus room
+    // to rewrite one: 1202 > 1000.
+    let err = apply_refused(&c, "big.yaml", &format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 600)));
     assert!(err.contains("400") && err.contains("nothing was changed"), "{err}");
     assert!(
-        err.contains("map SLOTS: the kernel-mode services need 563200 entries")
-            && err.contains("the map holds 262144")
-            && err.contains("lower --slot-table-size"),
+        err.contains("map SLOTS: the kernel-mode services need 1202 entries")
+            && err.contains("the map holds 1000 (--slot-entries)")
+            && err.contains("larger --slot-entries"),
         "{err}"
     );
-    assert_eq!(std::fs::read(&file).unwrap(), saved, "the refused state was saved");
-    assert_eq!(generation(&c), 1);
-    assert_eq!(ctl_json(&c, &["get", "services"]), services);
-    assert_eq!(ctl_json(&c, &["datapath", "dump"])["services"], dump["services"], "a refused write reached the kernel");
-    let t = tally(&c, 20);
-    assert_eq!(t.failed, 0, "{}", t.text);
+    before.check(&c);
+    // What fits is applied: 400 tables need 802.
+    let fits = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 400));
+    let f = c.write_file("fits.yaml", &c.config(&fits)).unwrap();
+    let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let dump = ctl_json(&c, &["datapath", "dump"]);
+    let kernel = dump["services"].as_array().unwrap().iter().filter(|s| s["mode"] == "kernel").count();
+    assert_eq!(kernel, 400);
     assert!(d.log_text().contains("state seeded"), "{}", d.log_text());
+}
+
+#[test]
+fn root_a_kernel_error_in_the_middle_of_a_sync_puts_the_maps_back_and_saves_nothing() {
+    let c = cluster();
+    let small = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 10));
+    let _d = start(&c, &small, &["--slot-entries", "60"]);
+    let before = Before::take(&c);
+    // 10 tables of 2 slots use 20 of 60 entries; 40 more entries written
+    // behind the daemon's back fill the map.
+    let slots = c.node("node-a").pin_dir.join("SLOTS");
+    for i in 0u32..40 {
+        let mut key: Vec<u8> = 999_999u32.to_le_bytes().to_vec();
+        key.extend(0u32.to_le_bytes());
+        key.extend(i.to_le_bytes());
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+        let mut args = vec!["map".to_owned(), "update".into(), "pinned".into(), slots.display().to_string()];
+        args.push("key".into());
+        args.push("hex".into());
+        args.extend(hex(&key));
+        args.extend(["value", "hex", "0a", "00", "00", "01", "1f", "90", "00", "00"].map(str::to_owned));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        mesh_tests::sys::bpftool(&a).unwrap();
+    }
+    // 20 tables pass planning (42 <= 60) but the kernel refuses the first
+    // new slot: the write fails, the maps are put back, nothing is saved.
+    let more = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 20));
+    let err = apply_refused(&c, "more.yaml", &more);
+    assert!(
+        err.contains("the kernel maps could not be updated")
+            && err.contains("map SLOTS")
+            && err.contains("they were put back as generation 1; nothing was saved"),
+        "{err}"
+    );
+    before.check(&c);
+    // The foreign entries went with the rollback: the write goes through now.
+    let f = c.dir.join("more.yaml");
+    let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(generation(&c), 2);
 }
 
 #[test]
 fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
     let c = cluster();
-    // 40 kernel tables fit at 256 slots (20 480 entries), not at 4096 (327 680).
-    let mut d = start(&c, &format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 40)), &[]);
+    // 40 kernel tables of 2 slots (82 entries with room for a rewrite);
+    // the daemon leaves nothing pinned, so the next one makes a new map.
+    let config = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 40));
+    let mut d = start(&c, &config, &["--cleanup-on-exit"]);
     assert_eq!(ctl_json(&c, &["datapath", "dump"])["services"].as_array().unwrap().len(), 41);
     d.stop().unwrap();
 
-    let d = c.start_daemon_live("node-a", &["--slot-table-size", "4096"]).unwrap();
+    let d = c.start_daemon_live("node-a", &["--slot-entries", "50"]).unwrap();
     let (status, body) = d.admin_get("/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("the saved state (generation 1) does not fit the kernel maps")
-            && body.contains("map SLOTS: the kernel-mode services need 327680 entries"),
+            && body.contains("map SLOTS: the kernel-mode services need 82 entries")
+            && body.contains("holds 50"),
         "{body}"
     );
     assert!(d.log_with("does not fit the kernel maps", 1).contains("does not fit the kernel maps"));
@@ -389,12 +470,13 @@ fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
     assert!(out.contains("ready:       no: the saved state"), "{out}");
 
     // What fits is served: the proxy-mode service, the kernel tables that
-    // fit (32 of 8192 entries) and, through the proxy, the rest.
+    // fit (24 of 2 slots, with 2 to spare for a rewrite) and, through the
+    // proxy, the rest.
     let t = tally(&c, 20);
     assert_eq!(t.failed, 0, "{}", t.text);
     let dump = ctl_json(&c, &["datapath", "dump"]);
     let modes: Vec<&str> = dump["services"].as_array().unwrap().iter().map(|s| s["mode"].as_str().unwrap()).collect();
-    assert_eq!(modes.iter().filter(|m| **m == "kernel").count(), 32, "{modes:?}");
+    assert_eq!(modes.iter().filter(|m| **m == "kernel").count(), 24, "{modes:?}");
     for vip in ["10.97.0.1", "10.97.0.40"] {
         let (code, body) = c.curl("client", &format!("http://{vip}/")).unwrap();
         assert_eq!(code, 0, "{vip}: {body}");
@@ -405,7 +487,7 @@ fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
     let w1 = c.pod("web-1").ip.to_string();
     let (code, _, err) = ctl(&c, &["set-weight", "web", &w1, "2"]);
     assert_eq!(code, 1);
-    assert!(err.contains("map SLOTS") && err.contains("--slot-table-size"), "{err}");
+    assert!(err.contains("map SLOTS") && err.contains("--slot-entries"), "{err}");
     let small = format!("{}{}", web(&c, "proxy", 1, 1), kernel_services(&c, 10));
     let f = c.write_file("small.yaml", &c.config(&small)).unwrap();
     let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
@@ -419,7 +501,7 @@ fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
         .filter(|s| s["mode"] == "kernel")
         .map(|s| s["slots"].as_array().unwrap().len())
         .collect();
-    assert_eq!(kernel, vec![4096; 10]);
+    assert_eq!(kernel, vec![2; 10]);
 }
 
 #[test]

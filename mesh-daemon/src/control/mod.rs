@@ -9,7 +9,7 @@
 //! Health changes re-sync the kernel maps without a write ([`Control::resync`]).
 //!
 //! A saved state that no longer fits the maps at start (the daemon was
-//! started with a larger `--slot-table-size`) does not stop the daemon: the
+//! started onto a smaller slot map) does not stop the daemon: the
 //! kernel-mode services that do not fit are served by the proxy instead,
 //! `/ready` says why, and writes must fit again.
 #![forbid(unsafe_code)]
@@ -20,7 +20,7 @@ mod store;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -43,8 +43,10 @@ pub struct ControlConfig {
     pub node: NodeName,
     pub state_dir: PathBuf,
     pub proxy_listen: SocketAddrV4,
-    /// Slots per kernel-mode service table.
+    /// The most slots of a kernel-mode service table.
     pub slot_table_size: u32,
+    /// `--slot-entries`: what `SLOTS` holds until the datapath says.
+    pub slot_entries: u32,
     pub balance: BalanceConfig,
     pub metrics: Arc<Metrics>,
     /// Who writes the state when it is not the control API (e.g.
@@ -158,6 +160,8 @@ pub struct Control {
     view: OnceLock<MapsView>,
     attached: AtomicBool,
     reused: AtomicBool,
+    /// Entries of `SLOTS` as loaded.
+    slot_capacity: AtomicUsize,
 }
 
 /// A checked state, ready to be written to the datapath.
@@ -182,6 +186,7 @@ impl Prepared {
     /// `view` reads the same maps through its own handles.
     pub fn attach(self, mut datapath: Datapath, view: MapsView) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
         let Prepared { control, current } = self;
+        control.slot_capacity.store(datapath.slot_capacity(), Ordering::Relaxed);
         let needs = MapNeeds::of(&current.state, &control.cfg.node, control.cfg.slot_table_size);
         if let Err(e) = needs.check(&control.capacity()) {
             let why = format!(
@@ -248,6 +253,7 @@ impl Control {
             view: OnceLock::new(),
             attached: AtomicBool::new(false),
             reused: AtomicBool::new(false),
+            slot_capacity: AtomicUsize::new(cfg.slot_entries as usize),
             cfg,
         };
         let restored = control.store.load()?;
@@ -297,7 +303,10 @@ impl Control {
 
     /// What the kernel maps hold.
     fn capacity(&self) -> MapCapacity {
-        MapCapacity::with_table_size(self.cfg.slot_table_size)
+        MapCapacity {
+            slots: self.slot_capacity.load(Ordering::Relaxed),
+            ..MapCapacity::with_table_size(self.cfg.slot_table_size)
+        }
     }
 
     /// Who owns the state, when the control API must not write it.

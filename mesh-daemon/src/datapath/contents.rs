@@ -80,7 +80,7 @@ impl MapContents {
 
 impl MapContents {
     /// Makes the contents fit `cap`: kernel-mode tables that would overflow
-    /// `SLOTS` (both generations counted) become proxy-mode entries, so
+    /// `SLOTS` (with room to rewrite the largest) become proxy-mode entries, so
     /// their connections still reach an endpoint, through the proxy;
     /// service and workload entries past their maps are left out. Returns
     /// how many service ports left kernel mode.
@@ -92,9 +92,10 @@ impl MapContents {
             self.services.pop_last();
         }
         let (mut used, mut moved) = (0, 0);
+        let room = self.services.values().filter(|d| d.mode == MODE_KERNEL).map(|d| d.slots.len()).max().unwrap_or(0);
         for d in self.services.values_mut().filter(|d| d.mode == MODE_KERNEL) {
-            let need = 2 * d.slots.len();
-            if used + need <= cap.slots {
+            let need = d.slots.len();
+            if used + need + room <= cap.slots {
                 used += need;
             } else {
                 *d = DesiredService { id: d.id, mode: MODE_PROXY, slots: Vec::new() };
@@ -131,18 +132,18 @@ mod tests {
         assert_eq!(web.id, ids.get("default/web:443").unwrap());
         let db = &c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)];
         assert_eq!(db.mode, MODE_KERNEL);
-        assert_eq!(db.slots.len(), 256);
+        assert_eq!(db.slots.len(), 5, "3:2 is exact in five slots");
         let first = sockaddr("10.0.0.1:5433".parse().unwrap());
-        assert_eq!(db.slots.iter().filter(|s| **s == first).count(), 154);
+        assert_eq!(db.slots.iter().filter(|s| **s == first).count(), 3);
 
         // An unhealthy endpoint leaves the table; none healthy fails open.
         let down = sockaddr("10.0.0.1:5433".parse().unwrap());
         let c = MapContents::build(&state, &f, &[], "172.18.0.2:15001".parse().unwrap(), 256, &|a| sockaddr(a) != down);
         let db = &c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)];
-        assert_eq!(db.slots.len(), 256);
+        assert_eq!(db.slots.len(), 1);
         assert!(db.slots.iter().all(|s| *s != down));
         let c = MapContents::build(&state, &f, &[], "172.18.0.2:15001".parse().unwrap(), 256, &|_| false);
-        assert_eq!(c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)].slots.len(), 256, "fail open");
+        assert_eq!(c.services[&service_key("10.96.0.20".parse().unwrap(), 5432)].slots.len(), 5, "fail open");
     }
 
     #[test]
@@ -159,8 +160,8 @@ mod tests {
                 DesiredService { id: i + 1, ..slots(256) },
             );
         }
-        let cap = MapCapacity { slots: 2 * 256 * 2, ..MapCapacity::default() };
-        assert_eq!(c.fit(&cap), 1, "two tables of two generations fit, the third does not");
+        let cap = MapCapacity { slots: 3 * 256, ..MapCapacity::default() };
+        assert_eq!(c.fit(&cap), 1, "two tables and room to rewrite one fit, the third does not");
         let modes: Vec<u8> = c.services.values().map(|d| d.mode).collect();
         assert_eq!(modes, [MODE_KERNEL, MODE_KERNEL, MODE_PROXY]);
         assert!(c.services.values().last().unwrap().slots.is_empty());

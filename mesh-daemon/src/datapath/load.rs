@@ -20,7 +20,19 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .override_global(aya_log::LEVEL, &level, false)
+            .map_max_entries(map_names::SLOTS, cfg.slot_entries)
             .load(OBJECT)?;
+        let slots_pin = cfg.pin_dir.join(map_names::SLOTS);
+        let slot_capacity = aya::maps::MapInfo::from_pin(&slots_pin)
+            .map_err(|source| DatapathError::Map { name: map_names::SLOTS, source })?
+            .max_entries();
+        if slot_capacity != cfg.slot_entries {
+            warn!(
+                pinned = slot_capacity,
+                flag = cfg.slot_entries,
+                "map SLOTS was pinned with another size by an earlier daemon and keeps it; --slot-entries takes effect once a daemon stopped with --cleanup-on-exit (which detaches the datapath) is started again"
+            );
+        }
 
         let links_dir = cfg.pin_dir.join(format!("{LINKS_DIR_PREFIX}{}", object_id()));
         let names = [link_names::CONNECT4, link_names::SOCKOPS, link_names::GETPEERNAME4];
@@ -66,7 +78,17 @@ impl Datapath {
         let services = hash_map(&mut ebpf, map_names::SERVICES)?;
         let slots = hash_map(&mut ebpf, map_names::SLOTS)?;
         let orig = OrigDstReader { map: hash_map(&mut ebpf, map_names::ORIG_DST)? };
-        let dp = Self { _ebpf: ebpf, pin_dir: cfg.pin_dir.clone(), links, reused, workloads, services, slots };
+        let dp = Self {
+            _ebpf: ebpf,
+            pin_dir: cfg.pin_dir.clone(),
+            links,
+            reused,
+            workloads,
+            services,
+            slots,
+            slot_capacity,
+            mirror: None,
+        };
         release_freed_heap();
         Ok((dp, orig))
     }
@@ -74,6 +96,11 @@ impl Datapath {
     /// Whether the programs were found attached at start.
     pub fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// Entries the `SLOTS` map holds.
+    pub fn slot_capacity(&self) -> usize {
+        self.slot_capacity as usize
     }
 
     /// With `cleanup`: detaches the programs and removes every pin. Without:

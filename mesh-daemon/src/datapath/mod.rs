@@ -82,6 +82,9 @@ pub struct DatapathConfig {
     /// Highest level the kernel programs log at (aya-log); records above it
     /// are dropped in the kernel. None: logging off.
     pub ebpf_log_level: Option<aya_log::Level>,
+    /// Entries of `SLOTS` (`--slot-entries`), when it is created; a map
+    /// pinned by an earlier daemon keeps its size.
+    pub slot_entries: u32,
 }
 
 /// The attached programs and the maps the daemon writes.
@@ -95,6 +98,10 @@ pub struct Datapath {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     slots: BpfHashMap<MapData, SlotKey, SockAddrV4>,
+    /// Entries `SLOTS` holds, as loaded.
+    slot_capacity: u32,
+    /// What the maps hold, as last synced; None: read them first.
+    mirror: Option<sync::Mirror>,
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(

@@ -1,5 +1,19 @@
 //! Keeping the maps equal to the desired contents, touching only what
 //! differs; what goes away goes first.
+//!
+//! The daemon keeps a copy of what it last wrote ([`Mirror`]), so a sync
+//! compares in memory and makes a system call only per entry that
+//! changes: one endpoint's change costs its own entries, not a read of
+//! every map. The copy is read from the kernel once at start, and again
+//! after a sync failed midway (it may then differ from the kernel).
+//!
+//! A kernel-mode table is changed by writing the new one beside it (the
+//! other generation), flipping the service entry to it in one update (a
+//! connect never sees a half-written table), then deleting the old one.
+//! So `SLOTS` holds one table per service plus, for a moment, a second
+//! one; tables that shrink are rewritten before those that grow, which
+//! keeps the peak within what planning counted (every table at its
+//! largest plus the largest once more).
 
 use super::*;
 
@@ -10,74 +24,153 @@ pub struct SyncReport {
     pub deleted: usize,
 }
 
+/// What the maps hold, as last written or read.
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    workloads: BTreeMap<u64, WorkloadValue>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    /// `SLOTS` by (service id, generation): the backends of slots 0..n.
+    tables: BTreeMap<(u32, u32), Vec<SockAddrV4>>,
+    /// `SLOTS` entries that are not part of a whole table (left by a
+    /// failure): deleted by the next sync.
+    stray: Vec<SlotKey>,
+}
+
+impl Mirror {
+    /// Reads what the maps hold.
+    fn read(dp: &Datapath) -> Result<Self, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let mut m = Mirror::default();
+        for e in dp.workloads.iter() {
+            let (k, v) = e.map_err(err(map_names::WORKLOADS))?;
+            m.workloads.insert(k, v);
+        }
+        for e in dp.services.iter() {
+            let (k, v) = e.map_err(err(map_names::SERVICES))?;
+            m.services.insert(k, v);
+        }
+        let mut by_table: BTreeMap<(u32, u32), BTreeMap<u32, SockAddrV4>> = BTreeMap::new();
+        for e in dp.slots.iter() {
+            let (k, v) = e.map_err(err(map_names::SLOTS))?;
+            by_table.entry((k.service_id, k.generation)).or_default().insert(k.slot, v);
+        }
+        for ((id, generation), slots) in by_table {
+            let whole = slots.keys().enumerate().all(|(i, s)| i as u32 == *s);
+            if whole {
+                m.tables.insert((id, generation), slots.into_values().collect());
+            } else {
+                m.stray.extend(slots.keys().map(|slot| SlotKey { service_id: id, generation, slot: *slot }));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Writes `want` over `have` in `map`, keeping `have` equal to what it holds.
+fn sync_map<K, V>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    have: &mut BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    report: &mut SyncReport,
+) -> Result<(), DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let err = |source| DatapathError::Map { name, source };
+    let gone: Vec<K> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
+    for k in gone {
+        map.remove(&k).map_err(err)?;
+        have.remove(&k);
+        report.deleted += 1;
+    }
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            map.insert(k, v, 0).map_err(err)?;
+            have.insert(*k, *v);
+            report.written += 1;
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Makes `WORKLOADS`, `SERVICES` and `SLOTS` equal to `want`, touching
-    /// only the entries that differ. A changed slot table is written to the
-    /// inactive generation, then the service entry flips to it in one
-    /// update, so a connect never sees a half-written table.
+    /// only the entries that differ (see the module doc).
     pub fn sync(&mut self, want: &MapContents) -> Result<SyncReport, DatapathError> {
+        let mut mirror = match self.mirror.take() {
+            Some(m) => m,
+            None => Mirror::read(self)?,
+        };
+        let r = self.sync_from(&mut mirror, want);
+        // After a failure the copy may differ from the kernel: read again.
+        if r.is_ok() {
+            self.mirror = Some(mirror);
+        }
+        r
+    }
+
+    fn sync_from(&mut self, m: &mut Mirror, want: &MapContents) -> Result<SyncReport, DatapathError> {
         let mut report = SyncReport::default();
         let err = |name| move |source| DatapathError::Map { name, source };
-        sync_map(&mut self.workloads, map_names::WORKLOADS, &want.workloads, &mut report)?;
+        sync_map(&mut self.workloads, map_names::WORKLOADS, &mut m.workloads, &want.workloads, &mut report)?;
 
         // What goes away goes first, so the maps never hold old and new
         // together beyond what planning counted.
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err(map_names::SERVICES))?
-            .into_iter()
-            .filter(|k| !want.services.contains_key(k))
-            .collect();
+        let stale: Vec<ServiceKey> = m.services.keys().filter(|k| !want.services.contains_key(k)).copied().collect();
         for k in stale {
             self.services.remove(&k).map_err(err(map_names::SERVICES))?;
+            m.services.remove(&k);
             report.deleted += 1;
         }
         for (key, d) in want.services.iter().filter(|(_, d)| d.mode != MODE_KERNEL) {
             let value = ServiceValue { id: d.id, mode: d.mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 };
-            if self.services.get(key, 0).ok() != Some(value) {
+            if m.services.get(key) != Some(&value) {
                 self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
+                m.services.insert(*key, value);
                 report.written += 1;
             }
         }
-        // Slots of services that are gone or no longer in kernel mode; only
-        // after their service entries are gone or switched.
-        let kernel_ids: BTreeSet<u32> =
-            want.services.values().filter(|d| d.mode == MODE_KERNEL).map(|d| d.id).collect();
-        let mut slot_keys: Vec<SlotKey> = self.slots.keys().collect::<Result<_, _>>().map_err(err(map_names::SLOTS))?;
-        for k in slot_keys.iter().filter(|k| !kernel_ids.contains(&k.service_id)) {
-            self.slots.remove(k).map_err(err(map_names::SLOTS))?;
+        // Tables no service entry points to (services gone or no longer
+        // in kernel mode, generations not in use) and stray entries go
+        // next: only after their service entries are gone or switched.
+        let active: BTreeSet<(u32, u32)> =
+            m.services.values().filter(|v| v.mode == MODE_KERNEL).map(|v| (v.id, u32::from(v.generation))).collect();
+        for k in std::mem::take(&mut m.stray) {
+            self.slots.remove(&k).map_err(err(map_names::SLOTS))?;
             report.deleted += 1;
         }
-        slot_keys.retain(|k| kernel_ids.contains(&k.service_id));
+        let unused: Vec<(u32, u32)> = m.tables.keys().filter(|t| !active.contains(t)).copied().collect();
+        for t in unused {
+            self.delete_table(m, t, &mut report)?;
+        }
 
+        // Changed tables, those that shrink first.
+        let mut changed: Vec<(i64, &ServiceKey, &super::contents::DesiredService)> = Vec::new();
         for (key, d) in want.services.iter().filter(|(_, d)| d.mode == MODE_KERNEL) {
-            let have = self.services.get(key, 0).ok();
-            let current = have.filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
-            let unchanged = current.is_some_and(|h| {
-                h.slot_count as usize == d.slots.len()
-                    && d.slots.iter().enumerate().all(|(i, b)| {
-                        let k = SlotKey { service_id: d.id, generation: u32::from(h.generation), slot: i as u32 };
-                        self.slots.get(&k, 0).ok().as_ref() == Some(b)
-                    })
-            });
-            if unchanged {
+            let current = m.services.get(key).filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
+            let table = current.and_then(|h| m.tables.get(&(h.id, u32::from(h.generation))));
+            let have_len = table.map_or(0, Vec::len);
+            if current.is_some_and(|h| h.slot_count as usize == d.slots.len()) && table == Some(&d.slots) {
                 continue;
             }
+            changed.push((d.slots.len() as i64 - have_len as i64, key, d));
+        }
+        changed.sort_by_key(|c| c.0);
+        for (_, key, d) in changed {
+            // The table in use at this address: this service's, or one of
+            // another service that had the address before.
+            let prior = m.services.get(key).copied().filter(|h| h.mode == MODE_KERNEL);
+            let current = prior.filter(|h| h.id == d.id);
             let generation = current.map_or(0, |h| h.generation ^ 1);
-            // The inactive generation's entries past the new table go first.
-            for k in slot_keys.iter().filter(|k| {
-                k.service_id == d.id && k.generation == u32::from(generation) && k.slot as usize >= d.slots.len()
-            }) {
-                self.slots.remove(k).map_err(err(map_names::SLOTS))?;
-                report.deleted += 1;
-            }
+            let next = (d.id, u32::from(generation));
             for (i, b) in d.slots.iter().enumerate() {
-                let k = SlotKey { service_id: d.id, generation: u32::from(generation), slot: i as u32 };
+                let k = SlotKey { service_id: d.id, generation: next.1, slot: i as u32 };
                 self.slots.insert(k, b, 0).map_err(err(map_names::SLOTS))?;
                 report.written += 1;
             }
+            m.tables.insert(next, d.slots.clone());
             let value = ServiceValue {
                 id: d.id,
                 mode: MODE_KERNEL,
@@ -87,34 +180,24 @@ impl Datapath {
                 _pad2: 0,
             };
             self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
+            m.services.insert(*key, value);
             report.written += 1;
+            // The old table, now unused.
+            if let Some(old) = prior.map(|h| (h.id, u32::from(h.generation))) {
+                self.delete_table(m, old, &mut report)?;
+            }
         }
         debug!(written = report.written, deleted = report.deleted, "maps synced");
         Ok(report)
     }
-}
 
-fn sync_map<K, V>(
-    map: &mut BpfHashMap<MapData, K, V>,
-    name: &'static str,
-    want: &BTreeMap<K, V>,
-    report: &mut SyncReport,
-) -> Result<(), DatapathError>
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    let err = |source| DatapathError::Map { name, source };
-    let have: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(err)?;
-    for k in have.iter().filter(|k| !want.contains_key(k)) {
-        map.remove(k).map_err(err)?;
-        report.deleted += 1;
-    }
-    for (k, v) in want {
-        if map.get(k, 0).ok().as_ref() != Some(v) {
-            map.insert(k, v, 0).map_err(err)?;
-            report.written += 1;
+    fn delete_table(&mut self, m: &mut Mirror, t: (u32, u32), report: &mut SyncReport) -> Result<(), DatapathError> {
+        let Some(table) = m.tables.remove(&t) else { return Ok(()) };
+        for slot in 0..table.len() as u32 {
+            let k = SlotKey { service_id: t.0, generation: t.1, slot };
+            self.slots.remove(&k).map_err(|source| DatapathError::Map { name: map_names::SLOTS, source })?;
+            report.deleted += 1;
         }
+        Ok(())
     }
-    Ok(())
 }

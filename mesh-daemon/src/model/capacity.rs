@@ -6,23 +6,13 @@ use mesh_common::{limits, map_names};
 
 use super::{FieldError, Mode, NodeName, State, ValidationErrors};
 
-/// Slots in one kernel-mode table with `weighted` endpoints of weight
-/// above 0: `size`, or one per endpoint when there are more; none when no
-/// endpoint has weight. Health only ever shrinks the weighted set, so this
-/// is the most a table of the service can take.
-pub fn slot_table_len(weighted: usize, size: u32) -> usize {
-    if weighted == 0 {
-        0
-    } else {
-        weighted.max(size as usize)
-    }
-}
-
-/// Entries the kernel maps hold, and the table size kernel-mode services get.
+/// Entries the kernel maps hold, and the most slots a kernel-mode table
+/// gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapCapacity {
     pub workloads: usize,
     pub services: usize,
+    /// `SLOTS` as loaded (`--slot-entries`, or the size it was pinned with).
     pub slots: usize,
     /// `--slot-table-size`.
     pub slot_table_size: u32,
@@ -53,7 +43,9 @@ pub struct MapNeeds {
     pub workloads: usize,
     /// One per service port.
     pub services: usize,
-    /// Both generations of every kernel-mode table at its largest.
+    /// Every kernel-mode table at its largest, plus the largest once more:
+    /// a changed table is written beside the one in use, then the old one
+    /// goes (see `datapath::sync`).
     pub slots: usize,
 }
 
@@ -61,16 +53,14 @@ impl MapNeeds {
     pub fn of(state: &State, node: &NodeName, slot_table_size: u32) -> Self {
         let workloads = state.workloads.iter().filter(|w| &w.node == node).count();
         let services = state.services.iter().map(|s| s.ports.len()).sum();
-        let slots = state
-            .services
-            .iter()
-            .filter(|s| s.mode == Mode::Kernel)
-            .map(|s| {
-                let weighted = s.endpoints.iter().filter(|e| e.weight.0 > 0).count();
-                2 * s.ports.len() * slot_table_len(weighted, slot_table_size)
-            })
-            .sum();
-        Self { workloads, services, slots }
+        let (mut slots, mut largest) = (0, 0);
+        for s in state.services.iter().filter(|s| s.mode == Mode::Kernel) {
+            let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
+            let bound = crate::balance::slots::table_bound(&weights, slot_table_size);
+            slots += s.ports.len() * bound;
+            largest = largest.max(bound);
+        }
+        Self { workloads, services, slots: slots + largest }
     }
 
     /// Every map this state overflows, each naming what would fix it.
@@ -104,7 +94,7 @@ impl MapNeeds {
             errors.push(FieldError {
                 path: "services".into(),
                 message: format!(
-                    "map {}: the kernel-mode services need {} entries (two generations of tables of --slot-table-size {} slots, or one per endpoint where there are more), but the map holds {}; lower --slot-table-size or move services to mode: proxy",
+                    "map {}: the kernel-mode services need {} entries (a table per port, sized by its weights up to --slot-table-size {}, plus room to rewrite the largest), but the map holds {} (--slot-entries); start the daemon with a larger --slot-entries, lower --slot-table-size, or move services to mode: proxy",
                     map_names::SLOTS,
                     self.slots,
                     cap.slot_table_size,
@@ -145,31 +135,25 @@ mod tests {
     }
 
     #[test]
-    fn table_len_follows_the_size_or_the_endpoints() {
-        assert_eq!(slot_table_len(0, 256), 0, "no weighted endpoint: an empty table");
-        assert_eq!(slot_table_len(10, 256), 256);
-        assert_eq!(slot_table_len(300, 256), 300, "one slot per endpoint when there are more");
-    }
-
-    #[test]
-    fn kernel_tables_count_both_generations() {
+    fn kernel_tables_count_their_weights_plus_the_largest_once_more() {
+        // Ten endpoints of weight 1: ten slots each, one table in flight.
         let needs = MapNeeds::of(&state(3, 10), &node(), 256);
-        assert_eq!(needs, MapNeeds { workloads: 0, services: 3, slots: 3 * 2 * 256 });
+        assert_eq!(needs, MapNeeds { workloads: 0, services: 3, slots: 3 * 10 + 10 });
         assert!(needs.check(&MapCapacity::with_table_size(256)).is_ok());
+        // 10 000 services x 10 endpoints fit the default map.
+        assert_eq!(MapNeeds::of(&state(10_000, 10), &node(), 256).slots, 100_010);
     }
 
     #[test]
-    fn an_overflowing_slot_map_is_refused_naming_the_map_the_numbers_and_the_flag() {
-        // 520 services x 2 generations x 256 slots = 266 240 > 262 144.
+    fn an_overflowing_slot_map_is_refused_naming_the_map_the_numbers_and_the_flags() {
         let needs = MapNeeds::of(&state(520, 10), &node(), 256);
-        assert_eq!(needs.slots, 266_240);
-        let e = needs.check(&MapCapacity::with_table_size(256)).unwrap_err();
+        assert_eq!(needs.slots, 5_210);
+        let small = MapCapacity { slots: 5_000, ..MapCapacity::with_table_size(256) };
+        let e = needs.check(&small).unwrap_err();
         assert_eq!(e.0.len(), 1, "{e}");
         let msg = e.to_string();
-        assert!(msg.starts_with("services: map SLOTS: the kernel-mode services need 266240 entries"), "{msg}");
-        assert!(msg.contains("holds 262144") && msg.contains("--slot-table-size"), "{msg}");
-        // The same state with smaller tables fits.
-        assert!(MapNeeds::of(&state(520, 10), &node(), 128).check(&MapCapacity::with_table_size(128)).is_ok());
+        assert!(msg.starts_with("services: map SLOTS: the kernel-mode services need 5210 entries"), "{msg}");
+        assert!(msg.contains("holds 5000 (--slot-entries)") && msg.contains("larger --slot-entries"), "{msg}");
     }
 
     #[test]
