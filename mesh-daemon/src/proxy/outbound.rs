@@ -121,7 +121,7 @@ async fn connect<'r>(
             Ok(s) => {
                 let rtt = t0.elapsed();
                 ep.state.connected(rtt, Instant::now());
-                ep.series.connect_latency.observe(rtt.as_secs_f64());
+                ep.series().connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
             }
             Err(e) => {
@@ -163,8 +163,8 @@ async fn forward(
     };
     if let Some(limiter) = &route.policy.limiter {
         if limiter.admit(source.map(|w| &w.identity), crate::telemetry::metrics::clock_secs()).is_err() {
-            route.series.rate_limited.inc();
-            route.series.failed("rate_limited");
+            route.series().rate_limited.inc();
+            route.series().failed("rate_limited");
             if limiter.should_log(crate::telemetry::metrics::now_secs()) {
                 warn!(client = %peer, source = src, service = %route.name, "over the rate limit: connection refused (logged once a second)");
             }
@@ -178,7 +178,7 @@ async fn forward(
         Ok(c) => c,
         Err(e) => {
             let outcome = e.reason();
-            route.series.failed(outcome);
+            route.series().failed(outcome);
             if e.counts_against_endpoint() || outcome == "no_endpoint" {
                 counters.connect_failed.inc();
                 warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
@@ -191,7 +191,7 @@ async fn forward(
         }
     };
     let endpoint = ep.state.addr;
-    let series = &ep.series;
+    let series = ep.series();
     series.opened.inc();
     let _in_flight = ep.state.start();
     counters.forwarded.inc();
@@ -206,7 +206,7 @@ async fn forward(
     series.sent.inc_by(up);
     series.received.inc_by(down);
     let duration = started.elapsed();
-    route.series.duration.observe(duration.as_secs_f64());
+    route.series().duration.observe(duration.as_secs_f64());
     if let Some(e) = &error {
         counters.io_errors.inc();
         if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
@@ -214,7 +214,7 @@ async fn forward(
         }
     }
     record.endpoint = Some(endpoint);
-    record.node = Some(ep.node.as_str());
+    record.node = Some(ep.node());
     record.bytes_up = Some(up);
     record.bytes_down = down;
     record.duration = duration;
@@ -294,7 +294,7 @@ mod tests {
         .unwrap();
         let state = State::from_document(&doc).unwrap();
         let ids = ServiceIds::default().assign(&state.frontend_keys());
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let tunnel = Arc::new(TunnelCounters::new(&metrics));
         let view = Inbound::build(&state, &NodeName::parse("b").unwrap(), "cluster.local", &metrics);
         let drain = crate::drain::Drain::new();

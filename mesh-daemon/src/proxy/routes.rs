@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use std::collections::HashSet;
@@ -28,10 +28,41 @@ pub struct RouteEndpoint {
     pub priority: u8,
     /// On another node: that node and its tunnel address.
     pub remote: Option<(NodeName, SocketAddrV4)>,
-    /// Its metric series, looked up once per state, not per connection.
-    pub series: EndpointSeries,
+    /// Its metric series, made when it first carries a connection (as
+    /// linkerd2-proxy does): an endpoint that never does costs no series.
+    series: OnceLock<Box<EndpointSeries>>,
+    /// Its route's name and the metrics, to make `series` from.
+    source: Arc<SeriesSource>,
+}
+
+/// What a route's lazily made series come from.
+struct SeriesSource {
+    name: String,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for SeriesSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl RouteEndpoint {
+    /// Its series, made on first use.
+    pub fn series(&self) -> &EndpointSeries {
+        self.series.get_or_init(|| {
+            Box::new(self.source.metrics.endpoint_series(ConnLabels {
+                service: self.source.name.clone(),
+                endpoint: self.state.addr.to_string(),
+                direction: "outbound",
+            }))
+        })
+    }
+
     /// `local` or the node's name, for the access log.
-    pub node: String,
+    pub fn node(&self) -> &str {
+        self.remote.as_ref().map_or("local", |(n, _)| n.as_str())
+    }
 }
 
 #[derive(Debug)]
@@ -49,10 +80,25 @@ pub struct Route {
     pub mtls: bool,
     /// Bytes, or requests routed one by one.
     pub app_protocol: AppProtocol,
-    pub series: ServiceSeries,
+    /// Made on first use, like the endpoints'.
+    series: OnceLock<Box<ServiceSeries>>,
+    source: Arc<SeriesSource>,
     /// Per request: timeouts, retries, outlier ejection, rate limit (the
     /// rate limit applies to connections of `tcp` ports too).
     pub policy: Arc<Policy>,
+}
+
+impl Route {
+    /// Its series, made on first use.
+    pub fn series(&self) -> &ServiceSeries {
+        self.series.get_or_init(|| {
+            Box::new(
+                self.source
+                    .metrics
+                    .service_series(ServiceLabels { service: self.source.name.clone(), direction: "outbound" }),
+            )
+        })
+    }
 }
 
 impl Member for RouteEndpoint {
@@ -141,6 +187,8 @@ impl View for RoutesView {
     fn update(&self, snap: &Snapshot) {
         let next =
             RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.policies, &self.local, &self.metrics);
+        let current = self.table.load();
+        next.adopt_series(&current);
         let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
         self.policies.retain(|n| names.contains(n));
         let in_use: HashSet<SocketAddrV4> =
@@ -168,13 +216,14 @@ impl RouteTable {
         registry: &Registry,
         policies: &Policies,
         local: &Local,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Self {
         let by_id = frontends
             .iter()
             .map(|f| {
                 let s = &state.services[f.service];
                 let name = format!("{}:{}", s.key(), f.port);
+                let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
                 let endpoints = s
                     .endpoints
                     .iter()
@@ -191,18 +240,15 @@ impl RouteTable {
                             state: registry.get(addr),
                             weight: e.weight.0,
                             priority: e.priority,
-                            node: remote.as_ref().map_or("local".to_owned(), |(n, _)| n.to_string()),
                             remote,
-                            series: metrics.endpoint_series(ConnLabels {
-                                service: name.clone(),
-                                endpoint: addr.to_string(),
-                                direction: "outbound",
-                            }),
+                            series: OnceLock::new(),
+                            source: source.clone(),
                         }
                     })
                     .collect();
                 let route = Route {
-                    series: metrics.service_series(ServiceLabels { service: name.clone(), direction: "outbound" }),
+                    series: OnceLock::new(),
+                    source,
                     policy: policies.get(&name, &s.http),
                     name,
                     service: s.key(),
@@ -228,18 +274,43 @@ impl RouteTable {
         Self { by_id, workloads }
     }
 
-    /// Drops from `metrics` the series of this table that `next` has not.
-    pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
-        let services: std::collections::HashSet<&ServiceLabels> =
-            next.by_id.values().map(|r| &r.series.labels).collect();
-        let endpoints: std::collections::HashSet<&ConnLabels> =
-            next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| &e.series.labels)).collect();
+    /// Takes over the series `old` made for the same route and endpoint,
+    /// so counts go on across state writes without making series for
+    /// endpoints that carry nothing.
+    pub fn adopt_series(&self, old: &RouteTable) {
+        let by_name: HashMap<&str, &Route> = old.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
         for r in self.by_id.values() {
-            if !services.contains(&r.series.labels) {
-                metrics.forget_service(&r.series.labels);
+            let Some(o) = by_name.get(r.name.as_str()) else { continue };
+            if let Some(s) = o.series.get() {
+                let _ = r.series.set(s.clone());
             }
-            for e in r.endpoints.iter().filter(|e| !endpoints.contains(&e.series.labels)) {
-                metrics.forget_endpoint(&e.series.labels);
+            if o.endpoints.iter().all(|e| e.series.get().is_none()) {
+                continue;
+            }
+            let made: HashMap<SocketAddrV4, &EndpointSeries> =
+                o.endpoints.iter().filter_map(|e| Some((e.state.addr, e.series.get()?.as_ref()))).collect();
+            for e in &r.endpoints {
+                if let Some(s) = made.get(&e.state.addr) {
+                    let _ = e.series.set(Box::new((*s).clone()));
+                }
+            }
+        }
+    }
+
+    /// Drops from `metrics` the series this table made that `next` has not
+    /// (a route or an endpoint that left the state).
+    pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
+        let by_name: HashMap<&str, &Route> = next.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
+        for r in self.by_id.values() {
+            let kept = by_name.get(r.name.as_str());
+            if let (Some(s), None) = (r.series.get(), kept) {
+                metrics.forget_service(&s.labels);
+            }
+            for e in &r.endpoints {
+                let Some(s) = e.series.get() else { continue };
+                if !kept.is_some_and(|k| k.endpoints.iter().any(|n| n.state.addr == e.state.addr)) {
+                    metrics.forget_endpoint(&s.labels);
+                }
             }
         }
     }
@@ -251,8 +322,14 @@ impl RouteTable {
             .by_id
             .values()
             .flat_map(|r| {
-                let errors = r.series.failures();
-                r.endpoints.iter().map(move |e| e.series.row(errors, Some(e.state.view(now).ewma_rtt_ms)))
+                let errors = r.series.get().map_or(0, |s| s.failures());
+                r.endpoints.iter().map(move |e| {
+                    let rtt = Some(e.state.view(now).ewma_rtt_ms);
+                    match e.series.get() {
+                        Some(s) => s.row(errors, rtt),
+                        None => StatsRow::idle(&r.name, &e.state.addr.to_string(), "outbound", errors, rtt),
+                    }
+                })
             })
             .collect();
         rows.sort_by(|a, b| (&a.service, &a.endpoint).cmp(&(&b.service, &b.endpoint)));
@@ -275,10 +352,10 @@ mod tests {
     use crate::model::parse_document;
 
     fn table(extra: &str) -> (RouteTable, Registry) {
-        table_with(extra, &Metrics::new())
+        table_with(extra, &Arc::new(Metrics::new()))
     }
 
-    fn table_with(extra: &str, metrics: &Metrics) -> (RouteTable, Registry) {
+    fn table_with(extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 172.18.0.2}}]\n\
              services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
@@ -293,22 +370,32 @@ mod tests {
     }
 
     #[test]
-    fn series_of_endpoints_that_left_the_state_are_dropped() {
-        let m = Metrics::new();
-        let (old, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}]\n", &m);
-        for e in &old.route(1).unwrap().endpoints {
-            e.series.opened.inc();
+    fn series_are_made_on_first_use_kept_across_writes_and_dropped_with_their_endpoint() {
+        let m = Arc::new(Metrics::new());
+        let eps = "   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}, {ip: 10.0.0.3, node: a}]\n";
+        let (old, _) = table_with(eps, &m);
+        assert!(!m.encode().contains("10.0.0."), "no series before an endpoint carries anything");
+        for e in &old.route(1).unwrap().endpoints[..2] {
+            e.series().opened.inc();
         }
-        let (new, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}]\n", &m);
+        let text = m.encode();
+        assert!(text.contains("10.0.0.1:8080") && !text.contains("10.0.0.3"), "{text}");
+        let rows = old.stats_rows();
+        assert_eq!(rows.len(), 3, "an idle endpoint still has a row");
+        assert_eq!((rows[2].endpoint.as_str(), rows[2].opened), ("10.0.0.3:8080", 0));
+
+        let (new, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.3, node: a}]\n", &m);
+        new.adopt_series(&old);
         old.forget_series_missing_from(&new, &m);
         let text = m.encode();
         assert!(text.contains("endpoint=\"10.0.0.1:8080\""), "{text}");
         assert!(!text.contains("10.0.0.2"), "{text}");
-        // The kept endpoint's handle still counts into the exported series.
-        new.route(1).unwrap().endpoints[0].series.opened.inc();
+        // The kept endpoint's series goes on counting; its row shows it.
+        new.route(1).unwrap().endpoints[0].series().opened.inc();
         assert!(m.encode().contains(
             "mesh_connections_opened_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 2"
         ));
+        assert_eq!(new.stats_rows()[0].opened, 2);
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ pub fn blame(ep: &RouteEndpoint, e: &ConnectError) -> bool {
         return false;
     }
     if ep.state.failed(Instant::now()) {
-        ep.series.ejections.inc();
+        ep.series().ejections.inc();
     }
     true
 }
@@ -87,7 +87,7 @@ impl<'r> Tries<'r> {
         }
         self.attempt += 1;
         counters.retries.inc();
-        self.route.series.retries.inc();
+        self.route.series().retries.inc();
         debug!(service = %self.route.name, error = %e, attempt = self.attempt, "connect failed; trying another endpoint");
         tokio::time::sleep(pause).await;
         true

@@ -199,6 +199,28 @@ pub struct StatsRow {
     pub p99_ms: Option<f64>,
 }
 
+impl StatsRow {
+    /// The row of an endpoint that has carried nothing (no series made).
+    pub fn idle(service: &str, endpoint: &str, direction: &str, service_errors: u64, ewma_rtt_ms: Option<f64>) -> Self {
+        StatsRow {
+            service: service.to_owned(),
+            endpoint: endpoint.to_owned(),
+            direction: direction.to_owned(),
+            opened: 0,
+            closed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            service_errors,
+            ewma_rtt_ms,
+            requests: 0,
+            success_rate: None,
+            rate_per_second: None,
+            p50_ms: None,
+            p99_ms: None,
+        }
+    }
+}
+
 impl EndpointSeries {
     /// This series as a stats row.
     pub fn row(&self, service_errors: u64, ewma_rtt_ms: Option<f64>) -> StatsRow {

@@ -348,7 +348,7 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint) {
     let now = Instant::now();
     let threshold = route.policy.cfg.outlier.map_or(0, |o| o.consecutive_failures);
     if ep.state.answered(false, threshold, route.may_eject(now), now) == Answered::Ejected {
-        ep.series.ejections.inc();
+        ep.series().ejections.inc();
         warn!(service = %route.name, endpoint = %ep.state.addr, "failed answers in a row: endpoint ejected");
     }
 }
@@ -381,7 +381,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     if let Some(limiter) = &policy.limiter {
         let identity = conn.source.as_ref().map(|w| &w.identity);
         if let Err(wait) = limiter.admit(identity, crate::telemetry::metrics::clock_secs()) {
-            route.series.rate_limited.inc();
+            route.series().rate_limited.inc();
             if limiter.should_log(now_secs()) {
                 warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
             }
@@ -412,7 +412,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             return None;
         }
         if !policy.budget.as_ref().is_some_and(|b| b.withdraw(now_secs())) {
-            route.series.budget_exhausted.inc();
+            route.series().budget_exhausted.inc();
             return None;
         }
         Some(pause)
@@ -458,7 +458,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                     if let Some(pause) = again(retried) {
                         retried += 1;
                         conn.counters.retries.inc();
-                        route.series.retries.inc();
+                        route.series().retries.inc();
                         tokio::time::sleep(pause).await;
                         continue;
                     }
@@ -472,8 +472,8 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
                 let latency = since.elapsed();
                 ep.state.observe_rtt(latency, Instant::now());
-                route.series.response_latency.observe(latency.as_secs_f64());
-                ep.series.latency.observe(latency);
+                route.series().response_latency.observe(latency.as_secs_f64());
+                ep.series().latency.observe(latency);
                 if retry.is_some_and(|r| retried_answer(r, &resp, conn.grpc)) {
                     if let Some(pause) = again(retried) {
                         // Dropping the answer resets its stream, or closes
@@ -482,7 +482,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                         failed_answer(route, ep);
                         retried += 1;
                         conn.counters.retries.inc();
-                        route.series.retries.inc();
+                        route.series().retries.inc();
                         tokio::time::sleep(pause).await;
                         continue;
                     }

@@ -107,7 +107,7 @@ impl Report for AtEndpoint {
     fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
         let route = &self.finished.route;
         let ep = &route.endpoints[self.endpoint];
-        ep.series.request(class(status, self.finished.grpc, grpc_status));
+        ep.series().request(class(status, self.finished.grpc, grpc_status));
         if failed(status, self.finished.grpc, grpc_status) {
             super::failed_answer(route, ep);
         } else {
@@ -179,8 +179,8 @@ impl Finished {
         let status = response.status();
         let grpc_status = grpc_status(response.headers());
         let class = class(status, self.grpc, grpc_status);
-        self.route.series.request_failed(class);
-        self.route.series.failed(reason);
+        self.route.series().request_failed(class);
+        self.route.series().failed(reason);
         self.log(None, status, grpc_status, 0, started, reason);
         response
     }
@@ -201,7 +201,7 @@ impl Finished {
             client: Some(self.client),
             service: &self.route.name,
             endpoint: ep.map(|e| e.state.addr),
-            node: ep.map(|e| e.node.as_str()),
+            node: ep.map(|e| e.node()),
             bytes_up: None,
             bytes_down: bytes,
             duration: started.elapsed(),
