@@ -16,6 +16,11 @@
 //!   `mesh.io/rate-limit` (requests per second), `mesh.io/rate-limit-burst`
 //!   and `mesh.io/rate-limit-per-identity`. Bad values leave all of them
 //!   out for that Service, with the reason.
+//! - **Active health checks** are off: an endpoint's readiness comes from
+//!   its EndpointSlice (the kubelet's probes) and the proxy's passive
+//!   breakers act on failures, so no node probes every endpoint of the
+//!   cluster. A Service opts in with `mesh.io/health-check`: `tcp`, or
+//!   `http:/path` (a bad value: off, with the reason).
 //! - **Endpoints**, from the Service's IPv4 EndpointSlices: ready ones with
 //!   the weight of their pod's `mesh.io/weight` annotation (default 1);
 //!   terminating ones with weight 0 (drained: no new connections, open ones
@@ -35,13 +40,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Document, EndpointDoc, HttpDoc, Name, NodeDoc, OutlierDoc, PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc,
-    WorkloadDoc,
+    Document, EndpointDoc, HealthCheckDoc, HttpDoc, Name, NodeDoc, OutlierDoc, PortDoc, RateLimitDoc, RetriesDoc,
+    ServiceDoc, WorkloadDoc,
 };
 
 pub const INJECT_LABEL: &str = "mesh.io/inject";
 pub const WEIGHT_ANNOTATION: &str = "mesh.io/weight";
 pub const MODE_ANNOTATION: &str = "mesh.io/mode";
+pub const HEALTH_CHECK_ANNOTATION: &str = "mesh.io/health-check";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Service annotations that set its per-request policy.
@@ -56,6 +62,34 @@ pub const HTTP_ANNOTATIONS: [&str; 9] = [
     "mesh.io/rate-limit-burst",
     "mesh.io/rate-limit-per-identity",
 ];
+
+/// The active check a Service asks for with `mesh.io/health-check`: off
+/// unless it says `tcp` or `http:/path`; a bad value is reported and off.
+fn health_check(
+    annotations: Option<&BTreeMap<String, String>>,
+    what: &str,
+    skipped: &mut Vec<String>,
+) -> HealthCheckDoc {
+    let doc = |protocol: &str, path: Option<&str>| HealthCheckDoc {
+        protocol: protocol.to_owned(),
+        path: path.map(str::to_owned),
+        interval: None,
+        timeout: None,
+        rise: None,
+        fall: None,
+    };
+    match annotations.and_then(|a| a.get(HEALTH_CHECK_ANNOTATION)).map(|v| v.trim()) {
+        None | Some("none") => doc("none", None),
+        Some("tcp") => doc("tcp", None),
+        Some(v) if v.strip_prefix("http:").is_some_and(|p| p.starts_with('/')) => doc("http", v.strip_prefix("http:")),
+        Some(other) => {
+            skipped.push(format!(
+                "{what}: {HEALTH_CHECK_ANNOTATION}: {other:?} is not tcp, http:/path or none; active checks stay off"
+            ));
+            doc("none", None)
+        }
+    }
+}
 
 /// The per-request policy the annotations give, if any; a value that does
 /// not parse or validate leaves it out, with the reason in `skipped`.
@@ -374,7 +408,7 @@ fn service(
         mode: mode.to_owned(),
         ports,
         endpoints: endpoints.into_values().collect(),
-        health_check: None,
+        health_check: Some(health_check(s.metadata.annotations.as_ref(), &format!("service {ns}/{name}"), skipped)),
         fail_open: true,
         connect_timeout: None,
         retries: None,
@@ -473,6 +507,29 @@ mod tests {
         // web-1 ready (weight 3 from its annotation), web-2 not ready (left
         // out), web-3 terminating (kept, weight 0: drained).
         assert_eq!(eps, [("10.244.1.5", "node-a", 3), ("10.244.2.7", "node-b", 0)]);
+    }
+
+    #[test]
+    fn active_checks_are_off_unless_a_service_asks_and_a_bad_ask_is_reported() {
+        let mut f = fixture();
+        let check = |t: &Translation| {
+            let h = svc(t, "shop/web").unwrap().health_check.clone().unwrap();
+            (h.protocol, h.path)
+        };
+        assert_eq!(check(&run(&f, "node-a")), ("none".to_owned(), None), "readiness and breakers by default");
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        let annotations = web.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(HEALTH_CHECK_ANNOTATION.into(), "http:/healthz".into());
+        assert_eq!(check(&run(&f, "node-a")), ("http".to_owned(), Some("/healthz".to_owned())));
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        web.metadata.annotations.as_mut().unwrap().insert(HEALTH_CHECK_ANNOTATION.into(), "tcp".into());
+        assert_eq!(check(&run(&f, "node-a")), ("tcp".to_owned(), None));
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        web.metadata.annotations.as_mut().unwrap().insert(HEALTH_CHECK_ANNOTATION.into(), "udp".into());
+        let t = run(&f, "node-a");
+        assert_eq!(check(&t), ("none".to_owned(), None));
+        assert!(t.skipped.iter().any(|s| s.contains("shop/web") && s.contains("\"udp\"")), "{:?}", t.skipped);
+        State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]
