@@ -113,7 +113,7 @@ fn parse_wrk(out: &str) -> Option<(f64, f64, f64)> {
 }
 
 /// (RSS MiB, CPU seconds) of a process.
-fn usage(pid: u32) -> (f64, f64) {
+pub(crate) fn usage(pid: u32) -> (f64, f64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -390,7 +390,7 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod kind;
 mod lint;
+mod scale;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,10 @@ enum Cmd {
         /// Rounds over all paths; each figure is the median (default 3; 1 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Instead: what cluster size costs one node (1k and 10k services
+        /// x 10 endpoints, proxy and kernel mode; bench/results/scale.md).
+        #[arg(long, conflicts_with_all = ["only", "seconds", "rounds"])]
+        scale: bool,
     },
     /// Deploy on a kind cluster in Docker (deploy/kind-config.yaml) and
     /// check a meshed pod reaches a Service through the mesh. Needs Docker,
@@ -97,9 +102,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
-        Cmd::Bench { quick, only, seconds, rounds } => {
+        Cmd::Bench { quick, only, seconds, rounds, scale: false } => {
             setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds))
         }
+        Cmd::Bench { quick, scale: true, .. } => setup::setup().and_then(|_| scale::scale(quick)),
         Cmd::Kind => kind::kind(),
         Cmd::Clean => clean(),
     };
@@ -128,8 +134,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     let (passed, failed, ok) = run_counting(&mut cmd)?;
     let bench = if ok && args.is_empty() {
-        eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick)");
-        bench::bench(true, &[], None, None)
+        eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick, then --scale --quick)");
+        bench::bench(true, &[], None, None).and_then(|_| scale::scale(true))
     } else {
         Ok(())
     };
