@@ -129,8 +129,9 @@ impl Live for LiveView {
 
 /// The accepted state and what the kernel view of it needs.
 struct Current {
-    stored: Stored,
-    state: State,
+    /// Shared with readers of the last accepted state: no copy per write.
+    stored: Arc<Stored>,
+    state: Arc<State>,
     /// Netns cookies of this node's workloads.
     cookies: Vec<u64>,
 }
@@ -233,6 +234,24 @@ pub fn plan(
     Ok((Stored { generation: current.generation + 1, ids, state: doc }, state))
 }
 
+/// Drops the state a write replaced off the caller's path, then hands the
+/// freed heap back to the system (glibc keeps it otherwise: the parse of
+/// a large apply would stay resident). At most one at a time.
+fn release_after(old: Current) {
+    static RUNNING: AtomicBool = AtomicBool::new(false);
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("heap-release".into()).spawn(move || {
+        drop(old);
+        datapath::release_freed_heap();
+        RUNNING.store(false, Ordering::Release);
+    });
+    if spawned.is_err() {
+        RUNNING.store(false, Ordering::Release);
+    }
+}
+
 impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
@@ -242,7 +261,7 @@ impl Control {
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
             inner: Mutex::new(Inner {
-                current: Current { stored: Stored::default(), state: State::default(), cookies: Vec::new() },
+                current: Current { stored: Arc::default(), state: Arc::default(), cookies: Vec::new() },
                 datapath: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
@@ -298,7 +317,7 @@ impl Control {
         if seeded {
             control.store.save(&stored)?;
         }
-        Ok(Prepared { control, current: Current { stored, state, cookies } })
+        Ok(Prepared { control, current: Current { stored: Arc::new(stored), state: Arc::new(state), cookies } })
     }
 
     /// What the kernel maps hold.
@@ -424,7 +443,7 @@ impl Control {
             .collect();
         self.registry.retain(&in_use);
         self.published.store(snap);
-        self.snapshot.store(Arc::new(current.stored.clone()));
+        self.snapshot.store(current.stored.clone());
     }
 
     /// Applies `edit` to a copy of the document; see the module doc.
@@ -436,9 +455,11 @@ impl Control {
     ) -> Result<u64, WriteError> {
         let mut guard = self.inner.lock().map_err(|_| WriteError::Stopped)?;
         let Inner { current, datapath } = &mut *guard;
+        let t0 = std::time::Instant::now();
         let (stored, state) = plan(&current.stored, if_match, &self.cfg.node, &self.capacity(), edit)?;
         let cookies = self.local_cookies(&state, true).map_err(WriteError::Invalid)?;
-        let next = Current { stored, state, cookies };
+        let next = Current { stored: Arc::new(stored), state: Arc::new(state), cookies };
+        let planned = t0.elapsed();
         let generation = next.stored.generation;
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
         let report = match self.timed_sync(dp, &self.contents(&next)) {
@@ -447,18 +468,31 @@ impl Control {
                 return Err(WriteError::Datapath { rollback: Box::new(self.roll_back(dp, current)), source })
             }
         };
+        let synced = t0.elapsed();
         if let Err(e) = self.store.save(&next.stored) {
             // The maps took the new state but it is not saved: put them back.
             let rollback = self.roll_back(dp, current);
             warn!(error = %e, %rollback, "the state could not be saved");
             return Err(e.into());
         }
+        let saved = t0.elapsed();
         self.accepted(&next);
-        *current = next;
+        let old = std::mem::replace(current, next);
         // A state that passed planning fits: whatever kept the daemon from
         // being ready is over.
         self.problem.store(None);
-        info!(generation, written = report.written, deleted = report.deleted, "state applied");
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        info!(
+            generation,
+            written = report.written,
+            deleted = report.deleted,
+            plan_ms = ms(planned),
+            sync_ms = ms(synced - planned),
+            save_ms = ms(saved - synced),
+            publish_ms = ms(t0.elapsed() - saved),
+            "state applied"
+        );
+        release_after(old);
         Ok(generation)
     }
 

@@ -63,7 +63,8 @@ impl Store {
         let err = |source| StoreError::Write { path: path.clone(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(err)?;
         let tmp = self.dir.join(format!("{}.tmp", Self::FILE));
-        let text = serde_json::to_vec_pretty(stored).map_err(|e| err(e.into()))?;
+        // Compact: at 10 000 services it is half the bytes to write and fsync.
+        let text = serde_json::to_vec(stored).map_err(|e| err(e.into()))?;
         let mut f =
             std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
         f.write_all(&text).map_err(err)?;

@@ -157,7 +157,7 @@ fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> 
 /// Loading parses the kernel's BTF and the object (several MiB, freed
 /// once loaded); glibc keeps freed heap mapped, so hand it back: about
 /// 3 MiB of the daemon's resident memory.
-fn release_freed_heap() {
+pub fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free pages of the allocator's own
     // heap to the kernel; it has no preconditions.

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 pub use cgroup::cgroup2_root;
 pub use contents::{sockaddr, MapContents};
+pub use load::release_freed_heap;
 pub use netns::{netns_cookie, own_netns_cookie};
 pub use orig_dst::OrigDstReader;
 pub use sync::SyncReport;

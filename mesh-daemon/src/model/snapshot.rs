@@ -9,7 +9,8 @@ use crate::telemetry::metrics::StatsRow;
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    pub state: State,
+    /// Shared with the control plane's copy: publishing clones no state.
+    pub state: std::sync::Arc<State>,
     pub frontends: Vec<Frontend>,
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -35,15 +35,45 @@ struct LocalService {
     targets: HashMap<SocketAddrV4, Arc<Target>>,
 }
 
-/// An endpoint on this node of one service port.
-#[derive(Debug)]
+/// An endpoint on this node of one service port. Its series are made
+/// when a stream first reaches it (as the outbound routes' are).
 pub struct Target {
-    /// Its inbound series.
-    pub series: EndpointSeries,
+    series: OnceLock<Box<EndpointSeries>>,
     /// `mesh_response_latency_seconds` of the service port, inbound.
-    pub response_latency: Histogram,
+    response_latency: OnceLock<Histogram>,
+    /// `namespace/name:port`.
+    port: Arc<str>,
+    addr: SocketAddrV4,
+    metrics: Arc<Metrics>,
     /// The port speaks gRPC: its requests are classed by gRPC status.
     pub grpc: bool,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.port, self.addr)
+    }
+}
+
+impl Target {
+    /// Its inbound series, made on first use.
+    pub fn series(&self) -> &EndpointSeries {
+        self.series.get_or_init(|| {
+            Box::new(self.metrics.endpoint_series(ConnLabels {
+                service: self.port.to_string(),
+                endpoint: self.addr.to_string(),
+                direction: "inbound",
+            }))
+        })
+    }
+
+    /// The service port's inbound response latency, made on first use.
+    pub fn response_latency(&self) -> &Histogram {
+        self.response_latency.get_or_init(|| {
+            let labels = ServiceLabels { service: self.port.to_string(), direction: "inbound" };
+            self.metrics.response_latency.get_or_create(&labels).clone()
+        })
+    }
 }
 
 /// Why a CONNECT was refused (403); the `mesh-deny` header carries
@@ -80,15 +110,31 @@ pub struct Inbound {
     /// Enrolled workloads of this node, with their identities (logged
     /// beside the peer's when a stream to them is refused).
     local: HashMap<Ipv4Addr, Identity>,
-    /// By `namespace/name`.
-    services: HashMap<String, LocalService>,
+    /// By `namespace/name`: its index in `source` and what it needs here.
+    services: HashMap<String, (usize, Arc<LocalService>)>,
+    /// The state it was built from: the next build reuses the services that
+    /// did not change.
+    source: Option<Arc<State>>,
     /// For each workload identity, the addresses of the nodes its
     /// workloads run on: where its streams may come from.
     homes: HashMap<Identity, Vec<std::net::IpAddr>>,
 }
 
 impl Inbound {
-    pub fn build(state: &State, node: &NodeName, trust_domain: &str, metrics: &Metrics) -> Self {
+    #[cfg(test)]
+    pub fn build(state: &Arc<State>, node: &NodeName, trust_domain: &str, metrics: &Arc<Metrics>) -> Self {
+        Self::build_from(state, node, trust_domain, metrics, &Inbound::default())
+    }
+
+    /// Builds the checks of `state`, taking every service `prev` had in
+    /// the same form from `prev` as it is (a write costs what it changes).
+    pub fn build_from(
+        state: &Arc<State>,
+        node: &NodeName,
+        trust_domain: &str,
+        metrics: &Arc<Metrics>,
+        prev: &Inbound,
+    ) -> Self {
         let local = state
             .workloads
             .iter()
@@ -96,28 +142,36 @@ impl Inbound {
             .map(|w| (w.ip, Identity::workload(trust_domain, &w.namespace, &w.service_account)))
             .collect();
         let mut services = HashMap::new();
-        for s in &state.services {
+        for (i, s) in state.services.iter().enumerate() {
+            let key = s.key();
+            let kept = prev
+                .services
+                .get(&key)
+                .filter(|(j, _)| prev.source.as_ref().and_then(|p| p.services.get(*j)).is_some_and(|old| old == s));
+            if let Some((_, svc)) = kept {
+                services.insert(key, (i, svc.clone()));
+                continue;
+            }
             let mut targets = HashMap::new();
             for p in &s.ports {
+                let mut port: Option<Arc<str>> = None;
                 for e in s.endpoints.iter().filter(|e| &e.node == node) {
                     let addr = e.addr(p.target_port);
+                    let port = port.get_or_insert_with(|| format!("{}:{}", s.key(), p.port).into()).clone();
                     targets.entry(addr).or_insert_with(|| {
-                        let service = format!("{}:{}", s.key(), p.port);
-                        let labels = ServiceLabels { service: service.clone(), direction: "inbound" };
                         Arc::new(Target {
-                            response_latency: metrics.response_latency.get_or_create(&labels).clone(),
-                            series: metrics.endpoint_series(ConnLabels {
-                                service,
-                                endpoint: addr.to_string(),
-                                direction: "inbound",
-                            }),
+                            series: OnceLock::new(),
+                            response_latency: OnceLock::new(),
+                            port,
+                            addr,
+                            metrics: metrics.clone(),
                             grpc: p.app_protocol == AppProtocol::Grpc,
                         })
                     });
                 }
             }
             if !targets.is_empty() {
-                services.insert(s.key(), LocalService { policy: s.authorization.clone(), targets });
+                services.insert(key, (i, Arc::new(LocalService { policy: s.authorization.clone(), targets })));
             }
         }
         let mut homes: HashMap<Identity, Vec<std::net::IpAddr>> = HashMap::new();
@@ -130,22 +184,54 @@ impl Inbound {
                 }
             }
         }
-        Self { trust_domain: trust_domain.to_owned(), local, services, homes }
+        Self { trust_domain: trust_domain.to_owned(), local, services, source: Some(state.clone()), homes }
     }
 
-    fn series(&self) -> impl Iterator<Item = &EndpointSeries> {
-        self.services.values().flat_map(|s| s.targets.values()).map(|t| &t.series)
+    /// Every target, with its service's key.
+    fn targets(&self) -> impl Iterator<Item = (&str, &Arc<Target>)> {
+        self.services.iter().flat_map(|(k, (_, s))| s.targets.values().map(move |t| (k.as_str(), t)))
     }
 
-    /// Drops from `metrics` the series of this view that `next` has not.
+    /// Takes over the series `old` made for the same service and target.
+    pub fn adopt_series(&self, old: &Inbound) {
+        for (key, (_, s)) in &self.services {
+            let Some((_, o)) = old.services.get(key) else { continue };
+            if Arc::ptr_eq(s, o) {
+                continue;
+            }
+            for (addr, t) in &s.targets {
+                let Some(ot) = o.targets.get(addr) else { continue };
+                if let Some(series) = ot.series.get() {
+                    let _ = t.series.set(series.clone());
+                }
+                if let Some(h) = ot.response_latency.get() {
+                    let _ = t.response_latency.set(h.clone());
+                }
+            }
+        }
+    }
+
+    /// Drops from `metrics` the series this view made that `next` has not.
     pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
-        let kept: HashSet<&ConnLabels> = next.series().map(|s| &s.labels).collect();
-        let ports: HashSet<&str> = next.series().map(|s| s.labels.service.as_str()).collect();
-        for s in self.series().filter(|s| !kept.contains(&s.labels)) {
-            metrics.forget_endpoint(&s.labels);
-            if !ports.contains(s.labels.service.as_str()) {
-                let labels = ServiceLabels { service: s.labels.service.clone(), direction: "inbound" };
-                metrics.response_latency.remove(&labels);
+        let mut ports: Option<HashSet<&str>> = None;
+        for (key, (_, s)) in &self.services {
+            let kept_service = next.services.get(key).map(|(_, n)| n);
+            if kept_service.is_some_and(|n| Arc::ptr_eq(s, n)) {
+                continue;
+            }
+            for t in s.targets.values() {
+                let kept = kept_service.is_some_and(|n| n.targets.contains_key(&t.addr));
+                if let (Some(series), false) = (t.series.get(), kept) {
+                    metrics.forget_endpoint(&series.labels);
+                }
+                if t.response_latency.get().is_none() {
+                    continue;
+                }
+                let ports = ports.get_or_insert_with(|| next.targets().map(|(_, t)| t.port.as_ref()).collect());
+                if !ports.contains(t.port.as_ref()) {
+                    let labels = ServiceLabels { service: t.port.to_string(), direction: "inbound" };
+                    metrics.response_latency.remove(&labels);
+                }
             }
         }
     }
@@ -165,7 +251,7 @@ impl Inbound {
         if !self.local.contains_key(target.ip()) {
             return Err(Deny::NotLocal);
         }
-        let svc = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
+        let (_, svc) = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
         let found = svc.targets.get(&target).ok_or(Deny::NotEndpoint)?;
         if self.homes.get(peer).is_some_and(|homes| !homes.contains(&from)) {
             return Err(Deny::WrongNode);
@@ -178,7 +264,13 @@ impl Inbound {
 
     /// `meshctl stats` rows of the streams to this node's endpoints.
     pub fn stats_rows(&self) -> Vec<StatsRow> {
-        let mut rows: Vec<StatsRow> = self.series().map(|s| s.row(0, None)).collect();
+        let mut rows: Vec<StatsRow> = self
+            .targets()
+            .map(|(_, t)| match t.series.get() {
+                Some(s) => s.row(0, None),
+                None => StatsRow::idle(&t.port, &t.addr.to_string(), "inbound", 0, None),
+            })
+            .collect();
         rows.sort_by(|a, b| (&a.service, &a.endpoint).cmp(&(&b.service, &b.endpoint)));
         rows
     }
@@ -211,7 +303,9 @@ impl InboundView {
 
 impl View for InboundView {
     fn update(&self, snap: &Snapshot) {
-        let next = Inbound::build(&snap.state, &self.node, &self.trust_domain, &self.metrics);
+        let current = self.view.load();
+        let next = Inbound::build_from(&snap.state, &self.node, &self.trust_domain, &self.metrics, &current);
+        next.adopt_series(&current);
         self.view.swap(Arc::new(next)).forget_series_missing_from(&self.view.load(), &self.metrics);
     }
 
@@ -286,7 +380,7 @@ impl StreamHandler for InboundHandler {
 
     async fn carry(&self, req: StreamRequest, accepted: Accepted, mut stream: Stream) {
         let Accepted { mut upstream, target } = accepted;
-        let series = &target.series;
+        let series = target.series();
         if let Some(protocol) = req.protocol {
             // Requests the sending proxy terminated: each proxied, counted
             // and logged here too.
@@ -294,7 +388,7 @@ impl StreamHandler for InboundHandler {
             let spans = self.spans.clone();
             super::http::inbound::serve(stream, upstream, protocol, req, target.clone(), spans, self.drain.clone())
                 .await;
-            target.series.closed.inc();
+            target.series().closed.inc();
             return;
         }
         let started = Instant::now();
@@ -341,7 +435,7 @@ mod tests {
         )
         .unwrap();
         let state = State::from_document(&doc).unwrap();
-        Inbound::build(&state, &NodeName::parse("b").unwrap(), "cluster.local", &Metrics::new())
+        Inbound::build(&Arc::new(state), &NodeName::parse("b").unwrap(), "cluster.local", &Arc::new(Metrics::new()))
     }
 
     fn id(sa: &str) -> Identity {
@@ -376,7 +470,7 @@ mod tests {
     fn an_allowed_peer_reaches_the_endpoint_of_the_service_it_names() {
         let i = inbound();
         let t = i.check(Some("default/web"), target("10.244.2.3:8080"), &id("client"), node_a()).unwrap();
-        assert_eq!(t.series.labels.service, "default/web:80");
+        assert_eq!(t.series().labels.service, "default/web:80");
         assert!(
             i.check(Some("default/echo"), target("10.244.2.3:9000"), &id("evil"), node_a()).is_ok(),
             "echo has no policy"

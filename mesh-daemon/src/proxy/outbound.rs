@@ -292,7 +292,7 @@ mod tests {
             services.replace("PORT", &port.to_string())
         ))
         .unwrap();
-        let state = State::from_document(&doc).unwrap();
+        let state = Arc::new(State::from_document(&doc).unwrap());
         let ids = ServiceIds::default().assign(&state.frontend_keys());
         let metrics = Arc::new(Metrics::new());
         let tunnel = Arc::new(TunnelCounters::new(&metrics));

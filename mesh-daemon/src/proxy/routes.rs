@@ -185,9 +185,16 @@ impl RoutesView {
 
 impl View for RoutesView {
     fn update(&self, snap: &Snapshot) {
-        let next =
-            RouteTable::build(&snap.state, &snap.frontends, &self.registry, &self.policies, &self.local, &self.metrics);
         let current = self.table.load();
+        let next = RouteTable::build_from(
+            &snap.state,
+            &snap.frontends,
+            &current,
+            &self.registry,
+            &self.policies,
+            &self.local,
+            &self.metrics,
+        );
         next.adopt_series(&current);
         let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
         self.policies.retain(|n| names.contains(n));
@@ -205,22 +212,54 @@ impl View for RoutesView {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_id: HashMap<u32, Arc<Route>>,
+    /// The state and frontends it was built from: the next build reuses
+    /// the routes of services that did not change.
+    source: Option<(Arc<State>, HashMap<u32, Frontend>)>,
     /// Workloads by IP.
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
 }
 
 impl RouteTable {
+    #[cfg(test)]
     pub fn build(
-        state: &State,
+        state: &Arc<State>,
         frontends: &[Frontend],
         registry: &Registry,
         policies: &Policies,
         local: &Local,
         metrics: &Arc<Metrics>,
     ) -> Self {
+        Self::build_from(state, frontends, &RouteTable::default(), registry, policies, local, metrics)
+    }
+
+    /// Builds the table of `state`, taking the route of every service port
+    /// whose service, frontend and the nodes are as `prev` had them from
+    /// `prev` as it is: a write costs what it changes, not a rebuild of
+    /// every route.
+    pub fn build_from(
+        state: &Arc<State>,
+        frontends: &[Frontend],
+        prev: &RouteTable,
+        registry: &Registry,
+        policies: &Policies,
+        local: &Local,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let same_nodes = prev.source.as_ref().is_some_and(|(p, _)| p.nodes == state.nodes);
+        let unchanged = |f: &Frontend| -> Option<Arc<Route>> {
+            let (p, fronts) = prev.source.as_ref().filter(|_| same_nodes)?;
+            let old = fronts.get(&f.id)?;
+            let same = (old.vip, old.port, old.target_port, old.app_protocol)
+                == (f.vip, f.port, f.target_port, f.app_protocol)
+                && p.services[old.service] == state.services[f.service];
+            same.then(|| prev.by_id.get(&f.id).cloned()).flatten()
+        };
         let by_id = frontends
             .iter()
             .map(|f| {
+                if let Some(r) = unchanged(f) {
+                    return (f.id, r);
+                }
                 let s = &state.services[f.service];
                 let name = format!("{}:{}", s.key(), f.port);
                 let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
@@ -263,6 +302,7 @@ impl RouteTable {
                 (f.id, Arc::new(route))
             })
             .collect();
+        let source = Some((state.clone(), frontends.iter().map(|f| (f.id, f.clone())).collect()));
         let workloads = state
             .workloads
             .iter()
@@ -271,7 +311,7 @@ impl RouteTable {
                 (w.ip, Arc::new(Workload { name: format!("{}/{}", w.namespace, w.name), identity: id }))
             })
             .collect();
-        Self { by_id, workloads }
+        Self { by_id, source, workloads }
     }
 
     /// Takes over the series `old` made for the same route and endpoint,
@@ -281,6 +321,9 @@ impl RouteTable {
         let by_name: HashMap<&str, &Route> = old.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
         for r in self.by_id.values() {
             let Some(o) = by_name.get(r.name.as_str()) else { continue };
+            if std::ptr::eq(r.as_ref(), *o) {
+                continue;
+            }
             if let Some(s) = o.series.get() {
                 let _ = r.series.set(s.clone());
             }
@@ -361,7 +404,7 @@ mod tests {
              services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
         ))
         .unwrap();
-        let state = State::from_document(&doc).unwrap();
+        let state = Arc::new(State::from_document(&doc).unwrap());
         let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
         let registry = Registry::default();
         let local =
@@ -396,6 +439,33 @@ mod tests {
             "mesh_connections_opened_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 2"
         ));
         assert_eq!(new.stats_rows()[0].opened, 2);
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_routes_of_services_that_did_not_change() {
+        let doc = |w: u32| {
+            parse_document(&format!(
+                "nodes: [{{name: a, address: 172.18.0.2}}]\n\
+                 services:\n - {{name: web, vip: 10.96.0.10, ports: [{{port: 80}}], endpoints: [{{ip: 10.0.0.1, node: a, weight: {w}}}]}}\n\
+                 \x20- {{name: db, vip: 10.96.0.20, ports: [{{port: 5432}}], endpoints: [{{ip: 10.0.0.2, node: a}}]}}\n"
+            ))
+            .unwrap()
+        };
+        let m = Arc::new(Metrics::new());
+        let local =
+            Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
+        let (registry, policies) = (Registry::default(), Policies::default());
+        let build = |w: u32, prev: &RouteTable| {
+            let state = Arc::new(State::from_document(&doc(w)).unwrap());
+            let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
+            RouteTable::build_from(&state, &state.frontends(&ids), prev, &registry, &policies, &local, &m)
+        };
+        let one = build(1, &RouteTable::default());
+        let two = build(5, &one);
+        let id = |t: &RouteTable, name: &str| t.by_id.values().find(|r| r.name == name).unwrap().clone();
+        assert!(Arc::ptr_eq(&id(&one, "default/db:5432"), &id(&two, "default/db:5432")), "db did not change");
+        assert!(!Arc::ptr_eq(&id(&one, "default/web:80"), &id(&two, "default/web:80")), "web's weight did");
+        assert_eq!(id(&two, "default/web:80").endpoints[0].weight, 5);
     }
 
     #[tokio::test]

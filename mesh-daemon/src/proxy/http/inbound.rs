@@ -130,8 +130,8 @@ impl Ctx {
         match sent {
             Ok(resp) => {
                 let latency = started.elapsed();
-                self.target.series.latency.observe(latency);
-                self.target.response_latency.observe(latency.as_secs_f64());
+                self.target.series().latency.observe(latency);
+                self.target.response_latency().observe(latency.as_secs_f64());
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 let observed = Observed::new(body, Completion::new(report, &head));
@@ -165,7 +165,7 @@ struct Reported {
 
 impl Report for Reported {
     fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
-        let series = &self.target.series;
+        let series = self.target.series();
         series.request(class(status, self.target.grpc, grpc_status));
         series.received.inc_by(bytes);
         Record {
