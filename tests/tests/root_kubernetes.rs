@@ -200,3 +200,60 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
     eventually(&d, "the deleted service's VIP is gone", || state(&d)["services"].as_array().is_some_and(Vec::is_empty));
     assert!(api.requests().iter().any(|r| r.contains("watch=true")), "{:?}", api.requests());
 }
+
+#[test]
+fn root_one_endpointslice_update_among_2000_services_is_translated_alone_and_reaches_the_kernel() {
+    const N: usize = 2000;
+    let c = Cluster::create(&ClusterSpec::new().node("node-a").kube_pod("web-1", "node-a", WEB1_UID)).unwrap();
+    c.serve("web-1", 8080, None).unwrap();
+    let mut objects = vec![
+        json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "big" } }),
+        pod(&c, "web-1", WEB1_UID, "web", None),
+    ];
+    // Kernel-mode Services with one endpoint each (addresses on the pod
+    // network; only the kernel's slot tables see them).
+    let backend = |i: usize, last: u8| format!("10.245.{}.{}", i / 250, last);
+    for i in 0..N {
+        let name = format!("s{i}");
+        objects.push(json!({ "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": "big", "annotations": { "mesh.io/mode": "kernel" } },
+            "spec": { "type": "ClusterIP", "clusterIP": format!("10.97.{}.{}", i / 250, i % 250 + 1),
+                      "ports": [{ "name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080 }] } }));
+        objects.push(json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": format!("{name}-x1"), "namespace": "big",
+                          "labels": { "kubernetes.io/service-name": name } },
+            "addressType": "IPv4", "ports": [{ "name": "tcp", "port": 8080, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": [backend(i, 1)], "conditions": { "ready": true }, "nodeName": "node-a" }] }));
+    }
+    let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objects).unwrap();
+    let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+    let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes", "--log-format", "json"], &env).unwrap();
+    let services = || state(&d)["services"].as_array().map_or(0, Vec::len);
+    assert!(wait_until(Duration::from_secs(60), || services() == N), "{} of {N}\n{}", services(), d.log_text());
+    let first = d.log_with("state follows the cluster", 1);
+    assert!(first.contains(&format!("\"services_translated\":{N}")), "{first}");
+
+    // One slice of the middle Service changes its endpoint: one Service is
+    // translated again, and its slot table in the kernel follows.
+    let middle = N / 2;
+    let vip = format!("10.97.{}.{}:80", middle / 250, middle % 250 + 1);
+    api.edit("discovery.k8s.io/v1", "EndpointSlice", "big", &format!("s{middle}-x1"), |o| {
+        o["endpoints"][0]["addresses"] = json!([backend(middle, 2)]);
+    })
+    .unwrap();
+    let slots = || {
+        let out = c.meshctl("node-a", &["datapath", "dump", "-o", "json"]).unwrap();
+        let dump: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        dump["services"]
+            .as_array()
+            .and_then(|v| v.iter().find(|s| s["address"] == vip.as_str()).cloned())
+            .map(|s| s["slots"].clone())
+            .unwrap_or_default()
+    };
+    let want = json!([format!("{}:8080", backend(middle, 2))]);
+    assert!(wait_until(Duration::from_secs(20), || slots() == want), "{}\n{}", slots(), d.log_text());
+    let log = d.log_with("state follows the cluster", 2);
+    let last = log.lines().rfind(|l| l.contains("state follows the cluster")).unwrap();
+    assert!(last.contains("\"services_translated\":1,") || last.contains("\"services_translated\":1}"), "{last}");
+}

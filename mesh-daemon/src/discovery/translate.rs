@@ -32,7 +32,7 @@
 //!   network, with the identity of their service account; their network
 //!   namespace is that of one of their processes (`pid_of`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -185,6 +185,46 @@ pub struct Objects<'a> {
 pub struct Translation {
     pub document: Document,
     pub skipped: Vec<String>,
+    /// Services translated in this pass; the others were taken from the
+    /// [`Memo`] because nothing they are made from changed.
+    pub services_translated: usize,
+}
+
+/// What the last pass made of each Service, with a fingerprint of what it
+/// was made from (the resourceVersions of the Service, its EndpointSlices
+/// and the pods they name, whether its namespace is meshed, and the
+/// cluster's nodes): a pass translates only the Services whose
+/// fingerprint changed, so one EndpointSlice update costs that Service.
+#[derive(Debug, Default)]
+pub struct Memo {
+    services: HashMap<(String, String), Kept>,
+}
+
+/// One Service's fingerprint, what it became, and what was said of it.
+type Kept = (u64, Option<ServiceDoc>, Vec<String>);
+
+/// The fingerprint of a Service's inputs; None when one of them carries no
+/// resourceVersion (then it is always translated).
+fn fingerprint(
+    s: &Service,
+    own: &[&EndpointSlice],
+    pods: &BTreeMap<(&str, &str), &Pod>,
+    meshed: bool,
+    nodes: u64,
+) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let ns = s.metadata.namespace.as_deref()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (s.metadata.resource_version.as_deref()?, meshed, nodes).hash(&mut h);
+    for sl in own {
+        (sl.metadata.name.as_deref(), sl.metadata.resource_version.as_deref()?).hash(&mut h);
+        for e in &sl.endpoints {
+            let Some(r) = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")) else { continue };
+            let pod = r.name.as_deref().and_then(|n| pods.get(&(r.namespace.as_deref().unwrap_or(ns), n)));
+            pod.map(|p| p.metadata.resource_version.as_deref()).hash(&mut h);
+        }
+    }
+    Some(h.finish())
 }
 
 /// The mesh's `appProtocol` of a Service port: its `appProtocol` (`http`,
@@ -208,8 +248,15 @@ pub fn app_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Option<&'
 }
 
 /// The state for the daemon of `node`. `pid_of` finds a process of a
-/// local pod (for its network namespace).
-pub fn translate(objs: Objects<'_>, node: &str, pid_of: &mut dyn FnMut(&Pod) -> Option<i64>) -> Translation {
+/// local pod (for its network namespace). What `memo` kept of the
+/// Services whose inputs did not change is reused, and this pass's is
+/// kept for the next.
+pub fn translate_with(
+    objs: Objects<'_>,
+    node: &str,
+    pid_of: &mut dyn FnMut(&Pod) -> Option<i64>,
+    memo: &mut Memo,
+) -> Translation {
     let mut t = Translation::default();
     let meshed: BTreeSet<&str> = objs
         .namespaces
@@ -241,11 +288,48 @@ pub fn translate(objs: Objects<'_>, node: &str, pid_of: &mut dyn FnMut(&Pod) -> 
     }
     t.document.workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
-    for s in objs.services {
-        if let Some(doc) = service(s, objs.slices, &pods, &nodes, &meshed, &mut t.skipped) {
-            t.document.services.push(doc);
+    // Each Service's slices, found once (not a scan of every slice per
+    // Service).
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for sl in objs.slices.iter().copied().filter(|sl| sl.address_type == "IPv4") {
+        if let (Some(ns), Some(svc)) =
+            (sl.metadata.namespace.as_deref(), label(&sl.metadata.labels, SERVICE_NAME_LABEL))
+        {
+            slices.entry((ns, svc)).or_default().push(sl);
         }
     }
+    for v in slices.values_mut() {
+        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    let nodes_hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        nodes.hash(&mut h);
+        h.finish()
+    };
+    let mut kept = HashMap::new();
+    for s in objs.services {
+        let (Some(ns), Some(name)) = (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()) else { continue };
+        let own = slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
+        let key = (ns.to_owned(), name.to_owned());
+        let print = fingerprint(s, own, &pods, meshed.contains(ns), nodes_hash);
+        let (doc, skipped) = match (print, memo.services.remove(&key)) {
+            (Some(p), Some((q, doc, skipped))) if p == q => (doc, skipped),
+            _ => {
+                t.services_translated += 1;
+                let mut skipped = Vec::new();
+                (service(s, own, &pods, &nodes, &meshed, &mut skipped), skipped)
+            }
+        };
+        t.skipped.extend(skipped.iter().cloned());
+        if let Some(d) = &doc {
+            t.document.services.push(d.clone());
+        }
+        if let Some(p) = print {
+            kept.insert(key, (p, doc, skipped));
+        }
+    }
+    memo.services = kept;
     t.document.services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     t
 }
@@ -299,7 +383,7 @@ fn workload(
 
 fn service(
     s: &Service,
-    slices: &[&EndpointSlice],
+    own: &[&EndpointSlice],
     pods: &BTreeMap<(&str, &str), &Pod>,
     nodes: &BTreeMap<&str, Ipv4Addr>,
     meshed: &BTreeSet<&str>,
@@ -320,16 +404,6 @@ fn service(
             "proxy"
         }
     };
-    let own: Vec<&EndpointSlice> = slices
-        .iter()
-        .copied()
-        .filter(|sl| {
-            sl.metadata.namespace.as_deref() == Some(ns)
-                && label(&sl.metadata.labels, SERVICE_NAME_LABEL) == Some(name)
-                && sl.address_type == "IPv4"
-        })
-        .collect();
-
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
@@ -473,6 +547,10 @@ mod tests {
     }
 
     fn run(f: &Fixture, node: &str) -> Translation {
+        run_with(f, node, &mut Memo::default())
+    }
+
+    fn run_with(f: &Fixture, node: &str, memo: &mut Memo) -> Translation {
         let (services, slices, namespaces, pods) =
             (refs(&f.services), refs(&f.slices), refs(&f.namespaces), refs(&f.pods));
         let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
@@ -481,7 +559,41 @@ mod tests {
             let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             Some(i64::from(ip.octets()[3]) + 1000)
         };
-        translate(objs, node, &mut pid)
+        translate_with(objs, node, &mut pid, memo)
+    }
+
+    #[test]
+    fn a_pass_translates_only_the_services_whose_objects_changed() {
+        let mut f = fixture();
+        let rv =
+            |m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.resource_version = Some("1".into());
+        f.services.iter_mut().for_each(|o| rv(&mut o.metadata));
+        f.slices.iter_mut().for_each(|o| rv(&mut o.metadata));
+        f.pods.iter_mut().for_each(|o| rv(&mut o.metadata));
+        let mut memo = Memo::default();
+        let first = run_with(&f, "node-a", &mut memo);
+        assert!(first.services_translated >= 3, "{}", first.services_translated);
+        let again = run_with(&f, "node-a", &mut memo);
+        assert_eq!(again.services_translated, 0, "nothing changed");
+        assert_eq!(again.document, first.document);
+        assert_eq!(again.skipped, first.skipped, "what was left out is still told");
+
+        // One slice of shop/web changes: that Service only.
+        let sl =
+            f.slices.iter_mut().find(|s| s.metadata.name.as_deref().is_some_and(|n| n.starts_with("web"))).unwrap();
+        sl.metadata.resource_version = Some("2".into());
+        sl.endpoints.retain(|e| e.addresses.iter().all(|a| a != "10.244.2.7"));
+        let changed = run_with(&f, "node-a", &mut memo);
+        assert_eq!(changed.services_translated, 1);
+        let web = svc(&changed, "shop/web").unwrap();
+        assert!(web.endpoints.iter().all(|e| e.ip != "10.244.2.7"), "{web:?}");
+        // A pod's weight annotation is an input too.
+        let p = f.pods.iter_mut().find(|p| p.metadata.name.as_deref() == Some("web-1")).unwrap();
+        p.metadata.annotations.as_mut().unwrap().insert(WEIGHT_ANNOTATION.into(), "9".into());
+        p.metadata.resource_version = Some("2".into());
+        let reweighted = run_with(&f, "node-a", &mut memo);
+        assert_eq!(reweighted.services_translated, 1);
+        assert_eq!(svc(&reweighted, "shop/web").unwrap().endpoints[0].weight, 9);
     }
 
     fn refs<T>(v: &[T]) -> Vec<&T> {

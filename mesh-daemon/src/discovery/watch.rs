@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::procs;
-use super::translate::{translate, Objects};
+use super::translate::{translate_with, Memo, Objects};
 use crate::control::{Control, WriteError};
 use crate::model::Document;
 
@@ -152,7 +152,7 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
     };
     ready.await.map_err(|e| anyhow::anyhow!("discovery stopped: {e}"))?;
     info!("the cluster is listed; following it");
-    let mut pass = Pass { pids: PidCache::new(proc_root), skipped: Vec::new() };
+    let mut pass = Pass { pids: PidCache::new(proc_root), skipped: Vec::new(), memo: Memo::default() };
     let mut retry = false;
     loop {
         if retry {
@@ -190,6 +190,8 @@ struct Pass {
     pids: PidCache,
     /// What the last translation left out, so each reason is told once.
     skipped: Vec<String>,
+    /// Each Service as last translated, kept while its inputs are unchanged.
+    memo: Memo,
 }
 
 impl Pass {
@@ -199,13 +201,14 @@ impl Pass {
         let (services, slices, namespaces, pods) =
             (refs(&seen.services), refs(&seen.slices), refs(&seen.namespaces), refs(&seen.pods));
         let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
-        let t = translate(objs, control.node().as_str(), &mut |p: &Pod| self.pids.pid_of(p));
+        let pids = &mut self.pids;
+        let t = translate_with(objs, control.node().as_str(), &mut |p: &Pod| pids.pid_of(p), &mut self.memo);
         self.pids.forget_all_but(&pods);
         for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
             info!(reason = %why, "left out of the mesh");
         }
         self.skipped = t.skipped;
-        apply(control, t.document)
+        apply(control, t.document, t.services_translated)
     }
 }
 
@@ -214,9 +217,11 @@ fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
 }
 
 /// Writes `next` when it differs from the state; false when it failed.
-fn apply(control: &Control, mut next: Document) -> bool {
+/// `translated`: how many Services this pass translated (the others were
+/// unchanged), for the log.
+fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
     if control.snapshot().state == next {
-        debug!("the cluster changed, the mesh's state did not");
+        debug!(services_translated = translated, "the cluster changed, the mesh's state did not");
         return true;
     }
     for attempt in 0..2 {
@@ -229,6 +234,7 @@ fn apply(control: &Control, mut next: Document) -> bool {
                 info!(
                     generation,
                     services = next.services.len(),
+                    services_translated = translated,
                     workloads = next.workloads.len(),
                     nodes = next.nodes.len(),
                     "state follows the cluster"

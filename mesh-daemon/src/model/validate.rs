@@ -48,6 +48,11 @@ impl Errors {
     pub(super) fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
         r.map_err(|m| self.push(path, m)).ok()
     }
+    /// [`Errors::take`] with the path made only on error: a valid state of
+    /// 100 000 endpoints formats none.
+    pub(super) fn take_at<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
+        r.map_err(|m| self.push(path(), m)).ok()
+    }
 }
 
 fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
@@ -82,16 +87,16 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
             None
         }
     };
-    let interval = e.take(
-        format!("{p}.interval"),
+    let interval = e.take_at(
+        || format!("{p}.interval"),
         bounded_duration(
             doc.interval.as_deref().unwrap_or("5s"),
             Duration::from_millis(100),
             Duration::from_secs(3600),
         ),
     );
-    let timeout = e.take(
-        format!("{p}.timeout"),
+    let timeout = e.take_at(
+        || format!("{p}.timeout"),
         bounded_duration(doc.timeout.as_deref().unwrap_or("1s"), Duration::from_millis(10), Duration::from_secs(60)),
     );
     if let (Some(i), Some(t)) = (interval, timeout) {
@@ -101,8 +106,8 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
         }
     }
     let count = |e: &mut Errors, field: &str, v: Option<i64>, default: u32| {
-        e.take(
-            format!("{p}.{field}"),
+        e.take_at(
+            || format!("{p}.{field}"),
             match v.unwrap_or(i64::from(default)) {
                 n @ 1..=100 => Ok(n as u32),
                 n => Err(format!("{n} is not in 1..100")),
@@ -129,13 +134,13 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut vips = Vec::new();
     for (i, n) in doc.nodes.iter().enumerate() {
         let p = format!("nodes[{i}]");
-        let name = e.take(format!("{p}.name"), NodeName::parse(&n.name));
+        let name = e.take_at(|| format!("{p}.name"), NodeName::parse(&n.name));
         if let Some(name) = &name {
             if !node_names.insert(name.clone()) {
                 e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
             }
         }
-        let address = e.take(format!("{p}.address"), ipv4(&n.address));
+        let address = e.take_at(|| format!("{p}.address"), ipv4(&n.address));
         if let Some(a) = address {
             node_addrs.entry(a).or_insert(i);
         }
@@ -143,12 +148,12 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             state.nodes.push(Node { name, address });
         }
     }
-    let known_node = |e: &mut Errors, path: String, s: &str| -> Option<NodeName> {
-        let name = e.take(path.clone(), NodeName::parse(s))?;
+    let known_node = |e: &mut Errors, path: &dyn Fn() -> String, s: &str| -> Option<NodeName> {
+        let name = e.take_at(path, NodeName::parse(s))?;
         if node_names.contains(&name) {
             Some(name)
         } else {
-            e.push(path, format!("node {s:?} is not in `nodes`; add it there or fix the name"));
+            e.push(path(), format!("node {s:?} is not in `nodes`; add it there or fix the name"));
             None
         }
     };
@@ -156,11 +161,11 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut workload_ips = HashMap::new();
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
-        let name = e.take(format!("{p}.name"), Name::parse(&w.name));
-        let namespace = e.take(format!("{p}.namespace"), Name::parse(&w.namespace));
-        let sa = e.take(format!("{p}.serviceAccount"), Name::parse(&w.service_account));
-        let node = known_node(&mut e, format!("{p}.node"), &w.node);
-        let ip = e.take(format!("{p}.ip"), ipv4(&w.ip));
+        let name = e.take_at(|| format!("{p}.name"), Name::parse(&w.name));
+        let namespace = e.take_at(|| format!("{p}.namespace"), Name::parse(&w.namespace));
+        let sa = e.take_at(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
+        let node = known_node(&mut e, &|| format!("{p}.node"), &w.node);
+        let ip = e.take_at(|| format!("{p}.ip"), ipv4(&w.ip));
         if let Some(ip) = ip {
             if let Some(first) = workload_ips.insert(ip, i) {
                 e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
@@ -172,8 +177,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
                 None
             }
-            (None, Some(pid)) => e.take(
-                format!("{p}.pid"),
+            (None, Some(pid)) => e.take_at(
+                || format!("{p}.pid"),
                 u32::try_from(pid)
                     .ok()
                     .filter(|p| *p > 0)
@@ -200,14 +205,14 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut addresses = HashMap::new();
     for (i, s) in doc.services.iter().enumerate() {
         let p = format!("services[{i}]");
-        let name = e.take(format!("{p}.name"), Name::parse(&s.name));
-        let namespace = e.take(format!("{p}.namespace"), Name::parse(&s.namespace));
+        let name = e.take_at(|| format!("{p}.name"), Name::parse(&s.name));
+        let namespace = e.take_at(|| format!("{p}.namespace"), Name::parse(&s.namespace));
         if let (Some(name), Some(namespace)) = (&name, &namespace) {
             if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
                 e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
             }
         }
-        let vip = e.take(format!("{p}.vip"), ipv4(&s.vip));
+        let vip = e.take_at(|| format!("{p}.vip"), ipv4(&s.vip));
         if let Some(v) = vip {
             vips.push((i, v));
         }
@@ -226,8 +231,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let mut seen_ports = HashSet::new();
         for (j, port) in s.ports.iter().enumerate() {
             let pp = format!("{p}.ports[{j}]");
-            let number = e.take(format!("{pp}.port"), Port::parse(port.port));
-            let target = e.take(format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
+            let number = e.take_at(|| format!("{pp}.port"), Port::parse(port.port));
+            let target = e.take_at(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
             if port.protocol != "TCP" {
                 e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
             }
@@ -240,8 +245,10 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     }
                 }
             }
-            let app_protocol =
-                e.take(format!("{pp}.appProtocol"), AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")));
+            let app_protocol = e.take_at(
+                || format!("{pp}.appProtocol"),
+                AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")),
+            );
             if let (Some(app), Some(Mode::Kernel)) = (app_protocol, mode) {
                 if app.is_requests() {
                     e.push(
@@ -260,25 +267,25 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let mut endpoints = Vec::new();
         let mut seen_ips = HashSet::new();
         for (j, ep) in s.endpoints.iter().enumerate() {
-            let pp = format!("{p}.endpoints[{j}]");
-            let ip = e.take(format!("{pp}.ip"), ipv4(&ep.ip));
+            let pp = || format!("{p}.endpoints[{j}]");
+            let ip = e.take_at(|| format!("{}.ip", pp()), ipv4(&ep.ip));
             if let Some(ip) = ip {
                 if !seen_ips.insert(ip) {
-                    e.push(format!("{pp}.ip"), format!("endpoint {ip} is listed twice"));
+                    e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
                 }
                 endpoint_ips.entry(ip).or_insert((i, j));
             }
-            let node = known_node(&mut e, format!("{pp}.node"), &ep.node);
-            let weight = e.take(
-                format!("{pp}.weight"),
+            let node = known_node(&mut e, &|| format!("{}.node", pp()), &ep.node);
+            let weight = e.take_at(
+                || format!("{}.weight", pp()),
                 match ep.weight {
                     w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
                     w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
                     w => Ok(Weight(w as u16)),
                 },
             );
-            let priority = e.take(
-                format!("{pp}.priority"),
+            let priority = e.take_at(
+                || format!("{}.priority", pp()),
                 u8::try_from(ep.priority)
                     .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
             );
@@ -287,16 +294,16 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             }
         }
         let health_check = health_check(&mut e, &p, s.health_check.as_ref());
-        let connect_timeout = e.take(
-            format!("{p}.connectTimeout"),
+        let connect_timeout = e.take_at(
+            || format!("{p}.connectTimeout"),
             bounded_duration(
                 s.connect_timeout.as_deref().unwrap_or("1s"),
                 Duration::from_millis(10),
                 Duration::from_secs(60),
             ),
         );
-        let retry_budget = e.take(
-            format!("{p}.retryBudget"),
+        let retry_budget = e.take_at(
+            || format!("{p}.retryBudget"),
             bounded_duration(
                 s.retry_budget.as_deref().unwrap_or("5s"),
                 Duration::from_millis(10),
@@ -318,19 +325,19 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 .enumerate()
                 .filter_map(|(j, id)| {
                     let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
-                    e.take(format!("{p}.authorization.identities[{j}]"), r)
+                    e.take_at(|| format!("{p}.authorization.identities[{j}]"), r)
                 })
                 .collect();
             let namespaces: Vec<_> = a
                 .namespaces
                 .iter()
                 .enumerate()
-                .filter_map(|(j, n)| e.take(format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
+                .filter_map(|(j, n)| e.take_at(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
                 .collect();
             Authorization { identities, namespaces }
         });
-        let retries = e.take(
-            format!("{p}.retries"),
+        let retries = e.take_at(
+            || format!("{p}.retries"),
             match s.retries.unwrap_or(3) {
                 r @ 0..=10 => Ok(r as u32),
                 r => Err(format!("{r} retries are not in 0..10")),
