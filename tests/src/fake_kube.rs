@@ -217,17 +217,14 @@ impl Drop for FakeApiServer {
     }
 }
 
-/// An answer after which the connection stays open for the next request.
-fn respond_keep(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+/// A JSON answer; with `close` the connection ends after it (lists and
+/// unknown paths), otherwise it stays open for the next request.
+fn respond(conn: &mut TcpStream, status: &str, body: &Value, close: bool) -> std::io::Result<()> {
     let body = body.to_string();
-    write!(conn, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-}
-
-fn respond(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
+    let connection = if close { "Connection: close\r\n" } else { "" };
     write!(
         conn,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}\r\n{body}",
         body.len()
     )
 }
@@ -365,7 +362,7 @@ fn answer(
     if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         let r = review(&s.tokens, body);
         drop(s);
-        respond_keep(conn, "201 Created", &r)?;
+        respond(conn, "201 Created", &r, false)?;
         return Ok(true);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -381,8 +378,8 @@ fn answer(
         let found = s.objects.get(&k).cloned();
         drop(s);
         match found {
-            Some(o) => respond_keep(conn, "200 OK", &o)?,
-            None => respond_keep(conn, "404 Not Found", &not_found_status())?,
+            Some(o) => respond(conn, "200 OK", &o, false)?,
+            None => respond(conn, "404 Not Found", &not_found_status(), false)?,
         }
         return Ok(true);
     }
@@ -403,7 +400,7 @@ fn answer(
     drop(s);
     let known = ["/api/v1/services", "/api/v1/pods", "/api/v1/namespaces", "/apis/discovery.k8s.io/v1/endpointslices"];
     if !known.contains(&collection.as_str()) {
-        respond(conn, "404 Not Found", &not_found_status())?;
+        respond(conn, "404 Not Found", &not_found_status(), true)?;
         return Ok(false);
     }
     if param("watch").is_some_and(|w| w == "true" || w == "1") {
@@ -419,7 +416,7 @@ fn answer(
     };
     let api_version = if collection.starts_with("/api/v1") { "v1" } else { "discovery.k8s.io/v1" };
     let body = json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() }, "items": items });
-    respond(conn, "200 OK", &body)?;
+    respond(conn, "200 OK", &body, true)?;
     Ok(false)
 }
 

@@ -330,8 +330,10 @@ mod kubernetes {
         let ask = |tok: &Path, id: &str| request(&c, &issuer, tok, id);
         let shopper = "spiffe://cluster.local/ns/shop/sa/shopper";
         let web = "spiffe://cluster.local/ns/shop/sa/web";
-        assert!(ask(&tok_a, shopper).0, "{}", ask(&tok_a, shopper).1);
-        assert!(ask(&tok_b, web).0);
+        let (ok, text) = ask(&tok_a, shopper);
+        assert!(ok, "{text}");
+        let (ok, text) = ask(&tok_b, web);
+        assert!(ok, "{text}");
         let (ok, text) = ask(&tok_a, web);
         assert!(!ok && refused(&text, "403", "not_on_node"), "web runs on node-b: {text}");
         let (ok, text) = ask(&tok_b, shopper);

@@ -132,8 +132,18 @@ struct Current {
     /// Shared with readers of the last accepted state: no copy per write.
     stored: Arc<Stored>,
     state: Arc<State>,
+    /// The state's service ports with their ids: made once per state, for
+    /// the maps (every sync) and the snapshot.
+    frontends: Arc<Vec<model::Frontend>>,
     /// Netns cookies of this node's workloads.
     cookies: Vec<u64>,
+}
+
+impl Current {
+    fn new(stored: Stored, state: State, cookies: Vec<u64>) -> Self {
+        let frontends = Arc::new(state.frontends(&stored.ids));
+        Current { stored: Arc::new(stored), state: Arc::new(state), frontends, cookies }
+    }
 }
 
 struct Inner {
@@ -261,7 +271,7 @@ impl Control {
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
             inner: Mutex::new(Inner {
-                current: Current { stored: Arc::default(), state: Arc::default(), cookies: Vec::new() },
+                current: Current::new(Stored::default(), State::default(), Vec::new()),
                 datapath: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
@@ -317,7 +327,7 @@ impl Control {
         if seeded {
             control.store.save(&stored)?;
         }
-        Ok(Prepared { control, current: Current { stored: Arc::new(stored), state: Arc::new(state), cookies } })
+        Ok(Prepared { control, current: Current::new(stored, state, cookies) })
     }
 
     /// What the kernel maps hold.
@@ -388,8 +398,7 @@ impl Control {
     /// tables that do not fit the maps (only a restored state can have
     /// them: writes are checked) are left to the proxy.
     fn contents(&self, current: &Current) -> MapContents {
-        let state = &current.state;
-        let frontends = state.frontends(&current.stored.ids);
+        let (state, frontends) = (&current.state, &current.frontends);
         let node_ip = state.node(&self.cfg.node).map(|n| n.address);
         let listen = self.cfg.proxy_listen;
         let proxy_ip = match (listen.ip().is_unspecified(), node_ip) {
@@ -400,7 +409,7 @@ impl Control {
         let proxy = SocketAddrV4::new(proxy_ip, listen.port());
         let registry = &self.registry;
         let mut contents =
-            MapContents::build(state, &frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
+            MapContents::build(state, frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
                 registry.actively_healthy(a)
             });
         let moved = contents.fit(&self.capacity());
@@ -431,7 +440,7 @@ impl Control {
         let snap = Arc::new(Snapshot {
             generation: current.stored.generation,
             state: current.state.clone(),
-            frontends: current.state.frontends(&current.stored.ids),
+            frontends: current.frontends.clone(),
         });
         for v in &self.views {
             v.update(&snap);
@@ -458,7 +467,7 @@ impl Control {
         let t0 = std::time::Instant::now();
         let (stored, state) = plan(&current.stored, if_match, &self.cfg.node, &self.capacity(), edit)?;
         let cookies = self.local_cookies(&state, true).map_err(WriteError::Invalid)?;
-        let next = Current { stored: Arc::new(stored), state: Arc::new(state), cookies };
+        let next = Current::new(stored, state, cookies);
         let planned = t0.elapsed();
         let generation = next.stored.generation;
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;

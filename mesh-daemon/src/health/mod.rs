@@ -43,7 +43,7 @@ impl HealthView {
 impl View for HealthView {
     fn update(&self, snap: &Snapshot) {
         let mut wanted = Vec::new();
-        for f in &snap.frontends {
+        for f in snap.frontends.iter() {
             let s = &snap.state.services[f.service];
             if let Some(c) = &s.health_check {
                 wanted.extend(s.endpoints.iter().map(|e| (self.registry.get(e.addr(f.target_port)), c.clone())));

@@ -28,7 +28,7 @@ pub const AUDIENCE: &str = "mesh-issuer";
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-const INJECT_LABEL: &str = "mesh.io/inject";
+use crate::discovery::translate::INJECT_LABEL;
 
 /// A refusal and what it was about, for the log.
 pub type Denial = (Refused, String);

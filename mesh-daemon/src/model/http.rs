@@ -212,7 +212,7 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
     }
     let span = |e: &mut Errors, field: &str, v: &Option<String>| {
         v.as_deref().and_then(|s| {
-            e.take(format!("{p}.{field}"), duration_in(s, Duration::from_millis(1), Duration::from_secs(3600)))
+            e.take(|| format!("{p}.{field}"), duration_in(s, Duration::from_millis(1), Duration::from_secs(3600)))
         })
     };
     let timeout = span(e, "timeout", &doc.timeout);
@@ -302,14 +302,14 @@ fn retries(e: &mut Errors, p: &str, doc: &RetriesDoc, grpc: bool) -> Option<Retr
         }
     }
     let attempts = e.take(
-        format!("{p}.attempts"),
+        || format!("{p}.attempts"),
         match doc.attempts.unwrap_or(2) {
             a @ 0..=10 => Ok(a as u32),
             a => Err(format!("{a} is not in 0..10")),
         },
     );
     let budget = budget(e, &format!("{p}.budget"), doc.budget.as_ref());
-    let max_body = e.take(format!("{p}.maxBody"), parse_bytes(doc.max_body.as_deref().unwrap_or("64KiB")));
+    let max_body = e.take(|| format!("{p}.maxBody"), parse_bytes(doc.max_body.as_deref().unwrap_or("64KiB")));
     if max_body.is_some_and(|b| b > 16 << 20) {
         e.push(format!("{p}.maxBody"), "at most 16MiB: each retried request holds its body in memory");
     }
@@ -319,7 +319,7 @@ fn retries(e: &mut Errors, p: &str, doc: &RetriesDoc, grpc: bool) -> Option<Retr
             .filter_map(|(i, name)| {
                 let r = hyper::Method::from_bytes(name.to_ascii_uppercase().as_bytes())
                     .map_err(|_| format!("{name:?} is not an HTTP method"));
-                e.take(format!("{p}.methods[{i}]"), r)
+                e.take(|| format!("{p}.methods[{i}]"), r)
             })
             .collect()
     });
@@ -330,14 +330,14 @@ fn budget(e: &mut Errors, p: &str, doc: Option<&BudgetDoc>) -> Option<Budget> {
     let d = Budget::default();
     let Some(doc) = doc else { return Some(d) };
     let ratio = e.take(
-        format!("{p}.ratio"),
+        || format!("{p}.ratio"),
         match doc.ratio.unwrap_or(d.ratio) {
             r if (0.0..=1.0).contains(&r) => Ok(r),
             r => Err(format!("{r} is not between 0 and 1 (retries per request)")),
         },
     );
     let min = e.take(
-        format!("{p}.minPerSecond"),
+        || format!("{p}.minPerSecond"),
         match doc.min_per_second.unwrap_or(i64::from(d.min_per_second)) {
             m @ 0..=100_000 => Ok(m as u32),
             m => Err(format!("{m} is not in 0..100000")),
@@ -345,7 +345,7 @@ fn budget(e: &mut Errors, p: &str, doc: Option<&BudgetDoc>) -> Option<Budget> {
     );
     let window = match &doc.window {
         None => Some(d.window),
-        Some(w) => e.take(format!("{p}.window"), duration_in(w, Duration::from_secs(1), Duration::from_secs(60))),
+        Some(w) => e.take(|| format!("{p}.window"), duration_in(w, Duration::from_secs(1), Duration::from_secs(60))),
     };
     Some(Budget { ratio: ratio?, min_per_second: min?, window: window? })
 }
@@ -354,14 +354,14 @@ fn outlier(e: &mut Errors, p: &str, doc: Option<&OutlierDoc>) -> Option<Outlier>
     let d = Outlier::default();
     let Some(doc) = doc else { return Some(d) };
     let n = e.take(
-        format!("{p}.consecutive5xx"),
+        || format!("{p}.consecutive5xx"),
         match doc.consecutive5xx.unwrap_or(i64::from(d.consecutive_failures)) {
             n @ 0..=1000 => Ok(n as u32),
             n => Err(format!("{n} is not in 0..1000 (0 turns ejection by answers off)")),
         },
     );
     let pct = e.take(
-        format!("{p}.maxEjectedPercent"),
+        || format!("{p}.maxEjectedPercent"),
         match doc.max_ejected_percent.unwrap_or(i64::from(d.max_ejected_percent)) {
             n @ 0..=100 => Ok(n as u32),
             n => Err(format!("{n} is not a percentage (0..100)")),
@@ -372,14 +372,14 @@ fn outlier(e: &mut Errors, p: &str, doc: Option<&OutlierDoc>) -> Option<Outlier>
 
 fn rate_limit(e: &mut Errors, p: &str, doc: &RateLimitDoc) -> Option<RateLimit> {
     let rps = e.take(
-        format!("{p}.requestsPerSecond"),
+        || format!("{p}.requestsPerSecond"),
         match doc.requests_per_second {
             r if r > 0.0 && r <= 10_000_000.0 => Ok(r),
             r => Err(format!("{r} is not a rate above 0")),
         },
     );
     let burst = e.take(
-        format!("{p}.burst"),
+        || format!("{p}.burst"),
         match doc.burst {
             None => Ok(rps.unwrap_or(1.0).ceil().max(1.0) as u32),
             Some(b @ 1..=10_000_000) => Ok(b as u32),

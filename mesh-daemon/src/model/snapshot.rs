@@ -11,7 +11,7 @@ pub struct Snapshot {
     pub generation: u64,
     /// Shared with the control plane's copy: publishing clones no state.
     pub state: std::sync::Arc<State>,
-    pub frontends: Vec<Frontend>,
+    pub frontends: std::sync::Arc<Vec<Frontend>>,
 }
 
 /// A reader of the state: the proxy's routes, the tunnel's inbound checks,

@@ -44,13 +44,10 @@ impl Errors {
     pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError { path: path.into(), message: message.into() });
     }
-    /// Keeps the value of `r`, or records its error under `path`.
-    pub(super) fn take<T>(&mut self, path: impl Into<String>, r: Result<T, String>) -> Option<T> {
-        r.map_err(|m| self.push(path, m)).ok()
-    }
-    /// [`Errors::take`] with the path made only on error: a valid state of
-    /// 100 000 endpoints formats none.
-    pub(super) fn take_at<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
+    /// Keeps the value of `r`, or records its error under `path`. The
+    /// path is made only on error: a valid state of 100 000 endpoints
+    /// formats none.
+    pub(super) fn take<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
         r.map_err(|m| self.push(path(), m)).ok()
     }
 }
@@ -87,7 +84,7 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
             None
         }
     };
-    let interval = e.take_at(
+    let interval = e.take(
         || format!("{p}.interval"),
         bounded_duration(
             doc.interval.as_deref().unwrap_or("5s"),
@@ -95,7 +92,7 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
             Duration::from_secs(3600),
         ),
     );
-    let timeout = e.take_at(
+    let timeout = e.take(
         || format!("{p}.timeout"),
         bounded_duration(doc.timeout.as_deref().unwrap_or("1s"), Duration::from_millis(10), Duration::from_secs(60)),
     );
@@ -106,7 +103,7 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
         }
     }
     let count = |e: &mut Errors, field: &str, v: Option<i64>, default: u32| {
-        e.take_at(
+        e.take(
             || format!("{p}.{field}"),
             match v.unwrap_or(i64::from(default)) {
                 n @ 1..=100 => Ok(n as u32),
@@ -134,13 +131,13 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut vips = Vec::new();
     for (i, n) in doc.nodes.iter().enumerate() {
         let p = format!("nodes[{i}]");
-        let name = e.take_at(|| format!("{p}.name"), NodeName::parse(&n.name));
+        let name = e.take(|| format!("{p}.name"), NodeName::parse(&n.name));
         if let Some(name) = &name {
             if !node_names.insert(name.clone()) {
                 e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
             }
         }
-        let address = e.take_at(|| format!("{p}.address"), ipv4(&n.address));
+        let address = e.take(|| format!("{p}.address"), ipv4(&n.address));
         if let Some(a) = address {
             node_addrs.entry(a).or_insert(i);
         }
@@ -149,7 +146,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         }
     }
     let known_node = |e: &mut Errors, path: &dyn Fn() -> String, s: &str| -> Option<NodeName> {
-        let name = e.take_at(path, NodeName::parse(s))?;
+        let name = e.take(path, NodeName::parse(s))?;
         if node_names.contains(&name) {
             Some(name)
         } else {
@@ -161,11 +158,11 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut workload_ips = HashMap::new();
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
-        let name = e.take_at(|| format!("{p}.name"), Name::parse(&w.name));
-        let namespace = e.take_at(|| format!("{p}.namespace"), Name::parse(&w.namespace));
-        let sa = e.take_at(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
+        let name = e.take(|| format!("{p}.name"), Name::parse(&w.name));
+        let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&w.namespace));
+        let sa = e.take(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
         let node = known_node(&mut e, &|| format!("{p}.node"), &w.node);
-        let ip = e.take_at(|| format!("{p}.ip"), ipv4(&w.ip));
+        let ip = e.take(|| format!("{p}.ip"), ipv4(&w.ip));
         if let Some(ip) = ip {
             if let Some(first) = workload_ips.insert(ip, i) {
                 e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
@@ -177,7 +174,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
                 None
             }
-            (None, Some(pid)) => e.take_at(
+            (None, Some(pid)) => e.take(
                 || format!("{p}.pid"),
                 u32::try_from(pid)
                     .ok()
@@ -205,14 +202,14 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
     let mut addresses = HashMap::new();
     for (i, s) in doc.services.iter().enumerate() {
         let p = format!("services[{i}]");
-        let name = e.take_at(|| format!("{p}.name"), Name::parse(&s.name));
-        let namespace = e.take_at(|| format!("{p}.namespace"), Name::parse(&s.namespace));
+        let name = e.take(|| format!("{p}.name"), Name::parse(&s.name));
+        let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&s.namespace));
         if let (Some(name), Some(namespace)) = (&name, &namespace) {
             if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
                 e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
             }
         }
-        let vip = e.take_at(|| format!("{p}.vip"), ipv4(&s.vip));
+        let vip = e.take(|| format!("{p}.vip"), ipv4(&s.vip));
         if let Some(v) = vip {
             vips.push((i, v));
         }
@@ -231,8 +228,8 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let mut seen_ports = HashSet::new();
         for (j, port) in s.ports.iter().enumerate() {
             let pp = format!("{p}.ports[{j}]");
-            let number = e.take_at(|| format!("{pp}.port"), Port::parse(port.port));
-            let target = e.take_at(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
+            let number = e.take(|| format!("{pp}.port"), Port::parse(port.port));
+            let target = e.take(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
             if port.protocol != "TCP" {
                 e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
             }
@@ -245,7 +242,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     }
                 }
             }
-            let app_protocol = e.take_at(
+            let app_protocol = e.take(
                 || format!("{pp}.appProtocol"),
                 AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")),
             );
@@ -268,7 +265,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
         let mut seen_ips = HashSet::new();
         for (j, ep) in s.endpoints.iter().enumerate() {
             let pp = || format!("{p}.endpoints[{j}]");
-            let ip = e.take_at(|| format!("{}.ip", pp()), ipv4(&ep.ip));
+            let ip = e.take(|| format!("{}.ip", pp()), ipv4(&ep.ip));
             if let Some(ip) = ip {
                 if !seen_ips.insert(ip) {
                     e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
@@ -276,7 +273,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 endpoint_ips.entry(ip).or_insert((i, j));
             }
             let node = known_node(&mut e, &|| format!("{}.node", pp()), &ep.node);
-            let weight = e.take_at(
+            let weight = e.take(
                 || format!("{}.weight", pp()),
                 match ep.weight {
                     w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
@@ -284,7 +281,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                     w => Ok(Weight(w as u16)),
                 },
             );
-            let priority = e.take_at(
+            let priority = e.take(
                 || format!("{}.priority", pp()),
                 u8::try_from(ep.priority)
                     .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
@@ -294,7 +291,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             }
         }
         let health_check = health_check(&mut e, &p, s.health_check.as_ref());
-        let connect_timeout = e.take_at(
+        let connect_timeout = e.take(
             || format!("{p}.connectTimeout"),
             bounded_duration(
                 s.connect_timeout.as_deref().unwrap_or("1s"),
@@ -302,7 +299,7 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 Duration::from_secs(60),
             ),
         );
-        let retry_budget = e.take_at(
+        let retry_budget = e.take(
             || format!("{p}.retryBudget"),
             bounded_duration(
                 s.retry_budget.as_deref().unwrap_or("5s"),
@@ -325,18 +322,18 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
                 .enumerate()
                 .filter_map(|(j, id)| {
                     let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
-                    e.take_at(|| format!("{p}.authorization.identities[{j}]"), r)
+                    e.take(|| format!("{p}.authorization.identities[{j}]"), r)
                 })
                 .collect();
             let namespaces: Vec<_> = a
                 .namespaces
                 .iter()
                 .enumerate()
-                .filter_map(|(j, n)| e.take_at(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
+                .filter_map(|(j, n)| e.take(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
                 .collect();
             Authorization { identities, namespaces }
         });
-        let retries = e.take_at(
+        let retries = e.take(
             || format!("{p}.retries"),
             match s.retries.unwrap_or(3) {
                 r @ 0..=10 => Ok(r as u32),
