@@ -508,10 +508,10 @@ fn root_a_saved_state_that_no_longer_fits_keeps_the_daemon_up_and_not_ready() {
 fn root_readiness_metrics_and_status_answer_while_a_write_is_stuck_saving() {
     let c = cluster();
     let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
-    // The save's temporary file is a FIFO: opening it for writing blocks
-    // until someone reads, so the write stays in progress, holding the
-    // state, until the test lets it go.
-    let tmp = c.state_dir("node-a").join("state.json.tmp");
+    // The save's journal is a FIFO: opening it for writing blocks until
+    // someone reads, so the write stays in progress, holding the state,
+    // until the test lets it go.
+    let tmp = c.state_dir("node-a").join("state.journal");
     let path = std::ffi::CString::new(tmp.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");

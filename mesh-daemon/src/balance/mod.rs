@@ -122,6 +122,14 @@ impl Registry {
         self.states.lock().unwrap_or_else(|p| p.into_inner()).retain(|a, _| keep.contains(a));
     }
 
+    /// Forgets `gone` (addresses a write took out of use).
+    pub fn forget(&self, gone: &[SocketAddrV4]) {
+        let mut m = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for a in gone {
+            m.remove(a);
+        }
+    }
+
     /// Actively healthy, for addresses known; unknown ones are healthy.
     pub fn actively_healthy(&self, addr: SocketAddrV4) -> bool {
         self.states.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).is_none_or(|s| s.actively_healthy())

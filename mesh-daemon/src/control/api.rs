@@ -429,7 +429,9 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     Ok(s) => {
                         put_item(&control, m, "services", s, |d, s| {
                             let key = (s.namespace.clone(), s.name.clone());
-                            upsert(&mut d.services, s, |x| (x.namespace.clone(), x.name.clone()) == key)
+                            upsert(&mut d.services, std::sync::Arc::new(s), |x| {
+                                (x.namespace.clone(), x.name.clone()) == key
+                            })
                         })
                         .await
                     }
@@ -482,6 +484,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     .services
                     .iter_mut()
                     .find(|s| s.namespace == ns && s.name == name)
+                    .map(std::sync::Arc::make_mut)
                     .ok_or_else(|| WriteError::NotFound(format!("service {ns}/{name} not found")))?;
                 let e: &mut EndpointDoc =
                     s.endpoints.iter_mut().find(|e| e.ip == ip).ok_or_else(|| {

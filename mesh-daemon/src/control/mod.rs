@@ -34,7 +34,8 @@ use crate::balance::select::Candidate;
 use crate::balance::{self, BalanceConfig, Registry};
 use crate::datapath::{self, Datapath, DatapathError, Dump, MapContents, MapsView};
 use crate::model::{
-    self, Document, FieldError, MapCapacity, MapNeeds, Mode, NodeName, Snapshot, State, ValidationErrors, View,
+    self, Changes, Delta, Document, FieldError, Index, MapCapacity, MapNeeds, Mode, NodeName, Snapshot, State,
+    ValidationErrors, View,
 };
 
 use crate::telemetry::metrics::{EndpointGauges, Live, Metrics};
@@ -137,18 +138,29 @@ struct Current {
     frontends: Arc<Vec<model::Frontend>>,
     /// Netns cookies of this node's workloads.
     cookies: Vec<u64>,
+    /// The state's services counted, for checking the next write by what
+    /// it changes.
+    index: Index,
+    /// What the write that made this state changed.
+    changes: Arc<Changes>,
 }
 
 impl Current {
-    fn new(stored: Stored, state: State, cookies: Vec<u64>) -> Self {
+    /// Everything made from the state itself.
+    fn new(stored: Stored, state: State, cookies: Vec<u64>, table_size: u32) -> Self {
         let frontends = Arc::new(state.frontends(&stored.ids));
-        Current { stored: Arc::new(stored), state: Arc::new(state), frontends, cookies }
+        let index = Index::of(&state, table_size);
+        let changes = Arc::new(Changes { whole: true, ..Changes::default() });
+        Current { stored: Arc::new(stored), state: Arc::new(state), frontends, cookies, index, changes }
     }
 }
 
 struct Inner {
     current: Current,
     datapath: Option<Datapath>,
+    /// What the maps were last synced to, whole: a write that comes with
+    /// a delta updates and syncs only its entries. None after a failure.
+    synced: Option<MapContents>,
 }
 
 pub struct Control {
@@ -207,13 +219,14 @@ impl Prepared {
             tracing::error!(reason = %why, "not ready");
             control.problem.store(Some(Arc::new(why)));
         }
-        if let Err(e) = control.timed_sync(&mut datapath, &control.contents(&current)) {
+        let contents = control.contents(&current);
+        if let Err(e) = control.timed_sync(&mut datapath, &contents) {
             return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
         }
-        control.accepted(&current);
+        control.accepted(&current, None);
         control.reused.store(datapath.reused(), Ordering::Relaxed);
         if let Ok(mut inner) = control.inner.lock() {
-            *inner = Inner { current, datapath: Some(datapath) };
+            *inner = Inner { current, datapath: Some(datapath), synced: Some(contents) };
         }
         let _ = control.view.set(view);
         control.attached.store(true, Ordering::Release);
@@ -221,16 +234,31 @@ impl Prepared {
     }
 }
 
+/// A write checked, not yet applied.
+#[derive(Debug)]
+pub struct Planned {
+    pub stored: Stored,
+    pub state: State,
+    /// The frontends of `state`: those of the state before when the write
+    /// left every service port where it was.
+    pub frontends: Option<Arc<Vec<model::Frontend>>>,
+    pub changes: Changes,
+    /// What the write does to the index of the state before.
+    pub index_change: Index,
+}
+
 /// The pure part of a write: checks the generation, applies `edit` to a
-/// copy of the document, validates the result whole and assigns ids.
-/// `current` is never changed.
+/// copy of the document (a copy of pointers: services are shared),
+/// validates what changed against `prev`'s index, checks the maps' room
+/// and assigns ids. `prev` is never changed.
 pub fn plan(
-    current: &Stored,
+    prev: (&Stored, &State, &Index),
     if_match: Option<u64>,
     node: &NodeName,
     capacity: &MapCapacity,
     edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
-) -> Result<(Stored, State), WriteError> {
+) -> Result<Planned, WriteError> {
+    let (current, prev_state, index) = prev;
     if let Some(expected) = if_match {
         if expected != current.generation {
             return Err(WriteError::Conflict { current: current.generation, expected });
@@ -238,10 +266,34 @@ pub fn plan(
     }
     let mut doc = current.state.clone();
     edit(&mut doc)?;
-    let state = State::from_document(&doc).map_err(WriteError::Invalid)?;
-    MapNeeds::of(&state, node, capacity.slot_table_size).check(capacity).map_err(WriteError::Invalid)?;
-    let ids = current.ids.assign(&state.frontend_keys());
-    Ok((Stored { generation: current.generation + 1, ids, state: doc }, state))
+    let v = State::from_changes((&current.state, prev_state, index), &doc, capacity.slot_table_size)
+        .map_err(WriteError::Invalid)?;
+    let (state, changes, index_change) = (v.state, v.changes, v.index_change);
+    let workloads = state.workloads.iter().filter(|w| &w.node == node).count();
+    let needs = if changes.whole {
+        MapNeeds::of(&state, node, capacity.slot_table_size)
+    } else {
+        MapNeeds::after(index, &index_change, workloads)
+    };
+    needs.check(capacity).map_err(WriteError::Invalid)?;
+    // Every service port where it was (services replaced in place, with
+    // the same name, VIP and ports): the ids and frontends stay.
+    let in_place = !changes.whole
+        && changes.changed.len() == changes.removed.len()
+        && changes.changed.iter().zip(&changes.removed).all(|(i, (j, old))| {
+            let new = &state.services[*i];
+            i == j
+                && (&new.namespace, &new.name, new.vip, &new.ports) == (&old.namespace, &old.name, old.vip, &old.ports)
+        });
+    let (ids, frontends) = if in_place {
+        (current.ids.clone(), None)
+    } else {
+        let ids = Arc::new(current.ids.assign(&state.frontend_keys()));
+        let frontends = Arc::new(state.frontends(&ids));
+        (ids, Some(frontends))
+    };
+    let stored = Stored { generation: current.generation + 1, ids, state: doc };
+    Ok(Planned { stored, state, frontends, changes, index_change })
 }
 
 /// Drops the state a write replaced off the caller's path, then hands the
@@ -271,8 +323,9 @@ impl Control {
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
             inner: Mutex::new(Inner {
-                current: Current::new(Stored::default(), State::default(), Vec::new()),
+                current: Current::new(Stored::default(), State::default(), Vec::new(), cfg.slot_table_size),
                 datapath: None,
+                synced: None,
             }),
             snapshot: ArcSwap::from_pointee(Stored::default()),
             published: ArcSwap::from_pointee(Snapshot::default()),
@@ -295,7 +348,7 @@ impl Control {
                 let state = model::load_file(path)?;
                 let text = std::fs::read_to_string(path)?;
                 let doc = model::parse_document(&text).map_err(anyhow::Error::msg)?;
-                let ids = model::ServiceIds::default().assign(&state.frontend_keys());
+                let ids = Arc::new(model::ServiceIds::default().assign(&state.frontend_keys()));
                 info!(config = %path.display(), "state seeded from the config");
                 (Stored { generation: 1, ids, state: doc }, true)
             }
@@ -327,7 +380,8 @@ impl Control {
         if seeded {
             control.store.save(&stored)?;
         }
-        Ok(Prepared { control, current: Current::new(stored, state, cookies) })
+        let table_size = control.cfg.slot_table_size;
+        Ok(Prepared { control, current: Current::new(stored, state, cookies, table_size) })
     }
 
     /// What the kernel maps hold.
@@ -435,22 +489,29 @@ impl Control {
 
     /// Publishes an accepted state: a snapshot every view derives its own
     /// view from, and the registry keeps only the addresses in use.
-    fn accepted(&self, current: &Current) {
+    /// `delta`: what changed since the state published last.
+    fn accepted(&self, current: &Current, delta: Option<Delta>) {
         self.cfg.metrics.generation.set(current.stored.generation as i64);
         let snap = Arc::new(Snapshot {
             generation: current.stored.generation,
             state: current.state.clone(),
             frontends: current.frontends.clone(),
+            delta: delta.map(Arc::new),
         });
         for v in &self.views {
             v.update(&snap);
         }
-        let in_use: HashSet<SocketAddrV4> = snap
-            .frontends
-            .iter()
-            .flat_map(|f| snap.state.services[f.service].endpoints.iter().map(move |e| e.addr(f.target_port)))
-            .collect();
-        self.registry.retain(&in_use);
+        match &snap.delta {
+            Some(d) => self.registry.forget(&d.gone),
+            None => {
+                let in_use: HashSet<SocketAddrV4> = snap
+                    .frontends
+                    .iter()
+                    .flat_map(|f| snap.state.services[f.service].endpoints.iter().map(move |e| e.addr(f.target_port)))
+                    .collect();
+                self.registry.retain(&in_use);
+            }
+        }
         self.published.store(snap);
         self.snapshot.store(current.stored.clone());
     }
@@ -463,29 +524,81 @@ impl Control {
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
     ) -> Result<u64, WriteError> {
         let mut guard = self.inner.lock().map_err(|_| WriteError::Stopped)?;
-        let Inner { current, datapath } = &mut *guard;
+        let Inner { current, datapath, synced } = &mut *guard;
         let t0 = std::time::Instant::now();
-        let (stored, state) = plan(&current.stored, if_match, &self.cfg.node, &self.capacity(), edit)?;
-        let cookies = self.local_cookies(&state, true).map_err(WriteError::Invalid)?;
-        let next = Current::new(stored, state, cookies);
+        let prev = (current.stored.as_ref(), current.state.as_ref(), &current.index);
+        let p = plan(prev, if_match, &self.cfg.node, &self.capacity(), edit)?;
+        let p_index_change = p.index_change;
+        let cookies = self.local_cookies(&p.state, true).map_err(WriteError::Invalid)?;
+        let mut next = Current {
+            frontends: p.frontends.unwrap_or_else(|| current.frontends.clone()),
+            stored: Arc::new(p.stored),
+            state: Arc::new(p.state),
+            cookies,
+            index: Index::default(),
+            changes: Arc::new(p.changes),
+        };
+        let same = Arc::ptr_eq(&next.frontends, &current.frontends);
+        let services = next.state.services.len();
+        let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, services, Vec::new());
         let planned = t0.elapsed();
         let generation = next.stored.generation;
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
-        let report = match self.timed_sync(dp, &self.contents(&next)) {
+        // The entries the write changed, when the maps hold the state
+        // before as it is; all of them otherwise.
+        let incremental = synced
+            .take()
+            .zip(delta.as_ref())
+            .filter(|_| self.problem.load().is_none() && next.cookies == current.cookies);
+        let (want, r) = match incremental {
+            Some((mut want, d)) => {
+                let registry = &self.registry;
+                let keys = want.update(&next.state, d, self.cfg.slot_table_size, &|a| registry.actively_healthy(a));
+                let t = std::time::Instant::now();
+                let r = dp.sync_keys(&want, &keys);
+                self.cfg.metrics.map_sync.observe(t.elapsed().as_secs_f64());
+                (want, r)
+            }
+            None => {
+                let want = self.contents(&next);
+                let r = self.timed_sync(dp, &want);
+                (want, r)
+            }
+        };
+        let report = match r {
             Ok(r) => r,
             Err(source) => {
                 return Err(WriteError::Datapath { rollback: Box::new(self.roll_back(dp, current)), source })
             }
         };
-        let synced = t0.elapsed();
-        if let Err(e) = self.store.save(&next.stored) {
+        let synced_at = t0.elapsed();
+        if let Err(e) = self.store.save_change(&current.stored, &next.stored, &next.changes, &next.state) {
             // The maps took the new state but it is not saved: put them back.
             let rollback = self.roll_back(dp, current);
             warn!(error = %e, %rollback, "the state could not be saved");
             return Err(e.into());
         }
+        *synced = Some(want);
         let saved = t0.elapsed();
-        self.accepted(&next);
+        next.index = if next.changes.whole {
+            Index::of(&next.state, self.cfg.slot_table_size)
+        } else {
+            let mut index = std::mem::take(&mut current.index);
+            index.apply(&p_index_change);
+            index
+        };
+        if let Some(d) = delta.as_mut() {
+            d.gone = next
+                .changes
+                .removed
+                .iter()
+                .flat_map(|(_, s)| {
+                    s.ports.iter().flat_map(move |p| s.endpoints.iter().map(move |e| e.addr(p.target_port)))
+                })
+                .filter(|a| !next.index.uses(*a))
+                .collect();
+        }
+        self.accepted(&next, delta);
         let old = std::mem::replace(current, next);
         // A state that passed planning fits: whatever kept the daemon from
         // being ready is over.
@@ -496,8 +609,8 @@ impl Control {
             written = report.written,
             deleted = report.deleted,
             plan_ms = ms(planned),
-            sync_ms = ms(synced - planned),
-            save_ms = ms(saved - synced),
+            sync_ms = ms(synced_at - planned),
+            save_ms = ms(saved - synced_at),
             publish_ms = ms(t0.elapsed() - saved),
             "state applied"
         );
@@ -525,10 +638,17 @@ impl Control {
             return;
         };
         let contents = self.contents(&inner.current);
-        if let Some(dp) = inner.datapath.as_mut() {
+        let Inner { datapath, synced, .. } = &mut *inner;
+        if let Some(dp) = datapath.as_mut() {
             match self.timed_sync(dp, &contents) {
-                Ok(r) => debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change"),
-                Err(e) => warn!(error = %e, "re-syncing the maps after a health change failed"),
+                Ok(r) => {
+                    debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change");
+                    *synced = Some(contents);
+                }
+                Err(e) => {
+                    *synced = None;
+                    warn!(error = %e, "re-syncing the maps after a health change failed");
+                }
             }
         }
     }
@@ -655,7 +775,19 @@ mod tests {
         )
         .unwrap();
         let state = State::from_document(&doc).unwrap();
-        Stored { generation: 4, ids: model::ServiceIds::default().assign(&state.frontend_keys()), state: doc }
+        Stored { generation: 4, ids: Arc::new(model::ServiceIds::default().assign(&state.frontend_keys())), state: doc }
+    }
+
+    /// [`plan`] on `cur`, with its state and index made here.
+    fn plan_on(
+        cur: &Stored,
+        if_match: Option<u64>,
+        capacity: &MapCapacity,
+        edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
+    ) -> Result<Planned, WriteError> {
+        let state = State::from_document(&cur.state).unwrap();
+        let index = Index::of(&state, capacity.slot_table_size);
+        plan((cur, &state, &index), if_match, &node(), capacity, edit)
     }
 
     #[test]
@@ -668,7 +800,7 @@ mod tests {
              \x20- {name: api, vip: 10.96.0.11, ports: [{port: 80}], endpoints: [{ip: 10.0.0.300, node: a}]}\n",
         )
         .unwrap();
-        let e = plan(&cur, None, &node(), &MapCapacity::default(), |d| {
+        let e = plan_on(&cur, None, &MapCapacity::default(), |d| {
             *d = batch;
             Ok(())
         })
@@ -686,24 +818,25 @@ mod tests {
     #[test]
     fn a_stale_generation_conflicts_and_the_current_one_applies() {
         let cur = stored();
-        let e = plan(&cur, Some(3), &node(), &MapCapacity::default(), |_| Ok(())).unwrap_err();
+        let e = plan_on(&cur, Some(3), &MapCapacity::default(), |_| Ok(())).unwrap_err();
         assert!(matches!(e, WriteError::Conflict { current: 4, expected: 3 }), "{e}");
         assert!(e.to_string().contains("generation 4, not 3"), "{e}");
-        let (next, _) = plan(&cur, Some(4), &node(), &MapCapacity::default(), |d| {
-            d.services[0].endpoints[0].weight = 7;
+        let next = plan_on(&cur, Some(4), &MapCapacity::default(), |d| {
+            Arc::make_mut(&mut d.services[0]).endpoints[0].weight = 7;
             Ok(())
         })
-        .unwrap();
+        .unwrap()
+        .stored;
         assert_eq!(next.generation, 5);
         assert_eq!(next.state.services[0].endpoints[0].weight, 7);
         assert_eq!(next.ids, cur.ids, "same service ports keep their ids");
-        let (unconditional, _) = plan(&cur, None, &node(), &MapCapacity::default(), |_| Ok(())).unwrap();
+        let unconditional = plan_on(&cur, None, &MapCapacity::default(), |_| Ok(())).unwrap().stored;
         assert_eq!(unconditional.generation, 5);
     }
 
     #[test]
     fn an_edit_error_is_returned_as_is() {
-        let e = plan(&stored(), None, &node(), &MapCapacity::default(), |_| {
+        let e = plan_on(&stored(), None, &MapCapacity::default(), |_| {
             Err(WriteError::NotFound("service x/y not found".into()))
         })
         .unwrap_err();

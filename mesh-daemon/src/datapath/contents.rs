@@ -1,13 +1,13 @@
 //! The map contents a state calls for: pure, so it is tested without a kernel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 
 use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNEL, MODE_PROXY};
 
 use crate::balance::select::Candidate;
 use crate::balance::{self, slots};
-use crate::model::{Frontend, MapCapacity, Mode, State};
+use crate::model::{Delta, Frontend, MapCapacity, Mode, State};
 
 /// One `SERVICES` entry as wanted; for kernel mode with its slot table.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,29 +52,55 @@ impl MapContents {
             flags: 0,
         };
         let workloads = cookies.iter().map(|c| (*c, wl)).collect();
-        let services = frontends
-            .iter()
-            .map(|f| {
-                let s = &state.services[f.service];
-                let desired = match s.mode {
-                    Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
-                    Mode::Kernel => {
-                        let weights = balance::effective_weights(&s.endpoints, s.fail_open, |e| Candidate {
-                            weight: e.weight.0,
-                            priority: e.priority,
-                            available: healthy(e.addr(f.target_port)),
-                        });
-                        let slots = slots::layout(&weights, table_size)
-                            .into_iter()
-                            .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))
-                            .collect();
-                        DesiredService { id: f.id, mode: MODE_KERNEL, slots }
-                    }
-                };
-                (service_key(f.vip, f.port.0), desired)
-            })
-            .collect();
+        let services =
+            frontends.iter().map(|f| (service_key(f.vip, f.port.0), desired(state, f, table_size, healthy))).collect();
         Self { workloads, services }
+    }
+
+    /// Brings the contents of the state before `delta` to `state`, the
+    /// state after it, entry by entry; returns the `SERVICES` keys it
+    /// changed (to sync with [`super::Datapath::sync_keys`]).
+    pub fn update(
+        &mut self,
+        state: &State,
+        delta: &Delta,
+        table_size: u32,
+        healthy: &dyn Fn(SocketAddrV4) -> bool,
+    ) -> BTreeSet<ServiceKey> {
+        let mut keys = BTreeSet::new();
+        for s in &delta.before {
+            for p in &s.ports {
+                let k = service_key(s.vip, p.port.0);
+                self.services.remove(&k);
+                keys.insert(k);
+            }
+        }
+        for f in &delta.changed {
+            let k = service_key(f.vip, f.port.0);
+            self.services.insert(k, desired(state, f, table_size, healthy));
+            keys.insert(k);
+        }
+        keys
+    }
+}
+
+/// The `SERVICES` entry of frontend `f` of `state`.
+fn desired(state: &State, f: &Frontend, table_size: u32, healthy: &dyn Fn(SocketAddrV4) -> bool) -> DesiredService {
+    let s = &state.services[f.service];
+    match s.mode {
+        Mode::Proxy => DesiredService { id: f.id, mode: MODE_PROXY, slots: Vec::new() },
+        Mode::Kernel => {
+            let weights = balance::effective_weights(&s.endpoints, s.fail_open, |e| Candidate {
+                weight: e.weight.0,
+                priority: e.priority,
+                available: healthy(e.addr(f.target_port)),
+            });
+            let slots = slots::layout(&weights, table_size)
+                .into_iter()
+                .map(|i| sockaddr(s.endpoints[i].addr(f.target_port)))
+                .collect();
+            DesiredService { id: f.id, mode: MODE_KERNEL, slots }
+        }
     }
 }
 
@@ -167,5 +193,47 @@ mod tests {
         assert!(c.services.values().last().unwrap().slots.is_empty());
         assert_eq!(c.services.values().last().unwrap().id, 3, "the proxy still knows the service by its id");
         assert_eq!(c.fit(&cap), 0, "fitting contents are left as they are");
+    }
+
+    /// Updating the contents by a write's delta gives what building them
+    /// from the new state gives.
+    #[test]
+    fn an_update_by_delta_equals_a_build() {
+        use crate::model::{Delta, Index};
+        let doc = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}]\n\
+             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}, {port: 443}]}\n\
+             \x20- {name: db, vip: 10.96.0.20, mode: kernel, ports: [{port: 5432}], endpoints: [{ip: 10.0.0.1, node: a, weight: 3}, {ip: 10.0.0.2, node: a, weight: 2}]}\n\
+             \x20- {name: kv, vip: 10.96.0.30, mode: kernel, ports: [{port: 6379}], endpoints: [{ip: 10.0.0.3, node: a}]}\n",
+        )
+        .unwrap();
+        let proxy: SocketAddrV4 = "172.18.0.2:15001".parse().unwrap();
+        let state = State::from_document(&doc).unwrap();
+        let ids = ServiceIds::default().assign(&state.frontend_keys());
+        let frontends = state.frontends(&ids);
+        type Edit = Box<dyn Fn(&mut crate::model::Document)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|d| d.service_mut(1).endpoints[0].weight = 1),
+            Box::new(|d| d.service_mut(1).mode = "proxy".into()),
+            Box::new(|d| drop(d.services.remove(2))),
+            Box::new(|d| d.service_mut(2).vip = "10.96.0.40".into()),
+            Box::new(|d| drop(d.service_mut(0).ports.pop())),
+        ];
+        for (n, edit) in edits.iter().enumerate() {
+            let mut next_doc = doc.clone();
+            edit(&mut next_doc);
+            let index = Index::of(&state, 256);
+            let v = State::from_changes((&doc, &state, &index), &next_doc, 256).unwrap();
+            let next_ids = ids.assign(&v.state.frontend_keys());
+            let next_frontends = v.state.frontends(&next_ids);
+            let same = next_frontends == frontends;
+            let delta =
+                Delta::of(&v.changes, &frontends, &next_frontends, same, v.state.services.len(), Vec::new()).unwrap();
+            let mut c = MapContents::build(&state, &frontends, &[7], proxy, 256, &|_| true);
+            let keys = c.update(&v.state, &delta, 256, &|_| true);
+            assert!(!keys.is_empty(), "edit {n}");
+            let built = MapContents::build(&v.state, &next_frontends, &[7], proxy, 256, &|_| true);
+            assert_eq!(c, built, "edit {n}");
+        }
     }
 }

@@ -99,11 +99,29 @@ impl Datapath {
     /// Makes `WORKLOADS`, `SERVICES` and `SLOTS` equal to `want`, touching
     /// only the entries that differ (see the module doc).
     pub fn sync(&mut self, want: &MapContents) -> Result<SyncReport, DatapathError> {
+        self.sync_some(want, None)
+    }
+
+    /// Makes the `SERVICES` entries at `keys` (and their slot tables)
+    /// equal to `want`'s, looking at nothing else: a write that changed
+    /// these service ports costs what it changed. The rest of `want` must
+    /// be what the maps hold.
+    pub fn sync_keys(&mut self, want: &MapContents, keys: &BTreeSet<ServiceKey>) -> Result<SyncReport, DatapathError> {
+        self.sync_some(want, Some(keys))
+    }
+
+    fn sync_some(
+        &mut self,
+        want: &MapContents,
+        only: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncReport, DatapathError> {
         let mut mirror = match self.mirror.take() {
             Some(m) => m,
             None => Mirror::read(self)?,
         };
-        let r = self.sync_from(&mut mirror, want);
+        // Entries left by a failure are found by a whole sync only.
+        let only = only.filter(|_| mirror.stray.is_empty());
+        let r = self.sync_from(&mut mirror, want, only);
         // After a failure the copy may differ from the kernel: read again.
         if r.is_ok() {
             self.mirror = Some(mirror);
@@ -111,44 +129,82 @@ impl Datapath {
         r
     }
 
-    fn sync_from(&mut self, m: &mut Mirror, want: &MapContents) -> Result<SyncReport, DatapathError> {
+    fn sync_from(
+        &mut self,
+        m: &mut Mirror,
+        want: &MapContents,
+        only: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncReport, DatapathError> {
         let mut report = SyncReport::default();
         let err = |name| move |source| DatapathError::Map { name, source };
-        sync_map(&mut self.workloads, map_names::WORKLOADS, &mut m.workloads, &want.workloads, &mut report)?;
+        if only.is_none() {
+            sync_map(&mut self.workloads, map_names::WORKLOADS, &mut m.workloads, &want.workloads, &mut report)?;
+        }
+        // The service entries looked at, and those wanted of them.
+        let looked: Vec<ServiceKey> = match only {
+            Some(keys) => keys.iter().copied().collect(),
+            None => {
+                m.services.keys().chain(want.services.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
+            }
+        };
+        let wanted = || looked.iter().filter_map(|k| want.services.get(k).map(|d| (k, d)));
 
         // What goes away goes first, so the maps never hold old and new
         // together beyond what planning counted.
-        let stale: Vec<ServiceKey> = m.services.keys().filter(|k| !want.services.contains_key(k)).copied().collect();
+        let stale: Vec<ServiceKey> =
+            looked.iter().filter(|k| m.services.contains_key(k) && !want.services.contains_key(k)).copied().collect();
+        // Tables whose service entry goes or leaves kernel mode.
+        let mut freed: Vec<(u32, u32)> = Vec::new();
         for k in stale {
             self.services.remove(&k).map_err(err(map_names::SERVICES))?;
-            m.services.remove(&k);
+            if let Some(v) = m.services.remove(&k).filter(|v| v.mode == MODE_KERNEL) {
+                freed.push((v.id, u32::from(v.generation)));
+            }
             report.deleted += 1;
         }
-        for (key, d) in want.services.iter().filter(|(_, d)| d.mode != MODE_KERNEL) {
+        for (key, d) in wanted().filter(|(_, d)| d.mode != MODE_KERNEL) {
             let value = ServiceValue { id: d.id, mode: d.mode, generation: 0, _pad: 0, slot_count: 0, _pad2: 0 };
             if m.services.get(key) != Some(&value) {
                 self.services.insert(key, value, 0).map_err(err(map_names::SERVICES))?;
-                m.services.insert(*key, value);
+                if let Some(v) = m.services.insert(*key, value).filter(|v| v.mode == MODE_KERNEL) {
+                    freed.push((v.id, u32::from(v.generation)));
+                }
                 report.written += 1;
             }
         }
         // Tables no service entry points to (services gone or no longer
         // in kernel mode, generations not in use) and stray entries go
         // next: only after their service entries are gone or switched.
-        let active: BTreeSet<(u32, u32)> =
-            m.services.values().filter(|v| v.mode == MODE_KERNEL).map(|v| (v.id, u32::from(v.generation))).collect();
-        for k in std::mem::take(&mut m.stray) {
-            self.slots.remove(&k).map_err(err(map_names::SLOTS))?;
-            report.deleted += 1;
-        }
-        let unused: Vec<(u32, u32)> = m.tables.keys().filter(|t| !active.contains(t)).copied().collect();
+        let unused: Vec<(u32, u32)> = match only {
+            Some(_) => {
+                let active = |t: &(u32, u32)| {
+                    m.services.values().any(|v| v.mode == MODE_KERNEL && (v.id, u32::from(v.generation)) == *t)
+                };
+                // A freed table is another entry's only when a service
+                // moved to another address; rare enough to look.
+                freed.into_iter().filter(|t| m.tables.contains_key(t) && !active(t)).collect()
+            }
+            None => {
+                let active: BTreeSet<(u32, u32)> = m
+                    .services
+                    .values()
+                    .filter(|v| v.mode == MODE_KERNEL)
+                    .map(|v| (v.id, u32::from(v.generation)))
+                    .collect();
+                for k in std::mem::take(&mut m.stray) {
+                    self.slots.remove(&k).map_err(err(map_names::SLOTS))?;
+                    report.deleted += 1;
+                }
+                m.tables.keys().filter(|t| !active.contains(t)).copied().collect()
+            }
+        };
         for t in unused {
             self.delete_table(m, t, &mut report)?;
         }
 
         // Changed tables, those that shrink first.
         let mut changed: Vec<(i64, &ServiceKey, &super::contents::DesiredService)> = Vec::new();
-        for (key, d) in want.services.iter().filter(|(_, d)| d.mode == MODE_KERNEL) {
+        for (key, d) in wanted().filter(|(_, d)| d.mode == MODE_KERNEL) {
             let current = m.services.get(key).filter(|h| h.id == d.id && h.mode == MODE_KERNEL);
             let table = current.and_then(|h| m.tables.get(&(h.id, u32::from(h.generation))));
             let have_len = table.map_or(0, Vec::len);

@@ -201,7 +201,7 @@ pub struct Memo {
 }
 
 /// One Service's fingerprint, what it became, and what was said of it.
-type Kept = (u64, Option<ServiceDoc>, Vec<String>);
+type Kept = (u64, Option<std::sync::Arc<ServiceDoc>>, Vec<String>);
 
 /// The fingerprint of a Service's inputs; None when one of them carries no
 /// resourceVersion (then it is always translated).
@@ -318,7 +318,7 @@ pub fn translate_with(
             _ => {
                 t.services_translated += 1;
                 let mut skipped = Vec::new();
-                (service(s, own, &pods, &nodes, &meshed, &mut skipped), skipped)
+                (service(s, own, &pods, &nodes, &meshed, &mut skipped).map(std::sync::Arc::new), skipped)
             }
         };
         t.skipped.extend(skipped.iter().cloned());
@@ -601,7 +601,7 @@ mod tests {
     }
 
     fn svc<'a>(t: &'a Translation, key: &str) -> Option<&'a ServiceDoc> {
-        t.document.services.iter().find(|s| format!("{}/{}", s.namespace, s.name) == key)
+        t.document.services.iter().find(|s| format!("{}/{}", s.namespace, s.name) == key).map(|s| s.as_ref())
     }
 
     #[test]

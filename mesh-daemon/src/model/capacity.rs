@@ -63,6 +63,18 @@ impl MapNeeds {
         Self { workloads, services, slots: slots + largest }
     }
 
+    /// What the state that `index` describes needs after `change` (see
+    /// [`super::Index`]), with `workloads` of this node: a write counts
+    /// only the services it changes.
+    pub fn after(index: &super::Index, change: &super::Index, workloads: usize) -> Self {
+        let largest = index.largest_with(change);
+        Self {
+            workloads,
+            services: (index.ports + change.ports).max(0) as usize,
+            slots: (index.slots + change.slots).max(0) as usize + largest,
+        }
+    }
+
     /// Every map this state overflows, each naming what would fix it.
     pub fn check(&self, cap: &MapCapacity) -> Result<(), ValidationErrors> {
         let mut errors = Vec::new();
@@ -114,6 +126,7 @@ impl MapNeeds {
 mod tests {
     use super::*;
     use crate::model::parse_document;
+    use std::sync::Arc;
 
     fn state(kernel_services: usize, endpoints: usize) -> State {
         let mut text = String::from("nodes: [{name: a, address: 172.18.0.2}]\nservices:\n");
@@ -170,8 +183,8 @@ mod tests {
     #[test]
     fn proxy_mode_and_drained_services_need_no_slots() {
         let mut s = state(2, 3);
-        s.services[0].mode = Mode::Proxy;
-        for e in &mut s.services[1].endpoints {
+        Arc::make_mut(&mut s.services[0]).mode = Mode::Proxy;
+        for e in &mut Arc::make_mut(&mut s.services[1]).endpoints {
             e.weight = crate::model::Weight(0);
         }
         assert_eq!(MapNeeds::of(&s, &node(), 256).slots, 0);

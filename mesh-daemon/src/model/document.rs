@@ -2,6 +2,8 @@
 //! serde structs with addresses and numbers kept loose, so that validation
 //! can report every bad field by path instead of stopping at the first.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -11,8 +13,19 @@ pub struct Document {
     pub nodes: Vec<NodeDoc>,
     #[serde(default)]
     pub workloads: Vec<WorkloadDoc>,
+    /// Shared between the documents of successive writes: a write copies
+    /// pointers, and a service it did not touch is the same `Arc` as
+    /// before, which is how validation and the views know what changed.
     #[serde(default)]
-    pub services: Vec<ServiceDoc>,
+    pub services: Vec<Arc<ServiceDoc>>,
+}
+
+impl Document {
+    /// Service `i` to edit: a copy when it is shared with another
+    /// document (the one before a write), so that one is left as it is.
+    pub fn service_mut(&mut self, i: usize) -> &mut ServiceDoc {
+        Arc::make_mut(&mut self.services[i])
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

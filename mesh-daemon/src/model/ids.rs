@@ -19,6 +19,25 @@ impl ServiceIds {
         self.ids.get(key).copied()
     }
 
+    /// The next id to give.
+    pub fn next(&self) -> u32 {
+        self.next
+    }
+
+    /// These ids with `set` given, `removed` taken away and `next` as the
+    /// next id: how a journal entry replays a change of ids.
+    pub fn with(&self, set: &[(String, u32)], removed: &[String], next: u32) -> Self {
+        let mut out = self.clone();
+        for k in removed {
+            out.ids.remove(k);
+        }
+        for (k, id) in set {
+            out.ids.insert(k.clone(), *id);
+        }
+        out.next = next;
+        out
+    }
+
     /// The ids for exactly `keys`: kept where a key had one, new ones
     /// otherwise; keys that are gone lose theirs.
     pub fn assign<'a>(&self, keys: impl IntoIterator<Item = &'a String>) -> Self {

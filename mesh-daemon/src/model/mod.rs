@@ -13,6 +13,7 @@ mod validate;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use capacity::{MapCapacity, MapNeeds};
@@ -23,15 +24,17 @@ pub use document::{
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{parse_duration, Name, NodeName, Port, Weight};
-pub use snapshot::{Snapshot, View};
-pub use validate::{FieldError, ValidationErrors};
+pub use snapshot::{Delta, Snapshot, View};
+pub use validate::{Changes, FieldError, Index, Validated, ValidationErrors};
 
 /// A validated state. Built only by [`State::from_document`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct State {
     pub nodes: Vec<Node>,
     pub workloads: Vec<Workload>,
-    pub services: Vec<Service>,
+    /// Shared with the state before: a service a write did not change is
+    /// the same `Arc`.
+    pub services: Vec<Arc<Service>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,7 +218,18 @@ impl Endpoint {
 
 impl State {
     pub fn from_document(doc: &Document) -> Result<Self, ValidationErrors> {
-        validate::validate(doc)
+        validate::validate(None, doc, 0).map(|v| v.state)
+    }
+
+    /// `doc` validated as a change of `prev` (the accepted document, its
+    /// state and [`Index`]): only the services that are not the same `Arc`
+    /// as before are checked; see [`Validated`].
+    pub fn from_changes(
+        prev: (&Document, &State, &Index),
+        doc: &Document,
+        table_size: u32,
+    ) -> Result<Validated, ValidationErrors> {
+        validate::validate(Some(prev), doc, table_size)
     }
 
     pub fn node(&self, name: &NodeName) -> Option<&Node> {

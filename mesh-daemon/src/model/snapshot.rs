@@ -1,7 +1,11 @@
 //! What the control plane publishes: every accepted state as an immutable
 //! snapshot, and the readers that derive their own views from it.
 
-use super::{Frontend, State};
+use std::collections::HashSet;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use super::{Changes, Frontend, Service, State};
 use crate::telemetry::metrics::StatsRow;
 
 /// One accepted state, validated, with the service ports the kernel knows
@@ -10,8 +14,58 @@ use crate::telemetry::metrics::StatsRow;
 pub struct Snapshot {
     pub generation: u64,
     /// Shared with the control plane's copy: publishing clones no state.
-    pub state: std::sync::Arc<State>,
-    pub frontends: std::sync::Arc<Vec<Frontend>>,
+    pub state: Arc<State>,
+    pub frontends: Arc<Vec<Frontend>>,
+    /// What changed since the snapshot of `generation - 1`; None: rebuild
+    /// from the state.
+    pub delta: Option<Arc<Delta>>,
+}
+
+/// What one write changed, for readers that update their view in place.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// The frontends that are new or whose service changed.
+    pub changed: Vec<Frontend>,
+    /// Ids of the frontends that are gone.
+    pub removed: Vec<u32>,
+    /// The services before the write of the changed or removed ones.
+    pub before: Vec<Arc<Service>>,
+    /// Endpoint addresses no service uses any more.
+    pub gone: Vec<SocketAddrV4>,
+}
+
+impl Delta {
+    /// The delta of a write that made `changes` and turned the frontends
+    /// `before` into `after` (`same`: the same list, every service port
+    /// where it was); None when it changed everything.
+    pub fn of(
+        changes: &Changes,
+        before: &[Frontend],
+        after: &[Frontend],
+        same: bool,
+        services: usize,
+        gone: Vec<SocketAddrV4>,
+    ) -> Option<Self> {
+        if changes.whole {
+            return None;
+        }
+        let mut touched = vec![false; services];
+        for &i in &changes.changed {
+            touched[i] = true;
+        }
+        let (changed, removed) = if same {
+            (after.iter().filter(|f| touched[f.service]).cloned().collect(), Vec::new())
+        } else {
+            let old: HashSet<u32> = before.iter().map(|f| f.id).collect();
+            let new: HashSet<u32> = after.iter().map(|f| f.id).collect();
+            (
+                after.iter().filter(|f| touched[f.service] || !old.contains(&f.id)).cloned().collect(),
+                before.iter().filter(|f| !new.contains(&f.id)).map(|f| f.id).collect(),
+            )
+        };
+        let before = changes.removed.iter().map(|(_, s)| s.clone()).collect();
+        Some(Delta { changed, removed, before, gone })
+    }
 }
 
 /// A reader of the state: the proxy's routes, the tunnel's inbound checks,

@@ -1,9 +1,10 @@
 //! Document -> State, collecting every error with the path of its field.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
@@ -120,15 +121,308 @@ fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.parse().map_err(|_| format!("{s:?} is not an IPv4 address"))
 }
 
-pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
+/// Counts of what the services of a state hold, for the checks that span
+/// services (names and `vip:port`s are unique, a VIP is no endpoint's
+/// address) and for the slot tables they need: kept for the accepted
+/// state, so that a write checks only the services it changes against it.
+/// The same shape, signed, is the change a write makes to it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Index {
+    /// `namespace/name`.
+    names: HashMap<String, i64>,
+    addresses: HashMap<(Ipv4Addr, u16), i64>,
+    vips: HashMap<Ipv4Addr, i64>,
+    endpoint_ips: HashMap<Ipv4Addr, i64>,
+    /// Endpoint addresses (at each target port) in use.
+    endpoint_addrs: HashMap<SocketAddrV4, i64>,
+    /// Service ports: one `SERVICES` entry each.
+    pub(super) ports: i64,
+    /// Kernel-mode tables at their largest, and how many tables have each
+    /// largest size (for the one rewritten beside the rest).
+    pub(super) slots: i64,
+    pub(super) bounds: BTreeMap<usize, i64>,
+}
+
+/// Whether `k` is held after `change`.
+fn holds<K: std::hash::Hash + Eq>(base: &HashMap<K, i64>, change: &HashMap<K, i64>, k: &K) -> bool {
+    base.get(k).copied().unwrap_or(0) + change.get(k).copied().unwrap_or(0) > 0
+}
+
+fn bump<K: std::hash::Hash + Eq>(m: &mut HashMap<K, i64>, k: K, by: i64) {
+    let n = m.entry(k).or_default();
+    *n += by;
+}
+
+impl Index {
+    /// The index of `state`'s services.
+    pub fn of(state: &State, table_size: u32) -> Self {
+        let mut i = Index::default();
+        for s in &state.services {
+            i.count(s, 1, table_size);
+        }
+        i
+    }
+
+    /// Adds (`by` 1) or takes away (-1) one service.
+    fn count(&mut self, s: &Service, by: i64, table_size: u32) {
+        bump(&mut self.names, s.key(), by);
+        bump(&mut self.vips, s.vip, by);
+        for p in &s.ports {
+            bump(&mut self.addresses, (s.vip, p.port.0), by);
+        }
+        for e in &s.endpoints {
+            bump(&mut self.endpoint_ips, e.ip, by);
+        }
+        let mut targets: Vec<Port> = s.ports.iter().map(|p| p.target_port).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for t in targets {
+            for e in &s.endpoints {
+                bump(&mut self.endpoint_addrs, e.addr(t), by);
+            }
+        }
+        self.ports += by * s.ports.len() as i64;
+        if s.mode == Mode::Kernel {
+            let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
+            let bound = crate::balance::slots::table_bound(&weights, table_size);
+            self.slots += by * (s.ports.len() * bound) as i64;
+            *self.bounds.entry(bound).or_default() += by * s.ports.len() as i64;
+        }
+    }
+
+    /// Applies a change made by [`validate`] (after the write was accepted).
+    pub fn apply(&mut self, change: &Index) {
+        fn merge<K: std::hash::Hash + Eq + Clone>(to: &mut HashMap<K, i64>, from: &HashMap<K, i64>) {
+            for (k, by) in from {
+                let n = to.entry(k.clone()).or_default();
+                *n += by;
+                if *n == 0 {
+                    to.remove(k);
+                }
+            }
+        }
+        merge(&mut self.names, &change.names);
+        merge(&mut self.addresses, &change.addresses);
+        merge(&mut self.vips, &change.vips);
+        merge(&mut self.endpoint_ips, &change.endpoint_ips);
+        merge(&mut self.endpoint_addrs, &change.endpoint_addrs);
+        self.ports += change.ports;
+        self.slots += change.slots;
+        for (b, by) in &change.bounds {
+            let n = self.bounds.entry(*b).or_default();
+            *n += by;
+            if *n == 0 {
+                self.bounds.remove(b);
+            }
+        }
+    }
+
+    /// Whether a service uses `addr` as an endpoint address.
+    pub fn uses(&self, addr: SocketAddrV4) -> bool {
+        self.endpoint_addrs.contains_key(&addr)
+    }
+
+    /// The largest table after `change`.
+    pub(super) fn largest_with(&self, change: &Index) -> usize {
+        let sizes = self.bounds.keys().chain(change.bounds.keys());
+        sizes
+            .filter(|b| self.bounds.get(b).copied().unwrap_or(0) + change.bounds.get(b).copied().unwrap_or(0) > 0)
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What a write changed, service by service.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// Everything was validated (the nodes or workloads changed, or there
+    /// was no state before): readers rebuild what they derive.
+    pub whole: bool,
+    /// Indices in the new state of the services that are new or changed.
+    pub changed: Vec<usize>,
+    /// The services of the state before that are gone or were replaced,
+    /// with their index there.
+    pub removed: Vec<(usize, Arc<Service>)>,
+    /// The services kept are in the order they were: the new list is the
+    /// old one without `removed`, with `changed` put in at their places.
+    pub in_order: bool,
+}
+
+/// A document validated, with what it changed.
+pub struct Validated {
+    pub state: State,
+    pub changes: Changes,
+    /// What the write does to the index of the state before.
+    pub index_change: Index,
+}
+
+/// `doc` validated. With `prev` (the accepted document, its state and
+/// index), a service that is the same `Arc` as one of the previous
+/// document is taken as it was, and only the others are checked, against
+/// the index: a write costs what it changes. Without it, or when the
+/// nodes or the workloads changed, every service is checked.
+pub(super) fn validate(
+    prev: Option<(&Document, &State, &Index)>,
+    doc: &Document,
+    table_size: u32,
+) -> Result<Validated, ValidationErrors> {
     let mut e = Errors::default();
     let mut state = State::default();
+    let prev = prev.filter(|(d, _, _)| d.nodes == doc.nodes && d.workloads == doc.workloads);
+    let empty = Index::default();
+    let base = prev.map_or(&empty, |(_, _, i)| i);
 
     let mut node_names = HashSet::new();
     // First holder of each address, for refusing a VIP that shadows it.
     let mut node_addrs = HashMap::new();
-    let mut endpoint_ips: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
-    let mut vips = Vec::new();
+    let mut workload_ips = HashMap::new();
+    match prev {
+        Some((_, p, _)) => {
+            state.nodes = p.nodes.clone();
+            state.workloads = p.workloads.clone();
+            for (i, n) in p.nodes.iter().enumerate() {
+                node_names.insert(n.name.clone());
+                node_addrs.entry(n.address).or_insert(i);
+            }
+            for (i, w) in p.workloads.iter().enumerate() {
+                workload_ips.entry(w.ip).or_insert(i);
+            }
+        }
+        None => {
+            nodes(&mut e, doc, &mut state, &mut node_names, &mut node_addrs);
+            workloads(&mut e, doc, &mut state, &node_names, &mut workload_ips);
+        }
+    }
+
+    // Which services are the same as before: by pointer.
+    let mut change = Index::default();
+    let mut changes = Changes { whole: prev.is_none(), ..Changes::default() };
+    let mut reused: Vec<Option<&Arc<Service>>> = vec![None; doc.services.len()];
+    if let Some((pd, ps, _)) = prev {
+        let old: HashMap<*const ServiceDoc, usize> =
+            pd.services.iter().enumerate().map(|(j, s)| (Arc::as_ptr(s), j)).collect();
+        let mut kept = vec![false; pd.services.len()];
+        let mut last = None;
+        changes.in_order = true;
+        for (i, s) in doc.services.iter().enumerate() {
+            if let Some(&j) = old.get(&Arc::as_ptr(s)) {
+                if !kept[j] {
+                    kept[j] = true;
+                    reused[i] = Some(&ps.services[j]);
+                    changes.in_order &= last.is_none_or(|l| l < j);
+                    last = Some(j);
+                }
+            }
+        }
+        for (j, k) in kept.iter().enumerate() {
+            if !k {
+                change.count(&ps.services[j], -1, table_size);
+                changes.removed.push((j, ps.services[j].clone()));
+            }
+        }
+    }
+    // Services checked here (index in the state, in the document), for
+    // the checks that need all of them first.
+    let mut checked = Vec::new();
+    for (i, s) in doc.services.iter().enumerate() {
+        if let Some(r) = reused[i] {
+            state.services.push(r.clone());
+            continue;
+        }
+        let Some(svc) = service(&mut e, i, s, &node_names) else { continue };
+        let p = format!("services[{i}]");
+        let key = svc.key();
+        if holds(&base.names, &change.names, &key) {
+            let first = first_service(doc, i, |o| o.namespace == s.namespace && o.name == s.name);
+            e.push(format!("{p}.name"), format!("service {key} is already services[{first}]"));
+        }
+        for (j, port) in svc.ports.iter().enumerate() {
+            if holds(&base.addresses, &change.addresses, &(svc.vip, port.port.0)) {
+                let first = first_service(doc, i, |o| {
+                    o.vip.parse() == Ok(svc.vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
+                });
+                e.push(
+                    format!("{p}.ports[{j}].port"),
+                    format!("{}:{} is already served by services[{first}]", svc.vip, port.port),
+                );
+            }
+        }
+        change.count(&svc, 1, table_size);
+        changes.changed.push(i);
+        checked.push((state.services.len(), i));
+        state.services.push(Arc::new(svc));
+    }
+
+    // connect4 rewrites every connect to a VIP: one that is also a pod's or
+    // a node's address would capture ordinary traffic to it.
+    let shadow = |vip: Ipv4Addr, holder: String| {
+        FieldError {
+            path: String::new(),
+            message: format!("{vip} is the address of {holder}: a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP"),
+        }
+    };
+    let endpoint_holder = |ip: Ipv4Addr| -> String {
+        for (si, s) in doc.services.iter().enumerate() {
+            if let Some(ei) = s.endpoints.iter().position(|x| x.ip.parse() == Ok(ip)) {
+                return format!("an endpoint of {} (services[{si}].endpoints[{ei}])", s.name);
+            }
+        }
+        "an endpoint".into()
+    };
+    let mut blamed = HashSet::new();
+    for &(k, i) in &checked {
+        let s = &state.services[k];
+        let holder = if let Some(n) = node_addrs.get(&s.vip) {
+            format!("node {} (nodes[{n}])", state.nodes[*n].name)
+        } else if let Some(w) = workload_ips.get(&s.vip) {
+            let wl = &state.workloads[*w];
+            format!("workload {}/{} (workloads[{w}])", wl.namespace, wl.name)
+        } else if holds(&base.endpoint_ips, &change.endpoint_ips, &s.vip) {
+            endpoint_holder(s.vip)
+        } else {
+            continue;
+        };
+        blamed.insert(s.vip);
+        e.0.push(FieldError { path: format!("services[{i}].vip"), ..shadow(s.vip, holder) });
+    }
+    // An endpoint added at the VIP of a service this write did not check.
+    if prev.is_some() {
+        for &(k, _) in &checked {
+            for ep in &state.services[k].endpoints {
+                if blamed.contains(&ep.ip) || !holds(&base.vips, &change.vips, &ep.ip) {
+                    continue;
+                }
+                if let Some(i) = doc.services.iter().position(|o| o.vip.parse() == Ok(ep.ip)) {
+                    blamed.insert(ep.ip);
+                    e.0.push(FieldError {
+                        path: format!("services[{i}].vip"),
+                        ..shadow(ep.ip, endpoint_holder(ep.ip))
+                    });
+                }
+            }
+        }
+    }
+
+    if e.0.is_empty() {
+        Ok(Validated { state, changes, index_change: change })
+    } else {
+        Err(ValidationErrors(e.0))
+    }
+}
+
+/// The first service of `doc` other than `i` that `is` finds.
+fn first_service(doc: &Document, i: usize, is: impl Fn(&ServiceDoc) -> bool) -> usize {
+    doc.services.iter().enumerate().position(|(j, o)| j != i && is(o)).unwrap_or(i)
+}
+
+fn nodes(
+    e: &mut Errors,
+    doc: &Document,
+    state: &mut State,
+    node_names: &mut HashSet<NodeName>,
+    node_addrs: &mut HashMap<Ipv4Addr, usize>,
+) {
     for (i, n) in doc.nodes.iter().enumerate() {
         let p = format!("nodes[{i}]");
         let name = e.take(|| format!("{p}.name"), NodeName::parse(&n.name));
@@ -145,27 +439,36 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             state.nodes.push(Node { name, address });
         }
     }
-    let known_node = |e: &mut Errors, path: &dyn Fn() -> String, s: &str| -> Option<NodeName> {
-        let name = e.take(path, NodeName::parse(s))?;
-        if node_names.contains(&name) {
-            Some(name)
-        } else {
-            e.push(path(), format!("node {s:?} is not in `nodes`; add it there or fix the name"));
-            None
-        }
-    };
+}
 
-    let mut workload_ips = HashMap::new();
+fn known_node(e: &mut Errors, node_names: &HashSet<NodeName>, path: &dyn Fn() -> String, s: &str) -> Option<NodeName> {
+    let name = e.take(path, NodeName::parse(s))?;
+    if node_names.contains(&name) {
+        Some(name)
+    } else {
+        e.push(path(), format!("node {s:?} is not in `nodes`; add it there or fix the name"));
+        None
+    }
+}
+
+fn workloads(
+    e: &mut Errors,
+    doc: &Document,
+    state: &mut State,
+    node_names: &HashSet<NodeName>,
+    workload_ips: &mut HashMap<Ipv4Addr, usize>,
+) {
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
         let name = e.take(|| format!("{p}.name"), Name::parse(&w.name));
         let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&w.namespace));
         let sa = e.take(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
-        let node = known_node(&mut e, &|| format!("{p}.node"), &w.node);
+        let node = known_node(e, node_names, &|| format!("{p}.node"), &w.node);
         let ip = e.take(|| format!("{p}.ip"), ipv4(&w.ip));
         if let Some(ip) = ip {
             if let Some(first) = workload_ips.insert(ip, i) {
                 e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
+                workload_ips.insert(ip, first);
             }
         }
         let netns = match (&w.netns, w.pid) {
@@ -197,206 +500,155 @@ pub(super) fn validate(doc: &Document) -> Result<State, ValidationErrors> {
             state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
         }
     }
+}
 
-    let mut service_names = HashMap::new();
-    let mut addresses = HashMap::new();
-    for (i, s) in doc.services.iter().enumerate() {
-        let p = format!("services[{i}]");
-        let name = e.take(|| format!("{p}.name"), Name::parse(&s.name));
-        let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&s.namespace));
-        if let (Some(name), Some(namespace)) = (&name, &namespace) {
-            if let Some(first) = service_names.insert((namespace.clone(), name.clone()), i) {
-                e.push(format!("{p}.name"), format!("service {namespace}/{name} is already services[{first}]"));
+/// One service on its own; the checks across services are the caller's.
+fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeName>) -> Option<Service> {
+    let errors_before = e.0.len();
+    let p = format!("services[{i}]");
+    let name = e.take(|| format!("{p}.name"), Name::parse(&s.name));
+    let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&s.namespace));
+    let vip = e.take(|| format!("{p}.vip"), ipv4(&s.vip));
+    let mode = match s.mode.as_str() {
+        "proxy" => Some(Mode::Proxy),
+        "kernel" => Some(Mode::Kernel),
+        other => {
+            e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
+            None
+        }
+    };
+    if s.ports.is_empty() {
+        e.push(format!("{p}.ports"), "a service needs at least one port");
+    }
+    let mut ports = Vec::new();
+    let mut seen_ports = HashSet::new();
+    for (j, port) in s.ports.iter().enumerate() {
+        let pp = format!("{p}.ports[{j}]");
+        let number = e.take(|| format!("{pp}.port"), Port::parse(port.port));
+        let target = e.take(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
+        if port.protocol != "TCP" {
+            e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
+        }
+        if let Some(number) = number {
+            if !seen_ports.insert(number) {
+                e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
             }
         }
-        let vip = e.take(|| format!("{p}.vip"), ipv4(&s.vip));
-        if let Some(v) = vip {
-            vips.push((i, v));
-        }
-        let mode = match s.mode.as_str() {
-            "proxy" => Some(Mode::Proxy),
-            "kernel" => Some(Mode::Kernel),
-            other => {
-                e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
-                None
-            }
-        };
-        if s.ports.is_empty() {
-            e.push(format!("{p}.ports"), "a service needs at least one port");
-        }
-        let mut ports = Vec::new();
-        let mut seen_ports = HashSet::new();
-        for (j, port) in s.ports.iter().enumerate() {
-            let pp = format!("{p}.ports[{j}]");
-            let number = e.take(|| format!("{pp}.port"), Port::parse(port.port));
-            let target = e.take(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
-            if port.protocol != "TCP" {
-                e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
-            }
-            if let Some(number) = number {
-                if !seen_ports.insert(number) {
-                    e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
-                } else if let Some(vip) = vip {
-                    if let Some(first) = addresses.insert((vip, number), i) {
-                        e.push(format!("{pp}.port"), format!("{vip}:{number} is already served by services[{first}]"));
-                    }
-                }
-            }
-            let app_protocol = e.take(
-                || format!("{pp}.appProtocol"),
-                AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")),
-            );
-            if let (Some(app), Some(Mode::Kernel)) = (app_protocol, mode) {
-                if app.is_requests() {
-                    e.push(
-                        format!("{pp}.appProtocol"),
-                        format!(
-                            "{:?} needs {p}.mode: proxy, not kernel: the kernel balances connections and cannot see requests",
-                            app.as_str()
-                        ),
-                    );
-                }
-            }
-            if let (Some(port), Some(target_port), Some(app_protocol)) = (number, target, app_protocol) {
-                ports.push(ServicePort { port, target_port, app_protocol });
+        let app_protocol =
+            e.take(|| format!("{pp}.appProtocol"), AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")));
+        if let (Some(app), Some(Mode::Kernel)) = (app_protocol, mode) {
+            if app.is_requests() {
+                e.push(
+                    format!("{pp}.appProtocol"),
+                    format!(
+                        "{:?} needs {p}.mode: proxy, not kernel: the kernel balances connections and cannot see requests",
+                        app.as_str()
+                    ),
+                );
             }
         }
-        let mut endpoints = Vec::new();
-        let mut seen_ips = HashSet::new();
-        for (j, ep) in s.endpoints.iter().enumerate() {
-            let pp = || format!("{p}.endpoints[{j}]");
-            let ip = e.take(|| format!("{}.ip", pp()), ipv4(&ep.ip));
-            if let Some(ip) = ip {
-                if !seen_ips.insert(ip) {
-                    e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
-                }
-                endpoint_ips.entry(ip).or_insert((i, j));
-            }
-            let node = known_node(&mut e, &|| format!("{}.node", pp()), &ep.node);
-            let weight = e.take(
-                || format!("{}.weight", pp()),
-                match ep.weight {
-                    w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
-                    w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
-                    w => Ok(Weight(w as u16)),
-                },
-            );
-            let priority = e.take(
-                || format!("{}.priority", pp()),
-                u8::try_from(ep.priority)
-                    .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
-            );
-            if let (Some(ip), Some(node), Some(weight), Some(priority)) = (ip, node, weight, priority) {
-                endpoints.push(Endpoint { ip, node, weight, priority });
+        if let (Some(port), Some(target_port), Some(app_protocol)) = (number, target, app_protocol) {
+            ports.push(ServicePort { port, target_port, app_protocol });
+        }
+    }
+    let mut endpoints = Vec::new();
+    let mut seen_ips = HashSet::new();
+    for (j, ep) in s.endpoints.iter().enumerate() {
+        let pp = || format!("{p}.endpoints[{j}]");
+        let ip = e.take(|| format!("{}.ip", pp()), ipv4(&ep.ip));
+        if let Some(ip) = ip {
+            if !seen_ips.insert(ip) {
+                e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
             }
         }
-        let health_check = health_check(&mut e, &p, s.health_check.as_ref());
-        let connect_timeout = e.take(
-            || format!("{p}.connectTimeout"),
-            bounded_duration(
-                s.connect_timeout.as_deref().unwrap_or("1s"),
-                Duration::from_millis(10),
-                Duration::from_secs(60),
-            ),
-        );
-        let retry_budget = e.take(
-            || format!("{p}.retryBudget"),
-            bounded_duration(
-                s.retry_budget.as_deref().unwrap_or("5s"),
-                Duration::from_millis(10),
-                Duration::from_secs(300),
-            ),
-        );
-        let mtls = match s.mtls.as_deref().unwrap_or("required") {
-            "required" => Some(true),
-            "disabled" => Some(false),
-            other => {
-                e.push(format!("{p}.mtls"), format!("{other:?} is not an mTLS mode: use \"required\" or \"disabled\""));
-                None
-            }
-        };
-        let authorization = s.authorization.as_ref().map(|a| {
-            let identities: Vec<_> = a
-                .identities
-                .iter()
-                .enumerate()
-                .filter_map(|(j, id)| {
-                    let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
-                    e.take(|| format!("{p}.authorization.identities[{j}]"), r)
-                })
-                .collect();
-            let namespaces: Vec<_> = a
-                .namespaces
-                .iter()
-                .enumerate()
-                .filter_map(|(j, n)| e.take(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
-                .collect();
-            Authorization { identities, namespaces }
-        });
-        let retries = e.take(
-            || format!("{p}.retries"),
-            match s.retries.unwrap_or(3) {
-                r @ 0..=10 => Ok(r as u32),
-                r => Err(format!("{r} retries are not in 0..10")),
+        let node = known_node(e, node_names, &|| format!("{}.node", pp()), &ep.node);
+        let weight = e.take(
+            || format!("{}.weight", pp()),
+            match ep.weight {
+                w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
+                w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
+                w => Ok(Weight(w as u16)),
             },
         );
-        let http = super::http::validate(&mut e, &p, s.http.as_ref(), &ports);
-        if let (
-            Some(name),
-            Some(namespace),
-            Some(vip),
-            Some(mode),
-            Some(health_check),
-            Some(connect_timeout),
-            Some(retries),
-            Some(retry_budget),
-            Some(mtls),
-            Some(http),
-        ) = (name, namespace, vip, mode, health_check, connect_timeout, retries, retry_budget, mtls, http)
-        {
-            state.services.push(Service {
-                name,
-                namespace,
-                vip,
-                mode,
-                ports,
-                endpoints,
-                health_check,
-                fail_open: s.fail_open,
-                connect_timeout,
-                retries,
-                retry_budget,
-                mtls,
-                authorization,
-                http,
-            });
+        let priority = e.take(
+            || format!("{}.priority", pp()),
+            u8::try_from(ep.priority)
+                .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
+        );
+        if let (Some(ip), Some(node), Some(weight), Some(priority)) = (ip, node, weight, priority) {
+            endpoints.push(Endpoint { ip, node, weight, priority });
         }
     }
-
-    // connect4 rewrites every connect to a VIP: one that is also a pod's or
-    // a node's address would capture ordinary traffic to it.
-    for (i, vip) in vips {
-        let holder = if let Some(n) = node_addrs.get(&vip) {
-            format!("node {} (nodes[{n}])", doc.nodes[*n].name)
-        } else if let Some(w) = workload_ips.get(&vip) {
-            let w = &doc.workloads[*w];
-            format!("workload {}/{} (workloads[{}])", w.namespace, w.name, workload_ips[&vip])
-        } else if let Some((si, ei)) = endpoint_ips.get(&vip) {
-            format!("an endpoint of {} (services[{si}].endpoints[{ei}])", doc.services[*si].name)
-        } else {
-            continue;
-        };
-        e.push(
-            format!("services[{i}].vip"),
-            format!("{vip} is the address of {holder}: a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP"),
-        );
+    let health_check = health_check(e, &p, s.health_check.as_ref());
+    let connect_timeout = e.take(
+        || format!("{p}.connectTimeout"),
+        bounded_duration(
+            s.connect_timeout.as_deref().unwrap_or("1s"),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        ),
+    );
+    let retry_budget = e.take(
+        || format!("{p}.retryBudget"),
+        bounded_duration(
+            s.retry_budget.as_deref().unwrap_or("5s"),
+            Duration::from_millis(10),
+            Duration::from_secs(300),
+        ),
+    );
+    let mtls = match s.mtls.as_deref().unwrap_or("required") {
+        "required" => Some(true),
+        "disabled" => Some(false),
+        other => {
+            e.push(format!("{p}.mtls"), format!("{other:?} is not an mTLS mode: use \"required\" or \"disabled\""));
+            None
+        }
+    };
+    let authorization = s.authorization.as_ref().map(|a| {
+        let identities: Vec<_> = a
+            .identities
+            .iter()
+            .enumerate()
+            .filter_map(|(j, id)| {
+                let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
+                e.take(|| format!("{p}.authorization.identities[{j}]"), r)
+            })
+            .collect();
+        let namespaces: Vec<_> = a
+            .namespaces
+            .iter()
+            .enumerate()
+            .filter_map(|(j, n)| e.take(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
+            .collect();
+        Authorization { identities, namespaces }
+    });
+    let retries = e.take(
+        || format!("{p}.retries"),
+        match s.retries.unwrap_or(3) {
+            r @ 0..=10 => Ok(r as u32),
+            r => Err(format!("{r} retries are not in 0..10")),
+        },
+    );
+    let http = super::http::validate(e, &p, s.http.as_ref(), &ports);
+    if e.0.len() != errors_before {
+        return None;
     }
-
-    if e.0.is_empty() {
-        Ok(state)
-    } else {
-        Err(ValidationErrors(e.0))
-    }
+    Some(Service {
+        name: name?,
+        namespace: namespace?,
+        vip: vip?,
+        mode: mode?,
+        ports,
+        endpoints,
+        health_check: health_check?,
+        fail_open: s.fail_open,
+        connect_timeout: connect_timeout?,
+        retries: retries?,
+        retry_budget: retry_budget?,
+        mtls: mtls?,
+        authorization,
+        http: http?,
+    })
 }
 
 #[cfg(test)]
@@ -492,28 +744,28 @@ services:
     #[test]
     fn app_protocol_rules() {
         assert_error(
-            |d| d.services[0].ports[0].app_protocol = Some("quic".into()),
+            |d| d.service_mut(0).ports[0].app_protocol = Some("quic".into()),
             r#"services[0].ports[0].appProtocol: "quic" is not an application protocol: use "tcp", "http", "http2", "grpc" or "auto""#,
         );
         assert_error(
             |d| {
-                d.services[0].mode = "kernel".into();
-                d.services[0].ports[1].app_protocol = Some("grpc".into());
+                d.service_mut(0).mode = "kernel".into();
+                d.service_mut(0).ports[1].app_protocol = Some("grpc".into());
             },
             r#"services[0].ports[1].appProtocol: "grpc" needs services[0].mode: proxy, not kernel: the kernel balances connections and cannot see requests"#,
         );
         let mut d = good();
-        d.services[0].mode = "kernel".into();
-        d.services[0].ports[0].app_protocol = Some("tcp".into());
+        d.service_mut(0).mode = "kernel".into();
+        d.service_mut(0).ports[0].app_protocol = Some("tcp".into());
         assert!(State::from_document(&d).is_ok(), "kernel mode with tcp is fine");
-        d.services[0].mode = "proxy".into();
+        d.service_mut(0).mode = "proxy".into();
         for (name, want) in [
             ("http", AppProtocol::Http),
             ("http2", AppProtocol::Http2),
             ("grpc", AppProtocol::Grpc),
             ("auto", AppProtocol::Auto),
         ] {
-            d.services[0].ports[0].app_protocol = Some(name.into());
+            d.service_mut(0).ports[0].app_protocol = Some(name.into());
             assert_eq!(State::from_document(&d).unwrap().services[0].ports[0].app_protocol, want);
         }
         assert_eq!(
@@ -525,37 +777,40 @@ services:
 
     #[test]
     fn service_rules() {
-        assert_error(|d| d.services[0].vip = "10.96.0".into(), r#"services[0].vip: "10.96.0" is not an IPv4 address"#);
         assert_error(
-            |d| d.services[0].mode = "fast".into(),
+            |d| d.service_mut(0).vip = "10.96.0".into(),
+            r#"services[0].vip: "10.96.0" is not an IPv4 address"#,
+        );
+        assert_error(
+            |d| d.service_mut(0).mode = "fast".into(),
             r#"services[0].mode: "fast" is not a mode: use "proxy" or "kernel""#,
         );
-        assert_error(|d| d.services[0].ports.clear(), "services[0].ports: a service needs at least one port");
+        assert_error(|d| d.service_mut(0).ports.clear(), "services[0].ports: a service needs at least one port");
         assert_error(
-            |d| d.services[0].ports[0].port = 70000,
+            |d| d.service_mut(0).ports[0].port = 70000,
             "services[0].ports[0].port: 70000 is not a port: use 1 to 65535",
         );
         assert_error(
-            |d| d.services[0].ports[0].target_port = Some(0),
+            |d| d.service_mut(0).ports[0].target_port = Some(0),
             "services[0].ports[0].targetPort: 0 is not a port: use 1 to 65535",
         );
-        assert_error(|d| d.services[0].ports[1].port = 80, "services[0].ports[1].port: port 80 is listed twice");
+        assert_error(|d| d.service_mut(0).ports[1].port = 80, "services[0].ports[1].port: port 80 is listed twice");
         assert_error(
-            |d| d.services[0].ports[0].protocol = "UDP".into(),
+            |d| d.service_mut(0).ports[0].protocol = "UDP".into(),
             r#"services[0].ports[0].protocol: "UDP" is not supported: use "TCP""#,
         );
-        assert!(errors(|d| d.services[0].name = "Web".into())[0].starts_with("services[0].name: "));
-        assert!(errors(|d| d.services[0].namespace = "".into())[0].starts_with("services[0].namespace: "));
+        assert!(errors(|d| d.service_mut(0).name = "Web".into())[0].starts_with("services[0].name: "));
+        assert!(errors(|d| d.service_mut(0).namespace = "".into())[0].starts_with("services[0].namespace: "));
         let dup = |d: &mut Document| {
-            let mut s = d.services[0].clone();
+            let mut s = d.service_mut(0).clone();
             s.vip = "10.96.0.11".into();
-            d.services.push(s);
+            d.services.push(Arc::new(s));
         };
         assert_error(dup, "services[1].name: service default/web is already services[0]");
         let same_address = |d: &mut Document| {
-            let mut s = d.services[0].clone();
+            let mut s = d.service_mut(0).clone();
             s.name = "web2".into();
-            d.services.push(s);
+            d.services.push(Arc::new(s));
         };
         assert_error(same_address, "services[1].ports[0].port: 10.96.0.10:80 is already served by services[0]");
     }
@@ -563,23 +818,23 @@ services:
     #[test]
     fn endpoint_rules() {
         assert_error(
-            |d| d.services[0].endpoints[0].ip = "10.0.0.300".into(),
+            |d| d.service_mut(0).endpoints[0].ip = "10.0.0.300".into(),
             r#"services[0].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#,
         );
         assert_error(
-            |d| d.services[0].endpoints[1].ip = "10.244.1.3".into(),
+            |d| d.service_mut(0).endpoints[1].ip = "10.244.1.3".into(),
             "services[0].endpoints[1].ip: endpoint 10.244.1.3 is listed twice",
         );
         assert_error(
-            |d| d.services[0].endpoints[0].node = "nowhere".into(),
+            |d| d.service_mut(0).endpoints[0].node = "nowhere".into(),
             r#"services[0].endpoints[0].node: node "nowhere" is not in `nodes`; add it there or fix the name"#,
         );
         assert_error(
-            |d| d.services[0].endpoints[0].weight = 70000,
+            |d| d.service_mut(0).endpoints[0].weight = 70000,
             "services[0].endpoints[0].weight: weight 70000 is above the maximum 65535",
         );
         assert_error(
-            |d| d.services[0].endpoints[0].weight = -1,
+            |d| d.service_mut(0).endpoints[0].weight = -1,
             "services[0].endpoints[0].weight: weight -1 is negative: use 0 (drain) to 65535",
         );
     }
@@ -587,7 +842,7 @@ services:
     #[test]
     fn failover_and_health_rules() {
         assert_error(
-            |d| d.services[0].endpoints[0].priority = 300,
+            |d| d.service_mut(0).endpoints[0].priority = 300,
             "services[0].endpoints[0].priority: priority 300 is not in 0..255 (0 is the most preferred)",
         );
         let hc = |f: fn(&mut HealthCheckDoc)| {
@@ -601,7 +856,7 @@ services:
                     fall: None,
                 };
                 f(&mut h);
-                d.services[0].health_check = Some(h);
+                d.service_mut(0).health_check = Some(h);
             }
         };
         assert_error(
@@ -630,13 +885,13 @@ services:
         );
         assert_error(hc(|h| h.rise = Some(0)), "services[0].healthCheck.rise: 0 is not in 1..100");
         assert_error(hc(|h| h.fall = Some(101)), "services[0].healthCheck.fall: 101 is not in 1..100");
-        assert_error(|d| d.services[0].retries = Some(11), "services[0].retries: 11 retries are not in 0..10");
+        assert_error(|d| d.service_mut(0).retries = Some(11), "services[0].retries: 11 retries are not in 0..10");
         assert_error(
-            |d| d.services[0].connect_timeout = Some("5ms".into()),
+            |d| d.service_mut(0).connect_timeout = Some("5ms".into()),
             "services[0].connectTimeout: 5ms is not between 10ms and 60s",
         );
         assert_error(
-            |d| d.services[0].retry_budget = Some("x".into()),
+            |d| d.service_mut(0).retry_budget = Some("x".into()),
             r#"services[0].retryBudget: "x" is not a duration: write e.g. 500ms, 5s or 1m"#,
         );
         let s = State::from_document(&good()).unwrap();
@@ -655,7 +910,7 @@ services:
         assert!(web.fail_open);
         assert_eq!((web.retries, web.connect_timeout), (3, Duration::from_secs(1)));
         let mut d = good();
-        d.services[0].health_check = Some(HealthCheckDoc {
+        d.service_mut(0).health_check = Some(HealthCheckDoc {
             protocol: "none".into(),
             path: None,
             interval: None,
@@ -669,7 +924,7 @@ services:
     #[test]
     fn mtls_and_authorization_rules() {
         assert_error(
-            |d| d.services[0].mtls = Some("maybe".into()),
+            |d| d.service_mut(0).mtls = Some("maybe".into()),
             r#"services[0].mtls: "maybe" is not an mTLS mode: use "required" or "disabled""#,
         );
         let auth = |ids: &[&str], ns: &[&str]| {
@@ -677,7 +932,7 @@ services:
                 identities: ids.iter().map(|s| s.to_string()).collect(),
                 namespaces: ns.iter().map(|s| s.to_string()).collect(),
             };
-            move |d: &mut Document| d.services[0].authorization = Some(a)
+            move |d: &mut Document| d.service_mut(0).authorization = Some(a)
         };
         assert_error(
             auth(&["spiffe://cluster.local/ns/a/sa/b", "web"], &[]),
@@ -716,22 +971,22 @@ services:
     #[test]
     fn a_vip_may_not_shadow_a_node_a_workload_or_an_endpoint() {
         assert_error(
-            |d| d.services[0].vip = "172.18.0.3".into(),
+            |d| d.service_mut(0).vip = "172.18.0.3".into(),
             "services[0].vip: 172.18.0.3 is the address of node node-b (nodes[1]): a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP",
         );
         assert_error(
-            |d| d.services[0].vip = "10.244.2.2".into(),
+            |d| d.service_mut(0).vip = "10.244.2.2".into(),
             "services[0].vip: 10.244.2.2 is the address of workload default/other (workloads[1]): a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP",
         );
         // Another service's endpoint: the rule looks across services.
         let shadow = |d: &mut Document| {
-            let mut s = d.services[0].clone();
+            let mut s = d.service_mut(0).clone();
             s.name = "api".into();
             s.vip = "10.96.0.20".into();
             s.endpoints.truncate(1);
             s.endpoints[0].ip = "10.244.9.9".into();
-            d.services.push(s);
-            d.services[0].vip = "10.244.9.9".into();
+            d.services.push(Arc::new(s));
+            d.service_mut(0).vip = "10.244.9.9".into();
         };
         assert_error(
             shadow,
@@ -755,9 +1010,106 @@ services:
     fn every_bad_field_is_reported_at_once() {
         let e = errors(|d| {
             d.nodes[0].address = "bad".into();
-            d.services[0].endpoints[0].weight = 70000;
-            d.services[0].vip = "nope".into();
+            d.service_mut(0).endpoints[0].weight = 70000;
+            d.service_mut(0).vip = "nope".into();
         });
         assert_eq!(e.len(), 3, "{e:#?}");
+    }
+
+    /// A write validated by what it changes decides as a validation of the
+    /// whole document does: the same state, the same errors, and an index
+    /// that is the new state's.
+    #[test]
+    fn a_change_checked_against_the_index_decides_as_a_whole_validation() {
+        let base = || {
+            let mut d = good();
+            let mut api = (*d.services[0]).clone();
+            api.name = "api".into();
+            api.vip = "10.96.0.30".into();
+            api.endpoints.truncate(1);
+            api.endpoints[0].ip = "10.244.3.3".into();
+            d.services.push(Arc::new(api));
+            d
+        };
+        let prev_doc = base();
+        let prev = State::from_document(&prev_doc).unwrap();
+        let index = Index::of(&prev, 256);
+        fn ep(ip: &str) -> EndpointDoc {
+            EndpointDoc { ip: ip.into(), node: "node-a".into(), weight: 1, priority: 0 }
+        }
+        type Edit = Box<dyn Fn(&mut Document)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("a weight", Box::new(|d| d.service_mut(0).endpoints[0].weight = 9)),
+            ("nothing", Box::new(|_| {})),
+            ("a removal", Box::new(|d| drop(d.services.remove(0)))),
+            (
+                "a new service",
+                Box::new(|d| {
+                    let mut s = (*d.services[1]).clone();
+                    s.name = "new".into();
+                    s.vip = "10.96.0.40".into();
+                    d.services.push(Arc::new(s));
+                }),
+            ),
+            (
+                "a service moved to a freed VIP",
+                Box::new(|d| {
+                    let mut s = (*d.services.remove(1)).clone();
+                    s.name = "moved".into();
+                    d.services.insert(0, Arc::new(s));
+                }),
+            ),
+            (
+                "a duplicate name",
+                Box::new(|d| {
+                    let mut s = (*d.services[1]).clone();
+                    s.vip = "10.96.0.41".into();
+                    d.services.push(Arc::new(s));
+                }),
+            ),
+            (
+                "a duplicate address",
+                Box::new(|d| {
+                    let mut s = (*d.services[0]).clone();
+                    s.name = "copy".into();
+                    d.services.push(Arc::new(s));
+                }),
+            ),
+            ("a VIP at another service's endpoint", Box::new(|d| d.service_mut(1).vip = "10.244.1.3".into())),
+            ("an endpoint at an unchanged VIP", Box::new(|d| d.service_mut(1).endpoints.push(ep("10.96.0.10")))),
+            ("an endpoint at its own VIP", Box::new(|d| d.service_mut(1).endpoints.push(ep("10.96.0.30")))),
+            ("a bad field", Box::new(|d| d.service_mut(1).endpoints[0].ip = "10.0.0.300".into())),
+            (
+                "an unknown node",
+                Box::new(|d| d.service_mut(1).endpoints.push(EndpointDoc { node: "x".into(), ..ep("10.244.7.7") })),
+            ),
+            ("a node removed (a whole validation)", Box::new(|d| drop(d.nodes.pop()))),
+        ];
+        for (what, edit) in edits {
+            let mut doc = prev_doc.clone();
+            edit(&mut doc);
+            let whole = validate(None, &doc, 256);
+            let by_change = validate(Some((&prev_doc, &prev, &index)), &doc, 256);
+            match (whole, by_change) {
+                (Ok(w), Ok(c)) => {
+                    assert_eq!(w.state, c.state, "{what}");
+                    assert_eq!(c.changes.whole, what.contains("whole"), "{what}");
+                    let mut after = index.clone();
+                    if c.changes.whole {
+                        after = Index::of(&c.state, 256);
+                    } else {
+                        after.apply(&c.index_change);
+                    }
+                    assert_eq!(after, Index::of(&w.state, 256), "{what}");
+                }
+                (Err(w), Err(c)) => {
+                    let (mut w, mut c) = (w.0, c.0);
+                    w.sort_by(|a, b| a.path.cmp(&b.path));
+                    c.sort_by(|a, b| a.path.cmp(&b.path));
+                    assert_eq!(w, c, "{what}");
+                }
+                (w, c) => panic!("{what}: whole {:?}, by change {:?}", w.err(), c.err()),
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use tracing::warn;
 use super::access::Record;
 use crate::drain::Drain;
 use crate::identity::Identity;
-use crate::model::{AppProtocol, Authorization, NodeName, Snapshot, State, View};
+use crate::model::{AppProtocol, Authorization, Delta, NodeName, Service, Snapshot, State, View};
 use crate::relay::{relay, Transfer};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, StatsRow};
 use crate::telemetry::Metrics;
@@ -107,29 +107,55 @@ impl Deny {
 #[derive(Debug, Default)]
 pub struct Inbound {
     trust_domain: String,
+    /// The generation of the state it was built from.
+    generation: u64,
     /// Enrolled workloads of this node, with their identities (logged
     /// beside the peer's when a stream to them is refused).
     local: HashMap<Ipv4Addr, Identity>,
-    /// By `namespace/name`: its index in `source` and what it needs here.
-    services: HashMap<String, (usize, Arc<LocalService>)>,
-    /// The state it was built from: the next build reuses the services that
-    /// did not change.
-    source: Option<Arc<State>>,
+    /// By `namespace/name`: the service it was made from and what it
+    /// needs here.
+    services: HashMap<String, (Arc<Service>, Arc<LocalService>)>,
     /// For each workload identity, the addresses of the nodes its
     /// workloads run on: where its streams may come from.
     homes: HashMap<Identity, Vec<std::net::IpAddr>>,
 }
 
+impl LocalService {
+    /// What `s` needs on `node`; None: no endpoint there.
+    fn of(s: &Service, node: &NodeName, metrics: &Arc<Metrics>) -> Option<Self> {
+        let mut targets = HashMap::new();
+        for p in &s.ports {
+            let mut port: Option<Arc<str>> = None;
+            for e in s.endpoints.iter().filter(|e| &e.node == node) {
+                let addr = e.addr(p.target_port);
+                let port = port.get_or_insert_with(|| format!("{}:{}", s.key(), p.port).into()).clone();
+                targets.entry(addr).or_insert_with(|| {
+                    Arc::new(Target {
+                        series: OnceLock::new(),
+                        response_latency: OnceLock::new(),
+                        port,
+                        addr,
+                        metrics: metrics.clone(),
+                        grpc: p.app_protocol == AppProtocol::Grpc,
+                    })
+                });
+            }
+        }
+        (!targets.is_empty()).then(|| LocalService { policy: s.authorization.clone(), targets })
+    }
+}
+
 impl Inbound {
     #[cfg(test)]
     pub fn build(state: &Arc<State>, node: &NodeName, trust_domain: &str, metrics: &Arc<Metrics>) -> Self {
-        Self::build_from(state, node, trust_domain, metrics, &Inbound::default())
+        Self::build_from(state, 1, node, trust_domain, metrics, &Inbound::default())
     }
 
-    /// Builds the checks of `state`, taking every service `prev` had in
-    /// the same form from `prev` as it is (a write costs what it changes).
+    /// Builds the checks of `state`, taking every service `prev` had from
+    /// the same `Arc` from `prev` as it is.
     pub fn build_from(
         state: &Arc<State>,
+        generation: u64,
         node: &NodeName,
         trust_domain: &str,
         metrics: &Arc<Metrics>,
@@ -142,36 +168,12 @@ impl Inbound {
             .map(|w| (w.ip, Identity::workload(trust_domain, &w.namespace, &w.service_account)))
             .collect();
         let mut services = HashMap::new();
-        for (i, s) in state.services.iter().enumerate() {
+        for s in &state.services {
             let key = s.key();
-            let kept = prev
-                .services
-                .get(&key)
-                .filter(|(j, _)| prev.source.as_ref().and_then(|p| p.services.get(*j)).is_some_and(|old| old == s));
-            if let Some((_, svc)) = kept {
-                services.insert(key, (i, svc.clone()));
-                continue;
-            }
-            let mut targets = HashMap::new();
-            for p in &s.ports {
-                let mut port: Option<Arc<str>> = None;
-                for e in s.endpoints.iter().filter(|e| &e.node == node) {
-                    let addr = e.addr(p.target_port);
-                    let port = port.get_or_insert_with(|| format!("{}:{}", s.key(), p.port).into()).clone();
-                    targets.entry(addr).or_insert_with(|| {
-                        Arc::new(Target {
-                            series: OnceLock::new(),
-                            response_latency: OnceLock::new(),
-                            port,
-                            addr,
-                            metrics: metrics.clone(),
-                            grpc: p.app_protocol == AppProtocol::Grpc,
-                        })
-                    });
-                }
-            }
-            if !targets.is_empty() {
-                services.insert(key, (i, Arc::new(LocalService { policy: s.authorization.clone(), targets })));
+            if let Some(kept) = prev.services.get(&key).filter(|(old, _)| Arc::ptr_eq(old, s)) {
+                services.insert(key, kept.clone());
+            } else if let Some(l) = LocalService::of(s, node, metrics) {
+                services.insert(key, (s.clone(), Arc::new(l)));
             }
         }
         let mut homes: HashMap<Identity, Vec<std::net::IpAddr>> = HashMap::new();
@@ -184,7 +186,42 @@ impl Inbound {
                 }
             }
         }
-        Self { trust_domain: trust_domain.to_owned(), local, services, source: Some(state.clone()), homes }
+        Self { trust_domain: trust_domain.to_owned(), generation, local, services, homes }
+    }
+
+    /// `prev` with the services `delta` changed (workloads and nodes are
+    /// as they were), and the keys it changed.
+    fn apply(
+        prev: &Inbound,
+        snap: &Snapshot,
+        delta: &Delta,
+        node: &NodeName,
+        metrics: &Arc<Metrics>,
+    ) -> (Self, Vec<String>) {
+        let mut services = prev.services.clone();
+        let mut keys: Vec<String> = delta.before.iter().map(|s| s.key()).collect();
+        for k in &keys {
+            services.remove(k);
+        }
+        let mut seen = HashSet::new();
+        for f in delta.changed.iter().filter(|f| seen.insert(f.service)) {
+            let s = &snap.state.services[f.service];
+            let key = s.key();
+            if let Some(l) = LocalService::of(s, node, metrics) {
+                services.insert(key.clone(), (s.clone(), Arc::new(l)));
+            }
+            keys.push(key);
+        }
+        keys.sort();
+        keys.dedup();
+        let next = Self {
+            trust_domain: prev.trust_domain.clone(),
+            generation: snap.generation,
+            local: prev.local.clone(),
+            services,
+            homes: prev.homes.clone(),
+        };
+        (next, keys)
     }
 
     /// Every target, with its service's key.
@@ -192,12 +229,25 @@ impl Inbound {
         self.services.iter().flat_map(|(k, (_, s))| s.targets.values().map(move |t| (k.as_str(), t)))
     }
 
-    /// Takes over the series `old` made for the same service and target.
-    pub fn adopt_series(&self, old: &Inbound) {
-        for (key, (_, s)) in &self.services {
-            let Some((_, o)) = old.services.get(key) else { continue };
+    /// Calls `f` with each service (`keys`: those only).
+    fn each_service(&self, keys: Option<&[String]>, mut f: impl FnMut(&String, &Arc<LocalService>)) {
+        match keys {
+            Some(keys) => keys.iter().for_each(|k| {
+                if let Some((_, s)) = self.services.get(k) {
+                    f(k, s)
+                }
+            }),
+            None => self.services.iter().for_each(|(k, (_, s))| f(k, s)),
+        }
+    }
+
+    /// Takes over the series `old` made for the same services and targets
+    /// (`keys`: only those services).
+    pub fn adopt_series(&self, old: &Inbound, keys: Option<&[String]>) {
+        let adopt = |key: &String, s: &Arc<LocalService>| {
+            let Some((_, o)) = old.services.get(key) else { return };
             if Arc::ptr_eq(s, o) {
-                continue;
+                return;
             }
             for (addr, t) in &s.targets {
                 let Some(ot) = o.targets.get(addr) else { continue };
@@ -208,16 +258,18 @@ impl Inbound {
                     let _ = t.response_latency.set(h.clone());
                 }
             }
-        }
+        };
+        self.each_service(keys, adopt);
     }
 
-    /// Drops from `metrics` the series this view made that `next` has not.
-    pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics) {
+    /// Drops from `metrics` the series this view made that `next` has not
+    /// (`keys`: looking only at those services).
+    pub fn forget_series_missing_from(&self, next: &Inbound, metrics: &Metrics, keys: Option<&[String]>) {
         let mut ports: Option<HashSet<&str>> = None;
-        for (key, (_, s)) in &self.services {
+        let forget = |key: &String, s: &Arc<LocalService>| {
             let kept_service = next.services.get(key).map(|(_, n)| n);
             if kept_service.is_some_and(|n| Arc::ptr_eq(s, n)) {
-                continue;
+                return;
             }
             for t in s.targets.values() {
                 let kept = kept_service.is_some_and(|n| n.targets.contains_key(&t.addr));
@@ -233,7 +285,8 @@ impl Inbound {
                     metrics.response_latency.remove(&labels);
                 }
             }
-        }
+        };
+        self.each_service(keys, forget);
     }
 
     /// Whether `peer`, connected from `from`, may open a stream to `target`
@@ -304,9 +357,27 @@ impl InboundView {
 impl View for InboundView {
     fn update(&self, snap: &Snapshot) {
         let current = self.view.load();
-        let next = Inbound::build_from(&snap.state, &self.node, &self.trust_domain, &self.metrics, &current);
-        next.adopt_series(&current);
-        self.view.swap(Arc::new(next)).forget_series_missing_from(&self.view.load(), &self.metrics);
+        let (next, keys) = match &snap.delta {
+            // One write after the view's: only the services it changed.
+            Some(d) if current.generation + 1 == snap.generation => {
+                let (next, keys) = Inbound::apply(&current, snap, d, &self.node, &self.metrics);
+                (next, Some(keys))
+            }
+            _ => {
+                let next = Inbound::build_from(
+                    &snap.state,
+                    snap.generation,
+                    &self.node,
+                    &self.trust_domain,
+                    &self.metrics,
+                    &current,
+                );
+                (next, None)
+            }
+        };
+        next.adopt_series(&current, keys.as_deref());
+        let next = Arc::new(next);
+        self.view.swap(next.clone()).forget_series_missing_from(&next, &self.metrics, keys.as_deref());
     }
 
     fn stats_rows(&self) -> Vec<StatsRow> {

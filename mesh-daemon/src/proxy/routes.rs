@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
-use crate::model::{AppProtocol, Frontend, NodeName, Snapshot, State, View};
+use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State, View};
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
 
@@ -86,6 +86,9 @@ pub struct Route {
     /// Per request: timeouts, retries, outlier ejection, rate limit (the
     /// rate limit applies to connections of `tcp` ports too).
     pub policy: Arc<Policy>,
+    /// The service and frontend it was made from: a later state with the
+    /// same `Arc` and frontend keeps the route as it is.
+    from: (Arc<crate::model::Service>, Frontend),
 }
 
 impl Route {
@@ -98,6 +101,104 @@ impl Route {
                     .service_series(ServiceLabels { service: self.source.name.clone(), direction: "outbound" }),
             )
         })
+    }
+}
+
+impl Route {
+    /// The route of frontend `f` of `state`.
+    fn new(
+        state: &State,
+        f: &Frontend,
+        registry: &Registry,
+        policies: &Policies,
+        local: &Local,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let s = &state.services[f.service];
+        let name = format!("{}:{}", s.key(), f.port);
+        let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
+        let endpoints = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                let addr = e.addr(f.target_port);
+                let remote = (e.node != local.node)
+                    .then(|| {
+                        state.node(&e.node).map(|n| (e.node.clone(), SocketAddrV4::new(n.address, local.tunnel_port)))
+                    })
+                    .flatten();
+                RouteEndpoint {
+                    state: registry.get(addr),
+                    weight: e.weight.0,
+                    priority: e.priority,
+                    remote,
+                    series: OnceLock::new(),
+                    source: source.clone(),
+                }
+            })
+            .collect();
+        Route {
+            series: OnceLock::new(),
+            source,
+            policy: policies.get(&name, &s.http),
+            name,
+            service: s.key(),
+            endpoints,
+            fail_open: s.fail_open,
+            connect_timeout: s.connect_timeout,
+            retries: s.retries,
+            retry_budget: s.retry_budget,
+            mtls: s.mtls,
+            app_protocol: f.app_protocol,
+            from: (s.clone(), f.clone()),
+        }
+    }
+
+    /// Whether it is the route of `f` in `state` as it is.
+    fn built_from(&self, state: &State, f: &Frontend) -> bool {
+        let (service, front) = &self.from;
+        Arc::ptr_eq(service, &state.services[f.service])
+            && (front.vip, front.port, front.target_port, front.app_protocol)
+                == (f.vip, f.port, f.target_port, f.app_protocol)
+    }
+
+    /// Takes over the series `old` (the same route before a write) made,
+    /// so counts go on across writes without making series for endpoints
+    /// that carry nothing.
+    fn adopt_series(&self, old: &Route) {
+        if std::ptr::eq(self, old) {
+            return;
+        }
+        if let Some(s) = old.series.get() {
+            let _ = self.series.set(s.clone());
+        }
+        if old.endpoints.iter().all(|e| e.series.get().is_none()) {
+            return;
+        }
+        let made: HashMap<SocketAddrV4, &EndpointSeries> =
+            old.endpoints.iter().filter_map(|e| Some((e.state.addr, e.series.get()?.as_ref()))).collect();
+        for e in &self.endpoints {
+            if let Some(s) = made.get(&e.state.addr) {
+                let _ = e.series.set(Box::new((*s).clone()));
+            }
+        }
+    }
+
+    /// Drops the series this route made that `next` (the same route after
+    /// a write, if it stays) has not.
+    fn forget_series_missing_from(&self, next: Option<&Route>, metrics: &Metrics) {
+        if next.is_some_and(|n| std::ptr::eq(self, n)) {
+            return;
+        }
+        if let (Some(s), None) = (self.series.get(), next) {
+            metrics.forget_service(&s.labels);
+        }
+        for e in &self.endpoints {
+            let Some(s) = e.series.get() else { continue };
+            if !next.is_some_and(|k| k.endpoints.iter().any(|n| n.state.addr == e.state.addr)) {
+                metrics.forget_endpoint(&s.labels);
+            }
+        }
     }
 }
 
@@ -186,22 +287,40 @@ impl RoutesView {
 impl View for RoutesView {
     fn update(&self, snap: &Snapshot) {
         let current = self.table.load();
-        let next = RouteTable::build_from(
-            &snap.state,
-            &snap.frontends,
-            &current,
-            &self.registry,
-            &self.policies,
-            &self.local,
-            &self.metrics,
-        );
-        next.adopt_series(&current);
-        let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
-        self.policies.retain(|n| names.contains(n));
-        let in_use: HashSet<SocketAddrV4> =
-            next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
-        self.upstreams.retain(|a| in_use.contains(&a));
-        self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
+        let (r, p, l, m) = (&self.registry, &self.policies, &self.local, &self.metrics);
+        match &snap.delta {
+            // One write after the table's: only what it changed.
+            Some(d) if current.generation + 1 == snap.generation => {
+                let next = RouteTable::apply(&current, snap, d, r, p, l, m);
+                for f in &d.changed {
+                    if let (Some(new), Some(old)) = (next.by_id.get(&f.id), current.by_id.get(&f.id)) {
+                        new.adopt_series(old);
+                        old.forget_series_missing_from(Some(new), m);
+                    }
+                }
+                for id in &d.removed {
+                    if let Some(old) = current.by_id.get(id) {
+                        old.forget_series_missing_from(None, m);
+                        self.policies.forget(&old.name);
+                    }
+                }
+                let gone: HashSet<SocketAddrV4> = d.gone.iter().copied().collect();
+                if !gone.is_empty() {
+                    self.upstreams.retain(|a| !gone.contains(&a));
+                }
+                self.table.store(Arc::new(next));
+            }
+            _ => {
+                let next = RouteTable::build_from(&snap.state, &snap.frontends, snap.generation, &current, r, p, l, m);
+                next.adopt_all_series(&current);
+                let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
+                self.policies.retain(|n| names.contains(n));
+                let in_use: HashSet<SocketAddrV4> =
+                    next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
+                self.upstreams.retain(|a| in_use.contains(&a));
+                self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
+            }
+        }
     }
 
     fn stats_rows(&self) -> Vec<StatsRow> {
@@ -212,9 +331,11 @@ impl View for RoutesView {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_id: HashMap<u32, Arc<Route>>,
-    /// The state and frontends it was built from: the next build reuses
-    /// the routes of services that did not change.
-    source: Option<(Arc<State>, HashMap<u32, Frontend>)>,
+    /// The generation of the state it was built from.
+    generation: u64,
+    /// That state's nodes: a route to a remote endpoint names its node's
+    /// address.
+    nodes: Vec<crate::model::Node>,
     /// Workloads by IP.
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
 }
@@ -229,80 +350,35 @@ impl RouteTable {
         local: &Local,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        Self::build_from(state, frontends, &RouteTable::default(), registry, policies, local, metrics)
+        Self::build_from(state, frontends, 1, &RouteTable::default(), registry, policies, local, metrics)
     }
 
     /// Builds the table of `state`, taking the route of every service port
-    /// whose service, frontend and the nodes are as `prev` had them from
-    /// `prev` as it is: a write costs what it changes, not a rebuild of
-    /// every route.
+    /// whose service (the same `Arc`), frontend and the nodes are as `prev`
+    /// had them from `prev` as it is.
+    #[allow(clippy::too_many_arguments)]
     pub fn build_from(
         state: &Arc<State>,
         frontends: &[Frontend],
+        generation: u64,
         prev: &RouteTable,
         registry: &Registry,
         policies: &Policies,
         local: &Local,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let same_nodes = prev.source.as_ref().is_some_and(|(p, _)| p.nodes == state.nodes);
-        let unchanged = |f: &Frontend| -> Option<Arc<Route>> {
-            let (p, fronts) = prev.source.as_ref().filter(|_| same_nodes)?;
-            let old = fronts.get(&f.id)?;
-            let same = (old.vip, old.port, old.target_port, old.app_protocol)
-                == (f.vip, f.port, f.target_port, f.app_protocol)
-                && p.services[old.service] == state.services[f.service];
-            same.then(|| prev.by_id.get(&f.id).cloned()).flatten()
-        };
+        let same_nodes = prev.nodes == state.nodes;
         let by_id = frontends
             .iter()
             .map(|f| {
-                if let Some(r) = unchanged(f) {
-                    return (f.id, r);
-                }
-                let s = &state.services[f.service];
-                let name = format!("{}:{}", s.key(), f.port);
-                let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
-                let endpoints = s
-                    .endpoints
-                    .iter()
-                    .map(|e| {
-                        let addr = e.addr(f.target_port);
-                        let remote = (e.node != local.node)
-                            .then(|| {
-                                state
-                                    .node(&e.node)
-                                    .map(|n| (e.node.clone(), SocketAddrV4::new(n.address, local.tunnel_port)))
-                            })
-                            .flatten();
-                        RouteEndpoint {
-                            state: registry.get(addr),
-                            weight: e.weight.0,
-                            priority: e.priority,
-                            remote,
-                            series: OnceLock::new(),
-                            source: source.clone(),
-                        }
-                    })
-                    .collect();
-                let route = Route {
-                    series: OnceLock::new(),
-                    source,
-                    policy: policies.get(&name, &s.http),
-                    name,
-                    service: s.key(),
-                    endpoints,
-                    fail_open: s.fail_open,
-                    connect_timeout: s.connect_timeout,
-                    retries: s.retries,
-                    retry_budget: s.retry_budget,
-                    mtls: s.mtls,
-                    app_protocol: f.app_protocol,
+                let kept = prev.by_id.get(&f.id).filter(|r| same_nodes && r.built_from(state, f));
+                let route = match kept {
+                    Some(r) => r.clone(),
+                    None => Arc::new(Route::new(state, f, registry, policies, local, metrics)),
                 };
-                (f.id, Arc::new(route))
+                (f.id, route)
             })
             .collect();
-        let source = Some((state.clone(), frontends.iter().map(|f| (f.id, f.clone())).collect()));
         let workloads = state
             .workloads
             .iter()
@@ -311,31 +387,36 @@ impl RouteTable {
                 (w.ip, Arc::new(Workload { name: format!("{}/{}", w.namespace, w.name), identity: id }))
             })
             .collect();
-        Self { by_id, source, workloads }
+        Self { by_id, generation, nodes: state.nodes.clone(), workloads }
     }
 
-    /// Takes over the series `old` made for the same route and endpoint,
-    /// so counts go on across state writes without making series for
-    /// endpoints that carry nothing.
-    pub fn adopt_series(&self, old: &RouteTable) {
+    /// `prev` with the routes `delta` changed (the nodes and workloads
+    /// are as they were: a write that changes them comes without delta).
+    fn apply(
+        prev: &RouteTable,
+        snap: &Snapshot,
+        delta: &Delta,
+        registry: &Registry,
+        policies: &Policies,
+        local: &Local,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let mut by_id = prev.by_id.clone();
+        for id in &delta.removed {
+            by_id.remove(id);
+        }
+        for f in &delta.changed {
+            by_id.insert(f.id, Arc::new(Route::new(&snap.state, f, registry, policies, local, metrics)));
+        }
+        Self { by_id, generation: snap.generation, nodes: prev.nodes.clone(), workloads: prev.workloads.clone() }
+    }
+
+    /// Takes over the series of every route of `old` with the same name.
+    fn adopt_all_series(&self, old: &RouteTable) {
         let by_name: HashMap<&str, &Route> = old.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
         for r in self.by_id.values() {
-            let Some(o) = by_name.get(r.name.as_str()) else { continue };
-            if std::ptr::eq(r.as_ref(), *o) {
-                continue;
-            }
-            if let Some(s) = o.series.get() {
-                let _ = r.series.set(s.clone());
-            }
-            if o.endpoints.iter().all(|e| e.series.get().is_none()) {
-                continue;
-            }
-            let made: HashMap<SocketAddrV4, &EndpointSeries> =
-                o.endpoints.iter().filter_map(|e| Some((e.state.addr, e.series.get()?.as_ref()))).collect();
-            for e in &r.endpoints {
-                if let Some(s) = made.get(&e.state.addr) {
-                    let _ = e.series.set(Box::new((*s).clone()));
-                }
+            if let Some(o) = by_name.get(r.name.as_str()) {
+                r.adopt_series(o);
             }
         }
     }
@@ -345,19 +426,9 @@ impl RouteTable {
     pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
         let by_name: HashMap<&str, &Route> = next.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
         for r in self.by_id.values() {
-            let kept = by_name.get(r.name.as_str());
-            if let (Some(s), None) = (r.series.get(), kept) {
-                metrics.forget_service(&s.labels);
-            }
-            for e in &r.endpoints {
-                let Some(s) = e.series.get() else { continue };
-                if !kept.is_some_and(|k| k.endpoints.iter().any(|n| n.state.addr == e.state.addr)) {
-                    metrics.forget_endpoint(&s.labels);
-                }
-            }
+            r.forget_series_missing_from(by_name.get(r.name.as_str()).copied(), metrics);
         }
     }
-
     /// `meshctl stats` rows of every endpoint of every route.
     pub fn stats_rows(&self) -> Vec<StatsRow> {
         let now = Instant::now();
@@ -428,7 +499,7 @@ mod tests {
         assert_eq!((rows[2].endpoint.as_str(), rows[2].opened), ("10.0.0.3:8080", 0));
 
         let (new, _) = table_with("   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.3, node: a}]\n", &m);
-        new.adopt_series(&old);
+        new.adopt_all_series(&old);
         old.forget_series_missing_from(&new, &m);
         let text = m.encode();
         assert!(text.contains("endpoint=\"10.0.0.1:8080\""), "{text}");
@@ -443,29 +514,35 @@ mod tests {
 
     #[test]
     fn a_rebuild_keeps_the_routes_of_services_that_did_not_change() {
-        let doc = |w: u32| {
-            parse_document(&format!(
-                "nodes: [{{name: a, address: 172.18.0.2}}]\n\
-                 services:\n - {{name: web, vip: 10.96.0.10, ports: [{{port: 80}}], endpoints: [{{ip: 10.0.0.1, node: a, weight: {w}}}]}}\n\
-                 \x20- {{name: db, vip: 10.96.0.20, ports: [{{port: 5432}}], endpoints: [{{ip: 10.0.0.2, node: a}}]}}\n"
-            ))
-            .unwrap()
-        };
+        let doc = parse_document(
+            "nodes: [{name: a, address: 172.18.0.2}]\n\
+             services:\n - {name: web, vip: 10.96.0.10, ports: [{port: 80}], endpoints: [{ip: 10.0.0.1, node: a}]}\n\
+             \x20- {name: db, vip: 10.96.0.20, ports: [{port: 5432}], endpoints: [{ip: 10.0.0.2, node: a}]}\n",
+        )
+        .unwrap();
         let m = Arc::new(Metrics::new());
         let local =
             Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
         let (registry, policies) = (Registry::default(), Policies::default());
-        let build = |w: u32, prev: &RouteTable| {
-            let state = Arc::new(State::from_document(&doc(w)).unwrap());
-            let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
-            RouteTable::build_from(&state, &state.frontends(&ids), prev, &registry, &policies, &local, &m)
+        let state = Arc::new(State::from_document(&doc).unwrap());
+        let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
+        let build = |state: &Arc<State>, prev: &RouteTable| {
+            RouteTable::build_from(state, &state.frontends(&ids), 1, prev, &registry, &policies, &local, &m)
         };
-        let one = build(1, &RouteTable::default());
-        let two = build(5, &one);
+        let one = build(&state, &RouteTable::default());
+        // A write of web's weight: db's service is the same Arc.
+        let mut doc2 = doc.clone();
+        doc2.service_mut(0).endpoints[0].weight = 5;
+        let index = crate::model::Index::of(&state, 256);
+        let next = Arc::new(State::from_changes((&doc, &state, &index), &doc2, 256).unwrap().state);
+        let two = build(&next, &one);
         let id = |t: &RouteTable, name: &str| t.by_id.values().find(|r| r.name == name).unwrap().clone();
         assert!(Arc::ptr_eq(&id(&one, "default/db:5432"), &id(&two, "default/db:5432")), "db did not change");
         assert!(!Arc::ptr_eq(&id(&one, "default/web:80"), &id(&two, "default/web:80")), "web's weight did");
         assert_eq!(id(&two, "default/web:80").endpoints[0].weight, 5);
+        // The same content parsed again is not the same service: rebuilt.
+        let three = build(&Arc::new(State::from_document(&doc2).unwrap()), &two);
+        assert!(!Arc::ptr_eq(&id(&two, "default/db:5432"), &id(&three, "default/db:5432")));
     }
 
     #[tokio::test]

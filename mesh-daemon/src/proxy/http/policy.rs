@@ -51,6 +51,11 @@ impl Policies {
         }
     }
 
+    /// Forgets route `name`.
+    pub fn forget(&self, name: &str) {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
     /// Forgets the routes not in `keep`.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.kept.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| keep(k));
