@@ -12,5 +12,6 @@ pub mod model;
 pub(crate) mod proxy;
 pub(crate) mod relay;
 pub mod run;
+pub(crate) mod shared_map;
 pub mod telemetry;
 pub(crate) mod tunnel;

@@ -427,11 +427,15 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 },
                 _ => match parse::<ServiceDoc>(v) {
                     Ok(s) => {
-                        put_item(&control, m, "services", s, |d, s| {
-                            let key = (s.namespace.clone(), s.name.clone());
-                            upsert(&mut d.services, std::sync::Arc::new(s), |x| {
-                                (x.namespace.clone(), x.name.clone()) == key
-                            })
+                        put_item(&control, m, "services", s, |d, s| match d.find_service(&s.namespace, &s.name) {
+                            Some(i) => {
+                                d.services[i] = std::sync::Arc::new(s);
+                                i
+                            }
+                            None => {
+                                d.services.push(std::sync::Arc::new(s));
+                                d.services.len() - 1
+                            }
                         })
                         .await
                     }
@@ -480,12 +484,10 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 return error(StatusCode::BAD_REQUEST, "the body must be {\"weight\": N} with N from 0 to 65535");
             };
             write(&control, m, move |d| {
-                let s = d
-                    .services
-                    .iter_mut()
-                    .find(|s| s.namespace == ns && s.name == name)
-                    .map(std::sync::Arc::make_mut)
+                let i = d
+                    .find_service(&ns, &name)
                     .ok_or_else(|| WriteError::NotFound(format!("service {ns}/{name} not found")))?;
+                let s = d.service_mut(i);
                 let e: &mut EndpointDoc =
                     s.endpoints.iter_mut().find(|e| e.ip == ip).ok_or_else(|| {
                         WriteError::NotFound(format!("endpoint {ip} of service {ns}/{name} not found"))

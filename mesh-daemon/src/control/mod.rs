@@ -269,6 +269,9 @@ pub fn plan(
     let v = State::from_changes((&current.state, prev_state, index), &doc, capacity.slot_table_size)
         .map_err(WriteError::Invalid)?;
     let (state, changes, index_change) = (v.state, v.changes, v.index_change);
+    for &i in &changes.changed {
+        doc.shrink(i);
+    }
     let workloads = state.workloads.iter().filter(|w| &w.node == node).count();
     let needs = if changes.whole {
         MapNeeds::of(&state, node, capacity.slot_table_size)
@@ -296,12 +299,13 @@ pub fn plan(
     Ok(Planned { stored, state, frontends, changes, index_change })
 }
 
-/// Drops the state a write replaced off the caller's path, then hands the
-/// freed heap back to the system (glibc keeps it otherwise: the parse of
-/// a large apply would stay resident). At most one at a time.
-fn release_after(old: Current) {
+/// Drops the state a write replaced off the caller's path and, after a
+/// write that replaced much of it (`trim`), hands the freed heap back to
+/// the system (glibc keeps it otherwise: the parse of a large apply would
+/// stay resident). At most one at a time.
+fn release_after(old: Current, trim: bool) {
     static RUNNING: AtomicBool = AtomicBool::new(false);
-    if RUNNING.swap(true, Ordering::AcqRel) {
+    if !trim || RUNNING.swap(true, Ordering::AcqRel) {
         return;
     }
     let spawned = std::thread::Builder::new().name("heap-release".into()).spawn(move || {
@@ -339,7 +343,7 @@ impl Control {
             cfg,
         };
         let restored = control.store.load()?;
-        let (stored, seeded) = match (restored, &seed) {
+        let (mut stored, seeded) = match (restored, &seed) {
             (Some(s), _) => {
                 info!(file = %control.store.path().display(), generation = s.generation, "state restored");
                 (s, false)
@@ -354,6 +358,9 @@ impl Control {
             }
             (None, None) => (Stored::default(), false),
         };
+        for i in 0..stored.state.services.len() {
+            stored.state.shrink(i);
+        }
         let state = State::from_document(&stored.state).map_err(|e| {
             anyhow::anyhow!("state file {} is invalid; it was left as it is:\n{e}", control.store.path().display())
         })?;
@@ -614,7 +621,10 @@ impl Control {
             publish_ms = ms(t0.elapsed() - saved),
             "state applied"
         );
-        release_after(old);
+        // A write of a few services frees little: no trim for it.
+        let c = &current.changes;
+        let trim = c.whole || c.changed.len() + c.removed.len() > 64;
+        release_after(old, trim);
         Ok(generation)
     }
 

@@ -377,8 +377,12 @@ mod tests {
         assert_eq!(loaded.ids.get("default/s0:80"), None, "the removed service's id is gone");
         assert!(loaded.ids.get("default/s2:81").is_some() && loaded.ids.get("default/s2:80").is_none());
 
-        // Reordering the services (or changing the nodes) writes it whole.
+        // Reordered services are replayed in their new order.
         write(&store, &mut cur, |d| d.services.reverse());
+        assert_eq!(journal_lines(&d), 5);
+        assert_eq!(Store::new(&d).load().unwrap().unwrap(), cur.0);
+        // Changing the nodes writes it whole, and the journal starts over.
+        write(&store, &mut cur, |d| d.nodes[0].address = "172.18.0.9".into());
         assert_eq!(journal_lines(&d), 0);
         assert_eq!(Store::new(&d).load().unwrap().unwrap(), cur.0);
         std::fs::remove_dir_all(&d).unwrap();

@@ -42,6 +42,14 @@ impl HealthView {
 
 impl View for HealthView {
     fn update(&self, snap: &Snapshot) {
+        // A write that touched no service with checks changes no check.
+        if let Some(d) = &snap.delta {
+            let checked = d.before.iter().any(|s| s.health_check.is_some())
+                || d.changed.iter().any(|f| snap.state.services[f.service].health_check.is_some());
+            if !checked {
+                return;
+            }
+        }
         let mut wanted = Vec::new();
         for f in snap.frontends.iter() {
             let s = &snap.state.services[f.service];

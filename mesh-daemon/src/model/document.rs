@@ -18,9 +18,58 @@ pub struct Document {
     /// before, which is how validation and the views know what changed.
     #[serde(default)]
     pub services: Vec<Arc<ServiceDoc>>,
+    /// Where each service was, shared by the documents made from this
+    /// one; see [`Document::find_service`].
+    #[serde(skip)]
+    positions: Positions,
+}
+
+/// `namespace/name` -> index into `services`, as of when it was made:
+/// a hint, checked on every use.
+#[derive(Clone, Default)]
+struct Positions(Arc<std::collections::HashMap<String, usize>>);
+
+impl PartialEq for Positions {
+    /// A cache: not part of what a document says.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Positions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
 }
 
 impl Document {
+    /// The index of service `namespace/name`. Found through a map shared
+    /// with the documents this one was copied from (a write's lookup
+    /// costs no scan of every service); the map is made again when it no
+    /// longer points at the service (after services moved).
+    pub fn find_service(&mut self, namespace: &str, name: &str) -> Option<usize> {
+        let at = |d: &Self| {
+            let i = *d.positions.0.get(&format!("{namespace}/{name}"))?;
+            d.services.get(i).filter(|s| s.namespace == namespace && s.name == name).map(|_| i)
+        };
+        if let Some(i) = at(self) {
+            return Some(i);
+        }
+        let map = self.services.iter().enumerate().map(|(i, s)| (format!("{}/{}", s.namespace, s.name), i)).collect();
+        self.positions = Positions(Arc::new(map));
+        at(self)
+    }
+
+    /// Drops the growth slack of service `i`'s lists, if this document
+    /// holds it alone (just parsed): a parsed list grows by doubling, and
+    /// the slack would stay as long as the service does.
+    pub fn shrink(&mut self, i: usize) {
+        if let Some(s) = Arc::get_mut(&mut self.services[i]) {
+            s.endpoints.shrink_to_fit();
+            s.ports.shrink_to_fit();
+        }
+    }
+
     /// Service `i` to edit: a copy when it is shared with another
     /// document (the one before a write), so that one is left as it is.
     pub fn service_mut(&mut self, i: usize) -> &mut ServiceDoc {
@@ -266,4 +315,22 @@ fn default_true() -> bool {
 }
 fn default_check() -> String {
     "tcp".into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_service_is_found_where_it_is_after_services_moved() {
+        let mut d = crate::model::parse_document(
+            "services: [{name: a, vip: 10.96.0.1}, {name: b, vip: 10.96.0.2}, {name: c, vip: 10.96.0.3}]",
+        )
+        .unwrap();
+        assert_eq!(d.find_service("default", "c"), Some(2));
+        let mut copy = d.clone();
+        copy.services.remove(0);
+        assert_eq!(copy.find_service("default", "c"), Some(1), "the shared map is stale: made again");
+        assert_eq!(d.find_service("default", "c"), Some(2), "the original's is not");
+        assert_eq!(copy.find_service("default", "a"), None);
+        assert_eq!(copy.find_service("other", "b"), None);
+    }
 }

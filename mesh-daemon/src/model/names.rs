@@ -8,9 +8,16 @@ use std::fmt;
 pub struct Name(String);
 
 /// A node name: a DNS-1123 subdomain (labels joined by '.'), at most 253
-/// characters.
+/// characters. Shared: every endpoint on a node holds the node list's
+/// copy (validation looks it up), not a string of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeName(String);
+pub struct NodeName(std::sync::Arc<str>);
+
+impl std::borrow::Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 fn is_label(s: &str) -> bool {
     let b = s.as_bytes();
@@ -39,7 +46,7 @@ impl Name {
 impl NodeName {
     pub fn parse(s: &str) -> Result<Self, String> {
         if !s.is_empty() && s.len() <= 253 && s.split('.').all(is_label) {
-            Ok(Self(s.to_owned()))
+            Ok(Self(s.into()))
         } else {
             Err(format!(
                 "{s:?} is not a valid node name: use lowercase letters, digits, '-' and '.', at most 253 characters"

@@ -20,6 +20,7 @@ use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::model::{AppProtocol, Authorization, Delta, NodeName, Service, Snapshot, State, View};
 use crate::relay::{relay, Transfer};
+use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, StatsRow};
 use crate::telemetry::Metrics;
 use crate::tunnel::client::Stream;
@@ -114,7 +115,7 @@ pub struct Inbound {
     local: HashMap<Ipv4Addr, Identity>,
     /// By `namespace/name`: the service it was made from and what it
     /// needs here.
-    services: HashMap<String, (Arc<Service>, Arc<LocalService>)>,
+    services: SharedMap<String, (Arc<Service>, Arc<LocalService>)>,
     /// For each workload identity, the addresses of the nodes its
     /// workloads run on: where its streams may come from.
     homes: HashMap<Identity, Vec<std::net::IpAddr>>,
@@ -167,7 +168,7 @@ impl Inbound {
             .filter(|w| &w.node == node)
             .map(|w| (w.ip, Identity::workload(trust_domain, &w.namespace, &w.service_account)))
             .collect();
-        let mut services = HashMap::new();
+        let mut services = SharedMap::default();
         for s in &state.services {
             let key = s.key();
             if let Some(kept) = prev.services.get(&key).filter(|(old, _)| Arc::ptr_eq(old, s)) {

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
 use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State, View};
+use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
 
@@ -330,7 +331,8 @@ impl View for RoutesView {
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    by_id: HashMap<u32, Arc<Route>>,
+    /// Shared with the table before but for the routes a write changed.
+    by_id: SharedMap<u32, Arc<Route>>,
     /// The generation of the state it was built from.
     generation: u64,
     /// That state's nodes: a route to a remote endpoint names its node's
