@@ -200,13 +200,33 @@ async fn write(
     }
 }
 
-async fn body_value(req: Request<Incoming>) -> Result<Value, Box<Reply>> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Box<Reply>> {
+    Ok(Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| bad(&format!("cannot read the body: {e}")))?
-        .to_bytes();
-    serde_yaml::from_slice(&bytes).map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
+        .to_bytes())
+}
+
+fn value_of(bytes: &[u8]) -> Result<Value, Box<Reply>> {
+    serde_yaml::from_slice(bytes).map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
+}
+
+async fn body_value(req: Request<Incoming>) -> Result<Value, Box<Reply>> {
+    value_of(&body_bytes(req).await?)
+}
+
+/// The body as a `T`: read straight from JSON or YAML (a large state
+/// parsed through a generic value would cost its size over again), else
+/// through a value, which names what is wrong.
+fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Reply>> {
+    if let Ok(t) = serde_json::from_slice(bytes) {
+        return Ok(t);
+    }
+    if let Ok(t) = serde_yaml::from_slice(bytes) {
+        return Ok(t);
+    }
+    parse(value_of(bytes)?)
 }
 
 /// Sets `key` of an object body from the URL, or checks it matches.
@@ -341,11 +361,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc }))
         }
         (&Method::PUT, ["v1", "state"]) => {
-            let v = match body_value(req).await {
-                Ok(v) => v,
-                Err(r) => return *r,
-            };
-            let new: Document = match parse(v) {
+            let new: Document = match body_bytes(req).await.and_then(|b| parse_body(&b)) {
                 Ok(d) => d,
                 Err(r) => return *r,
             };

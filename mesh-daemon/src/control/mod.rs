@@ -299,22 +299,33 @@ pub fn plan(
     Ok(Planned { stored, state, frontends, changes, index_change })
 }
 
-/// Drops the state a write replaced off the caller's path and, after a
-/// write that replaced much of it (`trim`), hands the freed heap back to
-/// the system (glibc keeps it otherwise: the parse of a large apply would
-/// stay resident). At most one at a time.
-fn release_after(old: Current, trim: bool) {
-    static RUNNING: AtomicBool = AtomicBool::new(false);
-    if !trim || RUNNING.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let spawned = std::thread::Builder::new().name("heap-release".into()).spawn(move || {
-        drop(old);
-        datapath::release_freed_heap();
-        RUNNING.store(false, Ordering::Release);
+/// Drops the state a write replaced off the caller's path, on a helper
+/// thread that hands the freed heap back to the system once writes pause
+/// (a second after the last one): glibc keeps freed heap otherwise, and
+/// the parse of a large apply would stay resident. Writes come in bursts;
+/// trimming after each would cost every write a walk of the heap.
+fn release_after(old: Current) {
+    static RELEASE: OnceLock<Option<std::sync::mpsc::Sender<Current>>> = OnceLock::new();
+    let tx = RELEASE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Current>();
+        let spawned = std::thread::Builder::new().name("heap-release".into()).spawn(move || {
+            while let Ok(old) = rx.recv() {
+                drop(old);
+                loop {
+                    match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Ok(old) => drop(old),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                datapath::release_freed_heap();
+            }
+        });
+        spawned.ok().map(|_| tx)
     });
-    if spawned.is_err() {
-        RUNNING.store(false, Ordering::Release);
+    // Without the helper (it could not start), the state is dropped here.
+    if let Some(tx) = tx {
+        let _ = tx.send(old);
     }
 }
 
@@ -610,7 +621,7 @@ impl Control {
         // A state that passed planning fits: whatever kept the daemon from
         // being ready is over.
         self.problem.store(None);
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
         info!(
             generation,
             written = report.written,
@@ -621,10 +632,7 @@ impl Control {
             publish_ms = ms(t0.elapsed() - saved),
             "state applied"
         );
-        // A write of a few services frees little: no trim for it.
-        let c = &current.changes;
-        let trim = c.whole || c.changed.len() + c.removed.len() > 64;
-        release_after(old, trim);
+        release_after(old);
         Ok(generation)
     }
 
