@@ -70,9 +70,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub slot_table_size: u32,
     /// Entries of the kernel's slot map, shared by every kernel-mode table
-    /// (about 100 bytes of kernel memory each, allocated at start). Taken
-    /// when the map is created; a map pinned by an earlier daemon keeps
-    /// its size.
+    /// (kernel memory is taken per entry in use, about 120 bytes each).
+    /// Taken when the map is created; a map pinned by an earlier daemon
+    /// keeps its size.
     #[arg(long, default_value_t = mesh_common::limits::MAX_SLOTS, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub slot_entries: u32,
     /// Time constant of the peak-EWMA of connect time (e.g. 10s).
