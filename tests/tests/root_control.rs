@@ -170,12 +170,22 @@ fn root_datapath_survives_kill9_and_restart_takes_it_over() {
     let mut d = start(&c, &web(&c, "kernel", 1, 1), &[]);
     let programs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
     assert_eq!(programs.len(), 3);
+    // A write after the seed is a line of the journal, not a new file.
+    let whole = std::fs::read(c.state_dir("node-a").join("state.json")).unwrap();
+    assert_eq!(ctl(&c, &["set-weight", "web", &c.pod("web-1").ip.to_string(), "3"]).0, 0);
+    let journal = c.state_dir("node-a").join("state.journal");
+    assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 1);
+    assert_eq!(std::fs::read(c.state_dir("node-a").join("state.json")).unwrap(), whole);
     let before = ctl_json(&c, &["datapath", "dump"]);
 
     d.kill9();
     let t = tally(&c, 100);
     assert_eq!(t.failed, 0, "kernel mode broke while the daemon was down: {}", t.text);
     assert_eq!(t.by_backend.len(), 2, "{}", t.text);
+    // As if the daemon had died in the middle of appending a write it
+    // never answered.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&journal).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"generation\":3,\"inser").unwrap();
 
     let cfg = c.write_file("mesh.yaml", &c.config(&web(&c, "kernel", 1, 1))).unwrap();
     let d2 = c.start_daemon("node-a", &cfg, &[]).unwrap();
@@ -185,7 +195,12 @@ fn root_datapath_survives_kill9_and_restart_takes_it_over() {
     assert_eq!(after["workloads"], before["workloads"]);
     let status = ctl_json(&c, &["status"]);
     assert_eq!(status["datapath"]["reused_at_start"], true, "{status}");
-    assert_eq!(status["generation"], 1, "state restored, not re-seeded: {status}");
+    assert_eq!(status["generation"], 2, "state restored with its journal, not re-seeded: {status}");
+    let weights: Vec<u64> =
+        ctl_json(&c, &["get", "endpoints"]).as_array().unwrap().iter().map(|e| e["weight"].as_u64().unwrap()).collect();
+    assert_eq!(weights, [3, 1], "the journaled write is back");
+    assert!(d2.log_text().contains("a torn last line of the journal was cut off"), "{}", d2.log_text());
+    assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 1);
     let t = tally(&c, 20);
     assert_eq!(t.failed, 0, "{}", t.text);
     drop(d2);

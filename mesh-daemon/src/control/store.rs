@@ -262,17 +262,29 @@ impl Store {
 /// Applies one journal line.
 fn replay(stored: &mut Stored, e: Entry) -> Result<(), String> {
     let services = &mut stored.state.services;
-    for j in e.removed.iter().rev() {
-        if *j >= services.len() {
-            return Err(format!("removes service {j} of {}", services.len()));
+    // Services replaced where they were (the common write) are put in
+    // place, not by moving the ones after them.
+    let in_place = e.removed.len() == e.inserted.len() && e.removed.iter().zip(&e.inserted).all(|(j, (i, _))| i == j);
+    if in_place {
+        for (i, s) in e.inserted {
+            if i >= services.len() {
+                return Err(format!("replaces service {i} of {}", services.len()));
+            }
+            services[i] = s;
         }
-        services.remove(*j);
-    }
-    for (i, s) in e.inserted {
-        if i > services.len() {
-            return Err(format!("puts a service at {i} of {}", services.len()));
+    } else {
+        for j in e.removed.iter().rev() {
+            if *j >= services.len() {
+                return Err(format!("removes service {j} of {}", services.len()));
+            }
+            services.remove(*j);
         }
-        services.insert(i, s);
+        for (i, s) in e.inserted {
+            if i > services.len() {
+                return Err(format!("puts a service at {i} of {}", services.len()));
+            }
+            services.insert(i, s);
+        }
     }
     if let Some(c) = e.ids {
         stored.ids = Arc::new(stored.ids.with(&c.set, &c.removed, c.next));

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::Chunked;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Document {
@@ -17,7 +19,7 @@ pub struct Document {
     /// pointers, and a service it did not touch is the same `Arc` as
     /// before, which is how validation and the views know what changed.
     #[serde(default)]
-    pub services: Vec<Arc<ServiceDoc>>,
+    pub services: Chunked<Arc<ServiceDoc>>,
     /// Where each service was, shared by the documents made from this
     /// one; see [`Document::find_service`].
     #[serde(skip)]

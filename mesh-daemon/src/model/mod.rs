@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+mod chunked;
 mod document;
 pub mod http;
 mod ids;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use capacity::{MapCapacity, MapNeeds};
+pub use chunked::Chunked;
 pub use document::{
     AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, HttpRouteDoc, NodeDoc, OutlierDoc,
     PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
@@ -34,7 +36,7 @@ pub struct State {
     pub workloads: Vec<Workload>,
     /// Shared with the state before: a service a write did not change is
     /// the same `Arc`.
-    pub services: Vec<Arc<Service>>,
+    pub services: Chunked<Arc<Service>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

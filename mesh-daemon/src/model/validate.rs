@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::chunked::CHUNK;
 use super::*;
 
 /// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
@@ -298,20 +299,41 @@ pub(super) fn validate(
     // Which services are the same as before: by pointer.
     let mut change = Index::default();
     let mut changes = Changes { whole: prev.is_none(), ..Changes::default() };
-    let mut reused: Vec<Option<&Arc<Service>>> = vec![None; doc.services.len()];
+    // Runs of services kept from the state before: (index in `doc`,
+    // index before, length).
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut run = |i: usize, j: usize, n: usize| match runs.last_mut() {
+        Some(r) if r.0 + r.2 == i && r.1 + r.2 == j => r.2 += n,
+        _ => runs.push((i, j, n)),
+    };
     if let Some((pd, ps, _)) = prev {
         // Walk both lists together: an edit replaces, removes or adds a
-        // few services and keeps the order, so this costs one pointer
-        // comparison per service. A service found out of step is looked
-        // up among all the old ones (built once, only then).
+        // few services and keeps the order, so a chunk of services shared
+        // with the list before is passed over whole, and the rest costs
+        // one pointer comparison per service. A service found out of step
+        // is looked up among all the old ones (built once, only then).
         let (new, old) = (&doc.services, &pd.services);
         let same = |i: usize, j: usize| i < new.len() && j < old.len() && Arc::ptr_eq(&new[i], &old[j]);
         let mut by_ptr: Option<HashMap<*const ServiceDoc, usize>> = None;
         let mut kept = vec![false; old.len()];
         let mut last = None;
         changes.in_order = true;
-        let mut j = 0;
-        for i in 0..new.len() {
+        let (mut i, mut j) = (0, 0);
+        while i < new.len() {
+            if i.is_multiple_of(CHUNK) && i == j {
+                let c = i / CHUNK;
+                if let (Some(a), Some(b)) = (new.chunks().get(c), old.chunks().get(c)) {
+                    if Arc::ptr_eq(a, b) {
+                        let n = a.len();
+                        kept[j..j + n].fill(true);
+                        changes.in_order &= last.is_none_or(|l| l < j);
+                        run(i, j, n);
+                        last = Some(j + n - 1);
+                        (i, j) = (i + n, j + n);
+                        continue;
+                    }
+                }
+            }
             let found = if same(i, j) {
                 Some(j)
             } else if same(i, j + 1) {
@@ -326,7 +348,7 @@ pub(super) fn validate(
             match found.filter(|f| !kept[*f]) {
                 Some(f) => {
                     kept[f] = true;
-                    reused[i] = Some(&ps.services[f]);
+                    run(i, f, 1);
                     changes.in_order &= last.is_none_or(|l| l < f);
                     last = Some(f);
                     j = f + 1;
@@ -335,6 +357,7 @@ pub(super) fn validate(
                 None if same(i + 1, j + 1) => j += 1,
                 None => {}
             }
+            i += 1;
         }
         for (j, k) in kept.iter().enumerate() {
             if !k {
@@ -346,25 +369,51 @@ pub(super) fn validate(
     // Services checked here (index in the state, in the document), for
     // the checks that need all of them first.
     let mut checked = Vec::new();
-    for (i, s) in doc.services.iter().enumerate() {
-        if let Some(r) = reused[i] {
-            state.services.push(r.clone());
+    let mut runs = runs.into_iter().peekable();
+    let mut i = 0;
+    while i < doc.services.len() {
+        if let (Some(&(_, j, n)), Some((_, ps, _))) = (runs.peek().filter(|r| r.0 == i), prev) {
+            runs.next();
+            // Whole chunks of the state before where they were, shared.
+            let mut k = 0;
+            while k < n {
+                let (ni, oi) = (i + k, j + k);
+                let chunk =
+                    ps.services.chunks().get(oi / CHUNK).filter(|c| {
+                        ni.is_multiple_of(CHUNK) && ni == oi && state.services.len() == ni && c.len() <= n - k
+                    });
+                match chunk {
+                    Some(c) => {
+                        state.services.push_chunk(c);
+                        k += c.len();
+                    }
+                    None => {
+                        state.services.push(ps.services[oi].clone());
+                        k += 1;
+                    }
+                }
+            }
+            i += n;
             continue;
         }
-        let Some(svc) = service(&mut e, i, s, &node_names) else { continue };
+        let s = &doc.services[i];
+        let Some(svc) = service(&mut e, i, s, &node_names) else {
+            i += 1;
+            continue;
+        };
         let p = format!("services[{i}]");
         let key = svc.key();
         if holds(&base.names, &change.names, &key) {
             let first = first_service(doc, i, |o| o.namespace == s.namespace && o.name == s.name);
             e.push(format!("{p}.name"), format!("service {key} is already services[{first}]"));
         }
-        for (j, port) in svc.ports.iter().enumerate() {
+        for (jp, port) in svc.ports.iter().enumerate() {
             if holds(&base.addresses, &change.addresses, &(svc.vip, port.port.0)) {
                 let first = first_service(doc, i, |o| {
                     o.vip.parse() == Ok(svc.vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
                 });
                 e.push(
-                    format!("{p}.ports[{j}].port"),
+                    format!("{p}.ports[{jp}].port"),
                     format!("{}:{} is already served by services[{first}]", svc.vip, port.port),
                 );
             }
@@ -373,6 +422,7 @@ pub(super) fn validate(
         changes.changed.push(i);
         checked.push((state.services.len(), i));
         state.services.push(Arc::new(svc));
+        i += 1;
     }
 
     // connect4 rewrites every connect to a VIP: one that is also a pod's or
@@ -1131,6 +1181,57 @@ services:
                     c.sort_by(|a, b| a.path.cmp(&b.path));
                     assert_eq!(w, c, "{what}");
                 }
+                (w, c) => panic!("{what}: whole {:?}, by change {:?}", w.err(), c.err()),
+            }
+        }
+    }
+
+    /// With lists of several chunks, kept chunks are passed over whole
+    /// and the new state shares them with the state before.
+    #[test]
+    fn a_change_in_one_chunk_shares_the_others() {
+        let mut text = String::from("nodes: [{name: a, address: 172.18.0.2}]\nservices:\n");
+        for i in 0..200 {
+            text += &format!(
+                " - {{name: s{i}, vip: 10.96.{}.{}, ports: [{{port: 80}}], endpoints: [{{ip: 10.0.0.1, node: a}}]}}\n",
+                i / 200,
+                i % 200 + 1
+            );
+        }
+        let prev_doc = parse_document(&text).unwrap();
+        let prev = State::from_document(&prev_doc).unwrap();
+        let index = Index::of(&prev, 256);
+        type Edit = Box<dyn Fn(&mut Document)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("a weight in chunk 2", Box::new(|d| d.service_mut(130).endpoints[0].weight = 4)),
+            ("a removal in chunk 1", Box::new(|d| drop(d.services.remove(70)))),
+            (
+                "an append",
+                Box::new(|d| {
+                    let mut s = (*d.services[0]).clone();
+                    s.name = "new".into();
+                    s.vip = "10.96.9.9".into();
+                    d.services.push(Arc::new(s));
+                }),
+            ),
+            ("a duplicate name in chunk 3", Box::new(|d| d.service_mut(199).name = "s3".into())),
+        ];
+        for (what, edit) in edits {
+            let mut doc = prev_doc.clone();
+            edit(&mut doc);
+            let whole = validate(None, &doc, 256);
+            let c = validate(Some((&prev_doc, &prev, &index)), &doc, 256);
+            match (whole, c) {
+                (Ok(w), Ok(c)) => {
+                    assert_eq!(w.state, c.state, "{what}");
+                    assert!(
+                        Arc::ptr_eq(&c.state.services.chunks()[0], &prev.services.chunks()[0]),
+                        "{what}: chunk 0 shared"
+                    );
+                    let touched = c.changes.changed.len() + c.changes.removed.len();
+                    assert!(touched <= 2, "{what}: {touched} services checked or removed");
+                }
+                (Err(w), Err(c)) => assert_eq!(w, c, "{what}"),
                 (w, c) => panic!("{what}: whole {:?}, by change {:?}", w.err(), c.err()),
             }
         }
