@@ -465,10 +465,13 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     // Health changes reach the kernel slot tables at once.
     let resync_control = control.clone();
     let resync_task = tokio::spawn(async move {
-        while health_rx.recv().await.is_some() {
-            while health_rx.try_recv().is_ok() {}
+        while let Some(first) = health_rx.recv().await {
+            let mut changed = vec![first];
+            while let Ok(a) = health_rx.try_recv() {
+                changed.push(a);
+            }
             let c = resync_control.clone();
-            let _ = tokio::task::spawn_blocking(move || c.resync()).await;
+            let _ = tokio::task::spawn_blocking(move || c.resync(&changed)).await;
         }
     });
 

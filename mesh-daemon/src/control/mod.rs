@@ -17,7 +17,7 @@
 pub mod api;
 mod store;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -143,6 +143,27 @@ struct Current {
     index: Index,
     /// What the write that made this state changed.
     changes: Arc<Changes>,
+    /// Endpoint address -> the kernel-mode frontends (indices into
+    /// `frontends`) with it: which slot tables a health change touches.
+    /// Made on the first health change of this state.
+    kernel_by_addr: OnceLock<HashMap<SocketAddrV4, Vec<usize>>>,
+}
+
+impl Current {
+    fn kernel_by_addr(&self) -> &HashMap<SocketAddrV4, Vec<usize>> {
+        self.kernel_by_addr.get_or_init(|| {
+            let mut m: HashMap<SocketAddrV4, Vec<usize>> = HashMap::new();
+            for (k, f) in self.frontends.iter().enumerate() {
+                let s = &self.state.services[f.service];
+                if s.mode == Mode::Kernel {
+                    for e in &s.endpoints {
+                        m.entry(e.addr(f.target_port)).or_default().push(k);
+                    }
+                }
+            }
+            m
+        })
+    }
 }
 
 impl Current {
@@ -151,7 +172,15 @@ impl Current {
         let frontends = Arc::new(state.frontends(&stored.ids));
         let index = Index::of(&state, table_size);
         let changes = Arc::new(Changes { whole: true, ..Changes::default() });
-        Current { stored: Arc::new(stored), state: Arc::new(state), frontends, cookies, index, changes }
+        Current {
+            stored: Arc::new(stored),
+            state: Arc::new(state),
+            frontends,
+            cookies,
+            index,
+            changes,
+            kernel_by_addr: OnceLock::new(),
+        }
     }
 }
 
@@ -555,10 +584,10 @@ impl Control {
             cookies,
             index: Index::default(),
             changes: Arc::new(p.changes),
+            kernel_by_addr: OnceLock::new(),
         };
         let same = Arc::ptr_eq(&next.frontends, &current.frontends);
-        let services = next.state.services.len();
-        let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, services, Vec::new());
+        let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, &next.state, Vec::new());
         let planned = t0.elapsed();
         let generation = next.stored.generation;
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
@@ -650,24 +679,41 @@ impl Control {
         }
     }
 
-    /// Re-syncs the kernel maps after health changed.
-    pub fn resync(&self) {
+    /// Re-syncs the kernel maps after the health of `changed` changed:
+    /// only the slot tables with those endpoints, when the maps hold the
+    /// state as last synced; all of them otherwise.
+    pub fn resync(&self, changed: &[SocketAddrV4]) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        let contents = self.contents(&inner.current);
-        let Inner { datapath, synced, .. } = &mut *inner;
-        if let Some(dp) = datapath.as_mut() {
-            match self.timed_sync(dp, &contents) {
-                Ok(r) => {
-                    debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change");
-                    *synced = Some(contents);
-                }
-                Err(e) => {
-                    *synced = None;
-                    warn!(error = %e, "re-syncing the maps after a health change failed");
-                }
+        let Inner { current, datapath, synced } = &mut *inner;
+        let Some(dp) = datapath.as_mut() else { return };
+        let registry = &self.registry;
+        let healthy = |a| registry.actively_healthy(a);
+        let (want, r) = match synced.take().filter(|_| self.problem.load().is_none()) {
+            Some(mut want) => {
+                let by_addr = current.kernel_by_addr();
+                let touched: BTreeSet<usize> =
+                    changed.iter().filter_map(|a| by_addr.get(a)).flatten().copied().collect();
+                let fronts = touched.iter().map(|k| &current.frontends[*k]);
+                let keys = want.refresh(&current.state, fronts, self.cfg.slot_table_size, &healthy);
+                let t = std::time::Instant::now();
+                let r = dp.sync_keys(&want, &keys);
+                self.cfg.metrics.map_sync.observe(t.elapsed().as_secs_f64());
+                (want, r)
             }
+            None => {
+                let want = self.contents(current);
+                let r = self.timed_sync(dp, &want);
+                (want, r)
+            }
+        };
+        match r {
+            Ok(r) => {
+                debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change");
+                *synced = Some(want);
+            }
+            Err(e) => warn!(error = %e, "re-syncing the maps after a health change failed"),
         }
     }
 

@@ -75,7 +75,21 @@ impl MapContents {
                 keys.insert(k);
             }
         }
-        for f in &delta.changed {
+        keys.extend(self.refresh(state, delta.changed.iter(), table_size, healthy));
+        keys
+    }
+
+    /// Makes the entries of `frontends` (of `state`) again, with the
+    /// health seen now; returns their keys.
+    pub fn refresh<'a>(
+        &mut self,
+        state: &State,
+        frontends: impl Iterator<Item = &'a Frontend>,
+        table_size: u32,
+        healthy: &dyn Fn(SocketAddrV4) -> bool,
+    ) -> BTreeSet<ServiceKey> {
+        let mut keys = BTreeSet::new();
+        for f in frontends {
             let k = service_key(f.vip, f.port.0);
             self.services.insert(k, desired(state, f, table_size, healthy));
             keys.insert(k);
@@ -227,8 +241,7 @@ mod tests {
             let next_ids = ids.assign(&v.state.frontend_keys());
             let next_frontends = v.state.frontends(&next_ids);
             let same = next_frontends == frontends;
-            let delta =
-                Delta::of(&v.changes, &frontends, &next_frontends, same, v.state.services.len(), Vec::new()).unwrap();
+            let delta = Delta::of(&v.changes, &frontends, &next_frontends, same, &v.state, Vec::new()).unwrap();
             let mut c = MapContents::build(&state, &frontends, &[7], proxy, 256, &|_| true);
             let keys = c.update(&v.state, &delta, 256, &|_| true);
             assert!(!keys.is_empty(), "edit {n}");

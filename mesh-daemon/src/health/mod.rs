@@ -30,7 +30,7 @@ pub struct HealthView {
 impl HealthView {
     /// Must be made inside the runtime the checks run on; health changes
     /// are announced on `changed`.
-    pub fn new(registry: Arc<Registry>, changed: mpsc::UnboundedSender<()>) -> Self {
+    pub fn new(registry: Arc<Registry>, changed: mpsc::UnboundedSender<SocketAddrV4>) -> Self {
         Self { checker: Mutex::new(Checker::new(changed)), registry }
     }
 
@@ -63,13 +63,13 @@ impl View for HealthView {
 
 pub struct Checker {
     runtime: tokio::runtime::Handle,
-    changed: mpsc::UnboundedSender<()>,
+    changed: mpsc::UnboundedSender<SocketAddrV4>,
     tasks: HashMap<(SocketAddrV4, HealthCheck), AbortHandle>,
 }
 
 impl Checker {
     /// Must be made inside the runtime the checks run on.
-    pub fn new(changed: mpsc::UnboundedSender<()>) -> Self {
+    pub fn new(changed: mpsc::UnboundedSender<SocketAddrV4>) -> Self {
         Self { runtime: tokio::runtime::Handle::current(), changed, tasks: HashMap::new() }
     }
 
@@ -104,7 +104,7 @@ impl Drop for Checker {
     }
 }
 
-async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::UnboundedSender<()>) {
+async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::UnboundedSender<SocketAddrV4>) {
     tokio::time::sleep(check.interval.mul_f64(fastrand::f64())).await;
     loop {
         let (ok, reason, rtt) = probe(ep.addr, &check).await;
@@ -113,7 +113,7 @@ async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::Unbounde
         }
         if ep.record_check(ok, &reason, check.rise, check.fall) {
             info!(endpoint = %ep.addr, healthy = ok, reason, "endpoint health changed");
-            let _ = changed.send(());
+            let _ = changed.send(ep.addr);
         }
         tokio::time::sleep(check.interval.mul_f64(0.8 + 0.2 * fastrand::f64())).await;
     }

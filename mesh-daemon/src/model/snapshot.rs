@@ -36,26 +36,38 @@ pub struct Delta {
 
 impl Delta {
     /// The delta of a write that made `changes` and turned the frontends
-    /// `before` into `after` (`same`: the same list, every service port
-    /// where it was); None when it changed everything.
+    /// `before` into `after` (of `state`; `same`: the same list, every
+    /// service port where it was); None when it changed everything.
     pub fn of(
         changes: &Changes,
         before: &[Frontend],
         after: &[Frontend],
         same: bool,
-        services: usize,
+        state: &State,
         gone: Vec<SocketAddrV4>,
     ) -> Option<Self> {
         if changes.whole {
             return None;
         }
-        let mut touched = vec![false; services];
-        for &i in &changes.changed {
-            touched[i] = true;
-        }
         let (changed, removed) = if same {
-            (after.iter().filter(|f| touched[f.service]).cloned().collect(), Vec::new())
+            // `after` is sorted by (namespace, name, port): each changed
+            // service's ports are found by search, not by a walk of all.
+            let mut changed = Vec::new();
+            for &i in &changes.changed {
+                let s = &state.services[i];
+                let key = |f: &Frontend| {
+                    let o = &state.services[f.service];
+                    (o.namespace.as_str(), o.name.as_str())
+                };
+                let at = after.partition_point(|f| key(f) < (s.namespace.as_str(), s.name.as_str()));
+                changed.extend(after[at..].iter().take_while(|f| f.service == i).cloned());
+            }
+            (changed, Vec::new())
         } else {
+            let mut touched = vec![false; state.services.len()];
+            for &i in &changes.changed {
+                touched[i] = true;
+            }
             let old: HashSet<u32> = before.iter().map(|f| f.id).collect();
             let new: HashSet<u32> = after.iter().map(|f| f.id).collect();
             (
