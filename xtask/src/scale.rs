@@ -121,7 +121,13 @@ fn measure(n: usize, mode: &'static str, changes: usize, idle: Duration) -> anyh
         let w = if k % 2 == 0 { "2" } else { "1" };
         times.push(meshctl(&c, &["set-weight", &svc, &ip, w])?.as_secs_f64());
     }
-    let change_daemon_s = crate::bench::median(daemon_times(&d.log_text(), changes));
+    // The daemon writes its log in batches: wait for the apply's and the
+    // changes' lines.
+    let logged = daemon_times(&d.log_with("state applied", changes + 1), changes);
+    if logged.len() != changes {
+        bail!("the daemon logged {} of {changes} changes (\"state applied\" lines)", logged.len());
+    }
+    let change_daemon_s = crate::bench::median(logged);
     let cpu0 = cpu_s(d.pid());
     std::thread::sleep(idle);
     let idle_cpu = (cpu_s(d.pid()) - cpu0) / idle.as_secs_f64() * 100.0;
