@@ -200,6 +200,14 @@ fn root_datapath_survives_kill9_and_restart_takes_it_over() {
         ctl_json(&c, &["get", "endpoints"]).as_array().unwrap().iter().map(|e| e["weight"].as_u64().unwrap()).collect();
     assert_eq!(weights, [3, 1], "the journaled write is back");
     assert!(d2.log_text().contains("a torn last line of the journal was cut off"), "{}", d2.log_text());
+    // The config it was started with says weight 1: the saved state wins,
+    // and the log says so and how to apply the config.
+    let warned = d2.log_text();
+    assert!(
+        warned.contains("differs from the saved state (generation 2), which is served")
+            && warned.contains(&format!("meshctl apply -f {}", cfg.display())),
+        "{warned}"
+    );
     assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 1);
     let t = tally(&c, 20);
     assert_eq!(t.failed, 0, "{}", t.text);

@@ -386,6 +386,9 @@ impl Control {
         let (mut stored, seeded) = match (restored, &seed) {
             (Some(s), _) => {
                 info!(file = %control.store.path().display(), generation = s.generation, "state restored");
+                if let Some(path) = &seed {
+                    control.warn_if_config_differs(path, &s);
+                }
                 (s, false)
             }
             (None, Some(path)) => {
@@ -429,6 +432,27 @@ impl Control {
         }
         let table_size = control.cfg.slot_table_size;
         Ok(Prepared { control, current: Current::new(stored, state, cookies, table_size) })
+    }
+
+    /// `--config` only seeds an empty state dir: when the saved state is
+    /// served instead of a config that says otherwise, say so, and how to
+    /// apply the config.
+    fn warn_if_config_differs(&self, config: &std::path::Path, saved: &Stored) {
+        let differs =
+            match std::fs::read_to_string(config).map_err(|e| e.to_string()).and_then(|t| model::parse_document(&t)) {
+                Ok(doc) if doc == saved.state => return,
+                Ok(_) => "differs from".to_owned(),
+                Err(e) => format!("cannot be read ({e}) to compare with"),
+            };
+        warn!(
+            config = %config.display(),
+            state_file = %self.store.path().display(),
+            generation = saved.generation,
+            "--config {} {differs} the saved state (generation {}), which is served: --config only seeds an empty state dir; to apply the config, run: meshctl apply -f {}",
+            config.display(),
+            saved.generation,
+            config.display()
+        );
     }
 
     /// What the kernel maps hold.
