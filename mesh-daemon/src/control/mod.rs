@@ -544,6 +544,35 @@ impl Control {
         contents
     }
 
+    /// Syncs the maps to `current`. With `cached` (what the maps were
+    /// last synced to, and what changed since), `edit` brings those
+    /// contents up to date entry by entry and returns the keys it touched,
+    /// and only those are synced; without, every entry is. Returns the
+    /// contents the maps were synced to.
+    fn sync_to<C>(
+        &self,
+        dp: &mut Datapath,
+        current: &Current,
+        cached: Option<(MapContents, C)>,
+        edit: impl FnOnce(&mut MapContents, C, &dyn Fn(SocketAddrV4) -> bool) -> BTreeSet<mesh_common::ServiceKey>,
+    ) -> (MapContents, Result<datapath::SyncReport, DatapathError>) {
+        match cached {
+            Some((mut want, change)) => {
+                let registry = &self.registry;
+                let keys = edit(&mut want, change, &|a| registry.actively_healthy(a));
+                let t0 = std::time::Instant::now();
+                let r = dp.sync_keys(&want, &keys);
+                self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
+                (want, r)
+            }
+            None => {
+                let want = self.contents(current);
+                let r = self.timed_sync(dp, &want);
+                (want, r)
+            }
+        }
+    }
+
     fn timed_sync(&self, dp: &mut Datapath, contents: &MapContents) -> Result<datapath::SyncReport, DatapathError> {
         let t0 = std::time::Instant::now();
         let r = dp.sync(contents);
@@ -611,7 +640,7 @@ impl Control {
             kernel_by_addr: OnceLock::new(),
         };
         let same = Arc::ptr_eq(&next.frontends, &current.frontends);
-        let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, &next.state, Vec::new());
+        let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, &next.state);
         let planned = t0.elapsed();
         let generation = next.stored.generation;
         let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
@@ -621,21 +650,9 @@ impl Control {
             .take()
             .zip(delta.as_ref())
             .filter(|_| self.problem.load().is_none() && next.cookies == current.cookies);
-        let (want, r) = match incremental {
-            Some((mut want, d)) => {
-                let registry = &self.registry;
-                let keys = want.update(&next.state, d, self.cfg.slot_table_size, &|a| registry.actively_healthy(a));
-                let t = std::time::Instant::now();
-                let r = dp.sync_keys(&want, &keys);
-                self.cfg.metrics.map_sync.observe(t.elapsed().as_secs_f64());
-                (want, r)
-            }
-            None => {
-                let want = self.contents(&next);
-                let r = self.timed_sync(dp, &want);
-                (want, r)
-            }
-        };
+        let (want, r) = self.sync_to(dp, &next, incremental, |want, d, healthy| {
+            want.update(&next.state, d, self.cfg.slot_table_size, healthy)
+        });
         let report = match r {
             Ok(r) => r,
             Err(source) => {
@@ -712,26 +729,13 @@ impl Control {
         };
         let Inner { current, datapath, synced } = &mut *inner;
         let Some(dp) = datapath.as_mut() else { return };
-        let registry = &self.registry;
-        let healthy = |a| registry.actively_healthy(a);
-        let (want, r) = match synced.take().filter(|_| self.problem.load().is_none()) {
-            Some(mut want) => {
-                let by_addr = current.kernel_by_addr();
-                let touched: BTreeSet<usize> =
-                    changed.iter().filter_map(|a| by_addr.get(a)).flatten().copied().collect();
-                let fronts = touched.iter().map(|k| &current.frontends[*k]);
-                let keys = want.refresh(&current.state, fronts, self.cfg.slot_table_size, &healthy);
-                let t = std::time::Instant::now();
-                let r = dp.sync_keys(&want, &keys);
-                self.cfg.metrics.map_sync.observe(t.elapsed().as_secs_f64());
-                (want, r)
-            }
-            None => {
-                let want = self.contents(current);
-                let r = self.timed_sync(dp, &want);
-                (want, r)
-            }
-        };
+        let cached = synced.take().filter(|_| self.problem.load().is_none()).map(|want| (want, changed));
+        let (want, r) = self.sync_to(dp, current, cached, |want, changed, healthy| {
+            let by_addr = current.kernel_by_addr();
+            let touched: BTreeSet<usize> = changed.iter().filter_map(|a| by_addr.get(a)).flatten().copied().collect();
+            let fronts = touched.iter().map(|k| &current.frontends[*k]);
+            want.refresh(&current.state, fronts, self.cfg.slot_table_size, healthy)
+        });
         match r {
             Ok(r) => {
                 debug!(written = r.written, deleted = r.deleted, "maps re-synced after a health change");

@@ -241,7 +241,7 @@ mod tests {
             let next_ids = ids.assign(&v.state.frontend_keys());
             let next_frontends = v.state.frontends(&next_ids);
             let same = next_frontends == frontends;
-            let delta = Delta::of(&v.changes, &frontends, &next_frontends, same, &v.state, Vec::new()).unwrap();
+            let delta = Delta::of(&v.changes, &frontends, &next_frontends, same, &v.state).unwrap();
             let mut c = MapContents::build(&state, &frontends, &[7], proxy, 256, &|_| true);
             let keys = c.update(&v.state, &delta, 256, &|_| true);
             assert!(!keys.is_empty(), "edit {n}");

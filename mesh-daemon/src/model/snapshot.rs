@@ -38,14 +38,8 @@ impl Delta {
     /// The delta of a write that made `changes` and turned the frontends
     /// `before` into `after` (of `state`; `same`: the same list, every
     /// service port where it was); None when it changed everything.
-    pub fn of(
-        changes: &Changes,
-        before: &[Frontend],
-        after: &[Frontend],
-        same: bool,
-        state: &State,
-        gone: Vec<SocketAddrV4>,
-    ) -> Option<Self> {
+    /// `gone` is left to the caller, who knows the addresses in use.
+    pub fn of(changes: &Changes, before: &[Frontend], after: &[Frontend], same: bool, state: &State) -> Option<Self> {
         if changes.whole {
             return None;
         }
@@ -76,7 +70,7 @@ impl Delta {
             )
         };
         let before = changes.removed.iter().map(|(_, s)| s.clone()).collect();
-        Some(Delta { changed, removed, before, gone })
+        Some(Delta { changed, removed, before, gone: Vec::new() })
     }
 }
 
