@@ -6,6 +6,7 @@ pub(crate) mod control;
 pub(crate) mod datapath;
 pub(crate) mod discovery;
 pub(crate) mod drain;
+pub mod handover;
 pub(crate) mod health;
 pub mod identity;
 pub mod model;

@@ -30,6 +30,17 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Readiness of this container's daemon, for an exec probe: 0 when it
+    /// serves (its --ready-file exists: it holds the listeners, not a
+    /// daemon it is taking over from) and its admin /ready answers 200.
+    Probe {
+        /// The daemon's --ready-file.
+        #[arg(long, value_name = "FILE")]
+        ready_file: std::path::PathBuf,
+        /// The daemon's --admin-listen.
+        #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
+        admin: std::net::SocketAddr,
+    },
     /// Validate a config file and exit: 0 when valid, 1 with every bad field named.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -287,6 +298,7 @@ fn main() -> std::process::ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Ca { command } => ca(command),
+        Command::Probe { ready_file, admin } => run::probe(&ready_file, admin),
         Command::Run(args) => match runtime(args.worker_threads) {
             Ok(rt) => rt.block_on(run::run(*args, log_drops)),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),

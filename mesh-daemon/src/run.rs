@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::balance::BalanceConfig;
 use crate::control::{api, Control, ControlConfig, LiveView};
 use crate::datapath::{self, Datapath, DatapathConfig, MapsView};
 use crate::drain::Drain;
+use crate::handover::{self, Taken};
 use crate::health::HealthView;
 use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
@@ -143,6 +145,18 @@ pub struct RunArgs {
     /// (port 4317, HTTP/2 without TLS).
     #[arg(long, default_value = "http/protobuf", value_name = "PROTOCOL")]
     pub otlp_protocol: crate::telemetry::otlp::OtlpProtocol,
+    /// Where this daemon hands its listening sockets to the next one (a
+    /// restart or upgrade without a refused connection), and where a new
+    /// daemon asks the running one for them [default:
+    /// <state-dir>/handover.sock].
+    #[arg(long, value_name = "PATH")]
+    pub handover_socket: Option<PathBuf>,
+    /// A file this daemon writes (its pid) once it serves and removes when
+    /// it drains: `mesh-daemon probe` reads it, so a new pod is not taken
+    /// for ready while the old pod's daemon still answers on the admin
+    /// port they share (hostNetwork).
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
     /// On exit, detach the programs and remove every pin (uninstall).
     /// Without it the datapath keeps working until the next daemon.
     #[arg(long)]
@@ -206,6 +220,12 @@ fn long_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Names of the listening sockets in a handover.
+const OUTBOUND: &str = "outbound";
+const TUNNEL: &str = "tunnel";
+const ADMIN: &str = "admin";
+const API: &str = "api";
+
 /// Who owns the state with --kubernetes; the control API says so when it
 /// refuses a write.
 const MANAGED_BY_KUBERNETES: &str = "Kubernetes discovery (mesh-daemon run --kubernetes)";
@@ -254,14 +274,80 @@ fn raise_nofile_limit() {
     }
 }
 
+/// The TCP listener named `name` at `addr`: the one the running daemon
+/// handed over when it listens there, else a new one.
+async fn tcp_listener(
+    taken: &mut Option<Taken>,
+    name: &str,
+    addr: SocketAddr,
+    flag: &str,
+) -> anyhow::Result<TcpListener> {
+    if let Some(fd) = taken.as_mut().and_then(|t| t.take(name)) {
+        let l = std::net::TcpListener::from(fd);
+        match l.local_addr() {
+            Ok(a) if a == addr && handover::is_listening(l.as_fd()) => {
+                l.set_nonblocking(true)?;
+                info!(listener = name, %addr, "listening on the socket handed over");
+                return Ok(TcpListener::from_std(l)?);
+            }
+            other => {
+                warn!(listener = name, handed = ?other.ok(), %flag, %addr, "the running daemon's listener is elsewhere; listening anew")
+            }
+        }
+    }
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "{flag} {addr}: cannot listen (if an older mesh-daemon without handover runs on this node, stop it first)"
+        )
+    })
+}
+
 /// A listener for relayed traffic. Its accepted sockets inherit
 /// TCP_NODELAY (no call per connection): small writes such as responses
 /// and HTTP/2 WINDOW_UPDATEs must not wait for Nagle and delayed ACKs.
-async fn relay_listener(addr: SocketAddrV4, flag: &str) -> anyhow::Result<TcpListener> {
-    let l = TcpListener::bind(addr).await.with_context(|| format!("{flag} {addr}: cannot listen"))?;
+async fn relay_listener(
+    taken: &mut Option<Taken>,
+    name: &str,
+    addr: SocketAddrV4,
+    flag: &str,
+) -> anyhow::Result<TcpListener> {
+    let l = tcp_listener(taken, name, addr.into(), flag).await?;
     nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
         .with_context(|| format!("{flag} {addr}: setting TCP_NODELAY"))?;
     Ok(l)
+}
+
+/// The old daemon's side of a handover (see [`handover`]).
+struct Predecessor {
+    control: Arc<Control>,
+    datapath: DatapathConfig,
+    drain: Drain,
+    runtime: tokio::runtime::Handle,
+    handed_over: tokio::sync::mpsc::UnboundedSender<handover::Peer>,
+}
+
+impl handover::Owner for Predecessor {
+    fn suspend(&self) -> anyhow::Result<u64> {
+        self.control.suspend().map_err(anyhow::Error::msg)
+    }
+
+    fn resume(&self) {
+        if self.drain.is_draining() {
+            info!("draining already: the datapath stays pinned for the next daemon");
+            return;
+        }
+        let _rt = self.runtime.enter();
+        let r =
+            Datapath::load(&self.datapath).map_err(|e| e.to_string()).and_then(|(dp, _orig)| self.control.resume(dp));
+        match r {
+            Ok(()) => info!("took the datapath back; serving on"),
+            Err(e) => tracing::error!(error = %e, "cannot take the datapath back after a failed handover"),
+        }
+    }
+
+    fn handed_over(&self, to: &handover::Peer) {
+        let _ = self.handed_over.send(to.clone());
+    }
 }
 
 pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedLines) -> anyhow::Result<()> {
@@ -312,30 +398,11 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         managed_by: args.kubernetes.then_some(MANAGED_BY_KUBERNETES),
     };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut prepared = Control::prepare(cfg, args.config.clone())?;
-    // The readers of every accepted state, each deriving its own view.
-    let local =
-        Local { node: node.clone(), trust_domain: args.trust_domain.clone(), tunnel_port: args.tunnel_listen.port() };
-    let routes = Arc::new(RoutesView::new(prepared.registry(), local, metrics.clone()));
-    let inbound = Arc::new(InboundView::new(node.clone(), &args.trust_domain, metrics.clone()));
-    let health = Arc::new(HealthView::new(prepared.registry(), health_tx));
-    prepared.subscribe(routes.clone());
-    prepared.subscribe(inbound.clone());
-    prepared.subscribe(health.clone());
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
     };
     let pin_dir = args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(node.as_str()));
-
-    // Listen before attaching, so nothing is redirected to a closed port.
-    let listener = relay_listener(args.proxy_listen, "--proxy-listen").await?;
-    let admin_listener = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("--admin-listen {}: cannot listen", args.admin_listen))?;
-    let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
-    let api_listener =
-        api::bind(&args.api_socket, &access).with_context(|| format!("--api-socket {}", args.api_socket.display()))?;
 
     let issuers = (!args.issuer.is_empty()).then(|| args.issuer.clone());
     let certs = match (&args.ca_cert, &args.ca_key, &args.trust_bundle, issuers, &args.issuer_token) {
@@ -368,10 +435,58 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             None
         }
     };
+
+    // A daemon running on this node hands over its listening sockets: it
+    // stops writing the maps now, so the state read next is final.
+    let handover_path = args.handover_socket.clone().unwrap_or_else(|| args.state_dir.join("handover.sock"));
+    let mut taken = handover::take_over(&handover_path)
+        .with_context(|| format!("--handover-socket {}", handover_path.display()))?;
+    if let Some(t) = &taken {
+        info!(
+            from_pid = t.from.pid,
+            from_version = %t.from.version,
+            from_build = %t.from.build,
+            build = %handover::build_id(),
+            generation = t.generation,
+            "taking over from the running daemon"
+        );
+    }
+    let mut prepared = Control::prepare(cfg, args.config.clone())?;
+    // The readers of every accepted state, each deriving its own view.
+    let local =
+        Local { node: node.clone(), trust_domain: args.trust_domain.clone(), tunnel_port: args.tunnel_listen.port() };
+    let routes = Arc::new(RoutesView::new(prepared.registry(), local, metrics.clone()));
+    let inbound = Arc::new(InboundView::new(node.clone(), &args.trust_domain, metrics.clone()));
+    let health = Arc::new(HealthView::new(prepared.registry(), health_tx));
+    prepared.subscribe(routes.clone());
+    prepared.subscribe(inbound.clone());
+    prepared.subscribe(health.clone());
+
+    // Listen before attaching, so nothing is redirected to a closed port.
+    let listener = relay_listener(&mut taken, OUTBOUND, args.proxy_listen, "--proxy-listen").await?;
+    let admin_listener = tcp_listener(&mut taken, ADMIN, args.admin_listen, "--admin-listen").await?;
+    let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
+    let api_listener = match taken.as_mut().and_then(|t| t.take(API)) {
+        Some(fd) if handover::unix_path(fd.as_fd()).as_deref() == Some(args.api_socket.as_path()) => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            info!(socket = %args.api_socket.display(), "control API listening on the socket handed over");
+            tokio::net::UnixListener::from_std(l)?
+        }
+        _ => api::bind(&args.api_socket, &access)
+            .with_context(|| format!("--api-socket {}", args.api_socket.display()))?,
+    };
     let tunnel_listener = match &certs {
-        Some(_) => Some(relay_listener(args.tunnel_listen, "--tunnel-listen").await?),
+        Some(_) => Some(relay_listener(&mut taken, TUNNEL, args.tunnel_listen, "--tunnel-listen").await?),
         None => None,
     };
+    // Copies to hand to the next daemon.
+    let mut copies = vec![(OUTBOUND, listener.as_fd().try_clone_to_owned()?)];
+    copies.push((ADMIN, admin_listener.as_fd().try_clone_to_owned()?));
+    copies.push((API, api_listener.as_fd().try_clone_to_owned()?));
+    if let Some(l) = &tunnel_listener {
+        copies.push((TUNNEL, l.as_fd().try_clone_to_owned()?));
+    }
     let dp_cfg = DatapathConfig {
         cgroup,
         pin_dir,
@@ -382,8 +497,9 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     let view = match MapsView::open(&dp_cfg.pin_dir) {
         Ok(v) => v,
         Err(e) => {
-            let reused = dp.reused();
-            dp.shutdown(!reused);
+            // Never remove a datapath a running daemon may take back.
+            let ours = !dp.reused() && taken.is_none();
+            dp.shutdown(ours);
             return Err(anyhow!("opening the pinned maps: {e}"));
         }
     };
@@ -392,9 +508,9 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         Err(failed) => {
             let (e, dp) = *failed;
             // A datapath this start attached is removed again; one that was
-            // running before is left running.
-            let reused = dp.reused();
-            dp.shutdown(!reused);
+            // running before (or that the running daemon takes back) is left.
+            let ours = !dp.reused() && taken.is_none();
+            dp.shutdown(ours);
             return Err(e);
         }
     };
@@ -477,17 +593,74 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let sig = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+
+    // Serving: the daemon before this one may stop accepting now, and the
+    // next one can take the listeners from this one.
+    if let Some(t) = taken.take() {
+        let from = t.from.pid;
+        t.ready()?;
+        info!(from_pid = from, "serving on the listeners handed over; the daemon before this one drains");
+    }
+    let (handed_tx, mut handed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let successor = handover::Server::bind(&handover_path)
+        .with_context(|| format!("--handover-socket {}", handover_path.display()));
+    let successor = match successor {
+        Ok(server) => {
+            for (name, fd) in copies {
+                server.hold(name, fd);
+            }
+            server.spawn(Arc::new(Predecessor {
+                control: control.clone(),
+                datapath: dp_cfg.clone(),
+                drain: drain.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                handed_over: handed_tx,
+            }));
+            Some(server)
+        }
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "no handover socket: the next daemon on this node starts with a gap");
+            None
+        }
     };
-    info!(signal = sig, open = drain.open(), drain_timeout = ?args.drain_timeout, "draining: new connections are refused, open ones may finish");
+
+    if let Some(f) = &args.ready_file {
+        if let Err(e) = std::fs::write(f, format!("{}\n", std::process::id())) {
+            warn!(file = %f.display(), error = %e, "cannot write --ready-file; the readiness probe fails");
+        }
+    }
+
+    let handed_over = tokio::select! {
+        _ = term.recv() => {
+            info!(signal = "SIGTERM", open = drain.open(), drain_timeout = ?args.drain_timeout, "draining: new connections are refused, open ones may finish");
+            None
+        }
+        _ = int.recv() => {
+            info!(signal = "SIGINT", open = drain.open(), drain_timeout = ?args.drain_timeout, "draining: new connections are refused, open ones may finish");
+            None
+        }
+        Some(to) = handed_rx.recv() => {
+            info!(to_pid = to.pid, open = drain.open(), drain_timeout = ?args.drain_timeout, "handed over: draining; the new daemon accepts the new connections");
+            Some(to)
+        }
+    };
+    if let Some(s) = &successor {
+        s.close();
+    }
+    if let Some(f) = &args.ready_file {
+        let _ = std::fs::remove_file(f);
+    }
     drain.start();
+    if handed_over.is_some() {
+        // The new daemon answers the probes and the API from now on.
+        exit.start();
+    }
     let _ = tokio::join!(proxy_task, api_task);
     let left = tokio::select! {
         left = drain.wait_idle(args.drain_timeout) => left,
-        _ = term.recv() => drain.open(),
-        _ = int.recv() => drain.open(),
+        // After a handover the pod's SIGTERM is expected: it does not cut
+        // the drain, a second signal does.
+        left = second_signal(&mut term, &mut int, &drain, handed_over.is_some()) => left,
     };
     if left > 0 {
         warn!(open = left, "drain ended with connections still open; they are cut");
@@ -501,8 +674,64 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     for t in tasks {
         t.abort();
     }
-    let _ = std::fs::remove_file(&args.api_socket);
     health.stop();
-    control.shutdown(args.cleanup_on_exit);
+    if handed_over.is_some() {
+        // The socket paths and the datapath belong to the new daemon.
+        if args.cleanup_on_exit {
+            warn!("--cleanup-on-exit is ignored: a new daemon took the datapath over");
+        }
+        control.shutdown(false);
+    } else {
+        let _ = std::fs::remove_file(&args.api_socket);
+        if successor.is_some() {
+            let _ = std::fs::remove_file(&handover_path);
+        }
+        control.shutdown(args.cleanup_on_exit);
+    }
     Ok(())
+}
+
+/// `mesh-daemon probe`: see its help.
+pub fn probe(ready_file: &std::path::Path, admin: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let pid = std::fs::read_to_string(ready_file)
+        .with_context(|| format!("{}: this container's daemon does not serve (yet)", ready_file.display()))?;
+    let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2))
+        .with_context(|| format!("{admin}: the admin endpoint does not answer"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    s.take(64 * 1024).read_to_string(&mut answer)?;
+    let status = answer.split_whitespace().nth(1).unwrap_or("none");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    if status != "200" {
+        anyhow::bail!("{admin}/ready answered {status}: {body}");
+    }
+    println!("ready (pid {})", pid.trim());
+    Ok(())
+}
+
+/// Resolves on the signal that ends a drain early: the next one, or the
+/// one after the next when `expected_one` (a pod's SIGTERM after a
+/// handover). Returns the connections still open.
+async fn second_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    drain: &Drain,
+    mut expected_one: bool,
+) -> usize {
+    loop {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        if !expected_one {
+            return drain.open();
+        }
+        expected_one = false;
+        info!(
+            open = drain.open(),
+            "signal while draining after a handover: the drain goes on (a second signal cuts it)"
+        );
+    }
 }

@@ -93,7 +93,11 @@ fn the_daemonset_gives_the_daemon_what_the_datapath_needs() {
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostNetwork"], true);
     assert_eq!(spec["hostPID"], true, "pods are found by their processes");
-    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    // Rollout: the new pod starts next to the old one and takes its
+    // listeners over; declared ports would become hostPorts and keep it
+    // from being scheduled.
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 0);
     let c = &spec["containers"][0];
     assert_eq!(c["securityContext"]["privileged"], true);
     let env = c["env"].as_sequence().unwrap();
@@ -101,11 +105,28 @@ fn the_daemonset_gives_the_daemon_what_the_datapath_needs() {
         env.iter().any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
         "NODE_NAME from the downward API"
     );
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["port"], 15020, "{probe} on the admin port");
-        assert_eq!(c[probe]["httpGet"]["host"], "127.0.0.1", "{probe}: the admin port listens on loopback");
-    }
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert!(c["ports"].is_null(), "no ports: with hostNetwork they are hostPorts: {:?}", c["ports"]);
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], 15020, "liveness on the admin port");
+    assert_eq!(c["livenessProbe"]["httpGet"]["host"], "127.0.0.1", "the admin port listens on loopback");
+    // Readiness asks this container's daemon (the old pod's answers on the
+    // same port until the handover): the probe command runs and refuses
+    // while its --ready-file is missing.
+    let probe: Vec<&str> =
+        c["readinessProbe"]["exec"]["command"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(probe[..2], ["/usr/local/bin/mesh-daemon", "probe"], "{probe:?}");
+    let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    let file = args.iter().find_map(|a| a.strip_prefix("--ready-file=")).expect("--ready-file");
+    assert!(probe.contains(&format!("--ready-file={file}").as_str()), "{probe:?} reads {file}");
+    let bins = mesh_tests::cluster::Bins::locate().unwrap();
+    let missing = std::env::temp_dir().join("mesh-no-such-ready-file");
+    let out = Command::new(&bins.daemon)
+        .args(probe[1..].iter().filter(|a| !a.starts_with("--ready-file=")))
+        .arg(format!("--ready-file={}", missing.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not serve"), "{err}");
     assert!(c["resources"]["requests"].is_mapping() && c["resources"]["limits"].is_mapping());
     let mounts = c["volumeMounts"].as_sequence().unwrap();
     let mount =

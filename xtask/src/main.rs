@@ -96,6 +96,16 @@ pub fn build_bins(release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// A second build of the daemon, without the kubernetes feature, as
+/// `target/debug/mesh-daemon-variant`: the upgrade tests hand over from
+/// one build to another.
+fn build_variant() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--bin", "mesh-daemon", "-p", "mesh-daemon"]))?;
+    let dir = root().join("target/debug");
+    std::fs::copy(dir.join("mesh-daemon"), dir.join("mesh-daemon-variant")).context("copying mesh-daemon-variant")?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -124,7 +134,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     lint::check_formatting(&root())?;
     lint::check_clippy(&root())?;
     lint::check_deny(&root())?;
-    eprintln!("xtask: building the daemon, its kernel programs and the pod tools");
+    eprintln!("xtask: building the daemon, its kernel programs and the pod tools (and another build, for upgrades)");
+    build_variant()?;
     build_bins(false)?;
     eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");
     let mut cmd = cargo();

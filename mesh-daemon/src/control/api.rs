@@ -181,7 +181,7 @@ fn write_error(e: WriteError) -> Response<Full<Bytes>> {
         }
         WriteError::Invalid(v) => invalid(&v),
         WriteError::NotFound(m) => error(StatusCode::NOT_FOUND, &m),
-        WriteError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        WriteError::Stopped | WriteError::HandingOver => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         e => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

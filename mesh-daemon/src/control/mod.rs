@@ -69,6 +69,8 @@ pub enum WriteError {
     Datapath { source: DatapathError, rollback: Box<Rollback> },
     #[error("the daemon is shutting down")]
     Stopped,
+    #[error("a new mesh-daemon is taking over on this node; nothing was changed: retry in a few seconds")]
+    HandingOver,
 }
 
 /// What became of the maps after a failed write.
@@ -643,7 +645,7 @@ impl Control {
         let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, &next.state);
         let planned = t0.elapsed();
         let generation = next.stored.generation;
-        let dp = datapath.as_mut().ok_or(WriteError::Stopped)?;
+        let dp = datapath.as_mut().ok_or(WriteError::HandingOver)?;
         // The entries the write changed, when the maps hold the state
         // before as it is; all of them otherwise.
         let incremental = synced
@@ -837,6 +839,38 @@ impl Control {
             Ok(())
         } else {
             Err("the datapath is not attached".into())
+        }
+    }
+
+    /// For a handover: stops writing the maps (writes are refused with
+    /// [`WriteError::HandingOver`], health changes wait) and drops the
+    /// datapath's handles, leaving it attached and pinned for the next
+    /// daemon. Returns the state's generation.
+    pub fn suspend(&self) -> Result<u64, String> {
+        let mut inner = self.inner.lock().map_err(|_| "the daemon's state lock is poisoned".to_owned())?;
+        let dp = inner.datapath.take().ok_or("the datapath is let go already (shutting down or handing over)")?;
+        inner.synced = None;
+        dp.shutdown(false);
+        Ok(inner.current.stored.generation)
+    }
+
+    /// After a handover that failed: takes the datapath back and writes
+    /// the whole state to it (the other daemon may have written it too).
+    pub fn resume(&self, mut dp: Datapath) -> Result<(), String> {
+        let mut inner = self.inner.lock().map_err(|_| "the daemon's state lock is poisoned".to_owned())?;
+        let want = self.contents(&inner.current);
+        let r = self.timed_sync(&mut dp, &want);
+        inner.datapath = Some(dp);
+        match r {
+            Ok(_) => {
+                inner.synced = Some(want);
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("the kernel maps could not be written after taking the datapath back: {e}");
+                self.problem.store(Some(Arc::new(why.clone())));
+                Err(why)
+            }
         }
     }
 

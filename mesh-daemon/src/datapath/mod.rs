@@ -77,6 +77,7 @@ pub enum DatapathError {
     Missing(&'static str),
 }
 
+#[derive(Clone)]
 pub struct DatapathConfig {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,

@@ -11,7 +11,7 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
-         mt-pod bulk ADDR BYTES\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
+         mt-pod bulk ADDR BYTES [SECONDS]\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
          mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS\n  \
          mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS\n  mt-pod upgrade ADDR"
     );
@@ -22,7 +22,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
-        Some("bulk") if args.len() == 3 => bulk(&args[1], &args[2]),
+        Some("bulk") if args.len() == 3 => bulk(&args[1], &args[2], "0"),
+        Some("bulk") if args.len() == 4 => bulk(&args[1], &args[2], &args[3]),
         Some("concurrent") if args.len() == 3 => concurrent(&args[1], &args[2]),
         Some("tally") if args.len() == 3 => tally(&args[1], &args[2]),
         Some("load") if args.len() == 5 => load(&args[1], &args[2], &args[3], &args[4]),
@@ -191,12 +192,16 @@ fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// Sends BYTES to an echo server, shuts down the write side, reads the
-/// echo to EOF, and prints both sizes and checksums.
-fn bulk(addr: &str, bytes: &str) -> ExitCode {
-    let (Ok(addr), Ok(n)) = (addr.parse::<SocketAddr>(), bytes.parse::<usize>()) else {
+/// Sends BYTES to an echo server (spread over SECONDS, when given),
+/// shuts down the write side, reads the echo to EOF, and prints both
+/// sizes and checksums.
+fn bulk(addr: &str, bytes: &str, seconds: &str) -> ExitCode {
+    let (Ok(addr), Ok(n), Ok(secs)) = (addr.parse::<SocketAddr>(), bytes.parse::<usize>(), seconds.parse::<f64>())
+    else {
         return usage();
     };
+    const CHUNK: usize = 64 * 1024;
+    let pause = Duration::from_secs_f64(secs / n.div_ceil(CHUNK).max(1) as f64);
     let data = pattern(n);
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(s) => s,
@@ -215,7 +220,10 @@ fn bulk(addr: &str, bytes: &str) -> ExitCode {
     };
     let sent_sum = fnv1a(&data);
     let writer = std::thread::spawn(move || {
-        let r = w.write_all(&data);
+        let r = data.chunks(CHUNK).try_for_each(|c| {
+            std::thread::sleep(pause);
+            w.write_all(c)
+        });
         let _ = w.shutdown(Shutdown::Write);
         r
     });

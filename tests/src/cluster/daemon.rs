@@ -27,13 +27,27 @@ impl Cluster {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> anyhow::Result<Daemon> {
-        self.launch_daemon(node, config, extra, env, "/ready")
+        self.launch_daemon(node, config, extra, env, Wait::Admin("/ready"), None)
+    }
+
+    /// Starts a second daemon for `node` while the first runs (same
+    /// flags, its own log), from `binary` (another build) or this build;
+    /// returns once it reports that it took the listeners over and the
+    /// first one was told to drain.
+    pub fn start_successor(
+        &self,
+        node: &str,
+        config: &Path,
+        extra: &[&str],
+        binary: Option<&Path>,
+    ) -> anyhow::Result<Daemon> {
+        self.launch_daemon(node, Some(config), extra, &[], Wait::Log(SUCCEEDED), binary)
     }
 
     /// Starts mesh-daemon for `node` like [`Cluster::start_daemon`], but
     /// waits only until it is live: for a daemon expected not to be ready.
     pub fn start_daemon_live(&self, node: &str, extra: &[&str]) -> anyhow::Result<Daemon> {
-        self.launch_daemon(node, None, extra, &[], "/live")
+        self.launch_daemon(node, None, extra, &[], Wait::Admin("/live"), None)
     }
 
     fn launch_daemon(
@@ -42,12 +56,20 @@ impl Cluster {
         config: Option<&Path>,
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
-        wait_for: &str,
+        wait_for: Wait,
+        binary: Option<&Path>,
     ) -> anyhow::Result<Daemon> {
         let n = self.node(node).clone();
-        let log_path = self.dir.join(format!("daemon-{node}.log"));
+        // A successor writes a log of its own.
+        let mut log_path = self.dir.join(format!("daemon-{node}.log"));
+        for i in 2.. {
+            if !matches!(wait_for, Wait::Log(_)) || !log_path.exists() {
+                break;
+            }
+            log_path = self.dir.join(format!("daemon-{node}-{i}.log"));
+        }
         let log = File::options().create(true).append(true).open(&log_path)?;
-        let mut cmd = Command::new(&self.bins.daemon);
+        let mut cmd = Command::new(binary.unwrap_or(&self.bins.daemon));
         cmd.arg("run");
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
@@ -77,7 +99,11 @@ impl Cluster {
             if let Some(status) = d.try_wait() {
                 bail!("mesh-daemon for {node} exited with {status} before it was ready:\n{}", d.log_text());
             }
-            if matches!(d.admin_get(wait_for), Ok((200, _))) {
+            let up = match wait_for {
+                Wait::Admin(path) => matches!(d.admin_get(path), Ok((200, _))),
+                Wait::Log(line) => d.log_text().contains(line),
+            };
+            if up {
                 return Ok(d);
             }
             if Instant::now() > deadline {
@@ -86,6 +112,17 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// What a new daemon logs once the one before it was told to drain.
+pub const SUCCEEDED: &str = "the daemon before this one drains";
+
+#[derive(Clone, Copy)]
+enum Wait {
+    /// An admin path answers 200.
+    Admin(&'static str),
+    /// The log holds this line.
+    Log(&'static str),
 }
 
 /// A running mesh-daemon of one node.

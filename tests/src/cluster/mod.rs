@@ -95,6 +95,9 @@ impl Pod {
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub daemon: PathBuf,
+    /// Another build of the daemon (`cargo xtask test` builds one without
+    /// the kubernetes feature), for upgrade tests.
+    pub daemon_variant: PathBuf,
     pub meshctl: PathBuf,
     pub mt_pod: PathBuf,
     pub mt_tunnel: PathBuf,
@@ -128,6 +131,7 @@ impl Bins {
         for d in &dirs {
             let b = Self {
                 daemon: d.join("mesh-daemon"),
+                daemon_variant: d.join("mesh-daemon-variant"),
                 meshctl: d.join("meshctl"),
                 mt_pod: d.join("mt-pod"),
                 mt_tunnel: d.join("mt-tunnel"),
