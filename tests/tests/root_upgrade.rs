@@ -169,3 +169,21 @@ fn root_a_successor_that_fails_to_start_leaves_the_running_daemon_serving() {
     assert!(out.status.success(), "a write after the failed handover: {}", String::from_utf8_lossy(&out.stderr));
     assert_attached_once(&c, "node-a");
 }
+
+#[test]
+fn root_while_no_daemon_runs_proxy_mode_connections_are_refused_at_once() {
+    let (c, cfg) = cluster();
+    let mut a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    a.kill9();
+    // The programs still redirect to the proxy's port, where nothing
+    // listens: the client's connect is refused (curl exit 7), not left
+    // waiting (28 would be its timeout).
+    let t0 = std::time::Instant::now();
+    let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(code, 7, "{body}");
+    eprintln!("proxy-mode connect with no daemon: refused after {took:?} (curl included)");
+    let a2 = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
+    assert_eq!(code, 0, "{body}\n{}", a2.log_text());
+}

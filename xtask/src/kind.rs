@@ -157,7 +157,11 @@ pub fn kind() -> anyhow::Result<()> {
 
     check_issued()?;
     check_traffic()?;
-    say(&format!("done in {:.0?}: the client reached demo/web through the mesh", started.elapsed()));
+    check_rollout()?;
+    say(&format!(
+        "done in {:.0?}: the client reached demo/web through the mesh, and through a rolling update of the daemons",
+        started.elapsed()
+    ));
     say("explore:  kubectl --context kind-mesh -n mesh-system logs daemonset/mesh-daemon");
     say("          kubectl --context kind-mesh -n mesh-system exec daemonset/mesh-daemon -- meshctl get services");
     say(&format!("clean up: kind delete cluster --name {CLUSTER}"));
@@ -321,6 +325,57 @@ fn check_traffic() -> anyhow::Result<()> {
     }
 }
 
+/// Requests the client makes while the DaemonSet rolls: 10/s for 90 s.
+const ROLLOUT_REQUESTS: u32 = 900;
+
+/// The client's loop: one new connection per request, a status per line.
+fn rollout_loop(requests: u32) -> String {
+    format!(
+        "for i in $(seq 1 {requests}); do \
+           curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 http://web.demo/ || echo failed; \
+           sleep 0.1; done"
+    )
+}
+
+/// The statuses of the loop's requests that were not 200.
+fn failed_requests(out: &str) -> Vec<&str> {
+    out.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "200").collect()
+}
+
+/// Rolls the DaemonSet once (maxSurge 1: each node's new daemon takes the
+/// listeners over from the old one) while the client keeps making new
+/// connections, and reports the requests that failed.
+fn check_rollout() -> anyhow::Result<()> {
+    say(&format!("checking: {ROLLOUT_REQUESTS} requests from the client while the daemons roll (hitless handover)"));
+    let client = kubectl(&["-n", "demo", "exec", "deploy/client", "--", "sh", "-c", &rollout_loop(ROLLOUT_REQUESTS)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the client's request loop")?;
+    std::thread::sleep(Duration::from_secs(5));
+    let rolled = step(
+        "restarting daemonset/mesh-daemon",
+        &mut kubectl(&["-n", "mesh-system", "rollout", "restart", "daemonset/mesh-daemon"]),
+    )
+    .and_then(|_| {
+        step(
+            "waiting for the rollout",
+            &mut kubectl(&["-n", "mesh-system", "rollout", "status", "daemonset/mesh-daemon", "--timeout=300s"]),
+        )
+    });
+    let out = client.wait_with_output().context("waiting for the client's request loop")?;
+    rolled?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed = failed_requests(&text);
+    let total = text.lines().filter(|l| !l.trim().is_empty()).count();
+    say(&format!("  {total} requests during the rollout, {} failed", failed.len()));
+    if !failed.is_empty() || total == 0 {
+        bail!("requests failed during the rolling update of the daemons: {failed:?}");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +422,29 @@ mod tests {
         assert!(!e.contains("not on the PATH"), "{e}");
         fake_bin(&d, "docker", "exit 0");
         preflight(d.as_os_str()).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn the_rollout_loop_reports_each_request_and_counts_the_failed_ones() {
+        let d = temp_dir("rollout");
+        // curl answers 200 when asked for the status line as the loop asks,
+        // and fails its second call.
+        let n = d.join("calls");
+        fake_bin(
+            &d,
+            "curl",
+            &format!(
+                "echo x >> {n}; [ $(wc -l < {n}) -eq 2 ] && exit 7; \
+                 for a in \"$@\"; do [ \"$a\" = '%{{http_code}}\\n' ] && printf '200\\n' && exit 0; done; echo bad-args",
+                n = n.display()
+            ),
+        );
+        let path = format!("{}:{}", d.display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("sh").args(["-c", &rollout_loop(3)]).env("PATH", path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(text, "200\nfailed\n200\n");
+        assert_eq!(failed_requests(&text), ["failed"]);
         std::fs::remove_dir_all(d).unwrap();
     }
 }
