@@ -111,6 +111,77 @@ impl Drain {
     }
 }
 
+/// A cap on the connections a listener serves at once (the control API,
+/// the admin endpoint): past it, a new connection is closed at once, so
+/// a client that opens thousands and sends nothing holds no more than
+/// the cap (each an fd, a task and hyper's buffers).
+#[derive(Debug)]
+pub struct Gate {
+    name: &'static str,
+    max: usize,
+    open: AtomicUsize,
+    /// Most connections open since the gate was last empty.
+    peak: AtomicUsize,
+    /// Whether the refusal was logged since the gate was last below the cap.
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// One connection through a [`Gate`].
+#[derive(Debug)]
+pub struct Pass(Arc<Gate>);
+
+/// Connections above which the heap is trimmed once they have all closed.
+const TRIM_AFTER: usize = 64;
+
+impl Gate {
+    pub fn new(name: &'static str, max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            max,
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            warned: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A pass for one more connection; None at the cap.
+    pub fn enter(self: &Arc<Self>) -> Option<Pass> {
+        let n = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            if !self.warned.swap(true, Ordering::AcqRel) {
+                warn!(
+                    listener = self.name,
+                    limit = self.max,
+                    "connections at their limit; new ones are closed at once"
+                );
+            }
+            return None;
+        }
+        self.peak.fetch_max(n, Ordering::AcqRel);
+        Some(Pass(self.clone()))
+    }
+
+    #[cfg(test)]
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let g = &self.0;
+        let left = g.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left < g.max {
+            g.warned.store(false, Ordering::Release);
+        }
+        // A burst has closed: the memory its connections held goes back.
+        if left == 0 && g.peak.swap(0, Ordering::AcqRel) > TRIM_AFTER {
+            crate::heap::trim_soon();
+        }
+    }
+}
+
 /// A listener of any kind: TCP or Unix.
 pub trait Listener: Send + 'static {
     type Io: Send + 'static;
@@ -223,6 +294,19 @@ mod tests {
         task.await.unwrap();
         let refused = tokio::net::TcpStream::connect(addr).await;
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn a_gate_lets_its_cap_through_and_frees_a_pass_for_the_next() {
+        let g = Gate::new("test", 2);
+        let (a, b) = (g.enter(), g.enter());
+        assert!(a.is_some() && b.is_some());
+        assert!(g.enter().is_none(), "the third is refused");
+        assert_eq!(g.open(), 2, "a refusal holds nothing");
+        drop(a);
+        assert!(g.enter().is_some(), "a closed connection makes room");
+        drop(b);
+        assert_eq!(g.open(), 0);
     }
 
     #[test]

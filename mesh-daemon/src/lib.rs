@@ -8,6 +8,7 @@ pub(crate) mod discovery;
 pub(crate) mod drain;
 pub mod handover;
 pub(crate) mod health;
+pub(crate) mod heap;
 pub mod identity;
 pub mod model;
 pub(crate) mod proxy;

@@ -19,15 +19,19 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// One end of a relay: a byte stream, which may be a TCP socket.
 pub trait Side: AsyncRead + AsyncWrite + Unpin {
@@ -54,11 +58,49 @@ pub struct Transfer {
     pub error: Option<io::Error>,
 }
 
+/// How long a relayed connection may move no byte either way before it
+/// is closed ([`set_idle_timeout`]; one hour unless set).
+static IDLE_MS: AtomicU64 = AtomicU64::new(3_600_000);
+
+/// Sets the idle timeout of every relay started from now on
+/// (`--idle-timeout`).
+pub fn set_idle_timeout(idle: Duration) {
+    IDLE_MS.store(idle.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+}
+
+/// The access log's outcome of a relay: `ok`, `idle` (closed by the idle
+/// timeout) or `error`.
+pub fn outcome(error: &Option<io::Error>) -> &'static str {
+    match error {
+        None => "ok",
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => "idle",
+        Some(_) => "error",
+    }
+}
+
+fn idle_timeout() -> Duration {
+    Duration::from_millis(IDLE_MS.load(Ordering::Relaxed))
+}
+
 /// Relays until both directions reached EOF (each passed on as a write
-/// shutdown: half-close), or one failed, which ends both. The caller
-/// closes both ends when this returns.
+/// shutdown: half-close), or one failed, which ends both, or no byte
+/// moved either way for the idle timeout (the error is then `TimedOut`).
+/// The caller closes both ends when this returns.
 pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream: &mut B) -> Transfer {
+    relay_with_idle(client, upstream, idle_timeout()).await
+}
+
+async fn relay_with_idle<A: Side + ?Sized, B: Side + ?Sized>(
+    client: &mut A,
+    upstream: &mut B,
+    idle: Duration,
+) -> Transfer {
     let (mut up, mut down) = (OneWay::default(), OneWay::default());
+    // The timer is only looked at when it fires: progress costs a clock
+    // read, not a timer update.
+    let mut seen = (0, 0);
+    let mut progressed = Instant::now();
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(progressed + idle));
     let result = poll_fn(|cx| {
         if !up.done {
             ready_or_err(up.poll(cx, &mut *client, &mut *upstream, down.done))?;
@@ -67,10 +109,22 @@ pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream:
             ready_or_err(down.poll(cx, &mut *upstream, &mut *client, up.done))?;
         }
         if up.done && down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        if (up.moved, down.moved) != seen {
+            seen = (up.moved, down.moved);
+            progressed = Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if progressed.elapsed() >= idle {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no byte moved either way for {idle:?} (--idle-timeout)"),
+                )));
+            }
+            timer.as_mut().reset(progressed + idle);
+        }
+        Poll::Pending
     })
     .await;
     Transfer { up: up.moved, down: down.moved, error: result.err() }
@@ -312,6 +366,30 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_moves_nothing_for_the_idle_timeout_ends_and_one_that_moves_goes_on() {
+        let (mut client, mut client_side) = pair().await;
+        let (mut upstream_side, mut server) = pair().await;
+        let idle = Duration::from_millis(300);
+        let t0 = std::time::Instant::now();
+        let relay = tokio::spawn(async move { relay_with_idle(&mut client_side, &mut upstream_side, idle).await });
+        // A byte every 100 ms for a second keeps it open past the timeout.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            server.read_exact(&mut b).await.unwrap();
+        }
+        assert!(!relay.is_finished(), "cut while bytes still moved");
+        // Then silence: it ends, and both ends see the close.
+        let t = relay.await.unwrap();
+        assert_eq!(t.error.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+        assert_eq!((t.up, t.down), (10, 0));
+        assert!(t0.elapsed() >= Duration::from_millis(1300), "{:?}", t0.elapsed());
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
     #[tokio::test]

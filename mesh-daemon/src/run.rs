@@ -131,6 +131,25 @@ pub struct RunArgs {
     /// terminationGracePeriodSeconds above it.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     pub drain_timeout: std::time::Duration,
+    /// A relayed connection or tunnel stream that moves no byte either way
+    /// for this long is closed (both ends), so an idle client cannot hold
+    /// a backend connection forever.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = long_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Tunnel connections one peer identity (a node or a workload) may
+    /// hold open to this node; more are closed after the handshake.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
+    pub tunnel_connections_per_peer: usize,
+    /// Tunnel streams one peer identity may hold open on this node, over
+    /// all its connections (each carries up to 1024); more are refused
+    /// (503, `mesh-deny: peer_stream_limit`).
+    #[arg(long, default_value_t = 16384, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
+    pub tunnel_streams_per_peer: usize,
+    /// The control API and the admin endpoint: how long a client may take
+    /// to send a request's headers (and, for the API, its body) before
+    /// its connection is closed.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    pub client_header_timeout: std::time::Duration,
     /// `appProtocol: auto` ports: how long a client may take to send its
     /// first bytes before the connection is treated as opaque TCP.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
@@ -366,6 +385,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         );
     }
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    crate::relay::set_idle_timeout(args.idle_timeout);
     let metrics = Arc::new(Metrics::new());
     metrics.watch_log_drops(log_drops);
     let tunnel_counters = Arc::new(TunnelCounters::new(&metrics));
@@ -547,6 +567,10 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
                 acceptor,
                 handler,
                 tunnel_counters.clone(),
+                crate::tunnel::server::PerPeer::new(crate::tunnel::server::PeerLimits {
+                    connections: args.tunnel_connections_per_peer,
+                    streams: args.tunnel_streams_per_peer,
+                }),
                 drain.clone(),
             )));
             tasks.push(tokio::spawn(certs.clone().renew_loop()));
@@ -576,8 +600,9 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
     };
     let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, view, exit.clone()));
-    let api_task = tokio::spawn(api::serve(api_listener, control.clone(), access, drain.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, view, args.client_header_timeout, exit.clone()));
+    let api_task =
+        tokio::spawn(api::serve(api_listener, control.clone(), access, args.client_header_timeout, drain.clone()));
     // Health changes reach the kernel slot tables at once.
     let resync_control = control.clone();
     let resync_task = tokio::spawn(async move {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::sys::cgroup_programs;
+use mesh_tests::sys::{cgroup_programs, wait_until};
 use mesh_tests::{Cluster, ClusterSpec, Daemon};
 
 const LOCAL_VIP: &str = "10.96.0.10";
@@ -15,15 +15,7 @@ const MIB20: &str = "20971520";
 /// client and web-1 on node-a, web-2 on node-b; every service in proxy
 /// mode, the `remote` ones with their only endpoint across the tunnel.
 fn cluster() -> (Cluster, std::path::PathBuf) {
-    let c = Cluster::create(
-        &ClusterSpec::new()
-            .node("node-a")
-            .node("node-b")
-            .pod("client", "node-a")
-            .pod("web-1", "node-a")
-            .pod("web-2", "node-b"),
-    )
-    .expect("mini cluster");
+    let c = Cluster::create(&ClusterSpec::client_and_two_webs()).expect("mini cluster");
     for pod in ["web-1", "web-2"] {
         c.serve_with(pod, 8080, None, &["--echo-now", "9100"]).unwrap();
         let p = c.pod(pod).clone();
@@ -72,7 +64,7 @@ fn root_a_new_daemon_takes_over_while_traffic_flows_and_nothing_fails() {
     let ready = |n: &str| c.dir.join(format!("ready-{n}"));
     let (r1, r2) = (ready("a1"), ready("a2"));
     let a1 = c.start_daemon("node-a", &cfg, &["--drain-timeout", "60s", "--ready-file", r1.to_str().unwrap()]).unwrap();
-    assert!(r1.exists(), "a serving daemon writes its --ready-file");
+    assert!(wait_until(Duration::from_secs(5), || r1.exists()), "a serving daemon writes its --ready-file");
     let b1 = c.start_daemon("node-b", &cfg, &["--drain-timeout", "60s"]).unwrap();
 
     // Two 20 MiB transfers of about 8 s each (echoed back as they go), one
@@ -95,7 +87,7 @@ fn root_a_new_daemon_takes_over_while_traffic_flows_and_nothing_fails() {
         .start_successor("node-a", &cfg, &["--drain-timeout", "60s", "--ready-file", r2.to_str().unwrap()], None)
         .unwrap();
     assert!(
-        r2.exists() && mesh_tests::sys::wait_until(Duration::from_secs(5), || !r1.exists()),
+        wait_until(Duration::from_secs(5), || r2.exists() && !r1.exists()),
         "the readiness probe now passes for the new daemon only"
     );
     a0.signal(libc::SIGTERM).unwrap();

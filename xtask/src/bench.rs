@@ -159,14 +159,7 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
 
     say("building the mini cluster: node-a (client, web-1), node-b (web-2)");
-    let c = Cluster::create(
-        &ClusterSpec::new()
-            .node("node-a")
-            .node("node-b")
-            .pod("client", "node-a")
-            .pod("web-1", "node-a")
-            .pod("web-2", "node-b"),
-    )?;
+    let c = Cluster::create(&ClusterSpec::client_and_two_webs())?;
     for pod in ["web-1", "web-2"] {
         c.serve(pod, 8080, None)?;
         c.spawn(pod, std::path::Path::new("iperf3"), &["-s", "-p", "5201"])?;

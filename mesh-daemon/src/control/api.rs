@@ -19,7 +19,9 @@
 use std::convert::Infallible;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::drain::Drain;
 use bytes::Bytes;
@@ -116,8 +118,23 @@ pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, control: Arc<Control>, access: Arc<Access>, drain: Drain) {
+/// Connections the control API serves at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// How long a request's body may take to arrive (`--client-header-timeout`).
+static BODY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+
+pub async fn serve(
+    listener: UnixListener,
+    control: Arc<Control>,
+    access: Arc<Access>,
+    header_timeout: Duration,
+    drain: Drain,
+) {
+    BODY_TIMEOUT_MS.store(header_timeout.as_millis() as u64, Ordering::Relaxed);
+    let gate = crate::drain::Gate::new("control API", MAX_CONNECTIONS);
     crate::drain::accept_loop(listener, "control API", drain, move |stream, _| {
+        let Some(pass) = gate.enter() else { return };
         let allowed = match stream.peer_cred() {
             Ok(c) => access.allows(c.uid(), c.gid(), c.pid()).then_some(()).ok_or(format!(
                 "uid {} may not use the mesh API: {}",
@@ -128,6 +145,7 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>, access: Arc<Ac
         };
         let control = control.clone();
         tokio::spawn(async move {
+            let _pass = pass;
             let svc = hyper::service::service_fn(move |req| {
                 let control = control.clone();
                 let allowed = allowed.clone();
@@ -138,8 +156,11 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>, access: Arc<Ac
                     })
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
                 debug!(error = %e, "control API connection");
             }
         });
@@ -201,11 +222,28 @@ async fn write(
 }
 
 async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Box<Reply>> {
-    Ok(Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| bad(&format!("cannot read the body: {e}")))?
-        .to_bytes())
+    let too_large = || {
+        Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is larger than {} MiB; nothing was changed", MAX_BODY >> 20),
+        ))
+    };
+    // A declared length past the limit is refused before any of it is read.
+    if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let within = Duration::from_millis(BODY_TIMEOUT_MS.load(Ordering::Relaxed));
+    let body = tokio::time::timeout(within, Limited::new(req.into_body(), MAX_BODY).collect()).await.map_err(|_| {
+        Box::new(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("the body did not arrive within {within:?} (--client-header-timeout)"),
+        ))
+    })?;
+    let body = body.map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+        Some(_) => too_large(),
+        None => bad(&format!("cannot read the body: {e}")),
+    })?;
+    Ok(body.to_bytes())
 }
 
 fn value_of(bytes: &[u8]) -> Result<Value, Box<Reply>> {

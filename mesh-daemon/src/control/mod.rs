@@ -330,36 +330,6 @@ pub fn plan(
     Ok(Planned { stored, state, frontends, changes, index_change })
 }
 
-/// Drops the state a write replaced off the caller's path, on a helper
-/// thread that hands the freed heap back to the system once writes pause
-/// (a second after the last one): glibc keeps freed heap otherwise, and
-/// the parse of a large apply would stay resident. Writes come in bursts;
-/// trimming after each would cost every write a walk of the heap.
-fn release_after(old: Current) {
-    static RELEASE: OnceLock<Option<std::sync::mpsc::Sender<Current>>> = OnceLock::new();
-    let tx = RELEASE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Current>();
-        let spawned = std::thread::Builder::new().name("heap-release".into()).spawn(move || {
-            while let Ok(old) = rx.recv() {
-                drop(old);
-                loop {
-                    match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-                        Ok(old) => drop(old),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                datapath::release_freed_heap();
-            }
-        });
-        spawned.ok().map(|_| tx)
-    });
-    // Without the helper (it could not start), the state is dropped here.
-    if let Some(tx) = tx {
-        let _ = tx.send(old);
-    }
-}
-
 impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
@@ -704,7 +674,7 @@ impl Control {
             publish_ms = ms(t0.elapsed() - saved),
             "state applied"
         );
-        release_after(old);
+        crate::heap::release_after(old);
         Ok(generation)
     }
 

@@ -480,7 +480,7 @@ impl StreamHandler for InboundHandler {
             bytes_up: Some(up),
             bytes_down: down,
             duration: started.elapsed(),
-            outcome: if error.is_some() { "error" } else { "ok" },
+            outcome: crate::relay::outcome(&error),
             error: error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync)),
             request: None,
         }

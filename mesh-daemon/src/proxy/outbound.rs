@@ -218,7 +218,7 @@ async fn forward(
     record.bytes_up = Some(up);
     record.bytes_down = down;
     record.duration = duration;
-    record.outcome = if error.is_some() { "error" } else { "ok" };
+    record.outcome = relay::outcome(&error);
     record.error = error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync));
     record.log();
 }
@@ -311,6 +311,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             handler,
             tunnel.clone(),
+            crate::tunnel::server::PerPeer::new(crate::tunnel::server::PeerLimits { connections: 8, streams: 64 }),
             drain.clone(),
         ));
         let local = Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port };

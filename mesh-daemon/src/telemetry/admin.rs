@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::drain::Drain;
 use bytes::Bytes;
@@ -28,18 +29,29 @@ pub trait AdminSource: Send + Sync + 'static {
 /// Content type of the Prometheus text format.
 pub const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Connections the admin endpoint serves at once (probes and scrapers
+/// need a few); more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves until `exit` starts draining (after the daemon's own drain, so
-/// probes keep their answers while connections finish).
-pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, exit: Drain) {
+/// probes keep their answers while connections finish). A client has
+/// `header_timeout` to send each request's headers.
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, header_timeout: Duration, exit: Drain) {
+    let gate = crate::drain::Gate::new("admin", MAX_CONNECTIONS);
     crate::drain::accept_loop(listener, "admin", exit, move |stream, _| {
+        let Some(pass) = gate.enter() else { return };
         let source = source.clone();
         tokio::spawn(async move {
+            let _pass = pass;
             let svc = hyper::service::service_fn(move |req| {
                 let source = source.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &*source)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
                 debug!(error = %e, "admin connection");
             }
         });

@@ -101,6 +101,9 @@ pub struct TunnelCounters {
     pub denied_wrong_node: Counter,
     pub bad_requests: Counter,
     pub upstream_failures: Counter,
+    /// Connections closed and streams refused because their peer identity
+    /// was at its limit.
+    pub over_peer_limit: Counter,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -114,6 +117,8 @@ pub struct TunnelSnapshot {
     pub denied_wrong_node: u64,
     pub bad_requests: u64,
     pub upstream_failures: u64,
+    #[serde(default)]
+    pub over_peer_limit: u64,
     /// Failed handshakes by reason.
     pub tls_failures_by_reason: std::collections::BTreeMap<String, u64>,
 }
@@ -133,6 +138,7 @@ impl TunnelCounters {
             denied_wrong_node: c("denied_wrong_node"),
             bad_requests: c("bad_requests"),
             upstream_failures: c("upstream_failures"),
+            over_peer_limit: c("over_peer_limit"),
         }
     }
 
@@ -158,6 +164,7 @@ impl TunnelCounters {
             denied_wrong_node: self.denied_wrong_node.get(),
             bad_requests: self.bad_requests.get(),
             upstream_failures: self.upstream_failures.get(),
+            over_peer_limit: self.over_peer_limit.get(),
             tls_failures_by_reason: TLS_FAILURE_REASONS
                 .iter()
                 .zip(&self.tls_failures_by_reason)

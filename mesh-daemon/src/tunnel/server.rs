@@ -3,10 +3,11 @@
 //! identity, target, service) handed to a [`StreamHandler`], which decides,
 //! connects and carries the bytes (`proxy::inbound`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,17 +58,89 @@ pub trait StreamHandler: Send + Sync + 'static {
     fn carry(&self, req: StreamRequest, upstream: Self::Upstream, stream: Stream) -> impl Future<Output = ()> + Send;
 }
 
+/// Streams one tunnel connection may carry at once (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS); a sending node opens another
+/// connection beyond it.
+pub const STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// What one peer identity (a node, or a workload of a node) may hold open
+/// on this node's tunnel: a peer past them is refused, the others are not
+/// held up by it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLimits {
+    pub connections: usize,
+    pub streams: usize,
+}
+
+/// Connections and streams open per peer identity.
+#[derive(Debug)]
+pub struct PerPeer {
+    limits: PeerLimits,
+    open: Mutex<HashMap<Arc<Identity>, (usize, usize)>>,
+}
+
+/// One connection or stream of a peer, counted until dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    per: Arc<PerPeer>,
+    id: Arc<Identity>,
+    stream: bool,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.per.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.id) {
+            let count = if self.stream { &mut n.1 } else { &mut n.0 };
+            *count = count.saturating_sub(1);
+            if *n == (0, 0) {
+                open.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl PerPeer {
+    pub fn new(limits: PeerLimits) -> Arc<Self> {
+        Arc::new(Self { limits, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// A slot for one more connection (`stream`: false) or stream of `id`;
+    /// None past its limit.
+    pub fn take(self: &Arc<Self>, id: &Arc<Identity>, stream: bool) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(id.clone()).or_default();
+        let (count, max) = if stream { (&mut n.1, self.limits.streams) } else { (&mut n.0, self.limits.connections) };
+        if *count >= max {
+            if *n == (0, 0) {
+                open.remove(id);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { per: self.clone(), id: id.clone(), stream })
+    }
+
+    /// (connections, streams) open for `id`.
+    #[cfg(test)]
+    pub fn open(&self, id: &Identity) -> (usize, usize) {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or_default()
+    }
+}
+
 pub async fn serve<H: StreamHandler>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handler: Arc<H>,
     counters: Arc<TunnelCounters>,
+    per_peer: Arc<PerPeer>,
     drain: Drain,
 ) {
     let conns = drain.clone();
     crate::drain::accept_loop(listener, "tunnel", drain, move |tcp, peer| {
         let (acceptor, handler, counters, drain) = (acceptor.clone(), handler.clone(), counters.clone(), conns.clone());
-        tokio::spawn(async move { connection(tcp, peer, acceptor, handler, counters, drain).await });
+        let per_peer = per_peer.clone();
+        tokio::spawn(async move { connection(tcp, peer, acceptor, handler, counters, per_peer, drain).await });
     })
     .await;
 }
@@ -78,6 +151,7 @@ async fn connection<H: StreamHandler>(
     acceptor: TlsAcceptor,
     handler: Arc<H>,
     counters: Arc<TunnelCounters>,
+    per_peer: Arc<PerPeer>,
     drain: Drain,
 ) {
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -100,17 +174,24 @@ async fn connection<H: StreamHandler>(
         return;
     };
     counters.handshakes.inc();
-    debug!(%peer, identity = %id, "tunnel connection");
     let id = Arc::new(id);
+    let Some(_slot) = per_peer.take(&id, false) else {
+        counters.over_peer_limit.inc();
+        warn!(%peer, identity = %id, limit = per_peer.limits.connections, "tunnel connections of this peer at their limit (--tunnel-connections-per-peer); closed");
+        return;
+    };
+    debug!(%peer, identity = %id, "tunnel connection");
     let streams = drain.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (id, handler, counters, drain) = (id.clone(), handler.clone(), counters.clone(), streams.clone());
-        async move { Ok::<_, Infallible>(stream(req, id, peer.ip(), handler, &counters, &drain).await) }
+        let per_peer = per_peer.clone();
+        async move { Ok::<_, Infallible>(stream(req, id, peer.ip(), handler, &counters, &per_peer, &drain).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .max_frame_size(super::MAX_FRAME_SIZE)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
@@ -134,6 +215,7 @@ async fn stream<H: StreamHandler>(
     from: std::net::IpAddr,
     handler: Arc<H>,
     counters: &TunnelCounters,
+    per_peer: &Arc<PerPeer>,
     drain: &Drain,
 ) -> Response<Empty<Bytes>> {
     let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok());
@@ -145,6 +227,13 @@ async fn stream<H: StreamHandler>(
     let service = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let protocol =
         req.headers().get(super::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(super::StreamProtocol::parse);
+    let Some(slot) = per_peer.take(&peer, true) else {
+        counters.over_peer_limit.inc();
+        debug!(identity = %peer, %target, limit = per_peer.limits.streams, "tunnel streams of this peer at their limit (--tunnel-streams-per-peer); refused");
+        let mut r = status(StatusCode::SERVICE_UNAVAILABLE);
+        r.headers_mut().insert(super::DENY_HEADER, hyper::header::HeaderValue::from_static("peer_stream_limit"));
+        return r;
+    };
     let request = StreamRequest { peer, target, service, protocol, from };
     let upstream = match handler.open(&request).await {
         Ok(u) => u,
@@ -158,7 +247,7 @@ async fn stream<H: StreamHandler>(
     };
     let guard = drain.guard();
     tokio::spawn(async move {
-        let _guard = guard;
+        let _guard = (guard, slot);
         match hyper::upgrade::on(req).await {
             Ok(up) => handler.carry(request, upstream, TokioIo::new(up)).await,
             Err(e) => {
@@ -167,4 +256,28 @@ async fn stream<H: StreamHandler>(
         }
     });
     status(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_at_its_limits_is_refused_and_others_are_not() {
+        let per = PerPeer::new(PeerLimits { connections: 2, streams: 3 });
+        let a = Arc::new(Identity::parse("spiffe://cluster.local/node/a").unwrap());
+        let b = Arc::new(Identity::parse("spiffe://cluster.local/node/b").unwrap());
+        let conns: Vec<_> = (0..3).map(|_| per.take(&a, false)).collect();
+        assert_eq!(conns.iter().filter(|c| c.is_some()).count(), 2, "two connections, the third refused");
+        let streams: Vec<_> = (0..5).filter_map(|_| per.take(&a, true)).collect();
+        assert_eq!(streams.len(), 3);
+        assert!(per.take(&b, true).is_some() && per.take(&b, false).is_some(), "another peer is not held up");
+        assert_eq!(per.open(&a), (2, 3));
+        drop(streams);
+        assert_eq!(per.open(&a), (2, 0));
+        assert!(per.take(&a, true).is_some(), "a slot freed is taken again");
+        drop(conns);
+        assert_eq!(per.open(&a), (0, 0));
+        assert!(per.open.lock().unwrap().is_empty(), "no entry left for peers with nothing open");
+    }
 }

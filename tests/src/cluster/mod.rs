@@ -41,6 +41,11 @@ impl ClusterSpec {
     pub fn new() -> Self {
         Self::default()
     }
+    /// node-a with `client` and `web-1`, node-b with `web-2`: a local and
+    /// a remote endpoint for one client.
+    pub fn client_and_two_webs() -> Self {
+        Self::new().node("node-a").node("node-b").pod("client", "node-a").pod("web-1", "node-a").pod("web-2", "node-b")
+    }
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_owned());
         self

@@ -1,0 +1,157 @@
+//! Limits under abuse (root, real kernel): clients that open many
+//! connections and send nothing, or hold tunnel streams idle, hit a limit,
+//! and the daemon's descriptors and memory come back afterwards.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use mesh_tests::sys::{fd_count, in_netns, rss_kib, wait_until};
+use mesh_tests::{Cluster, ClusterSpec, Daemon};
+
+const VIP: &str = "10.96.0.10";
+const REMOTE_VIP: &str = "10.96.0.11";
+const HALF_REQUEST: &[u8] = b"GET /v1/state HTTP/1.1\r\nHost: x\r\n";
+
+fn cluster() -> (Cluster, std::path::PathBuf) {
+    let c = Cluster::create(&ClusterSpec::client_and_two_webs()).expect("mini cluster");
+    c.serve("web-1", 8080, None).unwrap();
+    c.serve_with("web-2", 8080, None, &["--echo-now", "9100"]).unwrap();
+    let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
+    let services = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n\
+         \x20 - name: remote\n    vip: {REMOTE_VIP}\n    ports: [{{ port: 9100 }}]\n    endpoints: [{{ ip: {w2}, node: node-b }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
+    (c, cfg)
+}
+
+/// Sockets the peer closed: a read sees EOF or an error at once.
+fn closed(s: &mut impl Read) -> bool {
+    let mut b = [0u8; 256];
+    !matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+fn usage(d: &Daemon) -> (usize, u64) {
+    (fd_count(d.pid()), rss_kib(d.pid()))
+}
+
+#[test]
+fn root_half_sent_requests_to_the_api_and_admin_hit_their_caps_and_time_out() {
+    let (c, cfg) = cluster();
+    let d = c.start_daemon("node-a", &cfg, &["--client-header-timeout", "5s"]).unwrap();
+    // Warm: the first requests allocate what every later one reuses.
+    for _ in 0..20 {
+        assert!(c.meshctl("node-a", &["status"]).unwrap().status.success());
+        d.admin_get("/metrics").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (fds0, rss0) = usage(&d);
+
+    // 2000 API connections and 500 admin ones, each with half a request.
+    let t0 = Instant::now();
+    let mut api: Vec<UnixStream> = Vec::new();
+    for _ in 0..2000 {
+        let mut s = UnixStream::connect(c.api_socket("node-a")).unwrap();
+        let _ = s.write_all(HALF_REQUEST);
+        api.push(s);
+    }
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], mesh_tests::cluster::ADMIN_PORT));
+    let mut admin: Vec<TcpStream> = in_netns(&d.node.netns, || {
+        (0..500)
+            .filter_map(|_| {
+                let mut s = TcpStream::connect_timeout(&admin_addr, Duration::from_secs(2)).ok()?;
+                let _ = s.write_all(HALF_REQUEST);
+                Some(s)
+            })
+            .collect()
+    })
+    .unwrap();
+    let opened = t0.elapsed();
+    let (fds1, rss1) = usage(&d);
+    for s in &api {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    for s in &admin {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    let api_refused = api.iter_mut().map(closed).filter(|c| *c).count();
+    let admin_refused = admin.iter_mut().map(closed).filter(|c| *c).count();
+    eprintln!(
+        "opened in {opened:?}; holding: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB; closed at once: API {api_refused}/2000, admin {admin_refused}/{}",
+        admin.len()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "opening took longer than the header timeout: {opened:?}");
+    assert!(api_refused >= 2000 - 128, "the API cap (128) let {} in", 2000 - api_refused);
+    assert!(admin_refused >= admin.len() - 64, "the admin cap (64) let {} in", admin.len() - admin_refused);
+    assert!(fds1 <= fds0 + 128 + 64 + 16, "descriptors held past the caps: {fds0} -> {fds1}");
+
+    // The header timeout (5 s) closes the rest.
+    let start = Instant::now();
+    let all_closed = wait_until(Duration::from_secs(8), || api.iter_mut().all(closed) && admin.iter_mut().all(closed));
+    assert!(all_closed, "connections with half a request still open after {:?}", start.elapsed());
+    drop((api, admin));
+    // Descriptors at once, memory once the heap is trimmed (a second after
+    // the last connection closed).
+    assert!(
+        wait_until(Duration::from_secs(5), || fd_count(d.pid()) <= fds0 + 2),
+        "fds {fds0} -> {}",
+        fd_count(d.pid())
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    let (fds2, rss2) = usage(&d);
+    eprintln!("after: fds {fds2}, RSS {rss2} KiB (start {rss0}, while held {rss1})");
+    assert!(rss2 <= rss0 + 8 * 1024, "RSS did not come back: {rss0} -> {rss1} -> {rss2} KiB");
+    // And it still serves both.
+    assert!(c.meshctl("node-a", &["status"]).unwrap().status.success());
+    assert_eq!(d.admin_get("/ready").unwrap().0, 200);
+
+    // A body that does not arrive, and one too large.
+    let ask = |head: &str| {
+        let mut s = UnixStream::connect(c.api_socket("node-a")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let slow = ask("PUT /v1/state HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{");
+    assert!(slow.starts_with("HTTP/1.1 408") && slow.contains("--client-header-timeout"), "{slow}");
+    let big = ask("PUT /v1/state HTTP/1.1\r\nHost: x\r\nContent-Length: 17825792\r\nConnection: close\r\n\r\n");
+    assert!(big.starts_with("HTTP/1.1 413") && big.contains("larger than 16 MiB"), "{big}");
+    assert!(c.meshctl("node-a", &["status"]).unwrap().status.success());
+}
+
+#[test]
+fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused() {
+    let (c, cfg) = cluster();
+    let a = c.start_daemon("node-a", &cfg, &["--idle-timeout", "3s"]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &["--idle-timeout", "3s", "--tunnel-streams-per-peer", "5"]).unwrap();
+    let (b_fds0, _) = usage(&b);
+    // Ten connections through the tunnel that send nothing, held 10 s.
+    let hold = c.start("client", "mt-pod", &["hold", &format!("{REMOTE_VIP}:9100"), "10", "10"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || b.counter("tunnel", "over_peer_limit").unwrap_or(0) == 5),
+        "the sixth to tenth streams of one peer should be refused: {}\n{}",
+        b.stats().unwrap(),
+        b.log_text()
+    );
+    let (b_fds1, _) = usage(&b);
+    assert!(b_fds1 >= b_fds0 + 5, "five streams and their backend connections: fds {b_fds0} -> {b_fds1}");
+    // Nothing moves: after the idle timeout (3 s) the streams and the
+    // backend connections are closed, though the client still holds on.
+    assert!(
+        wait_until(Duration::from_secs(6), || fd_count(b.pid()) <= b_fds0 + 1),
+        "node-b still holds {} descriptors (from {b_fds0})",
+        fd_count(b.pid())
+    );
+    let idle = a.log_with("outcome=\"idle\"", 5);
+    assert!(idle.matches("idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
+    let _ = hold.wait_with_output();
+    // Below the cap again, the peer gets streams.
+    let out = c
+        .exec("client", "mt-pod", &["bulk", &format!("{REMOTE_VIP}:9100"), "100000"], Duration::from_secs(10))
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
