@@ -6,6 +6,8 @@ pub(crate) mod control;
 pub(crate) mod datapath;
 pub(crate) mod discovery;
 pub(crate) mod drain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handover;
 pub(crate) mod health;
 pub(crate) mod heap;

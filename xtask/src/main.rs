@@ -2,10 +2,12 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod kind;
 mod lint;
 mod scale;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +57,24 @@ enum Cmd {
         /// x 10 endpoints, proxy and kernel mode; bench/results/scale.md).
         #[arg(long, conflicts_with_all = ["only", "seconds", "rounds"])]
         scale: bool,
+    },
+    /// Fuzz every target of fuzz/ (cargo-fuzz, libFuzzer, nightly) for a
+    /// bounded time each, from its corpus; fails on the first crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
+    /// Mixed traffic on the mini cluster for a bounded time (new
+    /// connections, long streams, the tunnel, kernel mode, API writes, one
+    /// daemon upgrade per node in the middle), sampling descriptors, RSS
+    /// and failed requests every second; fails on any failed request or
+    /// on growth that does not come back.
+    Soak {
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
     },
     /// Deploy on a kind cluster in Docker (deploy/kind-config.yaml) and
     /// check a meshed pod reaches a Service through the mesh. Needs Docker,
@@ -117,6 +137,12 @@ fn main() -> std::process::ExitCode {
         }
         Cmd::Bench { quick, scale: true, .. } => setup::setup().and_then(|_| scale::scale(quick)),
         Cmd::Kind => kind::kind(),
+        Cmd::Fuzz { seconds, targets } => setup::setup().and_then(|_| fuzz::fuzz(seconds.max(1), &targets)),
+        Cmd::Soak { minutes } => setup::setup().and_then(|_| {
+            build_variant()?;
+            build_bins(false)?;
+            soak::soak(std::time::Duration::from_secs(minutes.max(1) * 60))
+        }),
         Cmd::Clean => clean(),
     };
     match result {
@@ -127,6 +153,11 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS: u64 = 20;
+/// Minutes of soak in `cargo xtask test`.
+const SOAK_MINUTES: u64 = 2;
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
@@ -145,8 +176,19 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     let (passed, failed, ok) = run_counting(&mut cmd)?;
     let bench = if ok && args.is_empty() {
-        eprintln!("xtask: checking that every benchmark path runs (cargo xtask bench --quick, then --scale --quick)");
-        bench::bench(true, &[], None, None).and_then(|_| scale::scale(true))
+        eprintln!("xtask: fuzzing every target for {FUZZ_SECONDS} s (cargo xtask fuzz)");
+        fuzz::fuzz(FUZZ_SECONDS, &[])
+            .and_then(|_| {
+                eprintln!("xtask: a {SOAK_MINUTES}-minute soak (cargo xtask soak)");
+                soak::soak(std::time::Duration::from_secs(SOAK_MINUTES * 60))
+            })
+            .and_then(|_| {
+                eprintln!(
+                    "xtask: checking that every benchmark path runs (cargo xtask bench --quick, then --scale --quick)"
+                );
+                bench::bench(true, &[], None, None)
+            })
+            .and_then(|_| scale::scale(true))
     } else {
         Ok(())
     };

@@ -43,6 +43,7 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     cargo_deny()?;
     oha()?;
+    cargo_fuzz()?;
     packages()?;
     manifest_tools()?;
     bpffs()?;
@@ -101,15 +102,35 @@ const OHA_VERSION: &str = "1.10.0";
 
 /// Where oha is: on PATH, else where `cargo install` put it.
 pub fn oha_path() -> Option<std::path::PathBuf> {
+    cargo_bin("oha")
+}
+
+/// A program on PATH, else where `cargo install` puts it.
+pub fn cargo_bin(name: &str) -> Option<std::path::PathBuf> {
     if let Some(p) =
-        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("oha")).find(|f| f.is_file()))
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
     {
         return Some(p);
     }
     let home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
-    Some(home.join("bin/oha")).filter(|p| p.is_file())
+    Some(home.join("bin").join(name)).filter(|p| p.is_file())
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for `cargo xtask fuzz` (a short run is part of the tests).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if cargo_bin("cargo-fuzz").is_some() {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+    run(crate::cargo().args(["install", "--locked", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION]))?;
+    if cargo_bin("cargo-fuzz").is_none() {
+        bail!("cargo-fuzz was installed but is not in ~/.cargo/bin or on PATH");
+    }
+    Ok(())
 }
 
 fn oha() -> anyhow::Result<()> {

@@ -125,8 +125,33 @@ struct ApiError {
     body: Value,
 }
 
-/// Sends one request to the daemon: (status, body bytes).
+/// Sends one request to the daemon: (status, body bytes). A write refused
+/// because a new daemon is taking over (a second or so) is sent again,
+/// for up to 10 s.
 async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    if_match: Option<u64>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let mut tries = 0;
+    loop {
+        let (status, bytes) = send_once(socket, method.clone(), path, body.clone(), if_match).await?;
+        let handing_over = status == StatusCode::SERVICE_UNAVAILABLE
+            && String::from_utf8_lossy(&bytes).contains("a new mesh-daemon is taking over");
+        if !handing_over || tries == 50 {
+            return Ok((status, bytes));
+        }
+        if tries == 0 {
+            eprintln!("meshctl: a new mesh-daemon is taking over on this node; retrying for up to 10 s");
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn send_once(
     socket: &Path,
     method: Method,
     path: &str,

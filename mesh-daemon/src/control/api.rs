@@ -168,6 +168,19 @@ pub async fn serve(
     .await;
 }
 
+/// Serves one connection of a caller allowed to use the API (no
+/// credential check): for the fuzz target of the request handling.
+pub(crate) async fn serve_allowed<IO>(io: IO, control: Arc<Control>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let control = control.clone();
+        async move { Ok::<_, Infallible>(handle(req, control).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await;
+}
+
 fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
     let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
     text.push(b'\n');

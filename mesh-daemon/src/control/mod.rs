@@ -213,6 +213,9 @@ pub struct Control {
     /// Read handles of the maps: counters and dumps never wait for a write.
     view: OnceLock<MapsView>,
     attached: AtomicBool,
+    /// No kernel datapath at all ([`Prepared::detached`]): writes are
+    /// planned, saved and published only.
+    detached: bool,
     reused: AtomicBool,
     /// Entries of `SLOTS` as loaded.
     slot_capacity: AtomicUsize,
@@ -233,6 +236,19 @@ impl Prepared {
     /// See [`Control::registry`].
     pub fn registry(&self) -> Arc<Registry> {
         self.control.registry()
+    }
+
+    /// Takes writes without a kernel datapath: they are checked, saved and
+    /// published to the views, and nothing else. For fuzzing the control
+    /// API and for tests that need no kernel.
+    pub fn detached(self) -> Control {
+        let Prepared { mut control, current } = self;
+        control.detached = true;
+        control.accepted(&current, None);
+        if let Ok(mut inner) = control.inner.lock() {
+            *inner = Inner { current, datapath: None, synced: None };
+        }
+        control
     }
 
     /// Syncs the datapath to the state and starts taking writes. On error
@@ -350,6 +366,7 @@ impl Control {
             problem: ArcSwapOption::empty(),
             view: OnceLock::new(),
             attached: AtomicBool::new(false),
+            detached: false,
             reused: AtomicBool::new(false),
             slot_capacity: AtomicUsize::new(cfg.slot_entries as usize),
             cfg,
@@ -615,30 +632,37 @@ impl Control {
         let mut delta = Delta::of(&next.changes, &current.frontends, &next.frontends, same, &next.state);
         let planned = t0.elapsed();
         let generation = next.stored.generation;
-        let dp = datapath.as_mut().ok_or(WriteError::HandingOver)?;
-        // The entries the write changed, when the maps hold the state
-        // before as it is; all of them otherwise.
-        let incremental = synced
-            .take()
-            .zip(delta.as_ref())
-            .filter(|_| self.problem.load().is_none() && next.cookies == current.cookies);
-        let (want, r) = self.sync_to(dp, &next, incremental, |want, d, healthy| {
-            want.update(&next.state, d, self.cfg.slot_table_size, healthy)
-        });
-        let report = match r {
-            Ok(r) => r,
-            Err(source) => {
-                return Err(WriteError::Datapath { rollback: Box::new(self.roll_back(dp, current)), source })
+        let (want, report) = match datapath.as_mut() {
+            Some(dp) => {
+                // The entries the write changed, when the maps hold the
+                // state before as it is; all of them otherwise.
+                let incremental = synced
+                    .take()
+                    .zip(delta.as_ref())
+                    .filter(|_| self.problem.load().is_none() && next.cookies == current.cookies);
+                let (want, r) = self.sync_to(dp, &next, incremental, |want, d, healthy| {
+                    want.update(&next.state, d, self.cfg.slot_table_size, healthy)
+                });
+                match r {
+                    Ok(r) => (Some(want), r),
+                    Err(source) => {
+                        return Err(WriteError::Datapath { rollback: Box::new(self.roll_back(dp, current)), source })
+                    }
+                }
             }
+            None if self.detached => (None, datapath::SyncReport::default()),
+            None => return Err(WriteError::HandingOver),
         };
         let synced_at = t0.elapsed();
         if let Err(e) = self.store.save_change(&current.stored, &next.stored, &next.changes, &next.state) {
             // The maps took the new state but it is not saved: put them back.
-            let rollback = self.roll_back(dp, current);
-            warn!(error = %e, %rollback, "the state could not be saved");
+            if let Some(dp) = datapath.as_mut() {
+                let rollback = self.roll_back(dp, current);
+                warn!(error = %e, %rollback, "the state could not be saved");
+            }
             return Err(e.into());
         }
-        *synced = Some(want);
+        *synced = want;
         let saved = t0.elapsed();
         next.index = if next.changes.whole {
             Index::of(&next.state, self.cfg.slot_table_size)

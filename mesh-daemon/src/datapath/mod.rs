@@ -40,6 +40,7 @@ pub use load::release_freed_heap;
 pub use netns::{netns_cookie, own_netns_cookie};
 pub use orig_dst::OrigDstReader;
 pub use sync::SyncReport;
+pub(crate) use view::decode_service;
 pub use view::{Dump, MapsView};
 
 /// The kernel object, built by build.rs from mesh-ebpf.

@@ -23,6 +23,40 @@ pub struct ServiceDump {
     pub slots: Vec<String>,
 }
 
+/// One `SERVICES` entry as the dump shows it; `slot` reads the `SLOTS`
+/// entry of a key. A table is read up to the most slots a service can
+/// have, whatever count the entry claims (a map written by another build,
+/// or damaged): an entry claiming 4 billion slots made the dump loop that
+/// often (found by the `kernel_structs` fuzz target).
+pub(crate) fn decode_service(
+    k: &ServiceKey,
+    v: &ServiceValue,
+    mut slot: impl FnMut(SlotKey) -> Option<SockAddrV4>,
+) -> ServiceDump {
+    let count = if v.mode == MODE_KERNEL { v.slot_count.min(mesh_common::limits::MAX_SLOTS_PER_SERVICE) } else { 0 };
+    let slots = (0..count)
+        .map(|i| {
+            let key = SlotKey { service_id: v.id, generation: u32::from(v.generation), slot: i };
+            match slot(key) {
+                Some(b) => addr(b.ip_be, b.port_be).to_string(),
+                None => "(missing)".to_owned(),
+            }
+        })
+        .collect();
+    let mode = match v.mode {
+        MODE_KERNEL => "kernel",
+        MODE_PROXY => "proxy",
+        _ => "unknown",
+    };
+    ServiceDump {
+        address: addr(k.vip_be, k.port_be).to_string(),
+        id: v.id,
+        mode: mode.to_owned(),
+        generation: v.generation,
+        slots,
+    }
+}
+
 /// Read handles of the maps.
 pub struct MapsView {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
@@ -73,27 +107,7 @@ impl MapsView {
         let mut services = Vec::new();
         for entry in self.services.iter() {
             let (k, v) = entry.map_err(err(map_names::SERVICES))?;
-            let slots = (0..if v.mode == MODE_KERNEL { v.slot_count } else { 0 })
-                .map(|i| {
-                    let key = SlotKey { service_id: v.id, generation: u32::from(v.generation), slot: i };
-                    match self.slots.get(&key, 0) {
-                        Ok(b) => addr(b.ip_be, b.port_be).to_string(),
-                        Err(_) => "(missing)".to_owned(),
-                    }
-                })
-                .collect();
-            let mode = match v.mode {
-                MODE_KERNEL => "kernel",
-                MODE_PROXY => "proxy",
-                _ => "unknown",
-            };
-            services.push(ServiceDump {
-                address: addr(k.vip_be, k.port_be).to_string(),
-                id: v.id,
-                mode: mode.to_owned(),
-                generation: v.generation,
-                slots,
-            });
+            services.push(decode_service(&k, &v, |key| self.slots.get(&key, 0).ok()));
         }
         services.sort_by(|a, b| a.address.cmp(&b.address));
         let mut workloads = BTreeMap::new();

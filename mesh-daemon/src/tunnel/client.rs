@@ -131,36 +131,53 @@ impl Pool {
     ) -> Result<Stream, TunnelError> {
         let (cert, serial) = self.cert(source).await?;
         let slot = self.slot((source.clone(), node.clone()));
-        let mut sender = {
+        let (mut sender, reused) = {
             let mut pooled = slot.lock().await;
             match pooled.as_mut().filter(|p| p.serial == serial && p.sender.is_ready()) {
                 Some(p) => {
                     p.used = Instant::now();
-                    p.sender.clone()
+                    (p.sender.clone(), true)
                 }
                 None => {
                     // The lock is held through the handshake: connects that
                     // race for this node wait for it and share it.
-                    let sender = self.handshake(source, cert, node, node_addr).await?;
+                    let sender = self.handshake(source, cert.clone(), node, node_addr).await?;
                     *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
-                    sender
+                    (sender, false)
                 }
             }
         };
-        let mut req = Request::new(Empty::new());
-        *req.method_mut() = Method::CONNECT;
-        *req.uri_mut() = hyper::Uri::from_maybe_shared(Bytes::from(target.to_string())).map_err(|_| {
-            TunnelError::Refused { node: node.clone(), target, status: StatusCode::BAD_REQUEST, reason: None }
-        })?;
-        // Names are validated DNS labels: always a valid header value.
-        if let Ok(v) = HeaderValue::from_str(service) {
-            req.headers_mut().insert(super::SERVICE_HEADER, v);
-        }
-        if let Some(p) = protocol {
-            req.headers_mut().insert(super::PROTOCOL_HEADER, HeaderValue::from_static(p.as_str()));
-        }
+        let request = || -> Result<Request<Empty<Bytes>>, TunnelError> {
+            let mut req = Request::new(Empty::new());
+            *req.method_mut() = Method::CONNECT;
+            *req.uri_mut() = hyper::Uri::from_maybe_shared(Bytes::from(target.to_string())).map_err(|_| {
+                TunnelError::Refused { node: node.clone(), target, status: StatusCode::BAD_REQUEST, reason: None }
+            })?;
+            // Names are validated DNS labels: always a valid header value.
+            if let Ok(v) = HeaderValue::from_str(service) {
+                req.headers_mut().insert(super::SERVICE_HEADER, v);
+            }
+            if let Some(p) = protocol {
+                req.headers_mut().insert(super::PROTOCOL_HEADER, HeaderValue::from_static(p.as_str()));
+            }
+            Ok(req)
+        };
         let http2 = |source| TunnelError::Http2 { node: node.clone(), source };
-        let resp = sender.send_request(req).await.map_err(http2)?;
+        let resp = match sender.send_request(request()?).await {
+            Ok(resp) => resp,
+            // A pooled connection the peer closed meanwhile (a GOAWAY from
+            // a daemon that hands over and drains, a restart): the stream
+            // was not answered, so it opens on a new connection, once.
+            Err(e) if reused => {
+                debug!(node = %node, error = %e, "pooled tunnel connection went away; opening another");
+                let mut pooled = slot.lock().await;
+                sender = self.handshake(source, cert, node, node_addr).await?;
+                *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
+                drop(pooled);
+                sender.send_request(request()?).await.map_err(http2)?
+            }
+            Err(e) => return Err(http2(e)),
+        };
         if resp.status() != StatusCode::OK {
             let reason = resp.headers().get(super::DENY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             return Err(TunnelError::Refused { node: node.clone(), target, status: resp.status(), reason });

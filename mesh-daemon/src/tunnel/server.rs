@@ -181,6 +181,22 @@ async fn connection<H: StreamHandler>(
         return;
     };
     debug!(%peer, identity = %id, "tunnel connection");
+    serve_streams(tls, peer, id, handler, counters, per_peer, drain).await;
+}
+
+/// HTTP/2 on a connection whose peer is `id` (its TLS verified): each
+/// CONNECT becomes a stream for `handler`.
+pub(crate) async fn serve_streams<H: StreamHandler, IO>(
+    io: IO,
+    peer: SocketAddr,
+    id: Arc<Identity>,
+    handler: Arc<H>,
+    counters: Arc<TunnelCounters>,
+    per_peer: Arc<PerPeer>,
+    drain: Drain,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let streams = drain.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (id, handler, counters, drain) = (id.clone(), handler.clone(), counters.clone(), streams.clone());
@@ -194,7 +210,7 @@ async fn connection<H: StreamHandler>(
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     // On drain: GOAWAY, so the peer opens no new stream here and the open
     // ones finish.
     let ended = drain.serve(conn, |c| c.graceful_shutdown()).await;
