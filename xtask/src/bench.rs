@@ -1,19 +1,25 @@
-//! `cargo xtask bench`: the same load, in one run, through five paths, on a
-//! two-node mini cluster, reported as ratios to `direct` and to HAProxy.
+//! `cargo xtask bench`: the same load, in one run, through seven paths, on
+//! a two-node mini cluster, each reported as ratios to its baseline and to
+//! its peer (what a user would run instead).
 //!
-//! - direct: client pod to the backend pod's IP (the baseline);
+//! On the client's node (baseline `direct`, peer `haproxy`):
+//! - direct: client pod to the backend pod's IP;
 //! - kernel: the VIP in `mode: kernel` (connect4 picks the backend);
 //! - proxy-local: the VIP in `mode: proxy`, backend on the same node;
+//! - haproxy: HAProxy in TCP mode, one thread, on the client's node.
+//!
+//! Across the nodes (baseline `direct-remote`, peer `haproxy-mtls`):
+//! - direct-remote: client pod to the pod on the other node;
 //! - proxy-mtls: the VIP in `mode: proxy`, backend on the other node
 //!   (through the mTLS tunnel);
-//! - haproxy: HAProxy in TCP mode, one thread, on the client's node, in
-//!   front of the same backend: what a user would run instead.
+//! - haproxy-mtls: HAProxy on each node, one thread each, TLS 1.3 with
+//!   client certificates from the same kind of CA between them.
 //!
 //! The mesh daemons get one worker thread, like HAProxy. Per path: wrk with
 //! 32 keep-alive connections (requests/s, p50, p99), wrk with a new
-//! connection per request (connections/s), iperf3 (Gbit/s), and the RSS
-//! and CPU seconds of the proxy process (the node's mesh-daemon, or
-//! HAProxy on its row).
+//! connection per request (connections/s), iperf3 (Gbit/s), the RSS of the
+//! client node's proxy, the CPU seconds of the proxies at both ends, and
+//! their CPU seconds per GB that iperf3 moved.
 //!
 //! Requests (a second table), to an HTTP/1.1 + h2c backend (mt-http):
 //! - http-direct: client pod to the backend pod;
@@ -80,6 +86,22 @@ struct Row {
     gbps: f64,
     rss_mib: f64,
     cpu_s: f64,
+    /// The proxies' CPU seconds (both ends) per GB iperf3 moved.
+    cpu_per_gb: f64,
+}
+
+/// The row a path is divided by, and the row of what a user would run
+/// instead: cross-node paths against cross-node ones.
+fn baseline_and_peer(name: &str) -> (&'static str, &'static str) {
+    match name {
+        "direct-remote" | "proxy-mtls" | "haproxy-mtls" => ("direct-remote", "haproxy-mtls"),
+        _ => ("direct", "haproxy"),
+    }
+}
+
+/// CPU seconds of several processes, summed.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| usage(*p).1).sum()
 }
 
 fn say(s: &str) {
@@ -138,12 +160,14 @@ pub(crate) fn usage(pid: u32) -> (f64, f64) {
 
 pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<usize>) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 9] = [
+    const PATHS: [&str; 11] = [
         "direct",
         "kernel",
         "proxy-local",
-        "proxy-mtls",
         "haproxy",
+        "direct-remote",
+        "proxy-mtls",
+        "haproxy-mtls",
         "http-direct",
         "http-proxy-local",
         "http-proxy-mtls",
@@ -184,31 +208,64 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     .concat();
     let cfg = c.write_file("mesh.yaml", &c.config(&services))?;
     let da = c.start_daemon("node-a", &cfg, &["--worker-threads", "1"])?;
-    let _db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
+    let db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
 
-    let node_a = c.node("node-a").address;
+    let (node_a, node_b) = (c.node("node-a").address, c.node("node-b").address);
+    // HAProxy with mutual TLS 1.3 between the nodes: certificates from a CA
+    // of this run, as the mesh's are; each side verifies the other.
+    let ca = c.ca_dir()?;
+    let pem = |node: &str| -> anyhow::Result<String> {
+        let dir = c.issue_cert(
+            &ca,
+            &format!("spiffe://cluster.local/ns/mesh-system/node/haproxy-{node}"),
+            86400,
+            &format!("haproxy-{node}"),
+        )?;
+        let mut both = std::fs::read_to_string(dir.join("cert.pem"))?;
+        both.push_str(&std::fs::read_to_string(dir.join("key.pem"))?);
+        let path = c.write_file(&format!("haproxy-{node}.pem"), &both)?;
+        Ok(path.display().to_string())
+    };
+    let (pem_a, pem_b, ca_pem) = (pem("a")?, pem("b")?, ca.join("ca.pem").display().to_string());
+    let tls = format!("ca-file {ca_pem} verify required ssl-min-ver TLSv1.3");
     let haproxy_cfg = format!(
         "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n\
          listen h1\n  mode http\n  bind {node_a}:18090\n  server web {w1}:8090\n\
-         listen h2\n  mode http\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n"
+         listen h2\n  mode http\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n\
+         listen mtls-http\n  bind {node_a}:18443\n  server b {node_b}:18444 ssl crt {pem_a} {tls}\n\
+         listen mtls-iperf\n  bind {node_a}:15443\n  server b {node_b}:15444 ssl crt {pem_a} {tls}\n"
+    );
+    let haproxy_b_cfg = format!(
+        "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         listen mtls-http\n  bind {node_b}:18444 ssl crt {pem_b} {tls}\n  server web {w2}:8080\n\
+         listen mtls-iperf\n  bind {node_b}:15444 ssl crt {pem_b} {tls}\n  server web {w2}:5201\n"
     );
     let hcfg = c.write_file("haproxy.cfg", &haproxy_cfg)?;
     let haproxy = c.spawn_on_node("node-a", "haproxy", &["-db", "-f", hcfg.to_str().context("path")?])?;
-    let listening = std::net::SocketAddr::from((node_a, 18080));
-    if !mesh_tests::sys::wait_until(Duration::from_secs(5), || {
-        mesh_tests::sys::can_connect(&c.node("node-a").netns, listening)
-    }) {
-        let log = std::fs::read_to_string(c.dir.join("node-node-a.log")).unwrap_or_default();
-        bail!("HAProxy does not accept on {listening}:\n{log}");
+    let hcfg_b = c.write_file("haproxy-b.cfg", &haproxy_b_cfg)?;
+    let haproxy_b = c.spawn_on_node("node-b", "haproxy", &["-db", "-f", hcfg_b.to_str().context("path")?])?;
+    for (node, addr) in [
+        ("node-a", std::net::SocketAddr::from((node_a, 18080))),
+        ("node-b", std::net::SocketAddr::from((node_b, 18444))),
+    ] {
+        if !mesh_tests::sys::wait_until(Duration::from_secs(5), || {
+            mesh_tests::sys::can_connect(&c.node(node).netns, addr)
+        }) {
+            let log = std::fs::read_to_string(c.dir.join(format!("node-{node}.log"))).unwrap_or_default();
+            bail!("HAProxy does not accept on {addr}:\n{log}");
+        }
     }
 
-    let scenarios: [(&str, String, String, u32); 5] = [
-        ("direct", format!("{w1}:8080"), format!("{w1}:5201"), da.pid()),
-        ("kernel", "10.96.0.20:80".into(), "10.96.0.20:5201".into(), da.pid()),
-        ("proxy-local", "10.96.0.21:80".into(), "10.96.0.21:5201".into(), da.pid()),
-        ("proxy-mtls", "10.96.0.22:80".into(), "10.96.0.22:5201".into(), da.pid()),
-        ("haproxy", format!("{node_a}:18080"), format!("{node_a}:15201"), haproxy),
+    let (a, b) = (da.pid(), db.pid());
+    let scenarios: [(&str, String, String, Vec<u32>); 7] = [
+        ("direct", format!("{w1}:8080"), format!("{w1}:5201"), vec![a]),
+        ("kernel", "10.96.0.20:80".into(), "10.96.0.20:5201".into(), vec![a]),
+        ("proxy-local", "10.96.0.21:80".into(), "10.96.0.21:5201".into(), vec![a]),
+        ("haproxy", format!("{node_a}:18080"), format!("{node_a}:15201"), vec![haproxy]),
+        ("direct-remote", format!("{w2}:8080"), format!("{w2}:5201"), vec![a, b]),
+        ("proxy-mtls", "10.96.0.22:80".into(), "10.96.0.22:5201".into(), vec![a, b]),
+        ("haproxy-mtls", format!("{node_a}:18443"), format!("{node_a}:15443"), vec![haproxy, haproxy_b]),
     ];
     // Memory with many connections open: idle ones through proxy-local,
     // measured first, before the new-connection runs fill the node's
@@ -247,11 +304,11 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     for round in 1..=rounds {
         let n = selected.len();
         for i in (0..n).map(|k| (k + round - 1) % n) {
-            let (name, http, tcp, pid) = selected[i];
+            let (name, http, tcp, pids) = selected[i];
             say(&format!(
                 "{name} (round {round} of {rounds}): keep-alive, new connections, throughput ({secs} s each)"
             ));
-            let (_, cpu0) = usage(*pid);
+            let cpu0 = cpu_of(pids);
             let d = format!("{secs}s");
             let url = format!("http://{http}/");
             let ka = c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &url], wait)?;
@@ -266,18 +323,32 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
                 }
             }
             let (host, port) = tcp.rsplit_once(':').context("address")?;
+            let cpu_before_iperf = cpu_of(pids);
             let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
+            let cpu_iperf = cpu_of(pids) - cpu_before_iperf;
             let ip: serde_json::Value =
                 serde_json::from_slice(&ip.stdout).with_context(|| format!("{name}: iperf3 output"))?;
             let gbps = ip["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .with_context(|| format!("{name}: iperf3: {ip}"))?
                 / 1e9;
-            let (rss, cpu1) = usage(*pid);
-            let row = Row { name, rps, p50_us: p50, p99_us: p99, conns, gbps, rss_mib: rss, cpu_s: cpu1 - cpu0 };
+            let gb = ip["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+            let (rss, _) = usage(pids[0]);
+            let cpu_per_gb = if gb > 0.0 { cpu_iperf / gb } else { 0.0 };
+            let row = Row {
+                name,
+                rps,
+                p50_us: p50,
+                p99_us: p99,
+                conns,
+                gbps,
+                rss_mib: rss,
+                cpu_s: cpu_of(pids) - cpu0,
+                cpu_per_gb,
+            };
             say(&format!(
-                "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s",
-                row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s
+                "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s, {:.2} CPU s/GB",
+                row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s, row.cpu_per_gb
             ));
             if row.rps <= 0.0 || row.conns <= 0.0 || row.gbps <= 0.0 {
                 bail!("{name}: a measurement produced no number");
@@ -458,15 +529,17 @@ fn median_row(runs: &[Row]) -> Row {
         gbps: med(|r| r.gbps),
         rss_mib: med(|r| r.rss_mib),
         cpu_s: med(|r| r.cpu_s),
+        cpu_per_gb: med(|r| r.cpu_per_gb),
     }
 }
 
 fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> String {
     let base = |f: fn(&Row) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
     let cell = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
-        let (d, h) = (base(f, "direct"), base(f, "haproxy"));
+        let (baseline, peer) = baseline_and_peer(r.name);
+        let (d, h) = (base(f, baseline), base(f, peer));
         let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
-        format!("{:.*} ({}x direct, {}x haproxy)", digits, f(r), ratio(d), ratio(h))
+        format!("{:.*} ({}x {baseline}, {}x {peer})", digits, f(r), ratio(d), ratio(h))
     };
     let mut s = String::new();
     let _ =
@@ -484,13 +557,17 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
     );
     let _ = writeln!(
         s,
-        "| path | keep-alive req/s | p50 µs | p99 µs | new conn/s | Gbit/s | proxy RSS MiB | proxy CPU s |"
+        "| path | keep-alive req/s | p50 µs | p99 µs | new conn/s | Gbit/s | proxy RSS MiB | proxy CPU s | CPU s per GB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        let per_gb = match r.name {
+            "direct" | "direct-remote" => "-".to_owned(),
+            _ => cell(r, |r| r.cpu_per_gb, 2),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {} |",
             r.name,
             cell(r, |r| r.rps, 0),
             cell(r, |r| r.p50_us, 0),
@@ -498,12 +575,13 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
             cell(r, |r| r.conns, 0),
             cell(r, |r| r.gbps, 2),
             r.rss_mib,
-            r.cpu_s
+            r.cpu_s,
+            per_gb
         );
     }
     let _ = writeln!(
         s,
-        "\nFor latency, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS and CPU are the node-a mesh-daemon's (HAProxy's on its row)."
+        "\nRows on the client's node are divided by `direct` and `haproxy`; rows across the nodes by `direct-remote` and `haproxy-mtls` (HAProxy on each node, one thread each, TLS 1.3 with client certificates between them). For latency and CPU, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS is the client node's proxy (node-a's mesh-daemon, or HAProxy); proxy CPU is that of the proxies at both ends of the row (both mesh-daemons for the cross-node rows, both HAProxies for haproxy-mtls) over all three measurements; CPU per GB is theirs during iperf3 over the bytes it moved."
     );
     s
 }
@@ -523,9 +601,37 @@ mod tests {
             gbps: 1.0,
             rss_mib: 1.0,
             cpu_s: 1.0,
+            cpu_per_gb: 1.0,
         };
         let m = median_row(&[row(10.0, 900.0), row(30.0, 100.0), row(20.0, 5000.0)]);
         assert_eq!((m.rps, m.p99_us), (20.0, 900.0));
+    }
+
+    #[test]
+    fn cross_node_rows_are_divided_by_cross_node_ones() {
+        let row = |name, gbps| Row {
+            name,
+            rps: 1.0,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            conns: 1.0,
+            gbps,
+            rss_mib: 1.0,
+            cpu_s: 1.0,
+            cpu_per_gb: 1.0,
+        };
+        let rows = [
+            row("direct", 20.0),
+            row("haproxy", 10.0),
+            row("proxy-local", 10.0),
+            row("direct-remote", 8.0),
+            row("proxy-mtls", 4.0),
+            row("haproxy-mtls", 2.0),
+        ];
+        let t = render(&rows, 1, 1, false, "");
+        let line = |n: &str| t.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_owned();
+        assert!(line("proxy-mtls").contains("4.00 (0.50x direct-remote, 2.00x haproxy-mtls)"), "{t}");
+        assert!(line("proxy-local").contains("10.00 (0.50x direct, 1.00x haproxy)"), "{t}");
     }
 
     #[test]
