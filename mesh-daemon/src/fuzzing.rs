@@ -133,7 +133,7 @@ pub fn api_request(data: &[u8]) {
         let c = control.clone();
         runtime().block_on(async move {
             let (mut client, server) = tokio::io::duplex(1 << 16);
-            let served = tokio::spawn(crate::control::api::serve_allowed(server, c));
+            let served = tokio::spawn(crate::control::api::serve_connection(server, c, Ok(()), Duration::from_secs(2)));
             let _ = client.write_all(&request).await;
             let _ = client.shutdown().await;
             let mut answer = Vec::new();

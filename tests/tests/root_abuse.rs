@@ -146,8 +146,8 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
         "node-b still holds {} descriptors (from {b_fds0})",
         fd_count(b.pid())
     );
-    let idle = a.log_with("outcome=\"idle\"", 5);
-    assert!(idle.matches("idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
+    let idle = a.log_with("outcome=idle", 5);
+    assert!(idle.matches("outcome=idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
     let _ = hold.wait_with_output();
     // Below the cap again, the peer gets streams.
     let out = c

@@ -146,39 +146,39 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move {
             let _pass = pass;
-            let svc = hyper::service::service_fn(move |req| {
-                let control = control.clone();
-                let allowed = allowed.clone();
-                async move {
-                    Ok::<_, Infallible>(match allowed {
-                        Ok(()) => handle(req, control).await,
-                        Err(msg) => error(StatusCode::FORBIDDEN, &msg),
-                    })
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(error = %e, "control API connection");
-            }
+            serve_connection(stream, control, allowed, header_timeout).await;
         });
     })
     .await;
 }
 
-/// Serves one connection of a caller allowed to use the API (no
-/// credential check): for the fuzz target of the request handling.
-pub(crate) async fn serve_allowed<IO>(io: IO, control: Arc<Control>)
-where
+/// Serves one API connection; `allowed` is whether its caller may use
+/// the API (the fuzz target of the request handling passes Ok).
+pub(crate) async fn serve_connection<IO>(
+    io: IO,
+    control: Arc<Control>,
+    allowed: Result<(), String>,
+    header_timeout: Duration,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| {
         let control = control.clone();
-        async move { Ok::<_, Infallible>(handle(req, control).await) }
+        let allowed = allowed.clone();
+        async move {
+            Ok::<_, Infallible>(match allowed {
+                Ok(()) => handle(req, control).await,
+                Err(msg) => error(StatusCode::FORBIDDEN, &msg),
+            })
+        }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await;
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        debug!(error = %e, "control API connection");
+    }
 }
 
 fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {

@@ -138,13 +138,9 @@ impl Pool {
                     p.used = Instant::now();
                     (p.sender.clone(), true)
                 }
-                None => {
-                    // The lock is held through the handshake: connects that
-                    // race for this node wait for it and share it.
-                    let sender = self.handshake(source, cert.clone(), node, node_addr).await?;
-                    *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
-                    (sender, false)
-                }
+                // The lock is held through the handshake: connects that
+                // race for this node wait for it and share it.
+                None => (self.pool_new(&mut pooled, source, cert.clone(), serial, node, node_addr).await?, false),
             }
         };
         let request = || -> Result<Request<Empty<Bytes>>, TunnelError> {
@@ -170,10 +166,7 @@ impl Pool {
             // was not answered, so it opens on a new connection, once.
             Err(e) if reused => {
                 debug!(node = %node, error = %e, "pooled tunnel connection went away; opening another");
-                let mut pooled = slot.lock().await;
-                sender = self.handshake(source, cert, node, node_addr).await?;
-                *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
-                drop(pooled);
+                sender = self.pool_new(&mut *slot.lock().await, source, cert, serial, node, node_addr).await?;
                 sender.send_request(request()?).await.map_err(http2)?
             }
             Err(e) => return Err(http2(e)),
@@ -184,6 +177,21 @@ impl Pool {
         }
         let up = hyper::upgrade::on(resp).await.map_err(http2)?;
         Ok(TokioIo::new(up))
+    }
+
+    /// A new connection ([`Self::handshake`]) that becomes `pooled`.
+    async fn pool_new(
+        &self,
+        pooled: &mut Option<Pooled>,
+        source: &Identity,
+        cert: Arc<SwapCert>,
+        serial: u64,
+        node: &NodeName,
+        node_addr: SocketAddrV4,
+    ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let sender = self.handshake(source, cert, node, node_addr).await?;
+        *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
+        Ok(sender)
     }
 
     /// A new HTTP/2 connection over TLS to `node`'s tunnel, presenting
