@@ -324,6 +324,22 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
+/// What each open descriptor of process `pid` is (`/proc/PID/fd` links),
+/// sorted and counted, for a failure message that says what was left open.
+pub fn fd_list(pid: u32) -> String {
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
+        let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+        // socket:[12345] -> socket; keep paths and anon inodes whole.
+        let kind = match target.split_once(":[") {
+            Some((k, _)) => k.to_string(),
+            None => target,
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Resident memory of process `pid`, in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

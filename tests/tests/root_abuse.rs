@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use mesh_tests::sys::{fd_count, in_netns, rss_kib, wait_until};
+use mesh_tests::sys::{fd_count, fd_list, in_netns, rss_kib, wait_until};
 use mesh_tests::{Cluster, ClusterSpec, Daemon};
 
 const VIP: &str = "10.96.0.10";
@@ -96,8 +96,9 @@ fn root_half_sent_requests_to_the_api_and_admin_hit_their_caps_and_time_out() {
     // the last connection closed).
     assert!(
         wait_until(Duration::from_secs(5), || fd_count(d.pid()) <= fds0 + 2),
-        "fds {fds0} -> {}",
-        fd_count(d.pid())
+        "fds {fds0} -> {}: {}",
+        fd_count(d.pid()),
+        fd_list(d.pid())
     );
     std::thread::sleep(Duration::from_millis(2000));
     let (fds2, rss2) = usage(&d);
@@ -128,7 +129,14 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
     let (c, cfg) = cluster();
     let a = c.start_daemon("node-a", &cfg, &["--idle-timeout", "3s"]).unwrap();
     let b = c.start_daemon("node-b", &cfg, &["--idle-timeout", "3s", "--tunnel-streams-per-peer", "5"]).unwrap();
+    // The baseline holds the tunnel connection from node-a: one stream
+    // through it first, and a moment for its backend connection to close.
+    let out =
+        c.exec("client", "mt-pod", &["bulk", &format!("{REMOTE_VIP}:9100"), "1000"], Duration::from_secs(10)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    std::thread::sleep(Duration::from_millis(500));
     let (b_fds0, _) = usage(&b);
+    let b_open0 = fd_list(b.pid());
     // Ten connections through the tunnel that send nothing, held 10 s.
     let hold = c.start("client", "mt-pod", &["hold", &format!("{REMOTE_VIP}:9100"), "10", "10"]).unwrap();
     assert!(
@@ -143,9 +151,11 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
     // backend connections are closed, though the client still holds on.
     assert!(
         wait_until(Duration::from_secs(6), || fd_count(b.pid()) <= b_fds0 + 1),
-        "node-b still holds {} descriptors (from {b_fds0})",
-        fd_count(b.pid())
+        "node-b still holds {} descriptors (from {b_fds0}): {} (was {b_open0})",
+        fd_count(b.pid()),
+        fd_list(b.pid())
     );
+    eprintln!("node-b descriptors: {b_fds0} -> {b_fds1} -> {}", fd_count(b.pid()));
     let idle = a.log_with("outcome=idle", 5);
     assert!(idle.matches("outcome=idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
     let _ = hold.wait_with_output();
