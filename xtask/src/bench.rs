@@ -88,6 +88,11 @@ struct Row {
     cpu_s: f64,
     /// The proxies' CPU seconds (both ends) per GB iperf3 moved.
     cpu_per_gb: f64,
+    /// The whole machine's CPU seconds (every process, the kernel's
+    /// network work included) per GB iperf3 moved.
+    machine_per_gb: f64,
+    /// The share of all CPUs busy during iperf3, in percent.
+    machine_busy: f64,
 }
 
 /// The row a path is divided by, and the row of what a user would run
@@ -97,6 +102,16 @@ fn baseline_and_peer(name: &str) -> (&'static str, &'static str) {
         "direct-remote" | "proxy-mtls" | "haproxy-mtls" => ("direct-remote", "haproxy-mtls"),
         _ => ("direct", "haproxy"),
     }
+}
+
+/// Busy and idle CPU seconds of the whole machine so far, all CPUs
+/// (`/proc/stat`; iowait counts as idle).
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    ((f.iter().sum::<f64>() - idle) / 100.0, idle / 100.0)
 }
 
 /// CPU seconds of several processes, summed.
@@ -324,8 +339,11 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
             }
             let (host, port) = tcp.rsplit_once(':').context("address")?;
             let cpu_before_iperf = cpu_of(pids);
+            let machine_before = machine_cpu();
             let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
             let cpu_iperf = cpu_of(pids) - cpu_before_iperf;
+            let machine_after = machine_cpu();
+            let (busy, idle) = (machine_after.0 - machine_before.0, machine_after.1 - machine_before.1);
             let ip: serde_json::Value =
                 serde_json::from_slice(&ip.stdout).with_context(|| format!("{name}: iperf3 output"))?;
             let gbps = ip["end"]["sum_received"]["bits_per_second"]
@@ -334,7 +352,7 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
                 / 1e9;
             let gb = ip["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / 1e9;
             let (rss, _) = usage(pids[0]);
-            let cpu_per_gb = if gb > 0.0 { cpu_iperf / gb } else { 0.0 };
+            let per_gb = |cpu: f64| if gb > 0.0 { cpu / gb } else { 0.0 };
             let row = Row {
                 name,
                 rps,
@@ -344,11 +362,13 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
                 gbps,
                 rss_mib: rss,
                 cpu_s: cpu_of(pids) - cpu0,
-                cpu_per_gb,
+                cpu_per_gb: per_gb(cpu_iperf),
+                machine_per_gb: per_gb(busy),
+                machine_busy: if busy + idle > 0.0 { busy / (busy + idle) * 100.0 } else { 0.0 },
             };
             say(&format!(
-                "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s, {:.2} CPU s/GB",
-                row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s, row.cpu_per_gb
+                "  {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.0} conn/s, {:.2} Gbit/s, RSS {:.1} MiB, CPU {:.2} s, {:.2} CPU s/GB, machine {:.2} CPU s/GB ({:.0}% busy)",
+                row.rps, row.p50_us, row.p99_us, row.conns, row.gbps, row.rss_mib, row.cpu_s, row.cpu_per_gb, row.machine_per_gb, row.machine_busy
             ));
             if row.rps <= 0.0 || row.conns <= 0.0 || row.gbps <= 0.0 {
                 bail!("{name}: a measurement produced no number");
@@ -530,6 +550,8 @@ fn median_row(runs: &[Row]) -> Row {
         rss_mib: med(|r| r.rss_mib),
         cpu_s: med(|r| r.cpu_s),
         cpu_per_gb: med(|r| r.cpu_per_gb),
+        machine_per_gb: med(|r| r.machine_per_gb),
+        machine_busy: med(|r| r.machine_busy),
     }
 }
 
@@ -540,6 +562,12 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
         let (d, h) = (base(f, baseline), base(f, peer));
         let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
         format!("{:.*} ({}x {baseline}, {}x {peer})", digits, f(r), ratio(d), ratio(h))
+    };
+    // The proxies' CPU has no baseline: the direct paths run no proxy.
+    let cell_vs_peer = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
+        let peer = base(f, baseline_and_peer(r.name).1);
+        let ratio = if peer > 0.0 { format!("{:.2}", f(r) / peer) } else { "-".into() };
+        format!("{:.*} ({ratio}x {})", digits, f(r), baseline_and_peer(r.name).1)
     };
     let mut s = String::new();
     let _ =
@@ -557,17 +585,17 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
     );
     let _ = writeln!(
         s,
-        "| path | keep-alive req/s | p50 µs | p99 µs | new conn/s | Gbit/s | proxy RSS MiB | proxy CPU s | CPU s per GB |"
+        "| path | keep-alive req/s | p50 µs | p99 µs | new conn/s | Gbit/s | proxy RSS MiB | proxy CPU s | CPU s per GB | machine CPU s per GB | CPUs busy |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let per_gb = match r.name {
             "direct" | "direct-remote" => "-".to_owned(),
-            _ => cell(r, |r| r.cpu_per_gb, 2),
+            _ => cell_vs_peer(r, |r| r.cpu_per_gb, 2),
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {} | {} | {:.0}% |",
             r.name,
             cell(r, |r| r.rps, 0),
             cell(r, |r| r.p50_us, 0),
@@ -576,12 +604,14 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
             cell(r, |r| r.gbps, 2),
             r.rss_mib,
             r.cpu_s,
-            per_gb
+            per_gb,
+            cell(r, |r| r.machine_per_gb, 2),
+            r.machine_busy
         );
     }
     let _ = writeln!(
         s,
-        "\nRows on the client's node are divided by `direct` and `haproxy`; rows across the nodes by `direct-remote` and `haproxy-mtls` (HAProxy on each node, one thread each, TLS 1.3 with client certificates between them). For latency and CPU, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS is the client node's proxy (node-a's mesh-daemon, or HAProxy); proxy CPU is that of the proxies at both ends of the row (both mesh-daemons for the cross-node rows, both HAProxies for haproxy-mtls) over all three measurements; CPU per GB is theirs during iperf3 over the bytes it moved."
+        "\nRows on the client's node are divided by `direct` and `haproxy`; rows across the nodes by `direct-remote` and `haproxy-mtls` (HAProxy on each node, one thread each, TLS 1.3 with client certificates between them). For latency and CPU, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS is the client node's proxy (node-a's mesh-daemon, or HAProxy); proxy CPU is that of the proxies at both ends of the row (both mesh-daemons for the cross-node rows, both HAProxies for haproxy-mtls) over all three measurements; CPU per GB is theirs during iperf3 over the bytes it moved. Machine CPU per GB counts every process and the kernel's network work (softirqs) on all CPUs during iperf3, and CPUs busy is their share of the time: a row near 100% is bound by the machine's CPUs: its GB/s cannot pass the number of CPUs divided by its machine CPU s per GB."
     );
     s
 }
@@ -602,6 +632,8 @@ mod tests {
             rss_mib: 1.0,
             cpu_s: 1.0,
             cpu_per_gb: 1.0,
+            machine_per_gb: 1.0,
+            machine_busy: 50.0,
         };
         let m = median_row(&[row(10.0, 900.0), row(30.0, 100.0), row(20.0, 5000.0)]);
         assert_eq!((m.rps, m.p99_us), (20.0, 900.0));
@@ -619,6 +651,8 @@ mod tests {
             rss_mib: 1.0,
             cpu_s: 1.0,
             cpu_per_gb: 1.0,
+            machine_per_gb: 1.0,
+            machine_busy: 50.0,
         };
         let rows = [
             row("direct", 20.0),
@@ -632,6 +666,31 @@ mod tests {
         let line = |n: &str| t.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_owned();
         assert!(line("proxy-mtls").contains("4.00 (0.50x direct-remote, 2.00x haproxy-mtls)"), "{t}");
         assert!(line("proxy-local").contains("10.00 (0.50x direct, 1.00x haproxy)"), "{t}");
+    }
+
+    #[test]
+    fn proxy_cpu_per_gb_is_divided_by_the_peer_only_and_machine_cpu_by_both() {
+        let row = |name, cpu_per_gb, machine_per_gb| Row {
+            name,
+            rps: 1.0,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            conns: 1.0,
+            gbps: 1.0,
+            rss_mib: 1.0,
+            cpu_s: 1.0,
+            cpu_per_gb,
+            machine_per_gb,
+            machine_busy: 93.4,
+        };
+        // The direct path's daemons idle: a tiny CPU per GB, no baseline.
+        let rows = [row("direct-remote", 0.002, 0.8), row("proxy-mtls", 2.0, 2.4), row("haproxy-mtls", 4.0, 3.2)];
+        let t = render(&rows, 1, 1, false, "");
+        let line = |n: &str| t.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_owned();
+        let mtls = line("proxy-mtls");
+        assert!(mtls.contains("| 2.00 (0.50x haproxy-mtls) |"), "{mtls}");
+        assert!(mtls.contains("| 2.40 (3.00x direct-remote, 0.75x haproxy-mtls) | 93% |"), "{mtls}");
+        assert!(line("direct-remote").contains("| - | 0.80 (1.00x direct-remote"), "{t}");
     }
 
     #[test]
