@@ -173,7 +173,13 @@ pub(crate) fn usage(pid: u32) -> (f64, f64) {
     (rss, cpu)
 }
 
-pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<usize>) -> anyhow::Result<()> {
+pub fn bench(
+    quick: bool,
+    only: &[String],
+    seconds: Option<u64>,
+    rounds: Option<usize>,
+    release: bool,
+) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
     const PATHS: [&str; 11] = [
         "direct",
@@ -193,9 +199,8 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     }
     let secs: u64 = seconds.unwrap_or(if quick { 1 } else { 5 }).max(1);
     let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
-    say("building release binaries");
-    crate::build_bins(true)?;
-    std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
+    say(if release { "building release binaries" } else { "building debug binaries (--debug)" });
+    crate::bench_bins(release)?;
 
     say("building the mini cluster: node-a (client, web-1), node-b (web-2)");
     let c = Cluster::create(&ClusterSpec::client_and_two_webs())?;
@@ -440,8 +445,11 @@ pub fn bench(quick: bool, only: &[String], seconds: Option<u64>, rounds: Option<
     let http_rows: Vec<HttpRow> = http_runs.iter().filter(|r| !r.is_empty()).map(|r| median_http_row(r)).collect();
 
     // Only a full run of every path replaces the committed results.
-    let full = !quick && only.is_empty() && seconds.is_none() && rounds >= 3;
+    let full = !quick && release && only.is_empty() && seconds.is_none() && rounds >= 3;
     let mut flags = String::from(if quick { " --quick" } else { "" });
+    if !release {
+        flags.push_str(" --debug");
+    }
     if !only.is_empty() {
         let _ = write!(flags, " --only {}", only.join(","));
     }

@@ -57,6 +57,11 @@ enum Cmd {
         /// x 10 endpoints, proxy and kernel mode; bench/results/scale.md).
         #[arg(long, conflicts_with_all = ["only", "seconds", "rounds"])]
         scale: bool,
+        /// With --quick: run on the debug build instead of building the
+        /// release one (`cargo xtask test` does; the numbers are not for
+        /// comparison).
+        #[arg(long, requires = "quick")]
+        debug: bool,
     },
     /// Fuzz every target of fuzz/ (cargo-fuzz, libFuzzer, nightly) for a
     /// bounded time each, from its corpus; fails on the first crash.
@@ -116,6 +121,15 @@ pub fn build_bins(release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Builds the binaries a benchmark runs (release, or the debug build for
+/// a check that every path runs) and points the mini cluster at them.
+pub fn bench_bins(release: bool) -> anyhow::Result<()> {
+    build_bins(release)?;
+    let dir = root().join(if release { "target/release" } else { "target/debug" });
+    std::env::set_var("MESH_BIN_DIR", dir);
+    Ok(())
+}
+
 /// A second build of the daemon, without the kubernetes feature, as
 /// `target/debug/mesh-daemon-variant`: the upgrade tests hand over from
 /// one build to another.
@@ -132,10 +146,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
-        Cmd::Bench { quick, only, seconds, rounds, scale: false } => {
-            setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds))
+        Cmd::Bench { quick, only, seconds, rounds, scale: false, debug } => {
+            setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds, !debug))
         }
-        Cmd::Bench { quick, scale: true, .. } => setup::setup().and_then(|_| scale::scale(quick)),
+        Cmd::Bench { quick, scale: true, debug, .. } => setup::setup().and_then(|_| scale::scale(quick, !debug)),
         Cmd::Kind => kind::kind(),
         Cmd::Fuzz { seconds, targets } => setup::setup().and_then(|_| fuzz::fuzz(seconds.max(1), &targets)),
         Cmd::Soak { minutes } => setup::setup().and_then(|_| {
@@ -184,11 +198,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             })
             .and_then(|_| {
                 eprintln!(
-                    "xtask: checking that every benchmark path runs (cargo xtask bench --quick, then --scale --quick)"
+                    "xtask: checking that every benchmark path runs on the debug build (cargo xtask bench --quick --debug, then --scale --quick --debug)"
                 );
-                bench::bench(true, &[], None, None)
+                bench::bench(true, &[], None, None, false)
             })
-            .and_then(|_| scale::scale(true))
+            .and_then(|_| scale::scale(true, false))
     } else {
         Ok(())
     };

@@ -175,11 +175,10 @@ fn daemon_times(log: &str, n: usize) -> Vec<f64> {
     out
 }
 
-pub fn scale(quick: bool) -> anyhow::Result<()> {
+pub fn scale(quick: bool, release: bool) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    say("building release binaries");
-    crate::build_bins(true)?;
-    std::env::set_var("MESH_BIN_DIR", crate::root().join("target/release"));
+    say(if release { "building release binaries" } else { "building debug binaries (--debug)" });
+    crate::bench_bins(release)?;
     let (small, large) = if quick { (100, 1_000) } else { (1_000, 10_000) };
     let (changes, idle) = if quick { (3, Duration::from_secs(2)) } else { (20, Duration::from_secs(20)) };
     let mut rows = Vec::new();
@@ -196,7 +195,7 @@ pub fn scale(quick: bool) -> anyhow::Result<()> {
             rows.push(r);
         }
     }
-    let text = render(&rows, quick, small, large);
+    let text = render(&rows, quick, release, small, large);
     println!("{text}");
     let dir = crate::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
@@ -206,13 +205,14 @@ pub fn scale(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(rows: &[Row], quick: bool, small: usize, large: usize) -> String {
+fn render(rows: &[Row], quick: bool, release: bool, small: usize, large: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# Scale{}\n\nOne node, {BACKENDS} endpoints per service, active checks off; `cargo xtask bench --scale{}`.\n",
+        "# Scale{}\n\nOne node, {BACKENDS} endpoints per service, active checks off; `cargo xtask bench --scale{}{}`.\n",
         if quick { " (quick run, not for comparison)" } else { "" },
-        if quick { " --quick" } else { "" }
+        if quick { " --quick" } else { "" },
+        if release { "" } else { " --debug" }
     );
     let _ = writeln!(
         s,
