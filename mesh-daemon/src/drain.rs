@@ -221,6 +221,32 @@ fn pause(e: &io::Error, streak: u32) -> Duration {
     }
 }
 
+/// Serves one connection of a node-local HTTP/1 endpoint (the control
+/// API, the admin port): each request's headers must arrive within
+/// `header_timeout`, which also closes a keep-alive connection idle that
+/// long. `name` labels the debug line of a connection that ends in error.
+pub async fn serve_local_http1<IO, S, B>(io: IO, svc: S, header_timeout: Duration, name: &'static str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(listener = name, error = %e, "connection ended in error");
+    }
+}
+
 /// Accepts on `listener` until the drain starts, handing each connection
 /// to `on_accept`; the listener is dropped on return, so new connections
 /// are refused from then on.

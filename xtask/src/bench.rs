@@ -199,8 +199,7 @@ pub fn bench(
     }
     let secs: u64 = seconds.unwrap_or(if quick { 1 } else { 5 }).max(1);
     let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
-    say(if release { "building release binaries" } else { "building debug binaries (--debug)" });
-    crate::bench_bins(release)?;
+    crate::bench_bins(release, say)?;
 
     say("building the mini cluster: node-a (client, web-1), node-b (web-2)");
     let c = Cluster::create(&ClusterSpec::client_and_two_webs())?;
@@ -565,17 +564,15 @@ fn median_row(runs: &[Row]) -> Row {
 
 fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> String {
     let base = |f: fn(&Row) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
+    // "0.50x direct": `r`'s figure over row `of`'s.
+    let ratio = |r: &Row, f: fn(&Row) -> f64, of: &str| {
+        let b = base(f, of);
+        let x = if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
+        format!("{x}x {of}")
+    };
     let cell = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
         let (baseline, peer) = baseline_and_peer(r.name);
-        let (d, h) = (base(f, baseline), base(f, peer));
-        let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
-        format!("{:.*} ({}x {baseline}, {}x {peer})", digits, f(r), ratio(d), ratio(h))
-    };
-    // The proxies' CPU has no baseline: the direct paths run no proxy.
-    let cell_vs_peer = |r: &Row, f: fn(&Row) -> f64, digits: usize| {
-        let peer = base(f, baseline_and_peer(r.name).1);
-        let ratio = if peer > 0.0 { format!("{:.2}", f(r) / peer) } else { "-".into() };
-        format!("{:.*} ({ratio}x {})", digits, f(r), baseline_and_peer(r.name).1)
+        format!("{:.*} ({}, {})", digits, f(r), ratio(r, f, baseline), ratio(r, f, peer))
     };
     let mut s = String::new();
     let _ =
@@ -597,9 +594,13 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let per_gb = match r.name {
-            "direct" | "direct-remote" => "-".to_owned(),
-            _ => cell_vs_peer(r, |r| r.cpu_per_gb, 2),
+        // The proxies' CPU has no baseline (the baselines run no proxy),
+        // only a peer.
+        let (baseline, peer) = baseline_and_peer(r.name);
+        let per_gb = if r.name == baseline {
+            "-".to_owned()
+        } else {
+            format!("{:.2} ({})", r.cpu_per_gb, ratio(r, |r| r.cpu_per_gb, peer))
         };
         let _ = writeln!(
             s,

@@ -122,8 +122,10 @@ pub fn build_bins(release: bool) -> anyhow::Result<()> {
 }
 
 /// Builds the binaries a benchmark runs (release, or the debug build for
-/// a check that every path runs) and points the mini cluster at them.
-pub fn bench_bins(release: bool) -> anyhow::Result<()> {
+/// a check that every path runs), saying so with `say`, and points the
+/// mini cluster at them.
+pub fn bench_bins(release: bool, say: fn(&str)) -> anyhow::Result<()> {
+    say(if release { "building release binaries" } else { "building debug binaries (--debug)" });
     build_bins(release)?;
     let dir = root().join(if release { "target/release" } else { "target/debug" });
     std::env::set_var("MESH_BIN_DIR", dir);

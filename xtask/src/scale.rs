@@ -177,8 +177,7 @@ fn daemon_times(log: &str, n: usize) -> Vec<f64> {
 
 pub fn scale(quick: bool, release: bool) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    say(if release { "building release binaries" } else { "building debug binaries (--debug)" });
-    crate::bench_bins(release)?;
+    crate::bench_bins(release, say)?;
     let (small, large) = if quick { (100, 1_000) } else { (1_000, 10_000) };
     let (changes, idle) = if quick { (3, Duration::from_secs(2)) } else { (20, Duration::from_secs(20)) };
     let mut rows = Vec::new();

@@ -27,11 +27,10 @@ use crate::drain::Drain;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
-use tracing::{debug, info};
+use tracing::info;
 
 use super::{Control, WriteError};
 use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
@@ -172,13 +171,7 @@ pub(crate) async fn serve_connection<IO>(
             })
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), svc);
-    if let Err(e) = conn.await {
-        debug!(error = %e, "control API connection");
-    }
+    crate::drain::serve_local_http1(io, svc, header_timeout, "control API").await;
 }
 
 fn respond(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {

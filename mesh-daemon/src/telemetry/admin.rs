@@ -10,9 +10,7 @@ use crate::drain::Drain;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::debug;
 
 /// What the admin endpoint reads; implemented by the running daemon.
 pub trait AdminSource: Send + Sync + 'static {
@@ -47,13 +45,7 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, header_t
                 let source = source.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &*source)) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(error = %e, "admin connection");
-            }
+            crate::drain::serve_local_http1(stream, svc, header_timeout, "admin").await;
         });
     })
     .await;
