@@ -135,7 +135,7 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
         c.exec("client", "mt-pod", &["bulk", &format!("{REMOTE_VIP}:9100"), "1000"], Duration::from_secs(10)).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     std::thread::sleep(Duration::from_millis(500));
-    let (b_fds0, _) = usage(&b);
+    let (b_fds0, b_rss0) = usage(&b);
     let b_open0 = fd_list(b.pid());
     // Ten connections through the tunnel that send nothing, held 10 s.
     let hold = c.start("client", "mt-pod", &["hold", &format!("{REMOTE_VIP}:9100"), "10", "10"]).unwrap();
@@ -155,7 +155,9 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
         fd_count(b.pid()),
         fd_list(b.pid())
     );
-    eprintln!("node-b descriptors: {b_fds0} -> {b_fds1} -> {}", fd_count(b.pid()));
+    let b_rss2 = rss_kib(b.pid());
+    eprintln!("node-b descriptors: {b_fds0} -> {b_fds1} -> {}; RSS {b_rss0} -> {b_rss2} KiB", fd_count(b.pid()));
+    assert!(b_rss2 <= b_rss0 + 8 * 1024, "node-b's RSS did not come back: {b_rss0} -> {b_rss2} KiB");
     let idle = a.log_with("outcome=idle", 5);
     assert!(idle.matches("outcome=idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
     let _ = hold.wait_with_output();
