@@ -48,9 +48,7 @@ fn tally(out: &str) -> BTreeMap<String, u64> {
 fn assert_3_to_2(t: &BTreeMap<String, u64>, n: u64, what: &str) {
     let total: u64 = t.values().sum();
     assert_eq!(total, n, "{what}: every request answered: {t:?}");
-    let share = |b: &str| *t.get(b).unwrap_or(&0) as f64 * 100.0 / n as f64;
-    eprintln!("{what}: web-1 {:.1}%, web-2 {:.1}%", share("web-1"), share("web-2"));
-    assert!((share("web-1") - 60.0).abs() <= 3.0, "{what}: web-1 got {:.1}%, not 60 +- 3: {t:?}", share("web-1"));
+    mesh_tests::loadgen::assert_share(*t.get("web-1").unwrap_or(&0), n, 0.6, &format!("{what}: web-1"), t);
 }
 
 /// Requests each backend answered, asked of it directly (pod to pod).
@@ -109,13 +107,13 @@ fn root_one_http1_keepalive_connection_spreads_its_requests_by_weight() {
     let h = http("http");
     // curl sends every URL of one invocation over the same kept-alive connection.
     let url = format!("http://{VIP}/");
-    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 1000).collect();
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 2000).collect();
     let mut args = vec!["-sS", "--max-time", "60"];
     args.extend(urls);
     let out = h.c.exec("client", "curl", &args, Duration::from_secs(90)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
-    assert_3_to_2(&tally(&text), 1000, "HTTP/1.1 keep-alive, one connection");
+    assert_3_to_2(&tally(&text), 2000, "HTTP/1.1 keep-alive, one connection");
     assert_eq!(h.d.counter("proxy", "accepted").unwrap(), 1, "one client connection");
 }
 
