@@ -186,7 +186,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build_bins(false)?;
     eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");
     let mut cmd = cargo();
-    cmd.args(["test", "--features", FEATURES]);
+    // Every test binary runs even after one fails, so a red run lists
+    // every failure at once (and the count covers the whole suite).
+    cmd.args(["test", "--no-fail-fast", "--features", FEATURES]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
