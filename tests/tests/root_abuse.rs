@@ -15,7 +15,13 @@ const REMOTE_VIP: &str = "10.96.0.11";
 const HALF_REQUEST: &[u8] = b"GET /v1/state HTTP/1.1\r\nHost: x\r\n";
 
 fn cluster() -> (Cluster, std::path::PathBuf) {
-    let c = Cluster::create(&ClusterSpec::client_and_two_webs()).expect("mini cluster");
+    cluster_of(ClusterSpec::client_and_two_webs())
+}
+
+/// `spec`'s cluster with web (VIP, web-1 on node-a) and remote (REMOTE_VIP,
+/// web-2's echo on node-b, through the tunnel); its config file.
+fn cluster_of(spec: ClusterSpec) -> (Cluster, std::path::PathBuf) {
+    let c = Cluster::create(&spec).expect("mini cluster");
     c.serve("web-1", 8080, None).unwrap();
     c.serve_with("web-2", 8080, None, &["--echo-now", "9100"]).unwrap();
     let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
@@ -35,6 +41,22 @@ fn closed(s: &mut impl Read) -> bool {
 
 fn usage(d: &Daemon) -> (usize, u64) {
     (fd_count(d.pid()), rss_kib(d.pid()))
+}
+
+/// Waits up to `wait` for `d` (`node`) to hold at most one descriptor more
+/// than `fds0`, then checks its RSS is within 8 MiB of `rss0`. `fds1` is
+/// the count while the abuse held on, and `was` the open descriptors at
+/// the start (both for the messages).
+fn assert_back(d: &Daemon, node: &str, wait: Duration, (fds0, rss0): (usize, u64), fds1: usize, was: &str) {
+    assert!(
+        wait_until(wait, || fd_count(d.pid()) <= fds0 + 1),
+        "{node} still holds {} descriptors (from {fds0}): {} (was {was})",
+        fd_count(d.pid()),
+        fd_list(d.pid())
+    );
+    let rss2 = rss_kib(d.pid());
+    eprintln!("{node} descriptors: {fds0} -> {fds1} -> {}; RSS {rss0} -> {rss2} KiB", fd_count(d.pid()));
+    assert!(rss2 <= rss0 + 8 * 1024, "{node}'s RSS did not come back: {rss0} -> {rss2} KiB");
 }
 
 #[test]
@@ -139,25 +161,13 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
     let b_open0 = fd_list(b.pid());
     // Ten connections through the tunnel that send nothing, held 10 s.
     let hold = c.start("client", "mt-pod", &["hold", &format!("{REMOTE_VIP}:9100"), "10", "10"]).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || b.counter("tunnel", "over_peer_limit").unwrap_or(0) == 5),
-        "the sixth to tenth streams of one peer should be refused: {}\n{}",
-        b.stats().unwrap(),
-        b.log_text()
-    );
+    let why = "the sixth to tenth streams of one peer should be refused";
+    b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(5), why);
     let (b_fds1, _) = usage(&b);
     assert!(b_fds1 >= b_fds0 + 5, "five streams and their backend connections: fds {b_fds0} -> {b_fds1}");
     // Nothing moves: after the idle timeout (3 s) the streams and the
     // backend connections are closed, though the client still holds on.
-    assert!(
-        wait_until(Duration::from_secs(6), || fd_count(b.pid()) <= b_fds0 + 1),
-        "node-b still holds {} descriptors (from {b_fds0}): {} (was {b_open0})",
-        fd_count(b.pid()),
-        fd_list(b.pid())
-    );
-    let b_rss2 = rss_kib(b.pid());
-    eprintln!("node-b descriptors: {b_fds0} -> {b_fds1} -> {}; RSS {b_rss0} -> {b_rss2} KiB", fd_count(b.pid()));
-    assert!(b_rss2 <= b_rss0 + 8 * 1024, "node-b's RSS did not come back: {b_rss0} -> {b_rss2} KiB");
+    assert_back(&b, "node-b", Duration::from_secs(6), (b_fds0, b_rss0), b_fds1, &b_open0);
     let idle = a.log_with("outcome=idle", 5);
     assert!(idle.matches("outcome=idle").count() >= 5, "node-a's access log shows the idle closes: {idle}");
     let _ = hold.wait_with_output();
@@ -166,4 +176,50 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
         .exec("client", "mt-pod", &["bulk", &format!("{REMOTE_VIP}:9100"), "100000"], Duration::from_secs(10))
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn root_a_peer_past_its_tunnel_connection_cap_is_closed_and_other_peers_are_not() {
+    let (c, cfg) = cluster_of(ClusterSpec::client_and_two_webs().plain_pod("evil", "node-a"));
+    let _a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &["--tunnel-connections-per-peer", "3"]).unwrap();
+    let bulk = |bytes: &str| {
+        let out = c
+            .exec("client", "mt-pod", &["bulk", &format!("{REMOTE_VIP}:9100"), bytes], Duration::from_secs(10))
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    };
+    // The baseline holds node-a's tunnel connection (see above).
+    bulk("1000");
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds0, rss0) = usage(&b);
+    let open0 = fd_list(b.pid());
+    // One identity of the trust domain (sa/evil) opens 8 connections to
+    // node-b's tunnel port and holds them 4 s.
+    let evil = c.issue_cert(&c.ca_dir().unwrap(), "spiffe://cluster.local/ns/default/sa/evil", 3600, "evil").unwrap();
+    let tunnel = format!("{}:15008", c.node("node-b").address);
+    let hold = c.start("evil", "mt-tunnel", &["hold", &tunnel, evil.to_str().unwrap(), "8", "4"]).unwrap();
+    let why = "the fourth to eighth connections of one peer should be closed";
+    b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(4), why);
+    let (fds1, _) = usage(&b);
+    assert!(fds1 >= fds0 + 3, "three connections held: fds {fds0} -> {fds1}");
+    // Another peer (node-a) is not held up by it: its streams go through.
+    bulk("100000");
+    let out = hold.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(line, "held=3 closed=5", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(b.log_text().contains("at their limit (--tunnel-connections-per-peer)"), "{}", b.log_text());
+    // Once they close, node-b's descriptors and memory come back, and the
+    // same peer gets connections again.
+    assert_back(&b, "node-b", Duration::from_secs(5), (fds0, rss0), fds1, &open0);
+    let again =
+        c.exec("evil", "mt-tunnel", &["hold", &tunnel, evil.to_str().unwrap(), "3", "1"], Duration::from_secs(20));
+    let again = again.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "held=3 closed=0",
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(b.counter("tunnel", "over_peer_limit").unwrap(), 5);
 }

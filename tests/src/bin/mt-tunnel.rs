@@ -5,7 +5,12 @@
 //! through the stream and prints `reply=FIRST-LINE`.
 //!
 //! usage: mt-tunnel TUNNEL-ADDR CERT-DIR TARGET [SERVICE]
+//!        mt-tunnel hold TUNNEL-ADDR CERT-DIR COUNT SECS
 //! (CERT-DIR holds cert.pem and key.pem, as `mesh-daemon ca issue` writes them)
+//!
+//! `hold` opens COUNT connections one after another (TLS and HTTP/2, no
+//! stream), keeps them SECS seconds, and prints `held=H closed=C`: how many
+//! stayed open and how many the node closed.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -63,7 +68,12 @@ fn e(what: &str, err: impl std::fmt::Display) -> String {
     format!("{what}: {err}")
 }
 
-async fn probe(tunnel: SocketAddr, dir: &Path, target: &str, service: Option<&str>) -> Result<String, String> {
+/// One tunnel connection with the certificate in `dir`: its request
+/// sender, and a task that ends when the connection does.
+async fn open(
+    tunnel: SocketAddr,
+    dir: &Path,
+) -> Result<(hyper::client::conn::http2::SendRequest<Empty<Bytes>>, tokio::task::JoinHandle<()>), String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
         .map_err(|x| e("cert.pem", x))?
         .collect::<Result<_, _>>()
@@ -82,11 +92,38 @@ async fn probe(tunnel: SocketAddr, dir: &Path, target: &str, service: Option<&st
     let name = ServerName::IpAddress(tunnel.ip().into());
     let tls =
         tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.map_err(|x| e("handshake", x))?;
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|x| e("http2", x))?;
-    tokio::spawn(conn);
+    let running = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, running))
+}
+
+/// `hold`: COUNT connections kept SECS seconds; how many stayed open. A
+/// connection the node closed while it was being opened counts as closed
+/// (each such error goes to stderr).
+async fn hold(tunnel: SocketAddr, dir: &Path, count: usize, secs: u64) -> Result<String, String> {
+    let mut conns = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        match open(tunnel, dir).await {
+            Ok(c) => conns.push(c),
+            Err(err) => {
+                eprintln!("mt-tunnel: {err}");
+                failed += 1;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let closed = failed + conns.iter().filter(|(_, running)| running.is_finished()).count();
+    Ok(format!("held={} closed={closed}", count - closed))
+}
+
+async fn probe(tunnel: SocketAddr, dir: &Path, target: &str, service: Option<&str>) -> Result<String, String> {
+    let (mut sender, _conn) = open(tunnel, dir).await?;
     let mut req = Request::builder().method(Method::CONNECT).uri(target);
     if let Some(s) = service {
         req = req.header("mesh-service", s);
@@ -112,11 +149,8 @@ async fn probe(tunnel: SocketAddr, dir: &Path, target: &str, service: Option<&st
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(tunnel), Some(dir), Some(target)) = (args.first().and_then(|a| a.parse().ok()), args.get(1), args.get(2))
-    else {
-        eprintln!("usage: mt-tunnel TUNNEL-ADDR CERT-DIR TARGET [SERVICE]");
-        return ExitCode::from(2);
-    };
+    const USAGE: &str =
+        "usage: mt-tunnel TUNNEL-ADDR CERT-DIR TARGET [SERVICE]\n       mt-tunnel hold TUNNEL-ADDR CERT-DIR COUNT SECS";
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -124,8 +158,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let work = probe(tunnel, Path::new(dir), target, args.get(3).map(String::as_str));
-    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), work).await }) {
+    let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>>>>;
+    let limit;
+    if args.first().map(String::as_str) == Some("hold") {
+        let num = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+        let (Some(tunnel), Some(dir), Some(count), Some(secs)) =
+            (args.get(1).and_then(|a| a.parse().ok()), args.get(2), num(3), num(4))
+        else {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        };
+        limit = Duration::from_secs(secs + 10 + count);
+        work = Box::pin(hold(tunnel, Path::new(dir), count as usize, secs));
+    } else {
+        let (Some(tunnel), Some(dir), Some(target)) =
+            (args.first().and_then(|a| a.parse().ok()), args.get(1), args.get(2))
+        else {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        };
+        limit = Duration::from_secs(10);
+        work = Box::pin(probe(tunnel, Path::new(dir), target, args.get(3).map(String::as_str)));
+    }
+    match rt.block_on(async { tokio::time::timeout(limit, work).await }) {
         Ok(Ok(line)) => {
             println!("{line}");
             ExitCode::SUCCESS

@@ -185,6 +185,14 @@ impl Daemon {
         s[group][name].as_u64().with_context(|| format!("no counter {group}.{name} in {s}"))
     }
 
+    /// Waits up to `wait` for counter `group`.`name` to read `want`; panics
+    /// with `why`, the stats and the log if it does not.
+    pub fn wait_counter(&self, group: &str, name: &str, want: u64, wait: std::time::Duration, why: &str) {
+        if !crate::sys::wait_until(wait, || self.counter(group, name).unwrap_or(0) == want) {
+            panic!("{why}: {group}.{name} is not {want}: {}\n{}", self.stats().unwrap_or_default(), self.log_text());
+        }
+    }
+
     /// SIGKILL: the daemon gets no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
