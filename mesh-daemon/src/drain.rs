@@ -111,6 +111,45 @@ impl Drain {
     }
 }
 
+/// How long a connection ended for being idle has, after its GOAWAY, to
+/// finish what it still has open (a stream that moved nothing either)
+/// before it is closed.
+const IDLE_GRACE: Duration = Duration::from_secs(5);
+
+/// How [`Drain::serve_until_idle`] ended a connection.
+#[derive(Debug)]
+pub enum Ended<O> {
+    /// It ended by itself, or by the drain.
+    Done(O),
+    /// It moved nothing for the idle timeout and was asked to end; None
+    /// when it did not within [`IDLE_GRACE`] and was closed.
+    Idle(Option<O>),
+}
+
+impl Drain {
+    /// As [`Drain::serve`], and asks the connection to end gracefully (the
+    /// same `shutdown`) once `idle` resolves too.
+    pub async fn serve_until_idle<C: Future>(
+        &self,
+        conn: C,
+        shutdown: impl FnOnce(Pin<&mut C>),
+        idle: impl Future<Output = ()>,
+    ) -> Ended<C::Output> {
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => Ended::Done(r),
+            _ = self.stopped() => {
+                shutdown(conn.as_mut());
+                Ended::Done(conn.await)
+            }
+            _ = idle => {
+                shutdown(conn.as_mut());
+                Ended::Idle(tokio::time::timeout(IDLE_GRACE, conn).await.ok())
+            }
+        }
+    }
+}
+
 /// A cap on the connections a listener serves at once (the control API,
 /// the admin endpoint): past it, a new connection is closed at once, so
 /// a client that opens thousands and sends nothing holds no more than
@@ -287,6 +326,58 @@ pub async fn accept_loop<L: Listener>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hyper's header-read timeout also closes a kept-alive HTTP/1.1
+    /// connection that waits for its next request: the API, the admin port
+    /// and the proxy's HTTP/1.1 request path count on it.
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_http1_connection_is_closed_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (io, mut client) = tokio::io::duplex(4096);
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
+        });
+        let served = tokio::spawn(serve_local_http1(io, svc, Duration::from_secs(10), "test"));
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 256];
+        let n = client.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+        let answered = tokio::time::Instant::now();
+        // Kept alive, and nothing more: closed at the timeout.
+        assert_eq!(client.read(&mut answer).await.unwrap(), 0, "closed, not another answer");
+        let waited = answered.elapsed();
+        assert!(waited >= Duration::from_secs(10) && waited < Duration::from_secs(11), "closed after {waited:?}");
+        served.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_asked_to_end_and_closed_if_it_does_not() {
+        let d = Drain::new();
+        let idle = || tokio::time::sleep(Duration::from_secs(1));
+        // One that ends when asked (an HTTP/2 connection after its GOAWAY).
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let t0 = tokio::time::Instant::now();
+        let ended = d
+            .serve_until_idle(
+                rx,
+                move |_| {
+                    let _ = tx.send(());
+                },
+                idle(),
+            )
+            .await;
+        assert!(matches!(ended, Ended::Idle(Some(Ok(())))), "{ended:?}");
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+        // One that does not: closed after the grace.
+        let asked = std::cell::Cell::new(false);
+        let t0 = tokio::time::Instant::now();
+        let ended = d.serve_until_idle(std::future::pending::<()>(), |_| asked.set(true), idle()).await;
+        assert!(matches!(ended, Ended::Idle(None)) && asked.get(), "{ended:?}");
+        assert_eq!(t0.elapsed(), Duration::from_secs(1) + IDLE_GRACE);
+        // One that ends first is done, and was never asked.
+        let ended = d.serve_until_idle(async { 7 }, |_| panic!("asked to end"), idle()).await;
+        assert!(matches!(ended, Ended::Done(7)), "{ended:?}");
+    }
 
     #[tokio::test]
     async fn the_drain_waits_for_every_guard_up_to_the_deadline() {

@@ -24,7 +24,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -58,12 +58,13 @@ pub struct Transfer {
     pub error: Option<io::Error>,
 }
 
-/// How long a relayed connection may move no byte either way before it
-/// is closed ([`set_idle_timeout`]; one hour unless set).
+/// How long a relayed connection (or an HTTP/2 client connection on the
+/// request path) may move no byte either way before it is closed
+/// ([`set_idle_timeout`]; one hour unless set).
 static IDLE_MS: AtomicU64 = AtomicU64::new(3_600_000);
 
-/// Sets the idle timeout of every relay started from now on
-/// (`--idle-timeout`).
+/// Sets the idle timeout of every relay and HTTP/2 client connection
+/// started from now on (`--idle-timeout`).
 pub fn set_idle_timeout(idle: Duration) {
     IDLE_MS.store(idle.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
 }
@@ -78,8 +79,100 @@ pub fn outcome(error: &Option<io::Error>) -> &'static str {
     }
 }
 
-fn idle_timeout() -> Duration {
+/// The idle timeout of relays, and of HTTP/2 client connections on the
+/// request path ([`Watched`]).
+pub fn idle_timeout() -> Duration {
     Duration::from_millis(IDLE_MS.load(Ordering::Relaxed))
+}
+
+/// When a [`Watched`] stream last moved a byte, shared with whoever waits
+/// for it to go idle ([`Activity::idle`]).
+#[derive(Debug, Clone)]
+pub struct Activity {
+    base: Instant,
+    /// Milliseconds since `base` of the last byte either way.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Resolves once no byte has moved either way for `idle`. It wakes
+    /// only when the idle time could have passed: progress costs a clock
+    /// read, not a timer update.
+    pub async fn idle(&self, idle: Duration) {
+        loop {
+            let left = idle.saturating_sub(self.quiet_for());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
+        }
+    }
+}
+
+/// A byte stream that notes in its [`Activity`] when it last moved a byte.
+/// Served by hyper, which owns it, while the [`Activity`] is waited on
+/// beside it.
+#[derive(Debug)]
+pub struct Watched<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T> Watched<T> {
+    pub fn new(io: T) -> (Self, Activity) {
+        let activity = Activity { base: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) };
+        (Self { io, activity: activity.clone() }, activity)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, b);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Relays until both directions reached EOF (each passed on as a write
@@ -359,6 +452,35 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_stream_is_idle_once_no_byte_moved_either_way_for_the_timeout() {
+        let (io, mut peer) = tokio::io::duplex(64);
+        let (mut w, activity) = Watched::new(io);
+        // Shorter than two steps: a direction not counted would be idle.
+        let idle = Duration::from_millis(150);
+        let waiting = tokio::spawn(async move {
+            activity.idle(idle).await;
+            Instant::now()
+        });
+        // A byte every 100 ms for 1 s, sent and received in turn: never idle.
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if i % 2 == 0 {
+                w.write_all(b"x").await.unwrap();
+                peer.read_exact(&mut [0u8; 1]).await.unwrap();
+            } else {
+                peer.write_all(b"y").await.unwrap();
+                w.read_exact(&mut [0u8; 1]).await.unwrap();
+            }
+        }
+        let last = Instant::now();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "idle while bytes moved");
+        // Then nothing: idle the timeout after the last byte, not before.
+        let at = waiting.await.unwrap();
+        assert!(at >= last + idle && at <= last + idle + Duration::from_millis(2), "idle after {:?}", at - last);
+    }
 
     /// A connected pair on loopback: (the side the test holds, the side the relay holds).
     async fn pair() -> (TcpStream, TcpStream) {

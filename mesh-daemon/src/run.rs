@@ -133,7 +133,8 @@ pub struct RunArgs {
     pub drain_timeout: std::time::Duration,
     /// A relayed connection or tunnel stream that moves no byte either way
     /// for this long is closed (both ends), so an idle client cannot hold
-    /// a backend connection forever.
+    /// a backend connection forever; an HTTP/2 client connection on the
+    /// request path gets a GOAWAY and is closed.
     #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = long_duration)]
     pub idle_timeout: std::time::Duration,
     /// Tunnel connections one peer identity (a node or a workload) may

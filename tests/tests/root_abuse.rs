@@ -223,3 +223,44 @@ fn root_a_peer_past_its_tunnel_connection_cap_is_closed_and_other_peers_are_not(
     );
     assert_eq!(b.counter("tunnel", "over_peer_limit").unwrap(), 5);
 }
+
+#[test]
+fn root_an_http2_client_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
+    let c = Cluster::create(&ClusterSpec::client_and_two_webs()).expect("mini cluster");
+    c.serve_http("web-1", 8080, &[]).unwrap();
+    let w1 = c.pod("web-1").ip;
+    let svc = format!(
+        "  - name: web\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: http2 }}]\n    \
+         healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n"
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &["--idle-timeout", "2s"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds0, rss0) = usage(&d);
+    let open0 = fd_list(d.pid());
+    // Two HTTP/2 connections that make no request: one sends nothing after
+    // its SETTINGS, the other a PING every 500 ms.
+    let target = format!("{VIP}:80");
+    let quiet = c.start("client", "mt-pod", &["h2idle", &target, "0", "10"]).unwrap();
+    let busy = c.start("client", "mt-pod", &["h2idle", &target, "500", "5"]).unwrap();
+    d.wait_counter("proxy", "accepted", 2, Duration::from_secs(3), "both connections reach the proxy");
+    let fds1 = fd_count(d.pid());
+    let out = |child: std::process::Child| {
+        let o = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    // The quiet one gets a GOAWAY and is closed after the idle timeout (2 s).
+    let quiet = out(quiet);
+    let ms: u64 = quiet
+        .strip_prefix("closed_after_ms=")
+        .and_then(|r| r.strip_suffix(" goaway=yes"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the quiet connection: {quiet}\n{}", d.log_text()));
+    assert!((1900..6000).contains(&ms), "closed after {ms} ms, not about the idle timeout (2 s)");
+    // The one that moves bytes is not, though it makes no request either.
+    let busy = out(busy);
+    assert!(busy.starts_with("open_after_ms="), "the pinging connection was closed: {busy}");
+    assert_eq!(d.counter("proxy", "idle_closed").unwrap(), 1, "{}", d.stats().unwrap());
+    eprintln!("quiet: {quiet}; pinging: {busy}");
+    assert_back(&d, "node-a", Duration::from_secs(5), (fds0, rss0), fds1, &open0);
+}

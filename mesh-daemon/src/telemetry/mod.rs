@@ -40,6 +40,9 @@ pub struct ProxyCounters {
     /// Open forwarded connections.
     pub active: Gauge,
     pub io_errors: Counter,
+    /// HTTP/2 client connections closed for moving nothing for the idle
+    /// timeout.
+    pub idle_closed: Counter,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
 }
@@ -58,6 +61,7 @@ impl ProxyCounters {
             forwarded: event("forwarded"),
             active: m.outbound_active.clone(),
             io_errors: event("io_errors"),
+            idle_closed: event("idle_closed"),
             bytes_to_endpoint: bytes("to_endpoint"),
             bytes_to_client: bytes("to_client"),
         }
@@ -75,6 +79,9 @@ pub struct ProxySnapshot {
     pub forwarded: u64,
     pub active: u64,
     pub io_errors: u64,
+    /// Absent from the stats of a daemon older than this field.
+    #[serde(default)]
+    pub idle_closed: u64,
     pub bytes_to_endpoint: u64,
     pub bytes_to_client: u64,
 }
@@ -92,6 +99,7 @@ impl ProxyCounters {
             forwarded: self.forwarded.get(),
             active: self.active.get().max(0) as u64,
             io_errors: self.io_errors.get(),
+            idle_closed: self.idle_closed.get(),
             bytes_to_endpoint: self.bytes_to_endpoint.get(),
             bytes_to_client: self.bytes_to_client.get(),
         }

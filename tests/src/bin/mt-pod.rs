@@ -13,7 +13,8 @@ fn usage() -> ExitCode {
         "usage:\n  mt-pod serve --name NAME [--http PORT] [--echo PORT] [--delay-ms MS]\n  \
          mt-pod bulk ADDR BYTES [SECONDS]\n  mt-pod concurrent ADDR N\n  mt-pod tally ADDR N\n  \
          mt-pod load ADDR TOTAL CONCURRENCY PAUSE_MS\n  mt-pod stream ADDR SECONDS\n  \
-         mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS\n  mt-pod upgrade ADDR"
+         mt-pod hold ADDR N SECONDS\n  mt-pod late ADDR MS\n  mt-pod upgrade ADDR\n  \
+         mt-pod h2idle ADDR PING_MS SECONDS"
     );
     ExitCode::from(2)
 }
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         Some("hold") if args.len() == 4 => hold(&args[1], &args[2], &args[3]),
         Some("late") if args.len() == 3 => late(&args[1], &args[2]),
         Some("upgrade") if args.len() == 2 => upgrade(&args[1]),
+        Some("h2idle") if args.len() == 4 => h2idle(&args[1], &args[2], &args[3]),
         _ => usage(),
     }
 }
@@ -446,6 +448,74 @@ fn hold(addr: &str, n: &str, seconds: &str) -> ExitCode {
     println!("held={}", held.len());
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(secs));
+    ExitCode::SUCCESS
+}
+
+/// An HTTP/2 client (prior knowledge) that makes no request: sends the
+/// preface and SETTINGS, then a PING every PING_MS (0: nothing more), for
+/// at most SECONDS; it answers the server's PINGs, as every HTTP/2 client
+/// does. Prints `closed_after_ms=N goaway=yes|no` when the
+/// server closed the connection first, else `open_after_ms=N`.
+fn h2idle(addr: &str, ping_ms: &str, seconds: &str) -> ExitCode {
+    let (Ok(addr), Ok(ping_ms), Ok(secs)) =
+        (addr.parse::<SocketAddr>(), ping_ms.parse::<u64>(), seconds.parse::<u64>())
+    else {
+        return usage();
+    };
+    let mut s = match connect(addr) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    if let Err(e) = s.write_all(PREFACE).and_then(|_| s.write_all(&SETTINGS)) {
+        println!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let start = std::time::Instant::now();
+    let mut next_ping = Duration::from_millis(ping_ms);
+    // Frames as they come: a 9-byte header (24-bit length, type, ...).
+    let (mut got, mut goaway) = (Vec::new(), false);
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        let now = start.elapsed();
+        if now >= Duration::from_secs(secs) {
+            break false;
+        }
+        if ping_ms > 0 && now >= next_ping {
+            if s.write_all(&PING).is_err() {
+                break true;
+            }
+            next_ping += Duration::from_millis(ping_ms);
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break true,
+        }
+        while got.len() >= 9 {
+            let len = usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+            if got.len() < 9 + len {
+                break;
+            }
+            goaway |= got[3] == 7;
+            if got[3] == 6 && got[4] & 1 == 0 && len == 8 {
+                let mut ack = got[..17].to_vec();
+                ack[4] = 1;
+                let _ = s.write_all(&ack);
+            }
+            got.drain(..9 + len);
+        }
+    };
+    let ms = start.elapsed().as_millis();
+    if closed {
+        println!("closed_after_ms={ms} goaway={}", if goaway { "yes" } else { "no" });
+    } else {
+        println!("open_after_ms={ms}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -37,9 +37,10 @@ use super::error::ConnectError;
 use super::tries::Tries;
 use super::{Route, RouteEndpoint, Workload};
 use crate::balance::endpoint::Answered;
-use crate::drain::Drain;
+use crate::drain::{Drain, Ended};
 use crate::model::http::{RetryPolicy, Rules};
 use crate::model::AppProtocol;
+use crate::relay::Watched;
 use crate::telemetry::metrics::now_secs;
 use crate::telemetry::otlp::Spans;
 use crate::telemetry::ProxyCounters;
@@ -96,22 +97,37 @@ impl Conn {
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
 /// HTTP/2 with prior knowledge, until the client closes it or the drain
-/// ends it gracefully.
+/// ends it gracefully. An HTTP/1.1 connection waits at most 30 s for the
+/// next request's headers; an HTTP/2 one that moves no byte either way for
+/// the idle timeout (`--idle-timeout`, as relays) gets a GOAWAY and is
+/// closed.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     let http2 = conn.http2;
-    let io = TokioIo::new(stream);
+    let counters = conn.counters.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, &conn).await) }
     });
     let result = if http2 {
+        let (io, activity) = Watched::new(stream);
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_concurrent_streams(1024);
-        drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
+        let idle = crate::relay::idle_timeout();
+        match drain
+            .serve_until_idle(b.serve_connection(TokioIo::new(io), svc), |c| c.graceful_shutdown(), activity.idle(idle))
+            .await
+        {
+            Ended::Done(r) => r,
+            Ended::Idle(r) => {
+                counters.idle_closed.inc();
+                debug!(?idle, "HTTP/2 client connection moved nothing for the idle timeout (--idle-timeout); closed");
+                r.unwrap_or(Ok(()))
+            }
+        }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(Duration::from_secs(30));
-        drain.serve(b.serve_connection(io, svc).with_upgrades(), |c| c.graceful_shutdown()).await
+        drain.serve(b.serve_connection(TokioIo::new(stream), svc).with_upgrades(), |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         debug!(error = %e, "HTTP client connection ended");
