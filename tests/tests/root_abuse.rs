@@ -162,7 +162,7 @@ fn root_idle_tunnel_streams_are_closed_and_a_peer_past_its_stream_cap_is_refused
     // Ten connections through the tunnel that send nothing, held 10 s.
     let hold = c.start("client", "mt-pod", &["hold", &format!("{REMOTE_VIP}:9100"), "10", "10"]).unwrap();
     let why = "the sixth to tenth streams of one peer should be refused";
-    b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(5), why);
+    assert_eq!(b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(5), why), 5);
     let (b_fds1, _) = usage(&b);
     assert!(b_fds1 >= b_fds0 + 5, "five streams and their backend connections: fds {b_fds0} -> {b_fds1}");
     // Nothing moves: after the idle timeout (3 s) the streams and the
@@ -200,7 +200,7 @@ fn root_a_peer_past_its_tunnel_connection_cap_is_closed_and_other_peers_are_not(
     let tunnel = format!("{}:15008", c.node("node-b").address);
     let hold = c.start("evil", "mt-tunnel", &["hold", &tunnel, evil.to_str().unwrap(), "8", "4"]).unwrap();
     let why = "the fourth to eighth connections of one peer should be closed";
-    b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(4), why);
+    assert_eq!(b.wait_counter("tunnel", "over_peer_limit", 5, Duration::from_secs(4), why), 5);
     let (fds1, _) = usage(&b);
     assert!(fds1 >= fds0 + 3, "three connections held: fds {fds0} -> {fds1}");
     // Another peer (node-a) is not held up by it: its streams go through.
@@ -243,7 +243,8 @@ fn root_an_http2_client_connection_that_moves_nothing_is_closed_after_the_idle_t
     let target = format!("{VIP}:80");
     let quiet = c.start("client", "mt-pod", &["h2idle", &target, "0", "10"]).unwrap();
     let busy = c.start("client", "mt-pod", &["h2idle", &target, "500", "5"]).unwrap();
-    d.wait_counter("proxy", "accepted", 2, Duration::from_secs(3), "both connections reach the proxy");
+    let why = "both connections reach the proxy";
+    assert_eq!(d.wait_counter("proxy", "accepted", 2, Duration::from_secs(3), why), 2);
     let fds1 = fd_count(d.pid());
     let out = |child: std::process::Child| {
         let o = child.wait_with_output().unwrap();

@@ -237,7 +237,7 @@ fn root_sigterm_drains_open_connections_and_refuses_new_ones() {
     let mut d = c.start_daemon("node-a", &cfg, &["--drain-timeout", "30s"]).unwrap();
     // A connection that echoes a chunk every 100 ms for 4 s, through the proxy.
     let long = c.start("client", "mt-pod", &["stream", &format!("{ECHO_VIP}:9100"), "4"]).unwrap();
-    d.wait_counter("proxy", "forwarded", 1, Duration::from_secs(5), "the stream did not start");
+    assert_eq!(d.wait_counter("proxy", "forwarded", 1, Duration::from_secs(5), "the stream did not start"), 1);
     std::thread::sleep(Duration::from_millis(500));
     d.signal(libc::SIGTERM).unwrap();
     assert!(d.log_with("draining", 1).contains("draining"), "{}", d.log_text());

@@ -74,11 +74,7 @@ fn root_a_new_daemon_takes_over_while_traffic_flows_and_nothing_fails() {
     let bulk_remote = c.start("client", "mt-pod", &["bulk", &format!("{BULK_REMOTE_VIP}:9100"), MIB20, "8"]).unwrap();
     let load_local = c.start("client", "mt-pod", &["load", &format!("{LOCAL_VIP}:80"), "400", "1", "20"]).unwrap();
     let load_remote = c.start("client", "mt-pod", &["load", &format!("{REMOTE_VIP}:80"), "400", "1", "20"]).unwrap();
-    assert!(
-        mesh_tests::sys::wait_until(Duration::from_secs(5), || a1.counter("proxy", "forwarded").unwrap_or(0) >= 10),
-        "traffic did not start\n{}",
-        logs(&[&a1, &b1])
-    );
+    a1.wait_counter("proxy", "forwarded", 10, Duration::from_secs(5), "traffic did not start");
     std::thread::sleep(Duration::from_secs(1));
 
     // node-a: a restart of the same build; node-b: an upgrade to another.
@@ -178,4 +174,60 @@ fn root_while_no_daemon_runs_proxy_mode_connections_are_refused_at_once() {
     let a2 = c.start_daemon("node-a", &cfg, &[]).unwrap();
     let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
     assert_eq!(code, 0, "{body}\n{}", a2.log_text());
+}
+
+/// The directories of pinned links under `node`'s pin dir (`links-<object id>`).
+fn links_dirs(c: &Cluster, node: &str) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(&c.node(node).pin_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("links-")))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn root_a_successor_with_other_kernel_programs_replaces_them_while_traffic_flows() {
+    let (c, cfg) = cluster();
+    let mut a1 = c.start_daemon("node-a", &cfg, &["--drain-timeout", "60s"]).unwrap();
+    let old_progs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
+    assert_eq!(old_progs.len(), 3, "{old_progs:?}");
+    // What a build with another kernel object leaves: its links pinned in
+    // a directory named for that object. (Both daemon builds the test has
+    // carry the same object, so the running one's is renamed.)
+    let dirs = links_dirs(&c, "node-a");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let other = c.node("node-a").pin_dir.join("links-0000000000000000");
+    std::fs::rename(&dirs[0], &other).unwrap();
+
+    // New connections at about 50/s, to a local and a remote service,
+    // while the successor attaches its programs and drops the old ones.
+    let _b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    let load_local = c.start("client", "mt-pod", &["load", &format!("{LOCAL_VIP}:80"), "400", "1", "20"]).unwrap();
+    let load_remote = c.start("client", "mt-pod", &["load", &format!("{REMOTE_VIP}:80"), "400", "1", "20"]).unwrap();
+    a1.wait_counter("proxy", "forwarded", 10, Duration::from_secs(5), "traffic did not start");
+    std::thread::sleep(Duration::from_secs(1));
+    let a2 = c.start_successor("node-a", &cfg, &["--drain-timeout", "60s"], None).unwrap();
+    a1.signal(libc::SIGTERM).unwrap();
+
+    for (name, child) in [("local", load_local), ("through the tunnel", load_remote)] {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fails: Vec<&str> = text.lines().filter(|l| l.contains("FAIL")).collect();
+        assert!(text.contains("ok=400 failed=0"), "new {name} connections failed: {fails:?}\n{}", logs(&[&a1, &a2]));
+    }
+    let status = a1.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "old daemon exit {status}");
+    // Three programs, all new; the other object's links are gone.
+    let new_progs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
+    assert_eq!(new_progs.len(), 3, "{new_progs:?}");
+    assert!(new_progs.iter().all(|p| !old_progs.contains(p)), "old {old_progs:?}, now {new_progs:?}");
+    let dirs = links_dirs(&c, "node-a");
+    assert!(dirs.len() == 1 && dirs[0] != other, "{dirs:?}");
+    assert_eq!(std::fs::read_dir(&dirs[0]).unwrap().count(), 3, "{}", dirs[0].display());
+    let log = a2.log_text();
+    assert!(log.contains("datapath attached") && !log.contains("reusing the attached programs"), "{log}");
+    let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
+    assert_eq!(code, 0, "{body}\n{}", logs(&[&a1, &a2]));
 }

@@ -185,12 +185,22 @@ impl Daemon {
         s[group][name].as_u64().with_context(|| format!("no counter {group}.{name} in {s}"))
     }
 
-    /// Waits up to `wait` for counter `group`.`name` to read `want`; panics
-    /// with `why`, the stats and the log if it does not.
-    pub fn wait_counter(&self, group: &str, name: &str, want: u64, wait: std::time::Duration, why: &str) {
-        if !crate::sys::wait_until(wait, || self.counter(group, name).unwrap_or(0) == want) {
-            panic!("{why}: {group}.{name} is not {want}: {}\n{}", self.stats().unwrap_or_default(), self.log_text());
+    /// Waits up to `wait` for counter `group`.`name` to reach `want`, and
+    /// returns it (it may have passed `want`); panics with `why`, the stats
+    /// and the log if it does not.
+    pub fn wait_counter(&self, group: &str, name: &str, want: u64, wait: std::time::Duration, why: &str) -> u64 {
+        let mut seen = 0;
+        if !crate::sys::wait_until(wait, || {
+            seen = self.counter(group, name).unwrap_or(0);
+            seen >= want
+        }) {
+            panic!(
+                "{why}: {group}.{name} is {seen}, not {want}: {}\n{}",
+                self.stats().unwrap_or_default(),
+                self.log_text()
+            );
         }
+        seen
     }
 
     /// SIGKILL: the daemon gets no chance to clean up.
