@@ -245,8 +245,47 @@ mod tests {
         pool: Arc<Pool>,
         counters: ProxyCounters,
         tunnel: Arc<TunnelCounters>,
+        /// Cuts the tunnel connections node a holds (see [`forwarder`]).
+        cut: Arc<std::sync::atomic::AtomicU64>,
         _dir: TempDir,
         _drain: crate::drain::Drain,
+    }
+
+    /// A TCP forwarder to `to` (node b's tunnel): its port, and a counter
+    /// that, once bumped, makes every connection it carried so far close
+    /// the moment the client next sends, without passing that on. So node
+    /// a holds a pooled connection that looks ready and is gone, as when
+    /// node b's daemon went away and its GOAWAY or close has not arrived.
+    async fn forwarder(to: SocketAddr) -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gen = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = l.accept().await {
+                let born = gen.load(Ordering::SeqCst);
+                let gen = gen.clone();
+                let server = TcpStream::connect(to).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        if gen.load(Ordering::SeqCst) != born || sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Both halves of both sockets go: the client sees the close.
+                    down.abort();
+                });
+            }
+        });
+        (port, cut)
     }
 
     struct TempDir(std::path::PathBuf);
@@ -282,7 +321,7 @@ mod tests {
             }
         });
         let tunnel_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tunnel_port = tunnel_listener.local_addr().unwrap().port();
+        let (tunnel_port, cut) = forwarder(tunnel_listener.local_addr().unwrap()).await;
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 127.0.0.1}}, {{name: b, address: 127.0.0.1}}]\n\
              workloads:\n - {{name: client, serviceAccount: client, node: a, ip: 127.0.0.10, pid: 1}}\n\
@@ -330,6 +369,7 @@ mod tests {
             pool: Pool::new(certs(&dir, "a")),
             counters: ProxyCounters::new(&metrics),
             tunnel,
+            cut,
             _dir: TempDir(dir),
             _drain: drain,
         };
@@ -360,6 +400,28 @@ mod tests {
         let refused = &route.endpoints[0];
         assert_eq!(refused.state.view(Instant::now()).breaker, "closed", "one failure of three");
         assert_eq!(m.tunnel.handshakes.get(), 1, "both tries shared one tunnel connection");
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_a_pooled_tunnel_connection_that_went_away_opens_on_a_new_one() {
+        let (m, _) = mesh(
+            " - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], healthCheck: {protocol: none},\n\
+             \x20  endpoints: [{ip: 127.0.0.2, node: b}]}\n",
+        )
+        .await;
+        let route = m.routes.route(1).unwrap();
+        let (up, _, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        assert_eq!(read_all(up).await, "hello from b1");
+        assert_eq!(m.tunnel.handshakes.get(), 1);
+        // The pooled connection is gone, and node a does not know yet: the
+        // CONNECT on it fails, and goes once more on a new connection.
+        m.cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (up, _, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        assert_eq!(read_all(up).await, "hello from b1");
+        assert_eq!(m.tunnel.handshakes.get(), 2, "a new tunnel connection");
+        assert_eq!((m.counters.retries.get(), m.counters.connect_failed.get()), (0, 0), "no endpoint was blamed");
+        let ep = &route.endpoints[0];
+        assert_eq!(ep.state.view(Instant::now()).breaker, "closed");
     }
 
     #[tokio::test]
