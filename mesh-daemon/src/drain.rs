@@ -100,13 +100,9 @@ impl Drain {
     /// HTTP/2 peers get a GOAWAY and HTTP/1 ones a close after the
     /// response in progress) and lets it finish.
     pub async fn serve<C: Future>(&self, conn: C, shutdown: impl FnOnce(Pin<&mut C>)) -> C::Output {
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = self.stopped() => {
-                shutdown(conn.as_mut());
-                conn.await
-            }
+        match self.serve_until_idle(conn, shutdown, std::future::pending()).await {
+            Ended::Done(r) => r,
+            Ended::Idle(_) => unreachable!("a pending future never resolves"),
         }
     }
 }

@@ -53,31 +53,31 @@ pub const SHARE_SIGMAS: f64 = 4.5;
 
 /// Checks that `got` of `n` independent picks fits the share `want`
 /// (0..1): within [`SHARE_SIGMAS`] standard deviations of the binomial
-/// count. Err says the share, the bound and `what`. A test that uses it
-/// must pick `n` large enough that the bound tells a right split from a
-/// wrong one (see [`share_bound`]).
-pub fn check_share(got: u64, n: u64, want: f64, what: &str) -> Result<(), String> {
+/// count. Ok and Err both say the share, the bound and `what`. A test
+/// that uses it must pick `n` large enough that the bound tells a right
+/// split from a wrong one (see [`share_bound`]).
+pub fn check_share(got: u64, n: u64, want: f64, what: &str) -> Result<String, String> {
     let share = got as f64 / n as f64;
     let bound = share_bound(n, want);
+    let line = format!(
+        "{what}: {got} of {n} is {:.1}%, want {:.1} +- {:.1} ({SHARE_SIGMAS} standard deviations)",
+        share * 100.0,
+        want * 100.0,
+        bound * 100.0
+    );
     if (share - want).abs() <= bound {
-        Ok(())
+        Ok(line)
     } else {
-        Err(format!(
-            "{what}: {got} of {n} is {:.1}%, not {:.1} +- {:.1} ({SHARE_SIGMAS} standard deviations)",
-            share * 100.0,
-            want * 100.0,
-            bound * 100.0
-        ))
+        Err(line)
     }
 }
 
 /// [`check_share`] that says the share on stderr and panics with `ctx`
 /// (what the test saw) when it does not fit.
 pub fn assert_share(got: u64, n: u64, want: f64, what: &str, ctx: &dyn std::fmt::Debug) {
-    let (share, bound) = (got as f64 * 100.0 / n as f64, share_bound(n, want) * 100.0);
-    eprintln!("{what}: {share:.1}% of {n}, want {:.1} +- {bound:.1}", want * 100.0);
-    if let Err(e) = check_share(got, n, want, what) {
-        panic!("{e}: {ctx:?}");
+    match check_share(got, n, want, what) {
+        Ok(line) => eprintln!("{line}"),
+        Err(line) => panic!("{line}: {ctx:?}"),
     }
 }
 
