@@ -4,7 +4,6 @@
 //! at the burst's peak. One helper thread drops what it is given and
 //! trims the heap a second after such work pauses: bursts are trimmed
 //! once, not after every step (a trim walks the heap).
-#![forbid(unsafe_code)]
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Mutex, OnceLock};
@@ -28,7 +27,7 @@ fn helper() -> Option<&'static Mutex<Sender<Job>>> {
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
                     }
-                    crate::datapath::release_freed_heap();
+                    release_freed_heap();
                 }
             });
             spawned.ok().map(|_| Mutex::new(tx))
@@ -52,5 +51,15 @@ pub fn release_after<T: Send + 'static>(old: T) {
 pub fn trim_soon() {
     if let Some(tx) = helper() {
         let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(None);
+    }
+}
+
+/// glibc keeps freed heap mapped after a burst: hand it back.
+pub fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own
+    // heap to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

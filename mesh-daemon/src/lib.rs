@@ -1,11 +1,13 @@
-//! mesh-daemon: the node-level mesh proxy. One folder per concern; see
-//! ARCHITECTURE.md.
+//! mesh-daemon: the node-level mesh proxy. One folder per concern, in
+//! layers (docs/architecture.md) that `cargo xtask layers` checks.
 
 pub(crate) mod balance;
 pub(crate) mod control;
 pub(crate) mod datapath;
 pub(crate) mod discovery;
 pub(crate) mod drain;
+/// Entry points of the fuzz targets (fuzz/): not in the daemon's build.
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handover;

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod kind;
+mod layers;
 mod lint;
 mod scale;
 mod setup;
@@ -87,6 +88,9 @@ enum Cmd {
     Kind,
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
+    /// Print the daemon's layers and the edges between them; fails on a
+    /// back-edge or a cycle between files (also a gate of `test`).
+    Layers,
 }
 
 /// The workspace root.
@@ -160,6 +164,7 @@ fn main() -> std::process::ExitCode {
             soak::soak(std::time::Duration::from_secs(minutes.max(1) * 60))
         }),
         Cmd::Clean => clean(),
+        Cmd::Layers => layers::print(&root()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -178,6 +183,8 @@ const SOAK_MINUTES: u64 = 2;
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     eprintln!("xtask: checking formatting (cargo fmt --check) and lints (cargo clippy -D warnings)");
+    eprintln!("xtask: checking the daemon's layering (cargo xtask layers)");
+    layers::check(&root())?;
     lint::check_formatting(&root())?;
     lint::check_clippy(&root())?;
     lint::check_deny(&root())?;

@@ -1,7 +1,8 @@
 //! Endpoint selection: shared per-endpoint state ([`endpoint`]), the
 //! selection rules ([`select`]: priority failover, fail-open, weighted P2C
-//! over peak-EWMA load), passive health ([`breaker`]), backoff, and the
-//! slot tables of in-kernel balancing ([`slots`]).
+//! over peak-EWMA load), passive health ([`breaker`]) and backoff. The
+//! slot tables of in-kernel balancing are part of the model
+//! (`model::slots`): capacity planning sizes them.
 #![forbid(unsafe_code)]
 
 pub mod backoff;
@@ -9,7 +10,6 @@ pub mod breaker;
 pub mod endpoint;
 pub mod ewma;
 pub mod select;
-pub mod slots;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;

@@ -38,7 +38,7 @@ use crate::model::{
     ValidationErrors, View,
 };
 
-use crate::telemetry::metrics::{EndpointGauges, Live, Metrics};
+use crate::telemetry::metrics::{EndpointGauges, Live, Metrics, StatsRow, StatsSource};
 
 pub struct ControlConfig {
     pub node: NodeName,
@@ -194,6 +194,11 @@ struct Inner {
     synced: Option<MapContents>,
 }
 
+/// A reader of every accepted state that also counts into `meshctl
+/// stats` rows (the proxy's routes, the inbound view, the health checks).
+pub trait Reader: View + StatsSource {}
+impl<T: View + StatsSource> Reader for T {}
+
 pub struct Control {
     cfg: ControlConfig,
     store: Store,
@@ -206,7 +211,7 @@ pub struct Control {
     /// Readers that derive their views from each accepted state (the
     /// proxy's routes, the tunnel's inbound checks, the health checks);
     /// registered before the datapath is attached.
-    views: Vec<Arc<dyn View>>,
+    views: Vec<Arc<dyn Reader>>,
     /// Why the daemon is not ready though it runs (the saved state does
     /// not fit the maps, or the maps could not be put back); None: ready.
     problem: ArcSwapOption<String>,
@@ -229,7 +234,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// Adds a reader of every accepted state, the first one included.
-    pub fn subscribe(&mut self, view: Arc<dyn View>) {
+    pub fn subscribe(&mut self, view: Arc<dyn Reader>) {
         self.control.views.push(view);
     }
 
@@ -241,6 +246,7 @@ impl Prepared {
     /// Takes writes without a kernel datapath: they are checked, saved and
     /// published to the views, and nothing else. For fuzzing the control
     /// API and for tests that need no kernel.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn detached(self) -> Control {
         let Prepared { mut control, current } = self;
         control.detached = true;
@@ -779,7 +785,7 @@ impl Control {
 
     /// `meshctl stats`: per service port and endpoint, outbound then
     /// inbound, from the series the proxy counts into.
-    pub fn stats_rows(&self) -> Vec<crate::telemetry::metrics::StatsRow> {
+    pub fn stats_rows(&self) -> Vec<StatsRow> {
         self.views.iter().flat_map(|v| v.stats_rows()).collect()
     }
 

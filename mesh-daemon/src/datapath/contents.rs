@@ -5,8 +5,9 @@ use std::net::SocketAddrV4;
 
 use mesh_common::{ServiceKey, SockAddrV4, WorkloadValue, IPPROTO_TCP, MODE_KERNEL, MODE_PROXY};
 
+use crate::balance;
 use crate::balance::select::Candidate;
-use crate::balance::{self, slots};
+use crate::model::slots;
 use crate::model::{Delta, Frontend, MapCapacity, Mode, State};
 
 /// One `SERVICES` entry as wanted; for kernel mode with its slot table.

@@ -89,7 +89,9 @@ impl Datapath {
             slot_capacity,
             mirror: None,
         };
-        release_freed_heap();
+        // Loading parses the kernel's BTF and the object (several MiB,
+        // freed once loaded): about 3 MiB of the daemon's resident memory.
+        crate::heap::release_freed_heap();
         Ok((dp, orig))
     }
 
@@ -154,17 +156,6 @@ fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> 
 }
 
 /// The `links-*` folders under the pin dir.
-/// Loading parses the kernel's BTF and the object (several MiB, freed
-/// once loaded); glibc keeps freed heap mapped, so hand it back: about
-/// 3 MiB of the daemon's resident memory.
-pub fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free pages of the allocator's own
-    // heap to the kernel; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 fn links_dirs(pin_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(pin_dir)

@@ -36,10 +36,10 @@ use tracing::{debug, info, warn};
 
 pub use cgroup::cgroup2_root;
 pub use contents::{sockaddr, MapContents};
-pub use load::release_freed_heap;
 pub use netns::{netns_cookie, own_netns_cookie};
 pub use orig_dst::OrigDstReader;
 pub use sync::SyncReport;
+#[cfg(feature = "fuzzing")]
 pub(crate) use view::decode_service;
 pub use view::{Dump, MapsView};
 

@@ -4,10 +4,10 @@
 //! server and applies it.
 #![forbid(unsafe_code)]
 
-// Used by `watch`; built (and unit-tested) without the feature too.
-#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
+// Only `watch` uses them: without the feature they are not built.
+#[cfg(feature = "kubernetes")]
 pub mod procs;
-#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
+#[cfg(feature = "kubernetes")]
 pub mod translate;
 #[cfg(feature = "kubernetes")]
 pub mod watch;

@@ -44,7 +44,7 @@ use crate::model::{
     ServiceDoc, WorkloadDoc,
 };
 
-pub const INJECT_LABEL: &str = "mesh.io/inject";
+pub use crate::model::INJECT_LABEL;
 pub const WEIGHT_ANNOTATION: &str = "mesh.io/weight";
 pub const MODE_ANNOTATION: &str = "mesh.io/mode";
 pub const HEALTH_CHECK_ANNOTATION: &str = "mesh.io/health-check";

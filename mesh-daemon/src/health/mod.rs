@@ -40,6 +40,9 @@ impl HealthView {
     }
 }
 
+/// Health checks count into no stats row.
+impl crate::telemetry::metrics::StatsSource for HealthView {}
+
 impl View for HealthView {
     fn update(&self, snap: &Snapshot) {
         // A write that touched no service with checks changes no check.

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use super::issuer::Refused;
+use super::binding::Refused;
 
 /// The audience node tokens must be minted for.
 pub const AUDIENCE: &str = "mesh-issuer";
@@ -28,7 +28,7 @@ pub const AUDIENCE: &str = "mesh-issuer";
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-use crate::discovery::translate::INJECT_LABEL;
+use crate::model::INJECT_LABEL;
 
 /// A refusal and what it was about, for the log.
 pub type Denial = (Refused, String);

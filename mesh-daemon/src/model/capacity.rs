@@ -56,7 +56,7 @@ impl MapNeeds {
         let (mut slots, mut largest) = (0, 0);
         for s in state.services.iter().filter(|s| s.mode == Mode::Kernel) {
             let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
-            let bound = crate::balance::slots::table_bound(&weights, slot_table_size);
+            let bound = super::slots::table_bound(&weights, slot_table_size);
             slots += s.ports.len() * bound;
             largest = largest.max(bound);
         }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use super::document::{BudgetDoc, HttpDoc, OutlierDoc, RateLimitDoc, RetriesDoc};
+use super::errors::Errors;
 use super::parse_duration;
-use super::validate::Errors;
 use super::ServicePort;
 
 /// What the proxy does per request for one service.

@@ -5,11 +5,14 @@
 pub mod capacity;
 mod chunked;
 mod document;
+mod errors;
 pub mod http;
 mod ids;
 mod load;
 mod names;
+pub mod slots;
 mod snapshot;
+pub mod spiffe;
 mod validate;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -23,11 +26,13 @@ pub use document::{
     AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, HttpRouteDoc, NodeDoc, OutlierDoc,
     PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
 };
+pub use errors::{FieldError, ValidationErrors};
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
-pub use names::{parse_duration, Name, NodeName, Port, Weight};
+pub use names::{parse_duration, Name, NodeName, Port, Weight, INJECT_LABEL};
 pub use snapshot::{Delta, Snapshot, View};
-pub use validate::{Changes, FieldError, Index, Validated, ValidationErrors};
+pub use spiffe::{Identity, IdentityError};
+pub use validate::{Changes, Index, Validated};
 
 /// A validated state. Built only by [`State::from_document`].
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -104,14 +109,14 @@ pub struct Service {
 /// Who may reach a service's endpoints through the tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authorization {
-    pub identities: Vec<crate::identity::Identity>,
+    pub identities: Vec<Identity>,
     pub namespaces: Vec<Name>,
 }
 
 impl Authorization {
     /// Whether `peer` may reach the service; `policy` None allows the
     /// local trust domain only.
-    pub fn allows(policy: Option<&Authorization>, trust_domain: &str, peer: &crate::identity::Identity) -> bool {
+    pub fn allows(policy: Option<&Authorization>, trust_domain: &str, peer: &Identity) -> bool {
         match policy {
             None => peer.trust_domain() == trust_domain,
             Some(a) => {
@@ -236,10 +241,6 @@ impl State {
 
     pub fn node(&self, name: &NodeName) -> Option<&Node> {
         self.nodes.iter().find(|n| &n.name == name)
-    }
-
-    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.ip == ip)
     }
 }
 

@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+/// The namespace label that enrolls a namespace's pods in the mesh
+/// (`mesh.io/inject: enabled`): discovery enrolls them, the issuer signs
+/// only for them.
+pub const INJECT_LABEL: &str = "mesh.io/inject";
+
 /// A Kubernetes-style DNS-1123 label: 1 to 63 characters, lowercase letters,
 /// digits and '-', starting and ending with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,7 +6,6 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use super::{Changes, Frontend, Service, State};
-use crate::telemetry::metrics::StatsRow;
 
 /// One accepted state, validated, with the service ports the kernel knows
 /// by id. Never changed once published.
@@ -80,8 +79,4 @@ impl Delta {
 /// answered, so a caller that got its answer sees its write everywhere.
 pub trait View: Send + Sync + 'static {
     fn update(&self, snapshot: &Snapshot);
-    /// `meshctl stats` rows of the series this view counts into.
-    fn stats_rows(&self) -> Vec<StatsRow> {
-        Vec::new()
-    }
 }

@@ -1,58 +1,14 @@
 //! Document -> State, collecting every error with the path of its field.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::chunked::CHUNK;
+use super::errors::Errors;
 use super::*;
-
-/// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every bad field of a document, in document order.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ValidationErrors(pub Vec<FieldError>);
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-pub(super) struct Errors(pub(super) Vec<FieldError>);
-
-impl Errors {
-    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), message: message.into() });
-    }
-    /// Keeps the value of `r`, or records its error under `path`. The
-    /// path is made only on error: a valid state of 100 000 endpoints
-    /// formats none.
-    pub(super) fn take<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
-        r.map_err(|m| self.push(path(), m)).ok()
-    }
-}
 
 fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -185,7 +141,7 @@ impl Index {
         self.ports += by * s.ports.len() as i64;
         if s.mode == Mode::Kernel {
             let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
-            let bound = crate::balance::slots::table_bound(&weights, table_size);
+            let bound = super::slots::table_bound(&weights, table_size);
             self.slots += by * (s.ports.len() * bound) as i64;
             *self.bounds.entry(bound).or_default() += by * s.ports.len() as i64;
         }
@@ -682,7 +638,7 @@ fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeNa
             .iter()
             .enumerate()
             .filter_map(|(j, id)| {
-                let r = crate::identity::Identity::parse(id).map_err(|x| x.to_string());
+                let r = Identity::parse(id).map_err(|x| x.to_string());
                 e.take(|| format!("{p}.authorization.identities[{j}]"), r)
             })
             .collect();
@@ -1018,7 +974,6 @@ services:
 
     #[test]
     fn policy_decisions() {
-        use crate::identity::Identity;
         let id = |s: &str| Identity::parse(s).unwrap();
         let td = "cluster.local";
         let (web, other_ns, foreign) = (

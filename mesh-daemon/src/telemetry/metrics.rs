@@ -171,6 +171,14 @@ impl Collector for LiveCollector {
     }
 }
 
+/// What counts into endpoint series: the rows `meshctl stats` shows.
+pub trait StatsSource: Send + Sync + 'static {
+    /// `meshctl stats` rows of the series this source counts into.
+    fn stats_rows(&self) -> Vec<StatsRow> {
+        Vec::new()
+    }
+}
+
 /// One row of `meshctl stats`: an endpoint of a service port, one direction.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,23 +1,22 @@
 //! What the proxy needs from the state, indexed for the accept path: the
 //! service port behind each kernel service id, its endpoints with their
-//! shared state, and the workloads by IP.
+//! shared state, and the workloads by IP. [`view::RoutesView`] keeps it
+//! current.
+
+mod view;
+pub use view::RoutesView;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use std::collections::HashSet;
-
-use arc_swap::ArcSwap;
-
-use super::http::policy::{Policies, Policy};
-use super::http::upstream::Upstreams;
+use crate::proxy::http::policy::{Policies, Policy};
 use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
-use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State, View};
+use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State};
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -255,78 +254,6 @@ pub struct Workload {
     /// `namespace/name`.
     pub name: String,
     pub identity: Identity,
-}
-
-/// The proxy's reader of the state: rebuilds the route table from each
-/// snapshot and swaps it in; the accept loop loads it per connection.
-pub struct RoutesView {
-    table: Arc<ArcSwap<RouteTable>>,
-    registry: Arc<Registry>,
-    /// Upstream HTTP pools, kept for the endpoints still in use.
-    upstreams: Arc<Upstreams>,
-    /// Retry budgets and rate limiters, kept while their policy is.
-    policies: Policies,
-    local: Local,
-    metrics: Arc<Metrics>,
-}
-
-impl RoutesView {
-    pub fn new(registry: Arc<Registry>, local: Local, metrics: Arc<Metrics>) -> Self {
-        let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        Self { table, registry, upstreams: Arc::default(), policies: Policies::default(), local, metrics }
-    }
-
-    pub fn upstreams(&self) -> Arc<Upstreams> {
-        self.upstreams.clone()
-    }
-
-    pub fn table(&self) -> Arc<ArcSwap<RouteTable>> {
-        self.table.clone()
-    }
-}
-
-impl View for RoutesView {
-    fn update(&self, snap: &Snapshot) {
-        let current = self.table.load();
-        let (r, p, l, m) = (&self.registry, &self.policies, &self.local, &self.metrics);
-        match &snap.delta {
-            // One write after the table's: only what it changed.
-            Some(d) if current.generation + 1 == snap.generation => {
-                let next = RouteTable::apply(&current, snap, d, r, p, l, m);
-                for f in &d.changed {
-                    if let (Some(new), Some(old)) = (next.by_id.get(&f.id), current.by_id.get(&f.id)) {
-                        new.adopt_series(old);
-                        old.forget_series_missing_from(Some(new), m);
-                    }
-                }
-                for id in &d.removed {
-                    if let Some(old) = current.by_id.get(id) {
-                        old.forget_series_missing_from(None, m);
-                        self.policies.forget(&old.name);
-                    }
-                }
-                let gone: HashSet<SocketAddrV4> = d.gone.iter().copied().collect();
-                if !gone.is_empty() {
-                    self.upstreams.retain(|a| !gone.contains(&a));
-                }
-                self.table.store(Arc::new(next));
-            }
-            _ => {
-                let next = RouteTable::build_from(&snap.state, &snap.frontends, snap.generation, &current, r, p, l, m);
-                next.adopt_all_series(&current);
-                let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
-                self.policies.retain(|n| names.contains(n));
-                let in_use: HashSet<SocketAddrV4> =
-                    next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
-                self.upstreams.retain(|a| in_use.contains(&a));
-                self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
-            }
-        }
-    }
-
-    fn stats_rows(&self) -> Vec<StatsRow> {
-        self.table.load().stats_rows()
-    }
 }
 
 #[derive(Debug, Default)]

@@ -1,0 +1,132 @@
+//! Streams arriving through the tunnel: which may reach which pod (a
+//! pure decision, [`Inbound::check`]), the connect to the pod, the relay,
+//! metrics and access log. The tunnel hands over the verified peer
+//! identity, the target and the service the stream names.
+
+mod view;
+pub use view::{Deny, Inbound, InboundView, Target};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::StatusCode;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::drain::Drain;
+use crate::proxy::access::Record;
+use crate::relay::{relay, Transfer};
+use crate::tunnel::client::Stream;
+use crate::tunnel::server::{Refusal, StreamHandler, StreamRequest};
+use crate::tunnel::TunnelCounters;
+/// How long the connect to a local pod may take.
+const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The receiving end of tunnel streams on this node.
+pub struct InboundHandler {
+    pub view: Arc<ArcSwap<Inbound>>,
+    pub counters: Arc<TunnelCounters>,
+    /// Ends request streams gracefully when the daemon drains.
+    pub drain: Drain,
+    /// Spans of sampled requests.
+    pub spans: Arc<crate::telemetry::otlp::Spans>,
+}
+
+/// A stream let through: the pod's connection and its target.
+pub struct Accepted {
+    upstream: TcpStream,
+    target: Arc<Target>,
+}
+
+impl StreamHandler for InboundHandler {
+    type Upstream = Accepted;
+
+    async fn open(&self, req: &StreamRequest) -> Result<Accepted, Refusal> {
+        let view = self.view.load();
+        let (peer, target, service) = (&req.peer, req.target, req.service.as_deref());
+        let found = match view.check(service, target, peer, req.from) {
+            Ok(s) => s.clone(),
+            Err(deny) => {
+                let (counter, why) = match deny {
+                    Deny::NotLocal => (&self.counters.denied_not_local, "the target is not a workload of this node"),
+                    Deny::NotEndpoint => (
+                        &self.counters.denied_not_endpoint,
+                        "the target is not an endpoint of the service the stream names",
+                    ),
+                    Deny::Policy => (&self.counters.denied_policy, "authorization policy does not allow this identity"),
+                    Deny::WrongNode => (
+                        &self.counters.denied_wrong_node,
+                        "this identity's workloads run on other nodes than the one the stream came from",
+                    ),
+                };
+                counter.inc();
+                let target_identity = view.workload_identity(target.ip()).map(tracing::field::display);
+                warn!(identity = %peer, from = %req.from, target_identity, %target, service = service.unwrap_or(""), reason = deny.as_str(), "{why}; refused (403)");
+                return Err(Refusal { status: StatusCode::FORBIDDEN, reason: Some(deny.as_str()) });
+            }
+        };
+        let upstream = match tokio::time::timeout(POD_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.counters.upstream_failures.inc();
+                warn!(identity = %peer, %target, error = %e, "connect to the workload failed");
+                return Err(Refusal { status: StatusCode::BAD_GATEWAY, reason: None });
+            }
+            Err(_) => {
+                self.counters.upstream_failures.inc();
+                warn!(identity = %peer, %target, "connect to the workload timed out");
+                return Err(Refusal { status: StatusCode::GATEWAY_TIMEOUT, reason: None });
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.counters.streams.inc();
+        Ok(Accepted { upstream, target: found })
+    }
+
+    async fn carry(&self, req: StreamRequest, accepted: Accepted, mut stream: Stream) {
+        let Accepted { mut upstream, target } = accepted;
+        let series = target.series();
+        if let Some(protocol) = req.protocol {
+            // Requests the sending proxy terminated: each proxied, counted
+            // and logged here too.
+            series.opened.inc();
+            let spans = self.spans.clone();
+            crate::proxy::http::inbound::serve(
+                stream,
+                upstream,
+                protocol,
+                req,
+                target.clone(),
+                spans,
+                self.drain.clone(),
+            )
+            .await;
+            target.series().closed.inc();
+            return;
+        }
+        let started = Instant::now();
+        series.opened.inc();
+        let Transfer { up, down, error } = relay(&mut stream, &mut upstream).await;
+        series.closed.inc();
+        series.sent.inc_by(up);
+        series.received.inc_by(down);
+        Record {
+            direction: "inbound",
+            source: None,
+            identity: Some(&req.peer),
+            client: None,
+            service: &series.labels.service,
+            endpoint: Some(req.target),
+            node: Some("local"),
+            bytes_up: Some(up),
+            bytes_down: down,
+            duration: started.elapsed(),
+            outcome: crate::relay::outcome(&error),
+            error: error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync)),
+            request: None,
+        }
+        .log();
+    }
+}
