@@ -205,7 +205,7 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             let ca = Ca::from_files(&ca_cert, &ca_key)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let authority = match (credentials, config) {
-                (Some(credentials), Some(state)) => Authority::Tokens { credentials, state },
+                (Some(credentials), Some(state)) => Authority::tokens(credentials, state),
                 _ => rt.block_on(kube_authority(audience, &node_account))?,
             };
             let cfg = mesh_daemon::identity::issuer::IssuerConfig {

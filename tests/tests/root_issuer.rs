@@ -10,6 +10,7 @@ use std::time::Duration;
 use mesh_tests::{Cluster, ClusterSpec, Daemon};
 
 const ECHO_VIP: &str = "10.96.0.11";
+const WEB_VIP: &str = "10.96.0.12";
 
 /// What `mesh-daemon ca request` says when node credential `token` asks
 /// the issuer for `id`: (succeeded, output).
@@ -67,8 +68,9 @@ fn cluster() -> (Cluster, std::path::PathBuf, std::path::PathBuf, std::path::Pat
     .expect("mini cluster");
     c.serve("web-2", 8080, Some(9000)).unwrap();
     let svc = format!(
-        "  - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {}, node: node-b }}]\n",
-        c.pod("web-2").ip
+        "  - name: echo\n    vip: {ECHO_VIP}\n    ports: [{{ port: 9000 }}]\n    endpoints: [{{ ip: {ip}, node: node-b }}]\n\
+         \x20 - name: web\n    vip: {WEB_VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ ip: {ip}, node: node-b }}]\n",
+        ip = c.pod("web-2").ip
     );
     let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
     let (token_a, token_b) = (c.bootstrap_node("node-a").unwrap(), c.bootstrap_node("node-b").unwrap());
@@ -135,6 +137,44 @@ fn root_nodes_get_certificates_only_for_themselves_from_the_issuer_and_hold_no_c
     });
     assert!(renewed, "{}\n{}", a.log_text(), b.log_text());
     assert!(bulk(&c));
+}
+
+/// A counter of the issuer's `/metrics`, read from node-a's namespace.
+fn issuer_counter(c: &Cluster, issuer: &str, name: &str) -> u64 {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", c.node("node-a").netns.display()))
+        .args(["curl", "-sk", "--max-time", "5", &format!("https://{issuer}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in the issuer's metrics: {text}"))
+}
+
+#[test]
+fn root_a_hundred_connections_racing_for_a_new_workload_identity_cause_one_csr() {
+    let (c, cfg, token_a, token_b) = cluster();
+    let issuer = format!("{}:15012", c.node("issuer").address);
+    start_issuer(&c, &cfg, &issuer);
+    let flags = |token: &Path| ["--issuer", &issuer, "--issuer-token", token.to_str().unwrap()].map(str::to_owned);
+    let (fa, fb) = (flags(&token_a), flags(&token_b));
+    let a = c.start_daemon("node-a", &cfg, &fa.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &fb.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let before = issuer_counter(&c, &issuer, "mesh_issuer_issued_total");
+    assert_eq!(before, 2, "each node's own certificate, nothing else yet");
+    // The client pod has no certificate yet: 100 connections to a service
+    // on node-b need one at once, and wait for the same request.
+    let out =
+        c.exec("client", "mt-pod", &["concurrent", &format!("{WEB_VIP}:80"), "100"], Duration::from_secs(60)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("ok=100 failed=0"), "{text}\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(issuer_counter(&c, &issuer, "mesh_issuer_issued_total"), 3, "one CSR for the client's identity");
+    let issued = a
+        .log_text()
+        .matches("workload certificate issued identity=spiffe://cluster.local/ns/default/sa/client")
+        .count();
+    assert_eq!(issued, 1, "{}", a.log_text());
 }
 
 /// Starts `mesh-daemon ca serve` at `addr` in the issuer's namespace,

@@ -156,7 +156,6 @@ fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> 
 }
 
 /// The `links-*` folders under the pin dir.
-
 fn links_dirs(pin_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(pin_dir)
         .map(|rd| {

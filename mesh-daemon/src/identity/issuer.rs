@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use super::binding::{authorize, Refused};
 use super::certs::{request, Ca, CertError, Issued};
 use super::tls::{self, SwapCert};
+use super::watched::Watched;
 use super::Identity;
 use crate::model::NodeName;
 
@@ -56,9 +57,17 @@ fn sha256_hex(token: &str) -> String {
 impl Credentials {
     pub fn load(path: &Path) -> Result<Self, String> {
         match std::fs::read_to_string(path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(t) => Self::parse(path, Some(&t)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The credentials in `text`; none when the file is missing (`None`).
+    pub fn parse(path: &Path, text: Option<&str>) -> Result<Self, String> {
+        match text {
+            Some(t) => serde_json::from_str(t).map_err(|e| format!("{}: {e}", path.display())),
+            None => Ok(Self::default()),
         }
     }
 
@@ -109,9 +118,9 @@ pub enum Authority {
     /// Outside Kubernetes: per-node tokens (`ca bootstrap`) and the state
     /// document's workloads.
     Tokens {
-        credentials: PathBuf,
+        credentials: Watched<Credentials>,
         /// The state document: which workloads run on which node.
-        state: PathBuf,
+        state: Watched<Placement>,
     },
     /// The API server: projected service-account tokens and the pods.
     #[cfg(feature = "kubernetes")]
@@ -126,11 +135,36 @@ enum Check {
     Unavailable(String),
 }
 
+/// Where enrolled workloads run: node -> (namespace, service account).
+pub type Placement = BTreeMap<String, Vec<(String, String)>>;
+
 impl Authority {
+    /// Per-node tokens in `credentials` (made by `ca bootstrap`) and the
+    /// workloads of the state document at `state`; both files are read
+    /// again when they change.
+    pub fn tokens(credentials: PathBuf, state: PathBuf) -> Self {
+        Authority::Tokens {
+            credentials: Watched::new(credentials, Credentials::parse),
+            state: Watched::new(state, |path, text| {
+                let text = text.ok_or_else(|| "no such file".to_owned())?;
+                let doc = crate::model::parse_document(text)?;
+                let s = crate::model::State::from_document(&doc).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut placed = Placement::new();
+                for w in &s.workloads {
+                    placed
+                        .entry(w.node.to_string())
+                        .or_default()
+                        .push((w.namespace.to_string(), w.service_account.to_string()));
+                }
+                Ok(placed)
+            }),
+        }
+    }
+
     /// The node `token` is the credential of.
     async fn node_of(&self, token: &str) -> Result<String, Check> {
         match self {
-            Authority::Tokens { credentials, .. } => match Credentials::load(credentials) {
+            Authority::Tokens { credentials, .. } => match credentials.get().await {
                 Ok(c) => c
                     .node_of(token)
                     .map(str::to_owned)
@@ -151,12 +185,14 @@ impl Authority {
     async fn placed(&self, node: &str, id: &Identity) -> Result<Vec<(String, String)>, Check> {
         match self {
             Authority::Tokens { state, .. } => {
-                let s = crate::model::load_file(state)
-                    .map_err(|e| Check::Unavailable(format!("cannot read the state: {e}")))?;
-                Ok(s.workloads
-                    .iter()
-                    .filter(|w| w.node.as_str() == node && Some(w.namespace.as_str()) == id.namespace())
-                    .map(|w| (w.namespace.to_string(), w.service_account.to_string()))
+                let placed =
+                    state.get().await.map_err(|e| Check::Unavailable(format!("cannot read the state: {e}")))?;
+                Ok(placed
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(ns, _)| Some(ns.as_str()) == id.namespace())
+                    .cloned()
                     .collect())
             }
             #[cfg(feature = "kubernetes")]
@@ -392,7 +428,8 @@ impl IssuerClient {
     /// issuer that cannot be reached is passed over for the next.
     pub async fn issue(&self, id: &Identity, serial: u64) -> Result<Arc<Issued>, CertError> {
         let err = |m: String| CertError::Issue { id: id.to_string(), message: m };
-        let token = std::fs::read_to_string(&self.token)
+        let token = tokio::fs::read_to_string(&self.token)
+            .await
             .map_err(|e| err(format!("the issuer credential {}: {e}", self.token.display())))?;
         let first = self.last_good.load(Ordering::Relaxed);
         let mut unreachable = Vec::new();
@@ -505,7 +542,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mesh.yaml");
         std::fs::write(&path, STATE).unwrap();
-        let authority = Authority::Tokens { credentials: dir.join("none.json"), state: path };
+        let authority = Authority::tokens(dir.join("none.json"), path);
         let td = "cluster.local";
         let on_a = authority.placed("a", &id("spiffe://cluster.local/ns/default/sa/web")).await.ok().unwrap();
         assert_eq!(on_a, [("default".to_owned(), "web".to_owned())], "the state's workloads on node a");

@@ -8,6 +8,10 @@
 //! fails is retried with backoff (1 s doubling up to the check interval,
 //! jittered so that nodes do not return to an issuer all at once), and
 //! logged loudly as expiry nears.
+//!
+//! Connections that race for a workload's first certificate share one
+//! request (single flight, as ztunnel's SecretManager): a hundred
+//! connections of a new pod cost the issuer one CSR.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,12 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rustls::RootCertStore;
+use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use super::certs::{Ca, CertError, Issued};
 use super::issuer::IssuerClient;
 use super::tls::{self, SwapCert};
 use super::Identity;
+
+/// A workload certificate and its serial, once its request is answered.
+type Issuing = (Arc<SwapCert>, u64);
 
 struct Held {
     issued: Arc<Issued>,
@@ -30,18 +38,23 @@ struct Held {
 /// Where certificates come from.
 pub enum Signer {
     /// A CA key held by this daemon (development on one machine).
-    Local(Box<Ca>),
+    Local(Arc<Ca>),
     /// CSRs to the issuer: no CA key on the node.
     Issuer(IssuerClient),
 }
 
 impl Signer {
-    /// Blocks: call from `spawn_blocking` (the issuer is asked through the
-    /// runtime that thread belongs to).
-    fn issue_blocking(&self, id: &Identity, lifetime: Duration, serial: u64) -> Result<Arc<Issued>, CertError> {
+    /// A certificate for `id`: signed off the async workers (a local key),
+    /// or asked of the issuer.
+    async fn issue(&self, id: &Identity, lifetime: Duration, serial: u64) -> Result<Arc<Issued>, CertError> {
         match self {
-            Signer::Local(ca) => ca.issue(id, lifetime, serial),
-            Signer::Issuer(c) => tokio::runtime::Handle::current().block_on(c.issue(id, serial)),
+            Signer::Local(ca) => {
+                let (ca, who) = (ca.clone(), id.clone());
+                tokio::task::spawn_blocking(move || ca.issue(&who, lifetime, serial))
+                    .await
+                    .map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?
+            }
+            Signer::Issuer(c) => c.issue(id, serial).await,
         }
     }
 
@@ -63,7 +76,13 @@ pub struct Certs {
     node_swap: Arc<SwapCert>,
     node_issued: Mutex<Arc<Issued>>,
     workloads: Mutex<HashMap<Identity, Held>>,
+    /// First certificates being asked for: one request per identity, the
+    /// other callers wait for it.
+    pending: Mutex<HashMap<Identity, Arc<OnceCell<Issuing>>>>,
     serial: AtomicU64,
+    /// Certificates asked for (signed or requested from the issuer),
+    /// renewals included.
+    requests: AtomicU64,
 }
 
 /// A renewal failed: retried at the next check; loud once less than a
@@ -94,7 +113,7 @@ impl Certs {
         node_id: Identity,
     ) -> Result<Arc<Self>, CertError> {
         let issued = ca.issue(&node_id, lifetime, 1)?;
-        Self::build(trust_domain, Signer::Local(Box::new(ca)), roots, lifetime, node_id, issued)
+        Self::build(trust_domain, Signer::Local(Arc::new(ca)), roots, lifetime, node_id, issued)
     }
 
     /// Certificates from the issuer; the node certificate first, asked for
@@ -140,7 +159,9 @@ impl Certs {
             node_swap,
             node_issued: Mutex::new(issued),
             workloads: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(1),
+            requests: AtomicU64::new(1),
         }))
     }
 
@@ -160,44 +181,73 @@ impl Certs {
         m.get(id).map(|h| (h.swap.clone(), h.issued.serial))
     }
 
+    /// Certificates asked for so far (the node's first one included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// A workload's client certificate and its serial (a new serial means
-    /// it was renewed); issued on first use. Signing takes milliseconds of
-    /// CPU: async callers try [`Certs::cached`] first and call this from
-    /// `spawn_blocking`. The lock is not held while signing.
-    pub fn workload(&self, id: &Identity) -> Result<(Arc<SwapCert>, u64), CertError> {
+    /// it was renewed); issued on first use. Callers racing for the same
+    /// new identity share one request; if it fails, each waiting caller
+    /// gets to try again in turn (a failure is not cached).
+    pub async fn workload(&self, id: &Identity) -> Result<(Arc<SwapCert>, u64), CertError> {
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let h = held(self.signer.issue_blocking(id, self.lifetime, serial)?)?;
-        let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
-        // Another caller may have issued one meanwhile: the first one stays.
-        let h = m.entry(id.clone()).or_insert_with(|| {
-            info!(identity = %id, serial, "workload certificate issued");
-            h
-        });
-        Ok((h.swap.clone(), h.issued.serial))
+        let cell = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.entry(id.clone()).or_default().clone()
+        };
+        let got = cell
+            .get_or_try_init(|| async {
+                // Issued while this caller waited for the lock of the cell.
+                if let Some(c) = self.cached(id) {
+                    return Ok(c);
+                }
+                let serial = self.next_serial();
+                let h = held(self.signer.issue(id, self.lifetime, serial).await?)?;
+                let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+                let h = m.entry(id.clone()).or_insert_with(|| {
+                    info!(identity = %id, serial, "workload certificate issued");
+                    h
+                });
+                Ok((h.swap.clone(), h.issued.serial))
+            })
+            .await
+            .cloned();
+        if got.is_ok() {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if p.get(id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                p.remove(id);
+            }
+        }
+        got
+    }
+
+    fn next_serial(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.serial.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Renews every certificate past its renewal point; false when one
-    /// failed. Blocks (the issuer is asked): call from `spawn_blocking`.
-    pub fn renew_due(&self) -> bool {
+    /// failed. No lock is held while the issuer is asked.
+    pub async fn renew_due(&self) -> bool {
         let now = SystemTime::now();
         let mut all_ok = true;
         let at = self.signer.renew_at();
-        {
+        let node_due = self.node_issued.lock().unwrap_or_else(|p| p.into_inner()).due_at(now, at);
+        if node_due {
+            let renewed = self.renew(&self.node_id).await;
             let mut node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner());
-            if node.due_at(now, at) {
-                match self.renew(&self.node_id) {
-                    Ok((key, issued)) => {
-                        self.node_swap.set(key);
-                        info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
-                        *node = issued;
-                    }
-                    Err(e) => {
-                        all_ok = false;
-                        failed(&self.node_id, &node, now, &e);
-                    }
+            match renewed {
+                Ok((key, issued)) => {
+                    self.node_swap.set(key);
+                    info!(identity = %self.node_id, serial = issued.serial, "node certificate renewed");
+                    *node = issued;
+                }
+                Err(e) => {
+                    all_ok = false;
+                    failed(&self.node_id, &node, now, &e);
                 }
             }
         }
@@ -207,7 +257,7 @@ impl Certs {
             m.iter().filter(|(_, h)| h.issued.due_at(now, at)).map(|(id, _)| id.clone()).collect()
         };
         for id in due {
-            let renewed = self.renew(&id);
+            let renewed = self.renew(&id).await;
             let mut m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
             let Some(h) = m.get_mut(&id) else { continue };
             match renewed {
@@ -226,9 +276,9 @@ impl Certs {
     }
 
     /// A new certificate for `id` and its rustls key.
-    fn renew(&self, id: &Identity) -> Result<(Arc<rustls::sign::CertifiedKey>, Arc<Issued>), CertError> {
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let issued = self.signer.issue_blocking(id, self.lifetime, serial)?;
+    async fn renew(&self, id: &Identity) -> Result<(Arc<rustls::sign::CertifiedKey>, Arc<Issued>), CertError> {
+        let serial = self.next_serial();
+        let issued = self.signer.issue(id, self.lifetime, serial).await?;
         let key =
             tls::certified(&issued).map_err(|e| CertError::Issue { id: id.to_string(), message: e.to_string() })?;
         Ok((key, issued))
@@ -241,8 +291,7 @@ impl Certs {
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(next_pause(every, failures, fastrand::f64())).await;
-            let c = self.clone();
-            let ok = tokio::task::spawn_blocking(move || c.renew_due()).await.unwrap_or(false);
+            let ok = self.renew_due().await;
             failures = if ok { 0 } else { failures.saturating_add(1) };
         }
     }
@@ -262,6 +311,47 @@ fn next_pause(every: Duration, failures: u32, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn certs(name: &str) -> Arc<Certs> {
+        let dir = std::env::temp_dir().join(format!("mesh-certs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        std::fs::write(dir.join("ca.pem"), c).unwrap();
+        std::fs::write(dir.join("ca.key"), k).unwrap();
+        let ca = Ca::from_files(&dir.join("ca.pem"), &dir.join("ca.key")).unwrap();
+        let roots = tls::trust_bundle(&dir.join("ca.pem")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = Identity::parse("spiffe://cluster.local/ns/mesh-system/node/a").unwrap();
+        Certs::new("cluster.local", ca, roots, Duration::from_secs(3600), node).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hundred_callers_racing_for_a_new_identity_cause_one_request() {
+        let certs = certs("race");
+        assert_eq!(certs.requests(), 1, "the node's own certificate");
+        let id = Identity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(100));
+        let callers: Vec<_> = (0..100)
+            .map(|_| {
+                let (certs, id, start) = (certs.clone(), id.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    certs.workload(&id).await.map(|(_, serial)| serial)
+                })
+            })
+            .collect();
+        let mut serials = std::collections::BTreeSet::new();
+        for c in callers {
+            serials.insert(c.await.unwrap().unwrap());
+        }
+        assert_eq!(certs.requests(), 2, "one request for the workload");
+        assert_eq!(serials.len(), 1, "every caller got the same certificate: {serials:?}");
+        // Another identity is a request of its own; a known one is none.
+        let other = Identity::parse("spiffe://cluster.local/ns/default/sa/db").unwrap();
+        certs.workload(&other).await.unwrap();
+        certs.workload(&id).await.unwrap();
+        assert_eq!(certs.requests(), 3);
+    }
 
     #[test]
     fn a_failed_renewal_is_retried_after_1s_doubling_up_to_the_check_interval_with_jitter() {

@@ -11,5 +11,6 @@ pub mod issuer;
 pub mod kube;
 pub mod manager;
 pub mod tls;
+pub mod watched;
 
 pub use crate::model::spiffe::{Identity, IdentityError};

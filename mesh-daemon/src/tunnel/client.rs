@@ -104,16 +104,13 @@ impl Pool {
         m.entry(key).or_default().clone()
     }
 
-    /// The client certificate of `source`, issued off the async workers
-    /// the first time.
+    /// The client certificate of `source`, issued the first time (one
+    /// request however many connections race for it).
     async fn cert(&self, source: &Identity) -> Result<(Arc<SwapCert>, u64), TunnelError> {
-        if let Some(c) = self.certs.cached(source) {
-            return Ok(c);
-        }
-        let (certs, id) = (self.certs.clone(), source.clone());
-        let issued = tokio::task::spawn_blocking(move || certs.workload(&id)).await;
-        let message = |m: String| TunnelError::Certificate { identity: source.clone(), message: m };
-        issued.map_err(|e| message(e.to_string()))?.map_err(|e| message(e.to_string()))
+        self.certs
+            .workload(source)
+            .await
+            .map_err(|e| TunnelError::Certificate { identity: source.clone(), message: e.to_string() })
     }
 
     /// Opens a stream to `target` on `node` (tunnel at `node_addr`) as
