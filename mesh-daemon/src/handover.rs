@@ -35,7 +35,43 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+/// Why a handover step failed: what was being done, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("{what}: {message}")]
+    Step { what: String, message: String },
+    /// The other daemon said something out of turn.
+    #[error("{0}")]
+    Protocol(String),
+    /// The running daemon cannot let go of its datapath.
+    #[error("the running daemon cannot let go: {0}")]
+    Owner(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sys(#[from] nix::Error),
+}
+
+type Result<T, E = HandoverError> = std::result::Result<T, E>;
+
+/// `.context("doing x")` on any failing step.
+trait Context<T> {
+    fn context(self, what: &str) -> Result<T, HandoverError>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, HandoverError>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
+    fn context(self, what: &str) -> Result<T, HandoverError> {
+        self.with_context(|| what.to_owned())
+    }
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, HandoverError> {
+        self.map_err(|e| HandoverError::Step { what: what(), message: e.to_string() })
+    }
+}
+
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(HandoverError::Protocol(format!($($t)*))) };
+}
 use nix::sys::socket::{self as sock, sockopt, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -89,7 +125,7 @@ pub enum Message {
 
 impl Message {
     /// Parses one packet; errors name what was wrong with it.
-    pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).context("a handover message that is not valid JSON of a known kind")
     }
 }
@@ -118,8 +154,8 @@ pub fn build_id() -> String {
     .clone()
 }
 
-fn send(fd: &OwnedFd, msg: &Message, fds: &[RawFd]) -> anyhow::Result<()> {
-    let bytes = serde_json::to_vec(msg)?;
+fn send(fd: &OwnedFd, msg: &Message, fds: &[RawFd]) -> Result<()> {
+    let bytes = serde_json::to_vec(msg).context("encoding a handover message")?;
     let iov = [std::io::IoSlice::new(&bytes)];
     let cmsgs: Vec<sock::ControlMessage> =
         if fds.is_empty() { Vec::new() } else { vec![sock::ControlMessage::ScmRights(fds)] };
@@ -129,7 +165,7 @@ fn send(fd: &OwnedFd, msg: &Message, fds: &[RawFd]) -> anyhow::Result<()> {
 
 /// Receives one message and the descriptors that came with it; `None`
 /// when the other side closed.
-fn recv(fd: &OwnedFd) -> anyhow::Result<Option<(Message, Vec<OwnedFd>)>> {
+fn recv(fd: &OwnedFd) -> Result<Option<(Message, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, fds, truncated) = {
@@ -182,7 +218,7 @@ impl Taken {
     }
 
     /// Tells the old daemon to stop accepting and drain.
-    pub fn ready(self) -> anyhow::Result<()> {
+    pub fn ready(self) -> Result<()> {
         send(&self.conn, &Message::Ready, &[]).context("telling the old daemon the new one is ready")
     }
 }
@@ -190,13 +226,18 @@ impl Taken {
 /// Asks the daemon serving at `path` for its listening sockets. `None`
 /// when no daemon answers there (none runs, or one of a build without
 /// handover: then binding fails while it runs, and says so).
-pub fn take_over(path: &Path) -> anyhow::Result<Option<Taken>> {
+pub fn take_over(path: &Path) -> Result<Option<Taken>> {
     let conn = seqpacket().context("creating the handover socket")?;
     let addr = UnixAddr::new(path).with_context(|| format!("{}: not a usable socket path", path.display()))?;
     match sock::connect(conn.as_raw_fd(), &addr) {
         Ok(()) => {}
         Err(nix::Error::ENOENT | nix::Error::ECONNREFUSED) => return Ok(None),
-        Err(e) => return Err(anyhow!("{}: cannot connect: {e}", path.display())),
+        Err(e) => {
+            return Err(HandoverError::Step {
+                what: format!("{}: cannot connect", path.display()),
+                message: e.to_string(),
+            })
+        }
     }
     // The old daemon answers once its datapath is let go: quickly.
     set_timeout(&conn, Duration::from_secs(30));
@@ -222,7 +263,7 @@ pub fn take_over(path: &Path) -> anyhow::Result<Option<Taken>> {
 pub trait Owner: Send + Sync + 'static {
     /// Stops writing the maps and drops the datapath's handles (the pins
     /// keep it); returns the state's generation.
-    fn suspend(&self) -> anyhow::Result<u64>;
+    fn suspend(&self) -> Result<u64>;
     /// The new daemon failed before it was ready: take the datapath back.
     fn resume(&self);
     /// The new daemon serves: stop accepting, drain, exit.
@@ -241,7 +282,7 @@ pub struct Server {
 impl Server {
     /// Listens at `path`, replacing a stale socket there (the caller has
     /// already asked it for a handover, or nothing answered).
-    pub fn bind(path: &Path) -> anyhow::Result<Arc<Self>> {
+    pub fn bind(path: &Path) -> Result<Arc<Self>> {
         let listen = seqpacket().context("creating the handover socket")?;
         let addr = UnixAddr::new(path).with_context(|| format!("{}: not a usable socket path", path.display()))?;
         if let Some(dir) = path.parent() {
@@ -316,7 +357,7 @@ impl Server {
     }
 
     /// One exchange; true when the new daemon took over.
-    fn exchange(&self, conn: &OwnedFd, owner: &dyn Owner) -> anyhow::Result<bool> {
+    fn exchange(&self, conn: &OwnedFd, owner: &dyn Owner) -> Result<bool> {
         let to = match recv(conn)? {
             Some((Message::Hello(peer), _)) => peer,
             Some((other, _)) => bail!("expected hello, got {other:?}"),
@@ -394,7 +435,7 @@ mod tests {
     }
 
     impl Owner for Recorder {
-        fn suspend(&self) -> anyhow::Result<u64> {
+        fn suspend(&self) -> Result<u64> {
             self.events.lock().unwrap().push("suspend".into());
             Ok(7)
         }

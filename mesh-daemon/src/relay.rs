@@ -58,17 +58,6 @@ pub struct Transfer {
     pub error: Option<io::Error>,
 }
 
-/// How long a relayed connection (or an HTTP/2 client connection on the
-/// request path) may move no byte either way before it is closed
-/// ([`set_idle_timeout`]; one hour unless set).
-static IDLE_MS: AtomicU64 = AtomicU64::new(3_600_000);
-
-/// Sets the idle timeout of every relay and HTTP/2 client connection
-/// started from now on (`--idle-timeout`).
-pub fn set_idle_timeout(idle: Duration) {
-    IDLE_MS.store(idle.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
-}
-
 /// The access log's outcome of a relay: `ok`, `idle` (closed by the idle
 /// timeout) or `error`.
 pub fn outcome(error: &Option<io::Error>) -> &'static str {
@@ -77,12 +66,6 @@ pub fn outcome(error: &Option<io::Error>) -> &'static str {
         Some(e) if e.kind() == io::ErrorKind::TimedOut => "idle",
         Some(_) => "error",
     }
-}
-
-/// The idle timeout of relays, and of HTTP/2 client connections on the
-/// request path ([`Watched`]).
-pub fn idle_timeout() -> Duration {
-    Duration::from_millis(IDLE_MS.load(Ordering::Relaxed))
 }
 
 /// When a [`Watched`] stream last moved a byte, shared with whoever waits
@@ -177,17 +160,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
 /// Relays until both directions reached EOF (each passed on as a write
 /// shutdown: half-close), or one failed, which ends both, or no byte
-/// moved either way for the idle timeout (the error is then `TimedOut`).
-/// The caller closes both ends when this returns.
-pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream: &mut B) -> Transfer {
-    relay_with_idle(client, upstream, idle_timeout()).await
-}
-
-async fn relay_with_idle<A: Side + ?Sized, B: Side + ?Sized>(
-    client: &mut A,
-    upstream: &mut B,
-    idle: Duration,
-) -> Transfer {
+/// moved either way for `idle` (`--idle-timeout`; the error is then
+/// `TimedOut`). The caller closes both ends when this returns.
+pub async fn relay<A: Side + ?Sized, B: Side + ?Sized>(client: &mut A, upstream: &mut B, idle: Duration) -> Transfer {
     let (mut up, mut down) = (OneWay::default(), OneWay::default());
     // The timer is only looked at when it fires: progress costs a clock
     // read, not a timer update.
@@ -496,7 +471,7 @@ mod tests {
         let (mut upstream_side, mut server) = pair().await;
         let idle = Duration::from_millis(300);
         let t0 = std::time::Instant::now();
-        let relay = tokio::spawn(async move { relay_with_idle(&mut client_side, &mut upstream_side, idle).await });
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, idle).await });
         // A byte every 100 ms for a second keeps it open past the timeout.
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -518,7 +493,8 @@ mod tests {
     async fn tcp_relay_moves_every_byte_both_ways_and_passes_half_close_on() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, Duration::from_secs(3600)).await });
         // 3 MiB up while the server sends 5 MiB down, then the client
         // half-closes and still receives everything.
         let up: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
@@ -554,7 +530,8 @@ mod tests {
     async fn a_slow_reader_gets_every_byte_through_both_modes() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, Duration::from_secs(3600)).await });
         // Small writes first (copied), then bulk (spliced), all while the
         // server does not read, so the relay must hold and wait.
         let mut sent = Vec::new();
@@ -585,7 +562,8 @@ mod tests {
     async fn small_requests_and_answers_alternate_without_stalling() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, Duration::from_secs(3600)).await });
         let echo = tokio::spawn(async move {
             let mut buf = [0u8; 100];
             for _ in 0..1000 {
@@ -613,7 +591,8 @@ mod tests {
     async fn a_reset_ends_the_relay_with_the_bytes_counted_so_far() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, Duration::from_secs(3600)).await });
         client.write_all(b"hello").await.unwrap();
         let mut server = server;
         let mut buf = [0u8; 5];
@@ -635,7 +614,8 @@ mod tests {
         let (mut client, mut client_side) = pair().await;
         // 4 KiB at a time, like frames of a tunnel stream.
         let (mut upstream_side, mut server) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, Duration::from_secs(3600)).await });
         let up: Vec<u8> = (0..1 << 20).map(|i| (i % 239) as u8).collect();
         let up2 = up.clone();
         let writer = tokio::spawn(async move {

@@ -28,7 +28,7 @@ use crate::health::HealthView;
 use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
 use crate::identity::tls;
-use crate::model::NodeName;
+use crate::model::{Invalid, NodeName};
 use crate::proxy::{InboundHandler, InboundView, Local, Outbound, RoutesView};
 use crate::telemetry::otlp::Spans;
 use crate::telemetry::Metrics;
@@ -216,24 +216,24 @@ impl EbpfLogLevel {
     }
 }
 
-fn duration(s: &str) -> Result<std::time::Duration, String> {
+fn duration(s: &str) -> Result<std::time::Duration, Invalid> {
     crate::model::parse_duration(s)
 }
 
 /// An OTLP collector's base URL: `http://host:port`.
-fn otlp_endpoint(s: &str) -> Result<hyper::Uri, String> {
-    let u: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+fn otlp_endpoint(s: &str) -> Result<hyper::Uri, Invalid> {
+    let u: hyper::Uri = s.parse().map_err(|e| Invalid(format!("{s:?} is not a URL: {e}")))?;
     match (u.scheme_str(), u.authority()) {
         (Some("http"), Some(_)) => Ok(u),
-        (Some("https"), _) => Err(format!(
+        (Some("https"), _) => Err(Invalid(format!(
             "{s}: TLS to the collector is not supported yet; use http:// (a node-local collector or agent)"
-        )),
-        _ => Err(format!("{s:?}: give http://host:port")),
+        ))),
+        _ => Err(Invalid(format!("{s:?}: give http://host:port"))),
     }
 }
 
 /// Like [`duration`], also taking hours (`24h`).
-fn long_duration(s: &str) -> Result<std::time::Duration, String> {
+fn long_duration(s: &str) -> Result<std::time::Duration, Invalid> {
     match s.strip_suffix('h').and_then(|h| h.parse::<u64>().ok()) {
         Some(h) => Ok(std::time::Duration::from_secs(h * 3600)),
         None => crate::model::parse_duration(s),
@@ -258,14 +258,14 @@ struct AdminView {
 }
 
 impl admin::AdminSource for AdminView {
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self) -> Result<(), admin::NotReady> {
         self.control.readiness()
     }
 
     fn stats_json(&self) -> serde_json::Value {
         let kernel: serde_json::Map<String, serde_json::Value> = match self.control.kernel_stats() {
             Ok(stats) => stats.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
-            Err(e) => [("error".to_owned(), e.into())].into_iter().collect(),
+            Err(e) => [("error".to_owned(), e.to_string().into())].into_iter().collect(),
         };
         serde_json::json!({ "proxy": self.counters.snapshot(), "kernel": kernel, "tunnel": self.tunnel.snapshot() })
     }
@@ -347,8 +347,8 @@ struct Predecessor {
 }
 
 impl handover::Owner for Predecessor {
-    fn suspend(&self) -> anyhow::Result<u64> {
-        self.control.suspend().map_err(anyhow::Error::msg)
+    fn suspend(&self) -> Result<u64, handover::HandoverError> {
+        self.control.suspend().map_err(|e| handover::HandoverError::Owner(e.to_string()))
     }
 
     fn resume(&self) {
@@ -357,8 +357,9 @@ impl handover::Owner for Predecessor {
             return;
         }
         let _rt = self.runtime.enter();
-        let r =
-            Datapath::load(&self.datapath).map_err(|e| e.to_string()).and_then(|(dp, _orig)| self.control.resume(dp));
+        let r = Datapath::load(&self.datapath)
+            .map_err(|e| e.to_string())
+            .and_then(|(dp, _orig)| self.control.resume(dp).map_err(|e| e.to_string()));
         match r {
             Ok(()) => info!("took the datapath back; serving on"),
             Err(e) => tracing::error!(error = %e, "cannot take the datapath back after a failed handover"),
@@ -386,7 +387,6 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         );
     }
     crate::identity::Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
-    crate::relay::set_idle_timeout(args.idle_timeout);
     let metrics = Arc::new(Metrics::new());
     metrics.watch_log_drops(log_drops);
     let tunnel_counters = Arc::new(TunnelCounters::new(&metrics));
@@ -532,7 +532,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
             // running before (or that the running daemon takes back) is left.
             let ours = !dp.reused() && taken.is_none();
             dp.shutdown(ours);
-            return Err(e);
+            return Err(e.into());
         }
     };
     let snap = control.snapshot();
@@ -562,6 +562,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
                 counters: tunnel_counters.clone(),
                 drain: drain.clone(),
                 spans: spans.clone(),
+                idle: args.idle_timeout,
             });
             tasks.push(tokio::spawn(crate::tunnel::server::serve(
                 l,
@@ -598,6 +599,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         tunnel: pool,
         upstreams: routes.upstreams(),
         detect_timeout: args.protocol_detect_timeout,
+        idle: args.idle_timeout,
     };
     let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });

@@ -488,14 +488,60 @@ fn strongly_connected<'a>(graph: &BTreeMap<&'a Path, BTreeSet<&'a Path>>) -> Vec
     st.out
 }
 
+/// The only library file that may use `anyhow`: the wiring (layer `run`),
+/// which the binaries' `main` calls. Everything else returns typed errors.
+pub const ANYHOW_ALLOWED: &[&str] = &["run.rs"];
+
+/// Library files (not the binaries) that use `anyhow` outside
+/// [`ANYHOW_ALLOWED`], or return a bare `Result<_, String>`.
+pub fn untyped_errors(src: &Path, allowed: &[&str]) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for file in modules(src)?.into_values() {
+        let code = code_only(&std::fs::read_to_string(src.join(&file))?);
+        for (n, line) in code.lines().enumerate() {
+            let name = file.display().to_string();
+            if line.contains("anyhow") && !allowed.contains(&name.as_str()) {
+                out.push(format!("{name}:{}: anyhow in library code: return a thiserror enum of this module", n + 1));
+            }
+            let squeezed: String = line.split_whitespace().collect();
+            if squeezed.contains("Result<") && squeezed.contains(",String>") {
+                let at = squeezed.find("Result<").unwrap_or(0);
+                let rest = &squeezed[at..];
+                // The `String` is the error of this Result, not a type inside its Ok.
+                let mut depth = 0i32;
+                let mut comma_at_top = None;
+                for (i, c) in rest.char_indices() {
+                    match c {
+                        '<' => depth += 1,
+                        '>' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        ',' if depth == 1 => comma_at_top = Some(i),
+                        _ => {}
+                    }
+                }
+                if comma_at_top.is_some_and(|i| rest[i + 1..].starts_with("String>")) {
+                    out.push(format!("{name}:{}: Result<_, String>: return a typed error", n + 1));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The gate: mesh-daemon's library under `root`.
 pub fn check(root: &Path) -> anyhow::Result<()> {
     let src = root.join("mesh-daemon/src");
-    let found = problems(&src, LAYERS)?;
+    let mut found = problems(&src, LAYERS)?;
+    found.extend(untyped_errors(&src, ANYHOW_ALLOWED)?);
     if !found.is_empty() {
         anyhow::bail!(
-            "the daemon's layering is broken ({} problem(s)); move the code to the layer that owns it, or change \
-             LAYERS in xtask/src/layers.rs and docs/architecture.md together:\n{}",
+            "the daemon's structure is broken ({} problem(s)); move the code to the layer that owns it (or change \
+             LAYERS in xtask/src/layers.rs and docs/architecture.md together), and return typed errors:\n{}",
             found.len(),
             found.join("\n")
         );
@@ -521,7 +567,7 @@ pub fn print(root: &Path) -> anyhow::Result<()> {
         }
     }
     check(root)?;
-    println!("layers: no back-edge, no cycle");
+    println!("layers: no back-edge, no cycle, no untyped error in the library");
     Ok(())
 }
 
@@ -606,6 +652,26 @@ mod tests {
         let dir = tree("lexing2", &files);
         let p = problems(&dir, LAYERS).unwrap();
         assert!(p.iter().any(|p| p.contains("makes low (layer 0) use mid")), "{p:?}");
+    }
+
+    #[test]
+    fn anyhow_and_string_errors_in_the_library_fail() {
+        let mut files = base();
+        files[1] = (
+            "low.rs",
+            "fn a() -> Result<u8, String> { Ok(1) }\nfn b() -> Result<Vec<String>, Oops> { todo!() }\n\
+             fn c() -> anyhow::Result<()> { Ok(()) }\n// anyhow in a comment\nconst S: &str = \"Result<(), String>\";",
+        );
+        files.push(("wiring.rs", "fn d() -> anyhow::Result<()> { Ok(()) }"));
+        let dir = tree("errors", &files);
+        let p = untyped_errors(&dir, &["wiring.rs"]).unwrap();
+        assert_eq!(
+            p,
+            [
+                "low.rs:1: Result<_, String>: return a typed error",
+                "low.rs:3: anyhow in library code: return a thiserror enum of this module",
+            ],
+        );
     }
 
     #[test]

@@ -19,7 +19,6 @@
 use std::convert::Infallible;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tracing::info;
 
-use super::{Control, WriteError};
+use super::{Control, StartError, WriteError};
 use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
 
 const MAX_BODY: usize = 16 << 20;
@@ -47,13 +46,11 @@ pub struct Access {
 
 impl Access {
     /// `group`: a group name from the system's group database.
-    pub fn new(group: Option<&str>) -> anyhow::Result<Self> {
+    pub fn new(group: Option<&str>) -> Result<Self, StartError> {
         let Some(name) = group else {
             return Ok(Self::default());
         };
-        let g = nix::unistd::Group::from_name(name)?.ok_or_else(|| {
-            anyhow::anyhow!("--api-group {name}: no such group; create it (groupadd {name}) or drop the flag")
-        })?;
+        let g = nix::unistd::Group::from_name(name)?.ok_or_else(|| StartError::NoGroup(name.to_owned()))?;
         Ok(Self { group: Some((name.to_owned(), g.gid.as_raw(), g.mem)) })
     }
 
@@ -93,7 +90,7 @@ impl Access {
 
 /// Creates the socket's folder (0750), replaces a stale socket, and
 /// listens with mode 0660 (group: the API group).
-pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
+pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, StartError> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
@@ -104,7 +101,7 @@ pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("--api-socket {}: another mesh-daemon is serving there", path.display());
+            return Err(StartError::SocketInUse(path.to_owned()));
         }
         std::fs::remove_file(path)?;
     }
@@ -120,8 +117,14 @@ pub fn bind(path: &Path, access: &Access) -> anyhow::Result<UnixListener> {
 /// Connections the control API serves at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 128;
 
-/// How long a request's body may take to arrive (`--client-header-timeout`).
-static BODY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+/// Why a caller may not use the API (answered 403).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Forbidden {
+    #[error("uid {uid} may not use the mesh API: {who_may}")]
+    NotAllowed { uid: u32, who_may: String },
+    #[error("cannot read the caller's credentials: {0}")]
+    NoCredentials(String),
+}
 
 pub async fn serve(
     listener: UnixListener,
@@ -130,17 +133,15 @@ pub async fn serve(
     header_timeout: Duration,
     drain: Drain,
 ) {
-    BODY_TIMEOUT_MS.store(header_timeout.as_millis() as u64, Ordering::Relaxed);
     let gate = crate::drain::Gate::new("control API", MAX_CONNECTIONS);
     crate::drain::accept_loop(listener, "control API", drain, move |stream, _| {
         let Some(pass) = gate.enter() else { return };
         let allowed = match stream.peer_cred() {
-            Ok(c) => access.allows(c.uid(), c.gid(), c.pid()).then_some(()).ok_or(format!(
-                "uid {} may not use the mesh API: {}",
-                c.uid(),
-                access.who_may()
-            )),
-            Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
+            Ok(c) => access
+                .allows(c.uid(), c.gid(), c.pid())
+                .then_some(())
+                .ok_or_else(|| Forbidden::NotAllowed { uid: c.uid(), who_may: access.who_may() }),
+            Err(e) => Err(Forbidden::NoCredentials(e.to_string())),
         };
         let control = control.clone();
         tokio::spawn(async move {
@@ -152,11 +153,12 @@ pub async fn serve(
 }
 
 /// Serves one API connection; `allowed` is whether its caller may use
-/// the API (the fuzz target of the request handling passes Ok).
+/// the API (the fuzz target of the request handling passes Ok). A
+/// request's head and its body each have `header_timeout` to arrive.
 pub(crate) async fn serve_connection<IO>(
     io: IO,
     control: Arc<Control>,
-    allowed: Result<(), String>,
+    allowed: Result<(), Forbidden>,
     header_timeout: Duration,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -166,8 +168,8 @@ pub(crate) async fn serve_connection<IO>(
         let allowed = allowed.clone();
         async move {
             Ok::<_, Infallible>(match allowed {
-                Ok(()) => handle(req, control).await,
-                Err(msg) => error(StatusCode::FORBIDDEN, &msg),
+                Ok(()) => handle(req, control, header_timeout).await,
+                Err(e) => error(StatusCode::FORBIDDEN, &e.to_string()),
             })
         }
     });
@@ -227,7 +229,7 @@ async fn write(
     }
 }
 
-async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Box<Reply>> {
+async fn body_bytes(req: Request<Incoming>, within: Duration) -> Result<Bytes, Box<Reply>> {
     let too_large = || {
         Box::new(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -238,7 +240,6 @@ async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Box<Reply>> {
     if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
         return Err(too_large());
     }
-    let within = Duration::from_millis(BODY_TIMEOUT_MS.load(Ordering::Relaxed));
     let body = tokio::time::timeout(within, Limited::new(req.into_body(), MAX_BODY).collect()).await.map_err(|_| {
         Box::new(error(
             StatusCode::REQUEST_TIMEOUT,
@@ -256,8 +257,8 @@ fn value_of(bytes: &[u8]) -> Result<Value, Box<Reply>> {
     serde_yaml::from_slice(bytes).map_err(|e| bad(&format!("the body is not valid JSON or YAML: {e}")))
 }
 
-async fn body_value(req: Request<Incoming>) -> Result<Value, Box<Reply>> {
-    value_of(&body_bytes(req).await?)
+async fn body_value(req: Request<Incoming>, within: Duration) -> Result<Value, Box<Reply>> {
+    value_of(&body_bytes(req, within).await?)
 }
 
 /// The body as a `T`: read straight from JSON or YAML (a large state
@@ -359,7 +360,8 @@ async fn put_item<T: Send + 'static>(
     }
 }
 
-async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<Bytes>> {
+/// One request; its body has `body_timeout` to arrive.
+async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Duration) -> Response<Full<Bytes>> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segs: Vec<&str> = path.split('/').skip(1).collect();
     let method = req.method().clone();
@@ -383,7 +385,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
         (&Method::GET, ["v1", "status"]) => {
             let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
                 Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
-                Err(e) => [("error".to_owned(), Value::String(e))].into_iter().collect(),
+                Err(e) => [("error".to_owned(), Value::String(e.to_string()))].into_iter().collect(),
             };
             respond(
                 StatusCode::OK,
@@ -395,7 +397,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                     "services": doc.services.len(),
                     "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
                     "ready": control.readiness().is_ok(),
-                    "notReadyReason": control.readiness().err(),
+                    "notReadyReason": control.readiness().err().map(|e| e.0),
                     "datapath": { "reused_at_start": control.datapath_reused(), "stats": stats },
                 }),
             )
@@ -405,7 +407,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
             respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc }))
         }
         (&Method::PUT, ["v1", "state"]) => {
-            let new: Document = match body_bytes(req).await.and_then(|b| parse_body(&b)) {
+            let new: Document = match body_bytes(req, body_timeout).await.and_then(|b| parse_body(&b)) {
                 Ok(d) => d,
                 Err(r) => return *r,
             };
@@ -421,10 +423,15 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::telemetry::admin::METRICS_TYPE));
             r
         }
-        (&Method::GET, ["v1", "datapath"]) => match control.dump() {
-            Ok(d) => respond(StatusCode::OK, &d),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
-        },
+        (&Method::GET, ["v1", "datapath"]) => {
+            // Walks every map entry: off the async workers.
+            let c = control.clone();
+            match tokio::task::spawn_blocking(move || c.dump()).await {
+                Ok(Ok(d)) => respond(StatusCode::OK, &d),
+                Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("reading the maps failed: {e}")),
+            }
+        }
         (&Method::GET, ["v1", "nodes"]) => respond(StatusCode::OK, &doc.nodes),
         (&Method::GET, ["v1", "nodes", name]) => match doc.nodes.iter().find(|n| n.name == *name) {
             Some(n) => respond(StatusCode::OK, n),
@@ -452,7 +459,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
                 ("workloads" | "services", [ns, name]) => (Some(ns.to_string()), name.to_string()),
                 _ => return error(StatusCode::NOT_FOUND, &format!("no such resource {path}")),
             };
-            let mut v = match body_value(req).await {
+            let mut v = match body_value(req, body_timeout).await {
                 Ok(v) => v,
                 Err(r) => return *r,
             };
@@ -536,7 +543,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Response<Full<
         }
         (&Method::PATCH, ["v1", "services", ns, name, "endpoints", ip]) => {
             let (ns, name, ip) = (ns.to_string(), name.to_string(), ip.to_string());
-            let v = match body_value(req).await {
+            let v = match body_value(req, body_timeout).await {
                 Ok(v) => v,
                 Err(r) => return *r,
             };

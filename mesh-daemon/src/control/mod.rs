@@ -38,6 +38,7 @@ use crate::model::{
     ValidationErrors, View,
 };
 
+use crate::telemetry::admin::NotReady;
 use crate::telemetry::metrics::{EndpointGauges, Live, Metrics, StatsRow, StatsSource};
 
 pub struct ControlConfig {
@@ -71,6 +72,47 @@ pub enum WriteError {
     Stopped,
     #[error("a new mesh-daemon is taking over on this node; nothing was changed: retry in a few seconds")]
     HandingOver,
+}
+
+/// Why the control plane cannot start: each names the input and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] model::ConfigError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writing the maps: {0}")]
+    Maps(DatapathError),
+    #[error("--api-group {0}: no such group; create it (groupadd {0}) or drop the flag")]
+    NoGroup(String),
+    #[error("--api-socket {0}: another mesh-daemon is serving there")]
+    SocketInUse(PathBuf),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sys(#[from] nix::Error),
+}
+
+/// Why the kernel maps cannot be read now.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("the datapath is not attached yet")]
+    NotAttached,
+    #[error(transparent)]
+    Kernel(#[from] DatapathError),
+}
+
+/// Why a step of a handover could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("the daemon's state lock is poisoned")]
+    Poisoned,
+    #[error("the datapath is let go already (shutting down or handing over)")]
+    Released,
+    #[error("the kernel maps could not be written after taking the datapath back: {0}")]
+    Resync(DatapathError),
 }
 
 /// What became of the maps after a failed write.
@@ -260,7 +302,7 @@ impl Prepared {
     /// Syncs the datapath to the state and starts taking writes. On error
     /// the datapath is handed back.
     /// `view` reads the same maps through its own handles.
-    pub fn attach(self, mut datapath: Datapath, view: MapsView) -> Result<Control, Box<(anyhow::Error, Datapath)>> {
+    pub fn attach(self, mut datapath: Datapath, view: MapsView) -> Result<Control, Box<(StartError, Datapath)>> {
         let Prepared { control, current } = self;
         control.slot_capacity.store(datapath.slot_capacity(), Ordering::Relaxed);
         let needs = MapNeeds::of(&current.state, &control.cfg.node, control.cfg.slot_table_size);
@@ -274,7 +316,7 @@ impl Prepared {
         }
         let contents = control.contents(&current);
         if let Err(e) = control.timed_sync(&mut datapath, &contents) {
-            return Err(Box::new((anyhow::anyhow!("writing the maps: {e}"), datapath)));
+            return Err(Box::new((StartError::Maps(e), datapath)));
         }
         control.accepted(&current, None);
         control.reused.store(datapath.reused(), Ordering::Relaxed);
@@ -356,7 +398,7 @@ impl Control {
     /// Restores the saved state, or seeds it from `seed` (a config file)
     /// when nothing was saved, and checks all of it, before anything
     /// touches the kernel.
-    pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> anyhow::Result<Prepared> {
+    pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> Result<Prepared, StartError> {
         let control = Control {
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
@@ -389,7 +431,8 @@ impl Control {
             (None, Some(path)) => {
                 let state = model::load_file(path)?;
                 let text = std::fs::read_to_string(path)?;
-                let doc = model::parse_document(&text).map_err(anyhow::Error::msg)?;
+                let doc = model::parse_document(&text)
+                    .map_err(|e| StartError::Invalid(format!("config {}: {e}", path.display())))?;
                 let ids = Arc::new(model::ServiceIds::default().assign(&state.frontend_keys()));
                 info!(config = %path.display(), "state seeded from the config");
                 (Stored { generation: 1, ids, state: doc }, true)
@@ -400,7 +443,10 @@ impl Control {
             stored.state.shrink(i);
         }
         let state = State::from_document(&stored.state).map_err(|e| {
-            anyhow::anyhow!("state file {} is invalid; it was left as it is:\n{e}", control.store.path().display())
+            StartError::Invalid(format!(
+                "state file {} is invalid; it was left as it is:\n{e}",
+                control.store.path().display()
+            ))
         })?;
         // A state that names nodes must name this one (an empty state waits
         // for its first write).
@@ -410,17 +456,17 @@ impl Control {
                 (Some(p), true) => format!("config {}", p.display()),
                 _ => format!("state file {}", control.store.path().display()),
             };
-            anyhow::bail!(
+            return Err(StartError::Invalid(format!(
                 "--node {}: no such node in {source}; the nodes there are: {}",
                 control.cfg.node,
                 names.join(", ")
-            );
+            )));
         }
         // A restored pod may be gone: skipped with a warning. A seeded config
         // is checked as strictly as an API write.
         let cookies = control.local_cookies(&state, seeded).map_err(|v| match &seed {
-            Some(p) => anyhow::anyhow!("config {}:\n{v}", p.display()),
-            None => anyhow::anyhow!("{v}"),
+            Some(p) => StartError::Invalid(format!("config {}:\n{v}", p.display())),
+            None => StartError::Invalid(v.to_string()),
         })?;
         if seeded {
             control.store.save(&stored)?;
@@ -433,12 +479,14 @@ impl Control {
     /// served instead of a config that says otherwise, say so, and how to
     /// apply the config.
     fn warn_if_config_differs(&self, config: &std::path::Path, saved: &Stored) {
-        let differs =
-            match std::fs::read_to_string(config).map_err(|e| e.to_string()).and_then(|t| model::parse_document(&t)) {
-                Ok(doc) if doc == saved.state => return,
-                Ok(_) => "differs from".to_owned(),
-                Err(e) => format!("cannot be read ({e}) to compare with"),
-            };
+        let differs = match std::fs::read_to_string(config)
+            .map_err(|e| model::Invalid(e.to_string()))
+            .and_then(|t| model::parse_document(&t))
+        {
+            Ok(doc) if doc == saved.state => return,
+            Ok(_) => "differs from".to_owned(),
+            Err(e) => format!("cannot be read ({e}) to compare with"),
+        };
         warn!(
             config = %config.display(),
             state_file = %self.store.path().display(),
@@ -812,33 +860,35 @@ impl Control {
             .collect()
     }
 
-    fn view(&self) -> Result<&MapsView, String> {
-        self.view.get().ok_or_else(|| "the datapath is not attached yet".to_owned())
+    fn view(&self) -> Result<&MapsView, MapsError> {
+        self.view.get().ok_or(MapsError::NotAttached)
     }
 
-    pub fn dump(&self) -> Result<Dump, String> {
-        self.view()?.dump().map_err(|e| e.to_string())
+    /// Every entry of the maps: walks them all, so call it off the async
+    /// workers.
+    pub fn dump(&self) -> Result<Dump, MapsError> {
+        Ok(self.view()?.dump()?)
     }
 
     pub fn datapath_reused(&self) -> bool {
         self.reused.load(Ordering::Relaxed)
     }
 
-    pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, String> {
-        self.view()?.stats().map_err(|e| e.to_string())
+    pub fn kernel_stats(&self) -> Result<Vec<(mesh_common::Stat, u64)>, MapsError> {
+        Ok(self.view()?.stats()?)
     }
 
     /// Ready: the datapath is attached and holds the accepted state.
     /// Otherwise, why not. Takes no lock: a write in progress does not
     /// hold it up.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         if let Some(p) = self.problem.load_full() {
-            return Err((*p).clone());
+            return Err(NotReady((*p).clone()));
         }
         if self.attached.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err("the datapath is not attached".into())
+            Err(NotReady("the datapath is not attached".into()))
         }
     }
 
@@ -846,9 +896,9 @@ impl Control {
     /// [`WriteError::HandingOver`], health changes wait) and drops the
     /// datapath's handles, leaving it attached and pinned for the next
     /// daemon. Returns the state's generation.
-    pub fn suspend(&self) -> Result<u64, String> {
-        let mut inner = self.inner.lock().map_err(|_| "the daemon's state lock is poisoned".to_owned())?;
-        let dp = inner.datapath.take().ok_or("the datapath is let go already (shutting down or handing over)")?;
+    pub fn suspend(&self) -> Result<u64, HandoverError> {
+        let mut inner = self.inner.lock().map_err(|_| HandoverError::Poisoned)?;
+        let dp = inner.datapath.take().ok_or(HandoverError::Released)?;
         inner.synced = None;
         dp.shutdown(false);
         Ok(inner.current.stored.generation)
@@ -856,8 +906,8 @@ impl Control {
 
     /// After a handover that failed: takes the datapath back and writes
     /// the whole state to it (the other daemon may have written it too).
-    pub fn resume(&self, mut dp: Datapath) -> Result<(), String> {
-        let mut inner = self.inner.lock().map_err(|_| "the daemon's state lock is poisoned".to_owned())?;
+    pub fn resume(&self, mut dp: Datapath) -> Result<(), HandoverError> {
+        let mut inner = self.inner.lock().map_err(|_| HandoverError::Poisoned)?;
         let want = self.contents(&inner.current);
         let r = self.timed_sync(&mut dp, &want);
         inner.datapath = Some(dp);
@@ -867,9 +917,9 @@ impl Control {
                 Ok(())
             }
             Err(e) => {
-                let why = format!("the kernel maps could not be written after taking the datapath back: {e}");
-                self.problem.store(Some(Arc::new(why.clone())));
-                Err(why)
+                let e = HandoverError::Resync(e);
+                self.problem.store(Some(Arc::new(e.to_string())));
+                Err(e)
             }
         }
     }

@@ -260,7 +260,12 @@ impl Store {
 }
 
 /// Applies one journal line.
-fn replay(stored: &mut Stored, e: Entry) -> Result<(), String> {
+/// A journal line that does not fit the state it follows.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Mismatch(String);
+
+fn replay(stored: &mut Stored, e: Entry) -> Result<(), Mismatch> {
     let services = &mut stored.state.services;
     // Services replaced where they were (the common write) are put in
     // place, not by moving the ones after them.
@@ -268,20 +273,20 @@ fn replay(stored: &mut Stored, e: Entry) -> Result<(), String> {
     if in_place {
         for (i, s) in e.inserted {
             if i >= services.len() {
-                return Err(format!("replaces service {i} of {}", services.len()));
+                return Err(Mismatch(format!("replaces service {i} of {}", services.len())));
             }
             services[i] = s;
         }
     } else {
         for j in e.removed.iter().rev() {
             if *j >= services.len() {
-                return Err(format!("removes service {j} of {}", services.len()));
+                return Err(Mismatch(format!("removes service {j} of {}", services.len())));
             }
             services.remove(*j);
         }
         for (i, s) in e.inserted {
             if i > services.len() {
-                return Err(format!("puts a service at {i} of {}", services.len()));
+                return Err(Mismatch(format!("puts a service at {i} of {}", services.len())));
             }
             services.insert(i, s);
         }

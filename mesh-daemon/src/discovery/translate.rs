@@ -39,6 +39,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::model::{invalid, Invalid};
 use crate::model::{
     Document, EndpointDoc, HealthCheckDoc, HttpDoc, Name, NodeDoc, OutlierDoc, PortDoc, RateLimitDoc, RetriesDoc,
     ServiceDoc, WorkloadDoc,
@@ -104,10 +105,10 @@ fn http_policy(
     if !HTTP_ANNOTATIONS.iter().any(|k| a.contains_key(*k)) {
         return None;
     }
-    let int = |k: &str| -> Result<Option<i64>, String> {
-        get(k).map(|v| v.parse::<i64>().map_err(|_| format!("{k}: {v:?} is not a whole number"))).transpose()
+    let int = |k: &str| -> Result<Option<i64>, Invalid> {
+        get(k).map(|v| v.parse::<i64>().map_err(|_| invalid!("{k}: {v:?} is not a whole number"))).transpose()
     };
-    let parsed = (|| -> Result<HttpDoc, String> {
+    let parsed = (|| -> Result<HttpDoc, Invalid> {
         let attempts = int("mesh.io/retry-attempts")?;
         let retry_on = get("mesh.io/retry-on").map(|v| v.split(',').map(|s| s.trim().to_owned()).collect::<Vec<_>>());
         let max_body = get("mesh.io/retry-max-body");
@@ -125,11 +126,11 @@ fn http_policy(
                 let rps = v
                     .trim_end_matches("/s")
                     .parse::<f64>()
-                    .map_err(|_| format!("mesh.io/rate-limit: {v:?} is not requests per second (100, or 100/s)"))?;
+                    .map_err(|_| invalid!("mesh.io/rate-limit: {v:?} is not requests per second (100, or 100/s)"))?;
                 let per_identity = match get("mesh.io/rate-limit-per-identity").as_deref() {
                     None | Some("false") => false,
                     Some("true") => true,
-                    Some(o) => return Err(format!("mesh.io/rate-limit-per-identity: {o:?} is not true or false")),
+                    Some(o) => return Err(invalid!("mesh.io/rate-limit-per-identity: {o:?} is not true or false")),
                 };
                 Some(RateLimitDoc { requests_per_second: rps, burst: int("mesh.io/rate-limit-burst")?, per_identity })
             }

@@ -107,14 +107,23 @@ where
     reader
 }
 
+/// Why discovery stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(
+        "--kubernetes: no API server to watch: {0} (in a pod: give it a service account; elsewhere: set KUBECONFIG)"
+    )]
+    NoApiServer(kube::Error),
+    #[error("discovery stopped: {0}")]
+    Stopped(String),
+    #[error("applying the cluster's state panicked: {0}")]
+    Panicked(tokio::task::JoinError),
+}
+
 /// The API server's client: in a pod, from its service account; elsewhere
 /// from KUBECONFIG or ~/.kube/config. Nothing is contacted yet.
-pub async fn connect() -> anyhow::Result<Client> {
-    Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!(
-            "--kubernetes: no API server to watch: {e} (in a pod: give it a service account; elsewhere: set KUBECONFIG)"
-        )
-    })
+pub async fn connect() -> Result<Client, DiscoveryError> {
+    Client::try_default().await.map_err(DiscoveryError::NoApiServer)
 }
 
 /// Follows the cluster until `stop`.
@@ -123,7 +132,7 @@ pub async fn run(
     control: Arc<Control>,
     proc_root: PathBuf,
     stop: crate::drain::Drain,
-) -> anyhow::Result<()> {
+) -> Result<(), DiscoveryError> {
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let stores = Stores {
@@ -142,7 +151,12 @@ pub async fn run(
     result
 }
 
-async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_root: PathBuf) -> anyhow::Result<()> {
+async fn follow(
+    control: &Arc<Control>,
+    stores: &Stores,
+    changed: &Notify,
+    proc_root: PathBuf,
+) -> Result<(), DiscoveryError> {
     info!("waiting for the first list of Services, EndpointSlices, Namespaces and Pods");
     let ready = async {
         stores.services.wait_until_ready().await?;
@@ -150,7 +164,7 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
         stores.namespaces.wait_until_ready().await?;
         stores.pods.wait_until_ready().await
     };
-    ready.await.map_err(|e| anyhow::anyhow!("discovery stopped: {e}"))?;
+    ready.await.map_err(|e| DiscoveryError::Stopped(e.to_string()))?;
     info!("the cluster is listed; following it");
     let mut pass = Pass { pids: PidCache::new(proc_root), skipped: Vec::new(), memo: Memo::default() };
     let mut retry = false;
@@ -171,7 +185,7 @@ async fn follow(control: &Arc<Control>, stores: &Stores, changed: &Notify, proc_
             (ok, pass)
         })
         .await
-        .map_err(|e| anyhow::anyhow!("applying the cluster's state panicked: {e}"))?;
+        .map_err(DiscoveryError::Panicked)?;
         pass = back;
         retry = !ok;
     }

@@ -32,7 +32,25 @@ use super::certs::{request, Ca, CertError, Issued};
 use super::tls::{self, SwapCert};
 use super::watched::Watched;
 use super::Identity;
+use crate::model::Invalid;
 use crate::model::NodeName;
+
+/// What the issuer's files, flags and start-up can get wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("no randomness from the system")]
+    NoRandomness,
+    #[error("{0:?}: give HOST:PORT (e.g. 10.0.0.5:15012 or mesh-issuer.mesh-system.svc:15012)")]
+    Address(String),
+    #[error("--listen {addr}: {source}")]
+    Listen { addr: SocketAddrV4, source: std::io::Error },
+    #[error("the issuer's own certificate: {0}")]
+    Certificate(#[from] CertError),
+    #[error("the issuer's TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
 
 /// Where nodes send CSRs.
 pub const PATH: &str = "/v1/certificates";
@@ -55,18 +73,19 @@ fn sha256_hex(token: &str) -> String {
 }
 
 impl Credentials {
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, IssuerError> {
+        let file = |message: String| IssuerError::File { path: path.to_owned(), message };
         match std::fs::read_to_string(path) {
-            Ok(t) => Self::parse(path, Some(&t)),
+            Ok(t) => Self::parse(path, Some(&t)).map_err(|e| file(e.0)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(file(e.to_string())),
         }
     }
 
     /// The credentials in `text`; none when the file is missing (`None`).
-    pub fn parse(path: &Path, text: Option<&str>) -> Result<Self, String> {
+    pub fn parse(_: &Path, text: Option<&str>) -> Result<Self, Invalid> {
         match text {
-            Some(t) => serde_json::from_str(t).map_err(|e| format!("{}: {e}", path.display())),
+            Some(t) => serde_json::from_str(t).map_err(|e| Invalid(e.to_string())),
             None => Ok(Self::default()),
         }
     }
@@ -82,15 +101,16 @@ impl Credentials {
 
     /// Makes a new token for `node` (replacing any it had), records its
     /// hash in `path`, and returns the token.
-    pub fn bootstrap(path: &Path, node: &NodeName) -> Result<String, String> {
+    pub fn bootstrap(path: &Path, node: &NodeName) -> Result<String, IssuerError> {
         let mut c = Self::load(path)?;
         let mut raw = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-            .map_err(|_| "no randomness from the system".to_owned())?;
+            .map_err(|_| IssuerError::NoRandomness)?;
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         c.nodes.insert(node.to_string(), sha256_hex(&token));
-        let text = serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = |message: String| IssuerError::File { path: path.to_owned(), message };
+        let text = serde_json::to_string_pretty(&c).map_err(|e| file(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| file(e.to_string()))?;
         Ok(token)
     }
 }
@@ -146,9 +166,10 @@ impl Authority {
         Authority::Tokens {
             credentials: Watched::new(credentials, Credentials::parse),
             state: Watched::new(state, |path, text| {
-                let text = text.ok_or_else(|| "no such file".to_owned())?;
+                let text = text.ok_or_else(|| Invalid::from("no such file"))?;
                 let doc = crate::model::parse_document(text)?;
-                let s = crate::model::State::from_document(&doc).map_err(|e| format!("{}: {e}", path.display()))?;
+                let s = crate::model::State::from_document(&doc)
+                    .map_err(|e| Invalid(format!("{}: {e}", path.display())))?;
                 let mut placed = Placement::new();
                 for w in &s.workloads {
                     placed
@@ -336,16 +357,17 @@ impl Issuer {
 
 /// Serves CSRs until the process ends. Its own TLS certificate (the
 /// issuer identity) comes from the CA it holds and is renewed in place.
-pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
+pub async fn serve(cfg: IssuerConfig) -> Result<(), IssuerError> {
     let me = identity(&cfg.trust_domain);
     let own = cfg.ca.issue(&me, cfg.lifetime, 1)?;
-    let swap = SwapCert::new(tls::certified(&own).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let swap = SwapCert::new(tls::certified(&own)?);
     let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_cert_resolver(swap.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|source| IssuerError::Listen { addr: cfg.listen, source })?;
     info!(listen = %cfg.listen, identity = %me, "issuer listening");
     let issuer = Arc::new(Issuer {
         cfg,
@@ -389,8 +411,8 @@ pub async fn serve(cfg: IssuerConfig) -> anyhow::Result<()> {
 
 /// An issuer's address as flags take it: `HOST:PORT`, the host an IPv4
 /// address or a DNS name (a Kubernetes Service's).
-pub fn host_port(s: &str) -> Result<String, String> {
-    let bad = || format!("{s:?}: give HOST:PORT (e.g. 10.0.0.5:15012 or mesh-issuer.mesh-system.svc:15012)");
+pub fn host_port(s: &str) -> Result<String, IssuerError> {
+    let bad = || IssuerError::Address(s.to_owned());
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let host_ok = !host.is_empty()
         && host.len() <= 253
@@ -563,10 +585,10 @@ mod tests {
     #[test]
     fn an_issuer_address_is_a_host_and_a_port() {
         for ok in ["10.0.0.5:15012", "mesh-issuer.mesh-system.svc:15012", "localhost:1"] {
-            assert_eq!(host_port(ok).as_deref(), Ok(ok));
+            assert_eq!(host_port(ok).unwrap(), ok);
         }
         for bad in ["10.0.0.5", ":15012", "host:0", "host:99999", "a b:1", "[::1]:15012"] {
-            assert!(host_port(bad).unwrap_err().contains("give HOST:PORT"), "{bad}");
+            assert!(host_port(bad).unwrap_err().to_string().contains("give HOST:PORT"), "{bad}");
         }
     }
 

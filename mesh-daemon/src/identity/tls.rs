@@ -15,7 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
-use super::certs::Issued;
+use super::certs::{CertError, Issued};
 use super::Identity;
 
 pub const ALPN_H2: &[u8] = b"h2";
@@ -25,16 +25,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The CA certificates of a PEM trust bundle.
-pub fn trust_bundle(path: &Path) -> Result<Arc<RootCertStore>, String> {
+pub fn trust_bundle(path: &Path) -> Result<Arc<RootCertStore>, CertError> {
     use rustls::pki_types::pem::PemObject;
+    let file = |message: String| CertError::File { path: path.display().to_string(), message };
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e:?}", path.display()))?;
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| file(format!("{e:?}")))?;
     for c in certs {
-        let c = c.map_err(|e| format!("{}: {e:?}", path.display()))?;
-        roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        let c = c.map_err(|e| file(format!("{e:?}")))?;
+        roots.add(c).map_err(|e| file(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(format!("{}: no certificate in the trust bundle", path.display()));
+        return Err(file("no certificate in the trust bundle".into()));
     }
     Ok(Arc::new(roots))
 }
@@ -84,11 +85,19 @@ impl ResolvesClientCert for SwapCert {
 
 /// The tunnel server: presents the node certificate, requires a client
 /// certificate that chains to the bundle.
-pub fn server_config(cert: Arc<SwapCert>, roots: Arc<RootCertStore>) -> Result<ServerConfig, String> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build().map_err(|e| e.to_string())?;
+/// Why a rustls configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("the client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+pub fn server_config(cert: Arc<SwapCert>, roots: Arc<RootCertStore>) -> Result<ServerConfig, TlsConfigError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
     let mut c = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -101,11 +110,10 @@ pub fn client_config(
     cert: Arc<SwapCert>,
     roots: Arc<RootCertStore>,
     expected: Identity,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsConfigError> {
     let verifier = Arc::new(SpiffeServerVerifier { roots, expected, provider: provider() });
     let mut c = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(cert);

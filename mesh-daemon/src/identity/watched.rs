@@ -11,6 +11,8 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 
+use crate::model::Invalid;
+
 /// Why a watched file cannot be had.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -26,7 +28,7 @@ enum Stamp {
     Present { len: u64, modified: Option<SystemTime>, inode: u64, changed_ns: i64 },
 }
 
-type Parse<T> = fn(&Path, Option<&str>) -> Result<T, String>;
+type Parse<T> = fn(&Path, Option<&str>) -> Result<T, Invalid>;
 
 /// A parsed file, current as of the last [`Watched::get`].
 pub struct Watched<T> {
@@ -73,11 +75,11 @@ impl<T: Send + Sync + 'static> Watched<T> {
         let parsed = tokio::task::spawn_blocking(move || match std::fs::read_to_string(&path) {
             Ok(text) => parse(&path, Some(&text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => parse(&path, None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Invalid(e.to_string())),
         })
         .await
         .map_err(|e| err(e.to_string()))?
-        .map_err(err)?;
+        .map_err(|e| err(e.0))?;
         self.loads.fetch_add(1, Ordering::Relaxed);
         let parsed = Arc::new(parsed);
         self.current.store(Some(Arc::new((stamp, parsed.clone()))));
@@ -89,10 +91,10 @@ impl<T: Send + Sync + 'static> Watched<T> {
 mod tests {
     use super::*;
 
-    fn lines(_: &Path, text: Option<&str>) -> Result<Vec<String>, String> {
+    fn lines(_: &Path, text: Option<&str>) -> Result<Vec<String>, Invalid> {
         match text {
             None => Ok(Vec::new()),
-            Some(t) if t.contains("bad") => Err("a bad line".into()),
+            Some(t) if t.contains("bad") => Err(Invalid::from("a bad line")),
             Some(t) => Ok(t.lines().map(str::to_owned).collect()),
         }
     }

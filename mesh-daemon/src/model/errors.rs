@@ -2,6 +2,30 @@
 
 use std::fmt;
 
+/// Why one value is not valid: the message of a [`FieldError`], which
+/// adds where the value is. Says what would fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// `invalid!("{x} is not ...")`: an [`Invalid`] with a formatted message.
+macro_rules! invalid {
+    ($($t:tt)*) => { $crate::model::Invalid(format!($($t)*)) };
+}
+pub(crate) use invalid;
+
+impl From<String> for Invalid {
+    fn from(s: String) -> Self {
+        Invalid(s)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(s: &str) -> Self {
+        Invalid(s.to_owned())
+    }
+}
+
 /// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -41,7 +65,7 @@ impl Errors {
     /// Keeps the value of `r`, or records its error under `path`. The
     /// path is made only on error: a valid state of 100 000 endpoints
     /// formats none.
-    pub(super) fn take<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
-        r.map_err(|m| self.push(path(), m)).ok()
+    pub(super) fn take<T>(&mut self, path: impl FnOnce() -> String, r: Result<T, Invalid>) -> Option<T> {
+        r.map_err(|m| self.push(path(), m.0)).ok()
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::document::{BudgetDoc, HttpDoc, OutlierDoc, RateLimitDoc, RetriesDoc};
-use super::errors::Errors;
+use super::errors::{invalid, Errors, Invalid};
 use super::parse_duration;
 use super::ServicePort;
 
@@ -166,7 +166,7 @@ pub struct RateLimit {
 }
 
 /// `64KiB`, `1MiB`, `512` (bytes).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, Invalid> {
     let t = s.trim();
     let (num, mult) = [("KiB", 1u64 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1), ("", 1)]
         .into_iter()
@@ -175,13 +175,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size: use bytes, or a number with KiB or MiB (64KiB)"))
+        .ok_or_else(|| invalid!("{s:?} is not a size: use bytes, or a number with KiB or MiB (64KiB)"))
 }
 
-fn duration_in(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+fn duration_in(s: &str, min: Duration, max: Duration) -> Result<Duration, Invalid> {
     let d = parse_duration(s)?;
     if d < min || d > max {
-        return Err(format!("{s} is not between {min:?} and {max:?}"));
+        return Err(invalid!("{s} is not between {min:?} and {max:?}"));
     }
     Ok(d)
 }
@@ -305,7 +305,7 @@ fn retries(e: &mut Errors, p: &str, doc: &RetriesDoc, grpc: bool) -> Option<Retr
         || format!("{p}.attempts"),
         match doc.attempts.unwrap_or(2) {
             a @ 0..=10 => Ok(a as u32),
-            a => Err(format!("{a} is not in 0..10")),
+            a => Err(invalid!("{a} is not in 0..10")),
         },
     );
     let budget = budget(e, &format!("{p}.budget"), doc.budget.as_ref());
@@ -318,7 +318,7 @@ fn retries(e: &mut Errors, p: &str, doc: &RetriesDoc, grpc: bool) -> Option<Retr
             .enumerate()
             .filter_map(|(i, name)| {
                 let r = hyper::Method::from_bytes(name.to_ascii_uppercase().as_bytes())
-                    .map_err(|_| format!("{name:?} is not an HTTP method"));
+                    .map_err(|_| invalid!("{name:?} is not an HTTP method"));
                 e.take(|| format!("{p}.methods[{i}]"), r)
             })
             .collect()
@@ -333,14 +333,14 @@ fn budget(e: &mut Errors, p: &str, doc: Option<&BudgetDoc>) -> Option<Budget> {
         || format!("{p}.ratio"),
         match doc.ratio.unwrap_or(d.ratio) {
             r if (0.0..=1.0).contains(&r) => Ok(r),
-            r => Err(format!("{r} is not between 0 and 1 (retries per request)")),
+            r => Err(invalid!("{r} is not between 0 and 1 (retries per request)")),
         },
     );
     let min = e.take(
         || format!("{p}.minPerSecond"),
         match doc.min_per_second.unwrap_or(i64::from(d.min_per_second)) {
             m @ 0..=100_000 => Ok(m as u32),
-            m => Err(format!("{m} is not in 0..100000")),
+            m => Err(invalid!("{m} is not in 0..100000")),
         },
     );
     let window = match &doc.window {
@@ -357,14 +357,14 @@ fn outlier(e: &mut Errors, p: &str, doc: Option<&OutlierDoc>) -> Option<Outlier>
         || format!("{p}.consecutive5xx"),
         match doc.consecutive5xx.unwrap_or(i64::from(d.consecutive_failures)) {
             n @ 0..=1000 => Ok(n as u32),
-            n => Err(format!("{n} is not in 0..1000 (0 turns ejection by answers off)")),
+            n => Err(invalid!("{n} is not in 0..1000 (0 turns ejection by answers off)")),
         },
     );
     let pct = e.take(
         || format!("{p}.maxEjectedPercent"),
         match doc.max_ejected_percent.unwrap_or(i64::from(d.max_ejected_percent)) {
             n @ 0..=100 => Ok(n as u32),
-            n => Err(format!("{n} is not a percentage (0..100)")),
+            n => Err(invalid!("{n} is not a percentage (0..100)")),
         },
     );
     Some(Outlier { consecutive_failures: n?, max_ejected_percent: pct? })
@@ -375,7 +375,7 @@ fn rate_limit(e: &mut Errors, p: &str, doc: &RateLimitDoc) -> Option<RateLimit> 
         || format!("{p}.requestsPerSecond"),
         match doc.requests_per_second {
             r if r > 0.0 && r <= 10_000_000.0 => Ok(r),
-            r => Err(format!("{r} is not a rate above 0")),
+            r => Err(invalid!("{r} is not a rate above 0")),
         },
     );
     let burst = e.take(
@@ -383,7 +383,7 @@ fn rate_limit(e: &mut Errors, p: &str, doc: &RateLimitDoc) -> Option<RateLimit> 
         match doc.burst {
             None => Ok(rps.unwrap_or(1.0).ceil().max(1.0) as u32),
             Some(b @ 1..=10_000_000) => Ok(b as u32),
-            Some(b) => Err(format!("{b} is not a burst of at least 1")),
+            Some(b) => Err(invalid!("{b} is not a burst of at least 1")),
         },
     );
     Some(RateLimit { per_second: rps?, burst: burst?, per_identity: doc.per_identity })
@@ -500,9 +500,9 @@ mod tests {
     #[test]
     fn sizes_take_binary_units() {
         assert_eq!(parse_bytes("64KiB"), Ok(65536));
-        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_bytes("512"), Ok(512));
-        assert!(parse_bytes("64kb").unwrap_err().contains("KiB"));
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("512").unwrap(), 512);
+        assert!(parse_bytes("64kb").unwrap_err().0.contains("KiB"));
     }
 
     #[test]

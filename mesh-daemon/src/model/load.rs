@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Document, State, ValidationErrors};
+use super::{Document, Invalid, State, ValidationErrors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -16,14 +16,14 @@ pub enum ConfigError {
 
 /// Parses YAML or JSON; a structural error names the field's path
 /// (`services[0].ports[0]: unknown field `prot``), as serde_yaml reports it.
-pub fn parse_document(text: &str) -> Result<Document, String> {
-    serde_yaml::from_str(text).map_err(|e| e.to_string())
+pub fn parse_document(text: &str) -> Result<Document, Invalid> {
+    serde_yaml::from_str(text).map_err(|e| Invalid(e.to_string()))
 }
 
 /// Reads, parses and validates a config file.
 pub fn load_file(path: &Path) -> Result<State, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let doc = parse_document(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+    let doc = parse_document(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.0 })?;
     State::from_document(&doc).map_err(|errors| ConfigError::Invalid { path: path.to_owned(), errors })
 }
 
@@ -34,12 +34,14 @@ mod tests {
     #[test]
     fn structural_errors_name_the_field() {
         let e = parse_document("services:\n  - name: web\n    vip: 10.0.0.1\n    ports: [{ port: 80, prot: 1 }]\n")
-            .unwrap_err();
+            .unwrap_err()
+            .0;
         assert!(e.starts_with("services[0].ports[0]: unknown field `prot`"), "{e}");
         let e = parse_document(
             "nodes: [{ name: a, address: 1.2.3.4 }]\nservices: [{ name: w, vip: 1.1.1.1, ports: [{port: x}] }]",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .0;
         assert!(e.starts_with("services[0].ports[0].port: invalid type"), "{e}");
     }
 

@@ -26,7 +26,8 @@ pub use document::{
     AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, HttpRouteDoc, NodeDoc, OutlierDoc,
     PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
 };
-pub use errors::{FieldError, ValidationErrors};
+pub(crate) use errors::invalid;
+pub use errors::{FieldError, Invalid, ValidationErrors};
 pub use ids::ServiceIds;
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{parse_duration, Name, NodeName, Port, Weight, INJECT_LABEL};
@@ -177,7 +178,7 @@ pub enum AppProtocol {
 }
 
 impl AppProtocol {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         Ok(match s {
             "tcp" => AppProtocol::Tcp,
             "http" => AppProtocol::Http,
@@ -185,7 +186,7 @@ impl AppProtocol {
             "grpc" => AppProtocol::Grpc,
             "auto" => AppProtocol::Auto,
             other => {
-                return Err(format!(
+                return Err(invalid!(
                     "{other:?} is not an application protocol: use \"tcp\", \"http\", \"http2\", \"grpc\" or \"auto\""
                 ))
             }

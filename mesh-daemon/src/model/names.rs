@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+use super::errors::invalid;
+use super::Invalid;
+
 /// The namespace label that enrolls a namespace's pods in the mesh
 /// (`mesh.io/inject: enabled`): discovery enrolls them, the issuer signs
 /// only for them.
@@ -34,11 +37,11 @@ fn is_label(s: &str) -> bool {
 }
 
 impl Name {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         if is_label(s) {
             Ok(Self(s.to_owned()))
         } else {
-            Err(format!(
+            Err(invalid!(
                 "{s:?} is not a valid name: use 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
             ))
         }
@@ -49,11 +52,11 @@ impl Name {
 }
 
 impl NodeName {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         if !s.is_empty() && s.len() <= 253 && s.split('.').all(is_label) {
             Ok(Self(s.into()))
         } else {
-            Err(format!(
+            Err(invalid!(
                 "{s:?} is not a valid node name: use lowercase letters, digits, '-' and '.', at most 253 characters"
             ))
         }
@@ -87,10 +90,10 @@ impl Weight {
 pub struct Port(pub u16);
 
 impl Port {
-    pub fn parse(v: i64) -> Result<Self, String> {
+    pub fn parse(v: i64) -> Result<Self, Invalid> {
         match u16::try_from(v) {
             Ok(p) if p > 0 => Ok(Port(p)),
-            _ => Err(format!("{v} is not a port: use 1 to 65535")),
+            _ => Err(invalid!("{v} is not a port: use 1 to 65535")),
         }
     }
 }
@@ -102,15 +105,15 @@ impl fmt::Display for Port {
 }
 
 /// A duration written as a number and a unit: `500ms`, `5s`, `1m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, Invalid> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 5s or 1m"))?;
+    let n: u64 = num.parse().map_err(|_| invalid!("{s:?} is not a duration: write e.g. 500ms, 5s or 1m"))?;
     match unit {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration: write e.g. 500ms, 5s or 1m")),
+        _ => Err(invalid!("{s:?} is not a duration: write e.g. 500ms, 5s or 1m")),
     }
 }
 

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::chunked::CHUNK;
-use super::errors::Errors;
+use super::errors::{invalid, Errors};
 use super::*;
 
-fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, Invalid> {
     let d = parse_duration(s)?;
     if d < min || d > max {
-        return Err(format!("{s} is not between {min:?} and {max:?}"));
+        return Err(invalid!("{s} is not between {min:?} and {max:?}"));
     }
     Ok(d)
 }
@@ -65,7 +65,7 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
             || format!("{p}.{field}"),
             match v.unwrap_or(i64::from(default)) {
                 n @ 1..=100 => Ok(n as u32),
-                n => Err(format!("{n} is not in 1..100")),
+                n => Err(invalid!("{n} is not in 1..100")),
             },
         )
     };
@@ -74,8 +74,8 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
     Some(Some(HealthCheck { kind: kind?, interval: interval?, timeout: timeout?, rise: rise?, fall: fall? }))
 }
 
-fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an IPv4 address"))
+fn ipv4(s: &str) -> Result<Ipv4Addr, Invalid> {
+    s.parse().map_err(|_| invalid!("{s:?} is not an IPv4 address"))
 }
 
 /// Counts of what the services of a state hold, for the checks that span
@@ -510,7 +510,7 @@ fn workloads(
                     .ok()
                     .filter(|p| *p > 0)
                     .map(NetnsRef::Pid)
-                    .ok_or_else(|| format!("{pid} is not a process id")),
+                    .ok_or_else(|| invalid!("{pid} is not a process id")),
             ),
             (None, None) => {
                 e.push(p.clone(), "give `netns` (a path) or `pid` to find the pod's network namespace");
@@ -593,15 +593,15 @@ fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeNa
         let weight = e.take(
             || format!("{}.weight", pp()),
             match ep.weight {
-                w if w < 0 => Err(format!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
-                w if w > Weight::MAX => Err(format!("weight {w} is above the maximum {}", Weight::MAX)),
+                w if w < 0 => Err(invalid!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
+                w if w > Weight::MAX => Err(invalid!("weight {w} is above the maximum {}", Weight::MAX)),
                 w => Ok(Weight(w as u16)),
             },
         );
         let priority = e.take(
             || format!("{}.priority", pp()),
             u8::try_from(ep.priority)
-                .map_err(|_| format!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
+                .map_err(|_| invalid!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
         );
         if let (Some(ip), Some(node), Some(weight), Some(priority)) = (ip, node, weight, priority) {
             endpoints.push(Endpoint { ip, node, weight, priority });
@@ -638,7 +638,7 @@ fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeNa
             .iter()
             .enumerate()
             .filter_map(|(j, id)| {
-                let r = Identity::parse(id).map_err(|x| x.to_string());
+                let r = Identity::parse(id).map_err(|x| Invalid(x.to_string()));
                 e.take(|| format!("{p}.authorization.identities[{j}]"), r)
             })
             .collect();
@@ -654,7 +654,7 @@ fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeNa
         || format!("{p}.retries"),
         match s.retries.unwrap_or(3) {
             r @ 0..=10 => Ok(r as u32),
-            r => Err(format!("{r} retries are not in 0..10")),
+            r => Err(invalid!("{r} retries are not in 0..10")),
         },
     );
     let http = super::http::validate(e, &p, s.http.as_ref(), &ports);

@@ -43,13 +43,16 @@ pub struct Outbound {
     pub detect_timeout: Duration,
     /// Spans of sampled requests.
     pub spans: Arc<Spans>,
+    /// A connection that moves no byte either way this long is closed
+    /// (`--idle-timeout`).
+    pub idle: Duration,
 }
 
 impl Outbound {
     /// Accepts until the drain starts; each forwarded connection holds a
     /// drain guard until it closes.
     pub async fn run(self, drain: Drain) {
-        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans } = self;
+        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans, idle } = self;
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
@@ -80,11 +83,11 @@ impl Outbound {
                 };
                 match proto {
                     AppProtocol::Tcp | AppProtocol::Auto => {
-                        forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref()).await
+                        forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref(), idle).await
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters, spans);
+                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters, spans, idle);
                         http::serve(client, Arc::new(conn), drain).await
                     }
                 }
@@ -143,6 +146,7 @@ async fn forward(
     route: &Route,
     counters: &ProxyCounters,
     tunnel: Option<&Pool>,
+    idle: Duration,
 ) {
     let src = source.map_or("unknown", |w| w.name.as_str());
     let started = Instant::now();
@@ -198,7 +202,7 @@ async fn forward(
     counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let mut upstream = upstream;
-    let Transfer { up, down, error } = relay::relay(&mut client, &mut upstream).await;
+    let Transfer { up, down, error } = relay::relay(&mut client, &mut upstream, idle).await;
     counters.active.dec();
     counters.bytes_to_endpoint.inc_by(up);
     counters.bytes_to_client.inc_by(down);
@@ -342,6 +346,7 @@ mod tests {
             counters: tunnel.clone(),
             drain: drain.clone(),
             spans: Arc::new(crate::telemetry::otlp::Spans::disabled()),
+            idle: Duration::from_secs(3600),
         });
         let server = certs(&dir, "b");
         let cfg = tls::server_config(server.node_cert(), server.roots.clone()).unwrap();

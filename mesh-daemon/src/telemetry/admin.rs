@@ -12,10 +12,15 @@ use http_body_util::Full;
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+/// Why the daemon is not ready: `/ready` answers 503 with it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub String);
+
 /// What the admin endpoint reads; implemented by the running daemon.
 pub trait AdminSource: Send + Sync + 'static {
     /// Ok when ready; otherwise why not (`/ready` answers 503 with it).
-    fn readiness(&self) -> Result<(), String>;
+    fn readiness(&self) -> Result<(), NotReady>;
     /// `/stats` as JSON.
     fn stats_json(&self) -> serde_json::Value;
     /// `/metrics` in the Prometheus text format.

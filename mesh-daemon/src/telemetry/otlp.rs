@@ -139,7 +139,7 @@ impl Exporter {
                 failed => {
                     self.dropped.inc_by(n);
                     let why = match failed {
-                        Ok(Err(e)) => e,
+                        Ok(Err(e)) => e.to_string(),
                         _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
                     };
                     // At most one line a minute while the collector is away.
@@ -152,7 +152,7 @@ impl Exporter {
         }
     }
 
-    async fn export(&self, batch: Vec<SpanRecord>) -> Result<(), String> {
+    async fn export(&self, batch: Vec<SpanRecord>) -> Result<(), ExportError> {
         let msg = request(&self.node, batch).encode_to_vec();
         let base = self.endpoint.to_string();
         let base = base.trim_end_matches('/');
@@ -169,27 +169,40 @@ impl Exporter {
         };
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri.parse().map_err(|e| format!("{uri}: {e}"))?;
+        *req.uri_mut() = uri.parse().map_err(|e| ExportError::Uri(format!("{uri}: {e}")))?;
         req.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
         if self.protocol == OtlpProtocol::Grpc {
             req.headers_mut().insert(hyper::header::TE, hyper::header::HeaderValue::from_static("trailers"));
         }
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| ExportError::Send(e.to_string()))?;
         let status = resp.status();
         let head_grpc = resp.headers().get("grpc-status").cloned();
-        let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        let collected = resp.into_body().collect().await.map_err(|e| ExportError::Send(e.to_string()))?;
         if status != StatusCode::OK {
-            return Err(format!("the collector answered {status}"));
+            return Err(ExportError::Status(status));
         }
         if self.protocol == OtlpProtocol::Grpc {
             let code = head_grpc.or_else(|| collected.trailers().and_then(|t| t.get("grpc-status").cloned()));
             match code.as_ref().and_then(|c| c.to_str().ok()) {
                 Some("0") => {}
-                other => return Err(format!("the collector answered gRPC status {}", other.unwrap_or("none"))),
+                other => return Err(ExportError::Grpc(other.unwrap_or("none").to_owned())),
             }
         }
         Ok(())
     }
+}
+
+/// Why a batch of spans did not reach the collector.
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("not a URI: {0}")]
+    Uri(String),
+    #[error("sending to the collector: {0}")]
+    Send(String),
+    #[error("the collector answered {0}")]
+    Status(StatusCode),
+    #[error("the collector answered gRPC status {0}")]
+    Grpc(String),
 }
 
 fn nanos(t: SystemTime) -> u64 {

@@ -202,7 +202,7 @@ impl Pool {
     ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let expected = Identity::node(&self.certs.trust_domain, node);
         let cert_err = |message: String| TunnelError::Certificate { identity: source.clone(), message };
-        let cfg = tls::client_config(cert, self.certs.roots.clone(), expected).map_err(cert_err)?;
+        let cfg = tls::client_config(cert, self.certs.roots.clone(), expected).map_err(|e| cert_err(e.to_string()))?;
         let (node_name, addr) = (node.clone(), node_addr);
         let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(node_addr))
             .await

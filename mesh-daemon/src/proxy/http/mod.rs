@@ -66,6 +66,9 @@ pub struct Conn {
     /// The pooling client of each endpoint of `route`, found once per
     /// client connection, not per request.
     clients: Vec<OnceLock<Client<Connector, Body>>>,
+    /// Closes an HTTP/2 client connection, or an upgraded one, that moves
+    /// nothing this long (`--idle-timeout`).
+    pub idle: Duration,
 }
 
 impl Conn {
@@ -79,10 +82,11 @@ impl Conn {
         proto: AppProtocol,
         counters: Arc<ProxyCounters>,
         spans: Arc<Spans>,
+        idle: Duration,
     ) -> Self {
         let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
-        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients }
+        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients, idle }
     }
 
     /// The pooling client for endpoint `i` (`ep`) of the route.
@@ -102,7 +106,7 @@ impl Conn {
 /// the idle timeout (`--idle-timeout`, as relays) gets a GOAWAY and is
 /// closed.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
-    let http2 = conn.http2;
+    let (http2, idle) = (conn.http2, conn.idle);
     let counters = conn.counters.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -112,7 +116,6 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
         let (io, activity) = Watched::new(stream);
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_concurrent_streams(1024);
-        let idle = crate::relay::idle_timeout();
         match drain
             .serve_until_idle(b.serve_connection(TokioIo::new(io), svc), |c| c.graceful_shutdown(), activity.idle(idle))
             .await
@@ -337,7 +340,7 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
         }
     };
     let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout, None);
-    match upgrade::forward(req, dial, connector).await {
+    match upgrade::forward(req, dial, connector, conn.idle).await {
         Ok(resp) => {
             ep.state.connected(started.elapsed(), Instant::now());
             let (head, body) = resp.into_parts();

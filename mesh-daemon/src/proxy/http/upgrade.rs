@@ -7,6 +7,7 @@ use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::time::Duration;
 use tower_service::Service;
 use tracing::{debug, warn};
 
@@ -47,6 +48,7 @@ pub async fn forward(
     mut req: Request<Incoming>,
     dial: Dial,
     mut connector: Connector,
+    idle: Duration,
 ) -> Result<Response<Incoming>, UpgradeError> {
     let client_side = hyper::upgrade::on(&mut req);
     let io = connector.call(req.uri().clone()).await?;
@@ -66,7 +68,7 @@ pub async fn forward(
             match (client_side.await, upstream_side.await) {
                 (Ok(c), Ok(u)) => {
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    let t = relay(&mut c, &mut u).await;
+                    let t = relay(&mut c, &mut u, idle).await;
                     debug!(endpoint = %target, up = t.up, down = t.down, "upgraded connection closed");
                 }
                 (c, u) => warn!(endpoint = %target, client = ?c.err(), upstream = ?u.err(), "upgrade failed"),

@@ -32,6 +32,9 @@ pub struct InboundHandler {
     pub drain: Drain,
     /// Spans of sampled requests.
     pub spans: Arc<crate::telemetry::otlp::Spans>,
+    /// A stream that moves no byte either way this long is closed
+    /// (`--idle-timeout`).
+    pub idle: Duration,
 }
 
 /// A stream let through: the pod's connection and its target.
@@ -108,7 +111,7 @@ impl StreamHandler for InboundHandler {
         }
         let started = Instant::now();
         series.opened.inc();
-        let Transfer { up, down, error } = relay(&mut stream, &mut upstream).await;
+        let Transfer { up, down, error } = relay(&mut stream, &mut upstream, self.idle).await;
         series.closed.inc();
         series.sent.inc_by(up);
         series.received.inc_by(down);
