@@ -155,7 +155,7 @@ impl StreamHandler for Refuser {
     type Upstream = ();
     async fn open(&self, req: &StreamRequest) -> Result<(), Refusal> {
         match req.target.port() {
-            0 => Err(Refusal { status: hyper::StatusCode::FORBIDDEN, reason: Some("policy") }),
+            0 => Err(Refusal::Denied("policy")),
             _ => Ok(()),
         }
     }

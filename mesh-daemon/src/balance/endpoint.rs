@@ -166,8 +166,8 @@ impl EndpointState {
     /// `threshold`-th in a row (0: never) ejects it through the breaker if
     /// `may_eject` (the service's cap on ejected endpoints). A failed probe
     /// ejects it again, for longer.
-    pub fn answered(&self, ok: bool, threshold: u32, may_eject: bool, now: Instant) -> Answered {
-        let unit = fastrand::f64();
+    /// `unit`: a draw uniform in [0, 1) for the penalty's jitter.
+    pub fn answered(&self, ok: bool, threshold: u32, may_eject: bool, now: Instant, unit: f64) -> Answered {
         self.with(|h| {
             if ok {
                 h.failed_answers = 0;
@@ -191,9 +191,9 @@ impl EndpointState {
         self.with(|h| h.ewma.observe(rtt, now));
     }
 
-    /// Records a failure; returns whether it ejected the endpoint.
-    pub fn failed(&self, now: Instant) -> bool {
-        let unit = fastrand::f64();
+    /// Records a failure; returns whether it ejected the endpoint. `unit`:
+    /// a draw uniform in [0, 1) for the penalty's jitter.
+    pub fn failed(&self, now: Instant, unit: f64) -> bool {
         self.with(|h| {
             let was = h.breaker.available(now);
             h.breaker.failure(now, unit);
@@ -270,7 +270,7 @@ mod tests {
     async fn coming_back_healthy_closes_the_breaker() {
         let e = EndpointState::new("10.0.0.1:80".parse().unwrap(), &BalanceConfig::default());
         for _ in 0..3 {
-            e.failed(Instant::now());
+            e.failed(Instant::now(), 0.5);
         }
         assert!(!e.available(Instant::now()));
         e.record_check(false, "refused", 1, 1);

@@ -110,10 +110,11 @@ impl Drop for Checker {
 async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::UnboundedSender<SocketAddrV4>) {
     tokio::time::sleep(check.interval.mul_f64(fastrand::f64())).await;
     loop {
-        let (ok, reason, rtt) = probe(ep.addr, &check).await;
-        if let Some(rtt) = rtt {
+        let p = probe(ep.addr, &check).await;
+        if let Some(rtt) = p.connect_time {
             ep.observe_rtt(rtt, tokio::time::Instant::now());
         }
+        let (ok, reason) = (p.passed(), p.seen());
         if ep.record_check(ok, &reason, check.rise, check.fall) {
             info!(endpoint = %ep.addr, healthy = ok, reason, "endpoint health changed");
             let _ = changed.send(ep.addr);
@@ -122,15 +123,68 @@ async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::Unbounde
     }
 }
 
-/// One check: (passed, what was seen, the connect time when it connected).
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> (bool, String, Option<std::time::Duration>) {
-    let mut connect_time = None;
-    match tokio::time::timeout(check.timeout, attempt(addr, &check.kind, &mut connect_time)).await {
-        Ok((ok, why)) => (ok, why, connect_time),
-        Err(_) => {
-            (false, format!("{} check timed out after {:?}", kind_name(&check.kind), check.timeout), connect_time)
+/// What a passing check saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passed {
+    TcpConnected,
+    Http(u16),
+}
+
+impl std::fmt::Display for Passed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Passed::TcpConnected => f.write_str("tcp connect ok"),
+            Passed::Http(c) => write!(f, "http {c}"),
         }
     }
+}
+
+/// Why a check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckFailed {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("http write: {0}")]
+    Write(String),
+    #[error("http read: {0}")]
+    Read(String),
+    #[error("http {status} from GET {path}")]
+    Status { status: u16, path: String },
+    #[error("no HTTP status line from GET {path}: {line:?}")]
+    NoStatusLine { path: String, line: String },
+    #[error("{kind} check timed out after {after:?}")]
+    Timeout { kind: &'static str, after: std::time::Duration },
+}
+
+/// One check: what it saw, and the connect time when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub result: Result<Passed, CheckFailed>,
+    pub connect_time: Option<std::time::Duration>,
+}
+
+impl Probe {
+    pub fn passed(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    /// What was seen, as the endpoint's last check reason.
+    pub fn seen(&self) -> String {
+        match &self.result {
+            Ok(p) => p.to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// One check of `addr`.
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Probe {
+    let mut connect_time = None;
+    let result = match tokio::time::timeout(check.timeout, attempt(addr, &check.kind, &mut connect_time)).await {
+        Ok(r) => r,
+        Err(_) => Err(CheckFailed::Timeout { kind: kind_name(&check.kind), after: check.timeout }),
+    };
+    Probe { result, connect_time }
 }
 
 fn kind_name(k: &CheckKind) -> &'static str {
@@ -144,35 +198,30 @@ async fn attempt(
     addr: SocketAddrV4,
     kind: &CheckKind,
     connect_time: &mut Option<std::time::Duration>,
-) -> (bool, String) {
+) -> Result<Passed, CheckFailed> {
     let t0 = tokio::time::Instant::now();
-    let mut s = match TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) => return (false, format!("connect: {e}")),
-    };
+    let mut s = TcpStream::connect(addr).await.map_err(|e| CheckFailed::Connect(e.to_string()))?;
     *connect_time = Some(t0.elapsed());
     let CheckKind::Http(path) = kind else {
-        return (true, "tcp connect ok".into());
+        return Ok(Passed::TcpConnected);
     };
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-health\r\nConnection: close\r\n\r\n");
-    if let Err(e) = s.write_all(req.as_bytes()).await {
-        return (false, format!("http write: {e}"));
-    }
+    s.write_all(req.as_bytes()).await.map_err(|e| CheckFailed::Write(e.to_string()))?;
     let mut buf = vec![0u8; 256];
     let mut got = 0;
     while !buf[..got].contains(&b'\n') && got < buf.len() {
         match s.read(&mut buf[got..]).await {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return (false, format!("http read: {e}")),
+            Err(e) => return Err(CheckFailed::Read(e.to_string())),
         }
     }
     let line = String::from_utf8_lossy(&buf[..got]);
     let status = line.lines().next().unwrap_or_default().trim().to_owned();
     match status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
-        Some(c) if (200..300).contains(&c) => (true, format!("http {c}")),
-        Some(c) => (false, format!("http {c} from GET {path}")),
-        None => (false, format!("no HTTP status line from GET {path}: {status:?}")),
+        Some(c) if (200..300).contains(&c) => Ok(Passed::Http(c)),
+        Some(c) => Err(CheckFailed::Status { status: c, path: path.clone() }),
+        None => Err(CheckFailed::NoStatusLine { path: path.clone(), line: status }),
     }
 }
 
@@ -203,20 +252,22 @@ mod tests {
     async fn tcp_and_http_checks_on_real_sockets() {
         let ok = server("200 OK").await;
         let bad = server("503 Service Unavailable").await;
-        let (pass, _, rtt) = probe(ok, &check(CheckKind::Tcp)).await;
-        assert!(pass && rtt.is_some(), "a passing tcp check measures the connect time");
-        let (pass, why, _) = probe(ok, &check(CheckKind::Http("/healthz".into()))).await;
-        assert!(pass && why == "http 200", "{why}");
-        let (pass, why, _) = probe(bad, &check(CheckKind::Http("/healthz".into()))).await;
-        assert!(!pass && why == "http 503 from GET /healthz", "{why}");
+        let p = probe(ok, &check(CheckKind::Tcp)).await;
+        assert!(p.passed() && p.connect_time.is_some(), "a passing tcp check measures the connect time");
+        let p = probe(ok, &check(CheckKind::Http("/healthz".into()))).await;
+        assert_eq!(p.result, Ok(Passed::Http(200)));
+        assert_eq!(p.seen(), "http 200");
+        let p = probe(bad, &check(CheckKind::Http("/healthz".into()))).await;
+        assert_eq!(p.result, Err(CheckFailed::Status { status: 503, path: "/healthz".into() }));
+        assert_eq!(p.seen(), "http 503 from GET /healthz");
         // A port nobody listens on (bound then closed).
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
             a
         };
-        let (pass, why, _) = probe(closed, &check(CheckKind::Tcp)).await;
-        assert!(!pass && why.starts_with("connect:"), "{why}");
+        let p = probe(closed, &check(CheckKind::Tcp)).await;
+        assert!(matches!(p.result, Err(CheckFailed::Connect(_))) && p.seen().starts_with("connect:"), "{p:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -224,8 +275,9 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
         // Accepts (backlog) but never answers the HTTP request.
-        let (pass, why, _) = probe(a, &check(CheckKind::Http("/".into()))).await;
-        assert!(!pass && why == "http check timed out after 500ms", "{why}");
+        let p = probe(a, &check(CheckKind::Http("/".into()))).await;
+        assert_eq!(p.seen(), "http check timed out after 500ms");
+        assert!(!p.passed());
         drop(l);
     }
 }

@@ -66,8 +66,22 @@ impl ConnectError {
     /// do: a refusal by policy, a client without identity, missing
     /// certificates or a malformed request would fail the same anywhere,
     /// and counting them would let one client eject endpoints for all.
+    /// Decided on the error itself, never on its metric label.
     pub fn counts_against_endpoint(&self) -> bool {
-        !matches!(self.reason(), "denied" | "no_identity" | "no_certificates" | "no_endpoint" | "bad_request")
+        match self {
+            ConnectError::Timeout { .. } | ConnectError::Io { .. } => true,
+            ConnectError::Tunnel { source, .. } => match source {
+                TunnelError::ConnectTimeout { .. }
+                | TunnelError::Connect { .. }
+                | TunnelError::Handshake { .. }
+                | TunnelError::Http2 { .. } => true,
+                TunnelError::Certificate { .. } => false,
+                TunnelError::Refused { status, .. } => {
+                    *status != StatusCode::FORBIDDEN && *status != StatusCode::BAD_REQUEST
+                }
+            },
+            ConnectError::NoIdentity { .. } | ConnectError::NoCertificates { .. } | ConnectError::NoEndpoint => false,
+        }
     }
 }
 

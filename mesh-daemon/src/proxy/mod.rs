@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod dial;
+pub mod env;
 pub mod error;
 pub mod http;
 pub mod inbound;

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::access::Record;
 use super::dial::{self, Upstream};
+use super::env::Env;
 use super::error::ConnectError;
 use super::http::{self, upstream::Upstreams};
 use super::tries::Tries;
@@ -46,13 +46,16 @@ pub struct Outbound {
     /// A connection that moves no byte either way this long is closed
     /// (`--idle-timeout`).
     pub idle: Duration,
+    /// The clock and randomness of every decision on this path.
+    pub env: Arc<dyn Env>,
 }
 
 impl Outbound {
     /// Accepts until the drain starts; each forwarded connection holds a
     /// drain guard until it closes.
     pub async fn run(self, drain: Drain) {
-        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans, idle } = self;
+        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans, idle, env } =
+            self;
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
@@ -75,7 +78,7 @@ impl Outbound {
             };
             let source = table.workload(*peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
-            let (upstreams, drain, spans) = (upstreams.clone(), guards.clone(), spans.clone());
+            let (upstreams, drain, spans, env) = (upstreams.clone(), guards.clone(), spans.clone(), env.clone());
             tokio::spawn(async move {
                 let proto = match route.app_protocol {
                     AppProtocol::Auto => http::detect::detect(&client, detect_timeout).await,
@@ -83,11 +86,14 @@ impl Outbound {
                 };
                 match proto {
                     AppProtocol::Tcp | AppProtocol::Auto => {
-                        forward(client, peer, source.as_deref(), &route, &counters, tunnel.as_deref(), idle).await
+                        let path = Path { counters: &counters, tunnel: tunnel.as_deref(), idle, env: &*env };
+                        forward(client, peer, source.as_deref(), &route, path).await
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let conn = http::Conn::new(route, source, peer, upstreams, tunnel, proto, counters, spans, idle);
+                        let conn = http::Conn::new(
+                            route, source, peer, upstreams, tunnel, proto, counters, spans, idle, env,
+                        );
                         http::serve(client, Arc::new(conn), drain).await
                     }
                 }
@@ -109,21 +115,30 @@ async fn open(
     dial::connect(ep.state.addr, dial::via(ep, route), id, (&route.service, None), tunnel, route.connect_timeout).await
 }
 
+/// What a relayed connection's path shares with the others.
+#[derive(Clone, Copy)]
+struct Path<'a> {
+    counters: &'a ProxyCounters,
+    tunnel: Option<&'a Pool>,
+    idle: Duration,
+    env: &'a dyn Env,
+}
+
 /// Connects to an endpoint of `route`, trying others as [`Tries`] allows.
 async fn connect<'r>(
     route: &'r Route,
     source: Option<&Workload>,
-    counters: &ProxyCounters,
-    tunnel: Option<&Pool>,
+    path: Path<'_>,
 ) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
-    let mut tries = Tries::new(route);
+    let (counters, tunnel, env) = (path.counters, path.tunnel, path.env);
+    let mut tries = Tries::new(route, env);
     let mut last = ConnectError::NoEndpoint;
     while let Some((_, ep)) = tries.pick() {
-        let t0 = Instant::now();
+        let t0 = env.now();
         match open(ep, route, source, tunnel).await {
             Ok(s) => {
-                let rtt = t0.elapsed();
-                ep.state.connected(rtt, Instant::now());
+                let rtt = env.now() - t0;
+                ep.state.connected(rtt, env.now());
                 ep.series().connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
             }
@@ -139,17 +154,10 @@ async fn connect<'r>(
     Err(last)
 }
 
-async fn forward(
-    mut client: TcpStream,
-    peer: SocketAddrV4,
-    source: Option<&Workload>,
-    route: &Route,
-    counters: &ProxyCounters,
-    tunnel: Option<&Pool>,
-    idle: Duration,
-) {
+async fn forward(mut client: TcpStream, peer: SocketAddrV4, source: Option<&Workload>, route: &Route, path: Path<'_>) {
+    let (counters, env) = (path.counters, path.env);
     let src = source.map_or("unknown", |w| w.name.as_str());
-    let started = Instant::now();
+    let started = env.now();
     let mut record = Record {
         direction: "outbound",
         source: source.map(|w| w.name.as_str()),
@@ -166,10 +174,10 @@ async fn forward(
         request: None,
     };
     if let Some(limiter) = &route.policy.limiter {
-        if limiter.admit(source.map(|w| &w.identity), crate::telemetry::metrics::clock_secs()).is_err() {
+        if limiter.admit(source.map(|w| &w.identity), env.secs()).is_err() {
             route.series().rate_limited.inc();
             route.series().failed("rate_limited");
-            if limiter.should_log(crate::telemetry::metrics::now_secs()) {
+            if limiter.should_log(env.secs() as u64) {
                 warn!(client = %peer, source = src, service = %route.name, "over the rate limit: connection refused (logged once a second)");
             }
             // A reset, as a refused connection: the client may try again later.
@@ -178,12 +186,12 @@ async fn forward(
             return;
         }
     }
-    let (upstream, ep, rtt) = match connect(route, source, counters, tunnel).await {
+    let (upstream, ep, rtt) = match connect(route, source, path).await {
         Ok(c) => c,
         Err(e) => {
             let outcome = e.reason();
             route.series().failed(outcome);
-            if e.counts_against_endpoint() || outcome == "no_endpoint" {
+            if e.counts_against_endpoint() || matches!(e, ConnectError::NoEndpoint) {
                 counters.connect_failed.inc();
                 warn!(client = %peer, source = src, service = %route.name, error = %e, "no endpoint could be reached; closed");
             } else {
@@ -202,7 +210,7 @@ async fn forward(
     counters.active.inc();
     debug!(client = %peer, source = src, service = %route.name, %endpoint, connect_ms = rtt.as_secs_f64() * 1000.0, "forwarding");
     let mut upstream = upstream;
-    let Transfer { up, down, error } = relay::relay(&mut client, &mut upstream, idle).await;
+    let Transfer { up, down, error } = relay::relay(&mut client, &mut upstream, path.idle).await;
     counters.active.dec();
     counters.bytes_to_endpoint.inc_by(up);
     counters.bytes_to_client.inc_by(down);
@@ -213,7 +221,7 @@ async fn forward(
     route.series().duration.observe(duration.as_secs_f64());
     if let Some(e) = &error {
         counters.io_errors.inc();
-        if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(Instant::now()) {
+        if e.kind() == std::io::ErrorKind::ConnectionReset && ep.state.failed(env.now(), env.unit()) {
             series.ejections.inc();
         }
     }
@@ -238,10 +246,12 @@ mod tests {
     use crate::identity::manager::Certs;
     use crate::identity::{certs::Ca, tls, Identity};
     use crate::model::{parse_document, NodeName, ServiceIds, State};
+    use crate::proxy::env::Live;
     use crate::proxy::inbound::Inbound;
     use crate::proxy::{InboundHandler, Local};
     use crate::telemetry::Metrics;
     use crate::tunnel::TunnelCounters;
+    use tokio::time::Instant;
 
     struct Mesh {
         routes: RouteTable,
@@ -253,6 +263,12 @@ mod tests {
         cut: Arc<std::sync::atomic::AtomicU64>,
         _dir: TempDir,
         _drain: crate::drain::Drain,
+    }
+
+    impl Mesh {
+        fn path(&self) -> Path<'_> {
+            Path { counters: &self.counters, tunnel: Some(&self.pool), idle: Duration::from_secs(3600), env: &Live }
+        }
     }
 
     /// A TCP forwarder to `to` (node b's tunnel): its port, and a counter
@@ -398,7 +414,7 @@ mod tests {
         )
         .await;
         let route = m.routes.route(1).unwrap();
-        let (up, ep, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        let (up, ep, _) = connect(route, Some(&m.source), m.path()).await.unwrap();
         assert_eq!(ep.state.addr, SocketAddrV4::new("127.0.0.2".parse().unwrap(), port));
         assert_eq!(read_all(up).await, "hello from b1");
         assert_eq!((m.counters.retries.get(), m.tunnel.upstream_failures.get()), (1, 1));
@@ -415,13 +431,13 @@ mod tests {
         )
         .await;
         let route = m.routes.route(1).unwrap();
-        let (up, _, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        let (up, _, _) = connect(route, Some(&m.source), m.path()).await.unwrap();
         assert_eq!(read_all(up).await, "hello from b1");
         assert_eq!(m.tunnel.handshakes.get(), 1);
         // The pooled connection is gone, and node a does not know yet: the
         // CONNECT on it fails, and goes once more on a new connection.
         m.cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (up, _, _) = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.unwrap();
+        let (up, _, _) = connect(route, Some(&m.source), m.path()).await.unwrap();
         assert_eq!(read_all(up).await, "hello from b1");
         assert_eq!(m.tunnel.handshakes.get(), 2, "a new tunnel connection");
         assert_eq!((m.counters.retries.get(), m.counters.connect_failed.get()), (0, 0), "no endpoint was blamed");
@@ -439,7 +455,7 @@ mod tests {
         .await;
         let route = m.routes.route(1).unwrap();
         for _ in 0..5 {
-            let e = connect(route, Some(&m.source), &m.counters, Some(&m.pool)).await.err().unwrap();
+            let e = connect(route, Some(&m.source), m.path()).await.err().unwrap();
             assert_eq!(e.reason(), "denied", "{e}");
             assert!(e.to_string().contains("refused with 403 Forbidden (policy)"), "{e}");
             assert!(!e.counts_against_endpoint());
@@ -458,7 +474,7 @@ mod tests {
              \x20  endpoints: [{ip: 127.0.0.5, node: b}]}\n",
         )
         .await;
-        let e = connect(m.routes.route(1).unwrap(), Some(&m.source), &m.counters, Some(&m.pool)).await.err().unwrap();
+        let e = connect(m.routes.route(1).unwrap(), Some(&m.source), m.path()).await.err().unwrap();
         assert_eq!(e.reason(), "denied");
         assert!(e.to_string().contains("(not-local)"), "{e}");
         assert_eq!((m.tunnel.denied_not_local.get(), m.tunnel.streams.get()), (1, 0));
@@ -469,7 +485,7 @@ mod tests {
         let (m, _) =
             mesh(" - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], endpoints: [{ip: 127.0.0.2, node: b}]}\n")
                 .await;
-        let e = connect(m.routes.route(1).unwrap(), None, &m.counters, Some(&m.pool)).await.err().unwrap();
+        let e = connect(m.routes.route(1).unwrap(), None, m.path()).await.err().unwrap();
         assert_eq!(e.reason(), "no_identity");
         assert_eq!(m.tunnel.handshakes.get(), 0, "nothing was sent to node b");
     }

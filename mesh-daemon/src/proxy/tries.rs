@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::env::Env;
 use super::error::ConnectError;
 use super::{Route, RouteEndpoint};
 use crate::balance::backoff::Backoff;
@@ -26,19 +27,21 @@ pub const RETRY_BACKOFF: Backoff =
 /// Feeds a failed try on `ep` to its breaker if the failure is the
 /// endpoint's; else gives back a probe the try claimed, untested. Returns
 /// whether it was the endpoint's.
-pub fn blame(ep: &RouteEndpoint, e: &ConnectError) -> bool {
+pub fn blame(ep: &RouteEndpoint, e: &ConnectError, env: &dyn Env) -> bool {
+    let (now, unit) = (env.now(), env.unit());
     if !e.counts_against_endpoint() {
         ep.state.release_probe();
         return false;
     }
-    if ep.state.failed(Instant::now()) {
+    if ep.state.failed(now, unit) {
         ep.series().ejections.inc();
     }
     true
 }
 
-pub struct Tries<'r> {
+pub struct Tries<'r, 'e> {
     route: &'r Route,
+    env: &'e dyn Env,
     start: Instant,
     /// Every endpoint tried so far, on the stack.
     tried: [SocketAddrV4; MAX_TRIES],
@@ -46,11 +49,12 @@ pub struct Tries<'r> {
     attempt: u32,
 }
 
-impl<'r> Tries<'r> {
-    pub fn new(route: &'r Route) -> Self {
+impl<'r, 'e> Tries<'r, 'e> {
+    pub fn new(route: &'r Route, env: &'e dyn Env) -> Self {
         Self {
             route,
-            start: Instant::now(),
+            env,
+            start: env.now(),
             tried: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); MAX_TRIES],
             n: 0,
             attempt: 0,
@@ -60,7 +64,7 @@ impl<'r> Tries<'r> {
     /// The endpoint for the next try (its index in the route), claiming
     /// the breaker's probe if one is due.
     pub fn pick(&mut self) -> Option<(usize, &'r RouteEndpoint)> {
-        let i = self.route.pick_index(&self.tried[..self.n], Instant::now())?;
+        let i = self.route.pick_index(&self.tried[..self.n], self.env)?;
         let ep = &self.route.endpoints[i];
         if self.n < MAX_TRIES {
             self.tried[self.n] = ep.state.addr;
@@ -78,18 +82,104 @@ impl<'r> Tries<'r> {
     /// Records that the try on `ep` failed with `e`. Returns whether to try
     /// another endpoint; the backoff before it has passed when it returns.
     pub async fn failed(&mut self, ep: &RouteEndpoint, e: &ConnectError, counters: &ProxyCounters) -> bool {
-        if !blame(ep, e) {
-            return false;
-        }
-        let pause = RETRY_BACKOFF.delay(self.attempt, fastrand::f64());
-        if self.attempt >= self.route.retries || self.start.elapsed() + pause >= self.route.retry_budget {
-            return false;
-        }
-        self.attempt += 1;
+        let Some(pause) = self.next(ep, e) else { return false };
         counters.retries.inc();
         self.route.series().retries.inc();
         debug!(service = %self.route.name, error = %e, attempt = self.attempt, "connect failed; trying another endpoint");
         tokio::time::sleep(pause).await;
         true
+    }
+
+    /// The decision of [`Tries::failed`]: blames the endpoint when the
+    /// failure is its own, and then whether another try is left within
+    /// the retries and the route's retry time, and the pause before it.
+    pub fn next(&mut self, ep: &RouteEndpoint, e: &ConnectError) -> Option<Duration> {
+        if !blame(ep, e, self.env) {
+            return None;
+        }
+        let pause = RETRY_BACKOFF.delay(self.attempt, self.env.unit());
+        if self.attempt >= self.route.retries || self.env.now() - self.start + pause >= self.route.retry_budget {
+            return None;
+        }
+        self.attempt += 1;
+        Some(pause)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::NodeName;
+    use crate::proxy::env::Scripted;
+    use crate::proxy::routes::testing::table_with;
+    use crate::telemetry::Metrics;
+
+    const EPS: &str = "   endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}, {ip: 10.0.0.3, node: a}]\n";
+
+    fn refused(ep: &RouteEndpoint) -> ConnectError {
+        ConnectError::Io { addr: ep.state.addr, source: io::Error::from(io::ErrorKind::ConnectionRefused) }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_failure_is_tried_on_another_endpoint_after_a_backoff_until_the_retries_are_used() {
+        let (table, _) = table_with(&format!("   retries: 2\n{EPS}"), &Arc::new(Metrics::new()));
+        let route = table.route(1).unwrap();
+        let env = Scripted::new(&[0.0]);
+        let mut tries = Tries::new(route, &env);
+        let mut seen = Vec::new();
+        let mut pauses = Vec::new();
+        while let Some((_, ep)) = tries.pick() {
+            seen.push(ep.state.addr);
+            match tries.next(ep, &refused(ep)) {
+                Some(p) => pauses.push(p),
+                None => break,
+            }
+        }
+        assert_eq!(pauses, [ms(10), ms(20)], "10 ms doubling, draw 0 cuts nothing");
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 3, "each try on an endpoint not tried yet: {seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_that_is_not_the_endpoints_is_not_retried_and_blames_nothing() {
+        let (table, _) = table_with(&format!("   retries: 2\n{EPS}"), &Arc::new(Metrics::new()));
+        let route = table.route(1).unwrap();
+        let env = Scripted::new(&[0.0]);
+        let mut tries = Tries::new(route, &env);
+        let (_, ep) = tries.pick().unwrap();
+        let e = ConnectError::NoIdentity { addr: ep.state.addr, node: NodeName::parse("b").unwrap() };
+        assert_eq!(tries.next(ep, &e), None);
+        for _ in 0..10 {
+            assert!(!blame(ep, &e, &env));
+        }
+        assert!(ep.state.available(env.now()), "no ejection for a failure that is not the endpoint's");
+        // Five refusals in a row are the endpoint's: it is ejected.
+        for _ in 0..5 {
+            assert!(blame(ep, &refused(ep), &env));
+        }
+        assert!(!ep.state.available(env.now()), "ejected after its own failures");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_try_whose_backoff_would_end_past_the_retry_time() {
+        let (table, _) = table_with(&format!("   retries: 5\n   retryBudget: 100ms\n{EPS}"), &Arc::new(Metrics::new()));
+        let route = table.route(1).unwrap();
+        let env = Scripted::new(&[0.0]);
+        let mut tries = Tries::new(route, &env);
+        let (_, ep) = tries.pick().unwrap();
+        assert_eq!(tries.next(ep, &refused(ep)), Some(ms(10)));
+        tokio::time::advance(ms(79)).await;
+        let (_, ep) = tries.pick().unwrap();
+        assert_eq!(tries.next(ep, &refused(ep)), Some(ms(20)), "79 ms + 20 ms ends before 100 ms");
+        let (_, ep) = tries.pick().unwrap();
+        assert_eq!(tries.next(ep, &refused(ep)), None, "79 ms + 40 ms would pass 100 ms");
     }
 }

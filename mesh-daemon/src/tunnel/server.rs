@@ -39,12 +39,26 @@ pub struct StreamRequest {
     pub from: std::net::IpAddr,
 }
 
-/// Why a CONNECT is not let through: the status and, for a refusal by
-/// policy, the `mesh-deny` reason.
+/// Why a CONNECT is not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: Option<&'static str>,
+pub enum Refusal {
+    /// Refused by the receiving node (403), with the `mesh-deny` reason.
+    Denied(&'static str),
+    /// The target did not take the connection (502).
+    Unreachable,
+    /// The target did not answer the connect in time (504).
+    TimedOut,
+}
+
+impl Refusal {
+    /// The CONNECT's answer.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            Refusal::Unreachable => StatusCode::BAD_GATEWAY,
+            Refusal::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
 }
 
 /// What happens to a stream: decided and connected in [`open`] before
@@ -253,9 +267,9 @@ async fn stream<H: StreamHandler>(
     let request = StreamRequest { peer, target, service, protocol, from };
     let upstream = match handler.open(&request).await {
         Ok(u) => u,
-        Err(Refusal { status: code, reason }) => {
-            let mut r = status(code);
-            if let Some(reason) = reason {
+        Err(refusal) => {
+            let mut r = status(refusal.status());
+            if let Refusal::Denied(reason) = refusal {
                 r.headers_mut().insert(super::DENY_HEADER, hyper::header::HeaderValue::from_static(reason));
             }
             return r;

@@ -12,6 +12,7 @@ pub mod inbound;
 mod observe;
 pub mod policy;
 mod replay;
+pub mod retry;
 pub mod trace;
 mod upgrade;
 pub mod upstream;
@@ -32,7 +33,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use self::observe::{Finished, Observed};
+use self::retry::{NoRetry, Retrying};
 use self::upstream::{Body, ConnectedAt, Connector, Dial, Upstreams};
+use super::env::Env;
 use super::error::ConnectError;
 use super::tries::Tries;
 use super::{Route, RouteEndpoint, Workload};
@@ -69,6 +72,8 @@ pub struct Conn {
     /// Closes an HTTP/2 client connection, or an upgraded one, that moves
     /// nothing this long (`--idle-timeout`).
     pub idle: Duration,
+    /// The clock and randomness of its decisions.
+    pub env: Arc<dyn Env>,
 }
 
 impl Conn {
@@ -83,10 +88,11 @@ impl Conn {
         counters: Arc<ProxyCounters>,
         spans: Arc<Spans>,
         idle: Duration,
+        env: Arc<dyn Env>,
     ) -> Self {
         let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
-        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients, idle }
+        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients, idle, env }
     }
 
     /// The pooling client for endpoint `i` (`ep`) of the route.
@@ -328,21 +334,22 @@ fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError>
 async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Response<Body> {
     let route = &conn.route;
     let finished = Finished::new(conn, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
-    let Some(i) = route.pick_index(&[], Instant::now()) else {
+    let env = &*conn.env;
+    let Some(i) = route.pick_index(&[], env) else {
         return finished.failed("no_endpoint", started, unavailable(false, "no_endpoint"));
     };
     let ep = &route.endpoints[i];
     let dial = match dial(ep, conn) {
         Ok(d) => d,
         Err(e) => {
-            super::tries::blame(ep, &e);
+            super::tries::blame(ep, &e, env);
             return finished.failed(e.reason(), started, unavailable(false, e.reason()));
         }
     };
     let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout, None);
     match upgrade::forward(req, dial, connector, conn.idle).await {
         Ok(resp) => {
-            ep.state.connected(started.elapsed(), Instant::now());
+            ep.state.connected(env.now() - started, env.now());
             let (head, body) = resp.into_parts();
             let observed = Observed::new(body, finished.at(i, &head, started));
             Response::from_parts(head, observed.boxed_unsync())
@@ -350,7 +357,7 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
         Err(e) => {
             let reason = match &e {
                 upgrade::UpgradeError::Connect(c) => {
-                    super::tries::blame(ep, c);
+                    super::tries::blame(ep, c, env);
                     c.reason()
                 }
                 upgrade::UpgradeError::Http(_) => "upstream",
@@ -363,10 +370,10 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
 
 /// A failed answer or a try that ran out of time: counted against `ep`,
 /// which may be ejected through its breaker (see [`Route::may_eject`]).
-fn failed_answer(route: &Route, ep: &RouteEndpoint) {
-    let now = Instant::now();
+fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
+    let now = env.now();
     let threshold = route.policy.cfg.outlier.map_or(0, |o| o.consecutive_failures);
-    if ep.state.answered(false, threshold, route.may_eject(now), now) == Answered::Ejected {
+    if ep.state.answered(false, threshold, route.may_eject(now), now, env.unit()) == Answered::Ejected {
         ep.series().ejections.inc();
         warn!(service = %route.name, endpoint = %ep.state.addr, "failed answers in a row: endpoint ejected");
     }
@@ -383,7 +390,8 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint) {
 ///
 /// Before it, the service's rate limit; over all of it, the timeout.
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
-    let started = Instant::now();
+    let env = &*conn.env;
+    let started = env.now();
     let route = &conn.route;
     if req.version() != Version::HTTP_2 && upgrade::wanted(&req) {
         return upgraded(req, conn, started).await;
@@ -399,7 +407,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let policy = &route.policy;
     if let Some(limiter) = &policy.limiter {
         let identity = conn.source.as_ref().map(|w| &w.identity);
-        if let Err(wait) = limiter.admit(identity, crate::telemetry::metrics::clock_secs()) {
+        if let Err(wait) = limiter.admit(identity, env.secs()) {
             route.series().rate_limited.inc();
             if limiter.should_log(now_secs()) {
                 warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
@@ -414,29 +422,26 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let body = (!hyper::body::Body::is_end_stream(&body))
         .then(|| replay::Replay::new(body.boxed_unsync(), retry.map_or(0, |r| r.max_body)));
     if let Some(b) = &policy.budget {
-        b.deposit(now_secs());
+        b.deposit(env.secs() as u64);
     }
-    let mut tries = Tries::new(route);
+    let mut tries = Tries::new(route, env);
     let mut reason = "no_endpoint";
-    let mut retried = 0u32;
+    let mut retrying = Retrying { policy: retry, deadline, budget: policy.budget.as_ref(), retried: 0 };
     // Whether one more try may repeat this request, after waiting the
-    // backoff (false also when the wait would pass the deadline).
-    let again = |retried: u32| -> Option<Duration> {
-        let r = retry?;
-        if retried >= r.attempts || !body.as_ref().is_none_or(replay::Replay::replayable) {
-            return None;
+    // backoff (None also when the wait would pass the deadline).
+    let again = |retrying: &Retrying| -> Option<Duration> {
+        let replayable = body.as_ref().is_none_or(replay::Replay::replayable);
+        match retrying.again(replayable, env) {
+            Ok(pause) => Some(pause),
+            Err(NoRetry::BudgetSpent) => {
+                route.series().budget_exhausted.inc();
+                None
+            }
+            Err(_) => None,
         }
-        let pause = super::tries::RETRY_BACKOFF.delay(retried, fastrand::f64());
-        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
-            return None;
-        }
-        if !policy.budget.as_ref().is_some_and(|b| b.withdraw(now_secs())) {
-            route.series().budget_exhausted.inc();
-            return None;
-        }
-        Some(pause)
     };
     loop {
+        let retried = retrying.retried;
         let picked = tries.pick().or_else(|| {
             (retried > 0).then(|| {
                 tries.forget_tried();
@@ -447,18 +452,15 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let client = match conn.client(i, ep) {
             Ok(c) => c,
             Err(e) => {
-                super::tries::blame(ep, &e);
+                super::tries::blame(ep, &e, env);
                 warn!(service = %route.name, error = %e, "request refused; not retried");
                 return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
             }
         };
         let b = body.as_ref().map_or_else(empty, replay::Replay::body);
         let in_flight = ep.state.start();
-        let t0 = Instant::now();
-        let until = match (deadline, rules.per_try_timeout.map(|t| t0 + t)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let t0 = env.now();
+        let until = retry::try_deadline(deadline, rules.per_try_timeout, t0);
         let sent = client.request(Request::from_parts(parts.clone(), b));
         let outcome = match until {
             Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
@@ -469,37 +471,37 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             None => {
                 // Out of time: dropping the try cancelled it upstream (a
                 // stream reset, or the connection closed).
-                let waited = t0.elapsed();
-                ep.state.observe_rtt(waited, Instant::now());
-                failed_answer(route, ep);
-                let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                let waited = env.now() - t0;
+                ep.state.observe_rtt(waited, env.now());
+                failed_answer(route, ep, env);
+                let overall = deadline.is_some_and(|d| env.now() >= d);
                 if !overall {
-                    if let Some(pause) = again(retried) {
-                        retried += 1;
+                    if let Some(pause) = again(&retrying) {
+                        retrying.retried += 1;
                         conn.counters.retries.inc();
                         route.series().retries.inc();
                         tokio::time::sleep(pause).await;
                         continue;
                     }
                 }
-                finished.retries = retried;
+                finished.retries = retrying.retried;
                 let after = if overall { timeout.unwrap_or(waited) } else { waited };
                 return finished.failed("timeout", started, timed_out(conn.grpc, after));
             }
             Some(Ok(resp)) => {
                 // From the send, or from the connect if this request waited for one.
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
-                let latency = since.elapsed();
-                ep.state.observe_rtt(latency, Instant::now());
+                let latency = env.now() - since;
+                ep.state.observe_rtt(latency, env.now());
                 route.series().response_latency.observe(latency.as_secs_f64());
                 ep.series().latency.observe(latency);
                 if retry.is_some_and(|r| retried_answer(r, &resp, conn.grpc)) {
-                    if let Some(pause) = again(retried) {
+                    if let Some(pause) = again(&retrying) {
                         // Dropping the answer resets its stream, or closes
                         // its connection if its body was not read.
                         drop(resp);
-                        failed_answer(route, ep);
-                        retried += 1;
+                        failed_answer(route, ep, env);
+                        retrying.retried += 1;
                         conn.counters.retries.inc();
                         route.series().retries.inc();
                         tokio::time::sleep(pause).await;
@@ -508,7 +510,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 }
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
-                finished.retries = retried;
+                finished.retries = retrying.retried;
                 let observed = Observed::new(body, finished.at(i, &head, started));
                 return Response::from_parts(head, observed.boxed_unsync());
             }
@@ -516,16 +518,16 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 let Some(c) = connect_error(&e) else {
                     // The endpoint took the request and then failed it.
                     warn!(service = %route.name, endpoint = %ep.state.addr, error = %chain(&e), "upstream request failed");
-                    failed_answer(route, ep);
+                    failed_answer(route, ep, env);
                     let r =
                         answer(conn.grpc, StatusCode::BAD_GATEWAY, 14, "upstream", "the endpoint failed the request");
-                    finished.retries = retried;
+                    finished.retries = retrying.retried;
                     return finished.failed("upstream", started, r);
                 };
                 reason = c.reason();
                 if body.as_ref().is_some_and(|b| !b.replayable()) {
                     // Part of the body went with this try: it cannot go again.
-                    super::tries::blame(ep, c);
+                    super::tries::blame(ep, c, env);
                     break;
                 }
                 if !tries.failed(ep, c, &conn.counters).await {
@@ -535,6 +537,6 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         }
     }
     warn!(service = %route.name, reason, "no endpoint could take the request");
-    finished.retries = retried;
+    finished.retries = retrying.retried;
     finished.failed(reason, started, unavailable(conn.grpc, reason))
 }

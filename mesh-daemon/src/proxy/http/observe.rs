@@ -67,6 +67,7 @@ pub struct Finished {
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
+    env: Arc<dyn crate::proxy::env::Env>,
 }
 
 /// Where a request that reached an endpoint is counted and logged once
@@ -109,9 +110,10 @@ impl Report for AtEndpoint {
         let ep = &route.endpoints[self.endpoint];
         ep.series().request(class(status, self.finished.grpc, grpc_status));
         if failed(status, self.finished.grpc, grpc_status) {
-            super::failed_answer(route, ep);
+            super::failed_answer(route, ep, &*self.finished.env);
         } else {
-            ep.state.answered(true, 0, false, Instant::now());
+            let env = &self.finished.env;
+            ep.state.answered(true, 0, false, env.now(), env.unit());
         }
         self.finished.log(Some(ep), status, grpc_status, bytes, self.started, outcome);
     }
@@ -161,6 +163,7 @@ impl Finished {
             client: conn.client,
             grpc: conn.grpc,
             route: conn.route.clone(),
+            env: conn.env.clone(),
         }
     }
 

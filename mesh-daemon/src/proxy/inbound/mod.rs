@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::StatusCode;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
@@ -67,7 +66,7 @@ impl StreamHandler for InboundHandler {
                 counter.inc();
                 let target_identity = view.workload_identity(target.ip()).map(tracing::field::display);
                 warn!(identity = %peer, from = %req.from, target_identity, %target, service = service.unwrap_or(""), reason = deny.as_str(), "{why}; refused (403)");
-                return Err(Refusal { status: StatusCode::FORBIDDEN, reason: Some(deny.as_str()) });
+                return Err(Refusal::Denied(deny.as_str()));
             }
         };
         let upstream = match tokio::time::timeout(POD_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
@@ -75,12 +74,12 @@ impl StreamHandler for InboundHandler {
             Ok(Err(e)) => {
                 self.counters.upstream_failures.inc();
                 warn!(identity = %peer, %target, error = %e, "connect to the workload failed");
-                return Err(Refusal { status: StatusCode::BAD_GATEWAY, reason: None });
+                return Err(Refusal::Unreachable);
             }
             Err(_) => {
                 self.counters.upstream_failures.inc();
                 warn!(identity = %peer, %target, "connect to the workload timed out");
-                return Err(Refusal { status: StatusCode::GATEWAY_TIMEOUT, reason: None });
+                return Err(Refusal::TimedOut);
             }
         };
         let _ = upstream.set_nodelay(true);

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::identity::Identity;
 use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State};
+use crate::proxy::env::Env;
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -218,15 +219,15 @@ impl Route {
     /// The endpoint for a new connection (see [`crate::balance::pick`]),
     /// leaving out `tried`; claims the breaker's probe if one is due.
     #[cfg(test)]
-    pub fn pick(&self, tried: &[SocketAddrV4], now: Instant) -> Option<&RouteEndpoint> {
-        self.pick_index(tried, now).map(|i| &self.endpoints[i])
+    pub fn pick(&self, tried: &[SocketAddrV4], env: &dyn Env) -> Option<&RouteEndpoint> {
+        self.pick_index(tried, env).map(|i| &self.endpoints[i])
     }
 
     /// The endpoint for a new connection or request (see
     /// [`crate::balance::pick`]), leaving out `tried`, as an index into
     /// `endpoints`; claims the breaker's probe if one is due.
-    pub fn pick_index(&self, tried: &[SocketAddrV4], now: Instant) -> Option<usize> {
-        balance::pick(&self.endpoints, self.fail_open, tried, now, fastrand::f64)
+    pub fn pick_index(&self, tried: &[SocketAddrV4], env: &dyn Env) -> Option<usize> {
+        balance::pick(&self.endpoints, self.fail_open, tried, env.now(), || env.unit())
     }
 
     /// Whether one more endpoint may be ejected by its answers: at most
@@ -389,16 +390,15 @@ impl RouteTable {
     }
 }
 
+/// Route tables for the unit tests of the proxy's paths.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::model::parse_document;
 
-    fn table(extra: &str) -> (RouteTable, Registry) {
-        table_with(extra, &Arc::new(Metrics::new()))
-    }
-
-    fn table_with(extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
+    /// The table of one service `web` (10.96.0.10:80 -> 8080) on node a,
+    /// with `extra` lines of its YAML (endpoints, retries...).
+    pub(crate) fn table_with(extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 172.18.0.2}}]\n\
              services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
@@ -410,6 +410,20 @@ mod tests {
         let local =
             Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 15008 };
         (RouteTable::build(&state, &state.frontends(&ids), &registry, &Default::default(), &local, metrics), registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_document;
+
+    fn table(extra: &str) -> (RouteTable, Registry) {
+        table_with(extra, &Arc::new(Metrics::new()))
+    }
+
+    fn table_with(extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
+        testing::table_with(extra, metrics)
     }
 
     #[test]
@@ -483,7 +497,7 @@ mod tests {
         assert_eq!(r.name, "default/web:80");
         let first: SocketAddrV4 = "10.0.0.1:8080".parse().unwrap();
         for _ in 0..20 {
-            let e = r.pick(&[first], Instant::now()).unwrap();
+            let e = r.pick(&[first], &crate::proxy::env::Live).unwrap();
             assert_eq!(e.state.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
         }
         assert!(t.route(2).is_none());
@@ -496,12 +510,12 @@ mod tests {
         let r = t.route(1).unwrap();
         let (p0, p1): (SocketAddrV4, SocketAddrV4) =
             ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
-        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p0));
+        assert!((0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p0));
         reg.get(p0).record_check(false, "refused", 1, 1);
-        assert!((0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p1));
+        assert!((0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p1));
         reg.get(p0).record_check(true, "ok", 1, 1);
         assert!(
-            (0..20).all(|_| r.pick(&[], Instant::now()).unwrap().state.addr == p0),
+            (0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p0),
             "traffic returns to priority 0"
         );
     }

@@ -1,0 +1,72 @@
+//! The time and randomness the connection and request paths read, passed
+//! in: the runtime's clock and a thread-local generator in the proxy, a
+//! paused clock and a fixed sequence in tests, so every decision (which
+//! endpoint, whether and when to retry, the rate limit, the budget)
+//! replays exactly.
+
+#[cfg(test)]
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+pub trait Env: Send + Sync + 'static {
+    /// Now, on the runtime's clock (tokio's: paused and advanced in tests).
+    fn now(&self) -> Instant;
+    /// Seconds on the clock the rate limits and retry budgets count in.
+    fn secs(&self) -> f64;
+    /// A draw uniform in [0, 1).
+    fn unit(&self) -> f64;
+}
+
+/// The proxy's: tokio's clock and fastrand's thread-local generator.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Live;
+
+impl Env for Live {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn secs(&self) -> f64 {
+        crate::telemetry::metrics::clock_secs()
+    }
+    fn unit(&self) -> f64 {
+        fastrand::f64()
+    }
+}
+
+/// The one the proxy passes unless told otherwise.
+pub fn live() -> Arc<dyn Env> {
+    Arc::new(Live)
+}
+
+/// Tokio's clock (pause it in the test) with seconds counted from when
+/// this was made, and draws from a fixed list, over and over.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct Scripted {
+    origin: Instant,
+    draws: Vec<f64>,
+    next: AtomicUsize,
+}
+
+#[cfg(test)]
+impl Scripted {
+    pub fn new(draws: &[f64]) -> Self {
+        assert!(!draws.is_empty(), "at least one draw");
+        Self { origin: Instant::now(), draws: draws.to_vec(), next: AtomicUsize::new(0) }
+    }
+}
+
+#[cfg(test)]
+impl Env for Scripted {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn secs(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64()
+    }
+    fn unit(&self) -> f64 {
+        self.draws[self.next.fetch_add(1, Ordering::Relaxed) % self.draws.len()]
+    }
+}
