@@ -148,6 +148,12 @@ pub enum Stat {
     PeerRestored = 9,
     /// connect4: slot table entry missing (should not happen); untouched.
     SlotMissing = 10,
+    /// sockops: a callback other than an active connection's establishment.
+    SockopsOtherOp = 11,
+    /// sockops: an established connection that is not IPv4.
+    SockopsNotIpv4 = 12,
+    /// sockops: an established IPv4 connection connect4 did not redirect.
+    SockopsNotRedirected = 13,
 }
 
 impl Stat {
@@ -163,6 +169,9 @@ impl Stat {
         Stat::OrigDstFull,
         Stat::PeerRestored,
         Stat::SlotMissing,
+        Stat::SockopsOtherOp,
+        Stat::SockopsNotIpv4,
+        Stat::SockopsNotRedirected,
     ];
 
     /// Stable snake_case name, used in metrics and dumps.
@@ -179,11 +188,14 @@ impl Stat {
             Stat::OrigDstFull => "orig_dst_full",
             Stat::PeerRestored => "peer_restored",
             Stat::SlotMissing => "slot_missing",
+            Stat::SockopsOtherOp => "sockops_other_op",
+            Stat::SockopsNotIpv4 => "sockops_not_ipv4",
+            Stat::SockopsNotRedirected => "sockops_not_redirected",
         }
     }
 }
 
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 14;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -427,6 +427,8 @@ pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
 }
 
 #[cfg(test)]
+// The tests drive both daemons' sides from plain threads.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

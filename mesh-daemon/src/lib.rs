@@ -6,6 +6,7 @@ pub(crate) mod control;
 pub(crate) mod datapath;
 pub(crate) mod discovery;
 pub(crate) mod drain;
+pub(crate) mod env;
 /// Entry points of the fuzz targets (fuzz/): not in the daemon's build.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

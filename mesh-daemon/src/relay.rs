@@ -470,7 +470,7 @@ mod tests {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
         let idle = Duration::from_millis(300);
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         let relay = tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, idle).await });
         // A byte every 100 ms for a second keeps it open past the timeout.
         for _ in 0..10 {

@@ -600,7 +600,7 @@ pub async fn run(args: RunArgs, log_drops: crate::telemetry::logwriter::DroppedL
         upstreams: routes.upstreams(),
         detect_timeout: args.protocol_detect_timeout,
         idle: args.idle_timeout,
-        env: crate::proxy::env::live(),
+        env: crate::env::live(),
     };
     let proxy_task = tokio::spawn(outbound.run(drain.clone()));
     let view = Arc::new(AdminView { control: control.clone(), counters, tunnel: tunnel_counters });

@@ -157,7 +157,11 @@ pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == AF_INET {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        count(Stat::SockopsOtherOp);
+    } else if ctx.family() != AF_INET {
+        count(Stat::SockopsNotIpv4);
+    } else {
         established(&ctx);
     }
     1
@@ -169,6 +173,7 @@ fn established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once; only this program and connect4 write here.
     let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+        count(Stat::SockopsNotRedirected);
         return;
     };
     let client = SockAddrV4 {

@@ -70,6 +70,11 @@ fn root_enrolled_pod_reaches_vip_through_the_proxy() {
     assert_eq!(f.daemon.counter("proxy", "forwarded").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 10);
     assert_eq!(f.daemon.counter("kernel", "orig_dst_stored").unwrap(), 10);
+    // sockops counts what it leaves alone: the proxy's own connects to the
+    // endpoints were not redirected, and every connection passes other
+    // callbacks (its connect, its RTT) first.
+    assert!(f.daemon.counter("kernel", "sockops_not_redirected").unwrap() >= 10, "{}", f.daemon.stats().unwrap());
+    assert!(f.daemon.counter("kernel", "sockops_other_op").unwrap() >= 20, "{}", f.daemon.stats().unwrap());
 }
 
 #[test]
@@ -92,6 +97,7 @@ fn root_direct_pod_connections_are_not_redirected() {
     assert_eq!(body_field(&body, "backend"), "web-1");
     assert!(body_field(&body, "peer").starts_with(&format!("{client_ip}:")), "not direct: {body}");
     assert_eq!(f.daemon.counter("kernel", "redirected").unwrap(), 0);
+    assert!(f.daemon.counter("kernel", "sockops_not_redirected").unwrap() >= 1, "{}", f.daemon.stats().unwrap());
     assert_eq!(f.daemon.counter("proxy", "accepted").unwrap(), 0);
 
     // Straight to the proxy port: no original destination, so closed and

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 /// independent of each other. docs/architecture.md draws the same list.
 pub const LAYERS: &[&[&str]] = &[
     // Leaves: mechanisms with no knowledge of the mesh.
-    &["heap", "shared_map", "handover"],
+    &["heap", "shared_map", "handover", "env"],
     &["drain", "relay"],
     // The desired state and what is legal: services, workloads, identities.
     &["model"],

@@ -603,7 +603,7 @@ impl Control {
             Some((mut want, change)) => {
                 let registry = &self.registry;
                 let keys = edit(&mut want, change, &|a| registry.actively_healthy(a));
-                let t0 = std::time::Instant::now();
+                let t0 = tokio::time::Instant::now();
                 let r = dp.sync_keys(&want, &keys);
                 self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
                 (want, r)
@@ -617,7 +617,7 @@ impl Control {
     }
 
     fn timed_sync(&self, dp: &mut Datapath, contents: &MapContents) -> Result<datapath::SyncReport, DatapathError> {
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         let r = dp.sync(contents);
         self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
         r
@@ -668,7 +668,7 @@ impl Control {
     ) -> Result<u64, WriteError> {
         let mut guard = self.inner.lock().map_err(|_| WriteError::Stopped)?;
         let Inner { current, datapath, synced } = &mut *guard;
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         let prev = (current.stored.as_ref(), current.state.as_ref(), &current.index);
         let p = plan(prev, if_match, &self.cfg.node, &self.capacity(), edit)?;
         let p_index_change = p.index_change;

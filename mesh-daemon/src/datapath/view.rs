@@ -87,16 +87,15 @@ impl MapsView {
         })
     }
 
-    /// The kernel counters, summed over CPUs.
+    /// The kernel counters, summed over CPUs. A counter past the end of a
+    /// `STATS` map pinned by an older build (fewer counters) reads 0.
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
         Stat::ALL
             .iter()
-            .map(|s| {
-                let v = self
-                    .stats
-                    .get(&(*s as u32), 0)
-                    .map_err(|source| DatapathError::Map { name: map_names::STATS, source })?;
-                Ok((*s, v.iter().sum()))
+            .map(|s| match self.stats.get(&(*s as u32), 0) {
+                Ok(v) => Ok((*s, v.iter().sum())),
+                Err(aya::maps::MapError::OutOfBounds { .. }) => Ok((*s, 0)),
+                Err(source) => Err(DatapathError::Map { name: map_names::STATS, source }),
             })
             .collect()
     }

@@ -18,6 +18,7 @@ use tokio::task::AbortHandle;
 use tracing::info;
 
 use crate::balance::{EndpointState, Registry};
+use crate::env::{live, Env};
 use crate::model::{CheckKind, HealthCheck, Snapshot, View};
 
 /// The health checks' reader of the state: runs exactly the checks the
@@ -66,6 +67,8 @@ impl View for HealthView {
 
 pub struct Checker {
     runtime: tokio::runtime::Handle,
+    /// The draws that spread the checks out.
+    env: Arc<dyn Env>,
     changed: mpsc::UnboundedSender<SocketAddrV4>,
     tasks: HashMap<(SocketAddrV4, HealthCheck), AbortHandle>,
 }
@@ -73,7 +76,7 @@ pub struct Checker {
 impl Checker {
     /// Must be made inside the runtime the checks run on.
     pub fn new(changed: mpsc::UnboundedSender<SocketAddrV4>) -> Self {
-        Self { runtime: tokio::runtime::Handle::current(), changed, tasks: HashMap::new() }
+        Self { runtime: tokio::runtime::Handle::current(), changed, tasks: HashMap::new(), env: live() }
     }
 
     /// Runs exactly the checks in `wanted`: new ones start, gone ones stop,
@@ -93,7 +96,7 @@ impl Checker {
                 continue;
             }
             let changed = self.changed.clone();
-            let task = self.runtime.spawn(run(ep, check, changed));
+            let task = self.runtime.spawn(run(ep, check, changed, self.env.clone()));
             self.tasks.insert(key, task.abort_handle());
         }
     }
@@ -107,8 +110,13 @@ impl Drop for Checker {
     }
 }
 
-async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::UnboundedSender<SocketAddrV4>) {
-    tokio::time::sleep(check.interval.mul_f64(fastrand::f64())).await;
+async fn run(
+    ep: Arc<EndpointState>,
+    check: HealthCheck,
+    changed: mpsc::UnboundedSender<SocketAddrV4>,
+    env: Arc<dyn Env>,
+) {
+    tokio::time::sleep(check.interval.mul_f64(env.unit())).await;
     loop {
         let p = probe(ep.addr, &check).await;
         if let Some(rtt) = p.connect_time {
@@ -119,7 +127,7 @@ async fn run(ep: Arc<EndpointState>, check: HealthCheck, changed: mpsc::Unbounde
             info!(endpoint = %ep.addr, healthy = ok, reason, "endpoint health changed");
             let _ = changed.send(ep.addr);
         }
-        tokio::time::sleep(check.interval.mul_f64(0.8 + 0.2 * fastrand::f64())).await;
+        tokio::time::sleep(check.interval.mul_f64(0.8 + 0.2 * env.unit())).await;
     }
 }
 

@@ -26,6 +26,7 @@ use super::certs::{Ca, CertError, Issued};
 use super::issuer::IssuerClient;
 use super::tls::{self, SwapCert};
 use super::Identity;
+use crate::env::{Env, Live};
 
 /// A workload certificate and its serial, once its request is answered.
 type Issuing = (Arc<SwapCert>, u64);
@@ -290,7 +291,7 @@ impl Certs {
         let every = (self.lifetime / 20).clamp(Duration::from_millis(200), Duration::from_secs(60));
         let mut failures = 0u32;
         loop {
-            tokio::time::sleep(next_pause(every, failures, fastrand::f64())).await;
+            tokio::time::sleep(next_pause(every, failures, Live.unit())).await;
             let ok = self.renew_due().await;
             failures = if ok { 0 } else { failures.saturating_add(1) };
         }

@@ -3,7 +3,6 @@
 
 pub mod access;
 pub mod dial;
-pub mod env;
 pub mod error;
 pub mod http;
 pub mod inbound;

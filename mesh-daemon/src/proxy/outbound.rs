@@ -16,13 +16,13 @@ use tracing::{debug, warn};
 
 use super::access::Record;
 use super::dial::{self, Upstream};
-use super::env::Env;
 use super::error::ConnectError;
 use super::http::{self, upstream::Upstreams};
 use super::tries::Tries;
 use super::{Route, RouteEndpoint, RouteTable, Workload};
 use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
+use crate::env::Env;
 use crate::model::AppProtocol;
 use crate::relay::{self, Transfer};
 use crate::telemetry::otlp::Spans;
@@ -243,10 +243,10 @@ mod tests {
 
     use super::*;
     use crate::balance::Registry;
+    use crate::env::Live;
     use crate::identity::manager::Certs;
     use crate::identity::{certs::Ca, tls, Identity};
     use crate::model::{parse_document, NodeName, ServiceIds, State};
-    use crate::proxy::env::Live;
     use crate::proxy::inbound::Inbound;
     use crate::proxy::{InboundHandler, Local};
     use crate::telemetry::Metrics;

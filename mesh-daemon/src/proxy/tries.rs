@@ -11,10 +11,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::env::Env;
 use super::error::ConnectError;
 use super::{Route, RouteEndpoint};
 use crate::balance::backoff::Backoff;
+use crate::env::Env;
 use crate::telemetry::ProxyCounters;
 
 /// A first try and at most 10 retries (`retries` is validated to 0..10).
@@ -112,8 +112,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::env::Scripted;
     use crate::model::NodeName;
-    use crate::proxy::env::Scripted;
     use crate::proxy::routes::testing::table_with;
     use crate::telemetry::Metrics;
 

@@ -80,6 +80,8 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
             p.closed
         };
         if !closed {
+            // The writer's own thread: gathering lines into one write.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(GATHER);
         }
         let closed = {

@@ -313,8 +313,7 @@ pub const RATE_WINDOW_SECS: u64 = 10;
 /// Seconds since this process first asked, with their fraction: the clock
 /// of the rate limiters (and, whole, of [`RecentRate`] and retry budgets).
 pub fn clock_secs() -> f64 {
-    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
-    START.get_or_init(tokio::time::Instant::now).elapsed().as_secs_f64()
+    crate::env::process_secs()
 }
 
 /// [`clock_secs`] in whole seconds.

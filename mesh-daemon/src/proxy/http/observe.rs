@@ -67,7 +67,7 @@ pub struct Finished {
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
-    env: Arc<dyn crate::proxy::env::Env>,
+    env: Arc<dyn crate::env::Env>,
 }
 
 /// Where a request that reached an endpoint is counted and logged once

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::policy::RetryBudget;
+use crate::env::Env;
 use crate::model::http::RetryPolicy;
-use crate::proxy::env::Env;
 use crate::proxy::tries::RETRY_BACKOFF;
 
 /// Why a request does not go again.
@@ -73,8 +73,8 @@ pub fn try_deadline(deadline: Option<Instant>, per_try: Option<Duration>, t0: In
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::Scripted;
     use crate::model::http::{Budget, RetryOn};
-    use crate::proxy::env::Scripted;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy {

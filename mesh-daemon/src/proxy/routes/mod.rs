@@ -15,9 +15,9 @@ use crate::proxy::http::policy::{Policies, Policy};
 use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
+use crate::env::Env;
 use crate::identity::Identity;
 use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State};
-use crate::proxy::env::Env;
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(r.name, "default/web:80");
         let first: SocketAddrV4 = "10.0.0.1:8080".parse().unwrap();
         for _ in 0..20 {
-            let e = r.pick(&[first], &crate::proxy::env::Live).unwrap();
+            let e = r.pick(&[first], &crate::env::Live).unwrap();
             assert_eq!(e.state.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
         }
         assert!(t.route(2).is_none());
@@ -510,12 +510,12 @@ mod tests {
         let r = t.route(1).unwrap();
         let (p0, p1): (SocketAddrV4, SocketAddrV4) =
             ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
-        assert!((0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p0));
+        assert!((0..20).all(|_| r.pick(&[], &crate::env::Live).unwrap().state.addr == p0));
         reg.get(p0).record_check(false, "refused", 1, 1);
-        assert!((0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p1));
+        assert!((0..20).all(|_| r.pick(&[], &crate::env::Live).unwrap().state.addr == p1));
         reg.get(p0).record_check(true, "ok", 1, 1);
         assert!(
-            (0..20).all(|_| r.pick(&[], &crate::proxy::env::Live).unwrap().state.addr == p0),
+            (0..20).all(|_| r.pick(&[], &crate::env::Live).unwrap().state.addr == p0),
             "traffic returns to priority 0"
         );
     }

@@ -28,11 +28,20 @@ impl Env for Live {
         Instant::now()
     }
     fn secs(&self) -> f64 {
-        crate::telemetry::metrics::clock_secs()
+        process_secs()
     }
+    // The one place the daemon draws from fastrand's generator directly.
+    #[allow(clippy::disallowed_methods)]
     fn unit(&self) -> f64 {
         fastrand::f64()
     }
+}
+
+/// Seconds since the process first read this clock (tokio's), for the
+/// rate windows of limits, budgets and metrics.
+pub fn process_secs() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
 /// The one the proxy passes unless told otherwise.
