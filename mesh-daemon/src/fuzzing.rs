@@ -3,16 +3,15 @@
 //! invariant of what it drove. Not part of the daemon's interface.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::control::{Control, ControlConfig};
+use crate::control::Control;
 use crate::identity::Identity;
-use crate::model::{self, NodeName, State};
+use crate::model::{self, State};
 use crate::telemetry::Metrics;
 use crate::tunnel::server::{PeerLimits, PerPeer, Refusal, StreamHandler, StreamRequest};
 use crate::tunnel::TunnelCounters;
@@ -43,17 +42,6 @@ pub fn state_document(data: &[u8]) {
         _ => panic!("validation differs after a JSON round trip: {:?} / {:?}", first.err(), second.err()),
     }
 }
-
-/// The state every API input starts from: two nodes, a workload, a
-/// proxy-mode, a kernel-mode and an HTTP service.
-const SEED: &str = "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]
-workloads:
-  - {name: client, namespace: default, serviceAccount: client, node: b, ip: 10.244.2.2, netns: /var/run/netns/client}
-services:
-  - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: 8080}], endpoints: [{ip: 10.244.1.4, node: a}, {ip: 10.244.2.4, node: b, weight: 3}]}
-  - {name: fast, vip: 10.96.0.11, mode: kernel, ports: [{port: 9000}], endpoints: [{ip: 10.244.1.5, node: a}]}
-  - {name: api, vip: 10.96.0.12, ports: [{port: 80, appProtocol: http}], endpoints: [{ip: 10.244.2.6, node: b}]}
-";
 
 /// Requests the fuzzer's first byte picks from (method, path); the rest
 /// of the input is the body.
@@ -87,24 +75,9 @@ fn detached_control() -> Control {
     let dir = DIR.get_or_init(|| {
         // tmpfs where there is one: every write is fsynced.
         let base = ["/dev/shm", "/tmp"].iter().map(PathBuf::from).find(|d| d.is_dir()).expect("a temp dir");
-        let d = base.join(format!("mesh-fuzz-api-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("the fuzz state dir");
-        std::fs::write(d.join("seed.yaml"), SEED).expect("the seed");
-        d
+        base.join(format!("mesh-fuzz-api-{}", std::process::id()))
     });
-    let state_dir = dir.join("state");
-    let _ = std::fs::remove_dir_all(&state_dir);
-    let cfg = ControlConfig {
-        node: NodeName::parse("a").expect("a node name"),
-        state_dir,
-        proxy_listen: SocketAddrV4::new([0, 0, 0, 0].into(), 15001),
-        slot_table_size: 64,
-        slot_entries: 4096,
-        balance: Default::default(),
-        metrics: metrics(),
-        managed_by: None,
-    };
-    Control::prepare(cfg, Some(dir.join("seed.yaml"))).expect("the seed state").detached()
+    crate::control::testing::detached(dir, metrics(), None)
 }
 
 /// The control API's request handling: up to four requests (split at
@@ -274,7 +247,7 @@ mod tests {
 
     #[test]
     fn each_target_runs_on_a_plain_input() {
-        state_document(SEED.as_bytes());
+        state_document(crate::control::testing::SEED.as_bytes());
         api_request(b"\x00nodes: []");
         api_request(b"\x05{\"weight\": 0}\xff\x0b");
         tunnel_connect(b"");

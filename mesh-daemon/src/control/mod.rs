@@ -935,6 +935,43 @@ impl Control {
     }
 }
 
+/// A control plane without a kernel datapath, for the API's unit tests
+/// and its fuzz target.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Two nodes, a workload on the other node, a proxy-mode, a
+    /// kernel-mode and an HTTP service.
+    pub(crate) const SEED: &str = "nodes: [{name: a, address: 172.18.0.2}, {name: b, address: 172.18.0.3}]
+workloads:
+  - {name: client, namespace: default, serviceAccount: client, node: b, ip: 10.244.2.2, netns: /var/run/netns/client}
+services:
+  - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: 8080}], endpoints: [{ip: 10.244.1.4, node: a}, {ip: 10.244.2.4, node: b, weight: 3}]}
+  - {name: fast, vip: 10.96.0.11, mode: kernel, ports: [{port: 9000}], endpoints: [{ip: 10.244.1.5, node: a}]}
+  - {name: api, vip: 10.96.0.12, ports: [{port: 80, appProtocol: http}], endpoints: [{ip: 10.244.2.6, node: b}]}
+";
+
+    /// Node a's control plane seeded with [`SEED`], its state under `dir`
+    /// (made anew), taking writes without a datapath.
+    pub(crate) fn detached(dir: &std::path::Path, metrics: Arc<Metrics>, managed_by: Option<&'static str>) -> Control {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("the state dir");
+        std::fs::write(dir.join("seed.yaml"), SEED).expect("the seed");
+        let cfg = ControlConfig {
+            node: NodeName::parse("a").expect("a node name"),
+            state_dir: dir.join("state"),
+            proxy_listen: SocketAddrV4::new([0, 0, 0, 0].into(), 15001),
+            slot_table_size: 64,
+            slot_entries: 4096,
+            balance: Default::default(),
+            metrics,
+            managed_by,
+        };
+        Control::prepare(cfg, Some(dir.join("seed.yaml"))).expect("the seed state").detached()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -570,3 +570,6 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
         _ => error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/")),
     }
 }
+
+#[cfg(test)]
+mod tests;

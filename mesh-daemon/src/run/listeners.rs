@@ -1,0 +1,110 @@
+//! The daemon's listening sockets: taken from the running daemon when it
+//! hands over, else bound anew; and their copies for the next daemon.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use super::RunArgs;
+use crate::control::api;
+use crate::handover::{self, Taken};
+
+/// Names of the listening sockets in a handover.
+const OUTBOUND: &str = "outbound";
+const TUNNEL: &str = "tunnel";
+const ADMIN: &str = "admin";
+const API: &str = "api";
+
+pub struct Listeners {
+    pub outbound: TcpListener,
+    pub admin: TcpListener,
+    pub api: UnixListener,
+    /// Only with certificates.
+    pub tunnel: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Every listener, before the datapath is attached, so nothing is
+    /// redirected to a closed port.
+    pub async fn open(
+        taken: &mut Option<Taken>,
+        args: &RunArgs,
+        access: &api::Access,
+        tunnel: bool,
+    ) -> anyhow::Result<Self> {
+        let outbound = relay_listener(taken, OUTBOUND, args.proxy_listen, "--proxy-listen").await?;
+        let admin = tcp_listener(taken, ADMIN, args.admin_listen, "--admin-listen").await?;
+        let api = match taken.as_mut().and_then(|t| t.take(API)) {
+            Some(fd) if handover::unix_path(fd.as_fd()).as_deref() == Some(args.api_socket.as_path()) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                info!(socket = %args.api_socket.display(), "control API listening on the socket handed over");
+                UnixListener::from_std(l)?
+            }
+            _ => api::bind(&args.api_socket, access)
+                .with_context(|| format!("--api-socket {}", args.api_socket.display()))?,
+        };
+        let tunnel = match tunnel {
+            true => Some(relay_listener(taken, TUNNEL, args.tunnel_listen, "--tunnel-listen").await?),
+            false => None,
+        };
+        Ok(Self { outbound, admin, api, tunnel })
+    }
+
+    /// Copies of each, by name, to hand to the next daemon.
+    pub fn copies(&self) -> anyhow::Result<Vec<(&'static str, OwnedFd)>> {
+        let mut copies = vec![(OUTBOUND, self.outbound.as_fd().try_clone_to_owned()?)];
+        copies.push((ADMIN, self.admin.as_fd().try_clone_to_owned()?));
+        copies.push((API, self.api.as_fd().try_clone_to_owned()?));
+        if let Some(l) = &self.tunnel {
+            copies.push((TUNNEL, l.as_fd().try_clone_to_owned()?));
+        }
+        Ok(copies)
+    }
+}
+
+/// The TCP listener named `name` at `addr`: the one the running daemon
+/// handed over when it listens there, else a new one.
+async fn tcp_listener(
+    taken: &mut Option<Taken>,
+    name: &str,
+    addr: SocketAddr,
+    flag: &str,
+) -> anyhow::Result<TcpListener> {
+    if let Some(fd) = taken.as_mut().and_then(|t| t.take(name)) {
+        let l = std::net::TcpListener::from(fd);
+        match l.local_addr() {
+            Ok(a) if a == addr && handover::is_listening(l.as_fd()) => {
+                l.set_nonblocking(true)?;
+                info!(listener = name, %addr, "listening on the socket handed over");
+                return Ok(TcpListener::from_std(l)?);
+            }
+            other => {
+                warn!(listener = name, handed = ?other.ok(), %flag, %addr, "the running daemon's listener is elsewhere; listening anew")
+            }
+        }
+    }
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "{flag} {addr}: cannot listen (if an older mesh-daemon without handover runs on this node, stop it first)"
+        )
+    })
+}
+
+/// A listener for relayed traffic. Its accepted sockets inherit
+/// TCP_NODELAY (no call per connection): small writes such as responses
+/// and HTTP/2 WINDOW_UPDATEs must not wait for Nagle and delayed ACKs.
+async fn relay_listener(
+    taken: &mut Option<Taken>,
+    name: &str,
+    addr: SocketAddrV4,
+    flag: &str,
+) -> anyhow::Result<TcpListener> {
+    let l = tcp_listener(taken, name, addr.into(), flag).await?;
+    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
+        .with_context(|| format!("{flag} {addr}: setting TCP_NODELAY"))?;
+    Ok(l)
+}
