@@ -1,0 +1,54 @@
+use super::*;
+
+#[test]
+fn latency_quantiles_are_known_to_within_a_quarter() {
+    let s = LatencySketch::default();
+    assert_eq!(s.quantile_ms(0.5), None);
+    for _ in 0..98 {
+        s.observe(std::time::Duration::from_micros(800));
+    }
+    s.observe(std::time::Duration::from_millis(50));
+    s.observe(std::time::Duration::from_millis(50));
+    let p50 = s.quantile_ms(0.5).unwrap();
+    assert!((0.8..=1.0).contains(&p50), "p50 {p50}");
+    let p99 = s.quantile_ms(0.99).unwrap();
+    assert!((50.0..=62.5).contains(&p99), "p99 {p99}");
+    s.observe(std::time::Duration::from_secs(3600));
+    assert!(s.quantile_ms(1.0).unwrap() > 1000.0, "the last bucket takes the rest");
+}
+
+#[test]
+fn the_rate_is_the_mean_of_the_last_ten_seconds() {
+    let r = RecentRate::default();
+    assert_eq!(r.per_second(0), 0.0);
+    for s in 100..110 {
+        for _ in 0..5 {
+            r.record(s);
+        }
+    }
+    assert_eq!(r.per_second(109), 5.0);
+    // Seconds leave the window as it moves on; a bucket is reused by
+    // the second ten later, starting from zero.
+    assert_eq!(r.per_second(114), 2.5);
+    r.record(115);
+    assert_eq!(r.per_second(115), (20.0 + 1.0) / 10.0);
+    assert_eq!(r.per_second(200), 0.0, "nothing recent");
+}
+
+#[test]
+fn success_is_below_500_or_grpc_ok() {
+    assert!(succeeded("2xx") && succeeded("4xx") && succeeded("OK"));
+    assert!(!succeeded("5xx") && !succeeded("UNAVAILABLE") && !succeeded("UNKNOWN"));
+}
+
+#[test]
+fn counters_get_their_total_name_and_openmetrics_lines_go() {
+    let m = Metrics::new();
+    m.retries.get_or_create(&ServiceLabels { service: "default/web:80".into(), direction: "outbound" }).inc();
+    let text = m.encode();
+    assert!(text.contains("# HELP mesh_retries_total "), "{text}");
+    assert!(text.contains("# TYPE mesh_retries_total counter"), "{text}");
+    assert!(text.contains("mesh_retries_total{service=\"default/web:80\",direction=\"outbound\"} 1"), "{text}");
+    assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+    assert!(text.contains("# TYPE mesh_state_generation gauge"), "{text}");
+}
