@@ -30,6 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Unit;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -137,7 +140,24 @@ struct Inner {
 pub trait Reader: View + StatsSource {}
 impl<T: View + StatsSource> Reader for T {}
 
+/// The control plane's own series.
+struct Series {
+    generation: Gauge,
+    map_sync: Histogram,
+}
+
+impl Series {
+    fn register(m: &Metrics) -> Self {
+        let generation = Gauge::default();
+        let map_sync = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        m.register("state_generation", "Generation of the accepted state", generation.clone());
+        m.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, map_sync.clone());
+        Self { generation, map_sync }
+    }
+}
+
 pub struct Control {
+    series: Series,
     cfg: ControlConfig,
     store: Store,
     own_netns: u64,
@@ -188,7 +208,7 @@ impl Control {
     /// view from, and the registry keeps only the addresses in use.
     /// `delta`: what changed since the state published last.
     fn accepted(&self, current: &Current, delta: Option<Delta>) {
-        self.cfg.metrics.generation.set(current.stored.generation as i64);
+        self.series.generation.set(current.stored.generation as i64);
         let snap = Arc::new(Snapshot {
             generation: current.stored.generation,
             state: current.state.clone(),

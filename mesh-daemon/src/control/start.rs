@@ -72,6 +72,7 @@ impl Control {
     /// touches the kernel.
     pub fn prepare(cfg: ControlConfig, seed: Option<PathBuf>) -> Result<Prepared, StartError> {
         let control = Control {
+            series: Series::register(&cfg.metrics),
             store: Store::new(&cfg.state_dir),
             own_netns: datapath::own_netns_cookie()?,
             inner: Mutex::new(Inner {

@@ -56,7 +56,7 @@ impl Control {
                 let keys = edit(&mut want, change, &|a| registry.actively_healthy(a));
                 let t0 = tokio::time::Instant::now();
                 let r = dp.sync_keys(&want, &keys);
-                self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
+                self.series.map_sync.observe(t0.elapsed().as_secs_f64());
                 (want, r)
             }
             None => {
@@ -74,7 +74,7 @@ impl Control {
     ) -> Result<datapath::SyncReport, DatapathError> {
         let t0 = tokio::time::Instant::now();
         let r = dp.sync(contents);
-        self.cfg.metrics.map_sync.observe(t0.elapsed().as_secs_f64());
+        self.series.map_sync.observe(t0.elapsed().as_secs_f64());
         r
     }
 

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod counters;
 pub mod dial;
 pub mod error;
 pub mod http;
@@ -10,6 +11,7 @@ pub mod outbound;
 pub mod routes;
 pub mod tries;
 
+pub use counters::ProxyCounters;
 pub use inbound::{InboundHandler, InboundView};
 pub use outbound::Outbound;
 pub use routes::{Local, Route, RouteEndpoint, RouteTable, RoutesView, Workload};

@@ -24,9 +24,9 @@ use crate::datapath::OrigDstReader;
 use crate::drain::Drain;
 use crate::env::Env;
 use crate::model::AppProtocol;
+use crate::proxy::ProxyCounters;
 use crate::relay::{self, Transfer};
 use crate::telemetry::otlp::Spans;
-use crate::telemetry::ProxyCounters;
 use crate::tunnel::client::Pool;
 
 pub struct Outbound {

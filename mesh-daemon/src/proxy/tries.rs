@@ -15,7 +15,7 @@ use super::error::ConnectError;
 use super::{Route, RouteEndpoint};
 use crate::balance::backoff::Backoff;
 use crate::env::Env;
-use crate::telemetry::ProxyCounters;
+use crate::proxy::ProxyCounters;
 
 /// A first try and at most 10 retries (`retries` is validated to 0..10).
 const MAX_TRIES: usize = 11;

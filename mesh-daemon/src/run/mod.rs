@@ -36,10 +36,11 @@ use crate::identity::certs::Ca;
 use crate::identity::manager::Certs;
 use crate::identity::{tls, Identity};
 use crate::model::NodeName;
+use crate::proxy::ProxyCounters;
 use crate::proxy::{InboundHandler, InboundView, Local, Outbound, RoutesView};
 use crate::telemetry::logwriter::DroppedLines;
-use crate::telemetry::otlp::Spans;
-use crate::telemetry::{admin, Metrics, ProxyCounters};
+use crate::telemetry::otlp::{SpanCounters, Spans};
+use crate::telemetry::{admin, Metrics};
 use crate::tunnel::client::Pool;
 use crate::tunnel::TunnelCounters;
 
@@ -129,16 +130,11 @@ impl Telemetry {
         metrics.watch_log_drops(log_drops);
         let tunnel = Arc::new(TunnelCounters::new(&metrics));
         let proxy = Arc::new(ProxyCounters::new(&metrics));
+        let counters = SpanCounters::new(&metrics);
         let spans = Arc::new(match &args.otlp_endpoint {
             Some(endpoint) => {
                 info!(%endpoint, protocol = ?args.otlp_protocol, "exporting spans of sampled requests over OTLP");
-                Spans::start(
-                    endpoint.clone(),
-                    args.otlp_protocol,
-                    node.to_string(),
-                    metrics.spans_exported.clone(),
-                    metrics.spans_dropped.clone(),
-                )
+                Spans::start(endpoint.clone(), args.otlp_protocol, node.to_string(), counters)
             }
             None => Spans::disabled(),
         });

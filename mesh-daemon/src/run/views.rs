@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use crate::control::Control;
-use crate::telemetry::{admin, ProxyCounters};
+use crate::proxy::ProxyCounters;
+use crate::telemetry::admin;
 use crate::tunnel::TunnelCounters;
 
 /// What the admin endpoint shows.

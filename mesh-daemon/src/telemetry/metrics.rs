@@ -15,7 +15,6 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -168,191 +167,6 @@ impl Collector for LiveCollector {
             ConstGauge::new(e.ewma_rtt.as_secs_f64()).encode(family.encode_family(&labels(e))?)?;
         }
         Ok(())
-    }
-}
-
-/// What counts into endpoint series: the rows `meshctl stats` shows.
-pub trait StatsSource: Send + Sync + 'static {
-    /// `meshctl stats` rows of the series this source counts into.
-    fn stats_rows(&self) -> Vec<StatsRow> {
-        Vec::new()
-    }
-}
-
-/// One row of `meshctl stats`: an endpoint of a service port, one direction.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatsRow {
-    pub service: String,
-    pub endpoint: String,
-    pub direction: String,
-    pub opened: u64,
-    pub closed: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Failed connections of the service port (outbound only).
-    pub service_errors: u64,
-    /// Peak-EWMA of connect time (outbound only).
-    pub ewma_rtt_ms: Option<f64>,
-    /// Requests that ended (request-aware ports).
-    pub requests: u64,
-    /// Of those, the share that succeeded: HTTP status below 500, gRPC
-    /// status OK. None without requests.
-    pub success_rate: Option<f64>,
-    /// Requests per second over the last [`RATE_WINDOW_SECS`] seconds.
-    /// None without requests.
-    pub rate_per_second: Option<f64>,
-    /// Response-header latency quantiles, to within 25%.
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-}
-
-impl StatsRow {
-    /// The row of an endpoint that has carried nothing (no series made).
-    pub fn idle(service: &str, endpoint: &str, direction: &str, service_errors: u64, ewma_rtt_ms: Option<f64>) -> Self {
-        StatsRow {
-            service: service.to_owned(),
-            endpoint: endpoint.to_owned(),
-            direction: direction.to_owned(),
-            opened: 0,
-            closed: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            service_errors,
-            ewma_rtt_ms,
-            requests: 0,
-            success_rate: None,
-            rate_per_second: None,
-            p50_ms: None,
-            p99_ms: None,
-        }
-    }
-}
-
-impl EndpointSeries {
-    /// This series as a stats row.
-    pub fn row(&self, service_errors: u64, ewma_rtt_ms: Option<f64>) -> StatsRow {
-        let by_class = self.requests_by_class();
-        let requests: u64 = by_class.iter().map(|(_, n)| n).sum();
-        let ok: u64 = by_class.iter().filter(|(c, _)| succeeded(c)).map(|(_, n)| n).sum();
-        StatsRow {
-            p50_ms: self.latency.quantile_ms(0.5),
-            p99_ms: self.latency.quantile_ms(0.99),
-            requests,
-            rate_per_second: (requests > 0).then(|| self.rate.per_second(now_secs())),
-            success_rate: (requests > 0).then(|| ok as f64 / requests as f64),
-            service: self.labels.service.clone(),
-            endpoint: self.labels.endpoint.clone(),
-            direction: self.labels.direction.to_owned(),
-            opened: self.opened.get(),
-            closed: self.closed.get(),
-            bytes_sent: self.sent.get(),
-            bytes_received: self.received.get(),
-            service_errors,
-            ewma_rtt_ms,
-        }
-    }
-}
-
-/// Response latencies of one endpoint in log-spaced buckets (each 25%
-/// wider than the one before, from 20 µs), for `meshctl stats`' p50 and
-/// p99: a quantile is known to within 25%. Lock-free, fixed size.
-#[derive(Debug)]
-pub struct LatencySketch {
-    buckets: [AtomicU64; SKETCH_BUCKETS],
-}
-
-const SKETCH_BUCKETS: usize = 64;
-const SKETCH_FIRST_US: f64 = 20.0;
-const SKETCH_GROWTH: f64 = 1.25;
-
-impl Default for LatencySketch {
-    fn default() -> Self {
-        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
-    }
-}
-
-impl LatencySketch {
-    fn upper_us(i: usize) -> f64 {
-        SKETCH_FIRST_US * SKETCH_GROWTH.powi(i as i32)
-    }
-
-    pub fn observe(&self, d: std::time::Duration) {
-        let us = d.as_secs_f64() * 1e6;
-        let i =
-            if us <= SKETCH_FIRST_US { 0 } else { ((us / SKETCH_FIRST_US).ln() / SKETCH_GROWTH.ln()).ceil() as usize };
-        self.buckets[i.min(SKETCH_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The `q` quantile (0..1) in milliseconds: the upper bound of its
-    /// bucket. None before the first observation.
-    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some((Self::upper_us(i) / 10.0).round() / 100.0);
-            }
-        }
-        None
-    }
-}
-
-/// An endpoint series' latency sketch and request rate.
-type Recent = (Arc<LatencySketch>, Arc<RecentRate>);
-
-/// Seconds the request rate of `meshctl stats` is taken over.
-pub const RATE_WINDOW_SECS: u64 = 10;
-
-/// Seconds since this process first asked, with their fraction: the clock
-/// of the rate limiters (and, whole, of [`RecentRate`] and retry budgets).
-pub fn clock_secs() -> f64 {
-    crate::env::process_secs()
-}
-
-/// [`clock_secs`] in whole seconds.
-pub fn now_secs() -> u64 {
-    clock_secs() as u64
-}
-
-/// Requests of the last [`RATE_WINDOW_SECS`] seconds, one bucket per
-/// second. Each bucket packs its second (high 32 bits) and its count (low
-/// 32) in one atomic, so the first request of a new second resets it
-/// without losing a concurrent one. Lock-free, fixed size.
-#[derive(Debug, Default)]
-pub struct RecentRate {
-    buckets: [AtomicU64; RATE_WINDOW_SECS as usize],
-}
-
-impl RecentRate {
-    /// Counts one request at second `now`.
-    pub fn record(&self, now: u64) {
-        let b = &self.buckets[(now % RATE_WINDOW_SECS) as usize];
-        let second = now & 0xffff_ffff;
-        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-            Some(if v >> 32 == second { v.saturating_add(1) } else { (second << 32) | 1 })
-        });
-    }
-
-    /// The mean rate over the window ending with second `now`, this second
-    /// included.
-    pub fn per_second(&self, now: u64) -> f64 {
-        let oldest = now.saturating_sub(RATE_WINDOW_SECS - 1) & 0xffff_ffff;
-        let now = now & 0xffff_ffff;
-        let sum: u64 = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .filter(|v| (oldest..=now).contains(&(v >> 32)))
-            .map(|v| v & 0xffff_ffff)
-            .sum();
-        sum as f64 / RATE_WINDOW_SECS as f64
     }
 }
 
@@ -521,8 +335,15 @@ fn latency_family() -> Family<EndpointLabels, Histogram, fn() -> Histogram> {
     Family::new_with_constructor(ctor)
 }
 
+/// The one registry. Each subsystem registers its own series into it
+/// ([`Metrics::register`]): the tunnel its events, the outbound proxy its
+/// counters, the control plane its generation and sync time, the span
+/// exporter its counts. The per-service and per-endpoint series every path
+/// counts into, and the live view of the kernel and endpoints, are here.
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
+    /// Names the subsystems registered.
+    names: std::sync::Mutex<std::collections::HashSet<String>>,
     pub opened: Family<ConnLabels, Counter>,
     pub closed: Family<ConnLabels, Counter>,
     pub failed: Family<FailedLabels, Counter>,
@@ -536,12 +357,6 @@ pub struct Metrics {
     pub budget_exhausted: Family<ServiceLabels, Counter>,
     pub rate_limited: Family<ServiceLabels, Counter>,
     pub ejections: Family<EndpointLabels, Counter>,
-    pub tunnel: Family<CounterLabels, Counter>,
-    pub tls_failures: Family<ReasonLabels, Counter>,
-    pub outbound: Family<EventLabels, Counter>,
-    pub outbound_active: Gauge,
-    pub outbound_bytes: Family<DirectionLabels, Counter>,
-    pub generation: Gauge,
     /// What a scrape reads from the running daemon (kernel counters,
     /// endpoint state), once it runs.
     live: Arc<OnceLock<Arc<dyn Live>>>,
@@ -550,9 +365,6 @@ pub struct Metrics {
     sketches: std::sync::Mutex<HashMap<ConnLabels, Recent>>,
     log_drops: Counter,
     log_drop_source: std::sync::OnceLock<super::logwriter::DroppedLines>,
-    pub map_sync: Histogram,
-    pub spans_exported: Counter,
-    pub spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -578,20 +390,12 @@ impl Metrics {
             budget_exhausted: Family::default(),
             rate_limited: Family::default(),
             ejections: Family::default(),
-            tunnel: Family::default(),
-            tls_failures: Family::default(),
-            outbound: Family::default(),
-            outbound_active: Gauge::default(),
-            outbound_bytes: Family::default(),
-            generation: Gauge::default(),
             live: Arc::new(OnceLock::new()),
             sketches: std::sync::Mutex::new(HashMap::new()),
             log_drops: Counter::default(),
             log_drop_source: std::sync::OnceLock::new(),
-            map_sync: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
-            spans_exported: Counter::default(),
-            spans_dropped: Counter::default(),
-            registry: Registry::default(),
+            registry: std::sync::Mutex::new(Registry::default()),
+            names: Default::default(),
         };
         r.register("connections_opened", "Connections forwarded to an endpoint", m.opened.clone());
         r.register("connections_closed", "Forwarded connections that ended", m.closed.clone());
@@ -629,27 +433,37 @@ impl Metrics {
             m.response_latency.clone(),
         );
         r.register("breaker_ejections", "Times an endpoint's breaker opened", m.ejections.clone());
-        r.register("tunnel_events", "mTLS tunnel handshakes, streams, TLS failures and denials", m.tunnel.clone());
-        r.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", m.tls_failures.clone());
-        r.register("outbound_events", "What the outbound listener did with accepted connections", m.outbound.clone());
-        r.register("outbound_active_connections", "Forwarded connections open now", m.outbound_active.clone());
-        r.register_with_unit(
-            "outbound",
-            "Bytes the outbound proxy moved, by direction",
-            Unit::Bytes,
-            m.outbound_bytes.clone(),
-        );
         r.register_collector(Box::new(LiveCollector(m.live.clone())));
-        r.register("state_generation", "Generation of the accepted state", m.generation.clone());
         r.register("log_lines_dropped", "Log lines dropped because stderr could not keep up", m.log_drops.clone());
-        r.register("spans_exported", "Spans of sampled requests the OTLP collector took", m.spans_exported.clone());
-        r.register(
-            "spans_dropped",
-            "Spans dropped: the queue to the collector was full, or their export failed",
-            m.spans_dropped.clone(),
-        );
-        r.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, m.map_sync.clone());
-        Self { registry: r, ..m }
+        Self { registry: std::sync::Mutex::new(r), ..m }
+    }
+
+    /// Registers a subsystem's series (`mesh_` is prefixed). A daemon
+    /// registers each name once; a name registered again (tests and the
+    /// fuzz target make many control planes on one registry) keeps the
+    /// first, so the exposition never holds a name twice.
+    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        if self.claim(name) {
+            self.registry.lock().unwrap_or_else(|p| p.into_inner()).register(name, help, metric);
+        }
+    }
+
+    /// Whether `name` was not registered yet (and now is).
+    fn claim(&self, name: &str) -> bool {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned())
+    }
+
+    /// [`Metrics::register`] with a unit suffix.
+    pub fn register_with_unit(
+        &self,
+        name: &str,
+        help: &str,
+        unit: Unit,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        if self.claim(name) {
+            self.registry.lock().unwrap_or_else(|p| p.into_inner()).register_with_unit(name, help, unit, metric);
+        }
     }
 
     pub fn endpoint_series(&self, labels: ConnLabels) -> EndpointSeries {
@@ -747,7 +561,10 @@ impl Metrics {
             }
         }
         let mut open = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut open, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(
+            &mut open,
+            &self.registry.lock().unwrap_or_else(|p| p.into_inner()),
+        );
         to_prometheus_text(&open)
     }
 }
@@ -770,6 +587,9 @@ fn to_prometheus_text(openmetrics: &str) -> String {
     }
     out
 }
+
+mod stats;
+pub use stats::*;
 
 #[cfg(test)]
 mod tests;

@@ -92,12 +92,33 @@ impl Spans {
 
     /// Starts the exporter to `endpoint` (`http://host:port`); spans name
     /// this node as `k8s.node.name`. Must be called inside the runtime.
-    pub fn start(endpoint: Uri, protocol: OtlpProtocol, node: String, exported: Counter, dropped: Counter) -> Self {
+    pub fn start(endpoint: Uri, protocol: OtlpProtocol, node: String, counters: SpanCounters) -> Self {
+        let SpanCounters { exported, dropped } = counters;
         let (tx, rx) = mpsc::channel(QUEUE);
         let exporter =
             Exporter { endpoint, protocol, node, exported, dropped: dropped.clone(), client: client(protocol) };
         tokio::spawn(exporter.run(rx));
         Self { tx: Some(tx), dropped }
+    }
+}
+
+/// `mesh_spans_exported_total` and `mesh_spans_dropped_total`.
+pub struct SpanCounters {
+    pub exported: Counter,
+    pub dropped: Counter,
+}
+
+impl SpanCounters {
+    /// Registers both into `m` (once per daemon).
+    pub fn new(m: &super::Metrics) -> Self {
+        let (exported, dropped) = (Counter::default(), Counter::default());
+        m.register("spans_exported", "Spans of sampled requests the OTLP collector took", exported.clone());
+        m.register(
+            "spans_dropped",
+            "Spans dropped: the queue to the collector was full, or their export failed",
+            dropped.clone(),
+        );
+        Self { exported, dropped }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod client;
 pub mod server;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
 use crate::telemetry::metrics::{CounterLabels, ReasonLabels};
@@ -124,11 +125,17 @@ pub struct TunnelSnapshot {
 }
 
 impl TunnelCounters {
+    /// Registers `mesh_tunnel_events_total` and
+    /// `mesh_tunnel_tls_failures_total` into `m` (once per daemon).
     pub fn new(m: &Metrics) -> Self {
-        let c = |counter| m.tunnel.get_or_create(&CounterLabels { counter }).clone();
+        let events: Family<CounterLabels, Counter> = Family::default();
+        let tls: Family<ReasonLabels, Counter> = Family::default();
+        m.register("tunnel_events", "mTLS tunnel handshakes, streams, TLS failures and denials", events.clone());
+        m.register("tunnel_tls_failures", "Failed tunnel handshakes by reason", tls.clone());
+        let c = |counter| events.get_or_create(&CounterLabels { counter }).clone();
         Self {
             tls_failures_by_reason: TLS_FAILURE_REASONS
-                .map(|reason| m.tls_failures.get_or_create(&ReasonLabels { reason }).clone()),
+                .map(|reason| tls.get_or_create(&ReasonLabels { reason }).clone()),
             handshakes: c("handshakes"),
             tls_failures: c("tls_failures"),
             streams: c("streams"),

@@ -50,5 +50,21 @@ fn counters_get_their_total_name_and_openmetrics_lines_go() {
     assert!(text.contains("# TYPE mesh_retries_total counter"), "{text}");
     assert!(text.contains("mesh_retries_total{service=\"default/web:80\",direction=\"outbound\"} 1"), "{text}");
     assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
-    assert!(text.contains("# TYPE mesh_state_generation gauge"), "{text}");
+}
+
+#[test]
+fn a_subsystem_registers_its_own_series_once() {
+    let m = Metrics::new();
+    let first = prometheus_client::metrics::gauge::Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    first.set(7);
+    m.register("state_generation", "Generation of the accepted state", first.clone());
+    // A second control plane on the same registry keeps the first's.
+    m.register(
+        "state_generation",
+        "Generation of the accepted state",
+        prometheus_client::metrics::gauge::Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+    );
+    let text = m.encode();
+    assert_eq!(text.matches("# TYPE mesh_state_generation gauge").count(), 1, "{text}");
+    assert!(text.contains("mesh_state_generation 7"), "{text}");
 }

@@ -1,0 +1,189 @@
+//! What `meshctl stats` shows of the series: rows, latency quantiles
+//! from a sketch, and the recent request rate.
+
+use super::*;
+
+/// What counts into endpoint series: the rows `meshctl stats` shows.
+pub trait StatsSource: Send + Sync + 'static {
+    /// `meshctl stats` rows of the series this source counts into.
+    fn stats_rows(&self) -> Vec<StatsRow> {
+        Vec::new()
+    }
+}
+
+/// One row of `meshctl stats`: an endpoint of a service port, one direction.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsRow {
+    pub service: String,
+    pub endpoint: String,
+    pub direction: String,
+    pub opened: u64,
+    pub closed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Failed connections of the service port (outbound only).
+    pub service_errors: u64,
+    /// Peak-EWMA of connect time (outbound only).
+    pub ewma_rtt_ms: Option<f64>,
+    /// Requests that ended (request-aware ports).
+    pub requests: u64,
+    /// Of those, the share that succeeded: HTTP status below 500, gRPC
+    /// status OK. None without requests.
+    pub success_rate: Option<f64>,
+    /// Requests per second over the last [`RATE_WINDOW_SECS`] seconds.
+    /// None without requests.
+    pub rate_per_second: Option<f64>,
+    /// Response-header latency quantiles, to within 25%.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl StatsRow {
+    /// The row of an endpoint that has carried nothing (no series made).
+    pub fn idle(service: &str, endpoint: &str, direction: &str, service_errors: u64, ewma_rtt_ms: Option<f64>) -> Self {
+        StatsRow {
+            service: service.to_owned(),
+            endpoint: endpoint.to_owned(),
+            direction: direction.to_owned(),
+            opened: 0,
+            closed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            service_errors,
+            ewma_rtt_ms,
+            requests: 0,
+            success_rate: None,
+            rate_per_second: None,
+            p50_ms: None,
+            p99_ms: None,
+        }
+    }
+}
+
+impl EndpointSeries {
+    /// This series as a stats row.
+    pub fn row(&self, service_errors: u64, ewma_rtt_ms: Option<f64>) -> StatsRow {
+        let by_class = self.requests_by_class();
+        let requests: u64 = by_class.iter().map(|(_, n)| n).sum();
+        let ok: u64 = by_class.iter().filter(|(c, _)| succeeded(c)).map(|(_, n)| n).sum();
+        StatsRow {
+            p50_ms: self.latency.quantile_ms(0.5),
+            p99_ms: self.latency.quantile_ms(0.99),
+            requests,
+            rate_per_second: (requests > 0).then(|| self.rate.per_second(now_secs())),
+            success_rate: (requests > 0).then(|| ok as f64 / requests as f64),
+            service: self.labels.service.clone(),
+            endpoint: self.labels.endpoint.clone(),
+            direction: self.labels.direction.to_owned(),
+            opened: self.opened.get(),
+            closed: self.closed.get(),
+            bytes_sent: self.sent.get(),
+            bytes_received: self.received.get(),
+            service_errors,
+            ewma_rtt_ms,
+        }
+    }
+}
+
+/// Response latencies of one endpoint in log-spaced buckets (each 25%
+/// wider than the one before, from 20 µs), for `meshctl stats`' p50 and
+/// p99: a quantile is known to within 25%. Lock-free, fixed size.
+#[derive(Debug)]
+pub struct LatencySketch {
+    buckets: [AtomicU64; SKETCH_BUCKETS],
+}
+
+const SKETCH_BUCKETS: usize = 64;
+const SKETCH_FIRST_US: f64 = 20.0;
+const SKETCH_GROWTH: f64 = 1.25;
+
+impl Default for LatencySketch {
+    fn default() -> Self {
+        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl LatencySketch {
+    fn upper_us(i: usize) -> f64 {
+        SKETCH_FIRST_US * SKETCH_GROWTH.powi(i as i32)
+    }
+
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = d.as_secs_f64() * 1e6;
+        let i =
+            if us <= SKETCH_FIRST_US { 0 } else { ((us / SKETCH_FIRST_US).ln() / SKETCH_GROWTH.ln()).ceil() as usize };
+        self.buckets[i.min(SKETCH_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..1) in milliseconds: the upper bound of its
+    /// bucket. None before the first observation.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some((Self::upper_us(i) / 10.0).round() / 100.0);
+            }
+        }
+        None
+    }
+}
+
+/// An endpoint series' latency sketch and request rate.
+pub(super) type Recent = (Arc<LatencySketch>, Arc<RecentRate>);
+
+/// Seconds the request rate of `meshctl stats` is taken over.
+pub const RATE_WINDOW_SECS: u64 = 10;
+
+/// Seconds since this process first asked, with their fraction: the clock
+/// of the rate limiters (and, whole, of [`RecentRate`] and retry budgets).
+pub fn clock_secs() -> f64 {
+    crate::env::process_secs()
+}
+
+/// [`clock_secs`] in whole seconds.
+pub fn now_secs() -> u64 {
+    clock_secs() as u64
+}
+
+/// Requests of the last [`RATE_WINDOW_SECS`] seconds, one bucket per
+/// second. Each bucket packs its second (high 32 bits) and its count (low
+/// 32) in one atomic, so the first request of a new second resets it
+/// without losing a concurrent one. Lock-free, fixed size.
+#[derive(Debug, Default)]
+pub struct RecentRate {
+    buckets: [AtomicU64; RATE_WINDOW_SECS as usize],
+}
+
+impl RecentRate {
+    /// Counts one request at second `now`.
+    pub fn record(&self, now: u64) {
+        let b = &self.buckets[(now % RATE_WINDOW_SECS) as usize];
+        let second = now & 0xffff_ffff;
+        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(if v >> 32 == second { v.saturating_add(1) } else { (second << 32) | 1 })
+        });
+    }
+
+    /// The mean rate over the window ending with second `now`, this second
+    /// included.
+    pub fn per_second(&self, now: u64) -> f64 {
+        let oldest = now.saturating_sub(RATE_WINDOW_SECS - 1) & 0xffff_ffff;
+        let now = now & 0xffff_ffff;
+        let sum: u64 = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .filter(|v| (oldest..=now).contains(&(v >> 32)))
+            .map(|v| v & 0xffff_ffff)
+            .sum();
+        sum as f64 / RATE_WINDOW_SECS as f64
+    }
+}
