@@ -423,6 +423,31 @@ mod tests {
         assert_eq!(m.tunnel.handshakes.get(), 1, "both tries shared one tunnel connection");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connects_racing_to_one_node_share_one_tunnel_handshake() {
+        let (m, _) = mesh(
+            " - {name: web, vip: 10.96.0.10, ports: [{port: 80, targetPort: PORT}], healthCheck: {protocol: none},\n\
+             \x20  endpoints: [{ip: 127.0.0.2, node: b}]}\n",
+        )
+        .await;
+        let m = Arc::new(m);
+        let racing: Vec<_> = (0..20)
+            .map(|_| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let route = m.routes.route(1).unwrap();
+                    let (up, _, _) = connect(route, Some(&m.source), m.path()).await.unwrap();
+                    read_all(up).await
+                })
+            })
+            .collect();
+        for r in racing {
+            assert_eq!(r.await.unwrap(), "hello from b1");
+        }
+        assert_eq!(m.tunnel.handshakes.get(), 1, "20 streams, one tunnel connection");
+        assert_eq!(m.tunnel.streams.get(), 20);
+    }
+
     #[tokio::test]
     async fn a_stream_on_a_pooled_tunnel_connection_that_went_away_opens_on_a_new_one() {
         let (m, _) = mesh(

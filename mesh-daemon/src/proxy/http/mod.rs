@@ -45,7 +45,6 @@ use crate::model::http::{RetryPolicy, Rules};
 use crate::model::AppProtocol;
 use crate::proxy::ProxyCounters;
 use crate::relay::Watched;
-use crate::telemetry::metrics::now_secs;
 use crate::telemetry::otlp::Spans;
 use crate::tunnel::client::Pool;
 use hyper_util::client::legacy::Client;
@@ -409,7 +408,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let identity = conn.source.as_ref().map(|w| &w.identity);
         if let Err(wait) = limiter.admit(identity, env.secs()) {
             route.series().rate_limited.inc();
-            if limiter.should_log(now_secs()) {
+            if limiter.should_log(env.secs() as u64) {
                 warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
             }
             return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
