@@ -72,7 +72,7 @@ impl Control {
             });
             for ((e, st), effective_weight) in s.endpoints.iter().zip(&states).zip(effective) {
                 out.push(EndpointRow {
-                    service: s.key(),
+                    service: s.key().to_string(),
                     ip: e.ip,
                     node: e.node.clone(),
                     weight: e.weight.0,

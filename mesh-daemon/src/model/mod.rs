@@ -28,7 +28,7 @@ pub use document::{
 };
 pub(crate) use errors::invalid;
 pub use errors::{FieldError, Invalid, ValidationErrors};
-pub use ids::ServiceIds;
+pub use ids::{PortKey, ServiceIds, ServiceKey};
 pub use load::{load_file, parse_document, ConfigError};
 pub use names::{parse_duration, Name, NodeName, Port, Weight, INJECT_LABEL};
 pub use snapshot::{Delta, Snapshot, View};
@@ -147,8 +147,8 @@ pub struct HealthCheck {
 
 impl Service {
     /// `namespace/name`, how users refer to a service.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }
 

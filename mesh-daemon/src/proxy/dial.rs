@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use super::error::ConnectError;
 use super::{Route, RouteEndpoint};
 use crate::identity::Identity;
-use crate::model::NodeName;
+use crate::model::{NodeName, ServiceKey};
 use crate::relay::Side;
 use crate::tunnel::client::{Pool, Stream};
 use crate::tunnel::StreamProtocol;
@@ -82,27 +82,40 @@ pub async fn connect(
     addr: SocketAddrV4,
     via: Option<&(NodeName, SocketAddrV4)>,
     source: Option<&Identity>,
-    (service, protocol): (&str, Option<StreamProtocol>),
+    (service, protocol): (&ServiceKey, Option<StreamProtocol>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
     match via {
-        Some((node, node_addr)) => {
-            let pool = pool.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
-            let id = source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
-            let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, service, protocol))
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, after })?
-                .map_err(|source| ConnectError::Tunnel { addr, source })?;
-            Ok(Upstream::Tunnel(Box::new(s)))
-        }
-        None => {
-            let s = tokio::time::timeout(after, TcpStream::connect(addr))
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, after })?
-                .map_err(|source| ConnectError::Io { addr, source })?;
-            let _ = s.set_nodelay(true);
-            Ok(Upstream::Tcp(s))
-        }
+        Some(via) => tunnel(addr, via, source, (service, protocol), pool, after).await,
+        None => direct(addr, after).await,
     }
+}
+
+/// A TCP connection to `addr` on this node, within `after`.
+pub async fn direct(addr: SocketAddrV4, after: Duration) -> Result<Upstream, ConnectError> {
+    let s = tokio::time::timeout(after, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr, after })?
+        .map_err(|source| ConnectError::Io { addr, source })?;
+    let _ = s.set_nodelay(true);
+    Ok(Upstream::Tcp(s))
+}
+
+/// A tunnel stream to `addr` on node `via`, as `source`, for `service`.
+pub async fn tunnel(
+    addr: SocketAddrV4,
+    (node, node_addr): &(NodeName, SocketAddrV4),
+    source: Option<&Identity>,
+    (service, protocol): (&ServiceKey, Option<StreamProtocol>),
+    pool: Option<&Pool>,
+    after: Duration,
+) -> Result<Upstream, ConnectError> {
+    let pool = pool.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
+    let id = source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
+    let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, service, protocol))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr, after })?
+        .map_err(|source| ConnectError::Tunnel { addr, source })?;
+    Ok(Upstream::Tunnel(Box::new(s)))
 }

@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::identity::manager::Certs;
 use crate::identity::tls::SwapCert;
 use crate::identity::{tls, Identity};
-use crate::model::NodeName;
+use crate::model::{NodeName, ServiceKey};
 
 /// A tunnelled stream: bytes in both directions.
 pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
@@ -123,7 +123,7 @@ impl Pool {
         node: &NodeName,
         node_addr: SocketAddrV4,
         target: SocketAddrV4,
-        service: &str,
+        service: &ServiceKey,
         protocol: Option<super::StreamProtocol>,
     ) -> Result<Stream, TunnelError> {
         let (cert, serial) = self.cert(source).await?;
@@ -147,7 +147,7 @@ impl Pool {
                 TunnelError::Refused { node: node.clone(), target, status: StatusCode::BAD_REQUEST, reason: None }
             })?;
             // Names are validated DNS labels: always a valid header value.
-            if let Ok(v) = HeaderValue::from_str(service) {
+            if let Ok(v) = HeaderValue::from_str(&service.to_string()) {
                 req.headers_mut().insert(super::SERVICE_HEADER, v);
             }
             if let Some(p) = protocol {

@@ -11,7 +11,7 @@ use super::*;
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Index {
     /// `namespace/name`.
-    pub(in crate::model) names: HashMap<String, i64>,
+    pub(in crate::model) names: HashMap<ServiceKey, i64>,
     pub(in crate::model) addresses: HashMap<(Ipv4Addr, u16), i64>,
     pub(in crate::model) vips: HashMap<Ipv4Addr, i64>,
     pub(in crate::model) endpoint_ips: HashMap<Ipv4Addr, i64>,

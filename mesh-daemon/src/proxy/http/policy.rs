@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::identity::Identity;
 use crate::model::http::{Budget, HttpPolicy, RateLimit};
+use crate::model::PortKey;
 
 /// One service port's policy and its state.
 #[derive(Debug)]
@@ -30,34 +31,34 @@ impl Policy {
     }
 }
 
-/// The policies of every route, by route name, reused while unchanged.
+/// The policies of every service port, reused while unchanged.
 #[derive(Debug, Default)]
 pub struct Policies {
-    kept: Mutex<HashMap<String, Arc<Policy>>>,
+    kept: Mutex<HashMap<PortKey, Arc<Policy>>>,
 }
 
 impl Policies {
-    /// The policy of route `name` with `cfg`: the one it had, if `cfg` is
-    /// the same.
-    pub fn get(&self, name: &str, cfg: &HttpPolicy) -> Arc<Policy> {
+    /// The policy of service port `key` with `cfg`: the one it had, if
+    /// `cfg` is the same.
+    pub fn get(&self, key: &PortKey, cfg: &HttpPolicy) -> Arc<Policy> {
         let mut m = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get(name) {
+        match m.get(key) {
             Some(p) if &p.cfg == cfg => p.clone(),
             _ => {
                 let p = Arc::new(Policy::new(cfg.clone()));
-                m.insert(name.to_owned(), p.clone());
+                m.insert(key.clone(), p.clone());
                 p
             }
         }
     }
 
-    /// Forgets route `name`.
-    pub fn forget(&self, name: &str) {
-        self.kept.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    /// Forgets service port `key`.
+    pub fn forget(&self, key: &PortKey) {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 
-    /// Forgets the routes not in `keep`.
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+    /// Forgets the service ports not in `keep`.
+    pub fn retain(&self, keep: impl Fn(&PortKey) -> bool) {
         self.kept.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| keep(k));
     }
 }

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use crate::identity::Identity;
-use crate::model::NodeName;
+use crate::model::{NodeName, ServiceKey};
 use crate::proxy::dial::{self, Upstream};
 use crate::proxy::error::ConnectError;
 use crate::tunnel::client::Pool;
@@ -41,7 +41,7 @@ pub enum Dial {
     /// Plain TCP to the endpoint (this node, or `mtls: disabled`).
     Direct(SocketAddrV4),
     /// A stream of the mTLS tunnel to the endpoint's node, as `source`.
-    Tunnel { target: SocketAddrV4, via: (NodeName, SocketAddrV4), source: Identity, service: String },
+    Tunnel { target: SocketAddrV4, via: (NodeName, SocketAddrV4), source: Identity, service: ServiceKey },
 }
 
 impl Dial {
@@ -122,9 +122,9 @@ impl tower_service::Service<Uri> for Connector {
         let (dial, pool, after, protocol) = (self.dial.clone(), self.pool.clone(), self.timeout, self.protocol);
         Box::pin(async move {
             let up = match &*dial {
-                Dial::Direct(addr) => dial::connect(*addr, None, None, ("", None), None, after).await?,
+                Dial::Direct(addr) => dial::direct(*addr, after).await?,
                 Dial::Tunnel { target, via, source, service } => {
-                    dial::connect(*target, Some(via), Some(source), (service, protocol), pool.as_deref(), after).await?
+                    dial::tunnel(*target, via, Some(source), (service, protocol), pool.as_deref(), after).await?
                 }
             };
             Ok(Io { inner: TokioIo::new(up), at: Instant::now() })

@@ -158,7 +158,7 @@ impl Inbound {
             .collect();
         let mut services = SharedMap::default();
         for s in &state.services {
-            let key = s.key();
+            let key = s.key().to_string();
             if let Some(kept) = prev.services.get(&key).filter(|(old, _)| Arc::ptr_eq(old, s)) {
                 services.insert(key, kept.clone());
             } else if let Some(l) = LocalService::of(s, node, metrics) {
@@ -188,14 +188,14 @@ impl Inbound {
         metrics: &Arc<Metrics>,
     ) -> (Self, Vec<String>) {
         let mut services = prev.services.clone();
-        let mut keys: Vec<String> = delta.before.iter().map(|s| s.key()).collect();
+        let mut keys: Vec<String> = delta.before.iter().map(|s| s.key().to_string()).collect();
         for k in &keys {
             services.remove(k);
         }
         let mut seen = HashSet::new();
         for f in delta.changed.iter().filter(|f| seen.insert(f.service)) {
             let s = &snap.state.services[f.service];
-            let key = s.key();
+            let key = s.key().to_string();
             if let Some(l) = LocalService::of(s, node, metrics) {
                 services.insert(key.clone(), (s.clone(), Arc::new(l)));
             }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::env::Env;
 use crate::identity::Identity;
-use crate::model::{AppProtocol, Delta, Frontend, NodeName, Snapshot, State};
+use crate::model::{AppProtocol, Delta, Frontend, NodeName, PortKey, ServiceKey, Snapshot, State};
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -68,10 +68,12 @@ impl RouteEndpoint {
 
 #[derive(Debug)]
 pub struct Route {
-    /// `namespace/name:port`, for logs.
+    /// The service port it routes: its policy and series belong to it.
+    pub key: PortKey,
+    /// `namespace/name:port`: the key as logs and metrics write it.
     pub name: String,
-    /// `namespace/name`: what tunnel streams name as their service.
-    pub service: String,
+    /// The service: tunnel streams name it (`namespace/name`).
+    pub service: ServiceKey,
     pub endpoints: Vec<RouteEndpoint>,
     pub fail_open: bool,
     pub connect_timeout: Duration,
@@ -116,7 +118,8 @@ impl Route {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let s = &state.services[f.service];
-        let name = format!("{}:{}", s.key(), f.port);
+        let key = PortKey { service: s.key(), port: f.port.0 };
+        let name = key.to_string();
         let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
         let endpoints = s
             .endpoints
@@ -141,9 +144,10 @@ impl Route {
         Route {
             series: OnceLock::new(),
             source,
-            policy: policies.get(&name, &s.http),
+            policy: policies.get(&key, &s.http),
+            service: key.service.clone(),
+            key,
             name,
-            service: s.key(),
             endpoints,
             fail_open: s.fail_open,
             connect_timeout: s.connect_timeout,
@@ -343,9 +347,9 @@ impl RouteTable {
 
     /// Takes over the series of every route of `old` with the same name.
     fn adopt_all_series(&self, old: &RouteTable) {
-        let by_name: HashMap<&str, &Route> = old.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
+        let by_key: HashMap<&PortKey, &Route> = old.by_id.values().map(|r| (&r.key, r.as_ref())).collect();
         for r in self.by_id.values() {
-            if let Some(o) = by_name.get(r.name.as_str()) {
+            if let Some(o) = by_key.get(&r.key) {
                 r.adopt_series(o);
             }
         }
@@ -354,9 +358,9 @@ impl RouteTable {
     /// Drops from `metrics` the series this table made that `next` has not
     /// (a route or an endpoint that left the state).
     pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
-        let by_name: HashMap<&str, &Route> = next.by_id.values().map(|r| (r.name.as_str(), r.as_ref())).collect();
+        let by_key: HashMap<&PortKey, &Route> = next.by_id.values().map(|r| (&r.key, r.as_ref())).collect();
         for r in self.by_id.values() {
-            r.forget_series_missing_from(by_name.get(r.name.as_str()).copied(), metrics);
+            r.forget_series_missing_from(by_key.get(&r.key).copied(), metrics);
         }
     }
     /// `meshctl stats` rows of every endpoint of every route.

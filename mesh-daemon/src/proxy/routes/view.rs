@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 
 use super::{Local, RouteTable};
 use crate::balance::Registry;
-use crate::model::{Snapshot, View};
+use crate::model::{PortKey, Snapshot, View};
 use crate::proxy::http::policy::Policies;
 use crate::proxy::http::upstream::Upstreams;
 use crate::telemetry::metrics::{StatsRow, StatsSource};
@@ -61,7 +61,7 @@ impl View for RoutesView {
                 for id in &d.removed {
                     if let Some(old) = current.by_id.get(id) {
                         old.forget_series_missing_from(None, m);
-                        self.policies.forget(&old.name);
+                        self.policies.forget(&old.key);
                     }
                 }
                 let gone: HashSet<SocketAddrV4> = d.gone.iter().copied().collect();
@@ -73,8 +73,8 @@ impl View for RoutesView {
             _ => {
                 let next = RouteTable::build_from(&snap.state, &snap.frontends, snap.generation, &current, r, p, l, m);
                 next.adopt_all_series(&current);
-                let names: HashSet<&str> = next.by_id.values().map(|r| r.name.as_str()).collect();
-                self.policies.retain(|n| names.contains(n));
+                let keys: HashSet<&PortKey> = next.by_id.values().map(|r| &r.key).collect();
+                self.policies.retain(|k| keys.contains(k));
                 let in_use: HashSet<SocketAddrV4> =
                     next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
                 self.upstreams.retain(|a| in_use.contains(&a));
