@@ -378,52 +378,55 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
             return error(StatusCode::FORBIDDEN, &msg);
         }
     }
+    let w = Write { control: &control, if_match: m, body_timeout };
+    match (&method, segs.as_slice()) {
+        (&Method::GET, route) => match read(&control, route).await {
+            Some(r) => r,
+            None => unknown(&method, &path),
+        },
+        (&Method::PUT, ["v1", "state"]) => w.state(req).await,
+        (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => match (*kind, rest) {
+            ("nodes", [name]) => w.node(req, name).await,
+            ("workloads", [ns, name]) => w.workload(req, ns, name).await,
+            ("services", [ns, name]) => w.service(req, ns, name).await,
+            _ => error(StatusCode::NOT_FOUND, &format!("no such resource {path}")),
+        },
+        (&Method::DELETE, ["v1", "nodes", name]) => w.delete_node(name).await,
+        (&Method::DELETE, ["v1", kind @ ("workloads" | "services"), ns, name]) => w.delete(kind, ns, name).await,
+        (&Method::PATCH, ["v1", "services", ns, name, "endpoints", ip]) => w.weight(req, ns, name, ip).await,
+        _ => unknown(&method, &path),
+    }
+}
+
+fn unknown(method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if path == "/v1" || path.starts_with("/v1/") {
+        error(StatusCode::NOT_FOUND, &format!("no such resource {method} {path}; see the API list in the README"))
+    } else {
+        error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/"))
+    }
+}
+
+/// A GET: what the state, the counters or the maps hold; None: no such
+/// resource.
+async fn read(control: &Arc<Control>, route: &[&str]) -> Option<Response<Full<Bytes>>> {
     let snap = control.snapshot();
     let doc = &snap.state;
     let not_found = |what: String| error(StatusCode::NOT_FOUND, &format!("{what} not found"));
-    match (&method, segs.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => {
-            let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
-                Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
-                Err(e) => [("error".to_owned(), Value::String(e.to_string()))].into_iter().collect(),
-            };
-            respond(
-                StatusCode::OK,
-                &json!({
-                    "node": control.node().as_str(),
-                    "generation": snap.generation,
-                    "nodes": doc.nodes.len(),
-                    "workloads": doc.workloads.len(),
-                    "services": doc.services.len(),
-                    "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
-                    "ready": control.readiness().is_ok(),
-                    "notReadyReason": control.readiness().err().map(|e| e.0),
-                    "datapath": { "reused_at_start": control.datapath_reused(), "stats": stats },
-                }),
-            )
-        }
-        (&Method::GET, ["v1", "stats"]) => respond(StatusCode::OK, &control.stats_rows()),
-        (&Method::GET, ["v1", "state"]) => {
-            respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc }))
-        }
-        (&Method::PUT, ["v1", "state"]) => {
-            let new: Document = match body_bytes(req, body_timeout).await.and_then(|b| parse_body(&b)) {
-                Ok(d) => d,
-                Err(r) => return *r,
-            };
-            write(&control, m, move |d| {
-                *d = new;
-                Ok(())
-            })
-            .await
-        }
-        (&Method::GET, ["metrics"]) | (&Method::GET, ["v1", "metrics"]) => {
+    let found = |item: Option<&dyn erased::Json>, what: String| match item {
+        Some(i) => respond(StatusCode::OK, &i.value()),
+        None => not_found(what),
+    };
+    Some(match route {
+        ["v1", "status"] => status(control, snap.generation, doc),
+        ["v1", "stats"] => respond(StatusCode::OK, &control.stats_rows()),
+        ["v1", "state"] => respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc })),
+        ["metrics"] | ["v1", "metrics"] => {
             let mut r = Response::new(Full::new(Bytes::from(control.render_metrics())));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::telemetry::admin::METRICS_TYPE));
             r
         }
-        (&Method::GET, ["v1", "datapath"]) => {
+        ["v1", "datapath"] => {
             // Walks every map entry: off the async workers.
             let c = control.clone();
             match tokio::task::spawn_blocking(move || c.dump()).await {
@@ -432,144 +435,63 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("reading the maps failed: {e}")),
             }
         }
-        (&Method::GET, ["v1", "nodes"]) => respond(StatusCode::OK, &doc.nodes),
-        (&Method::GET, ["v1", "nodes", name]) => match doc.nodes.iter().find(|n| n.name == *name) {
-            Some(n) => respond(StatusCode::OK, n),
-            None => not_found(format!("node {name}")),
-        },
-        (&Method::GET, ["v1", "workloads"]) => respond(StatusCode::OK, &doc.workloads),
-        (&Method::GET, ["v1", "workloads", ns, name]) => {
-            match doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name) {
-                Some(w) => respond(StatusCode::OK, w),
-                None => not_found(format!("workload {ns}/{name}")),
-            }
+        ["v1", "nodes"] => respond(StatusCode::OK, &doc.nodes),
+        ["v1", "nodes", name] => {
+            found(doc.nodes.iter().find(|n| n.name == *name).map(|n| n as _), format!("node {name}"))
         }
-        (&Method::GET, ["v1", "services"]) => respond(StatusCode::OK, &doc.services),
-        (&Method::GET, ["v1", "services", ns, name]) => {
-            match doc.services.iter().find(|s| s.namespace == *ns && s.name == *name) {
-                Some(s) => respond(StatusCode::OK, s),
-                None => not_found(format!("service {ns}/{name}")),
-            }
+        ["v1", "workloads"] => respond(StatusCode::OK, &doc.workloads),
+        ["v1", "workloads", ns, name] => found(
+            doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name).map(|w| w as _),
+            format!("workload {ns}/{name}"),
+        ),
+        ["v1", "services"] => respond(StatusCode::OK, &doc.services),
+        ["v1", "services", ns, name] => found(
+            doc.services.iter().find(|s| s.namespace == *ns && s.name == *name).map(|s| &**s as _),
+            format!("service {ns}/{name}"),
+        ),
+        ["v1", "endpoints"] => respond(StatusCode::OK, &control.endpoints()),
+        _ => return None,
+    })
+}
+
+/// Items of the document answered as JSON, whatever their type.
+mod erased {
+    pub trait Json {
+        fn value(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
         }
-        (&Method::GET, ["v1", "endpoints"]) => respond(StatusCode::OK, &control.endpoints()),
-        (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => {
-            let kind = *kind;
-            let (ns, name) = match (kind, rest) {
-                ("nodes", [name]) => (None, name.to_string()),
-                ("workloads" | "services", [ns, name]) => (Some(ns.to_string()), name.to_string()),
-                _ => return error(StatusCode::NOT_FOUND, &format!("no such resource {path}")),
-            };
-            let mut v = match body_value(req, body_timeout).await {
-                Ok(v) => v,
-                Err(r) => return *r,
-            };
-            if let Err(r) = url_field(&mut v, "name", &name) {
-                return *r;
-            }
-            if let Some(ns) = &ns {
-                if let Err(r) = url_field(&mut v, "namespace", ns) {
-                    return *r;
-                }
-            }
-            match kind {
-                "nodes" => match parse::<NodeDoc>(v) {
-                    Ok(n) => {
-                        put_item(&control, m, "nodes", n, |d, n| {
-                            let name = n.name.clone();
-                            upsert(&mut d.nodes, n, |x| x.name == name)
-                        })
-                        .await
-                    }
-                    Err(r) => *r,
-                },
-                "workloads" => match parse::<WorkloadDoc>(v) {
-                    Ok(w) => {
-                        put_item(&control, m, "workloads", w, |d, w| {
-                            let key = (w.namespace.clone(), w.name.clone());
-                            upsert(&mut d.workloads, w, |x| (x.namespace.clone(), x.name.clone()) == key)
-                        })
-                        .await
-                    }
-                    Err(r) => *r,
-                },
-                _ => match parse::<ServiceDoc>(v) {
-                    Ok(s) => {
-                        put_item(&control, m, "services", s, |d, s| match d.find_service(&s.namespace, &s.name) {
-                            Some(i) => {
-                                d.services[i] = std::sync::Arc::new(s);
-                                i
-                            }
-                            None => {
-                                d.services.push(std::sync::Arc::new(s));
-                                d.services.len() - 1
-                            }
-                        })
-                        .await
-                    }
-                    Err(r) => *r,
-                },
-            }
-        }
-        (&Method::DELETE, ["v1", "nodes", name]) => {
-            let name = name.to_string();
-            write(&control, m, move |d| {
-                let before = d.nodes.len();
-                d.nodes.retain(|n| n.name != name);
-                if d.nodes.len() == before {
-                    return Err(WriteError::NotFound(format!("node {name} not found")));
-                }
-                Ok(())
-            })
-            .await
-        }
-        (&Method::DELETE, ["v1", kind @ ("workloads" | "services"), ns, name]) => {
-            let (kind, ns, name) = (kind.to_string(), ns.to_string(), name.to_string());
-            write(&control, m, move |d| {
-                let gone = if kind == "workloads" {
-                    let before = d.workloads.len();
-                    d.workloads.retain(|w| !(w.namespace == ns && w.name == name));
-                    before != d.workloads.len()
-                } else {
-                    let before = d.services.len();
-                    d.services.retain(|s| !(s.namespace == ns && s.name == name));
-                    before != d.services.len()
-                };
-                if !gone {
-                    return Err(WriteError::NotFound(format!("{} {ns}/{name} not found", kind.trim_end_matches('s'))));
-                }
-                Ok(())
-            })
-            .await
-        }
-        (&Method::PATCH, ["v1", "services", ns, name, "endpoints", ip]) => {
-            let (ns, name, ip) = (ns.to_string(), name.to_string(), ip.to_string());
-            let v = match body_value(req, body_timeout).await {
-                Ok(v) => v,
-                Err(r) => return *r,
-            };
-            let Some(weight) = v.get("weight").and_then(Value::as_i64) else {
-                return error(StatusCode::BAD_REQUEST, "the body must be {\"weight\": N} with N from 0 to 65535");
-            };
-            write(&control, m, move |d| {
-                let i = d
-                    .find_service(&ns, &name)
-                    .ok_or_else(|| WriteError::NotFound(format!("service {ns}/{name} not found")))?;
-                let s = d.service_mut(i);
-                let e: &mut EndpointDoc =
-                    s.endpoints.iter_mut().find(|e| e.ip == ip).ok_or_else(|| {
-                        WriteError::NotFound(format!("endpoint {ip} of service {ns}/{name} not found"))
-                    })?;
-                e.weight = weight;
-                Ok(())
-            })
-            .await
-        }
-        (_, ["v1", ..]) => {
-            error(StatusCode::NOT_FOUND, &format!("no such resource {} {path}; see the API list in the README", method))
-        }
-        _ => error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/")),
     }
 }
+
+/// `GET /v1/status`: the node, the generation, readiness and the kernel's
+/// counters.
+fn status(control: &Control, generation: u64, doc: &Document) -> Response<Full<Bytes>> {
+    let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
+        Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
+        Err(e) => [("error".to_owned(), Value::String(e.to_string()))].into_iter().collect(),
+    };
+    respond(
+        StatusCode::OK,
+        &json!({
+            "node": control.node().as_str(),
+            "generation": generation,
+            "nodes": doc.nodes.len(),
+            "workloads": doc.workloads.len(),
+            "services": doc.services.len(),
+            "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+            "ready": control.readiness().is_ok(),
+            "notReadyReason": control.readiness().err().map(|e| e.0),
+            "datapath": { "reused_at_start": control.datapath_reused(), "stats": stats },
+        }),
+    )
+}
+
+mod write;
+use write::Write;
 
 #[cfg(test)]
 mod tests;
