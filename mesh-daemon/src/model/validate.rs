@@ -2,15 +2,16 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::chunked::CHUNK;
 use super::errors::{invalid, Errors};
 
+mod fields;
 mod index;
 use super::*;
+use fields::{nodes, service, workloads};
 use index::holds;
 pub use index::Index;
 
@@ -121,160 +122,227 @@ pub(super) fn validate(
     let prev = prev.filter(|(d, _, _)| d.nodes == doc.nodes && d.workloads == doc.workloads);
     let empty = Index::default();
     let base = prev.map_or(&empty, |(_, _, i)| i);
+    let holders = nodes_and_workloads(&mut e, prev.map(|(_, s, _)| s), doc, &mut state);
+    // What the write changes: counted, and which services.
+    let mut change = Index::default();
+    let mut changes = Changes { whole: prev.is_none(), ..Changes::default() };
+    let runs = match prev {
+        Some((pd, ps, _)) => kept(pd, ps, doc, &mut change, &mut changes, table_size),
+        None => Vec::new(),
+    };
+    let mut w =
+        Walk { e: &mut e, doc, base, change: &mut change, changes: &mut changes, state: &mut state, table_size };
+    let checked = w.services(prev.map(|(_, s, _)| s), runs, &holders.node_names);
+    shadowed_vips(&mut e, doc, &state, &holders, (base, &change), &checked, prev.is_some());
+    if e.0.is_empty() {
+        Ok(Validated { state, changes, index_change: change })
+    } else {
+        Err(ValidationErrors(e.0))
+    }
+}
 
-    let mut node_names = HashSet::new();
-    // First holder of each address, for refusing a VIP that shadows it.
-    let mut node_addrs = HashMap::new();
-    let mut workload_ips = HashMap::new();
+/// Who holds an address besides services, for refusing a VIP that
+/// shadows it: node names, and the first node and workload of each address.
+struct Holders {
+    node_names: HashSet<NodeName>,
+    node_addrs: HashMap<Ipv4Addr, usize>,
+    workload_ips: HashMap<Ipv4Addr, usize>,
+}
+
+/// The nodes and workloads: those of `prev` (unchanged by the write), or
+/// checked from `doc`.
+fn nodes_and_workloads(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut State) -> Holders {
+    let mut h = Holders { node_names: HashSet::new(), node_addrs: HashMap::new(), workload_ips: HashMap::new() };
     match prev {
-        Some((_, p, _)) => {
+        Some(p) => {
             state.nodes = p.nodes.clone();
             state.workloads = p.workloads.clone();
             for (i, n) in p.nodes.iter().enumerate() {
-                node_names.insert(n.name.clone());
-                node_addrs.entry(n.address).or_insert(i);
+                h.node_names.insert(n.name.clone());
+                h.node_addrs.entry(n.address).or_insert(i);
             }
             for (i, w) in p.workloads.iter().enumerate() {
-                workload_ips.entry(w.ip).or_insert(i);
+                h.workload_ips.entry(w.ip).or_insert(i);
             }
         }
         None => {
-            nodes(&mut e, doc, &mut state, &mut node_names, &mut node_addrs);
-            workloads(&mut e, doc, &mut state, &node_names, &mut workload_ips);
+            nodes(e, doc, state, &mut h.node_names, &mut h.node_addrs);
+            workloads(e, doc, state, &h.node_names, &mut h.workload_ips);
         }
     }
+    h
+}
 
-    // Which services are the same as before: by pointer.
-    let mut change = Index::default();
-    let mut changes = Changes { whole: prev.is_none(), ..Changes::default() };
-    // Runs of services kept from the state before: (index in `doc`,
-    // index before, length).
+/// Which services of `doc` are those of the state before (`pd`, `ps`),
+/// by pointer: runs of (index in `doc`, index before, length). The ones
+/// gone are counted out of `change` and listed in `changes`.
+fn kept(
+    pd: &Document,
+    ps: &State,
+    doc: &Document,
+    change: &mut Index,
+    changes: &mut Changes,
+    table_size: u32,
+) -> Vec<(usize, usize, usize)> {
     let mut runs: Vec<(usize, usize, usize)> = Vec::new();
     let mut run = |i: usize, j: usize, n: usize| match runs.last_mut() {
         Some(r) if r.0 + r.2 == i && r.1 + r.2 == j => r.2 += n,
         _ => runs.push((i, j, n)),
     };
-    if let Some((pd, ps, _)) = prev {
-        // Walk both lists together: an edit replaces, removes or adds a
-        // few services and keeps the order, so a chunk of services shared
-        // with the list before is passed over whole, and the rest costs
-        // one pointer comparison per service. A service found out of step
-        // is looked up among all the old ones (built once, only then).
-        let (new, old) = (&doc.services, &pd.services);
-        let same = |i: usize, j: usize| i < new.len() && j < old.len() && Arc::ptr_eq(&new[i], &old[j]);
-        let mut by_ptr: Option<HashMap<*const ServiceDoc, usize>> = None;
-        let mut kept = vec![false; old.len()];
-        let mut last = None;
-        changes.in_order = true;
-        let (mut i, mut j) = (0, 0);
-        while i < new.len() {
-            if i.is_multiple_of(CHUNK) && i == j {
-                let c = i / CHUNK;
-                if let (Some(a), Some(b)) = (new.chunks().get(c), old.chunks().get(c)) {
-                    if Arc::ptr_eq(a, b) {
-                        let n = a.len();
-                        kept[j..j + n].fill(true);
-                        changes.in_order &= last.is_none_or(|l| l < j);
-                        run(i, j, n);
-                        last = Some(j + n - 1);
-                        (i, j) = (i + n, j + n);
-                        continue;
-                    }
+    // Walk both lists together: an edit replaces, removes or adds a
+    // few services and keeps the order, so a chunk of services shared
+    // with the list before is passed over whole, and the rest costs
+    // one pointer comparison per service. A service found out of step
+    // is looked up among all the old ones (built once, only then).
+    let (new, old) = (&doc.services, &pd.services);
+    let same = |i: usize, j: usize| i < new.len() && j < old.len() && Arc::ptr_eq(&new[i], &old[j]);
+    let mut by_ptr: Option<HashMap<*const ServiceDoc, usize>> = None;
+    let mut kept = vec![false; old.len()];
+    let mut last = None;
+    changes.in_order = true;
+    let (mut i, mut j) = (0, 0);
+    while i < new.len() {
+        if i.is_multiple_of(CHUNK) && i == j {
+            let c = i / CHUNK;
+            if let (Some(a), Some(b)) = (new.chunks().get(c), old.chunks().get(c)) {
+                if Arc::ptr_eq(a, b) {
+                    let n = a.len();
+                    kept[j..j + n].fill(true);
+                    changes.in_order &= last.is_none_or(|l| l < j);
+                    run(i, j, n);
+                    last = Some(j + n - 1);
+                    (i, j) = (i + n, j + n);
+                    continue;
                 }
             }
-            let found = if same(i, j) {
-                Some(j)
-            } else if same(i, j + 1) {
-                Some(j + 1)
-            } else if same(i + 1, j) || same(i + 1, j + 1) || j >= old.len() || i + 1 == new.len() {
-                None
-            } else {
-                let map =
-                    by_ptr.get_or_insert_with(|| old.iter().enumerate().map(|(j, s)| (Arc::as_ptr(s), j)).collect());
-                map.get(&Arc::as_ptr(&new[i])).copied()
-            };
-            match found.filter(|f| !kept[*f]) {
-                Some(f) => {
-                    kept[f] = true;
-                    run(i, f, 1);
-                    changes.in_order &= last.is_none_or(|l| l < f);
-                    last = Some(f);
-                    j = f + 1;
-                }
-                // Replaced in place: the old one at this step is gone.
-                None if same(i + 1, j + 1) => j += 1,
-                None => {}
-            }
-            i += 1;
         }
-        for (j, k) in kept.iter().enumerate() {
-            if !k {
-                change.count(&ps.services[j], -1, table_size);
-                changes.removed.push((j, ps.services[j].clone()));
-            }
-        }
-    }
-    // Services checked here (index in the state, in the document), for
-    // the checks that need all of them first.
-    let mut checked = Vec::new();
-    let mut runs = runs.into_iter().peekable();
-    let mut i = 0;
-    while i < doc.services.len() {
-        if let (Some(&(_, j, n)), Some((_, ps, _))) = (runs.peek().filter(|r| r.0 == i), prev) {
-            runs.next();
-            // Whole chunks of the state before where they were, shared.
-            let mut k = 0;
-            while k < n {
-                let (ni, oi) = (i + k, j + k);
-                let chunk =
-                    ps.services.chunks().get(oi / CHUNK).filter(|c| {
-                        ni.is_multiple_of(CHUNK) && ni == oi && state.services.len() == ni && c.len() <= n - k
-                    });
-                match chunk {
-                    Some(c) => {
-                        state.services.push_chunk(c);
-                        k += c.len();
-                    }
-                    None => {
-                        state.services.push(ps.services[oi].clone());
-                        k += 1;
-                    }
-                }
-            }
-            i += n;
-            continue;
-        }
-        let s = &doc.services[i];
-        let Some(svc) = service(&mut e, i, s, &node_names) else {
-            i += 1;
-            continue;
+        let found = if same(i, j) {
+            Some(j)
+        } else if same(i, j + 1) {
+            Some(j + 1)
+        } else if same(i + 1, j) || same(i + 1, j + 1) || j >= old.len() || i + 1 == new.len() {
+            None
+        } else {
+            let map = by_ptr.get_or_insert_with(|| old.iter().enumerate().map(|(j, s)| (Arc::as_ptr(s), j)).collect());
+            map.get(&Arc::as_ptr(&new[i])).copied()
         };
-        let p = format!("services[{i}]");
-        let key = svc.key();
-        if holds(&base.names, &change.names, &key) {
-            let first = first_service(doc, i, |o| o.namespace == s.namespace && o.name == s.name);
-            e.push(format!("{p}.name"), format!("service {key} is already services[{first}]"));
-        }
-        for (jp, port) in svc.ports.iter().enumerate() {
-            if holds(&base.addresses, &change.addresses, &(svc.vip, port.port.0)) {
-                let first = first_service(doc, i, |o| {
-                    o.vip.parse() == Ok(svc.vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
-                });
-                e.push(
-                    format!("{p}.ports[{jp}].port"),
-                    format!("{}:{} is already served by services[{first}]", svc.vip, port.port),
-                );
+        match found.filter(|f| !kept[*f]) {
+            Some(f) => {
+                kept[f] = true;
+                run(i, f, 1);
+                changes.in_order &= last.is_none_or(|l| l < f);
+                last = Some(f);
+                j = f + 1;
             }
+            // Replaced in place: the old one at this step is gone.
+            None if same(i + 1, j + 1) => j += 1,
+            None => {}
         }
-        change.count(&svc, 1, table_size);
-        changes.changed.push(i);
-        checked.push((state.services.len(), i));
-        state.services.push(Arc::new(svc));
         i += 1;
     }
+    for (j, k) in kept.iter().enumerate() {
+        if !k {
+            change.count(&ps.services[j], -1, table_size);
+            changes.removed.push((j, ps.services[j].clone()));
+        }
+    }
+    runs
+}
 
-    // connect4 rewrites every connect to a VIP: one that is also a pod's or
-    // a node's address would capture ordinary traffic to it.
+/// Checking the services of a write against the index of the state
+/// before.
+struct Walk<'a> {
+    e: &'a mut Errors,
+    doc: &'a Document,
+    base: &'a Index,
+    change: &'a mut Index,
+    changes: &'a mut Changes,
+    state: &'a mut State,
+    table_size: u32,
+}
+
+impl Walk<'_> {
+    /// Puts the kept `runs` of `prev` in place and checks every other
+    /// service; the services checked (index in the state, in the document).
+    fn services(
+        &mut self,
+        prev: Option<&State>,
+        runs: Vec<(usize, usize, usize)>,
+        node_names: &HashSet<NodeName>,
+    ) -> Vec<(usize, usize)> {
+        let (doc, base, table_size) = (self.doc, self.base, self.table_size);
+        let mut checked = Vec::new();
+        let mut runs = runs.into_iter().peekable();
+        let mut i = 0;
+        while i < doc.services.len() {
+            if let (Some(&(_, j, n)), Some(ps)) = (runs.peek().filter(|r| r.0 == i), prev) {
+                runs.next();
+                // Whole chunks of the state before where they were, shared.
+                let mut k = 0;
+                while k < n {
+                    let (ni, oi) = (i + k, j + k);
+                    let chunk = ps.services.chunks().get(oi / CHUNK).filter(|c| {
+                        ni.is_multiple_of(CHUNK) && ni == oi && self.state.services.len() == ni && c.len() <= n - k
+                    });
+                    match chunk {
+                        Some(c) => {
+                            self.state.services.push_chunk(c);
+                            k += c.len();
+                        }
+                        None => {
+                            self.state.services.push(ps.services[oi].clone());
+                            k += 1;
+                        }
+                    }
+                }
+                i += n;
+                continue;
+            }
+            let s = &doc.services[i];
+            let Some(svc) = service(self.e, i, s, node_names) else {
+                i += 1;
+                continue;
+            };
+            let p = format!("services[{i}]");
+            let key = svc.key();
+            if holds(&base.names, &self.change.names, &key) {
+                let first = first_service(doc, i, |o| o.namespace == s.namespace && o.name == s.name);
+                self.e.push(format!("{p}.name"), format!("service {key} is already services[{first}]"));
+            }
+            for (jp, port) in svc.ports.iter().enumerate() {
+                if holds(&base.addresses, &self.change.addresses, &(svc.vip, port.port.0)) {
+                    let first = first_service(doc, i, |o| {
+                        o.vip.parse() == Ok(svc.vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
+                    });
+                    self.e.push(
+                        format!("{p}.ports[{jp}].port"),
+                        format!("{}:{} is already served by services[{first}]", svc.vip, port.port),
+                    );
+                }
+            }
+            self.change.count(&svc, 1, table_size);
+            self.changes.changed.push(i);
+            checked.push((self.state.services.len(), i));
+            self.state.services.push(Arc::new(svc));
+            i += 1;
+        }
+        checked
+    }
+}
+
+/// connect4 rewrites every connect to a VIP: one that is also a pod's or
+/// a node's address, or an endpoint's, would capture ordinary traffic to
+/// it. `(base, change)`: the index before and what the write changes.
+fn shadowed_vips(
+    e: &mut Errors,
+    doc: &Document,
+    state: &State,
+    holders: &Holders,
+    (base, change): (&Index, &Index),
+    checked: &[(usize, usize)],
+    incremental: bool,
+) {
+    let (node_addrs, workload_ips) = (&holders.node_addrs, &holders.workload_ips);
     let shadow = |vip: Ipv4Addr, holder: String| {
         FieldError {
             path: String::new(),
@@ -290,7 +358,7 @@ pub(super) fn validate(
         "an endpoint".into()
     };
     let mut blamed = HashSet::new();
-    for &(k, i) in &checked {
+    for &(k, i) in checked {
         let s = &state.services[k];
         let holder = if let Some(n) = node_addrs.get(&s.vip) {
             format!("node {} (nodes[{n}])", state.nodes[*n].name)
@@ -306,8 +374,8 @@ pub(super) fn validate(
         e.0.push(FieldError { path: format!("services[{i}].vip"), ..shadow(s.vip, holder) });
     }
     // An endpoint added at the VIP of a service this write did not check.
-    if prev.is_some() {
-        for &(k, _) in &checked {
+    if incremental {
+        for &(k, _) in checked {
             for ep in &state.services[k].endpoints {
                 if blamed.contains(&ep.ip) || !holds(&base.vips, &change.vips, &ep.ip) {
                     continue;
@@ -322,253 +390,11 @@ pub(super) fn validate(
             }
         }
     }
-
-    if e.0.is_empty() {
-        Ok(Validated { state, changes, index_change: change })
-    } else {
-        Err(ValidationErrors(e.0))
-    }
 }
 
 /// The first service of `doc` other than `i` that `is` finds.
 fn first_service(doc: &Document, i: usize, is: impl Fn(&ServiceDoc) -> bool) -> usize {
     doc.services.iter().enumerate().position(|(j, o)| j != i && is(o)).unwrap_or(i)
-}
-
-fn nodes(
-    e: &mut Errors,
-    doc: &Document,
-    state: &mut State,
-    node_names: &mut HashSet<NodeName>,
-    node_addrs: &mut HashMap<Ipv4Addr, usize>,
-) {
-    for (i, n) in doc.nodes.iter().enumerate() {
-        let p = format!("nodes[{i}]");
-        let name = e.take(|| format!("{p}.name"), NodeName::parse(&n.name));
-        if let Some(name) = &name {
-            if !node_names.insert(name.clone()) {
-                e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
-            }
-        }
-        let address = e.take(|| format!("{p}.address"), ipv4(&n.address));
-        if let Some(a) = address {
-            node_addrs.entry(a).or_insert(i);
-        }
-        if let (Some(name), Some(address)) = (name, address) {
-            state.nodes.push(Node { name, address });
-        }
-    }
-}
-
-/// The node list's name `s` (shared, not a copy), or an error.
-fn known_node(e: &mut Errors, node_names: &HashSet<NodeName>, path: &dyn Fn() -> String, s: &str) -> Option<NodeName> {
-    if let Some(n) = node_names.get(s) {
-        return Some(n.clone());
-    }
-    e.take(path, NodeName::parse(s))?;
-    e.push(path(), format!("node {s:?} is not in `nodes`; add it there or fix the name"));
-    None
-}
-
-fn workloads(
-    e: &mut Errors,
-    doc: &Document,
-    state: &mut State,
-    node_names: &HashSet<NodeName>,
-    workload_ips: &mut HashMap<Ipv4Addr, usize>,
-) {
-    for (i, w) in doc.workloads.iter().enumerate() {
-        let p = format!("workloads[{i}]");
-        let name = e.take(|| format!("{p}.name"), Name::parse(&w.name));
-        let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&w.namespace));
-        let sa = e.take(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
-        let node = known_node(e, node_names, &|| format!("{p}.node"), &w.node);
-        let ip = e.take(|| format!("{p}.ip"), ipv4(&w.ip));
-        if let Some(ip) = ip {
-            if let Some(first) = workload_ips.insert(ip, i) {
-                e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
-                workload_ips.insert(ip, first);
-            }
-        }
-        let netns = match (&w.netns, w.pid) {
-            (Some(path), None) if path.starts_with('/') => Some(NetnsRef::Path(PathBuf::from(path))),
-            (Some(path), None) => {
-                e.push(format!("{p}.netns"), format!("{path:?} is not an absolute path"));
-                None
-            }
-            (None, Some(pid)) => e.take(
-                || format!("{p}.pid"),
-                u32::try_from(pid)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .map(NetnsRef::Pid)
-                    .ok_or_else(|| invalid!("{pid} is not a process id")),
-            ),
-            (None, None) => {
-                e.push(p.clone(), "give `netns` (a path) or `pid` to find the pod's network namespace");
-                None
-            }
-            (Some(_), Some(_)) => {
-                e.push(p.clone(), "give either `netns` or `pid`, not both");
-                None
-            }
-        };
-        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
-            (name, namespace, sa, node, ip, netns)
-        {
-            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
-        }
-    }
-}
-
-/// One service on its own; the checks across services are the caller's.
-fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &HashSet<NodeName>) -> Option<Service> {
-    let errors_before = e.0.len();
-    let p = format!("services[{i}]");
-    let name = e.take(|| format!("{p}.name"), Name::parse(&s.name));
-    let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&s.namespace));
-    let vip = e.take(|| format!("{p}.vip"), ipv4(&s.vip));
-    let mode = match s.mode.as_str() {
-        "proxy" => Some(Mode::Proxy),
-        "kernel" => Some(Mode::Kernel),
-        other => {
-            e.push(format!("{p}.mode"), format!("{other:?} is not a mode: use \"proxy\" or \"kernel\""));
-            None
-        }
-    };
-    if s.ports.is_empty() {
-        e.push(format!("{p}.ports"), "a service needs at least one port");
-    }
-    // Exact capacities: at 100 000 endpoints, growth slack is megabytes.
-    let mut ports = Vec::with_capacity(s.ports.len());
-    let mut seen_ports = HashSet::new();
-    for (j, port) in s.ports.iter().enumerate() {
-        let pp = format!("{p}.ports[{j}]");
-        let number = e.take(|| format!("{pp}.port"), Port::parse(port.port));
-        let target = e.take(|| format!("{pp}.targetPort"), Port::parse(port.target_port.unwrap_or(port.port)));
-        if port.protocol != "TCP" {
-            e.push(format!("{pp}.protocol"), format!("{:?} is not supported: use \"TCP\"", port.protocol));
-        }
-        if let Some(number) = number {
-            if !seen_ports.insert(number) {
-                e.push(format!("{pp}.port"), format!("port {number} is listed twice"));
-            }
-        }
-        let app_protocol =
-            e.take(|| format!("{pp}.appProtocol"), AppProtocol::parse(port.app_protocol.as_deref().unwrap_or("tcp")));
-        if let (Some(app), Some(Mode::Kernel)) = (app_protocol, mode) {
-            if app.is_requests() {
-                e.push(
-                    format!("{pp}.appProtocol"),
-                    format!(
-                        "{:?} needs {p}.mode: proxy, not kernel: the kernel balances connections and cannot see requests",
-                        app.as_str()
-                    ),
-                );
-            }
-        }
-        if let (Some(port), Some(target_port), Some(app_protocol)) = (number, target, app_protocol) {
-            ports.push(ServicePort { port, target_port, app_protocol });
-        }
-    }
-    let mut endpoints = Vec::with_capacity(s.endpoints.len());
-    let mut seen_ips = HashSet::new();
-    for (j, ep) in s.endpoints.iter().enumerate() {
-        let pp = || format!("{p}.endpoints[{j}]");
-        let ip = e.take(|| format!("{}.ip", pp()), ipv4(&ep.ip));
-        if let Some(ip) = ip {
-            if !seen_ips.insert(ip) {
-                e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
-            }
-        }
-        let node = known_node(e, node_names, &|| format!("{}.node", pp()), &ep.node);
-        let weight = e.take(
-            || format!("{}.weight", pp()),
-            match ep.weight {
-                w if w < 0 => Err(invalid!("weight {w} is negative: use 0 (drain) to {}", Weight::MAX)),
-                w if w > Weight::MAX => Err(invalid!("weight {w} is above the maximum {}", Weight::MAX)),
-                w => Ok(Weight(w as u16)),
-            },
-        );
-        let priority = e.take(
-            || format!("{}.priority", pp()),
-            u8::try_from(ep.priority)
-                .map_err(|_| invalid!("priority {} is not in 0..255 (0 is the most preferred)", ep.priority)),
-        );
-        if let (Some(ip), Some(node), Some(weight), Some(priority)) = (ip, node, weight, priority) {
-            endpoints.push(Endpoint { ip, node, weight, priority });
-        }
-    }
-    let health_check = health_check(e, &p, s.health_check.as_ref());
-    let connect_timeout = e.take(
-        || format!("{p}.connectTimeout"),
-        bounded_duration(
-            s.connect_timeout.as_deref().unwrap_or("1s"),
-            Duration::from_millis(10),
-            Duration::from_secs(60),
-        ),
-    );
-    let retry_budget = e.take(
-        || format!("{p}.retryBudget"),
-        bounded_duration(
-            s.retry_budget.as_deref().unwrap_or("5s"),
-            Duration::from_millis(10),
-            Duration::from_secs(300),
-        ),
-    );
-    let mtls = match s.mtls.as_deref().unwrap_or("required") {
-        "required" => Some(true),
-        "disabled" => Some(false),
-        other => {
-            e.push(format!("{p}.mtls"), format!("{other:?} is not an mTLS mode: use \"required\" or \"disabled\""));
-            None
-        }
-    };
-    let authorization = s.authorization.as_ref().map(|a| {
-        let identities: Vec<_> = a
-            .identities
-            .iter()
-            .enumerate()
-            .filter_map(|(j, id)| {
-                let r = Identity::parse(id).map_err(|x| Invalid(x.to_string()));
-                e.take(|| format!("{p}.authorization.identities[{j}]"), r)
-            })
-            .collect();
-        let namespaces: Vec<_> = a
-            .namespaces
-            .iter()
-            .enumerate()
-            .filter_map(|(j, n)| e.take(|| format!("{p}.authorization.namespaces[{j}]"), Name::parse(n)))
-            .collect();
-        Authorization { identities, namespaces }
-    });
-    let retries = e.take(
-        || format!("{p}.retries"),
-        match s.retries.unwrap_or(3) {
-            r @ 0..=10 => Ok(r as u32),
-            r => Err(invalid!("{r} retries are not in 0..10")),
-        },
-    );
-    let http = super::http::validate(e, &p, s.http.as_ref(), &ports);
-    if e.0.len() != errors_before {
-        return None;
-    }
-    Some(Service {
-        name: name?,
-        namespace: namespace?,
-        vip: vip?,
-        mode: mode?,
-        ports,
-        endpoints,
-        health_check: health_check?,
-        fail_open: s.fail_open,
-        connect_timeout: connect_timeout?,
-        retries: retries?,
-        retry_budget: retry_budget?,
-        mtls: mtls?,
-        authorization,
-        http: http?,
-    })
 }
 
 #[cfg(test)]
