@@ -6,8 +6,6 @@
 
 #[cfg(test)]
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
 use tokio::time::Instant;
 
 pub trait Env: Send + Sync + 'static {
@@ -44,9 +42,10 @@ pub fn process_secs() -> f64 {
     START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
-/// The one the proxy passes unless told otherwise.
-pub fn live() -> Arc<dyn Env> {
-    Arc::new(Live)
+/// The one the daemon passes: a `'static` reference, so holding it costs
+/// no reference count per connection or request.
+pub fn live() -> &'static dyn Env {
+    &Live
 }
 
 /// Tokio's clock (pause it in the test) with seconds counted from when

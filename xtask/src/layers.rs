@@ -137,21 +137,20 @@ fn code_only(src: &str) -> String {
             }
             (j + 1).min(b.len())
         } else if b[i] == b'\'' {
-            // A character literal ('x', '\n', '\''), not a lifetime ('a).
-            if rest.get(1) == Some(&b'\\') {
-                i + 2 + rest[2..].iter().position(|&c| c == b'\'').map_or(rest.len() - 2, |p| p + 1)
-            } else if let Some(len) = std::str::from_utf8(&rest[1..rest.len().min(6)])
-                .ok()
-                .or_else(|| std::str::from_utf8(&rest[1..rest.len().min(5)]).ok())
-                .and_then(|s| s.chars().next())
-                .map(char::len_utf8)
-                .filter(|&l| rest.get(1 + l) == Some(&b'\''))
-            {
-                i + len + 2
+            // A character literal ('x', '\n', '\'', 'é'), not a lifetime ('a).
+            let end = if rest.get(1) == Some(&b'\\') {
+                rest.get(3..).and_then(|r| r.iter().position(|&c| c == b'\'')).map(|p| i + 3 + p + 1)
             } else {
-                out.push(b[i]);
-                i += 1;
-                continue;
+                let len = rest.get(1).map_or(1, |&c| utf8_len(c));
+                (rest.get(1 + len) == Some(&b'\'')).then_some(i + len + 2)
+            };
+            match end {
+                Some(end) => end,
+                None => {
+                    out.push(b[i]);
+                    i += 1;
+                    continue;
+                }
             }
         } else {
             out.push(b[i]);
@@ -162,6 +161,16 @@ fn code_only(src: &str) -> String {
         i = end;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The length of the UTF-8 character whose first byte is `first`.
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xF0.. => 4,
+        0xE0.. => 3,
+        0xC0.. => 2,
+        _ => 1,
+    }
 }
 
 fn ident_at(s: &[u8], mut i: usize) -> (String, usize) {
@@ -651,7 +660,10 @@ mod tests {
         );
         let dir = tree("lexing", &files);
         assert_eq!(problems(&dir, LAYERS).unwrap(), Vec::<String>::new());
-        files[1] = ("low.rs", "pub struct L;\nmod tests { use super::super::mid::a::A; }");
+        files[1] = (
+            "low.rs",
+            "pub struct L;\nconst Q: char = '\\''; const E: char = 'é';\nmod tests { use super::super::mid::a::A; }",
+        );
         let dir = tree("lexing2", &files);
         let p = problems(&dir, LAYERS).unwrap();
         assert!(p.iter().any(|p| p.contains("makes low (layer 0) use mid")), "{p:?}");

@@ -68,7 +68,7 @@ impl View for HealthView {
 pub struct Checker {
     runtime: tokio::runtime::Handle,
     /// The draws that spread the checks out.
-    env: Arc<dyn Env>,
+    env: &'static dyn Env,
     changed: mpsc::UnboundedSender<SocketAddrV4>,
     tasks: HashMap<(SocketAddrV4, HealthCheck), AbortHandle>,
 }
@@ -96,7 +96,7 @@ impl Checker {
                 continue;
             }
             let changed = self.changed.clone();
-            let task = self.runtime.spawn(run(ep, check, changed, self.env.clone()));
+            let task = self.runtime.spawn(run(ep, check, changed, self.env));
             self.tasks.insert(key, task.abort_handle());
         }
     }
@@ -114,7 +114,7 @@ async fn run(
     ep: Arc<EndpointState>,
     check: HealthCheck,
     changed: mpsc::UnboundedSender<SocketAddrV4>,
-    env: Arc<dyn Env>,
+    env: &'static dyn Env,
 ) {
     tokio::time::sleep(check.interval.mul_f64(env.unit())).await;
     loop {

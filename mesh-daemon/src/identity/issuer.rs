@@ -29,8 +29,8 @@ use tracing::{info, warn};
 
 use super::binding::{authorize, Refused};
 use super::certs::{request, Ca, CertError, Issued};
+use super::parsed::ParsedFile;
 use super::tls::{self, SwapCert};
-use super::watched::Watched;
 use super::Identity;
 use crate::model::Invalid;
 use crate::model::NodeName;
@@ -138,9 +138,9 @@ pub enum Authority {
     /// Outside Kubernetes: per-node tokens (`ca bootstrap`) and the state
     /// document's workloads.
     Tokens {
-        credentials: Watched<Credentials>,
+        credentials: ParsedFile<Credentials>,
         /// The state document: which workloads run on which node.
-        state: Watched<Placement>,
+        state: ParsedFile<Placement>,
     },
     /// The API server: projected service-account tokens and the pods.
     #[cfg(feature = "kubernetes")]
@@ -164,12 +164,11 @@ impl Authority {
     /// again when they change.
     pub fn tokens(credentials: PathBuf, state: PathBuf) -> Self {
         Authority::Tokens {
-            credentials: Watched::new(credentials, Credentials::parse),
-            state: Watched::new(state, |path, text| {
+            credentials: ParsedFile::new(credentials, Credentials::parse),
+            state: ParsedFile::new(state, |_, text| {
                 let text = text.ok_or_else(|| Invalid::from("no such file"))?;
                 let doc = crate::model::parse_document(text)?;
-                let s = crate::model::State::from_document(&doc)
-                    .map_err(|e| Invalid(format!("{}: {e}", path.display())))?;
+                let s = crate::model::State::from_document(&doc).map_err(|e| Invalid(e.to_string()))?;
                 let mut placed = Placement::new();
                 for w in &s.workloads {
                     placed

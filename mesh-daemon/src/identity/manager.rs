@@ -80,10 +80,9 @@ pub struct Certs {
     /// First certificates being asked for: one request per identity, the
     /// other callers wait for it.
     pending: Mutex<HashMap<Identity, Arc<OnceCell<Issuing>>>>,
+    /// The serial of the last certificate asked for: one per request
+    /// (signed or sent to the issuer), renewals included.
     serial: AtomicU64,
-    /// Certificates asked for (signed or requested from the issuer),
-    /// renewals included.
-    requests: AtomicU64,
 }
 
 /// A renewal failed: retried at the next check; loud once less than a
@@ -162,7 +161,6 @@ impl Certs {
             workloads: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(1),
-            requests: AtomicU64::new(1),
         }))
     }
 
@@ -184,7 +182,7 @@ impl Certs {
 
     /// Certificates asked for so far (the node's first one included).
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.serial.load(Ordering::Relaxed)
     }
 
     /// A workload's client certificate and its serial (a new serial means
@@ -226,7 +224,6 @@ impl Certs {
     }
 
     fn next_serial(&self) -> u64 {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         self.serial.fetch_add(1, Ordering::Relaxed) + 1
     }
 

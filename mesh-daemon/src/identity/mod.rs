@@ -10,7 +10,7 @@ pub mod certs;
 pub mod issuer;
 pub mod kube;
 pub mod manager;
+pub mod parsed;
 pub mod tls;
-pub mod watched;
 
 pub use crate::model::spiffe::{Identity, IdentityError};

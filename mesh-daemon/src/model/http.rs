@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::document::{BudgetDoc, HttpDoc, OutlierDoc, RateLimitDoc, RetriesDoc};
 use super::errors::{invalid, Errors, Invalid};
-use super::parse_duration;
+use super::names::bounded_duration;
 use super::ServicePort;
 
 /// What the proxy does per request for one service.
@@ -178,14 +178,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, Invalid> {
         .ok_or_else(|| invalid!("{s:?} is not a size: use bytes, or a number with KiB or MiB (64KiB)"))
 }
 
-fn duration_in(s: &str, min: Duration, max: Duration) -> Result<Duration, Invalid> {
-    let d = parse_duration(s)?;
-    if d < min || d > max {
-        return Err(invalid!("{s} is not between {min:?} and {max:?}"));
-    }
-    Ok(d)
-}
-
 /// The policy of service `p` (a field path such as `services[0]`), whose
 /// ports are `ports`; `grpc` when one of them speaks gRPC. None when an
 /// error was recorded.
@@ -212,7 +204,7 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
     }
     let span = |e: &mut Errors, field: &str, v: &Option<String>| {
         v.as_deref().and_then(|s| {
-            e.take(|| format!("{p}.{field}"), duration_in(s, Duration::from_millis(1), Duration::from_secs(3600)))
+            e.take(|| format!("{p}.{field}"), bounded_duration(s, Duration::from_millis(1), Duration::from_secs(3600)))
         })
     };
     let timeout = span(e, "timeout", &doc.timeout);
@@ -345,7 +337,9 @@ fn budget(e: &mut Errors, p: &str, doc: Option<&BudgetDoc>) -> Option<Budget> {
     );
     let window = match &doc.window {
         None => Some(d.window),
-        Some(w) => e.take(|| format!("{p}.window"), duration_in(w, Duration::from_secs(1), Duration::from_secs(60))),
+        Some(w) => {
+            e.take(|| format!("{p}.window"), bounded_duration(w, Duration::from_secs(1), Duration::from_secs(60)))
+        }
     };
     Some(Budget { ratio: ratio?, min_per_second: min?, window: window? })
 }

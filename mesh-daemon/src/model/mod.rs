@@ -30,6 +30,7 @@ pub(crate) use errors::invalid;
 pub use errors::{FieldError, Invalid, ValidationErrors};
 pub use ids::{PortKey, ServiceIds, ServiceKey};
 pub use load::{load_file, parse_document, ConfigError};
+use names::bounded_duration;
 pub use names::{parse_duration, Name, NodeName, Port, Weight, INJECT_LABEL};
 pub use snapshot::{Delta, Snapshot, View};
 pub use spiffe::{Identity, IdentityError};

@@ -117,6 +117,19 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, Invalid> {
     }
 }
 
+/// A duration (see [`parse_duration`]) from `min` to `max`.
+pub(super) fn bounded_duration(
+    s: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, Invalid> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(invalid!("{s} is not between {min:?} and {max:?}"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,14 +15,6 @@ use fields::{nodes, service, workloads};
 use index::holds;
 pub use index::Index;
 
-fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, Invalid> {
-    let d = parse_duration(s)?;
-    if d < min || d > max {
-        return Err(invalid!("{s} is not between {min:?} and {max:?}"));
-    }
-    Ok(d)
-}
-
 /// `Some(None)`: checks off; `None`: an error was recorded.
 fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> Option<Option<HealthCheck>> {
     let p = format!("{service}.healthCheck");

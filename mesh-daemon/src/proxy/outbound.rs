@@ -47,7 +47,7 @@ pub struct Outbound {
     /// (`--idle-timeout`).
     pub idle: Duration,
     /// The clock and randomness of every decision on this path.
-    pub env: Arc<dyn Env>,
+    pub env: &'static dyn Env,
 }
 
 impl Outbound {
@@ -78,7 +78,7 @@ impl Outbound {
             };
             let source = table.workload(*peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
-            let (upstreams, drain, spans, env) = (upstreams.clone(), guards.clone(), spans.clone(), env.clone());
+            let (upstreams, drain, spans) = (upstreams.clone(), guards.clone(), spans.clone());
             tokio::spawn(async move {
                 let proto = match route.app_protocol {
                     AppProtocol::Auto => http::detect::detect(&client, detect_timeout).await,
@@ -86,7 +86,7 @@ impl Outbound {
                 };
                 match proto {
                     AppProtocol::Tcp | AppProtocol::Auto => {
-                        let path = Path { counters: &counters, tunnel: tunnel.as_deref(), idle, env: &*env };
+                        let path = Path { counters: &counters, tunnel: tunnel.as_deref(), idle, env };
                         forward(client, peer, source.as_deref(), &route, path).await
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
@@ -112,7 +112,8 @@ async fn open(
     tunnel: Option<&Pool>,
 ) -> Result<Upstream, ConnectError> {
     let id = source.map(|w| &w.identity);
-    dial::connect(ep.state.addr, dial::via(ep, route), id, (&route.service, None), tunnel, route.connect_timeout).await
+    dial::connect(ep.state.addr, dial::via(ep, route), id, (&route.key.service, None), tunnel, route.connect_timeout)
+        .await
 }
 
 /// What a relayed connection's path shares with the others.
@@ -137,8 +138,9 @@ async fn connect<'r>(
         let t0 = env.now();
         match open(ep, route, source, tunnel).await {
             Ok(s) => {
-                let rtt = env.now() - t0;
-                ep.state.connected(rtt, env.now());
+                let now = env.now();
+                let rtt = now - t0;
+                ep.state.connected(rtt, now);
                 ep.series().connect_latency.observe(rtt.as_secs_f64());
                 return Ok((s, ep, rtt));
             }

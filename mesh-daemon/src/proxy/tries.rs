@@ -28,12 +28,11 @@ pub const RETRY_BACKOFF: Backoff =
 /// endpoint's; else gives back a probe the try claimed, untested. Returns
 /// whether it was the endpoint's.
 pub fn blame(ep: &RouteEndpoint, e: &ConnectError, env: &dyn Env) -> bool {
-    let (now, unit) = (env.now(), env.unit());
     if !e.counts_against_endpoint() {
         ep.state.release_probe();
         return false;
     }
-    if ep.state.failed(now, unit) {
+    if ep.state.failed(env.now(), env.unit()) {
         ep.series().ejections.inc();
     }
     true

@@ -146,8 +146,9 @@ impl Pool {
             *req.uri_mut() = hyper::Uri::from_maybe_shared(Bytes::from(target.to_string())).map_err(|_| {
                 TunnelError::Refused { node: node.clone(), target, status: StatusCode::BAD_REQUEST, reason: None }
             })?;
-            // Names are validated DNS labels: always a valid header value.
-            if let Ok(v) = HeaderValue::from_str(&service.to_string()) {
+            // Names are validated DNS labels: always a valid header value
+            // (made from the one string formatted, not copied again).
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(service.to_string())) {
                 req.headers_mut().insert(super::SERVICE_HEADER, v);
             }
             if let Some(p) = protocol {

@@ -411,11 +411,6 @@ fn unknown(method: &Method, path: &str) -> Response<Full<Bytes>> {
 async fn read(control: &Arc<Control>, route: &[&str]) -> Option<Response<Full<Bytes>>> {
     let snap = control.snapshot();
     let doc = &snap.state;
-    let not_found = |what: String| error(StatusCode::NOT_FOUND, &format!("{what} not found"));
-    let found = |item: Option<&dyn erased::Json>, what: String| match item {
-        Some(i) => respond(StatusCode::OK, &i.value()),
-        None => not_found(what),
-    };
     Some(match route {
         ["v1", "status"] => status(control, snap.generation, doc),
         ["v1", "stats"] => respond(StatusCode::OK, &control.stats_rows()),
@@ -436,40 +431,32 @@ async fn read(control: &Arc<Control>, route: &[&str]) -> Option<Response<Full<By
             }
         }
         ["v1", "nodes"] => respond(StatusCode::OK, &doc.nodes),
-        ["v1", "nodes", name] => {
-            found(doc.nodes.iter().find(|n| n.name == *name).map(|n| n as _), format!("node {name}"))
-        }
+        ["v1", "nodes", name] => found(doc.nodes.iter().find(|n| n.name == *name), format!("node {name}")),
         ["v1", "workloads"] => respond(StatusCode::OK, &doc.workloads),
-        ["v1", "workloads", ns, name] => found(
-            doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name).map(|w| w as _),
-            format!("workload {ns}/{name}"),
-        ),
+        ["v1", "workloads", ns, name] => {
+            found(doc.workloads.iter().find(|w| w.namespace == *ns && w.name == *name), format!("workload {ns}/{name}"))
+        }
         ["v1", "services"] => respond(StatusCode::OK, &doc.services),
-        ["v1", "services", ns, name] => found(
-            doc.services.iter().find(|s| s.namespace == *ns && s.name == *name).map(|s| &**s as _),
-            format!("service {ns}/{name}"),
-        ),
+        ["v1", "services", ns, name] => {
+            found(doc.services.iter().find(|s| s.namespace == *ns && s.name == *name), format!("service {ns}/{name}"))
+        }
         ["v1", "endpoints"] => respond(StatusCode::OK, &control.endpoints()),
         _ => return None,
     })
 }
 
-/// Items of the document answered as JSON, whatever their type.
-mod erased {
-    pub trait Json {
-        fn value(&self) -> serde_json::Value;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn value(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or_default()
-        }
+/// One item of the document, or 404 naming `what`.
+fn found(item: Option<&impl Serialize>, what: String) -> Response<Full<Bytes>> {
+    match item {
+        Some(i) => respond(StatusCode::OK, i),
+        None => error(StatusCode::NOT_FOUND, &format!("{what} not found")),
     }
 }
 
 /// `GET /v1/status`: the node, the generation, readiness and the kernel's
 /// counters.
 fn status(control: &Control, generation: u64, doc: &Document) -> Response<Full<Bytes>> {
+    let ready = control.readiness();
     let stats: serde_json::Map<String, Value> = match control.kernel_stats() {
         Ok(s) => s.into_iter().map(|(s, v)| (s.name().to_owned(), v.into())).collect(),
         Err(e) => [("error".to_owned(), Value::String(e.to_string()))].into_iter().collect(),
@@ -483,8 +470,8 @@ fn status(control: &Control, generation: u64, doc: &Document) -> Response<Full<B
             "workloads": doc.workloads.len(),
             "services": doc.services.len(),
             "endpoints": doc.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
-            "ready": control.readiness().is_ok(),
-            "notReadyReason": control.readiness().err().map(|e| e.0),
+            "ready": ready.is_ok(),
+            "notReadyReason": ready.err().map(|e| e.0),
             "datapath": { "reused_at_start": control.datapath_reused(), "stats": stats },
         }),
     )

@@ -72,7 +72,7 @@ pub struct Conn {
     /// nothing this long (`--idle-timeout`).
     pub idle: Duration,
     /// The clock and randomness of its decisions.
-    pub env: Arc<dyn Env>,
+    pub env: &'static dyn Env,
 }
 
 impl Conn {
@@ -87,7 +87,7 @@ impl Conn {
         counters: Arc<ProxyCounters>,
         spans: Arc<Spans>,
         idle: Duration,
-        env: Arc<dyn Env>,
+        env: &'static dyn Env,
     ) -> Self {
         let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
@@ -296,7 +296,7 @@ fn dial(ep: &RouteEndpoint, conn: &Conn) -> Result<Dial, ConnectError> {
                 target: addr,
                 via: via.clone(),
                 source: source.identity.clone(),
-                service: conn.route.service.clone(),
+                service: conn.route.key.service.clone(),
             })
         }
         None => Ok(Dial::Direct(addr)),
@@ -333,7 +333,7 @@ fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError>
 async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Response<Body> {
     let route = &conn.route;
     let finished = Finished::new(conn, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
-    let env = &*conn.env;
+    let env = conn.env;
     let Some(i) = route.pick_index(&[], env) else {
         return finished.failed("no_endpoint", started, unavailable(false, "no_endpoint"));
     };
@@ -348,7 +348,8 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Resp
     let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout, None);
     match upgrade::forward(req, dial, connector, conn.idle).await {
         Ok(resp) => {
-            ep.state.connected(env.now() - started, env.now());
+            let now = env.now();
+            ep.state.connected(now - started, now);
             let (head, body) = resp.into_parts();
             let observed = Observed::new(body, finished.at(i, &head, started));
             Response::from_parts(head, observed.boxed_unsync())
@@ -389,7 +390,7 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
 ///
 /// Before it, the service's rate limit; over all of it, the timeout.
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
-    let env = &*conn.env;
+    let env = conn.env;
     let started = env.now();
     let route = &conn.route;
     if req.version() != Version::HTTP_2 && upgrade::wanted(&req) {
@@ -470,10 +471,11 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             None => {
                 // Out of time: dropping the try cancelled it upstream (a
                 // stream reset, or the connection closed).
-                let waited = env.now() - t0;
-                ep.state.observe_rtt(waited, env.now());
+                let now = env.now();
+                let waited = now - t0;
+                ep.state.observe_rtt(waited, now);
                 failed_answer(route, ep, env);
-                let overall = deadline.is_some_and(|d| env.now() >= d);
+                let overall = deadline.is_some_and(|d| now >= d);
                 if !overall {
                     if let Some(pause) = again(&retrying) {
                         retrying.retried += 1;
@@ -490,8 +492,9 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             Some(Ok(resp)) => {
                 // From the send, or from the connect if this request waited for one.
                 let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
-                let latency = env.now() - since;
-                ep.state.observe_rtt(latency, env.now());
+                let now = env.now();
+                let latency = now - since;
+                ep.state.observe_rtt(latency, now);
                 route.series().response_latency.observe(latency.as_secs_f64());
                 ep.series().latency.observe(latency);
                 if retry.is_some_and(|r| retried_answer(r, &resp, conn.grpc)) {

@@ -67,7 +67,7 @@ pub struct Finished {
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
-    env: Arc<dyn crate::env::Env>,
+    env: &'static dyn crate::env::Env,
 }
 
 /// Where a request that reached an endpoint is counted and logged once
@@ -110,9 +110,9 @@ impl Report for AtEndpoint {
         let ep = &route.endpoints[self.endpoint];
         ep.series().request(class(status, self.finished.grpc, grpc_status));
         if failed(status, self.finished.grpc, grpc_status) {
-            super::failed_answer(route, ep, &*self.finished.env);
+            super::failed_answer(route, ep, self.finished.env);
         } else {
-            let env = &self.finished.env;
+            let env = self.finished.env;
             ep.state.answered(true, 0, false, env.now(), env.unit());
         }
         self.finished.log(Some(ep), status, grpc_status, bytes, self.started, outcome);
@@ -163,7 +163,7 @@ impl Finished {
             client: conn.client,
             grpc: conn.grpc,
             route: conn.route.clone(),
-            env: conn.env.clone(),
+            env: conn.env,
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::env::Env;
 use crate::identity::Identity;
-use crate::model::{AppProtocol, Delta, Frontend, NodeName, PortKey, ServiceKey, Snapshot, State};
+use crate::model::{AppProtocol, Delta, Frontend, NodeName, PortKey, Snapshot, State};
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -72,8 +72,6 @@ pub struct Route {
     pub key: PortKey,
     /// `namespace/name:port`: the key as logs and metrics write it.
     pub name: String,
-    /// The service: tunnel streams name it (`namespace/name`).
-    pub service: ServiceKey,
     pub endpoints: Vec<RouteEndpoint>,
     pub fail_open: bool,
     pub connect_timeout: Duration,
@@ -145,7 +143,6 @@ impl Route {
             series: OnceLock::new(),
             source,
             policy: policies.get(&key, &s.http),
-            service: key.service.clone(),
             key,
             name,
             endpoints,

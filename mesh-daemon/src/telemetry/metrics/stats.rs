@@ -142,15 +142,10 @@ pub(super) type Recent = (Arc<LatencySketch>, Arc<RecentRate>);
 /// Seconds the request rate of `meshctl stats` is taken over.
 pub const RATE_WINDOW_SECS: u64 = 10;
 
-/// Seconds since this process first asked, with their fraction: the clock
-/// of the rate limiters (and, whole, of [`RecentRate`] and retry budgets).
-pub fn clock_secs() -> f64 {
-    crate::env::process_secs()
-}
-
-/// [`clock_secs`] in whole seconds.
+/// [`crate::env::process_secs`] in whole seconds: the clock of
+/// [`RecentRate`].
 pub fn now_secs() -> u64 {
-    clock_secs() as u64
+    crate::env::process_secs() as u64
 }
 
 /// Requests of the last [`RATE_WINDOW_SECS`] seconds, one bucket per

@@ -1,7 +1,7 @@
 //! A file the issuer reads on every request (node credentials, the state
 //! document), kept parsed: a request costs one `stat` off the async
 //! workers, and the file is read and parsed again (also off them) only
-//! when its size, modification time or inode changed.
+//! when its size, modification or change time, or inode changed.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -13,10 +13,10 @@ use arc_swap::ArcSwapOption;
 
 use crate::model::Invalid;
 
-/// Why a watched file cannot be had.
+/// Why a parsed file cannot be had.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{path}: {message}")]
-pub struct WatchedError {
+pub struct ParseError {
     pub path: PathBuf,
     pub message: String,
 }
@@ -30,8 +30,8 @@ enum Stamp {
 
 type Parse<T> = fn(&Path, Option<&str>) -> Result<T, Invalid>;
 
-/// A parsed file, current as of the last [`Watched::get`].
-pub struct Watched<T> {
+/// A parsed file, current as of the last [`ParsedFile::get`].
+pub struct ParsedFile<T> {
     path: PathBuf,
     /// The text, or None when the file does not exist.
     parse: Parse<T>,
@@ -39,7 +39,7 @@ pub struct Watched<T> {
     loads: AtomicU64,
 }
 
-impl<T: Send + Sync + 'static> Watched<T> {
+impl<T: Send + Sync + 'static> ParsedFile<T> {
     pub fn new(path: PathBuf, parse: Parse<T>) -> Self {
         Self { path, parse, current: ArcSwapOption::empty(), loads: AtomicU64::new(0) }
     }
@@ -54,8 +54,8 @@ impl<T: Send + Sync + 'static> Watched<T> {
     }
 
     /// The file as it is now.
-    pub async fn get(&self) -> Result<Arc<T>, WatchedError> {
-        let err = |message: String| WatchedError { path: self.path.clone(), message };
+    pub async fn get(&self) -> Result<Arc<T>, ParseError> {
+        let err = |message: String| ParseError { path: self.path.clone(), message };
         let stamp = match tokio::fs::metadata(&self.path).await {
             Ok(m) => Stamp::Present {
                 len: m.len(),
@@ -101,10 +101,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_file_is_parsed_again_only_when_it_changed() {
-        let dir = std::env::temp_dir().join(format!("mesh-watched-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("mesh-parsed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
-        let w = Watched::new(path.clone(), lines);
+        let w = ParsedFile::new(path.clone(), lines);
         assert_eq!(*w.get().await.unwrap(), Vec::<String>::new(), "missing: what parse makes of None");
         std::fs::write(&path, "a\nb\n").unwrap();
         assert_eq!(*w.get().await.unwrap(), ["a", "b"]);
@@ -113,8 +113,11 @@ mod tests {
             w.get().await.unwrap();
         }
         assert_eq!(w.loads(), loads, "unchanged: not read again");
-        // A rename over it (a new inode) is a change, even at the same size.
+        // A rename over it is a change, even at the same size and with the
+        // same modification time.
         std::fs::write(dir.join("g"), "c\nd\n").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::File::options().write(true).open(dir.join("g")).unwrap().set_modified(mtime).unwrap();
         std::fs::rename(dir.join("g"), &path).unwrap();
         assert_eq!(*w.get().await.unwrap(), ["c", "d"]);
         std::fs::write(&path, "bad\n").unwrap();
