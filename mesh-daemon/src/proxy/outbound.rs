@@ -79,6 +79,7 @@ impl Outbound {
             let source = table.workload(*peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
             let (upstreams, drain, spans) = (upstreams.clone(), guards.clone(), spans.clone());
+            let (routes, service_id) = (routes.clone(), orig.service_id);
             tokio::spawn(async move {
                 let proto = match route.app_protocol {
                     AppProtocol::Auto => http::detect::detect(&client, detect_timeout).await,
@@ -91,9 +92,8 @@ impl Outbound {
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let conn = http::Conn::new(
-                            route, source, peer, upstreams, tunnel, proto, counters, spans, idle, env,
-                        );
+                        let at = http::Accepted { routes, service_id, route, source, client: peer, proto };
+                        let conn = http::Conn::new(at, upstreams, tunnel, counters, spans, idle, env);
                         http::serve(client, Arc::new(conn), drain).await
                     }
                 }

@@ -4,13 +4,23 @@
 //! usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]
 //! `GET /__count` answers `served=N`: the requests it answered so far. A
 //! request with `Upgrade: echo` is answered 101 and the connection then
-//! echoes its bytes. `/status/NNN` answers with status NNN. A request body
+//! echoes its bytes. `/status/NNN` answers with status NNN; `/delay/MS`
+//! answers after MS milliseconds. A request body
 //! is read whole and its length answered as a `received=N` line.
 //! Trace headers it received (`traceparent`, `b3`, `x-b3-spanid`) come back
 //! as `NAME=VALUE` lines.
 //! `--fail-percent P` answers 503 to P% of requests at random, `--status S`
 //! answers S to every request. `GET /__cancelled` answers `cancelled=N`:
 //! requests whose client (the proxy) went away before the answer.
+//!
+//! usage: mt-http --follow ADDR (--h1 | --h2)
+//! A client that opens one connection to ADDR (HTTP/1.1 keep-alive or
+//! HTTP/2 with prior knowledge) and keeps it for its whole life. For each
+//! line `N PATH` on stdin it sends N requests for PATH over that
+//! connection, one after another, and prints one line: how many each
+//! backend answered and every status, `web-1=12 web-2=8 504=3`; the
+//! line `ok` once the connection is up. It exits at the end of stdin, or
+//! when the connection fails (`error: ...`).
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -88,8 +98,14 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                     }
                     SERVED.fetch_add(1, Ordering::Relaxed);
                     let mut pending = Pending(false);
-                    if !how.delay.is_zero() {
-                        tokio::time::sleep(how.delay).await;
+                    let delay = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/delay/")
+                        .and_then(|ms| ms.parse().ok())
+                        .map_or(how.delay, Duration::from_millis);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
                     pending.0 = true;
                     let status = req
@@ -132,8 +148,83 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
     }
 }
 
+/// One request on `send`; who answered (`backend=NAME`) or the status.
+async fn one(send: &mut Sender, addr: &str, path: &str) -> Result<String, String> {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .header("host", addr)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = match send {
+        Sender::H1(s) => {
+            s.ready().await.map_err(|e| e.to_string())?;
+            s.send_request(req).await
+        }
+        Sender::H2(s) => {
+            s.ready().await.map_err(|e| e.to_string())?;
+            s.send_request(req).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    Ok(match text.lines().find_map(|l| l.strip_prefix("backend=")) {
+        Some(name) if status.is_success() => name.to_owned(),
+        _ => status.as_u16().to_string(),
+    })
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>),
+}
+
+/// The `--follow` client (see the top of the file).
+async fn follow(addr: String, h2: bool) -> Result<(), String> {
+    use tokio::io::AsyncBufReadExt;
+    let s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let io = TokioIo::new(s);
+    let mut send = if h2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Sender::H2(send)
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Sender::H1(send)
+    };
+    println!("ok");
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let mut words = line.split_whitespace();
+        let (Some(n), path) = (words.next().and_then(|n| n.parse::<u32>().ok()), words.next().unwrap_or("/")) else {
+            return Err(format!("not `N PATH`: {line:?}"));
+        };
+        let mut tally = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            *tally.entry(one(&mut send, &addr, path).await?).or_insert(0u32) += 1;
+        }
+        let words: Vec<String> = tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{}", words.join(" "));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(addr) = flag(&args, "--follow") {
+        let h2 = args.iter().any(|a| a == "--h2");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        return match rt.map_err(|e| e.to_string()).and_then(|rt| rt.block_on(follow(addr.to_owned(), h2))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (Some(name), Some(port)) = (flag(&args, "--name"), flag(&args, "--port").and_then(|p| p.parse().ok())) else {
         eprintln!("usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]");
         return ExitCode::from(2);

@@ -74,6 +74,16 @@ impl Cluster {
         Ok(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
     }
 
+    /// Starts a client in `pod` that the caller drives through its stdin
+    /// and reads on its stdout; its stderr goes to the pod's log. Ended
+    /// when the caller drops it, or at teardown.
+    pub fn start_driven(&self, pod: &str, program: &str, args: &[&str]) -> anyhow::Result<Child> {
+        let log = File::options().create(true).append(true).open(self.dir.join(format!("pod-{pod}.log")))?;
+        let program = self.bins.program(program);
+        let mut cmd = self.pod_command(pod, &program, args)?;
+        Ok(cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log).spawn()?)
+    }
+
     /// The pid of the newest process started with [`Cluster::spawn`] in `pod`.
     pub fn spawned_pid_of(&self, pod: &str) -> Option<u32> {
         let pods = self.spawned_pods.lock().ok()?;

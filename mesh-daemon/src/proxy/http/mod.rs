@@ -7,6 +7,7 @@
 //! `UNAVAILABLE`), never a reset. Each finished request is counted by
 //! status class (gRPC: its status) and logged once.
 
+mod conn;
 pub mod detect;
 pub mod inbound;
 mod observe;
@@ -17,8 +18,9 @@ pub mod trace;
 mod upgrade;
 pub mod upstream;
 
+pub use conn::{Accepted, Conn};
+
 use std::convert::Infallible;
-use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,75 +36,15 @@ use tracing::{debug, warn};
 
 use self::observe::{Finished, Observed};
 use self::retry::{NoRetry, Retrying};
-use self::upstream::{Body, ConnectedAt, Connector, Dial, Upstreams};
+use self::upstream::{Body, ConnectedAt};
 use super::error::ConnectError;
 use super::tries::Tries;
-use super::{Route, RouteEndpoint, Workload};
+use super::{Route, RouteEndpoint};
 use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
 use crate::env::Env;
 use crate::model::http::{RetryPolicy, Rules};
-use crate::model::AppProtocol;
-use crate::proxy::ProxyCounters;
 use crate::relay::Watched;
-use crate::telemetry::otlp::Spans;
-use crate::tunnel::client::Pool;
-use hyper_util::client::legacy::Client;
-use std::sync::OnceLock;
-
-/// What every request of one client connection shares.
-pub struct Conn {
-    pub route: Arc<Route>,
-    pub source: Option<Arc<Workload>>,
-    pub client: SocketAddrV4,
-    pub upstreams: Arc<Upstreams>,
-    pub tunnel: Option<Arc<Pool>>,
-    /// gRPC: failures answer with a gRPC status, not an HTTP one.
-    pub grpc: bool,
-    /// HTTP/2 with prior knowledge (else HTTP/1.1), to the client and so
-    /// to the endpoints.
-    pub http2: bool,
-    pub counters: Arc<ProxyCounters>,
-    /// Where spans of sampled requests go.
-    pub spans: Arc<Spans>,
-    /// The pooling client of each endpoint of `route`, found once per
-    /// client connection, not per request.
-    clients: Vec<OnceLock<Client<Connector, Body>>>,
-    /// Closes an HTTP/2 client connection, or an upgraded one, that moves
-    /// nothing this long (`--idle-timeout`).
-    pub idle: Duration,
-    /// The clock and randomness of its decisions.
-    pub env: &'static dyn Env,
-}
-
-impl Conn {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        route: Arc<Route>,
-        source: Option<Arc<Workload>>,
-        client: SocketAddrV4,
-        upstreams: Arc<Upstreams>,
-        tunnel: Option<Arc<Pool>>,
-        proto: AppProtocol,
-        counters: Arc<ProxyCounters>,
-        spans: Arc<Spans>,
-        idle: Duration,
-        env: &'static dyn Env,
-    ) -> Self {
-        let clients = route.endpoints.iter().map(|_| OnceLock::new()).collect();
-        let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
-        Self { route, source, client, upstreams, tunnel, grpc, http2, counters, spans, clients, idle, env }
-    }
-
-    /// The pooling client for endpoint `i` (`ep`) of the route.
-    fn client(&self, i: usize, ep: &RouteEndpoint) -> Result<Client<Connector, Body>, ConnectError> {
-        if let Some(c) = self.clients[i].get() {
-            return Ok(c.clone());
-        }
-        let c = self.upstreams.client(dial(ep, self)?, self.http2, self.tunnel.as_ref(), self.route.connect_timeout);
-        Ok(self.clients[i].get_or_init(|| c).clone())
-    }
-}
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
 /// HTTP/2 with prior knowledge, until the client closes it or the drain
@@ -220,6 +162,12 @@ pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
     )
 }
 
+/// The answer when the service the client dialled left the state while
+/// its connection stayed open: 503, or for gRPC `UNAVAILABLE`.
+fn gone(grpc: bool) -> Response<Body> {
+    answer(grpc, StatusCode::SERVICE_UNAVAILABLE, 14, "service_gone", "the service is no longer in the mesh")
+}
+
 /// The answer when the request's time ran out: 504, or for gRPC
 /// `DEADLINE_EXCEEDED` (code 4).
 fn timed_out(grpc: bool, after: Duration) -> Response<Body> {
@@ -285,24 +233,6 @@ fn bad_request(why: &'static str) -> Response<Body> {
     r
 }
 
-/// How to reach `ep` for a request of `conn`'s client (see
-/// [`crate::proxy::dial`]), as the key of its pool.
-fn dial(ep: &RouteEndpoint, conn: &Conn) -> Result<Dial, ConnectError> {
-    let addr = ep.state.addr;
-    match crate::proxy::dial::via(ep, &conn.route) {
-        Some(via) => {
-            let source = conn.source.as_ref().ok_or_else(|| ConnectError::NoIdentity { addr, node: via.0.clone() })?;
-            Ok(Dial::Tunnel {
-                target: addr,
-                via: via.clone(),
-                source: source.identity.clone(),
-                service: conn.route.key.service.clone(),
-            })
-        }
-        None => Ok(Dial::Direct(addr)),
-    }
-}
-
 /// An error with its causes, `outer: inner: ...`.
 pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -330,15 +260,14 @@ fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError>
 /// An upgrade or `CONNECT`: one endpoint, a connection of its own, then
 /// bytes both ways (see [`upgrade`]). Not retried: the client's side is
 /// handed over with the request.
-async fn upgraded(req: Request<Incoming>, conn: &Conn, started: Instant) -> Response<Body> {
-    let route = &conn.route;
-    let finished = Finished::new(conn, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
+async fn upgraded(req: Request<Incoming>, conn: &Conn, route: &Arc<Route>, started: Instant) -> Response<Body> {
+    let finished = Finished::new(conn, route, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
     let env = conn.env;
     let Some(i) = route.pick_index(&[], env) else {
         return finished.failed("no_endpoint", started, unavailable(false, "no_endpoint"));
     };
     let ep = &route.endpoints[i];
-    let dial = match dial(ep, conn) {
+    let dial = match conn::dial(ep, route, conn) {
         Ok(d) => d,
         Err(e) => {
             super::tries::blame(ep, &e, env);
@@ -392,9 +321,12 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let env = conn.env;
     let started = env.now();
-    let route = &conn.route;
+    let Some(resolved) = conn.resolve() else {
+        return gone(conn.grpc);
+    };
+    let route = &resolved.route;
     if req.version() != Version::HTTP_2 && upgrade::wanted(&req) {
-        return upgraded(req, conn, started).await;
+        return upgraded(req, conn, route, started).await;
     }
     let Some(uri) = absolute(&req) else {
         return bad_request("the request names no host\n");
@@ -402,7 +334,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
-    let mut finished = Finished::new(conn, &parts.method, &parts.uri);
+    let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
     finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));
     let policy = &route.policy;
     if let Some(limiter) = &policy.limiter {
@@ -449,7 +381,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             })?
         });
         let Some((i, ep)) = picked else { break };
-        let client = match conn.client(i, ep) {
+        let client = match resolved.client(i, ep, conn) {
             Ok(c) => c,
             Err(e) => {
                 super::tries::blame(ep, &e, env);

@@ -154,7 +154,7 @@ pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
 
 impl Finished {
     /// `uri` in absolute form (see `absolute`), for its authority.
-    pub fn new(conn: &Conn, method: &Method, uri: &hyper::Uri) -> Self {
+    pub fn new(conn: &Conn, route: &Arc<Route>, method: &Method, uri: &hyper::Uri) -> Self {
         Self {
             line: Line::new(method, uri, &HeaderMap::new()),
             retries: 0,
@@ -162,7 +162,7 @@ impl Finished {
             source: conn.source.clone(),
             client: conn.client,
             grpc: conn.grpc,
-            route: conn.route.clone(),
+            route: route.clone(),
             env: conn.env,
         }
     }
