@@ -20,6 +20,10 @@ pub struct Document {
     /// before, which is how validation and the views know what changed.
     #[serde(default)]
     pub services: Chunked<Arc<ServiceDoc>>,
+    /// Gateway API `HTTPRoute`s whose parents are Services, written as
+    /// for a cluster (see [`super::route`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Arc<super::route::RouteDoc>>,
     /// Where each service was, shared by the documents made from this
     /// one; see [`Document::find_service`].
     #[serde(skip)]

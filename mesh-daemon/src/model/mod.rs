@@ -10,6 +10,7 @@ pub mod http;
 mod ids;
 mod load;
 mod names;
+pub mod route;
 pub mod slots;
 mod snapshot;
 pub mod spiffe;
@@ -44,6 +45,9 @@ pub struct State {
     /// Shared with the state before: a service a write did not change is
     /// the same `Arc`.
     pub services: Chunked<Arc<Service>>,
+    /// The routes, compiled; the same `Arc` as the state before's when
+    /// the write left them as they were.
+    pub routes: Arc<route::Routes>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

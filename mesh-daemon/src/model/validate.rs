@@ -126,10 +126,33 @@ pub(super) fn validate(
         Walk { e: &mut e, doc, base, change: &mut change, changes: &mut changes, state: &mut state, table_size };
     let checked = w.services(prev.map(|(_, s, _)| s), runs, &holders.node_names);
     shadowed_vips(&mut e, doc, &state, &holders, (base, &change), &checked, prev.is_some());
+    routes(&mut e, prev.map(|(_, s, _)| s), doc, &mut state, &mut changes);
     if e.0.is_empty() {
         Ok(Validated { state, changes, index_change: change })
     } else {
         Err(ValidationErrors(e.0))
+    }
+}
+
+/// The routes of `doc`, checked against the services of `state` and
+/// compiled; those of `prev` when the documents are the same (a write of
+/// services alone changes no router). A write that changes them changes
+/// the whole: every reader rebuilds.
+fn routes(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut State, changes: &mut Changes) {
+    if doc.routes.is_empty() && prev.is_none_or(|p| p.routes.docs.is_empty()) {
+        state.routes = prev.map(|p| p.routes.clone()).unwrap_or_default();
+        return;
+    }
+    let by_key: HashMap<(&str, &str), &Arc<Service>> =
+        state.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), s)).collect();
+    let find = |ns: &str, name: &str| by_key.get(&(ns, name)).map(|s| Arc::clone(s));
+    let compiled = super::route::compile(e, &doc.routes, &find);
+    match prev {
+        Some(p) if p.routes.docs == doc.routes => state.routes = p.routes.clone(),
+        _ => {
+            changes.whole = true;
+            state.routes = Arc::new(compiled);
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! `GET /__count` answers `served=N`: the requests it answered so far. A
 //! request with `Upgrade: echo` is answered 101 and the connection then
 //! echoes its bytes. `/status/NNN` answers with status NNN; `/delay/MS`
-//! answers after MS milliseconds. A request body
+//! answers after MS milliseconds. A request with `x-echo-request` gets
+//! its path (`path=/p?q`) and its `x-header-*` headers (`NAME=VALUE`)
+//! back. A request body
 //! is read whole and its length answered as a `received=N` line.
 //! Trace headers it received (`traceparent`, `b3`, `x-b3-spanid`) come back
 //! as `NAME=VALUE` lines.
@@ -115,6 +117,15 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                         .and_then(|s| s.parse::<u16>().ok())
                         .and_then(|s| hyper::StatusCode::from_u16(s).ok());
                     let mut extra = String::new();
+                    if req.headers().contains_key("x-echo-request") {
+                        // What the proxy sent on: the path and the x-header-* headers.
+                        extra.push_str(&format!("path={}\n", req.uri().path_and_query().map_or("/", |p| p.as_str())));
+                        for (n, v) in req.headers() {
+                            if n.as_str().starts_with("x-header-") {
+                                extra.push_str(&format!("{n}={}\n", v.to_str().unwrap_or("?")));
+                            }
+                        }
+                    }
                     for h in ["traceparent", "b3", "x-b3-spanid"] {
                         if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
                             extra.push_str(&format!("{h}={v}\n"));

@@ -4,7 +4,7 @@
 //! weight or a policy change) from its next request on.
 
 use std::net::SocketAddrV4;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 
 use super::upstream::{Body, Connector, Dial, Upstreams};
 use crate::env::Env;
-use crate::model::AppProtocol;
+use crate::model::{AppProtocol, PortKey};
 use crate::proxy::error::ConnectError;
 use crate::proxy::{ProxyCounters, Route, RouteEndpoint, RouteTable, Workload};
 use crate::telemetry::otlp::Spans;
@@ -27,6 +27,9 @@ pub struct Conn {
     /// The route the last request took, with the clients it found: kept
     /// while the table holds the same route (the same `Arc`).
     resolved: ArcSwap<Resolved>,
+    /// The backend services routes sent this connection's requests to,
+    /// kept like `resolved` (at most [`MAX_BACKENDS`]).
+    backends: Mutex<Vec<Arc<Resolved>>>,
     pub source: Option<Arc<Workload>>,
     pub client: SocketAddrV4,
     pub upstreams: Arc<Upstreams>,
@@ -101,6 +104,7 @@ impl Conn {
             routes,
             service_id,
             resolved,
+            backends: Mutex::default(),
             source,
             client,
             upstreams,
@@ -127,6 +131,34 @@ impl Conn {
         }
         let next = Arc::new(Resolved::new(route.clone()));
         self.resolved.store(next.clone());
+        Some(next)
+    }
+}
+
+/// Backend services one client connection keeps resolved; a route with
+/// more sends the others' requests through a fresh lookup.
+const MAX_BACKENDS: usize = 16;
+
+impl Conn {
+    /// The route of backend service port `key` as the table has it now
+    /// (None once it left the state).
+    pub fn backend(&self, key: &PortKey) -> Option<Arc<Resolved>> {
+        let table = self.routes.load();
+        let (_, route) = table.route_of(key)?;
+        let mut cache = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = cache.iter().find(|r| Arc::ptr_eq(&r.route, route)) {
+            return Some(r.clone());
+        }
+        let next = Arc::new(Resolved::new(route.clone()));
+        match cache.iter().position(|r| r.route.key == *key) {
+            Some(i) => cache[i] = next.clone(),
+            None => {
+                if cache.len() >= MAX_BACKENDS {
+                    cache.remove(0);
+                }
+                cache.push(next.clone());
+            }
+        }
         Some(next)
     }
 }

@@ -14,6 +14,7 @@ mod observe;
 pub mod policy;
 mod replay;
 pub mod retry;
+pub mod router;
 pub mod trace;
 mod upgrade;
 pub mod upstream;
@@ -166,6 +167,73 @@ pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
 /// its connection stayed open: 503, or for gRPC `UNAVAILABLE`.
 fn gone(grpc: bool) -> Response<Body> {
     answer(grpc, StatusCode::SERVICE_UNAVAILABLE, 14, "service_gone", "the service is no longer in the mesh")
+}
+
+/// An answer a route makes instead of a backend.
+enum Direct {
+    /// No rule matched: 404 (gRPC: UNIMPLEMENTED).
+    NotFound,
+    /// The rule's backends all weigh 0: 500 (gRPC: INTERNAL).
+    NoBackend,
+    /// The backend service left the state since the routes were read.
+    BackendGone,
+    /// A RequestRedirect: its status and `Location`.
+    Redirect(u16, String),
+}
+
+/// Answers `parts` as the route said, counted and logged on the route's
+/// service (`route`, the one the client dialled).
+fn direct(
+    conn: &Conn,
+    route: &Arc<Route>,
+    parts: &hyper::http::request::Parts,
+    started: Instant,
+    d: Direct,
+) -> Response<Body> {
+    let finished = Finished::new(conn, route, &parts.method, &parts.uri);
+    let grpc = conn.grpc;
+    match d {
+        Direct::NotFound => finished.failed(
+            "no_route",
+            started,
+            answer(grpc, StatusCode::NOT_FOUND, 12, "no_route", "no route rule matches the request"),
+        ),
+        Direct::NoBackend => finished.failed(
+            "no_backend",
+            started,
+            answer(
+                grpc,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                13,
+                "no_backend",
+                "the route rule's backends all have weight 0",
+            ),
+        ),
+        Direct::BackendGone => {
+            finished.failed("no_backend", started, unavailable(grpc, "the route's backend service is not in the mesh"))
+        }
+        Direct::Redirect(status, location) => {
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(header::LOCATION, v);
+                    finished.answered("redirect", started, r)
+                }
+                Err(_) => finished.failed(
+                    "bad_redirect",
+                    started,
+                    answer(
+                        grpc,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        13,
+                        "bad_redirect",
+                        "the redirect location is not a header value",
+                    ),
+                ),
+            }
+        }
+    }
 }
 
 /// The answer when the request's time ran out: 504, or for gRPC
@@ -321,19 +389,49 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let env = conn.env;
     let started = env.now();
-    let Some(resolved) = conn.resolve() else {
+    let Some(frontend) = conn.resolve() else {
         return gone(conn.grpc);
     };
-    let route = &resolved.route;
-    if req.version() != Version::HTTP_2 && upgrade::wanted(&req) {
-        return upgraded(req, conn, route, started).await;
-    }
     let Some(uri) = absolute(&req) else {
         return bad_request("the request names no host\n");
     };
+    let wants_upgrade = req.version() != Version::HTTP_2 && upgrade::wanted(&req);
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     parts.uri = uri;
+    // Routes (Gateway API) attached to the service port decide first: the
+    // backend service, or the answer.
+    let router = frontend.route.router.clone();
+    let mut routed = None;
+    let resolved = match router.as_deref() {
+        None => frontend,
+        Some(router) => {
+            let head = router::Head { method: &parts.method, uri: &parts.uri, headers: &parts.headers };
+            let ns = conn.source.as_ref().map(|w| w.namespace.as_str());
+            match router::decide(router, frontend.route.key.port, ns, &head, env.unit()) {
+                router::Decision::Service => frontend,
+                router::Decision::Forward { rule, backend: Some(b), prefix } => {
+                    router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
+                    routed = Some((rule, b));
+                    match conn.backend(&b.port) {
+                        Some(r) => r,
+                        None => return direct(conn, &frontend.route, &parts, started, Direct::BackendGone),
+                    }
+                }
+                router::Decision::Forward { backend: None, .. } => {
+                    return direct(conn, &frontend.route, &parts, started, Direct::NoBackend)
+                }
+                router::Decision::NotFound => return direct(conn, &frontend.route, &parts, started, Direct::NotFound),
+                router::Decision::Redirect { status, location, .. } => {
+                    return direct(conn, &frontend.route, &parts, started, Direct::Redirect(status, location))
+                }
+            }
+        }
+    };
+    let route = &resolved.route;
+    if wants_upgrade {
+        return upgraded(Request::from_parts(parts, body), conn, route, started).await;
+    }
+    strip_hop_by_hop(&mut parts.headers);
     let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
     finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));
     let policy = &route.policy;
@@ -347,7 +445,12 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
         }
     }
-    let rules = policy.cfg.rules(parts.uri.path());
+    let mut rules = policy.cfg.rules(parts.uri.path());
+    if let Some((rule, _)) = routed {
+        // The route's timeouts come before the backend service's own.
+        rules.timeout = rule.timeout.or(rules.timeout);
+        rules.per_try_timeout = rule.backend_timeout.or(rules.per_try_timeout);
+    }
     let timeout = request_timeout(&rules, conn.grpc, &parts.headers);
     let deadline = timeout.map(|t| started + t);
     let retry = retry_policy(&rules, &parts.method, conn.grpc);
@@ -444,6 +547,9 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                 }
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
+                if let Some((rule, b)) = routed {
+                    router::rewrite_response(&mut head.headers, rule, b);
+                }
                 finished.retries = retrying.retried;
                 let observed = Observed::new(body, finished.at(i, &head, started));
                 return Response::from_parts(head, observed.boxed_unsync());

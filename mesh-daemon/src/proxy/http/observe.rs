@@ -188,6 +188,16 @@ impl Finished {
         response
     }
 
+    /// The proxy answered the request itself as a route said (a
+    /// redirect): counted as a request that reached no endpoint, not as a
+    /// failure, and logged with `outcome`.
+    pub fn answered(self, outcome: &'static str, started: Instant, response: Response<Body>) -> Response<Body> {
+        let status = response.status();
+        self.route.series().request_failed(class(status, self.grpc, None));
+        self.log(None, status, None, 0, started, outcome);
+        response
+    }
+
     fn log(
         &self,
         ep: Option<&RouteEndpoint>,

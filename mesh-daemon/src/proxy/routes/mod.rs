@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::env::Env;
 use crate::identity::Identity;
+use crate::model::route::Router;
 use crate::model::{AppProtocol, Delta, Frontend, NodeName, PortKey, Snapshot, State};
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
@@ -87,8 +88,11 @@ pub struct Route {
     /// Per request: timeouts, retries, outlier ejection, rate limit (the
     /// rate limit applies to connections of `tcp` ports too).
     pub policy: Arc<Policy>,
-    /// The service and frontend it was made from: a later state with the
-    /// same `Arc` and frontend keeps the route as it is.
+    /// The routes (Gateway API) attached to this service port, if any:
+    /// its requests are decided by them (see [`crate::proxy::http::router`]).
+    pub router: Option<Arc<Router>>,
+    /// The service, frontend and router it was made from: a later state
+    /// with the same `Arc`s and frontend keeps the route as it is.
     from: (Arc<crate::model::Service>, Frontend),
 }
 
@@ -139,7 +143,9 @@ impl Route {
                 }
             })
             .collect();
+        let router = state.routes.router(&key.service).filter(|r| r.takes(key.port)).cloned();
         Route {
+            router,
             series: OnceLock::new(),
             source,
             policy: policies.get(&key, &s.http),
@@ -159,7 +165,15 @@ impl Route {
     /// Whether it is the route of `f` in `state` as it is.
     fn built_from(&self, state: &State, f: &Frontend) -> bool {
         let (service, front) = &self.from;
+        let routes = &state.routes;
+        let router = (!routes.by_parent.is_empty())
+            .then(|| routes.router(&service.key()).filter(|r| r.takes(f.port.0)))
+            .flatten();
         Arc::ptr_eq(service, &state.services[f.service])
+            && match (&self.router, router) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
             && (front.vip, front.port, front.target_port, front.app_protocol)
                 == (f.vip, f.port, f.target_port, f.app_protocol)
     }
@@ -255,6 +269,8 @@ pub struct Local {
 pub struct Workload {
     /// `namespace/name`.
     pub name: String,
+    /// Its namespace: consumer routes of this namespace apply to it.
+    pub namespace: crate::model::Name,
     pub identity: Identity,
 }
 
@@ -262,6 +278,9 @@ pub struct Workload {
 pub struct RouteTable {
     /// Shared with the table before but for the routes a write changed.
     by_id: SharedMap<u32, Arc<Route>>,
+    /// The id of each service port: a routed request's backend is a
+    /// service port.
+    ids: SharedMap<PortKey, u32>,
     /// The generation of the state it was built from.
     generation: u64,
     /// That state's nodes: a route to a remote endpoint names its node's
@@ -299,7 +318,7 @@ impl RouteTable {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let same_nodes = prev.nodes == state.nodes;
-        let by_id = frontends
+        let by_id: SharedMap<u32, Arc<Route>> = frontends
             .iter()
             .map(|f| {
                 let kept = prev.by_id.get(&f.id).filter(|r| same_nodes && r.built_from(state, f));
@@ -310,15 +329,17 @@ impl RouteTable {
                 (f.id, route)
             })
             .collect();
+        let ids = by_id.iter().map(|(id, r)| (r.key.clone(), *id)).collect();
         let workloads = state
             .workloads
             .iter()
             .map(|w| {
                 let id = Identity::workload(&local.trust_domain, &w.namespace, &w.service_account);
-                (w.ip, Arc::new(Workload { name: format!("{}/{}", w.namespace, w.name), identity: id }))
+                let name = format!("{}/{}", w.namespace, w.name);
+                (w.ip, Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id }))
             })
             .collect();
-        Self { by_id, generation, nodes: state.nodes.clone(), workloads }
+        Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads }
     }
 
     /// `prev` with the routes `delta` changed (the nodes and workloads
@@ -332,14 +353,19 @@ impl RouteTable {
         local: &Local,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let mut by_id = prev.by_id.clone();
+        let (mut by_id, mut ids) = (prev.by_id.clone(), prev.ids.clone());
         for id in &delta.removed {
-            by_id.remove(id);
+            if let Some(r) = by_id.remove(id) {
+                ids.remove(&r.key);
+            }
         }
         for f in &delta.changed {
-            by_id.insert(f.id, Arc::new(Route::new(&snap.state, f, registry, policies, local, metrics)));
+            let route = Arc::new(Route::new(&snap.state, f, registry, policies, local, metrics));
+            ids.insert(route.key.clone(), f.id);
+            by_id.insert(f.id, route);
         }
-        Self { by_id, generation: snap.generation, nodes: prev.nodes.clone(), workloads: prev.workloads.clone() }
+        let (nodes, workloads) = (prev.nodes.clone(), prev.workloads.clone());
+        Self { by_id, ids, generation: snap.generation, nodes, workloads }
     }
 
     /// Takes over the series of every route of `old` with the same name.
@@ -383,6 +409,12 @@ impl RouteTable {
 
     pub fn route(&self, id: u32) -> Option<&Arc<Route>> {
         self.by_id.get(&id)
+    }
+
+    /// The route of service port `key`, with its kernel id.
+    pub fn route_of(&self, key: &PortKey) -> Option<(u32, &Arc<Route>)> {
+        let id = *self.ids.get(key)?;
+        Some((id, self.by_id.get(&id)?))
     }
 
     /// The enrolled workload at `ip`.

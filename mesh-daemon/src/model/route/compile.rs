@@ -1,0 +1,501 @@
+//! Route documents checked against the services and compiled: every bad
+//! field reported with its path (`routes[0].spec.rules[1].matches[0]...`)
+//! and what would fix it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hyper::header::{HeaderName, HeaderValue};
+
+use super::doc::{FilterDoc, HeaderModifierDoc, MatchDoc, PathModifierDoc, RefDoc, RouteDoc, ValueMatchDoc};
+use super::{
+    Backend, Entry, Filters, HeaderModifier, Match, PathMatch, PathModifier, Redirect, Rewrite, RouteKey, Router,
+    Routes, Rule, ValueMatch,
+};
+use crate::model::errors::{invalid, Errors, Invalid};
+use crate::model::{parse_duration, Name, PortKey, Service, ServiceKey};
+
+const API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
+/// Largest regular expression, compiled (bytes): a route cannot make the
+/// proxy hold megabytes per pattern.
+const REGEX_SIZE: usize = 1 << 20;
+
+/// `docs` compiled against the services `find` knows (by namespace and
+/// name). Errors go to `e` under `routes[i]`.
+pub(in crate::model) fn compile(
+    e: &mut Errors,
+    docs: &[Arc<RouteDoc>],
+    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+) -> Routes {
+    // (parent, entry with its sort key) of every route.
+    let mut sorted = ByParent::new();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for (i, d) in docs.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if let Some(prev) = seen.insert((d.metadata.namespace.clone(), d.metadata.name.clone()), i) {
+            e.push(
+                format!("{p}.metadata"),
+                format!(
+                    "route {}/{} is also routes[{prev}]: give each route its own name",
+                    d.metadata.namespace, d.metadata.name
+                ),
+            );
+            continue;
+        }
+        route(e, &p, i, d, find, &mut sorted);
+    }
+    let by_parent = sorted
+        .into_iter()
+        .map(|(parent, mut entries)| {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut rules: Vec<Arc<Rule>> = Vec::new();
+            let mut at: HashMap<*const Rule, usize> = HashMap::new();
+            let mut consumers: Vec<Name> = Vec::new();
+            let entries = entries
+                .into_iter()
+                .map(|(_, mut entry, rule)| {
+                    entry.rule = *at.entry(Arc::as_ptr(&rule)).or_insert_with(|| {
+                        rules.push(rule.clone());
+                        rules.len() - 1
+                    });
+                    if entry.namespace != parent.namespace && !consumers.contains(&entry.namespace) {
+                        consumers.push(entry.namespace.clone());
+                    }
+                    entry
+                })
+                .collect();
+            let router = Router { parent: parent.clone(), entries, rules, consumers };
+            (parent, Arc::new(router))
+        })
+        .collect();
+    Routes { docs: docs.to_vec(), by_parent }
+}
+
+/// The entries of each parent, with their precedence, before sorting.
+type ByParent = HashMap<ServiceKey, Vec<(SortKey, Entry, Arc<Rule>)>>;
+
+/// The Gateway API's precedence among matches of the routes of one
+/// parent: an Exact path, then the longest PathPrefix (then a regular
+/// expression, which the spec leaves to the implementation), then a
+/// method, then the most header matches, then the most query parameter
+/// matches; then the route listed first (the oldest, in a cluster), its
+/// `namespace/name`, its rule order and its match order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SortKey {
+    path_kind: u8,
+    prefix_len: std::cmp::Reverse<usize>,
+    no_method: bool,
+    headers: std::cmp::Reverse<usize>,
+    query: std::cmp::Reverse<usize>,
+    route: usize,
+    key: RouteKey,
+    rule: usize,
+    matched: usize,
+}
+
+fn route(
+    e: &mut Errors,
+    p: &str,
+    index: usize,
+    d: &RouteDoc,
+    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+    sorted: &mut ByParent,
+) {
+    if d.api_version != API_VERSION {
+        e.push(format!("{p}.apiVersion"), format!("{:?} is not served here: write {API_VERSION:?}", d.api_version));
+    }
+    match d.kind.as_str() {
+        "HTTPRoute" => {}
+        "GRPCRoute" => e.push(
+            format!("{p}.kind"),
+            "GRPCRoute is not implemented yet: route gRPC by path with an HTTPRoute (/package.Service/Method)",
+        ),
+        k => e.push(format!("{p}.kind"), format!("{k:?} is not a route kind: write \"HTTPRoute\"")),
+    }
+    let namespace = e.take(|| format!("{p}.metadata.namespace"), Name::parse(&d.metadata.namespace));
+    let name = e.take(|| format!("{p}.metadata.name"), Name::parse(&d.metadata.name));
+    let (Some(namespace), Some(name)) = (namespace, name) else { return };
+    let key = RouteKey { namespace: namespace.clone(), name };
+    if d.spec.parent_refs.is_empty() {
+        e.push(format!("{p}.spec.parentRefs"), "names no Service: add the Service whose traffic it routes");
+    }
+    let mut parents = Vec::new();
+    for (j, r) in d.spec.parent_refs.iter().enumerate() {
+        let rp = format!("{p}.spec.parentRefs[{j}]");
+        if let Some(parent) = parent(e, &rp, r, &namespace, find) {
+            parents.push(parent);
+        }
+    }
+    let mut rules = Vec::new();
+    for (j, r) in d.spec.rules.iter().enumerate() {
+        let rp = format!("{p}.spec.rules[{j}]");
+        let filters = filters(e, &format!("{rp}.filters"), &r.filters, true);
+        let backends: Vec<Backend> = r
+            .backend_refs
+            .iter()
+            .enumerate()
+            .filter_map(|(k, b)| backend(e, &format!("{rp}.backendRefs[{k}]"), b, (&namespace, &parents), find))
+            .collect();
+        if r.backend_refs.is_empty() && filters.redirect.is_none() {
+            e.push(
+                format!("{rp}.backendRefs"),
+                "is empty and the rule has no RequestRedirect: name a Service to send its requests to",
+            );
+        }
+        if filters.redirect.is_some() && !r.backend_refs.is_empty() {
+            e.push(
+                format!("{rp}.filters"),
+                "RequestRedirect answers the request itself: remove the rule's backendRefs, or the redirect",
+            );
+        }
+        let timeouts = r.timeouts.clone().unwrap_or_default();
+        let timeout =
+            timeouts.request.as_deref().and_then(|t| e.take(|| format!("{rp}.timeouts.request"), parse_duration(t)));
+        let backend_timeout = timeouts
+            .backend_request
+            .as_deref()
+            .and_then(|t| e.take(|| format!("{rp}.timeouts.backendRequest"), parse_duration(t)));
+        if let (Some(t), Some(b)) = (timeout, backend_timeout) {
+            if b > t {
+                e.push(
+                    format!("{rp}.timeouts.backendRequest"),
+                    format!("{b:?} is longer than request {t:?}: make it shorter"),
+                );
+            }
+        }
+        let name = match &r.name {
+            Some(n) => e.take(|| format!("{rp}.name"), Name::parse(n)).map_or_else(|| j.to_string(), |n| n.to_string()),
+            None => j.to_string(),
+        };
+        let rule = Arc::new(Rule { route: key.clone(), name, filters, backends, timeout, backend_timeout });
+        let matches: Vec<MatchDoc> = if r.matches.is_empty() { vec![MatchDoc::default()] } else { r.matches.clone() };
+        for (k, m) in matches.iter().enumerate() {
+            let Some((m, sort)) = compiled_match(e, &format!("{rp}.matches[{k}]"), m) else { continue };
+            rules.push((m, sort, j, k, rule.clone()));
+        }
+    }
+    for (service, port) in &parents {
+        for (m, (path_kind, prefix_len, no_method, headers, query), j, k, rule) in &rules {
+            let sort = SortKey {
+                path_kind: *path_kind,
+                prefix_len: std::cmp::Reverse(*prefix_len),
+                no_method: *no_method,
+                headers: std::cmp::Reverse(*headers),
+                query: std::cmp::Reverse(*query),
+                route: index,
+                key: key.clone(),
+                rule: *j,
+                matched: *k,
+            };
+            let entry = Entry { port: *port, namespace: namespace.clone(), matches: m.clone(), rule: 0 };
+            sorted.entry(service.clone()).or_default().push((sort, entry, rule.clone()));
+        }
+    }
+}
+
+/// A Service reference's namespace and name, and its port, checked.
+fn service_ref(
+    e: &mut Errors,
+    p: &str,
+    r: &RefDoc,
+    namespace: &Name,
+    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+) -> Option<(Arc<Service>, Option<u16>)> {
+    if r.group.as_deref().is_some_and(|g| !g.is_empty()) || r.kind.as_deref().is_some_and(|k| k != "Service") {
+        e.push(format!("{p}.kind"), "only a Service (group \"\", kind Service) may be named on the mesh");
+        return None;
+    }
+    let ns = r.namespace.as_deref().unwrap_or(namespace.as_str());
+    let Some(s) = find(ns, &r.name) else {
+        e.push(
+            format!("{p}.name"),
+            format!("there is no service {ns}/{}: add it to services, or name one that exists", r.name),
+        );
+        return None;
+    };
+    let port = match r.port {
+        None => None,
+        Some(n) => {
+            let Some(sp) = u16::try_from(n).ok().and_then(|n| s.ports.iter().find(|sp| sp.port.0 == n)) else {
+                e.push(format!("{p}.port"), format!("service {ns}/{} has no port {n}: name one of its ports", r.name));
+                return None;
+            };
+            Some(sp.port.0)
+        }
+    };
+    Some((s, port))
+}
+
+fn parent(
+    e: &mut Errors,
+    p: &str,
+    r: &RefDoc,
+    namespace: &Name,
+    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+) -> Option<(ServiceKey, Option<u16>)> {
+    if r.section_name.is_some() {
+        e.push(format!("{p}.sectionName"), "is for Gateways: attach to a Service port with `port`");
+    }
+    if r.weight.is_some() || !r.filters.is_empty() {
+        e.push(p.to_owned(), "a parentRef has no weight or filters: those belong to backendRefs");
+    }
+    let (s, port) = service_ref(e, p, r, namespace, find)?;
+    let requests = |sp: &crate::model::ServicePort| sp.app_protocol.is_requests();
+    if s.mode == crate::model::Mode::Kernel {
+        e.push(p.to_owned(), format!("service {} is in kernel mode: the kernel balances its connections and sees no request; set mode: proxy to route its requests", s.key()));
+        return None;
+    }
+    match port {
+        Some(n) if !s.ports.iter().any(|sp| sp.port.0 == n && requests(sp)) => {
+            e.push(format!("{p}.port"), format!("port {n} of service {} carries tcp: give it appProtocol http, http2, grpc or auto to route its requests", s.key()));
+            return None;
+        }
+        None if !s.ports.iter().any(requests) => {
+            e.push(
+                p.to_owned(),
+                format!(
+                    "no port of service {} carries requests: give one appProtocol http, http2, grpc or auto",
+                    s.key()
+                ),
+            );
+            return None;
+        }
+        _ => {}
+    }
+    Some((s.key(), port))
+}
+
+/// A backendRef: a Service of the route's namespace, or of a parent's (a
+/// consumer route may send to its parent's namespace, as GAMMA allows);
+/// any other namespace would need a ReferenceGrant.
+fn backend(
+    e: &mut Errors,
+    p: &str,
+    r: &RefDoc,
+    (namespace, parents): (&Name, &[(ServiceKey, Option<u16>)]),
+    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+) -> Option<Backend> {
+    if r.section_name.is_some() {
+        e.push(format!("{p}.sectionName"), "is for Gateways: a backendRef names a Service and its port");
+    }
+    let other = |ns: &str| ns != namespace.as_str() && !parents.iter().any(|(k, _)| k.namespace.as_str() == ns);
+    if r.namespace.as_deref().is_some_and(other) {
+        e.push(
+            format!("{p}.namespace"),
+            "a backend in a namespace other than the route's or its parent Service's needs a ReferenceGrant, which this mesh does not read yet: route to a Service of one of those",
+        );
+        return None;
+    }
+    let filters = filters(e, &format!("{p}.filters"), &r.filters, false);
+    let (s, port) = service_ref(e, p, r, namespace, find)?;
+    let Some(port) = port else {
+        e.push(format!("{p}.port"), format!("is missing: name a port of service {}", s.key()));
+        return None;
+    };
+    let weight = r.weight.unwrap_or(1);
+    if weight > 1_000_000 {
+        e.push(format!("{p}.weight"), format!("{weight} is over 1000000: use a smaller weight"));
+        return None;
+    }
+    Some(Backend { port: PortKey { service: s.key(), port }, weight, filters })
+}
+
+fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], on_rule: bool) -> Filters {
+    let mut f = Filters::default();
+    for (i, d) in docs.iter().enumerate() {
+        let fp = format!("{p}[{i}]");
+        let given = [
+            ("RequestHeaderModifier", d.request_header_modifier.is_some()),
+            ("ResponseHeaderModifier", d.response_header_modifier.is_some()),
+            ("RequestRedirect", d.request_redirect.is_some()),
+            ("URLRewrite", d.url_rewrite.is_some()),
+            ("RequestMirror", d.request_mirror.is_some()),
+            ("ExtensionRef", d.extension_ref.is_some()),
+        ];
+        if given.iter().filter(|(_, g)| *g).count() != 1 || !given.iter().any(|(k, g)| *g && *k == d.kind) {
+            e.push(fp.clone(), format!("type {:?} must come with its one field (e.g. type: RequestHeaderModifier with requestHeaderModifier)", d.kind));
+            continue;
+        }
+        let twice = |e: &mut Errors| e.push(fp.clone(), format!("a second {} filter: merge it into the first", d.kind));
+        match d.kind.as_str() {
+            "RequestHeaderModifier" => match &f.request_headers {
+                Some(_) => twice(e),
+                None => f.request_headers = header_modifier(e, &format!("{fp}.requestHeaderModifier"), d.request_header_modifier.as_ref()),
+            },
+            "ResponseHeaderModifier" => match &f.response_headers {
+                Some(_) => twice(e),
+                None => f.response_headers = header_modifier(e, &format!("{fp}.responseHeaderModifier"), d.response_header_modifier.as_ref()),
+            },
+            "RequestRedirect" if on_rule => {
+                let r = d.request_redirect.clone().unwrap_or_default();
+                let rp = format!("{fp}.requestRedirect");
+                let status = r.status_code.unwrap_or(302);
+                if ![301, 302, 303, 307, 308].contains(&status) {
+                    e.push(format!("{rp}.statusCode"), format!("{status} is not a redirect: use 301, 302, 303, 307 or 308"));
+                }
+                if r.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
+                    e.push(format!("{rp}.scheme"), "use \"http\" or \"https\"");
+                }
+                let port = r.port.and_then(|n| e.take(|| format!("{rp}.port"), crate::model::Port::parse(i64::from(n))).map(|p| p.0));
+                let path = r.path.as_ref().and_then(|m| path_modifier(e, &format!("{rp}.path"), m));
+                f.redirect = Some(Redirect { scheme: r.scheme, hostname: r.hostname, path, port, status });
+            }
+            "URLRewrite" if on_rule => {
+                let r = d.url_rewrite.clone().unwrap_or_default();
+                let rp = format!("{fp}.urlRewrite");
+                let hostname = r.hostname.as_deref().and_then(|h| {
+                    e.take(|| format!("{rp}.hostname"), HeaderValue::from_str(h).map_err(|_| invalid!("{h:?} is not a host name")))
+                });
+                let path = r.path.as_ref().and_then(|m| path_modifier(e, &format!("{rp}.path"), m));
+                f.rewrite = Some(Rewrite { hostname, path });
+            }
+            "RequestRedirect" | "URLRewrite" => e.push(fp, format!("{} belongs on the rule, not on a backendRef", d.kind)),
+            k => e.push(format!("{fp}.type"), format!("{k} is not implemented yet: use RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect or URLRewrite")),
+        }
+    }
+    if f.redirect.is_some() && f.rewrite.is_some() {
+        e.push(p.to_owned(), "RequestRedirect and URLRewrite together: a redirected request is not sent on, keep one");
+    }
+    f
+}
+
+fn header_name(e: &mut Errors, p: &str, n: &str) -> Option<HeaderName> {
+    e.take(|| p.to_owned(), HeaderName::from_bytes(n.as_bytes()).map_err(|_| invalid!("{n:?} is not a header name")))
+}
+
+fn header_modifier(e: &mut Errors, p: &str, d: Option<&HeaderModifierDoc>) -> Option<HeaderModifier> {
+    let d = d?;
+    let mut m = HeaderModifier::default();
+    for (list, to) in [(&d.set, &mut m.set), (&d.add, &mut m.add)] {
+        for (i, h) in list.iter().enumerate() {
+            let hp = format!("{p}.{}[{i}]", if std::ptr::eq(list, &d.set) { "set" } else { "add" });
+            let name = header_name(e, &format!("{hp}.name"), &h.name);
+            let value = e.take(
+                || format!("{hp}.value"),
+                HeaderValue::from_str(&h.value).map_err(|_| invalid!("{:?} is not a header value", h.value)),
+            );
+            if let (Some(n), Some(v)) = (name, value) {
+                to.push((n, v));
+            }
+        }
+    }
+    for (i, n) in d.remove.iter().enumerate() {
+        if let Some(n) = header_name(e, &format!("{p}.remove[{i}]"), n) {
+            m.remove.push(n);
+        }
+    }
+    Some(m)
+}
+
+fn path_modifier(e: &mut Errors, p: &str, d: &PathModifierDoc) -> Option<PathModifier> {
+    let abs = |e: &mut Errors, f: &str, v: &Option<String>| -> Option<String> {
+        match v {
+            Some(s) if s.starts_with('/') => Some(s.clone()),
+            Some(s) => {
+                e.push(format!("{p}.{f}"), format!("{s:?} does not start with '/'"));
+                None
+            }
+            None => {
+                e.push(format!("{p}.{f}"), format!("is missing for type {}", d.kind));
+                None
+            }
+        }
+    };
+    match d.kind.as_str() {
+        "ReplaceFullPath" => abs(e, "replaceFullPath", &d.replace_full_path).map(PathModifier::Full),
+        "ReplacePrefixMatch" => abs(e, "replacePrefixMatch", &d.replace_prefix_match).map(PathModifier::Prefix),
+        k => {
+            e.push(format!("{p}.type"), format!("{k:?}: use ReplaceFullPath or ReplacePrefixMatch"));
+            None
+        }
+    }
+}
+
+fn regex(e: &mut Errors, p: &str, s: &str) -> Option<regex::Regex> {
+    let r = regex::RegexBuilder::new(&format!("^(?:{s})$")).size_limit(REGEX_SIZE).build();
+    e.take(|| p.to_owned(), r.map_err(|err| invalid!("{s:?} is not a regular expression: {err}")))
+}
+
+fn value_match(e: &mut Errors, p: &str, d: &ValueMatchDoc) -> Option<ValueMatch> {
+    let Some(v) = &d.value else {
+        e.push(format!("{p}.value"), "is missing");
+        return None;
+    };
+    match d.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => Some(ValueMatch::Exact(v.clone())),
+        "RegularExpression" => regex(e, &format!("{p}.value"), v).map(ValueMatch::Regex),
+        k => {
+            e.push(format!("{p}.type"), format!("{k:?}: use Exact or RegularExpression"));
+            None
+        }
+    }
+}
+
+type Rank = (u8, usize, bool, usize, usize);
+
+/// A match compiled, with its precedence rank.
+fn compiled_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)> {
+    let before = e.0.len();
+    let path_doc = d.path.clone().unwrap_or_default();
+    let value = path_doc.value.clone().unwrap_or_else(|| "/".into());
+    let pp = format!("{p}.path");
+    let path = match path_doc.kind.as_deref().unwrap_or("PathPrefix") {
+        "Exact" | "PathPrefix" if !value.starts_with('/') => {
+            e.push(format!("{pp}.value"), format!("{value:?} does not start with '/'"));
+            None
+        }
+        "Exact" => Some(PathMatch::Exact(value)),
+        "PathPrefix" => {
+            let trimmed = value.trim_end_matches('/');
+            Some(PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() }))
+        }
+        "RegularExpression" => regex(e, &format!("{pp}.value"), &value).map(PathMatch::Regex),
+        k => {
+            e.push(format!("{pp}.type"), format!("{k:?}: use Exact, PathPrefix or RegularExpression"));
+            None
+        }
+    };
+    let mut headers = Vec::new();
+    for (i, h) in d.headers.iter().enumerate() {
+        let hp = format!("{p}.headers[{i}]");
+        let name = match h.name.as_deref() {
+            Some(n) => header_name(e, &format!("{hp}.name"), n),
+            None => {
+                e.push(format!("{hp}.name"), "is missing");
+                None
+            }
+        };
+        if let (Some(n), Some(v)) = (name, value_match(e, &hp, h)) {
+            headers.push((n, v));
+        }
+    }
+    let mut query = Vec::new();
+    for (i, q) in d.query_params.iter().enumerate() {
+        let qp = format!("{p}.queryParams[{i}]");
+        let Some(n) = q.name.clone().filter(|n| !n.is_empty()) else {
+            e.push(format!("{qp}.name"), "is missing");
+            continue;
+        };
+        if let Some(v) = value_match(e, &qp, q) {
+            query.push((n, v));
+        }
+    }
+    let method = d.method.as_deref().and_then(|m| {
+        e.take(
+            || format!("{p}.method"),
+            hyper::Method::from_bytes(m.as_bytes()).map_err(|_| Invalid(format!("{m:?} is not an HTTP method"))),
+        )
+    });
+    let path = path?;
+    if e.0.len() != before {
+        return None;
+    }
+    let rank = match &path {
+        PathMatch::Exact(_) => (0, 0),
+        PathMatch::Prefix(s) => (1, s.len()),
+        PathMatch::Regex(_) => (2, 0),
+    };
+    let r = (rank.0, rank.1, method.is_none(), headers.len(), query.len());
+    Some((Match { path, headers, query, method }, r))
+}

@@ -1,0 +1,209 @@
+//! Traffic routing on the mesh (Gateway API GAMMA): `HTTPRoute` objects
+//! whose `parentRefs` name a Service take over that Service's requests and
+//! send each to one of their rules' `backendRefs`, or answer it directly
+//! (a redirect, 404, 500).
+//!
+//! [`compile`] checks the documents ([`doc`]) against the state's services
+//! and compiles them once per write into one [`Router`] per parent
+//! Service: every (rule, match) pair of every route attached to it, in
+//! the Gateway API's precedence order, regular expressions compiled. The
+//! decision itself (which entry, which backend) is the proxy's
+//! (`proxy::http::router`): it runs per request against the snapshot.
+
+mod compile;
+pub mod doc;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::{HeaderName, HeaderValue};
+
+pub(in crate::model) use compile::compile;
+pub use doc::RouteDoc;
+
+use super::{Name, PortKey, ServiceKey};
+
+/// A route as logs and metrics name it: `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub namespace: Name,
+    pub name: Name,
+}
+
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Every route of a state, compiled: the routers by parent Service.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// The documents it was compiled from: two `Routes` are equal when
+    /// these are.
+    pub docs: Vec<Arc<RouteDoc>>,
+    pub by_parent: HashMap<ServiceKey, Arc<Router>>,
+}
+
+impl PartialEq for Routes {
+    fn eq(&self, other: &Self) -> bool {
+        self.docs == other.docs
+    }
+}
+
+impl Routes {
+    /// The router of the routes attached to `service`, if any is.
+    pub fn router(&self, service: &ServiceKey) -> Option<&Arc<Router>> {
+        self.by_parent.get(service)
+    }
+}
+
+/// The routes attached to one parent Service.
+#[derive(Debug)]
+pub struct Router {
+    pub parent: ServiceKey,
+    /// Every (rule, match) pair of every attached route, best first as
+    /// the Gateway API orders them; consumer routes (of a namespace other
+    /// than the Service's) are among them, marked by their namespace.
+    pub entries: Vec<Entry>,
+    pub rules: Vec<Arc<Rule>>,
+    /// The namespaces that have consumer routes for this Service: their
+    /// clients see only those, the others only the producer routes.
+    pub consumers: Vec<Name>,
+}
+
+impl Router {
+    /// Whether routes attached to this Service take port `port`'s
+    /// requests (a parentRef without a port takes every port).
+    pub fn takes(&self, port: u16) -> bool {
+        self.entries.iter().any(|e| e.port.is_none_or(|p| p == port))
+    }
+}
+
+/// One match of one rule, as precedence orders them.
+#[derive(Debug)]
+pub struct Entry {
+    /// The parentRef's port; None: every port of the Service.
+    pub port: Option<u16>,
+    /// The route's namespace: a consumer route's applies only to the
+    /// clients of that namespace.
+    pub namespace: Name,
+    pub matches: Match,
+    /// Index into [`Router::rules`].
+    pub rule: usize,
+}
+
+/// One rule of a route: what a request it matches gets.
+#[derive(Debug)]
+pub struct Rule {
+    pub route: RouteKey,
+    /// Its `name`, else its index, as metrics and logs write it.
+    pub name: String,
+    pub filters: Filters,
+    /// None of them: the rule answers with a redirect, or with 500.
+    pub backends: Vec<Backend>,
+    /// `timeouts.request`: the whole request, retries included.
+    pub timeout: Option<Duration>,
+    /// `timeouts.backendRequest`: each try.
+    pub backend_timeout: Option<Duration>,
+}
+
+impl Rule {
+    /// The sum of the backends' weights.
+    pub fn total_weight(&self) -> u64 {
+        self.backends.iter().map(|b| u64::from(b.weight)).sum()
+    }
+}
+
+/// A backendRef: a service port and its weight.
+#[derive(Debug)]
+pub struct Backend {
+    pub port: PortKey,
+    pub weight: u32,
+    pub filters: Filters,
+}
+
+#[derive(Debug, Default)]
+pub struct Filters {
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Debug, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathModifier {
+    Full(String),
+    /// Replaces the part the rule's PathPrefix matched.
+    Prefix(String),
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+#[derive(Debug)]
+pub struct Rewrite {
+    pub hostname: Option<HeaderValue>,
+    pub path: Option<PathModifier>,
+}
+
+/// What a request must have to match: every part given.
+#[derive(Debug, Clone)]
+pub struct Match {
+    pub path: PathMatch,
+    pub headers: Vec<(HeaderName, ValueMatch)>,
+    pub query: Vec<(String, ValueMatch)>,
+    pub method: Option<hyper::Method>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Whole segments: `/v2` matches `/v2`, `/v2/` and `/v2/x`, not
+    /// `/v2x`. Kept without a trailing `/`, except the root `/`.
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl ValueMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueMatch::Exact(want) => v == want,
+            ValueMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+impl PathMatch {
+    /// Whether `path` matches; for a prefix, the length it matched.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) if p == "/" => true,
+            PathMatch::Prefix(p) => {
+                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}

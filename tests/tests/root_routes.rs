@@ -1,0 +1,359 @@
+//! End-to-end tests of traffic routing (Gateway API HTTPRoute on the mesh,
+//! GAMMA) on the mini cluster (root, real kernel): the cases of the Gateway
+//! API's mesh conformance suite (`conformance/tests/mesh/` in
+//! kubernetes-sigs/gateway-api), their routes applied with `meshctl apply`
+//! as the suite writes them, and real clients (curl, and one held HTTP/2
+//! connection) in a meshed pod.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mesh_tests::follow::Follower;
+use mesh_tests::loadgen::assert_share;
+use mesh_tests::{Cluster, ClusterSpec, Daemon};
+
+const VIP: &str = "10.96.0.10";
+
+use mesh_tests::one_at_a_time as serial;
+
+struct Mesh {
+    _d: Daemon,
+    c: Cluster,
+}
+
+/// Pods echo, echo-v1, echo-v2 (mt-http named after its pod on 8080) and
+/// the client; Services echo (VIP:80, `auto`), echo-v1 and echo-v2
+/// (ports 80 and 8080), each with its pod, as the conformance suite's.
+fn mesh() -> Mesh {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .pod("client", "node-a")
+            .pod("echo", "node-a")
+            .pod("echo-v1", "node-a")
+            .pod("echo-v2", "node-a"),
+    )
+    .expect("mini cluster");
+    for p in ["echo", "echo-v1", "echo-v2"] {
+        c.serve_http(p, 8080, &[]).unwrap();
+    }
+    let cfg = c.write_file("mesh.yaml", &document(&c, &[])).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    Mesh { _d: d, c }
+}
+
+/// The state: the Services and `routes`, each a Gateway API object in
+/// block YAML as a user writes it.
+fn document(c: &Cluster, routes: &[&str]) -> String {
+    let svc = |name: &str, vip: &str, ports: &str| {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{ports}]\n    healthCheck: {{ protocol: none }}\n    \
+             endpoints: [{{ ip: {}, node: node-a }}]\n",
+            c.pod(name).ip
+        )
+    };
+    let two = "{ port: 80, targetPort: 8080, appProtocol: auto }, { port: 8080, appProtocol: auto }";
+    let mut doc = c.config(&format!(
+        "{}{}{}",
+        svc("echo", VIP, "{ port: 80, targetPort: 8080, appProtocol: auto }"),
+        svc("echo-v1", "10.96.0.11", two),
+        svc("echo-v2", "10.96.0.12", two)
+    ));
+    if !routes.is_empty() {
+        doc.push_str("routes:\n");
+        for r in routes {
+            for (i, line) in r.trim_end().lines().enumerate() {
+                doc.push_str(if i == 0 { "  - " } else { "    " });
+                doc.push_str(line);
+                doc.push('\n');
+            }
+        }
+    }
+    doc
+}
+
+fn apply(m: &Mesh, routes: &[&str]) {
+    let f = m.c.write_file("routes.yaml", &document(&m.c, routes)).unwrap();
+    let out = m.c.meshctl("node-a", &["apply", "-f", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "meshctl apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// curl from the client pod: the status, the `Location`, the response
+/// headers (lowercase names) and the body's `key=value` lines.
+struct Got {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: BTreeMap<String, String>,
+}
+
+fn get(m: &Mesh, path: &str, headers: &[(&str, &str)]) -> Got {
+    let url = format!("http://{VIP}{path}");
+    let mut args = vec!["-sS", "--max-time", "5", "-D", "-", "-H", "x-echo-request: 1"];
+    let hs: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    for h in &hs {
+        args.extend(["-H", h.as_str()]);
+    }
+    args.push(&url);
+    let out = m.c.exec("client", "curl", &args, Duration::from_secs(10)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "curl {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = body.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    Got { status, headers, body }
+}
+
+impl Got {
+    fn backend(&self) -> &str {
+        self.body.get("backend").map_or("", String::as_str)
+    }
+}
+
+const MATCHING: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-matching
+  namespace: default
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+    port: 80
+  rules:
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /
+    - headers:
+      - name: version
+        value: one
+    backendRefs:
+    - name: echo-v1
+      port: 8080
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /v2
+    - headers:
+      - name: version
+        value: two
+    backendRefs:
+    - name: echo-v2
+      port: 8080
+"#;
+
+const SPLIT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-split
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - matches:
+    - path:
+        type: Exact
+        value: /v1
+    backendRefs:
+    - name: echo-v1
+      port: 80
+  - matches:
+    - path:
+        type: Exact
+        value: /v2
+    backendRefs:
+    - name: echo-v2
+      port: 80
+"#;
+
+const FILTERS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-filters
+spec:
+  parentRefs:
+  - name: echo
+    port: 80
+  rules:
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /set
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set:
+        - name: X-Header-Set
+          value: set-overwrites-values
+        add:
+        - name: X-Header-Add
+          value: add-appends-values
+        remove:
+        - X-Header-Remove
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add:
+        - name: X-Header-Add-Response
+          value: added
+    backendRefs:
+    - name: echo-v1
+      port: 8080
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /prefix/one
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        path:
+          type: ReplacePrefixMatch
+          replacePrefixMatch: /one
+    backendRefs:
+    - name: echo-v1
+      port: 80
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /original-prefix
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        path:
+          type: ReplacePrefixMatch
+          replacePrefixMatch: /replacement-prefix
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /scheme-and-host
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        hostname: example.org
+        scheme: https
+        statusCode: 301
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /port
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        port: 8083
+        statusCode: 307
+"#;
+
+fn weights(v1: u32, v2: u32) -> String {
+    format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-weighted-backends
+spec:
+  parentRefs:
+  - name: echo
+    port: 80
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 8080
+      weight: {v1}
+    - name: echo-v2
+      port: 8080
+      weight: {v2}
+    - name: echo
+      port: 80
+      weight: 0
+"#
+    )
+}
+
+#[test]
+fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
+    let _one = serial();
+    let m = mesh();
+    assert_eq!(get(&m, "/v2", &[]).backend(), "echo", "no route: the Service balances itself");
+
+    apply(&m, &[MATCHING]);
+    for (path, headers, want) in [
+        ("/", &[][..], "echo-v1"),
+        ("/example", &[], "echo-v1"),
+        ("/", &[("Version", "one")], "echo-v1"),
+        ("/v2", &[], "echo-v2"),
+        ("/v2/example", &[], "echo-v2"),
+        ("/", &[("Version", "two")], "echo-v2"),
+        ("/v2/", &[], "echo-v2"),
+        ("/v2example", &[], "echo-v1"),
+        ("/foo/v2/example", &[], "echo-v1"),
+    ] {
+        let g = get(&m, path, headers);
+        assert_eq!((g.status, g.backend()), (200, want), "mesh-matching {path} {headers:?}");
+    }
+
+    apply(&m, &[SPLIT]);
+    assert_eq!(get(&m, "/v1", &[]).backend(), "echo-v1", "mesh-split");
+    assert_eq!(get(&m, "/v2", &[]).backend(), "echo-v2", "mesh-split");
+    let g = get(&m, "/other", &[]);
+    assert_eq!((g.status, g.headers.get("mesh-error").map(String::as_str)), (404, Some("no_route")));
+
+    apply(&m, &[FILTERS]);
+    let g = get(
+        &m,
+        "/set",
+        &[("X-Header-Set", "some-other-value"), ("X-Header-Remove", "gone"), ("X-Header-Add", "there")],
+    );
+    assert_eq!(g.backend(), "echo-v1");
+    assert_eq!(g.body.get("x-header-set").map(String::as_str), Some("set-overwrites-values"), "{:?}", g.body);
+    assert!(!g.body.contains_key("x-header-remove"), "{:?}", g.body);
+    assert_eq!(g.headers.get("x-header-add-response").map(String::as_str), Some("added"), "{:?}", g.headers);
+    let g = get(&m, "/prefix/one/two", &[]);
+    assert_eq!((g.backend(), g.body.get("path").map(String::as_str)), ("echo-v1", Some("/one/two")), "rewrite-path");
+    for (path, status, location) in [
+        ("/original-prefix/lemon", 302, format!("http://{VIP}/replacement-prefix/lemon")),
+        ("/scheme-and-host", 301, "https://example.org/scheme-and-host".to_owned()),
+        ("/port", 307, format!("http://{VIP}:8083/port")),
+    ] {
+        let g = get(&m, path, &[]);
+        assert_eq!((g.status, g.headers.get("location")), (status, Some(&location)), "redirect {path}");
+        assert_eq!(g.backend(), "", "a redirect reaches no backend");
+    }
+}
+
+#[test]
+fn root_one_held_http2_connection_follows_route_writes() {
+    let _one = serial();
+    let m = mesh();
+    let mut f = Follower::open(&m.c, "client", &format!("{VIP}:80"), true).unwrap();
+    let t = f.batch(50, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo".into(), 50)]), "no route yet");
+
+    apply(&m, &[&weights(80, 20)]);
+    let t = f.batch(400, "/").unwrap();
+    assert_eq!(t.get("echo-v1").unwrap_or(&0) + t.get("echo-v2").unwrap_or(&0), 400, "weight 0 gets nothing: {t:?}");
+    assert_share(*t.get("echo-v1").unwrap_or(&0), 400, 0.8, "route 80/20: echo-v1", &t);
+
+    apply(&m, &[&weights(20, 80)]);
+    let t = f.batch(400, "/").unwrap();
+    assert_share(*t.get("echo-v1").unwrap_or(&0), 400, 0.2, "route 20/80 on the same connection: echo-v1", &t);
+
+    apply(&m, &[SPLIT]);
+    let t = f.batch(20, "/v2").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v2".into(), 20)]), "a new route");
+    let t = f.batch(5, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("404".into(), 5)]), "and its 404");
+
+    apply(&m, &[]);
+    let t = f.batch(20, "/v2").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo".into(), 20)]), "the route removed: the Service as it was");
+}
