@@ -59,17 +59,25 @@ fn document(c: &Cluster, routes: &[&str]) -> String {
         svc("echo-v1", "10.96.0.11", two),
         svc("echo-v2", "10.96.0.12", two)
     ));
+    doc.push_str(&routes_list(routes));
+    doc
+}
+
+/// `routes:` with each object (block YAML, as the suite writes it) as one
+/// item; nothing for none.
+fn routes_list(routes: &[&str]) -> String {
+    let mut out = String::new();
     if !routes.is_empty() {
-        doc.push_str("routes:\n");
-        for r in routes {
-            for (i, line) in r.trim_end().lines().enumerate() {
-                doc.push_str(if i == 0 { "  - " } else { "    " });
-                doc.push_str(line);
-                doc.push('\n');
-            }
+        out.push_str("routes:\n");
+    }
+    for r in routes {
+        for (i, line) in r.trim().lines().enumerate() {
+            out.push_str(if i == 0 { "  - " } else { "    " });
+            out.push_str(line);
+            out.push('\n');
         }
     }
-    doc
+    out
 }
 
 fn apply(m: &Mesh, routes: &[&str]) {
@@ -356,4 +364,135 @@ fn root_one_held_http2_connection_follows_route_writes() {
     apply(&m, &[]);
     let t = f.batch(20, "/v2").unwrap();
     assert_eq!(t, BTreeMap::from([("echo".into(), 20)]), "the route removed: the Service as it was");
+}
+
+/// GRPCRoute on the mesh: echo (node-a), echo-v1 (node-a) and echo-v2
+/// (node-b, through the tunnel) serve `mesh.test.Echo` (mt-grpc) on 50051
+/// behind Services of port 7070; a daemon on each node.
+#[test]
+fn root_grpcroute_weights_and_header_modifier_across_nodes() {
+    let _one = serial();
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("client", "node-a")
+            .pod("echo", "node-a")
+            .pod("echo-v1", "node-a")
+            .pod("echo-v2", "node-b"),
+    )
+    .expect("mini cluster");
+    for g in ["echo", "echo-v1", "echo-v2"] {
+        c.spawn(g, &c.bins.mt_grpc.clone(), &["serve", "--name", g, "--port", "50051"]).unwrap();
+        let p = c.pod(g).clone();
+        let up = || mesh_tests::sys::can_connect(&p.netns, p.addr(50051));
+        assert!(mesh_tests::sys::wait_until(Duration::from_secs(10), up), "{g} serves");
+    }
+    let svc = |name: &str, vip: &str, node: &str| {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 7070, targetPort: 50051, appProtocol: grpc }}]\n    \
+             healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {}, node: {node} }}]\n",
+            c.pod(name).ip
+        )
+    };
+    let services = format!(
+        "{}{}{}",
+        svc("echo", VIP, "node-a"),
+        svc("echo-v1", "10.96.0.11", "node-a"),
+        svc("echo-v2", "10.96.0.12", "node-b")
+    );
+    let with_routes =
+        |routes: &str| c.write_file("mesh.yaml", &(c.config(&services) + &routes_list(&[routes]))).unwrap();
+    let weights = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: mesh-grpc-weighted-backends
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+    port: 7070
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 7070
+      weight: 70
+    - name: echo-v2
+      port: 7070
+      weight: 30
+    - name: echo
+      port: 7070
+      weight: 0
+"#;
+    let cfg = with_routes(weights);
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    let call = |n: &str, extra: &[&str]| {
+        let url = format!("http://{VIP}:7070");
+        let mut args = vec!["call", url.as_str(), n];
+        args.extend(extra);
+        let out = c.exec("client", "mt-grpc", &args, Duration::from_secs(60)).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.contains("failed=0"), "{text}\n{}\n{}", a.log_text(), b.log_text());
+        text
+    };
+    let text = call("300", &[]);
+    let by = |t: &str, g: &str| t.lines().filter(|l| *l == format!("unary backend={g}")).count() as u64;
+    assert_eq!(by(&text, "echo-v1") + by(&text, "echo-v2"), 300, "weight 0 gets nothing: {text}");
+    assert_share(by(&text, "echo-v1"), 300, 0.7, "grpcroute-weight: echo-v1", &text);
+    assert!(by(&text, "echo-v2") > 0, "echo-v2 answers from node-b, through the tunnel");
+
+    let modifier = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: grpc-request-header-modifier
+spec:
+  parentRefs:
+  - name: echo
+    port: 7070
+  rules:
+  - matches:
+    - method:
+        service: mesh.test.Echo
+        method: Say
+      headers:
+      - name: x-test-case
+        value: set
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set:
+        - name: x-header-set
+          value: set-overwrites-values
+    backendRefs:
+    - name: echo-v2
+      port: 7070
+  - matches:
+    - method:
+        service: mesh.test.Echo
+        method: Say
+    backendRefs:
+    - name: echo-v1
+      port: 7070
+  - matches:
+    - method:
+        service: mesh.test.Echo
+    backendRefs:
+    - name: echo
+      port: 7070
+"#;
+    let out = c.meshctl("node-a", &["apply", "-f", with_routes(modifier).to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = call("3", &["--header", "x-test-case=set", "--header", "x-header-set=old"]);
+    assert_eq!(
+        text.lines().filter(|l| *l == "unary backend=echo-v2 x-header-set=set-overwrites-values").count(),
+        3,
+        "the same method with a header match wins; modified, sent across nodes: {text}"
+    );
+    let text = call("3", &[]);
+    assert_eq!(by(&text, "echo-v1"), 3, "matched by service and method: {text}");
+    assert!(text.contains("stream backend=echo seqs=1,2,3,4,5"), "Count, by its service alone: {text}");
 }

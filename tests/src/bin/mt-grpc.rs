@@ -5,8 +5,11 @@
 //! usage: mt-grpc serve --name NAME --port PORT [--unavailable] [--delay-ms MS]
 //!        (`--unavailable`: `Say` fails with UNAVAILABLE; `--delay-ms`: it
 //!        answers that late)
-//!        mt-grpc call URL N    (N unary calls on one channel, then one
-//!                               stream of 5; prints who answered)
+//!        mt-grpc call URL N [--header K=V]...
+//!                              (N unary calls on one channel, with the
+//!                               headers as metadata, then one stream of
+//!                               5; prints who answered; a server says
+//!                               back an `x-header-set`/`-add` it got)
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -50,8 +53,14 @@ struct Say(Echo);
 impl UnaryService<Hello> for Say {
     type Response = Reply;
     type Future = BoxFuture<Response<Reply>, Status>;
-    fn call(&mut self, _: Request<Hello>) -> Self::Future {
-        let echo = self.0.clone();
+    fn call(&mut self, req: Request<Hello>) -> Self::Future {
+        let mut echo = self.0.clone();
+        // The metadata a route's filter set is said back after the name.
+        for h in ["x-header-set", "x-header-add"] {
+            if let Some(v) = req.metadata().get(h).and_then(|v| v.to_str().ok()) {
+                echo.name = format!("{} {h}={v}", echo.name);
+            }
+        }
         Box::pin(async move {
             tokio::time::sleep(echo.delay).await;
             if echo.unavailable {
@@ -142,7 +151,7 @@ async fn serve(echo: Echo, port: u16) -> Result<(), String> {
     }
 }
 
-async fn call(url: &str, n: u32) -> Result<(), String> {
+async fn call(url: &str, n: u32, headers: &[(String, String)]) -> Result<(), String> {
     let ch = tonic::transport::Channel::from_shared(url.to_owned())
         .map_err(|e| e.to_string())?
         .connect()
@@ -152,12 +161,13 @@ async fn call(url: &str, n: u32) -> Result<(), String> {
     let mut failed = 0;
     for _ in 0..n {
         grpc.ready().await.map_err(|e| e.to_string())?;
+        let mut req = Request::new(Hello { name: "client".into() });
+        for (k, v) in headers {
+            let k = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?;
+            req.metadata_mut().insert(k, v.parse().map_err(|_| format!("{v:?} is not a metadata value"))?);
+        }
         let r = grpc
-            .unary(
-                Request::new(Hello { name: "client".into() }),
-                PathAndQuery::from_static("/mesh.test.Echo/Say"),
-                ProstCodec::<Hello, Reply>::default(),
-            )
+            .unary(req, PathAndQuery::from_static("/mesh.test.Echo/Say"), ProstCodec::<Hello, Reply>::default())
             .await;
         match r {
             Ok(r) => println!("unary backend={}", r.into_inner().backend),
@@ -210,10 +220,17 @@ fn main() -> ExitCode {
             }
             _ => Err("usage: mt-grpc serve --name NAME --port PORT".into()),
         },
-        Some("call") if args.len() == 3 => match args[2].parse() {
-            Ok(n) => rt.block_on(call(&args[1], n)),
-            Err(_) => Err("usage: mt-grpc call URL N".into()),
-        },
+        Some("call") if args.len() >= 3 => {
+            let headers: Vec<(String, String)> = args[3..]
+                .chunks(2)
+                .filter(|c| c[0] == "--header" && c.len() == 2)
+                .filter_map(|c| c[1].split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect();
+            match args[2].parse() {
+                Ok(n) if headers.len() * 2 == args.len() - 3 => rt.block_on(call(&args[1], n, &headers)),
+                _ => Err("usage: mt-grpc call URL N [--header K=V]...".into()),
+            }
+        }
         _ => Err("usage: mt-grpc serve --name NAME --port PORT | mt-grpc call URL N".into()),
     };
     match r {

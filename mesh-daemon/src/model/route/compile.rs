@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use hyper::header::{HeaderName, HeaderValue};
 
-use super::doc::{FilterDoc, HeaderModifierDoc, MatchDoc, PathModifierDoc, RefDoc, RouteDoc, ValueMatchDoc};
+use super::doc::{
+    FilterDoc, GrpcMethodDoc, HeaderModifierDoc, MatchDoc, MethodDoc, PathModifierDoc, RefDoc, RouteDoc, ValueMatchDoc,
+};
 use super::{
     Backend, Entry, Filters, HeaderModifier, Match, PathMatch, PathModifier, Redirect, Rewrite, RouteKey, Router,
     Routes, Rule, ValueMatch,
@@ -76,8 +78,9 @@ pub(in crate::model) fn compile(
 type ByParent = HashMap<ServiceKey, Vec<(SortKey, Entry, Arc<Rule>)>>;
 
 /// The Gateway API's precedence among matches of the routes of one
-/// parent: an Exact path, then the longest PathPrefix (then a regular
-/// expression, which the spec leaves to the implementation), then a
+/// parent: an Exact path, then a regular expression (whose place the spec
+/// leaves to the implementation; before prefixes, as Istio has it, so a
+/// catch-all `/` does not hide it), then the longest PathPrefix, then a
 /// method, then the most header matches, then the most query parameter
 /// matches; then the route listed first (the oldest, in a cluster), its
 /// `namespace/name`, its rule order and its match order.
@@ -105,14 +108,14 @@ fn route(
     if d.api_version != API_VERSION {
         e.push(format!("{p}.apiVersion"), format!("{:?} is not served here: write {API_VERSION:?}", d.api_version));
     }
-    match d.kind.as_str() {
-        "HTTPRoute" => {}
-        "GRPCRoute" => e.push(
-            format!("{p}.kind"),
-            "GRPCRoute is not implemented yet: route gRPC by path with an HTTPRoute (/package.Service/Method)",
-        ),
-        k => e.push(format!("{p}.kind"), format!("{k:?} is not a route kind: write \"HTTPRoute\"")),
-    }
+    let grpc = match d.kind.as_str() {
+        "HTTPRoute" => false,
+        "GRPCRoute" => true,
+        k => {
+            e.push(format!("{p}.kind"), format!("{k:?} is not a route kind: write \"HTTPRoute\" or \"GRPCRoute\""));
+            false
+        }
+    };
     let namespace = e.take(|| format!("{p}.metadata.namespace"), Name::parse(&d.metadata.namespace));
     let name = e.take(|| format!("{p}.metadata.name"), Name::parse(&d.metadata.name));
     let (Some(namespace), Some(name)) = (namespace, name) else { return };
@@ -130,7 +133,7 @@ fn route(
     let mut rules = Vec::new();
     for (j, r) in d.spec.rules.iter().enumerate() {
         let rp = format!("{p}.spec.rules[{j}]");
-        let filters = filters(e, &format!("{rp}.filters"), &r.filters, true);
+        let filters = filters(e, &format!("{rp}.filters"), &r.filters, (true, grpc));
         let backends: Vec<Backend> = r
             .backend_refs
             .iter()
@@ -171,7 +174,7 @@ fn route(
         let rule = Arc::new(Rule { route: key.clone(), name, filters, backends, timeout, backend_timeout });
         let matches: Vec<MatchDoc> = if r.matches.is_empty() { vec![MatchDoc::default()] } else { r.matches.clone() };
         for (k, m) in matches.iter().enumerate() {
-            let Some((m, sort)) = compiled_match(e, &format!("{rp}.matches[{k}]"), m) else { continue };
+            let Some((m, sort)) = compiled_match(e, &format!("{rp}.matches[{k}]"), m, grpc) else { continue };
             rules.push((m, sort, j, k, rule.clone()));
         }
     }
@@ -287,7 +290,7 @@ fn backend(
         );
         return None;
     }
-    let filters = filters(e, &format!("{p}.filters"), &r.filters, false);
+    let filters = filters(e, &format!("{p}.filters"), &r.filters, (false, false));
     let (s, port) = service_ref(e, p, r, namespace, find)?;
     let Some(port) = port else {
         e.push(format!("{p}.port"), format!("is missing: name a port of service {}", s.key()));
@@ -301,7 +304,9 @@ fn backend(
     Some(Backend { port: PortKey { service: s.key(), port }, weight, filters })
 }
 
-fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], on_rule: bool) -> Filters {
+/// The filters of a rule (`on_rule`) or a backendRef; a GRPCRoute's
+/// (`grpc`) have no redirect or rewrite, as the spec says.
+fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], (on_rule, grpc): (bool, bool)) -> Filters {
     let mut f = Filters::default();
     for (i, d) in docs.iter().enumerate() {
         let fp = format!("{p}[{i}]");
@@ -327,6 +332,9 @@ fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], on_rule: bool) -> Filter
                 Some(_) => twice(e),
                 None => f.response_headers = header_modifier(e, &format!("{fp}.responseHeaderModifier"), d.response_header_modifier.as_ref()),
             },
+            "RequestRedirect" | "URLRewrite" if grpc => {
+                e.push(fp, format!("{} is for HTTPRoute: a GRPCRoute has header modifiers and mirrors", d.kind))
+            }
             "RequestRedirect" if on_rule => {
                 let r = d.request_redirect.clone().unwrap_or_default();
                 let rp = format!("{fp}.requestRedirect");
@@ -435,7 +443,10 @@ fn value_match(e: &mut Errors, p: &str, d: &ValueMatchDoc) -> Option<ValueMatch>
 type Rank = (u8, usize, bool, usize, usize);
 
 /// A match compiled, with its precedence rank.
-fn compiled_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)> {
+fn compiled_match(e: &mut Errors, p: &str, d: &MatchDoc, grpc: bool) -> Option<(Match, Rank)> {
+    if grpc {
+        return grpc_match(e, p, d);
+    }
     let before = e.0.len();
     let path_doc = d.path.clone().unwrap_or_default();
     let value = path_doc.value.clone().unwrap_or_else(|| "/".into());
@@ -456,6 +467,43 @@ fn compiled_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)
             None
         }
     };
+    let headers = header_matches(e, p, d);
+    let mut query = Vec::new();
+    for (i, q) in d.query_params.iter().enumerate() {
+        let qp = format!("{p}.queryParams[{i}]");
+        let Some(n) = q.name.clone().filter(|n| !n.is_empty()) else {
+            e.push(format!("{qp}.name"), "is missing");
+            continue;
+        };
+        if let Some(v) = value_match(e, &qp, q) {
+            query.push((n, v));
+        }
+    }
+    let method = match &d.method {
+        None => None,
+        Some(MethodDoc::Http(m)) => e.take(
+            || format!("{p}.method"),
+            hyper::Method::from_bytes(m.as_bytes()).map_err(|_| Invalid(format!("{m:?} is not an HTTP method"))),
+        ),
+        Some(MethodDoc::Grpc(_)) => {
+            e.push(format!("{p}.method"), "a service and method are for GRPCRoute: write an HTTP method, e.g. GET");
+            None
+        }
+    };
+    let path = path?;
+    if e.0.len() != before {
+        return None;
+    }
+    let rank = match &path {
+        PathMatch::Exact(_) => (0, 0),
+        PathMatch::Regex(_) => (1, 0),
+        PathMatch::Prefix(s) => (2, s.len()),
+    };
+    let r = (rank.0, rank.1, method.is_none(), headers.len(), query.len());
+    Some((Match { path, headers, query, method }, r))
+}
+
+fn header_matches(e: &mut Errors, p: &str, d: &MatchDoc) -> Vec<(HeaderName, ValueMatch)> {
     let mut headers = Vec::new();
     for (i, h) in d.headers.iter().enumerate() {
         let hp = format!("{p}.headers[{i}]");
@@ -470,32 +518,60 @@ fn compiled_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)
             headers.push((n, v));
         }
     }
-    let mut query = Vec::new();
-    for (i, q) in d.query_params.iter().enumerate() {
-        let qp = format!("{p}.queryParams[{i}]");
-        let Some(n) = q.name.clone().filter(|n| !n.is_empty()) else {
-            e.push(format!("{qp}.name"), "is missing");
-            continue;
-        };
-        if let Some(v) = value_match(e, &qp, q) {
-            query.push((n, v));
-        }
+    headers
+}
+
+/// A GRPCRoute match: its `method` (service and method, Exact or
+/// RegularExpression) becomes a match on the request path
+/// `/package.Service/Method`, so both kinds share one decision. Ranked
+/// as the spec orders gRPC rules: the most characters of service, then
+/// of method, then the most headers.
+fn grpc_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)> {
+    let before = e.0.len();
+    if d.path.is_some() || !d.query_params.is_empty() {
+        e.push(p.to_owned(), "path and queryParams are for HTTPRoute: a GRPCRoute matches method and headers");
     }
-    let method = d.method.as_deref().and_then(|m| {
-        e.take(
-            || format!("{p}.method"),
-            hyper::Method::from_bytes(m.as_bytes()).map_err(|_| Invalid(format!("{m:?} is not an HTTP method"))),
-        )
-    });
+    let m = match &d.method {
+        None => GrpcMethodDoc::default(),
+        Some(MethodDoc::Grpc(m)) => m.clone(),
+        Some(MethodDoc::Http(_)) => {
+            e.push(format!("{p}.method"), "write {type, service, method} for a GRPCRoute");
+            GrpcMethodDoc::default()
+        }
+    };
+    let mp = format!("{p}.method");
+    let (service, method) =
+        (m.service.as_deref().filter(|s| !s.is_empty()), m.method.as_deref().filter(|s| !s.is_empty()));
+    let path = match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => {
+            for (f, v) in [("service", service), ("method", method)] {
+                if v.is_some_and(|v| v.contains('/')) {
+                    e.push(format!("{mp}.{f}"), "has a '/': name the service (package.Service) and method apart");
+                }
+            }
+            match (service, method) {
+                (Some(s), Some(m)) => Some(PathMatch::Exact(format!("/{s}/{m}"))),
+                (Some(s), None) => Some(PathMatch::Prefix(format!("/{s}"))),
+                (None, Some(m)) => regex(e, &mp, &format!("/[^/]+/{}", regex::escape(m))).map(PathMatch::Regex),
+                (None, None) => Some(PathMatch::Prefix("/".into())),
+            }
+        }
+        "RegularExpression" => {
+            let s = service.unwrap_or("[^/]+");
+            let m = method.unwrap_or("[^/]+");
+            regex(e, &mp, &format!("/(?:{s})/(?:{m})")).map(PathMatch::Regex)
+        }
+        k => {
+            e.push(format!("{mp}.type"), format!("{k:?}: use Exact or RegularExpression"));
+            None
+        }
+    };
+    let headers = header_matches(e, p, d);
     let path = path?;
     if e.0.len() != before {
         return None;
     }
-    let rank = match &path {
-        PathMatch::Exact(_) => (0, 0),
-        PathMatch::Prefix(s) => (1, s.len()),
-        PathMatch::Regex(_) => (2, 0),
-    };
-    let r = (rank.0, rank.1, method.is_none(), headers.len(), query.len());
-    Some((Match { path, headers, query, method }, r))
+    let len = service.map_or(0, str::len) << 16 | method.map_or(0, str::len);
+    let rank = (0, len, true, headers.len(), 0);
+    Some((Match { path, headers, query: Vec::new(), method: None }, rank))
 }

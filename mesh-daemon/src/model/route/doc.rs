@@ -102,6 +102,26 @@ pub struct MatchDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<ValueMatchDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<MethodDoc>,
+}
+
+/// An HTTPRoute's `method: GET`, or a GRPCRoute's `method: {type,
+/// service, method}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MethodDoc {
+    Http(String),
+    Grpc(GrpcMethodDoc),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodDoc {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }
 

@@ -20,10 +20,10 @@ fn state(routes: &str) -> Result<State, crate::model::ValidationErrors> {
     let svc = |name: &str, vip: &str, ports: &str| {
         format!(" - {{name: {name}, namespace: {NS}, vip: {vip}, ports: [{ports}]}}\n")
     };
-    let two = "{port: 80, targetPort: 8080, appProtocol: http}, {port: 8080, appProtocol: http}";
+    let two = "{port: 80, targetPort: 8080, appProtocol: http}, {port: 8080, appProtocol: http}, {port: 7070, appProtocol: grpc}";
     let mut doc = parse_document(&format!(
         "services:\n{}{}{}{}",
-        svc("echo", "10.96.0.10", "{port: 80, targetPort: 8080, appProtocol: http}"),
+        svc("echo", "10.96.0.10", "{port: 80, targetPort: 8080, appProtocol: http}, {port: 7070, appProtocol: grpc}"),
         svc("echo-v1", "10.96.0.11", two),
         svc("echo-v2", "10.96.0.12", two),
         " - {name: db, vip: 10.96.0.20, ports: [{port: 5432}]}\n",
@@ -415,4 +415,83 @@ fn bad_routes_are_refused_with_their_field_and_the_fix() {
     assert!(e.contains("routes[0].kind: \"TCPRoute\" is not a route kind"), "{e}");
     let e = state(&format!("{MATCHING}---\n{MATCHING}")).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("routes[1].metadata: route gateway-conformance-mesh/mesh-matching is also routes[0]"), "{e}");
+}
+
+#[test]
+fn grpcroute_method_and_header_matches_weights_and_modifiers() {
+    let r = router(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: gateway-conformance-mesh}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 7070}]
+  rules:
+  - matches: [{headers: [{name: x-test-case, value: set}]}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-header-set, value: set-overwrites-values}]}
+    backendRefs: [{name: echo-v1, port: 7070}]
+  - matches: [{method: {service: mesh.test.Echo, method: Say}}]
+    backendRefs: [{name: echo-v2, port: 7070}]
+  - matches: [{method: {service: mesh.test.Echo}}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+  - matches: [{method: {type: RegularExpression, service: '.*\\.Other', method: 'C.*'}}]
+    backendRefs: [{name: echo-v2, port: 8080}]
+  - backendRefs:
+    - {name: echo-v1, port: 7070, weight: 70}
+    - {name: echo-v2, port: 7070, weight: 30}
+    - {name: echo, port: 7070, weight: 0}
+",
+        "echo",
+    );
+    let call = |path: &str, headers: &[(&str, &str)], unit: f64| {
+        let mut q = req(path, headers);
+        q.method = Method::POST;
+        match decide(&r, 7070, None, &q.head(), unit) {
+            Decision::Forward { rule, backend: Some(b), prefix } => {
+                rewrite_request(&mut q.uri, &mut q.headers, rule, b, prefix);
+                let set = q.headers.get("x-header-set").map(|v| v.to_str().unwrap().to_owned());
+                (b.port.to_string(), set)
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    };
+    let p = |s: &str| format!("gateway-conformance-mesh/{s}");
+    assert_eq!(call("/mesh.test.Echo/Say", &[], 0.0).0, p("echo-v2:7070"), "service and method, exact");
+    assert_eq!(call("/mesh.test.Echo/Count", &[], 0.0).0, p("echo-v1:7070"), "the service alone");
+    assert_eq!(call("/mesh.test.Other/Count", &[], 0.0).0, p("echo-v2:8080"), "the regular expression");
+    assert_eq!(
+        call("/mesh.test.Echo/Say", &[("x-test-case", "set"), ("x-header-set", "old")], 0.0),
+        (p("echo-v2:7070"), Some("old".into())),
+        "a header match ranks below any service or method match"
+    );
+    assert_eq!(
+        call("/other.Svc/M", &[("x-test-case", "set"), ("x-header-set", "old")], 0.0),
+        (p("echo-v1:7070"), Some("set-overwrites-values".into())),
+        "and above none; its filter sets the header"
+    );
+    let mut n = [0; 2];
+    for i in 0..100 {
+        let b = call("/other.Svc/M", &[], f64::from(i) / 100.0).0;
+        n[usize::from(b == p("echo-v2:7070"))] += 1;
+    }
+    assert_eq!(n, [70, 30], "grpcroute-weight: 70/30/0");
+    for (spec, want) in [
+        (
+            "[{matches: [{path: {value: /x}}], backendRefs: [{name: echo-v1, port: 7070}]}]",
+            "path and queryParams are for HTTPRoute",
+        ),
+        (
+            "[{filters: [{type: URLRewrite, urlRewrite: {hostname: x}}], backendRefs: [{name: echo-v1, port: 7070}]}]",
+            "URLRewrite is for HTTPRoute",
+        ),
+        (
+            "[{matches: [{method: {service: a/b}}], backendRefs: [{name: echo-v1, port: 7070}]}]",
+            "method.service: has a '/'",
+        ),
+    ] {
+        let doc = format!("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: {NS}}}\nspec: {{parentRefs: [{{name: echo, port: 7070}}], rules: {spec}}}\n");
+        let e = state(&doc).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(want), "{spec}: {e}");
+    }
 }
