@@ -19,6 +19,9 @@ pub mod model;
 pub(crate) mod proxy;
 pub(crate) mod relay;
 pub mod run;
+/// The per-request routing decision (Gateway API routes), for `meshctl
+/// route check`: the same code the proxy runs.
+pub use proxy::http::router as routing;
 pub(crate) mod shared_map;
 pub mod telemetry;
 pub(crate) mod tunnel;

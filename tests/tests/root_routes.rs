@@ -116,6 +116,43 @@ fn get(m: &Mesh, path: &str, headers: &[(&str, &str)]) -> Got {
     Got { status, headers, body }
 }
 
+/// `meshctl route check default/echo URL` for the same request: the
+/// decision of the proxy's own code on the daemon's state.
+fn check(m: &Mesh, path: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let url = format!("http://{VIP}{path}");
+    let mut args = vec!["route", "check", "default/echo", url.as_str(), "-o", "json"];
+    let hs: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for h in &hs {
+        args.extend(["--header", h.as_str()]);
+    }
+    let out = m.c.meshctl("node-a", &args).unwrap();
+    assert!(out.status.success(), "meshctl route check {path}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Whether `meshctl route check` says what the live request got.
+fn agrees(m: &Mesh, path: &str, headers: &[(&str, &str)], got: &Got) {
+    let c = check(m, path, headers);
+    let said = match c["decision"].as_str() {
+        Some("forward") => {
+            let b = c["backends"].as_array().unwrap();
+            assert_eq!(b.len(), 1, "one backend per rule here: {c}");
+            let backend = b[0]["backend"].as_str().unwrap();
+            format!("200 {}", backend.trim_start_matches("default/").split(':').next().unwrap())
+        }
+        Some("service") => "200 echo".to_owned(),
+        Some("404") => "404 ".to_owned(),
+        Some("redirect") => format!("{} {}", c["status"], c["location"].as_str().unwrap()),
+        other => panic!("{other:?}: {c}"),
+    };
+    let live = match got.status {
+        200 => format!("200 {}", got.backend()),
+        s if (300..400).contains(&s) => format!("{s} {}", got.headers.get("location").map_or("", String::as_str)),
+        s => format!("{s} "),
+    };
+    assert_eq!(said, live, "meshctl route check {path} {headers:?} disagrees with the live request: {c}");
+}
+
 impl Got {
     fn backend(&self) -> &str {
         self.body.get("backend").map_or("", String::as_str)
@@ -291,7 +328,9 @@ spec:
 fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     let _one = serial();
     let m = mesh();
-    assert_eq!(get(&m, "/v2", &[]).backend(), "echo", "no route: the Service balances itself");
+    let g = get(&m, "/v2", &[]);
+    assert_eq!(g.backend(), "echo", "no route: the Service balances itself");
+    agrees(&m, "/v2", &[], &g);
 
     apply(&m, &[MATCHING]);
     for (path, headers, want) in [
@@ -307,13 +346,28 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     ] {
         let g = get(&m, path, headers);
         assert_eq!((g.status, g.backend()), (200, want), "mesh-matching {path} {headers:?}");
+        agrees(&m, path, headers, &g);
     }
+    let out = m.c.meshctl("node-a", &["get", "routes", "-o", "json"]).unwrap();
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(routes[0]["name"], "default/mesh-matching", "{routes}");
+    assert_eq!(routes[0]["parents"], serde_json::json!(["default/echo:80"]), "{routes}");
+    assert_eq!(routes[0]["rules"][1]["backends"], serde_json::json!(["echo-v2:8080 w1"]), "{routes}");
+    assert_eq!(routes[0]["status"], "Accepted");
+    let text = |args: &[&str]| String::from_utf8_lossy(&m.c.meshctl("node-a", args).unwrap().stdout).into_owned();
+    let t = text(&["get", "routes"]);
+    assert!(t.contains("default/mesh-matching") && t.contains("default/echo:80"), "{t}");
+    let t = text(&["route", "check", "echo", &format!("http://{VIP}/v2/x")]);
+    assert!(t.contains("decision: forward") && t.contains("backend: default/echo-v2:8080 weight 1 (100%)"), "{t}");
+    assert!(t.contains("why: route default/mesh-matching spec.rules[1].matches[0] (path PathPrefix /v2)"), "{t}");
 
     apply(&m, &[SPLIT]);
     assert_eq!(get(&m, "/v1", &[]).backend(), "echo-v1", "mesh-split");
     assert_eq!(get(&m, "/v2", &[]).backend(), "echo-v2", "mesh-split");
     let g = get(&m, "/other", &[]);
     assert_eq!((g.status, g.headers.get("mesh-error").map(String::as_str)), (404, Some("no_route")));
+    agrees(&m, "/other", &[], &g);
+    agrees(&m, "/v1", &[], &get(&m, "/v1", &[]));
 
     apply(&m, &[FILTERS]);
     let g = get(
@@ -334,6 +388,7 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     ] {
         let g = get(&m, path, &[]);
         assert_eq!((g.status, g.headers.get("location")), (status, Some(&location)), "redirect {path}");
+        agrees(&m, path, &[], &g);
         assert_eq!(g.backend(), "", "a redirect reaches no backend");
     }
 }

@@ -191,7 +191,7 @@ fn route(
                 rule: *j,
                 matched: *k,
             };
-            let entry = Entry { port: *port, namespace: namespace.clone(), matches: m.clone(), rule: 0 };
+            let entry = Entry { port: *port, namespace: namespace.clone(), matches: m.clone(), rule: 0, at: (*j, *k) };
             sorted.entry(service.clone()).or_default().push((sort, entry, rule.clone()));
         }
     }

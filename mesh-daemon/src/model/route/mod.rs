@@ -92,6 +92,8 @@ pub struct Entry {
     pub matches: Match,
     /// Index into [`Router::rules`].
     pub rule: usize,
+    /// Where it is written: `spec.rules[.0].matches[.1]` of its route.
+    pub at: (usize, usize),
 }
 
 /// One rule of a route: what a request it matches gets.

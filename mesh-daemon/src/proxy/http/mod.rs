@@ -409,7 +409,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
             let ns = conn.source.as_ref().map(|w| w.namespace.as_str());
             match router::decide(router, frontend.route.key.port, ns, &head, env.unit()) {
                 router::Decision::Service => frontend,
-                router::Decision::Forward { rule, backend: Some(b), prefix } => {
+                router::Decision::Forward { rule, backend: Some(b), prefix, .. } => {
                     router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
                     routed = Some((rule, b));
                     match conn.backend(&b.port) {

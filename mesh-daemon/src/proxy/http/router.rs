@@ -61,11 +61,13 @@ pub enum Decision<'r> {
     Service,
     /// No rule matches: 404.
     NotFound,
-    /// A RequestRedirect: answered here with `status` and `location`.
-    Redirect { status: u16, location: String },
+    /// A RequestRedirect of `entry`'s rule: answered here with `status`
+    /// and `location`.
+    Redirect { entry: &'r Entry, status: u16, location: String },
     /// To `backend`; None when the rule's backends weigh 0 in all: 500.
-    /// `prefix` is the PathPrefix the rule matched, for a rewrite.
-    Forward { rule: &'r Rule, backend: Option<&'r Backend>, prefix: Option<&'r str> },
+    /// `prefix` is the PathPrefix the rule matched, for a rewrite;
+    /// `entry` the match that won.
+    Forward { entry: &'r Entry, rule: &'r Rule, backend: Option<&'r Backend>, prefix: Option<&'r str> },
 }
 
 /// The decision for `head`, sent to port `port` of the router's Service
@@ -104,9 +106,9 @@ pub fn decide<'r>(router: &'r Router, port: u16, client_ns: Option<&str>, head: 
         };
         let query = head.uri.query().map_or(String::new(), |q| format!("?{q}"));
         let location = format!("{scheme}://{authority}{path}{query}");
-        return Decision::Redirect { status: r.status, location };
+        return Decision::Redirect { entry, status: r.status, location };
     }
-    Decision::Forward { rule, backend: weighted(&rule.backends, unit), prefix }
+    Decision::Forward { entry, rule, backend: weighted(&rule.backends, unit), prefix }
 }
 
 fn matches(e: &Entry, port: u16, head: &Head<'_>) -> bool {

@@ -307,7 +307,7 @@ spec:
     let sent = |path: &str, headers: &[(&str, &str)]| {
         let mut q = req(path, headers);
         let (rule, backend, prefix) = match decide(&r, 80, None, &q.head(), 0.0) {
-            Decision::Forward { rule, backend: Some(b), prefix } => (rule, b, prefix),
+            Decision::Forward { rule, backend: Some(b), prefix, .. } => (rule, b, prefix),
             other => panic!("{path}: {other:?}"),
         };
         rewrite_request(&mut q.uri, &mut q.headers, rule, backend, prefix);
@@ -448,7 +448,7 @@ spec:
         let mut q = req(path, headers);
         q.method = Method::POST;
         match decide(&r, 7070, None, &q.head(), unit) {
-            Decision::Forward { rule, backend: Some(b), prefix } => {
+            Decision::Forward { rule, backend: Some(b), prefix, .. } => {
                 rewrite_request(&mut q.uri, &mut q.headers, rule, b, prefix);
                 let set = q.headers.get("x-header-set").map(|v| v.to_str().unwrap().to_owned());
                 (b.port.to_string(), set)

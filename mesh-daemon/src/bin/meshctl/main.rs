@@ -3,6 +3,8 @@
 //! success.
 #![forbid(unsafe_code)]
 
+mod routes;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -96,6 +98,33 @@ enum Cmd {
         #[command(subcommand)]
         command: DatapathCmd,
     },
+    /// Traffic routes (Gateway API HTTPRoute, GRPCRoute).
+    Route {
+        #[command(subcommand)]
+        command: RouteCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Which route, rule and backends a request would take, and why: the
+    /// proxy's own decision, run on the daemon's current state.
+    Check {
+        /// The service the client dials, [NAMESPACE/]NAME.
+        service: String,
+        /// The request, e.g. http://web/v2/items?x=1 (the port picks the
+        /// service port; 80 when absent).
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, NAME=VALUE; repeat for more.
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// The client's namespace (consumer routes of that namespace
+        /// apply to it).
+        #[arg(long, value_name = "NAMESPACE")]
+        from: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +133,7 @@ enum Kind {
     Workloads,
     Services,
     Endpoints,
+    Routes,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -225,6 +255,7 @@ fn print_list(kind: Kind, v: &Value) {
         other => vec![other.clone()],
     };
     match kind {
+        Kind::Routes => unreachable!("printed by route_command"),
         Kind::Nodes => {
             table(&["NAME", "ADDRESS"], items.iter().map(|n| vec![s(&n["name"]), s(&n["address"])]).collect())
         }
@@ -388,6 +419,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if matches!(cli.command, Cmd::Get { kind: Kind::Routes, .. } | Cmd::Route { .. }) {
+        return route_command(sock, &cli.command, json_out).await;
+    }
     let (method, path, body, if_match) = match &cli.command {
         Cmd::Status => (Method::GET, "/v1/status".to_owned(), None, None),
         Cmd::Apply { file, if_match } => {
@@ -406,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Kind::Workloads, None) => "/v1/workloads".into(),
                 (Kind::Services, None) => "/v1/services".into(),
                 (Kind::Endpoints, _) => "/v1/endpoints".into(),
+                (Kind::Routes, _) => unreachable!("handled above"),
             };
             (Method::GET, path, None, None)
         }
@@ -440,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Method::DELETE, path, None, None)
         }
         Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
-        Cmd::Stats => unreachable!("handled above"),
+        Cmd::Stats | Cmd::Route { .. } => unreachable!("handled above"),
     };
     let answer = call(sock, method.clone(), &path, body, if_match).await?;
     let v = match answer {
@@ -492,6 +527,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Get { kind, .. } => print_list(*kind, &v),
         Cmd::Datapath { .. } => print_dump(&v),
         _ => println!("applied: generation {}", s(&v["generation"])),
+    }
+    Ok(())
+}
+
+/// `get routes` and `route check`, read from the daemon's document.
+async fn route_command(sock: &Path, cmd: &Cmd, json_out: bool) -> anyhow::Result<()> {
+    let doc = match call(sock, Method::GET, "/v1/state", None, None).await? {
+        Ok(v) => v["state"].clone(),
+        Err(ApiError { status, body }) => bail!("the daemon refused the request ({status}): {}", s(&body["error"])),
+    };
+    let out = match cmd {
+        Cmd::Route { command: RouteCmd::Check { service, url, method, headers, from } } => {
+            let c = routes::Check { service, url, method, headers, from: from.as_deref() };
+            routes::check(&doc, &c)?
+        }
+        Cmd::Get { name, .. } => {
+            let mut rows = routes::list(&doc);
+            if let Some(n) = name {
+                let (ns, n) = ns_name(n);
+                rows.retain(|r| r["name"] == format!("{ns}/{n}").as_str());
+                if rows.is_empty() {
+                    bail!("there is no route {ns}/{n}: see meshctl get routes");
+                }
+            }
+            Value::Array(rows)
+        }
+        _ => unreachable!("only route commands come here"),
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    match out {
+        Value::Array(rows) => {
+            let rules = |r: &Value| {
+                let list = r["rules"].as_array().cloned().unwrap_or_default();
+                let each: Vec<String> = list
+                    .iter()
+                    .map(|x| {
+                        let b: Vec<String> = x["backends"].as_array().into_iter().flatten().map(s).collect();
+                        let f: Vec<String> = x["filters"].as_array().into_iter().flatten().map(s).collect();
+                        let f = if f.is_empty() { String::new() } else { format!(" [{}]", f.join(",")) };
+                        format!("{}: {} match(es){f} -> {}", s(&x["name"]), s(&x["matches"]), b.join(" "))
+                    })
+                    .collect();
+                each.join("; ")
+            };
+            let parents =
+                |r: &Value| r["parents"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
+            table(
+                &["ROUTE", "KIND", "PARENTS", "STATUS", "RULES"],
+                rows.iter()
+                    .map(|r| vec![s(&r["name"]), s(&r["kind"]), parents(r), s(&r["status"]), rules(r)])
+                    .collect(),
+            );
+        }
+        v => {
+            println!("decision: {}", s(&v["decision"]));
+            for k in ["service", "route", "rule", "status", "location"] {
+                if !v[k].is_null() {
+                    println!("{k}: {}", s(&v[k]));
+                }
+            }
+            for b in v["backends"].as_array().into_iter().flatten() {
+                let share = b["share"].as_f64().unwrap_or(0.0) * 100.0;
+                println!("backend: {} weight {} ({share:.0}%)", s(&b["backend"]), s(&b["weight"]));
+            }
+            println!("why: {}", s(&v["why"]));
+        }
     }
     Ok(())
 }
