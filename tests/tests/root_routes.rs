@@ -17,7 +17,7 @@ const VIP: &str = "10.96.0.10";
 use mesh_tests::one_at_a_time as serial;
 
 struct Mesh {
-    _d: Daemon,
+    d: Daemon,
     c: Cluster,
 }
 
@@ -39,7 +39,7 @@ fn mesh() -> Mesh {
     }
     let cfg = c.write_file("mesh.yaml", &document(&c, &[])).unwrap();
     let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
-    Mesh { _d: d, c }
+    Mesh { d, c }
 }
 
 /// The state: the Services and `routes`, each a Gateway API object in
@@ -391,6 +391,12 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
         agrees(&m, path, &[], &g);
         assert_eq!(g.backend(), "", "a redirect reaches no backend");
     }
+    // Each request's access-log line names the route and rule that decided it.
+    let log = m.d.log_with("route=default/mesh-filters rule=2", 1);
+    let line = log.lines().find(|l| l.contains("path=/original-prefix/lemon")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("route=default/mesh-filters rule=2") && line.contains("outcome=redirect"), "{line}");
+    let line = log.lines().find(|l| l.contains("path=/v2example")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("service=default/echo-v1:8080") && line.contains("route=default/mesh-matching rule=0"), "{line}");
 }
 
 #[test]

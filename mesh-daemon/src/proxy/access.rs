@@ -22,6 +22,9 @@ pub struct RequestLine<'a> {
     pub retries: u32,
     /// The trace the request belongs to, when it came with one (hex).
     pub trace_id: Option<&'a str>,
+    /// The Gateway API route (`namespace/name`) and rule (its name, or
+    /// its index) that decided the request, if one did.
+    pub route: Option<(&'a str, &'a str)>,
 }
 
 /// One finished connection or request. `bytes_up` went from the client
@@ -104,6 +107,10 @@ impl Record<'_> {
             if let Some(t) = r.trace_id {
                 f.str("trace_id", t);
             }
+            if let Some((route, rule)) = r.route {
+                f.str("route", route);
+                f.str("rule", rule);
+            }
         }
     }
 
@@ -131,6 +138,8 @@ impl Record<'_> {
             grpc_status = r.and_then(|r| r.grpc_status),
             retries = r.map(|r| r.retries).filter(|n| *n > 0),
             trace_id = r.and_then(|r| r.trace_id),
+            route = r.and_then(|r| r.route).map(|r| r.0),
+            rule = r.and_then(|r| r.route).map(|r| r.1),
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
@@ -173,6 +182,7 @@ mod tests {
                 grpc_status: None,
                 retries: 2,
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+                route: Some(("default/canary", "v2")),
             }),
         };
         let text = line(true, &r);
@@ -193,6 +203,7 @@ mod tests {
         assert_eq!(f["error"], error);
         assert_eq!(f["retries"].as_u64(), Some(2));
         assert_eq!(f["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!((f["route"].as_str(), f["rule"].as_str()), (Some("default/canary"), Some("v2")));
         assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
         let text = line(false, &r);
         assert!(

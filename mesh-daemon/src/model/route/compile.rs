@@ -171,7 +171,15 @@ fn route(
             Some(n) => e.take(|| format!("{rp}.name"), Name::parse(n)).map_or_else(|| j.to_string(), |n| n.to_string()),
             None => j.to_string(),
         };
-        let rule = Arc::new(Rule { route: key.clone(), name, filters, backends, timeout, backend_timeout });
+        let rule = Arc::new(Rule {
+            route: key.clone(),
+            label: key.to_string(),
+            name,
+            filters,
+            backends,
+            timeout,
+            backend_timeout,
+        });
         let matches: Vec<MatchDoc> = if r.matches.is_empty() { vec![MatchDoc::default()] } else { r.matches.clone() };
         for (k, m) in matches.iter().enumerate() {
             let Some((m, sort)) = compiled_match(e, &format!("{rp}.matches[{k}]"), m, grpc) else { continue };

@@ -100,6 +100,8 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Rule {
     pub route: RouteKey,
+    /// `route` as logs write it.
+    pub label: String,
     /// Its `name`, else its index, as metrics and logs write it.
     pub name: String,
     pub filters: Filters,

@@ -45,6 +45,7 @@ use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
 use crate::env::Env;
 use crate::model::http::{RetryPolicy, Rules};
+use crate::model::route as router_types;
 use crate::relay::Watched;
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
@@ -182,15 +183,17 @@ enum Direct {
 }
 
 /// Answers `parts` as the route said, counted and logged on the route's
-/// service (`route`, the one the client dialled).
+/// service (`route`, the one the client dialled), with the rule that
+/// decided it (`by`).
 fn direct(
     conn: &Conn,
     route: &Arc<Route>,
     parts: &hyper::http::request::Parts,
-    started: Instant,
+    (started, by): (Instant, Option<(Arc<router_types::Router>, usize)>),
     d: Direct,
 ) -> Response<Body> {
-    let finished = Finished::new(conn, route, &parts.method, &parts.uri);
+    let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
+    finished.by(by);
     let grpc = conn.grpc;
     match d {
         Direct::NotFound => finished.failed(
@@ -402,27 +405,35 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     // backend service, or the answer.
     let router = frontend.route.router.clone();
     let mut routed = None;
-    let resolved = match router.as_deref() {
+    // The rule that decided, for the log line.
+    let mut by = None;
+    let resolved = match &router {
         None => frontend,
-        Some(router) => {
+        Some(shared) => {
+            let router: &router_types::Router = shared;
             let head = router::Head { method: &parts.method, uri: &parts.uri, headers: &parts.headers };
             let ns = conn.source.as_ref().map(|w| w.namespace.as_str());
             match router::decide(router, frontend.route.key.port, ns, &head, env.unit()) {
                 router::Decision::Service => frontend,
-                router::Decision::Forward { rule, backend: Some(b), prefix, .. } => {
+                router::Decision::Forward { entry, rule, backend: Some(b), prefix } => {
                     router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
                     routed = Some((rule, b));
+                    by = Some((shared.clone(), entry.rule));
                     match conn.backend(&b.port) {
                         Some(r) => r,
-                        None => return direct(conn, &frontend.route, &parts, started, Direct::BackendGone),
+                        None => return direct(conn, &frontend.route, &parts, (started, by), Direct::BackendGone),
                     }
                 }
-                router::Decision::Forward { backend: None, .. } => {
-                    return direct(conn, &frontend.route, &parts, started, Direct::NoBackend)
+                router::Decision::Forward { entry, backend: None, .. } => {
+                    let by = Some((shared.clone(), entry.rule));
+                    return direct(conn, &frontend.route, &parts, (started, by), Direct::NoBackend);
                 }
-                router::Decision::NotFound => return direct(conn, &frontend.route, &parts, started, Direct::NotFound),
-                router::Decision::Redirect { status, location, .. } => {
-                    return direct(conn, &frontend.route, &parts, started, Direct::Redirect(status, location))
+                router::Decision::NotFound => {
+                    return direct(conn, &frontend.route, &parts, (started, None), Direct::NotFound)
+                }
+                router::Decision::Redirect { entry, status, location } => {
+                    let by = Some((shared.clone(), entry.rule));
+                    return direct(conn, &frontend.route, &parts, (started, by), Direct::Redirect(status, location));
                 }
             }
         }
@@ -433,6 +444,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     }
     strip_hop_by_hop(&mut parts.headers);
     let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
+    finished.by(by);
     finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));
     let policy = &route.policy;
     if let Some(limiter) = &policy.limiter {

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::trace::Traced;
 use super::upstream::Body;
 use super::Conn;
+use crate::model::route::Router;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
@@ -52,6 +53,7 @@ impl Line {
             status: status.as_u16(),
             grpc_status,
             retries: 0,
+            route: None,
         }
     }
 }
@@ -67,6 +69,8 @@ pub struct Finished {
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
+    /// The router and the index of its rule that decided the request.
+    by: Option<(Arc<Router>, usize)>,
     env: &'static dyn crate::env::Env,
 }
 
@@ -163,8 +167,15 @@ impl Finished {
             client: conn.client,
             grpc: conn.grpc,
             route: route.clone(),
+            by: None,
             env: conn.env,
         }
+    }
+
+    /// The request was decided by rule `rule` of `router`: its log line
+    /// says which.
+    pub fn by(&mut self, by: Option<(Arc<Router>, usize)>) {
+        self.by = by;
     }
 
     pub fn trace(&mut self, traced: Option<Traced>) {
@@ -223,6 +234,7 @@ impl Finished {
             request: Some(RequestLine {
                 retries: self.retries,
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
+                route: self.by.as_ref().map(|(r, i)| (r.rules[*i].label.as_str(), r.rules[*i].name.as_str())),
                 ..self.line.with(status, grpc_status)
             }),
         }
