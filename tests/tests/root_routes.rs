@@ -31,12 +31,15 @@ fn mesh() -> Mesh {
             .pod("client", "node-a")
             .pod("echo", "node-a")
             .pod("echo-v1", "node-a")
-            .pod("echo-v2", "node-a"),
+            .pod("echo-v2", "node-a")
+            .pod("bad", "node-a"),
     )
     .expect("mini cluster");
     for p in ["echo", "echo-v1", "echo-v2"] {
         c.serve_http(p, 8080, &[]).unwrap();
     }
+    // In no service until a test puts it behind echo-v1.
+    c.serve_http("bad", 8080, &["--status", "503"]).unwrap();
     let cfg = c.write_file("mesh.yaml", &document(&c, &[])).unwrap();
     let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
     Mesh { d, c }
@@ -396,7 +399,10 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     let line = log.lines().find(|l| l.contains("path=/original-prefix/lemon")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("route=default/mesh-filters rule=2") && line.contains("outcome=redirect"), "{line}");
     let line = log.lines().find(|l| l.contains("path=/v2example")).unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains("service=default/echo-v1:8080") && line.contains("route=default/mesh-matching rule=0"), "{line}");
+    assert!(
+        line.contains("service=default/echo-v1:8080") && line.contains("route=default/mesh-matching rule=0"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -556,4 +562,43 @@ spec:
     let text = call("3", &[]);
     assert_eq!(by(&text, "echo-v1"), 3, "matched by service and method: {text}");
     assert!(text.contains("stream backend=echo seqs=1,2,3,4,5"), "Count, by its service alone: {text}");
+}
+
+#[test]
+fn root_httproute_retry_sends_a_failed_request_to_another_endpoint() {
+    let _one = serial();
+    let m = mesh();
+    let route = |retry: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: retried\nspec:\n  \
+             parentRefs: [{{ name: echo, port: 80 }}]\n  rules:\n  - backendRefs: [{{ name: echo-v1, port: 8080 }}]\n{retry}"
+        )
+    };
+    // echo-v1 gets a second endpoint that answers 503 to everything, and
+    // no outlier ejection (which would soon keep requests off it).
+    let (v1, bad) = (m.c.pod("echo-v1").ip, m.c.pod("bad").ip);
+    let apply_with_bad = |r: &str| {
+        let doc = document(&m.c, &[r]).replace(
+            &format!("endpoints: [{{ ip: {v1}, node: node-a }}]"),
+            &format!(
+                "endpoints: [{{ ip: {v1}, node: node-a }}, {{ ip: {bad}, node: node-a }}]\n    \
+                 http: {{ outlier: {{ consecutive5xx: 0 }} }}"
+            ),
+        );
+        let f = m.c.write_file("retry.yaml", &doc).unwrap();
+        let out = m.c.meshctl("node-a", &["apply", "-f", f.to_str().unwrap()]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let mut f = Follower::open(&m.c, "client", &format!("{VIP}:80"), false).unwrap();
+    apply_with_bad(&route(""));
+    let t = f.batch(40, "/").unwrap();
+    assert!(t.get("503").is_some_and(|n| *n > 0), "without retry the bad endpoint's 503s reach the client: {t:?}");
+    apply_with_bad(&route("    retry: { codes: [503], attempts: 2, backoff: 1ms }\n"));
+    // 12 requests: about 6 retries, within the retry budget (a fifth of
+    // the requests plus 10 a second) whatever the draws.
+    let t = f.batch(12, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v1".into(), 12)]), "each 503 retried on the other endpoint");
+    let (_, text) = m.d.admin_get("/metrics").unwrap();
+    let retries: Vec<&str> = text.lines().filter(|l| l.contains("retries")).collect();
+    assert!(m.d.metric("mesh_retries_total", &[]) > 0, "the retries are counted: {retries:?}");
 }

@@ -86,6 +86,10 @@ pub struct RetryPolicy {
     /// Methods that may be retried; None: the idempotent ones (every call
     /// on gRPC ports).
     pub methods: Option<Vec<hyper::Method>>,
+    /// The least wait before a retry, doubling up to 8 times it, no
+    /// jitter (an HTTPRoute's `retry.backoff`); None: 10 ms doubling to
+    /// 500 ms with jitter.
+    pub backoff: Option<Duration>,
 }
 
 /// Which answers are retried.
@@ -315,7 +319,7 @@ fn retries(e: &mut Errors, p: &str, doc: &RetriesDoc, grpc: bool) -> Option<Retr
             })
             .collect()
     });
-    Some(RetryPolicy { on, attempts: attempts?, budget: budget?, max_body: max_body?, methods })
+    Some(RetryPolicy { on, attempts: attempts?, budget: budget?, max_body: max_body?, methods, backoff: None })
 }
 
 fn budget(e: &mut Errors, p: &str, doc: Option<&BudgetDoc>) -> Option<Budget> {

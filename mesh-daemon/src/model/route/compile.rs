@@ -167,6 +167,7 @@ fn route(
                 );
             }
         }
+        let retry = r.retry.as_ref().and_then(|d| retry(e, &format!("{rp}.retry"), d, grpc));
         let name = match &r.name {
             Some(n) => e.take(|| format!("{rp}.name"), Name::parse(n)).map_or_else(|| j.to_string(), |n| n.to_string()),
             None => j.to_string(),
@@ -179,6 +180,7 @@ fn route(
             backends,
             timeout,
             backend_timeout,
+            retry,
         });
         let matches: Vec<MatchDoc> = if r.matches.is_empty() { vec![MatchDoc::default()] } else { r.matches.clone() };
         for (k, m) in matches.iter().enumerate() {
@@ -582,4 +584,40 @@ fn grpc_match(e: &mut Errors, p: &str, d: &MatchDoc) -> Option<(Match, Rank)> {
     let len = service.map_or(0, str::len) << 16 | method.map_or(0, str::len);
     let rank = (0, len, true, headers.len(), 0);
     Some((Match { path, headers, query: Vec::new(), method: None }, rank))
+}
+
+/// An HTTPRoute rule's `retry` as a retry policy: the listed statuses,
+/// `attempts` more tries (1 when absent, at most 10), `backoff` as the
+/// least wait; the defaults of a service's `http.retries` for the rest.
+fn retry(e: &mut Errors, p: &str, d: &super::doc::RetryDoc, grpc: bool) -> Option<crate::model::http::RetryPolicy> {
+    use crate::model::http::{Budget, RetryOn, RetryPolicy};
+    if grpc {
+        e.push(p.to_owned(), "retry is for HTTPRoute; retry gRPC calls with the backend service's http.retries");
+        return None;
+    }
+    let before = e.0.len();
+    for (i, c) in d.codes.iter().enumerate() {
+        if !(400..=599).contains(c) {
+            e.push(format!("{p}.codes[{i}]"), format!("{c} is not a 4xx or 5xx status"));
+        }
+    }
+    if d.codes.is_empty() {
+        e.push(format!("{p}.codes"), "is empty: list the statuses to retry, e.g. [503]");
+    }
+    let attempts = d.attempts.unwrap_or(1);
+    if attempts > 10 {
+        e.push(format!("{p}.attempts"), format!("{attempts} is over 10: use fewer"));
+    }
+    let backoff = d.backoff.as_deref().and_then(|b| e.take(|| format!("{p}.backoff"), parse_duration(b)));
+    if e.0.len() != before {
+        return None;
+    }
+    Some(RetryPolicy {
+        on: RetryOn { statuses: d.codes.iter().map(|c| (*c, *c)).collect(), grpc: 0 },
+        attempts,
+        budget: Budget::default(),
+        max_body: 64 << 10,
+        methods: None,
+        backoff,
+    })
 }

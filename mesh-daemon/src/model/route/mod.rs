@@ -111,6 +111,9 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// `timeouts.backendRequest`: each try.
     pub backend_timeout: Option<Duration>,
+    /// `retry`, on the backend's retry machinery (idempotent methods, the
+    /// retry budget, bodies up to 64 KiB kept).
+    pub retry: Option<crate::model::http::RetryPolicy>,
 }
 
 impl Rule {

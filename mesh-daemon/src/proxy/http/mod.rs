@@ -459,21 +459,24 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     }
     let mut rules = policy.cfg.rules(parts.uri.path());
     if let Some((rule, _)) = routed {
-        // The route's timeouts come before the backend service's own.
+        // The route's timeouts and retries come before the backend
+        // service's own.
         rules.timeout = rule.timeout.or(rules.timeout);
         rules.per_try_timeout = rule.backend_timeout.or(rules.per_try_timeout);
+        rules.retries = rule.retry.as_ref().or(rules.retries);
     }
+    let budget = route.retry_budget(routed.is_some_and(|(r, _)| r.retry.is_some()));
     let timeout = request_timeout(&rules, conn.grpc, &parts.headers);
     let deadline = timeout.map(|t| started + t);
     let retry = retry_policy(&rules, &parts.method, conn.grpc);
     let body = (!hyper::body::Body::is_end_stream(&body))
         .then(|| replay::Replay::new(body.boxed_unsync(), retry.map_or(0, |r| r.max_body)));
-    if let Some(b) = &policy.budget {
+    if let Some(b) = budget {
         b.deposit(env.secs() as u64);
     }
     let mut tries = Tries::new(route, env);
     let mut reason = "no_endpoint";
-    let mut retrying = Retrying { policy: retry, deadline, budget: policy.budget.as_ref(), retried: 0 };
+    let mut retrying = Retrying { policy: retry, deadline, budget, retried: 0 };
     // Whether one more try may repeat this request, after waiting the
     // backoff (None also when the wait would pass the deadline).
     let again = |retrying: &Retrying| -> Option<Duration> {

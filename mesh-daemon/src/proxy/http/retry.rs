@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::policy::RetryBudget;
+use crate::balance::backoff::Backoff;
 use crate::env::Env;
 use crate::model::http::RetryPolicy;
 use crate::proxy::tries::RETRY_BACKOFF;
@@ -50,7 +51,8 @@ impl Retrying<'_> {
         if !replayable {
             return Err(NoRetry::BodyNotKept);
         }
-        let pause = RETRY_BACKOFF.delay(self.retried, env.unit());
+        let backoff = r.backoff.map_or(RETRY_BACKOFF, |b| Backoff { base: b, max: b.saturating_mul(8), jitter: 0.0 });
+        let pause = backoff.delay(self.retried, env.unit());
         if self.deadline.is_some_and(|d| env.now() + pause >= d) {
             return Err(NoRetry::PastDeadline);
         }
@@ -83,6 +85,7 @@ mod tests {
             budget: Budget { ratio: 0.2, min_per_second: 10, window: Duration::from_secs(10) },
             max_body: 64 << 10,
             methods: None,
+            backoff: None,
         }
     }
 

@@ -406,6 +406,8 @@ fn bad_routes_are_refused_with_their_field_and_the_fix() {
         ("spec: {parentRefs: [{name: db, namespace: default}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.parentRefs[0]: no port of service default/db carries requests"),
         ("spec: {parentRefs: [{name: echo}], rules: [{matches: [{path: {type: RegularExpression, value: '(['}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].matches[0].path.value: \"([\" is not a regular expression"),
         ("spec: {parentRefs: [{name: echo}], rules: [{}]}", "routes[0].spec.rules[0].backendRefs: is empty"),
+        ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [200]}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.codes[0]: 200 is not a 4xx or 5xx status"),
+        ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [503], backoff: soon}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.backoff: \"soon\" is not a duration"),
         ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "RequestMirror is not implemented yet"),
     ] {
         let e = state(&format!("{base}{spec}\n")).map(|_| ()).unwrap_err().to_string();

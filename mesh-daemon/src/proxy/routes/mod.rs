@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::proxy::http::policy::{Policies, Policy};
+use crate::proxy::http::policy::{Policies, Policy, RetryBudget};
 use tokio::time::Instant;
 
 use crate::balance::{self, EndpointState, Member, Registry};
@@ -88,6 +88,9 @@ pub struct Route {
     /// Per request: timeouts, retries, outlier ejection, rate limit (the
     /// rate limit applies to connections of `tcp` ports too).
     pub policy: Arc<Policy>,
+    /// The retry budget of retries a route rule asks for (`retry`) when
+    /// the service's own policy keeps none; made on first use.
+    routed_budget: OnceLock<RetryBudget>,
     /// The routes (Gateway API) attached to this service port, if any:
     /// its requests are decided by them (see [`crate::proxy::http::router`]).
     pub router: Option<Arc<Router>>,
@@ -97,6 +100,16 @@ pub struct Route {
 }
 
 impl Route {
+    /// The retry budget for a request here: the service's own, or for a
+    /// request whose route rule retries, one made for those.
+    pub fn retry_budget(&self, routed_retry: bool) -> Option<&RetryBudget> {
+        match &self.policy.budget {
+            Some(b) => Some(b),
+            None if routed_retry => Some(self.routed_budget.get_or_init(|| RetryBudget::new(Default::default()))),
+            None => None,
+        }
+    }
+
     /// Its series, made on first use.
     pub fn series(&self) -> &ServiceSeries {
         self.series.get_or_init(|| {
@@ -149,6 +162,7 @@ impl Route {
             series: OnceLock::new(),
             source,
             policy: policies.get(&key, &s.http),
+            routed_budget: OnceLock::new(),
             key,
             name,
             endpoints,
