@@ -49,6 +49,9 @@ struct State {
     requests: Vec<String>,
     /// Token -> what a TokenReview says of it.
     tokens: BTreeMap<String, Token>,
+    /// Whether the Gateway API's CRDs are installed: HTTPRoute and
+    /// GRPCRoute are served (else their collections answer 404).
+    gateway_api: bool,
 }
 
 /// A token the stand-in accepts, as the real server would review a
@@ -78,6 +81,8 @@ fn collection(obj: &Value) -> anyhow::Result<String> {
         Some("Pod") => "pods",
         Some("Namespace") => "namespaces",
         Some("EndpointSlice") => "endpointslices",
+        Some("HTTPRoute") => "httproutes",
+        Some("GRPCRoute") => "grpcroutes",
         other => bail!("the fake API server does not serve kind {other:?}"),
     };
     Ok(match obj["apiVersion"].as_str() {
@@ -185,6 +190,14 @@ impl FakeApiServer {
     /// are cut.
     pub fn set_down(&self, down: bool) {
         self.set_down_only(if down { &["*"] } else { &[] });
+    }
+
+    /// Installs the Gateway API's CRDs: HTTPRoute and GRPCRoute are
+    /// served from now on.
+    pub fn install_gateway_api(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.gateway_api = true;
+        }
     }
 
     /// Only these collections (e.g. `/api/v1/pods`) are down.
@@ -396,10 +409,12 @@ fn answer(
         .filter(|(_, v)| node.as_ref().is_none_or(|n| v["spec"]["nodeName"].as_str() == Some(n)))
         .map(|(_, v)| v.clone())
         .collect();
-    let (epoch, rv) = (s.epoch, s.rv);
+    let (epoch, rv, gateway_api) = (s.epoch, s.rv, s.gateway_api);
     drop(s);
     let known = ["/api/v1/services", "/api/v1/pods", "/api/v1/namespaces", "/apis/discovery.k8s.io/v1/endpointslices"];
-    if !known.contains(&collection.as_str()) {
+    let routes = ["/apis/gateway.networking.k8s.io/v1/httproutes", "/apis/gateway.networking.k8s.io/v1/grpcroutes"];
+    let served = known.contains(&collection.as_str()) || (gateway_api && routes.contains(&collection.as_str()));
+    if !served {
         respond(conn, "404 Not Found", &not_found_status(), true)?;
         return Ok(false);
     }
@@ -412,9 +427,15 @@ fn answer(
         Some("services") => "ServiceList",
         Some("pods") => "PodList",
         Some("namespaces") => "NamespaceList",
+        Some("httproutes") => "HTTPRouteList",
+        Some("grpcroutes") => "GRPCRouteList",
         _ => "EndpointSliceList",
     };
-    let api_version = if collection.starts_with("/api/v1") { "v1" } else { "discovery.k8s.io/v1" };
+    let api_version = match collection.split('/').nth(2) {
+        Some("v1") => "v1".to_owned(),
+        Some(group) => format!("{group}/v1"),
+        None => "v1".to_owned(),
+    };
     let body = json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() }, "items": items });
     respond(conn, "200 OK", &body, true)?;
     Ok(false)

@@ -92,8 +92,10 @@ fn eventually(d: &Daemon, what: &str, mut f: impl FnMut() -> bool) {
     assert!(wait_until(Duration::from_secs(20), &mut f), "{what}; state: {}\nlog:\n{}", state(d), d.log_text());
 }
 
-#[test]
-fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
+/// Node-a with the client and web-1, web-2 (HTTP on 8080) as the API
+/// server's pods, each with a process by which the daemon finds its
+/// network namespace.
+fn cluster() -> Cluster {
     let c = Cluster::create(
         &ClusterSpec::new()
             .node("node-a")
@@ -102,10 +104,15 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
             .kube_pod("web-2", "node-a", WEB2_UID),
     )
     .unwrap();
-    // The pods' processes, by which the daemon finds their network namespaces.
     c.serve("web-1", 8080, None).unwrap();
     c.serve("web-2", 8080, None).unwrap();
     c.spawn("client", Path::new("/bin/sleep"), &["600"]).unwrap();
+    c
+}
+
+#[test]
+fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
+    let c = cluster();
     let (ip1, ip2) = (c.pod("web-1").ip.to_string(), c.pod("web-2").ip.to_string());
 
     let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objects(&c)).unwrap();
@@ -176,6 +183,9 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
     assert!(log.lines().any(|l| l.contains("watch resumed") && l.contains("\"kind\":\"Pod\"")), "{log}");
 
     assert_eq!(ghost(&d.log_text()), 1, "told once: {}", d.log_text());
+    // This cluster has no Gateway API CRDs: routes are off, said once per kind.
+    let off = d.log_text().lines().filter(|l| l.contains("CRD of this kind is not installed")).count();
+    assert_eq!(off, 2, "{}", d.log_text());
 
     // A restart while Pods cannot be listed: the saved state serves, not a
     // translation without pods (which would have no endpoints).
@@ -256,4 +266,76 @@ fn root_one_endpointslice_update_among_2000_services_is_translated_alone_and_rea
     let log = d.log_with("state follows the cluster", 2);
     let last = log.lines().rfind(|l| l.contains("state follows the cluster")).unwrap();
     assert!(last.contains("\"services_translated\":1,") || last.contains("\"services_translated\":1}"), "{last}");
+}
+
+/// An HTTPRoute as the API server returns it (with the fields the cluster
+/// adds), parent shop/web:80.
+fn http_route(name: &str, rules: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": { "name": name, "namespace": "shop", "uid": format!("route-{name}"),
+                      "creationTimestamp": "2026-12-01T10:00:00Z", "generation": 1,
+                      "managedFields": [{ "manager": "kubectl", "operation": "Apply" }] },
+        "spec": { "parentRefs": [{ "group": "", "kind": "Service", "name": "web", "port": 80 }], "rules": rules },
+    })
+}
+
+#[test]
+fn root_kubernetes_routes_from_the_api_server_take_effect_and_a_bad_one_is_left_out() {
+    let c = cluster();
+    let mut objs = objects(&c);
+    // shop/web-two: web-2 alone, behind its own VIP.
+    objs.push(json!({ "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web-two", "namespace": "shop" },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.51", "clusterIPs": ["10.96.0.51"],
+                  "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": "http" }] } }));
+    objs.push(json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": "web-two-abcde", "namespace": "shop", "labels": { "kubernetes.io/service-name": "web-two" } },
+        "addressType": "IPv4", "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": [endpoint(&c, "web-2", true, false)] }));
+    objs.push(http_route(
+        "split",
+        json!([{ "matches": [{ "path": { "type": "PathPrefix", "value": "/two" } }],
+                 "backendRefs": [{ "name": "web-two", "port": 80 }] },
+               { "backendRefs": [{ "name": "web", "port": 80 }] }]),
+    ));
+    objs.push(http_route("broken", json!([{ "backendRefs": [{ "name": "nope", "port": 80 }] }])));
+
+    let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objs).unwrap();
+    api.install_gateway_api();
+    let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+    let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes", "--log-format", "json"], &env).unwrap();
+
+    let routes = |d: &Daemon| -> Vec<String> {
+        state(d)["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    eventually(&d, "the valid route is in the state", || routes(&d) == ["split"]);
+    let log = d.log_with("route not accepted", 1);
+    let line = log.lines().find(|l| l.contains("route not accepted")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("HTTPRoute shop/broken") && line.contains("there is no service shop/nope"), "{line}");
+    for _ in 0..5 {
+        let (code, body) = c.curl("client", &format!("http://{VIP}/two/x")).unwrap();
+        assert_eq!(code, 0, "{}", d.log_text());
+        assert!(body.contains("web-2"), "/two goes to web-two: {body}");
+    }
+
+    // The route changes in the cluster: /two now goes to web as well.
+    api.edit("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "split", |o| {
+        o["spec"]["rules"][0]["backendRefs"][0]["name"] = json!("web");
+    })
+    .unwrap();
+    let web_only = |d: &Daemon| state(d)["routes"][0]["spec"]["rules"][0]["backendRefs"][0]["name"] == "web";
+    eventually(&d, "the edited route", || web_only(&d));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (_, body) = c.curl("client", &format!("http://{VIP}/two/x")).unwrap();
+        seen.extend(["web-1", "web-2"].into_iter().filter(|w| body.contains(*w)));
+    }
+    assert_eq!(seen.len(), 2, "/two spread over web's endpoints (weights 3:1): {seen:?}");
 }

@@ -1,5 +1,5 @@
-//! Kubernetes discovery: Services, EndpointSlices, Pods and Namespaces
-//! turned into the mesh's state. The translation is a pure function
+//! Kubernetes discovery: Services, EndpointSlices, Pods, Namespaces and
+//! Gateway API routes turned into the mesh's state. The translation is a pure function
 //! ([`translate`]); [`watch`] (cargo feature `kubernetes`) follows the API
 //! server and applies it.
 #![forbid(unsafe_code)]
@@ -7,6 +7,8 @@
 // Only `watch` uses them: without the feature they are not built.
 #[cfg(feature = "kubernetes")]
 pub mod procs;
+#[cfg(feature = "kubernetes")]
+pub mod routes;
 #[cfg(feature = "kubernetes")]
 pub mod translate;
 #[cfg(feature = "kubernetes")]

@@ -27,6 +27,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -50,6 +51,8 @@ struct Stores {
     slices: Store<EndpointSlice>,
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
+    /// Per route kind whose CRD is installed: (kind, its copy).
+    routes: Vec<(&'static str, Store<DynamicObject>)>,
 }
 
 impl Stores {
@@ -60,6 +63,7 @@ impl Stores {
             slices: self.slices.state(),
             namespaces: self.namespaces.state(),
             pods: self.pods.state(),
+            routes: self.routes.iter().map(|(k, st)| (*k, st.state())).collect(),
         }
     }
 }
@@ -82,6 +86,52 @@ where
     let stream =
         reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(slim::<K>))
             .default_backoff();
+    follow_events(kind, stream, changed, tasks);
+    reader
+}
+
+/// Starts watching one Gateway API route kind (a custom resource, read
+/// as a dynamic object).
+fn reflect_routes(
+    client: &Client,
+    ar: &ApiResource,
+    changed: Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<DynamicObject> {
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), ar);
+    let stream =
+        reflector(writer, watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>)).default_backoff();
+    follow_events(ar.kind.clone(), stream, changed, tasks);
+    reader
+}
+
+/// Whether the cluster serves route kind `ar` (its CRD is installed). When
+/// it does not, routes of that kind are off, said once.
+async fn served(client: &Client, ar: &ApiResource) -> bool {
+    let api = Api::<DynamicObject>::all_with(client.clone(), ar);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            info!(kind = %ar.kind, "the Gateway API CRD of this kind is not installed: its routes are off (restart the daemon once it is)");
+            false
+        }
+        Err(e) => {
+            warn!(kind = %ar.kind, error = %e, "could not list routes; watching them anyway");
+            true
+        }
+    }
+}
+
+/// Drives one watch stream, notifying `changed` after every change of
+/// its copy, and says when it fails and resumes.
+fn follow_events<K: Send + 'static>(
+    kind: String,
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    changed: Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -104,7 +154,6 @@ where
             }
         }
     }));
-    reader
 }
 
 /// Why discovery stopped or could not start.
@@ -135,11 +184,19 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
+    let mut routes = Vec::new();
+    for (kind, plural) in super::routes::KINDS {
+        let ar = super::routes::resource(kind, plural);
+        if served(&client, &ar).await {
+            routes.push((kind, reflect_routes(&client, &ar, changed.clone(), &mut tasks)));
+        }
+    }
     let stores = Stores {
         services: reflect(&client, changed.clone(), &mut tasks),
         slices: reflect(&client, changed.clone(), &mut tasks),
         namespaces: reflect(&client, changed.clone(), &mut tasks),
         pods: reflect(&client, changed.clone(), &mut tasks),
+        routes,
     };
     let result = tokio::select! {
         _ = stop.stopped() => Ok(()),
@@ -162,7 +219,11 @@ async fn follow(
         stores.services.wait_until_ready().await?;
         stores.slices.wait_until_ready().await?;
         stores.namespaces.wait_until_ready().await?;
-        stores.pods.wait_until_ready().await
+        stores.pods.wait_until_ready().await?;
+        for (_, r) in &stores.routes {
+            r.wait_until_ready().await?;
+        }
+        Ok::<(), reflector::store::WriterDropped>(())
     };
     ready.await.map_err(|e| DiscoveryError::Stopped(e.to_string()))?;
     info!("the cluster is listed; following it");
@@ -197,6 +258,7 @@ struct Seen {
     slices: Vec<Arc<EndpointSlice>>,
     namespaces: Vec<Arc<Namespace>>,
     pods: Vec<Arc<Pod>>,
+    routes: Vec<(&'static str, Vec<Arc<DynamicObject>>)>,
 }
 
 /// What one pass of translating and writing keeps for the next.
@@ -216,8 +278,11 @@ impl Pass {
             (refs(&seen.services), refs(&seen.slices), refs(&seen.namespaces), refs(&seen.pods));
         let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
         let pids = &mut self.pids;
-        let t = translate_with(objs, control.node().as_str(), &mut |p: &Pod| pids.pid_of(p), &mut self.memo);
+        let mut t = translate_with(objs, control.node().as_str(), &mut |p: &Pod| pids.pid_of(p), &mut self.memo);
         self.pids.forget_all_but(&pods);
+        let routes: Vec<(&str, &DynamicObject)> =
+            seen.routes.iter().flat_map(|(k, v)| v.iter().map(move |o| (*k, o.as_ref()))).collect();
+        t.document.routes = super::routes::translate(&routes, &mut t.skipped);
         for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
             info!(reason = %why, "left out of the mesh");
         }
@@ -256,13 +321,18 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
                 return true;
             }
             Err(WriteError::Invalid(errors)) if attempt == 0 => {
-                let Some(gone) = vanished_workloads(&errors) else {
+                let Some((gone, bad_routes)) = left_out(&errors) else {
                     warn!(errors = %errors, "the cluster's state is not valid; keeping the current one");
                     return false;
                 };
                 for i in gone.into_iter().rev() {
                     let w = next.workloads.remove(i);
                     warn!(workload = %format!("{}/{}", w.namespace, w.name), "its process exited; left out for now");
+                }
+                for (i, why) in bad_routes.into_iter().rev() {
+                    let r = next.routes.remove(i);
+                    let route = format!("{} {}/{}", r.kind, r.metadata.namespace, r.metadata.name);
+                    warn!(route, reason = %why, "route not accepted; left out, the others apply");
                 }
             }
             Err(e) => {
@@ -275,16 +345,29 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
 }
 
 /// When every error is a workload whose network namespace could not be
-/// opened (`workloads[i].pid`): their indices, ascending.
-fn vanished_workloads(errors: &crate::model::ValidationErrors) -> Option<Vec<usize>> {
-    let mut v = errors
-        .0
-        .iter()
-        .map(|e| e.path.strip_prefix("workloads[")?.strip_suffix("].pid")?.parse().ok())
-        .collect::<Option<Vec<usize>>>()?;
-    v.sort_unstable();
-    v.dedup();
-    (!v.is_empty()).then_some(v)
+/// opened (`workloads[i].pid`) or a field of a route (`routes[i]...`):
+/// the workloads' indices, and the routes' with their reasons, ascending.
+/// A bad route is the cluster's to fix; it must not hold back the rest.
+#[allow(clippy::type_complexity)]
+fn left_out(errors: &crate::model::ValidationErrors) -> Option<(Vec<usize>, Vec<(usize, String)>)> {
+    let (mut workloads, mut routes) = (Vec::new(), Vec::<(usize, String)>::new());
+    for e in &errors.0 {
+        if let Some(i) = e.path.strip_prefix("workloads[").and_then(|r| r.strip_suffix("].pid")) {
+            workloads.push(i.parse().ok()?);
+        } else if let Some((i, _)) = e.path.strip_prefix("routes[").and_then(|r| r.split_once(']')) {
+            let i: usize = i.parse().ok()?;
+            match routes.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, why)) => why.push_str(&format!("; {e}")),
+                None => routes.push((i, e.to_string())),
+            }
+        } else {
+            return None;
+        }
+    }
+    workloads.sort_unstable();
+    workloads.dedup();
+    routes.sort_by_key(|(i, _)| *i);
+    (!workloads.is_empty() || !routes.is_empty()).then_some((workloads, routes))
 }
 
 /// Pod UID → one of its pids, checked again before each use: a scan of
@@ -326,12 +409,23 @@ mod tests {
     use crate::model::{FieldError, ValidationErrors};
 
     #[test]
-    fn only_workload_pid_errors_count_as_vanished_processes() {
+    fn only_workload_pid_and_route_errors_are_left_out() {
         let e = |p: &str| FieldError { path: p.into(), message: "x".into() };
         let errs = ValidationErrors(vec![e("workloads[3].pid"), e("workloads[1].pid"), e("workloads[3].pid")]);
-        assert_eq!(vanished_workloads(&errs), Some(vec![1, 3]));
+        assert_eq!(left_out(&errs), Some((vec![1, 3], vec![])));
+        let routes = ValidationErrors(vec![
+            e("routes[2].spec.rules[0].backendRefs[0].name"),
+            e("workloads[1].pid"),
+            e("routes[0].kind"),
+            e("routes[2].spec.parentRefs[0]"),
+        ]);
+        let want = vec![
+            (0, "routes[0].kind: x".to_owned()),
+            (2, "routes[2].spec.rules[0].backendRefs[0].name: x; routes[2].spec.parentRefs[0]: x".to_owned()),
+        ];
+        assert_eq!(left_out(&routes), Some((vec![1], want)));
         let mixed = ValidationErrors(vec![e("workloads[1].pid"), e("services[0].vip")]);
-        assert_eq!(vanished_workloads(&mixed), None, "another error: the state is invalid");
-        assert_eq!(vanished_workloads(&ValidationErrors(vec![])), None);
+        assert_eq!(left_out(&mixed), None, "another error: the state is invalid");
+        assert_eq!(left_out(&ValidationErrors(vec![])), None);
     }
 }
