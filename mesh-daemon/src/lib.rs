@@ -19,6 +19,9 @@ pub mod model;
 pub(crate) mod proxy;
 pub(crate) mod relay;
 pub mod run;
+/// The route status writer, one per cluster (`ca serve --kubernetes`).
+#[cfg(feature = "kubernetes")]
+pub use discovery::status::run as write_route_status;
 /// The per-request routing decision (Gateway API routes), for `meshctl
 /// route check`: the same code the proxy runs.
 pub use proxy::http::router as routing;

@@ -165,6 +165,17 @@ async fn kube_authority(
     }))
 }
 
+/// Starts writing route status on `rt` with the authority's client.
+#[cfg(feature = "kubernetes")]
+fn route_status(rt: &tokio::runtime::Runtime, authority: &mesh_daemon::identity::issuer::Authority) {
+    if let mesh_daemon::identity::issuer::Authority::Kubernetes(k) = authority {
+        rt.spawn(mesh_daemon::write_route_status(k.client.clone()));
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn route_status(_: &tokio::runtime::Runtime, _: &mesh_daemon::identity::issuer::Authority) {}
+
 #[cfg(not(feature = "kubernetes"))]
 async fn kube_authority(
     _audience: String,
@@ -206,7 +217,12 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let authority = match (credentials, config) {
                 (Some(credentials), Some(state)) => Authority::tokens(credentials, state),
-                _ => rt.block_on(kube_authority(audience, &node_account))?,
+                _ => {
+                    let authority = rt.block_on(kube_authority(audience, &node_account))?;
+                    // The one writer of route status in the cluster.
+                    route_status(&rt, &authority);
+                    authority
+                }
             };
             let cfg = mesh_daemon::identity::issuer::IssuerConfig {
                 listen,

@@ -379,6 +379,27 @@ fn answer(
         return Ok(true);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // A merge patch of a route's status subresource, as a controller writes it.
+    if let ("PATCH", ["apis", group, "v1", "namespaces", ns, plural, name, "status"]) =
+        (method.as_str(), segments.as_slice())
+    {
+        let k = (format!("/apis/{group}/v1/{plural}"), (*ns).to_owned(), (*name).to_owned());
+        let Some(mut obj) = s.objects.get(&k).cloned() else {
+            drop(s);
+            respond(conn, "404 Not Found", &not_found_status(), false)?;
+            return Ok(true);
+        };
+        let patch: Value = serde_json::from_slice(body).context("a PATCH body that is not JSON")?;
+        merge_patch(&mut obj["status"], &patch["status"]);
+        s.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let (rv, collection) = (s.rv, k.0.clone());
+        s.objects.insert(k, obj.clone());
+        s.changes.push(Change { rv, collection, kind: "MODIFIED", object: obj.clone() });
+        drop(s);
+        respond(conn, "200 OK", &obj, false)?;
+        return Ok(true);
+    }
     // One object: /api/v1/namespaces/NAME and /api/v1/namespaces/NS/pods/NAME.
     let one = match segments.as_slice() {
         ["api", "v1", "namespaces", name] => Some(("/api/v1/namespaces".to_owned(), String::new(), (*name).to_owned())),
@@ -439,6 +460,25 @@ fn answer(
     let body = json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() }, "items": items });
     respond(conn, "200 OK", &body, true)?;
     Ok(false)
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes,
+/// anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (k, v) in p {
+        if v.is_null() {
+            target.as_object_mut().map(|t| t.remove(k));
+        } else {
+            merge_patch(&mut target[k], v);
+        }
+    }
 }
 
 /// Streams the changes of `path` after version `from` until the epoch

@@ -181,7 +181,7 @@ fn the_dockerfile_builds_what_the_workspace_builds_with_the_same_recipe() {
     let build = format!("cargo build --release --locked -p mesh-daemon --bins --features {features}");
     assert!(docker.contains(&build), "the image is not built with `{build}`");
     assert!(root().join("mesh-daemon/src/main.rs").exists(), "the mesh-daemon binary");
-    assert!(root().join("mesh-daemon/src/bin/meshctl.rs").exists(), "the meshctl binary");
+    assert!(root().join("mesh-daemon/src/bin/meshctl/main.rs").exists(), "the meshctl binary");
     let copy = docker.lines().find(|l| l.starts_with("COPY --from=build")).expect("a COPY of the binaries");
     for bin in ["mesh-daemon", "meshctl"] {
         assert!(copy.contains(&format!("/src/target/release/{bin} ")), "{bin} not shipped: {copy}");
@@ -289,7 +289,9 @@ fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
     assert!(args.contains(&format!("--issuer={want}").as_str()), "the daemons must ask {want}: {args:?}");
     assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet", "a host-network daemon resolves the Service name");
     assert!(issuer["spec"]["replicas"].as_u64() >= Some(2), "two replicas");
-    // The issuer may review tokens and read pods and namespaces, nothing more.
+    // The issuer may review tokens and read pods and namespaces, and, as
+    // the one writer of route status, read Services and routes and patch
+    // the routes' status: nothing more.
     let role = all.iter().find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "mesh-issuer").unwrap();
     let rules: Vec<(String, Vec<String>)> = role["rules"]
         .as_sequence()
@@ -306,6 +308,9 @@ fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
         ("authentication.k8s.io/tokenreviews", vec!["create"]),
         ("/pods", vec!["get", "list"]),
         ("/namespaces", vec!["get"]),
+        ("/services", vec!["list", "watch"]),
+        ("gateway.networking.k8s.io/httproutes,grpcroutes", vec!["get", "list", "watch"]),
+        ("gateway.networking.k8s.io/httproutes/status,grpcroutes/status", vec!["patch"]),
     ];
     let want_rules: Vec<(String, Vec<String>)> =
         want_rules.iter().map(|(r, v)| ((*r).to_owned(), v.iter().map(|s| (*s).to_owned()).collect())).collect();

@@ -288,6 +288,13 @@ mod kubernetes {
             pod(c, "shop", "web", WEB_UID, "node-b", "web", &web.ip.to_string()),
         ];
         v.append(&mut daemons);
+        // Two routes on shop/web: one whose backend exists, one whose does not.
+        for (name, backend) in [("good", "web"), ("dangling", "gone")] {
+            v.push(json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": { "name": name, "namespace": "shop", "generation": 1 },
+                "spec": { "parentRefs": [{ "name": "web", "port": 80 }],
+                          "rules": [{ "backendRefs": [{ "name": backend, "port": 80 }] }] } }));
+        }
         v
     }
 
@@ -332,6 +339,7 @@ mod kubernetes {
         c.spawn("client", Path::new("/bin/sleep"), &["600"]).unwrap();
         let issuer_node = c.node("issuer").clone();
         let api = FakeApiServer::start(&issuer_node.netns, issuer_node.address, objects(&c)).unwrap();
+        api.install_gateway_api();
         let kubeconfig = api.kubeconfig(&c.dir).unwrap();
         // node-a's token says its node (Kubernetes 1.32+); node-b's does
         // not (older servers): the issuer reads the bound pod either way.
@@ -366,6 +374,33 @@ mod kubernetes {
             issuer_log().contains("caller=node-a identity=spiffe://cluster.local/ns/shop/sa/shopper")
         });
         assert!(by_issuer, "{}", issuer_log());
+
+        // Route status: the issuer, one per cluster, writes it; the two
+        // node daemons, which route by the same objects, do not.
+        let parents = |name: &str| {
+            api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", name)
+                .and_then(|o| o["status"]["parents"].as_array().cloned())
+                .unwrap_or_default()
+        };
+        let written =
+            wait_until(Duration::from_secs(10), || !parents("good").is_empty() && !parents("dangling").is_empty());
+        assert!(written, "{}", issuer_log());
+        std::thread::sleep(Duration::from_secs(2)); // every component has seen the written status
+        let patches = |name: &str| {
+            let path = format!("/httproutes/{name}/status");
+            api.requests().iter().filter(|r| r.starts_with("PATCH") && r.contains(&path)).count()
+        };
+        assert_eq!((patches("good"), patches("dangling")), (1, 1), "once per route, not once per node");
+        let cond = |name: &str, kind: &str| -> (String, String) {
+            let p = parents(name);
+            let c = p[0]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).unwrap().clone();
+            (c["status"].as_str().unwrap().to_owned(), c["reason"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(parents("good")[0]["controllerName"], "mesh.io/mesh");
+        assert_eq!(cond("good", "Accepted"), ("True".into(), "Accepted".into()));
+        assert_eq!(cond("good", "ResolvedRefs"), ("True".into(), "ResolvedRefs".into()));
+        assert_eq!(cond("dangling", "Accepted"), ("True".into(), "Accepted".into()));
+        assert_eq!(cond("dangling", "ResolvedRefs"), ("False".into(), "BackendNotFound".into()));
 
         let ask = |tok: &Path, id: &str| request(&c, &issuer, tok, id);
         let shopper = "spiffe://cluster.local/ns/shop/sa/shopper";

@@ -10,6 +10,8 @@ pub mod procs;
 #[cfg(feature = "kubernetes")]
 pub mod routes;
 #[cfg(feature = "kubernetes")]
+pub mod status;
+#[cfg(feature = "kubernetes")]
 pub mod translate;
 #[cfg(feature = "kubernetes")]
 pub mod watch;

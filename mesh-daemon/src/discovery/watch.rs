@@ -77,7 +77,11 @@ fn slim<K: ResourceExt>(o: &mut K) {
 
 /// Starts watching one kind; `changed` is notified after every change of
 /// its copy.
-fn reflect<K>(client: &Client, changed: Arc<Notify>, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Store<K>
+pub(super) fn reflect<K>(
+    client: &Client,
+    changed: Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + ResourceExt + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -92,7 +96,7 @@ where
 
 /// Starts watching one Gateway API route kind (a custom resource, read
 /// as a dynamic object).
-fn reflect_routes(
+pub(super) fn reflect_routes(
     client: &Client,
     ar: &ApiResource,
     changed: Arc<Notify>,
@@ -109,7 +113,7 @@ fn reflect_routes(
 
 /// Whether the cluster serves route kind `ar` (its CRD is installed). When
 /// it does not, routes of that kind are off, said once.
-async fn served(client: &Client, ar: &ApiResource) -> bool {
+pub(super) async fn served(client: &Client, ar: &ApiResource) -> bool {
     let api = Api::<DynamicObject>::all_with(client.clone(), ar);
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => true,
