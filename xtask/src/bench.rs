@@ -26,7 +26,11 @@
 //! - http-proxy-local / http-proxy-mtls: the VIP with `appProtocol: http`
 //!   (wrk) or `http2` (h2load), every request routed on its own;
 //! - haproxy-http: HAProxy in `mode http` (h2 on the h2load port), one
-//!   thread, on the client's node.
+//!   thread, on the client's node;
+//! - http-proxy-routes: as http-proxy-local, through a Service with 50
+//!   HTTPRoutes of 16 rules each (800 Exact path and header matches that
+//!   every request is checked against, ranked before its catch-all), the
+//!   cost of routing against http-proxy-local in the same run.
 //!
 //! Per path: wrk, 32 HTTP/1.1 keep-alive connections (requests/s, p50,
 //! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s);
@@ -181,7 +185,7 @@ pub fn bench(
     release: bool,
 ) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 11] = [
+    const PATHS: [&str; 12] = [
         "direct",
         "kernel",
         "proxy-local",
@@ -193,6 +197,7 @@ pub fn bench(
         "http-proxy-local",
         "http-proxy-mtls",
         "haproxy-http",
+        "http-proxy-routes",
     ];
     if let Some(bad) = only.iter().find(|o| !PATHS.contains(&o.as_str())) {
         bail!("--only {bad}: no such path; the paths are {}", PATHS.join(", "));
@@ -223,9 +228,11 @@ pub fn bench(
         http_svc("h2-local", "10.96.0.24", "http2", w1, "node-a"),
         http_svc("http-mtls", "10.96.0.25", "http", w2, "node-b"),
         http_svc("h2-mtls", "10.96.0.26", "http2", w2, "node-b"),
+        http_svc("http-routes", "10.96.0.27", "http", w1, "node-a"),
+        http_svc("h2-routes", "10.96.0.28", "http2", w1, "node-a"),
     ]
     .concat();
-    let cfg = c.write_file("mesh.yaml", &c.config(&services))?;
+    let cfg = c.write_file("mesh.yaml", &(c.config(&services) + &bench_routes()))?;
     let da = c.start_daemon("node-a", &cfg, &["--worker-threads", "1"])?;
     let db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
 
@@ -383,11 +390,12 @@ pub fn bench(
     let rows: Vec<Row> = runs.iter().map(|r| median_row(r)).collect();
 
     // Requests: the same rounds, interleaved the same way.
-    let http_paths: [(&str, String, String, u32); 4] = [
+    let http_paths: [(&str, String, String, u32); 5] = [
         ("http-direct", format!("{w1}:8090"), format!("{w1}:8090"), da.pid()),
         ("http-proxy-local", "10.96.0.23:80".into(), "10.96.0.24:80".into(), da.pid()),
         ("http-proxy-mtls", "10.96.0.25:80".into(), "10.96.0.26:80".into(), da.pid()),
         ("haproxy-http", format!("{node_a}:18090"), format!("{node_a}:18091"), haproxy),
+        ("http-proxy-routes", "10.96.0.27:80".into(), "10.96.0.28:80".into(), da.pid()),
     ];
     let oha = crate::setup::oha_path()
         .context("oha is missing (the fixed-rate latency needs it): run cargo xtask setup")?
@@ -481,6 +489,31 @@ pub fn bench(
     Ok(())
 }
 
+/// The routes of the http-proxy-routes row: on each of http-routes and
+/// h2-routes, 50 HTTPRoutes of 16 rules (an Exact path and a header match
+/// each, which no bench request matches) and one catch-all route to the
+/// same backend as http-proxy-local's, which every request ends at.
+fn bench_routes() -> String {
+    let mut s = String::from("routes:\n");
+    for (parent, backend) in [("http-routes", "http-local"), ("h2-routes", "h2-local")] {
+        for i in 0..50 {
+            let _ = writeln!(s, "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute");
+            let _ = writeln!(s, "    metadata: {{ name: {parent}-{i} }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules:");
+            for j in 0..16 {
+                let _ = writeln!(
+                    s,
+                    "        - matches: [{{ path: {{ type: Exact, value: /r{i}/{j} }}, headers: [{{ name: x-rule, value: \"{j}\" }}] }}]\n          backendRefs: [{{ name: {backend}, port: 80 }}]"
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: {parent}-all }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules: [{{ backendRefs: [{{ name: {backend}, port: 80 }}] }}]"
+        );
+    }
+    s
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -522,6 +555,17 @@ fn render_http(rows: &[HttpRow]) -> String {
             cell(r, |r| r.p99_us),
             cell(r, |r| r.h2_rps),
             r.cpu_s
+        );
+    }
+    let local = rows.iter().find(|r| r.name == "http-proxy-local");
+    if let (Some(l), Some(r)) = (local, rows.iter().find(|r| r.name == "http-proxy-routes")) {
+        let pct = |a: f64, b: f64| if b > 0.0 { format!("{:+.1}%", (a / b - 1.0) * 100.0) } else { "-".into() };
+        let _ = writeln!(
+            s,
+            "\nRouting cost (http-proxy-routes, 50 HTTPRoutes x 16 rules checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
+            pct(r.rps, l.rps),
+            pct(r.h2_rps, l.h2_rps),
+            r.fixed_p50_us - l.fixed_p50_us
         );
     }
     let _ = writeln!(

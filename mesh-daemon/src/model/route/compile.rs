@@ -67,7 +67,18 @@ pub(in crate::model) fn compile(
                     entry
                 })
                 .collect();
-            let router = Router { parent: parent.clone(), entries, rules, consumers };
+            let entries: Vec<Entry> = entries;
+            // The leading run of Exact entries (all of them, unless a
+            // GRPCRoute's ranks others among them), indexed by path.
+            let first_inexact =
+                entries.iter().position(|e| !matches!(e.matches.path, PathMatch::Exact(_))).unwrap_or(entries.len());
+            let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, e) in entries[..first_inexact].iter().enumerate() {
+                if let PathMatch::Exact(p) = &e.matches.path {
+                    exact.entry(p.clone()).or_default().push(i);
+                }
+            }
+            let router = Router { parent: parent.clone(), entries, rules, consumers, exact, first_inexact };
             (parent, Arc::new(router))
         })
         .collect();

@@ -71,6 +71,21 @@ pub struct Router {
     /// The namespaces that have consumer routes for this Service: their
     /// clients see only those, the others only the producer routes.
     pub consumers: Vec<Name>,
+    /// The leading run of entries with an Exact path (up to
+    /// `first_inexact`), by that path (indices into `entries`,
+    /// ascending): a request checks only those of its own path, then
+    /// every entry from `first_inexact` on, which keeps the precedence
+    /// order and skips the Exact entries that cannot match.
+    pub exact: HashMap<String, Vec<usize>>,
+    pub first_inexact: usize,
+}
+
+impl Router {
+    /// The entries a request for `path` may match, in precedence order.
+    pub fn candidates<'a>(&'a self, path: &str) -> impl Iterator<Item = &'a Entry> + 'a {
+        let exact = self.exact.get(path).map(Vec::as_slice).unwrap_or_default();
+        exact.iter().map(|&i| &self.entries[i]).chain(&self.entries[self.first_inexact..])
+    }
 }
 
 impl Router {

@@ -82,7 +82,8 @@ pub fn decide<'r>(router: &'r Router, port: u16, client_ns: Option<&str>, head: 
         Some(c) if router.consumers.iter().any(|n| n.as_str() == c) => c,
         _ => router.parent.namespace.as_str(),
     };
-    let Some(entry) = router.entries.iter().find(|e| e.namespace.as_str() == ns && matches(e, port, head)) else {
+    let Some(entry) = router.candidates(head.path()).find(|e| e.namespace.as_str() == ns && matches(e, port, head))
+    else {
         let attached = router.entries.iter().any(|e| e.namespace.as_str() == ns && e.port.is_none_or(|p| p == port));
         return if attached { Decision::NotFound } else { Decision::Service };
     };

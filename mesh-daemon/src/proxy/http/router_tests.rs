@@ -497,3 +497,30 @@ spec:
         assert!(e.contains(want), "{spec}: {e}");
     }
 }
+
+#[test]
+fn the_exact_path_index_keeps_the_precedence_order() {
+    let mut rules = String::new();
+    for i in 0..40 {
+        rules.push_str(&format!(
+            "  - matches: [{{path: {{type: Exact, value: /r{i}}}}}]\n    backendRefs: [{{name: echo-v1, port: 80}}]\n"
+        ));
+    }
+    let http = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: many, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules:\n{rules}  - backendRefs: [{{name: echo-v2, port: 80}}]\n"
+    );
+    let r = router(&http, "echo");
+    assert_eq!(r.first_inexact, 40);
+    assert_eq!(to(&r, &req("/r7", &[]), 0.0), "echo-v1");
+    assert_eq!(to(&r, &req("/r7/x", &[]), 0.0), "echo-v2", "Exact is the whole path");
+    assert_eq!(to(&r, &req("/", &[]), 0.0), "echo-v2");
+    // A GRPCRoute's service match ranks before an Exact path of the same
+    // parent: nothing is indexed, and the order holds.
+    let grpc = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules: [{{matches: [{{method: {{service: r7}}}}], backendRefs: [{{name: echo, port: 80}}]}}]\n"
+    );
+    let r = router(&format!("{http}---\n{grpc}"), "echo");
+    assert_eq!(r.first_inexact, 0);
+    assert_eq!(to(&r, &req("/r7", &[]), 0.0), "echo", "the longer service match first");
+    assert_eq!(to(&r, &req("/r8", &[]), 0.0), "echo-v1");
+}
