@@ -14,6 +14,10 @@ use mesh_tests::{Cluster, ClusterSpec, Daemon};
 use serde_json::{json, Value};
 
 const VIP: &str = "10.96.0.50";
+
+// The tests' pods share UIDs, by which each daemon finds pod processes in
+// every cgroup of the machine: one cluster at a time.
+use mesh_tests::one_at_a_time as serial;
 const CLIENT_UID: &str = "6f1c2a10-0000-4000-8000-00000000c001";
 const WEB1_UID: &str = "6f1c2a10-0000-4000-8000-00000000e001";
 const WEB2_UID: &str = "6f1c2a10-0000-4000-8000-00000000e002";
@@ -112,6 +116,7 @@ fn cluster() -> Cluster {
 
 #[test]
 fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
+    let _one = serial();
     let c = cluster();
     let (ip1, ip2) = (c.pod("web-1").ip.to_string(), c.pod("web-2").ip.to_string());
 
@@ -213,6 +218,7 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
 
 #[test]
 fn root_one_endpointslice_update_among_2000_services_is_translated_alone_and_reaches_the_kernel() {
+    let _one = serial();
     const N: usize = 2000;
     let c = Cluster::create(&ClusterSpec::new().node("node-a").kube_pod("web-1", "node-a", WEB1_UID)).unwrap();
     c.serve("web-1", 8080, None).unwrap();
@@ -282,6 +288,7 @@ fn http_route(name: &str, rules: Value) -> Value {
 
 #[test]
 fn root_kubernetes_routes_from_the_api_server_take_effect_and_a_bad_one_is_left_out() {
+    let _one = serial();
     let c = cluster();
     let mut objs = objects(&c);
     // shop/web-two: web-2 alone, behind its own VIP.
