@@ -98,7 +98,12 @@ struct Got {
 }
 
 fn get(m: &Mesh, path: &str, headers: &[(&str, &str)]) -> Got {
-    let url = format!("http://{VIP}{path}");
+    get_at(m, VIP, path, headers)
+}
+
+/// As [`get`], to `host` (an address, with a port or not).
+fn get_at(m: &Mesh, host: &str, path: &str, headers: &[(&str, &str)]) -> Got {
+    let url = format!("http://{host}{path}");
     let mut args = vec!["-sS", "--max-time", "5", "-D", "-", "-H", "x-echo-request: 1"];
     let hs: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     for h in &hs {
@@ -601,4 +606,73 @@ fn root_httproute_retry_sends_a_failed_request_to_another_endpoint() {
     let (_, text) = m.d.admin_get("/metrics").unwrap();
     let retries: Vec<&str> = text.lines().filter(|l| l.contains("retries")).collect();
     assert!(m.d.metric("mesh_retries_total", &[]) > 0, "the retries are counted: {retries:?}");
+}
+
+const PORTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-split-v1
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo-v1
+    port: 80
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set:
+        - name: X-Header-Set
+          value: v1
+    backendRefs:
+    - name: echo-v1
+      port: 80
+"#;
+
+const FRONTEND: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-split-v2
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo-v2
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set:
+        - name: X-Header-Set
+          value: v2
+    backendRefs:
+    - name: echo-v2
+      port: 80
+"#;
+
+#[test]
+fn root_mesh_ports_and_mesh_frontend() {
+    let _one = serial();
+    let m = mesh();
+    apply(&m, &[PORTS, FRONTEND]);
+    let set = |host: &str| {
+        let g = get_at(&m, host, "/", &[]);
+        assert_eq!(g.status, 200, "{host}");
+        (g.backend().to_owned(), g.headers.get("x-header-set").cloned())
+    };
+    // mesh-ports: a parentRef with a port takes that port only; one
+    // without takes every port.
+    assert_eq!(set("10.96.0.11:80"), ("echo-v1".into(), Some("v1".into())));
+    assert_eq!(set("10.96.0.11:8080"), ("echo-v1".into(), None), "port 8080 has no route");
+    assert_eq!(set("10.96.0.12:80"), ("echo-v2".into(), Some("v2".into())));
+    assert_eq!(set("10.96.0.12:8080"), ("echo-v2".into(), Some("v2".into())));
+    // mesh-frontend-hostname: the destination decides, not the Host header.
+    let g = get_at(&m, "10.96.0.12:80", "/", &[("Host", "echo-v1")]);
+    assert_eq!((g.backend(), g.headers.get("x-header-set").map(String::as_str)), ("echo-v2", Some("v2")));
+    // mesh-frontend: a route is the Service's: the pod's own address is not routed.
+    let pod = format!("{}:8080", m.c.pod("echo-v2").ip);
+    assert_eq!(set(&pod), ("echo-v2".into(), None), "to the pod IP");
 }
