@@ -676,3 +676,57 @@ fn root_mesh_ports_and_mesh_frontend() {
     let pod = format!("{}:8080", m.c.pod("echo-v2").ip);
     assert_eq!(set(&pod), ("echo-v2".into(), None), "to the pod IP");
 }
+
+#[test]
+fn root_httproute_request_mirror_copies_requests_and_drops_the_answers() {
+    let _one = serial();
+    let m = mesh();
+    let mirror = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mirrored
+spec:
+  parentRefs:
+  - name: echo
+    port: 80
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef:
+          name: echo-v2
+          port: 8080
+    backendRefs:
+    - name: echo-v1
+      port: 8080
+"#;
+    apply(&m, &[mirror]);
+    let served = |p: &str| mesh_tests::loadgen::backend_counts(&m.c, "client", &[p], "/__count")[p];
+    let before = served("echo-v2");
+    let mut f = Follower::open(&m.c, "client", &format!("{VIP}:80"), false).unwrap();
+    let t = f.batch(20, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v1".into(), 20)]), "the client gets echo-v1's answers only");
+    let copied = mesh_tests::sys::wait_until(Duration::from_secs(5), || served("echo-v2") == before + 20);
+    assert!(copied, "echo-v2 got a copy of each: {} -> {}", before, served("echo-v2"));
+    let mirrored = m.d.wait_counter("proxy", "mirrored", 20, Duration::from_secs(5), "the copies are counted");
+    assert_eq!(mirrored, 20);
+    // A request with a body (kept whole, 4 KiB) is copied with it.
+    let body = "x".repeat(4096);
+    let out =
+        m.c.exec(
+            "client",
+            "curl",
+            &["-sS", "--max-time", "5", "--data-binary", &body, &format!("http://{VIP}/")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("backend=echo-v1") && text.contains("received=4096"), "{text}");
+    assert_eq!(m.d.wait_counter("proxy", "mirrored", 21, Duration::from_secs(5), "the copy with its body"), 21);
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || served("echo-v2") == before + 21));
+    assert_eq!(
+        (m.d.counter("proxy", "mirror_failed").unwrap(), m.d.counter("proxy", "mirror_skipped").unwrap()),
+        (0, 0)
+    );
+}

@@ -38,6 +38,14 @@ pub struct ProxyCounters {
     pub idle_closed: Counter,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
+    /// Copies of requests a route's RequestMirror sent, and answered.
+    pub mirrored: Counter,
+    /// Copies that found no endpoint, failed or timed out (the client
+    /// never sees it).
+    pub mirror_failed: Counter,
+    /// Requests not copied: their body was larger than is kept (64 KiB),
+    /// or not whole when the answer came.
+    pub mirror_skipped: Counter,
 }
 
 impl ProxyCounters {
@@ -66,6 +74,9 @@ impl ProxyCounters {
             idle_closed: event("idle_closed"),
             bytes_to_endpoint: bytes("to_endpoint"),
             bytes_to_client: bytes("to_client"),
+            mirrored: event("mirrored"),
+            mirror_failed: event("mirror_failed"),
+            mirror_skipped: event("mirror_skipped"),
         }
     }
 }
@@ -86,6 +97,13 @@ pub struct ProxySnapshot {
     pub idle_closed: u64,
     pub bytes_to_endpoint: u64,
     pub bytes_to_client: u64,
+    /// Absent from the stats of a daemon older than these fields.
+    #[serde(default)]
+    pub mirrored: u64,
+    #[serde(default)]
+    pub mirror_failed: u64,
+    #[serde(default)]
+    pub mirror_skipped: u64,
 }
 
 impl ProxyCounters {
@@ -104,6 +122,9 @@ impl ProxyCounters {
             idle_closed: self.idle_closed.get(),
             bytes_to_endpoint: self.bytes_to_endpoint.get(),
             bytes_to_client: self.bytes_to_client.get(),
+            mirrored: self.mirrored.get(),
+            mirror_failed: self.mirror_failed.get(),
+            mirror_skipped: self.mirror_skipped.get(),
         }
     }
 }

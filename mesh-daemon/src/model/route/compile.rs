@@ -11,8 +11,8 @@ use super::doc::{
     FilterDoc, GrpcMethodDoc, HeaderModifierDoc, MatchDoc, MethodDoc, PathModifierDoc, RefDoc, RouteDoc, ValueMatchDoc,
 };
 use super::{
-    Backend, Entry, Filters, HeaderModifier, Match, PathMatch, PathModifier, Redirect, Rewrite, RouteKey, Router,
-    Routes, Rule, ValueMatch,
+    Backend, Entry, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier, Redirect, Rewrite, RouteKey,
+    Router, Routes, Rule, ValueMatch,
 };
 use crate::model::errors::{invalid, Errors, Invalid};
 use crate::model::{parse_duration, Name, PortKey, Service, ServiceKey};
@@ -85,6 +85,9 @@ pub(in crate::model) fn compile(
     Routes { docs: docs.to_vec(), by_parent }
 }
 
+/// Resolves a Service reference to its port, or says why not.
+type Resolve<'a> = dyn Fn(&mut Errors, &str, &RefDoc) -> Option<PortKey> + 'a;
+
 /// The entries of each parent, with their precedence, before sorting.
 type ByParent = HashMap<ServiceKey, Vec<(SortKey, Entry, Arc<Rule>)>>;
 
@@ -144,7 +147,9 @@ fn route(
     let mut rules = Vec::new();
     for (j, r) in d.spec.rules.iter().enumerate() {
         let rp = format!("{p}.spec.rules[{j}]");
-        let filters = filters(e, &format!("{rp}.filters"), &r.filters, (true, grpc));
+        let resolve =
+            |e: &mut Errors, p: &str, r: &RefDoc| backend(e, p, r, (&namespace, &parents), find).map(|b| b.port);
+        let filters = filters(e, &format!("{rp}.filters"), &r.filters, (true, grpc), &resolve);
         let backends: Vec<Backend> = r
             .backend_refs
             .iter()
@@ -311,7 +316,8 @@ fn backend(
         );
         return None;
     }
-    let filters = filters(e, &format!("{p}.filters"), &r.filters, (false, false));
+    let resolve = |e: &mut Errors, p: &str, r: &RefDoc| backend(e, p, r, (namespace, parents), find).map(|b| b.port);
+    let filters = filters(e, &format!("{p}.filters"), &r.filters, (false, false), &resolve);
     let (s, port) = service_ref(e, p, r, namespace, find)?;
     let Some(port) = port else {
         e.push(format!("{p}.port"), format!("is missing: name a port of service {}", s.key()));
@@ -327,7 +333,13 @@ fn backend(
 
 /// The filters of a rule (`on_rule`) or a backendRef; a GRPCRoute's
 /// (`grpc`) have no redirect or rewrite, as the spec says.
-fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], (on_rule, grpc): (bool, bool)) -> Filters {
+fn filters(
+    e: &mut Errors,
+    p: &str,
+    docs: &[FilterDoc],
+    (on_rule, grpc): (bool, bool),
+    resolve: &Resolve<'_>,
+) -> Filters {
     let mut f = Filters::default();
     for (i, d) in docs.iter().enumerate() {
         let fp = format!("{p}[{i}]");
@@ -380,7 +392,38 @@ fn filters(e: &mut Errors, p: &str, docs: &[FilterDoc], (on_rule, grpc): (bool, 
                 f.rewrite = Some(Rewrite { hostname, path });
             }
             "RequestRedirect" | "URLRewrite" => e.push(fp, format!("{} belongs on the rule, not on a backendRef", d.kind)),
-            k => e.push(format!("{fp}.type"), format!("{k} is not implemented yet: use RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect or URLRewrite")),
+            "RequestMirror" => {
+                let m = d.request_mirror.clone().unwrap_or_default();
+                let mp = format!("{fp}.requestMirror");
+                let share = match (m.percent, &m.fraction) {
+                    (Some(_), Some(_)) => {
+                        e.push(mp.clone(), "percent and fraction together: keep one");
+                        None
+                    }
+                    (Some(pc), None) if pc <= 100 => Some((pc, 100)),
+                    (Some(pc), None) => {
+                        e.push(format!("{mp}.percent"), format!("{pc} is over 100"));
+                        None
+                    }
+                    (None, Some(f)) => match f.denominator.unwrap_or(100) {
+                        0 => {
+                            e.push(format!("{mp}.fraction.denominator"), "is 0: use a positive denominator");
+                            None
+                        }
+                        d if f.numerator > d => {
+                            e.push(format!("{mp}.fraction"), format!("{}/{d} is over 1", f.numerator));
+                            None
+                        }
+                        d => Some((f.numerator, d)),
+                    },
+                    (None, None) => Some((1, 1)),
+                };
+                let port = resolve(e, &format!("{mp}.backendRef"), &m.backend_ref);
+                if let (Some((numerator, denominator)), Some(port)) = (share, port) {
+                    f.mirrors.push(Mirror { port, numerator, denominator });
+                }
+            }
+            k => e.push(format!("{fp}.type"), format!("{k} is not implemented: use RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite or RequestMirror")),
         }
     }
     if f.redirect.is_some() && f.rewrite.is_some() {

@@ -167,7 +167,7 @@ pub struct FilterDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<RewriteDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_mirror: Option<serde_yaml::Value>,
+    pub request_mirror: Option<MirrorDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_ref: Option<serde_yaml::Value>,
 }
@@ -223,4 +223,24 @@ pub struct PathModifierDoc {
     pub replace_full_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace_prefix_match: Option<String>,
+}
+
+/// A RequestMirror filter: a copy of each request (or of `percent` or
+/// `fraction` of them) to another Service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorDoc {
+    pub backend_ref: RefDoc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<FractionDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FractionDoc {
+    pub numerator: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denominator: Option<u32>,
 }

@@ -152,6 +152,23 @@ pub struct Filters {
     pub response_headers: Option<HeaderModifier>,
     pub redirect: Option<Redirect>,
     pub rewrite: Option<Rewrite>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A RequestMirror: `numerator / denominator` of the requests are copied
+/// to `port`, fire and forget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub port: PortKey,
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether the request drawn `unit` (in [0, 1)) is copied.
+    pub fn takes(&self, unit: f64) -> bool {
+        unit * f64::from(self.denominator) < f64::from(self.numerator)
+    }
 }
 
 #[derive(Debug, Default)]

@@ -10,6 +10,7 @@
 mod conn;
 pub mod detect;
 pub mod inbound;
+mod mirror;
 mod observe;
 pub mod policy;
 mod replay;
@@ -469,8 +470,14 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let timeout = request_timeout(&rules, conn.grpc, &parts.headers);
     let deadline = timeout.map(|t| started + t);
     let retry = retry_policy(&rules, &parts.method, conn.grpc);
-    let body = (!hyper::body::Body::is_end_stream(&body))
-        .then(|| replay::Replay::new(body.boxed_unsync(), retry.map_or(0, |r| r.max_body)));
+    // The route's mirrors this request is copied to (each draws its share).
+    let mirrors: Vec<&router_types::Mirror> = routed
+        .map(|(rule, b)| {
+            rule.filters.mirrors.iter().chain(&b.filters.mirrors).filter(|m| m.takes(env.unit())).collect()
+        })
+        .unwrap_or_default();
+    let keep = retry.map_or(0, |r| r.max_body).max(if mirrors.is_empty() { 0 } else { mirror::MIRROR_BODY });
+    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| replay::Replay::new(body.boxed_unsync(), keep));
     if let Some(b) = budget {
         b.deposit(env.secs() as u64);
     }
@@ -560,6 +567,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
                         continue;
                     }
                 }
+                mirror::send(conn, &mirrors, &parts, body.as_ref());
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 if let Some((rule, b)) = routed {

@@ -61,6 +61,15 @@ impl Replay {
         !s.overflowed || !s.started
     }
 
+    /// Whether the whole body was read and is kept: a copy of it can be
+    /// sent without touching the client's body.
+    pub fn whole(&self) -> bool {
+        let s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        // A try of a body of known length stops reading at its last byte,
+        // without the end that would set `ended`.
+        (s.ended || s.inner.is_end_stream()) && !s.overflowed
+    }
+
     /// The body of one try.
     pub fn body(&self) -> Body {
         http_body_util::BodyExt::boxed_unsync(Try { replay: self.clone(), next: 0, live: false, trailers_sent: false })

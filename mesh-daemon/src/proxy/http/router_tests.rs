@@ -408,7 +408,9 @@ fn bad_routes_are_refused_with_their_field_and_the_fix() {
         ("spec: {parentRefs: [{name: echo}], rules: [{}]}", "routes[0].spec.rules[0].backendRefs: is empty"),
         ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [200]}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.codes[0]: 200 is not a 4xx or 5xx status"),
         ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [503], backoff: soon}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.backoff: \"soon\" is not a duration"),
-        ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "RequestMirror is not implemented yet"),
+        ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope, port: 80}}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].filters[0].requestMirror.backendRef.name: there is no service"),
+        ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, percent: 150}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "requestMirror.percent: 150 is over 100"),
+        ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: ExtensionRef, extensionRef: {}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "ExtensionRef is not implemented"),
     ] {
         let e = state(&format!("{base}{spec}\n")).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains(want), "{spec}\nwant {want}\ngot {e}");
@@ -523,4 +525,41 @@ fn the_exact_path_index_keeps_the_precedence_order() {
     assert_eq!(r.first_inexact, 0);
     assert_eq!(to(&r, &req("/r7", &[]), 0.0), "echo", "the longer service match first");
     assert_eq!(to(&r, &req("/r8", &[]), 0.0), "echo-v1");
+}
+
+#[test]
+fn mirrors_take_their_share_of_requests() {
+    let r = router(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: m, namespace: gateway-conformance-mesh}
+spec:
+  parentRefs: [{name: echo, port: 80}]
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 8080}, fraction: {numerator: 1, denominator: 4}}}
+    backendRefs:
+    - name: echo-v1
+      port: 80
+      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}, percent: 10}}]
+",
+        "echo",
+    );
+    let Decision::Forward { rule, backend: Some(b), .. } = decide(&r, 80, None, &req("/", &[]).head(), 0.0) else {
+        panic!()
+    };
+    let shares: Vec<(String, u32, u32)> = rule
+        .filters
+        .mirrors
+        .iter()
+        .chain(&b.filters.mirrors)
+        .map(|m| (m.port.to_string(), m.numerator, m.denominator))
+        .collect();
+    let p = |s: &str| format!("gateway-conformance-mesh/{s}");
+    assert_eq!(shares, [(p("echo-v2:80"), 1, 1), (p("echo-v2:8080"), 1, 4), (p("echo:80"), 10, 100)]);
+    let quarter = &rule.filters.mirrors[1];
+    let taken = (0..1000).filter(|i| quarter.takes(f64::from(*i) / 1000.0)).count();
+    assert_eq!(taken, 250);
+    assert!((0..100).all(|i| rule.filters.mirrors[0].takes(f64::from(i) / 100.0)), "no share given: every request");
 }
