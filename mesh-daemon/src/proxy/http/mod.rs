@@ -9,6 +9,7 @@
 
 mod conn;
 pub mod detect;
+mod frontend;
 pub mod inbound;
 mod mirror;
 mod observe;
@@ -36,6 +37,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use self::frontend::{Decided, Target};
 use self::observe::{Finished, Observed};
 use self::retry::{NoRetry, Retrying};
 use self::upstream::{Body, ConnectedAt};
@@ -169,75 +171,6 @@ pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
 /// its connection stayed open: 503, or for gRPC `UNAVAILABLE`.
 fn gone(grpc: bool) -> Response<Body> {
     answer(grpc, StatusCode::SERVICE_UNAVAILABLE, 14, "service_gone", "the service is no longer in the mesh")
-}
-
-/// An answer a route makes instead of a backend.
-enum Direct {
-    /// No rule matched: 404 (gRPC: UNIMPLEMENTED).
-    NotFound,
-    /// The rule's backends all weigh 0: 500 (gRPC: INTERNAL).
-    NoBackend,
-    /// The backend service left the state since the routes were read.
-    BackendGone,
-    /// A RequestRedirect: its status and `Location`.
-    Redirect(u16, String),
-}
-
-/// Answers `parts` as the route said, counted and logged on the route's
-/// service (`route`, the one the client dialled), with the rule that
-/// decided it (`by`).
-fn direct(
-    conn: &Conn,
-    route: &Arc<Route>,
-    parts: &hyper::http::request::Parts,
-    (started, by): (Instant, Option<(Arc<router_types::Router>, usize)>),
-    d: Direct,
-) -> Response<Body> {
-    let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
-    finished.by(by);
-    let grpc = conn.grpc;
-    match d {
-        Direct::NotFound => finished.failed(
-            "no_route",
-            started,
-            answer(grpc, StatusCode::NOT_FOUND, 12, "no_route", "no route rule matches the request"),
-        ),
-        Direct::NoBackend => finished.failed(
-            "no_backend",
-            started,
-            answer(
-                grpc,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                13,
-                "no_backend",
-                "the route rule's backends all have weight 0",
-            ),
-        ),
-        Direct::BackendGone => {
-            finished.failed("no_backend", started, unavailable(grpc, "the route's backend service is not in the mesh"))
-        }
-        Direct::Redirect(status, location) => {
-            let mut r = Response::new(empty());
-            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
-            match HeaderValue::from_str(&location) {
-                Ok(v) => {
-                    r.headers_mut().insert(header::LOCATION, v);
-                    finished.answered("redirect", started, r)
-                }
-                Err(_) => finished.failed(
-                    "bad_redirect",
-                    started,
-                    answer(
-                        grpc,
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        13,
-                        "bad_redirect",
-                        "the redirect location is not a header value",
-                    ),
-                ),
-            }
-        }
-    }
 }
 
 /// The answer when the request's time ran out: 504, or for gRPC
@@ -405,39 +338,9 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     // Routes (Gateway API) attached to the service port decide first: the
     // backend service, or the answer.
     let router = frontend.route.router.clone();
-    let mut routed = None;
-    // The rule that decided, for the log line.
-    let mut by = None;
-    let resolved = match &router {
-        None => frontend,
-        Some(shared) => {
-            let router: &router_types::Router = shared;
-            let head = router::Head { method: &parts.method, uri: &parts.uri, headers: &parts.headers };
-            let ns = conn.source.as_ref().map(|w| w.namespace.as_str());
-            match router::decide(router, frontend.route.key.port, ns, &head, env.unit()) {
-                router::Decision::Service => frontend,
-                router::Decision::Forward { entry, rule, backend: Some(b), prefix } => {
-                    router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
-                    routed = Some((rule, b));
-                    by = Some((shared.clone(), entry.rule));
-                    match conn.backend(&b.port) {
-                        Some(r) => r,
-                        None => return direct(conn, &frontend.route, &parts, (started, by), Direct::BackendGone),
-                    }
-                }
-                router::Decision::Forward { entry, backend: None, .. } => {
-                    let by = Some((shared.clone(), entry.rule));
-                    return direct(conn, &frontend.route, &parts, (started, by), Direct::NoBackend);
-                }
-                router::Decision::NotFound => {
-                    return direct(conn, &frontend.route, &parts, (started, None), Direct::NotFound)
-                }
-                router::Decision::Redirect { entry, status, location } => {
-                    let by = Some((shared.clone(), entry.rule));
-                    return direct(conn, &frontend.route, &parts, (started, by), Direct::Redirect(status, location));
-                }
-            }
-        }
+    let Target { resolved, routed, by } = match frontend::target(conn, frontend, router.as_ref(), &mut parts, started) {
+        Decided::To(t) => t,
+        Decided::Answer(answer) => return answer,
     };
     let route = &resolved.route;
     if wants_upgrade {
