@@ -730,3 +730,113 @@ spec:
         (0, 0)
     );
 }
+
+const CONSUMER: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-echo-add-header
+  namespace: consumer
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+    namespace: default
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set:
+        - name: X-Header-Set
+          value: set
+    backendRefs:
+    - name: echo-v1
+      namespace: default
+      port: 8080
+"#;
+
+const QUERY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mesh-query-param-matching
+spec:
+  parentRefs:
+  - name: echo
+    port: 80
+  rules:
+  - matches:
+    - queryParams:
+      - name: animal
+        value: whale
+    backendRefs:
+    - name: echo-v1
+      port: 8080
+  - name: dolphins
+    matches:
+    - queryParams:
+      - name: animal
+        value: dolphin
+    backendRefs:
+    - name: echo-v2
+      port: 8080
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /s303
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        statusCode: 303
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /s308
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        statusCode: 308
+"#;
+
+/// GET `path` on echo's VIP from `pod`: (status, backend, X-Header-Set, Location).
+fn from(m: &Mesh, pod: &str, path: &str) -> (u16, String, Option<String>, Option<String>) {
+    let url = format!("http://{VIP}{path}");
+    let out = m.c.exec(pod, "curl", &["-sS", "--max-time", "5", "-D", "-", &url], Duration::from_secs(10)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let status =
+        text.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    let backend = text.lines().find_map(|l| l.strip_prefix("backend=")).unwrap_or_default().to_owned();
+    (status, backend, header("x-header-set"), header("location"))
+}
+
+#[test]
+fn root_consumer_route_query_params_named_rules_and_303_308() {
+    let _one = serial();
+    let m = mesh();
+    // The client pod is a workload of namespace consumer; bad, of default.
+    let doc = document(&m.c, &[CONSUMER, QUERY])
+        .replace("{ name: client, namespace: default,", "{ name: client, namespace: consumer,");
+    let f = m.c.write_file("consumer.yaml", &doc).unwrap();
+    let out = m.c.meshctl("node-a", &["apply", "-f", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // mesh-consumer-route: the consumer namespace's client takes its own route only.
+    for path in ["/", "/?animal=dolphin", "/s303"] {
+        assert_eq!(from(&m, "client", path), (200, "echo-v1".into(), Some("set".into()), None), "{path}");
+    }
+    // The producer routes for everyone else: query params, a named rule, 303 and 308.
+    assert_eq!(from(&m, "bad", "/?animal=whale"), (200, "echo-v1".into(), None, None));
+    assert_eq!(from(&m, "bad", "/?animal=dolphin"), (200, "echo-v2".into(), None, None));
+    assert_eq!(from(&m, "bad", "/?animal=cat").0, 404, "no rule matches");
+    assert_eq!(from(&m, "bad", "/s303"), (303, String::new(), None, Some(format!("http://{VIP}/s303"))));
+    assert_eq!(from(&m, "bad", "/s308?x=1"), (308, String::new(), None, Some(format!("http://{VIP}/s308?x=1"))));
+    let log = m.d.log_with("rule=dolphins", 1);
+    assert!(log.lines().any(|l| l.contains("route=default/mesh-query-param-matching rule=dolphins")), "{log}");
+}
