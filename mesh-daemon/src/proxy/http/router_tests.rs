@@ -563,3 +563,50 @@ spec:
     assert_eq!(taken, 250);
     assert!((0..100).all(|i| rule.filters.mirrors[0].takes(f64::from(i) / 100.0)), "no share given: every request");
 }
+
+#[test]
+fn a_backend_refs_own_header_modifiers_apply_after_the_rules() {
+    // httproute-request-header-modifier-backend: filters on a backendRef
+    // act on the requests sent to that backend only.
+    let r = router(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: backend-filters, namespace: gateway-conformance-mesh}
+spec:
+  parentRefs: [{name: echo, port: 80}]
+  rules:
+  - filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Header-Set, value: rule}], add: [{name: X-Rule, value: r}]}}
+    backendRefs:
+    - name: echo-v1
+      port: 80
+      weight: 1
+      filters:
+      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Header-Set, value: v1}], remove: [X-Rule]}}
+      - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: X-Backend, value: v1}]}}
+    - {name: echo-v2, port: 80, weight: 1}
+",
+        "echo",
+    );
+    let sent = |unit: f64| {
+        let mut q = req("/", &[]);
+        let Decision::Forward { rule, backend: Some(b), prefix, .. } = decide(&r, 80, None, &q.head(), unit) else {
+            panic!()
+        };
+        rewrite_request(&mut q.uri, &mut q.headers, rule, b, prefix);
+        let mut resp = HeaderMap::new();
+        rewrite_response(&mut resp, rule, b);
+        let h = |m: &HeaderMap, n: &str| m.get(n).map(|v| v.to_str().unwrap().to_owned());
+        (b.port.service.name.to_string(), h(&q.headers, "x-header-set"), h(&q.headers, "x-rule"), h(&resp, "x-backend"))
+    };
+    assert_eq!(
+        sent(0.2),
+        ("echo-v1".into(), Some("v1".into()), None, Some("v1".into())),
+        "the backend's after the rule's"
+    );
+    assert_eq!(
+        sent(0.7),
+        ("echo-v2".into(), Some("rule".into()), Some("r".into()), None),
+        "the other backend: the rule's only"
+    );
+}
