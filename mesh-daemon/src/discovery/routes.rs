@@ -23,6 +23,18 @@ pub fn resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1", kind), plural)
 }
 
+/// Route object `o` (of `kind`) as the state document's route: its name,
+/// namespace (`default` when none) and spec; the cluster's other fields
+/// are dropped.
+pub fn doc(kind: &str, o: &DynamicObject) -> Result<RouteDoc, serde_json::Error> {
+    serde_json::from_value(json!({
+        "apiVersion": format!("{GROUP}/v1"),
+        "kind": kind,
+        "metadata": { "name": o.metadata.name, "namespace": o.metadata.namespace.as_deref().unwrap_or("default") },
+        "spec": o.data.get("spec").cloned().unwrap_or_else(|| json!({})),
+    }))
+}
+
 /// The route documents of `objects` (`kind` each), oldest first; what does
 /// not parse goes to `skipped` with the reason.
 pub fn translate(objects: &[(&str, &DynamicObject)], skipped: &mut Vec<String>) -> Vec<Arc<RouteDoc>> {
@@ -33,13 +45,7 @@ pub fn translate(objects: &[(&str, &DynamicObject)], skipped: &mut Vec<String>) 
             continue;
         };
         let what = format!("{kind} {ns}/{name}");
-        let doc = json!({
-            "apiVersion": format!("{GROUP}/v1"),
-            "kind": kind,
-            "metadata": { "name": name, "namespace": ns },
-            "spec": o.data.get("spec").cloned().unwrap_or_else(|| json!({})),
-        });
-        match serde_json::from_value::<RouteDoc>(doc) {
+        match doc(kind, o) {
             Ok(d) => {
                 let created = o.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
                 out.push((created, format!("{ns}/{name}/{kind}"), Arc::new(d)));

@@ -41,11 +41,7 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
 pub fn desired(kind: &str, o: &DynamicObject, services: &Services<'_>) -> Vec<Value> {
     let ns = o.metadata.namespace.as_deref().unwrap_or("default");
     let generation = o.metadata.generation;
-    let doc = serde_json::from_value::<RouteDoc>(json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
-        "metadata": { "name": o.metadata.name, "namespace": ns },
-        "spec": o.data.get("spec").cloned().unwrap_or_else(|| json!({})),
-    }));
+    let doc = super::routes::doc(kind, o);
     let parent_refs: Vec<Value> = o.data["spec"]["parentRefs"].as_array().cloned().unwrap_or_default();
     let is_service = |r: &Value| {
         r["group"].as_str().unwrap_or("").is_empty() && r["kind"].as_str().unwrap_or("Service") == "Service"

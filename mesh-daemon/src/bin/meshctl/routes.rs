@@ -125,7 +125,7 @@ pub fn check(doc: &Value, c: &Check<'_>) -> anyhow::Result<Value> {
             json!({ "decision": "redirect", "status": status, "location": location, "route": rule.route.to_string(), "rule": rule.name, "why": why(entry.at, &entry.matches, rule) })
         }
         Decision::Forward { entry, rule, .. } => {
-            let total = rule.total_weight();
+            let total = rule.total_weight;
             let backends: Vec<Value> = rule
                 .backends
                 .iter()

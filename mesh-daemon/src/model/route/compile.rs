@@ -193,6 +193,7 @@ fn route(
             label: key.to_string(),
             name,
             filters,
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
             backends,
             timeout,
             backend_timeout,

@@ -122,6 +122,8 @@ pub struct Rule {
     pub filters: Filters,
     /// None of them: the rule answers with a redirect, or with 500.
     pub backends: Vec<Backend>,
+    /// The sum of the backends' weights, for the per-request draw.
+    pub total_weight: u64,
     /// `timeouts.request`: the whole request, retries included.
     pub timeout: Option<Duration>,
     /// `timeouts.backendRequest`: each try.
@@ -129,13 +131,6 @@ pub struct Rule {
     /// `retry`, on the backend's retry machinery (idempotent methods, the
     /// retry budget, bodies up to 64 KiB kept).
     pub retry: Option<crate::model::http::RetryPolicy>,
-}
-
-impl Rule {
-    /// The sum of the backends' weights.
-    pub fn total_weight(&self) -> u64 {
-        self.backends.iter().map(|b| u64::from(b.weight)).sum()
-    }
 }
 
 /// A backendRef: a service port and its weight.

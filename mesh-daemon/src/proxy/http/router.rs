@@ -109,7 +109,7 @@ pub fn decide<'r>(router: &'r Router, port: u16, client_ns: Option<&str>, head: 
         let location = format!("{scheme}://{authority}{path}{query}");
         return Decision::Redirect { entry, status: r.status, location };
     }
-    Decision::Forward { entry, rule, backend: weighted(&rule.backends, unit), prefix }
+    Decision::Forward { entry, rule, backend: weighted(rule, unit), prefix }
 }
 
 fn matches(e: &Entry, port: u16, head: &Head<'_>) -> bool {
@@ -125,13 +125,13 @@ fn matches(e: &Entry, port: u16, head: &Head<'_>) -> bool {
 
 /// A backend drawn with probability proportional to its weight; weight 0
 /// gets nothing. None: every weight is 0.
-fn weighted(backends: &[Backend], unit: f64) -> Option<&Backend> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+fn weighted(rule: &Rule, unit: f64) -> Option<&Backend> {
+    let total = rule.total_weight;
     if total == 0 {
         return None;
     }
     let mut at = ((unit.clamp(0.0, 1.0) * total as f64) as u64).min(total - 1);
-    for b in backends {
+    for b in &rule.backends {
         if at < u64::from(b.weight) {
             return Some(b);
         }
