@@ -83,6 +83,7 @@ fn collection(obj: &Value) -> anyhow::Result<String> {
         Some("EndpointSlice") => "endpointslices",
         Some("HTTPRoute") => "httproutes",
         Some("GRPCRoute") => "grpcroutes",
+        Some("ReferenceGrant") => "referencegrants",
         other => bail!("the fake API server does not serve kind {other:?}"),
     };
     Ok(match obj["apiVersion"].as_str() {
@@ -192,7 +193,7 @@ impl FakeApiServer {
         self.set_down_only(if down { &["*"] } else { &[] });
     }
 
-    /// Installs the Gateway API's CRDs: HTTPRoute and GRPCRoute are
+    /// Installs the Gateway API's CRDs: HTTPRoute, GRPCRoute and ReferenceGrant are
     /// served from now on.
     pub fn install_gateway_api(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -433,7 +434,11 @@ fn answer(
     let (epoch, rv, gateway_api) = (s.epoch, s.rv, s.gateway_api);
     drop(s);
     let known = ["/api/v1/services", "/api/v1/pods", "/api/v1/namespaces", "/apis/discovery.k8s.io/v1/endpointslices"];
-    let routes = ["/apis/gateway.networking.k8s.io/v1/httproutes", "/apis/gateway.networking.k8s.io/v1/grpcroutes"];
+    let routes = [
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+    ];
     let served = known.contains(&collection.as_str()) || (gateway_api && routes.contains(&collection.as_str()));
     if !served {
         respond(conn, "404 Not Found", &not_found_status(), true)?;
@@ -450,12 +455,13 @@ fn answer(
         Some("namespaces") => "NamespaceList",
         Some("httproutes") => "HTTPRouteList",
         Some("grpcroutes") => "GRPCRouteList",
+        Some("referencegrants") => "ReferenceGrantList",
         _ => "EndpointSliceList",
     };
-    let api_version = match collection.split('/').nth(2) {
-        Some("v1") => "v1".to_owned(),
-        Some(group) => format!("{group}/v1"),
-        None => "v1".to_owned(),
+    let api_version = match (collection.split('/').nth(2), collection.split('/').nth(3)) {
+        (Some("v1"), _) | (None, _) => "v1".to_owned(),
+        (Some(group), Some(version)) => format!("{group}/{version}"),
+        (Some(group), None) => format!("{group}/v1"),
     };
     let body = json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() }, "items": items });
     respond(conn, "200 OK", &body, true)?;

@@ -309,7 +309,7 @@ fn every_daemonset_flag_is_one_the_daemon_takes_and_its_files_are_mounted() {
         ("/pods", vec!["get", "list"]),
         ("/namespaces", vec!["get"]),
         ("/services", vec!["list", "watch"]),
-        ("gateway.networking.k8s.io/httproutes,grpcroutes", vec!["get", "list", "watch"]),
+        ("gateway.networking.k8s.io/httproutes,grpcroutes,referencegrants", vec!["get", "list", "watch"]),
         ("gateway.networking.k8s.io/httproutes/status,grpcroutes/status", vec!["patch"]),
     ];
     let want_rules: Vec<(String, Vec<String>)> =

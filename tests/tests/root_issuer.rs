@@ -288,12 +288,14 @@ mod kubernetes {
             pod(c, "shop", "web", WEB_UID, "node-b", "web", &web.ip.to_string()),
         ];
         v.append(&mut daemons);
-        // Two routes on shop/web: one whose backend exists, one whose does not.
-        for (name, backend) in [("good", "web"), ("dangling", "gone")] {
+        // Two routes on shop/web: one whose backend exists, one (for
+        // /dangling only: its requests are answered 500) whose does not.
+        for (name, backend, prefix) in [("good", "web", "/"), ("dangling", "gone", "/dangling")] {
             v.push(json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                 "metadata": { "name": name, "namespace": "shop", "generation": 1 },
                 "spec": { "parentRefs": [{ "name": "web", "port": 80 }],
-                          "rules": [{ "backendRefs": [{ "name": backend, "port": 80 }] }] } }));
+                          "rules": [{ "matches": [{ "path": { "type": "PathPrefix", "value": prefix } }],
+                                      "backendRefs": [{ "name": backend, "port": 80 }] }] } }));
         }
         v
     }

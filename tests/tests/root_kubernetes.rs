@@ -300,13 +300,31 @@ fn root_kubernetes_routes_from_the_api_server_take_effect_and_a_bad_one_is_left_
         "metadata": { "name": "web-two-abcde", "namespace": "shop", "labels": { "kubernetes.io/service-name": "web-two" } },
         "addressType": "IPv4", "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
         "endpoints": [endpoint(&c, "web-2", true, false)] }));
+    // other/far: web-2 too, in a namespace the routes of shop may name
+    // only with a ReferenceGrant there.
+    objs.push(json!({ "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": "other", "labels": { "mesh.io/inject": "enabled" } } }));
+    objs.push(json!({ "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "far", "namespace": "other" },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.52", "clusterIPs": ["10.96.0.52"],
+                  "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": "http" }] } }));
+    objs.push(json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": "far-abcde", "namespace": "other", "labels": { "kubernetes.io/service-name": "far" } },
+        "addressType": "IPv4", "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": [endpoint(&c, "web-2", true, false)] }));
+    let path = |p: &str| json!([{ "path": { "type": "PathPrefix", "value": p } }]);
     objs.push(http_route(
         "split",
-        json!([{ "matches": [{ "path": { "type": "PathPrefix", "value": "/two" } }],
-                 "backendRefs": [{ "name": "web-two", "port": 80 }] },
+        json!([{ "matches": path("/two"), "backendRefs": [{ "name": "web-two", "port": 80 }] },
+               { "matches": path("/three"), "backendRefs": [{ "name": "nope", "port": 80 }] },
+               { "matches": path("/far"), "backendRefs": [{ "name": "far", "namespace": "other", "port": 80 }] },
                { "backendRefs": [{ "name": "web", "port": 80 }] }]),
     ));
-    objs.push(http_route("broken", json!([{ "backendRefs": [{ "name": "nope", "port": 80 }] }])));
+    let regex = json!([{ "type": "RegularExpression", "value": "([" }]);
+    objs.push(http_route(
+        "broken",
+        json!([{ "matches": [{ "path": regex[0] }], "backendRefs": [{ "name": "web", "port": 80 }] }]),
+    ));
 
     let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objs).unwrap();
     api.install_gateway_api();
@@ -325,12 +343,45 @@ fn root_kubernetes_routes_from_the_api_server_take_effect_and_a_bad_one_is_left_
     eventually(&d, "the valid route is in the state", || routes(&d) == ["split"]);
     let log = d.log_with("route not accepted", 1);
     let line = log.lines().find(|l| l.contains("route not accepted")).unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains("HTTPRoute shop/broken") && line.contains("there is no service shop/nope"), "{line}");
+    assert!(line.contains("HTTPRoute shop/broken") && line.contains("is not a regular expression"), "{line}");
     for _ in 0..5 {
         let (code, body) = c.curl("client", &format!("http://{VIP}/two/x")).unwrap();
         assert_eq!(code, 0, "{}", d.log_text());
         assert!(body.contains("web-2"), "/two goes to web-two: {body}");
     }
+    // A backend that does not resolve keeps its route, and its share is
+    // answered 500 (the Gateway API's rule): no such Service, and a
+    // Service of another namespace without a ReferenceGrant.
+    let status = |p: &str| {
+        let out = c
+            .exec(
+                "client",
+                "curl",
+                &["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &format!("http://{VIP}{p}")],
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status("/three/x"), "500");
+    assert_eq!(status("/far/x"), "500");
+    let log = d.log_with("RefNotPermitted", 1);
+    assert!(log.contains("no ReferenceGrant there lets HTTPRoutes of shop name it"), "{log}");
+    // The grant arrives: /far reaches other/far's endpoint.
+    api.put(json!({ "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": { "name": "shop-routes", "namespace": "other" },
+        "spec": { "from": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop" }],
+                  "to": [{ "group": "", "kind": "Service", "name": "far" }] } }))
+        .unwrap();
+    eventually(&d, "the grant is in the state", || {
+        state(&d)["referenceGrants"].as_array().is_some_and(|g| g.len() == 1)
+    });
+    for _ in 0..5 {
+        let (code, body) = c.curl("client", &format!("http://{VIP}/far/x")).unwrap();
+        assert_eq!(code, 0, "{}", d.log_text());
+        assert!(body.contains("web-2"), "/far goes to other/far: {body}");
+    }
+    assert_eq!(status("/three/x"), "500", "still no shop/nope");
 
     // The route changes in the cluster: /two now goes to web as well.
     api.edit("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "split", |o| {

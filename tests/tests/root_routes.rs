@@ -361,7 +361,7 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     assert_eq!(routes[0]["name"], "default/mesh-matching", "{routes}");
     assert_eq!(routes[0]["parents"], serde_json::json!(["default/echo:80"]), "{routes}");
     assert_eq!(routes[0]["rules"][1]["backends"], serde_json::json!(["echo-v2:8080 w1"]), "{routes}");
-    assert_eq!(routes[0]["status"], "Accepted");
+    assert_eq!(routes[0]["status"], "Accepted, ResolvedRefs");
     let text = |args: &[&str]| String::from_utf8_lossy(&m.c.meshctl("node-a", args).unwrap().stdout).into_owned();
     let t = text(&["get", "routes"]);
     assert!(t.contains("default/mesh-matching") && t.contains("default/echo:80"), "{t}");
@@ -408,7 +408,54 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
         line.contains("service=default/echo-v1:8080") && line.contains("route=default/mesh-matching rule=0"),
         "{line}"
     );
+
+    // A backendRef to no Service: the route applies, meshctl apply warns,
+    // `get routes` says ResolvedRefs=False, and its share is answered 500.
+    let f = m.c.write_file("routes.yaml", &document(&m.c, &[HALF])).unwrap();
+    let out = m.c.meshctl("node-a", &["apply", "-f", f.to_str().unwrap()]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "warning: routes[0].spec.rules[0].backendRefs[1]: there is no service default/echo-v3 (BackendNotFound)"
+        ),
+        "{err}"
+    );
+    let out = m.c.meshctl("node-a", &["get", "routes", "-o", "json"]).unwrap();
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        routes[0]["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Accepted, ResolvedRefs=False: routes[0].spec.rules[0].backendRefs[1]"),
+        "{routes}"
+    );
+    let mut seen = BTreeMap::<(u16, String), u32>::new();
+    for _ in 0..40 {
+        let g = get(&m, "/", &[]);
+        *seen.entry((g.status, g.backend().to_owned())).or_default() += 1;
+    }
+    let (ok, bad) = (
+        seen.get(&(200, "echo-v1".into())).copied().unwrap_or(0),
+        seen.get(&(500, String::new())).copied().unwrap_or(0),
+    );
+    assert_eq!(ok + bad, 40, "only echo-v1 or 500: {seen:?}");
+    // Half each: 40 draws at p = 0.5 fall outside 8..=32 with odds under 1e-4.
+    assert!((8..=32).contains(&ok), "{seen:?}");
+    let c = check(&m, "/", &[]);
+    assert_eq!(c["backends"][1]["share"], 0.5, "{c}");
 }
+
+/// One backendRef resolves, one names no Service: half the requests 500.
+const HALF: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: half}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-v1, port: 8080}, {name: echo-v3, port: 8080}]
+";
 
 #[test]
 fn root_one_held_http2_connection_follows_route_writes() {

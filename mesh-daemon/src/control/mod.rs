@@ -204,6 +204,14 @@ impl Control {
         self.snapshot.load_full()
     }
 
+    /// The backendRefs of the published state's routes that do not
+    /// resolve (their share of requests is answered 500), as
+    /// `path: why (reason)` lines, with the generation they are of.
+    pub fn unresolved_refs(&self) -> (u64, Vec<String>) {
+        let p = self.published.load();
+        (p.generation, p.state.routes.unresolved.iter().map(ToString::to_string).collect())
+    }
+
     /// Publishes an accepted state: a snapshot every view derives its own
     /// view from, and the registry keeps only the addresses in use.
     /// `delta`: what changed since the state published last.
@@ -326,6 +334,11 @@ impl Control {
             publish_ms = ms(t0.elapsed() - saved),
             "state applied"
         );
+        if !Arc::ptr_eq(&old.state.routes, &current.state.routes) {
+            for u in &current.state.routes.unresolved {
+                warn!(generation, backend_ref = %u.path, reason = u.reason.as_str(), "{}; its share of the rule's requests is answered 500", u.message);
+            }
+        }
         crate::heap::release_after(old);
         Ok(generation)
     }

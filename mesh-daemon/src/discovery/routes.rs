@@ -3,15 +3,18 @@
 //! API server returns them, with only their name, namespace and spec
 //! kept, oldest first (the Gateway API breaks precedence ties by age).
 //! A route that does not parse is left out with the reason; one the
-//! model refuses (an unknown backend, a kernel-mode parent) is left out
-//! when the state is written (see `watch::apply`), and the others work.
+//! model refuses (a kernel-mode parent, a bad regex) is left out when the
+//! state is written (see `watch::apply`), and the others work. A backend
+//! that does not resolve (no such Service yet, another namespace without
+//! a ReferenceGrant) keeps its route: its share is answered 500. The
+//! ReferenceGrants (`v1beta1`) come along.
 
 use std::sync::Arc;
 
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
-use crate::model::route::RouteDoc;
+use crate::model::route::{ReferenceGrantDoc, RouteDoc};
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
@@ -21,6 +24,32 @@ pub const KINDS: [(&str, &str); 2] = [("HTTPRoute", "httproutes"), ("GRPCRoute",
 /// The API resource of one route kind.
 pub fn resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1", kind), plural)
+}
+
+/// ReferenceGrant, as every Gateway API release serves it (`v1beta1`).
+pub fn grant_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1beta1", "ReferenceGrant"), "referencegrants")
+}
+
+/// The ReferenceGrants of `objects` as the state document's, by
+/// namespace and name; what does not parse goes to `skipped`.
+pub fn grants(objects: &[Arc<DynamicObject>], skipped: &mut Vec<String>) -> Vec<Arc<ReferenceGrantDoc>> {
+    let mut out: Vec<Arc<ReferenceGrantDoc>> = objects
+        .iter()
+        .filter_map(|o| {
+            let name = o.metadata.name.as_deref()?;
+            let ns = o.metadata.namespace.as_deref().unwrap_or("default");
+            let doc = serde_json::from_value(json!({
+                "apiVersion": format!("{GROUP}/v1beta1"),
+                "kind": "ReferenceGrant",
+                "metadata": { "name": name, "namespace": ns },
+                "spec": o.data.get("spec").cloned().unwrap_or_else(|| json!({})),
+            }));
+            doc.map_err(|e| skipped.push(format!("ReferenceGrant {ns}/{name}: {e}; left out"))).ok().map(Arc::new)
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
+    out
 }
 
 /// Route object `o` (of `kind`) as the state document's route: its name,

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::routes::{resource, KINDS};
-use crate::model::route::RouteDoc;
+use crate::model::route::{permits, ReferenceGrantDoc, RouteDoc};
 
 /// The `controllerName` of the mesh's status entries.
 pub const CONTROLLER: &str = "mesh.io/mesh";
@@ -37,8 +37,13 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
 }
 
 /// The mesh's `status.parents[]` entries of route `o` (of `kind`), one
-/// per Service parentRef.
-pub fn desired(kind: &str, o: &DynamicObject, services: &Services<'_>) -> Vec<Value> {
+/// per Service parentRef, with the cluster's `grants`.
+pub fn desired(
+    kind: &str,
+    o: &DynamicObject,
+    services: &Services<'_>,
+    grants: &[Arc<ReferenceGrantDoc>],
+) -> Vec<Value> {
     let ns = o.metadata.namespace.as_deref().unwrap_or("default");
     let generation = o.metadata.generation;
     let doc = super::routes::doc(kind, o);
@@ -46,7 +51,7 @@ pub fn desired(kind: &str, o: &DynamicObject, services: &Services<'_>) -> Vec<Va
     let is_service = |r: &Value| {
         r["group"].as_str().unwrap_or("").is_empty() && r["kind"].as_str().unwrap_or("Service") == "Service"
     };
-    let refs = resolved_refs(ns, &doc, &parent_refs, services, generation);
+    let refs = resolved_refs((kind, ns), &doc, &parent_refs, (services, grants), generation);
     parent_refs
         .iter()
         .filter(|r| is_service(r))
@@ -94,12 +99,14 @@ fn has_port(s: &Service, port: i64) -> bool {
 }
 
 /// `ResolvedRefs`: every backendRef a Service of the route's namespace
-/// (or a parent's) that exists with the port named.
+/// (or a parent's, or one a ReferenceGrant lets the route name, decided
+/// by the proxy's own rule: `model::route::permits`) that exists with the
+/// port named.
 fn resolved_refs(
-    ns: &str,
+    (kind, ns): (&str, &str),
     doc: &Result<RouteDoc, serde_json::Error>,
     parents: &[Value],
-    services: &Services<'_>,
+    (services, grants): (&Services<'_>, &[Arc<ReferenceGrantDoc>]),
     generation: Option<i64>,
 ) -> Value {
     let Ok(doc) = doc else {
@@ -117,8 +124,11 @@ fn resolved_refs(
             );
         }
         let bns = b.namespace.as_deref().unwrap_or(ns);
-        if bns != ns && !parent_ns.contains(&bns) {
-            let m = format!("backendRef {bns}/{} needs a ReferenceGrant, which the mesh does not read yet", b.name);
+        if bns != ns && !parent_ns.contains(&bns) && !permits(grants, (kind, ns), (bns, &b.name)) {
+            let m = format!(
+                "backendRef {bns}/{} is in another namespace and no ReferenceGrant there lets {kind}s of {ns} name it",
+                b.name
+            );
             return condition("ResolvedRefs", false, "RefNotPermitted", &m, generation);
         }
         match services.get(&(bns, b.name.as_str())) {
@@ -186,6 +196,11 @@ pub async fn run(client: Client) {
         info!("no Gateway API route kinds are served: no route status to write");
         return;
     }
+    let grant = super::routes::grant_resource();
+    let grants = match super::watch::served(&client, &grant).await {
+        true => Some(super::watch::reflect_routes(&client, &grant, changed.clone(), &mut tasks)),
+        false => None,
+    };
     let services = super::watch::reflect::<Service>(&client, changed.clone(), &mut tasks);
     info!(controller = CONTROLLER, "writing the mesh's route status");
     loop {
@@ -196,11 +211,14 @@ pub async fn run(client: Client) {
             .iter()
             .filter_map(|s| Some(((s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?), s.as_ref())))
             .collect();
+        let grants = super::routes::grants(&grants.as_ref().map(|g| g.state()).unwrap_or_default(), &mut Vec::new());
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
         let now = serde_json::to_value(&now).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         for (kind, ar, store) in &kinds {
             for o in store.state() {
-                let Some(parents) = merged(&o.data["status"], desired(kind, &o, &by_name), &now) else { continue };
+                let Some(parents) = merged(&o.data["status"], desired(kind, &o, &by_name, &grants), &now) else {
+                    continue;
+                };
                 let (Some(ns), Some(name)) = (o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) else {
                     continue;
                 };
@@ -259,7 +277,8 @@ mod tests {
             .iter()
             .map(|s| ((s.metadata.namespace.as_deref().unwrap(), s.metadata.name.as_deref().unwrap()), s))
             .collect();
-        let c = |parents: Value, backends: Value| conditions(&desired("HTTPRoute", &route(parents, backends), &by));
+        let c =
+            |parents: Value, backends: Value| conditions(&desired("HTTPRoute", &route(parents, backends), &by, &[]));
         let t = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
         let ok = json!([{ "name": "v2", "port": 8080 }]);
         assert_eq!(
@@ -287,8 +306,30 @@ mod tests {
             "HTTPRoute",
             &route(json!([{ "name": "gw", "kind": "Gateway", "group": "gateway.networking.k8s.io" }]), json!([])),
             &by,
+            &[],
         );
         assert!(gw.is_empty(), "a Gateway parent is another controller's");
+        // A ReferenceGrant in namespace x for the HTTPRoutes of shop.
+        let grant: ReferenceGrantDoc = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": { "name": "g", "namespace": "x" },
+            "spec": { "from": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop" }],
+                      "to": [{ "group": "", "kind": "Service" }] },
+        }))
+        .unwrap();
+        let far = [service("x", "v2", 8080, false)];
+        let mut by = by;
+        by.insert(("x", "v2"), &far[0]);
+        let r = route(json!([{ "name": "web" }]), json!([{ "name": "v2", "namespace": "x", "port": 8080 }]));
+        assert_eq!(
+            conditions(&desired("HTTPRoute", &r, &by, &[Arc::new(grant.clone())]))[1],
+            t("ResolvedRefs", "True", "ResolvedRefs")
+        );
+        assert_eq!(
+            conditions(&desired("GRPCRoute", &r, &by, &[Arc::new(grant)]))[1],
+            t("ResolvedRefs", "False", "RefNotPermitted"),
+            "granted to HTTPRoutes only"
+        );
     }
 
     #[test]
@@ -298,24 +339,24 @@ mod tests {
         let r = route(json!([{ "name": "web" }]), json!([{ "name": "web", "port": 80 }]));
         let other = json!({ "parentRef": { "name": "gw" }, "controllerName": "example.com/gateway", "conditions": [] });
         let first =
-            merged(&json!({ "parents": [other.clone()] }), desired("HTTPRoute", &r, &by), "2026-12-02T10:00:00Z")
+            merged(&json!({ "parents": [other.clone()] }), desired("HTTPRoute", &r, &by, &[]), "2026-12-02T10:00:00Z")
                 .unwrap();
         assert_eq!(first.len(), 2);
         assert_eq!(first[0], other, "another controller's entry stays");
         assert_eq!(first[1]["conditions"][0]["lastTransitionTime"], "2026-12-02T10:00:00Z");
         let status = json!({ "parents": first });
         assert_eq!(
-            merged(&status, desired("HTTPRoute", &r, &by), "2026-12-02T11:00:00Z"),
+            merged(&status, desired("HTTPRoute", &r, &by, &[]), "2026-12-02T11:00:00Z"),
             None,
             "nothing changed: nothing written"
         );
         // The backend goes: ResolvedRefs turns False now, Accepted keeps its time.
         let none: Services<'_> = HashMap::new();
         let r2 = route(json!([{ "name": "web" }]), json!([{ "name": "gone", "port": 80 }]));
-        let next = merged(&status, desired("HTTPRoute", &r2, &by), "2026-12-02T12:00:00Z").unwrap();
+        let next = merged(&status, desired("HTTPRoute", &r2, &by, &[]), "2026-12-02T12:00:00Z").unwrap();
         assert_eq!(next[1]["conditions"][0]["lastTransitionTime"], "2026-12-02T10:00:00Z");
         assert_eq!(next[1]["conditions"][1]["lastTransitionTime"], "2026-12-02T12:00:00Z");
         assert_eq!(next[1]["conditions"][1]["status"], "False");
-        assert!(merged(&status, desired("HTTPRoute", &r, &none), "t").is_some(), "the parent gone: rewritten");
+        assert!(merged(&status, desired("HTTPRoute", &r, &none, &[]), "t").is_some(), "the parent gone: rewritten");
     }
 }

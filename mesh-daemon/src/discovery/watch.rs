@@ -53,6 +53,8 @@ struct Stores {
     pods: Store<Pod>,
     /// Per route kind whose CRD is installed: (kind, its copy).
     routes: Vec<(&'static str, Store<DynamicObject>)>,
+    /// ReferenceGrants, when their CRD is installed.
+    grants: Option<Store<DynamicObject>>,
 }
 
 impl Stores {
@@ -64,6 +66,7 @@ impl Stores {
             namespaces: self.namespaces.state(),
             pods: self.pods.state(),
             routes: self.routes.iter().map(|(k, st)| (*k, st.state())).collect(),
+            grants: self.grants.as_ref().map(Store::state).unwrap_or_default(),
         }
     }
 }
@@ -195,12 +198,18 @@ pub async fn run(
             routes.push((kind, reflect_routes(&client, &ar, changed.clone(), &mut tasks)));
         }
     }
+    let grant = super::routes::grant_resource();
+    let grants = match routes.is_empty() {
+        false if served(&client, &grant).await => Some(reflect_routes(&client, &grant, changed.clone(), &mut tasks)),
+        _ => None,
+    };
     let stores = Stores {
         services: reflect(&client, changed.clone(), &mut tasks),
         slices: reflect(&client, changed.clone(), &mut tasks),
         namespaces: reflect(&client, changed.clone(), &mut tasks),
         pods: reflect(&client, changed.clone(), &mut tasks),
         routes,
+        grants,
     };
     let result = tokio::select! {
         _ = stop.stopped() => Ok(()),
@@ -224,7 +233,7 @@ async fn follow(
         stores.slices.wait_until_ready().await?;
         stores.namespaces.wait_until_ready().await?;
         stores.pods.wait_until_ready().await?;
-        for (_, r) in &stores.routes {
+        for r in stores.routes.iter().map(|(_, r)| r).chain(&stores.grants) {
             r.wait_until_ready().await?;
         }
         Ok::<(), reflector::store::WriterDropped>(())
@@ -263,6 +272,7 @@ struct Seen {
     namespaces: Vec<Arc<Namespace>>,
     pods: Vec<Arc<Pod>>,
     routes: Vec<(&'static str, Vec<Arc<DynamicObject>>)>,
+    grants: Vec<Arc<DynamicObject>>,
 }
 
 /// What one pass of translating and writing keeps for the next.
@@ -287,6 +297,7 @@ impl Pass {
         let routes: Vec<(&str, &DynamicObject)> =
             seen.routes.iter().flat_map(|(k, v)| v.iter().map(move |o| (*k, o.as_ref()))).collect();
         t.document.routes = super::routes::translate(&routes, &mut t.skipped);
+        t.document.reference_grants = super::routes::grants(&seen.grants, &mut t.skipped);
         for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
             info!(reason = %why, "left out of the mesh");
         }
@@ -325,18 +336,23 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
                 return true;
             }
             Err(WriteError::Invalid(errors)) if attempt == 0 => {
-                let Some((gone, bad_routes)) = left_out(&errors) else {
+                let Some(out) = left_out(&errors) else {
                     warn!(errors = %errors, "the cluster's state is not valid; keeping the current one");
                     return false;
                 };
-                for i in gone.into_iter().rev() {
+                for i in out.workloads.into_iter().rev() {
                     let w = next.workloads.remove(i);
                     warn!(workload = %format!("{}/{}", w.namespace, w.name), "its process exited; left out for now");
                 }
-                for (i, why) in bad_routes.into_iter().rev() {
+                for (i, why) in out.routes.into_iter().rev() {
                     let r = next.routes.remove(i);
                     let route = format!("{} {}/{}", r.kind, r.metadata.namespace, r.metadata.name);
                     warn!(route, reason = %why, "route not accepted; left out, the others apply");
+                }
+                for (i, why) in out.grants.into_iter().rev() {
+                    let g = next.reference_grants.remove(i);
+                    let grant = format!("{}/{}", g.metadata.namespace, g.metadata.name);
+                    warn!(grant, reason = %why, "ReferenceGrant not accepted; left out, the others apply");
                 }
             }
             Err(e) => {
@@ -348,30 +364,45 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
     false
 }
 
-/// When every error is a workload whose network namespace could not be
-/// opened (`workloads[i].pid`) or a field of a route (`routes[i]...`):
-/// the workloads' indices, and the routes' with their reasons, ascending.
-/// A bad route is the cluster's to fix; it must not hold back the rest.
-#[allow(clippy::type_complexity)]
-fn left_out(errors: &crate::model::ValidationErrors) -> Option<(Vec<usize>, Vec<(usize, String)>)> {
-    let (mut workloads, mut routes) = (Vec::new(), Vec::<(usize, String)>::new());
+/// What a write from the cluster leaves out when every error is one of
+/// these, by index, ascending: workloads whose network namespace could
+/// not be opened (`workloads[i].pid`), and routes and ReferenceGrants
+/// with a bad field (with their reasons). A bad route is the cluster's to
+/// fix; it must not hold back the rest.
+#[derive(Debug, Default, PartialEq)]
+struct LeftOut {
+    workloads: Vec<usize>,
+    routes: Vec<(usize, String)>,
+    grants: Vec<(usize, String)>,
+}
+
+fn left_out(errors: &crate::model::ValidationErrors) -> Option<LeftOut> {
+    let mut out = LeftOut::default();
+    let item = |list: &mut Vec<(usize, String)>, i: &str, e: &crate::model::FieldError| -> Option<()> {
+        let i: usize = i.parse().ok()?;
+        match list.iter_mut().find(|(j, _)| *j == i) {
+            Some((_, why)) => why.push_str(&format!("; {e}")),
+            None => list.push((i, e.to_string())),
+        }
+        Some(())
+    };
     for e in &errors.0 {
+        let at = |prefix: &str| e.path.strip_prefix(prefix).and_then(|r| r.split_once(']')).map(|(i, _)| i);
         if let Some(i) = e.path.strip_prefix("workloads[").and_then(|r| r.strip_suffix("].pid")) {
-            workloads.push(i.parse().ok()?);
-        } else if let Some((i, _)) = e.path.strip_prefix("routes[").and_then(|r| r.split_once(']')) {
-            let i: usize = i.parse().ok()?;
-            match routes.iter_mut().find(|(j, _)| *j == i) {
-                Some((_, why)) => why.push_str(&format!("; {e}")),
-                None => routes.push((i, e.to_string())),
-            }
+            out.workloads.push(i.parse().ok()?);
+        } else if let Some(i) = at("routes[") {
+            item(&mut out.routes, i, e)?;
+        } else if let Some(i) = at("referenceGrants[") {
+            item(&mut out.grants, i, e)?;
         } else {
             return None;
         }
     }
-    workloads.sort_unstable();
-    workloads.dedup();
-    routes.sort_by_key(|(i, _)| *i);
-    (!workloads.is_empty() || !routes.is_empty()).then_some((workloads, routes))
+    out.workloads.sort_unstable();
+    out.workloads.dedup();
+    out.routes.sort_by_key(|(i, _)| *i);
+    out.grants.sort_by_key(|(i, _)| *i);
+    (out != LeftOut::default()).then_some(out)
 }
 
 /// Pod UID → one of its pids, checked again before each use: a scan of
@@ -413,21 +444,23 @@ mod tests {
     use crate::model::{FieldError, ValidationErrors};
 
     #[test]
-    fn only_workload_pid_and_route_errors_are_left_out() {
+    fn only_workload_pid_route_and_grant_errors_are_left_out() {
         let e = |p: &str| FieldError { path: p.into(), message: "x".into() };
         let errs = ValidationErrors(vec![e("workloads[3].pid"), e("workloads[1].pid"), e("workloads[3].pid")]);
-        assert_eq!(left_out(&errs), Some((vec![1, 3], vec![])));
+        assert_eq!(left_out(&errs), Some(LeftOut { workloads: vec![1, 3], ..LeftOut::default() }));
         let routes = ValidationErrors(vec![
             e("routes[2].spec.rules[0].backendRefs[0].name"),
             e("workloads[1].pid"),
             e("routes[0].kind"),
             e("routes[2].spec.parentRefs[0]"),
+            e("referenceGrants[1].spec.to[0]"),
         ]);
         let want = vec![
             (0, "routes[0].kind: x".to_owned()),
             (2, "routes[2].spec.rules[0].backendRefs[0].name: x; routes[2].spec.parentRefs[0]: x".to_owned()),
         ];
-        assert_eq!(left_out(&routes), Some((vec![1], want)));
+        let grants = vec![(1, "referenceGrants[1].spec.to[0]: x".to_owned())];
+        assert_eq!(left_out(&routes), Some(LeftOut { workloads: vec![1], routes: want, grants }));
         let mixed = ValidationErrors(vec![e("workloads[1].pid"), e("services[0].vip")]);
         assert_eq!(left_out(&mixed), None, "another error: the state is invalid");
         assert_eq!(left_out(&ValidationErrors(vec![])), None);

@@ -24,6 +24,10 @@ pub struct Document {
     /// for a cluster (see [`super::route`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Arc<super::route::RouteDoc>>,
+    /// Gateway API `ReferenceGrant`s: which routes may name a backend
+    /// Service of another namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_grants: Vec<Arc<super::route::doc::ReferenceGrantDoc>>,
     /// Where each service was, shared by the documents made from this
     /// one; see [`Document::find_service`].
     #[serde(skip)]

@@ -139,16 +139,19 @@ pub(super) fn validate(
 /// services alone changes no router). A write that changes them changes
 /// the whole: every reader rebuilds.
 fn routes(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut State, changes: &mut Changes) {
-    if doc.routes.is_empty() && prev.is_none_or(|p| p.routes.docs.is_empty()) {
+    if doc.routes.is_empty()
+        && doc.reference_grants.is_empty()
+        && prev.is_none_or(|p| *p.routes == route::Routes::default())
+    {
         state.routes = prev.map(|p| p.routes.clone()).unwrap_or_default();
         return;
     }
     let by_key: HashMap<(&str, &str), &Arc<Service>> =
         state.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), s)).collect();
     let find = |ns: &str, name: &str| by_key.get(&(ns, name)).map(|s| Arc::clone(s));
-    let compiled = super::route::compile(e, &doc.routes, &find);
+    let compiled = super::route::compile(e, &doc.routes, &doc.reference_grants, &find);
     match prev {
-        Some(p) if p.routes.docs == doc.routes => state.routes = p.routes.clone(),
+        Some(p) if *p.routes == compiled => state.routes = p.routes.clone(),
         _ => {
             changes.whole = true;
             state.routes = Arc::new(compiled);

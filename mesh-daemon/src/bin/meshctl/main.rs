@@ -526,7 +526,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Get { kind, .. } => print_list(*kind, &v),
         Cmd::Datapath { .. } => print_dump(&v),
-        _ => println!("applied: generation {}", s(&v["generation"])),
+        _ => {
+            println!("applied: generation {}", s(&v["generation"]));
+            for w in v["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}; its share of the rule's requests is answered 500", s(w));
+            }
+        }
     }
     Ok(())
 }

@@ -13,14 +13,27 @@ use mesh_daemon::model::{Document, ServiceKey, State};
 use mesh_daemon::routing::{decide, Decision, Head};
 
 /// One row per route: name, kind, parents, rules (with their matches) and
-/// backends with weights. Every route in an accepted state was accepted
-/// (a state with a bad route is refused whole), so the status is
-/// `Accepted`.
+/// backends with weights, and its status. Every route in an accepted
+/// state was accepted (a state with a bad route is refused whole); one
+/// whose backendRefs do not all resolve says which and why
+/// (`ResolvedRefs=False`), as the daemon decides it.
 pub fn list(doc: &Value) -> Vec<Value> {
     let routes: Vec<RouteDoc> = serde_json::from_value(doc["routes"].clone()).unwrap_or_default();
+    let unresolved = serde_json::from_value::<Document>(doc.clone())
+        .ok()
+        .and_then(|d| State::from_document(&d).ok())
+        .map(|s| s.routes.unresolved.clone())
+        .unwrap_or_default();
     routes
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(at, r)| {
+            let refs: Vec<String> = unresolved.iter().filter(|u| u.route == at).map(ToString::to_string).collect();
+            let status = if refs.is_empty() {
+                "Accepted, ResolvedRefs".to_owned()
+            } else {
+                format!("Accepted, ResolvedRefs=False: {}", refs.join("; "))
+            };
             let parents: Vec<String> = r
                 .spec
                 .parent_refs
@@ -54,7 +67,7 @@ pub fn list(doc: &Value) -> Vec<Value> {
                 "kind": r.kind,
                 "parents": parents,
                 "rules": rules,
-                "status": "Accepted",
+                "status": status,
             })
         })
         .collect()
@@ -126,15 +139,17 @@ pub fn check(doc: &Value, c: &Check<'_>) -> anyhow::Result<Value> {
         }
         Decision::Forward { entry, rule, .. } => {
             let total = rule.total_weight;
-            let backends: Vec<Value> = rule
+            let share = |w: u64| if total == 0 { 0.0 } else { w as f64 / total as f64 };
+            let mut backends: Vec<Value> = rule
                 .backends
                 .iter()
-                .map(|b| {
-                    let share = if total == 0 { 0.0 } else { f64::from(b.weight) / total as f64 };
-                    json!({ "backend": b.port.to_string(), "weight": b.weight, "share": share })
-                })
+                .map(|b| json!({ "backend": b.port.to_string(), "weight": b.weight, "share": share(u64::from(b.weight)) }))
                 .collect();
-            let decision = if total == 0 { "500" } else { "forward" };
+            let listed: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+            if total > listed {
+                backends.push(json!({ "backend": "500 (backendRefs that do not resolve: see meshctl get routes)", "weight": total - listed, "share": share(total - listed) }));
+            }
+            let decision = if listed == 0 { "500" } else { "forward" };
             json!({ "decision": decision, "route": rule.route.to_string(), "rule": rule.name, "backends": backends, "why": why(entry.at, &entry.matches, rule) })
         }
     })

@@ -223,7 +223,19 @@ async fn write(
 ) -> Response<Full<Bytes>> {
     let c = control.clone();
     match tokio::task::spawn_blocking(move || c.write(if_match, edit)).await {
-        Ok(Ok(generation)) => respond(StatusCode::OK, &json!({ "generation": generation })),
+        Ok(Ok(generation)) => {
+            // What the routes of this state name but cannot use: said to
+            // the writer, who may have a typo to mend.
+            let warnings = match control.unresolved_refs() {
+                (g, w) if g == generation => w,
+                _ => Vec::new(),
+            };
+            let mut body = json!({ "generation": generation });
+            if !warnings.is_empty() {
+                body["warnings"] = json!(warnings);
+            }
+            respond(StatusCode::OK, &body)
+        }
         Ok(Err(e)) => write_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write failed: {e}")),
     }

@@ -2,22 +2,27 @@
 //! field reported with its path (`routes[0].spec.rules[1].matches[0]...`)
 //! and what would fix it.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::header::{HeaderName, HeaderValue};
 
 use super::doc::{
-    FilterDoc, GrpcMethodDoc, HeaderModifierDoc, MatchDoc, MethodDoc, PathModifierDoc, RefDoc, RouteDoc, ValueMatchDoc,
+    FilterDoc, GrpcMethodDoc, HeaderModifierDoc, MatchDoc, MethodDoc, PathModifierDoc, RefDoc, ReferenceGrantDoc,
+    RouteDoc, ValueMatchDoc,
 };
 use super::{
-    Backend, Entry, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier, Redirect, Rewrite, RouteKey,
-    Router, Routes, Rule, ValueMatch,
+    permits, Backend, Entry, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier, Redirect, RefReason,
+    Rewrite, RouteKey, Router, Routes, Rule, Unresolved, ValueMatch,
 };
 use crate::model::errors::{invalid, Errors, Invalid};
 use crate::model::{parse_duration, Name, PortKey, Service, ServiceKey};
 
+const GROUP: &str = "gateway.networking.k8s.io";
 const API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// ReferenceGrant is served as v1beta1 (and as v1 by newer releases).
+const GRANT_VERSIONS: [&str; 2] = ["gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1"];
 
 /// Largest regular expression, compiled (bytes): a route cannot make the
 /// proxy hold megabytes per pattern.
@@ -28,8 +33,13 @@ const REGEX_SIZE: usize = 1 << 20;
 pub(in crate::model) fn compile(
     e: &mut Errors,
     docs: &[Arc<RouteDoc>],
+    grants: &[Arc<ReferenceGrantDoc>],
     find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
 ) -> Routes {
+    for (i, g) in grants.iter().enumerate() {
+        grant(e, &format!("referenceGrants[{i}]"), g);
+    }
+    let unresolved = RefCell::new(Vec::new());
     // (parent, entry with its sort key) of every route.
     let mut sorted = ByParent::new();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
@@ -45,7 +55,8 @@ pub(in crate::model) fn compile(
             );
             continue;
         }
-        route(e, &p, i, d, find, &mut sorted);
+        let refs = Refs { route: i, kind: &d.kind, grants, find, unresolved: &unresolved };
+        route(e, &p, d, &refs, &mut sorted);
     }
     let by_parent = sorted
         .into_iter()
@@ -82,7 +93,64 @@ pub(in crate::model) fn compile(
             (parent, Arc::new(router))
         })
         .collect();
-    Routes { docs: docs.to_vec(), by_parent }
+    Routes { docs: docs.to_vec(), grants: grants.to_vec(), unresolved: unresolved.into_inner(), by_parent }
+}
+
+/// What the backendRefs of one route resolve against, and where those
+/// that do not are noted.
+struct Refs<'a> {
+    /// The route's index in the document.
+    route: usize,
+    /// `HTTPRoute` or `GRPCRoute`, for the grants.
+    kind: &'a str,
+    grants: &'a [Arc<ReferenceGrantDoc>],
+    find: &'a dyn Fn(&str, &str) -> Option<Arc<Service>>,
+    unresolved: &'a RefCell<Vec<Unresolved>>,
+}
+
+impl Refs<'_> {
+    fn note(&self, path: &str, reason: RefReason, message: String) {
+        self.unresolved.borrow_mut().push(Unresolved { route: self.route, path: path.to_owned(), reason, message });
+    }
+}
+
+/// A ReferenceGrant, checked: only what it says about routes and Services
+/// counts, and a grant that says something else is refused, not ignored.
+fn grant(e: &mut Errors, p: &str, g: &ReferenceGrantDoc) {
+    if !GRANT_VERSIONS.contains(&g.api_version.as_str()) {
+        e.push(
+            format!("{p}.apiVersion"),
+            format!("{:?} is not served here: write {:?}", g.api_version, GRANT_VERSIONS[0]),
+        );
+    }
+    if g.kind != "ReferenceGrant" {
+        e.push(format!("{p}.kind"), format!("{:?}: write \"ReferenceGrant\"", g.kind));
+    }
+    e.take(|| format!("{p}.metadata.namespace"), Name::parse(&g.metadata.namespace));
+    e.take(|| format!("{p}.metadata.name"), Name::parse(&g.metadata.name));
+    if g.spec.from.is_empty() || g.spec.to.is_empty() {
+        e.push(format!("{p}.spec"), "needs at least one `from` and one `to`");
+    }
+    for (i, f) in g.spec.from.iter().enumerate() {
+        if f.group != GROUP || !["HTTPRoute", "GRPCRoute"].contains(&f.kind.as_str()) {
+            e.push(
+                format!("{p}.spec.from[{i}]"),
+                format!(
+                    "{}/{} refers to nothing on the mesh: grant group {GROUP:?}, kind HTTPRoute or GRPCRoute",
+                    f.group, f.kind
+                ),
+            );
+        }
+        e.take(|| format!("{p}.spec.from[{i}].namespace"), Name::parse(&f.namespace));
+    }
+    for (i, t) in g.spec.to.iter().enumerate() {
+        if !t.group.is_empty() || t.kind != "Service" {
+            e.push(
+                format!("{p}.spec.to[{i}]"),
+                format!("{}/{} is not a Service: grant group \"\", kind Service", t.group, t.kind),
+            );
+        }
+    }
 }
 
 /// Resolves a Service reference to its port, or says why not.
@@ -111,14 +179,8 @@ struct SortKey {
     matched: usize,
 }
 
-fn route(
-    e: &mut Errors,
-    p: &str,
-    index: usize,
-    d: &RouteDoc,
-    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
-    sorted: &mut ByParent,
-) {
+fn route(e: &mut Errors, p: &str, d: &RouteDoc, refs: &Refs<'_>, sorted: &mut ByParent) {
+    let find = refs.find;
     if d.api_version != API_VERSION {
         e.push(format!("{p}.apiVersion"), format!("{:?} is not served here: write {API_VERSION:?}", d.api_version));
     }
@@ -147,15 +209,18 @@ fn route(
     let mut rules = Vec::new();
     for (j, r) in d.spec.rules.iter().enumerate() {
         let rp = format!("{p}.spec.rules[{j}]");
-        let resolve =
-            |e: &mut Errors, p: &str, r: &RefDoc| backend(e, p, r, (&namespace, &parents), find).map(|b| b.port);
+        let resolve = |e: &mut Errors, p: &str, r: &RefDoc| {
+            backend(e, p, r, (&namespace, &parents), refs).and_then(|b| b.ok()).map(|b| b.port)
+        };
         let filters = filters(e, &format!("{rp}.filters"), &r.filters, (true, grpc), &resolve);
-        let backends: Vec<Backend> = r
-            .backend_refs
-            .iter()
-            .enumerate()
-            .filter_map(|(k, b)| backend(e, &format!("{rp}.backendRefs[{k}]"), b, (&namespace, &parents), find))
-            .collect();
+        let (mut backends, mut unresolved_weight) = (Vec::new(), 0u64);
+        for (k, b) in r.backend_refs.iter().enumerate() {
+            match backend(e, &format!("{rp}.backendRefs[{k}]"), b, (&namespace, &parents), refs) {
+                Some(Ok(b)) => backends.push(b),
+                Some(Err(weight)) => unresolved_weight += u64::from(weight),
+                None => {}
+            }
+        }
         if r.backend_refs.is_empty() && filters.redirect.is_none() {
             e.push(
                 format!("{rp}.backendRefs"),
@@ -193,7 +258,7 @@ fn route(
             label: key.to_string(),
             name,
             filters,
-            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() + unresolved_weight,
             backends,
             timeout,
             backend_timeout,
@@ -213,7 +278,7 @@ fn route(
                 no_method: *no_method,
                 headers: std::cmp::Reverse(*headers),
                 query: std::cmp::Reverse(*query),
-                route: index,
+                route: refs.route,
                 key: key.clone(),
                 rule: *j,
                 matched: *k,
@@ -297,39 +362,64 @@ fn parent(
 }
 
 /// A backendRef: a Service of the route's namespace, or of a parent's (a
-/// consumer route may send to its parent's namespace, as GAMMA allows);
-/// any other namespace would need a ReferenceGrant.
+/// consumer route may send to its parent's namespace, as GAMMA allows),
+/// or of a namespace whose ReferenceGrant lets the route's name it. None:
+/// the ref is written wrong (an error in `e`); `Err(weight)`: it is
+/// written right but names nothing the route may use (noted in `refs`),
+/// and its share of the rule's requests is answered 500, as the Gateway
+/// API says.
 fn backend(
     e: &mut Errors,
     p: &str,
     r: &RefDoc,
     (namespace, parents): (&Name, &[(ServiceKey, Option<u16>)]),
-    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
-) -> Option<Backend> {
+    refs: &Refs<'_>,
+) -> Option<Result<Backend, u32>> {
     if r.section_name.is_some() {
         e.push(format!("{p}.sectionName"), "is for Gateways: a backendRef names a Service and its port");
     }
-    let other = |ns: &str| ns != namespace.as_str() && !parents.iter().any(|(k, _)| k.namespace.as_str() == ns);
-    if r.namespace.as_deref().is_some_and(other) {
-        e.push(
-            format!("{p}.namespace"),
-            "a backend in a namespace other than the route's or its parent Service's needs a ReferenceGrant, which this mesh does not read yet: route to a Service of one of those",
-        );
-        return None;
-    }
-    let resolve = |e: &mut Errors, p: &str, r: &RefDoc| backend(e, p, r, (namespace, parents), find).map(|b| b.port);
-    let filters = filters(e, &format!("{p}.filters"), &r.filters, (false, false), &resolve);
-    let (s, port) = service_ref(e, p, r, namespace, find)?;
-    let Some(port) = port else {
-        e.push(format!("{p}.port"), format!("is missing: name a port of service {}", s.key()));
-        return None;
+    let resolve = |e: &mut Errors, p: &str, r: &RefDoc| {
+        backend(e, p, r, (namespace, parents), refs).and_then(|b| b.ok()).map(|b| b.port)
     };
+    let filters = filters(e, &format!("{p}.filters"), &r.filters, (false, false), &resolve);
     let weight = r.weight.unwrap_or(1);
     if weight > 1_000_000 {
         e.push(format!("{p}.weight"), format!("{weight} is over 1000000: use a smaller weight"));
         return None;
     }
-    Some(Backend { port: PortKey { service: s.key(), port }, weight, filters })
+    let service = r.group.as_deref().is_none_or(str::is_empty) && r.kind.as_deref().is_none_or(|k| k == "Service");
+    let Some(port) = r.port.filter(|_| service) else {
+        if service {
+            e.push(format!("{p}.port"), format!("is missing: name a port of service {}", r.name));
+            return None;
+        }
+        let what = format!("{}/{}", r.group.as_deref().unwrap_or(""), r.kind.as_deref().unwrap_or("Service"));
+        refs.note(
+            p,
+            RefReason::InvalidKind,
+            format!("{what} {} is not a Service: only Services are backends on the mesh", r.name),
+        );
+        return Some(Err(weight));
+    };
+    let ns = r.namespace.as_deref().unwrap_or(namespace.as_str());
+    let near = ns == namespace.as_str() || parents.iter().any(|(k, _)| k.namespace.as_str() == ns);
+    if !near && !permits(refs.grants, (refs.kind, namespace.as_str()), (ns, &r.name)) {
+        refs.note(
+            p,
+            RefReason::RefNotPermitted,
+            format!("service {ns}/{} is in another namespace and no ReferenceGrant there lets {}s of {namespace} name it: add one", r.name, refs.kind),
+        );
+        return Some(Err(weight));
+    }
+    let Some(s) = (refs.find)(ns, &r.name) else {
+        refs.note(p, RefReason::BackendNotFound, format!("there is no service {ns}/{}", r.name));
+        return Some(Err(weight));
+    };
+    let Some(port) = u16::try_from(port).ok().filter(|n| s.ports.iter().any(|sp| sp.port.0 == *n)) else {
+        refs.note(p, RefReason::BackendNotFound, format!("service {ns}/{} has no port {port}", r.name));
+        return Some(Err(weight));
+    };
+    Some(Ok(Backend { port: PortKey { service: s.key(), port }, weight, filters }))
 }
 
 /// The filters of a rule (`on_rule`) or a backendRef; a GRPCRoute's

@@ -244,3 +244,42 @@ pub struct FractionDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denominator: Option<u32>,
 }
+
+/// A Gateway API `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`,
+/// or `v1`): in its own namespace, it lets the routes of the `from`
+/// namespaces name the Services listed in `to` as backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReferenceGrantDoc {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: MetadataDoc,
+    pub spec: GrantSpecDoc,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrantSpecDoc {
+    pub from: Vec<GrantFromDoc>,
+    pub to: Vec<GrantToDoc>,
+}
+
+/// Who may refer: objects of `group` and `kind` in `namespace`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrantFromDoc {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+/// What may be referred to: objects of `group` and `kind` in the grant's
+/// namespace, only the one called `name` when it is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrantToDoc {
+    pub group: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 use hyper::header::{HeaderName, HeaderValue};
 
 pub(in crate::model) use compile::compile;
-pub use doc::RouteDoc;
+pub use doc::{ReferenceGrantDoc, RouteDoc};
 
 use super::{Name, PortKey, ServiceKey};
 
@@ -40,16 +40,76 @@ impl std::fmt::Display for RouteKey {
 /// Every route of a state, compiled: the routers by parent Service.
 #[derive(Debug, Default)]
 pub struct Routes {
-    /// The documents it was compiled from: two `Routes` are equal when
-    /// these are.
+    /// The documents it was compiled from, and the grants: two `Routes`
+    /// are equal when these are and the same refs do not resolve.
     pub docs: Vec<Arc<RouteDoc>>,
+    pub grants: Vec<Arc<ReferenceGrantDoc>>,
+    /// The backendRefs (and mirrors) written right that name nothing the
+    /// route may use, in document order: their share of requests is
+    /// answered 500 (a mirror's is not sent), and the route's status says
+    /// `ResolvedRefs=False`.
+    pub unresolved: Vec<Unresolved>,
     pub by_parent: HashMap<ServiceKey, Arc<Router>>,
 }
 
 impl PartialEq for Routes {
     fn eq(&self, other: &Self) -> bool {
-        self.docs == other.docs
+        self.docs == other.docs && self.grants == other.grants && self.unresolved == other.unresolved
     }
+}
+
+/// Why a backendRef does not resolve: the Gateway API's `ResolvedRefs`
+/// reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefReason {
+    /// Not a Service.
+    InvalidKind,
+    /// In another namespace, with no ReferenceGrant that allows it.
+    RefNotPermitted,
+    /// No such Service, or no such port of it.
+    BackendNotFound,
+}
+
+impl RefReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefReason::InvalidKind => "InvalidKind",
+            RefReason::RefNotPermitted => "RefNotPermitted",
+            RefReason::BackendNotFound => "BackendNotFound",
+        }
+    }
+}
+
+/// One backendRef that does not resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    /// Index of its route in the document's `routes`.
+    pub route: usize,
+    /// Its field path (`routes[0].spec.rules[1].backendRefs[0]`).
+    pub path: String,
+    pub reason: RefReason,
+    pub message: String,
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} ({})", self.path, self.message, self.reason.as_str())
+    }
+}
+
+/// Whether `grants` let a route of kind `from.0` in namespace `from.1`
+/// name Service `to.1` of namespace `to.0`: a grant in the Service's
+/// namespace whose `from` has the route's kind and namespace and whose
+/// `to` has Services (all, or that one by name). The same answer for the
+/// proxy's routing and for the status a cluster's routes get.
+pub fn permits(grants: &[Arc<ReferenceGrantDoc>], from: (&str, &str), to: (&str, &str)) -> bool {
+    grants.iter().filter(|g| g.metadata.namespace == to.0).any(|g| {
+        g.spec.from.iter().any(|f| f.group == "gateway.networking.k8s.io" && f.kind == from.0 && f.namespace == from.1)
+            && g.spec
+                .to
+                .iter()
+                .any(|t| t.group.is_empty() && t.kind == "Service" && t.name.as_deref().is_none_or(|n| n == to.1))
+    })
 }
 
 impl Routes {
@@ -120,9 +180,12 @@ pub struct Rule {
     /// Its `name`, else its index, as metrics and logs write it.
     pub name: String,
     pub filters: Filters,
-    /// None of them: the rule answers with a redirect, or with 500.
+    /// The backendRefs that resolve. None of them: the rule answers with
+    /// a redirect, or with 500.
     pub backends: Vec<Backend>,
-    /// The sum of the backends' weights, for the per-request draw.
+    /// The sum of every backendRef's weight, for the per-request draw,
+    /// those that do not resolve included: a draw past the backends'
+    /// weights lands on them, and is answered 500.
     pub total_weight: u64,
     /// `timeouts.request`: the whole request, retries included.
     pub timeout: Option<Duration>,

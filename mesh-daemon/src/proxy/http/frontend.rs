@@ -63,12 +63,16 @@ pub(super) fn target<'r>(
                 None => Decided::Answer(direct(conn, dialled, parts, (started, by), Direct::BackendGone)),
             }
         }
-        router::Decision::Forward { entry, backend: None, .. } => Decided::Answer(direct(
+        router::Decision::Forward { entry, rule, backend: None, .. } => Decided::Answer(direct(
             conn,
             dialled,
             parts,
             (started, Some((shared.clone(), entry.rule))),
-            Direct::NoBackend,
+            Direct::NoBackend(if rule.total_weight == 0 {
+                "the route rule's backends all have weight 0"
+            } else {
+                "the route rule's backendRef for this request does not resolve (see meshctl get routes)"
+            }),
         )),
         router::Decision::NotFound => Decided::Answer(direct(conn, dialled, parts, (started, None), Direct::NotFound)),
         router::Decision::Redirect { entry, status, location } => {
@@ -82,8 +86,9 @@ pub(super) fn target<'r>(
 enum Direct {
     /// No rule matched: 404 (gRPC: UNIMPLEMENTED).
     NotFound,
-    /// The rule's backends all weigh 0: 500 (gRPC: INTERNAL).
-    NoBackend,
+    /// The rule's backends all weigh 0, or the draw fell on a backendRef
+    /// that does not resolve (which of them, said): 500 (gRPC: INTERNAL).
+    NoBackend(&'static str),
     /// The backend service left the state since the routes were read.
     BackendGone,
     /// A RequestRedirect: its status and `Location`.
@@ -109,16 +114,10 @@ fn direct(
             started,
             answer(grpc, StatusCode::NOT_FOUND, 12, "no_route", "no route rule matches the request"),
         ),
-        Direct::NoBackend => finished.failed(
+        Direct::NoBackend(why) => finished.failed(
             "no_backend",
             started,
-            answer(
-                grpc,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                13,
-                "no_backend",
-                "the route rule's backends all have weight 0",
-            ),
+            answer(grpc, StatusCode::INTERNAL_SERVER_ERROR, 13, "no_backend", why),
         ),
         Direct::BackendGone => {
             finished.failed("no_backend", started, unavailable(grpc, "the route's backend service is not in the mesh"))

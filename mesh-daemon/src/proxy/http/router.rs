@@ -64,7 +64,8 @@ pub enum Decision<'r> {
     /// A RequestRedirect of `entry`'s rule: answered here with `status`
     /// and `location`.
     Redirect { entry: &'r Entry, status: u16, location: String },
-    /// To `backend`; None when the rule's backends weigh 0 in all: 500.
+    /// To `backend`; None when the rule's backendRefs weigh 0 in all, or
+    /// the draw fell on the share of refs that do not resolve: 500.
     /// `prefix` is the PathPrefix the rule matched, for a rewrite;
     /// `entry` the match that won.
     Forward { entry: &'r Entry, rule: &'r Rule, backend: Option<&'r Backend>, prefix: Option<&'r str> },
@@ -124,7 +125,8 @@ fn matches(e: &Entry, port: u16, head: &Head<'_>) -> bool {
 }
 
 /// A backend drawn with probability proportional to its weight; weight 0
-/// gets nothing. None: every weight is 0.
+/// gets nothing. None: every weight is 0, or the draw fell on the weight
+/// of the refs that do not resolve (counted in the total, not listed).
 fn weighted(rule: &Rule, unit: f64) -> Option<&Backend> {
     let total = rule.total_weight;
     if total == 0 {

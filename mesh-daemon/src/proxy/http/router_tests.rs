@@ -17,17 +17,32 @@ const NS: &str = "gateway-conformance-mesh";
 /// and 8080), all `http`, and `routes` (YAML documents separated by
 /// `---`, as the suite writes them).
 fn state(routes: &str) -> Result<State, crate::model::ValidationErrors> {
+    state_with(routes, "")
+}
+
+/// `state` with `grants` (YAML list items under `referenceGrants:`) and
+/// a Service `other/db2` (port 80, http) in a third namespace.
+fn state_with(routes: &str, grants: &str) -> Result<State, crate::model::ValidationErrors> {
     let svc = |name: &str, vip: &str, ports: &str| {
         format!(" - {{name: {name}, namespace: {NS}, vip: {vip}, ports: [{ports}]}}\n")
     };
     let two = "{port: 80, targetPort: 8080, appProtocol: http}, {port: 8080, appProtocol: http}, {port: 7070, appProtocol: grpc}";
-    let mut doc = parse_document(&format!(
-        "services:\n{}{}{}{}",
-        svc("echo", "10.96.0.10", "{port: 80, targetPort: 8080, appProtocol: http}, {port: 7070, appProtocol: grpc}"),
-        svc("echo-v1", "10.96.0.11", two),
-        svc("echo-v2", "10.96.0.12", two),
-        " - {name: db, vip: 10.96.0.20, ports: [{port: 5432}]}\n",
-    ))
+    let mut doc = parse_document(
+        &(format!(
+            "services:\n{}{}{}{}",
+            svc(
+                "echo",
+                "10.96.0.10",
+                "{port: 80, targetPort: 8080, appProtocol: http}, {port: 7070, appProtocol: grpc}"
+            ),
+            svc("echo-v1", "10.96.0.11", two),
+            svc("echo-v2", "10.96.0.12", two),
+            " - {name: db, vip: 10.96.0.20, ports: [{port: 5432}]}\n",
+        ) + &format!(
+            " - {{name: db2, namespace: other, vip: 10.96.0.21, ports: [{{port: 80, appProtocol: http}}]}}\n{}",
+            if grants.is_empty() { String::new() } else { format!("referenceGrants:\n{grants}") }
+        )),
+    )
     .unwrap();
     for d in routes.split("\n---\n").filter(|d| !d.trim().is_empty()) {
         doc.routes.push(Arc::new(serde_yaml::from_str::<RouteDoc>(d).unwrap()));
@@ -400,15 +415,12 @@ fn bad_routes_are_refused_with_their_field_and_the_fix() {
     let base = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: gateway-conformance-mesh}\n";
     for (spec, want) in [
         ("spec: {parentRefs: [{name: nope}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.parentRefs[0].name: there is no service gateway-conformance-mesh/nope"),
-        ("spec: {parentRefs: [{name: echo}], rules: [{backendRefs: [{name: echo-v1, port: 9}]}]}", "routes[0].spec.rules[0].backendRefs[0].port: service gateway-conformance-mesh/echo-v1 has no port 9"),
         ("spec: {parentRefs: [{name: echo}], rules: [{backendRefs: [{name: echo-v1}]}]}", "routes[0].spec.rules[0].backendRefs[0].port: is missing"),
-        ("spec: {parentRefs: [{name: echo}], rules: [{backendRefs: [{name: x, namespace: other, port: 80}]}]}", "needs a ReferenceGrant"),
         ("spec: {parentRefs: [{name: db, namespace: default}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.parentRefs[0]: no port of service default/db carries requests"),
         ("spec: {parentRefs: [{name: echo}], rules: [{matches: [{path: {type: RegularExpression, value: '(['}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].matches[0].path.value: \"([\" is not a regular expression"),
         ("spec: {parentRefs: [{name: echo}], rules: [{}]}", "routes[0].spec.rules[0].backendRefs: is empty"),
         ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [200]}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.codes[0]: 200 is not a 4xx or 5xx status"),
         ("spec: {parentRefs: [{name: echo}], rules: [{retry: {codes: [503], backoff: soon}, backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].retry.backoff: \"soon\" is not a duration"),
-        ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope, port: 80}}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "routes[0].spec.rules[0].filters[0].requestMirror.backendRef.name: there is no service"),
         ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, percent: 150}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "requestMirror.percent: 150 is over 100"),
         ("spec: {parentRefs: [{name: echo}], rules: [{filters: [{type: ExtensionRef, extensionRef: {}}], backendRefs: [{name: echo-v1, port: 80}]}]}", "ExtensionRef is not implemented"),
     ] {
@@ -609,4 +621,82 @@ spec:
         ("echo-v2".into(), Some("rule".into()), Some("r".into()), None),
         "the other backend: the rule's only"
     );
+}
+
+#[test]
+fn refs_that_do_not_resolve_answer_500_for_their_share_and_say_why() {
+    // As the Gateway API says: the route is accepted, ResolvedRefs is
+    // False, and the share of requests drawn for a bad ref is answered
+    // 500 while the good refs take theirs.
+    let routes = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: half, namespace: gateway-conformance-mesh}
+spec:
+  parentRefs: [{name: echo, port: 80}]
+  rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: gone, port: 80}}}]
+    backendRefs:
+    - {name: echo-v1, port: 8080, weight: 50}
+    - {name: nope, port: 80, weight: 20}
+    - {name: echo-v2, port: 9, weight: 10}
+    - {name: db2, namespace: other, port: 80, weight: 10}
+    - {group: example.com, kind: Bucket, name: b, weight: 10}
+";
+    let s = state(routes).unwrap();
+    let why: Vec<(String, &str)> = s.routes.unresolved.iter().map(|u| (u.path.clone(), u.reason.as_str())).collect();
+    let p = "routes[0].spec.rules[0]";
+    assert_eq!(
+        why,
+        [
+            (format!("{p}.filters[0].requestMirror.backendRef"), "BackendNotFound"),
+            (format!("{p}.backendRefs[1]"), "BackendNotFound"),
+            (format!("{p}.backendRefs[2]"), "BackendNotFound"),
+            (format!("{p}.backendRefs[3]"), "RefNotPermitted"),
+            (format!("{p}.backendRefs[4]"), "InvalidKind"),
+        ]
+    );
+    assert!(s.routes.unresolved[3]
+        .message
+        .contains("no ReferenceGrant there lets HTTPRoutes of gateway-conformance-mesh name it"));
+    let r = s.routes.router(&ServiceKey { namespace: NS.parse_name(), name: "echo".parse_name() }).unwrap().clone();
+    assert!(r.rules[0].filters.mirrors.is_empty(), "a mirror to nothing is not sent");
+    let q = req("/", &[]);
+    let mut n = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..100 {
+        *n.entry(to(&r, &q, f64::from(i) / 100.0)).or_default() += 1;
+    }
+    assert_eq!(n, [("500".to_owned(), 50), ("echo-v1".to_owned(), 50)].into(), "half the weight is on bad refs");
+
+    // A grant in the Service's namespace, for this kind and namespace,
+    // lets the route name it; one for another kind, namespace or Service
+    // does not.
+    let grant = |from_kind: &str, from_ns: &str, to_name: &str| {
+        format!(
+            " - apiVersion: gateway.networking.k8s.io/v1beta1\n   kind: ReferenceGrant\n   metadata: {{name: g, namespace: other}}\n   spec:\n     from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n     to: [{{group: '', kind: Service{to_name}}}]\n"
+        )
+    };
+    let to_db2 = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: far, namespace: gateway-conformance-mesh}
+spec:
+  parentRefs: [{name: echo, port: 80}]
+  rules: [{backendRefs: [{name: db2, namespace: other, port: 80}]}]
+";
+    for (g, ok) in [
+        (grant("HTTPRoute", NS, ""), true),
+        (grant("HTTPRoute", NS, ", name: db2"), true),
+        (grant("HTTPRoute", NS, ", name: db3"), false),
+        (grant("GRPCRoute", NS, ""), false),
+        (grant("HTTPRoute", "default", ""), false),
+        (grant("HTTPRoute", NS, "").replace("namespace: other}", "namespace: default}"), false),
+    ] {
+        let s = state_with(to_db2, &g).unwrap_or_else(|e| panic!("{g}: {e}"));
+        let r = s.routes.router(&ServiceKey { namespace: NS.parse_name(), name: "echo".parse_name() }).unwrap().clone();
+        assert_eq!(to(&r, &q, 0.5), if ok { "db2" } else { "500" }, "{g}");
+        assert_eq!(s.routes.unresolved.is_empty(), ok, "{g}");
+    }
+    let bad = grant("HTTPRoute", NS, "").replace("kind: Service", "kind: Secret").replace("v1beta1", "v2");
+    let e = state_with(to_db2, &bad).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("referenceGrants[0].apiVersion: \"gateway.networking.k8s.io/v2\" is not served here"), "{e}");
+    assert!(e.contains("referenceGrants[0].spec.to[0]: /Secret is not a Service"), "{e}");
 }
