@@ -368,8 +368,30 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     let t = text(&["route", "check", "echo", &format!("http://{VIP}/v2/x")]);
     assert!(t.contains("decision: forward") && t.contains("backend: default/echo-v2:8080 weight 1 (100%)"), "{t}");
     assert!(t.contains("why: route default/mesh-matching spec.rules[1].matches[0] (path PathPrefix /v2)"), "{t}");
+    // Each request is counted by its route, rule and backend Service.
+    let rule = |r: &str, rule: &str, backend: &str, class: &str| {
+        let labels = [
+            format!("route=\"{r}\""),
+            format!("rule=\"{rule}\""),
+            format!("backend=\"{backend}\""),
+            format!("class=\"{class}\""),
+        ];
+        m.d.metric("mesh_route_requests_total", &labels.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let counted = || {
+        (
+            rule("default/mesh-matching", "0", "default/echo-v1:8080", "2xx"),
+            rule("default/mesh-matching", "1", "default/echo-v2:8080", "2xx"),
+        )
+    };
+    assert!(mesh_tests::sys::wait_until(Duration::from_secs(5), || counted() == (5, 4)), "{:?}", counted());
 
     apply(&m, &[SPLIT]);
+    assert!(
+        mesh_tests::sys::wait_until(Duration::from_secs(5), || counted() == (0, 0)),
+        "the series of a route that left the state go with it: {:?}",
+        counted()
+    );
     assert_eq!(get(&m, "/v1", &[]).backend(), "echo-v1", "mesh-split");
     assert_eq!(get(&m, "/v2", &[]).backend(), "echo-v2", "mesh-split");
     let g = get(&m, "/other", &[]);
@@ -403,6 +425,8 @@ fn root_httproute_matching_split_and_filters_as_the_conformance_suite() {
     let log = m.d.log_with("route=default/mesh-filters rule=2", 1);
     let line = log.lines().find(|l| l.contains("path=/original-prefix/lemon")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("route=default/mesh-filters rule=2") && line.contains("outcome=redirect"), "{line}");
+    // A redirect is counted on its rule with no backend.
+    assert_eq!(rule("default/mesh-filters", "2", "", "3xx"), 1, "/original-prefix/lemon");
     let line = log.lines().find(|l| l.contains("path=/v2example")).unwrap_or_else(|| panic!("{log}"));
     assert!(
         line.contains("service=default/echo-v1:8080") && line.contains("route=default/mesh-matching rule=0"),

@@ -69,6 +69,19 @@ pub struct RequestLabels {
     pub class: &'static str,
 }
 
+/// A request a route rule (Gateway API) decided.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `namespace/name` of the route.
+    pub route: Arc<str>,
+    /// The rule's `name`, else its index.
+    pub rule: Arc<str>,
+    /// The backend Service port it went to (`namespace/name:port`);
+    /// empty when the proxy answered it (a redirect, 500).
+    pub backend: Arc<str>,
+    pub class: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: &'static str,
@@ -351,6 +364,8 @@ pub struct Metrics {
     pub bytes_received: Family<ConnLabels, Counter>,
     pub duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests by the route rule that decided them and its backend.
+    pub route_requests: Family<RouteLabels, Counter>,
     pub response_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub connect_latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabels, Counter>,
@@ -384,6 +399,7 @@ impl Metrics {
             bytes_received: Family::default(),
             duration: duration_family(),
             requests: Family::default(),
+            route_requests: Family::default(),
             response_latency: response_latency_family(),
             connect_latency: latency_family(),
             retries: Family::default(),
@@ -426,6 +442,11 @@ impl Metrics {
             m.rate_limited.clone(),
         );
         r.register("requests", "Requests whose response ended, by status class or gRPC status", m.requests.clone());
+        r.register(
+            "route_requests",
+            "Requests a route rule decided, by route, rule, backend Service (empty: answered by the proxy) and class",
+            m.route_requests.clone(),
+        );
         r.register_with_unit(
             "response_latency",
             "Time from a request to its response's headers",
@@ -536,6 +557,17 @@ impl Metrics {
         self.retries.remove(labels);
         self.budget_exhausted.remove(labels);
         self.rate_limited.remove(labels);
+    }
+
+    /// Drops the series of route rules and backends (route, rule,
+    /// backend) that left the state.
+    pub fn forget_route_series<'a>(&self, gone: impl Iterator<Item = &'a (Arc<str>, Arc<str>, Arc<str>)>) {
+        for (route, rule, backend) in gone {
+            for class in REQUEST_CLASSES {
+                let l = RouteLabels { route: route.clone(), rule: rule.clone(), backend: backend.clone(), class };
+                self.route_requests.remove(&l);
+            }
+        }
     }
 
     /// Reads the kernel's counters and the endpoints' state from `live`

@@ -253,9 +253,10 @@ fn route(e: &mut Errors, p: &str, d: &RouteDoc, refs: &Refs<'_>, sorted: &mut By
             Some(n) => e.take(|| format!("{rp}.name"), Name::parse(n)).map_or_else(|| j.to_string(), |n| n.to_string()),
             None => j.to_string(),
         };
+        let name: Arc<str> = name.into();
         let rule = Arc::new(Rule {
             route: key.clone(),
-            label: key.to_string(),
+            label: key.to_string().into(),
             name,
             filters,
             total_weight: backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() + unresolved_weight,
@@ -419,7 +420,8 @@ fn backend(
         refs.note(p, RefReason::BackendNotFound, format!("service {ns}/{} has no port {port}", r.name));
         return Some(Err(weight));
     };
-    Some(Ok(Backend { port: PortKey { service: s.key(), port }, weight, filters }))
+    let port = PortKey { service: s.key(), port };
+    Some(Ok(Backend { label: port.to_string().into(), port, weight, filters }))
 }
 
 /// The filters of a rule (`on_rule`) or a backendRef; a GRPCRoute's

@@ -117,6 +117,21 @@ impl Routes {
     pub fn router(&self, service: &ServiceKey) -> Option<&Arc<Router>> {
         self.by_parent.get(service)
     }
+
+    /// Every (route, rule, backend) a request can be counted under: each
+    /// rule with each of its backends, and with `""` (answered by the
+    /// proxy: a redirect, 500).
+    pub fn series_keys(&self) -> std::collections::HashSet<(Arc<str>, Arc<str>, Arc<str>)> {
+        let none: Arc<str> = Arc::from("");
+        self.by_parent
+            .values()
+            .flat_map(|r| &r.rules)
+            .flat_map(|rule| {
+                let key = move |b: &Arc<str>| (rule.label.clone(), rule.name.clone(), b.clone());
+                rule.backends.iter().map(move |b| key(&b.label)).chain(std::iter::once(key(&none)))
+            })
+            .collect()
+    }
 }
 
 /// The routes attached to one parent Service.
@@ -175,10 +190,10 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Rule {
     pub route: RouteKey,
-    /// `route` as logs write it.
-    pub label: String,
+    /// `route` as logs and metrics write it.
+    pub label: Arc<str>,
     /// Its `name`, else its index, as metrics and logs write it.
-    pub name: String,
+    pub name: Arc<str>,
     pub filters: Filters,
     /// The backendRefs that resolve. None of them: the rule answers with
     /// a redirect, or with 500.
@@ -200,6 +215,8 @@ pub struct Rule {
 #[derive(Debug)]
 pub struct Backend {
     pub port: PortKey,
+    /// `port` as logs and metrics write it.
+    pub label: Arc<str>,
     pub weight: u32,
     pub filters: Filters,
 }

@@ -12,7 +12,7 @@ use hyper::{Response, StatusCode};
 use tokio::time::Instant;
 
 use super::conn::Resolved;
-use super::observe::Finished;
+use super::observe::{DecidedBy, Finished};
 use super::upstream::Body;
 use super::{answer, empty, router, unavailable, Conn};
 use crate::model::route::{self as router_types, Backend, Rule};
@@ -24,7 +24,7 @@ use crate::proxy::Route;
 pub(super) struct Target<'r> {
     pub resolved: Arc<Resolved>,
     pub routed: Option<(&'r Rule, &'r Backend)>,
-    pub by: Option<(Arc<router_types::Router>, usize)>,
+    pub by: Option<DecidedBy>,
 }
 
 /// What the frontend stage decided.
@@ -57,7 +57,7 @@ pub(super) fn target<'r>(
         router::Decision::Service => Decided::To(Target { resolved: frontend.clone(), routed: None, by: None }),
         router::Decision::Forward { entry, rule, backend: Some(b), prefix } => {
             router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
-            let by = Some((shared.clone(), entry.rule));
+            let by = Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: Some(b.label.clone()) });
             match conn.backend(&b.port) {
                 Some(resolved) => Decided::To(Target { resolved, routed: Some((rule, b)), by }),
                 None => Decided::Answer(direct(conn, dialled, parts, (started, by), Direct::BackendGone)),
@@ -67,7 +67,7 @@ pub(super) fn target<'r>(
             conn,
             dialled,
             parts,
-            (started, Some((shared.clone(), entry.rule))),
+            (started, Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: None })),
             Direct::NoBackend(if rule.total_weight == 0 {
                 "the route rule's backends all have weight 0"
             } else {
@@ -76,7 +76,7 @@ pub(super) fn target<'r>(
         )),
         router::Decision::NotFound => Decided::Answer(direct(conn, dialled, parts, (started, None), Direct::NotFound)),
         router::Decision::Redirect { entry, status, location } => {
-            let by = Some((shared.clone(), entry.rule));
+            let by = Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: None });
             Decided::Answer(direct(conn, dialled, parts, (started, by), Direct::Redirect(status, location)))
         }
     }
@@ -102,7 +102,7 @@ fn direct(
     conn: &Conn,
     route: &Arc<Route>,
     parts: &Parts,
-    (started, by): (Instant, Option<(Arc<router_types::Router>, usize)>),
+    (started, by): (Instant, Option<DecidedBy>),
     d: Direct,
 ) -> Response<Body> {
     let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);

@@ -19,7 +19,7 @@ use super::Conn;
 use crate::model::route::Router;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
-use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
+use crate::telemetry::metrics::{RouteLabels, GRPC_CLASSES, REQUEST_CLASSES};
 
 /// What the access log says of a request.
 pub struct Line {
@@ -69,9 +69,19 @@ pub struct Finished {
     client: std::net::SocketAddrV4,
     grpc: bool,
     route: Arc<Route>,
-    /// The router and the index of its rule that decided the request.
-    by: Option<(Arc<Router>, usize)>,
+    /// The route rule that decided the request, and its backend.
+    by: Option<DecidedBy>,
     env: &'static dyn crate::env::Env,
+}
+
+/// The route rule (Gateway API) that decided a request: rule `rule` of
+/// `router`, and the backend Service port it chose (None: the proxy
+/// answered, with a redirect or 500).
+#[derive(Clone)]
+pub struct DecidedBy {
+    pub router: Arc<Router>,
+    pub rule: usize,
+    pub backend: Option<Arc<str>>,
 }
 
 /// Where a request that reached an endpoint is counted and logged once
@@ -172,9 +182,9 @@ impl Finished {
         }
     }
 
-    /// The request was decided by rule `rule` of `router`: its log line
-    /// says which.
-    pub fn by(&mut self, by: Option<(Arc<Router>, usize)>) {
+    /// The request was decided by a route rule: its log line says which,
+    /// and `mesh_route_requests_total` counts it.
+    pub fn by(&mut self, by: Option<DecidedBy>) {
         self.by = by;
     }
 
@@ -234,11 +244,21 @@ impl Finished {
             request: Some(RequestLine {
                 retries: self.retries,
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
-                route: self.by.as_ref().map(|(r, i)| (r.rules[*i].label.as_str(), r.rules[*i].name.as_str())),
+                route: self.by.as_ref().map(|b| (&*b.router.rules[b.rule].label, &*b.router.rules[b.rule].name)),
                 ..self.line.with(status, grpc_status)
             }),
         }
         .log();
+        if let Some(b) = &self.by {
+            let rule = &b.router.rules[b.rule];
+            let labels = RouteLabels {
+                route: rule.label.clone(),
+                rule: rule.name.clone(),
+                backend: b.backend.clone().unwrap_or_else(|| Arc::from("")),
+                class: class(status, self.grpc, grpc_status),
+            };
+            self.route.metrics().route_requests.get_or_create(&labels).inc();
+        }
         if let Some(t) = &self.traced {
             let error = outcome != "ok" || failed(status, self.grpc, grpc_status);
             let endpoint = ep.map(|e| e.state.addr);

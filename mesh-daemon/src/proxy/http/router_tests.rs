@@ -404,9 +404,9 @@ spec:
     );
     let q = req("/named", &[]);
     let Decision::Forward { rule, .. } = decide(&r, 8080, None, &q.head(), 0.0) else { panic!() };
-    assert_eq!((rule.route.to_string().as_str(), rule.name.as_str()), ("gateway-conformance-mesh/named", "named-rule"));
+    assert_eq!((rule.route.to_string().as_str(), &*rule.name), ("gateway-conformance-mesh/named", "named-rule"));
     let Decision::Forward { rule, .. } = decide(&r, 8080, None, &req("/x", &[]).head(), 0.0) else { panic!() };
-    assert_eq!(rule.name, "1", "an unnamed rule is known by its index");
+    assert_eq!(&*rule.name, "1", "an unnamed rule is known by its index");
     assert!(matches!(decide(&r, 80, None, &q.head(), 0.0), Decision::Service), "port 80 has no route: mesh-ports");
 }
 

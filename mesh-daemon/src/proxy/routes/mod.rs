@@ -111,6 +111,11 @@ impl Route {
     }
 
     /// Its series, made on first use.
+    /// The metrics its series count into.
+    pub fn metrics(&self) -> &crate::telemetry::metrics::Metrics {
+        &self.source.metrics
+    }
+
     pub fn series(&self) -> &ServiceSeries {
         self.series.get_or_init(|| {
             Box::new(
@@ -302,6 +307,8 @@ pub struct RouteTable {
     nodes: Vec<crate::model::Node>,
     /// Workloads by IP.
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
+    /// The state's routes (Gateway API), for the series of their rules.
+    routes: Arc<crate::model::route::Routes>,
 }
 
 impl RouteTable {
@@ -353,7 +360,7 @@ impl RouteTable {
                 (w.ip, Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id }))
             })
             .collect();
-        Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads }
+        Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads, routes: state.routes.clone() }
     }
 
     /// `prev` with the routes `delta` changed (the nodes and workloads
@@ -378,8 +385,8 @@ impl RouteTable {
             ids.insert(route.key.clone(), f.id);
             by_id.insert(f.id, route);
         }
-        let (nodes, workloads) = (prev.nodes.clone(), prev.workloads.clone());
-        Self { by_id, ids, generation: snap.generation, nodes, workloads }
+        let (nodes, workloads, routes) = (prev.nodes.clone(), prev.workloads.clone(), snap.state.routes.clone());
+        Self { by_id, ids, generation: snap.generation, nodes, workloads, routes }
     }
 
     /// Takes over the series of every route of `old` with the same name.
@@ -398,6 +405,10 @@ impl RouteTable {
         let by_key: HashMap<&PortKey, &Route> = next.by_id.values().map(|r| (&r.key, r.as_ref())).collect();
         for r in self.by_id.values() {
             r.forget_series_missing_from(by_key.get(&r.key).copied(), metrics);
+        }
+        if !Arc::ptr_eq(&self.routes, &next.routes) {
+            let kept = next.routes.series_keys();
+            metrics.forget_route_series(self.routes.series_keys().iter().filter(|k| !kept.contains(*k)));
         }
     }
     /// `meshctl stats` rows of every endpoint of every route.
