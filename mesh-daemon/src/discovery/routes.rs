@@ -75,6 +75,8 @@ pub fn translate(objects: &[(&str, &DynamicObject)], skipped: &mut Vec<String>) 
         };
         let what = format!("{kind} {ns}/{name}");
         match doc(kind, o) {
+            // Attached to Gateways only: another controller's route.
+            Ok(d) if !d.spec.parent_refs.iter().any(|r| r.is_service()) => {}
             Ok(d) => {
                 let created = o.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
                 out.push((created, format!("{ns}/{name}/{kind}"), Arc::new(d)));
@@ -114,10 +116,19 @@ mod tests {
             "2026-12-01T09:00:00Z",
             json!({ "parentRefs": [{ "name": "web" }], "rulez": [] }),
         );
+        let gateway = object(
+            "HTTPRoute",
+            "for-a-gateway",
+            "2026-12-01T08:00:00Z",
+            json!({ "parentRefs": [{ "group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw" }] }),
+        );
         let mut skipped = Vec::new();
-        let docs = translate(&[("HTTPRoute", &newer), ("GRPCRoute", &older), ("HTTPRoute", &bad)], &mut skipped);
+        let docs = translate(
+            &[("HTTPRoute", &newer), ("GRPCRoute", &older), ("HTTPRoute", &bad), ("HTTPRoute", &gateway)],
+            &mut skipped,
+        );
         let names: Vec<(&str, &str)> = docs.iter().map(|d| (d.kind.as_str(), d.metadata.name.as_str())).collect();
-        assert_eq!(names, [("GRPCRoute", "z-older"), ("HTTPRoute", "a-newer")]);
+        assert_eq!(names, [("GRPCRoute", "z-older"), ("HTTPRoute", "a-newer")], "a Gateway's route is not the mesh's");
         assert_eq!(docs[1].metadata.namespace, "shop");
         assert_eq!(docs[1].spec.rules[0].backend_refs[0].name, "web-v2");
         assert_eq!(skipped.len(), 1);

@@ -17,7 +17,9 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::routes::{resource, KINDS};
-use crate::model::route::{permits, ReferenceGrantDoc, RouteDoc};
+use super::translate::app_protocol;
+use crate::model::route::{check, ReferenceGrantDoc, ServiceShape};
+use crate::model::{Name, ServiceKey};
 
 /// The `controllerName` of the mesh's status entries.
 pub const CONTROLLER: &str = "mesh.io/mesh";
@@ -37,7 +39,10 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
 }
 
 /// The mesh's `status.parents[]` entries of route `o` (of `kind`), one
-/// per Service parentRef, with the cluster's `grants`.
+/// per Service parentRef, with the cluster's `grants`. The route is
+/// checked by the model's own code (`model::route::check`), as a node
+/// daemon compiles it: what it refuses is `Accepted=False`, the refs it
+/// cannot resolve `ResolvedRefs=False`.
 pub fn desired(
     kind: &str,
     o: &DynamicObject,
@@ -51,39 +56,86 @@ pub fn desired(
     let is_service = |r: &Value| {
         r["group"].as_str().unwrap_or("").is_empty() && r["kind"].as_str().unwrap_or("Service") == "Service"
     };
-    let refs = resolved_refs((kind, ns), &doc, &parent_refs, (services, grants), generation);
+    let find = |ns: &str, name: &str| shape(services.get(&(ns, name))?);
+    let checked = doc.as_ref().ok().map(|d| check(&Arc::new(d.clone()), grants, &find));
+    // The model's errors, by the parentRef they are of (None: the route's).
+    let errors = |j: Option<usize>| -> Vec<String> {
+        let Some((errors, _)) = &checked else { return Vec::new() };
+        errors
+            .0
+            .iter()
+            .filter(|e| {
+                let of = e.path.strip_prefix("routes[0].spec.parentRefs[").and_then(|r| r.split_once(']'));
+                of.and_then(|(i, _)| i.parse::<usize>().ok()) == j
+            })
+            .map(|e| e.to_string().replacen("routes[0].", "", 1))
+            .collect()
+    };
+    let refs = match (&doc, &checked) {
+        (Err(_), _) | (_, None) => {
+            condition("ResolvedRefs", false, "UnsupportedValue", "the route does not parse", generation)
+        }
+        (Ok(_), Some((_, unresolved))) => match unresolved.first() {
+            None => condition("ResolvedRefs", true, "ResolvedRefs", "every backendRef resolves", generation),
+            Some(u) => {
+                let all: Vec<String> = unresolved.iter().map(|u| u.to_string().replacen("routes[0].", "", 1)).collect();
+                condition("ResolvedRefs", false, u.reason.as_str(), &all.join("; "), generation)
+            }
+        },
+    };
+    let route_errors = errors(None);
     parent_refs
         .iter()
-        .filter(|r| is_service(r))
-        .map(|r| {
+        .enumerate()
+        .filter(|(_, r)| is_service(r))
+        .map(|(j, r)| {
             let pns = r["namespace"].as_str().unwrap_or(ns);
             let name = r["name"].as_str().unwrap_or("");
+            let not = |reason: &str, m: &str| condition("Accepted", false, reason, m, generation);
             let accepted = match (&doc, services.get(&(pns, name))) {
-                (Err(e), _) => condition("Accepted", false, "UnsupportedValue", &e.to_string(), generation),
-                (_, None) => {
-                    condition("Accepted", false, "NoMatchingParent", &format!("no Service {pns}/{name}"), generation)
-                }
-                (_, Some(s)) if kernel_mode(s) => condition(
-                    "Accepted",
-                    false,
+                (Err(e), _) => not("UnsupportedValue", &e.to_string()),
+                (_, None) => not("NoMatchingParent", &format!("no Service {pns}/{name}")),
+                (_, Some(s)) if kernel_mode(s) => not(
                     "UnsupportedValue",
                     &format!(
                         "Service {pns}/{name} is balanced in the kernel (mesh.io/mode: kernel), which sees no request"
                     ),
-                    generation,
                 ),
-                (_, Some(s)) if r["port"].as_i64().is_some_and(|p| !has_port(s, p)) => condition(
-                    "Accepted",
-                    false,
-                    "NoMatchingParent",
-                    &format!("Service {pns}/{name} has no port {}", r["port"]),
-                    generation,
-                ),
-                _ => condition("Accepted", true, "Accepted", "routed by the mesh", generation),
+                (_, Some(s)) if r["port"].as_i64().is_some_and(|p| !has_port(s, p)) => {
+                    not("NoMatchingParent", &format!("Service {pns}/{name} has no port {}", r["port"]))
+                }
+                _ if !route_errors.is_empty() => not("UnsupportedValue", &route_errors.join("; ")),
+                _ => match errors(Some(j)) {
+                    e if e.is_empty() => condition("Accepted", true, "Accepted", "routed by the mesh", generation),
+                    e => not("UnsupportedValue", &e.join("; ")),
+                },
             };
             json!({ "parentRef": r, "controllerName": CONTROLLER, "conditions": [accepted, refs.clone()] })
         })
         .collect()
+}
+
+/// What routing needs of a cluster's Service, as the daemon's state has
+/// it: its ports carry requests by their `appProtocol` (or name), unless
+/// the kernel balances it.
+fn shape(s: &Service) -> Option<ServiceShape> {
+    let key = ServiceKey {
+        namespace: Name::parse(s.metadata.namespace.as_deref().unwrap_or("default")).ok()?,
+        name: Name::parse(s.metadata.name.as_deref()?).ok()?,
+    };
+    let kernel = kernel_mode(s);
+    let ports = s
+        .spec
+        .as_ref()
+        .and_then(|sp| sp.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let requests = !kernel && app_protocol(p.app_protocol.as_deref(), p.name.as_deref()).is_some();
+            Some((u16::try_from(p.port).ok()?, requests))
+        })
+        .collect();
+    Some(ServiceShape { key, kernel, ports })
 }
 
 fn kernel_mode(s: &Service) -> bool {
@@ -96,54 +148,6 @@ fn kernel_mode(s: &Service) -> bool {
 
 fn has_port(s: &Service, port: i64) -> bool {
     s.spec.as_ref().and_then(|sp| sp.ports.as_ref()).is_some_and(|ps| ps.iter().any(|p| i64::from(p.port) == port))
-}
-
-/// `ResolvedRefs`: every backendRef a Service of the route's namespace
-/// (or a parent's, or one a ReferenceGrant lets the route name, decided
-/// by the proxy's own rule: `model::route::permits`) that exists with the
-/// port named.
-fn resolved_refs(
-    (kind, ns): (&str, &str),
-    doc: &Result<RouteDoc, serde_json::Error>,
-    parents: &[Value],
-    (services, grants): (&Services<'_>, &[Arc<ReferenceGrantDoc>]),
-    generation: Option<i64>,
-) -> Value {
-    let Ok(doc) = doc else {
-        return condition("ResolvedRefs", false, "UnsupportedValue", "the route does not parse", generation);
-    };
-    let parent_ns: Vec<&str> = parents.iter().map(|r| r["namespace"].as_str().unwrap_or(ns)).collect();
-    for b in doc.spec.rules.iter().flat_map(|r| &r.backend_refs) {
-        if b.group.as_deref().is_some_and(|g| !g.is_empty()) || b.kind.as_deref().is_some_and(|k| k != "Service") {
-            return condition(
-                "ResolvedRefs",
-                false,
-                "InvalidKind",
-                &format!("backendRef {} is not a Service", b.name),
-                generation,
-            );
-        }
-        let bns = b.namespace.as_deref().unwrap_or(ns);
-        if bns != ns && !parent_ns.contains(&bns) && !permits(grants, (kind, ns), (bns, &b.name)) {
-            let m = format!(
-                "backendRef {bns}/{} is in another namespace and no ReferenceGrant there lets {kind}s of {ns} name it",
-                b.name
-            );
-            return condition("ResolvedRefs", false, "RefNotPermitted", &m, generation);
-        }
-        match services.get(&(bns, b.name.as_str())) {
-            None => {
-                let m = format!("no Service {bns}/{}", b.name);
-                return condition("ResolvedRefs", false, "BackendNotFound", &m, generation);
-            }
-            Some(s) if !b.port.is_some_and(|p| has_port(s, i64::from(p))) => {
-                let m = format!("Service {bns}/{} has no port {:?}", b.name, b.port);
-                return condition("ResolvedRefs", false, "BackendNotFound", &m, generation);
-            }
-            _ => {}
-        }
-    }
-    condition("ResolvedRefs", true, "ResolvedRefs", "every backendRef resolves", generation)
 }
 
 /// The route's `status.parents` with the mesh's entries replaced by
@@ -240,7 +244,7 @@ mod tests {
     use super::*;
 
     fn service(ns: &str, name: &str, port: i32, kernel: bool) -> Service {
-        let mut s = json!({ "metadata": { "name": name, "namespace": ns }, "spec": { "ports": [{ "port": port }] } });
+        let mut s = json!({ "metadata": { "name": name, "namespace": ns }, "spec": { "ports": [{ "port": port, "appProtocol": "http" }] } });
         if kernel {
             s["metadata"]["annotations"] = json!({ "mesh.io/mode": "kernel" });
         }
@@ -271,8 +275,15 @@ mod tests {
 
     #[test]
     fn accepted_and_resolved_refs_with_the_specs_reasons() {
-        let svcs =
-            [service("shop", "web", 80, false), service("shop", "v2", 8080, false), service("shop", "k", 80, true)];
+        // shop/plain: a port without appProtocol (tcp).
+        let mut plain = service("shop", "plain", 80, false);
+        plain.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].app_protocol = None;
+        let svcs = [
+            service("shop", "web", 80, false),
+            service("shop", "v2", 8080, false),
+            service("shop", "k", 80, true),
+            plain,
+        ];
         let by: Services<'_> = svcs
             .iter()
             .map(|s| ((s.metadata.namespace.as_deref().unwrap(), s.metadata.name.as_deref().unwrap()), s))
@@ -309,6 +320,38 @@ mod tests {
             &[],
         );
         assert!(gw.is_empty(), "a Gateway parent is another controller's");
+        // What the model refuses is not accepted, with the field and why:
+        // a regular expression that does not compile, a parent port that
+        // carries tcp.
+        let bad = |spec: Value| {
+            let o: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": { "name": "r", "namespace": "shop", "generation": 3 }, "spec": spec,
+            }))
+            .unwrap();
+            desired("HTTPRoute", &o, &by, &[])
+        };
+        let regex = bad(json!({ "parentRefs": [{ "name": "web" }], "rules": [{
+            "matches": [{ "path": { "type": "RegularExpression", "value": "([" } }],
+            "backendRefs": [{ "name": "v2", "port": 8080 }] }] }));
+        assert_eq!(conditions(&regex)[0], t("Accepted", "False", "UnsupportedValue"));
+        let m = regex[0]["conditions"][0]["message"].as_str().unwrap();
+        assert!(m.starts_with("spec.rules[0].matches[0].path.value: \"([\" is not a regular expression"), "{m}");
+        let mixed = bad(
+            json!({ "parentRefs": [{ "name": "gw", "kind": "Gateway", "group": "gateway.networking.k8s.io" }, { "name": "web", "port": 80 }],
+            "rules": [{ "backendRefs": [{ "name": "v2", "port": 8080 }] }] }),
+        );
+        let tcp = bad(
+            json!({ "parentRefs": [{ "name": "plain", "port": 80 }], "rules": [{ "backendRefs": [{ "name": "v2", "port": 8080 }] }] }),
+        );
+        assert_eq!(conditions(&tcp)[0], t("Accepted", "False", "UnsupportedValue"));
+        let m = tcp[0]["conditions"][0]["message"].as_str().unwrap();
+        assert!(m.starts_with("spec.parentRefs[0].port: port 80 of service shop/plain carries tcp"), "{m}");
+        assert_eq!(
+            conditions(&mixed),
+            [t("Accepted", "True", "Accepted"), t("ResolvedRefs", "True", "ResolvedRefs")],
+            "the Service parent of a route shared with a Gateway"
+        );
         // A ReferenceGrant in namespace x for the HTTPRoutes of shop.
         let grant: ReferenceGrantDoc = serde_json::from_value(json!({
             "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",

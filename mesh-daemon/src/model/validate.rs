@@ -148,7 +148,7 @@ fn routes(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut Stat
     }
     let by_key: HashMap<(&str, &str), &Arc<Service>> =
         state.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), s)).collect();
-    let find = |ns: &str, name: &str| by_key.get(&(ns, name)).map(|s| Arc::clone(s));
+    let find = |ns: &str, name: &str| by_key.get(&(ns, name)).map(|s| route::ServiceShape::of(s));
     let compiled = super::route::compile(e, &doc.routes, &doc.reference_grants, &find);
     match prev {
         Some(p) if *p.routes == compiled => state.routes = p.routes.clone(),

@@ -34,7 +34,7 @@ pub(in crate::model) fn compile(
     e: &mut Errors,
     docs: &[Arc<RouteDoc>],
     grants: &[Arc<ReferenceGrantDoc>],
-    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
+    find: &Find<'_>,
 ) -> Routes {
     for (i, g) in grants.iter().enumerate() {
         grant(e, &format!("referenceGrants[{i}]"), g);
@@ -104,7 +104,7 @@ struct Refs<'a> {
     /// `HTTPRoute` or `GRPCRoute`, for the grants.
     kind: &'a str,
     grants: &'a [Arc<ReferenceGrantDoc>],
-    find: &'a dyn Fn(&str, &str) -> Option<Arc<Service>>,
+    find: &'a Find<'a>,
     unresolved: &'a RefCell<Vec<Unresolved>>,
 }
 
@@ -153,6 +153,41 @@ fn grant(e: &mut Errors, p: &str, g: &ReferenceGrantDoc) {
     }
 }
 
+/// Finds a Service by namespace and name.
+pub type Find<'a> = dyn Fn(&str, &str) -> Option<ServiceShape> + 'a;
+
+/// What routing needs of a Service: its key, whether the kernel balances
+/// it (no request is seen), and its ports with whether each carries
+/// requests. The state's services give it, and so do a cluster's, for
+/// the status of its routes.
+#[derive(Debug, Clone)]
+pub struct ServiceShape {
+    pub key: ServiceKey,
+    pub kernel: bool,
+    pub ports: Vec<(u16, bool)>,
+}
+
+impl ServiceShape {
+    pub fn of(s: &Service) -> Self {
+        let ports = s.ports.iter().map(|p| (p.port.0, p.app_protocol.is_requests())).collect();
+        ServiceShape { key: s.key(), kernel: s.mode == crate::model::Mode::Kernel, ports }
+    }
+}
+
+/// One route checked alone against the services `find` knows and
+/// `grants`: its errors (what makes it refused) and its refs that do not
+/// resolve. The status a cluster's route gets is decided by this, the
+/// same code that compiles the state's.
+pub fn check(
+    doc: &Arc<RouteDoc>,
+    grants: &[Arc<ReferenceGrantDoc>],
+    find: &Find<'_>,
+) -> (crate::model::ValidationErrors, Vec<Unresolved>) {
+    let mut e = Errors::default();
+    let routes = compile(&mut e, std::slice::from_ref(doc), grants, find);
+    (crate::model::ValidationErrors(e.0), routes.unresolved)
+}
+
 /// Resolves a Service reference to its port, or says why not.
 type Resolve<'a> = dyn Fn(&mut Errors, &str, &RefDoc) -> Option<PortKey> + 'a;
 
@@ -196,11 +231,13 @@ fn route(e: &mut Errors, p: &str, d: &RouteDoc, refs: &Refs<'_>, sorted: &mut By
     let name = e.take(|| format!("{p}.metadata.name"), Name::parse(&d.metadata.name));
     let (Some(namespace), Some(name)) = (namespace, name) else { return };
     let key = RouteKey { namespace: namespace.clone(), name };
-    if d.spec.parent_refs.is_empty() {
+    // A parent of another kind (a Gateway) is another controller's: the
+    // mesh takes the Service parents, and needs one.
+    if !d.spec.parent_refs.iter().any(RefDoc::is_service) {
         e.push(format!("{p}.spec.parentRefs"), "names no Service: add the Service whose traffic it routes");
     }
     let mut parents = Vec::new();
-    for (j, r) in d.spec.parent_refs.iter().enumerate() {
+    for (j, r) in d.spec.parent_refs.iter().enumerate().filter(|(_, r)| r.is_service()) {
         let rp = format!("{p}.spec.parentRefs[{j}]");
         if let Some(parent) = parent(e, &rp, r, &namespace, find) {
             parents.push(parent);
@@ -296,8 +333,8 @@ fn service_ref(
     p: &str,
     r: &RefDoc,
     namespace: &Name,
-    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
-) -> Option<(Arc<Service>, Option<u16>)> {
+    find: &Find<'_>,
+) -> Option<(ServiceShape, Option<u16>)> {
     if r.group.as_deref().is_some_and(|g| !g.is_empty()) || r.kind.as_deref().is_some_and(|k| k != "Service") {
         e.push(format!("{p}.kind"), "only a Service (group \"\", kind Service) may be named on the mesh");
         return None;
@@ -313,23 +350,17 @@ fn service_ref(
     let port = match r.port {
         None => None,
         Some(n) => {
-            let Some(sp) = u16::try_from(n).ok().and_then(|n| s.ports.iter().find(|sp| sp.port.0 == n)) else {
+            let Some(n) = u16::try_from(n).ok().filter(|n| s.ports.iter().any(|(p, _)| p == n)) else {
                 e.push(format!("{p}.port"), format!("service {ns}/{} has no port {n}: name one of its ports", r.name));
                 return None;
             };
-            Some(sp.port.0)
+            Some(n)
         }
     };
     Some((s, port))
 }
 
-fn parent(
-    e: &mut Errors,
-    p: &str,
-    r: &RefDoc,
-    namespace: &Name,
-    find: &dyn Fn(&str, &str) -> Option<Arc<Service>>,
-) -> Option<(ServiceKey, Option<u16>)> {
+fn parent(e: &mut Errors, p: &str, r: &RefDoc, namespace: &Name, find: &Find<'_>) -> Option<(ServiceKey, Option<u16>)> {
     if r.section_name.is_some() {
         e.push(format!("{p}.sectionName"), "is for Gateways: attach to a Service port with `port`");
     }
@@ -337,29 +368,28 @@ fn parent(
         e.push(p.to_owned(), "a parentRef has no weight or filters: those belong to backendRefs");
     }
     let (s, port) = service_ref(e, p, r, namespace, find)?;
-    let requests = |sp: &crate::model::ServicePort| sp.app_protocol.is_requests();
-    if s.mode == crate::model::Mode::Kernel {
-        e.push(p.to_owned(), format!("service {} is in kernel mode: the kernel balances its connections and sees no request; set mode: proxy to route its requests", s.key()));
+    if s.kernel {
+        e.push(p.to_owned(), format!("service {} is in kernel mode: the kernel balances its connections and sees no request; set mode: proxy to route its requests", s.key));
         return None;
     }
     match port {
-        Some(n) if !s.ports.iter().any(|sp| sp.port.0 == n && requests(sp)) => {
-            e.push(format!("{p}.port"), format!("port {n} of service {} carries tcp: give it appProtocol http, http2, grpc or auto to route its requests", s.key()));
+        Some(n) if !s.ports.iter().any(|(p, requests)| *p == n && *requests) => {
+            e.push(format!("{p}.port"), format!("port {n} of service {} carries tcp: give it appProtocol http, http2, grpc or auto to route its requests", s.key));
             return None;
         }
-        None if !s.ports.iter().any(requests) => {
+        None if !s.ports.iter().any(|(_, requests)| *requests) => {
             e.push(
                 p.to_owned(),
                 format!(
                     "no port of service {} carries requests: give one appProtocol http, http2, grpc or auto",
-                    s.key()
+                    s.key
                 ),
             );
             return None;
         }
         _ => {}
     }
-    Some((s.key(), port))
+    Some((s.key, port))
 }
 
 /// A backendRef: a Service of the route's namespace, or of a parent's (a
@@ -388,7 +418,7 @@ fn backend(
         e.push(format!("{p}.weight"), format!("{weight} is over 1000000: use a smaller weight"));
         return None;
     }
-    let service = r.group.as_deref().is_none_or(str::is_empty) && r.kind.as_deref().is_none_or(|k| k == "Service");
+    let service = r.is_service();
     let Some(port) = r.port.filter(|_| service) else {
         if service {
             e.push(format!("{p}.port"), format!("is missing: name a port of service {}", r.name));
@@ -416,11 +446,11 @@ fn backend(
         refs.note(p, RefReason::BackendNotFound, format!("there is no service {ns}/{}", r.name));
         return Some(Err(weight));
     };
-    let Some(port) = u16::try_from(port).ok().filter(|n| s.ports.iter().any(|sp| sp.port.0 == *n)) else {
+    let Some(port) = u16::try_from(port).ok().filter(|n| s.ports.iter().any(|(p, _)| p == n)) else {
         refs.note(p, RefReason::BackendNotFound, format!("service {ns}/{} has no port {port}", r.name));
         return Some(Err(weight));
     };
-    let port = PortKey { service: s.key(), port };
+    let port = PortKey { service: s.key, port };
     Some(Ok(Backend { label: port.to_string().into(), port, weight, filters }))
 }
 

@@ -68,6 +68,13 @@ pub struct RefDoc {
     pub filters: Vec<FilterDoc>,
 }
 
+impl RefDoc {
+    /// Whether it names a Service (group `""`, kind `Service`, the defaults).
+    pub fn is_service(&self) -> bool {
+        self.group.as_deref().is_none_or(str::is_empty) && self.kind.as_deref().is_none_or(|k| k == "Service")
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleDoc {

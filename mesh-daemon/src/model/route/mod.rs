@@ -20,6 +20,7 @@ use std::time::Duration;
 use hyper::header::{HeaderName, HeaderValue};
 
 pub(in crate::model) use compile::compile;
+pub use compile::{check, Find, ServiceShape};
 pub use doc::{ReferenceGrantDoc, RouteDoc};
 
 use super::{Name, PortKey, ServiceKey};
