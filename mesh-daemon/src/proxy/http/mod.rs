@@ -7,6 +7,7 @@
 //! `UNAVAILABLE`), never a reset. Each finished request is counted by
 //! status class (gRPC: its status) and logged once.
 
+mod backend;
 mod conn;
 pub mod detect;
 mod frontend;
@@ -39,16 +40,13 @@ use tracing::{debug, warn};
 
 use self::frontend::{Decided, Target};
 use self::observe::{Finished, Observed};
-use self::retry::{NoRetry, Retrying};
-use self::upstream::{Body, ConnectedAt};
+use self::upstream::Body;
 use super::error::ConnectError;
-use super::tries::Tries;
 use super::{Route, RouteEndpoint};
 use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
 use crate::env::Env;
 use crate::model::http::{RetryPolicy, Rules};
-use crate::model::route as router_types;
 use crate::relay::Watched;
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
@@ -313,19 +311,13 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
     }
 }
 
-/// Routes one request: picks an endpoint, sends it over that endpoint's
-/// pool, and tries again, on another endpoint when there is one:
-/// - when connecting fails (as [`Tries`] allows): nothing of the request
-///   was sent, so any request goes again;
-/// - when the answer, or the end of a try's time, is one the service's
-///   retry policy names, the request is one it may repeat (method, body
-///   kept whole, see [`replay`]), attempts are left and the retry budget
-///   allows one.
-///
-/// Before it, the service's rate limit; over all of it, the timeout.
+/// Routes one request, in stages: the connection's current route for the
+/// service port dialled ([`Conn::resolve`]); the routes attached to it
+/// (the frontend stage, [`frontend`]), which choose the backend Service
+/// or answer; that Service's rate limit; then its policy and the tries
+/// over its endpoints (the backend stage, [`backend`]).
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
-    let env = conn.env;
-    let started = env.now();
+    let started = conn.env.now();
     let Some(frontend) = conn.resolve() else {
         return gone(conn.grpc);
     };
@@ -335,8 +327,6 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let wants_upgrade = req.version() != Version::HTTP_2 && upgrade::wanted(&req);
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
-    // Routes (Gateway API) attached to the service port decide first: the
-    // backend service, or the answer.
     let router = frontend.route.router.clone();
     let Target { resolved, routed, by } = match frontend::target(conn, frontend, router.as_ref(), &mut parts, started) {
         Decided::To(t) => t,
@@ -350,159 +340,23 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
     finished.by(by);
     finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));
-    let policy = &route.policy;
-    if let Some(limiter) = &policy.limiter {
-        let identity = conn.source.as_ref().map(|w| &w.identity);
-        if let Err(wait) = limiter.admit(identity, env.secs()) {
-            route.series().rate_limited.inc();
-            if limiter.should_log(env.secs() as u64) {
-                warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
-            }
-            return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
+    if let Err(wait) = admit(conn, route) {
+        return finished.failed("rate_limited", started, rate_limited(conn.grpc, wait));
+    }
+    let plan = backend::Plan::new(conn, &resolved, routed, &parts, body, started);
+    plan.run(parts, finished).await
+}
+
+/// The service's rate limit, for the client's identity: Err with how long
+/// until a request would be admitted.
+fn admit(conn: &Conn, route: &Route) -> Result<(), Duration> {
+    let Some(limiter) = &route.policy.limiter else { return Ok(()) };
+    let identity = conn.source.as_ref().map(|w| &w.identity);
+    let secs = conn.env.secs();
+    limiter.admit(identity, secs).inspect_err(|_| {
+        route.series().rate_limited.inc();
+        if limiter.should_log(secs as u64) {
+            warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
         }
-    }
-    let mut rules = policy.cfg.rules(parts.uri.path());
-    if let Some((rule, _)) = routed {
-        // The route's timeouts and retries come before the backend
-        // service's own.
-        rules.timeout = rule.timeout.or(rules.timeout);
-        rules.per_try_timeout = rule.backend_timeout.or(rules.per_try_timeout);
-        rules.retries = rule.retry.as_ref().or(rules.retries);
-    }
-    let budget = route.retry_budget(routed.is_some_and(|(r, _)| r.retry.is_some()));
-    let timeout = request_timeout(&rules, conn.grpc, &parts.headers);
-    let deadline = timeout.map(|t| started + t);
-    let retry = retry_policy(&rules, &parts.method, conn.grpc);
-    // The route's mirrors this request is copied to (each draws its share).
-    let mirrors: Vec<&router_types::Mirror> = routed
-        .map(|(rule, b)| {
-            rule.filters.mirrors.iter().chain(&b.filters.mirrors).filter(|m| m.takes(env.unit())).collect()
-        })
-        .unwrap_or_default();
-    let keep = retry.map_or(0, |r| r.max_body).max(if mirrors.is_empty() { 0 } else { mirror::MIRROR_BODY });
-    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| replay::Replay::new(body.boxed_unsync(), keep));
-    if let Some(b) = budget {
-        b.deposit(env.secs() as u64);
-    }
-    let mut tries = Tries::new(route, env);
-    let mut reason = "no_endpoint";
-    let mut retrying = Retrying { policy: retry, deadline, budget, retried: 0 };
-    // Whether one more try may repeat this request, after waiting the
-    // backoff (None also when the wait would pass the deadline).
-    let again = |retrying: &Retrying| -> Option<Duration> {
-        let replayable = body.as_ref().is_none_or(replay::Replay::replayable);
-        match retrying.again(replayable, env) {
-            Ok(pause) => Some(pause),
-            Err(NoRetry::BudgetSpent) => {
-                route.series().budget_exhausted.inc();
-                None
-            }
-            Err(_) => None,
-        }
-    };
-    loop {
-        let retried = retrying.retried;
-        let picked = tries.pick().or_else(|| {
-            (retried > 0).then(|| {
-                tries.forget_tried();
-                tries.pick()
-            })?
-        });
-        let Some((i, ep)) = picked else { break };
-        let client = match resolved.client(i, ep, conn) {
-            Ok(c) => c,
-            Err(e) => {
-                super::tries::blame(ep, &e, env);
-                warn!(service = %route.name, error = %e, "request refused; not retried");
-                return finished.failed(e.reason(), started, unavailable(conn.grpc, e.reason()));
-            }
-        };
-        let b = body.as_ref().map_or_else(empty, replay::Replay::body);
-        let in_flight = ep.state.start();
-        let t0 = env.now();
-        let until = retry::try_deadline(deadline, rules.per_try_timeout, t0);
-        let sent = client.request(Request::from_parts(parts.clone(), b));
-        let outcome = match until {
-            Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
-            None => Some(sent.await),
-        };
-        drop(in_flight);
-        match outcome {
-            None => {
-                // Out of time: dropping the try cancelled it upstream (a
-                // stream reset, or the connection closed).
-                let now = env.now();
-                let waited = now - t0;
-                ep.state.observe_rtt(waited, now);
-                failed_answer(route, ep, env);
-                let overall = deadline.is_some_and(|d| now >= d);
-                if !overall {
-                    if let Some(pause) = again(&retrying) {
-                        retrying.retried += 1;
-                        conn.counters.retries.inc();
-                        route.series().retries.inc();
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                }
-                finished.retries = retrying.retried;
-                let after = if overall { timeout.unwrap_or(waited) } else { waited };
-                return finished.failed("timeout", started, timed_out(conn.grpc, after));
-            }
-            Some(Ok(resp)) => {
-                // From the send, or from the connect if this request waited for one.
-                let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
-                let now = env.now();
-                let latency = now - since;
-                ep.state.observe_rtt(latency, now);
-                route.series().response_latency.observe(latency.as_secs_f64());
-                ep.series().latency.observe(latency);
-                if retry.is_some_and(|r| retried_answer(r, &resp, conn.grpc)) {
-                    if let Some(pause) = again(&retrying) {
-                        // Dropping the answer resets its stream, or closes
-                        // its connection if its body was not read.
-                        drop(resp);
-                        failed_answer(route, ep, env);
-                        retrying.retried += 1;
-                        conn.counters.retries.inc();
-                        route.series().retries.inc();
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                }
-                mirror::send(conn, &mirrors, &parts, body.as_ref());
-                let (mut head, body) = resp.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                if let Some((rule, b)) = routed {
-                    router::rewrite_response(&mut head.headers, rule, b);
-                }
-                finished.retries = retrying.retried;
-                let observed = Observed::new(body, finished.at(i, &head, started));
-                return Response::from_parts(head, observed.boxed_unsync());
-            }
-            Some(Err(e)) => {
-                let Some(c) = connect_error(&e) else {
-                    // The endpoint took the request and then failed it.
-                    warn!(service = %route.name, endpoint = %ep.state.addr, error = %chain(&e), "upstream request failed");
-                    failed_answer(route, ep, env);
-                    let r =
-                        answer(conn.grpc, StatusCode::BAD_GATEWAY, 14, "upstream", "the endpoint failed the request");
-                    finished.retries = retrying.retried;
-                    return finished.failed("upstream", started, r);
-                };
-                reason = c.reason();
-                if body.as_ref().is_some_and(|b| !b.replayable()) {
-                    // Part of the body went with this try: it cannot go again.
-                    super::tries::blame(ep, c, env);
-                    break;
-                }
-                if !tries.failed(ep, c, &conn.counters).await {
-                    break;
-                }
-            }
-        }
-    }
-    warn!(service = %route.name, reason, "no endpoint could take the request");
-    finished.retries = retrying.retried;
-    finished.failed(reason, started, unavailable(conn.grpc, reason))
+    })
 }
