@@ -22,6 +22,12 @@ struct Mesh {
 /// (VIP:80 -> 8080, `appProtocol: APP`) with `http` as its per-request
 /// policy (YAML flow mapping).
 fn mesh(app: &str, flags: &[&[&str]], http: &str) -> Mesh {
+    mesh_with(app, flags, http, "")
+}
+
+/// As [`mesh`], with `extra` (top-level lists, such as `routes:`) added to
+/// the document.
+fn mesh_with(app: &str, flags: &[&[&str]], http: &str, extra: &str) -> Mesh {
     let mut spec = ClusterSpec::new().node("node-a").pod("client", "node-a");
     let names: Vec<String> = (1..=flags.len()).map(|i| format!("web-{i}")).collect();
     for n in &names {
@@ -37,7 +43,7 @@ fn mesh(app: &str, flags: &[&[&str]], http: &str) -> Mesh {
          endpoints: [{}]\n    http: {http}\n",
         eps.join(", ")
     );
-    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let cfg = c.write_file("mesh.yaml", &format!("{}{extra}", c.config(&svc))).unwrap();
     let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
     Mesh { d, c }
 }
@@ -120,7 +126,13 @@ fn root_when_every_backend_fails_retries_stay_within_the_budget() {
 #[test]
 fn root_a_request_over_its_timeout_gets_504_and_is_cancelled_upstream() {
     let _one = serial();
-    let m = mesh("http", &[&["--delay-ms", "2000"]], "{ timeout: 500ms, routes: [{ prefix: /patient, timeout: 5s }] }");
+    // /patient has a route rule of its own, with a longer timeout.
+    let patient = "routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: { name: patient }\n    \
+                   spec:\n      parentRefs: [{ name: web, port: 80 }]\n      rules:\n        \
+                   - matches: [{ path: { type: PathPrefix, value: /patient } }]\n          \
+                   backendRefs: [{ name: web, port: 80 }]\n          timeouts: { request: 5s }\n        \
+                   - backendRefs: [{ name: web, port: 80 }]\n";
+    let m = mesh_with("http", &[&["--delay-ms", "2000"]], "{ timeout: 500ms }", patient);
     let out =
         m.c.exec(
             "client",
@@ -151,7 +163,7 @@ fn root_a_request_over_its_timeout_gets_504_and_is_cancelled_upstream() {
     assert!(cancelled, "the upstream request was not cancelled");
     let (_, metrics) = m.d.admin_get("/metrics").unwrap();
     assert!(metrics.contains("reason=\"timeout\""), "{metrics}");
-    // A route with a longer timeout waits for the same backend.
+    // A route rule with a longer timeout waits for the same backend.
     let (code, body) = m.c.curl("client", &format!("http://{VIP}/patient/1")).unwrap();
     assert_eq!((code, body.trim()), (0, "backend=web-1"), "{}", m.d.log_text());
 }

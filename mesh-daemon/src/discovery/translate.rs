@@ -141,7 +141,7 @@ fn http_policy(
             retries,
             outlier,
             rate_limit,
-            routes: Vec::new(),
+            routes: None,
         })
     })();
     let doc = match parsed {

@@ -170,25 +170,10 @@ pub struct HttpDoc {
     pub outlier: Option<OutlierDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDoc>,
-    /// Per path prefix: other timeouts and retries (longest prefix wins).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routes: Vec<HttpRouteDoc>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpRouteDoc {
-    /// Requests whose path starts with it.
-    pub prefix: String,
-    /// Default: the service's.
+    /// Per-prefix routes, gone: read only to say what replaces them (an
+    /// HTTPRoute), never applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-    /// Default: the service's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub per_try_timeout: Option<String>,
-    /// Default: the service's (the budget is always the service's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<RetriesDoc>,
+    pub routes: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

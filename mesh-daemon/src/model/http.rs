@@ -23,9 +23,6 @@ pub struct HttpPolicy {
     /// None: answers never eject an endpoint.
     pub outlier: Option<Outlier>,
     pub rate_limit: Option<RateLimit>,
-    /// Other timeouts and retries for path prefixes, longest first, each
-    /// with the service's settings where it sets none.
-    pub routes: Vec<RouteRules>,
 }
 
 impl Default for HttpPolicy {
@@ -36,21 +33,12 @@ impl Default for HttpPolicy {
             retries: None,
             outlier: Some(Outlier::default()),
             rate_limit: None,
-            routes: Vec::new(),
         }
     }
 }
 
-/// A path prefix's timeouts and retries.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteRules {
-    pub prefix: String,
-    pub timeout: Option<Duration>,
-    pub per_try_timeout: Option<Duration>,
-    pub retries: Option<RetryPolicy>,
-}
-
-/// What applies to one request: its route's, or the service's.
+/// What applies to one request: the service's, or a route rule's
+/// (Gateway API `timeouts` and `retry`) before them.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules<'p> {
     pub timeout: Option<Duration>,
@@ -59,19 +47,9 @@ pub struct Rules<'p> {
 }
 
 impl HttpPolicy {
-    /// The rules for a request to `path`: the longest matching route's.
-    pub fn rules(&self, path: &str) -> Rules<'_> {
-        match self.routes.iter().find(|r| path.starts_with(&r.prefix)) {
-            Some(r) => Rules { timeout: r.timeout, per_try_timeout: r.per_try_timeout, retries: r.retries.as_ref() },
-            None => {
-                Rules { timeout: self.timeout, per_try_timeout: self.per_try_timeout, retries: self.retries.as_ref() }
-            }
-        }
-    }
-
-    /// Whether any request may be retried (so a budget is kept).
-    pub fn retries_anywhere(&self) -> bool {
-        self.retries.is_some() || self.routes.iter().any(|r| r.retries.is_some())
+    /// The service's own rules for a request.
+    pub fn rules(&self) -> Rules<'_> {
+        Rules { timeout: self.timeout, per_try_timeout: self.per_try_timeout, retries: self.retries.as_ref() }
     }
 }
 
@@ -222,55 +200,18 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
     // consecutive5xx: 0 turns it off.
     let outlier = outlier(e, &format!("{p}.outlier"), doc.outlier.as_ref()).filter(|o| o.consecutive_failures > 0);
     let rate_limit = doc.rate_limit.as_ref().and_then(|r| rate_limit(e, &format!("{p}.rateLimit"), r));
-    let mut routes = Vec::new();
-    let mut prefixes = std::collections::HashSet::new();
-    for (i, r) in doc.routes.iter().enumerate() {
-        let rp = format!("{p}.routes[{i}]");
-        if !requests {
-            e.push(&rp, "routes match request paths, and every port of this service is `tcp`: set ports[].appProtocol");
-        }
-        if !r.prefix.starts_with('/') {
-            e.push(format!("{rp}.prefix"), format!("{:?} must start with '/'", r.prefix));
-        } else if !prefixes.insert(r.prefix.as_str()) {
-            e.push(format!("{rp}.prefix"), format!("{:?} is listed twice", r.prefix));
-        }
-        if r.retries.as_ref().is_some_and(|x| x.budget.is_some()) {
-            e.push(
-                format!("{rp}.retries.budget"),
-                format!("the retry budget is the service's: set it in {p}.retries.budget"),
-            );
-        }
-        let route_timeout = span(e, &format!("routes[{i}].timeout"), &r.timeout).or(timeout);
-        let route_per_try = span(e, &format!("routes[{i}].perTryTimeout"), &r.per_try_timeout).or(per_try_timeout);
-        if let (Some(t), Some(pt)) = (route_timeout, route_per_try) {
-            if pt > t {
-                e.push(format!("{rp}.perTryTimeout"), format!("{pt:?} is longer than the route's timeout {t:?}"));
-            }
-        }
-        let route_retries = match &r.retries {
-            Some(x) => retries(e, &format!("{rp}.retries"), x, grpc).map(|mut x| {
-                // The budget is the service's.
-                x.budget = service_retries.as_ref().map_or_else(Budget::default, |s| s.budget);
-                x
-            }),
-            None => service_retries.clone(),
-        };
-        routes.push(RouteRules {
-            prefix: r.prefix.clone(),
-            timeout: route_timeout,
-            per_try_timeout: route_per_try,
-            retries: route_retries,
-        });
+    if doc.routes.is_some() {
+        e.push(
+            format!("{p}.routes"),
+            "per-prefix routes are gone: write a top-level HTTPRoute for this service whose rule matches the prefix (PathPrefix) and sets timeouts.request, timeouts.backendRequest and retry (see the README, Traffic routing)",
+        );
     }
-    // Longest prefix first: the first match is the most specific.
-    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     (e.0.len() == errors_before).then_some(HttpPolicy {
         timeout,
         per_try_timeout,
         retries: service_retries,
         outlier,
         rate_limit,
-        routes,
     })
 }
 
@@ -462,37 +403,13 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_matching_route_decides_and_inherits_what_it_does_not_set() {
-        let doc = crate::model::parse_document(
-            "nodes: [{name: a, address: 172.18.0.2}]\n\
-             services:\n\
-             \x20- {name: web, vip: 10.96.0.10, ports: [{port: 80, appProtocol: http}], endpoints: [{ip: 10.244.1.3, node: a}],\n\
-             \x20   http: {timeout: 1s, retries: {attempts: 2, budget: {ratio: 0.5}},\n\
-             \x20          routes: [{prefix: /api, timeout: 5s}, {prefix: /api/upload, retries: {attempts: 0}}]}}\n",
-        )
-        .unwrap();
-        let state = crate::model::State::from_document(&doc).unwrap();
-        let p = &state.services[0].http;
-        let r = p.rules("/index.html");
-        assert_eq!((r.timeout, r.retries.map(|r| r.attempts)), (Some(Duration::from_secs(1)), Some(2)));
-        let r = p.rules("/api/users");
-        assert_eq!(
-            (r.timeout, r.retries.map(|r| r.attempts)),
-            (Some(Duration::from_secs(5)), Some(2)),
-            "inherits retries"
-        );
-        let r = p.rules("/api/upload/1");
-        assert_eq!(r.timeout, Some(Duration::from_secs(1)), "inherits the service's timeout, not /api's");
-        assert_eq!(r.retries.map(|r| (r.attempts, r.budget.ratio)), Some((0, 0.5)), "the service's budget");
-        let e =
-            errors("http", "{routes: [{prefix: api}, {prefix: /x, retries: {budget: {ratio: 0.1}}}, {prefix: /x}]}");
-        assert_eq!(e.len(), 3, "{e:?}");
-        assert!(e[0].starts_with("services[0].http.routes[0].prefix: \"api\" must start with '/'"), "{e:?}");
+    fn per_prefix_routes_are_refused_with_the_way_to_an_httproute() {
+        let e = errors("http", "{timeout: 1s, routes: [{prefix: /api, timeout: 5s}]}");
+        assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[1].starts_with("services[0].http.routes[1].retries.budget: the retry budget is the service's"),
+            e[0].starts_with("services[0].http.routes: per-prefix routes are gone: write a top-level HTTPRoute"),
             "{e:?}"
         );
-        assert!(e[2].starts_with("services[0].http.routes[2].prefix: \"/x\" is listed twice"), "{e:?}");
     }
 
     #[test]

@@ -24,8 +24,8 @@ use std::time::Duration;
 pub use capacity::{MapCapacity, MapNeeds};
 pub use chunked::Chunked;
 pub use document::{
-    AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, HttpRouteDoc, NodeDoc, OutlierDoc,
-    PortDoc, RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
+    AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, NodeDoc, OutlierDoc, PortDoc,
+    RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,
 };
 pub(crate) use errors::invalid;
 pub use errors::{FieldError, Invalid, ValidationErrors};

@@ -67,7 +67,7 @@ impl<'a> Plan<'a> {
         started: Instant,
     ) -> Self {
         let (route, env) = (&resolved.route, conn.env);
-        let mut rules = route.policy.cfg.rules(parts.uri.path());
+        let mut rules = route.policy.cfg.rules();
         if let Some((rule, _)) = routed {
             rules.timeout = rule.timeout.or(rules.timeout);
             rules.per_try_timeout = rule.backend_timeout.or(rules.per_try_timeout);

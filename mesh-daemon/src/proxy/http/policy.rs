@@ -24,7 +24,8 @@ pub struct Policy {
 impl Policy {
     pub fn new(cfg: HttpPolicy) -> Self {
         let budget = cfg
-            .retries_anywhere()
+            .retries
+            .is_some()
             .then(|| RetryBudget::new(cfg.retries.as_ref().map_or_else(Budget::default, |r| r.budget)));
         let limiter = cfg.rate_limit.map(RateLimiter::new);
         Self { cfg, budget, limiter }
