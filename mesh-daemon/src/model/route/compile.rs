@@ -79,17 +79,8 @@ pub(in crate::model) fn compile(
                 })
                 .collect();
             let entries: Vec<Entry> = entries;
-            // The leading run of Exact entries (all of them, unless a
-            // GRPCRoute's ranks others among them), indexed by path.
-            let first_inexact =
-                entries.iter().position(|e| !matches!(e.matches.path, PathMatch::Exact(_))).unwrap_or(entries.len());
-            let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
-            for (i, e) in entries[..first_inexact].iter().enumerate() {
-                if let PathMatch::Exact(p) = &e.matches.path {
-                    exact.entry(p.clone()).or_default().push(i);
-                }
-            }
-            let router = Router { parent: parent.clone(), entries, rules, consumers, exact, first_inexact };
+            let (by_segment, generic) = segment_index(&entries);
+            let router = Router { parent: parent.clone(), entries, rules, consumers, by_segment, generic };
             (parent, Arc::new(router))
         })
         .collect();
@@ -186,6 +177,43 @@ pub fn check(
     let mut e = Errors::default();
     let routes = compile(&mut e, std::slice::from_ref(doc), grants, find);
     (crate::model::ValidationErrors(e.0), routes.unresolved)
+}
+
+/// Entries in all of the segment lists at most (a router whose index
+/// would be larger checks every entry instead).
+const INDEX_SIZE: usize = 1 << 20;
+
+/// The first segment of a path: `api` of `/api/v1`, `` of `/`.
+pub fn first_segment(path: &str) -> &str {
+    path.trim_start_matches('/').split('/').next().unwrap_or("")
+}
+
+/// The entries by the first path segment they can match (an Exact path's,
+/// a PathPrefix's other than `/`), each list with the entries that may
+/// match any path (a prefix `/`, a regular expression) merged in, in
+/// precedence order; and those alone, for a segment no entry names.
+fn segment_index(entries: &[Entry]) -> (Option<HashMap<String, Vec<usize>>>, Vec<usize>) {
+    let segment = |e: &Entry| match &e.matches.path {
+        PathMatch::Exact(p) => Some(first_segment(p).to_owned()),
+        PathMatch::Prefix(p) if p != "/" => Some(first_segment(p).to_owned()),
+        _ => None,
+    };
+    let mut by: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut generic = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match segment(e) {
+            Some(s) => by.entry(s).or_default().push(i),
+            None => generic.push(i),
+        }
+    }
+    if by.len().saturating_mul(generic.len()).saturating_add(entries.len()) > INDEX_SIZE {
+        return (None, (0..entries.len()).collect());
+    }
+    for list in by.values_mut() {
+        list.extend(&generic);
+        list.sort_unstable();
+    }
+    (Some(by), generic)
 }
 
 /// Resolves a Service reference to its port, or says why not.

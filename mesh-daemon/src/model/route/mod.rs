@@ -147,20 +147,23 @@ pub struct Router {
     /// The namespaces that have consumer routes for this Service: their
     /// clients see only those, the others only the producer routes.
     pub consumers: Vec<Name>,
-    /// The leading run of entries with an Exact path (up to
-    /// `first_inexact`), by that path (indices into `entries`,
-    /// ascending): a request checks only those of its own path, then
-    /// every entry from `first_inexact` on, which keeps the precedence
-    /// order and skips the Exact entries that cannot match.
-    pub exact: HashMap<String, Vec<usize>>,
-    pub first_inexact: usize,
+    /// The entries a request may match, by the first segment of its
+    /// path (indices into `entries`, in precedence order, the entries that
+    /// match any path merged in): a request checks only those, not every
+    /// entry. None: too large an index; every request checks `generic`,
+    /// which is then every entry.
+    pub by_segment: Option<HashMap<String, Vec<usize>>>,
+    /// The entries that may match any path (a prefix `/`, a regular
+    /// expression), for a segment no entry names.
+    pub generic: Vec<usize>,
 }
 
 impl Router {
     /// The entries a request for `path` may match, in precedence order.
     pub fn candidates<'a>(&'a self, path: &str) -> impl Iterator<Item = &'a Entry> + 'a {
-        let exact = self.exact.get(path).map(Vec::as_slice).unwrap_or_default();
-        exact.iter().map(|&i| &self.entries[i]).chain(&self.entries[self.first_inexact..])
+        let seg = compile::first_segment(path);
+        let list = self.by_segment.as_ref().and_then(|b| b.get(seg)).unwrap_or(&self.generic);
+        list.iter().map(|&i| &self.entries[i])
     }
 }
 

@@ -513,7 +513,7 @@ spec:
 }
 
 #[test]
-fn the_exact_path_index_keeps_the_precedence_order() {
+fn the_segment_index_keeps_the_precedence_order() {
     let mut rules = String::new();
     for i in 0..40 {
         rules.push_str(&format!(
@@ -524,7 +524,8 @@ fn the_exact_path_index_keeps_the_precedence_order() {
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: many, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules:\n{rules}  - backendRefs: [{{name: echo-v2, port: 80}}]\n"
     );
     let r = router(&http, "echo");
-    assert_eq!(r.first_inexact, 40);
+    assert_eq!(r.by_segment.as_ref().unwrap()["r7"], [7, 40], "a request for /r7... checks /r7 and the catch-all");
+    assert_eq!(r.generic, [40]);
     assert_eq!(to(&r, &req("/r7", &[]), 0.0), "echo-v1");
     assert_eq!(to(&r, &req("/r7/x", &[]), 0.0), "echo-v2", "Exact is the whole path");
     assert_eq!(to(&r, &req("/", &[]), 0.0), "echo-v2");
@@ -534,9 +535,18 @@ fn the_exact_path_index_keeps_the_precedence_order() {
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules: [{{matches: [{{method: {{service: r7}}}}], backendRefs: [{{name: echo, port: 80}}]}}]\n"
     );
     let r = router(&format!("{http}---\n{grpc}"), "echo");
-    assert_eq!(r.first_inexact, 0);
     assert_eq!(to(&r, &req("/r7", &[]), 0.0), "echo", "the longer service match first");
     assert_eq!(to(&r, &req("/r8", &[]), 0.0), "echo-v1");
+    // Prefixes by their first segment, a regular expression for any path,
+    // in precedence order: the regex ranks before the prefixes.
+    let mixed = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: mixed, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /a/b}}}}]\n    backendRefs: [{{name: echo-v1, port: 80}}]\n  - matches: [{{path: {{type: RegularExpression, value: '/a/b/c.*'}}}}]\n    backendRefs: [{{name: echo-v2, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /a}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n"
+    );
+    let r = router(&mixed, "echo");
+    assert_eq!(to(&r, &req("/a/b/cd", &[]), 0.0), "echo-v2", "the regex ranks first");
+    assert_eq!(to(&r, &req("/a/b/x", &[]), 0.0), "echo-v1", "then the longest prefix");
+    assert_eq!(to(&r, &req("/a/x", &[]), 0.0), "echo");
+    assert_eq!(to(&r, &req("/b", &[]), 0.0), "404", "no entry for segment b: only the regex is checked");
 }
 
 #[test]
