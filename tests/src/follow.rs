@@ -46,8 +46,13 @@ impl Follower {
     /// another: how many each backend answered, and every other status by
     /// its code.
     pub fn batch(&mut self, n: u32, path: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+        self.batch_of(n, "GET", path)
+    }
+
+    /// As [`Follower::batch`], with `method`.
+    pub fn batch_of(&mut self, n: u32, method: &str, path: &str) -> anyhow::Result<BTreeMap<String, u64>> {
         use std::io::Write;
-        writeln!(self.stdin, "{n} {path}")?;
+        writeln!(self.stdin, "{n} {path} {method}")?;
         let line = self.line()?;
         anyhow::ensure!(!line.starts_with("error"), "the held connection: {line}");
         line.split_whitespace()

@@ -379,6 +379,7 @@ fn workload(
         ip: ip.to_string(),
         netns: None,
         pid: Some(pid),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
     })
 }
 

@@ -28,6 +28,10 @@ pub struct Document {
     /// Service of another namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference_grants: Vec<Arc<super::route::doc::ReferenceGrantDoc>>,
+    /// Istio `AuthorizationPolicy` objects, written as for a cluster (see
+    /// [`super::authz`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Arc<super::authz::PolicyDoc>>,
     /// Where each service was, shared by the documents made from this
     /// one; see [`Document::find_service`].
     #[serde(skip)]
@@ -111,6 +115,9 @@ pub struct WorkloadDoc {
     /// Or: a process inside the pod; its `/proc/<pid>/ns/net` is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i64>,
+    /// The pod's labels, which policies select workloads by.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

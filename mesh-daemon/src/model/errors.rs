@@ -59,6 +59,29 @@ impl fmt::Display for ValidationErrors {
 pub(super) struct Errors(pub(super) Vec<FieldError>);
 
 impl Errors {
+    /// Whether item `i` of list `list` (`routes`, `policies`), a `what`
+    /// called `key` (namespace, name), is the first of that name; if not,
+    /// an error naming the first.
+    pub fn first_named<'a>(
+        &mut self,
+        seen: &mut std::collections::HashMap<(&'a str, &'a str), usize>,
+        (list, what): (&str, &str),
+        i: usize,
+        key: (&'a str, &'a str),
+    ) -> bool {
+        match seen.insert(key, i) {
+            None => true,
+            Some(prev) => {
+                seen.insert(key, prev);
+                self.push(
+                    format!("{list}[{i}].metadata"),
+                    format!("{what} {}/{} is also {list}[{prev}]: give each {what} its own name", key.0, key.1),
+                );
+                false
+            }
+        }
+    }
+
     pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError { path: path.into(), message: message.into() });
     }

@@ -2,6 +2,7 @@
 //! legal. Everything else receives a validated [`State`].
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod capacity;
 mod chunked;
 mod document;
@@ -48,6 +49,10 @@ pub struct State {
     /// The routes, compiled; the same `Arc` as the state before's when
     /// the write left them as they were.
     pub routes: Arc<route::Routes>,
+    /// The authorization policies, compiled; the same `Arc` as the state
+    /// before's when the write left them (and what they apply to) as they
+    /// were.
+    pub policies: Arc<authz::Policies>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +69,7 @@ pub struct Workload {
     pub node: NodeName,
     pub ip: Ipv4Addr,
     pub netns: NetnsRef,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// How the daemon finds a workload's network namespace.

@@ -127,6 +127,7 @@ pub(super) fn validate(
     let checked = w.services(prev.map(|(_, s, _)| s), runs, &holders.node_names);
     shadowed_vips(&mut e, doc, &state, &holders, (base, &change), &checked, prev.is_some());
     routes(&mut e, prev.map(|(_, s, _)| s), doc, &mut state, &mut changes);
+    policies(&mut e, prev.map(|(_, s, _)| s), doc, &mut state, &mut changes);
     if e.0.is_empty() {
         Ok(Validated { state, changes, index_change: change })
     } else {
@@ -155,6 +156,26 @@ fn routes(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut Stat
         _ => {
             changes.whole = true;
             state.routes = Arc::new(compiled);
+        }
+    }
+}
+
+/// The policies of `doc`, checked against the services and workloads of
+/// `state` and compiled; those of `prev` when nothing they depend on
+/// changed (the documents, and no service or workload can newly fall
+/// under a policy: kernel-mode services are refused under one).
+/// A write that changes them changes the whole: every reader rebuilds.
+fn policies(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut State, changes: &mut Changes) {
+    if doc.policies.is_empty() && prev.is_none_or(|p| p.policies.docs.is_empty()) {
+        state.policies = prev.map(|p| p.policies.clone()).unwrap_or_default();
+        return;
+    }
+    let compiled = super::authz::compile(e, &doc.policies, &state.services, &state.workloads);
+    match prev {
+        Some(p) if *p.policies == compiled => state.policies = p.policies.clone(),
+        _ => {
+            changes.whole = true;
+            state.policies = Arc::new(compiled);
         }
     }
 }

@@ -82,12 +82,12 @@ pub async fn connect(
     addr: SocketAddrV4,
     via: Option<&(NodeName, SocketAddrV4)>,
     source: Option<&Identity>,
-    (service, protocol): (&ServiceKey, Option<StreamProtocol>),
+    stream: (&ServiceKey, Option<StreamProtocol>, Option<std::net::Ipv4Addr>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
     match via {
-        Some(via) => tunnel(addr, via, source, (service, protocol), pool, after).await,
+        Some(via) => tunnel(addr, via, source, stream, pool, after).await,
         None => direct(addr, after).await,
     }
 }
@@ -102,18 +102,20 @@ pub async fn direct(addr: SocketAddrV4, after: Duration) -> Result<Upstream, Con
     Ok(Upstream::Tcp(s))
 }
 
-/// A tunnel stream to `addr` on node `via`, as `source`, for `service`.
+/// A tunnel stream to `addr` on node `via`, as `source`, for `service`
+/// (carrying requests in `protocol`, or one connection of the client at
+/// `client`, which the receiving node's policies may name).
 pub async fn tunnel(
     addr: SocketAddrV4,
     (node, node_addr): &(NodeName, SocketAddrV4),
     source: Option<&Identity>,
-    (service, protocol): (&ServiceKey, Option<StreamProtocol>),
+    (service, protocol, client): (&ServiceKey, Option<StreamProtocol>, Option<std::net::Ipv4Addr>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
     let pool = pool.ok_or_else(|| ConnectError::NoCertificates { addr, node: node.clone() })?;
     let id = source.ok_or_else(|| ConnectError::NoIdentity { addr, node: node.clone() })?;
-    let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, service, protocol))
+    let s = tokio::time::timeout(after, pool.connect(id, node, *node_addr, addr, (service, protocol, client)))
         .await
         .map_err(|_| ConnectError::Timeout { addr, after })?
         .map_err(|source| ConnectError::Tunnel { addr, source })?;

@@ -27,6 +27,8 @@ pub enum ConnectError {
     NoCertificates { addr: SocketAddrV4, node: NodeName },
     #[error("the service has no endpoint that may take a connection")]
     NoEndpoint,
+    #[error("{addr}: denied by authorization policy ({by})")]
+    Denied { addr: SocketAddrV4, by: String },
 }
 
 fn io_reason(e: &io::Error) -> &'static str {
@@ -58,6 +60,19 @@ impl ConnectError {
             ConnectError::NoIdentity { .. } => "no_identity",
             ConnectError::NoCertificates { .. } => "no_certificates",
             ConnectError::NoEndpoint => "no_endpoint",
+            ConnectError::Denied { .. } => "denied",
+        }
+    }
+
+    /// Whether a policy refused it (here, or at the endpoint's node): the
+    /// client's connection is reset, as a refused connect would be.
+    pub fn is_denial(&self) -> bool {
+        match self {
+            ConnectError::Denied { .. } => true,
+            ConnectError::Tunnel { source: TunnelError::Refused { status, .. }, .. } => {
+                *status == StatusCode::FORBIDDEN
+            }
+            _ => false,
         }
     }
 
@@ -80,7 +95,10 @@ impl ConnectError {
                     *status != StatusCode::FORBIDDEN && *status != StatusCode::BAD_REQUEST
                 }
             },
-            ConnectError::NoIdentity { .. } | ConnectError::NoCertificates { .. } | ConnectError::NoEndpoint => false,
+            ConnectError::NoIdentity { .. }
+            | ConnectError::NoCertificates { .. }
+            | ConnectError::NoEndpoint
+            | ConnectError::Denied { .. } => false,
         }
     }
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod authz;
 pub mod counters;
 pub mod dial;
 pub mod error;

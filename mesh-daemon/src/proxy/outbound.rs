@@ -87,7 +87,9 @@ impl Outbound {
                 };
                 match proto {
                     AppProtocol::Tcp | AppProtocol::Auto => {
-                        let path = Path { counters: &counters, tunnel: tunnel.as_deref(), idle, env };
+                        let guard = routes.load().guard().clone();
+                        let tunnel = tunnel.as_deref();
+                        let path = Path { counters: &counters, tunnel, idle, env, guard: &guard, client: peer };
                         forward(client, peer, source.as_deref(), &route, path).await
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
@@ -104,16 +106,26 @@ impl Outbound {
     }
 }
 
-/// One connect try to one endpoint.
+/// One connect try to one endpoint. One this node hands the connection
+/// to directly (on this node, or without mTLS) is authorized here first;
+/// one through the tunnel is authorized by the endpoint's node.
 async fn open(
     ep: &RouteEndpoint,
     route: &Route,
     source: Option<&Workload>,
-    tunnel: Option<&Pool>,
+    path: Path<'_>,
 ) -> Result<Upstream, ConnectError> {
     let id = source.map(|w| &w.identity);
-    dial::connect(ep.state.addr, dial::via(ep, route), id, (&route.key.service, None), tunnel, route.connect_timeout)
-        .await
+    let via = dial::via(ep, route);
+    if via.is_none() {
+        let who = path.guard.caller(id, Some(std::net::IpAddr::V4(*path.client.ip())));
+        let secs = path.env.secs() as u64;
+        path.guard
+            .check(&route.key.service, ep.state.addr, &who.caller(), None, route.metrics(), secs)
+            .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })?;
+    }
+    let svc = (&route.key.service, None, Some(*path.client.ip()));
+    dial::connect(ep.state.addr, via, id, svc, path.tunnel, route.connect_timeout).await
 }
 
 /// What a relayed connection's path shares with the others.
@@ -123,6 +135,9 @@ struct Path<'a> {
     tunnel: Option<&'a Pool>,
     idle: Duration,
     env: &'a dyn Env,
+    /// The policies, and the client's address they may name.
+    guard: &'a crate::proxy::authz::Guard,
+    client: SocketAddrV4,
 }
 
 /// Connects to an endpoint of `route`, trying others as [`Tries`] allows.
@@ -131,12 +146,12 @@ async fn connect<'r>(
     source: Option<&Workload>,
     path: Path<'_>,
 ) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
-    let (counters, tunnel, env) = (path.counters, path.tunnel, path.env);
+    let (counters, env) = (path.counters, path.env);
     let mut tries = Tries::new(route, env);
     let mut last = ConnectError::NoEndpoint;
     while let Some((_, ep)) = tries.pick() {
         let t0 = env.now();
-        match open(ep, route, source, tunnel).await {
+        match open(ep, route, source, path).await {
             Ok(s) => {
                 let now = env.now();
                 let rtt = now - t0;
@@ -199,6 +214,10 @@ async fn forward(mut client: TcpStream, peer: SocketAddrV4, source: Option<&Work
             } else {
                 counters.refused.inc();
                 warn!(client = %peer, source = src, service = %route.name, error = %e, outcome, "connection refused; closed, not retried");
+            }
+            if e.is_denial() {
+                // Refused as a connect would be: a reset, no byte through.
+                let _ = client.set_zero_linger();
             }
             Record { outcome, error: Some(&e), duration: started.elapsed(), ..record }.log();
             return;
@@ -269,7 +288,16 @@ mod tests {
 
     impl Mesh {
         fn path(&self) -> Path<'_> {
-            Path { counters: &self.counters, tunnel: Some(&self.pool), idle: Duration::from_secs(3600), env: &Live }
+            let guard: &'static crate::proxy::authz::Guard = Box::leak(Box::default());
+            let client = "127.0.0.1:1".parse().unwrap();
+            Path {
+                counters: &self.counters,
+                tunnel: Some(&self.pool),
+                idle: Duration::from_secs(3600),
+                env: &Live,
+                guard,
+                client,
+            }
         }
     }
 

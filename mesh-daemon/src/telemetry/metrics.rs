@@ -82,6 +82,18 @@ pub struct RouteLabels {
     pub class: &'static str,
 }
 
+/// An authorization decision a policy made (`policy` empty: ALLOW
+/// policies applied and none matched).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub policy: Arc<str>,
+    /// `ALLOW`, `DENY` or `AUDIT`.
+    pub action: &'static str,
+    /// `allow`, `deny`, `audit`, or `dry_run` (a dry-run policy that would
+    /// have decided otherwise).
+    pub decision: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: &'static str,
@@ -366,6 +378,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Requests by the route rule that decided them and its backend.
     pub route_requests: Family<RouteLabels, Counter>,
+    /// Authorization decisions, by policy.
+    pub authz_decisions: Family<AuthzLabels, Counter>,
     pub response_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub connect_latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabels, Counter>,
@@ -400,6 +414,7 @@ impl Metrics {
             duration: duration_family(),
             requests: Family::default(),
             route_requests: Family::default(),
+            authz_decisions: Family::default(),
             response_latency: response_latency_family(),
             connect_latency: latency_family(),
             retries: Family::default(),
@@ -446,6 +461,11 @@ impl Metrics {
             "route_requests",
             "Requests a route rule decided, by route, rule, backend Service (empty: answered by the proxy) and class",
             m.route_requests.clone(),
+        );
+        r.register(
+            "authz_decisions",
+            "Authorization decisions by policy, action and decision (policy empty: no ALLOW policy matched)",
+            m.authz_decisions.clone(),
         );
         r.register_with_unit(
             "response_latency",

@@ -123,8 +123,7 @@ impl Pool {
         node: &NodeName,
         node_addr: SocketAddrV4,
         target: SocketAddrV4,
-        service: &ServiceKey,
-        protocol: Option<super::StreamProtocol>,
+        (service, protocol, client): (&ServiceKey, Option<super::StreamProtocol>, Option<std::net::Ipv4Addr>),
     ) -> Result<Stream, TunnelError> {
         let (cert, serial) = self.cert(source).await?;
         let slot = self.slot((source.clone(), node.clone()));
@@ -153,6 +152,9 @@ impl Pool {
             }
             if let Some(p) = protocol {
                 req.headers_mut().insert(super::PROTOCOL_HEADER, HeaderValue::from_static(p.as_str()));
+            }
+            if let Some(ip) = client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()) {
+                req.headers_mut().insert(super::SOURCE_HEADER, ip);
             }
             Ok(req)
         };

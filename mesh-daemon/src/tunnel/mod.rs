@@ -29,6 +29,11 @@ pub const SERVICE_HEADER: &str = "mesh-service";
 /// proxy terminated (`http/1.1` or `h2`): the receiving node proxies and
 /// counts each request. Without it a stream is opaque bytes.
 pub const PROTOCOL_HEADER: &str = "mesh-protocol";
+/// The address of the client whose connection a stream carries, which
+/// the receiving node believes only of a workload of the peer's identity
+/// (its policies may name client addresses). On a stream of requests the
+/// sending proxy writes it on each request instead.
+pub const SOURCE_HEADER: &str = "mesh-source";
 /// Response header of a refused CONNECT: why (see [`server::Deny`]).
 pub const DENY_HEADER: &str = "mesh-deny";
 

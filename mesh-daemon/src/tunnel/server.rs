@@ -37,6 +37,9 @@ pub struct StreamRequest {
     /// Where the tunnel connection came from (the sending node's address,
     /// when nothing rewrote it).
     pub from: std::net::IpAddr,
+    /// The `mesh-source` header: the client's address, as the sending
+    /// node says (to be checked against the peer's workloads).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Why a CONNECT is not let through.
@@ -264,7 +267,8 @@ async fn stream<H: StreamHandler>(
         r.headers_mut().insert(super::DENY_HEADER, hyper::header::HeaderValue::from_static("peer_stream_limit"));
         return r;
     };
-    let request = StreamRequest { peer, target, service, protocol, from };
+    let source = req.headers().get(super::SOURCE_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let request = StreamRequest { peer, target, service, protocol, from, source };
     let upstream = match handler.open(&request).await {
         Ok(u) => u,
         Err(refusal) => {

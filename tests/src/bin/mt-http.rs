@@ -18,7 +18,8 @@
 //! usage: mt-http --follow ADDR (--h1 | --h2)
 //! A client that opens one connection to ADDR (HTTP/1.1 keep-alive or
 //! HTTP/2 with prior knowledge) and keeps it for its whole life. For each
-//! line `N PATH` on stdin it sends N requests for PATH over that
+//! line `N PATH [METHOD]` on stdin it sends N requests (GET unless a
+//! METHOD is given) for PATH over that
 //! connection, one after another, and prints one line: how many each
 //! backend answered and every status, `web-1=12 web-2=8 504=3`; the
 //! line `ok` once the connection is up. It exits at the end of stdin, or
@@ -160,8 +161,10 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
 }
 
 /// One request on `send`; who answered (`backend=NAME`) or the status.
-async fn one(send: &mut Sender, addr: &str, path: &str) -> Result<String, String> {
-    let req = Request::get(format!("http://{addr}{path}"))
+async fn one(send: &mut Sender, addr: &str, path: &str, method: &str) -> Result<String, String> {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
         .header("host", addr)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -211,11 +214,12 @@ async fn follow(addr: String, h2: bool) -> Result<(), String> {
     while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
         let mut words = line.split_whitespace();
         let (Some(n), path) = (words.next().and_then(|n| n.parse::<u32>().ok()), words.next().unwrap_or("/")) else {
-            return Err(format!("not `N PATH`: {line:?}"));
+            return Err(format!("not `N PATH [METHOD]`: {line:?}"));
         };
+        let method = words.next().unwrap_or("GET");
         let mut tally = std::collections::BTreeMap::new();
         for _ in 0..n {
-            *tally.entry(one(&mut send, &addr, path).await?).or_insert(0u32) += 1;
+            *tally.entry(one(&mut send, &addr, path, method).await?).or_insert(0u32) += 1;
         }
         let words: Vec<String> = tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{}", words.join(" "));

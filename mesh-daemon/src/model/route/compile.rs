@@ -42,17 +42,10 @@ pub(in crate::model) fn compile(
     let unresolved = RefCell::new(Vec::new());
     // (parent, entry with its sort key) of every route.
     let mut sorted = ByParent::new();
-    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut seen = HashMap::new();
     for (i, d) in docs.iter().enumerate() {
         let p = format!("routes[{i}]");
-        if let Some(prev) = seen.insert((d.metadata.namespace.clone(), d.metadata.name.clone()), i) {
-            e.push(
-                format!("{p}.metadata"),
-                format!(
-                    "route {}/{} is also routes[{prev}]: give each route its own name",
-                    d.metadata.namespace, d.metadata.name
-                ),
-            );
+        if !e.first_named(&mut seen, ("routes", "route"), i, (&d.metadata.namespace, &d.metadata.name)) {
             continue;
         }
         let refs = Refs { route: i, kind: &d.kind, grants, find, unresolved: &unresolved };

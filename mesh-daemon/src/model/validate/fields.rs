@@ -84,7 +84,16 @@ pub(super) fn workloads(
         if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
             (name, namespace, sa, node, ip, netns)
         {
-            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns });
+            for (k, v) in &w.labels {
+                if !label_ok(k) || v.len() > 63 || !(v.is_empty() || label_ok(v)) {
+                    e.push(
+                        format!("{p}.labels[{k}]"),
+                        format!("{k:?}: {v:?} is not a label: letters, digits, '-', '_', '.', '/'"),
+                    );
+                }
+            }
+            let labels = w.labels.clone();
+            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns, labels });
         }
     }
 }
@@ -237,4 +246,10 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
         authorization,
         http: http?,
     })
+}
+
+/// A label key or value, as Kubernetes allows them (a key may have a
+/// `prefix/`).
+fn label_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }

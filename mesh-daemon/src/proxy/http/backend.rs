@@ -19,12 +19,15 @@ use super::observe::{Finished, Observed};
 use super::retry::{NoRetry, Retrying};
 use super::upstream::{Body, ConnectedAt};
 use super::{
-    answer, chain, connect_error, empty, failed_answer, mirror, replay, request_timeout, retried_answer, retry,
-    retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
+    answer, chain, connect_error, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer,
+    retry, retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
 };
+use crate::model::authz::Request as AuthzRequest;
 use crate::model::route::{Backend, Mirror, Rule};
 use crate::proxy::tries::Tries;
 use crate::proxy::{Route, RouteEndpoint};
+use crate::tunnel::SOURCE_HEADER;
+use hyper::header::HeaderValue;
 
 /// What the backend policy makes of one request before its first try.
 pub(super) struct Plan<'a> {
@@ -144,6 +147,12 @@ impl<'a> Plan<'a> {
                 })?
             });
             let Some((i, ep)) = picked else { break };
+            let tunnelled = crate::proxy::dial::via(ep, route).is_some();
+            if !tunnelled && self.denied(ep, &parts) {
+                // Decided here as the endpoint's node would: never the
+                // endpoint's fault, never tried elsewhere.
+                return finished.failed("denied", self.started, forbidden(self.conn.grpc));
+            }
             let client = match self.resolved.client(i, ep, self.conn) {
                 Ok(c) => c,
                 Err(e) => {
@@ -156,7 +165,15 @@ impl<'a> Plan<'a> {
             let in_flight = ep.state.start();
             let t0 = env.now();
             let until = retry::try_deadline(self.retrying.deadline, self.per_try_timeout, t0);
-            let sent = client.request(Request::from_parts(parts.clone(), b));
+            let mut head = parts.clone();
+            if tunnelled {
+                // The client's address, for the policies of the endpoint's
+                // node (believed there only of a workload of this identity).
+                if let Ok(v) = HeaderValue::from_str(&self.conn.client.ip().to_string()) {
+                    head.headers.insert(SOURCE_HEADER, v);
+                }
+            }
+            let sent = client.request(Request::from_parts(head, b));
             let outcome = match until {
                 Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
                 None => Some(sent.await),
@@ -226,6 +243,23 @@ impl<'a> Plan<'a> {
         }
         let after = if overall { self.timeout.unwrap_or(waited) } else { waited };
         Err(after)
+    }
+
+    /// Whether the policies deny the request `parts` to `ep`, which this
+    /// node hands it to directly.
+    fn denied(&self, ep: &RouteEndpoint, parts: &Parts) -> bool {
+        let table = self.conn.routes.load();
+        let guard = table.guard();
+        if !guard.enforcing() {
+            return false;
+        }
+        let source = self.conn.source.as_ref().map(|w| &w.identity);
+        let who = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));
+        let host = parts.uri.authority().map_or("", |a| a.as_str());
+        let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
+        let route = self.route();
+        let secs = self.conn.env.secs() as u64;
+        guard.check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs).is_err()
     }
 
     /// An answer came: its latency observed; again when the retry policy

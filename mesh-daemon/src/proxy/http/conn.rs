@@ -20,8 +20,8 @@ use crate::tunnel::client::Pool;
 
 /// What every request of one client connection shares.
 pub struct Conn {
-    /// The table every request reads its route from.
-    routes: Arc<ArcSwap<RouteTable>>,
+    /// The table every request reads its route (and policies) from.
+    pub(super) routes: Arc<ArcSwap<RouteTable>>,
     /// The kernel's id of the service port the client dialled.
     service_id: u32,
     /// The route the last request took, with the clients it found: kept

@@ -22,15 +22,20 @@ use tracing::{debug, warn};
 use super::observe::{class, failed, grpc_status, Completion, Line, Observed, Report};
 use super::trace::Traced;
 use super::upstream::Body;
-use super::{answer, strip_hop_by_hop};
+use super::{answer, forbidden, strip_hop_by_hop, strip_mesh_headers};
 use crate::drain::Drain;
+use crate::env::Env as _;
 use crate::identity::Identity;
+use crate::model::authz::Request as AuthzRequest;
 use crate::proxy::access::{Record, RequestLine};
+use crate::proxy::inbound::Inbound;
 use crate::proxy::inbound::Target;
 use crate::telemetry::otlp::Spans;
 use crate::tunnel::client::Stream;
 use crate::tunnel::server::StreamRequest;
 use crate::tunnel::StreamProtocol;
+use crate::tunnel::SOURCE_HEADER;
+use arc_swap::ArcSwap;
 
 /// How long an HTTP/1.1 stream may wait for its next request: longer than
 /// the sending proxy keeps an idle pooled connection, so that side closes
@@ -51,6 +56,9 @@ struct Ctx {
     addr: SocketAddrV4,
     target: Arc<Target>,
     spans: Arc<Spans>,
+    /// This node's checks as they are now: each request is authorized
+    /// against the current policies.
+    view: Arc<ArcSwap<Inbound>>,
 }
 
 /// Serves the requests of one stream until the sending proxy closes it, or
@@ -61,7 +69,7 @@ pub async fn serve(
     protocol: StreamProtocol,
     req: StreamRequest,
     target: Arc<Target>,
-    spans: Arc<Spans>,
+    (spans, view): (Arc<Spans>, Arc<ArcSwap<Inbound>>),
     drain: Drain,
 ) {
     let pod_io = TokioIo::new(pod);
@@ -86,7 +94,7 @@ pub async fn serve(
             return;
         }
     };
-    let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target, spans });
+    let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target, spans, view });
     let svc = hyper::service::service_fn(move |r| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.forward(r).await) }
@@ -110,10 +118,50 @@ pub async fn serve(
 }
 
 impl Ctx {
+    /// The policies' decision for `req`: Err with the 403 (gRPC:
+    /// PERMISSION_DENIED) when they deny it.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, req: &Request<Incoming>, source: Option<std::net::IpAddr>) -> Result<(), Response<Body>> {
+        let view = self.view.load();
+        if !view.guard.enforcing() {
+            return Ok(());
+        }
+        let who = view.guard.caller(Some(&self.peer), source);
+        let host =
+            req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(hyper::header::HOST)?.to_str().ok());
+        let r = AuthzRequest {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: host.unwrap_or(""),
+            headers: req.headers(),
+        };
+        let secs = crate::env::Live.secs() as u64;
+        match view.guard.check(&self.target.service, self.addr, &who.caller(), Some(&r), self.target.metrics(), secs) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(forbidden(self.target.grpc)),
+        }
+    }
+
     async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         strip_hop_by_hop(req.headers_mut());
+        // The client's address as the sending proxy wrote it; nothing of
+        // the mesh's own goes on to the workload.
+        let source = req.headers().get(SOURCE_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        strip_mesh_headers(req.headers_mut());
         let line = Line::new(req.method(), req.uri(), req.headers());
+        if let Err(r) = self.authorize(&req, source) {
+            let mut report = Reported {
+                target: self.target.clone(),
+                peer: self.peer.clone(),
+                addr: self.addr,
+                line,
+                started,
+                traced: None,
+            };
+            report.report(r.status(), grpc_status(r.headers()), 0, "denied");
+            return r;
+        }
         let traced = Traced::of(req.headers_mut(), &self.spans);
         let sent = match &self.pod {
             Pod::Http1(s) => {

@@ -153,6 +153,22 @@ pub(super) fn answer(grpc: bool, status: StatusCode, grpc_code: u32, error: &'st
     r
 }
 
+/// The answer to a request an authorization policy denied: 403 `RBAC:
+/// access denied`, or for gRPC `PERMISSION_DENIED` (code 7).
+pub(super) fn forbidden(grpc: bool) -> Response<Body> {
+    answer(grpc, StatusCode::FORBIDDEN, 7, "denied", "RBAC: access denied")
+}
+
+/// Removes what only the mesh may say from a client's request: its own
+/// `mesh-*` headers (a client could claim another's address with
+/// `mesh-source`).
+pub(super) fn strip_mesh_headers(h: &mut HeaderMap) {
+    let ours: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("mesh-")).cloned().collect();
+    for k in ours {
+        h.remove(k);
+    }
+}
+
 /// The answer when no endpoint takes the request: 503, or for gRPC
 /// `UNAVAILABLE` (code 14).
 pub(super) fn unavailable(grpc: bool, why: &str) -> Response<Body> {
@@ -337,6 +353,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         return upgraded(Request::from_parts(parts, body), conn, route, started).await;
     }
     strip_hop_by_hop(&mut parts.headers);
+    strip_mesh_headers(&mut parts.headers);
     let mut finished = Finished::new(conn, route, &parts.method, &parts.uri);
     finished.by(by);
     finished.trace(trace::Traced::of(&mut parts.headers, &conn.spans));

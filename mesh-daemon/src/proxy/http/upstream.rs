@@ -124,7 +124,7 @@ impl tower_service::Service<Uri> for Connector {
             let up = match &*dial {
                 Dial::Direct(addr) => dial::direct(*addr, after).await?,
                 Dial::Tunnel { target, via, source, service } => {
-                    dial::tunnel(*target, via, Some(source), (service, protocol), pool.as_deref(), after).await?
+                    dial::tunnel(*target, via, Some(source), (service, protocol, None), pool.as_deref(), after).await?
                 }
             };
             Ok(Io { inner: TokioIo::new(up), at: Instant::now() })

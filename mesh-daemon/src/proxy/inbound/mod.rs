@@ -12,7 +12,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
+
+use crate::env::Env as _;
 
 use crate::drain::Drain;
 use crate::proxy::access::Record;
@@ -69,6 +71,17 @@ impl StreamHandler for InboundHandler {
                 return Err(Refusal::Denied(deny.as_str()));
             }
         };
+        // A connection is authorized here, once; a stream of requests per
+        // request (`http::inbound`).
+        if req.protocol.is_none() {
+            let who = view.guard.caller(Some(peer), req.source);
+            let secs = crate::env::Live.secs() as u64;
+            if let Err(d) = view.guard.check(&found.service, target, &who.caller(), None, found.metrics(), secs) {
+                self.counters.denied_policy.inc();
+                debug!(identity = %peer, %target, by = %d.describe(), "stream denied by authorization policy (403)");
+                return Err(Refusal::Denied(Deny::Policy.as_str()));
+            }
+        }
         let upstream = match tokio::time::timeout(POD_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -94,14 +107,14 @@ impl StreamHandler for InboundHandler {
             // Requests the sending proxy terminated: each proxied, counted
             // and logged here too.
             series.opened.inc();
-            let spans = self.spans.clone();
+            let ctx = (self.spans.clone(), self.view.clone());
             crate::proxy::http::inbound::serve(
                 stream,
                 upstream,
                 protocol,
                 req,
                 target.clone(),
-                spans,
+                ctx,
                 self.drain.clone(),
             )
             .await;

@@ -36,6 +36,14 @@ pub struct Target {
     metrics: Arc<Metrics>,
     /// The port speaks gRPC: its requests are classed by gRPC status.
     pub grpc: bool,
+    /// The service it is an endpoint of, for the policies.
+    pub service: crate::model::ServiceKey,
+}
+
+impl Target {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -107,6 +115,9 @@ pub struct Inbound {
     /// For each workload identity, the addresses of the nodes its
     /// workloads run on: where its streams may come from.
     homes: HashMap<Identity, Vec<std::net::IpAddr>>,
+    /// The authorization policies, for the streams and requests this node
+    /// hands to its workloads.
+    pub guard: Arc<crate::proxy::authz::Guard>,
 }
 
 impl LocalService {
@@ -126,6 +137,7 @@ impl LocalService {
                         addr,
                         metrics: metrics.clone(),
                         grpc: p.app_protocol == AppProtocol::Grpc,
+                        service: s.key(),
                     })
                 });
             }
@@ -175,7 +187,8 @@ impl Inbound {
                 }
             }
         }
-        Self { trust_domain: trust_domain.to_owned(), generation, local, services, homes }
+        let guard = Arc::new(crate::proxy::authz::Guard::build(state, node, trust_domain));
+        Self { trust_domain: trust_domain.to_owned(), generation, local, services, homes, guard }
     }
 
     /// `prev` with the services `delta` changed (workloads and nodes are
@@ -209,6 +222,7 @@ impl Inbound {
             local: prev.local.clone(),
             services,
             homes: prev.homes.clone(),
+            guard: prev.guard.clone(),
         };
         (next, keys)
     }

@@ -309,6 +309,9 @@ pub struct RouteTable {
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     /// The state's routes (Gateway API), for the series of their rules.
     routes: Arc<crate::model::route::Routes>,
+    /// The authorization policies, for the connections and requests this
+    /// node hands to an endpoint directly.
+    guard: Arc<crate::proxy::authz::Guard>,
 }
 
 impl RouteTable {
@@ -360,7 +363,13 @@ impl RouteTable {
                 (w.ip, Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id }))
             })
             .collect();
-        Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads, routes: state.routes.clone() }
+        let guard = Arc::new(crate::proxy::authz::Guard::build(state, &local.node, &local.trust_domain));
+        Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads, routes: state.routes.clone(), guard }
+    }
+
+    /// The authorization policies of the table's state.
+    pub fn guard(&self) -> &Arc<crate::proxy::authz::Guard> {
+        &self.guard
     }
 
     /// `prev` with the routes `delta` changed (the nodes and workloads
@@ -386,7 +395,10 @@ impl RouteTable {
             by_id.insert(f.id, route);
         }
         let (nodes, workloads, routes) = (prev.nodes.clone(), prev.workloads.clone(), snap.state.routes.clone());
-        Self { by_id, ids, generation: snap.generation, nodes, workloads, routes }
+        // A write with a delta changed services only: policies and
+        // workloads are as they were.
+        let guard = prev.guard.clone();
+        Self { by_id, ids, generation: snap.generation, nodes, workloads, routes, guard }
     }
 
     /// Takes over the series of every route of `old` with the same name.

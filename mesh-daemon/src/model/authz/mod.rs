@@ -1,0 +1,395 @@
+//! Authorization on the mesh, in the shape of Istio's `AuthorizationPolicy`
+//! (`security.istio.io/v1`): which callers may reach which workloads, by
+//! the caller's verified identity, namespace and address, and (on request
+//! ports) the request's method, path, host, port and headers.
+//!
+//! [`compile`] checks the documents ([`doc`]) once per write; [`decide`]
+//! is the pure evaluation, the same for every placement of client and
+//! server and for `meshctl authz check`, in Istio's order: a matching DENY
+//! denies; then, if any ALLOW policy applies to the workload, one must
+//! match; else the request is allowed. AUDIT policies only say that they
+//! matched; a dry-run policy (`istio.io/dry-run: "true"`) is evaluated and
+//! reported but never decides.
+
+mod compile;
+pub mod doc;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hyper::header::{HeaderMap, HeaderName};
+
+pub(in crate::model) use compile::compile;
+pub use doc::PolicyDoc;
+
+use super::{Name, ServiceKey};
+
+/// The namespace whose policies apply to every namespace.
+pub const ROOT_NAMESPACE: &str = "mesh-system";
+
+/// Every policy of a state, compiled.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// The documents it was compiled from: two `Policies` are equal when
+    /// these are.
+    pub docs: Vec<Arc<PolicyDoc>>,
+    pub list: Vec<Arc<Policy>>,
+}
+
+impl PartialEq for Policies {
+    fn eq(&self, other: &Self) -> bool {
+        self.docs == other.docs
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
+/// One policy, compiled.
+#[derive(Debug)]
+pub struct Policy {
+    /// `namespace/name`, as logs and metrics write it.
+    pub label: Arc<str>,
+    pub action: Action,
+    pub dry_run: bool,
+    pub scope: Scope,
+    /// Empty: the policy matches nothing (an ALLOW policy without rules
+    /// allows nothing).
+    pub rules: Vec<Rule>,
+}
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// Every workload of the namespace; None: of every namespace (a
+    /// policy of the root namespace).
+    Namespace(Option<Name>),
+    /// The workloads behind these Services (`targetRefs`), reached as
+    /// those Services.
+    Services(Vec<ServiceKey>),
+    /// The workloads of the namespace (None: of every namespace) with all
+    /// these labels.
+    Selector(Option<Name>, Vec<(String, String)>),
+}
+
+/// One rule: every part given must match.
+#[derive(Debug, Default)]
+pub struct Rule {
+    /// Any one of them (none: any caller).
+    pub from: Vec<Source>,
+    /// Any one of them (none: any operation).
+    pub to: Vec<Operation>,
+    /// All of them.
+    pub when: Vec<Condition>,
+}
+
+/// A `from.source`: every field given must match.
+#[derive(Debug, Default)]
+pub struct Source {
+    pub principals: Vec<Pattern>,
+    pub not_principals: Vec<Pattern>,
+    pub namespaces: Vec<Pattern>,
+    pub not_namespaces: Vec<Pattern>,
+    pub ip_blocks: Vec<Cidr>,
+    pub not_ip_blocks: Vec<Cidr>,
+}
+
+/// A `to.operation`: every field given must match.
+#[derive(Debug, Default)]
+pub struct Operation {
+    pub hosts: Vec<Pattern>,
+    pub not_hosts: Vec<Pattern>,
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+    pub methods: Vec<Pattern>,
+    pub not_methods: Vec<Pattern>,
+    pub paths: Vec<Pattern>,
+    pub not_paths: Vec<Pattern>,
+}
+
+impl Operation {
+    /// Whether it says anything of the request (not only of the port): a
+    /// connection on a `tcp` port has no request to match it against.
+    fn has_l7(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+/// A `when` condition: one of `values` (if any), none of `not_values`.
+#[derive(Debug)]
+pub struct Condition {
+    pub key: ConditionKey,
+    pub values: Vec<Pattern>,
+    pub not_values: Vec<Pattern>,
+}
+
+#[derive(Debug)]
+pub enum ConditionKey {
+    /// `request.headers[NAME]`: a request's header (L7).
+    Header(HeaderName),
+    /// `source.principal`.
+    Principal,
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (present).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl Pattern {
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(p) => v == p,
+            Pattern::Prefix(p) => v.starts_with(p.as_str()),
+            Pattern::Suffix(p) => v.ends_with(p.as_str()),
+        }
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The workload a request or connection is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    /// The Service it was reached as.
+    pub service: &'a ServiceKey,
+    /// The workload's namespace (the Service's, for an endpoint that is
+    /// not an enrolled workload).
+    pub namespace: &'a str,
+    /// The workload's labels; None: not an enrolled workload (no selector
+    /// matches it).
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// The port the workload serves it on.
+    pub port: u16,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    /// Its verified identity without `spiffe://`
+    /// (`cluster.local/ns/shop/sa/web`); None: not a workload of the mesh.
+    pub principal: Option<&'a str>,
+    /// Its namespace, from its identity.
+    pub namespace: Option<&'a str>,
+    pub ip: Option<IpAddr>,
+}
+
+/// What a request says (none for a connection on a `tcp` port).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Why a request was allowed or denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// A DENY policy matched (`by`).
+    Denied,
+    /// An ALLOW policy matched (`by`).
+    Allowed,
+    /// ALLOW policies apply to the workload and none matched.
+    NoAllowMatched,
+    /// No ALLOW or DENY policy applies.
+    NoPolicy,
+}
+
+/// The decision, with the policy and rule that made it.
+#[derive(Debug)]
+pub struct Verdict<'p> {
+    pub allowed: bool,
+    pub why: Why,
+    /// The policy and the index of its rule that decided.
+    pub by: Option<(&'p Policy, usize)>,
+    /// AUDIT policies that matched (with the rule).
+    pub audited: Vec<(&'p Policy, usize)>,
+    /// Dry-run policies that would have decided otherwise than `allowed`
+    /// (a dry-run DENY that matched, a dry-run ALLOW that did not).
+    pub dry_run: Vec<&'p Policy>,
+}
+
+impl Policy {
+    /// Whether it applies to `dest`.
+    pub fn applies(&self, dest: &Dest<'_>) -> bool {
+        let ns_ok = |ns: &Option<Name>| ns.as_ref().is_none_or(|n| n.as_str() == dest.namespace);
+        match &self.scope {
+            Scope::Namespace(ns) => ns_ok(ns),
+            Scope::Services(keys) => keys.contains(dest.service),
+            Scope::Selector(ns, labels) => {
+                ns_ok(ns)
+                    && dest.labels.is_some_and(|have| labels.iter().all(|(k, v)| have.get(k).is_some_and(|h| h == v)))
+            }
+        }
+    }
+
+    /// The first rule that matches, by index.
+    fn matching(&self, dest: &Dest<'_>, caller: &Caller<'_>, req: Option<&Request<'_>>) -> Option<usize> {
+        self.rules.iter().position(|r| r.matches(self.action, dest, caller, req))
+    }
+}
+
+impl Rule {
+    /// On a connection without a request (`req` None), a part that speaks
+    /// of the request never matches in an ALLOW policy and always matches
+    /// in a DENY or AUDIT one: what cannot be checked is not allowed, and
+    /// is denied (Istio's rule for TCP).
+    fn matches(&self, action: Action, dest: &Dest<'_>, caller: &Caller<'_>, req: Option<&Request<'_>>) -> bool {
+        let unknown = action != Action::Allow;
+        let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(caller));
+        let to = self.to.is_empty()
+            || self.to.iter().any(|o| match req {
+                None if o.has_l7() => unknown && ports_match(o, dest.port),
+                None => ports_match(o, dest.port),
+                Some(r) => ports_match(o, dest.port) && o.matches_request(r),
+            });
+        let when = self.when.iter().all(|c| match (&c.key, req) {
+            (ConditionKey::Header(_), None) => unknown,
+            (ConditionKey::Header(name), Some(r)) => {
+                let values: Vec<&str> = r.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+                !values.is_empty() && c.values_match(&values)
+            }
+            (ConditionKey::Principal, _) => caller.principal.is_some_and(|p| c.values_match(&[p])),
+        });
+        from && to && when
+    }
+}
+
+impl Condition {
+    fn values_match(&self, values: &[&str]) -> bool {
+        let any = |ps: &[Pattern]| values.iter().any(|v| ps.iter().any(|p| p.matches(v)));
+        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
+    }
+}
+
+/// One of `yes` (when given) and none of `no`, for `value` (None: the
+/// caller has none, which matches no `yes` and no `no`).
+fn one_of(yes: &[Pattern], no: &[Pattern], value: Option<&str>) -> bool {
+    let hit = |ps: &[Pattern]| value.is_some_and(|v| ps.iter().any(|p| p.matches(v)));
+    (yes.is_empty() || hit(yes)) && !hit(no)
+}
+
+fn ports_match(o: &Operation, port: u16) -> bool {
+    (o.ports.is_empty() || o.ports.contains(&port)) && !o.not_ports.contains(&port)
+}
+
+impl Source {
+    fn matches(&self, c: &Caller<'_>) -> bool {
+        let ip = |blocks: &[Cidr]| c.ip.is_some_and(|ip| blocks.iter().any(|b| b.contains(ip)));
+        one_of(&self.principals, &self.not_principals, c.principal)
+            && one_of(&self.namespaces, &self.not_namespaces, c.namespace)
+            && (self.ip_blocks.is_empty() || ip(&self.ip_blocks))
+            && !ip(&self.not_ip_blocks)
+    }
+}
+
+impl Operation {
+    fn matches_request(&self, r: &Request<'_>) -> bool {
+        let host = r.host.to_ascii_lowercase();
+        one_of(&self.hosts, &self.not_hosts, Some(&host))
+            && one_of(&self.methods, &self.not_methods, Some(r.method))
+            && one_of(&self.paths, &self.not_paths, Some(r.path))
+    }
+}
+
+/// The decision for a request (`req`; None: a connection on a `tcp`
+/// port) from `caller` to `dest`, by every policy of `policies` that
+/// applies to it.
+pub fn decide<'p>(
+    policies: &'p Policies,
+    dest: &Dest<'_>,
+    caller: &Caller<'_>,
+    req: Option<&Request<'_>>,
+) -> Verdict<'p> {
+    let mut v = Verdict { allowed: true, why: Why::NoPolicy, by: None, audited: Vec::new(), dry_run: Vec::new() };
+    let applying = || policies.list.iter().filter(|p| p.applies(dest));
+    let mut denied = None;
+    for p in applying().filter(|p| p.action != Action::Allow) {
+        let Some(rule) = p.matching(dest, caller, req) else { continue };
+        match (p.action, p.dry_run) {
+            (Action::Audit, _) => v.audited.push((p, rule)),
+            (Action::Deny, true) => v.dry_run.push(p),
+            (_, false) => {
+                denied.get_or_insert((p.as_ref(), rule));
+            }
+            _ => {}
+        }
+    }
+    if let Some(by) = denied {
+        return Verdict { allowed: false, why: Why::Denied, by: Some(by), ..v };
+    }
+    let mut any_allow = false;
+    for p in applying().filter(|p| p.action == Action::Allow) {
+        let rule = p.matching(dest, caller, req);
+        if p.dry_run {
+            v.dry_run.extend(rule.is_none().then_some(p.as_ref()));
+            continue;
+        }
+        any_allow = true;
+        if let Some(rule) = rule {
+            if v.by.is_none() {
+                v.by = Some((p, rule));
+                v.why = Why::Allowed;
+            }
+        }
+    }
+    if any_allow && v.by.is_none() {
+        v.allowed = false;
+        v.why = Why::NoAllowMatched;
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! The evaluation, case by case, in Istio's order (DENY, then ALLOW, then
+//! the default), and the refusal of bad policies with their field paths.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hyper::header::HeaderMap;
+
+use super::*;
+use crate::model::errors::Errors;
+
+fn key(ns: &str, name: &str) -> ServiceKey {
+    ServiceKey { namespace: Name::parse(ns).unwrap(), name: Name::parse(name).unwrap() }
+}
+
+/// `docs` (YAML documents separated by `---`) compiled, or the errors.
+fn compiled(docs: &str) -> Result<Policies, Vec<String>> {
+    let docs: Vec<Arc<PolicyDoc>> = docs
+        .split("\n---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| Arc::new(serde_yaml::from_str::<PolicyDoc>(d).unwrap_or_else(|e| panic!("{d}: {e}"))))
+        .collect();
+    let mut e = Errors::default();
+    let p = compile(&mut e, &docs, &Default::default(), &[]);
+    if e.0.is_empty() {
+        Ok(p)
+    } else {
+        Err(e.0.iter().map(|f| format!("{}: {}", f.path, f.message)).collect())
+    }
+}
+
+fn policies(docs: &str) -> Policies {
+    compiled(docs).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn head(ns: &str, name: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+    )
+}
+
+/// A request: method, path and headers.
+type Req<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+struct Case<'a> {
+    principal: Option<&'a str>,
+    ip: &'a str,
+    /// None: a connection on a tcp port.
+    req: Option<Req<'a>>,
+    port: u16,
+}
+
+fn sa(name: &str) -> Option<String> {
+    Some(format!("cluster.local/ns/shop/sa/{name}"))
+}
+
+/// "allow" or "deny", and the policy and rule that decided (`-` for none).
+fn decided(p: &Policies, c: &Case<'_>) -> String {
+    let svc = key("shop", "web");
+    let labels: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+    let dest = Dest { service: &svc, namespace: "shop", labels: Some(&labels), port: c.port };
+    let ns = c.principal.and_then(|p| p.split('/').nth(2));
+    let caller = Caller { principal: c.principal, namespace: ns, ip: Some(c.ip.parse().unwrap()) };
+    let mut headers = HeaderMap::new();
+    let req = c.req.map(|(method, path, hs)| {
+        for (k, v) in hs {
+            headers.append(hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        (method, path)
+    });
+    let r = req.map(|(method, path)| Request { method, path, host: "web.shop", headers: &headers });
+    let v = decide(p, &dest, &caller, r.as_ref());
+    let by = v.by.map_or("-".to_owned(), |(p, i)| format!("{}#{i}", p.label));
+    format!("{} {by}", if v.allowed { "allow" } else { "deny" })
+}
+
+fn get<'a>(principal: &'a Option<String>, path: &'static str) -> Case<'a> {
+    Case { principal: principal.as_deref(), ip: "10.244.1.5", req: Some(("GET", path, &[])), port: 8080 }
+}
+
+#[test]
+fn no_policy_allows_and_an_allow_policy_makes_everything_else_denied() {
+    let none = policies("");
+    assert_eq!(decided(&none, &get(&sa("x"), "/")), "allow -");
+    let p = policies(&format!(
+        "{}spec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/frontend]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [/api/*]}}}}]\n  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/admin]}}}}]\n    to: [{{operation: {{methods: [POST], paths: [/admin]}}}}]\n",
+        head("shop", "web-api")
+    ));
+    assert_eq!(decided(&p, &get(&sa("frontend"), "/api/users")), "allow shop/web-api#0");
+    let post = |who: &Option<String>| {
+        decided(
+            &p,
+            &Case { principal: who.as_deref(), ip: "10.244.1.5", req: Some(("POST", "/admin", &[])), port: 8080 },
+        )
+    };
+    assert_eq!(post(&sa("frontend")), "deny -", "frontend may not POST /admin");
+    assert_eq!(post(&sa("admin")), "allow shop/web-api#1");
+    assert_eq!(decided(&p, &get(&sa("frontend"), "/other")), "deny -");
+    assert_eq!(decided(&p, &get(&None, "/api/x")), "deny -", "a caller without an identity matches no principal");
+    // The policy selects app=web only: another workload is not concerned.
+    let svc = key("shop", "db");
+    let other: BTreeMap<String, String> = [("app".to_owned(), "db".to_owned())].into();
+    let dest = Dest { service: &svc, namespace: "shop", labels: Some(&other), port: 5432 };
+    assert!(decide(&p, &dest, &Caller::default(), None).allowed);
+}
+
+#[test]
+fn deny_beats_allow_and_not_principals_ip_blocks_and_when_work() {
+    let p = policies(&format!(
+        "{}spec:\n  rules: [{{}}]\n---\n{}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{notPrincipals: ['cluster.local/ns/shop/*']}}}}]\n  - from: [{{source: {{ipBlocks: [10.9.0.0/16]}}}}]\n  - when: [{{key: 'request.headers[x-debug]', values: ['1']}}]\n",
+        head("shop", "allow-all"),
+        head("shop", "deny-some")
+    ));
+    assert_eq!(decided(&p, &get(&sa("web"), "/")), "allow shop/allow-all#0");
+    let foreign = Some("cluster.local/ns/other/sa/web".to_owned());
+    assert_eq!(decided(&p, &get(&foreign, "/")), "deny shop/deny-some#0", "notPrincipals: another namespace");
+    let c = Case {
+        principal: sa("web").as_deref().map(|_| "cluster.local/ns/shop/sa/web"),
+        ip: "10.9.3.4",
+        req: Some(("GET", "/", &[])),
+        port: 80,
+    };
+    assert_eq!(decided(&p, &c), "deny shop/deny-some#1", "ipBlocks");
+    let c = Case {
+        principal: Some("cluster.local/ns/shop/sa/web"),
+        ip: "10.244.1.5",
+        req: Some(("GET", "/", &[("x-debug", "1")])),
+        port: 80,
+    };
+    assert_eq!(decided(&p, &c), "deny shop/deny-some#2", "when on a header");
+    let c = Case {
+        principal: Some("cluster.local/ns/shop/sa/web"),
+        ip: "10.244.1.5",
+        req: Some(("GET", "/", &[("x-debug", "0")])),
+        port: 80,
+    };
+    assert_eq!(decided(&p, &c), "allow shop/allow-all#0");
+}
+
+#[test]
+fn on_a_tcp_port_request_fields_never_allow_and_always_deny() {
+    let allow = policies(&format!(
+        "{}spec:\n  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n",
+        head("shop", "l7-allow")
+    ));
+    let tcp = Case { principal: Some("cluster.local/ns/shop/sa/web"), ip: "10.244.1.5", req: None, port: 5432 };
+    assert_eq!(decided(&allow, &tcp), "deny -", "an ALLOW rule about methods does not match a connection");
+    let deny = policies(&format!(
+        "{}spec:\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [POST], ports: ['5432']}}}}]}}]\n",
+        head("shop", "l7-deny")
+    ));
+    assert_eq!(decided(&deny, &tcp), "deny shop/l7-deny#0", "a DENY rule about methods matches a connection");
+    let other_port = Case { port: 6000, ..tcp };
+    assert_eq!(decided(&deny, &other_port), "allow -", "but its ports still count");
+}
+
+#[test]
+fn audit_and_dry_run_never_decide() {
+    let p = policies(&format!(
+        "{}spec:\n  action: AUDIT\n  rules: [{{to: [{{operation: {{paths: ['/audit*']}}}}]}}]\n---\n{}spec:\n  action: DENY\n  rules: [{{}}]\n",
+        head("shop", "audit"),
+        head("shop", "dry").replace("namespace: shop}", "namespace: shop, annotations: {istio.io/dry-run: 'true'}}")
+    ));
+    let svc = key("shop", "web");
+    let dest = Dest { service: &svc, namespace: "shop", labels: None, port: 80 };
+    let h = HeaderMap::new();
+    let r = Request { method: "GET", path: "/audit/1", host: "web", headers: &h };
+    let v = decide(&p, &dest, &Caller::default(), Some(&r));
+    assert!(v.allowed, "AUDIT and a dry-run DENY do not deny");
+    assert_eq!(v.audited.iter().map(|(p, i)| format!("{}#{i}", p.label)).collect::<Vec<_>>(), ["shop/audit#0"]);
+    assert_eq!(v.dry_run.iter().map(|p| p.label.to_string()).collect::<Vec<_>>(), ["shop/dry"]);
+}
+
+#[test]
+fn scopes_target_refs_namespaces_and_the_root_namespace() {
+    let p = policies(&format!(
+        "{}spec:\n  targetRefs: [{{kind: Service, name: web}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/t]}}}}]}}]\n---\n{}spec:\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/root]}}}}]}}]\n---\n{}spec:\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/other]}}}}]}}]\n",
+        head("shop", "by-ref"),
+        head("mesh-system", "everywhere"),
+        head("other", "elsewhere")
+    ));
+    assert_eq!(decided(&p, &get(&sa("x"), "/t")), "deny shop/by-ref#0");
+    assert_eq!(
+        decided(&p, &get(&sa("x"), "/root")),
+        "deny mesh-system/everywhere#0",
+        "the root namespace applies everywhere"
+    );
+    assert_eq!(decided(&p, &get(&sa("x"), "/other")), "allow -", "another namespace's policy does not apply");
+}
+
+#[test]
+fn bad_policies_are_refused_with_their_field_and_the_fix() {
+    for (spec, want) in [
+        ("spec: {rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b']}}]}]}", "policies[0].spec.rules[0].from[0].source.principals[0]: \"spiffe://cluster.local/ns/a/sa/b\": write principals without spiffe://"),
+        ("spec: {rules: [{from: [{source: {principals: [cluster.local/a/b]}}]}]}", "principals[0]: \"cluster.local/a/b\" is not a principal"),
+        ("spec: {rules: [{to: [{operation: {paths: ['/a*b']}}]}]}", "policies[0].spec.rules[0].to[0].operation.paths[0]: \"/a*b\": a * may only begin or end a pattern"),
+        ("spec: {rules: [{to: [{operation: {ports: ['http']}}]}]}", "operation.ports[0]: \"http\" is not a port"),
+        ("spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}", "source.ipBlocks[0]: \"10.0.0.0/33\": the prefix length is not 0..32"),
+        ("spec: {rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]}", "policies[0].spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not implemented"),
+        ("spec: {action: CUSTOM}", "policies[0].spec.action: CUSTOM (an external authorizer) is not implemented"),
+        ("spec: {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}]}", "policies[0].spec: selector and targetRefs together"),
+        ("spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]}", "policies[0].spec.targetRefs[0]: gateway.networking.k8s.io/Gateway is not a Service"),
+    ] {
+        let e = match compiled(&format!("{}{spec}\n", head("shop", "p"))) {
+            Ok(_) => panic!("{spec} was accepted"),
+            Err(e) => e.join("\n"),
+        };
+        assert!(e.contains(want), "{spec}\nwant {want}\ngot {e}");
+    }
+    let unknown = serde_yaml::from_str::<PolicyDoc>(&format!("{}spec: {{rulez: []}}\n", head("shop", "p")));
+    assert!(unknown.unwrap_err().to_string().contains("unknown field `rulez`"));
+}
+
+#[test]
+fn a_policy_over_a_kernel_mode_service_is_refused_and_the_state_keeps_its_policies() {
+    let doc = |policy: &str| {
+        crate::model::parse_document(&format!(
+            "nodes: [{{name: a, address: 172.18.0.2}}]\n\
+             workloads: [{{name: db-0, namespace: shop, serviceAccount: db, node: a, ip: 10.244.1.7, netns: /x, labels: {{app: db}}}}]\n\
+             services:\n\
+             \x20- {{name: db, namespace: shop, vip: 10.96.0.30, mode: kernel, ports: [{{port: 5432}}], endpoints: [{{ip: 10.244.1.7, node: a}}]}}\n\
+             \x20- {{name: web, namespace: shop, vip: 10.96.0.31, ports: [{{port: 80, appProtocol: http}}], endpoints: [{{ip: 10.244.1.8, node: a}}]}}\n\
+             policies:\n  - {policy}\n"
+        ))
+        .unwrap()
+    };
+    let head =
+        "{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: shop}, spec: ";
+    for spec in ["{selector: {matchLabels: {app: db}}}", "{targetRefs: [{kind: Service, name: db}]}", "{}"] {
+        let e =
+            crate::model::State::from_document(&doc(&format!("{head}{spec}}}"))).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("policies[0].spec: applies to service shop/db, which is in kernel mode"), "{spec}: {e}");
+    }
+    let ok =
+        crate::model::State::from_document(&doc(&format!("{head}{{targetRefs: [{{kind: Service, name: web}}]}}}}")));
+    assert_eq!(ok.unwrap().policies.list.len(), 1, "a policy over the proxy-mode service only");
+}

@@ -1,0 +1,164 @@
+//! The serving side's authorization: one decision per connection (on a
+//! `tcp` port) or per request, made by the proxy that hands it to a
+//! workload of its own node, whether the client is on this node (the
+//! outbound path, before it dials a local endpoint) or on another (the
+//! tunnel's inbound path). Both ask the same [`Guard`], so where the
+//! scheduler put the two pods never changes a decision. The evaluation
+//! itself is the model's ([`crate::model::authz::decide`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::model::authz::{decide, Caller, Dest, Policies, Request, Verdict, Why};
+use crate::model::{Identity, NodeName, ServiceKey, State};
+use crate::telemetry::metrics::{AuthzLabels, Metrics};
+
+/// What the serving side knows of a workload of its node.
+#[derive(Debug)]
+struct Served {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// The policies of one state and this node's workloads.
+#[derive(Debug, Default)]
+pub struct Guard {
+    policies: Arc<Policies>,
+    local: HashMap<Ipv4Addr, Served>,
+    /// Workload addresses by identity, anywhere: a caller's address is
+    /// believed only when a workload of its identity has it.
+    addresses: HashMap<Identity, Vec<Ipv4Addr>>,
+    /// The second a denial was last logged (one line a second).
+    logged: AtomicU64,
+}
+
+/// A caller, owned: see [`Guard::caller`].
+#[derive(Debug, Clone, Default)]
+pub struct Who {
+    principal: Option<String>,
+    namespace: Option<String>,
+    ip: Option<IpAddr>,
+}
+
+impl Who {
+    pub fn caller(&self) -> Caller<'_> {
+        Caller { principal: self.principal.as_deref(), namespace: self.namespace.as_deref(), ip: self.ip }
+    }
+}
+
+/// A request or connection refused, and by which policy and rule (None:
+/// ALLOW policies apply and none matched).
+#[derive(Debug, Clone)]
+pub struct Denied {
+    pub by: Option<(Arc<str>, usize)>,
+}
+
+impl Denied {
+    /// `policy#rule`, or `no ALLOW policy matched`, for logs.
+    pub fn describe(&self) -> String {
+        match &self.by {
+            Some((p, r)) => format!("{p}#{r}"),
+            None => "no ALLOW policy matched".into(),
+        }
+    }
+}
+
+impl Guard {
+    /// The guard of `state` on `node` (`trust_domain` names identities).
+    pub fn build(state: &State, node: &NodeName, trust_domain: &str) -> Self {
+        let local = state
+            .workloads
+            .iter()
+            .filter(|w| &w.node == node)
+            .map(|w| (w.ip, Served { namespace: w.namespace.to_string(), labels: w.labels.clone() }))
+            .collect();
+        let mut addresses: HashMap<Identity, Vec<Ipv4Addr>> = HashMap::new();
+        for w in &state.workloads {
+            addresses.entry(Identity::workload(trust_domain, &w.namespace, &w.service_account)).or_default().push(w.ip);
+        }
+        Guard { policies: state.policies.clone(), local, addresses, logged: AtomicU64::new(0) }
+    }
+
+    /// Whether any policy is in force (else every decision is allow, and
+    /// the caller may skip building one).
+    pub fn enforcing(&self) -> bool {
+        !self.policies.list.is_empty()
+    }
+
+    /// The caller as policies see it: `identity` (verified) and, when a
+    /// workload of that identity has it, `ip`.
+    pub fn caller(&self, identity: Option<&Identity>, ip: Option<IpAddr>) -> Who {
+        let ip = ip.filter(|ip| {
+            let v4 = match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(a) => a.to_ipv4_mapped(),
+            };
+            identity.zip(v4).is_some_and(|(id, a)| self.addresses.get(id).is_some_and(|l| l.contains(&a)))
+        });
+        Who {
+            principal: identity.map(|i| i.to_string().trim_start_matches("spiffe://").to_owned()),
+            namespace: identity.and_then(|i| i.namespace()).map(str::to_owned),
+            ip,
+        }
+    }
+
+    /// The decision for `caller` reaching `target` (a workload of this
+    /// node, or another endpoint it hands connections to) as `service`,
+    /// with request `req` (None: a connection on a `tcp` port). Counted in
+    /// `mesh_authz_decisions_total`; a denial is logged (once a second).
+    pub fn check(
+        &self,
+        service: &ServiceKey,
+        target: SocketAddrV4,
+        caller: &Caller<'_>,
+        req: Option<&Request<'_>>,
+        metrics: &Metrics,
+        now_secs: u64,
+    ) -> Result<(), Denied> {
+        if !self.enforcing() {
+            return Ok(());
+        }
+        let served = self.local.get(target.ip());
+        let dest = Dest {
+            service,
+            namespace: served.map_or(service.namespace.as_str(), |s| s.namespace.as_str()),
+            labels: served.map(|s| &s.labels),
+            port: target.port(),
+        };
+        let v = decide(&self.policies, &dest, caller, req);
+        count(&v, metrics);
+        for p in &v.dry_run {
+            info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
+        }
+        if v.allowed {
+            return Ok(());
+        }
+        let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)) };
+        if self.logged.swap(now_secs, Ordering::Relaxed) != now_secs {
+            warn!(service = %service, %target, caller = caller.principal.unwrap_or("-"), by = %denied.describe(), "denied by authorization policy (logged once a second)");
+        }
+        Err(denied)
+    }
+}
+
+fn count(v: &Verdict<'_>, metrics: &Metrics) {
+    let inc = |policy: &Arc<str>, action: &'static str, decision: &'static str| {
+        metrics.authz_decisions.get_or_create(&AuthzLabels { policy: policy.clone(), action, decision }).inc();
+    };
+    match (v.why, v.by) {
+        (Why::Denied, Some((p, _))) => inc(&p.label, "DENY", "deny"),
+        (Why::Allowed, Some((p, _))) => inc(&p.label, "ALLOW", "allow"),
+        (Why::NoAllowMatched, _) => inc(&Arc::from(""), "ALLOW", "deny"),
+        _ => {}
+    }
+    for (p, _) in &v.audited {
+        inc(&p.label, "AUDIT", "audit");
+    }
+    for p in &v.dry_run {
+        inc(&p.label, p.action.as_str(), "dry_run");
+    }
+}

@@ -1,0 +1,156 @@
+//! Authorization policies (Istio's AuthorizationPolicy shape) on the mini
+//! cluster, every decision made twice: with the client on the endpoint's
+//! node and on another node. No placement changes a decision, and a
+//! denied client reaches nothing (the backend counts none of it).
+
+use std::time::Duration;
+
+use mesh_tests::follow::Follower;
+use mesh_tests::loadgen::backend_counts;
+use mesh_tests::one_at_a_time as serial;
+use mesh_tests::{Cluster, ClusterSpec, Daemon};
+
+/// (service, VIP, endpoint pod): each kind of port once near (the
+/// endpoint on the clients' node) and once far (on the other node).
+const TCP: [(&str, &str, &str); 2] = [("tcp-near", "10.96.0.20", "web-a"), ("tcp-far", "10.96.0.21", "web-b")];
+const H2: [(&str, &str, &str); 2] = [("h2-near", "10.96.0.22", "web-a"), ("h2-far", "10.96.0.23", "web-b")];
+
+const P: &str = "cluster.local/ns/default/sa";
+
+struct Mesh {
+    c: Cluster,
+    a: Daemon,
+    _b: Daemon,
+}
+
+/// frontend, admin and other (each its own service account) on node-a
+/// with web-a; web-b on node-b. `policies` is the document's list.
+fn mesh(policies: &str) -> Mesh {
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("frontend", "node-a")
+            .pod("admin", "node-a")
+            .pod("other", "node-a")
+            .pod("web-a", "node-a")
+            .pod("web-b", "node-b"),
+    )
+    .expect("mini cluster");
+    for w in ["web-a", "web-b"] {
+        c.serve_http(w, 8080, &[]).unwrap();
+    }
+    let mut services = String::new();
+    for (list, proto) in [(&TCP, "tcp"), (&H2, "http2")] {
+        for (name, vip, pod) in list {
+            let ip = c.pod(pod).ip;
+            let node = if *pod == "web-a" { "node-a" } else { "node-b" };
+            services.push_str(&format!(
+                "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: {proto} }}]\n    \
+                 healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n"
+            ));
+        }
+    }
+    let cfg = c.write_file("mesh.yaml", &format!("{}{policies}", c.config(&services))).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    Mesh { c, a, _b: b }
+}
+
+/// The requests web-a and web-b have answered.
+fn served(m: &Mesh) -> (u64, u64) {
+    let n = backend_counts(&m.c, "frontend", &["web-a", "web-b"], "/__count");
+    (n["web-a"], n["web-b"])
+}
+
+/// A request over a `tcp` port (the proxy relays bytes): curl's exit code.
+fn tcp(m: &Mesh, pod: &str, vip: &str) -> i32 {
+    m.c.curl(pod, &format!("http://{vip}/")).unwrap().0
+}
+
+/// HTTP/2 requests from `pod` over one connection held open: (method,
+/// path) each, and what each got (the backend's name, or the status).
+fn h2(m: &Mesh, pod: &str, vip: &str, reqs: &[(&str, &str)]) -> Vec<String> {
+    let mut f = Follower::open(&m.c, pod, &format!("{vip}:80"), true).unwrap();
+    reqs.iter()
+        .map(|(method, path)| {
+            let got = f.batch_of(1, method, path).unwrap();
+            got.keys().next().cloned().unwrap_or_default()
+        })
+        .collect()
+}
+
+fn policy(name: &str, spec: &str) -> String {
+    format!(
+        "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: {name}, namespace: default }}\n    spec:\n{spec}"
+    )
+}
+
+#[test]
+fn root_each_decision_is_the_same_wherever_client_and_endpoint_run() {
+    let _one = serial();
+    // On the tcp services: admin is denied (DENY beats ALLOW), frontend
+    // allowed, other denied (an ALLOW policy applies and does not name it).
+    // On the h2 services: frontend may GET /api/*, admin may POST /admin.
+    let policies = format!(
+        "policies:\n{}{}{}",
+        policy(
+            "no-admin-on-tcp",
+            &format!("      action: DENY\n      targetRefs: [{{ kind: Service, name: tcp-near }}, {{ kind: Service, name: tcp-far }}]\n      rules: [{{ from: [{{ source: {{ principals: [{P}/admin] }} }}] }}]\n")
+        ),
+        policy(
+            "tcp-clients",
+            &format!("      targetRefs: [{{ kind: Service, name: tcp-near }}, {{ kind: Service, name: tcp-far }}]\n      rules: [{{ from: [{{ source: {{ principals: [{P}/frontend, {P}/admin] }} }}] }}]\n")
+        ),
+        policy(
+            "h2-api",
+            &format!(
+                "      targetRefs: [{{ kind: Service, name: h2-near }}, {{ kind: Service, name: h2-far }}]\n      rules:\n      \
+                 - from: [{{ source: {{ principals: [{P}/frontend] }} }}]\n        to: [{{ operation: {{ methods: [GET], paths: ['/api/*'] }} }}]\n      \
+                 - from: [{{ source: {{ principals: [{P}/admin] }} }}]\n        to: [{{ operation: {{ methods: [POST], paths: [/admin] }} }}]\n"
+            )
+        ),
+    );
+    let m = mesh(&policies);
+    let wait = |vip: &str| mesh_tests::sys::wait_until(Duration::from_secs(10), || tcp(&m, "frontend", vip) == 0);
+    for (_, vip, _) in TCP {
+        assert!(wait(vip), "frontend reaches {vip}\n{}", m.a.log_text());
+    }
+    let before = served(&m);
+
+    // Connections: the same for both placements, and the denied ones
+    // reach nothing.
+    for (name, vip, _) in TCP {
+        assert_eq!(tcp(&m, "frontend", vip), 0, "{name}: frontend is allowed");
+        assert_ne!(tcp(&m, "admin", vip), 0, "{name}: admin is denied by the DENY policy");
+        assert_ne!(tcp(&m, "other", vip), 0, "{name}: other matches no ALLOW rule");
+    }
+    let after = served(&m);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "only frontend's connections reached a backend");
+
+    // Requests, over one HTTP/2 connection each: GET /api for frontend,
+    // POST /admin for admin only.
+    for (name, vip, pod) in H2 {
+        let got = h2(&m, "frontend", vip, &[("GET", "/api/users"), ("POST", "/admin"), ("GET", "/other")]);
+        assert_eq!(got, [pod, "403", "403"], "{name}: frontend\n{}", m.a.log_text());
+        let got = h2(&m, "admin", vip, &[("POST", "/admin"), ("GET", "/api/users")]);
+        assert_eq!(got, [pod, "403"], "{name}: admin");
+        assert_eq!(h2(&m, "other", vip, &[("GET", "/api/users")]), ["403"], "{name}: other");
+    }
+    let last = served(&m);
+    assert_eq!((last.0 - after.0, last.1 - after.1), (2, 2), "only the allowed requests reached a backend");
+
+    // The body of a denial, and the decisions counted by policy.
+    let out =
+        m.c.exec(
+            "other",
+            "curl",
+            &["-sS", "--http2-prior-knowledge", "--max-time", "5", "http://10.96.0.22/api/x"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "RBAC: access denied");
+    let denied_by_deny =
+        m.a.metric("mesh_authz_decisions_total", &["policy=\"default/no-admin-on-tcp\"", "decision=\"deny\""]);
+    assert!(denied_by_deny >= 1, "the same-node DENY is counted on node-a");
+}
