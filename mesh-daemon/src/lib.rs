@@ -22,6 +22,9 @@ pub mod run;
 /// The route status writer, one per cluster (`ca serve --kubernetes`).
 #[cfg(feature = "kubernetes")]
 pub use discovery::status::run as write_route_status;
+/// The serving side's authorization (policies, the caller as they see
+/// it), for `meshctl authz check`: the same code the proxy runs.
+pub use proxy::authz as authorization;
 /// The per-request routing decision (Gateway API routes), for `meshctl
 /// route check`: the same code the proxy runs.
 pub use proxy::http::router as routing;

@@ -140,6 +140,68 @@ fn root_each_decision_is_the_same_wherever_client_and_endpoint_run() {
     let last = served(&m);
     assert_eq!((last.0 - after.0, last.1 - after.1), (2, 2), "only the allowed requests reached a backend");
 
+    // The backend learns the verified caller, never a forged one, and no
+    // header of the mesh's own.
+    for (name, vip, pod) in H2 {
+        let server = format!("spiffe://{P}/{pod}");
+        let args = [
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "5",
+            "-H",
+            "x-echo-request: 1",
+            "-H",
+            "x-forwarded-client-cert: By=x;URI=spiffe://cluster.local/ns/default/sa/admin",
+            "-H",
+            "mesh-source: 10.9.9.9",
+        ];
+        let url = format!("http://{vip}/api/whoami");
+        let out =
+            m.c.exec("frontend", "curl", &[&args[..], &[url.as_str()]].concat(), Duration::from_secs(10)).unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        let want = format!("x-forwarded-client-cert=By={server};URI=spiffe://{P}/frontend");
+        assert!(body.lines().any(|l| l == want), "{name}: want {want}\n{body}");
+        assert!(!body.contains("mesh-source"), "{name}: {body}");
+    }
+
+    // meshctl authz check says what the proxies do, case by case.
+    let cases: [(&str, &str, &str, &str); 8] = [
+        ("frontend", "tcp-far", "GET", "/"),
+        ("admin", "tcp-near", "GET", "/"),
+        ("other", "tcp-far", "GET", "/"),
+        ("frontend", "h2-far", "GET", "/api/users"),
+        ("frontend", "h2-near", "POST", "/admin"),
+        ("admin", "h2-far", "POST", "/admin"),
+        ("admin", "h2-near", "GET", "/api/users"),
+        ("other", "h2-far", "GET", "/api/users"),
+    ];
+    for (who, svc, method, path) in cases {
+        let vip = TCP.iter().chain(&H2).find(|(n, _, _)| *n == svc).map(|(_, v, _)| *v).unwrap();
+        let live = if svc.starts_with("tcp") {
+            tcp(&m, who, vip) == 0
+        } else {
+            h2(&m, who, vip, &[(method, path)])[0] != "403"
+        };
+        let from = format!("spiffe://{P}/{who}");
+        let out =
+            m.c.meshctl(
+                "node-a",
+                &["-o", "json", "authz", "check", svc, "--from", &from, "--method", method, "--path", path],
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let said = &v["endpoints"][0];
+        assert_eq!(said["decision"] == "allow", live, "{who} {method} {svc}{path}: meshctl said {said}");
+    }
+    let out = m.c.meshctl("node-a", &["authz", "check", "tcp-near", "--from", &format!("spiffe://{P}/admin")]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("deny by default/no-admin-on-tcp rule 0 (a DENY policy matched)"), "{text}");
+    let out = m.c.meshctl("node-a", &["get", "policies"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default/h2-api") && text.contains("default/h2-near,default/h2-far"), "{text}");
+
     // The body of a denial, and the decisions counted by policy.
     let out =
         m.c.exec(

@@ -13,8 +13,9 @@
 //!   [`HTTP_ANNOTATIONS`]): `mesh.io/timeout`, `mesh.io/per-try-timeout`,
 //!   `mesh.io/retry-on` (comma-separated), `mesh.io/retry-attempts`,
 //!   `mesh.io/retry-max-body`, `mesh.io/consecutive-5xx`,
-//!   `mesh.io/rate-limit` (requests per second), `mesh.io/rate-limit-burst`
-//!   and `mesh.io/rate-limit-per-identity`. Bad values leave all of them
+//!   `mesh.io/rate-limit` (requests per second), `mesh.io/rate-limit-burst`,
+//!   `mesh.io/rate-limit-per-identity` and `mesh.io/forward-client-cert`
+//!   (`set` or `off`). Bad values leave all of them
 //!   out for that Service, with the reason.
 //! - **Active health checks** are off: an endpoint's readiness comes from
 //!   its EndpointSlice (the kubelet's probes) and the proxy's passive
@@ -52,7 +53,8 @@ pub const HEALTH_CHECK_ANNOTATION: &str = "mesh.io/health-check";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Service annotations that set its per-request policy.
-pub const HTTP_ANNOTATIONS: [&str; 9] = [
+pub const HTTP_ANNOTATIONS: [&str; 10] = [
+    "mesh.io/forward-client-cert",
     "mesh.io/timeout",
     "mesh.io/per-try-timeout",
     "mesh.io/retry-on",
@@ -141,6 +143,7 @@ fn http_policy(
             retries,
             outlier,
             rate_limit,
+            forward_client_cert: get("mesh.io/forward-client-cert"),
             routes: None,
         })
     })();

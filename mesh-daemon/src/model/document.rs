@@ -177,6 +177,11 @@ pub struct HttpDoc {
     pub outlier: Option<OutlierDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDoc>,
+    /// `set` (the default): requests reach the workload with the verified
+    /// caller in `x-forwarded-client-cert`; `off`: without it (a client's
+    /// copy is removed either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_client_cert: Option<String>,
     /// Per-prefix routes, gone: read only to say what replaces them (an
     /// HTTPRoute), never applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]

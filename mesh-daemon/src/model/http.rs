@@ -23,6 +23,9 @@ pub struct HttpPolicy {
     /// None: answers never eject an endpoint.
     pub outlier: Option<Outlier>,
     pub rate_limit: Option<RateLimit>,
+    /// Whether requests reach the workload with the verified caller in
+    /// `x-forwarded-client-cert`.
+    pub forward_client_cert: bool,
 }
 
 impl Default for HttpPolicy {
@@ -33,6 +36,7 @@ impl Default for HttpPolicy {
             retries: None,
             outlier: Some(Outlier::default()),
             rate_limit: None,
+            forward_client_cert: true,
         }
     }
 }
@@ -200,6 +204,14 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
     // consecutive5xx: 0 turns it off.
     let outlier = outlier(e, &format!("{p}.outlier"), doc.outlier.as_ref()).filter(|o| o.consecutive_failures > 0);
     let rate_limit = doc.rate_limit.as_ref().and_then(|r| rate_limit(e, &format!("{p}.rateLimit"), r));
+    let forward_client_cert = match doc.forward_client_cert.as_deref() {
+        None | Some("set") => true,
+        Some("off") => false,
+        Some(v) => {
+            e.push(format!("{p}.forwardClientCert"), format!("{v:?}: write set or off"));
+            true
+        }
+    };
     if doc.routes.is_some() {
         e.push(
             format!("{p}.routes"),
@@ -212,6 +224,7 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
         retries: service_retries,
         outlier,
         rate_limit,
+        forward_client_cert,
     })
 }
 
@@ -400,6 +413,14 @@ mod tests {
         assert!(e.iter().any(|m| m.starts_with("services[0].http.retries.budget.ratio:")), "{e:?}");
         assert!(e.iter().any(|m| m.starts_with("services[0].http.retries.maxBody:")), "{e:?}");
         assert!(errors("tcp", "{rateLimit: {requestsPerSecond: 5}}").is_empty(), "a tcp port limits connections");
+    }
+
+    #[test]
+    fn the_caller_is_forwarded_unless_the_service_says_off() {
+        assert!(HttpPolicy::default().forward_client_cert, "set by default");
+        let e = errors("http", "{forwardClientCert: maybe}");
+        assert!(e[0].starts_with("services[0].http.forwardClientCert: \"maybe\": write set or off"), "{e:?}");
+        assert!(errors("http", "{forwardClientCert: off}").is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::model::authz::{decide, Caller, Dest, Policies, Request, Verdict, Why};
-use crate::model::{Identity, NodeName, ServiceKey, State};
+use crate::model::{Identity, ServiceKey, State};
 use crate::telemetry::metrics::{AuthzLabels, Metrics};
 
 /// What the serving side knows of a workload of its node.
@@ -24,14 +24,19 @@ struct Served {
     labels: BTreeMap<String, String>,
 }
 
-/// The policies of one state and this node's workloads.
+/// The policies of one state and its workloads.
 #[derive(Debug, Default)]
 pub struct Guard {
     policies: Arc<Policies>,
-    local: HashMap<Ipv4Addr, Served>,
+    /// Every workload by address (an endpoint on another node is handed
+    /// its connections directly when its service has `mtls: disabled`).
+    workloads: HashMap<Ipv4Addr, Served>,
     /// Workload addresses by identity, anywhere: a caller's address is
     /// believed only when a workload of its identity has it.
     addresses: HashMap<Identity, Vec<Ipv4Addr>>,
+    /// Each workload's identity, by address (the `By=` of
+    /// `x-forwarded-client-cert`).
+    identities: HashMap<Ipv4Addr, Identity>,
     /// The second a denial was last logged (one line a second).
     logged: AtomicU64,
 }
@@ -68,19 +73,26 @@ impl Denied {
 }
 
 impl Guard {
-    /// The guard of `state` on `node` (`trust_domain` names identities).
-    pub fn build(state: &State, node: &NodeName, trust_domain: &str) -> Self {
-        let local = state
+    /// The guard of `state` (`trust_domain` names identities).
+    pub fn build(state: &State, trust_domain: &str) -> Self {
+        let workloads = state
             .workloads
             .iter()
-            .filter(|w| &w.node == node)
             .map(|w| (w.ip, Served { namespace: w.namespace.to_string(), labels: w.labels.clone() }))
             .collect();
         let mut addresses: HashMap<Identity, Vec<Ipv4Addr>> = HashMap::new();
+        let mut identities = HashMap::new();
         for w in &state.workloads {
-            addresses.entry(Identity::workload(trust_domain, &w.namespace, &w.service_account)).or_default().push(w.ip);
+            let id = Identity::workload(trust_domain, &w.namespace, &w.service_account);
+            addresses.entry(id.clone()).or_default().push(w.ip);
+            identities.insert(w.ip, id);
         }
-        Guard { policies: state.policies.clone(), local, addresses, logged: AtomicU64::new(0) }
+        Guard { policies: state.policies.clone(), workloads, addresses, identities, logged: AtomicU64::new(0) }
+    }
+
+    /// The identity of the workload at `ip`, if it is one.
+    pub fn identity_at(&self, ip: &Ipv4Addr) -> Option<&Identity> {
+        self.identities.get(ip)
     }
 
     /// Whether any policy is in force (else every decision is allow, and
@@ -106,6 +118,26 @@ impl Guard {
         }
     }
 
+    /// The policies' verdict for `caller` reaching `target` as `service`
+    /// with `req`: the evaluation alone (what `meshctl authz check`
+    /// prints), nothing counted or logged.
+    pub fn verdict(
+        &self,
+        service: &ServiceKey,
+        target: SocketAddrV4,
+        caller: &Caller<'_>,
+        req: Option<&Request<'_>>,
+    ) -> Verdict<'_> {
+        let served = self.workloads.get(target.ip());
+        let dest = Dest {
+            service,
+            namespace: served.map_or(service.namespace.as_str(), |s| s.namespace.as_str()),
+            labels: served.map(|s| &s.labels),
+            port: target.port(),
+        };
+        decide(&self.policies, &dest, caller, req)
+    }
+
     /// The decision for `caller` reaching `target` (a workload of this
     /// node, or another endpoint it hands connections to) as `service`,
     /// with request `req` (None: a connection on a `tcp` port). Counted in
@@ -122,14 +154,7 @@ impl Guard {
         if !self.enforcing() {
             return Ok(());
         }
-        let served = self.local.get(target.ip());
-        let dest = Dest {
-            service,
-            namespace: served.map_or(service.namespace.as_str(), |s| s.namespace.as_str()),
-            labels: served.map(|s| &s.labels),
-            port: target.port(),
-        };
-        let v = decide(&self.policies, &dest, caller, req);
+        let v = self.verdict(service, target, caller, req);
         count(&v, metrics);
         for p in &v.dry_run {
             info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
@@ -161,4 +186,17 @@ fn count(v: &Verdict<'_>, metrics: &Metrics) {
     for p in &v.dry_run {
         inc(&p.label, p.action.as_str(), "dry_run");
     }
+}
+
+/// The header that tells a workload who called it, in Envoy's format.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// The `x-forwarded-client-cert` value for `caller` reaching the workload
+/// `server` (when it is one): `By=<server>;URI=<caller>`.
+pub fn client_cert_header(server: Option<&Identity>, caller: &Identity) -> Option<hyper::header::HeaderValue> {
+    let v = match server {
+        Some(s) => format!("By={s};URI={caller}"),
+        None => format!("URI={caller}"),
+    };
+    hyper::header::HeaderValue::from_str(&v).ok()
 }

@@ -6,7 +6,8 @@
 //! request with `Upgrade: echo` is answered 101 and the connection then
 //! echoes its bytes. `/status/NNN` answers with status NNN; `/delay/MS`
 //! answers after MS milliseconds. A request with `x-echo-request` gets
-//! its path (`path=/p?q`) and its `x-header-*` headers (`NAME=VALUE`)
+//! its path (`path=/p?q`) and its `x-header-*`, `mesh-*` and
+//! `x-forwarded-client-cert` headers (`NAME=VALUE`)
 //! back. A request body
 //! is read whole and its length answered as a `received=N` line.
 //! Trace headers it received (`traceparent`, `b3`, `x-b3-spanid`) come back
@@ -122,7 +123,10 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                         // What the proxy sent on: the path and the x-header-* headers.
                         extra.push_str(&format!("path={}\n", req.uri().path_and_query().map_or("/", |p| p.as_str())));
                         for (n, v) in req.headers() {
-                            if n.as_str().starts_with("x-header-") {
+                            if n.as_str().starts_with("x-header-")
+                                || n.as_str().starts_with("mesh-")
+                                || n == "x-forwarded-client-cert"
+                            {
                                 extra.push_str(&format!("{n}={}\n", v.to_str().unwrap_or("?")));
                             }
                         }

@@ -3,6 +3,7 @@
 //! success.
 #![forbid(unsafe_code)]
 
+mod authz;
 mod routes;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,40 @@ enum Cmd {
         #[command(subcommand)]
         command: RouteCmd,
     },
+    /// Authorization policies (Istio AuthorizationPolicy).
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthzCmd {
+    /// What the policies decide for a caller reaching a service, at each
+    /// of its endpoints, and which policy and rule decided: the proxy's
+    /// own evaluation, run on the daemon's current state.
+    Check {
+        /// The service, [NAMESPACE/]NAME.
+        service: String,
+        /// The caller's identity, spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT.
+        #[arg(long)]
+        from: String,
+        /// The service port (default: its first).
+        #[arg(long)]
+        port: Option<u16>,
+        /// On a request port: the request's method and path.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// A request header, NAME=VALUE; repeat for more.
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// The caller's address (counted only if a workload of its
+        /// identity has it, as the proxy does).
+        #[arg(long)]
+        ip: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +169,7 @@ enum Kind {
     Services,
     Endpoints,
     Routes,
+    Policies,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -255,7 +291,7 @@ fn print_list(kind: Kind, v: &Value) {
         other => vec![other.clone()],
     };
     match kind {
-        Kind::Routes => unreachable!("printed by route_command"),
+        Kind::Routes | Kind::Policies => unreachable!("printed by route_command"),
         Kind::Nodes => {
             table(&["NAME", "ADDRESS"], items.iter().map(|n| vec![s(&n["name"]), s(&n["address"])]).collect())
         }
@@ -419,7 +455,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if matches!(cli.command, Cmd::Get { kind: Kind::Routes, .. } | Cmd::Route { .. }) {
+    if matches!(
+        cli.command,
+        Cmd::Get { kind: Kind::Routes | Kind::Policies, .. } | Cmd::Route { .. } | Cmd::Authz { .. }
+    ) {
         return route_command(sock, &cli.command, json_out).await;
     }
     let (method, path, body, if_match) = match &cli.command {
@@ -440,7 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Kind::Workloads, None) => "/v1/workloads".into(),
                 (Kind::Services, None) => "/v1/services".into(),
                 (Kind::Endpoints, _) => "/v1/endpoints".into(),
-                (Kind::Routes, _) => unreachable!("handled above"),
+                (Kind::Routes | Kind::Policies, _) => unreachable!("handled above"),
             };
             (Method::GET, path, None, None)
         }
@@ -475,7 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Method::DELETE, path, None, None)
         }
         Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
-        Cmd::Stats | Cmd::Route { .. } => unreachable!("handled above"),
+        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } => unreachable!("handled above"),
     };
     let answer = call(sock, method.clone(), &path, body, if_match).await?;
     let v = match answer {
@@ -546,6 +585,34 @@ async fn route_command(sock: &Path, cmd: &Cmd, json_out: bool) -> anyhow::Result
         Cmd::Route { command: RouteCmd::Check { service, url, method, headers, from } } => {
             let c = routes::Check { service, url, method, headers, from: from.as_deref() };
             routes::check(&doc, &c)?
+        }
+        Cmd::Authz { command: AuthzCmd::Check { service, from, port, method, path, headers, ip } } => {
+            let c = authz::Check { service, from, method, path, port: *port, headers, ip: ip.as_deref() };
+            let out = authz::check(&doc, &c)?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for e in out["endpoints"].as_array().into_iter().flatten() {
+                    let by = match (e["policy"].as_str(), e["rule"].as_u64()) {
+                        (Some(p), Some(r)) => format!(" by {p} rule {r}"),
+                        _ => String::new(),
+                    };
+                    println!("{}: {}{by} ({})", s(&e["endpoint"]), s(&e["decision"]), s(&e["why"]));
+                }
+            }
+            return Ok(());
+        }
+        Cmd::Get { kind: Kind::Policies, .. } => {
+            let rows = authz::list(&doc);
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&Value::Array(rows))?);
+            } else {
+                let row = |r: &Value| {
+                    vec![s(&r["name"]), s(&r["action"]), s(&r["appliesTo"]), s(&r["rules"]), s(&r["dryRun"])]
+                };
+                table(&["POLICY", "ACTION", "APPLIES TO", "RULES", "DRY RUN"], rows.iter().map(row).collect());
+            }
+            return Ok(());
         }
         Cmd::Get { name, .. } => {
             let mut rows = routes::list(&doc);
@@ -634,4 +701,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The daemon's document `doc` as a state, and the index of service
+/// `service` ([NAMESPACE/]NAME) in it.
+fn state_with_service(doc: &serde_json::Value, service: &str) -> anyhow::Result<(mesh_daemon::model::State, usize)> {
+    let doc: mesh_daemon::model::Document =
+        serde_json::from_value(doc.clone()).context("the daemon's state is not a document")?;
+    let state = mesh_daemon::model::State::from_document(&doc)
+        .map_err(|e| anyhow!("the daemon's state does not validate here: {e}"))?;
+    let (ns, name) = ns_name(service);
+    let i = state
+        .services
+        .iter()
+        .position(|s| s.namespace.as_str() == ns && s.name.as_str() == name)
+        .ok_or_else(|| anyhow!("there is no service {ns}/{name}: see meshctl get services"))?;
+    Ok((state, i))
 }

@@ -86,14 +86,9 @@ pub struct Check<'a> {
 /// rule and match that decide it and every backend with its share, or
 /// the proxy's own answer.
 pub fn check(doc: &Value, c: &Check<'_>) -> anyhow::Result<Value> {
-    let doc: Document = serde_json::from_value(doc.clone()).context("the daemon's state is not a document")?;
-    let state = State::from_document(&doc).map_err(|e| anyhow!("the daemon's state does not validate here: {e}"))?;
-    let (ns, name) = super::ns_name(c.service);
-    let svc = state
-        .services
-        .iter()
-        .find(|s| s.namespace.as_str() == ns && s.name.as_str() == name)
-        .ok_or_else(|| anyhow!("there is no service {ns}/{name}: see meshctl get services"))?;
+    let (state, at) = super::state_with_service(doc, c.service)?;
+    let svc = &state.services[at];
+    let (ns, name) = (svc.namespace.as_str(), svc.name.as_str());
     let uri: Uri = c.url.parse().with_context(|| format!("{:?} is not a URL: write e.g. http://web/path", c.url))?;
     if uri.authority().is_none() {
         bail!("{:?} names no host: write e.g. http://web/path", c.url);

@@ -166,6 +166,16 @@ impl<'a> Plan<'a> {
             let t0 = env.now();
             let until = retry::try_deadline(self.retrying.deadline, self.per_try_timeout, t0);
             let mut head = parts.clone();
+            if !tunnelled && route.policy.cfg.forward_client_cert {
+                // Handed to the workload here: who called it, verified.
+                if let Some(caller) = self.conn.source.as_ref() {
+                    let table = self.conn.routes.load();
+                    let server = table.guard().identity_at(ep.state.addr.ip());
+                    if let Some(v) = crate::proxy::authz::client_cert_header(server, &caller.identity) {
+                        head.headers.insert(crate::proxy::authz::XFCC, v);
+                    }
+                }
+            }
             if tunnelled {
                 // The client's address, for the policies of the endpoint's
                 // node (believed there only of a workload of this identity).

@@ -149,6 +149,13 @@ impl Ctx {
         // the mesh's own goes on to the workload.
         let source = req.headers().get(SOURCE_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         strip_mesh_headers(req.headers_mut());
+        if self.target.forward_client_cert {
+            let view = self.view.load();
+            let server = view.guard.identity_at(self.addr.ip());
+            if let Some(v) = crate::proxy::authz::client_cert_header(server, &self.peer) {
+                req.headers_mut().insert(crate::proxy::authz::XFCC, v);
+            }
+        }
         let line = Line::new(req.method(), req.uri(), req.headers());
         if let Err(r) = self.authorize(&req, source) {
             let mut report = Reported {

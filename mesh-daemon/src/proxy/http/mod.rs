@@ -161,12 +161,13 @@ pub(super) fn forbidden(grpc: bool) -> Response<Body> {
 
 /// Removes what only the mesh may say from a client's request: its own
 /// `mesh-*` headers (a client could claim another's address with
-/// `mesh-source`).
+/// `mesh-source`) and `x-forwarded-client-cert` (another's identity).
 pub(super) fn strip_mesh_headers(h: &mut HeaderMap) {
     let ours: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("mesh-")).cloned().collect();
     for k in ours {
         h.remove(k);
     }
+    h.remove(crate::proxy::authz::XFCC);
 }
 
 /// The answer when no endpoint takes the request: 503, or for gRPC

@@ -38,6 +38,8 @@ pub struct Target {
     pub grpc: bool,
     /// The service it is an endpoint of, for the policies.
     pub service: crate::model::ServiceKey,
+    /// Its requests carry the verified caller in `x-forwarded-client-cert`.
+    pub forward_client_cert: bool,
 }
 
 impl Target {
@@ -138,6 +140,7 @@ impl LocalService {
                         metrics: metrics.clone(),
                         grpc: p.app_protocol == AppProtocol::Grpc,
                         service: s.key(),
+                        forward_client_cert: s.http.forward_client_cert,
                     })
                 });
             }
@@ -187,7 +190,7 @@ impl Inbound {
                 }
             }
         }
-        let guard = Arc::new(crate::proxy::authz::Guard::build(state, node, trust_domain));
+        let guard = Arc::new(crate::proxy::authz::Guard::build(state, trust_domain));
         Self { trust_domain: trust_domain.to_owned(), generation, local, services, homes, guard }
     }
 

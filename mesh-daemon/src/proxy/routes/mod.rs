@@ -363,7 +363,7 @@ impl RouteTable {
                 (w.ip, Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id }))
             })
             .collect();
-        let guard = Arc::new(crate::proxy::authz::Guard::build(state, &local.node, &local.trust_domain));
+        let guard = Arc::new(crate::proxy::authz::Guard::build(state, &local.trust_domain));
         Self { by_id, ids, generation, nodes: state.nodes.clone(), workloads, routes: state.routes.clone(), guard }
     }
 
