@@ -51,8 +51,21 @@ impl Follower {
 
     /// As [`Follower::batch`], with `method`.
     pub fn batch_of(&mut self, n: u32, method: &str, path: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+        self.batch_padded(n, method, path, "")
+    }
+
+    /// As [`Follower::batch_of`], each request with `pad` (`CxB`: C more
+    /// headers of B bytes each); a request that ends the connection is
+    /// counted as `error:...`.
+    pub fn batch_padded(
+        &mut self,
+        n: u32,
+        method: &str,
+        path: &str,
+        pad: &str,
+    ) -> anyhow::Result<BTreeMap<String, u64>> {
         use std::io::Write;
-        writeln!(self.stdin, "{n} {path} {method}")?;
+        writeln!(self.stdin, "{n} {path} {method} {pad}")?;
         let line = self.line()?;
         anyhow::ensure!(!line.starts_with("error"), "the held connection: {line}");
         line.split_whitespace()

@@ -216,3 +216,73 @@ fn root_each_decision_is_the_same_wherever_client_and_endpoint_run() {
         m.a.metric("mesh_authz_decisions_total", &["policy=\"default/no-admin-on-tcp\"", "decision=\"deny\""]);
     assert!(denied_by_deny >= 1, "the same-node DENY is counted on node-a");
 }
+
+/// The status of a GET from `pod` to `vip` with `headers` (each NAME:
+/// VALUE, given to curl in a file: one argument may not pass 128 KiB),
+/// over HTTP/2 with prior knowledge or HTTP/1.1.
+fn status_with_headers(m: &Mesh, pod: &str, vip: &str, h2: bool, headers: &[String]) -> String {
+    let file = m.c.write_file("headers.txt", &(headers.join("\n") + "\n")).unwrap();
+    let at = format!("@{}", file.display());
+    let mut args: Vec<&str> = vec!["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-H", &at];
+    if h2 {
+        args.push("--http2-prior-knowledge");
+    }
+    let url = format!("http://{vip}/api/x");
+    args.push(&url);
+    let out = m.c.exec(pod, "curl", &args, Duration::from_secs(20)).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn root_request_headers_over_64_kib_get_431_on_both_protocols_and_placements() {
+    let _one = serial();
+    // No policy: only the header limit decides.
+    let m = mesh("");
+    let one = |kib: usize| vec![format!("x-big: {}", "a".repeat(kib * 1024))];
+    let small: Vec<String> = (0..70).map(|i| format!("x-small-{i:02}: {}", "b".repeat(1000))).collect();
+    // An HTTP/1.1 service of each placement, and the HTTP/2 ones.
+    let svc = |name: &str, vip: &str, pod: &str, node: &str| {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: http }}]\n    \
+             healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {}, node: {node} }}]\n",
+            m.c.pod(pod).ip
+        )
+    };
+    let mut doc = String::new();
+    for (name, vip, pod) in TCP.iter().chain(&H2) {
+        let node = if *pod == "web-a" { "node-a" } else { "node-b" };
+        let proto = if name.starts_with("h2") { "http2" } else { "http" };
+        doc.push_str(&svc(name, vip, pod, node).replace("appProtocol: http ", &format!("appProtocol: {proto} ")));
+    }
+    let f = m.c.write_file("h1.yaml", &m.c.config(&doc)).unwrap();
+    for node in ["node-a", "node-b"] {
+        let out = m.c.meshctl(node, &["apply", "-f", f.to_str().unwrap()]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let before = served(&m);
+    // tcp-near/tcp-far now speak HTTP/1.1 (curl); h2-near/h2-far HTTP/2,
+    // from a hyper client (curl's nghttp2 will not send a header block
+    // over 64 KiB at all).
+    for (name, vip, pod) in TCP {
+        assert_eq!(status_with_headers(&m, "frontend", vip, false, &one(200)), "431", "{name}: one 200 KiB header");
+        assert_eq!(status_with_headers(&m, "frontend", vip, false, &small), "431", "{name}: 70 headers of 1000 bytes");
+        assert_eq!(status_with_headers(&m, "frontend", vip, false, &one(60)), "200", "{name}: 60 KiB passes ({pod})");
+    }
+    for (name, vip, pod) in H2 {
+        let mut f = Follower::open(&m.c, "frontend", &format!("{vip}:80"), true).unwrap();
+        let got =
+            |f: &mut Follower, pad: &str| f.batch_padded(1, "GET", "/api/x", pad).unwrap().into_keys().next().unwrap();
+        assert_eq!(got(&mut f, "1x204800"), "431", "{name}: one 200 KiB header");
+        assert_eq!(got(&mut f, "70x1000"), "431", "{name}: 70 headers of 1000 bytes");
+        assert_eq!(got(&mut f, "1x61440"), pod, "{name}: 60 KiB passes, on the same connection");
+    }
+    let after = served(&m);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (2, 2), "only the 60 KiB requests reached a backend");
+    assert_eq!(m.a.counter("proxy", "headers_too_large").unwrap(), 8, "every 431 is counted");
+    // Far past the limit, HTTP/2 refuses it too (431, or h2 itself closes
+    // the connection); nothing reaches a backend.
+    let mut f = Follower::open(&m.c, "frontend", "10.96.0.22:80", true).unwrap();
+    let got = f.batch_padded(1, "GET", "/api/x", "1x307200").unwrap();
+    assert!(got.keys().all(|k| k == "431" || k.starts_with("error:")), "{got:?}");
+    assert_eq!(served(&m), after);
+}

@@ -35,6 +35,10 @@ pub struct ProxyCounters {
     pub io_errors: Counter,
     /// HTTP/2 client connections closed for moving nothing for the idle
     /// timeout.
+    /// Requests whose header block passed the limit
+    /// (`--max-request-headers`), answered 431 (but those HTTP/2 refuses
+    /// in its framing, which it does not tell).
+    pub headers_too_large: Counter,
     pub idle_closed: Counter,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
@@ -72,6 +76,7 @@ impl ProxyCounters {
             active,
             io_errors: event("io_errors"),
             idle_closed: event("idle_closed"),
+            headers_too_large: event("headers_too_large"),
             bytes_to_endpoint: bytes("to_endpoint"),
             bytes_to_client: bytes("to_client"),
             mirrored: event("mirrored"),
@@ -104,6 +109,8 @@ pub struct ProxySnapshot {
     pub mirror_failed: u64,
     #[serde(default)]
     pub mirror_skipped: u64,
+    #[serde(default)]
+    pub headers_too_large: u64,
 }
 
 impl ProxyCounters {
@@ -125,6 +132,7 @@ impl ProxyCounters {
             mirrored: self.mirrored.get(),
             mirror_failed: self.mirror_failed.get(),
             mirror_skipped: self.mirror_skipped.get(),
+            headers_too_large: self.headers_too_large.get(),
         }
     }
 }

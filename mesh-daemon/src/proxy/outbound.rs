@@ -46,6 +46,9 @@ pub struct Outbound {
     /// A connection that moves no byte either way this long is closed
     /// (`--idle-timeout`).
     pub idle: Duration,
+    /// The largest request header block on request ports
+    /// (`--max-request-headers`).
+    pub max_headers: usize,
     /// The clock and randomness of every decision on this path.
     pub env: &'static dyn Env,
 }
@@ -54,8 +57,19 @@ impl Outbound {
     /// Accepts until the drain starts; each forwarded connection holds a
     /// drain guard until it closes.
     pub async fn run(self, drain: Drain) {
-        let Outbound { listener, mut orig, routes, counters, tunnel, upstreams, detect_timeout, spans, idle, env } =
-            self;
+        let Outbound {
+            listener,
+            mut orig,
+            routes,
+            counters,
+            tunnel,
+            upstreams,
+            detect_timeout,
+            spans,
+            idle,
+            max_headers,
+            env,
+        } = self;
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
@@ -94,7 +108,7 @@ impl Outbound {
                     }
                     AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
                         counters.forwarded.inc();
-                        let at = http::Accepted { routes, service_id, route, source, client: peer, proto };
+                        let at = http::Accepted { routes, service_id, route, source, client: peer, proto, max_headers };
                         let conn = http::Conn::new(at, upstreams, tunnel, counters, spans, idle, env);
                         http::serve(client, Arc::new(conn), drain).await
                     }

@@ -106,6 +106,11 @@ pub struct RunArgs {
     /// request path gets a GOAWAY and is closed.
     #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = long_duration)]
     pub idle_timeout: std::time::Duration,
+    /// The largest request header block a client may send on a request
+    /// port, in bytes: more is answered 431 (HTTP/1.1 and HTTP/2, which
+    /// advertises it as SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[arg(long, default_value_t = 65536, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(8192..=16 << 20))]
+    pub max_request_headers: u32,
     /// Tunnel connections one peer identity (a node or a workload) may
     /// hold open to this node; more are closed after the handshake.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]

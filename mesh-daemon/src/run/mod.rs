@@ -382,6 +382,7 @@ impl Units<'_> {
             upstreams: self.readers.routes.upstreams(),
             detect_timeout: args.protocol_detect_timeout,
             idle: args.idle_timeout,
+            max_headers: args.max_request_headers as usize,
             env: crate::env::live(),
         };
         let proxy = tokio::spawn(outbound.run(drain.clone()));

@@ -19,8 +19,8 @@
 //! usage: mt-http --follow ADDR (--h1 | --h2)
 //! A client that opens one connection to ADDR (HTTP/1.1 keep-alive or
 //! HTTP/2 with prior knowledge) and keeps it for its whole life. For each
-//! line `N PATH [METHOD]` on stdin it sends N requests (GET unless a
-//! METHOD is given) for PATH over that
+//! line `N PATH [METHOD [CxB]]` on stdin it sends N requests (GET unless
+//! a METHOD is given; with C headers of B bytes each) for PATH over that
 //! connection, one after another, and prints one line: how many each
 //! backend answered and every status, `web-1=12 web-2=8 504=3`; the
 //! line `ok` once the connection is up. It exits at the end of stdin, or
@@ -157,21 +157,28 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                     Ok(resp)
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                .await;
+            // Larger header blocks than hyper's defaults (16 KiB on
+            // HTTP/2): the proxy's limit is what the tests look at.
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1().max_buf_size(1 << 20);
+            b.http2().max_header_list_size(1 << 20);
+            let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
         });
     }
 }
 
 /// One request on `send`; who answered (`backend=NAME`) or the status.
-async fn one(send: &mut Sender, addr: &str, path: &str, method: &str) -> Result<String, String> {
-    let req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("host", addr)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+async fn one(send: &mut Sender, addr: &str, path: &str, method: &str, extra: &str) -> Result<String, String> {
+    let mut b = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    // `CxN`: C headers of N bytes each (`x-pad-I`).
+    if let Some((c, n)) =
+        extra.split_once('x').and_then(|(c, n)| Some((c.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+    {
+        for i in 0..c {
+            b = b.header(format!("x-pad-{i}"), "p".repeat(n));
+        }
+    }
+    let req = b.header("host", addr).body(http_body_util::Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
     let resp = match send {
         Sender::H1(s) => {
             s.ready().await.map_err(|e| e.to_string())?;
@@ -221,9 +228,16 @@ async fn follow(addr: String, h2: bool) -> Result<(), String> {
             return Err(format!("not `N PATH [METHOD]`: {line:?}"));
         };
         let method = words.next().unwrap_or("GET");
+        let extra = words.next().unwrap_or("");
         let mut tally = std::collections::BTreeMap::new();
         for _ in 0..n {
-            *tally.entry(one(&mut send, &addr, path, method).await?).or_insert(0u32) += 1;
+            let got = match one(&mut send, &addr, path, method, extra).await {
+                Ok(got) => got,
+                // A request the proxy refused by closing the connection.
+                Err(e) if !extra.is_empty() => format!("error:{}", e.split_whitespace().next().unwrap_or("?")),
+                Err(e) => return Err(e),
+            };
+            *tally.entry(got).or_insert(0u32) += 1;
         }
         let words: Vec<String> = tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{}", words.join(" "));

@@ -47,6 +47,8 @@ pub struct Conn {
     pub idle: Duration,
     /// The clock and randomness of its decisions.
     pub env: &'static dyn Env,
+    /// The largest request header block (`--max-request-headers`).
+    pub max_headers: usize,
 }
 
 /// One route of the table, as requests use it: the pooling client of each
@@ -85,6 +87,8 @@ pub struct Accepted {
     pub source: Option<Arc<Workload>>,
     pub client: SocketAddrV4,
     pub proto: AppProtocol,
+    /// The largest request header block (`--max-request-headers`).
+    pub max_headers: usize,
 }
 
 impl Conn {
@@ -97,7 +101,7 @@ impl Conn {
         idle: Duration,
         env: &'static dyn Env,
     ) -> Self {
-        let Accepted { routes, service_id, route, source, client, proto } = at;
+        let Accepted { routes, service_id, route, source, client, proto, max_headers } = at;
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
         let resolved = ArcSwap::from_pointee(Resolved::new(route));
         Self {
@@ -115,6 +119,7 @@ impl Conn {
             spans,
             idle,
             env,
+            max_headers,
         }
     }
 
@@ -196,6 +201,7 @@ mod tests {
             source: None,
             client: "127.0.0.10:40000".parse().unwrap(),
             proto: AppProtocol::Http,
+            max_headers: 65536,
         };
         let counters = Arc::new(ProxyCounters::new(metrics));
         let spans = Arc::new(Spans::disabled());

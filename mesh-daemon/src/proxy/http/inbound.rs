@@ -42,6 +42,12 @@ use arc_swap::ArcSwap;
 /// first and never sends on a connection this side is closing.
 const IDLE: Duration = Duration::from_secs(90);
 
+/// The largest header block a peer proxy's request may have here: the
+/// sending proxy enforced its client's limit (`--max-request-headers`,
+/// at most 16 MiB), so this side takes what any such limit lets through
+/// and a request is decided the same wherever its endpoint runs.
+const PEER_HEADERS: usize = (16 << 20) + 8192;
+
 /// The stream's connection to the pod.
 enum Pod {
     /// One request at a time, as the stream brings them.
@@ -103,12 +109,12 @@ pub async fn serve(
     let ended = match protocol {
         StreamProtocol::Http1 => {
             let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(IDLE);
+            b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(IDLE).max_buf_size(PEER_HEADERS);
             drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
         }
         StreamProtocol::Http2 => {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new()).max_concurrent_streams(1024);
+            b.timer(TokioTimer::new()).max_concurrent_streams(1024).max_header_list_size(PEER_HEADERS as u32);
             drain.serve(b.serve_connection(io, svc), |c| c.graceful_shutdown()).await
         }
     };

@@ -56,7 +56,7 @@ use crate::relay::Watched;
 /// the idle timeout (`--idle-timeout`, as relays) gets a GOAWAY and is
 /// closed.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
-    let (http2, idle) = (conn.http2, conn.idle);
+    let (http2, idle, max_headers, client) = (conn.http2, conn.idle, conn.max_headers, conn.client);
     let counters = conn.counters.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -65,7 +65,14 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     let result = if http2 {
         let (io, activity) = Watched::new(stream);
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new()).max_concurrent_streams(1024);
+        // h2 decodes header blocks up to 4x the limit (advertised as
+        // SETTINGS_MAX_HEADER_LIST_SIZE) and `handle` answers 431 past the
+        // limit itself: at the limit, h2 would refuse a block split over
+        // CONTINUATION frames with a GOAWAY instead of a 431. Far past it,
+        // h2's own guard against CONTINUATION floods may close the
+        // connection.
+        let decoded = u32::try_from(max_headers.saturating_mul(4)).unwrap_or(u32::MAX);
+        b.timer(TokioTimer::new()).max_concurrent_streams(1024).max_header_list_size(decoded);
         match drain
             .serve_until_idle(b.serve_connection(TokioIo::new(io), svc), |c| c.graceful_shutdown(), activity.idle(idle))
             .await
@@ -79,12 +86,45 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
         }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(Duration::from_secs(30));
+        // A header block past the read buffer is answered 431.
+        b.timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(max_headers.max(8192));
         drain.serve(b.serve_connection(TokioIo::new(stream), svc).with_upgrades(), |c| c.graceful_shutdown()).await
     };
-    if let Err(e) = result {
-        debug!(error = %e, "HTTP client connection ended");
+    match result {
+        Err(e) if e.is_parse_too_large() => {
+            counters.headers_too_large.inc();
+            log_too_large(client, max_headers);
+        }
+        Err(e) => debug!(error = %e, "HTTP client connection ended"),
+        Ok(()) => {}
     }
+}
+
+/// A header block's size as HTTP/2 counts it (RFC 9113 6.5.2): each
+/// header's name and value, and 32 more.
+fn header_list_size(h: &HeaderMap) -> usize {
+    h.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum()
+}
+
+fn too_large(conn: &Conn) {
+    conn.counters.headers_too_large.inc();
+    log_too_large(conn.client, conn.max_headers);
+}
+
+fn log_too_large(client: std::net::SocketAddrV4, limit: usize) {
+    if TOO_LARGE_LOGGED.swap(now_secs(), std::sync::atomic::Ordering::Relaxed) != now_secs() {
+        warn!(%client, limit, "request headers over the limit (--max-request-headers): 431 (logged once a second)");
+    }
+}
+
+/// The second a 431 was last logged.
+static TOO_LARGE_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and
@@ -341,6 +381,18 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let Some(uri) = absolute(&req) else {
         return bad_request("the request names no host\n");
     };
+    if header_list_size(req.headers()) > conn.max_headers {
+        // HTTP/2 refuses these itself (SETTINGS_MAX_HEADER_LIST_SIZE);
+        // hyper's HTTP/1.1 read buffer only roughly.
+        too_large(conn);
+        return answer(
+            conn.grpc,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            8,
+            "headers_too_large",
+            "the request headers are over the limit",
+        );
+    }
     let wants_upgrade = req.version() != Version::HTTP_2 && upgrade::wanted(&req);
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
