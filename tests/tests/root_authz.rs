@@ -26,6 +26,11 @@ struct Mesh {
 /// frontend, admin and other (each its own service account) on node-a
 /// with web-a; web-b on node-b. `policies` is the document's list.
 fn mesh(policies: &str) -> Mesh {
+    mesh_with(|_| policies.to_owned())
+}
+
+/// As [`mesh`], the policies written from the cluster once it is made.
+fn mesh_with(policies: impl FnOnce(&Cluster) -> String) -> Mesh {
     let c = Cluster::create(
         &ClusterSpec::new()
             .node("node-a")
@@ -51,7 +56,7 @@ fn mesh(policies: &str) -> Mesh {
             ));
         }
     }
-    let cfg = c.write_file("mesh.yaml", &format!("{}{policies}", c.config(&services))).unwrap();
+    let cfg = c.write_file("mesh.yaml", &format!("{}{}", c.config(&services), policies(&c))).unwrap();
     let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
     let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
     Mesh { c, a, _b: b }
@@ -285,4 +290,69 @@ fn root_request_headers_over_64_kib_get_431_on_both_protocols_and_placements() {
     let got = f.batch_padded(1, "GET", "/api/x", "1x307200").unwrap();
     assert!(got.keys().all(|k| k == "431" || k.starts_with("error:")), "{got:?}");
     assert_eq!(served(&m), after);
+}
+
+#[test]
+fn root_order_audit_dry_run_addresses_and_no_ejection_on_both_placements() {
+    let _one = serial();
+    let targets = "      targetRefs: [{ kind: Service, name: h2-near }, { kind: Service, name: h2-far }]\n";
+    // Everyone but `other` may call; `other` only on /ip-ok, and only
+    // from its own address (believed across nodes only because a
+    // workload of its identity has it). A header denies anyone; /api is
+    // audited; a dry-run DENY of admin is reported, not enforced.
+    let other_ip = "OTHER_IP";
+    let policies = format!(
+        "policies:\n{}{}{}{}",
+        policy(
+            "callers",
+            &format!(
+                "{targets}      rules:\n      - from: [{{ source: {{ notPrincipals: [{P}/other] }} }}]\n      \
+                 - from: [{{ source: {{ ipBlocks: [{other_ip}/32] }} }}]\n        to: [{{ operation: {{ paths: [/ip-ok] }} }}]\n"
+            )
+        ),
+        policy(
+            "no-debug",
+            &format!("{targets}      action: DENY\n      rules: [{{ when: [{{ key: 'request.headers[x-debug]', values: ['1'] }}] }}]\n")
+        ),
+        policy("audit-api", &format!("{targets}      action: AUDIT\n      rules: [{{ to: [{{ operation: {{ paths: ['/api/*'] }} }}] }}]\n")),
+        policy(
+            "dry-admin",
+            &format!("{targets}      action: DENY\n      rules: [{{ from: [{{ source: {{ principals: [{P}/admin] }} }}] }}]\n")
+        )
+        .replace("name: dry-admin, namespace: default }", "name: dry-admin, namespace: default, annotations: { istio.io/dry-run: \"true\" } }"),
+    );
+    // The address is known only once the cluster is made: write it then.
+    let m = mesh_with(|c| policies.replace(other_ip, &c.pod("other").ip.to_string()));
+    let b = &m._b;
+    let get = |pod: &str, vip: &str, path: &str, headers: &[&str]| {
+        let mut args =
+            vec!["-sS", "--http2-prior-knowledge", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        let url = format!("http://{vip}{path}");
+        args.push(&url);
+        String::from_utf8_lossy(&m.c.exec(pod, "curl", &args, Duration::from_secs(10)).unwrap().stdout).into_owned()
+    };
+    for (name, vip, _) in H2 {
+        assert_eq!(get("frontend", vip, "/api/a", &[]), "200", "{name}");
+        assert_eq!(get("frontend", vip, "/api/a", &["x-debug: 1"]), "403", "{name}: DENY on a header");
+        assert_eq!(get("other", vip, "/x", &[]), "403", "{name}: notPrincipals leaves other out");
+        assert_eq!(get("other", vip, "/ip-ok", &[]), "200", "{name}: other's own address");
+        assert_eq!(get("admin", vip, "/x", &[]), "200", "{name}: a dry-run DENY does not deny");
+    }
+    let log = m.a.log_with("dry-run policy would decide otherwise", 1);
+    assert!(log.contains("dry-run policy would decide otherwise"), "{log}");
+    let audited =
+        |d: &Daemon| d.metric("mesh_authz_decisions_total", &["policy=\"default/audit-api\"", "decision=\"audit\""]);
+    assert!(audited(&m.a) >= 2 && audited(b) >= 2, "AUDIT counted on both nodes: {} {}", audited(&m.a), audited(b));
+
+    // 300 denied requests, then 30 allowed ones: a denial never counts
+    // against an endpoint, so none of them fails.
+    for (name, vip, pod) in H2 {
+        let mut denied = Follower::open(&m.c, "other", &format!("{vip}:80"), true).unwrap();
+        assert_eq!(denied.batch(300, "/x").unwrap(), [("403".to_owned(), 300)].into(), "{name}");
+        let mut allowed = Follower::open(&m.c, "frontend", &format!("{vip}:80"), true).unwrap();
+        assert_eq!(allowed.batch(30, "/y").unwrap(), [(pod.to_owned(), 30)].into(), "{name}: 0 of 30 failed");
+    }
 }
