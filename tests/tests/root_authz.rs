@@ -356,3 +356,57 @@ fn root_order_audit_dry_run_addresses_and_no_ejection_on_both_placements() {
         assert_eq!(allowed.batch(30, "/y").unwrap(), [(pod.to_owned(), 30)].into(), "{name}: 0 of 30 failed");
     }
 }
+
+#[test]
+fn root_grpc_a_method_denied_with_permission_denied_another_allowed_on_both_placements() {
+    let _one = serial();
+    let c = Cluster::create(
+        &ClusterSpec::new()
+            .node("node-a")
+            .node("node-b")
+            .pod("client", "node-a")
+            .pod("g-a", "node-a")
+            .pod("g-b", "node-b"),
+    )
+    .expect("mini cluster");
+    for g in ["g-a", "g-b"] {
+        c.spawn(g, &c.bins.mt_grpc.clone(), &["serve", "--name", g, "--port", "50051"]).unwrap();
+        let p = c.pod(g).clone();
+        assert!(mesh_tests::sys::wait_until(Duration::from_secs(10), || mesh_tests::sys::can_connect(
+            &p.netns,
+            p.addr(50051)
+        )));
+    }
+    let mut doc = String::new();
+    for (name, vip, pod, node) in [("g-near", "10.96.0.40", "g-a", "node-a"), ("g-far", "10.96.0.41", "g-b", "node-b")]
+    {
+        doc.push_str(&format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 50051, appProtocol: grpc }}]\n    healthCheck: {{ protocol: none }}\n    \
+             endpoints: [{{ ip: {}, node: {node} }}]\n",
+            c.pod(pod).ip
+        ));
+    }
+    // The client may Say, and nothing else (Count is denied).
+    let policies = format!(
+        "policies:\n{}",
+        policy(
+            "say-only",
+            &format!(
+                "      targetRefs: [{{ kind: Service, name: g-near }}, {{ kind: Service, name: g-far }}]\n      \
+                 rules: [{{ from: [{{ source: {{ principals: [{P}/client] }} }}], to: [{{ operation: {{ paths: [/mesh.test.Echo/Say] }} }}] }}]\n"
+            )
+        )
+    );
+    let cfg = c.write_file("mesh.yaml", &format!("{}{policies}", c.config(&doc))).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let _b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    for (name, vip, pod) in [("g-near", "10.96.0.40", "g-a"), ("g-far", "10.96.0.41", "g-b")] {
+        let out = c
+            .exec("client", "mt-grpc", &["call", &format!("http://{vip}:50051"), "3"], Duration::from_secs(30))
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let said = stdout.lines().filter(|l| *l == format!("unary backend={pod}")).count();
+        assert_eq!(said, 3, "{name}: Say is allowed\n{stdout}{stderr}\n{}", a.log_text());
+        assert!(stderr.contains("stream: PermissionDenied RBAC: access denied"), "{name}: Count is denied: {stderr}");
+    }
+}
