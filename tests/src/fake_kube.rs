@@ -52,6 +52,8 @@ struct State {
     /// Whether the Gateway API's CRDs are installed: HTTPRoute and
     /// GRPCRoute are served (else their collections answer 404).
     gateway_api: bool,
+    /// Istio's AuthorizationPolicy CRD is installed.
+    istio: bool,
 }
 
 /// A token the stand-in accepts, as the real server would review a
@@ -84,6 +86,7 @@ fn collection(obj: &Value) -> anyhow::Result<String> {
         Some("HTTPRoute") => "httproutes",
         Some("GRPCRoute") => "grpcroutes",
         Some("ReferenceGrant") => "referencegrants",
+        Some("AuthorizationPolicy") => "authorizationpolicies",
         other => bail!("the fake API server does not serve kind {other:?}"),
     };
     Ok(match obj["apiVersion"].as_str() {
@@ -193,8 +196,15 @@ impl FakeApiServer {
         self.set_down_only(if down { &["*"] } else { &[] });
     }
 
-    /// Installs the Gateway API's CRDs: HTTPRoute, GRPCRoute and ReferenceGrant are
-    /// served from now on.
+    /// Installs Istio's AuthorizationPolicy CRD: served from now on.
+    pub fn install_istio(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.istio = true;
+        }
+    }
+
+    /// Installs the Gateway API's CRDs: HTTPRoute, GRPCRoute and
+    /// ReferenceGrant are served from now on.
     pub fn install_gateway_api(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.gateway_api = true;
@@ -431,7 +441,7 @@ fn answer(
         .filter(|(_, v)| node.as_ref().is_none_or(|n| v["spec"]["nodeName"].as_str() == Some(n)))
         .map(|(_, v)| v.clone())
         .collect();
-    let (epoch, rv, gateway_api) = (s.epoch, s.rv, s.gateway_api);
+    let (epoch, rv, gateway_api, istio) = (s.epoch, s.rv, s.gateway_api, s.istio);
     drop(s);
     let known = ["/api/v1/services", "/api/v1/pods", "/api/v1/namespaces", "/apis/discovery.k8s.io/v1/endpointslices"];
     let routes = [
@@ -439,7 +449,9 @@ fn answer(
         "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
     ];
-    let served = known.contains(&collection.as_str()) || (gateway_api && routes.contains(&collection.as_str()));
+    let istio = istio && collection == "/apis/security.istio.io/v1/authorizationpolicies";
+    let served =
+        known.contains(&collection.as_str()) || (gateway_api && routes.contains(&collection.as_str())) || istio;
     if !served {
         respond(conn, "404 Not Found", &not_found_status(), true)?;
         return Ok(false);
@@ -456,6 +468,7 @@ fn answer(
         Some("httproutes") => "HTTPRouteList",
         Some("grpcroutes") => "GRPCRouteList",
         Some("referencegrants") => "ReferenceGrantList",
+        Some("authorizationpolicies") => "AuthorizationPolicyList",
         _ => "EndpointSliceList",
     };
     let api_version = match (collection.split('/').nth(2), collection.split('/').nth(3)) {

@@ -397,3 +397,58 @@ fn root_kubernetes_routes_from_the_api_server_take_effect_and_a_bad_one_is_left_
     }
     assert_eq!(seen.len(), 2, "/two spread over web's endpoints (weights 3:1): {seen:?}");
 }
+
+fn authorization_policy(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": { "name": name, "namespace": "shop", "uid": format!("policy-{name}"), "generation": 1 },
+        "spec": spec,
+    })
+}
+
+#[test]
+fn root_kubernetes_authorization_policies_apply_and_a_broken_allow_fails_closed() {
+    let _one = serial();
+    let c = cluster();
+    let mut objs = objects(&c);
+    // An ALLOW policy for web whose principal the model refuses (written
+    // with spiffe://): it must deny, not open everything.
+    let spec = |principal: &str| {
+        json!({ "targetRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+                "rules": [{ "from": [{ "source": { "principals": [principal] } }] }] })
+    };
+    objs.push(authorization_policy("web-callers", spec("spiffe://cluster.local/ns/shop/sa/shopper")));
+    let api = FakeApiServer::start(&c.node("node-a").netns, "127.0.0.1".parse().unwrap(), objs).unwrap();
+    api.install_istio();
+    let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+    let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes", "--log-format", "json"], &env).unwrap();
+
+    eventually(&d, "the stand-in policy is in the state", || {
+        state(&d)["policies"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    let log = d.log_with("it fails closed", 1);
+    let line = log.lines().find(|l| l.contains("AuthorizationPolicy not accepted")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("shop/web-callers") && line.contains("write principals without spiffe://"), "{line}");
+    for _ in 0..5 {
+        let (code, body) = c.curl("client", &format!("http://{VIP}/")).unwrap();
+        assert_eq!((code, body.trim()), (0, "RBAC: access denied"), "a broken ALLOW denies\n{}", d.log_text());
+    }
+
+    // The policy mended in the cluster: the client's service account may call.
+    api.edit("security.istio.io/v1", "AuthorizationPolicy", "shop", "web-callers", |o| {
+        o["spec"]["rules"][0]["from"][0]["source"]["principals"][0] = json!("cluster.local/ns/shop/sa/shopper");
+    })
+    .unwrap();
+    let allowed =
+        || c.curl("client", &format!("http://{VIP}/")).is_ok_and(|(code, body)| code == 0 && body.contains("web-"));
+    eventually(&d, "the mended policy allows the client", allowed);
+    // Another principal only: denied again.
+    api.edit("security.istio.io/v1", "AuthorizationPolicy", "shop", "web-callers", |o| {
+        o["spec"]["rules"][0]["from"][0]["source"]["principals"][0] = json!("cluster.local/ns/shop/sa/someone-else");
+    })
+    .unwrap();
+    let denied =
+        || c.curl("client", &format!("http://{VIP}/")).is_ok_and(|(_, body)| body.trim() == "RBAC: access denied");
+    eventually(&d, "a policy for another principal denies the client", denied);
+}

@@ -55,6 +55,8 @@ struct Stores {
     routes: Vec<(&'static str, Store<DynamicObject>)>,
     /// ReferenceGrants, when their CRD is installed.
     grants: Option<Store<DynamicObject>>,
+    /// AuthorizationPolicies, when Istio's CRD is installed.
+    policies: Option<Store<DynamicObject>>,
 }
 
 impl Stores {
@@ -67,6 +69,7 @@ impl Stores {
             pods: self.pods.state(),
             routes: self.routes.iter().map(|(k, st)| (*k, st.state())).collect(),
             grants: self.grants.as_ref().map(Store::state).unwrap_or_default(),
+            policies: self.policies.as_ref().map(Store::state).unwrap_or_default(),
         }
     }
 }
@@ -203,6 +206,11 @@ pub async fn run(
         false if served(&client, &grant).await => Some(reflect_routes(&client, &grant, changed.clone(), &mut tasks)),
         _ => None,
     };
+    let policy = super::policies::resource();
+    let policies = match served(&client, &policy).await {
+        true => Some(reflect_routes(&client, &policy, changed.clone(), &mut tasks)),
+        false => None,
+    };
     let stores = Stores {
         services: reflect(&client, changed.clone(), &mut tasks),
         slices: reflect(&client, changed.clone(), &mut tasks),
@@ -210,6 +218,7 @@ pub async fn run(
         pods: reflect(&client, changed.clone(), &mut tasks),
         routes,
         grants,
+        policies,
     };
     let result = tokio::select! {
         _ = stop.stopped() => Ok(()),
@@ -233,7 +242,7 @@ async fn follow(
         stores.slices.wait_until_ready().await?;
         stores.namespaces.wait_until_ready().await?;
         stores.pods.wait_until_ready().await?;
-        for r in stores.routes.iter().map(|(_, r)| r).chain(&stores.grants) {
+        for r in stores.routes.iter().map(|(_, r)| r).chain(&stores.grants).chain(&stores.policies) {
             r.wait_until_ready().await?;
         }
         Ok::<(), reflector::store::WriterDropped>(())
@@ -273,6 +282,7 @@ struct Seen {
     pods: Vec<Arc<Pod>>,
     routes: Vec<(&'static str, Vec<Arc<DynamicObject>>)>,
     grants: Vec<Arc<DynamicObject>>,
+    policies: Vec<Arc<DynamicObject>>,
 }
 
 /// What one pass of translating and writing keeps for the next.
@@ -298,6 +308,7 @@ impl Pass {
             seen.routes.iter().flat_map(|(k, v)| v.iter().map(move |o| (*k, o.as_ref()))).collect();
         t.document.routes = super::routes::translate(&routes, &mut t.skipped);
         t.document.reference_grants = super::routes::grants(&seen.grants, &mut t.skipped);
+        t.document.policies = super::policies::translate(&seen.policies, &mut t.skipped);
         for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
             info!(reason = %why, "left out of the mesh");
         }
@@ -354,6 +365,22 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
                     let grant = format!("{}/{}", g.metadata.namespace, g.metadata.name);
                     warn!(grant, reason = %why, "ReferenceGrant not accepted; left out, the others apply");
                 }
+                for (i, why) in out.policies.into_iter().rev() {
+                    let p = next.policies[i].clone();
+                    let policy = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+                    let dry = p.metadata.annotations.get("istio.io/dry-run").is_some_and(|v| v == "true");
+                    let spec = serde_json::to_value(&p.spec).unwrap_or_default();
+                    match crate::model::authz::fail_closed(&p.metadata.name, &p.metadata.namespace, dry, &spec) {
+                        Some(stand_in) if stand_in != *p => {
+                            warn!(policy, reason = %why, "AuthorizationPolicy not accepted; it fails closed (a broken ALLOW allows nothing, a broken DENY denies all)");
+                            next.policies[i] = Arc::new(stand_in);
+                        }
+                        _ => {
+                            warn!(policy, reason = %why, "AuthorizationPolicy not accepted; left out");
+                            next.policies.remove(i);
+                        }
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, "writing the cluster's state failed; retrying in {}s", RETRY.as_secs());
@@ -374,6 +401,8 @@ struct LeftOut {
     workloads: Vec<usize>,
     routes: Vec<(usize, String)>,
     grants: Vec<(usize, String)>,
+    /// Policies, to be replaced by their fail-closed stand-ins.
+    policies: Vec<(usize, String)>,
 }
 
 fn left_out(errors: &crate::model::ValidationErrors) -> Option<LeftOut> {
@@ -394,6 +423,8 @@ fn left_out(errors: &crate::model::ValidationErrors) -> Option<LeftOut> {
             item(&mut out.routes, i, e)?;
         } else if let Some(i) = at("referenceGrants[") {
             item(&mut out.grants, i, e)?;
+        } else if let Some(i) = at("policies[") {
+            item(&mut out.policies, i, e)?;
         } else {
             return None;
         }
@@ -402,6 +433,7 @@ fn left_out(errors: &crate::model::ValidationErrors) -> Option<LeftOut> {
     out.workloads.dedup();
     out.routes.sort_by_key(|(i, _)| *i);
     out.grants.sort_by_key(|(i, _)| *i);
+    out.policies.sort_by_key(|(i, _)| *i);
     (out != LeftOut::default()).then_some(out)
 }
 
@@ -444,7 +476,7 @@ mod tests {
     use crate::model::{FieldError, ValidationErrors};
 
     #[test]
-    fn only_workload_pid_route_and_grant_errors_are_left_out() {
+    fn only_workload_pid_route_grant_and_policy_errors_are_left_out() {
         let e = |p: &str| FieldError { path: p.into(), message: "x".into() };
         let errs = ValidationErrors(vec![e("workloads[3].pid"), e("workloads[1].pid"), e("workloads[3].pid")]);
         assert_eq!(left_out(&errs), Some(LeftOut { workloads: vec![1, 3], ..LeftOut::default() }));
@@ -454,13 +486,15 @@ mod tests {
             e("routes[0].kind"),
             e("routes[2].spec.parentRefs[0]"),
             e("referenceGrants[1].spec.to[0]"),
+            e("policies[4].spec.rules[0].from[0].source.principals[0]"),
         ]);
         let want = vec![
             (0, "routes[0].kind: x".to_owned()),
             (2, "routes[2].spec.rules[0].backendRefs[0].name: x; routes[2].spec.parentRefs[0]: x".to_owned()),
         ];
         let grants = vec![(1, "referenceGrants[1].spec.to[0]: x".to_owned())];
-        assert_eq!(left_out(&routes), Some(LeftOut { workloads: vec![1], routes: want, grants }));
+        let policies = vec![(4, "policies[4].spec.rules[0].from[0].source.principals[0]: x".to_owned())];
+        assert_eq!(left_out(&routes), Some(LeftOut { workloads: vec![1], routes: want, grants, policies }));
         let mixed = ValidationErrors(vec![e("workloads[1].pid"), e("services[0].vip")]);
         assert_eq!(left_out(&mixed), None, "another error: the state is invalid");
         assert_eq!(left_out(&ValidationErrors(vec![])), None);

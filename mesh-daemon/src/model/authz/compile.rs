@@ -78,7 +78,7 @@ fn kernel_selected(
     None
 }
 
-fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
+pub(super) fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
     let before = e.0.len();
     if !API_VERSIONS.contains(&d.api_version.as_str()) {
         e.push(

@@ -391,5 +391,50 @@ pub fn decide<'p>(
     v
 }
 
+/// What stands in for a policy that cannot be used as written (from a
+/// cluster, where a bad object must not hold back the others): it fails
+/// closed, as Istio does. A broken ALLOW policy becomes an ALLOW policy
+/// without rules (so it allows nothing, and what no other ALLOW policy
+/// allows is denied); a broken DENY one denies everything; a broken
+/// AUDIT one is dropped (None). It keeps the policy's name, its dry-run
+/// annotation, and its `selector` or `targetRefs` when those alone are
+/// well formed (`spec`, the object's spec as written); else it applies
+/// to the policy's whole namespace.
+pub fn fail_closed(name: &str, namespace: &str, dry_run: bool, spec: &serde_json::Value) -> Option<PolicyDoc> {
+    let action = spec.get("action").and_then(|a| a.as_str()).unwrap_or("ALLOW");
+    let rules = match action {
+        "AUDIT" => return None,
+        "DENY" => vec![doc::RuleDoc::default()],
+        _ => Vec::new(),
+    };
+    let selector: Option<doc::SelectorDoc> = spec.get("selector").and_then(|v| serde_json::from_value(v.clone()).ok());
+    let target_refs: Vec<doc::TargetRefDoc> =
+        spec.get("targetRefs").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
+    let mut annotations = std::collections::BTreeMap::new();
+    if dry_run {
+        annotations.insert("istio.io/dry-run".to_owned(), "true".to_owned());
+    }
+    let stand_in = |selector, target_refs| PolicyDoc {
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        metadata: doc::PolicyMetadataDoc {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            annotations: annotations.clone(),
+        },
+        spec: doc::PolicySpecDoc {
+            selector,
+            target_refs,
+            action: Some(if action == "DENY" { "DENY" } else { "ALLOW" }.into()),
+            rules: rules.clone(),
+        },
+        status: None,
+    };
+    let scoped = stand_in(selector, target_refs);
+    let mut e = super::errors::Errors::default();
+    let ok = compile::policy(&mut e, "p", &scoped).is_some();
+    Some(if ok { scoped } else { stand_in(None, Vec::new()) })
+}
+
 #[cfg(test)]
 mod tests;
