@@ -410,3 +410,39 @@ fn root_grpc_a_method_denied_with_permission_denied_another_allowed_on_both_plac
         assert!(stderr.contains("stream: PermissionDenied RBAC: access denied"), "{name}: Count is denied: {stderr}");
     }
 }
+
+#[test]
+fn root_a_services_authorization_holds_on_the_endpoints_node_too() {
+    let _one = serial();
+    // The issue's first finding: `authorization` allowing only one
+    // identity let a pod of another through when it ran on the
+    // endpoint's node. It is an ALLOW policy of the service now.
+    let m = mesh_with(|c| {
+        let _ = c;
+        String::new()
+    });
+    let mut doc = String::new();
+    for (name, vip, pod) in TCP {
+        let node = if pod == "web-a" { "node-a" } else { "node-b" };
+        doc.push_str(&format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    healthCheck: {{ protocol: none }}\n    \
+             authorization: {{ identities: [\"spiffe://{P}/frontend\"] }}\n    endpoints: [{{ ip: {}, node: {node} }}]\n",
+            m.c.pod(pod).ip
+        ));
+    }
+    let f = m.c.write_file("legacy.yaml", &m.c.config(&doc)).unwrap();
+    for node in ["node-a", "node-b"] {
+        let out = m.c.meshctl(node, &["apply", "-f", f.to_str().unwrap()]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let before = served(&m);
+    for (name, vip, _) in TCP {
+        assert_eq!(tcp(&m, "frontend", vip), 0, "{name}: frontend is allowed");
+        assert_ne!(tcp(&m, "other", vip), 0, "{name}: other is not, wherever it runs");
+    }
+    let after = served(&m);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "other reached nothing");
+    let out = m.c.meshctl("node-a", &["get", "policies", "-o", "json"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default/tcp-near.authorization"), "{text}");
+}

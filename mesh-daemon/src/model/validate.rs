@@ -166,7 +166,9 @@ fn routes(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut Stat
 /// under a policy: kernel-mode services are refused under one).
 /// A write that changes them changes the whole: every reader rebuilds.
 fn policies(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut State, changes: &mut Changes) {
-    if doc.policies.is_empty() && prev.is_none_or(|p| p.policies.docs.is_empty()) {
+    let none = |p: &State| p.policies.docs.is_empty() && p.policies.from_services.is_empty();
+    let any_service_policy = || state.services.iter().any(|s| s.authorization.is_some());
+    if doc.policies.is_empty() && prev.is_none_or(none) && !any_service_policy() {
         state.policies = prev.map(|p| p.policies.clone()).unwrap_or_default();
         return;
     }

@@ -16,6 +16,24 @@ use mesh_daemon::model::{Document, Identity, State};
 pub fn list(doc: &Value) -> Vec<Value> {
     let docs: Vec<PolicyDoc> = serde_json::from_value(doc["policies"].clone()).unwrap_or_default();
     let state = serde_json::from_value::<Document>(doc.clone()).ok().and_then(|d| State::from_document(&d).ok());
+    // The services' `authorization`, each an ALLOW policy of its own.
+    let from_services: Vec<Value> = state
+        .as_ref()
+        .map(|s| {
+            s.policies
+                .list
+                .iter()
+                .filter(|p| p.label.ends_with(".authorization"))
+                .map(|p| {
+                    let scope = match &p.scope {
+                        Scope::Services(keys) => keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        _ => "-".into(),
+                    };
+                    json!({ "name": p.label.to_string(), "action": "ALLOW", "appliesTo": scope, "rules": p.rules.len(), "dryRun": false })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     docs.iter()
         .map(|d| {
             let label = format!("{}/{}", d.metadata.namespace, d.metadata.name);
@@ -42,6 +60,7 @@ pub fn list(doc: &Value) -> Vec<Value> {
                 "dryRun": compiled.as_ref().is_some_and(|p| p.dry_run),
             })
         })
+        .chain(from_services)
         .collect()
 }
 

@@ -47,7 +47,11 @@ pub(in crate::model) fn compile(
             list.push(Arc::new(policy));
         }
     }
-    Policies { docs: docs.to_vec(), list }
+    // Each service's `authorization` is an ALLOW policy of its own.
+    let from_services: Vec<(ServiceKey, crate::model::Authorization)> =
+        services.iter().filter_map(|s| Some((s.key(), s.authorization.clone()?))).collect();
+    list.extend(from_services.iter().map(|(k, a)| Arc::new(super::from_service(k, a))));
+    Policies { docs: docs.to_vec(), from_services, list }
 }
 
 /// Why `policy` may not be: it applies to a workload behind a kernel-mode

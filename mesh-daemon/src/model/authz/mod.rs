@@ -31,15 +31,43 @@ pub const ROOT_NAMESPACE: &str = "mesh-system";
 /// Every policy of a state, compiled.
 #[derive(Debug, Default)]
 pub struct Policies {
-    /// The documents it was compiled from: two `Policies` are equal when
-    /// these are.
+    /// The documents it was compiled from, and the services'
+    /// `authorization` (each an ALLOW policy of its own): two `Policies`
+    /// are equal when these are.
     pub docs: Vec<Arc<PolicyDoc>>,
+    pub from_services: Vec<(ServiceKey, super::Authorization)>,
     pub list: Vec<Arc<Policy>>,
 }
 
 impl PartialEq for Policies {
     fn eq(&self, other: &Self) -> bool {
-        self.docs == other.docs
+        self.docs == other.docs && self.from_services == other.from_services
+    }
+}
+
+/// A service's `authorization` as the ALLOW policy it is: its identities
+/// (any trust domain) or any workload of its namespaces may reach it, and
+/// nothing else. Named `NAMESPACE/SERVICE.authorization`.
+pub fn from_service(key: &ServiceKey, a: &super::Authorization) -> Policy {
+    let exact = |s: String| Pattern::Exact(s);
+    let mut rules = Vec::new();
+    if !a.identities.is_empty() {
+        let principals = a.identities.iter().map(|i| exact(i.to_string().trim_start_matches("spiffe://").to_owned()));
+        rules.push(Rule {
+            from: vec![Source { principals: principals.collect(), ..Source::default() }],
+            ..Rule::default()
+        });
+    }
+    if !a.namespaces.is_empty() {
+        let namespaces = a.namespaces.iter().map(|n| exact(n.to_string())).collect();
+        rules.push(Rule { from: vec![Source { namespaces, ..Source::default() }], ..Rule::default() });
+    }
+    Policy {
+        label: format!("{key}.authorization").into(),
+        action: Action::Allow,
+        dry_run: false,
+        scope: Scope::Services(vec![key.clone()]),
+        rules,
     }
 }
 
