@@ -31,6 +31,11 @@
 //!   HTTPRoutes of 16 rules each (800 PathPrefix and header matches that
 //!   no bench request matches, ranked before its catch-all), the cost of
 //!   routing against http-proxy-local in the same run.
+//! - http-proxy-authz: as http-proxy-local, through a Service with 20
+//!   authorization policies of 10 rules each applying to it (19 DENY
+//!   policies whose rules no bench request matches, and an ALLOW policy
+//!   whose last rule lets the client through), the cost of authorization
+//!   against http-proxy-local in the same run.
 //!
 //! Per path: wrk, 32 HTTP/1.1 keep-alive connections (requests/s, p50,
 //! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s);
@@ -185,7 +190,7 @@ pub fn bench(
     release: bool,
 ) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 12] = [
+    const PATHS: [&str; 13] = [
         "direct",
         "kernel",
         "proxy-local",
@@ -198,6 +203,7 @@ pub fn bench(
         "http-proxy-mtls",
         "haproxy-http",
         "http-proxy-routes",
+        "http-proxy-authz",
     ];
     if let Some(bad) = only.iter().find(|o| !PATHS.contains(&o.as_str())) {
         bail!("--only {bad}: no such path; the paths are {}", PATHS.join(", "));
@@ -230,9 +236,11 @@ pub fn bench(
         http_svc("h2-mtls", "10.96.0.26", "http2", w2, "node-b"),
         http_svc("http-routes", "10.96.0.27", "http", w1, "node-a"),
         http_svc("h2-routes", "10.96.0.28", "http2", w1, "node-a"),
+        http_svc("http-authz", "10.96.0.29", "http", w1, "node-a"),
+        http_svc("h2-authz", "10.96.0.30", "http2", w1, "node-a"),
     ]
     .concat();
-    let cfg = c.write_file("mesh.yaml", &(c.config(&services) + &bench_routes()))?;
+    let cfg = c.write_file("mesh.yaml", &(c.config(&services) + &bench_routes() + &bench_policies()))?;
     let da = c.start_daemon("node-a", &cfg, &["--worker-threads", "1"])?;
     let db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
 
@@ -390,12 +398,13 @@ pub fn bench(
     let rows: Vec<Row> = runs.iter().map(|r| median_row(r)).collect();
 
     // Requests: the same rounds, interleaved the same way.
-    let http_paths: [(&str, String, String, u32); 5] = [
+    let http_paths: [(&str, String, String, u32); 6] = [
         ("http-direct", format!("{w1}:8090"), format!("{w1}:8090"), da.pid()),
         ("http-proxy-local", "10.96.0.23:80".into(), "10.96.0.24:80".into(), da.pid()),
         ("http-proxy-mtls", "10.96.0.25:80".into(), "10.96.0.26:80".into(), da.pid()),
         ("haproxy-http", format!("{node_a}:18090"), format!("{node_a}:18091"), haproxy),
         ("http-proxy-routes", "10.96.0.27:80".into(), "10.96.0.28:80".into(), da.pid()),
+        ("http-proxy-authz", "10.96.0.29:80".into(), "10.96.0.30:80".into(), da.pid()),
     ];
     let oha = crate::setup::oha_path()
         .context("oha is missing (the fixed-rate latency needs it): run cargo xtask setup")?
@@ -489,6 +498,30 @@ pub fn bench(
     Ok(())
 }
 
+/// The policies of the http-proxy-authz row, on http-authz and
+/// h2-authz: 19 DENY policies of 10 rules (a principal and a path each,
+/// which no bench request has) and an ALLOW policy of 10 rules, the last
+/// of which (empty) matches every request: each request is checked
+/// against all 200 rules.
+fn bench_policies() -> String {
+    let mut s = String::from("policies:\n");
+    for i in 0..20 {
+        let action = if i < 19 { "DENY" } else { "ALLOW" };
+        let _ = writeln!(s, "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: bench-{i} }}\n    spec:\n      action: {action}\n      targetRefs: [{{ kind: Service, name: http-authz }}, {{ kind: Service, name: h2-authz }}]\n      rules:");
+        for j in 0..10 {
+            if i == 19 && j == 9 {
+                let _ = writeln!(s, "        - {{}}");
+            } else {
+                let _ = writeln!(
+                    s,
+                    "        - from: [{{ source: {{ principals: [cluster.local/ns/other/sa/p{i}-{j}] }} }}]\n          to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]"
+                );
+            }
+        }
+    }
+    s
+}
+
 /// The routes of the http-proxy-routes row: on each of http-routes and
 /// h2-routes, 50 HTTPRoutes of 16 rules (a PathPrefix and a header match
 /// each, which no bench request matches, and which the router cannot skip
@@ -564,6 +597,16 @@ fn render_http(rows: &[HttpRow]) -> String {
         let _ = writeln!(
             s,
             "\nRouting cost (http-proxy-routes, 50 HTTPRoutes x 16 rules checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
+            pct(r.rps, l.rps),
+            pct(r.h2_rps, l.h2_rps),
+            r.fixed_p50_us - l.fixed_p50_us
+        );
+    }
+    if let (Some(l), Some(r)) = (local, rows.iter().find(|r| r.name == "http-proxy-authz")) {
+        let pct = |a: f64, b: f64| if b > 0.0 { format!("{:+.1}%", (a / b - 1.0) * 100.0) } else { "-".into() };
+        let _ = writeln!(
+            s,
+            "\nAuthorization cost (http-proxy-authz, 20 policies x 10 rules checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
             pct(r.rps, l.rps),
             pct(r.h2_rps, l.h2_rps),
             r.fixed_p50_us - l.fixed_p50_us
