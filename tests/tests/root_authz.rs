@@ -144,6 +144,14 @@ fn root_each_decision_is_the_same_wherever_client_and_endpoint_run() {
     }
     let last = served(&m);
     assert_eq!((last.0 - after.0, last.1 - after.1), (2, 2), "only the allowed requests reached a backend");
+    // Each request's access-log line names the policy and rule that
+    // decided it, on the node that decided.
+    let log = m.a.log_with("authz=default/h2-api#1", 1);
+    assert!(log.contains("authz=default/h2-api#0") && log.contains("authz=default/h2-api#1"), "{log}");
+    let denied: Vec<&str> = log.lines().filter(|l| l.contains("outcome=denied")).collect();
+    assert!(denied.iter().any(|l| l.contains("authz=no-allow-match")), "{denied:?}");
+    let log = m._b.log_with("authz=default/h2-api#1", 1);
+    assert!(log.contains("direction=inbound") && log.contains("authz=default/h2-api#0"), "{log}");
 
     // The backend learns the verified caller, never a forged one, and no
     // header of the mesh's own.

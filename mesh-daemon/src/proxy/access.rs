@@ -25,6 +25,9 @@ pub struct RequestLine<'a> {
     /// The Gateway API route (`namespace/name`) and rule (its name, or
     /// its index) that decided the request, if one did.
     pub route: Option<(&'a str, &'a str)>,
+    /// The authorization policy and rule that decided it (`ns/name#rule`,
+    /// or `no-allow-match`), if policies apply.
+    pub authz: Option<&'a str>,
 }
 
 /// One finished connection or request. `bytes_up` went from the client
@@ -111,6 +114,9 @@ impl Record<'_> {
                 f.str("route", route);
                 f.str("rule", rule);
             }
+            if let Some(a) = r.authz {
+                f.str("authz", a);
+            }
         }
     }
 
@@ -140,6 +146,7 @@ impl Record<'_> {
             trace_id = r.and_then(|r| r.trace_id),
             route = r.and_then(|r| r.route).map(|r| r.0),
             rule = r.and_then(|r| r.route).map(|r| r.1),
+            authz = r.and_then(|r| r.authz),
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
@@ -183,6 +190,7 @@ mod tests {
                 retries: 2,
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
                 route: Some(("default/canary", "v2")),
+                authz: Some("default/api#1"),
             }),
         };
         let text = line(true, &r);
@@ -204,6 +212,7 @@ mod tests {
         assert_eq!(f["retries"].as_u64(), Some(2));
         assert_eq!(f["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((f["route"].as_str(), f["rule"].as_str()), (Some("default/canary"), Some("v2")));
+        assert_eq!(f["authz"], "default/api#1");
         assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
         let text = line(false, &r);
         assert!(

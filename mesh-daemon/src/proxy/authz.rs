@@ -63,6 +63,14 @@ pub struct Denied {
 }
 
 impl Denied {
+    /// `policy#rule`, or `no-allow-match`, for the access log's `authz`.
+    pub fn label(&self) -> String {
+        match &self.by {
+            Some((p, r)) => format!("{p}#{r}"),
+            None => "no-allow-match".into(),
+        }
+    }
+
     /// `policy#rule`, or `no ALLOW policy matched`, for logs.
     pub fn describe(&self) -> String {
         match &self.by {
@@ -142,6 +150,8 @@ impl Guard {
     /// node, or another endpoint it hands connections to) as `service`,
     /// with request `req` (None: a connection on a `tcp` port). Counted in
     /// `mesh_authz_decisions_total`; a denial is logged (once a second).
+    /// Ok with the ALLOW policy and rule that decided (`ns/name#rule`),
+    /// when one did.
     pub fn check(
         &self,
         service: &ServiceKey,
@@ -150,9 +160,9 @@ impl Guard {
         req: Option<&Request<'_>>,
         metrics: &Metrics,
         now_secs: u64,
-    ) -> Result<(), Denied> {
+    ) -> Result<Option<String>, Denied> {
         if !self.enforcing() {
-            return Ok(());
+            return Ok(None);
         }
         let v = self.verdict(service, target, caller, req);
         count(&v, metrics);
@@ -160,7 +170,7 @@ impl Guard {
             info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
         }
         if v.allowed {
-            return Ok(());
+            return Ok(v.by.map(|(p, r)| format!("{}#{r}", p.label)));
         }
         let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)) };
         if self.logged.swap(now_secs, Ordering::Relaxed) != now_secs {

@@ -136,7 +136,8 @@ async fn open(
         let secs = path.env.secs() as u64;
         path.guard
             .check(&route.key.service, ep.state.addr, &who.caller(), None, route.metrics(), secs)
-            .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })?;
+            .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })
+            .map(|_| ())?;
     }
     let svc = (&route.key.service, None, Some(*path.client.ip()));
     dial::connect(ep.state.addr, via, id, svc, path.tunnel, route.connect_timeout).await

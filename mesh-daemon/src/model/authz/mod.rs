@@ -314,23 +314,29 @@ impl Rule {
     /// in a DENY or AUDIT one: what cannot be checked is not allowed, and
     /// is denied (Istio's rule for TCP).
     fn matches(&self, action: Action, dest: &Dest<'_>, caller: &Caller<'_>, req: Option<&Request<'_>>) -> bool {
+        // Each part only if the ones before matched: a request is checked
+        // against every rule of every policy that applies.
         let unknown = action != Action::Allow;
-        let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(caller));
-        let to = self.to.is_empty()
-            || self.to.iter().any(|o| match req {
-                None if o.has_l7() => unknown && ports_match(o, dest.port),
-                None => ports_match(o, dest.port),
-                Some(r) => ports_match(o, dest.port) && o.matches_request(r),
-            });
-        let when = self.when.iter().all(|c| match (&c.key, req) {
-            (ConditionKey::Header(_), None) => unknown,
-            (ConditionKey::Header(name), Some(r)) => {
-                let values: Vec<&str> = r.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-                !values.is_empty() && c.values_match(&values)
-            }
-            (ConditionKey::Principal, _) => caller.principal.is_some_and(|p| c.values_match(&[p])),
-        });
-        from && to && when
+        let from = || self.from.is_empty() || self.from.iter().any(|s| s.matches(caller));
+        let to = || {
+            self.to.is_empty()
+                || self.to.iter().any(|o| match req {
+                    None if o.has_l7() => unknown && ports_match(o, dest.port),
+                    None => ports_match(o, dest.port),
+                    Some(r) => ports_match(o, dest.port) && o.matches_request(r),
+                })
+        };
+        let when = || {
+            self.when.iter().all(|c| match (&c.key, req) {
+                (ConditionKey::Header(_), None) => unknown,
+                (ConditionKey::Header(name), Some(r)) => {
+                    let values: Vec<&str> = r.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+                    !values.is_empty() && c.values_match(&values)
+                }
+                (ConditionKey::Principal, _) => caller.principal.is_some_and(|p| c.values_match(&[p])),
+            })
+        };
+        from() && to() && when()
     }
 }
 
@@ -364,10 +370,18 @@ impl Source {
 
 impl Operation {
     fn matches_request(&self, r: &Request<'_>) -> bool {
-        let host = r.host.to_ascii_lowercase();
-        one_of(&self.hosts, &self.not_hosts, Some(&host))
-            && one_of(&self.methods, &self.not_methods, Some(r.method))
+        let hosts = || {
+            if self.hosts.is_empty() && self.not_hosts.is_empty() {
+                return true;
+            }
+            // Patterns are lowercase; a host is lowered only when one is
+            // asked about.
+            let host = r.host.to_ascii_lowercase();
+            one_of(&self.hosts, &self.not_hosts, Some(&host))
+        };
+        one_of(&self.methods, &self.not_methods, Some(r.method))
             && one_of(&self.paths, &self.not_paths, Some(r.path))
+            && hosts()
     }
 }
 

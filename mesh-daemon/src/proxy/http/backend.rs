@@ -148,10 +148,16 @@ impl<'a> Plan<'a> {
             });
             let Some((i, ep)) = picked else { break };
             let tunnelled = crate::proxy::dial::via(ep, route).is_some();
-            if !tunnelled && self.denied(ep, &parts) {
-                // Decided here as the endpoint's node would: never the
-                // endpoint's fault, never tried elsewhere.
-                return finished.failed("denied", self.started, forbidden(self.conn.grpc));
+            if !tunnelled {
+                match self.authorize(ep, &parts) {
+                    Ok(by) => finished.authz = by,
+                    Err(by) => {
+                        // Decided here as the endpoint's node would: never
+                        // the endpoint's fault, never tried elsewhere.
+                        finished.authz = Some(by);
+                        return finished.failed("denied", self.started, forbidden(self.conn.grpc));
+                    }
+                }
             }
             let client = match self.resolved.client(i, ep, self.conn) {
                 Ok(c) => c,
@@ -255,13 +261,14 @@ impl<'a> Plan<'a> {
         Err(after)
     }
 
-    /// Whether the policies deny the request `parts` to `ep`, which this
-    /// node hands it to directly.
-    fn denied(&self, ep: &RouteEndpoint, parts: &Parts) -> bool {
+    /// The policies' decision on the request `parts` to `ep`, which this
+    /// node hands it to directly: the policy and rule that allowed it (if
+    /// one did), or Err with the one that denied it.
+    fn authorize(&self, ep: &RouteEndpoint, parts: &Parts) -> Result<Option<String>, String> {
         let table = self.conn.routes.load();
         let guard = table.guard();
         if !guard.enforcing() {
-            return false;
+            return Ok(None);
         }
         let source = self.conn.source.as_ref().map(|w| &w.identity);
         let who = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));
@@ -269,7 +276,9 @@ impl<'a> Plan<'a> {
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();
         let secs = self.conn.env.secs() as u64;
-        guard.check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs).is_err()
+        guard
+            .check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs)
+            .map_err(|d| d.label())
     }
 
     /// An answer came: its latency observed; again when the retry policy

@@ -124,13 +124,18 @@ pub async fn serve(
 }
 
 impl Ctx {
-    /// The policies' decision for `req`: Err with the 403 (gRPC:
-    /// PERMISSION_DENIED) when they deny it.
+    /// The policies' decision for `req`: the policy and rule that allowed
+    /// it (if one did), or Err with the 403 (gRPC: PERMISSION_DENIED) and
+    /// the one that denied it.
     #[allow(clippy::result_large_err)]
-    fn authorize(&self, req: &Request<Incoming>, source: Option<std::net::IpAddr>) -> Result<(), Response<Body>> {
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Option<String>, (Response<Body>, String)> {
         let view = self.view.load();
         if !view.guard.enforcing() {
-            return Ok(());
+            return Ok(None);
         }
         let who = view.guard.caller(Some(&self.peer), source);
         let host =
@@ -142,10 +147,9 @@ impl Ctx {
             headers: req.headers(),
         };
         let secs = crate::env::Live.secs() as u64;
-        match view.guard.check(&self.target.service, self.addr, &who.caller(), Some(&r), self.target.metrics(), secs) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(forbidden(self.target.grpc)),
-        }
+        view.guard
+            .check(&self.target.service, self.addr, &who.caller(), Some(&r), self.target.metrics(), secs)
+            .map_err(|d| (forbidden(self.target.grpc), d.label()))
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
@@ -163,18 +167,15 @@ impl Ctx {
             }
         }
         let line = Line::new(req.method(), req.uri(), req.headers());
-        if let Err(r) = self.authorize(&req, source) {
-            let mut report = Reported {
-                target: self.target.clone(),
-                peer: self.peer.clone(),
-                addr: self.addr,
-                line,
-                started,
-                traced: None,
-            };
-            report.report(r.status(), grpc_status(r.headers()), 0, "denied");
-            return r;
-        }
+        let authz = match self.authorize(&req, source) {
+            Ok(by) => by,
+            Err((r, by)) => {
+                let (target, peer, addr) = (self.target.clone(), self.peer.clone(), self.addr);
+                let mut report = Reported { target, peer, addr, line, started, traced: None, authz: Some(by) };
+                report.report(r.status(), grpc_status(r.headers()), 0, "denied");
+                return r;
+            }
+        };
         let traced = Traced::of(req.headers_mut(), &self.spans);
         let sent = match &self.pod {
             Pod::Http1(s) => {
@@ -186,8 +187,15 @@ impl Ctx {
             }
             Pod::Http2(s) => s.clone().send_request(req).await,
         };
-        let mut report =
-            Reported { target: self.target.clone(), peer: self.peer.clone(), addr: self.addr, line, started, traced };
+        let mut report = Reported {
+            target: self.target.clone(),
+            peer: self.peer.clone(),
+            addr: self.addr,
+            line,
+            started,
+            traced,
+            authz,
+        };
         match sent {
             Ok(resp) => {
                 let latency = started.elapsed();
@@ -222,6 +230,8 @@ struct Reported {
     line: Line,
     started: Instant,
     traced: Option<Traced>,
+    /// The authorization policy and rule that decided it.
+    authz: Option<String>,
 }
 
 impl Report for Reported {
@@ -244,6 +254,7 @@ impl Report for Reported {
             error: None,
             request: Some(RequestLine {
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
+                authz: self.authz.as_deref(),
                 ..self.line.with(status, grpc_status)
             }),
         }

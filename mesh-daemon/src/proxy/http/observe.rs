@@ -54,6 +54,7 @@ impl Line {
             grpc_status,
             retries: 0,
             route: None,
+            authz: None,
         }
     }
 }
@@ -71,6 +72,8 @@ pub struct Finished {
     route: Arc<Route>,
     /// The route rule that decided the request, and its backend.
     by: Option<DecidedBy>,
+    /// The authorization policy and rule that decided it.
+    pub authz: Option<String>,
     env: &'static dyn crate::env::Env,
 }
 
@@ -178,6 +181,7 @@ impl Finished {
             grpc: conn.grpc,
             route: route.clone(),
             by: None,
+            authz: None,
             env: conn.env,
         }
     }
@@ -245,6 +249,7 @@ impl Finished {
                 retries: self.retries,
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
                 route: self.by.as_ref().map(|b| (&*b.router.rules[b.rule].label, &*b.router.rules[b.rule].name)),
+                authz: self.authz.as_deref(),
                 ..self.line.with(status, grpc_status)
             }),
         }
