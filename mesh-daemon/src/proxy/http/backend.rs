@@ -151,10 +151,10 @@ impl<'a> Plan<'a> {
             if !tunnelled {
                 match self.authorize(ep, &parts) {
                     Ok(by) => finished.authz = by,
-                    Err(by) => {
+                    Err(denied) => {
                         // Decided here as the endpoint's node would: never
                         // the endpoint's fault, never tried elsewhere.
-                        finished.authz = Some(by);
+                        finished.authz = Some(denied.label());
                         return finished.failed("denied", self.started, forbidden(self.conn.grpc));
                     }
                 }
@@ -264,7 +264,7 @@ impl<'a> Plan<'a> {
     /// The policies' decision on the request `parts` to `ep`, which this
     /// node hands it to directly: the policy and rule that allowed it (if
     /// one did), or Err with the one that denied it.
-    fn authorize(&self, ep: &RouteEndpoint, parts: &Parts) -> Result<Option<String>, String> {
+    fn authorize(&self, ep: &RouteEndpoint, parts: &Parts) -> Result<Option<String>, crate::proxy::authz::Denied> {
         let table = self.conn.routes.load();
         let guard = table.guard();
         if !guard.enforcing() {
@@ -276,9 +276,7 @@ impl<'a> Plan<'a> {
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();
         let secs = self.conn.env.secs() as u64;
-        guard
-            .check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs)
-            .map_err(|d| d.label())
+        guard.check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs)
     }
 
     /// An answer came: its latency observed; again when the retry policy
