@@ -170,7 +170,15 @@ pub(super) fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
     if e.0.len() != before {
         return None;
     }
-    Some(Policy { label: format!("{namespace}/{}", name?).into(), action: action?, dry_run, scope: scope?, rules })
+    let principal_gate = super::principal_gate(&rules);
+    Some(Policy {
+        label: format!("{namespace}/{}", name?).into(),
+        action: action?,
+        dry_run,
+        scope: scope?,
+        rules,
+        principal_gate,
+    })
 }
 
 fn label_ok(s: &str) -> bool {

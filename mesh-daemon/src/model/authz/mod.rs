@@ -67,6 +67,7 @@ pub fn from_service(key: &ServiceKey, a: &super::Authorization) -> Policy {
         action: Action::Allow,
         dry_run: false,
         scope: Scope::Services(vec![key.clone()]),
+        principal_gate: principal_gate(&rules),
         rules,
     }
 }
@@ -99,6 +100,43 @@ pub struct Policy {
     /// Empty: the policy matches nothing (an ALLOW policy without rules
     /// allows nothing).
     pub rules: Vec<Rule>,
+    /// When every rule asks for one of some exact principals: the hashes
+    /// of all of them ([`principal_hash`]). A caller whose principal is not
+    /// among them matches no rule, so none is looked at (a collision only
+    /// costs the rules' own checks).
+    pub principal_gate: Option<std::collections::HashSet<u64>>,
+}
+
+/// The hash of a principal, computed once per request for every policy's
+/// [`Policy::principal_gate`].
+pub fn principal_hash(principal: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    principal.hash(&mut h);
+    h.finish()
+}
+
+/// The gate of `rules`: Some when each rule has a `from` whose every
+/// source names exact principals.
+pub fn principal_gate(rules: &[Rule]) -> Option<std::collections::HashSet<u64>> {
+    let mut gate = std::collections::HashSet::new();
+    for r in rules {
+        if r.from.is_empty() {
+            return None;
+        }
+        for s in &r.from {
+            if s.principals.is_empty() {
+                return None;
+            }
+            for p in &s.principals {
+                match p {
+                    Pattern::Exact(p) => gate.insert(principal_hash(p)),
+                    _ => return None,
+                };
+            }
+        }
+    }
+    (!rules.is_empty()).then_some(gate)
 }
 
 /// Which workloads a policy applies to.
@@ -302,8 +340,19 @@ impl Policy {
         }
     }
 
-    /// The first rule that matches, by index.
-    fn matching(&self, dest: &Dest<'_>, caller: &Caller<'_>, req: Option<&Request<'_>>) -> Option<usize> {
+    /// The first rule that matches, by index (`hash`: the caller's
+    /// [`principal_hash`], for the gate).
+    fn matching(
+        &self,
+        dest: &Dest<'_>,
+        (caller, hash): (&Caller<'_>, Option<u64>),
+        req: Option<&Request<'_>>,
+    ) -> Option<usize> {
+        if let Some(gate) = &self.principal_gate {
+            if !hash.is_some_and(|h| gate.contains(&h)) {
+                return None;
+            }
+        }
         self.rules.iter().position(|r| r.matches(self.action, dest, caller, req))
     }
 }
@@ -396,9 +445,10 @@ pub fn decide<'p>(
 ) -> Verdict<'p> {
     let mut v = Verdict { allowed: true, why: Why::NoPolicy, by: None, audited: Vec::new(), dry_run: Vec::new() };
     let applying = || policies.list.iter().filter(|p| p.applies(dest));
+    let who = (caller, caller.principal.map(principal_hash));
     let mut denied = None;
     for p in applying().filter(|p| p.action != Action::Allow) {
-        let Some(rule) = p.matching(dest, caller, req) else { continue };
+        let Some(rule) = p.matching(dest, who, req) else { continue };
         match (p.action, p.dry_run) {
             (Action::Audit, _) => v.audited.push((p, rule)),
             (Action::Deny, true) => v.dry_run.push(p),
@@ -413,7 +463,7 @@ pub fn decide<'p>(
     }
     let mut any_allow = false;
     for p in applying().filter(|p| p.action == Action::Allow) {
-        let rule = p.matching(dest, caller, req);
+        let rule = p.matching(dest, who, req);
         if p.dry_run {
             v.dry_run.extend(rule.is_none().then_some(p.as_ref()));
             continue;

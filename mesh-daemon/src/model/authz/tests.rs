@@ -235,3 +235,24 @@ fn a_policy_over_a_kernel_mode_service_is_refused_and_the_state_keeps_its_polici
         crate::model::State::from_document(&doc(&format!("{head}{{targetRefs: [{{kind: Service, name: web}}]}}}}")));
     assert_eq!(ok.unwrap().policies.list.len(), 1, "a policy over the proxy-mode service only");
 }
+
+#[test]
+fn the_principal_gate_skips_policies_that_cannot_match_the_caller_and_keeps_the_answers() {
+    let p = policies(&format!(
+        "{}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [{S}/a]}}}}]\n    to: [{{operation: {{paths: [/x]}}}}]\n  - from: [{{source: {{principals: [{S}/b], namespaces: [shop]}}}}]\n---\n{}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: ['*/sa/c']}}}}]\n",
+        head("shop", "gated"),
+        head("shop", "open")
+    ));
+    assert!(p.list[0].principal_gate.as_ref().is_some_and(|g| g.len() == 2), "exact principals only: gated");
+    assert!(p.list[1].principal_gate.is_none(), "a pattern: not gated");
+    let who = |sa: &str| Some(format!("{S}/{sa}"));
+    assert_eq!(decided(&p, &get(&who("a"), "/x")), "deny shop/gated#0");
+    assert_eq!(decided(&p, &get(&who("a"), "/y")), "allow -");
+    assert_eq!(decided(&p, &get(&who("b"), "/y")), "deny shop/gated#1");
+    assert_eq!(decided(&p, &get(&who("c"), "/x")), "deny shop/open#0");
+    assert_eq!(decided(&p, &get(&who("d"), "/x")), "allow -", "no rule names d");
+    assert_eq!(decided(&p, &get(&None, "/x")), "allow -");
+}
+
+/// The principals of namespace shop's service accounts.
+const S: &str = "cluster.local/ns/shop/sa";
