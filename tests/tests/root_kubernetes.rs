@@ -188,9 +188,11 @@ fn root_kubernetes_discovery_enrolls_balances_follows_and_survives_an_outage() {
     assert!(log.lines().any(|l| l.contains("watch resumed") && l.contains("\"kind\":\"Pod\"")), "{log}");
 
     assert_eq!(ghost(&d.log_text()), 1, "told once: {}", d.log_text());
-    // This cluster has no Gateway API CRDs: routes are off, said once per kind.
+    // This cluster has no Gateway API or Istio CRDs: routes and policies
+    // are off, said once per kind (HTTPRoute, GRPCRoute,
+    // AuthorizationPolicy; ReferenceGrant is not asked for without routes).
     let off = d.log_text().lines().filter(|l| l.contains("CRD of this kind is not installed")).count();
-    assert_eq!(off, 2, "{}", d.log_text());
+    assert_eq!(off, 3, "{}", d.log_text());
 
     // A restart while Pods cannot be listed: the saved state serves, not a
     // translation without pods (which would have no endpoints).

@@ -117,14 +117,15 @@ pub(super) fn reflect_routes(
     reader
 }
 
-/// Whether the cluster serves route kind `ar` (its CRD is installed). When
-/// it does not, routes of that kind are off, said once.
+/// Whether the cluster serves custom kind `ar` (its CRD is installed: a
+/// route kind, ReferenceGrant, AuthorizationPolicy). When it does not,
+/// that kind is off, said once.
 pub(super) async fn served(client: &Client, ar: &ApiResource) -> bool {
     let api = Api::<DynamicObject>::all_with(client.clone(), ar);
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => true,
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            info!(kind = %ar.kind, "the Gateway API CRD of this kind is not installed: its routes are off (restart the daemon once it is)");
+            info!(kind = %ar.kind, "the CRD of this kind is not installed: the mesh reads none of it (restart the daemon once it is)");
             false
         }
         Err(e) => {
