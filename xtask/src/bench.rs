@@ -591,22 +591,17 @@ fn render_http(rows: &[HttpRow]) -> String {
             r.cpu_s
         );
     }
+    // What routes and policies cost, against the same service without.
     let local = rows.iter().find(|r| r.name == "http-proxy-local");
-    if let (Some(l), Some(r)) = (local, rows.iter().find(|r| r.name == "http-proxy-routes")) {
+    for (what, row, how) in [
+        ("Routing", "http-proxy-routes", "50 HTTPRoutes x 16 rules"),
+        ("Authorization", "http-proxy-authz", "20 policies x 10 rules"),
+    ] {
+        let Some((l, r)) = local.zip(rows.iter().find(|r| r.name == row)) else { continue };
         let pct = |a: f64, b: f64| if b > 0.0 { format!("{:+.1}%", (a / b - 1.0) * 100.0) } else { "-".into() };
         let _ = writeln!(
             s,
-            "\nRouting cost (http-proxy-routes, 50 HTTPRoutes x 16 rules checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
-            pct(r.rps, l.rps),
-            pct(r.h2_rps, l.h2_rps),
-            r.fixed_p50_us - l.fixed_p50_us
-        );
-    }
-    if let (Some(l), Some(r)) = (local, rows.iter().find(|r| r.name == "http-proxy-authz")) {
-        let pct = |a: f64, b: f64| if b > 0.0 { format!("{:+.1}%", (a / b - 1.0) * 100.0) } else { "-".into() };
-        let _ = writeln!(
-            s,
-            "\nAuthorization cost (http-proxy-authz, 20 policies x 10 rules checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
+            "\n{what} cost ({row}, {how} checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
             pct(r.rps, l.rps),
             pct(r.h2_rps, l.h2_rps),
             r.fixed_p50_us - l.fixed_p50_us

@@ -138,6 +138,8 @@ impl<'a> Plan<'a> {
         let (route, env) = (self.route(), self.conn.env);
         let mut tries = Tries::new(route, env);
         let mut reason = "no_endpoint";
+        // `mesh-source`, made on the first try through the tunnel.
+        let mut source_ip: Option<Option<HeaderValue>> = None;
         loop {
             let retried = self.retrying.retried;
             let picked = tries.pick().or_else(|| {
@@ -148,8 +150,10 @@ impl<'a> Plan<'a> {
             });
             let Some((i, ep)) = picked else { break };
             let tunnelled = crate::proxy::dial::via(ep, route).is_some();
-            if !tunnelled {
-                match self.authorize(ep, &parts) {
+            // The policies, for a try this node hands to the workload itself.
+            let table = (!tunnelled).then(|| self.conn.routes.load());
+            if let Some(table) = &table {
+                match self.authorize(table.guard(), ep, &parts) {
                     Ok(by) => finished.authz = by,
                     Err(denied) => {
                         // Decided here as the endpoint's node would: never
@@ -172,22 +176,24 @@ impl<'a> Plan<'a> {
             let t0 = env.now();
             let until = retry::try_deadline(self.retrying.deadline, self.per_try_timeout, t0);
             let mut head = parts.clone();
-            if !tunnelled && route.policy.cfg.forward_client_cert {
+            match (&table, self.conn.source.as_ref()) {
                 // Handed to the workload here: who called it, verified.
-                if let Some(caller) = self.conn.source.as_ref() {
-                    let table = self.conn.routes.load();
+                (Some(table), Some(caller)) if route.policy.cfg.forward_client_cert => {
                     let server = table.guard().identity_at(ep.state.addr.ip());
                     if let Some(v) = crate::proxy::authz::client_cert_header(server, &caller.identity) {
                         head.headers.insert(crate::proxy::authz::XFCC, v);
                     }
                 }
-            }
-            if tunnelled {
                 // The client's address, for the policies of the endpoint's
                 // node (believed there only of a workload of this identity).
-                if let Ok(v) = HeaderValue::from_str(&self.conn.client.ip().to_string()) {
-                    head.headers.insert(SOURCE_HEADER, v);
+                (None, _) => {
+                    let v =
+                        source_ip.get_or_insert_with(|| HeaderValue::from_str(&self.conn.client.ip().to_string()).ok());
+                    if let Some(v) = v {
+                        head.headers.insert(SOURCE_HEADER, v.clone());
+                    }
                 }
+                _ => {}
             }
             let sent = client.request(Request::from_parts(head, b));
             let outcome = match until {
@@ -261,12 +267,15 @@ impl<'a> Plan<'a> {
         Err(after)
     }
 
-    /// The policies' decision on the request `parts` to `ep`, which this
+    /// `guard`'s decision on the request `parts` to `ep`, which this
     /// node hands it to directly: the policy and rule that allowed it (if
     /// one did), or Err with the one that denied it.
-    fn authorize(&self, ep: &RouteEndpoint, parts: &Parts) -> Result<Option<String>, crate::proxy::authz::Denied> {
-        let table = self.conn.routes.load();
-        let guard = table.guard();
+    fn authorize(
+        &self,
+        guard: &crate::proxy::authz::Guard,
+        ep: &RouteEndpoint,
+        parts: &Parts,
+    ) -> Result<Option<String>, crate::proxy::authz::Denied> {
         if !guard.enforcing() {
             return Ok(None);
         }
