@@ -381,10 +381,20 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// Writes an executable script from a child `sh`, never from this
+    /// process: a file this process holds open for writing is inherited by
+    /// any child another test thread forks meanwhile, and exec of the script
+    /// then fails with ETXTBSY ("Text file busy") until that child execs.
     fn fake_bin(dir: &Path, name: &str, script: &str) {
         let p = dir.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let body = format!("#!/bin/sh\n{script}\n");
+        let st = Command::new("sh")
+            .args(["-c", "printf '%s' \"$1\" > \"$2.tmp\" && chmod 755 \"$2.tmp\" && mv -f \"$2.tmp\" \"$2\"", "sh"])
+            .arg(&body)
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success(), "writing {}", p.display());
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
