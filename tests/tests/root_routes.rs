@@ -481,6 +481,11 @@ spec:
   - backendRefs: [{name: echo-v1, port: 8080}, {name: echo-v3, port: 8080}]
 ";
 
+/// One HTTP/2 connection held across every kind of write to a routed
+/// Service: route weights, a route added and removed, and behind the route
+/// the backend Service's new endpoint, a drain (`set-weight 0`) and the
+/// rule's `timeouts.request` set and lifted. Each batch is sent as soon as
+/// `meshctl` returns.
 #[test]
 fn root_one_held_http2_connection_follows_route_writes() {
     let _one = serial();
@@ -504,9 +509,48 @@ fn root_one_held_http2_connection_follows_route_writes() {
     let t = f.batch(5, "/").unwrap();
     assert_eq!(t, BTreeMap::from([("404".into(), 5)]), "and its 404");
 
+    // Behind the route, the backend Service's own writes: echo-v1 gains
+    // a second endpoint (echo-v2's pod, so its answers say which), loses
+    // its first to a drain, and the rule gains and loses a request timeout.
+    let (v1, v2) = (m.c.pod("echo-v1").ip, m.c.pod("echo-v2").ip);
+    let held = |timeouts: &str, endpoints: &str| {
+        let route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: held\nspec:\n  \
+             parentRefs: [{{ name: echo, port: 80 }}]\n  rules:\n  - backendRefs: [{{ name: echo-v1, port: 8080 }}]\n{timeouts}"
+        );
+        let doc = document(&m.c, &[&route])
+            .replace(&format!("endpoints: [{{ ip: {v1}, node: node-a }}]"), &format!("endpoints: [{endpoints}]"));
+        let file = m.c.write_file("held.yaml", &doc).unwrap();
+        let out = m.c.meshctl("node-a", &["apply", "-f", file.to_str().unwrap()]).unwrap();
+        assert!(out.status.success(), "meshctl apply: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    held("", &format!("{{ ip: {v1}, node: node-a }}"));
+    let t = f.batch(20, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v1".into(), 20)]), "the route to echo-v1, one endpoint");
+    held("", &format!("{{ ip: {v1}, node: node-a }}, {{ ip: {v2}, node: node-a }}"));
+    let t = f.batch(400, "/").unwrap();
+    assert_eq!(t.get("echo-v1").unwrap_or(&0) + t.get("echo-v2").unwrap_or(&0), 400, "{t:?}");
+    assert_share(*t.get("echo-v2").unwrap_or(&0), 400, 0.5, "a new endpoint of the backend Service", &t);
+    let out = m.c.meshctl("node-a", &["set-weight", "echo-v1", &v1.to_string(), "0"]).unwrap();
+    assert!(out.status.success(), "meshctl set-weight: {}", String::from_utf8_lossy(&out.stderr));
+    let t = f.batch(100, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v2".into(), 100)]), "echo-v1's endpoint drained: none of the next requests");
+    let drained = format!("{{ ip: {v1}, node: node-a, weight: 0 }}, {{ ip: {v2}, node: node-a }}");
+    let t = f.batch(4, "/delay/400").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v2".into(), 4)]), "no timeout yet");
+    held("    timeouts: { request: 100ms }\n", &drained);
+    let t = f.batch(4, "/delay/400").unwrap();
+    assert_eq!(t, BTreeMap::from([("504".into(), 4)]), "the rule's new request timeout holds for the next requests");
+    let t = f.batch(10, "/").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v2".into(), 10)]), "quick requests are answered");
+    held("", &drained);
+    let t = f.batch(4, "/delay/400").unwrap();
+    assert_eq!(t, BTreeMap::from([("echo-v2".into(), 4)]), "the timeout lifted");
+
     apply(&m, &[]);
     let t = f.batch(20, "/v2").unwrap();
     assert_eq!(t, BTreeMap::from([("echo".into(), 20)]), "the route removed: the Service as it was");
+    assert_eq!(m.d.counter("proxy", "accepted").unwrap(), 1, "every batch went over one client connection");
 }
 
 /// GRPCRoute on the mesh: echo (node-a), echo-v1 (node-a) and echo-v2
