@@ -292,12 +292,27 @@ fn root_request_headers_over_64_kib_get_431_on_both_protocols_and_placements() {
     let after = served(&m);
     assert_eq!((after.0 - before.0, after.1 - before.1), (2, 2), "only the 60 KiB requests reached a backend");
     assert_eq!(m.a.counter("proxy", "headers_too_large").unwrap(), 8, "every 431 is counted");
+    let log = m.a.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("request headers over the limit")).collect();
+    assert_eq!(lines.len(), 1, "logged once for the one client: {lines:?}");
+    assert!(lines[0].contains(&m.c.pod("frontend").ip.to_string()), "naming it: {lines:?}");
     // Far past the limit, HTTP/2 refuses it too (431, or h2 itself closes
     // the connection); nothing reaches a backend.
     let mut f = Follower::open(&m.c, "frontend", "10.96.0.22:80", true).unwrap();
     let got = f.batch_padded(1, "GET", "/api/x", "1x307200").unwrap();
     assert!(got.keys().all(|k| k == "431" || k.starts_with("error:")), "{got:?}");
     assert_eq!(served(&m), after);
+    // The limit a client is told: h2 decodes more, so that the proxy
+    // answers the 431s itself, but the SETTINGS say 64 KiB.
+    let url = format!("http://{}/api/x", H2[0].1);
+    let out = m.c.exec("frontend", "nghttp", &["-nv", &url], Duration::from_secs(20)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let settings: Vec<&str> = text.lines().filter(|l| l.contains("SETTINGS_")).collect();
+    assert!(
+        text.contains("[SETTINGS_MAX_HEADER_LIST_SIZE(0x06):65536]"),
+        "the proxy's SETTINGS advertise --max-request-headers: {settings:?}"
+    );
 }
 
 #[test]

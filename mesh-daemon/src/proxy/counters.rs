@@ -1,5 +1,9 @@
 //! The outbound proxy's counters, registered by the proxy.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -33,12 +37,14 @@ pub struct ProxyCounters {
     /// Open forwarded connections.
     pub active: Gauge,
     pub io_errors: Counter,
+    /// Requests whose header block passed the limit
+    /// (`--max-request-headers`), answered 431 (but not those HTTP/2
+    /// refuses in its framing, past 4x the limit, which it does not tell).
+    pub headers_too_large: Counter,
+    /// The clients whose 431 was logged.
+    pub headers_too_large_logged: OncePerClient,
     /// HTTP/2 client connections closed for moving nothing for the idle
     /// timeout.
-    /// Requests whose header block passed the limit
-    /// (`--max-request-headers`), answered 431 (but those HTTP/2 refuses
-    /// in its framing, which it does not tell).
-    pub headers_too_large: Counter,
     pub idle_closed: Counter,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
@@ -77,12 +83,36 @@ impl ProxyCounters {
             io_errors: event("io_errors"),
             idle_closed: event("idle_closed"),
             headers_too_large: event("headers_too_large"),
+            headers_too_large_logged: OncePerClient::default(),
             bytes_to_endpoint: bytes("to_endpoint"),
             bytes_to_client: bytes("to_client"),
             mirrored: event("mirrored"),
             mirror_failed: event("mirror_failed"),
             mirror_skipped: event("mirror_skipped"),
         }
+    }
+}
+
+/// The client addresses a refusal was logged for, so that it is logged
+/// once per client, not once per request: at most [`OncePerClient::CAP`]
+/// are kept, and all forgotten past that (each may then be logged once
+/// more).
+#[derive(Debug, Default, Clone)]
+pub struct OncePerClient(Arc<Mutex<HashSet<IpAddr>>>);
+
+impl OncePerClient {
+    pub const CAP: usize = 4096;
+
+    /// Whether `client` is seen for the first time (and so is logged).
+    pub fn first(&self, client: IpAddr) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(&client) {
+            return false;
+        }
+        if seen.len() >= Self::CAP {
+            seen.clear();
+        }
+        seen.insert(client)
     }
 }
 
@@ -134,5 +164,26 @@ impl ProxyCounters {
             mirror_skipped: self.mirror_skipped.get(),
             headers_too_large: self.headers_too_large.get(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_client_is_logged_once_and_the_set_stays_bounded() {
+        let once = OncePerClient::default();
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0af4_0000 + n));
+        assert!(once.first(ip(1)), "a new client");
+        assert!(!once.first(ip(1)), "the same client again");
+        assert!(once.first(ip(2)), "another client");
+        for n in 3..=OncePerClient::CAP as u32 {
+            assert!(once.first(ip(n)));
+        }
+        assert!(!once.first(ip(1)), "still remembered at the cap");
+        assert!(once.first(ip(0)), "past the cap: a new client is logged");
+        assert!(once.first(ip(1)), "and the others forgotten");
+        assert!(once.0.lock().unwrap().len() <= OncePerClient::CAP);
     }
 }

@@ -7,6 +7,7 @@
 //! `UNAVAILABLE`), never a reset. Each finished request is counted by
 //! status class (gRPC: its status) and logged once.
 
+mod advertise;
 mod backend;
 mod conn;
 pub mod detect;
@@ -42,7 +43,7 @@ use self::frontend::{Decided, Target};
 use self::observe::{Finished, Observed};
 use self::upstream::Body;
 use super::error::ConnectError;
-use super::{Route, RouteEndpoint};
+use super::{ProxyCounters, Route, RouteEndpoint};
 use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
 use crate::env::Env;
@@ -65,13 +66,12 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     let result = if http2 {
         let (io, activity) = Watched::new(stream);
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // h2 decodes header blocks up to 4x the limit (advertised as
-        // SETTINGS_MAX_HEADER_LIST_SIZE) and `handle` answers 431 past the
-        // limit itself: at the limit, h2 would refuse a block split over
-        // CONTINUATION frames with a GOAWAY instead of a 431. Far past it,
-        // h2's own guard against CONTINUATION floods may close the
-        // connection.
+        // h2 decodes header blocks up to 4x the limit and `handle` answers
+        // 431 past the limit itself, counted and logged; the client is told
+        // the limit ([`advertise`]). Far past it, h2's own guards against
+        // CONTINUATION floods close the connection.
         let decoded = u32::try_from(max_headers.saturating_mul(4)).unwrap_or(u32::MAX);
+        let io = advertise::Advertise::new(io, u32::try_from(max_headers).unwrap_or(u32::MAX));
         b.timer(TokioTimer::new()).max_concurrent_streams(1024).max_header_list_size(decoded);
         match drain
             .serve_until_idle(b.serve_connection(TokioIo::new(io), svc), |c| c.graceful_shutdown(), activity.idle(idle))
@@ -96,7 +96,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     match result {
         Err(e) if e.is_parse_too_large() => {
             counters.headers_too_large.inc();
-            log_too_large(client, max_headers);
+            log_too_large(&counters, client, max_headers);
         }
         Err(e) => debug!(error = %e, "HTTP client connection ended"),
         Ok(()) => {}
@@ -111,20 +111,14 @@ fn header_list_size(h: &HeaderMap) -> usize {
 
 fn too_large(conn: &Conn) {
     conn.counters.headers_too_large.inc();
-    log_too_large(conn.client, conn.max_headers);
+    log_too_large(&conn.counters, conn.client, conn.max_headers);
 }
 
-fn log_too_large(client: std::net::SocketAddrV4, limit: usize) {
-    if TOO_LARGE_LOGGED.swap(now_secs(), std::sync::atomic::Ordering::Relaxed) != now_secs() {
-        warn!(%client, limit, "request headers over the limit (--max-request-headers): 431 (logged once a second)");
+/// Logs a 431 the first time a client gets one.
+fn log_too_large(counters: &ProxyCounters, client: std::net::SocketAddrV4, limit: usize) {
+    if counters.headers_too_large_logged.first((*client.ip()).into()) {
+        warn!(%client, limit, "request headers over the limit (--max-request-headers): 431 (logged once per client)");
     }
-}
-
-/// The second a 431 was last logged.
-static TOO_LARGE_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and
