@@ -369,6 +369,16 @@ fn root_order_audit_dry_run_addresses_and_no_ejection_on_both_placements() {
     let audited =
         |d: &Daemon| d.metric("mesh_authz_decisions_total", &["policy=\"default/audit-api\"", "decision=\"audit\""]);
     assert!(audited(&m.a) >= 2 && audited(b) >= 2, "AUDIT counted on both nodes: {} {}", audited(&m.a), audited(b));
+    // And named in the access-log line of each request it matched, allowed
+    // or denied, where the request was decided: node-a for h2-near, node-b
+    // for h2-far.
+    for (node, d) in [("node-a", &m.a), ("node-b", b)] {
+        let log = d.log_with("audit=default/audit-api#0", 2);
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("audit=")).collect();
+        assert_eq!(lines.len(), 2, "{node}: {lines:?}");
+        assert!(lines.iter().all(|l| l.contains("path=/api/a")), "{node}: {lines:?}");
+        assert!(lines.iter().any(|l| l.contains("status=403")), "{node}: the denied one too: {lines:?}");
+    }
 
     // 300 denied requests, then 30 allowed ones: a denial never counts
     // against an endpoint, so none of them fails.

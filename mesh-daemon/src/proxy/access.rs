@@ -28,6 +28,8 @@ pub struct RequestLine<'a> {
     /// The authorization policy and rule that decided it (`ns/name#rule`,
     /// or `no-allow-match`), if policies apply.
     pub authz: Option<&'a str>,
+    /// The AUDIT policies and rules that matched it (comma-separated).
+    pub audit: Option<&'a str>,
 }
 
 /// One finished connection or request. `bytes_up` went from the client
@@ -117,6 +119,9 @@ impl Record<'_> {
             if let Some(a) = r.authz {
                 f.str("authz", a);
             }
+            if let Some(a) = r.audit {
+                f.str("audit", a);
+            }
         }
     }
 
@@ -147,6 +152,7 @@ impl Record<'_> {
             route = r.and_then(|r| r.route).map(|r| r.0),
             rule = r.and_then(|r| r.route).map(|r| r.1),
             authz = r.and_then(|r| r.authz),
+            audit = r.and_then(|r| r.audit),
             "{}",
             if r.is_some() { "request" } else { "closed" }
         );
@@ -191,6 +197,7 @@ mod tests {
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
                 route: Some(("default/canary", "v2")),
                 authz: Some("default/api#1"),
+                audit: Some("default/audit#0,mesh-system/all#2"),
             }),
         };
         let text = line(true, &r);
@@ -213,6 +220,7 @@ mod tests {
         assert_eq!(f["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((f["route"].as_str(), f["rule"].as_str()), (Some("default/canary"), Some("v2")));
         assert_eq!(f["authz"], "default/api#1");
+        assert_eq!(f["audit"], "default/audit#0,mesh-system/all#2");
         assert!(f.get("source").is_none() && f.get("bytes_up").is_none() && f.get("grpc_status").is_none(), "{v}");
         let text = line(false, &r);
         assert!(
@@ -220,5 +228,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(" status=404") && text.contains(" error=\"connection reset by \\\"peer\\\"\""), "{text}");
+        assert!(text.contains(" audit=default/audit#0,mesh-system/all#2"), "{text}");
     }
 }

@@ -60,9 +60,25 @@ impl Who {
 #[derive(Debug, Clone)]
 pub struct Denied {
     pub by: Option<(Arc<str>, usize)>,
+    /// The AUDIT policies that matched, as [`Logged::audit`].
+    pub audit: Option<String>,
+}
+
+/// What a request's access log line says of the policies: the policy and
+/// rule that decided (`ns/name#rule`, or `no-allow-match`), when one did,
+/// and the AUDIT policies and rules that matched (comma-separated).
+#[derive(Debug, Clone, Default)]
+pub struct Logged {
+    pub by: Option<String>,
+    pub audit: Option<String>,
 }
 
 impl Denied {
+    /// For the access log.
+    pub fn logged(&self) -> Logged {
+        Logged { by: Some(self.label()), audit: self.audit.clone() }
+    }
+
     /// `policy#rule`, or `no-allow-match`, for the access log's `authz`.
     pub fn label(&self) -> String {
         match &self.by {
@@ -150,8 +166,8 @@ impl Guard {
     /// node, or another endpoint it hands connections to) as `service`,
     /// with request `req` (None: a connection on a `tcp` port). Counted in
     /// `mesh_authz_decisions_total`; a denial is logged (once a second).
-    /// Ok with the ALLOW policy and rule that decided (`ns/name#rule`),
-    /// when one did.
+    /// Ok with what the access log says: the ALLOW policy and rule that
+    /// decided, when one did, and the AUDIT ones that matched.
     pub fn check(
         &self,
         service: &ServiceKey,
@@ -160,19 +176,21 @@ impl Guard {
         req: Option<&Request<'_>>,
         metrics: &Metrics,
         now_secs: u64,
-    ) -> Result<Option<String>, Denied> {
+    ) -> Result<Logged, Denied> {
         if !self.enforcing() {
-            return Ok(None);
+            return Ok(Logged::default());
         }
         let v = self.verdict(service, target, caller, req);
         count(&v, metrics);
         for p in &v.dry_run {
             info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
         }
+        let audit = (!v.audited.is_empty())
+            .then(|| v.audited.iter().map(|(p, r)| format!("{}#{r}", p.label)).collect::<Vec<_>>().join(","));
         if v.allowed {
-            return Ok(v.by.map(|(p, r)| format!("{}#{r}", p.label)));
+            return Ok(Logged { by: v.by.map(|(p, r)| format!("{}#{r}", p.label)), audit });
         }
-        let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)) };
+        let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)), audit };
         if self.logged.swap(now_secs, Ordering::Relaxed) != now_secs {
             warn!(service = %service, %target, caller = caller.principal.unwrap_or("-"), by = %denied.describe(), "denied by authorization policy (logged once a second)");
         }

@@ -154,11 +154,11 @@ impl<'a> Plan<'a> {
             let table = (!tunnelled).then(|| self.conn.routes.load());
             if let Some(table) = &table {
                 match self.authorize(table.guard(), ep, &parts) {
-                    Ok(by) => finished.authz = by,
+                    Ok(logged) => finished.authz = logged,
                     Err(denied) => {
                         // Decided here as the endpoint's node would: never
                         // the endpoint's fault, never tried elsewhere.
-                        finished.authz = Some(denied.label());
+                        finished.authz = denied.logged();
                         return finished.failed("denied", self.started, forbidden(self.conn.grpc));
                     }
                 }
@@ -275,9 +275,9 @@ impl<'a> Plan<'a> {
         guard: &crate::proxy::authz::Guard,
         ep: &RouteEndpoint,
         parts: &Parts,
-    ) -> Result<Option<String>, crate::proxy::authz::Denied> {
+    ) -> Result<crate::proxy::authz::Logged, crate::proxy::authz::Denied> {
         if !guard.enforcing() {
-            return Ok(None);
+            return Ok(Default::default());
         }
         let source = self.conn.source.as_ref().map(|w| &w.identity);
         let who = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));

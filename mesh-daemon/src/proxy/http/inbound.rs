@@ -132,10 +132,10 @@ impl Ctx {
         &self,
         req: &Request<Incoming>,
         source: Option<std::net::IpAddr>,
-    ) -> Result<Option<String>, (Response<Body>, String)> {
+    ) -> Result<crate::proxy::authz::Logged, (Response<Body>, crate::proxy::authz::Logged)> {
         let view = self.view.load();
         if !view.guard.enforcing() {
-            return Ok(None);
+            return Ok(Default::default());
         }
         let who = view.guard.caller(Some(&self.peer), source);
         let host =
@@ -149,7 +149,7 @@ impl Ctx {
         let secs = crate::env::Live.secs() as u64;
         view.guard
             .check(&self.target.service, self.addr, &who.caller(), Some(&r), self.target.metrics(), secs)
-            .map_err(|d| (forbidden(self.target.grpc), d.label()))
+            .map_err(|d| (forbidden(self.target.grpc), d.logged()))
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
@@ -168,10 +168,10 @@ impl Ctx {
         }
         let line = Line::new(req.method(), req.uri(), req.headers());
         let authz = match self.authorize(&req, source) {
-            Ok(by) => by,
-            Err((r, by)) => {
+            Ok(logged) => logged,
+            Err((r, logged)) => {
                 let (target, peer, addr) = (self.target.clone(), self.peer.clone(), self.addr);
-                let mut report = Reported { target, peer, addr, line, started, traced: None, authz: Some(by) };
+                let mut report = Reported { target, peer, addr, line, started, traced: None, authz: logged };
                 report.report(r.status(), grpc_status(r.headers()), 0, "denied");
                 return r;
             }
@@ -230,8 +230,8 @@ struct Reported {
     line: Line,
     started: Instant,
     traced: Option<Traced>,
-    /// The authorization policy and rule that decided it.
-    authz: Option<String>,
+    /// The authorization policies that decided it, and audited it.
+    authz: crate::proxy::authz::Logged,
 }
 
 impl Report for Reported {
@@ -254,7 +254,8 @@ impl Report for Reported {
             error: None,
             request: Some(RequestLine {
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
-                authz: self.authz.as_deref(),
+                authz: self.authz.by.as_deref(),
+                audit: self.authz.audit.as_deref(),
                 ..self.line.with(status, grpc_status)
             }),
         }

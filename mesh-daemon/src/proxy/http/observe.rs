@@ -55,6 +55,7 @@ impl Line {
             retries: 0,
             route: None,
             authz: None,
+            audit: None,
         }
     }
 }
@@ -72,8 +73,8 @@ pub struct Finished {
     route: Arc<Route>,
     /// The route rule that decided the request, and its backend.
     by: Option<DecidedBy>,
-    /// The authorization policy and rule that decided it.
-    pub authz: Option<String>,
+    /// The authorization policies that decided it, and audited it.
+    pub authz: crate::proxy::authz::Logged,
     env: &'static dyn crate::env::Env,
 }
 
@@ -181,7 +182,7 @@ impl Finished {
             grpc: conn.grpc,
             route: route.clone(),
             by: None,
-            authz: None,
+            authz: Default::default(),
             env: conn.env,
         }
     }
@@ -249,7 +250,8 @@ impl Finished {
                 retries: self.retries,
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
                 route: self.by.as_ref().map(|b| (&*b.router.rules[b.rule].label, &*b.router.rules[b.rule].name)),
-                authz: self.authz.as_deref(),
+                authz: self.authz.by.as_deref(),
+                audit: self.authz.audit.as_deref(),
                 ..self.line.with(status, grpc_status)
             }),
         }
