@@ -17,12 +17,17 @@ pub enum IdentityError {
     Path(String),
 }
 
-/// A validated SPIFFE ID.
+/// A validated SPIFFE ID, kept as its URI so that its text and its
+/// principal (what policies match) are slices, never made per request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
-    trust_domain: String,
-    path: String,
+    /// `spiffe://<trust domain>/<path>`.
+    uri: String,
+    /// Where the trust domain ends (the `/` before the path).
+    td_end: usize,
 }
+
+const SCHEME: &str = "spiffe://";
 
 fn td_ok(td: &str) -> bool {
     !td.is_empty()
@@ -36,7 +41,7 @@ fn segment_ok(s: &str) -> bool {
 
 impl Identity {
     pub fn parse(uri: &str) -> Result<Self, IdentityError> {
-        let rest = uri.strip_prefix("spiffe://").ok_or_else(|| IdentityError::Scheme(uri.to_owned()))?;
+        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| IdentityError::Scheme(uri.to_owned()))?;
         let (td, path) = rest.split_once('/').ok_or_else(|| IdentityError::Path(uri.to_owned()))?;
         if !td_ok(td) {
             return Err(IdentityError::TrustDomain(uri.to_owned()));
@@ -44,7 +49,7 @@ impl Identity {
         if !path.split('/').all(segment_ok) {
             return Err(IdentityError::Path(uri.to_owned()));
         }
-        Ok(Self { trust_domain: td.to_owned(), path: path.to_owned() })
+        Ok(Self::from_parts(td, path))
     }
 
     /// A trust domain name alone.
@@ -57,37 +62,46 @@ impl Identity {
     }
 
     pub fn workload(td: &str, namespace: &Name, service_account: &Name) -> Self {
-        Self { trust_domain: td.to_owned(), path: format!("ns/{namespace}/sa/{service_account}") }
+        Self::from_parts(td, &format!("ns/{namespace}/sa/{service_account}"))
     }
 
     /// An identity of `td` with path `path` (`ns/.../...`).
     pub fn from_parts(td: &str, path: &str) -> Self {
-        Self { trust_domain: td.to_owned(), path: path.to_owned() }
+        Self { uri: format!("{SCHEME}{td}/{path}"), td_end: SCHEME.len() + td.len() }
+    }
+
+    fn path(&self) -> &str {
+        &self.uri[self.td_end + 1..]
+    }
+
+    /// The identity as Istio's policies name it: `<trust domain>/<path>`.
+    pub fn principal(&self) -> &str {
+        &self.uri[SCHEME.len()..]
     }
 
     /// The node a node identity names.
     pub fn node_name(&self) -> Option<&str> {
-        self.path.strip_prefix("ns/mesh-system/node/")
+        self.path().strip_prefix("ns/mesh-system/node/")
     }
 
     pub fn node(td: &str, node: &NodeName) -> Self {
-        Self { trust_domain: td.to_owned(), path: format!("ns/mesh-system/node/{node}") }
+        Self::from_parts(td, &format!("ns/mesh-system/node/{node}"))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[SCHEME.len()..self.td_end]
     }
 
     /// The namespace of a workload or node identity (`ns/<namespace>/...`).
     pub fn namespace(&self) -> Option<&str> {
-        let mut parts = self.path.split('/');
+        let mut parts = self.path().split('/');
         (parts.next() == Some("ns")).then(|| parts.next()).flatten()
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/{}", self.trust_domain, self.path)
+        f.write_str(&self.uri)
     }
 }
 
@@ -101,11 +115,13 @@ mod tests {
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), Some("default"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(id.principal(), "cluster.local/ns/default/sa/web");
         let w = Identity::workload("cluster.local", &Name::parse("default").unwrap(), &Name::parse("web").unwrap());
         assert_eq!(w, id);
         let n = Identity::node("cluster.local", &NodeName::parse("node-a").unwrap());
         assert_eq!(n.to_string(), "spiffe://cluster.local/ns/mesh-system/node/node-a");
         assert_eq!(n.namespace(), Some("mesh-system"));
+        assert_eq!(n.node_name(), Some("node-a"));
     }
 
     #[test]

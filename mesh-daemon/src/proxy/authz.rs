@@ -41,20 +41,6 @@ pub struct Guard {
     logged: AtomicU64,
 }
 
-/// A caller, owned: see [`Guard::caller`].
-#[derive(Debug, Clone, Default)]
-pub struct Who {
-    principal: Option<String>,
-    namespace: Option<String>,
-    ip: Option<IpAddr>,
-}
-
-impl Who {
-    pub fn caller(&self) -> Caller<'_> {
-        Caller { principal: self.principal.as_deref(), namespace: self.namespace.as_deref(), ip: self.ip }
-    }
-}
-
 /// A request or connection refused, and by which policy and rule (None:
 /// ALLOW policies apply and none matched).
 #[derive(Debug, Clone)]
@@ -127,7 +113,7 @@ impl Guard {
 
     /// The caller as policies see it: `identity` (verified) and, when a
     /// workload of that identity has it, `ip`.
-    pub fn caller(&self, identity: Option<&Identity>, ip: Option<IpAddr>) -> Who {
+    pub fn caller<'a>(&self, identity: Option<&'a Identity>, ip: Option<IpAddr>) -> Caller<'a> {
         let ip = ip.filter(|ip| {
             let v4 = match ip {
                 IpAddr::V4(a) => Some(*a),
@@ -135,11 +121,7 @@ impl Guard {
             };
             identity.zip(v4).is_some_and(|(id, a)| self.addresses.get(id).is_some_and(|l| l.contains(&a)))
         });
-        Who {
-            principal: identity.map(|i| i.to_string().trim_start_matches("spiffe://").to_owned()),
-            namespace: identity.and_then(|i| i.namespace()).map(str::to_owned),
-            ip,
-        }
+        Caller { principal: identity.map(Identity::principal), namespace: identity.and_then(|i| i.namespace()), ip }
     }
 
     /// The policies' verdict for `caller` reaching `target` as `service`

@@ -132,10 +132,10 @@ async fn open(
     let id = source.map(|w| &w.identity);
     let via = dial::via(ep, route);
     if via.is_none() {
-        let who = path.guard.caller(id, Some(std::net::IpAddr::V4(*path.client.ip())));
+        let caller = path.guard.caller(id, Some(std::net::IpAddr::V4(*path.client.ip())));
         let secs = path.env.secs() as u64;
         path.guard
-            .check(&route.key.service, ep.state.addr, &who.caller(), None, route.metrics(), secs)
+            .check(&route.key.service, ep.state.addr, &caller, None, route.metrics(), secs)
             .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })
             .map(|_| ())?;
     }

@@ -112,7 +112,7 @@ pub fn check(doc: &Value, c: &Check<'_>) -> anyhow::Result<Value> {
         .iter()
         .map(|ep| {
             let target = std::net::SocketAddrV4::new(ep.ip, sp.target_port.0);
-            let v = guard.verdict(&key, target, &who.caller(), req);
+            let v = guard.verdict(&key, target, &who, req);
             let why = match v.why {
                 Why::Denied => "a DENY policy matched",
                 Why::Allowed => "an ALLOW policy matched",

@@ -52,7 +52,7 @@ pub fn from_service(key: &ServiceKey, a: &super::Authorization) -> Policy {
     let exact = |s: String| Pattern::Exact(s);
     let mut rules = Vec::new();
     if !a.identities.is_empty() {
-        let principals = a.identities.iter().map(|i| exact(i.to_string().trim_start_matches("spiffe://").to_owned()));
+        let principals = a.identities.iter().map(|i| exact(i.principal().to_owned()));
         rules.push(Rule {
             from: vec![Source { principals: principals.collect(), ..Source::default() }],
             ..Rule::default()

@@ -280,12 +280,12 @@ impl<'a> Plan<'a> {
             return Ok(Default::default());
         }
         let source = self.conn.source.as_ref().map(|w| &w.identity);
-        let who = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));
+        let caller = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));
         let host = parts.uri.authority().map_or("", |a| a.as_str());
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();
         let secs = self.conn.env.secs() as u64;
-        guard.check(&route.key.service, ep.state.addr, &who.caller(), Some(&req), route.metrics(), secs)
+        guard.check(&route.key.service, ep.state.addr, &caller, Some(&req), route.metrics(), secs)
     }
 
     /// An answer came: its latency observed; again when the retry policy

@@ -137,7 +137,7 @@ impl Ctx {
         if !view.guard.enforcing() {
             return Ok(Default::default());
         }
-        let who = view.guard.caller(Some(&self.peer), source);
+        let caller = view.guard.caller(Some(&self.peer), source);
         let host =
             req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(hyper::header::HOST)?.to_str().ok());
         let r = AuthzRequest {
@@ -148,7 +148,7 @@ impl Ctx {
         };
         let secs = crate::env::Live.secs() as u64;
         view.guard
-            .check(&self.target.service, self.addr, &who.caller(), Some(&r), self.target.metrics(), secs)
+            .check(&self.target.service, self.addr, &caller, Some(&r), self.target.metrics(), secs)
             .map_err(|d| (forbidden(self.target.grpc), d.logged()))
     }
 

@@ -74,9 +74,9 @@ impl StreamHandler for InboundHandler {
         // A connection is authorized here, once; a stream of requests per
         // request (`http::inbound`).
         if req.protocol.is_none() {
-            let who = view.guard.caller(Some(peer), req.source);
+            let caller = view.guard.caller(Some(peer), req.source);
             let secs = crate::env::Live.secs() as u64;
-            if let Err(d) = view.guard.check(&found.service, target, &who.caller(), None, found.metrics(), secs) {
+            if let Err(d) = view.guard.check(&found.service, target, &caller, None, found.metrics(), secs) {
                 self.counters.denied_policy.inc();
                 debug!(identity = %peer, %target, by = %d.describe(), "stream denied by authorization policy (403)");
                 return Err(Refusal::Denied(Deny::Policy.as_str()));
