@@ -170,7 +170,7 @@ pub(super) fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
     if e.0.len() != before {
         return None;
     }
-    let principal_gate = super::principal_gate(&rules);
+    let (principal_gate, path_gate) = (super::principal_gate(&rules), super::path_gate(&rules));
     Some(Policy {
         label: format!("{namespace}/{}", name?).into(),
         action: action?,
@@ -178,6 +178,7 @@ pub(super) fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
         scope: scope?,
         rules,
         principal_gate,
+        path_gate,
     })
 }
 

@@ -68,6 +68,7 @@ pub fn from_service(key: &ServiceKey, a: &super::Authorization) -> Policy {
         dry_run: false,
         scope: Scope::Services(vec![key.clone()]),
         principal_gate: principal_gate(&rules),
+        path_gate: path_gate(&rules),
         rules,
     }
 }
@@ -101,36 +102,59 @@ pub struct Policy {
     /// allows nothing).
     pub rules: Vec<Rule>,
     /// When every rule asks for one of some exact principals: the hashes
-    /// of all of them ([`principal_hash`]). A caller whose principal is not
+    /// of all of them ([`gate_hash`]). A caller whose principal is not
     /// among them matches no rule, so none is looked at (a collision only
     /// costs the rules' own checks).
     pub principal_gate: Option<std::collections::HashSet<u64>>,
+    /// The same for paths: when every operation of every rule names exact
+    /// `paths`, their hashes. Used for requests only (on a connection, a
+    /// DENY rule's request parts match).
+    pub path_gate: Option<std::collections::HashSet<u64>>,
 }
 
-/// The hash of a principal, computed once per request for every policy's
-/// [`Policy::principal_gate`].
-pub fn principal_hash(principal: &str) -> u64 {
+/// The hash of a principal or a path, computed once per request for every
+/// policy's gates ([`Policy::principal_gate`], [`Policy::path_gate`]).
+pub fn gate_hash(key: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
-    principal.hash(&mut h);
+    key.hash(&mut h);
     h.finish()
+}
+
+/// The path gate of `rules`: Some when each rule has a `to` whose every
+/// operation names exact paths.
+pub fn path_gate(rules: &[Rule]) -> Option<std::collections::HashSet<u64>> {
+    exact_gate(rules, |r| &r.to, |o| &o.paths)
 }
 
 /// The gate of `rules`: Some when each rule has a `from` whose every
 /// source names exact principals.
 pub fn principal_gate(rules: &[Rule]) -> Option<std::collections::HashSet<u64>> {
+    exact_gate(rules, |r| &r.from, |s| &s.principals)
+}
+
+/// The hashes of the values `rules` ask for, when every rule has `parts`
+/// (its sources, or its operations) and each part asks for exact `values`
+/// only: else None, no gate.
+fn exact_gate<T>(
+    rules: &[Rule],
+    parts: fn(&Rule) -> &[T],
+    values: fn(&T) -> &[Pattern],
+) -> Option<std::collections::HashSet<u64>> {
     let mut gate = std::collections::HashSet::new();
     for r in rules {
-        if r.from.is_empty() {
+        let parts = parts(r);
+        if parts.is_empty() {
             return None;
         }
-        for s in &r.from {
-            if s.principals.is_empty() {
+        for part in parts {
+            let vs = values(part);
+            if vs.is_empty() {
                 return None;
             }
-            for p in &s.principals {
-                match p {
-                    Pattern::Exact(p) => gate.insert(principal_hash(p)),
+            for v in vs {
+                match v {
+                    Pattern::Exact(v) => gate.insert(gate_hash(v)),
                     _ => return None,
                 };
             }
@@ -340,16 +364,21 @@ impl Policy {
         }
     }
 
-    /// The first rule that matches, by index (`hash`: the caller's
-    /// [`principal_hash`], for the gate).
+    /// The first rule that matches, by index (`hashes`: the caller's
+    /// principal's and the request's path's [`gate_hash`], for the gates).
     fn matching(
         &self,
         dest: &Dest<'_>,
-        (caller, hash): (&Caller<'_>, Option<u64>),
+        (caller, hashes): (&Caller<'_>, Hashes),
         req: Option<&Request<'_>>,
     ) -> Option<usize> {
         if let Some(gate) = &self.principal_gate {
-            if !hash.is_some_and(|h| gate.contains(&h)) {
+            if !hashes.principal.is_some_and(|h| gate.contains(&h)) {
+                return None;
+            }
+        }
+        if let (Some(gate), Some(path)) = (&self.path_gate, hashes.path) {
+            if !gate.contains(&path) {
                 return None;
             }
         }
@@ -434,6 +463,13 @@ impl Operation {
     }
 }
 
+/// A request's keys for the policies' gates, hashed once.
+#[derive(Clone, Copy)]
+struct Hashes {
+    principal: Option<u64>,
+    path: Option<u64>,
+}
+
 /// The decision for a request (`req`; None: a connection on a `tcp`
 /// port) from `caller` to `dest`, by every policy of `policies` that
 /// applies to it.
@@ -445,7 +481,8 @@ pub fn decide<'p>(
 ) -> Verdict<'p> {
     let mut v = Verdict { allowed: true, why: Why::NoPolicy, by: None, audited: Vec::new(), dry_run: Vec::new() };
     let applying = || policies.list.iter().filter(|p| p.applies(dest));
-    let who = (caller, caller.principal.map(principal_hash));
+    let hashes = Hashes { principal: caller.principal.map(gate_hash), path: req.map(|r| gate_hash(r.path)) };
+    let who = (caller, hashes);
     let mut denied = None;
     for p in applying().filter(|p| p.action != Action::Allow) {
         let Some(rule) = p.matching(dest, who, req) else { continue };

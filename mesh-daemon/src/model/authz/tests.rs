@@ -254,5 +254,33 @@ fn the_principal_gate_skips_policies_that_cannot_match_the_caller_and_keeps_the_
     assert_eq!(decided(&p, &get(&None, "/x")), "allow -");
 }
 
+#[test]
+fn the_path_gate_skips_policies_whose_exact_paths_the_request_is_none_of_and_keeps_the_answers() {
+    let p = policies(&format!(
+        "{}spec:\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: [/admin], methods: [POST]}}}}]\n  - to: [{{operation: {{paths: [/debug]}}}}, {{operation: {{paths: [/metrics]}}}}]\n---\n{}spec:\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: ['/internal/*']}}}}]\n---\n{}spec:\n  rules:\n  - to: [{{operation: {{paths: [/a, /b]}}}}]\n",
+        head("shop", "gated"),
+        head("shop", "open"),
+        head("shop", "allowed")
+    ));
+    assert!(p.list[0].path_gate.as_ref().is_some_and(|g| g.len() == 3), "exact paths only: gated");
+    assert!(p.list[1].path_gate.is_none(), "a pattern: not gated");
+    assert!(p.list[2].path_gate.as_ref().is_some_and(|g| g.len() == 2));
+    let req = |method, path| Case { principal: None, ip: "10.244.1.9", req: Some((method, path, &[])), port: 8080 };
+    assert_eq!(decided(&p, &req("POST", "/admin")), "deny shop/gated#0");
+    assert_eq!(
+        decided(&p, &req("GET", "/admin")),
+        "deny -",
+        "the path passes the gate, the method not: no ALLOW matched"
+    );
+    assert_eq!(decided(&p, &req("GET", "/metrics")), "deny shop/gated#1");
+    assert_eq!(decided(&p, &req("GET", "/internal/x")), "deny shop/open#0");
+    assert_eq!(decided(&p, &req("GET", "/a")), "allow shop/allowed#0");
+    assert_eq!(decided(&p, &req("GET", "/c")), "deny -", "an ALLOW policy applies and none matched");
+    // On a connection, a DENY rule's request parts match (Istio's rule for
+    // TCP): the gate must not skip it.
+    let tcp = Case { principal: None, ip: "10.244.1.9", req: None, port: 8080 };
+    assert_eq!(decided(&p, &tcp), "deny shop/gated#0");
+}
+
 /// The principals of namespace shop's service accounts.
 const S: &str = "cluster.local/ns/shop/sa";
