@@ -500,9 +500,9 @@ pub fn bench(
 
 /// The policies of the http-proxy-authz row, on http-authz and
 /// h2-authz: 19 DENY policies of 10 rules (a principal and a path each,
-/// which no bench request has) and an ALLOW policy of 10 rules, the last
-/// of which (empty) matches every request: each request is checked
-/// against all 200 rules.
+/// or in every other policy a path alone, which no bench request has) and
+/// an ALLOW policy of 10 rules, the last of which (empty) matches every
+/// request: each request is checked against all 200 rules.
 fn bench_policies() -> String {
     let mut s = String::from("policies:\n");
     for i in 0..20 {
@@ -511,6 +511,8 @@ fn bench_policies() -> String {
         for j in 0..10 {
             if i == 19 && j == 9 {
                 let _ = writeln!(s, "        - {{}}");
+            } else if i % 2 == 1 {
+                let _ = writeln!(s, "        - to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]");
             } else {
                 let _ = writeln!(
                     s,
