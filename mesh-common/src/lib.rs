@@ -21,6 +21,8 @@ pub mod link_names {
     pub const CONNECT4: &str = "connect4";
     pub const SOCKOPS: &str = "sockops";
     pub const GETPEERNAME4: &str = "getpeername4";
+    pub const CONNECT6: &str = "connect6";
+    pub const GETPEERNAME6: &str = "getpeername6";
 }
 
 /// Names of the kernel programs (at most 15 bytes: the kernel's limit).
@@ -28,6 +30,8 @@ pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const GETPEERNAME4: &str = "mesh_getpeer4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const GETPEERNAME6: &str = "mesh_getpeer6";
 }
 
 /// Map capacities.
@@ -150,10 +154,18 @@ pub enum Stat {
     SlotMissing = 10,
     /// sockops: a callback other than an active connection's establishment.
     SockopsOtherOp = 11,
-    /// sockops: an established connection that is not IPv4.
-    SockopsNotIpv4 = 12,
-    /// sockops: an established IPv4 connection connect4 did not redirect.
+    /// sockops: an established connection of neither IPv4 nor IPv6.
+    SockopsNotInet = 12,
+    /// sockops: an established connection connect4 (or connect6) did not
+    /// redirect.
     SockopsNotRedirected = 13,
+    /// connect6: an IPv4-mapped destination (`::ffff:a.b.c.d`) on an
+    /// `AF_INET6` socket, then handled as connect4 would (and counted as
+    /// such).
+    Ipv4Mapped = 14,
+    /// connect6: an IPv6 destination, left untouched (IPv6 services are not
+    /// meshed).
+    NotIpv4Mapped = 15,
 }
 
 impl Stat {
@@ -170,8 +182,10 @@ impl Stat {
         Stat::PeerRestored,
         Stat::SlotMissing,
         Stat::SockopsOtherOp,
-        Stat::SockopsNotIpv4,
+        Stat::SockopsNotInet,
         Stat::SockopsNotRedirected,
+        Stat::Ipv4Mapped,
+        Stat::NotIpv4Mapped,
     ];
 
     /// Stable snake_case name, used in metrics and dumps.
@@ -189,13 +203,15 @@ impl Stat {
             Stat::PeerRestored => "peer_restored",
             Stat::SlotMissing => "slot_missing",
             Stat::SockopsOtherOp => "sockops_other_op",
-            Stat::SockopsNotIpv4 => "sockops_not_ipv4",
+            Stat::SockopsNotInet => "sockops_not_inet",
             Stat::SockopsNotRedirected => "sockops_not_redirected",
+            Stat::Ipv4Mapped => "ipv4_mapped",
+            Stat::NotIpv4Mapped => "not_ipv4_mapped",
         }
     }
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 16;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,7 +2,11 @@
 //! enrolled network namespaces to service addresses and either balances
 //! them in the kernel (slot tables) or sends them to the node proxy;
 //! `sockops` hands the original destination to the proxy; `getpeername4`
-//! shows the application the address it dialled.
+//! shows the application the address it dialled. `connect6` and
+//! `getpeername6` do the same for an `AF_INET6` socket dialling an IPv4
+//! service through its IPv4-mapped address (`::ffff:a.b.c.d`), as Java does
+//! by default: the kernel then connects over IPv4 without running
+//! connect4.
 //!
 //! Every program allows the connection on any lookup miss: a bug in the mesh
 //! must never break a connection that is not meshed.
@@ -25,6 +29,10 @@ use mesh_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`, the
+/// first two are zero), in network order.
+const MAPPED: u32 = 0xffff_u32.to_be();
 /// `connect4` verdict: let the connect proceed (possibly rewritten).
 const ALLOW: i32 = 1;
 /// `connect4` verdict: fail the connect (with the errno set by bpf_set_retval).
@@ -67,40 +75,98 @@ fn count(stat: Stat) {
     }
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    connect4(&ctx)
+/// What a connect to an IPv4 address becomes.
+enum Verdict {
+    /// Left as it is.
+    Keep,
+    /// Refused (ECONNREFUSED, set already).
+    Refuse,
+    /// Sent to this address and port (network order) instead.
+    To(u32, u16),
 }
 
-#[inline(always)]
-fn connect4(ctx: &SockAddrContext) -> i32 {
+impl Verdict {
+    /// The program's return value (the rewrite, if any, done already).
+    #[inline(always)]
+    fn answer(self) -> i32 {
+        match self {
+            Verdict::Refuse => REJECT,
+            _ => ALLOW,
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP as u32 {
         count(Stat::NotTcp);
         return ALLOW;
     }
-    let key = ServiceKey { vip_be: sa.user_ip4, port_be: sa.user_port as u16, proto: IPPROTO_TCP, _pad: 0 };
+    match connect(&ctx, sa.user_ip4, sa.user_port as u16) {
+        Verdict::To(ip, port) => {
+            sa.user_ip4 = ip;
+            sa.user_port = port as u32;
+            ALLOW
+        }
+        v => v.answer(),
+    }
+}
+
+/// An `AF_INET6` socket's connect: an IPv4-mapped destination is handled
+/// as connect4 handles its IPv4 address, and rewritten to the mapped form
+/// of the answer. Any other IPv6 destination is left alone.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP as u32 {
+        count(Stat::NotTcp);
+        return ALLOW;
+    }
+    if sa.user_ip6[0] != 0 || sa.user_ip6[1] != 0 || sa.user_ip6[2] != MAPPED {
+        count(Stat::NotIpv4Mapped);
+        return ALLOW;
+    }
+    count(Stat::Ipv4Mapped);
+    match connect(&ctx, sa.user_ip6[3], sa.user_port as u16) {
+        Verdict::To(ip, port) => {
+            sa.user_ip6[3] = ip;
+            sa.user_port = port as u32;
+            ALLOW
+        }
+        v => v.answer(),
+    }
+}
+
+/// The decision for a TCP connect to `ip`:`port` (network order), with
+/// what it needs recorded: the original destination by socket cookie for
+/// the proxy, and in the socket's storage for getpeername.
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
+    let key = ServiceKey { vip_be: ip, port_be: port, proto: IPPROTO_TCP, _pad: 0 };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, never in place.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         count(Stat::NotService);
-        return ALLOW;
+        return Verdict::Keep;
     };
     // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once, as above.
     let Some(wl) = (unsafe { WORKLOADS.get(&netns) }).copied() else {
         count(Stat::NotEnrolled);
-        return ALLOW;
+        return Verdict::Keep;
     };
     let mut orig = OrigDst { vip_be: key.vip_be, port_be: key.port_be, _pad: 0, service_id: svc.id, _pad2: 0 };
+    let to;
     if svc.mode == MODE_KERNEL {
         if svc.slot_count == 0 {
             count(Stat::NoBackend);
             // SAFETY: helper valid for cgroup programs (kernel >= 5.18).
             unsafe { bpf_set_retval(-ECONNREFUSED) };
-            return REJECT;
+            return Verdict::Refuse;
         }
         // SAFETY: helper without preconditions.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
@@ -108,23 +174,21 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         // SAFETY: copied out at once, as above.
         let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() else {
             count(Stat::SlotMissing);
-            return ALLOW;
+            return Verdict::Keep;
         };
-        sa.user_ip4 = backend.ip_be;
-        sa.user_port = backend.port_be as u32;
+        to = Verdict::To(backend.ip_be, backend.port_be);
         count(Stat::KernelBalanced);
     } else if svc.mode == MODE_PROXY {
         // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
             count(Stat::SockOrigFull);
-            return ALLOW;
+            return Verdict::Keep;
         }
-        sa.user_ip4 = wl.proxy_ip_be;
-        sa.user_port = wl.proxy_port_be as u32;
+        to = Verdict::To(wl.proxy_ip_be, wl.proxy_port_be);
         count(Stat::Redirected);
     } else {
-        return ALLOW;
+        return Verdict::Keep;
     }
     // SAFETY: the context's socket is valid for the program's run.
     let peer = unsafe { PEER.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
@@ -133,21 +197,36 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         unsafe { *peer = orig };
     }
     debug!(ctx, "service {} mode {} rewritten", svc.id, svc.mode);
-    ALLOW
+    to
 }
 
 /// Gives back the service address the socket dialled, not the backend or
 /// proxy it was rewritten to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, |sa, vip_be| sa.user_ip4 = vip_be)
+}
+
+/// As getpeername4, for an `AF_INET6` socket that dialled a service's
+/// IPv4-mapped address (only those have the storage): `::ffff:<vip>`.
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, |sa, vip_be| sa.user_ip6 = [0, 0, MAPPED, vip_be])
+}
+
+/// Writes the dialled service's address (by `set_ip`, network order) and
+/// port over the peer getpeername reports, for a socket connect4 or
+/// connect6 rewrote.
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, set_ip: impl FnOnce(&mut bpf_sock_addr, u32)) -> i32 {
     // SAFETY: the context's socket is valid for the program's run.
-    let peer = unsafe { PEER.get_ptr_mut(&ctx) };
+    let peer = unsafe { PEER.get_ptr_mut(ctx) };
     if !peer.is_null() {
         // SAFETY: non-null storage of this socket; the kernel passes a valid
         // bpf_sock_addr for this program type.
         unsafe {
             let sa = &mut *ctx.sock_addr;
-            sa.user_ip4 = (*peer).vip_be;
+            set_ip(sa, (*peer).vip_be);
             sa.user_port = (*peer).port_be as u32;
         }
         count(Stat::PeerRestored);
@@ -159,9 +238,12 @@ pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         count(Stat::SockopsOtherOp);
-    } else if ctx.family() != AF_INET {
-        count(Stat::SockopsNotIpv4);
+    } else if ctx.family() != AF_INET && ctx.family() != AF_INET6 {
+        count(Stat::SockopsNotInet);
     } else {
+        // An AF_INET6 socket is found in SOCK_ORIG only when connect6
+        // redirected its IPv4-mapped connect: an IPv4 connection, whose
+        // local address is its IPv4 one.
         established(&ctx);
     }
     1

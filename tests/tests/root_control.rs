@@ -147,6 +147,104 @@ fn root_kernel_mode_follows_weights_and_drains() {
     assert_eq!(d.counter("kernel", "no_backend").unwrap(), 5);
 }
 
+/// A client as Java dials IPv4 by default: an `AF_INET6` socket with
+/// IPV6_V6ONLY off, connecting to `::ffff:<VIP>:80` (which the kernel
+/// routes as IPv4, through `cgroup/connect6`, not connect4). `n`
+/// connections, one at a time: `NAME=COUNT` per backend, then `failed=F
+/// peer_is_dialled=P` (P: getpeername gave `::ffff:<VIP>` port 80).
+const MAPPED_CLIENT: &str = r#"
+import socket, sys
+addr, n = sys.argv[1], int(sys.argv[2])
+counts, failed, dialled = {}, 0, 0
+for _ in range(n):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.settimeout(3)
+    try:
+        s.connect((addr, 80))
+        peer = s.getpeername()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        body = data.decode().splitlines()[-1]
+        name = [kv[8:] for kv in body.split() if kv.startswith("backend=")][0]
+        counts[name] = counts.get(name, 0) + 1
+        dialled += peer[0] == addr and peer[1] == 80
+    except Exception as e:
+        failed += 1
+        print("error:", e)
+    finally:
+        s.close()
+print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), f"failed={failed} peer_is_dialled={dialled}")
+"#;
+
+fn mapped_tally(c: &Cluster, n: u32) -> Tally {
+    let addr = format!("::ffff:{VIP}");
+    let out =
+        c.exec("client", "python3", &["-c", MAPPED_CLIENT, &addr, &n.to_string()], Duration::from_secs(120)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "python: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let mut t = Tally { by_backend: BTreeMap::new(), failed: 0, peer_is_dialled: 0, direct: 0, text: text.clone() };
+    for (k, v) in text
+        .lines()
+        .filter(|l| !l.starts_with("error:"))
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('='))
+    {
+        let v: u64 = v.parse().unwrap_or(0);
+        match k {
+            "failed" => t.failed = v,
+            "peer_is_dialled" => t.peer_is_dialled = v,
+            b => {
+                t.by_backend.insert(b.to_owned(), v);
+            }
+        }
+    }
+    t
+}
+
+#[test]
+fn root_ipv4_mapped_dials_from_ipv6_sockets_are_meshed_in_both_modes() {
+    let c = cluster();
+    let d = start(&c, &web(&c, "proxy", 1, 1), &[]);
+    let got = |t: &Tally, b: &str| *t.by_backend.get(b).unwrap_or(&0);
+    let t = mapped_tally(&c, 40);
+    assert_eq!(t.failed, 0, "{}", t.text);
+    assert_eq!(got(&t, "web-1") + got(&t, "web-2"), 40, "{}", t.text);
+    assert!(got(&t, "web-1") > 0 && got(&t, "web-2") > 0, "balanced over both: {}", t.text);
+    assert_eq!(t.peer_is_dialled, 40, "getpeername shows ::ffff:{VIP}: {}", t.text);
+    assert_eq!(d.counter("proxy", "accepted").unwrap(), 40, "through the proxy, which counts them");
+    assert_eq!(d.counter("kernel", "ipv4_mapped").unwrap(), 40);
+    let (_, metrics) = d.admin_get("/metrics").unwrap();
+    let opened: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_connections_opened_total{service=\"default/web:80\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(opened, 40, "the proxy's metrics count each connection: {metrics}");
+
+    let f = c.write_file("kernel.yaml", &c.config(&web(&c, "kernel", 7, 3))).unwrap();
+    let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let t = mapped_tally(&c, 1000);
+    assert_eq!(t.failed, 0, "{}", t.text);
+    assert_eq!(got(&t, "web-1") + got(&t, "web-2"), 1000, "{}", t.text);
+    mesh_tests::loadgen::assert_share(
+        got(&t, "web-1"),
+        1000,
+        0.7,
+        "kernel mode 7:3 from AF_INET6 sockets, web-1",
+        &t.text,
+    );
+    assert_eq!(t.peer_is_dialled, 1000, "getpeername shows ::ffff:{VIP}: {}", t.text);
+    assert_eq!(d.counter("kernel", "kernel_balanced").unwrap(), 1000);
+    assert_eq!(d.counter("proxy", "accepted").unwrap(), 40, "no proxy on the path");
+}
+
 #[test]
 fn root_removed_service_is_no_longer_redirected() {
     let c = cluster();
@@ -168,7 +266,7 @@ fn root_datapath_survives_kill9_and_restart_takes_it_over() {
     let c = cluster();
     let mut d = start(&c, &web(&c, "kernel", 1, 1), &[]);
     let programs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
-    assert_eq!(programs.len(), 3);
+    assert_eq!(programs.len(), 5);
     // A write after the seed is a line of the journal, not a new file.
     let whole = std::fs::read(c.state_dir("node-a").join("state.json")).unwrap();
     assert_eq!(ctl(&c, &["set-weight", "web", &c.pod("web-1").ip.to_string(), "3"]).0, 0);

@@ -149,10 +149,10 @@ fn root_daemon_exit_leaves_no_program_link_or_pin() {
     let attached = cgroup_programs(&node.cgroup).unwrap();
     let mut names: Vec<_> = attached.iter().map(|(_, n)| n.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["mesh_connect4", "mesh_getpeer4", "mesh_sockops"]);
+    assert_eq!(names, ["mesh_connect4", "mesh_connect6", "mesh_getpeer4", "mesh_getpeer6", "mesh_sockops"]);
     let ids: Vec<u64> = attached.iter().map(|(id, _)| *id).collect();
     let links = loaded().unwrap().link_programs;
-    assert_eq!(links.iter().filter(|p| ids.contains(p)).count(), 3, "one link per program");
+    assert_eq!(links.iter().filter(|p| ids.contains(p)).count(), 5, "one link per program");
     assert!(node.pin_dir.join("SERVICES").exists(), "maps are pinned while running");
 
     let status = f.daemon.stop().unwrap();
@@ -192,7 +192,7 @@ fn root_two_daemons_run_side_by_side() {
 
     let (pa, pb) =
         (cgroup_programs(&c.node("node-a").cgroup).unwrap(), cgroup_programs(&c.node("node-b").cgroup).unwrap());
-    assert_eq!((pa.len(), pb.len()), (3, 3), "each node cgroup has its own three programs");
+    assert_eq!((pa.len(), pb.len()), (5, 5), "each node cgroup has its own five programs");
     assert!(pa.iter().all(|a| !pb.contains(a)), "the daemons share programs: {pa:?} {pb:?}");
 
     for client in ["client-a", "client-b"] {
@@ -218,7 +218,7 @@ fn root_two_daemons_run_side_by_side() {
     assert_ne!(code, 0, "node-a no longer redirects once its daemon is gone");
     let (code, body) = c.curl("client-b", &format!("http://{VIP}/")).unwrap();
     assert_eq!(code, 0, "node-b still works: {body}");
-    assert_eq!(cgroup_programs(&c.node("node-b").cgroup).unwrap().len(), 3);
+    assert_eq!(cgroup_programs(&c.node("node-b").cgroup).unwrap().len(), 5);
     assert!(c.node("node-b").pin_dir.join("SERVICES").exists());
     assert!(!c.node("node-a").pin_dir.exists());
     drop(db);

@@ -50,10 +50,10 @@ fn logs(ds: &[&Daemon]) -> String {
     ds.iter().map(|d| format!("--- {}\n{}", d.log.display(), d.log_text())).collect()
 }
 
-/// One node's programs are attached once: three, whatever the daemons.
+/// One node's programs are attached once: five, whatever the daemons.
 fn assert_attached_once(c: &Cluster, node: &str) {
     let progs = cgroup_programs(&c.node(node).cgroup).unwrap();
-    assert_eq!(progs.len(), 3, "{node}: {progs:?}");
+    assert_eq!(progs.len(), 5, "{node}: {progs:?}");
 }
 
 #[test]
@@ -192,7 +192,7 @@ fn root_a_successor_with_other_kernel_programs_replaces_them_while_traffic_flows
     let (c, cfg) = cluster();
     let mut a1 = c.start_daemon("node-a", &cfg, &["--drain-timeout", "60s"]).unwrap();
     let old_progs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
-    assert_eq!(old_progs.len(), 3, "{old_progs:?}");
+    assert_eq!(old_progs.len(), 5, "{old_progs:?}");
     // What a build with another kernel object leaves: its links pinned in
     // a directory named for that object. (Both daemon builds the test has
     // carry the same object, so the running one's is renamed.)
@@ -219,13 +219,13 @@ fn root_a_successor_with_other_kernel_programs_replaces_them_while_traffic_flows
     }
     let status = a1.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "old daemon exit {status}");
-    // Three programs, all new; the other object's links are gone.
+    // Five programs, all new; the other object's links are gone.
     let new_progs = cgroup_programs(&c.node("node-a").cgroup).unwrap();
-    assert_eq!(new_progs.len(), 3, "{new_progs:?}");
+    assert_eq!(new_progs.len(), 5, "{new_progs:?}");
     assert!(new_progs.iter().all(|p| !old_progs.contains(p)), "old {old_progs:?}, now {new_progs:?}");
     let dirs = links_dirs(&c, "node-a");
     assert!(dirs.len() == 1 && dirs[0] != other, "{dirs:?}");
-    assert_eq!(std::fs::read_dir(&dirs[0]).unwrap().count(), 3, "{}", dirs[0].display());
+    assert_eq!(std::fs::read_dir(&dirs[0]).unwrap().count(), 5, "{}", dirs[0].display());
     let log = a2.log_text();
     assert!(log.contains("datapath attached") && !log.contains("reusing the attached programs"), "{log}");
     let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();

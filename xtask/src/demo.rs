@@ -35,7 +35,7 @@ pub fn demo(requests: u32) -> anyhow::Result<()> {
         println!("    {line}");
     }
 
-    say("starting mesh-daemon for node-a (attaches connect4, sockops and getpeername4 to the node's cgroup)");
+    say("starting mesh-daemon for node-a (attaches connect4, connect6, sockops, getpeername4 and getpeername6 to the node's cgroup)");
     let mut daemon = cluster.start_daemon("node-a", &path, &["--cleanup-on-exit"])?;
     say(&format!("  ready; pid {}, maps pinned under {}", daemon.pid(), daemon.node.pin_dir.display()));
 

@@ -35,7 +35,13 @@ impl Datapath {
         }
 
         let links_dir = cfg.pin_dir.join(format!("{LINKS_DIR_PREFIX}{}", object_id()));
-        let names = [link_names::CONNECT4, link_names::SOCKOPS, link_names::GETPEERNAME4];
+        let names = [
+            link_names::CONNECT4,
+            link_names::SOCKOPS,
+            link_names::GETPEERNAME4,
+            link_names::CONNECT6,
+            link_names::GETPEERNAME6,
+        ];
         let link_paths: Vec<PathBuf> = names.iter().map(|n| links_dir.join(n)).collect();
         // Links of any build found here: this one's are reused, others replaced.
         let old_dirs = links_dirs(&cfg.pin_dir);
@@ -130,13 +136,15 @@ impl Datapath {
     }
 }
 
-/// Loads and attaches the three programs; returns their links, in the
-/// order connect4, sockops, getpeername4.
+/// Loads and attaches the five programs; returns their links, in the
+/// order connect4, sockops, getpeername4, connect6, getpeername6.
 fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> {
     let prog = |name: &'static str| move |source| DatapathError::Program { name, source };
     let link = |name: &'static str| move |e: aya::programs::ProgramError| DatapathError::Program { name, source: e };
     let mut out = Vec::new();
-    for name in [program_names::CONNECT4, program_names::GETPEERNAME4] {
+    let addr_programs =
+        [program_names::CONNECT4, program_names::GETPEERNAME4, program_names::CONNECT6, program_names::GETPEERNAME6];
+    for name in addr_programs {
         let p: &mut CgroupSockAddr =
             ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog(name))?;
         p.load().map_err(prog(name))?;
