@@ -51,7 +51,7 @@ pub(in crate::model) fn compile(
     let from_services: Vec<(ServiceKey, crate::model::Authorization)> =
         services.iter().filter_map(|s| Some((s.key(), s.authorization.clone()?))).collect();
     list.extend(from_services.iter().map(|(k, a)| Arc::new(super::from_service(k, a))));
-    Policies { docs: docs.to_vec(), from_services, list }
+    Policies::new(docs.to_vec(), from_services, list)
 }
 
 /// Why `policy` may not be: it applies to a workload behind a kernel-mode

@@ -37,6 +37,53 @@ pub struct Policies {
     pub docs: Vec<Arc<PolicyDoc>>,
     pub from_services: Vec<(ServiceKey, super::Authorization)>,
     pub list: Vec<Arc<Policy>>,
+    /// Which policies may apply to a destination, by its service: see
+    /// [`Policies::candidates`].
+    index: Candidates,
+}
+
+/// For each service some policy's `targetRefs` name, the indexes into
+/// `list` of those policies and of every policy scoped otherwise (by
+/// namespace or selector), in list order; for any other service, the
+/// latter alone. A request then looks only at policies that may apply,
+/// and asks only the namespace- and selector-scoped ones whether they do.
+#[derive(Debug, Default)]
+struct Candidates {
+    by_service: std::collections::HashMap<ServiceKey, Vec<u32>>,
+    unscoped: Vec<u32>,
+}
+
+impl Policies {
+    /// The policies compiled from `docs` and the services' own (`list`).
+    pub fn new(
+        docs: Vec<Arc<PolicyDoc>>,
+        from_services: Vec<(ServiceKey, super::Authorization)>,
+        list: Vec<Arc<Policy>>,
+    ) -> Self {
+        let mut index = Candidates::default();
+        for (i, p) in list.iter().enumerate() {
+            match &p.scope {
+                Scope::Services(keys) => {
+                    for k in keys {
+                        index.by_service.entry(k.clone()).or_default().push(i as u32);
+                    }
+                }
+                _ => index.unscoped.push(i as u32),
+            }
+        }
+        for v in index.by_service.values_mut() {
+            v.extend(&index.unscoped);
+            v.sort_unstable();
+            v.dedup();
+        }
+        Policies { docs, from_services, list, index }
+    }
+
+    /// The policies that apply to `dest`, in list order.
+    pub fn applying<'p: 'd, 'd>(&'p self, dest: &'d Dest<'d>) -> impl Iterator<Item = &'p Arc<Policy>> + 'd {
+        let ids = self.index.by_service.get(dest.service).unwrap_or(&self.index.unscoped);
+        ids.iter().map(|&i| &self.list[i as usize]).filter(|p| matches!(p.scope, Scope::Services(_)) || p.applies(dest))
+    }
 }
 
 impl PartialEq for Policies {
@@ -105,11 +152,34 @@ pub struct Policy {
     /// of all of them ([`gate_hash`]). A caller whose principal is not
     /// among them matches no rule, so none is looked at (a collision only
     /// costs the rules' own checks).
-    pub principal_gate: Option<std::collections::HashSet<u64>>,
+    pub principal_gate: Option<Gate>,
     /// The same for paths: when every operation of every rule names exact
     /// `paths`, their hashes. Used for requests only (on a connection, a
     /// DENY rule's request parts match).
-    pub path_gate: Option<std::collections::HashSet<u64>>,
+    pub path_gate: Option<Gate>,
+}
+
+/// A gate: hashes ([`gate_hash`]) of the values a policy's rules ask for.
+/// Its keys are hashes already, so the set does not hash them again.
+pub type Gate = std::collections::HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// The hasher of a [`Gate`]: a `u64` key is its own hash.
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; fold anything else in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// The hash of a principal or a path, computed once per request for every
@@ -123,25 +193,21 @@ pub fn gate_hash(key: &str) -> u64 {
 
 /// The path gate of `rules`: Some when each rule has a `to` whose every
 /// operation names exact paths.
-pub fn path_gate(rules: &[Rule]) -> Option<std::collections::HashSet<u64>> {
+pub fn path_gate(rules: &[Rule]) -> Option<Gate> {
     exact_gate(rules, |r| &r.to, |o| &o.paths)
 }
 
 /// The gate of `rules`: Some when each rule has a `from` whose every
 /// source names exact principals.
-pub fn principal_gate(rules: &[Rule]) -> Option<std::collections::HashSet<u64>> {
+pub fn principal_gate(rules: &[Rule]) -> Option<Gate> {
     exact_gate(rules, |r| &r.from, |s| &s.principals)
 }
 
 /// The hashes of the values `rules` ask for, when every rule has `parts`
 /// (its sources, or its operations) and each part asks for exact `values`
 /// only: else None, no gate.
-fn exact_gate<T>(
-    rules: &[Rule],
-    parts: fn(&Rule) -> &[T],
-    values: fn(&T) -> &[Pattern],
-) -> Option<std::collections::HashSet<u64>> {
-    let mut gate = std::collections::HashSet::new();
+fn exact_gate<T>(rules: &[Rule], parts: fn(&Rule) -> &[T], values: fn(&T) -> &[Pattern]) -> Option<Gate> {
+    let mut gate = Gate::default();
     for r in rules {
         let parts = parts(r);
         if parts.is_empty() {
@@ -480,7 +546,7 @@ pub fn decide<'p>(
     req: Option<&Request<'_>>,
 ) -> Verdict<'p> {
     let mut v = Verdict { allowed: true, why: Why::NoPolicy, by: None, audited: Vec::new(), dry_run: Vec::new() };
-    let applying = || policies.list.iter().filter(|p| p.applies(dest));
+    let applying = || policies.applying(dest);
     let hashes = Hashes { principal: caller.principal.map(gate_hash), path: req.map(|r| gate_hash(r.path)) };
     let who = (caller, hashes);
     let mut denied = None;

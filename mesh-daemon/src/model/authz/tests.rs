@@ -237,6 +237,41 @@ fn a_policy_over_a_kernel_mode_service_is_refused_and_the_state_keeps_its_polici
 }
 
 #[test]
+fn policies_are_looked_at_in_list_order_whatever_their_scope() {
+    // A namespace-wide DENY, then one for the service by targetRefs, then
+    // one by selector: the first that matches names the decision.
+    let deny = |name: &str, scope: &str| {
+        format!(
+            "{}spec:\n  action: DENY\n{scope}  rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]\n",
+            head("shop", name)
+        )
+    };
+    let p = policies(&format!(
+        "{}---\n{}---\n{}",
+        deny("by-ns", ""),
+        deny("by-ref", "  targetRefs: [{kind: Service, name: web}]\n"),
+        deny("by-label", "  selector: {matchLabels: {app: web}}\n")
+    ));
+    let del = Case { principal: None, ip: "10.244.1.9", req: Some(("DELETE", "/", &[])), port: 8080 };
+    assert_eq!(decided(&p, &del), "deny shop/by-ns#0");
+    let p = policies(&format!(
+        "{}---\n{}---\n{}",
+        deny("by-ref", "  targetRefs: [{kind: Service, name: web}]\n"),
+        deny("by-label", "  selector: {matchLabels: {app: web}}\n"),
+        deny("by-ns", "")
+    ));
+    assert_eq!(decided(&p, &del), "deny shop/by-ref#0");
+    let p = policies(&format!(
+        "{}---\n{}",
+        deny("other-ref", "  targetRefs: [{kind: Service, name: other}]\n"),
+        deny("by-label", "  selector: {matchLabels: {app: web}}\n")
+    ));
+    assert_eq!(decided(&p, &del), "deny shop/by-label#0", "a service no targetRefs names still gets the rest");
+    let p = policies(&deny("other-ref", "  targetRefs: [{kind: Service, name: other}]\n"));
+    assert_eq!(decided(&p, &del), "allow -", "another service's policy does not apply");
+}
+
+#[test]
 fn the_principal_gate_skips_policies_that_cannot_match_the_caller_and_keeps_the_answers() {
     let p = policies(&format!(
         "{}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [{S}/a]}}}}]\n    to: [{{operation: {{paths: [/x]}}}}]\n  - from: [{{source: {{principals: [{S}/b], namespaces: [shop]}}}}]\n---\n{}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: ['*/sa/c']}}}}]\n",
