@@ -494,6 +494,12 @@ fn root_one_held_http2_connection_follows_route_writes() {
     let t = f.batch(50, "/").unwrap();
     assert_eq!(t, BTreeMap::from([("echo".into(), 50)]), "no route yet");
 
+    // httproute-weight: 70/30/0, judged by binomial bounds.
+    apply(&m, &[&weights(70, 30)]);
+    let t = f.batch(400, "/").unwrap();
+    assert_eq!(t.get("echo-v1").unwrap_or(&0) + t.get("echo-v2").unwrap_or(&0), 400, "weight 0 gets nothing: {t:?}");
+    assert_share(*t.get("echo-v1").unwrap_or(&0), 400, 0.7, "route 70/30/0: echo-v1", &t);
+
     apply(&m, &[&weights(80, 20)]);
     let t = f.batch(400, "/").unwrap();
     assert_eq!(t.get("echo-v1").unwrap_or(&0) + t.get("echo-v2").unwrap_or(&0), 400, "weight 0 gets nothing: {t:?}");
