@@ -55,14 +55,14 @@ pub struct Denied {
 /// and the AUDIT policies and rules that matched (comma-separated).
 #[derive(Debug, Clone, Default)]
 pub struct Logged {
-    pub by: Option<String>,
+    pub by: Option<Arc<str>>,
     pub audit: Option<String>,
 }
 
 impl Denied {
     /// For the access log.
     pub fn logged(&self) -> Logged {
-        Logged { by: Some(self.label()), audit: self.audit.clone() }
+        Logged { by: Some(self.label().into()), audit: self.audit.clone() }
     }
 
     /// `policy#rule`, or `no-allow-match`, for the access log's `authz`.
@@ -168,9 +168,9 @@ impl Guard {
             info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
         }
         let audit = (!v.audited.is_empty())
-            .then(|| v.audited.iter().map(|(p, r)| format!("{}#{r}", p.label)).collect::<Vec<_>>().join(","));
+            .then(|| v.audited.iter().map(|(p, r)| &*p.rule_labels[*r]).collect::<Vec<_>>().join(","));
         if v.allowed {
-            return Ok(Logged { by: v.by.map(|(p, r)| format!("{}#{r}", p.label)), audit });
+            return Ok(Logged { by: v.by.map(|(p, r)| p.rule_labels[r].clone()), audit });
         }
         let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)), audit };
         if self.logged.swap(now_secs, Ordering::Relaxed) != now_secs {

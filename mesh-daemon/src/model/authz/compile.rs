@@ -170,16 +170,7 @@ pub(super) fn policy(e: &mut Errors, p: &str, d: &PolicyDoc) -> Option<Policy> {
     if e.0.len() != before {
         return None;
     }
-    let (principal_gate, path_gate) = (super::principal_gate(&rules), super::path_gate(&rules));
-    Some(Policy {
-        label: format!("{namespace}/{}", name?).into(),
-        action: action?,
-        dry_run,
-        scope: scope?,
-        rules,
-        principal_gate,
-        path_gate,
-    })
+    Some(Policy::new(format!("{namespace}/{}", name?).into(), action?, dry_run, scope?, rules))
 }
 
 fn label_ok(s: &str) -> bool {
