@@ -382,11 +382,22 @@ fn root_order_audit_dry_run_addresses_and_no_ejection_on_both_placements() {
 
     // 300 denied requests, then 30 allowed ones: a denial never counts
     // against an endpoint, so none of them fails.
+    // Each decision is counted by the node that made it: 300 with no
+    // ALLOW policy matching, 30 allowed by `callers`.
+    let decisions = |d: &Daemon| {
+        let allow = d.metric("mesh_authz_decisions_total", &["policy=\"default/callers\"", "decision=\"allow\""]);
+        let none = d.metric("mesh_authz_decisions_total", &["policy=\"\"", "decision=\"deny\""]);
+        (allow, none)
+    };
     for (name, vip, pod) in H2 {
+        let d = if name == "h2-near" { &m.a } else { b };
+        let before = decisions(d);
         let mut denied = Follower::open(&m.c, "other", &format!("{vip}:80"), true).unwrap();
         assert_eq!(denied.batch(300, "/x").unwrap(), [("403".to_owned(), 300)].into(), "{name}");
         let mut allowed = Follower::open(&m.c, "frontend", &format!("{vip}:80"), true).unwrap();
         assert_eq!(allowed.batch(30, "/y").unwrap(), [(pod.to_owned(), 30)].into(), "{name}: 0 of 30 failed");
+        let after = decisions(d);
+        assert_eq!((after.0 - before.0, after.1 - before.1), (30, 300), "{name}: counted where decided");
     }
 }
 

@@ -7,13 +7,15 @@
 //! itself is the model's ([`crate::model::authz::decide`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
-use crate::model::authz::{decide, Caller, Dest, Policies, Request, Verdict, Why};
+use crate::model::authz::{decide, Caller, Dest, Policies, Policy, Request, Verdict, Why};
 use crate::model::{Identity, ServiceKey, State};
 use crate::telemetry::metrics::{AuthzLabels, Metrics};
 
@@ -39,6 +41,37 @@ pub struct Guard {
     identities: HashMap<Ipv4Addr, Identity>,
     /// The second a denial was last logged (one line a second).
     logged: AtomicU64,
+    /// Whether any policy looks at the caller's address (`ipBlocks`,
+    /// `notIpBlocks`): if none does, it is not looked up.
+    uses_addresses: bool,
+    /// Each policy's `mesh_authz_decisions_total` series, by the policy's
+    /// address, found on first use: a decision costs no label lookup.
+    series: HashMap<usize, PolicySeries, BuildHasherDefault<AddressHash>>,
+    /// The series of requests no ALLOW policy matched.
+    no_allow_match: OnceLock<Counter>,
+}
+
+/// One policy's series: its own decision (allow or deny, by its action),
+/// audit, and dry-run.
+#[derive(Debug, Default)]
+struct PolicySeries([OnceLock<Counter>; 3]);
+
+/// The hasher of [`Guard::series`]: an address spread by one multiply.
+#[derive(Default)]
+struct AddressHash(u64);
+
+impl std::hash::Hasher for AddressHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// A request or connection refused, and by which policy and rule (None:
@@ -97,7 +130,21 @@ impl Guard {
             addresses.entry(id.clone()).or_default().push(w.ip);
             identities.insert(w.ip, id);
         }
-        Guard { policies: state.policies.clone(), workloads, addresses, identities, logged: AtomicU64::new(0) }
+        let policies = state.policies.clone();
+        let uses_addresses = policies.list.iter().any(|p| {
+            p.rules.iter().any(|r| r.from.iter().any(|s| !s.ip_blocks.is_empty() || !s.not_ip_blocks.is_empty()))
+        });
+        let series = policies.list.iter().map(|p| (Arc::as_ptr(p) as usize, PolicySeries::default())).collect();
+        Guard {
+            policies,
+            workloads,
+            addresses,
+            identities,
+            logged: AtomicU64::new(0),
+            uses_addresses,
+            series,
+            no_allow_match: OnceLock::new(),
+        }
     }
 
     /// The identity of the workload at `ip`, if it is one.
@@ -114,7 +161,7 @@ impl Guard {
     /// The caller as policies see it: `identity` (verified) and, when a
     /// workload of that identity has it, `ip`.
     pub fn caller<'a>(&self, identity: Option<&'a Identity>, ip: Option<IpAddr>) -> Caller<'a> {
-        let ip = ip.filter(|ip| {
+        let ip = ip.filter(|_| self.uses_addresses).filter(|ip| {
             let v4 = match ip {
                 IpAddr::V4(a) => Some(*a),
                 IpAddr::V6(a) => a.to_ipv4_mapped(),
@@ -163,7 +210,7 @@ impl Guard {
             return Ok(Logged::default());
         }
         let v = self.verdict(service, target, caller, req);
-        count(&v, metrics);
+        self.count(&v, metrics);
         for p in &v.dry_run {
             info!(policy = %p.label, service = %service, caller = caller.principal.unwrap_or("-"), "dry-run policy would decide otherwise; not enforced");
         }
@@ -180,21 +227,31 @@ impl Guard {
     }
 }
 
-fn count(v: &Verdict<'_>, metrics: &Metrics) {
-    let inc = |policy: &Arc<str>, action: &'static str, decision: &'static str| {
-        metrics.authz_decisions.get_or_create(&AuthzLabels { policy: policy.clone(), action, decision }).inc();
-    };
-    match (v.why, v.by) {
-        (Why::Denied, Some((p, _))) => inc(&p.label, "DENY", "deny"),
-        (Why::Allowed, Some((p, _))) => inc(&p.label, "ALLOW", "allow"),
-        (Why::NoAllowMatched, _) => inc(&Arc::from(""), "ALLOW", "deny"),
-        _ => {}
-    }
-    for (p, _) in &v.audited {
-        inc(&p.label, "AUDIT", "audit");
-    }
-    for p in &v.dry_run {
-        inc(&p.label, p.action.as_str(), "dry_run");
+impl Guard {
+    fn count(&self, v: &Verdict<'_>, metrics: &Metrics) {
+        let series = |policy: &Arc<str>, action: &'static str, decision: &'static str| {
+            metrics.authz_decisions.get_or_create(&AuthzLabels { policy: policy.clone(), action, decision }).clone()
+        };
+        let inc = |p: &Policy, slot: usize, action: &'static str, decision: &'static str| {
+            match self.series.get(&(std::ptr::from_ref(p) as usize)) {
+                Some(s) => s.0[slot].get_or_init(|| series(&p.label, action, decision)).inc(),
+                None => series(&p.label, action, decision).inc(),
+            };
+        };
+        match (v.why, v.by) {
+            (Why::Denied, Some((p, _))) => inc(p, 0, "DENY", "deny"),
+            (Why::Allowed, Some((p, _))) => inc(p, 0, "ALLOW", "allow"),
+            (Why::NoAllowMatched, _) => {
+                self.no_allow_match.get_or_init(|| series(&Arc::from(""), "ALLOW", "deny")).inc();
+            }
+            _ => {}
+        }
+        for (p, _) in &v.audited {
+            inc(p, 1, "AUDIT", "audit");
+        }
+        for p in &v.dry_run {
+            inc(p, 2, p.action.as_str(), "dry_run");
+        }
     }
 }
 
