@@ -38,7 +38,7 @@ pub struct Policies {
     pub from_services: Vec<(ServiceKey, super::Authorization)>,
     pub list: Vec<Arc<Policy>>,
     /// Which policies may apply to a destination, by its service: see
-    /// [`Policies::candidates`].
+    /// [`Policies::applying`].
     index: Candidates,
 }
 
