@@ -62,6 +62,15 @@ fn mesh_with(policies: impl FnOnce(&Cluster) -> String) -> Mesh {
     Mesh { c, a, _b: b }
 }
 
+/// Applies a state with `services` on both nodes.
+fn apply_on_both(m: &Mesh, file: &str, services: &str) {
+    let f = m.c.write_file(file, &m.c.config(services)).unwrap();
+    for node in ["node-a", "node-b"] {
+        let out = m.c.meshctl(node, &["apply", "-f", f.to_str().unwrap()]).unwrap();
+        assert!(out.status.success(), "meshctl apply on {node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// The requests web-a and web-b have answered.
 fn served(m: &Mesh) -> (u64, u64) {
     let n = backend_counts(&m.c, "frontend", &["web-a", "web-b"], "/__count");
@@ -267,11 +276,7 @@ fn root_request_headers_over_64_kib_get_431_on_both_protocols_and_placements() {
         let proto = if name.starts_with("h2") { "http2" } else { "http" };
         doc.push_str(&svc(name, vip, pod, node).replace("appProtocol: http ", &format!("appProtocol: {proto} ")));
     }
-    let f = m.c.write_file("h1.yaml", &m.c.config(&doc)).unwrap();
-    for node in ["node-a", "node-b"] {
-        let out = m.c.meshctl(node, &["apply", "-f", f.to_str().unwrap()]).unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    apply_on_both(&m, "h1.yaml", &doc);
     let before = served(&m);
     // tcp-near/tcp-far now speak HTTP/1.1 (curl); h2-near/h2-far HTTP/2,
     // from a hyper client (curl's nghttp2 will not send a header block
@@ -471,11 +476,7 @@ fn root_a_services_authorization_holds_on_the_endpoints_node_too() {
             m.c.pod(pod).ip
         ));
     }
-    let f = m.c.write_file("legacy.yaml", &m.c.config(&doc)).unwrap();
-    for node in ["node-a", "node-b"] {
-        let out = m.c.meshctl(node, &["apply", "-f", f.to_str().unwrap()]).unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    apply_on_both(&m, "legacy.yaml", &doc);
     let before = served(&m);
     for (name, vip, _) in TCP {
         assert_eq!(tcp(&m, "frontend", vip), 0, "{name}: frontend is allowed");

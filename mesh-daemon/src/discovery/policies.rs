@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::model::authz::{fail_closed, PolicyDoc};
 
 pub const GROUP: &str = "security.istio.io";
-const DRY_RUN: &str = "istio.io/dry-run";
+use crate::model::authz::DRY_RUN;
 
 /// The API resource of AuthorizationPolicy.
 pub fn resource() -> ApiResource {

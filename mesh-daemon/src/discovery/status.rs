@@ -192,7 +192,7 @@ pub async fn run(client: Client) {
     for (kind, plural) in KINDS {
         let ar = resource(kind, plural);
         if super::watch::served(&client, &ar).await {
-            let store = super::watch::reflect_routes(&client, &ar, changed.clone(), &mut tasks);
+            let store = super::watch::reflect_dynamic(&client, &ar, changed.clone(), &mut tasks);
             kinds.push((kind, ar, store));
         }
     }
@@ -202,7 +202,7 @@ pub async fn run(client: Client) {
     }
     let grant = super::routes::grant_resource();
     let grants = match super::watch::served(&client, &grant).await {
-        true => Some(super::watch::reflect_routes(&client, &grant, changed.clone(), &mut tasks)),
+        true => Some(super::watch::reflect_dynamic(&client, &grant, changed.clone(), &mut tasks)),
         false => None,
     };
     let services = super::watch::reflect::<Service>(&client, changed.clone(), &mut tasks);

@@ -100,9 +100,9 @@ where
     reader
 }
 
-/// Starts watching one Gateway API route kind (a custom resource, read
-/// as a dynamic object).
-pub(super) fn reflect_routes(
+/// Starts watching one custom kind (a Gateway API route kind,
+/// ReferenceGrant, AuthorizationPolicy), read as dynamic objects.
+pub(super) fn reflect_dynamic(
     client: &Client,
     ar: &ApiResource,
     changed: Arc<Notify>,
@@ -199,17 +199,17 @@ pub async fn run(
     for (kind, plural) in super::routes::KINDS {
         let ar = super::routes::resource(kind, plural);
         if served(&client, &ar).await {
-            routes.push((kind, reflect_routes(&client, &ar, changed.clone(), &mut tasks)));
+            routes.push((kind, reflect_dynamic(&client, &ar, changed.clone(), &mut tasks)));
         }
     }
     let grant = super::routes::grant_resource();
     let grants = match routes.is_empty() {
-        false if served(&client, &grant).await => Some(reflect_routes(&client, &grant, changed.clone(), &mut tasks)),
+        false if served(&client, &grant).await => Some(reflect_dynamic(&client, &grant, changed.clone(), &mut tasks)),
         _ => None,
     };
     let policy = super::policies::resource();
     let policies = match served(&client, &policy).await {
-        true => Some(reflect_routes(&client, &policy, changed.clone(), &mut tasks)),
+        true => Some(reflect_dynamic(&client, &policy, changed.clone(), &mut tasks)),
         false => None,
     };
     let stores = Stores {
@@ -369,7 +369,7 @@ fn apply(control: &Control, mut next: Document, translated: usize) -> bool {
                 for (i, why) in out.policies.into_iter().rev() {
                     let p = next.policies[i].clone();
                     let policy = format!("{}/{}", p.metadata.namespace, p.metadata.name);
-                    let dry = p.metadata.annotations.get("istio.io/dry-run").is_some_and(|v| v == "true");
+                    let dry = p.metadata.annotations.get(crate::model::authz::DRY_RUN).is_some_and(|v| v == "true");
                     let spec = serde_json::to_value(&p.spec).unwrap_or_default();
                     match crate::model::authz::fail_closed(&p.metadata.name, &p.metadata.namespace, dry, &spec) {
                         Some(stand_in) if stand_in != *p => {

@@ -9,13 +9,12 @@ use std::sync::Arc;
 use hyper::header::HeaderName;
 
 use super::doc::{ConditionDoc, OperationDoc, PolicyDoc, RuleDoc, SourceDoc};
-use super::ROOT_NAMESPACE;
 use super::{Action, Cidr, Condition, ConditionKey, Operation, Pattern, Policies, Policy, Rule, Scope, Source};
+use super::{DRY_RUN, ROOT_NAMESPACE};
 use crate::model::errors::{invalid, Errors, Invalid};
 use crate::model::{Chunked, Mode, Name, Service, ServiceKey, Workload};
 
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
-const DRY_RUN: &str = "istio.io/dry-run";
 /// Entries of one list (principals, paths, ...) at most: a policy is
 /// checked per request.
 const MAX_LIST: usize = 256;

@@ -162,6 +162,10 @@ impl Policy {
     }
 }
 
+/// The annotation that makes a policy dry-run (`"true"`): evaluated and
+/// logged, not enforced.
+pub const DRY_RUN: &str = "istio.io/dry-run";
+
 /// A gate: hashes ([`gate_hash`]) of the values a policy's rules ask for.
 /// Its keys are hashes already, so the set does not hash them again.
 pub type Gate = std::collections::HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>;
@@ -609,7 +613,7 @@ pub fn fail_closed(name: &str, namespace: &str, dry_run: bool, spec: &serde_json
         spec.get("targetRefs").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
     let mut annotations = std::collections::BTreeMap::new();
     if dry_run {
-        annotations.insert("istio.io/dry-run".to_owned(), "true".to_owned());
+        annotations.insert(DRY_RUN.to_owned(), "true".to_owned());
     }
     let stand_in = |selector, target_refs| PolicyDoc {
         api_version: "security.istio.io/v1".into(),
