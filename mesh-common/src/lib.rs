@@ -55,13 +55,51 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const MODE_PROXY: u8 = 1;
 pub const MODE_KERNEL: u8 = 2;
 
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`; the
+/// first two are zero), in network order.
+pub const MAPPED_BE: u32 = 0xffff_u32.to_be();
+
+/// An IP address of either family, in network order: IPv4 as its
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the form an `AF_INET6`
+/// socket dials it by. One key type serves both families, so connect6
+/// looks up a mapped destination as it is, and connect4 with three
+/// constant words more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Ip {
+    pub be: [u32; 4],
+}
+
+impl Ip {
+    /// The IPv4 address `ip_be` (network order).
+    #[inline(always)]
+    pub const fn v4(ip_be: u32) -> Self {
+        Ip { be: [0, 0, MAPPED_BE, ip_be] }
+    }
+
+    #[inline(always)]
+    pub const fn is_v4(&self) -> bool {
+        self.be[0] == 0 && self.be[1] == 0 && self.be[2] == MAPPED_BE
+    }
+
+    /// `::`: no address.
+    #[inline(always)]
+    pub const fn is_unspecified(&self) -> bool {
+        self.be[0] == 0 && self.be[1] == 0 && self.be[2] == 0 && self.be[3] == 0
+    }
+}
+
 /// `WORKLOADS`: key is the workload's network-namespace cookie (`u64`, host
 /// order, as `SO_NETNS_COOKIE` and `bpf_get_netns_cookie` return it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WorkloadValue {
-    /// Where redirected connections go: the node proxy's outbound listener.
-    pub proxy_ip_be: u32,
+    /// Where redirected IPv6 connections go: the node proxy's outbound
+    /// listener's IPv6 address; unspecified when it has none.
+    pub proxy_ip6: Ip,
+    /// Where redirected IPv4 connections go (and IPv4-mapped ones, mapped).
+    pub proxy_ip4_be: u32,
+    /// The listener's port, the same for both families.
     pub proxy_port_be: u16,
     pub flags: u16,
 }
@@ -70,7 +108,7 @@ pub struct WorkloadValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub vip_be: u32,
+    pub vip: Ip,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -80,8 +118,8 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Identifies one (service, port) pair; the proxy maps it back to the
-    /// service's endpoints.
+    /// Identifies one (service, port, address family) frontend; the proxy
+    /// maps it back to the service's endpoints of that family.
     pub id: u32,
     pub mode: u8,
     /// Active `SLOTS` generation (double buffering, kernel mode).
@@ -92,7 +130,7 @@ pub struct ServiceValue {
 }
 
 /// `SLOTS` key: one slot of one generation of a service's table. The value
-/// is the backend, a [`SockAddrV4`].
+/// is the backend, a [`SockAddr`] of the frontend's family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
@@ -101,26 +139,76 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
-/// An IPv4 socket address, the key of `ORIG_DST`: the client's address as
-/// the proxy sees it on accept.
+/// A socket address of either family; the key of `ORIG_DST` (the client's
+/// address as the proxy sees it on accept) and the value of `SLOTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SockAddrV4 {
-    pub ip_be: u32,
+pub struct SockAddr {
+    pub ip: Ip,
     pub port_be: u16,
     pub _pad: u16,
 }
 
 /// The destination a redirected connection dialled. Value of `SOCK_ORIG`
-/// (keyed by socket cookie, `u64`) and of `ORIG_DST`.
+/// (keyed by socket cookie, `u64`), of `ORIG_DST` and of the socket
+/// storage getpeername reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OrigDst {
-    pub vip_be: u32,
+    pub vip: Ip,
     pub port_be: u16,
     pub _pad: u16,
     pub service_id: u32,
-    pub _pad2: u32,
+}
+
+#[cfg(feature = "user")]
+mod conv {
+    use super::{Ip, SockAddr};
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    impl From<IpAddr> for Ip {
+        fn from(ip: IpAddr) -> Self {
+            match ip {
+                IpAddr::V4(v4) => Ip::v4(u32::from(v4).to_be()),
+                IpAddr::V6(v6) => {
+                    let o = v6.octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    Ip { be: [w(0), w(4), w(8), w(12)] }
+                }
+            }
+        }
+    }
+
+    impl From<Ip> for IpAddr {
+        /// An IPv4-mapped address is the IPv4 address it maps.
+        fn from(ip: Ip) -> Self {
+            if ip.is_v4() {
+                return IpAddr::V4(Ipv4Addr::from(u32::from_be(ip.be[3])));
+            }
+            let mut o = [0u8; 16];
+            for (i, w) in ip.be.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        }
+    }
+
+    impl From<SocketAddr> for SockAddr {
+        /// An IPv4-mapped IPv6 socket address is its IPv4 one: the same key.
+        fn from(a: SocketAddr) -> Self {
+            let ip = match a.ip() {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            };
+            SockAddr { ip: ip.into(), port_be: a.port().to_be(), _pad: 0 }
+        }
+    }
+
+    impl From<SockAddr> for SocketAddr {
+        fn from(a: SockAddr) -> Self {
+            SocketAddr::new(a.ip.into(), u16::from_be(a.port_be))
+        }
+    }
 }
 
 /// Index into the per-CPU `STATS` array. Every early return of a program
@@ -163,9 +251,12 @@ pub enum Stat {
     /// `AF_INET6` socket, then handled as connect4 would (and counted as
     /// such).
     Ipv4Mapped = 14,
-    /// connect6: an IPv6 destination, left untouched (IPv6 services are not
-    /// meshed).
-    NotIpv4Mapped = 15,
+    /// connect6: an IPv6 destination (not IPv4-mapped), then looked up as
+    /// connect4 looks up its IPv4 address.
+    Ipv6 = 15,
+    /// connect6: a proxy-mode IPv6 service, but the workload's entry has no
+    /// IPv6 address of the proxy; the connection is left untouched.
+    NoProxyIpv6 = 16,
 }
 
 impl Stat {
@@ -185,7 +276,8 @@ impl Stat {
         Stat::SockopsNotInet,
         Stat::SockopsNotRedirected,
         Stat::Ipv4Mapped,
-        Stat::NotIpv4Mapped,
+        Stat::Ipv6,
+        Stat::NoProxyIpv6,
     ];
 
     /// Stable snake_case name, used in metrics and dumps.
@@ -206,12 +298,13 @@ impl Stat {
             Stat::SockopsNotInet => "sockops_not_inet",
             Stat::SockopsNotRedirected => "sockops_not_redirected",
             Stat::Ipv4Mapped => "ipv4_mapped",
-            Stat::NotIpv4Mapped => "not_ipv4_mapped",
+            Stat::Ipv6 => "ipv6",
+            Stat::NoProxyIpv6 => "no_proxy_ipv6",
         }
     }
 }
 
-pub const STAT_COUNT: u32 = 16;
+pub const STAT_COUNT: u32 = 17;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -224,7 +317,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockAddrV4 {}
+    unsafe impl aya::Pod for super::SockAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
@@ -238,12 +331,34 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<WorkloadValue>(), 8);
-        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<WorkloadValue>(), 24);
+        assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<SockAddrV4>(), 8);
-        assert_eq!(size_of::<OrigDst>(), 16);
+        assert_eq!(size_of::<SockAddr>(), 20);
+        assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<SlotKey>(), 12);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn addresses_convert_both_ways_and_mapped_ones_are_their_ipv4() {
+        use core::net::{IpAddr, SocketAddr};
+        for s in ["10.96.0.10", "fd00::5", "2001:db8::1:0:0:1", "::"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(IpAddr::from(Ip::from(ip)), ip, "{s}");
+        }
+        let v4 = Ip::from("10.96.0.10".parse::<IpAddr>().unwrap());
+        assert!(v4.is_v4());
+        assert_eq!(v4.be, [0, 0, MAPPED_BE, u32::from_be_bytes([10, 96, 0, 10]).to_be()]);
+        // The bytes in memory are the address's, as the kernel keeps them.
+        let v6 = Ip::from("fd00::5".parse::<IpAddr>().unwrap());
+        assert_eq!(v6.be[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(v6.be[3].to_ne_bytes(), [0, 0, 0, 5]);
+        assert!(!v6.is_v4());
+        let mapped: SocketAddr = "[::ffff:10.1.0.7]:4000".parse().unwrap();
+        let plain: SocketAddr = "10.1.0.7:4000".parse().unwrap();
+        assert_eq!(SockAddr::from(mapped), SockAddr::from(plain));
+        assert_eq!(SocketAddr::from(SockAddr::from(mapped)), plain);
     }
 
     #[test]

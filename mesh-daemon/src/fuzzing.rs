@@ -187,15 +187,18 @@ impl Cursor<'_> {
     fn u8(&mut self) -> u8 {
         self.take::<1>()[0]
     }
+    fn ip(&mut self) -> mesh_common::Ip {
+        mesh_common::Ip { be: [self.u32(), self.u32(), self.u32(), self.u32()] }
+    }
 }
 
 /// The decoding of what the kernel maps hold (a `SERVICES` entry and its
 /// slots, as another build or a damaged map may have written them): the
 /// dump reads at most the slots a table can have.
 pub fn kernel_structs(data: &[u8]) {
-    use mesh_common::{ServiceKey, ServiceValue, SlotKey, SockAddrV4};
+    use mesh_common::{ServiceKey, ServiceValue, SlotKey, SockAddr};
     let mut c = Cursor(data);
-    let k = ServiceKey { vip_be: c.u32(), port_be: c.u16(), proto: c.u8(), _pad: c.u8() };
+    let k = ServiceKey { vip: c.ip(), port_be: c.u16(), proto: c.u8(), _pad: c.u8() };
     let v = ServiceValue {
         id: c.u32(),
         mode: c.u8(),
@@ -204,9 +207,12 @@ pub fn kernel_structs(data: &[u8]) {
         slot_count: c.u32(),
         _pad2: c.u32(),
     };
-    let slots: Vec<SockAddrV4> =
-        c.0.chunks(8)
-            .map(|b| SockAddrV4 { ip_be: Cursor(b).u32(), port_be: Cursor(&b[4.min(b.len())..]).u16(), _pad: 0 })
+    let slots: Vec<SockAddr> =
+        c.0.chunks(20)
+            .map(|b| {
+                let mut c = Cursor(b);
+                SockAddr { ip: c.ip(), port_be: c.u16(), _pad: 0 }
+            })
             .collect();
     let mut reads = 0u32;
     let dump = crate::datapath::decode_service(&k, &v, |key: SlotKey| {

@@ -65,7 +65,7 @@ enum CaCommand {
     /// the identities of the workloads the state places on that node.
     Serve {
         #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:15012")]
-        listen: std::net::SocketAddrV4,
+        listen: std::net::SocketAddr,
         #[arg(long, value_name = "FILE")]
         ca_cert: std::path::PathBuf,
         #[arg(long, value_name = "FILE")]

@@ -53,7 +53,7 @@ fn run_refuses_a_bad_config_naming_every_field() {
     let out = run(&cfg, "node-a");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#), "{err}");
+    assert!(err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IP address (IPv4 or IPv6)"#), "{err}");
     assert!(err.contains("services[1].endpoints[0].weight: weight 70000 is above the maximum 65535"), "{err}");
     assert!(!cfg.parent().unwrap().join("scratch-node-a/state/state.json").exists(), "nothing saved");
 }

@@ -3,10 +3,11 @@
 //! them in the kernel (slot tables) or sends them to the node proxy;
 //! `sockops` hands the original destination to the proxy; `getpeername4`
 //! shows the application the address it dialled. `connect6` and
-//! `getpeername6` do the same for an `AF_INET6` socket dialling an IPv4
-//! service through its IPv4-mapped address (`::ffff:a.b.c.d`), as Java does
-//! by default: the kernel then connects over IPv4 without running
-//! connect4.
+//! `getpeername6` do the same for `AF_INET6` sockets: for IPv6 services,
+//! and for an IPv4 service dialled through its IPv4-mapped address
+//! (`::ffff:a.b.c.d`), as Java does by default (the kernel then connects
+//! over IPv4 without running connect4). Maps key both families alike (see
+//! [`Ip`]), so a mapped destination is looked up as it is.
 //!
 //! Every program allows the connection on any lookup miss: a bug in the mesh
 //! must never break a connection that is not meshed.
@@ -24,15 +25,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    limits, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue, IPPROTO_TCP, MODE_KERNEL,
+    limits, Ip, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddr, Stat, WorkloadValue, IPPROTO_TCP, MODE_KERNEL,
     MODE_PROXY, STAT_COUNT,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`, the
-/// first two are zero), in network order.
-const MAPPED: u32 = 0xffff_u32.to_be();
 /// `connect4` verdict: let the connect proceed (possibly rewritten).
 const ALLOW: i32 = 1;
 /// `connect4` verdict: fail the connect (with the errno set by bpf_set_retval).
@@ -51,7 +49,7 @@ static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(limits::MAX_SOCK
 
 /// Original destination by the client's (ip, port), read by the proxy.
 #[map]
-static ORIG_DST: LruHashMap<SockAddrV4, OrigDst> = LruHashMap::pinned(limits::MAX_ORIG_DST, 0);
+static ORIG_DST: LruHashMap<SockAddr, OrigDst> = LruHashMap::pinned(limits::MAX_ORIG_DST, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
@@ -60,12 +58,43 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 /// Not preallocated: its memory follows the slots in use (the daemon
 /// sizes it with --slot-entries).
 #[map]
-static SLOTS: HashMap<SlotKey, SockAddrV4> = HashMap::pinned(limits::MAX_SLOTS, BPF_F_NO_PREALLOC);
+static SLOTS: HashMap<SlotKey, SockAddr> = HashMap::pinned(limits::MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// The service address a socket dialled, for getpeername; freed with the
 /// socket.
 #[btf_map]
 static PEER: SkStorage<OrigDst> = SkStorage::new();
+
+/// The four words of an IPv6 address in a context, one 4-byte load each:
+/// the verifier allows no other access to them (a copied array may become
+/// a byte loop).
+#[inline(always)]
+fn read_ip6(words: &[u32; 4]) -> Ip {
+    // SAFETY: four aligned u32 fields of a context the kernel passed.
+    unsafe {
+        Ip {
+            be: [
+                core::ptr::read_volatile(&words[0]),
+                core::ptr::read_volatile(&words[1]),
+                core::ptr::read_volatile(&words[2]),
+                core::ptr::read_volatile(&words[3]),
+            ],
+        }
+    }
+}
+
+/// Writes `ip` over a context's IPv6 address, one 4-byte store each.
+#[inline(always)]
+fn write_ip6(words: &mut [u32; 4], ip: Ip) {
+    // SAFETY: four aligned u32 fields of a context the kernel passed,
+    // writable in this program type.
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], ip.be[0]);
+        core::ptr::write_volatile(&mut words[1], ip.be[1]);
+        core::ptr::write_volatile(&mut words[2], ip.be[2]);
+        core::ptr::write_volatile(&mut words[3], ip.be[3]);
+    }
+}
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -75,14 +104,15 @@ fn count(stat: Stat) {
     }
 }
 
-/// What a connect to an IPv4 address becomes.
+/// What a connect becomes.
 enum Verdict {
     /// Left as it is.
     Keep,
     /// Refused (ECONNREFUSED, set already).
     Refuse,
-    /// Sent to this address and port (network order) instead.
-    To(u32, u16),
+    /// Sent to this address (of the destination's family) and port
+    /// (network order) instead.
+    To(Ip, u16),
 }
 
 impl Verdict {
@@ -104,9 +134,10 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         count(Stat::NotTcp);
         return ALLOW;
     }
-    match connect(&ctx, sa.user_ip4, sa.user_port as u16) {
+    match connect(&ctx, Ip::v4(sa.user_ip4), sa.user_port as u16) {
+        // An IPv4 service's backends and proxy address are IPv4.
         Verdict::To(ip, port) => {
-            sa.user_ip4 = ip;
+            sa.user_ip4 = ip.be[3];
             sa.user_port = port as u32;
             ALLOW
         }
@@ -114,9 +145,9 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     }
 }
 
-/// An `AF_INET6` socket's connect: an IPv4-mapped destination is handled
-/// as connect4 handles its IPv4 address, and rewritten to the mapped form
-/// of the answer. Any other IPv6 destination is left alone.
+/// An `AF_INET6` socket's connect: its destination is looked up as it is,
+/// an IPv4-mapped one finding the IPv4 service (whose answer is then
+/// IPv4, written back mapped: the form the socket needs).
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
@@ -125,14 +156,11 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         count(Stat::NotTcp);
         return ALLOW;
     }
-    if sa.user_ip6[0] != 0 || sa.user_ip6[1] != 0 || sa.user_ip6[2] != MAPPED {
-        count(Stat::NotIpv4Mapped);
-        return ALLOW;
-    }
-    count(Stat::Ipv4Mapped);
-    match connect(&ctx, sa.user_ip6[3], sa.user_port as u16) {
+    let dst = read_ip6(&sa.user_ip6);
+    count(if dst.is_v4() { Stat::Ipv4Mapped } else { Stat::Ipv6 });
+    match connect(&ctx, dst, sa.user_port as u16) {
         Verdict::To(ip, port) => {
-            sa.user_ip6[3] = ip;
+            write_ip6(&mut sa.user_ip6, ip);
             sa.user_port = port as u32;
             ALLOW
         }
@@ -144,8 +172,8 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 /// what it needs recorded: the original destination by socket cookie for
 /// the proxy, and in the socket's storage for getpeername.
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
-    let key = ServiceKey { vip_be: ip, port_be: port, proto: IPPROTO_TCP, _pad: 0 };
+fn connect(ctx: &SockAddrContext, vip: Ip, port: u16) -> Verdict {
+    let key = ServiceKey { vip, port_be: port, proto: IPPROTO_TCP, _pad: 0 };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, never in place.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
@@ -159,7 +187,7 @@ fn connect(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
         count(Stat::NotEnrolled);
         return Verdict::Keep;
     };
-    let mut orig = OrigDst { vip_be: key.vip_be, port_be: key.port_be, _pad: 0, service_id: svc.id, _pad2: 0 };
+    let mut orig = OrigDst { vip, port_be: port, _pad: 0, service_id: svc.id };
     let to;
     if svc.mode == MODE_KERNEL {
         if svc.slot_count == 0 {
@@ -176,16 +204,21 @@ fn connect(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
             count(Stat::SlotMissing);
             return Verdict::Keep;
         };
-        to = Verdict::To(backend.ip_be, backend.port_be);
+        to = Verdict::To(backend.ip, backend.port_be);
         count(Stat::KernelBalanced);
     } else if svc.mode == MODE_PROXY {
+        let proxy = if vip.is_v4() { Ip::v4(wl.proxy_ip4_be) } else { wl.proxy_ip6 };
+        if proxy.is_unspecified() {
+            count(Stat::NoProxyIpv6);
+            return Verdict::Keep;
+        }
         // SAFETY: helper valid for cgroup_sock_addr programs (kernel >= 5.7).
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
             count(Stat::SockOrigFull);
             return Verdict::Keep;
         }
-        to = Verdict::To(wl.proxy_ip_be, wl.proxy_port_be);
+        to = Verdict::To(proxy, wl.proxy_port_be);
         count(Stat::Redirected);
     } else {
         return Verdict::Keep;
@@ -204,21 +237,21 @@ fn connect(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
 /// proxy it was rewritten to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
-    restore_peer(&ctx, |sa, vip_be| sa.user_ip4 = vip_be)
+    restore_peer(&ctx, |sa, vip| sa.user_ip4 = vip.be[3])
 }
 
-/// As getpeername4, for an `AF_INET6` socket that dialled a service's
-/// IPv4-mapped address (only those have the storage): `::ffff:<vip>`.
+/// As getpeername4, for an `AF_INET6` socket: the IPv6 service address, or
+/// `::ffff:<vip>` for an IPv4 service dialled by its mapped address.
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
-    restore_peer(&ctx, |sa, vip_be| sa.user_ip6 = [0, 0, MAPPED, vip_be])
+    restore_peer(&ctx, |sa, vip| write_ip6(&mut sa.user_ip6, vip))
 }
 
 /// Writes the dialled service's address (by `set_ip`, network order) and
 /// port over the peer getpeername reports, for a socket connect4 or
 /// connect6 rewrote.
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext, set_ip: impl FnOnce(&mut bpf_sock_addr, u32)) -> i32 {
+fn restore_peer(ctx: &SockAddrContext, set_ip: impl FnOnce(&mut bpf_sock_addr, Ip)) -> i32 {
     // SAFETY: the context's socket is valid for the program's run.
     let peer = unsafe { PEER.get_ptr_mut(ctx) };
     if !peer.is_null() {
@@ -226,7 +259,7 @@ fn restore_peer(ctx: &SockAddrContext, set_ip: impl FnOnce(&mut bpf_sock_addr, u
         // bpf_sock_addr for this program type.
         unsafe {
             let sa = &mut *ctx.sock_addr;
-            set_ip(sa, (*peer).vip_be);
+            set_ip(sa, (*peer).vip);
             sa.user_port = (*peer).port_be as u32;
         }
         count(Stat::PeerRestored);
@@ -241,9 +274,6 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     } else if ctx.family() != AF_INET && ctx.family() != AF_INET6 {
         count(Stat::SockopsNotInet);
     } else {
-        // An AF_INET6 socket is found in SOCK_ORIG only when connect6
-        // redirected its IPv4-mapped connect: an IPv4 connection, whose
-        // local address is its IPv4 one.
         established(&ctx);
     }
     1
@@ -258,8 +288,13 @@ fn established(ctx: &SockOpsContext) {
         count(Stat::SockopsNotRedirected);
         return;
     };
-    let client = SockAddrV4 {
-        ip_be: ctx.local_ip4(),
+    // The client's address as the proxy's accept sees it: an AF_INET6
+    // socket's IPv6 one, which for an IPv4-mapped connect is the mapped
+    // form of its IPv4 address: the same key as an AF_INET socket's.
+    // SAFETY: the kernel passes a valid bpf_sock_ops for this program type.
+    let ip = if ctx.family() == AF_INET { Ip::v4(ctx.local_ip4()) } else { read_ip6(unsafe { &(*ctx.ops).local_ip6 }) };
+    let client = SockAddr {
+        ip,
         // local_port is in host order, unlike remote_port.
         port_be: (ctx.local_port() as u16).to_be(),
         _pad: 0,

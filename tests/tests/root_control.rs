@@ -363,7 +363,8 @@ fn root_invalid_write_changes_nothing() {
     let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("400") && err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address"#),
+        err.contains("400")
+            && err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IP address (IPv4 or IPv6)"#),
         "{err}"
     );
     assert_eq!(generation(&c), 1);
@@ -543,7 +544,10 @@ fn root_a_kernel_error_in_the_middle_of_a_sync_puts_the_maps_back_and_saves_noth
         args.push("key".into());
         args.push("hex".into());
         args.extend(hex(&key));
-        args.extend(["value", "hex", "0a", "00", "00", "01", "1f", "90", "00", "00"].map(str::to_owned));
+        // A backend, 10.0.0.1:8080, as SLOTS holds it: the IPv4-mapped
+        // address (::ffff:10.0.0.1), the port, two bytes of padding.
+        args.extend(["value", "hex"].map(str::to_owned));
+        args.extend(hex(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1, 0x1f, 0x90, 0, 0]));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         mesh_tests::sys::bpftool(&a).unwrap();
     }

@@ -231,3 +231,28 @@ fn root_a_successor_with_other_kernel_programs_replaces_them_while_traffic_flows
     let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
     assert_eq!(code, 0, "{body}\n{}", logs(&[&a1, &a2]));
 }
+
+/// What a daemon before IPv6 pinned: maps whose keys held 4-byte
+/// addresses. This build's programs cannot use them; the daemon unpins
+/// them, makes them anew and serves.
+#[test]
+fn root_maps_pinned_with_the_ipv4_only_layout_are_made_anew() {
+    let (c, cfg) = cluster();
+    let pin_dir = c.node("node-a").pin_dir.clone();
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    for (name, key, value) in [("SERVICES", "8", "16"), ("SLOTS", "12", "8"), ("ORIG_DST", "8", "16")] {
+        let path = pin_dir.join(name);
+        let args = ["map", "create", path.to_str().unwrap(), "type", "hash", "key", key, "value", value];
+        mesh_tests::sys::bpftool(&[&args[..], &["entries", "16", "name", name, "flags", "1"]].concat()).unwrap();
+    }
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let log = a.log_text();
+    for name in ["SERVICES", "SLOTS", "ORIG_DST"] {
+        assert!(log.contains(&format!("made anew map=\"{name}\"")), "{name}: {log}");
+    }
+    let services = pin_dir.join("SERVICES");
+    let info = mesh_tests::sys::bpftool(&["map", "show", "pinned", services.to_str().unwrap()]).unwrap();
+    assert_eq!(info["bytes_key"], 20, "{info}");
+    let (code, body) = c.curl("client", &format!("http://{LOCAL_VIP}/")).unwrap();
+    assert_eq!(code, 0, "{body}\n{log}");
+}

@@ -2,7 +2,7 @@
 //! the health checker and the kernel sync: latency, load, breaker, and
 //! active health.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -67,7 +67,7 @@ pub enum Answered {
 
 #[derive(Debug)]
 pub struct EndpointState {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     in_flight: AtomicU64,
     health: Mutex<Health>,
 }
@@ -96,7 +96,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl EndpointState {
-    pub fn new(addr: SocketAddrV4, cfg: &BalanceConfig) -> Self {
+    pub fn new(addr: SocketAddr, cfg: &BalanceConfig) -> Self {
         Self {
             addr,
             in_flight: AtomicU64::new(0),

@@ -12,7 +12,7 @@ pub mod ewma;
 pub mod select;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 pub use endpoint::{BalanceConfig, EndpointState, EndpointView};
@@ -41,7 +41,7 @@ const SEEN: usize = 64;
 pub fn pick<M: Member>(
     members: &[M],
     fail_open: bool,
-    tried: &[SocketAddrV4],
+    tried: &[SocketAddr],
     now: Instant,
     mut rng: impl FnMut() -> f64,
 ) -> Option<usize> {
@@ -104,7 +104,7 @@ pub fn effective_weights<M>(members: &[M], fail_open: bool, candidate: impl Fn(&
 #[derive(Debug, Default)]
 pub struct Registry {
     cfg: BalanceConfig,
-    states: Mutex<HashMap<SocketAddrV4, Arc<EndpointState>>>,
+    states: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
 }
 
 impl Registry {
@@ -112,18 +112,18 @@ impl Registry {
         Self { cfg, states: Mutex::new(HashMap::new()) }
     }
 
-    pub fn get(&self, addr: SocketAddrV4) -> Arc<EndpointState> {
+    pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
         let mut m = self.states.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(addr).or_insert_with(|| Arc::new(EndpointState::new(addr, &self.cfg))).clone()
     }
 
     /// Forgets addresses no longer in use.
-    pub fn retain(&self, keep: &HashSet<SocketAddrV4>) {
+    pub fn retain(&self, keep: &HashSet<SocketAddr>) {
         self.states.lock().unwrap_or_else(|p| p.into_inner()).retain(|a, _| keep.contains(a));
     }
 
     /// Forgets `gone` (addresses a write took out of use).
-    pub fn forget(&self, gone: &[SocketAddrV4]) {
+    pub fn forget(&self, gone: &[SocketAddr]) {
         let mut m = self.states.lock().unwrap_or_else(|p| p.into_inner());
         for a in gone {
             m.remove(a);
@@ -131,7 +131,7 @@ impl Registry {
     }
 
     /// Actively healthy, for addresses known; unknown ones are healthy.
-    pub fn actively_healthy(&self, addr: SocketAddrV4) -> bool {
+    pub fn actively_healthy(&self, addr: SocketAddr) -> bool {
         self.states.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).is_none_or(|s| s.actively_healthy())
     }
 }

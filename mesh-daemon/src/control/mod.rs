@@ -24,7 +24,7 @@ mod store;
 mod sync;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -59,7 +59,8 @@ use crate::telemetry::metrics::{EndpointGauges, Live, Metrics, StatsRow, StatsSo
 pub struct ControlConfig {
     pub node: NodeName,
     pub state_dir: PathBuf,
-    pub proxy_listen: SocketAddrV4,
+    /// The outbound listeners (one per family; one port).
+    pub proxy_listen: Vec<SocketAddr>,
     /// The most slots of a kernel-mode service table.
     pub slot_table_size: u32,
     /// `--slot-entries`: what `SLOTS` holds until the datapath says.
@@ -89,13 +90,13 @@ struct Current {
     /// Endpoint address -> the kernel-mode frontends (indices into
     /// `frontends`) with it: which slot tables a health change touches.
     /// Made on the first health change of this state.
-    kernel_by_addr: OnceLock<HashMap<SocketAddrV4, Vec<usize>>>,
+    kernel_by_addr: OnceLock<HashMap<SocketAddr, Vec<usize>>>,
 }
 
 impl Current {
-    fn kernel_by_addr(&self) -> &HashMap<SocketAddrV4, Vec<usize>> {
+    fn kernel_by_addr(&self) -> &HashMap<SocketAddr, Vec<usize>> {
         self.kernel_by_addr.get_or_init(|| {
-            let mut m: HashMap<SocketAddrV4, Vec<usize>> = HashMap::new();
+            let mut m: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
             for (k, f) in self.frontends.iter().enumerate() {
                 let s = &self.state.services[f.service];
                 if s.mode == Mode::Kernel {
@@ -229,7 +230,7 @@ impl Control {
         match &snap.delta {
             Some(d) => self.registry.forget(&d.gone),
             None => {
-                let in_use: HashSet<SocketAddrV4> = snap
+                let in_use: HashSet<SocketAddr> = snap
                     .frontends
                     .iter()
                     .flat_map(|f| snap.state.services[f.service].endpoints.iter().map(move |e| e.addr(f.target_port)))
@@ -370,7 +371,7 @@ services:
         let cfg = ControlConfig {
             node: NodeName::parse("a").expect("a node name"),
             state_dir: dir.join("state"),
-            proxy_listen: SocketAddrV4::new([0, 0, 0, 0].into(), 15001),
+            proxy_listen: vec![SocketAddr::new([0, 0, 0, 0].into(), 15001)],
             slot_table_size: 64,
             slot_entries: 4096,
             balance: Default::default(),

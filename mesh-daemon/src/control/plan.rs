@@ -54,7 +54,8 @@ pub fn plan(
         && changes.changed.iter().zip(&changes.removed).all(|(i, (j, old))| {
             let new = &state.services[*i];
             i == j
-                && (&new.namespace, &new.name, new.vip, &new.ports) == (&old.namespace, &old.name, old.vip, &old.ports)
+                && (&new.namespace, &new.name, new.vips, &new.ports)
+                    == (&old.namespace, &old.name, old.vips, &old.ports)
         });
     let (ids, frontends) = if in_place {
         (current.ids.clone(), None)

@@ -8,7 +8,7 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct EndpointRow {
     pub service: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub node: NodeName,
     pub weight: u16,
     pub effective_weight: u16,

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{frontend_key, Changes, Document, ServiceDoc, ServiceIds, State};
+use crate::model::{Changes, Document, ServiceDoc, ServiceIds, State};
 
 /// What is saved: the document as last accepted, its generation, and the
 /// service ids the kernel knows.
@@ -215,7 +215,7 @@ impl Store {
                 .iter()
                 .map(|(_, s)| s.as_ref())
                 .chain(changes.changed.iter().map(|i| state.services[*i].as_ref()))
-                .flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port)))
+                .flat_map(|s| s.frontend_keys())
                 .collect();
             keys.sort();
             keys.dedup();

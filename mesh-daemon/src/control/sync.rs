@@ -3,6 +3,7 @@
 //! write, and the re-sync of slot tables when an endpoint's health changes.
 
 use super::*;
+use crate::model::{Addresses, Family};
 
 impl Control {
     /// What the kernel maps hold.
@@ -18,15 +19,8 @@ impl Control {
     /// them: writes are checked) are left to the proxy.
     pub(super) fn contents(&self, current: &Current) -> MapContents {
         let (state, frontends) = (&current.state, &current.frontends);
-        let node_ip = state.node(&self.cfg.node).map(|n| n.address);
-        let listen = self.cfg.proxy_listen;
-        let proxy_ip = match (listen.ip().is_unspecified(), node_ip) {
-            (true, Some(ip)) => ip,
-            (true, None) => Ipv4Addr::UNSPECIFIED,
-            (false, _) => *listen.ip(),
-        };
-        let proxy = SocketAddrV4::new(proxy_ip, listen.port());
         let registry = &self.registry;
+        let proxy = (self.proxy_addresses(state), self.cfg.proxy_listen.first().map_or(0, |l| l.port()));
         let mut contents =
             MapContents::build(state, frontends, &current.cookies, proxy, self.cfg.slot_table_size, &|a| {
                 registry.actively_healthy(a)
@@ -36,6 +30,24 @@ impl Control {
             warn!(service_ports = moved, "kernel-mode service ports that do not fit map SLOTS are served by the proxy");
         }
         contents
+    }
+
+    /// Where pods reach the proxy's outbound listeners, per family: a
+    /// listener's own address, or for one on the unspecified address, the
+    /// node's address of that family.
+    fn proxy_addresses(&self, state: &State) -> Addresses {
+        let node = state.node(&self.cfg.node).map(|n| n.addresses).unwrap_or_default();
+        let mut out = Addresses::default();
+        for l in &self.cfg.proxy_listen {
+            let ip = match l.ip().is_unspecified() {
+                true => node.get(Family::of(l.ip())),
+                false => Some(l.ip()),
+            };
+            if let Some(ip) = ip {
+                out.set(ip);
+            }
+        }
+        out
     }
 
     /// Syncs the maps to `current`. With `cached` (what the maps were
@@ -48,7 +60,7 @@ impl Control {
         dp: &mut Datapath,
         current: &Current,
         cached: Option<(MapContents, C)>,
-        edit: impl FnOnce(&mut MapContents, C, &dyn Fn(SocketAddrV4) -> bool) -> BTreeSet<mesh_common::ServiceKey>,
+        edit: impl FnOnce(&mut MapContents, C, &dyn Fn(SocketAddr) -> bool) -> BTreeSet<mesh_common::ServiceKey>,
     ) -> (MapContents, Result<datapath::SyncReport, DatapathError>) {
         match cached {
             Some((mut want, change)) => {
@@ -95,7 +107,7 @@ impl Control {
     /// Re-syncs the kernel maps after the health of `changed` changed:
     /// only the slot tables with those endpoints, when the maps hold the
     /// state as last synced; all of them otherwise.
-    pub fn resync(&self, changed: &[SocketAddrV4]) {
+    pub fn resync(&self, changed: &[SocketAddr]) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };

@@ -16,6 +16,7 @@ impl Datapath {
         let cgroup =
             File::open(&cfg.cgroup).map_err(|source| DatapathError::Cgroup { path: cfg.cgroup.clone(), source })?;
 
+        unpin_other_layouts(&cfg.pin_dir);
         let level = cfg.ebpf_log_level.map_or(0, |l| l as u8);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
@@ -161,6 +162,24 @@ fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, DatapathError> 
     let l = p.take_link(id).map_err(link(name))?;
     out.insert(1, FdLink::try_from(l).map_err(|e| DatapathError::Link { path: name.into(), message: e.to_string() })?);
     Ok(out)
+}
+
+/// Unpins each map pinned with a layout other than this build's (see
+/// [`LAYOUTS`]), so the load makes it anew. The programs of the build
+/// that pinned it keep it until their links are replaced: the
+/// connections they redirect meanwhile keep working, but the original
+/// destination of one the new proxy accepts in that moment is in the old
+/// map (it is closed, counted as `no_orig_dst`).
+fn unpin_other_layouts(pin_dir: &Path) {
+    for (name, key, value) in LAYOUTS {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if (k, v) != (key, value) {
+            warn!(map = name, pinned = ?(k, v), this_build = ?(key, value), "map pinned by an earlier daemon with another layout (key and value sizes); made anew");
+            remove_pin(&path);
+        }
+    }
 }
 
 /// The `links-*` folders under the pin dir.

@@ -19,7 +19,8 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::mem::size_of;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -28,14 +29,14 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    link_names, map_names, program_names, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddrV4, Stat, WorkloadValue,
-    MODE_KERNEL, MODE_PROXY,
+    link_names, map_names, program_names, Ip, OrigDst, ServiceKey, ServiceValue, SlotKey, SockAddr, Stat,
+    WorkloadValue, MODE_KERNEL, MODE_PROXY,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 pub use cgroup::cgroup2_root;
-pub use contents::{sockaddr, MapContents};
+pub use contents::MapContents;
 pub use netns::{netns_cookie, own_netns_cookie};
 pub use orig_dst::OrigDstReader;
 pub use sync::SyncReport;
@@ -56,6 +57,18 @@ const PINNED_MAPS: [&str; 6] = [
     map_names::ORIG_DST,
     map_names::STATS,
     map_names::SLOTS,
+];
+
+/// Key and value sizes of the maps whose layout a build may change, as
+/// this build lays them out. A map pinned with another layout (by a
+/// daemon before IPv6, whose keys held 4-byte addresses) cannot serve
+/// this build's programs: it is unpinned and made anew.
+const LAYOUTS: [(&str, usize, usize); 5] = [
+    (map_names::WORKLOADS, size_of::<u64>(), size_of::<WorkloadValue>()),
+    (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+    (map_names::SOCK_ORIG, size_of::<u64>(), size_of::<OrigDst>()),
+    (map_names::ORIG_DST, size_of::<SockAddr>(), size_of::<OrigDst>()),
+    (map_names::SLOTS, size_of::<SlotKey>(), size_of::<SockAddr>()),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +113,7 @@ pub struct Datapath {
     reused: bool,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    slots: BpfHashMap<MapData, SlotKey, SockAddrV4>,
+    slots: BpfHashMap<MapData, SlotKey, SockAddr>,
     /// Entries `SLOTS` holds, as loaded.
     slot_capacity: u32,
     /// What the maps hold, as last synced; None: read them first.
@@ -121,6 +134,7 @@ fn object_id() -> String {
     format!("{h:016x}")
 }
 
-fn addr(ip_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(ip_be)), u16::from_be(port_be))
+/// `ip`, `port_be` as a socket address (IPv4 for an IPv4-mapped `ip`).
+fn addr(ip: Ip, port_be: u16) -> SocketAddr {
+    SocketAddr::from(SockAddr { ip, port_be, _pad: 0 })
 }

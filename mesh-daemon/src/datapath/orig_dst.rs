@@ -5,7 +5,7 @@ use super::*;
 
 /// Reads and removes original destinations; owned by the proxy's accept loop.
 pub struct OrigDstReader {
-    pub(super) map: BpfHashMap<MapData, SockAddrV4, OrigDst>,
+    pub(super) map: BpfHashMap<MapData, SockAddr, OrigDst>,
 }
 
 impl OrigDstReader {
@@ -13,9 +13,10 @@ impl OrigDstReader {
     /// removed from the map so the entry cannot be reused. One
     /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (kernel 5.14+ for hash maps), or a
     /// lookup and a delete where the kernel refuses it: this runs once per
-    /// proxied connection.
-    pub fn take(&mut self, client: SocketAddrV4) -> Option<OrigDst> {
-        let key = sockaddr(client);
+    /// proxied connection. `client` of either family; an IPv4-mapped one
+    /// is its IPv4 address (a dual-stack listener's view of an IPv4 peer).
+    pub fn take(&mut self, client: SocketAddr) -> Option<OrigDst> {
+        let key = SockAddr::from(client);
         match lookup_and_delete(self.map.map().fd().as_fd(), &key) {
             Ok(v) => v,
             Err(_) => {

@@ -30,7 +30,7 @@ pub(super) struct Mirror {
     workloads: BTreeMap<u64, WorkloadValue>,
     services: BTreeMap<ServiceKey, ServiceValue>,
     /// `SLOTS` by (service id, generation): the backends of slots 0..n.
-    tables: BTreeMap<(u32, u32), Vec<SockAddrV4>>,
+    tables: BTreeMap<(u32, u32), Vec<SockAddr>>,
     /// `SLOTS` entries that are not part of a whole table (left by a
     /// failure): deleted by the next sync.
     stray: Vec<SlotKey>,
@@ -49,7 +49,7 @@ impl Mirror {
             let (k, v) = e.map_err(err(map_names::SERVICES))?;
             m.services.insert(k, v);
         }
-        let mut by_table: BTreeMap<(u32, u32), BTreeMap<u32, SockAddrV4>> = BTreeMap::new();
+        let mut by_table: BTreeMap<(u32, u32), BTreeMap<u32, SockAddr>> = BTreeMap::new();
         for e in dp.slots.iter() {
             let (k, v) = e.map_err(err(map_names::SLOTS))?;
             by_table.entry((k.service_id, k.generation)).or_default().insert(k.slot, v);

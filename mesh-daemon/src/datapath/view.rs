@@ -31,14 +31,14 @@ pub struct ServiceDump {
 pub(crate) fn decode_service(
     k: &ServiceKey,
     v: &ServiceValue,
-    mut slot: impl FnMut(SlotKey) -> Option<SockAddrV4>,
+    mut slot: impl FnMut(SlotKey) -> Option<SockAddr>,
 ) -> ServiceDump {
     let count = if v.mode == MODE_KERNEL { v.slot_count.min(mesh_common::limits::MAX_SLOTS_PER_SERVICE) } else { 0 };
     let slots = (0..count)
         .map(|i| {
             let key = SlotKey { service_id: v.id, generation: u32::from(v.generation), slot: i };
             match slot(key) {
-                Some(b) => addr(b.ip_be, b.port_be).to_string(),
+                Some(b) => std::net::SocketAddr::from(b).to_string(),
                 None => "(missing)".to_owned(),
             }
         })
@@ -49,7 +49,7 @@ pub(crate) fn decode_service(
         _ => "unknown",
     };
     ServiceDump {
-        address: addr(k.vip_be, k.port_be).to_string(),
+        address: addr(k.vip, k.port_be).to_string(),
         id: v.id,
         mode: mode.to_owned(),
         generation: v.generation,
@@ -61,7 +61,7 @@ pub(crate) fn decode_service(
 pub struct MapsView {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    slots: BpfHashMap<MapData, SlotKey, SockAddrV4>,
+    slots: BpfHashMap<MapData, SlotKey, SockAddr>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -112,7 +112,11 @@ impl MapsView {
         let mut workloads = BTreeMap::new();
         for entry in self.workloads.iter() {
             let (cookie, w) = entry.map_err(err(map_names::WORKLOADS))?;
-            workloads.insert(cookie, addr(w.proxy_ip_be, w.proxy_port_be).to_string());
+            let mut proxy = addr(Ip::v4(w.proxy_ip4_be), w.proxy_port_be).to_string();
+            if !w.proxy_ip6.is_unspecified() {
+                proxy = format!("{proxy} {}", addr(w.proxy_ip6, w.proxy_port_be));
+            }
+            workloads.insert(cookie, proxy);
         }
         let stats = self.stats()?.into_iter().map(|(s, v)| (s.name().to_owned(), v)).collect();
         Ok(Dump { services, workloads, stats })

@@ -34,13 +34,13 @@
 //!   namespace is that of one of their processes (`pid_of`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{invalid, Invalid};
+use crate::model::{invalid, Addresses, Family, Invalid};
 use crate::model::{
     Document, EndpointDoc, HealthCheckDoc, HttpDoc, Name, NodeDoc, OutlierDoc, PortDoc, RateLimitDoc, RetriesDoc,
     ServiceDoc, WorkloadDoc,
@@ -274,19 +274,28 @@ pub fn translate_with(
         .filter_map(|&p| Some(((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?), p)))
         .collect();
 
-    let nodes: BTreeMap<&str, Ipv4Addr> = objs
+    // A node's addresses, as its pods' `hostIPs` (or `hostIP`) say.
+    let nodes: BTreeMap<&str, Addresses> = objs
         .pods
         .iter()
         .filter_map(|p| {
             let name = p.spec.as_ref()?.node_name.as_deref()?;
-            let ip = p.status.as_ref()?.host_ip.as_deref()?.parse().ok()?;
-            Some((name, ip))
+            let s = p.status.as_ref()?;
+            let listed = s.host_ips.iter().flatten().map(|h| h.ip.as_str());
+            let ips = one_per_family(listed.chain(s.host_ip.as_deref()));
+            (!ips.is_empty()).then_some((name, ips))
         })
         .collect();
-    t.document.nodes = nodes.iter().map(|(n, ip)| NodeDoc { name: (*n).to_owned(), address: ip.to_string() }).collect();
+    t.document.nodes = nodes
+        .iter()
+        .map(|(n, ips)| {
+            let (address, addresses) = doc_addresses(ips);
+            NodeDoc { name: (*n).to_owned(), address, addresses }
+        })
+        .collect();
 
     for p in objs.pods {
-        if let Some(w) = workload(p, node, &meshed, pid_of, &mut t.skipped) {
+        if let Some(w) = workload(p, node, nodes.get(node), &meshed, pid_of, &mut t.skipped) {
             t.document.workloads.push(w);
         }
     }
@@ -295,7 +304,7 @@ pub fn translate_with(
     // Each Service's slices, found once (not a scan of every slice per
     // Service).
     let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for sl in objs.slices.iter().copied().filter(|sl| sl.address_type == "IPv4") {
+    for sl in objs.slices.iter().copied().filter(|sl| sl.address_type == "IPv4" || sl.address_type == "IPv6") {
         if let (Some(ns), Some(svc)) =
             (sl.metadata.namespace.as_deref(), label(&sl.metadata.labels, SERVICE_NAME_LABEL))
         {
@@ -338,6 +347,27 @@ pub fn translate_with(
     t
 }
 
+/// The first address of each family among `ips` (those a document may
+/// name; see [`crate::model::parse_ip`]).
+fn one_per_family<'a>(ips: impl Iterator<Item = &'a str>) -> Addresses {
+    let mut out = Addresses::default();
+    for ip in ips.filter_map(|s| crate::model::parse_ip(s).ok()) {
+        if out.get(Family::of(ip)).is_none() {
+            out.set(ip);
+        }
+    }
+    out
+}
+
+/// `ips` as a document writes them: one as the single field, two as the
+/// list.
+fn doc_addresses(ips: &Addresses) -> (String, Vec<String>) {
+    match ips.len() {
+        1 => (ips.primary().to_string(), Vec::new()),
+        _ => (String::new(), ips.iter().map(|ip| ip.to_string()).collect()),
+    }
+}
+
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
 }
@@ -345,6 +375,7 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
 fn workload(
     p: &Pod,
     node: &str,
+    node_ips: Option<&Addresses>,
     meshed: &BTreeSet<&str>,
     pid_of: &mut dyn FnMut(&Pod) -> Option<i64>,
     skipped: &mut Vec<String>,
@@ -365,9 +396,25 @@ fn workload(
     if status.phase.as_deref() != Some("Running") {
         return None;
     }
-    let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
-        return skip("has no IPv4 address yet");
-    };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    // Its connections of a family reach the proxy at the node's address
+    // of that family: an address of a family the node lacks is not meshed.
+    let mut ips = Addresses::default();
+    for ip in one_per_family(listed.chain(status.pod_ip.as_deref())).iter() {
+        match node_ips {
+            Some(n) if n.get(Family::of(ip)).is_none() => {
+                let f = Family::of(ip);
+                skip(&format!("its {f} address {ip} is not meshed: node {node} has no {f} address"));
+            }
+            _ => {
+                ips.set(ip);
+            }
+        }
+    }
+    if ips.is_empty() {
+        return skip("has no IP address yet");
+    }
+    let (ip, ips) = doc_addresses(&ips);
     if Name::parse(name).is_err() {
         return skip("its name is not a DNS-1123 label, which workload names must be");
     }
@@ -379,7 +426,8 @@ fn workload(
         namespace: ns.to_owned(),
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         node: node.to_owned(),
-        ip: ip.to_string(),
+        ip,
+        ips,
         netns: None,
         pid: Some(pid),
         labels: p.metadata.labels.clone().unwrap_or_default(),
@@ -390,15 +438,19 @@ fn service(
     s: &Service,
     own: &[&EndpointSlice],
     pods: &BTreeMap<(&str, &str), &Pod>,
-    nodes: &BTreeMap<&str, Ipv4Addr>,
+    nodes: &BTreeMap<&str, Addresses>,
     meshed: &BTreeSet<&str>,
     skipped: &mut Vec<String>,
 ) -> Option<ServiceDoc> {
     let (ns, name) = (s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?);
     let spec = s.spec.as_ref()?;
-    // Headless ("None"), ExternalName (no ClusterIP) and IPv6-only
-    // Services have no IPv4 VIP.
-    let vip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+    // `clusterIPs`, one per family of `ipFamilies` (or the one
+    // `clusterIP`). Headless ("None") and ExternalName Services have none.
+    let listed = spec.cluster_ips.iter().flatten().map(String::as_str);
+    let vips = one_per_family(listed.chain(spec.cluster_ip.as_deref()));
+    if vips.is_empty() {
+        return None;
+    }
     let mode = match s.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)).map(String::as_str) {
         None | Some("proxy") => "proxy",
         Some("kernel") => "kernel",
@@ -445,7 +497,7 @@ fn service(
         return None;
     }
 
-    let mut endpoints: BTreeMap<Ipv4Addr, EndpointDoc> = BTreeMap::new();
+    let mut endpoints: BTreeMap<IpAddr, EndpointDoc> = BTreeMap::new();
     let mut outside = 0;
     for e in own.iter().flat_map(|sl| sl.endpoints.iter()) {
         let Some(node) = e.node_name.as_deref().filter(|n| nodes.contains_key(n)) else {
@@ -463,7 +515,10 @@ fn service(
         } else {
             continue;
         };
-        for ip in e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()) {
+        // An endpoint of a family the Service has no VIP of takes no
+        // connection (the slice controller writes none such).
+        let ips = e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
+        for ip in ips.filter(|ip| vips.get(Family::of(*ip)).is_some()) {
             let doc = EndpointDoc { ip: ip.to_string(), node: node.to_owned(), weight, priority: 0 };
             // The same address in two slices: the one that takes traffic wins.
             let keep = endpoints.get(&ip).is_none_or(|old| old.weight < weight);
@@ -479,11 +534,13 @@ fn service(
         return None;
     }
     let http = http_policy(s.metadata.annotations.as_ref(), &ports, &format!("service {ns}/{name}"), skipped);
+    let (vip, vip_list) = doc_addresses(&vips);
     Some(ServiceDoc {
         http,
         name: name.to_owned(),
         namespace: ns.to_owned(),
-        vip: vip.to_string(),
+        vip,
+        vips: vip_list,
         mode: mode.to_owned(),
         ports,
         endpoints: endpoints.into_values().collect(),

@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,7 @@ pub struct HealthView {
 impl HealthView {
     /// Must be made inside the runtime the checks run on; health changes
     /// are announced on `changed`.
-    pub fn new(registry: Arc<Registry>, changed: mpsc::UnboundedSender<SocketAddrV4>) -> Self {
+    pub fn new(registry: Arc<Registry>, changed: mpsc::UnboundedSender<SocketAddr>) -> Self {
         Self { checker: Mutex::new(Checker::new(changed)), registry }
     }
 
@@ -69,20 +69,20 @@ pub struct Checker {
     runtime: tokio::runtime::Handle,
     /// The draws that spread the checks out.
     env: &'static dyn Env,
-    changed: mpsc::UnboundedSender<SocketAddrV4>,
-    tasks: HashMap<(SocketAddrV4, HealthCheck), AbortHandle>,
+    changed: mpsc::UnboundedSender<SocketAddr>,
+    tasks: HashMap<(SocketAddr, HealthCheck), AbortHandle>,
 }
 
 impl Checker {
     /// Must be made inside the runtime the checks run on.
-    pub fn new(changed: mpsc::UnboundedSender<SocketAddrV4>) -> Self {
+    pub fn new(changed: mpsc::UnboundedSender<SocketAddr>) -> Self {
         Self { runtime: tokio::runtime::Handle::current(), changed, tasks: HashMap::new(), env: live() }
     }
 
     /// Runs exactly the checks in `wanted`: new ones start, gone ones stop,
     /// unchanged ones keep their rhythm.
     pub fn reconcile(&mut self, wanted: Vec<(Arc<EndpointState>, HealthCheck)>) {
-        let keys: HashSet<(SocketAddrV4, HealthCheck)> = wanted.iter().map(|(e, c)| (e.addr, c.clone())).collect();
+        let keys: HashSet<(SocketAddr, HealthCheck)> = wanted.iter().map(|(e, c)| (e.addr, c.clone())).collect();
         self.tasks.retain(|k, task| {
             let keep = keys.contains(k);
             if !keep {
@@ -113,7 +113,7 @@ impl Drop for Checker {
 async fn run(
     ep: Arc<EndpointState>,
     check: HealthCheck,
-    changed: mpsc::UnboundedSender<SocketAddrV4>,
+    changed: mpsc::UnboundedSender<SocketAddr>,
     env: &'static dyn Env,
 ) {
     tokio::time::sleep(check.interval.mul_f64(env.unit())).await;
@@ -186,7 +186,7 @@ impl Probe {
 }
 
 /// One check of `addr`.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Probe {
+pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Probe {
     let mut connect_time = None;
     let result = match tokio::time::timeout(check.timeout, attempt(addr, &check.kind, &mut connect_time)).await {
         Ok(r) => r,
@@ -203,7 +203,7 @@ fn kind_name(k: &CheckKind) -> &'static str {
 }
 
 async fn attempt(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     kind: &CheckKind,
     connect_time: &mut Option<std::time::Duration>,
 ) -> Result<Passed, CheckFailed> {
@@ -243,37 +243,48 @@ mod tests {
         HealthCheck { kind, interval: Duration::from_secs(1), timeout: Duration::from_millis(500), rise: 1, fall: 1 }
     }
 
-    async fn server(status: &'static str) -> SocketAddrV4 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else { unreachable!() };
+    /// A server on `ip` answering every request with `status`; with the
+    /// Host header each request named, as it named it.
+    async fn server(ip: &str, status: &'static str) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+        let l = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (hosts, seen) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut b = [0u8; 512];
-                let _ = s.read(&mut b).await;
+                let n = s.read(&mut b).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&b[..n]).into_owned();
+                if let Some(h) = req.lines().find_map(|l| l.strip_prefix("Host: ")) {
+                    let _ = hosts.send(h.to_owned());
+                }
                 let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
             }
         });
-        addr
+        (addr, seen)
     }
 
     #[tokio::test]
-    async fn tcp_and_http_checks_on_real_sockets() {
-        let ok = server("200 OK").await;
-        let bad = server("503 Service Unavailable").await;
+    async fn tcp_and_http_checks_on_real_sockets_of_both_families() {
+        for ip in ["127.0.0.1", "::1"] {
+            checks_on_real_sockets(ip).await;
+        }
+    }
+
+    async fn checks_on_real_sockets(ip: &str) {
+        let (ok, mut hosts) = server(ip, "200 OK").await;
+        let (bad, _) = server(ip, "503 Service Unavailable").await;
         let p = probe(ok, &check(CheckKind::Tcp)).await;
         assert!(p.passed() && p.connect_time.is_some(), "a passing tcp check measures the connect time");
         let p = probe(ok, &check(CheckKind::Http("/healthz".into()))).await;
         assert_eq!(p.result, Ok(Passed::Http(200)));
         assert_eq!(p.seen(), "http 200");
+        // An IPv6 endpoint is named with brackets: `[::1]:port`.
+        assert_eq!(hosts.recv().await.unwrap(), ok.to_string(), "{ip}");
         let p = probe(bad, &check(CheckKind::Http("/healthz".into()))).await;
         assert_eq!(p.result, Err(CheckFailed::Status { status: 503, path: "/healthz".into() }));
         assert_eq!(p.seen(), "http 503 from GET /healthz");
         // A port nobody listens on (bound then closed).
-        let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
-            a
-        };
+        let closed = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
         let p = probe(closed, &check(CheckKind::Tcp)).await;
         assert!(matches!(p.result, Err(CheckFailed::Connect(_))) && p.seen().starts_with("connect:"), "{p:?}");
     }
@@ -281,7 +292,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_endpoint_times_out() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else { unreachable!() };
+        let a = l.local_addr().unwrap();
         // Accepts (backlog) but never answers the HTTP request.
         let p = probe(a, &check(CheckKind::Http("/".into()))).await;
         assert_eq!(p.seen(), "http check timed out after 500ms");

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub enum IssuerError {
     #[error("{0:?}: give HOST:PORT (e.g. 10.0.0.5:15012 or mesh-issuer.mesh-system.svc:15012)")]
     Address(String),
     #[error("--listen {addr}: {source}")]
-    Listen { addr: SocketAddrV4, source: std::io::Error },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("the issuer's own certificate: {0}")]
     Certificate(#[from] CertError),
     #[error("the issuer's TLS: {0}")]
@@ -226,7 +226,7 @@ impl Authority {
 
 /// The issuer's settings.
 pub struct IssuerConfig {
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     pub ca: Ca,
     pub trust_domain: String,
     pub lifetime: Duration,

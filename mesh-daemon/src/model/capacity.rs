@@ -41,7 +41,8 @@ impl Default for MapCapacity {
 pub struct MapNeeds {
     /// This node's workloads.
     pub workloads: usize,
-    /// One per service port.
+    /// One per frontend: service port and VIP (two per port for a
+    /// dual-stack service).
     pub services: usize,
     /// Every kernel-mode table at its largest, plus the largest once more:
     /// a changed table is written beside the one in use, then the old one
@@ -49,16 +50,25 @@ pub struct MapNeeds {
     pub slots: usize,
 }
 
+/// The largest slot table of each of a kernel-mode service's VIPs (per
+/// port): one per family, over that family's endpoints.
+pub(super) fn table_bounds(s: &super::Service, slot_table_size: u32) -> impl Iterator<Item = usize> + '_ {
+    s.vips.families().map(move |f| {
+        let weights: Vec<u16> = s.endpoints_of(f).map(|(_, e)| e.weight.0).collect();
+        super::slots::table_bound(&weights, slot_table_size)
+    })
+}
+
 impl MapNeeds {
     pub fn of(state: &State, node: &NodeName, slot_table_size: u32) -> Self {
         let workloads = state.workloads.iter().filter(|w| &w.node == node).count();
-        let services = state.services.iter().map(|s| s.ports.len()).sum();
+        let services = state.services.iter().map(|s| s.ports.len() * s.vips.len()).sum();
         let (mut slots, mut largest) = (0, 0);
         for s in state.services.iter().filter(|s| s.mode == Mode::Kernel) {
-            let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
-            let bound = super::slots::table_bound(&weights, slot_table_size);
-            slots += s.ports.len() * bound;
-            largest = largest.max(bound);
+            for bound in table_bounds(s, slot_table_size) {
+                slots += s.ports.len() * bound;
+                largest = largest.max(bound);
+            }
         }
         Self { workloads, services, slots: slots + largest }
     }

@@ -95,8 +95,12 @@ impl Document {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeDoc {
     pub name: String,
-    /// Where other nodes (and this node's pods) reach this node.
+    /// Where other nodes (and this node's pods) reach this node: one
+    /// address, or `addresses` with one per family.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,7 +112,11 @@ pub struct WorkloadDoc {
     #[serde(default = "default_namespace")]
     pub service_account: String,
     pub node: String,
+    /// The pod's address, or `ips` with one per family (as `podIPs`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ip: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
     /// Path of the pod's network namespace (e.g. `/var/run/netns/x`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
@@ -126,7 +134,12 @@ pub struct ServiceDoc {
     pub name: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// The service address, or `vips` with one per family (as
+    /// `clusterIPs`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub vip: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<String>,
     #[serde(default = "default_mode")]
     pub mode: String,
     #[serde(default)]

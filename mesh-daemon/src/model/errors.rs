@@ -26,7 +26,7 @@ impl From<&str> for Invalid {
     }
 }
 
-/// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IPv4 address`.
+/// One bad field: `services[1].endpoints[0].ip: "10.0.0.300" is not an IP address (IPv4 or IPv6)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub path: String,

@@ -62,7 +62,8 @@ mod tests {
         std::fs::write(&bad, "nodes: [{ name: a, address: 300.1.1.1 }]").unwrap();
         let e = load_file(&bad).unwrap_err().to_string();
         assert!(
-            e.contains("bad.yaml is invalid") && e.contains("nodes[0].address: \"300.1.1.1\" is not an IPv4 address"),
+            e.contains("bad.yaml is invalid")
+                && e.contains("nodes[0].address: \"300.1.1.1\" is not an IP address (IPv4 or IPv6)"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

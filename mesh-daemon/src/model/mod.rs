@@ -2,6 +2,7 @@
 //! legal. Everything else receives a validated [`State`].
 #![forbid(unsafe_code)]
 
+mod addrs;
 pub mod authz;
 pub mod capacity;
 mod chunked;
@@ -17,11 +18,12 @@ mod snapshot;
 pub mod spiffe;
 mod validate;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use addrs::{parse_ip, Addresses, Family};
 pub use capacity::{MapCapacity, MapNeeds};
 pub use chunked::Chunked;
 pub use document::{
@@ -58,7 +60,9 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub name: NodeName,
-    pub address: Ipv4Addr,
+    /// Where other nodes (and this node's pods) reach it: one address per
+    /// family it has.
+    pub addresses: Addresses,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,7 +71,8 @@ pub struct Workload {
     pub namespace: Name,
     pub service_account: Name,
     pub node: NodeName,
-    pub ip: Ipv4Addr,
+    /// One address per family the pod has.
+    pub ips: Addresses,
     pub netns: NetnsRef,
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -100,7 +105,9 @@ pub enum Mode {
 pub struct Service {
     pub name: Name,
     pub namespace: Name,
-    pub vip: Ipv4Addr,
+    /// One VIP per family it serves (Kubernetes' `clusterIPs`); a VIP's
+    /// connections go to the endpoints of its family.
+    pub vips: Addresses,
     pub mode: Mode,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
@@ -160,6 +167,17 @@ impl Service {
     /// `namespace/name`, how users refer to a service.
     pub fn key(&self) -> ServiceKey {
         ServiceKey { namespace: self.namespace.clone(), name: self.name.clone() }
+    }
+
+    /// Its endpoints of `family`, with their index in `endpoints`.
+    pub fn endpoints_of(&self, family: Family) -> impl Iterator<Item = (usize, &Endpoint)> + '_ {
+        self.endpoints.iter().enumerate().filter(move |(_, e)| Family::of(e.ip) == family)
+    }
+
+    /// The key of each of its frontends (one per port and VIP), as
+    /// [`ServiceIds`] hands out ids by.
+    pub fn frontend_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.ports.iter().flat_map(move |p| self.vips.families().map(move |f| frontend_key(self, p.port, f)))
     }
 }
 
@@ -222,7 +240,8 @@ impl AppProtocol {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    /// Of a family the service has a VIP of.
+    pub ip: IpAddr,
     pub node: NodeName,
     pub weight: Weight,
     /// 0 is the most preferred.
@@ -230,8 +249,8 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn addr(&self, port: Port) -> SocketAddrV4 {
-        SocketAddrV4::new(self.ip, port.0)
+    pub fn addr(&self, port: Port) -> SocketAddr {
+        SocketAddr::new(self.ip, port.0)
     }
 }
 
@@ -256,23 +275,36 @@ impl State {
     }
 }
 
-/// One (service, port) pair: what `SERVICES` is keyed by and what the proxy
-/// routes by. `id` is what the kernel records as the original destination's
-/// service; it comes from [`ServiceIds`] and stays the same across writes.
+/// One (service, port, VIP) triple: what `SERVICES` is keyed by and what
+/// the proxy routes by; a dual-stack service has two per port, one per
+/// family, each balancing over the endpoints of its family. `id` is what
+/// the kernel records as the original destination's service; it comes
+/// from [`ServiceIds`] and stays the same across writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frontend {
     pub id: u32,
     /// Index into [`State::services`].
     pub service: usize,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: Port,
     pub target_port: Port,
     pub app_protocol: AppProtocol,
 }
 
-/// `namespace/name:port`: the stable name of a frontend.
-pub fn frontend_key(service: &Service, port: Port) -> String {
-    format!("{}:{}", service.key(), port)
+/// `namespace/name:port` (IPv4) or `namespace/name:port@ipv6`: the stable
+/// name of a frontend. An IPv4 frontend keeps the key of the daemons
+/// before IPv6, and so its id across an upgrade.
+pub fn frontend_key(service: &Service, port: Port, family: Family) -> String {
+    match family {
+        Family::V4 => format!("{}:{}", service.key(), port),
+        Family::V6 => format!("{}:{}@ipv6", service.key(), port),
+    }
+}
+
+impl Frontend {
+    pub fn family(&self) -> Family {
+        Family::of(self.vip)
+    }
 }
 
 impl State {
@@ -283,27 +315,29 @@ impl State {
         let mut out = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
             for p in &s.ports {
-                if let Some(id) = ids.get(&frontend_key(s, p.port)) {
-                    out.push(Frontend {
-                        id,
-                        service: i,
-                        vip: s.vip,
-                        port: p.port,
-                        target_port: p.target_port,
-                        app_protocol: p.app_protocol,
-                    });
+                for vip in s.vips.iter() {
+                    if let Some(id) = ids.get(&frontend_key(s, p.port, Family::of(vip))) {
+                        out.push(Frontend {
+                            id,
+                            service: i,
+                            vip,
+                            port: p.port,
+                            target_port: p.target_port,
+                            app_protocol: p.app_protocol,
+                        });
+                    }
                 }
             }
         }
         out.sort_by(|a, b| {
             let (sa, sb) = (&self.services[a.service], &self.services[b.service]);
-            (&sa.namespace, &sa.name, a.port).cmp(&(&sb.namespace, &sb.name, b.port))
+            (&sa.namespace, &sa.name, a.port, a.family()).cmp(&(&sb.namespace, &sb.name, b.port, b.family()))
         });
         out
     }
 
-    /// `namespace/name:port` of every service port.
+    /// The key of every frontend (see [`frontend_key`]).
     pub fn frontend_keys(&self) -> Vec<String> {
-        self.services.iter().flat_map(|s| s.ports.iter().map(move |p| frontend_key(s, p.port))).collect()
+        self.services.iter().flat_map(|s| s.frontend_keys()).collect()
     }
 }

@@ -2,7 +2,7 @@
 //! snapshot, and the readers that derive their own views from it.
 
 use std::collections::HashSet;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::{Changes, Frontend, Service, State};
@@ -30,7 +30,7 @@ pub struct Delta {
     /// The services before the write of the changed or removed ones.
     pub before: Vec<Arc<Service>>,
     /// Endpoint addresses no service uses any more.
-    pub gone: Vec<SocketAddrV4>,
+    pub gone: Vec<SocketAddr>,
 }
 
 impl Delta {

@@ -1,7 +1,7 @@
 //! Document -> State, collecting every error with the path of its field.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +71,43 @@ fn health_check(e: &mut Errors, service: &str, doc: Option<&HealthCheckDoc>) -> 
     Some(Some(HealthCheck { kind: kind?, interval: interval?, timeout: timeout?, rise: rise?, fall: fall? }))
 }
 
-fn ipv4(s: &str) -> Result<Ipv4Addr, Invalid> {
-    s.parse().map_err(|_| invalid!("{s:?} is not an IPv4 address"))
+/// The addresses a document gives either as one (`single`, at `{p}.{one}`)
+/// or as a list (`list`, at `{p}.{many}[k]`): at least one, at most one
+/// per family; both forms together when the one is in the list.
+fn addresses(
+    e: &mut Errors,
+    p: &str,
+    (one, single): (&str, &str),
+    (many, list): (&str, &[String]),
+) -> Option<Addresses> {
+    if single.is_empty() && list.is_empty() {
+        e.push(format!("{p}.{one}"), format!("give `{one}` (one address) or `{many}` (one per family)"));
+        return None;
+    }
+    let before = e.0.len();
+    let mut a = Addresses::default();
+    for (k, s) in list.iter().enumerate() {
+        let path = || format!("{p}.{many}[{k}]");
+        let Some(ip) = e.take(path, parse_ip(s)) else { continue };
+        if let Some(first) = a.set(ip) {
+            a.set(first);
+            let family = Family::of(ip);
+            e.push(path(), format!("{ip} is a second {family} address ({first} is one already): list one per family"));
+        }
+    }
+    if !single.is_empty() {
+        if let Some(ip) = e.take(|| format!("{p}.{one}"), parse_ip(single)) {
+            if list.is_empty() {
+                a.set(ip);
+            } else if e.0.len() == before && !a.contains(ip) {
+                e.push(
+                    format!("{p}.{one}"),
+                    format!("{ip} is not in `{many}`: give `{many}` alone, or one of them as `{one}`"),
+                );
+            }
+        }
+    }
+    (e.0.len() == before).then_some(a)
 }
 
 /// What a write changed, service by service.
@@ -186,8 +221,8 @@ fn policies(e: &mut Errors, prev: Option<&State>, doc: &Document, state: &mut St
 /// shadows it: node names, and the first node and workload of each address.
 struct Holders {
     node_names: HashSet<NodeName>,
-    node_addrs: HashMap<Ipv4Addr, usize>,
-    workload_ips: HashMap<Ipv4Addr, usize>,
+    node_addrs: HashMap<IpAddr, usize>,
+    workload_ips: HashMap<IpAddr, usize>,
 }
 
 /// The nodes and workloads: those of `prev` (unchanged by the write), or
@@ -200,10 +235,14 @@ fn nodes_and_workloads(e: &mut Errors, prev: Option<&State>, doc: &Document, sta
             state.workloads = p.workloads.clone();
             for (i, n) in p.nodes.iter().enumerate() {
                 h.node_names.insert(n.name.clone());
-                h.node_addrs.entry(n.address).or_insert(i);
+                for a in n.addresses.iter() {
+                    h.node_addrs.entry(a).or_insert(i);
+                }
             }
             for (i, w) in p.workloads.iter().enumerate() {
-                h.workload_ips.entry(w.ip).or_insert(i);
+                for ip in w.ips.iter() {
+                    h.workload_ips.entry(ip).or_insert(i);
+                }
             }
         }
         None => {
@@ -351,14 +390,16 @@ impl Walk<'_> {
                 self.e.push(format!("{p}.name"), format!("service {key} is already services[{first}]"));
             }
             for (jp, port) in svc.ports.iter().enumerate() {
-                if holds(&base.addresses, &self.change.addresses, &(svc.vip, port.port.0)) {
-                    let first = first_service(doc, i, |o| {
-                        o.vip.parse() == Ok(svc.vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
-                    });
-                    self.e.push(
-                        format!("{p}.ports[{jp}].port"),
-                        format!("{}:{} is already served by services[{first}]", svc.vip, port.port),
-                    );
+                for vip in svc.vips.iter() {
+                    if holds(&base.addresses, &self.change.addresses, &(vip, port.port.0)) {
+                        let first = first_service(doc, i, |o| {
+                            doc_vips(o).any(|v| v == vip) && o.ports.iter().any(|x| x.port == i64::from(port.port.0))
+                        });
+                        self.e.push(
+                            format!("{p}.ports[{jp}].port"),
+                            format!("{} is already served by services[{first}]", SocketAddr::new(vip, port.port.0)),
+                        );
+                    }
                 }
             }
             self.change.count(&svc, 1, table_size);
@@ -384,13 +425,13 @@ fn shadowed_vips(
     incremental: bool,
 ) {
     let (node_addrs, workload_ips) = (&holders.node_addrs, &holders.workload_ips);
-    let shadow = |vip: Ipv4Addr, holder: String| {
+    let shadow = |vip: IpAddr, holder: String| {
         FieldError {
             path: String::new(),
             message: format!("{vip} is the address of {holder}: a VIP must be an address no node or pod has, or connections to it would be captured; choose another VIP"),
         }
     };
-    let endpoint_holder = |ip: Ipv4Addr| -> String {
+    let endpoint_holder = |ip: IpAddr| -> String {
         for (si, s) in doc.services.iter().enumerate() {
             if let Some(ei) = s.endpoints.iter().position(|x| x.ip.parse() == Ok(ip)) {
                 return format!("an endpoint of {} (services[{si}].endpoints[{ei}])", s.name);
@@ -401,18 +442,20 @@ fn shadowed_vips(
     let mut blamed = HashSet::new();
     for &(k, i) in checked {
         let s = &state.services[k];
-        let holder = if let Some(n) = node_addrs.get(&s.vip) {
-            format!("node {} (nodes[{n}])", state.nodes[*n].name)
-        } else if let Some(w) = workload_ips.get(&s.vip) {
-            let wl = &state.workloads[*w];
-            format!("workload {}/{} (workloads[{w}])", wl.namespace, wl.name)
-        } else if holds(&base.endpoint_ips, &change.endpoint_ips, &s.vip) {
-            endpoint_holder(s.vip)
-        } else {
-            continue;
-        };
-        blamed.insert(s.vip);
-        e.0.push(FieldError { path: format!("services[{i}].vip"), ..shadow(s.vip, holder) });
+        for vip in s.vips.iter() {
+            let holder = if let Some(n) = node_addrs.get(&vip) {
+                format!("node {} (nodes[{n}])", state.nodes[*n].name)
+            } else if let Some(w) = workload_ips.get(&vip) {
+                let wl = &state.workloads[*w];
+                format!("workload {}/{} (workloads[{w}])", wl.namespace, wl.name)
+            } else if holds(&base.endpoint_ips, &change.endpoint_ips, &vip) {
+                endpoint_holder(vip)
+            } else {
+                continue;
+            };
+            blamed.insert(vip);
+            e.0.push(FieldError { path: vip_path(&doc.services[i], i, vip), ..shadow(vip, holder) });
+        }
     }
     // An endpoint added at the VIP of a service this write did not check.
     if incremental {
@@ -421,15 +464,28 @@ fn shadowed_vips(
                 if blamed.contains(&ep.ip) || !holds(&base.vips, &change.vips, &ep.ip) {
                     continue;
                 }
-                if let Some(i) = doc.services.iter().position(|o| o.vip.parse() == Ok(ep.ip)) {
+                if let Some(i) = doc.services.iter().position(|o| doc_vips(o).any(|v| v == ep.ip)) {
                     blamed.insert(ep.ip);
                     e.0.push(FieldError {
-                        path: format!("services[{i}].vip"),
+                        path: vip_path(&doc.services[i], i, ep.ip),
                         ..shadow(ep.ip, endpoint_holder(ep.ip))
                     });
                 }
             }
         }
+    }
+}
+
+/// The VIPs a service document names (those that parse).
+fn doc_vips(s: &ServiceDoc) -> impl Iterator<Item = IpAddr> + '_ {
+    std::iter::once(&s.vip).chain(&s.vips).filter_map(|v| v.parse().ok())
+}
+
+/// The path of `vip` in `services[i]` (`s`): `vip`, or its place in `vips`.
+fn vip_path(s: &ServiceDoc, i: usize, vip: IpAddr) -> String {
+    match s.vips.iter().position(|v| v.parse() == Ok(vip)) {
+        Some(k) => format!("services[{i}].vips[{k}]"),
+        None => format!("services[{i}].vip"),
     }
 }
 

@@ -3,7 +3,7 @@
 //! (tracing target `access`; message `closed`, or `request` for a request).
 
 use std::fmt::Display;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tracing::info;
@@ -43,10 +43,10 @@ pub struct Record<'a> {
     pub source: Option<&'a str>,
     /// The client's SPIFFE identity.
     pub identity: Option<&'a Identity>,
-    pub client: Option<SocketAddrV4>,
+    pub client: Option<SocketAddr>,
     /// `namespace/name:port`, or `namespace/name` where the port is unknown.
     pub service: &'a str,
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<SocketAddr>,
     /// `local`, or the node the endpoint is on.
     pub node: Option<&'a str>,
     pub bytes_up: Option<u64>,

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -32,13 +32,13 @@ pub struct Guard {
     policies: Arc<Policies>,
     /// Every workload by address (an endpoint on another node is handed
     /// its connections directly when its service has `mtls: disabled`).
-    workloads: HashMap<Ipv4Addr, Served>,
+    workloads: HashMap<IpAddr, Served>,
     /// Workload addresses by identity, anywhere: a caller's address is
     /// believed only when a workload of its identity has it.
-    addresses: HashMap<Identity, Vec<Ipv4Addr>>,
+    addresses: HashMap<Identity, Vec<IpAddr>>,
     /// Each workload's identity, by address (the `By=` of
     /// `x-forwarded-client-cert`).
-    identities: HashMap<Ipv4Addr, Identity>,
+    identities: HashMap<IpAddr, Identity>,
     /// The second a denial was last logged (one line a second).
     logged: AtomicU64,
     /// Whether any policy looks at the caller's address (`ipBlocks`,
@@ -121,14 +121,18 @@ impl Guard {
         let workloads = state
             .workloads
             .iter()
-            .map(|w| (w.ip, Served { namespace: w.namespace.to_string(), labels: w.labels.clone() }))
+            .flat_map(|w| {
+                w.ips.iter().map(|ip| (ip, Served { namespace: w.namespace.to_string(), labels: w.labels.clone() }))
+            })
             .collect();
-        let mut addresses: HashMap<Identity, Vec<Ipv4Addr>> = HashMap::new();
+        let mut addresses: HashMap<Identity, Vec<IpAddr>> = HashMap::new();
         let mut identities = HashMap::new();
         for w in &state.workloads {
             let id = Identity::workload(trust_domain, &w.namespace, &w.service_account);
-            addresses.entry(id.clone()).or_default().push(w.ip);
-            identities.insert(w.ip, id);
+            addresses.entry(id.clone()).or_default().extend(w.ips.iter());
+            for ip in w.ips.iter() {
+                identities.insert(ip, id.clone());
+            }
         }
         let policies = state.policies.clone();
         let uses_addresses = policies.list.iter().any(|p| {
@@ -148,8 +152,8 @@ impl Guard {
     }
 
     /// The identity of the workload at `ip`, if it is one.
-    pub fn identity_at(&self, ip: &Ipv4Addr) -> Option<&Identity> {
-        self.identities.get(ip)
+    pub fn identity_at(&self, ip: IpAddr) -> Option<&Identity> {
+        self.identities.get(&ip)
     }
 
     /// Whether any policy is in force (else every decision is allow, and
@@ -161,13 +165,10 @@ impl Guard {
     /// The caller as policies see it: `identity` (verified) and, when a
     /// workload of that identity has it, `ip`.
     pub fn caller<'a>(&self, identity: Option<&'a Identity>, ip: Option<IpAddr>) -> Caller<'a> {
-        let ip = ip.filter(|_| self.uses_addresses).filter(|ip| {
-            let v4 = match ip {
-                IpAddr::V4(a) => Some(*a),
-                IpAddr::V6(a) => a.to_ipv4_mapped(),
-            };
-            identity.zip(v4).is_some_and(|(id, a)| self.addresses.get(id).is_some_and(|l| l.contains(&a)))
-        });
+        let ip = ip
+            .map(|ip| ip.to_canonical())
+            .filter(|_| self.uses_addresses)
+            .filter(|ip| identity.is_some_and(|id| self.addresses.get(id).is_some_and(|l| l.contains(ip))));
         Caller { principal: identity.map(Identity::principal), namespace: identity.and_then(|i| i.namespace()), ip }
     }
 
@@ -177,11 +178,11 @@ impl Guard {
     pub fn verdict(
         &self,
         service: &ServiceKey,
-        target: SocketAddrV4,
+        target: SocketAddr,
         caller: &Caller<'_>,
         req: Option<&Request<'_>>,
     ) -> Verdict<'_> {
-        let served = self.workloads.get(target.ip());
+        let served = self.workloads.get(&target.ip());
         let dest = Dest {
             service,
             namespace: served.map_or(service.namespace.as_str(), |s| s.namespace.as_str()),
@@ -200,7 +201,7 @@ impl Guard {
     pub fn check(
         &self,
         service: &ServiceKey,
-        target: SocketAddrV4,
+        target: SocketAddr,
         caller: &Caller<'_>,
         req: Option<&Request<'_>>,
         metrics: &Metrics,

@@ -4,7 +4,7 @@
 //! the client's workload identity, naming the service.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -70,7 +70,7 @@ impl Side for Upstream {
 
 /// The endpoint's node and its tunnel address, when `ep` of `route` is
 /// reached through the tunnel.
-pub fn via<'r>(ep: &'r RouteEndpoint, route: &Route) -> Option<&'r (NodeName, SocketAddrV4)> {
+pub fn via<'r>(ep: &'r RouteEndpoint, route: &Route) -> Option<&'r (NodeName, SocketAddr)> {
     ep.remote.as_ref().filter(|_| route.mtls)
 }
 
@@ -79,10 +79,10 @@ pub fn via<'r>(ep: &'r RouteEndpoint, route: &Route) -> Option<&'r (NodeName, So
 /// and this node certificates (`pool`); `protocol` tells the receiving
 /// node the stream carries requests.
 pub async fn connect(
-    addr: SocketAddrV4,
-    via: Option<&(NodeName, SocketAddrV4)>,
+    addr: SocketAddr,
+    via: Option<&(NodeName, SocketAddr)>,
     source: Option<&Identity>,
-    stream: (&ServiceKey, Option<StreamProtocol>, Option<std::net::Ipv4Addr>),
+    stream: (&ServiceKey, Option<StreamProtocol>, Option<std::net::IpAddr>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
@@ -93,7 +93,7 @@ pub async fn connect(
 }
 
 /// A TCP connection to `addr` on this node, within `after`.
-pub async fn direct(addr: SocketAddrV4, after: Duration) -> Result<Upstream, ConnectError> {
+pub async fn direct(addr: SocketAddr, after: Duration) -> Result<Upstream, ConnectError> {
     let s = tokio::time::timeout(after, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout { addr, after })?
@@ -106,10 +106,10 @@ pub async fn direct(addr: SocketAddrV4, after: Duration) -> Result<Upstream, Con
 /// (carrying requests in `protocol`, or one connection of the client at
 /// `client`, which the receiving node's policies may name).
 pub async fn tunnel(
-    addr: SocketAddrV4,
-    (node, node_addr): &(NodeName, SocketAddrV4),
+    addr: SocketAddr,
+    (node, node_addr): &(NodeName, SocketAddr),
     source: Option<&Identity>,
-    (service, protocol, client): (&ServiceKey, Option<StreamProtocol>, Option<std::net::Ipv4Addr>),
+    (service, protocol, client): (&ServiceKey, Option<StreamProtocol>, Option<std::net::IpAddr>),
     pool: Option<&Pool>,
     after: Duration,
 ) -> Result<Upstream, ConnectError> {

@@ -5,7 +5,7 @@
 //! the endpoint: it fails that one connection at once.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::StatusCode;
@@ -16,19 +16,19 @@ use crate::tunnel::client::TunnelError;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{addr}: connect timed out after {after:?}")]
-    Timeout { addr: SocketAddrV4, after: Duration },
+    Timeout { addr: SocketAddr, after: Duration },
     #[error("{addr}: {source}")]
-    Io { addr: SocketAddrV4, source: io::Error },
+    Io { addr: SocketAddr, source: io::Error },
     #[error("{addr} via the tunnel: {source}")]
-    Tunnel { addr: SocketAddrV4, source: TunnelError },
+    Tunnel { addr: SocketAddr, source: TunnelError },
     #[error("{addr} is on node {node} and the service requires mTLS, but the client is not an enrolled workload, so it has no identity")]
-    NoIdentity { addr: SocketAddrV4, node: NodeName },
+    NoIdentity { addr: SocketAddr, node: NodeName },
     #[error("{addr} is on node {node} and the service requires mTLS, but this daemon has no certificates (--ca-cert, --ca-key, --trust-bundle)")]
-    NoCertificates { addr: SocketAddrV4, node: NodeName },
+    NoCertificates { addr: SocketAddr, node: NodeName },
     #[error("the service has no endpoint that may take a connection")]
     NoEndpoint,
     #[error("{addr}: denied by authorization policy ({by})")]
-    Denied { addr: SocketAddrV4, by: String },
+    Denied { addr: SocketAddr, by: String },
 }
 
 fn io_reason(e: &io::Error) -> &'static str {
@@ -107,7 +107,7 @@ impl ConnectError {
 mod tests {
     use super::*;
 
-    fn addr() -> SocketAddrV4 {
+    fn addr() -> SocketAddr {
         "10.244.2.3:8080".parse().unwrap()
     }
 

@@ -6,7 +6,7 @@
 //! node is reached through the mTLS tunnel as the client's workload
 //! identity, unless the service says `mtls: disabled`.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,10 +73,9 @@ impl Outbound {
         let guards = drain.clone();
         crate::drain::accept_loop(listener, "outbound", drain, move |client, peer| {
             counters.accepted.inc();
-            let SocketAddr::V4(peer) = peer else {
-                counters.no_orig_dst.inc();
-                return;
-            };
+            // A dual-stack listener shows an IPv4 client as IPv4-mapped:
+            // it is the IPv4 client (the workloads and the map say so).
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             // Read in the accept loop: it owns the map handle, and the entry
             // must be gone before the client's port can be reused.
             let Some(orig) = orig.take(peer) else {
@@ -90,7 +89,7 @@ impl Outbound {
                 warn!(client = %peer, service_id = orig.service_id, "original destination is no longer a service; closed");
                 return;
             };
-            let source = table.workload(*peer.ip()).cloned();
+            let source = table.workload(peer.ip()).cloned();
             let (counters, tunnel, guard) = (counters.clone(), tunnel.clone(), guards.guard());
             let (upstreams, drain, spans) = (upstreams.clone(), guards.clone(), spans.clone());
             let (routes, service_id) = (routes.clone(), orig.service_id);
@@ -132,14 +131,14 @@ async fn open(
     let id = source.map(|w| &w.identity);
     let via = dial::via(ep, route);
     if via.is_none() {
-        let caller = path.guard.caller(id, Some(std::net::IpAddr::V4(*path.client.ip())));
+        let caller = path.guard.caller(id, Some(path.client.ip()));
         let secs = path.env.secs() as u64;
         path.guard
             .check(&route.key.service, ep.state.addr, &caller, None, route.metrics(), secs)
             .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })
             .map(|_| ())?;
     }
-    let svc = (&route.key.service, None, Some(*path.client.ip()));
+    let svc = (&route.key.service, None, Some(path.client.ip()));
     dial::connect(ep.state.addr, via, id, svc, path.tunnel, route.connect_timeout).await
 }
 
@@ -152,7 +151,7 @@ struct Path<'a> {
     env: &'a dyn Env,
     /// The policies, and the client's address they may name.
     guard: &'a crate::proxy::authz::Guard,
-    client: SocketAddrV4,
+    client: SocketAddr,
 }
 
 /// Connects to an endpoint of `route`, trying others as [`Tries`] allows.
@@ -186,7 +185,7 @@ async fn connect<'r>(
     Err(last)
 }
 
-async fn forward(mut client: TcpStream, peer: SocketAddrV4, source: Option<&Workload>, route: &Route, path: Path<'_>) {
+async fn forward(mut client: TcpStream, peer: SocketAddr, source: Option<&Workload>, route: &Route, path: Path<'_>) {
     let (counters, env) = (path.counters, path.env);
     let src = source.map_or("unknown", |w| w.name.as_str());
     let started = env.now();
@@ -460,7 +459,7 @@ mod tests {
         .await;
         let route = m.routes.route(1).unwrap();
         let (up, ep, _) = connect(route, Some(&m.source), m.path()).await.unwrap();
-        assert_eq!(ep.state.addr, SocketAddrV4::new("127.0.0.2".parse().unwrap(), port));
+        assert_eq!(ep.state.addr, SocketAddr::new("127.0.0.2".parse().unwrap(), port));
         assert_eq!(read_all(up).await, "hello from b1");
         assert_eq!((m.counters.retries.get(), m.tunnel.upstream_failures.get()), (1, 1));
         let refused = &route.endpoints[0];

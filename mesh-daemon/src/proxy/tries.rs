@@ -5,7 +5,7 @@
 //! retried elsewhere, after a backoff, within the route's retry count and
 //! budget; any other failure ends the tries at once.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,7 +43,7 @@ pub struct Tries<'r, 'e> {
     env: &'e dyn Env,
     start: Instant,
     /// Every endpoint tried so far, on the stack.
-    tried: [SocketAddrV4; MAX_TRIES],
+    tried: [SocketAddr; MAX_TRIES],
     n: usize,
     attempt: u32,
 }
@@ -54,7 +54,7 @@ impl<'r, 'e> Tries<'r, 'e> {
             route,
             env,
             start: env.now(),
-            tried: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); MAX_TRIES],
+            tried: [SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0); MAX_TRIES],
             n: 0,
             attempt: 0,
         }

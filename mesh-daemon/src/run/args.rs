@@ -1,6 +1,6 @@
 //! `mesh-daemon run`'s flags and their parsers.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::model::Invalid;
@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Outbound listener, the target of redirected connections. With an
     /// unspecified IP, pods are sent to the node's address from the state.
     #[arg(long, default_value = "0.0.0.0:15001", value_name = "ADDR")]
-    pub proxy_listen: SocketAddrV4,
+    pub proxy_listen: SocketAddr,
     /// Admin HTTP endpoint (/live, /ready, /stats).
     #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
@@ -94,7 +94,7 @@ pub struct RunArgs {
     pub cert_lifetime: std::time::Duration,
     /// The mTLS tunnel listener (HTTP/2 CONNECT); every node uses the same port.
     #[arg(long, default_value = "0.0.0.0:15008", value_name = "ADDR")]
-    pub tunnel_listen: SocketAddrV4,
+    pub tunnel_listen: SocketAddr,
     /// On SIGTERM, how long open proxied connections and tunnel streams
     /// may take to finish before the daemon exits anyway. Keep the pod's
     /// terminationGracePeriodSeconds above it.

@@ -1,7 +1,7 @@
 //! The daemon's listening sockets: taken from the running daemon when it
 //! hands over, else bound anew; and their copies for the next daemon.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::Context;
@@ -100,10 +100,10 @@ async fn tcp_listener(
 async fn relay_listener(
     taken: &mut Option<Taken>,
     name: &str,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     flag: &str,
 ) -> anyhow::Result<TcpListener> {
-    let l = tcp_listener(taken, name, addr.into(), flag).await?;
+    let l = tcp_listener(taken, name, addr, flag).await?;
     nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
         .with_context(|| format!("{flag} {addr}: setting TCP_NODELAY"))?;
     Ok(l)

@@ -218,7 +218,7 @@ fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> Co
     ControlConfig {
         node: node.clone(),
         state_dir: args.state_dir.clone(),
-        proxy_listen: args.proxy_listen,
+        proxy_listen: vec![args.proxy_listen],
         slot_table_size: args.slot_table_size,
         slot_entries: args.slot_entries,
         balance: BalanceConfig {
@@ -246,7 +246,7 @@ impl Readers {
         args: &RunArgs,
         node: &NodeName,
         metrics: &Arc<Metrics>,
-    ) -> (Self, UnboundedReceiver<std::net::SocketAddrV4>) {
+    ) -> (Self, UnboundedReceiver<std::net::SocketAddr>) {
         let (health_tx, health_rx) = unbounded_channel();
         let local = Local {
             node: node.clone(),
@@ -352,7 +352,7 @@ impl Units<'_> {
         certs: Option<Arc<Certs>>,
         orig: OrigDstReader,
         access: Arc<api::Access>,
-        health_changes: UnboundedReceiver<std::net::SocketAddrV4>,
+        health_changes: UnboundedReceiver<std::net::SocketAddr>,
         kube: Kube,
     ) -> anyhow::Result<Serving> {
         let (t, drain) = (self.telemetry, self.drain);
@@ -446,7 +446,7 @@ impl Serving {
 }
 
 /// Health changes reach the kernel slot tables at once (batched).
-async fn resync_health(control: Arc<Control>, mut changes: UnboundedReceiver<std::net::SocketAddrV4>) {
+async fn resync_health(control: Arc<Control>, mut changes: UnboundedReceiver<std::net::SocketAddr>) {
     while let Some(first) = changes.recv().await {
         let mut changed = vec![first];
         while let Ok(a) = changes.try_recv() {

@@ -6,7 +6,7 @@
 //! on tracing.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -53,7 +53,7 @@ pub struct SpanRecord {
     pub start: SystemTime,
     pub end: SystemTime,
     pub service: String,
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<SocketAddr>,
     pub method: String,
     pub authority: String,
     pub path: String,

@@ -2,7 +2,7 @@
 //! (source identity, destination node), each stream one CONNECT.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,17 +37,17 @@ pub enum TunnelError {
     #[error("no certificate for {identity}: {message}")]
     Certificate { identity: Identity, message: String },
     #[error("tunnel to {node} ({addr}): connect timed out")]
-    ConnectTimeout { node: NodeName, addr: SocketAddrV4 },
+    ConnectTimeout { node: NodeName, addr: SocketAddr },
     #[error("tunnel to {node} ({addr}): {source}")]
-    Connect { node: NodeName, addr: SocketAddrV4, source: std::io::Error },
+    Connect { node: NodeName, addr: SocketAddr, source: std::io::Error },
     #[error("tunnel to {node} ({addr}): TLS handshake: {source}")]
-    Handshake { node: NodeName, addr: SocketAddrV4, source: std::io::Error },
+    Handshake { node: NodeName, addr: SocketAddr, source: std::io::Error },
     #[error("tunnel to {node}: HTTP/2: {source}")]
     Http2 { node: NodeName, source: hyper::Error },
     /// The remote node answered the CONNECT with another status than 200;
     /// `reason` is its `mesh-deny` header, when it refused by policy.
     #[error("tunnel to {node}: CONNECT {target} refused with {status}{}", reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
-    Refused { node: NodeName, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
+    Refused { node: NodeName, target: SocketAddr, status: StatusCode, reason: Option<String> },
 }
 
 const IDLE: Duration = Duration::from_secs(60);
@@ -121,9 +121,9 @@ impl Pool {
         &self,
         source: &Identity,
         node: &NodeName,
-        node_addr: SocketAddrV4,
-        target: SocketAddrV4,
-        (service, protocol, client): (&ServiceKey, Option<super::StreamProtocol>, Option<std::net::Ipv4Addr>),
+        node_addr: SocketAddr,
+        target: SocketAddr,
+        (service, protocol, client): (&ServiceKey, Option<super::StreamProtocol>, Option<std::net::IpAddr>),
     ) -> Result<Stream, TunnelError> {
         let (cert, serial) = self.cert(source).await?;
         let slot = self.slot((source.clone(), node.clone()));
@@ -187,7 +187,7 @@ impl Pool {
         cert: Arc<SwapCert>,
         serial: u64,
         node: &NodeName,
-        node_addr: SocketAddrV4,
+        node_addr: SocketAddr,
     ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let sender = self.handshake(source, cert, node, node_addr).await?;
         *pooled = Some(Pooled { serial, sender: sender.clone(), used: Instant::now() });
@@ -201,7 +201,7 @@ impl Pool {
         source: &Identity,
         cert: Arc<SwapCert>,
         node: &NodeName,
-        node_addr: SocketAddrV4,
+        node_addr: SocketAddr,
     ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let expected = Identity::node(&self.certs.trust_domain, node);
         let cert_err = |message: String| TunnelError::Certificate { identity: source.clone(), message };
@@ -213,7 +213,7 @@ impl Pool {
             .map_err(|source| TunnelError::Connect { node: node_name.clone(), addr, source })?;
         let _ = tcp.set_nodelay(true);
         let tls = TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::IpAddress((*node_addr.ip()).into()), tcp)
+            .connect(ServerName::IpAddress(node_addr.ip().into()), tcp)
             .await
             .map_err(|source| TunnelError::Handshake { node: node_name, addr, source })?;
         let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());

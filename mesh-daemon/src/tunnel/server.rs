@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::identity::Identity;
 pub struct StreamRequest {
     /// The SPIFFE ID of the peer's verified certificate.
     pub peer: Arc<Identity>,
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
     /// The `mesh-service` header, when there is one.
     pub service: Option<String>,
     /// The `mesh-protocol` header: the stream carries requests.
@@ -251,7 +251,7 @@ async fn stream<H: StreamHandler>(
     per_peer: &Arc<PerPeer>,
     drain: &Drain,
 ) -> Response<Empty<Bytes>> {
-    let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok());
+    let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
     let (true, Some(target)) = (req.method() == Method::CONNECT, target) else {
         counters.bad_requests.inc();
         warn!(identity = %peer, method = %req.method(), uri = %req.uri(), "tunnel request is not CONNECT ip:port; refused");

@@ -111,7 +111,7 @@ pub fn check(doc: &Value, c: &Check<'_>) -> anyhow::Result<Value> {
         .endpoints
         .iter()
         .map(|ep| {
-            let target = std::net::SocketAddrV4::new(ep.ip, sp.target_port.0);
+            let target = std::net::SocketAddr::new(ep.ip, sp.target_port.0);
             let v = guard.verdict(&key, target, &who, req);
             let why = match v.why {
                 Why::Denied => "a DENY policy matched",

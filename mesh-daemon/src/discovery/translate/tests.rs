@@ -31,7 +31,7 @@ fn run_with(f: &Fixture, node: &str, memo: &mut Memo) -> Translation {
     let objs = Objects { services: &services, slices: &slices, namespaces: &namespaces, pods: &pods };
     // Stands in for the /proc scan: a pid made from the pod's IP.
     let mut pid = |p: &Pod| {
-        let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+        let ip: std::net::Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
         Some(i64::from(ip.octets()[3]) + 1000)
     };
     translate_with(objs, node, &mut pid, memo)

@@ -29,8 +29,8 @@ pub(in crate::model) fn compile(
     services: &Chunked<Arc<Service>>,
     workloads: &[Workload],
 ) -> Policies {
-    let labels: BTreeMap<std::net::Ipv4Addr, &BTreeMap<String, String>> =
-        workloads.iter().map(|w| (w.ip, &w.labels)).collect();
+    let labels: BTreeMap<std::net::IpAddr, &BTreeMap<String, String>> =
+        workloads.iter().flat_map(|w| w.ips.iter().map(move |ip| (ip, &w.labels))).collect();
     let mut list = Vec::new();
     let mut seen = std::collections::HashMap::new();
     for (i, d) in docs.iter().enumerate() {
@@ -58,7 +58,7 @@ pub(in crate::model) fn compile(
 fn kernel_selected(
     policy: &Policy,
     services: &Chunked<Arc<Service>>,
-    labels: &BTreeMap<std::net::Ipv4Addr, &BTreeMap<String, String>>,
+    labels: &BTreeMap<std::net::IpAddr, &BTreeMap<String, String>>,
 ) -> Option<String> {
     let no_labels = BTreeMap::new();
     for s in services.iter().filter(|s| s.mode == Mode::Kernel) {

@@ -8,7 +8,7 @@ pub(super) fn nodes(
     doc: &Document,
     state: &mut State,
     node_names: &mut HashSet<NodeName>,
-    node_addrs: &mut HashMap<Ipv4Addr, usize>,
+    node_addrs: &mut HashMap<IpAddr, usize>,
 ) {
     for (i, n) in doc.nodes.iter().enumerate() {
         let p = format!("nodes[{i}]");
@@ -18,12 +18,12 @@ pub(super) fn nodes(
                 e.push(format!("{p}.name"), format!("node \"{name}\" is listed twice"));
             }
         }
-        let address = e.take(|| format!("{p}.address"), ipv4(&n.address));
-        if let Some(a) = address {
+        let addrs = addresses(e, &p, ("address", &n.address), ("addresses", &n.addresses));
+        for a in addrs.iter().flat_map(|a| a.iter()) {
             node_addrs.entry(a).or_insert(i);
         }
-        if let (Some(name), Some(address)) = (name, address) {
-            state.nodes.push(Node { name, address });
+        if let (Some(name), Some(addresses)) = (name, addrs) {
+            state.nodes.push(Node { name, addresses });
         }
     }
 }
@@ -43,19 +43,36 @@ pub(super) fn workloads(
     doc: &Document,
     state: &mut State,
     node_names: &HashSet<NodeName>,
-    workload_ips: &mut HashMap<Ipv4Addr, usize>,
+    workload_ips: &mut HashMap<IpAddr, usize>,
 ) {
+    let node_addrs: HashMap<&NodeName, (usize, Addresses)> =
+        doc.nodes.iter().enumerate().zip(&state.nodes).map(|((i, _), n)| (&n.name, (i, n.addresses))).collect();
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
         let name = e.take(|| format!("{p}.name"), Name::parse(&w.name));
         let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&w.namespace));
         let sa = e.take(|| format!("{p}.serviceAccount"), Name::parse(&w.service_account));
         let node = known_node(e, node_names, &|| format!("{p}.node"), &w.node);
-        let ip = e.take(|| format!("{p}.ip"), ipv4(&w.ip));
-        if let Some(ip) = ip {
+        let ips = addresses(e, &p, ("ip", &w.ip), ("ips", &w.ips));
+        let field = if w.ips.is_empty() { "ip" } else { "ips" };
+        for ip in ips.iter().flat_map(|a| a.iter()) {
             if let Some(first) = workload_ips.insert(ip, i) {
-                e.push(format!("{p}.ip"), format!("{ip} is already the address of workloads[{first}]"));
+                e.push(format!("{p}.{field}"), format!("{ip} is already the address of workloads[{first}]"));
                 workload_ips.insert(ip, first);
+            }
+            // Its redirected connections go to the proxy at the node's
+            // address of the family they dial.
+            if let Some((n, node)) = node.as_ref().and_then(|n| node_addrs.get(n).map(|(i, a)| (*i, (n, a)))) {
+                let family = Family::of(ip);
+                if node.1.get(family).is_none() {
+                    e.push(
+                        format!("{p}.{field}"),
+                        format!(
+                            "{ip} is {family}, but node {} (nodes[{n}]) has no {family} address: add one to its `addresses`, or give the pod none of that family",
+                            node.0
+                        ),
+                    );
+                }
             }
         }
         let netns = match (&w.netns, w.pid) {
@@ -81,8 +98,8 @@ pub(super) fn workloads(
                 None
             }
         };
-        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ip), Some(netns)) =
-            (name, namespace, sa, node, ip, netns)
+        if let (Some(name), Some(namespace), Some(service_account), Some(node), Some(ips), Some(netns)) =
+            (name, namespace, sa, node, ips, netns)
         {
             for (k, v) in &w.labels {
                 if !label_ok(k) || v.len() > 63 || !(v.is_empty() || label_ok(v)) {
@@ -93,7 +110,7 @@ pub(super) fn workloads(
                 }
             }
             let labels = w.labels.clone();
-            state.workloads.push(Workload { name, namespace, service_account, node, ip, netns, labels });
+            state.workloads.push(Workload { name, namespace, service_account, node, ips, netns, labels });
         }
     }
 }
@@ -104,7 +121,7 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
     let p = format!("services[{i}]");
     let name = e.take(|| format!("{p}.name"), Name::parse(&s.name));
     let namespace = e.take(|| format!("{p}.namespace"), Name::parse(&s.namespace));
-    let vip = e.take(|| format!("{p}.vip"), ipv4(&s.vip));
+    let vips = addresses(e, &p, ("vip", &s.vip), ("vips", &s.vips));
     let mode = match s.mode.as_str() {
         "proxy" => Some(Mode::Proxy),
         "kernel" => Some(Mode::Kernel),
@@ -152,10 +169,17 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
     let mut seen_ips = HashSet::new();
     for (j, ep) in s.endpoints.iter().enumerate() {
         let pp = || format!("{p}.endpoints[{j}]");
-        let ip = e.take(|| format!("{}.ip", pp()), ipv4(&ep.ip));
+        let ip = e.take(|| format!("{}.ip", pp()), parse_ip(&ep.ip));
         if let Some(ip) = ip {
             if !seen_ips.insert(ip) {
                 e.push(format!("{}.ip", pp()), format!("endpoint {ip} is listed twice"));
+            }
+            let family = Family::of(ip);
+            if let Some(vips) = vips.filter(|v| v.get(family).is_none()) {
+                e.push(
+                    format!("{}.ip", pp()),
+                    format!("{ip} is {family}, but the service has no {family} VIP ({vips}): a VIP's connections go to endpoints of its family; add a {family} VIP to `vips`, or remove the endpoint"),
+                );
             }
         }
         let node = known_node(e, node_names, &|| format!("{}.node", pp()), &ep.node);
@@ -233,7 +257,7 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
     Some(Service {
         name: name?,
         namespace: namespace?,
-        vip: vip?,
+        vips: vips?,
         mode: mode?,
         ports,
         endpoints,

@@ -12,12 +12,12 @@ use super::*;
 pub struct Index {
     /// `namespace/name`.
     pub(in crate::model) names: HashMap<ServiceKey, i64>,
-    pub(in crate::model) addresses: HashMap<(Ipv4Addr, u16), i64>,
-    pub(in crate::model) vips: HashMap<Ipv4Addr, i64>,
-    pub(in crate::model) endpoint_ips: HashMap<Ipv4Addr, i64>,
+    pub(in crate::model) addresses: HashMap<(IpAddr, u16), i64>,
+    pub(in crate::model) vips: HashMap<IpAddr, i64>,
+    pub(in crate::model) endpoint_ips: HashMap<IpAddr, i64>,
     /// Endpoint addresses (at each target port) in use.
-    pub(in crate::model) endpoint_addrs: HashMap<SocketAddrV4, i64>,
-    /// Service ports: one `SERVICES` entry each.
+    pub(in crate::model) endpoint_addrs: HashMap<SocketAddr, i64>,
+    /// Frontends (service ports, times VIPs): one `SERVICES` entry each.
     pub(in crate::model) ports: i64,
     /// Kernel-mode tables at their largest, and how many tables have each
     /// largest size (for the one rewritten beside the rest).
@@ -52,9 +52,11 @@ impl Index {
     /// Adds (`by` 1) or takes away (-1) one service.
     pub(in crate::model) fn count(&mut self, s: &Service, by: i64, table_size: u32) {
         bump(&mut self.names, s.key(), by);
-        bump(&mut self.vips, s.vip, by);
-        for p in &s.ports {
-            bump(&mut self.addresses, (s.vip, p.port.0), by);
+        for vip in s.vips.iter() {
+            bump(&mut self.vips, vip, by);
+            for p in &s.ports {
+                bump(&mut self.addresses, (vip, p.port.0), by);
+            }
         }
         for e in &s.endpoints {
             bump(&mut self.endpoint_ips, e.ip, by);
@@ -67,12 +69,12 @@ impl Index {
                 bump(&mut self.endpoint_addrs, e.addr(t), by);
             }
         }
-        self.ports += by * s.ports.len() as i64;
+        self.ports += by * (s.ports.len() * s.vips.len()) as i64;
         if s.mode == Mode::Kernel {
-            let weights: Vec<u16> = s.endpoints.iter().map(|e| e.weight.0).collect();
-            let bound = super::slots::table_bound(&weights, table_size);
-            self.slots += by * (s.ports.len() * bound) as i64;
-            *self.bounds.entry(bound).or_default() += by * s.ports.len() as i64;
+            for bound in super::capacity::table_bounds(s, table_size) {
+                self.slots += by * (s.ports.len() * bound) as i64;
+                *self.bounds.entry(bound).or_default() += by * s.ports.len() as i64;
+            }
         }
     }
 
@@ -104,7 +106,7 @@ impl Index {
     }
 
     /// Whether a service uses `addr` as an endpoint address.
-    pub fn uses(&self, addr: SocketAddrV4) -> bool {
+    pub fn uses(&self, addr: SocketAddr) -> bool {
         self.endpoint_addrs.contains_key(&addr)
     }
 

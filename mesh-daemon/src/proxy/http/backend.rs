@@ -280,7 +280,7 @@ impl<'a> Plan<'a> {
             return Ok(Default::default());
         }
         let source = self.conn.source.as_ref().map(|w| &w.identity);
-        let caller = guard.caller(source, Some(std::net::IpAddr::V4(*self.conn.client.ip())));
+        let caller = guard.caller(source, Some(self.conn.client.ip()));
         let host = parts.uri.authority().map_or("", |a| a.as_str());
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();

@@ -3,7 +3,7 @@
 //! a connection held open follows every write (a drain, a new endpoint, a
 //! weight or a policy change) from its next request on.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub struct Conn {
     /// kept like `resolved` (at most [`MAX_BACKENDS`]).
     backends: Mutex<Vec<Arc<Resolved>>>,
     pub source: Option<Arc<Workload>>,
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     pub upstreams: Arc<Upstreams>,
     pub tunnel: Option<Arc<Pool>>,
     /// gRPC: failures answer with a gRPC status, not an HTTP one.
@@ -85,7 +85,7 @@ pub struct Accepted {
     /// The route the connection was accepted on.
     pub route: Arc<Route>,
     pub source: Option<Arc<Workload>>,
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     pub proto: AppProtocol,
     /// The largest request header block (`--max-request-headers`).
     pub max_headers: usize,
@@ -149,7 +149,8 @@ impl Conn {
     /// (None once it left the state).
     pub fn backend(&self, key: &PortKey) -> Option<Arc<Resolved>> {
         let table = self.routes.load();
-        let (_, route) = table.route_of(key)?;
+        let family = table.route(self.service_id).map_or(crate::model::Family::V4, |r| r.family);
+        let (_, route) = table.route_of(key, family)?;
         let mut cache = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = cache.iter().find(|r| Arc::ptr_eq(&r.route, route)) {
             return Some(r.clone());

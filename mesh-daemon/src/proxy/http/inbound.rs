@@ -6,7 +6,7 @@
 //! stream before it was accepted.
 
 use std::convert::Infallible;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ enum Pod {
 struct Ctx {
     pod: Pod,
     peer: Arc<Identity>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     target: Arc<Target>,
     spans: Arc<Spans>,
     /// This node's checks as they are now: each request is authorized
@@ -226,7 +226,7 @@ impl Ctx {
 struct Reported {
     target: Arc<Target>,
     peer: Arc<Identity>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     line: Line,
     started: Instant,
     traced: Option<Traced>,

@@ -115,8 +115,8 @@ fn too_large(conn: &Conn) {
 }
 
 /// Logs a 431 the first time a client gets one.
-fn log_too_large(counters: &ProxyCounters, client: std::net::SocketAddrV4, limit: usize) {
-    if counters.headers_too_large_logged.first((*client.ip()).into()) {
+fn log_too_large(counters: &ProxyCounters, client: std::net::SocketAddr, limit: usize) {
+    if counters.headers_too_large_logged.first(client.ip()) {
         warn!(%client, limit, "request headers over the limit (--max-request-headers): 431 (logged once per client)");
     }
 }

@@ -68,7 +68,7 @@ pub struct Finished {
     /// Its trace, when it came with one; with a span when recorded.
     traced: Option<Traced>,
     source: Option<Arc<Workload>>,
-    client: std::net::SocketAddrV4,
+    client: std::net::SocketAddr,
     grpc: bool,
     route: Arc<Route>,
     /// The route rule that decided the request, and its backend.

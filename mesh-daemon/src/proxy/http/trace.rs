@@ -174,7 +174,7 @@ impl Traced {
         &self,
         direction: &'static str,
         service: &str,
-        endpoint: Option<std::net::SocketAddrV4>,
+        endpoint: Option<std::net::SocketAddr>,
         line: (&str, &str, &str),
         status: u16,
         grpc_status: Option<u32>,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -39,13 +39,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Dial {
     /// Plain TCP to the endpoint (this node, or `mtls: disabled`).
-    Direct(SocketAddrV4),
+    Direct(SocketAddr),
     /// A stream of the mTLS tunnel to the endpoint's node, as `source`.
-    Tunnel { target: SocketAddrV4, via: (NodeName, SocketAddrV4), source: Identity, service: ServiceKey },
+    Tunnel { target: SocketAddr, via: (NodeName, SocketAddr), source: Identity, service: ServiceKey },
 }
 
 impl Dial {
-    pub fn target(&self) -> SocketAddrV4 {
+    pub fn target(&self) -> SocketAddr {
         match self {
             Dial::Direct(a) => *a,
             Dial::Tunnel { target, .. } => *target,
@@ -167,7 +167,7 @@ impl Upstreams {
 
     /// Forgets the clients of endpoints no longer in use (their pooled
     /// connections close once idle).
-    pub fn retain(&self, keep: impl Fn(SocketAddrV4) -> bool) {
+    pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).retain(|(d, _), _| keep(d.target()));
     }
 }

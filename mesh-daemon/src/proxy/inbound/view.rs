@@ -3,7 +3,7 @@
 //! the series of each target.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -21,7 +21,7 @@ struct LocalService {
     policy: Option<Authorization>,
     /// Its endpoints on this node (ip, target port), shared with the
     /// streams so a stream copies no labels.
-    targets: HashMap<SocketAddrV4, Arc<Target>>,
+    targets: HashMap<SocketAddr, Arc<Target>>,
 }
 
 /// An endpoint on this node of one service port. Its series are made
@@ -32,7 +32,7 @@ pub struct Target {
     response_latency: OnceLock<Histogram>,
     /// `namespace/name:port`.
     port: Arc<str>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     metrics: Arc<Metrics>,
     /// The port speaks gRPC: its requests are classed by gRPC status.
     pub grpc: bool,
@@ -110,7 +110,7 @@ pub struct Inbound {
     generation: u64,
     /// Enrolled workloads of this node, with their identities (logged
     /// beside the peer's when a stream to them is refused).
-    local: HashMap<Ipv4Addr, Identity>,
+    local: HashMap<IpAddr, Identity>,
     /// By `namespace/name`: the service it was made from and what it
     /// needs here.
     services: SharedMap<String, (Arc<Service>, Arc<LocalService>)>,
@@ -169,7 +169,10 @@ impl Inbound {
             .workloads
             .iter()
             .filter(|w| &w.node == node)
-            .map(|w| (w.ip, Identity::workload(trust_domain, &w.namespace, &w.service_account)))
+            .flat_map(|w| {
+                let id = Identity::workload(trust_domain, &w.namespace, &w.service_account);
+                w.ips.iter().map(move |ip| (ip, id.clone()))
+            })
             .collect();
         let mut services = SharedMap::default();
         for s in &state.services {
@@ -185,8 +188,10 @@ impl Inbound {
             if let Some(n) = state.node(&w.node) {
                 let id = Identity::workload(trust_domain, &w.namespace, &w.service_account);
                 let addrs = homes.entry(id).or_default();
-                if !addrs.contains(&n.address.into()) {
-                    addrs.push(n.address.into());
+                for a in n.addresses.iter() {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
                 }
             }
         }
@@ -303,11 +308,11 @@ impl Inbound {
     pub fn check(
         &self,
         service: Option<&str>,
-        target: SocketAddrV4,
+        target: SocketAddr,
         peer: &Identity,
         from: std::net::IpAddr,
     ) -> Result<&Arc<Target>, Deny> {
-        if !self.local.contains_key(target.ip()) {
+        if !self.local.contains_key(&target.ip()) {
             return Err(Deny::NotLocal);
         }
         let (_, svc) = service.and_then(|s| self.services.get(s)).ok_or(Deny::NotEndpoint)?;
@@ -335,8 +340,8 @@ impl Inbound {
     }
 
     /// The identity of the local workload at `ip`, for logs.
-    pub(super) fn workload_identity(&self, ip: &Ipv4Addr) -> Option<&Identity> {
-        self.local.get(ip)
+    pub(super) fn workload_identity(&self, ip: IpAddr) -> Option<&Identity> {
+        self.local.get(&ip)
     }
 }
 
@@ -419,7 +424,7 @@ mod tests {
         Identity::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap()
     }
 
-    fn target(s: &str) -> SocketAddrV4 {
+    fn target(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 

@@ -7,7 +7,7 @@ mod view;
 pub use view::RoutesView;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::balance::{self, EndpointState, Member, Registry};
 use crate::env::Env;
 use crate::identity::Identity;
 use crate::model::route::Router;
-use crate::model::{AppProtocol, Delta, Frontend, NodeName, PortKey, Snapshot, State};
+use crate::model::{AppProtocol, Delta, Family, Frontend, NodeName, PortKey, Snapshot, State};
 use crate::shared_map::SharedMap;
 use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
 use crate::telemetry::Metrics;
@@ -29,7 +29,7 @@ pub struct RouteEndpoint {
     pub weight: u16,
     pub priority: u8,
     /// On another node: that node and its tunnel address.
-    pub remote: Option<(NodeName, SocketAddrV4)>,
+    pub remote: Option<(NodeName, SocketAddr)>,
     /// Its metric series, made when it first carries a connection (as
     /// linkerd2-proxy does): an endpoint that never does costs no series.
     series: OnceLock<Box<EndpointSeries>>,
@@ -71,6 +71,8 @@ impl RouteEndpoint {
 pub struct Route {
     /// The service port it routes: its policy and series belong to it.
     pub key: PortKey,
+    /// The family of the VIP it serves; its endpoints are of it too.
+    pub family: Family,
     /// `namespace/name:port`: the key as logs and metrics write it.
     pub name: String,
     pub endpoints: Vec<RouteEndpoint>,
@@ -141,14 +143,15 @@ impl Route {
         let key = PortKey { service: s.key(), port: f.port.0 };
         let name = key.to_string();
         let source = Arc::new(SeriesSource { name: name.clone(), metrics: metrics.clone() });
+        let here = state.node(&local.node).map(|n| n.addresses).unwrap_or_default();
         let endpoints = s
-            .endpoints
-            .iter()
-            .map(|e| {
+            .endpoints_of(f.family())
+            .map(|(_, e)| {
                 let addr = e.addr(f.target_port);
                 let remote = (e.node != local.node)
                     .then(|| {
-                        state.node(&e.node).map(|n| (e.node.clone(), SocketAddrV4::new(n.address, local.tunnel_port)))
+                        let n = state.node(&e.node)?;
+                        Some((e.node.clone(), SocketAddr::new(tunnel_address(&here, n), local.tunnel_port)))
                     })
                     .flatten();
                 RouteEndpoint {
@@ -169,6 +172,7 @@ impl Route {
             policy: policies.get(&key, &s.http),
             routed_budget: OnceLock::new(),
             key,
+            family: f.family(),
             name,
             endpoints,
             fail_open: s.fail_open,
@@ -210,7 +214,7 @@ impl Route {
         if old.endpoints.iter().all(|e| e.series.get().is_none()) {
             return;
         }
-        let made: HashMap<SocketAddrV4, &EndpointSeries> =
+        let made: HashMap<SocketAddr, &EndpointSeries> =
             old.endpoints.iter().filter_map(|e| Some((e.state.addr, e.series.get()?.as_ref()))).collect();
         for e in &self.endpoints {
             if let Some(s) = made.get(&e.state.addr) {
@@ -220,12 +224,13 @@ impl Route {
     }
 
     /// Drops the series this route made that `next` (the same route after
-    /// a write, if it stays) has not.
-    fn forget_series_missing_from(&self, next: Option<&Route>, metrics: &Metrics) {
+    /// a write, if it stays) has not; the service port's own series only
+    /// when no route of it stays (`port_stays`: one of the other family).
+    fn forget_series_missing_from(&self, next: Option<&Route>, port_stays: bool, metrics: &Metrics) {
         if next.is_some_and(|n| std::ptr::eq(self, n)) {
             return;
         }
-        if let (Some(s), None) = (self.series.get(), next) {
+        if let (Some(s), false) = (self.series.get(), port_stays) {
             metrics.forget_service(&s.labels);
         }
         for e in &self.endpoints {
@@ -253,14 +258,14 @@ impl Route {
     /// The endpoint for a new connection (see [`crate::balance::pick`]),
     /// leaving out `tried`; claims the breaker's probe if one is due.
     #[cfg(test)]
-    pub fn pick(&self, tried: &[SocketAddrV4], env: &dyn Env) -> Option<&RouteEndpoint> {
+    pub fn pick(&self, tried: &[SocketAddr], env: &dyn Env) -> Option<&RouteEndpoint> {
         self.pick_index(tried, env).map(|i| &self.endpoints[i])
     }
 
     /// The endpoint for a new connection or request (see
     /// [`crate::balance::pick`]), leaving out `tried`, as an index into
     /// `endpoints`; claims the breaker's probe if one is due.
-    pub fn pick_index(&self, tried: &[SocketAddrV4], env: &dyn Env) -> Option<usize> {
+    pub fn pick_index(&self, tried: &[SocketAddr], env: &dyn Env) -> Option<usize> {
         balance::pick(&self.endpoints, self.fail_open, tried, env.now(), || env.unit())
     }
 
@@ -283,6 +288,14 @@ pub struct Local {
     pub tunnel_port: u16,
 }
 
+/// The address of `node` the tunnel from a node with addresses `here`
+/// dials: of a family both nodes have, IPv4 first; with none shared (or
+/// `here` not known yet), its first.
+pub fn tunnel_address(here: &crate::model::Addresses, node: &crate::model::Node) -> IpAddr {
+    let mut shared = node.addresses.iter().filter(|a| here.get(Family::of(*a)).is_some());
+    shared.next().unwrap_or(node.addresses.primary())
+}
+
 /// An enrolled workload, as the proxy names it.
 #[derive(Debug)]
 pub struct Workload {
@@ -297,16 +310,16 @@ pub struct Workload {
 pub struct RouteTable {
     /// Shared with the table before but for the routes a write changed.
     by_id: SharedMap<u32, Arc<Route>>,
-    /// The id of each service port: a routed request's backend is a
-    /// service port.
-    ids: SharedMap<PortKey, u32>,
+    /// The id of each service port's frontend of each family: a routed
+    /// request's backend is a service port.
+    ids: SharedMap<(PortKey, Family), u32>,
     /// The generation of the state it was built from.
     generation: u64,
     /// That state's nodes: a route to a remote endpoint names its node's
     /// address.
     nodes: Vec<crate::model::Node>,
     /// Workloads by IP.
-    workloads: HashMap<Ipv4Addr, Arc<Workload>>,
+    workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The state's routes (Gateway API), for the series of their rules.
     routes: Arc<crate::model::route::Routes>,
     /// The authorization policies, for the connections and requests this
@@ -353,14 +366,15 @@ impl RouteTable {
                 (f.id, route)
             })
             .collect();
-        let ids = by_id.iter().map(|(id, r)| (r.key.clone(), *id)).collect();
+        let ids = by_id.iter().map(|(id, r)| ((r.key.clone(), r.family), *id)).collect();
         let workloads = state
             .workloads
             .iter()
-            .map(|w| {
+            .flat_map(|w| {
                 let id = Identity::workload(&local.trust_domain, &w.namespace, &w.service_account);
                 let name = format!("{}/{}", w.namespace, w.name);
-                (w.ip, Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id }))
+                let wl = Arc::new(Workload { name, namespace: w.namespace.clone(), identity: id });
+                w.ips.iter().map(move |ip| (ip, wl.clone())).collect::<Vec<_>>()
             })
             .collect();
         let guard = Arc::new(crate::proxy::authz::Guard::build(state, &local.trust_domain));
@@ -386,12 +400,12 @@ impl RouteTable {
         let (mut by_id, mut ids) = (prev.by_id.clone(), prev.ids.clone());
         for id in &delta.removed {
             if let Some(r) = by_id.remove(id) {
-                ids.remove(&r.key);
+                ids.remove(&(r.key.clone(), r.family));
             }
         }
         for f in &delta.changed {
             let route = Arc::new(Route::new(&snap.state, f, registry, policies, local, metrics));
-            ids.insert(route.key.clone(), f.id);
+            ids.insert((route.key.clone(), route.family), f.id);
             by_id.insert(f.id, route);
         }
         let (nodes, workloads, routes) = (prev.nodes.clone(), prev.workloads.clone(), snap.state.routes.clone());
@@ -403,9 +417,10 @@ impl RouteTable {
 
     /// Takes over the series of every route of `old` with the same name.
     fn adopt_all_series(&self, old: &RouteTable) {
-        let by_key: HashMap<&PortKey, &Route> = old.by_id.values().map(|r| (&r.key, r.as_ref())).collect();
+        let by_key: HashMap<(&PortKey, Family), &Route> =
+            old.by_id.values().map(|r| ((&r.key, r.family), r.as_ref())).collect();
         for r in self.by_id.values() {
-            if let Some(o) = by_key.get(&r.key) {
+            if let Some(o) = by_key.get(&(&r.key, r.family)) {
                 r.adopt_series(o);
             }
         }
@@ -414,9 +429,11 @@ impl RouteTable {
     /// Drops from `metrics` the series this table made that `next` has not
     /// (a route or an endpoint that left the state).
     pub fn forget_series_missing_from(&self, next: &RouteTable, metrics: &Metrics) {
-        let by_key: HashMap<&PortKey, &Route> = next.by_id.values().map(|r| (&r.key, r.as_ref())).collect();
+        let by_key: HashMap<(&PortKey, Family), &Route> =
+            next.by_id.values().map(|r| ((&r.key, r.family), r.as_ref())).collect();
+        let ports: std::collections::HashSet<&PortKey> = by_key.keys().map(|(k, _)| *k).collect();
         for r in self.by_id.values() {
-            r.forget_series_missing_from(by_key.get(&r.key).copied(), metrics);
+            r.forget_series_missing_from(by_key.get(&(&r.key, r.family)).copied(), ports.contains(&r.key), metrics);
         }
         if !Arc::ptr_eq(&self.routes, &next.routes) {
             let kept = next.routes.series_keys();
@@ -448,14 +465,25 @@ impl RouteTable {
         self.by_id.get(&id)
     }
 
-    /// The route of service port `key`, with its kernel id.
-    pub fn route_of(&self, key: &PortKey) -> Option<(u32, &Arc<Route>)> {
-        let id = *self.ids.get(key)?;
+    /// The route of service port `key` for a client of `family`: its
+    /// frontend of that family, else (a single-stack backend) its other
+    /// one; with its kernel id.
+    pub fn route_of(&self, key: &PortKey, family: Family) -> Option<(u32, &Arc<Route>)> {
+        let other = match family {
+            Family::V4 => Family::V6,
+            Family::V6 => Family::V4,
+        };
+        let id = *self.ids.get(&(key.clone(), family)).or_else(|| self.ids.get(&(key.clone(), other)))?;
         Some((id, self.by_id.get(&id)?))
     }
 
+    /// Whether service port `key` has a route (of either family).
+    pub fn has_port(&self, key: &PortKey) -> bool {
+        Family::BOTH.iter().any(|f| self.ids.get(&(key.clone(), *f)).is_some())
+    }
+
     /// The enrolled workload at `ip`.
-    pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
 }
@@ -565,7 +593,7 @@ mod tests {
         );
         let r = t.route(1).unwrap();
         assert_eq!(r.name, "default/web:80");
-        let first: SocketAddrV4 = "10.0.0.1:8080".parse().unwrap();
+        let first: SocketAddr = "10.0.0.1:8080".parse().unwrap();
         for _ in 0..20 {
             let e = r.pick(&[first], &crate::env::Live).unwrap();
             assert_eq!(e.state.addr, "10.0.0.3:8080".parse().unwrap(), "weight 0 and tried endpoints are skipped");
@@ -578,8 +606,7 @@ mod tests {
         let (t, reg) =
             table("   endpoints: [{ip: 10.0.0.1, node: a, priority: 0}, {ip: 10.0.0.2, node: a, priority: 1}]\n");
         let r = t.route(1).unwrap();
-        let (p0, p1): (SocketAddrV4, SocketAddrV4) =
-            ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        let (p0, p1): (SocketAddr, SocketAddr) = ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
         assert!((0..20).all(|_| r.pick(&[], &crate::env::Live).unwrap().state.addr == p0));
         reg.get(p0).record_check(false, "refused", 1, 1);
         assert!((0..20).all(|_| r.pick(&[], &crate::env::Live).unwrap().state.addr == p1));

@@ -3,7 +3,7 @@
 //! dropped.
 
 use std::collections::HashSet;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -55,16 +55,19 @@ impl View for RoutesView {
                 for f in &d.changed {
                     if let (Some(new), Some(old)) = (next.by_id.get(&f.id), current.by_id.get(&f.id)) {
                         new.adopt_series(old);
-                        old.forget_series_missing_from(Some(new), m);
+                        old.forget_series_missing_from(Some(new), true, m);
                     }
                 }
                 for id in &d.removed {
                     if let Some(old) = current.by_id.get(id) {
-                        old.forget_series_missing_from(None, m);
-                        self.policies.forget(&old.key);
+                        let stays = next.has_port(&old.key);
+                        old.forget_series_missing_from(None, stays, m);
+                        if !stays {
+                            self.policies.forget(&old.key);
+                        }
                     }
                 }
-                let gone: HashSet<SocketAddrV4> = d.gone.iter().copied().collect();
+                let gone: HashSet<SocketAddr> = d.gone.iter().copied().collect();
                 if !gone.is_empty() {
                     self.upstreams.retain(|a| !gone.contains(&a));
                 }
@@ -75,7 +78,7 @@ impl View for RoutesView {
                 next.adopt_all_series(&current);
                 let keys: HashSet<&PortKey> = next.by_id.values().map(|r| &r.key).collect();
                 self.policies.retain(|k| keys.contains(k));
-                let in_use: HashSet<SocketAddrV4> =
+                let in_use: HashSet<SocketAddr> =
                     next.by_id.values().flat_map(|r| r.endpoints.iter().map(|e| e.state.addr)).collect();
                 self.upstreams.retain(|a| in_use.contains(&a));
                 self.table.swap(Arc::new(next)).forget_series_missing_from(&self.table.load(), &self.metrics);
