@@ -232,6 +232,38 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
+/// The listening sockets of one listener, one per address family (an
+/// IPv6 one beside the IPv4 one), accepted from as one: one accept loop,
+/// taking from each in turn so neither starves the other.
+pub struct TcpListeners {
+    pub sockets: Vec<tokio::net::TcpListener>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl TcpListeners {
+    pub fn new(sockets: Vec<tokio::net::TcpListener>) -> Self {
+        Self { sockets, next: Default::default() }
+    }
+}
+
+impl Listener for TcpListeners {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self.next.fetch_add(1, Relaxed);
+        std::future::poll_fn(move |cx| {
+            let n = self.sockets.len();
+            for i in 0..n {
+                if let std::task::Poll::Ready(r) = self.sockets[(first + i) % n].poll_accept(cx) {
+                    return std::task::Poll::Ready(r);
+                }
+            }
+            std::task::Poll::Pending
+        })
+    }
+}
+
 impl Listener for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
     type Addr = tokio::net::unix::SocketAddr;
@@ -407,6 +439,30 @@ mod tests {
         task.await.unwrap();
         let refused = tokio::net::TcpStream::connect(addr).await;
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// One accept loop over an IPv4 and an IPv6 socket takes from both,
+    /// each client seen by its own family.
+    #[tokio::test]
+    async fn one_loop_accepts_from_a_socket_of_each_family() {
+        let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v6 = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let (a4, a6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
+        let d = Drain::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(accept_loop(TcpListeners::new(vec![v4, v6]), "test", d.clone(), move |io, peer| {
+            let _ = tx.send((io, peer));
+        }));
+        let mut held = Vec::new();
+        for round in 0..3 {
+            for a in [a6, a4] {
+                held.push(tokio::net::TcpStream::connect(a).await.unwrap());
+                let (_, peer) = rx.recv().await.unwrap();
+                assert_eq!(peer.is_ipv6(), a.is_ipv6(), "round {round}: {peer} for {a}");
+            }
+        }
+        d.start();
+        task.await.unwrap();
     }
 
     #[test]

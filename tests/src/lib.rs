@@ -18,7 +18,7 @@ pub mod follow;
 pub mod loadgen;
 pub mod sys;
 
-pub use cluster::{clean_leftovers, Cluster, ClusterSpec, Daemon, Node, Pod};
+pub use cluster::{clean_leftovers, Cluster, ClusterSpec, Daemon, Node, Pod, Stack};
 
 /// Tests whose shares and counts depend on their backends answering at
 /// their own pace run one at a time within their test binary: hold this.

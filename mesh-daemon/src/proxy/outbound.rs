@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::access::Record;
@@ -30,8 +30,9 @@ use crate::telemetry::otlp::Spans;
 use crate::tunnel::client::Pool;
 
 pub struct Outbound {
-    /// Set TCP_NODELAY on it: accepted sockets inherit it, one call fewer per connection.
-    pub listener: TcpListener,
+    /// One socket per family. Set TCP_NODELAY on them: accepted sockets
+    /// inherit it, one call fewer per connection.
+    pub listener: crate::drain::TcpListeners,
     pub orig: OrigDstReader,
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub counters: Arc<ProxyCounters>,
@@ -275,6 +276,8 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: Option<&Worklo
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use tokio::net::TcpListener;
 
     use super::*;
     use crate::balance::Registry;

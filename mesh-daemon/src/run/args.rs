@@ -29,10 +29,13 @@ pub struct RunArgs {
     /// Where maps and links are pinned [default: /sys/fs/bpf/mesh/<node>].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
-    /// Outbound listener, the target of redirected connections. With an
-    /// unspecified IP, pods are sent to the node's address from the state.
+    /// Outbound listener, the target of redirected connections: one
+    /// address per family, one port (repeat the flag for both). 0.0.0.0
+    /// with no IPv6 address given listens on [::] at the same port too
+    /// (when the host has IPv6). With an unspecified IP, pods are sent to
+    /// the node's address of their connection's family from the state.
     #[arg(long, default_value = "0.0.0.0:15001", value_name = "ADDR")]
-    pub proxy_listen: SocketAddr,
+    pub proxy_listen: Vec<SocketAddr>,
     /// Admin HTTP endpoint (/live, /ready, /stats).
     #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
@@ -92,9 +95,11 @@ pub struct RunArgs {
     /// Lifetime of issued certificates; renewed at 70% of it.
     #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = long_duration)]
     pub cert_lifetime: std::time::Duration,
-    /// The mTLS tunnel listener (HTTP/2 CONNECT); every node uses the same port.
+    /// The mTLS tunnel listener (HTTP/2 CONNECT); every node uses the same
+    /// port. As --proxy-listen: one address per family, and 0.0.0.0 alone
+    /// listens on [::] too.
     #[arg(long, default_value = "0.0.0.0:15008", value_name = "ADDR")]
-    pub tunnel_listen: SocketAddr,
+    pub tunnel_listen: Vec<SocketAddr>,
     /// On SIGTERM, how long open proxied connections and tunnel streams
     /// may take to finish before the daemon exits anyway. Keep the pod's
     /// terminationGracePeriodSeconds above it.
@@ -214,9 +219,71 @@ fn long_duration(s: &str) -> Result<std::time::Duration, Invalid> {
     }
 }
 
+/// One address a listener flag asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub addr: SocketAddr,
+    /// The IPv6 companion of `0.0.0.0`, not named by the flag: bound when
+    /// the host has IPv6, else left out with a warning.
+    pub implied: bool,
+}
+
+/// The addresses `given` to `flag` ask for: at most one per family, all
+/// on one port; and for `0.0.0.0` given alone, `[::]` on its port too,
+/// so command lines written before IPv6 serve both families.
+pub fn listen_set(given: &[SocketAddr], flag: &str) -> anyhow::Result<Vec<ListenAddr>> {
+    let mut out: Vec<ListenAddr> = Vec::new();
+    for a in given {
+        if let Some(o) = out.iter().find(|o| o.addr.is_ipv6() == a.is_ipv6()) {
+            let family = if a.is_ipv6() { "IPv6" } else { "IPv4" };
+            anyhow::bail!("{flag} {a}: a second {family} address ({} is one); give one address per family", o.addr);
+        }
+        if let Some(o) = out.first().filter(|o| o.addr.port() != a.port()) {
+            anyhow::bail!("{flag} {a}: its port differs from {}'s; the addresses of one listener share a port", o.addr);
+        }
+        out.push(ListenAddr { addr: *a, implied: false });
+    }
+    if let [only] = out[..] {
+        if only.addr.is_ipv4() && only.addr.ip().is_unspecified() {
+            let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), only.addr.port());
+            out.push(ListenAddr { addr: v6, implied: true });
+        }
+    }
+    Ok(out)
+}
+
 impl RunArgs {
+    /// The tunnel's port, the same on every node.
+    pub fn tunnel_port(&self) -> u16 {
+        self.tunnel_listen.first().map_or(15008, SocketAddr::port)
+    }
+
     /// Where the running daemon offers its sockets to the next one.
     pub fn handover_path(&self) -> PathBuf {
         self.handover_socket.clone().unwrap_or_else(|| self.state_dir.join("handover.sock"))
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    fn set(given: &[&str]) -> anyhow::Result<Vec<(String, bool)>> {
+        let given: Vec<SocketAddr> = given.iter().map(|s| s.parse().unwrap()).collect();
+        Ok(listen_set(&given, "--proxy-listen")?.into_iter().map(|l| (l.addr.to_string(), l.implied)).collect())
+    }
+
+    #[test]
+    fn zero_address_alone_listens_on_both_families_and_named_addresses_as_named() {
+        let both = [("0.0.0.0:15001".to_owned(), false), ("[::]:15001".to_owned(), true)];
+        assert_eq!(set(&["0.0.0.0:15001"]).unwrap(), both);
+        assert_eq!(set(&["172.18.0.2:15001"]).unwrap(), [("172.18.0.2:15001".to_owned(), false)]);
+        assert_eq!(set(&["[::]:15001"]).unwrap(), [("[::]:15001".to_owned(), false)]);
+        let named = set(&["0.0.0.0:15001", "[fd00::2]:15001"]).unwrap();
+        assert_eq!(named, [("0.0.0.0:15001".to_owned(), false), ("[fd00::2]:15001".to_owned(), false)]);
+        let e = set(&["0.0.0.0:15001", "10.0.0.1:15001"]).unwrap_err().to_string();
+        assert!(e.contains("--proxy-listen 10.0.0.1:15001: a second IPv4 address (0.0.0.0:15001 is one)"), "{e}");
+        let e = set(&["0.0.0.0:15001", "[::]:15002"]).unwrap_err().to_string();
+        assert!(e.contains("[::]:15002: its port differs from 0.0.0.0:15001's"), "{e}");
     }
 }

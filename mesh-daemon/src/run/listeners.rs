@@ -8,22 +8,26 @@ use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
+use super::args::{listen_set, ListenAddr};
 use super::RunArgs;
 use crate::control::api;
+use crate::drain::TcpListeners;
 use crate::handover::{self, Taken};
 
-/// Names of the listening sockets in a handover.
-const OUTBOUND: &str = "outbound";
-const TUNNEL: &str = "tunnel";
+/// Names of the listening sockets in a handover; a listener's IPv6 socket
+/// is named with `-ipv6` (a daemon before IPv6 hands over no such one).
+const OUTBOUND: [&str; 2] = ["outbound", "outbound-ipv6"];
+const TUNNEL: [&str; 2] = ["tunnel", "tunnel-ipv6"];
 const ADMIN: &str = "admin";
 const API: &str = "api";
 
 pub struct Listeners {
-    pub outbound: TcpListener,
+    /// One socket per family.
+    pub outbound: TcpListeners,
     pub admin: TcpListener,
     pub api: UnixListener,
-    /// Only with certificates.
-    pub tunnel: Option<TcpListener>,
+    /// Only with certificates; one socket per family.
+    pub tunnel: Option<TcpListeners>,
 }
 
 impl Listeners {
@@ -35,7 +39,7 @@ impl Listeners {
         access: &api::Access,
         tunnel: bool,
     ) -> anyhow::Result<Self> {
-        let outbound = relay_listener(taken, OUTBOUND, args.proxy_listen, "--proxy-listen").await?;
+        let outbound = relay_listeners(taken, OUTBOUND, &args.proxy_listen, "--proxy-listen").await?;
         let admin = tcp_listener(taken, ADMIN, args.admin_listen, "--admin-listen").await?;
         let api = match taken.as_mut().and_then(|t| t.take(API)) {
             Some(fd) if handover::unix_path(fd.as_fd()).as_deref() == Some(args.api_socket.as_path()) => {
@@ -48,7 +52,7 @@ impl Listeners {
                 .with_context(|| format!("--api-socket {}", args.api_socket.display()))?,
         };
         let tunnel = match tunnel {
-            true => Some(relay_listener(taken, TUNNEL, args.tunnel_listen, "--tunnel-listen").await?),
+            true => Some(relay_listeners(taken, TUNNEL, &args.tunnel_listen, "--tunnel-listen").await?),
             false => None,
         };
         Ok(Self { outbound, admin, api, tunnel })
@@ -56,11 +60,18 @@ impl Listeners {
 
     /// Copies of each, by name, to hand to the next daemon.
     pub fn copies(&self) -> anyhow::Result<Vec<(&'static str, OwnedFd)>> {
-        let mut copies = vec![(OUTBOUND, self.outbound.as_fd().try_clone_to_owned()?)];
+        let mut copies = Vec::new();
+        let named = |names: [&'static str; 2], l: &TcpListeners| -> std::io::Result<Vec<(&'static str, OwnedFd)>> {
+            l.sockets
+                .iter()
+                .map(|s| Ok((names[usize::from(s.local_addr()?.is_ipv6())], s.as_fd().try_clone_to_owned()?)))
+                .collect()
+        };
+        copies.extend(named(OUTBOUND, &self.outbound)?);
         copies.push((ADMIN, self.admin.as_fd().try_clone_to_owned()?));
         copies.push((API, self.api.as_fd().try_clone_to_owned()?));
         if let Some(l) = &self.tunnel {
-            copies.push((TUNNEL, l.as_fd().try_clone_to_owned()?));
+            copies.extend(named(TUNNEL, l)?);
         }
         Ok(copies)
     }
@@ -87,11 +98,50 @@ async fn tcp_listener(
             }
         }
     }
-    TcpListener::bind(addr).await.with_context(|| {
+    bind(addr).with_context(|| {
         format!(
             "{flag} {addr}: cannot listen (if an older mesh-daemon without handover runs on this node, stop it first)"
         )
     })
+}
+
+/// A listening socket at `addr`; an IPv6 one is IPv6 only, so it may
+/// share its port with an IPv4 socket on 0.0.0.0.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let s = tokio::net::TcpSocket::new_v6()?;
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+            s
+        }
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+/// The relay listeners `given` to `flag` ask for (see [`listen_set`]),
+/// named `names` (IPv4, IPv6) in a handover. The implied IPv6 one is left
+/// out, with a warning, where the host has no IPv6.
+async fn relay_listeners(
+    taken: &mut Option<Taken>,
+    names: [&str; 2],
+    given: &[SocketAddr],
+    flag: &str,
+) -> anyhow::Result<TcpListeners> {
+    let mut sockets = Vec::new();
+    for ListenAddr { addr, implied } in listen_set(given, flag)? {
+        let name = names[usize::from(addr.is_ipv6())];
+        match relay_listener(taken, name, addr, flag).await {
+            Ok(l) => sockets.push(l),
+            Err(e) if implied => {
+                warn!(%flag, %addr, error = format!("{e:#}"), "no IPv6 listener beside 0.0.0.0 (the host has no IPv6?); IPv6 clients are not served")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(TcpListeners::new(sockets))
 }
 
 /// A listener for relayed traffic. Its accepted sockets inherit

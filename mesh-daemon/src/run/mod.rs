@@ -60,7 +60,7 @@ pub async fn run(args: RunArgs, log_drops: DroppedLines) -> anyhow::Result<()> {
     // stops writing the maps now, so the state read next is final.
     let handover_path = args.handover_path();
     let mut taken = take_over(&handover_path)?;
-    let mut prepared = Control::prepare(control_config(&args, &node, &telemetry.metrics), args.config.clone())?;
+    let mut prepared = Control::prepare(control_config(&args, &node, &telemetry.metrics)?, args.config.clone())?;
     let (readers, health_changes) = Readers::subscribe(&mut prepared, &args, &node, &telemetry.metrics);
     let access = Arc::new(api::Access::new(args.api_group.as_deref())?);
     let listeners = Listeners::open(&mut taken, &args, &access, certs.is_some()).await?;
@@ -214,11 +214,12 @@ fn take_over(path: &std::path::Path) -> anyhow::Result<Option<Taken>> {
     Ok(taken)
 }
 
-fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> ControlConfig {
-    ControlConfig {
+fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> anyhow::Result<ControlConfig> {
+    let proxy_listen = args::listen_set(&args.proxy_listen, "--proxy-listen")?;
+    Ok(ControlConfig {
         node: node.clone(),
         state_dir: args.state_dir.clone(),
-        proxy_listen: vec![args.proxy_listen],
+        proxy_listen: proxy_listen.iter().map(|l| l.addr).collect(),
         slot_table_size: args.slot_table_size,
         slot_entries: args.slot_entries,
         balance: BalanceConfig {
@@ -229,7 +230,7 @@ fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> Co
         },
         metrics: metrics.clone(),
         managed_by: args.kubernetes.then_some(MANAGED_BY_KUBERNETES),
-    }
+    })
 }
 
 /// The readers of every accepted state, each deriving its own view.
@@ -248,11 +249,8 @@ impl Readers {
         metrics: &Arc<Metrics>,
     ) -> (Self, UnboundedReceiver<std::net::SocketAddr>) {
         let (health_tx, health_rx) = unbounded_channel();
-        let local = Local {
-            node: node.clone(),
-            trust_domain: args.trust_domain.clone(),
-            tunnel_port: args.tunnel_listen.port(),
-        };
+        let local =
+            Local { node: node.clone(), trust_domain: args.trust_domain.clone(), tunnel_port: args.tunnel_port() };
         let routes = Arc::new(RoutesView::new(prepared.registry(), local, metrics.clone()));
         let inbound = Arc::new(InboundView::new(node.clone(), &args.trust_domain, metrics.clone()));
         let health = Arc::new(HealthView::new(prepared.registry(), health_tx));
@@ -322,6 +320,12 @@ fn write_ready_file(args: &RunArgs) {
     }
 }
 
+/// The addresses of a listener's sockets, for the log: `0.0.0.0:15001 [::]:15001`.
+fn listening(l: &crate::drain::TcpListeners) -> String {
+    let addrs: Vec<String> = l.sockets.iter().filter_map(|s| s.local_addr().ok()).map(|a| a.to_string()).collect();
+    addrs.join(" ")
+}
+
 /// What every serving unit is started with.
 struct Units<'a> {
     control: &'a Arc<Control>,
@@ -372,6 +376,7 @@ impl Units<'_> {
         }
         #[cfg(not(feature = "kubernetes"))]
         let _ = kube;
+        info!(outbound = listening(&listeners.outbound), "proxy listening");
         let outbound = Outbound {
             spans: t.spans.clone(),
             listener: listeners.outbound,
@@ -400,10 +405,11 @@ impl Units<'_> {
         &self,
         args: &RunArgs,
         certs: Arc<Certs>,
-        listener: tokio::net::TcpListener,
+        listener: crate::drain::TcpListeners,
         tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     ) -> anyhow::Result<Arc<Pool>> {
         let t = self.telemetry;
+        let at = listening(&listener);
         let cfg = tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
         let handler = Arc::new(InboundHandler {
             view: self.readers.inbound.view(),
@@ -425,7 +431,7 @@ impl Units<'_> {
             self.drain.clone(),
         )));
         tasks.push(tokio::spawn(certs.clone().renew_loop()));
-        info!(tunnel = %args.tunnel_listen, identity = %certs.node_id(), "mTLS tunnel listening");
+        info!(tunnel = at, identity = %certs.node_id(), "mTLS tunnel listening");
         Ok(Pool::new(certs))
     }
 }

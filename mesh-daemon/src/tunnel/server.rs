@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -145,8 +145,9 @@ impl PerPeer {
     }
 }
 
-pub async fn serve<H: StreamHandler>(
-    listener: TcpListener,
+/// Serves the tunnel on `listener` (a socket, or one per family).
+pub async fn serve<H: StreamHandler, L: crate::drain::Listener<Io = TcpStream, Addr = SocketAddr>>(
+    listener: L,
     acceptor: TlsAcceptor,
     handler: Arc<H>,
     counters: Arc<TunnelCounters>,
@@ -155,6 +156,9 @@ pub async fn serve<H: StreamHandler>(
 ) {
     let conns = drain.clone();
     crate::drain::accept_loop(listener, "tunnel", drain, move |tcp, peer| {
+        // A peer node's address as the state writes it: IPv4 seen through
+        // a dual-stack socket is its IPv4 address.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (acceptor, handler, counters, drain) = (acceptor.clone(), handler.clone(), counters.clone(), conns.clone());
         let per_peer = per_peer.clone();
         tokio::spawn(async move { connection(tcp, peer, acceptor, handler, counters, per_peer, drain).await });

@@ -134,7 +134,11 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 /// Serves HTTP/2 (prior knowledge) with hyper, each request handed to the
 /// tonic service.
 async fn serve(echo: Echo, port: u16) -> Result<(), String> {
-    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| e.to_string())?;
+    // [::] takes both families; 0.0.0.0 where the pod has no IPv6.
+    let l = match tokio::net::TcpListener::bind(("::", port)).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| e.to_string())?,
+    };
     eprintln!("mt-grpc: {} serving on {port}", echo.name);
     loop {
         let (s, _) = l.accept().await.map_err(|e| e.to_string())?;

@@ -65,7 +65,11 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
-    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    // [::] takes both families; 0.0.0.0 where the pod has no IPv6.
+    let l = match tokio::net::TcpListener::bind(("::", port)).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", port)).await?,
+    };
     eprintln!("mt-http: {name} serving on {port}");
     let body: Bytes = format!("backend={name}\n").into();
     loop {

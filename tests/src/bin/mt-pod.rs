@@ -63,7 +63,10 @@ fn serve(args: &[String]) -> ExitCode {
         [(flag(args, "--http"), "http"), (flag(args, "--echo"), "echo"), (flag(args, "--echo-now"), "echo-now")]
     {
         let Some(port) = port else { continue };
-        match TcpListener::bind(format!("0.0.0.0:{port}")).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
+        // [::] takes both families (IPv4 as mapped addresses); 0.0.0.0
+        // where the pod has no IPv6.
+        let bound = TcpListener::bind(format!("[::]:{port}")).or_else(|_| TcpListener::bind(format!("0.0.0.0:{port}")));
+        match bound.and_then(|l| l.set_nonblocking(true).map(|_| l)) {
             Ok(l) => listeners.push((l, kind)),
             Err(e) => {
                 eprintln!("mt-pod: listen on {port}: {e}");
@@ -114,7 +117,8 @@ fn serve(args: &[String]) -> ExitCode {
 /// `backend=NAME peer=IP:PORT` so a client sees who answered and from where
 /// the connection came.
 fn http(s: TcpStream, name: &str, delay: Duration) {
-    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    // An IPv4 client seen through the dual-stack socket, as IPv4.
+    let peer = s.peer_addr().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port()).to_string()).unwrap_or_default();
     let _ = s.set_nodelay(true);
     let mut w = match s.try_clone() {
         Ok(w) => w,
@@ -326,8 +330,8 @@ fn tally(addr: &str, n: &str) -> ExitCode {
             Ok((backend, peer, seen)) => {
                 *counts.entry(backend).or_insert(0) += 1;
                 dialled += usize::from(peer == addr);
-                let own = local_ip(addr).unwrap_or_default();
-                direct += usize::from(!own.is_empty() && seen.starts_with(&format!("{own}:")));
+                let seen = seen.parse::<SocketAddr>().ok().map(|s| s.ip());
+                direct += usize::from(seen.is_some() && seen == local_ip(addr));
             }
             Err(e) => {
                 failed += 1;
@@ -346,10 +350,10 @@ fn tally(addr: &str, n: &str) -> ExitCode {
 }
 
 /// This pod's address toward `addr` (the source the kernel picks).
-fn local_ip(addr: SocketAddr) -> Option<String> {
-    let u = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+fn local_ip(addr: SocketAddr) -> Option<std::net::IpAddr> {
+    let u = std::net::UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).ok()?;
     u.connect(addr).ok()?;
-    Some(u.local_addr().ok()?.ip().to_string())
+    Some(u.local_addr().ok()?.ip())
 }
 
 /// TOTAL requests, each on a new connection, from CONCURRENCY clients that

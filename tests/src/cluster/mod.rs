@@ -1,7 +1,7 @@
 //! Building and tearing down a mini cluster, and running things in it.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,11 +21,33 @@ pub use daemon::Daemon;
 pub const ADMIN_PORT: u16 = 15020;
 pub const PROXY_PORT: u16 = 15001;
 
-/// What to build: nodes and pods.
+/// What to build: nodes and pods, and their address families.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
     nodes: Vec<String>,
     pods: Vec<PodSpec>,
+    stack: Stack,
+}
+
+/// The address families of a cluster's nodes and pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Stack {
+    #[default]
+    Ipv4,
+    /// Nodes and pods have an address of each family.
+    Dual,
+    /// IPv6 only: nodes and pods have no IPv4 address (their `address`
+    /// and `ip` are 0.0.0.0).
+    Ipv6,
+}
+
+impl Stack {
+    fn v4(self) -> bool {
+        self != Stack::Ipv6
+    }
+    fn v6(self) -> bool {
+        self != Stack::Ipv4
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +70,11 @@ impl ClusterSpec {
     }
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_owned());
+        self
+    }
+    /// Nodes and pods of these families (IPv4 unless said).
+    pub fn stack(mut self, stack: Stack) -> Self {
+        self.stack = stack;
         self
     }
     /// A pod enrolled in the mesh (listed as a workload in [`Cluster::config`]).
@@ -73,8 +100,10 @@ impl ClusterSpec {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub name: String,
-    /// Address on the fabric.
+    /// Address on the fabric (0.0.0.0 in an IPv6-only cluster).
     pub address: Ipv4Addr,
+    /// IPv6 address on the fabric, in a cluster with IPv6.
+    pub address6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
@@ -84,7 +113,10 @@ pub struct Node {
 pub struct Pod {
     pub name: String,
     pub node: String,
+    /// 0.0.0.0 in an IPv6-only cluster.
     pub ip: Ipv4Addr,
+    /// In a cluster with IPv6.
+    pub ip6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub enrolled: bool,
@@ -93,6 +125,19 @@ pub struct Pod {
 impl Pod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.ip, port))
+    }
+    /// Its IPv6 address at `port` (the pod must have one).
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6.expect("the pod has an IPv6 address")), port)
+    }
+    /// Its addresses as a workload lists them: `ip: a` or `ips: [a, b]`.
+    fn ips_field(&self) -> String {
+        match (self.ip.is_unspecified(), self.ip6) {
+            (false, None) => format!("ip: {}", self.ip),
+            (true, Some(v6)) => format!("ip: '{v6}'"),
+            (_, Some(v6)) => format!("ips: [{}, '{v6}']", self.ip),
+            (true, None) => unreachable!("a pod has an address"),
+        }
     }
 }
 
@@ -222,33 +267,51 @@ impl Cluster {
         let (fab, _) = self.add_netns("fab")?;
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        let stack = spec.stack;
+        // IPv6 addresses are usable at once (no duplicate address
+        // detection: every address here is unique by construction).
+        let add6 = |ns: &str, addr: String, dev: &str| ip(&["-n", ns, "-6", "addr", "add", &addr, "dev", dev, "nodad"]);
         for (i, name) in spec.nodes.iter().enumerate() {
             let (ns, netns) = self.add_netns(&format!("n-{name}"))?;
-            let address = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
+            let address = if stack.v4() { Ipv4Addr::new(172, 18, 0, 2 + i as u8) } else { Ipv4Addr::UNSPECIFIED };
+            let address6 = stack.v6().then(|| Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2 + i as u16));
             let port = format!("n{i}");
             ip(&["-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("10.244.{}.1/24", i + 1), "dev", "cbr0"])?;
+            let sysctl = |key: &str| {
+                sys::run(Command::new("nsenter").arg(format!("--net={}", netns.display())).args(["sysctl", "-qw", key]))
+            };
+            if stack.v4() {
+                ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+                ip(&["-n", &ns, "addr", "add", &format!("10.244.{}.1/24", i + 1), "dev", "cbr0"])?;
+                sysctl("net.ipv4.ip_forward=1")?;
+            }
+            if let Some(a6) = address6 {
+                add6(&ns, format!("{a6}/64"), "eth0")?;
+                add6(&ns, format!("fd00:244:{}::1/64", i + 1), "cbr0")?;
+                sysctl("net.ipv6.conf.all.forwarding=1")?;
+            }
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
-            sys::run(Command::new("nsenter").arg(format!("--net={}", netns.display())).args([
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ]))?;
             let cgroup = self.cgroup.join(name);
             std::fs::create_dir(&cgroup)?;
             std::fs::create_dir(cgroup.join("mesh-daemon"))?;
-            self.nodes.push(Node { name: name.clone(), address, netns, cgroup, pin_dir: self.pin_root.join(name) });
+            let pin_dir = self.pin_root.join(name);
+            self.nodes.push(Node { name: name.clone(), address, address6, netns, cgroup, pin_dir });
         }
         // Each node routes the other nodes' pod ranges over the fabric.
         for a in 0..self.nodes.len() {
             for b in (0..self.nodes.len()).filter(|b| *b != a) {
                 let ns = format!("{}-n-{}", self.prefix, self.nodes[a].name);
-                let via = self.nodes[b].address.to_string();
-                ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
+                if stack.v4() {
+                    let via = self.nodes[b].address.to_string();
+                    ip(&["-n", &ns, "route", "add", &format!("10.244.{}.0/24", b + 1), "via", &via])?;
+                }
+                if let Some(via) = self.nodes[b].address6 {
+                    let range = format!("fd00:244:{}::/64", b + 1);
+                    ip(&["-n", &ns, "-6", "route", "add", &range, "via", &via.to_string()])?;
+                }
             }
         }
         for (k, PodSpec { name, node, enrolled, cgroup: cgroup_name }) in spec.pods.iter().enumerate() {
@@ -256,21 +319,33 @@ impl Cluster {
                 bail!("pod {name}: no node {node} in the spec");
             };
             let host = 2 + self.pods.iter().filter(|p| &p.node == node).count() as u8;
-            let ip_addr = Ipv4Addr::new(10, 244, i as u8 + 1, host);
+            let ip_addr = if stack.v4() { Ipv4Addr::new(10, 244, i as u8 + 1, host) } else { Ipv4Addr::UNSPECIFIED };
+            let ip6 = stack.v6().then(|| Ipv6Addr::new(0xfd00, 0x244, i as u16 + 1, 0, 0, 0, 0, u16::from(host)));
             let (ns, netns) = self.add_netns(&format!("p-{name}"))?;
             let node_ns = format!("{}-n-{node}", self.prefix);
             let port = format!("p{k}");
             ip(&["-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
+            if stack.v4() {
+                ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"])?;
+            }
+            if let Some(v6) = ip6 {
+                add6(&ns, format!("{v6}/64"), "eth0")?;
+            }
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
+            if stack.v4() {
+                ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
+            }
+            if ip6.is_some() {
+                ip(&["-n", &ns, "-6", "route", "add", "default", "via", &format!("fd00:244:{}::1", i + 1)])?;
+            }
             let cgroup = self.nodes[i].cgroup.join(cgroup_name);
             std::fs::create_dir(&cgroup)?;
             self.pods.push(Pod {
                 name: name.clone(),
                 node: node.clone(),
                 ip: ip_addr,
+                ip6,
                 netns,
                 cgroup,
                 enrolled: *enrolled,
@@ -292,16 +367,21 @@ impl Cluster {
     pub fn config(&self, services: &str) -> String {
         let mut s = String::from("nodes:\n");
         for n in &self.nodes {
-            let _ = writeln!(s, "  - {{ name: {}, address: {} }}", n.name, n.address);
+            let addresses = match (n.address.is_unspecified(), n.address6) {
+                (_, None) => format!("address: {}", n.address),
+                (true, Some(v6)) => format!("address: '{v6}'"),
+                (false, Some(v6)) => format!("addresses: [{}, '{v6}']", n.address),
+            };
+            let _ = writeln!(s, "  - {{ name: {}, {addresses} }}", n.name);
         }
         s.push_str("workloads:\n");
         for p in self.pods.iter().filter(|p| p.enrolled) {
             let _ = writeln!(
                 s,
-                "  - {{ name: {0}, namespace: default, serviceAccount: {0}, node: {1}, ip: {2}, netns: {3} }}",
+                "  - {{ name: {0}, namespace: default, serviceAccount: {0}, node: {1}, {2}, netns: {3} }}",
                 p.name,
                 p.node,
-                p.ip,
+                p.ips_field(),
                 p.netns.display()
             );
         }
