@@ -58,16 +58,22 @@ fn service(name: &str, vips: &str, mode: &str, ports: &str, endpoints: &[String]
     )
 }
 
+/// One node of `stack` with client, web-1 and web-2 (HTTP on 8080).
+fn client_and_two_webs(stack: Stack) -> Cluster {
+    let spec = ClusterSpec::new().stack(stack).node("node-a").pod("client", "node-a");
+    let c = Cluster::create(&spec.pod("web-1", "node-a").pod("web-2", "node-a")).expect("mini cluster");
+    c.serve("web-1", 8080, None).unwrap();
+    c.serve("web-2", 8080, None).unwrap();
+    c
+}
+
 fn counter(d: &Daemon, group: &str, name: &str) -> u64 {
     d.counter(group, name).unwrap()
 }
 
 #[test]
 fn root_ipv6_only_pods_reach_an_ipv6_vip_in_kernel_and_proxy_mode() {
-    let spec = ClusterSpec::new().stack(Stack::Ipv6).node("node-a").pod("client", "node-a");
-    let c = Cluster::create(&spec.pod("web-1", "node-a").pod("web-2", "node-a")).expect("mini cluster");
-    c.serve("web-1", 8080, None).unwrap();
-    c.serve("web-2", 8080, None).unwrap();
+    let c = client_and_two_webs(Stack::Ipv6);
     let (w1, w2) = (c.pod("web-1").ip6.unwrap(), c.pod("web-2").ip6.unwrap());
     let port = "{ port: 80, targetPort: 8080 }";
     let services = [
@@ -123,4 +129,149 @@ fn root_ipv6_only_pods_reach_an_ipv6_vip_in_kernel_and_proxy_mode() {
     let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
     let k = dump["services"].as_array().unwrap().iter().find(|s| s["address"] == "[fd00:96::10]:80").unwrap();
     assert!(k["slots"].as_array().unwrap().iter().any(|s| *s == format!("[{w1}]:8080")), "{k}");
+}
+
+/// A service with an IPv4 and an IPv6 VIP, in each mode: each VIP's
+/// connections go to the endpoints of its family (web-1 by IPv4, web-2 by
+/// IPv6), getpeername shows the VIP dialled.
+#[test]
+fn root_dual_stack_service_answers_on_both_vips_from_each_familys_endpoints() {
+    let c = client_and_two_webs(Stack::Dual);
+    let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip6.unwrap());
+    let port = "{ port: 80, targetPort: 8080 }";
+    let eps = [endpoint(w1, "node-a", 1), endpoint(w2, "node-a", 1)];
+    let services = [
+        service("dp", "10.96.0.20, 'fd00:96::20'", "proxy", port, &eps),
+        service("dk", "10.96.0.21, 'fd00:96::21'", "kernel", port, &eps),
+    ]
+    .concat();
+    let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    for (mode, v4, v6) in
+        [("proxy", "10.96.0.20:80", "[fd00:96::20]:80"), ("kernel", "10.96.0.21:80", "[fd00:96::21]:80")]
+    {
+        let (by, _, dialled, _) = tally(&c, "client", v4, 50);
+        assert_eq!(by, BTreeMap::from([("web-1".to_owned(), 50)]), "{mode} {v4}: IPv4 endpoints only");
+        assert_eq!(dialled, 50, "{mode} {v4}");
+        let (by, _, dialled, _) = tally(&c, "client", v6, 50);
+        assert_eq!(by, BTreeMap::from([("web-2".to_owned(), 50)]), "{mode} {v6}: IPv6 endpoints only");
+        assert_eq!(dialled, 50, "{mode} {v6}");
+    }
+    // Two frontends per port, each with its own id.
+    let dump = c.meshctl("node-a", &["datapath", "dump", "-o", "json"]).unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let ids: Vec<u64> = dump["services"].as_array().unwrap().iter().map(|s| s["id"].as_u64().unwrap()).collect();
+    let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (4, 4), "{dump}");
+    drop(d);
+}
+
+/// The request path over IPv6: one HTTP/2 connection to an IPv6 VIP whose
+/// requests a Gateway API route splits 70/30 between two backend Services
+/// (each decided per request), and HTTP/1.1 to the same VIP; metrics and
+/// the access log write IPv6 addresses with brackets.
+#[test]
+fn root_http2_and_a_route_over_ipv6() {
+    let mut spec = ClusterSpec::new().stack(Stack::Ipv6).node("node-a").pod("client", "node-a");
+    for p in ["echo", "echo-v1", "echo-v2"] {
+        spec = spec.pod(p, "node-a");
+    }
+    let c = Cluster::create(&spec).expect("mini cluster");
+    for p in ["echo", "echo-v1", "echo-v2"] {
+        c.serve_http(p, 8080, &[]).unwrap();
+    }
+    let svc = |name: &str, vip: &str| {
+        let ep = endpoint(c.pod(name).ip6.unwrap(), "node-a", 1);
+        service(name, &format!("'{vip}'"), "proxy", "{ port: 80, targetPort: 8080, appProtocol: auto }", &[ep])
+    };
+    let route = "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: split}
+    spec:
+      parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
+      rules:
+      - backendRefs: [{name: echo-v1, port: 80, weight: 70}, {name: echo-v2, port: 80, weight: 30}]
+";
+    let services = [svc("echo", "fd00:96::30"), svc("echo-v1", "fd00:96::31"), svc("echo-v2", "fd00:96::32")].concat();
+    let cfg = c.write_file("mesh.yaml", &format!("{}{route}", c.config(&services))).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &["--log-format", "json"]).unwrap();
+
+    let mut f = mesh_tests::follow::Follower::open(&c, "client", "[fd00:96::30]:80", true).unwrap();
+    let t = f.batch(400, "/").unwrap();
+    let v1 = t.get("echo-v1").copied().unwrap_or(0);
+    assert_eq!(v1 + t.get("echo-v2").copied().unwrap_or(0), 400, "the route decides every request: {t:?}");
+    assert_share(v1, 400, 0.7, "route 70/30 over IPv6, one HTTP/2 connection: echo-v1", &t);
+    drop(f);
+
+    let (code, body) = c.curl("client", "http://[fd00:96::30]/").unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert!(body.contains("backend=echo-v"), "{body}");
+
+    // `[addr]:port` in the stats and the access log.
+    let client = c.pod("client").ip6.unwrap();
+    let line = || d.log_text().lines().find(|l| l.contains("\"target\":\"access\"")).map(str::to_owned);
+    assert!(wait_until(Duration::from_secs(5), || line().is_some()), "{}", d.log_text());
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    let endpoint = v["fields"]["endpoint"].as_str().unwrap_or_default().to_owned();
+    assert!(endpoint.starts_with("[fd00:244:1::") && endpoint.ends_with("]:8080"), "{v}");
+    let text = d.log_text();
+    assert!(text.contains(&format!("[{client}]:")), "the client by its IPv6 address: {text}");
+    let stats = c.meshctl("node-a", &["stats"]).unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(stats.contains(&format!("[{}]:8080", c.pod("echo-v1").ip6.unwrap())), "{stats}");
+}
+
+/// Nodes with IPv6 addresses only: a pod's connection to a service whose
+/// endpoint is on another node crosses the mTLS tunnel between their IPv6
+/// addresses; the endpoint's node enforces the service's authorization;
+/// and a workload identity's certificate presented from another node's
+/// IPv6 address than its workload's is refused (the node binding).
+#[test]
+fn root_nodes_with_ipv6_addresses_only_tunnel_authorize_and_bind_identities_to_nodes() {
+    let spec = ClusterSpec::new().stack(Stack::Ipv6).node("node-a").node("node-b").node("node-c");
+    let c = Cluster::create(&spec.pod("client-a", "node-a").pod("other", "node-a").pod("web-b", "node-b"))
+        .expect("mini cluster");
+    c.serve("web-b", 8080, None).unwrap();
+    let web_b = c.pod("web-b").ip6.unwrap();
+    let svc = format!(
+        "  - name: web\n    vip: 'fd00:96::40'\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    healthCheck: {{ protocol: none }}\n    \
+         authorization: {{ identities: [\"spiffe://cluster.local/ns/default/sa/client-a\"] }}\n    endpoints: [{}]\n",
+        endpoint(web_b, "node-b", 1)
+    );
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+
+    let (code, body) = c.curl("client-a", "http://[fd00:96::40]/").unwrap();
+    assert_eq!(code, 0, "{body}\n{}\n{}", a.log_text(), b.log_text());
+    assert!(body.contains("backend=web-b"), "{body}");
+    // (The nodes have no IPv4 address: the tunnel is between their IPv6 ones.)
+    assert_eq!(b.counter("tunnel", "streams").unwrap(), 1, "through the tunnel");
+
+    // sa/other is not allowed: node-b refuses its stream.
+    let (code, _) = c.curl("other", "http://[fd00:96::40]/").unwrap();
+    assert_ne!(code, 0, "sa/other reached web");
+    assert_eq!(b.counter("tunnel", "denied_policy").unwrap(), 1, "{}", b.log_text());
+
+    // client-a's certificate, from node-c's IPv6 address rather than
+    // node-a's (where the state places client-a): refused.
+    let cert =
+        c.issue_cert(&c.ca_dir().unwrap(), "spiffe://cluster.local/ns/default/sa/client-a", 3600, "client").unwrap();
+    let tunnel = format!("[{}]:15008", c.node("node-b").address6.unwrap());
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", c.node("node-c").netns.display()))
+        .arg(&c.bins.mt_tunnel)
+        .args([tunnel.as_str(), cert.to_str().unwrap(), &format!("[{web_b}]:8080"), "default/web"])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(got, "status=403 deny=wrong-node", "{}{}", String::from_utf8_lossy(&out.stderr), b.log_text());
+    assert_eq!(b.counter("tunnel", "denied_wrong_node").unwrap(), 1);
+    let log = b.log_with("the one the stream came from", 1);
+    let node_c = c.node("node-c").address6.unwrap();
+    assert!(
+        log.contains("spiffe://cluster.local/ns/default/sa/client-a") && log.contains(&format!("from={node_c}")),
+        "{log}"
+    );
 }
