@@ -163,6 +163,57 @@ fn root_dual_stack_service_answers_on_both_vips_from_each_familys_endpoints() {
     let ids: Vec<u64> = dump["services"].as_array().unwrap().iter().map(|s| s["id"].as_u64().unwrap()).collect();
     let unique: std::collections::BTreeSet<_> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (4, 4), "{dump}");
+
+    // Each family mistake is refused through the API with its path, and
+    // nothing changes: not the generation, not the maps.
+    let client6 = c.pod("client").ip6.unwrap();
+    let w1_6 = c.pod("web-1").ip6.unwrap();
+    let mistakes = [
+        (
+            service("dp", "10.96.0.20, 10.96.0.22", "proxy", port, &eps),
+            "services[0].vips[1]: 10.96.0.22 is a second IPv4 address (10.96.0.20 is one already)",
+        ),
+        (
+            service("dp", "10.96.0.20", "proxy", port, &eps),
+            "services[0].endpoints[1].ip: fd00:244:1::4 is IPv6, but the service has no IPv6 VIP (10.96.0.20)",
+        ),
+        (
+            service("dp", "10.96.0.20, 'fe80::20'", "proxy", port, &eps),
+            "services[0].vips[1]: fe80::20 is a link-local address",
+        ),
+        (
+            service("dp", &format!("10.96.0.20, '{client6}'"), "proxy", port, &eps),
+            "services[0].vips[1]: fd00:244:1::2 is the address of workload default/client (workloads[0])",
+        ),
+        (
+            service(
+                "dp",
+                "10.96.0.20, 'fd00:96::20'",
+                "proxy",
+                port,
+                &[endpoint(w1_6, "node-a", 1), endpoint("ff05::1", "node-a", 1)],
+            ),
+            "services[0].endpoints[1].ip: ff05::1 is a multicast address",
+        ),
+    ];
+    let generation = |c: &Cluster| -> u64 {
+        let out = c.meshctl("node-a", &["status", "-o", "json"]).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generation"].as_u64().unwrap()
+    };
+    let before = generation(&c);
+    for (i, (svc, want)) in mistakes.iter().enumerate() {
+        let f = c.write_file(&format!("bad-{i}.yaml"), &c.config(svc)).unwrap();
+        let out = c.meshctl("node-a", &["apply", "-f", f.to_str().unwrap()]).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("400") && err.contains(want),
+            "mistake {i}: want {want:?} in {err}"
+        );
+        assert_eq!(generation(&c), before, "mistake {i} changed the state");
+    }
+    let after = c.meshctl("node-a", &["datapath", "dump", "-o", "json"]).unwrap();
+    let after: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(after["services"], dump["services"], "a refused write reached the kernel");
     drop(d);
 }
 
