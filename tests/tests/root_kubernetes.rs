@@ -100,8 +100,14 @@ fn eventually(d: &Daemon, what: &str, mut f: impl FnMut() -> bool) {
 /// server's pods, each with a process by which the daemon finds its
 /// network namespace.
 fn cluster() -> Cluster {
+    cluster_of(mesh_tests::Stack::Ipv4)
+}
+
+/// [`cluster`] with nodes and pods of `stack`.
+fn cluster_of(stack: mesh_tests::Stack) -> Cluster {
     let c = Cluster::create(
         &ClusterSpec::new()
+            .stack(stack)
             .node("node-a")
             .kube_pod("client", "node-a", CLIENT_UID)
             .kube_pod("web-1", "node-a", WEB1_UID)
@@ -453,4 +459,85 @@ fn root_kubernetes_authorization_policies_apply_and_a_broken_allow_fails_closed(
     let denied =
         || c.curl("client", &format!("http://{VIP}/")).is_ok_and(|(_, body)| body.trim() == "RBAC: access denied");
     eventually(&d, "a policy for another principal denies the client", denied);
+}
+
+/// A dual-stack cluster as the API server describes it: a Service with
+/// an IPv4 and an IPv6 `clusterIP` and a slice per family, an IPv6-only
+/// Service, pods with `podIPs` and `hostIPs` of both families. The daemon
+/// takes them as they are, and a pod reaches each VIP.
+#[test]
+fn root_kubernetes_dual_stack_services_slices_and_pods_take_effect() {
+    let _one = serial();
+    let c = cluster_of(mesh_tests::Stack::Dual);
+    let node = c.node("node-a").clone();
+    let dual_pod = |name: &str, uid: &str, sa: &str| {
+        let mut o = pod(&c, name, uid, sa, None);
+        let p = c.pod(name);
+        o["status"]["podIPs"] = json!([{ "ip": p.ip.to_string() }, { "ip": p.ip6.unwrap().to_string() }]);
+        o["status"]["hostIPs"] =
+            json!([{ "ip": node.address.to_string() }, { "ip": node.address6.unwrap().to_string() }]);
+        o
+    };
+    let v6_endpoint = |name: &str| {
+        let mut e = endpoint(&c, name, true, false);
+        e["addresses"] = json!([c.pod(name).ip6.unwrap().to_string()]);
+        e
+    };
+    let slice = |name: &str, service: &str, family: &str, endpoints: Vec<Value>| {
+        json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": { "name": name, "namespace": "shop", "labels": { "kubernetes.io/service-name": service } },
+                "addressType": family, "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+                "endpoints": endpoints })
+    };
+    let service = |name: &str, ips: &[&str], families: &[&str]| {
+        json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "name": name, "namespace": "shop" },
+                "spec": { "type": "ClusterIP", "clusterIP": ips[0], "clusterIPs": ips, "ipFamilies": families,
+                          "ipFamilyPolicy": if ips.len() == 2 { "RequireDualStack" } else { "SingleStack" },
+                          "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": "http" }] } })
+    };
+    let objects = vec![
+        json!({ "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": "shop", "labels": { "mesh.io/inject": "enabled" } } }),
+        service("web", &[VIP, "fd00:96::50"], &["IPv4", "IPv6"]),
+        slice("web-v4", "web", "IPv4", vec![endpoint(&c, "web-1", true, false)]),
+        slice("web-v6", "web", "IPv6", vec![v6_endpoint("web-2")]),
+        service("six", &["fd00:96::51"], &["IPv6"]),
+        slice("six-v6", "six", "IPv6", vec![v6_endpoint("web-1"), v6_endpoint("web-2")]),
+        dual_pod("client", CLIENT_UID, "shopper"),
+        dual_pod("web-1", WEB1_UID, "web"),
+        dual_pod("web-2", WEB2_UID, "web"),
+    ];
+    let api = FakeApiServer::start(&node.netns, "127.0.0.1".parse().unwrap(), objects).unwrap();
+    let kubeconfig = api.kubeconfig(&c.dir).unwrap();
+    let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info"))];
+    let d = c.start_daemon_with("node-a", None, &["--kubernetes"], &env).unwrap();
+
+    let (w1_6, w2_6) = (c.pod("web-1").ip6.unwrap().to_string(), c.pod("web-2").ip6.unwrap().to_string());
+    eventually(&d, "shop/web with an endpoint of each family", || {
+        web_endpoints(&d) == [(c.pod("web-1").ip.to_string(), 1), (w2_6.clone(), 1)]
+    });
+    let s = state(&d);
+    let web = s["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").unwrap();
+    assert_eq!(web["vips"], json!([VIP, "fd00:96::50"]), "{s}");
+    let six = s["services"].as_array().unwrap().iter().find(|s| s["name"] == "six").unwrap();
+    assert_eq!(six["vip"], "fd00:96::51", "{s}");
+    let client = s["workloads"].as_array().unwrap().iter().find(|w| w["name"] == "client").unwrap();
+    assert_eq!(client["ips"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["nodes"][0]["addresses"].as_array().map(Vec::len), Some(2), "{s}");
+
+    // Each VIP answers from its family's endpoints.
+    for (url, want) in
+        [(format!("http://{VIP}/"), "backend=web-1"), ("http://[fd00:96::50]/".to_owned(), "backend=web-2")]
+    {
+        let (code, body) = c.curl("client", &url).unwrap();
+        assert_eq!(code, 0, "{url}: {body}\n{}", d.log_text());
+        assert!(body.contains(want), "{url}: {body}");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (code, body) = c.curl("client", "http://[fd00:96::51]/").unwrap();
+        assert_eq!(code, 0, "{body}");
+        seen.insert(body.split_whitespace().next().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "the IPv6-only Service balances over both: {seen:?} ({w1_6}, {w2_6})");
 }

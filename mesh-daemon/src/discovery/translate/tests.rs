@@ -217,3 +217,82 @@ fn app_protocol_comes_from_the_port_or_its_name() {
     assert_eq!(app_protocol(None, Some("web")), None);
     assert_eq!(app_protocol(None, None), None);
 }
+
+/// The IPv6 address a test gives the holder of IPv4 address `v4`.
+fn six(v4: &str) -> String {
+    let o: Vec<&str> = v4.split('.').collect();
+    format!("fd00:{}:{}:{}::{}", o[0], o[1], o[2], o[3])
+}
+
+/// The fixture made dual-stack: every pod and node with an IPv6 address
+/// beside its IPv4 one (`podIPs`, `hostIPs`), shop/web with two
+/// `clusterIPs` and an IPv6 slice beside its IPv4 one.
+fn dual_stack(f: &mut Fixture) {
+    use k8s_openapi::api::core::v1::{HostIP, PodIP};
+    for p in &mut f.pods {
+        let Some(s) = p.status.as_mut() else { continue };
+        if let Some(ip) = s.pod_ip.clone() {
+            s.pod_ips = Some(vec![PodIP { ip: ip.clone() }, PodIP { ip: six(&ip) }]);
+        }
+        if let Some(ip) = s.host_ip.clone() {
+            s.host_ips = Some(vec![HostIP { ip: ip.clone() }, HostIP { ip: six(&ip) }]);
+        }
+    }
+    let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+    let spec = web.spec.as_mut().unwrap();
+    spec.cluster_ips = Some(vec!["10.96.0.50".into(), "fd00:96::50".into()]);
+    spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+    let mut v6 =
+        f.slices.iter().find(|s| s.metadata.name.as_deref().is_some_and(|n| n.starts_with("web"))).unwrap().clone();
+    v6.metadata.name = Some("web-v6".into());
+    v6.address_type = "IPv6".into();
+    for e in &mut v6.endpoints {
+        e.addresses = e.addresses.iter().map(|a| six(a)).collect();
+    }
+    f.slices.push(v6);
+}
+
+#[test]
+fn dual_stack_services_slices_and_pods_translate_to_both_families() {
+    let mut f = fixture();
+    dual_stack(&mut f);
+    let t = run(&f, "node-a");
+    let web = svc(&t, "shop/web").unwrap();
+    assert_eq!((web.vip.as_str(), web.vips.clone()), ("", vec!["10.96.0.50".to_owned(), "fd00:96::50".to_owned()]));
+    let eps: Vec<(&str, i64)> = web.endpoints.iter().map(|e| (e.ip.as_str(), e.weight)).collect();
+    // Each family's slice gives its endpoints, with the same readiness
+    // and weights.
+    assert_eq!(
+        eps,
+        [("10.244.1.5", 3), ("10.244.2.7", 0), ("fd00:10:244:1::5", 3), ("fd00:10:244:2::7", 0)],
+        "{eps:?}"
+    );
+    let n = t.document.nodes.iter().find(|n| n.name == "node-a").unwrap();
+    assert_eq!(n.addresses.len(), 2, "{n:?}");
+    let w = t.document.workloads.first().unwrap();
+    assert_eq!(w.ips.len(), 2, "{w:?}");
+    let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(state.services.iter().find(|s| s.name.as_str() == "web").unwrap().vips.len(), 2);
+
+    // A Service of one family takes only that family's slice; a pod's
+    // address of a family its node lacks is not meshed, and said so.
+    let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+    web.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00:96::50".into()]);
+    web.spec.as_mut().unwrap().cluster_ip = Some("fd00:96::50".into());
+    for p in &mut f.pods {
+        if let Some(s) = p.status.as_mut() {
+            s.host_ips = None;
+        }
+    }
+    let t = run(&f, "node-a");
+    let web = svc(&t, "shop/web").unwrap();
+    assert_eq!(web.vip, "fd00:96::50");
+    assert!(web.endpoints.iter().all(|e| e.ip.starts_with("fd00:")), "{:?}", web.endpoints);
+    assert!(t.document.workloads.iter().all(|w| w.ips.is_empty() && !w.ip.contains(':')), "{:?}", t.document.workloads);
+    assert!(
+        t.skipped.iter().any(|s| s.contains("its IPv6 address") && s.contains("has no IPv6 address")),
+        "{:?}",
+        t.skipped
+    );
+    State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
+}
