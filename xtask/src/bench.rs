@@ -109,6 +109,7 @@ struct Row {
 fn baseline_and_peer(name: &str) -> (&'static str, &'static str) {
     match name {
         "direct-remote" | "proxy-mtls" | "haproxy-mtls" => ("direct-remote", "haproxy-mtls"),
+        "direct-v6" | "kernel-v6" | "proxy-local-v6" | "haproxy-v6" => ("direct-v6", "haproxy-v6"),
         _ => ("direct", "haproxy"),
     }
 }
@@ -190,11 +191,15 @@ pub fn bench(
     release: bool,
 ) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 13] = [
+    const PATHS: [&str; 17] = [
         "direct",
         "kernel",
         "proxy-local",
         "haproxy",
+        "direct-v6",
+        "kernel-v6",
+        "proxy-local-v6",
+        "haproxy-v6",
         "direct-remote",
         "proxy-mtls",
         "haproxy-mtls",
@@ -212,24 +217,27 @@ pub fn bench(
     let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
     crate::bench_bins(release, say)?;
 
-    say("building the mini cluster: node-a (client, web-1), node-b (web-2)");
-    let c = Cluster::create(&ClusterSpec::client_and_two_webs())?;
+    say("building the mini cluster, dual-stack: node-a (client, web-1), node-b (web-2)");
+    let c = Cluster::create(&ClusterSpec::client_and_two_webs().stack(mesh_tests::Stack::Dual))?;
     for pod in ["web-1", "web-2"] {
         c.serve(pod, 8080, None)?;
         c.spawn(pod, std::path::Path::new("iperf3"), &["-s", "-p", "5201"])?;
         c.serve_http(pod, 8090, &[])?;
     }
     let (w1, w2) = (c.pod("web-1").ip, c.pod("web-2").ip);
-    let svc = |name: &str, vip: &str, mode: &str, ip: std::net::Ipv4Addr, node: &str| {
-        format!("  - name: {name}\n    vip: {vip}\n    mode: {mode}\n    ports: [{{ port: 80, targetPort: 8080 }}, {{ port: 5201 }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
+    let (w1_6, node_a6) = (c.pod("web-1").ip6.context("web-1's IPv6")?, c.node("node-a").address6.context("IPv6")?);
+    let svc = |name: &str, vip: &str, mode: &str, ip: std::net::IpAddr, node: &str| {
+        format!("  - name: {name}\n    vip: '{vip}'\n    mode: {mode}\n    ports: [{{ port: 80, targetPort: 8080 }}, {{ port: 5201 }}]\n    endpoints: [{{ ip: '{ip}', node: {node} }}]\n")
     };
     let http_svc = |name: &str, vip: &str, app: &str, ip: std::net::Ipv4Addr, node: &str| {
         format!("  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8090, appProtocol: {app} }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
     };
     let services = [
-        svc("kernel", "10.96.0.20", "kernel", w1, "node-a"),
-        svc("local", "10.96.0.21", "proxy", w1, "node-a"),
-        svc("mtls", "10.96.0.22", "proxy", w2, "node-b"),
+        svc("kernel", "10.96.0.20", "kernel", w1.into(), "node-a"),
+        svc("local", "10.96.0.21", "proxy", w1.into(), "node-a"),
+        svc("mtls", "10.96.0.22", "proxy", w2.into(), "node-b"),
+        svc("kernel-v6", "fd00:96::20", "kernel", w1_6.into(), "node-a"),
+        svc("local-v6", "fd00:96::21", "proxy", w1_6.into(), "node-a"),
         http_svc("http-local", "10.96.0.23", "http", w1, "node-a"),
         http_svc("h2-local", "10.96.0.24", "http2", w1, "node-a"),
         http_svc("http-mtls", "10.96.0.25", "http", w2, "node-b"),
@@ -265,6 +273,7 @@ pub fn bench(
     let haproxy_cfg = format!(
         "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n\
+         listen http6\n  bind {node_a6}:18082\n  server web {w1_6}:8080\nlisten iperf6\n  bind {node_a6}:15202\n  server web {w1_6}:5201\n\
          listen h1\n  mode http\n  bind {node_a}:18090\n  server web {w1}:8090\n\
          listen h2\n  mode http\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n\
          listen mtls-http\n  bind {node_a}:18443\n  server b {node_b}:18444 ssl crt {pem_a} {tls}\n\
@@ -292,11 +301,15 @@ pub fn bench(
     }
 
     let (a, b) = (da.pid(), db.pid());
-    let scenarios: [(&str, String, String, Vec<u32>); 7] = [
+    let scenarios: [(&str, String, String, Vec<u32>); 11] = [
         ("direct", format!("{w1}:8080"), format!("{w1}:5201"), vec![a]),
         ("kernel", "10.96.0.20:80".into(), "10.96.0.20:5201".into(), vec![a]),
         ("proxy-local", "10.96.0.21:80".into(), "10.96.0.21:5201".into(), vec![a]),
         ("haproxy", format!("{node_a}:18080"), format!("{node_a}:15201"), vec![haproxy]),
+        ("direct-v6", format!("[{w1_6}]:8080"), format!("[{w1_6}]:5201"), vec![a]),
+        ("kernel-v6", "[fd00:96::20]:80".into(), "[fd00:96::20]:5201".into(), vec![a]),
+        ("proxy-local-v6", "[fd00:96::21]:80".into(), "[fd00:96::21]:5201".into(), vec![a]),
+        ("haproxy-v6", format!("[{node_a6}]:18082"), format!("[{node_a6}]:15202"), vec![haproxy]),
         ("direct-remote", format!("{w2}:8080"), format!("{w2}:5201"), vec![a, b]),
         ("proxy-mtls", "10.96.0.22:80".into(), "10.96.0.22:5201".into(), vec![a, b]),
         ("haproxy-mtls", format!("{node_a}:18443"), format!("{node_a}:15443"), vec![haproxy, haproxy_b]),
@@ -357,6 +370,7 @@ pub fn bench(
                 }
             }
             let (host, port) = tcp.rsplit_once(':').context("address")?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
             let cpu_before_iperf = cpu_of(pids);
             let machine_before = machine_cpu();
             let ip = c.exec("client", "iperf3", &["-c", host, "-p", port, "-t", &secs.to_string(), "-J"], wait)?;
@@ -705,7 +719,7 @@ fn render(rows: &[Row], secs: u64, rounds: usize, full: bool, flags: &str) -> St
     }
     let _ = writeln!(
         s,
-        "\nRows on the client's node are divided by `direct` and `haproxy`; rows across the nodes by `direct-remote` and `haproxy-mtls` (HAProxy on each node, one thread each, TLS 1.3 with client certificates between them). For latency and CPU, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS is the client node's proxy (node-a's mesh-daemon, or HAProxy); proxy CPU is that of the proxies at both ends of the row (both mesh-daemons for the cross-node rows, both HAProxies for haproxy-mtls) over all three measurements; CPU per GB is theirs during iperf3 over the bytes it moved. Machine CPU per GB counts every process and the kernel's network work (softirqs) on all CPUs during iperf3, and CPUs busy is their share of the time: a row near 100% is bound by the machine's CPUs: its GB/s cannot pass the number of CPUs divided by its machine CPU s per GB."
+        "\nRows on the client's node are divided by `direct` and `haproxy`, its IPv6 rows (`-v6`: the same paths to IPv6 addresses, in the same run) by `direct-v6` and `haproxy-v6`; rows across the nodes by `direct-remote` and `haproxy-mtls` (HAProxy on each node, one thread each, TLS 1.3 with client certificates between them). For latency and CPU, lower is better, so a ratio below 1 is better; for the other figures a ratio above 1 is. Proxy RSS is the client node's proxy (node-a's mesh-daemon, or HAProxy); proxy CPU is that of the proxies at both ends of the row (both mesh-daemons for the cross-node rows, both HAProxies for haproxy-mtls) over all three measurements; CPU per GB is theirs during iperf3 over the bytes it moved. Machine CPU per GB counts every process and the kernel's network work (softirqs) on all CPUs during iperf3, and CPUs busy is their share of the time: a row near 100% is bound by the machine's CPUs: its GB/s cannot pass the number of CPUs divided by its machine CPU s per GB."
     );
     s
 }

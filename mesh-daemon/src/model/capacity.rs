@@ -190,6 +190,24 @@ mod tests {
         assert!(e.contains("services: map SERVICES: 3 service ports need 3 entries, but the map holds 2"), "{e}");
     }
 
+    /// A dual-stack kernel-mode port is two `SERVICES` entries and two
+    /// tables, each over its family's endpoints; the index a write is
+    /// checked against counts the same.
+    #[test]
+    fn a_dual_stack_port_needs_an_entry_and_a_table_per_family() {
+        let text = "nodes: [{name: a, addresses: [172.18.0.2, 'fd00::2']}]\nservices:\n \
+                    - {name: s, vips: [10.96.0.1, 'fd00:96::1'], mode: kernel, ports: [{port: 80}, {port: 443}], \
+                    endpoints: [{ip: 10.0.0.1, node: a}, {ip: 10.0.0.2, node: a}, {ip: 10.0.0.3, node: a}, \
+                    {ip: 'fd00::11', node: a}, {ip: 'fd00::12', node: a}]}\n";
+        let state = State::from_document(&parse_document(text).unwrap()).unwrap();
+        let needs = MapNeeds::of(&state, &node(), 256);
+        // Two ports by two VIPs; per port a table of 3 and one of 2, and
+        // the largest (3) once more.
+        assert_eq!(needs, MapNeeds { workloads: 0, services: 4, slots: 2 * (3 + 2) + 3 });
+        let index = crate::model::Index::of(&state, 256);
+        assert_eq!(MapNeeds::after(&index, &crate::model::Index::default(), 0), needs);
+    }
+
     #[test]
     fn proxy_mode_and_drained_services_need_no_slots() {
         let mut s = state(2, 3);
