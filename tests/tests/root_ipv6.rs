@@ -219,11 +219,13 @@ fn root_dual_stack_service_answers_on_both_vips_from_each_familys_endpoints() {
 
 /// The request path over IPv6: one HTTP/2 connection to an IPv6 VIP whose
 /// requests a Gateway API route splits 70/30 between two backend Services
-/// (each decided per request), and HTTP/1.1 to the same VIP; metrics and
-/// the access log write IPv6 addresses with brackets.
+/// (each decided per request), and HTTP/1.1 to the same VIP; an
+/// AuthorizationPolicy denying an IPv6 `ipBlocks` holds for a client on
+/// the endpoints' node; metrics and the access log write IPv6 addresses
+/// with brackets.
 #[test]
-fn root_http2_and_a_route_over_ipv6() {
-    let mut spec = ClusterSpec::new().stack(Stack::Ipv6).node("node-a").pod("client", "node-a");
+fn root_http2_a_route_and_an_ipv6_ip_block_over_ipv6() {
+    let mut spec = ClusterSpec::new().stack(Stack::Ipv6).node("node-a").pod("client", "node-a").pod("denied", "node-a");
     for p in ["echo", "echo-v1", "echo-v2"] {
         spec = spec.pod(p, "node-a");
     }
@@ -243,7 +245,15 @@ fn root_http2_and_a_route_over_ipv6() {
       parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
       rules:
       - backendRefs: [{name: echo-v1, port: 80, weight: 70}, {name: echo-v2, port: 80, weight: 30}]
+policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: no-denied, namespace: default}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {ipBlocks: ['DENIED/128']}}]}]
 ";
+    let route = route.replace("DENIED", &c.pod("denied").ip6.unwrap().to_string());
     let services = [svc("echo", "fd00:96::30"), svc("echo-v1", "fd00:96::31"), svc("echo-v2", "fd00:96::32")].concat();
     let cfg = c.write_file("mesh.yaml", &format!("{}{route}", c.config(&services))).unwrap();
     let d = c.start_daemon("node-a", &cfg, &["--log-format", "json"]).unwrap();
@@ -258,6 +268,15 @@ fn root_http2_and_a_route_over_ipv6() {
     let (code, body) = c.curl("client", "http://[fd00:96::30]/").unwrap();
     assert_eq!(code, 0, "{body}");
     assert!(body.contains("backend=echo-v"), "{body}");
+    // The caller's IPv6 address, believed because its workload has it, is
+    // denied on the endpoints' own node.
+    let status = |pod: &str| {
+        let args = ["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", "http://[fd00:96::30]/"];
+        let out = c.exec(pod, "curl", &args, Duration::from_secs(10)).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status("denied"), "403", "{}", d.log_text());
+    assert_eq!(status("client"), "200");
 
     // `[addr]:port` in the stats and the access log.
     let client = c.pod("client").ip6.unwrap();
@@ -325,4 +344,27 @@ fn root_nodes_with_ipv6_addresses_only_tunnel_authorize_and_bind_identities_to_n
         log.contains("spiffe://cluster.local/ns/default/sa/client-a") && log.contains(&format!("from={node_c}")),
         "{log}"
     );
+}
+
+/// Failover over IPv6: the preferred endpoint's server stops, and new
+/// connections through the proxy go to the next priority at once, each
+/// connect to the stopped one retried there: no client sees an error.
+#[test]
+fn root_priority_failover_over_ipv6_without_client_errors() {
+    let c = client_and_two_webs(Stack::Ipv6);
+    let (w1, w2) = (c.pod("web-1").ip6.unwrap(), c.pod("web-2").ip6.unwrap());
+    let eps = [
+        format!("{{ ip: '{w1}', node: node-a, priority: 0 }}"),
+        format!("{{ ip: '{w2}', node: node-a, priority: 1 }}"),
+    ];
+    let svc = service("p", &format!("'{PROXY_VIP6}'"), "proxy", "{ port: 80, targetPort: 8080 }", &eps);
+    let cfg = c.write_file("mesh.yaml", &c.config(&svc)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let addr = format!("[{PROXY_VIP6}]:80");
+    let (by, ..) = tally(&c, "client", &addr, 20);
+    assert_eq!(by, BTreeMap::from([("web-1".to_owned(), 20)]), "priority 0 while it is up");
+    c.terminate(c.spawned_pid_of("web-1").unwrap()).unwrap();
+    // tally asserts that none failed.
+    let (by, ..) = tally(&c, "client", &addr, 50);
+    assert_eq!(by, BTreeMap::from([("web-2".to_owned(), 50)]), "{}", d.log_text());
 }

@@ -45,8 +45,14 @@ pub(super) fn workloads(
     node_names: &HashSet<NodeName>,
     workload_ips: &mut HashMap<IpAddr, usize>,
 ) {
-    let node_addrs: HashMap<&NodeName, (usize, Addresses)> =
-        doc.nodes.iter().enumerate().zip(&state.nodes).map(|((i, _), n)| (&n.name, (i, n.addresses))).collect();
+    // Each valid node's addresses, with its index in the document (the
+    // state lists only the nodes that validated).
+    let at: HashMap<&str, usize> = doc.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    let node_addrs: HashMap<&NodeName, (usize, Addresses)> = state
+        .nodes
+        .iter()
+        .map(|n| (&n.name, (at.get(n.name.as_str()).copied().unwrap_or_default(), n.addresses)))
+        .collect();
     for (i, w) in doc.workloads.iter().enumerate() {
         let p = format!("workloads[{i}]");
         let name = e.take(|| format!("{p}.name"), Name::parse(&w.name));

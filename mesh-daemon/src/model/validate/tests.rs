@@ -440,6 +440,15 @@ fn family_mistakes_are_refused_with_their_paths() {
         errors(|d| d.workloads[0].ips = vec!["10.244.1.2".into(), "fd00:244:1::2".into()]),
         "workloads[0].ips: fd00:244:1::2 is IPv6, but node node-a (nodes[0]) has no IPv6 address: add one to its `addresses`, or give the pod none of that family",
     );
+    // The node is named by its place in the document, whatever nodes
+    // before it failed.
+    has(
+        errors(|d| {
+            d.nodes[0].name = "Node_A".into();
+            d.workloads[1].ip = "fd00::9".into();
+        }),
+        "workloads[1].ip: fd00::9 is IPv6, but node node-b (nodes[1]) has no IPv6 address: add one to its `addresses`, or give the pod none of that family",
+    );
     has(
         dual_errors(|d| d.nodes[0].addresses.push("fd00:18::9".into())),
         "nodes[0].addresses[2]: fd00:18::9 is a second IPv6 address (fd00:18::2 is one already): list one per family",
