@@ -172,16 +172,18 @@ fn the_dockerfile_builds_what_the_workspace_builds_with_the_same_recipe() {
     assert!(docker.contains("LLVM_PREFIX=") && docker.contains("--features \"llvm-$major\""));
     assert!(docker.contains("--component rust-src") && setup.contains("rust-src"));
     // The crate and binaries it builds and ships exist as such.
-    let daemon_manifest = read("mesh-daemon/Cargo.toml");
-    assert_eq!(after(&daemon_manifest, "name = \"", '"'), "mesh-daemon");
+    let cli_manifest = read("mesh-cli/Cargo.toml");
+    assert_eq!(after(&cli_manifest, "name = \"", '"'), "mesh-cli");
     // With the features of every xtask build (Kubernetes discovery on).
     let xtask = read("xtask/src/main.rs");
     let features = after(&xtask, "pub const FEATURES: &str = \"", '"');
-    assert!(features.contains("mesh-daemon/kubernetes"), "{features}");
-    let build = format!("cargo build --release --locked -p mesh-daemon --bins --features {features}");
+    assert!(features.contains("mesh-cli/kubernetes"), "{features}");
+    let build = format!("cargo build --release --locked -p mesh-cli --bins --features {features}");
     assert!(docker.contains(&build), "the image is not built with `{build}`");
-    assert!(root().join("mesh-daemon/src/main.rs").exists(), "the mesh-daemon binary");
-    assert!(root().join("mesh-daemon/src/bin/meshctl/main.rs").exists(), "the meshctl binary");
+    for (bin, path) in [("mesh-daemon", "src/main.rs"), ("meshctl", "src/bin/meshctl/main.rs")] {
+        assert!(cli_manifest.contains(&format!("name = \"{bin}\"\npath = \"{path}\"")), "the {bin} binary");
+        assert!(root().join("mesh-cli").join(path).exists(), "the {bin} binary");
+    }
     let copy = docker.lines().find(|l| l.starts_with("COPY --from=build")).expect("a COPY of the binaries");
     for bin in ["mesh-daemon", "meshctl"] {
         assert!(copy.contains(&format!("/src/target/release/{bin} ")), "{bin} not shipped: {copy}");

@@ -497,10 +497,20 @@ fn strongly_connected<'a>(graph: &BTreeMap<&'a Path, BTreeSet<&'a Path>>) -> Vec
     st.out
 }
 
-/// The only library files that may use `anyhow` (a name, or a folder
-/// ending in `/`): the wiring (layer `run`), which the binaries' `main`
-/// calls. Everything else returns typed errors.
-pub const ANYHOW_ALLOWED: &[&str] = &["run.rs", "run/"];
+/// The library files that may use `anyhow` (a name, or a folder ending in
+/// `/`): none. The binaries (package mesh-cli) may; the library, the
+/// wiring in `run/` included, returns typed errors.
+pub const ANYHOW_ALLOWED: &[&str] = &[];
+
+/// Whether the library package's manifest names `anyhow` (as a dependency
+/// or a build dependency): the library must not depend on it at all.
+pub fn anyhow_dependency(manifest: &str) -> Option<String> {
+    manifest
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.trim_start().starts_with("anyhow"))
+        .map(|(n, _)| format!("mesh-daemon/Cargo.toml:{}: the library depends on anyhow: only mesh-cli may", n + 1))
+}
 
 /// Library files (not the binaries) that use `anyhow` outside
 /// [`ANYHOW_ALLOWED`], or return a bare `Result<_, String>`.
@@ -550,6 +560,7 @@ pub fn check(root: &Path) -> anyhow::Result<()> {
     let src = root.join("mesh-daemon/src");
     let mut found = problems(&src, LAYERS)?;
     found.extend(untyped_errors(&src, ANYHOW_ALLOWED)?);
+    found.extend(anyhow_dependency(&std::fs::read_to_string(root.join("mesh-daemon/Cargo.toml"))?));
     if !found.is_empty() {
         anyhow::bail!(
             "the daemon's structure is broken ({} problem(s)); move the code to the layer that owns it (or change \
@@ -686,6 +697,16 @@ mod tests {
                 "low.rs:1: Result<_, String>: return a typed error",
                 "low.rs:3: anyhow in library code: return a thiserror enum of this module",
             ],
+        );
+    }
+
+    #[test]
+    fn an_anyhow_dependency_of_the_library_fails() {
+        assert_eq!(anyhow_dependency("[dependencies]\nserde = \"1\"\n"), None);
+        let found = anyhow_dependency("[dependencies]\nserde = \"1\"\n\n[build-dependencies]\n  anyhow = \"1\"\n");
+        assert_eq!(
+            found.as_deref(),
+            Some("mesh-daemon/Cargo.toml:5: the library depends on anyhow: only mesh-cli may")
         );
     }
 

@@ -113,12 +113,12 @@ pub fn cargo() -> Command {
 
 /// The daemon's features in every build xtask makes, tests and the
 /// container image alike (deploy/Dockerfile; a test keeps them equal).
-pub const FEATURES: &str = "mesh-daemon/kubernetes";
+pub const FEATURES: &str = "mesh-cli/kubernetes";
 
 /// Builds the daemon (with its kernel programs) and the pod tools.
 pub fn build_bins(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins", "-p", "mesh-daemon", "-p", "mesh-tests", "--features", FEATURES]);
+    cmd.args(["build", "--bins", "-p", "mesh-cli", "-p", "mesh-tests", "--features", FEATURES]);
     if release {
         cmd.arg("--release");
     }
@@ -140,7 +140,7 @@ pub fn bench_bins(release: bool, say: fn(&str)) -> anyhow::Result<()> {
 /// `target/debug/mesh-daemon-variant`: the upgrade tests hand over from
 /// one build to another.
 fn build_variant() -> anyhow::Result<()> {
-    run(cargo().args(["build", "--bin", "mesh-daemon", "-p", "mesh-daemon"]))?;
+    run(cargo().args(["build", "--bin", "mesh-daemon", "-p", "mesh-cli"]))?;
     let dir = root().join("target/debug");
     std::fs::copy(dir.join("mesh-daemon"), dir.join("mesh-daemon-variant")).context("copying mesh-daemon-variant")?;
     Ok(())

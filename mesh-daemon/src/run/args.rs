@@ -231,15 +231,17 @@ pub struct ListenAddr {
 /// The addresses `given` to `flag` ask for: at most one per family, all
 /// on one port; and for `0.0.0.0` given alone, `[::]` on its port too,
 /// so command lines written before IPv6 serve both families.
-pub fn listen_set(given: &[SocketAddr], flag: &str) -> anyhow::Result<Vec<ListenAddr>> {
+pub fn listen_set(given: &[SocketAddr], flag: &str) -> Result<Vec<ListenAddr>, super::RunError> {
     let mut out: Vec<ListenAddr> = Vec::new();
     for a in given {
         if let Some(o) = out.iter().find(|o| o.addr.is_ipv6() == a.is_ipv6()) {
             let family = if a.is_ipv6() { "IPv6" } else { "IPv4" };
-            anyhow::bail!("{flag} {a}: a second {family} address ({} is one); give one address per family", o.addr);
+            let why = format!("a second {family} address ({} is one); give one address per family", o.addr);
+            return Err(super::RunError::flag(&format!("{flag} {a}"), why));
         }
         if let Some(o) = out.first().filter(|o| o.addr.port() != a.port()) {
-            anyhow::bail!("{flag} {a}: its port differs from {}'s; the addresses of one listener share a port", o.addr);
+            let why = format!("its port differs from {}'s; the addresses of one listener share a port", o.addr);
+            return Err(super::RunError::flag(&format!("{flag} {a}"), why));
         }
         out.push(ListenAddr { addr: *a, implied: false });
     }
@@ -268,7 +270,7 @@ impl RunArgs {
 mod listen_tests {
     use super::*;
 
-    fn set(given: &[&str]) -> anyhow::Result<Vec<(String, bool)>> {
+    fn set(given: &[&str]) -> Result<Vec<(String, bool)>, crate::run::RunError> {
         let given: Vec<SocketAddr> = given.iter().map(|s| s.parse().unwrap()).collect();
         Ok(listen_set(&given, "--proxy-listen")?.into_iter().map(|l| (l.addr.to_string(), l.implied)).collect())
     }

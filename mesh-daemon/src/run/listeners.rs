@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
-use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
 use super::args::{listen_set, ListenAddr};
+use super::error::{io, RunError};
 use super::RunArgs;
 use crate::control::api;
 use crate::drain::TcpListeners;
@@ -38,18 +38,18 @@ impl Listeners {
         args: &RunArgs,
         access: &api::Access,
         tunnel: bool,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, RunError> {
         let outbound = relay_listeners(taken, OUTBOUND, &args.proxy_listen, "--proxy-listen").await?;
         let admin = tcp_listener(taken, ADMIN, args.admin_listen, "--admin-listen").await?;
         let api = match taken.as_mut().and_then(|t| t.take(API)) {
             Some(fd) if handover::unix_path(fd.as_fd()).as_deref() == Some(args.api_socket.as_path()) => {
                 let l = std::os::unix::net::UnixListener::from(fd);
-                l.set_nonblocking(true)?;
+                let handed = || io(format!("--api-socket {}: the socket handed over", args.api_socket.display()));
+                l.set_nonblocking(true).map_err(handed())?;
                 info!(socket = %args.api_socket.display(), "control API listening on the socket handed over");
-                UnixListener::from_std(l)?
+                UnixListener::from_std(l).map_err(handed())?
             }
-            _ => api::bind(&args.api_socket, access)
-                .with_context(|| format!("--api-socket {}", args.api_socket.display()))?,
+            _ => api::bind(&args.api_socket, access)?,
         };
         let tunnel = match tunnel {
             true => Some(relay_listeners(taken, TUNNEL, &args.tunnel_listen, "--tunnel-listen").await?),
@@ -59,7 +59,11 @@ impl Listeners {
     }
 
     /// Copies of each, by name, to hand to the next daemon.
-    pub fn copies(&self) -> anyhow::Result<Vec<(&'static str, OwnedFd)>> {
+    pub fn copies(&self) -> Result<Vec<(&'static str, OwnedFd)>, RunError> {
+        self.copy_fds().map_err(io("copying the listening sockets for the next daemon"))
+    }
+
+    fn copy_fds(&self) -> std::io::Result<Vec<(&'static str, OwnedFd)>> {
         let mut copies = Vec::new();
         let named = |names: [&'static str; 2], l: &TcpListeners| -> std::io::Result<Vec<(&'static str, OwnedFd)>> {
             l.sockets
@@ -84,25 +88,24 @@ async fn tcp_listener(
     name: &str,
     addr: SocketAddr,
     flag: &str,
-) -> anyhow::Result<TcpListener> {
+) -> Result<TcpListener, RunError> {
     if let Some(fd) = taken.as_mut().and_then(|t| t.take(name)) {
         let l = std::net::TcpListener::from(fd);
         match l.local_addr() {
             Ok(a) if a == addr && handover::is_listening(l.as_fd()) => {
-                l.set_nonblocking(true)?;
+                let handed = || io(format!("{flag} {addr}: the socket handed over"));
+                l.set_nonblocking(true).map_err(handed())?;
                 info!(listener = name, %addr, "listening on the socket handed over");
-                return Ok(TcpListener::from_std(l)?);
+                return TcpListener::from_std(l).map_err(handed());
             }
             other => {
                 warn!(listener = name, handed = ?other.ok(), %flag, %addr, "the running daemon's listener is elsewhere; listening anew")
             }
         }
     }
-    bind(addr).with_context(|| {
-        format!(
-            "{flag} {addr}: cannot listen (if an older mesh-daemon without handover runs on this node, stop it first)"
-        )
-    })
+    bind(addr).map_err(io(format!(
+        "{flag} {addr}: cannot listen (if an older mesh-daemon without handover runs on this node, stop it first)"
+    )))
 }
 
 /// A listening socket at `addr`; an IPv6 one is IPv6 only, so it may
@@ -129,14 +132,14 @@ async fn relay_listeners(
     names: [&str; 2],
     given: &[SocketAddr],
     flag: &str,
-) -> anyhow::Result<TcpListeners> {
+) -> Result<TcpListeners, RunError> {
     let mut sockets = Vec::new();
     for ListenAddr { addr, implied } in listen_set(given, flag)? {
         let name = names[usize::from(addr.is_ipv6())];
         match relay_listener(taken, name, addr, flag).await {
             Ok(l) => sockets.push(l),
             Err(e) if implied => {
-                warn!(%flag, %addr, error = format!("{e:#}"), "no IPv6 listener beside 0.0.0.0 (the host has no IPv6?); IPv6 clients are not served")
+                warn!(%flag, %addr, error = %e, "no IPv6 listener beside 0.0.0.0 (the host has no IPv6?); IPv6 clients are not served")
             }
             Err(e) => return Err(e),
         }
@@ -152,9 +155,9 @@ async fn relay_listener(
     name: &str,
     addr: SocketAddr,
     flag: &str,
-) -> anyhow::Result<TcpListener> {
+) -> Result<TcpListener, RunError> {
     let l = tcp_listener(taken, name, addr, flag).await?;
     nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
-        .with_context(|| format!("{flag} {addr}: setting TCP_NODELAY"))?;
+        .map_err(|e| RunError::Io { what: format!("{flag} {addr}: setting TCP_NODELAY"), source: e.into() })?;
     Ok(l)
 }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod error;
 mod listeners;
 mod succession;
 mod views;
@@ -18,11 +19,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tracing::{info, warn};
 
 pub use self::args::{EbpfLogLevel, RunArgs};
+pub use self::error::RunError;
 use self::listeners::Listeners;
 use self::succession::{Predecessor, Signals};
 use self::views::AdminView;
@@ -49,10 +50,10 @@ use crate::tunnel::TunnelCounters;
 const MANAGED_BY_KUBERNETES: &str = "Kubernetes discovery (mesh-daemon run --kubernetes)";
 
 /// Runs the daemon until a signal or a handover, then drains and stops.
-pub async fn run(args: RunArgs, log_drops: DroppedLines) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log_drops: DroppedLines) -> Result<(), RunError> {
     raise_nofile_limit();
-    let node = NodeName::parse(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
-    Identity::check_trust_domain(&args.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    let node = NodeName::parse(&args.node).map_err(|e| RunError::flag("--node", e))?;
+    Identity::check_trust_domain(&args.trust_domain).map_err(|e| RunError::flag("--trust-domain", e))?;
     let kube = Kube::connect(&args).await?;
     let telemetry = Telemetry::start(&args, &node, log_drops);
     let certs = certificates(&args, &node).await?;
@@ -75,7 +76,7 @@ pub async fn run(args: RunArgs, log_drops: DroppedLines) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     // Serving: the daemon before this one may stop accepting now, and the
     // next one can take the listeners from this one.
-    succession::serving(taken)?;
+    succession::serving(taken, &handover_path)?;
     let (handed_tx, mut handed_rx) = unbounded_channel();
     let owner = Predecessor {
         control: control.clone(),
@@ -147,7 +148,7 @@ impl Telemetry {
 struct Kube(#[cfg(feature = "kubernetes")] Option<kube::Client>);
 
 impl Kube {
-    async fn connect(args: &RunArgs) -> anyhow::Result<Self> {
+    async fn connect(args: &RunArgs) -> Result<Self, RunError> {
         #[cfg(feature = "kubernetes")]
         return Ok(Kube(match args.kubernetes {
             true => Some(crate::discovery::watch::connect().await?),
@@ -155,10 +156,11 @@ impl Kube {
         }));
         #[cfg(not(feature = "kubernetes"))]
         match args.kubernetes {
-            true => anyhow::bail!(
-                "--kubernetes: this mesh-daemon was built without Kubernetes discovery; \
-                 build it with `cargo build --release -p mesh-daemon --features kubernetes` or use the container image"
-            ),
+            true => Err(RunError::flag(
+                "--kubernetes",
+                "this mesh-daemon was built without Kubernetes discovery; \
+                 build it with `cargo build --release -p mesh-cli --features kubernetes` or use the container image",
+            )),
             false => Ok(Kube()),
         }
     }
@@ -166,13 +168,18 @@ impl Kube {
 
 /// The certificates of this node and its workloads: from the issuer, from
 /// a CA key held here, or none (no tunnel).
-async fn certificates(args: &RunArgs, node: &NodeName) -> anyhow::Result<Option<Arc<Certs>>> {
+async fn certificates(args: &RunArgs, node: &NodeName) -> Result<Option<Arc<Certs>>, RunError> {
+    let certs = |flag: &str| {
+        let flag = flag.to_owned();
+        move |source| RunError::Certificates { flag, source }
+    };
     let issuers = (!args.issuer.is_empty()).then(|| args.issuer.clone());
     let id = Identity::node(&args.trust_domain, node);
     Ok(match (&args.ca_cert, &args.ca_key, &args.trust_bundle, issuers, &args.issuer_token) {
         (_, _, Some(bundle), Some(addrs), Some(token)) => {
-            let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
-            std::fs::metadata(token).with_context(|| format!("--issuer-token {}: cannot read it", token.display()))?;
+            let roots = tls::trust_bundle(bundle).map_err(certs("--trust-bundle"))?;
+            std::fs::metadata(token)
+                .map_err(error::io(format!("--issuer-token {}: cannot read it", token.display())))?;
             let client = crate::identity::issuer::IssuerClient::new(
                 addrs.clone(),
                 token.clone(),
@@ -182,14 +189,14 @@ async fn certificates(args: &RunArgs, node: &NodeName) -> anyhow::Result<Option<
             let addr = addrs.join(", ");
             let certs = Certs::from_issuer(&args.trust_domain, client, roots, args.cert_lifetime, id)
                 .await
-                .map_err(|e| anyhow!("--issuer {addr}: {e}"))?;
+                .map_err(certs(&format!("--issuer {addr}")))?;
             info!(issuer = %addr, "certificates come from the issuer; this node holds no CA key");
             Some(certs)
         }
         (Some(cert), Some(key), Some(bundle), None, _) => {
-            let ca = Ca::from_files(cert, key)?;
-            let roots = tls::trust_bundle(bundle).map_err(|e| anyhow!("--trust-bundle {e}"))?;
-            Some(Certs::new(&args.trust_domain, ca, roots, args.cert_lifetime, id)?)
+            let ca = Ca::from_files(cert, key).map_err(certs("--ca-cert, --ca-key"))?;
+            let roots = tls::trust_bundle(bundle).map_err(certs("--trust-bundle"))?;
+            Some(Certs::new(&args.trust_domain, ca, roots, args.cert_lifetime, id).map_err(certs("--ca-cert"))?)
         }
         _ => {
             warn!("no --issuer (or --ca-cert/--ca-key) with --trust-bundle: the mTLS tunnel is off, and cross-node endpoints of services with mtls: required are refused");
@@ -199,8 +206,8 @@ async fn certificates(args: &RunArgs, node: &NodeName) -> anyhow::Result<Option<
 }
 
 /// The running daemon's listening sockets, if one runs here and hands over.
-fn take_over(path: &std::path::Path) -> anyhow::Result<Option<Taken>> {
-    let taken = handover::take_over(path).with_context(|| format!("--handover-socket {}", path.display()))?;
+fn take_over(path: &std::path::Path) -> Result<Option<Taken>, RunError> {
+    let taken = handover::take_over(path).map_err(|source| RunError::Handover { path: path.to_owned(), source })?;
     if let Some(t) = &taken {
         info!(
             from_pid = t.from.pid,
@@ -214,7 +221,7 @@ fn take_over(path: &std::path::Path) -> anyhow::Result<Option<Taken>> {
     Ok(taken)
 }
 
-fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> anyhow::Result<ControlConfig> {
+fn control_config(args: &RunArgs, node: &NodeName, metrics: &Arc<Metrics>) -> Result<ControlConfig, RunError> {
     let proxy_listen = args::listen_set(&args.proxy_listen, "--proxy-listen")?;
     Ok(ControlConfig {
         node: node.clone(),
@@ -261,10 +268,10 @@ impl Readers {
     }
 }
 
-fn datapath_config(args: &RunArgs, node: &NodeName) -> anyhow::Result<DatapathConfig> {
+fn datapath_config(args: &RunArgs, node: &NodeName) -> Result<DatapathConfig, RunError> {
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
-        None => datapath::cgroup2_root().context("finding the cgroup2 root (or give --cgroup)")?,
+        None => datapath::cgroup2_root().map_err(error::io("finding the cgroup2 root (or give --cgroup)"))?,
     };
     Ok(DatapathConfig {
         cgroup,
@@ -277,7 +284,7 @@ fn datapath_config(args: &RunArgs, node: &NodeName) -> anyhow::Result<DatapathCo
 /// Loads (or takes over) the datapath and writes the state to it. On
 /// failure a datapath this start attached is removed again; one that was
 /// running before (or that the running daemon takes back) is left.
-fn attach(prepared: Prepared, cfg: &DatapathConfig, taken: bool) -> anyhow::Result<(Arc<Control>, OrigDstReader)> {
+fn attach(prepared: Prepared, cfg: &DatapathConfig, taken: bool) -> Result<(Arc<Control>, OrigDstReader), RunError> {
     let (dp, orig) = Datapath::load(cfg)?;
     let ours = |dp: &Datapath| !dp.reused() && !taken;
     let view = match MapsView::open(&cfg.pin_dir) {
@@ -285,7 +292,7 @@ fn attach(prepared: Prepared, cfg: &DatapathConfig, taken: bool) -> anyhow::Resu
         Err(e) => {
             let cleanup = ours(&dp);
             dp.shutdown(cleanup);
-            return Err(anyhow!("opening the pinned maps: {e}"));
+            return Err(e.into());
         }
     };
     match prepared.attach(dp, view) {
@@ -358,7 +365,7 @@ impl Units<'_> {
         access: Arc<api::Access>,
         health_changes: UnboundedReceiver<std::net::SocketAddr>,
         kube: Kube,
-    ) -> anyhow::Result<Serving> {
+    ) -> Result<Serving, RunError> {
         let (t, drain) = (self.telemetry, self.drain);
         let mut background = Vec::new();
         let pool = match (certs, listeners.tunnel) {
@@ -407,10 +414,10 @@ impl Units<'_> {
         certs: Arc<Certs>,
         listener: crate::drain::TcpListeners,
         tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-    ) -> anyhow::Result<Arc<Pool>> {
+    ) -> Result<Arc<Pool>, RunError> {
         let t = self.telemetry;
         let at = listening(&listener);
-        let cfg = tls::server_config(certs.node_cert(), certs.roots.clone()).map_err(|e| anyhow!("tunnel TLS: {e}"))?;
+        let cfg = tls::server_config(certs.node_cert(), certs.roots.clone())?;
         let handler = Arc::new(InboundHandler {
             view: self.readers.inbound.view(),
             counters: t.tunnel.clone(),
@@ -478,20 +485,21 @@ fn raise_nofile_limit() {
 }
 
 /// `mesh-daemon probe`: see its help.
-pub fn probe(ready_file: &std::path::Path, admin: SocketAddr) -> anyhow::Result<()> {
+pub fn probe(ready_file: &std::path::Path, admin: SocketAddr) -> Result<(), RunError> {
     use std::io::{Read, Write};
     let pid = std::fs::read_to_string(ready_file)
-        .with_context(|| format!("{}: this container's daemon does not serve (yet)", ready_file.display()))?;
+        .map_err(error::io(format!("{}: this container's daemon does not serve (yet)", ready_file.display())))?;
     let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2))
-        .with_context(|| format!("{admin}: the admin endpoint does not answer"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        .map_err(error::io(format!("{admin}: the admin endpoint does not answer")))?;
+    let asking = || error::io(format!("{admin}/ready"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(asking())?;
+    s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(asking())?;
     let mut answer = String::new();
-    s.take(64 * 1024).read_to_string(&mut answer)?;
+    s.take(64 * 1024).read_to_string(&mut answer).map_err(asking())?;
     let status = answer.split_whitespace().nth(1).unwrap_or("none");
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
     if status != "200" {
-        anyhow::bail!("{admin}/ready answered {status}: {body}");
+        return Err(RunError::NotReady(format!("{admin}/ready answered {status}: {body}")));
     }
     println!("ready (pid {})", pid.trim());
     Ok(())

@@ -5,11 +5,10 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 
-use super::RunArgs;
+use super::{RunArgs, RunError};
 use crate::control::Control;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::drain::Drain;
@@ -51,10 +50,10 @@ impl handover::Owner for Predecessor {
 
 /// Tells the daemon before this one (if it handed over) that this one
 /// serves: it stops accepting and drains.
-pub fn serving(taken: Option<Taken>) -> anyhow::Result<()> {
+pub fn serving(taken: Option<Taken>, path: &Path) -> Result<(), RunError> {
     if let Some(t) = taken {
         let from = t.from.pid;
-        t.ready()?;
+        t.ready().map_err(|source| RunError::Handover { path: path.to_owned(), source })?;
         info!(from_pid = from, "serving on the listeners handed over; the daemon before this one drains");
     }
     Ok(())
@@ -63,7 +62,7 @@ pub fn serving(taken: Option<Taken>) -> anyhow::Result<()> {
 /// Offers `copies` of the listeners to the next daemon at `path`; None
 /// (logged) when the socket cannot be made.
 pub fn offer(path: &Path, copies: Vec<(&'static str, OwnedFd)>, owner: Predecessor) -> Option<Arc<handover::Server>> {
-    match handover::Server::bind(path).with_context(|| format!("--handover-socket {}", path.display())) {
+    match handover::Server::bind(path) {
         Ok(server) => {
             for (name, fd) in copies {
                 server.hold(name, fd);
@@ -72,7 +71,7 @@ pub fn offer(path: &Path, copies: Vec<(&'static str, OwnedFd)>, owner: Predecess
             Some(server)
         }
         Err(e) => {
-            warn!(error = format!("{e:#}"), "no handover socket: the next daemon on this node starts with a gap");
+            warn!(socket = %path.display(), error = %e, "no handover socket (--handover-socket): the next daemon on this node starts with a gap");
             None
         }
     }
@@ -85,9 +84,9 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn install() -> anyhow::Result<Self> {
-        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    pub fn install() -> Result<Self, RunError> {
+        let term = signal(SignalKind::terminate()).map_err(super::error::io("installing the SIGTERM handler"))?;
+        let int = signal(SignalKind::interrupt()).map_err(super::error::io("installing the SIGINT handler"))?;
         Ok(Self { term, int })
     }
 

@@ -196,7 +196,7 @@ impl Bins {
         }
         bail!(
             "mesh-daemon, meshctl and the mt-* pod tools are not built next to this program (looked in {dirs:?}); \
-             build them with `cargo build -p mesh-daemon -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
+             build them with `cargo build -p mesh-cli -p mesh-tests --bins` (cargo xtask test does) or set MESH_BIN_DIR"
         )
     }
 }

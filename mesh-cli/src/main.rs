@@ -183,7 +183,7 @@ async fn kube_authority(
 ) -> anyhow::Result<mesh_daemon::identity::issuer::Authority> {
     anyhow::bail!(
         "--kubernetes: this mesh-daemon was built without Kubernetes support; \
-         build it with `cargo build --release -p mesh-daemon --features kubernetes` or use the container image"
+         build it with `cargo build --release -p mesh-cli --features kubernetes` or use the container image"
     )
 }
 
@@ -298,6 +298,20 @@ fn init_logs(format: LogFormat) -> (DroppedLines, FlushOnDrop) {
     (dropped, flush)
 }
 
+/// `e` and its causes, each said once: a typed error's message often ends
+/// with its cause already (`--issuer-token X: cannot read it: No such
+/// file`), which `{:#}` would repeat.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.ends_with(&c) {
+            out = format!("{out}: {c}");
+        }
+    }
+    out
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (log_drops, log_flush) = init_logs(cli.log_format);
@@ -314,9 +328,9 @@ fn main() -> std::process::ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Ca { command } => ca(command),
-        Command::Probe { ready_file, admin } => run::probe(&ready_file, admin),
+        Command::Probe { ready_file, admin } => run::probe(&ready_file, admin).map_err(anyhow::Error::from),
         Command::Run(args) => match runtime(args.worker_threads) {
-            Ok(rt) => rt.block_on(run::run(*args, log_drops)),
+            Ok(rt) => rt.block_on(run::run(*args, log_drops)).map_err(anyhow::Error::from),
             Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
         },
     };
@@ -325,7 +339,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
