@@ -247,3 +247,17 @@ async fn a_body_too_large_or_too_slow_is_refused_before_anything_changes() {
     let _ = served.await;
     assert_eq!(a.control.snapshot().generation, 1);
 }
+
+#[tokio::test]
+async fn an_ipv6_endpoint_is_found_however_its_address_is_spelled() {
+    let a = api("six", None);
+    let svc =
+        r#"{"vips": ["fd00:96::20"], "ports": [{"port": 80}], "endpoints": [{"ip": "fd00:0:0::9", "node": "a"}]}"#;
+    let (code, body) = call(&a, "PUT", "/v1/services/default/six", svc).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call(&a, "PATCH", "/v1/services/default/six/endpoints/fd00::9", r#"{"weight": 0}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let state = a.control.snapshot().state.clone();
+    let six = state.services.iter().find(|s| s.name.as_str() == "six").unwrap();
+    assert_eq!((six.endpoints[0].ip.to_string(), six.endpoints[0].weight), ("fd00:0:0::9".to_owned(), 0));
+}

@@ -140,11 +140,17 @@ impl Write<'_> {
             let e: &mut EndpointDoc = s
                 .endpoints
                 .iter_mut()
-                .find(|e| e.ip == ip)
+                .find(|e| same_ip(&e.ip, &ip))
                 .ok_or_else(|| WriteError::NotFound(format!("endpoint {ip} of service {ns}/{name} not found")))?;
             e.weight = weight;
             Ok(())
         })
         .await
     }
+}
+
+/// Whether two written addresses are the same: as written, or as parsed
+/// (an IPv6 address has many spellings: `fd00::5`, `fd00:0::5`).
+fn same_ip(a: &str, b: &str) -> bool {
+    a == b || a.parse::<std::net::IpAddr>().is_ok_and(|x| b.parse() == Ok(x))
 }
