@@ -24,6 +24,9 @@ pub struct Conn {
     pub(super) routes: Arc<ArcSwap<RouteTable>>,
     /// The kernel's id of the service port the client dialled.
     service_id: u32,
+    /// The family of the VIP it dialled: a routed request's backend is
+    /// taken in it when the backend has a VIP of it.
+    family: crate::model::Family,
     /// The route the last request took, with the clients it found: kept
     /// while the table holds the same route (the same `Arc`).
     resolved: ArcSwap<Resolved>,
@@ -103,8 +106,10 @@ impl Conn {
     ) -> Self {
         let Accepted { routes, service_id, route, source, client, proto, max_headers } = at;
         let (grpc, http2) = (proto == AppProtocol::Grpc, proto != AppProtocol::Http);
+        let family = route.family;
         let resolved = ArcSwap::from_pointee(Resolved::new(route));
         Self {
+            family,
             routes,
             service_id,
             resolved,
@@ -149,8 +154,7 @@ impl Conn {
     /// (None once it left the state).
     pub fn backend(&self, key: &PortKey) -> Option<Arc<Resolved>> {
         let table = self.routes.load();
-        let family = table.route(self.service_id).map_or(crate::model::Family::V4, |r| r.family);
-        let (_, route) = table.route_of(key, family)?;
+        let (_, route) = table.route_of(key, self.family)?;
         let mut cache = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = cache.iter().find(|r| Arc::ptr_eq(&r.route, route)) {
             return Some(r.clone());

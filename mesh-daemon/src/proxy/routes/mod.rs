@@ -296,6 +296,14 @@ pub fn tunnel_address(here: &crate::model::Addresses, node: &crate::model::Node)
     shared.next().unwrap_or(node.addresses.primary())
 }
 
+/// A family's place in a service port's ids.
+fn slot(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
 /// An enrolled workload, as the proxy names it.
 #[derive(Debug)]
 pub struct Workload {
@@ -312,7 +320,9 @@ pub struct RouteTable {
     by_id: SharedMap<u32, Arc<Route>>,
     /// The id of each service port's frontend of each family: a routed
     /// request's backend is a service port.
-    ids: SharedMap<(PortKey, Family), u32>,
+    /// Indexed by [`slot`]: looked up by `&PortKey`, no key made per
+    /// request.
+    ids: SharedMap<PortKey, [Option<u32>; 2]>,
     /// The generation of the state it was built from.
     generation: u64,
     /// That state's nodes: a route to a remote endpoint names its node's
@@ -366,7 +376,11 @@ impl RouteTable {
                 (f.id, route)
             })
             .collect();
-        let ids = by_id.iter().map(|(id, r)| ((r.key.clone(), r.family), *id)).collect();
+        let mut ids: HashMap<PortKey, [Option<u32>; 2]> = HashMap::new();
+        for (id, r) in by_id.iter() {
+            ids.entry(r.key.clone()).or_default()[slot(r.family)] = Some(*id);
+        }
+        let ids = ids.into_iter().collect();
         let workloads = state
             .workloads
             .iter()
@@ -400,12 +414,19 @@ impl RouteTable {
         let (mut by_id, mut ids) = (prev.by_id.clone(), prev.ids.clone());
         for id in &delta.removed {
             if let Some(r) = by_id.remove(id) {
-                ids.remove(&(r.key.clone(), r.family));
+                let mut both = ids.get(&r.key).copied().unwrap_or_default();
+                both[slot(r.family)] = None;
+                match both {
+                    [None, None] => drop(ids.remove(&r.key)),
+                    _ => drop(ids.insert(r.key.clone(), both)),
+                }
             }
         }
         for f in &delta.changed {
             let route = Arc::new(Route::new(&snap.state, f, registry, policies, local, metrics));
-            ids.insert((route.key.clone(), route.family), f.id);
+            let mut both = ids.get(&route.key).copied().unwrap_or_default();
+            both[slot(route.family)] = Some(f.id);
+            ids.insert(route.key.clone(), both);
             by_id.insert(f.id, route);
         }
         let (nodes, workloads, routes) = (prev.nodes.clone(), prev.workloads.clone(), snap.state.routes.clone());
@@ -469,17 +490,14 @@ impl RouteTable {
     /// frontend of that family, else (a single-stack backend) its other
     /// one; with its kernel id.
     pub fn route_of(&self, key: &PortKey, family: Family) -> Option<(u32, &Arc<Route>)> {
-        let other = match family {
-            Family::V4 => Family::V6,
-            Family::V6 => Family::V4,
-        };
-        let id = *self.ids.get(&(key.clone(), family)).or_else(|| self.ids.get(&(key.clone(), other)))?;
+        let both = self.ids.get(key)?;
+        let id = both[slot(family)].or(both[1 - slot(family)])?;
         Some((id, self.by_id.get(&id)?))
     }
 
     /// Whether service port `key` has a route (of either family).
     pub fn has_port(&self, key: &PortKey) -> bool {
-        Family::BOTH.iter().any(|f| self.ids.get(&(key.clone(), *f)).is_some())
+        self.ids.get(key).is_some()
     }
 
     /// The enrolled workload at `ip`.
@@ -551,6 +569,38 @@ mod tests {
             "mesh_connections_opened_total{service=\"default/web:80\",endpoint=\"10.0.0.1:8080\",direction=\"outbound\"} 2"
         ));
         assert_eq!(new.stats_rows()[0].opened, 2);
+    }
+
+    /// A routed request's backend port is taken in the client's family,
+    /// each family's route with its family's endpoints; a single-stack
+    /// backend answers either family.
+    #[test]
+    fn a_backend_port_is_taken_in_the_clients_family_else_its_other() {
+        let doc = parse_document(
+            "nodes: [{name: a, addresses: [172.18.0.2, 'fd00::2']}]\n\
+             services:\n - {name: two, vips: [10.96.0.1, 'fd00:96::1'], ports: [{port: 80}], endpoints: [{ip: 10.0.0.1, node: a}, {ip: 'fd00::11', node: a}]}\n\
+             \x20- {name: six, vip: 'fd00:96::2', ports: [{port: 80}], endpoints: [{ip: 'fd00::12', node: a}]}\n",
+        )
+        .unwrap();
+        let state = Arc::new(State::from_document(&doc).unwrap());
+        let ids = crate::model::ServiceIds::default().assign(&state.frontend_keys());
+        let local = Local { node: NodeName::parse("a").unwrap(), trust_domain: "cluster.local".into(), tunnel_port: 1 };
+        let m = Arc::new(Metrics::new());
+        let t =
+            RouteTable::build(&state, &state.frontends(&ids), &Registry::default(), &Default::default(), &local, &m);
+        let key = |name: &str| PortKey {
+            service: state.services.iter().find(|s| s.name.as_str() == name).unwrap().key(),
+            port: 80,
+        };
+        let endpoint = |r: &Route| r.endpoints[0].state.addr.to_string();
+        for (family, want) in [(Family::V4, "10.0.0.1:80"), (Family::V6, "[fd00::11]:80")] {
+            let (id, r) = t.route_of(&key("two"), family).unwrap();
+            assert_eq!((r.family, endpoint(r), r.endpoints.len()), (family, want.to_owned(), 1));
+            assert_eq!(t.route(id).map(|r| r.family), Some(family));
+        }
+        let (_, r) = t.route_of(&key("six"), Family::V4).unwrap();
+        assert_eq!((r.family, endpoint(r)), (Family::V6, "[fd00::12]:80".to_owned()));
+        assert!(t.has_port(&key("six")));
     }
 
     #[test]
