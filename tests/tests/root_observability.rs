@@ -157,3 +157,65 @@ fn root_cross_node_connections_are_counted_on_both_nodes_with_their_direction() 
     assert_eq!((f["bytes_up"].as_u64(), f["bytes_down"].as_u64()), (Some(23456), Some(23456)), "{v}");
     assert_eq!(f["outcome"], "ok", "{v}");
 }
+
+/// Each service's `accessLog` on request and TCP ports alike: every line
+/// (the default), none (`off`, failures included), or every failure and a
+/// share of the rest (`10%`).
+#[test]
+fn root_the_access_log_writes_what_each_service_asks() {
+    let c = Cluster::create(&ClusterSpec::new().node("node-a").pod("client", "node-a").pod("web-1", "node-a")).unwrap();
+    c.serve_http("web-1", 8080, &[]).unwrap();
+    c.serve("web-1", 8081, Some(9000)).unwrap();
+    let w1 = c.pod("web-1").ip;
+    let svc = |name: &str, vip: &str, log: &str| {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: http }}, {{ port: 9000 }}]\n    \
+             healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {w1}, node: node-a }}]\n{log}"
+        )
+    };
+    let services = [
+        ("all", "10.96.0.20", ""),
+        ("off", "10.96.0.21", "    accessLog: 'off'\n"),
+        ("some", "10.96.0.22", "    accessLog: '10%'\n"),
+    ];
+    let docs: String = services.iter().map(|(n, v, l)| svc(n, v, l)).collect();
+    let cfg = c.write_file("mesh.yaml", &c.config(&docs)).unwrap();
+    let d = c.start_daemon("node-a", &cfg, &["--log-format", "json"]).unwrap();
+
+    const OK: usize = 200;
+    const MISSING: usize = 20;
+    const CONNS: usize = 5;
+    for (_, vip, _) in services {
+        let (ok, missing) = (format!("http://{vip}/"), format!("http://{vip}/status/404"));
+        let mut args = vec!["-sS", "-o", "/dev/null", "--max-time", "60"];
+        args.extend(std::iter::repeat_n(ok.as_str(), OK));
+        args.extend(std::iter::repeat_n(missing.as_str(), MISSING));
+        let out = c.exec("client", "curl", &args, Duration::from_secs(90)).unwrap();
+        assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+        for _ in 0..CONNS {
+            let out =
+                c.exec("client", "mt-pod", &["bulk", &format!("{vip}:9000"), "100"], Duration::from_secs(20)).unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    // (requests with status 200, with 404, connections) logged for `name`.
+    let logged = |name: &str| {
+        let lines: Vec<serde_json::Value> = d
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let service = |v: &serde_json::Value, port: u16| v["fields"]["service"] == format!("default/{name}:{port}");
+        let status = |s: u64| lines.iter().filter(|v| service(v, 80) && v["fields"]["status"] == s).count();
+        (status(200), status(404), lines.iter().filter(|v| service(v, 9000)).count())
+    };
+    let all = mesh_tests::sys::wait_until(Duration::from_secs(5), || logged("all") == (OK, MISSING, CONNS));
+    assert!(all, "every line of the default service: {:?}\n{}", logged("all"), d.log_text());
+    assert_eq!(logged("off"), (0, 0, 0), "nothing of accessLog: off");
+    let (ok, missing, conns) = logged("some");
+    assert_eq!(missing, MISSING, "every failure of a sampled service");
+    // 10% of 200: 20 expected, 4.2 standard deviations of it either way.
+    assert!((3..=38).contains(&ok), "about a tenth of the successful requests: {ok} of {OK}");
+    assert!(conns <= CONNS);
+}

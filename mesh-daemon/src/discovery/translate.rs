@@ -17,6 +17,9 @@
 //!   `mesh.io/rate-limit-per-identity` and `mesh.io/forward-client-cert`
 //!   (`set` or `off`). Bad values leave all of them
 //!   out for that Service, with the reason.
+//! - **The access log** writes every connection and request of a Service
+//!   unless its `mesh.io/access-log` says `off`, or a share (`10%`: every
+//!   failure and a tenth of the rest).
 //! - **Active health checks** are off: an endpoint's readiness comes from
 //!   its EndpointSlice (the kubelet's probes) and the proxy's passive
 //!   breakers act on failures, so no node probes every endpoint of the
@@ -50,6 +53,7 @@ pub use crate::model::INJECT_LABEL;
 pub const WEIGHT_ANNOTATION: &str = "mesh.io/weight";
 pub const MODE_ANNOTATION: &str = "mesh.io/mode";
 pub const HEALTH_CHECK_ANNOTATION: &str = "mesh.io/health-check";
+pub const ACCESS_LOG_ANNOTATION: &str = "mesh.io/access-log";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Service annotations that set its per-request policy.
@@ -90,6 +94,19 @@ fn health_check(
                 "{what}: {HEALTH_CHECK_ANNOTATION}: {other:?} is not tcp, http:/path or none; active checks stay off"
             ));
             doc("none", None)
+        }
+    }
+}
+
+/// The Service's `mesh.io/access-log` (`on`, `off`, `10%`); a bad value
+/// is left out (every record is written), with the reason in `skipped`.
+fn access_log(annotations: Option<&BTreeMap<String, String>>, what: &str, skipped: &mut Vec<String>) -> Option<String> {
+    let v = annotations?.get(ACCESS_LOG_ANNOTATION)?.trim();
+    match crate::model::AccessLog::parse(v) {
+        Ok(_) => Some(v.to_owned()),
+        Err(why) => {
+            skipped.push(format!("{what}: {ACCESS_LOG_ANNOTATION}: {why}; every record is logged"));
+            None
         }
     }
 }
@@ -551,6 +568,7 @@ fn service(
         retry_budget: None,
         mtls: (!meshed.contains(ns)).then(|| "disabled".to_owned()),
         authorization: None,
+        access_log: access_log(s.metadata.annotations.as_ref(), &format!("service {ns}/{name}"), skipped),
     })
 }
 

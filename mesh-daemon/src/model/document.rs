@@ -173,6 +173,11 @@ pub struct ServiceDoc {
     /// other than `tcp`): timeouts, retries, outlier ejection, rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpDoc>,
+    /// `on` (the default), `off`, or the share of its successful
+    /// connections and requests the access log writes (`10%`; failures
+    /// are always written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

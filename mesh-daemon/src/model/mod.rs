@@ -2,6 +2,7 @@
 //! legal. Everything else receives a validated [`State`].
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod addrs;
 pub mod authz;
 pub mod capacity;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use access_log::AccessLog;
 pub use addrs::{parse_ip, Addresses, Family};
 pub use capacity::{MapCapacity, MapNeeds};
 pub use chunked::Chunked;
@@ -123,6 +125,8 @@ pub struct Service {
     pub authorization: Option<Authorization>,
     /// Per request, on request ports.
     pub http: http::HttpPolicy,
+    /// Which of its connections and requests the access log writes.
+    pub access_log: AccessLog,
 }
 
 /// Who may reach a service's endpoints through the tunnel.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tracing::info;
 
+use crate::env::Env;
 use crate::identity::Identity;
+use crate::model::AccessLog;
 
 /// What a request line adds to its record.
 pub struct RequestLine<'a> {
@@ -60,7 +62,12 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    pub fn log(&self) {
+    /// Writes the line, if the service's `access` setting keeps it (a
+    /// share of successful records is drawn from `env`).
+    pub fn log(&self, access: AccessLog, env: &dyn Env) {
+        if !access.writes(self.succeeded(), || env.unit()) {
+            return;
+        }
         if !tracing::enabled!(target: "access", tracing::Level::INFO) {
             return;
         }
@@ -68,6 +75,14 @@ impl Record<'_> {
         if !crate::telemetry::line::write("access", message, |f| self.fields(f)) {
             self.log_through_tracing();
         }
+    }
+
+    /// Ended as it should: outcome `ok` and, for a request, neither a
+    /// 4xx or 5xx status nor a gRPC status other than OK. Sampling keeps
+    /// every other record.
+    fn succeeded(&self) -> bool {
+        self.outcome == "ok"
+            && self.request.as_ref().is_none_or(|r| r.status < 400 && r.grpc_status.is_none_or(|g| g == 0))
     }
 
     /// The same fields as [`Self::log_through_tracing`], in its order.
@@ -168,6 +183,45 @@ mod tests {
         let now = Duration::from_secs(1_795_910_400);
         crate::telemetry::line::format(&mut out, &mut scratch, json, now, "access", "request", |f| r.fields(f));
         out
+    }
+
+    #[test]
+    fn sampling_keeps_every_failure() {
+        let line = |status: u16, grpc_status: Option<u32>| RequestLine {
+            method: "GET",
+            authority: "web",
+            path: "/",
+            status,
+            grpc_status,
+            retries: 0,
+            trace_id: None,
+            route: None,
+            authz: None,
+            audit: None,
+        };
+        let record = |outcome: &'static str, request: Option<RequestLine<'static>>| Record {
+            direction: "outbound",
+            source: None,
+            identity: None,
+            client: None,
+            service: "default/web:80",
+            endpoint: None,
+            node: None,
+            bytes_up: None,
+            bytes_down: 0,
+            duration: Duration::ZERO,
+            outcome,
+            error: None,
+            request,
+        };
+        assert!(record("ok", None).succeeded());
+        assert!(record("ok", Some(line(200, None))).succeeded());
+        assert!(record("ok", Some(line(302, Some(0)))).succeeded());
+        assert!(!record("refused", None).succeeded());
+        assert!(!record("ok", Some(line(404, None))).succeeded());
+        assert!(!record("ok", Some(line(503, None))).succeeded());
+        assert!(!record("ok", Some(line(200, Some(14)))).succeeded());
+        assert!(!record("cancelled", Some(line(200, None))).succeeded());
     }
 
     #[test]

@@ -214,7 +214,7 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: Option<&Worklo
             }
             // A reset, as a refused connection: the client may try again later.
             let _ = client.set_zero_linger();
-            Record { outcome: "rate_limited", duration: started.elapsed(), ..record }.log();
+            Record { outcome: "rate_limited", duration: started.elapsed(), ..record }.log(route.access_log, env);
             return;
         }
     }
@@ -234,7 +234,7 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: Option<&Worklo
                 // Refused as a connect would be: a reset, no byte through.
                 let _ = client.set_zero_linger();
             }
-            Record { outcome, error: Some(&e), duration: started.elapsed(), ..record }.log();
+            Record { outcome, error: Some(&e), duration: started.elapsed(), ..record }.log(route.access_log, env);
             return;
         }
     };
@@ -268,7 +268,7 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: Option<&Worklo
     record.duration = duration;
     record.outcome = relay::outcome(&error);
     record.error = error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync));
-    record.log();
+    record.log(route.access_log, env);
 }
 
 /// The connect decision in-process, over loopback, with real TLS: a

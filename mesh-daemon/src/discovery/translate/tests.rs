@@ -118,6 +118,33 @@ fn active_checks_are_off_unless_a_service_asks_and_a_bad_ask_is_reported() {
 }
 
 #[test]
+fn the_access_log_comes_from_the_service_annotation_and_a_bad_one_is_reported() {
+    let mut f = fixture();
+    let set = |f: &mut Fixture, v: &str| {
+        let web = f.services.iter_mut().find(|s| s.metadata.name.as_deref() == Some("web")).unwrap();
+        web.metadata.annotations.get_or_insert_with(Default::default).insert(ACCESS_LOG_ANNOTATION.into(), v.into());
+    };
+    let of = |t: &Translation| {
+        let state = State::from_document(&t.document).unwrap_or_else(|e| panic!("{e}"));
+        let web = state.services.iter().find(|s| s.key().to_string() == "shop/web").unwrap().access_log;
+        web.to_string()
+    };
+    assert_eq!(of(&run(&f, "node-a")), "on", "every record by default");
+    set(&mut f, "5%");
+    assert_eq!(of(&run(&f, "node-a")), "5%");
+    set(&mut f, "off");
+    assert_eq!(of(&run(&f, "node-a")), "off");
+    set(&mut f, "most");
+    let t = run(&f, "node-a");
+    assert_eq!(of(&t), "on");
+    assert!(
+        t.skipped.iter().any(|s| s.contains("shop/web") && s.contains("mesh.io/access-log: \"most\"")),
+        "{:?}",
+        t.skipped
+    );
+}
+
+#[test]
 fn the_weight_comes_from_the_pod_annotation_and_a_bad_one_is_reported() {
     let mut f = fixture();
     let t = run(&f, "node-a");

@@ -2,6 +2,7 @@
 //! field reported with its path.
 
 use super::*;
+use crate::model::AccessLog;
 
 pub(super) fn nodes(
     e: &mut Errors,
@@ -257,6 +258,8 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
         },
     );
     let http = super::http::validate(e, &p, s.http.as_ref(), &ports);
+    let access_log =
+        e.take(|| format!("{p}.accessLog"), s.access_log.as_deref().map_or(Ok(AccessLog::ON), AccessLog::parse));
     if e.0.len() != errors_before {
         return None;
     }
@@ -275,6 +278,7 @@ pub(super) fn service(e: &mut Errors, i: usize, s: &ServiceDoc, node_names: &Has
         mtls: mtls?,
         authorization,
         http: http?,
+        access_log: access_log?,
     })
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::parse_document;
+use crate::model::{parse_document, AccessLog};
 
 #[path = "tests_families.rs"]
 mod families;
@@ -267,6 +267,18 @@ fn failover_and_health_rules() {
         fall: None,
     });
     assert_eq!(State::from_document(&d).unwrap().services[0].health_check, None);
+}
+
+#[test]
+fn access_log_rules() {
+    assert_error(
+        |d| d.service_mut(0).access_log = Some("sometimes".into()),
+        r#"services[0].accessLog: "sometimes": write on, off, or the share of successful requests and connections to log (such as 10%; failures are always logged)"#,
+    );
+    assert_eq!(State::from_document(&good()).unwrap().services[0].access_log, AccessLog::ON, "on by default");
+    let mut d = good();
+    d.service_mut(0).access_log = Some("2.5%".into());
+    assert_eq!(State::from_document(&d).unwrap().services[0].access_log.to_string(), "2.5%");
 }
 
 #[test]

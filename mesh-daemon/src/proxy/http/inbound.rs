@@ -259,7 +259,7 @@ impl Report for Reported {
                 ..self.line.with(status, grpc_status)
             }),
         }
-        .log();
+        .log(self.target.access_log, crate::env::live());
         if let Some(t) = &self.traced {
             let error = outcome != "ok" || failed(status, self.target.grpc, grpc_status);
             let (service, s) = (&series.labels.service, status.as_u16());

@@ -255,7 +255,7 @@ impl Finished {
                 ..self.line.with(status, grpc_status)
             }),
         }
-        .log();
+        .log(self.route.access_log, self.env);
         if let Some(b) = &self.by {
             let rule = &b.router.rules[b.rule];
             let labels = RouteLabels {

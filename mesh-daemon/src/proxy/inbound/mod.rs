@@ -142,6 +142,6 @@ impl StreamHandler for InboundHandler {
             error: error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync)),
             request: None,
         }
-        .log();
+        .log(target.access_log, crate::env::live());
     }
 }

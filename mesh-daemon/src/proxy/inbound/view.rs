@@ -40,6 +40,8 @@ pub struct Target {
     pub service: crate::model::ServiceKey,
     /// Its requests carry the verified caller in `x-forwarded-client-cert`.
     pub forward_client_cert: bool,
+    /// Which of its streams and requests the access log writes.
+    pub access_log: crate::model::AccessLog,
 }
 
 impl Target {
@@ -141,6 +143,7 @@ impl LocalService {
                         grpc: p.app_protocol == AppProtocol::Grpc,
                         service: s.key(),
                         forward_client_cert: s.http.forward_client_cert,
+                        access_log: s.access_log,
                     })
                 });
             }

@@ -84,6 +84,8 @@ pub struct Route {
     pub mtls: bool,
     /// Bytes, or requests routed one by one.
     pub app_protocol: AppProtocol,
+    /// Which of its connections and requests the access log writes.
+    pub access_log: crate::model::AccessLog,
     /// Made on first use, like the endpoints'.
     series: OnceLock<Box<ServiceSeries>>,
     source: Arc<SeriesSource>,
@@ -181,6 +183,7 @@ impl Route {
             retry_budget: s.retry_budget,
             mtls: s.mtls,
             app_protocol: f.app_protocol,
+            access_log: s.access_log,
             from: (s.clone(), f.clone()),
         }
     }
