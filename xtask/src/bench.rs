@@ -26,7 +26,10 @@
 //! - http-proxy-local / http-proxy-mtls: the VIP with `appProtocol: http`
 //!   (wrk) or `http2` (h2load), every request routed on its own;
 //! - haproxy-http: HAProxy in `mode http` (h2 on the h2load port), one
-//!   thread, on the client's node;
+//!   thread, on the client's node, with `option httplog` to its log file,
+//!   as the mesh writes an access-log line per request;
+//! - http-proxy-nolog / haproxy-http-nolog: the same two with no access
+//!   log on either side (`accessLog: off`; no `log` in HAProxy);
 //! - http-proxy-routes: as http-proxy-local, through a Service with 50
 //!   HTTPRoutes of 16 rules each (800 PathPrefix and header matches that
 //!   no bench request matches, ranked before its catch-all), the cost of
@@ -40,7 +43,13 @@
 //! Per path: wrk, 32 HTTP/1.1 keep-alive connections (requests/s, p50,
 //! p99); h2load, 4 HTTP/2 connections of 32 streams each (requests/s);
 //! oha at a fixed 1000 requests/s over 8 keep-alive connections (p50,
-//! p99, with latency correction); and the proxy's CPU seconds over all.
+//! p99, with latency correction); the proxies' CPU microseconds per
+//! request during wrk and during h2load, and their CPU seconds over all;
+//! and a verdict per row against its target (see [`requests`]).
+//!
+//! A full run writes `bench/results/latest.md` and the same summary
+//! paragraph into the README ([`headline`]); `cargo xtask test` fails
+//! when the README's figures are not latest.md's.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -49,42 +58,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use mesh_tests::{Cluster, ClusterSpec};
 
-/// One request path's figures.
-struct HttpRow {
-    name: &'static str,
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    h2_rps: f64,
-    /// oha at a fixed rate of [`FIXED_RATE`] requests/s.
-    fixed_p50_us: f64,
-    fixed_p99_us: f64,
-    cpu_s: f64,
-}
-
-/// The rate of the fixed-rate latency measurement, requests/s.
-const FIXED_RATE: u32 = 1000;
-
-/// (p50 µs, p99 µs) from oha's JSON output, when every request succeeded.
-fn parse_oha(out: &str) -> Option<(f64, f64)> {
-    let v: serde_json::Value = serde_json::from_str(out).ok()?;
-    if v["summary"]["successRate"].as_f64()? < 1.0 {
-        return None;
-    }
-    let p = &v["latencyPercentiles"];
-    Some((p["p50"].as_f64()? * 1e6, p["p99"].as_f64()? * 1e6))
-}
-
-/// Requests/s from h2load's `finished in 5.00s, 12345.67 req/s, ...`, if
-/// every request succeeded.
-fn parse_h2load(out: &str) -> Option<f64> {
-    let done = out.lines().find(|l| l.starts_with("requests:"))?;
-    if !done.contains(" 0 failed, 0 errored") {
-        return None;
-    }
-    let line = out.lines().find(|l| l.starts_with("finished in"))?;
-    line.split(',').nth(1)?.trim().strip_suffix(" req/s")?.parse().ok()
-}
+pub mod headline;
+mod requests;
+use requests::{bench_policies, bench_routes};
 
 struct Row {
     name: &'static str,
@@ -191,7 +167,7 @@ pub fn bench(
     release: bool,
 ) -> anyhow::Result<()> {
     mesh_tests::sys::require_root()?;
-    const PATHS: [&str; 17] = [
+    const PATHS: [&str; 19] = [
         "direct",
         "kernel",
         "proxy-local",
@@ -207,6 +183,8 @@ pub fn bench(
         "http-proxy-local",
         "http-proxy-mtls",
         "haproxy-http",
+        "http-proxy-nolog",
+        "haproxy-http-nolog",
         "http-proxy-routes",
         "http-proxy-authz",
     ];
@@ -232,6 +210,7 @@ pub fn bench(
     let http_svc = |name: &str, vip: &str, app: &str, ip: std::net::Ipv4Addr, node: &str| {
         format!("  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8090, appProtocol: {app} }}]\n    endpoints: [{{ ip: {ip}, node: {node} }}]\n")
     };
+    let no_log = |svc: String| svc + "    accessLog: 'off'\n";
     let services = [
         svc("kernel", "10.96.0.20", "kernel", w1.into(), "node-a"),
         svc("local", "10.96.0.21", "proxy", w1.into(), "node-a"),
@@ -246,6 +225,8 @@ pub fn bench(
         http_svc("h2-routes", "10.96.0.28", "http2", w1, "node-a"),
         http_svc("http-authz", "10.96.0.29", "http", w1, "node-a"),
         http_svc("h2-authz", "10.96.0.30", "http2", w1, "node-a"),
+        no_log(http_svc("http-nolog", "10.96.0.31", "http", w1, "node-a")),
+        no_log(http_svc("h2-nolog", "10.96.0.32", "http2", w1, "node-a")),
     ]
     .concat();
     let cfg = c.write_file("mesh.yaml", &(c.config(&services) + &bench_routes() + &bench_policies()))?;
@@ -271,11 +252,13 @@ pub fn bench(
     let (pem_a, pem_b, ca_pem) = (pem("a")?, pem("b")?, ca.join("ca.pem").display().to_string());
     let tls = format!("ca-file {ca_pem} verify required ssl-min-ver TLSv1.3");
     let haproxy_cfg = format!(
-        "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+        "global\n  nbthread 1\n  maxconn 8000\n  log stdout format raw local0\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          listen http\n  bind {node_a}:18080\n  server web {w1}:8080\nlisten iperf\n  bind {node_a}:15201\n  server web {w1}:5201\n\
          listen http6\n  bind {node_a6}:18082\n  server web {w1_6}:8080\nlisten iperf6\n  bind {node_a6}:15202\n  server web {w1_6}:5201\n\
-         listen h1\n  mode http\n  bind {node_a}:18090\n  server web {w1}:8090\n\
-         listen h2\n  mode http\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n\
+         listen h1\n  mode http\n  log global\n  option httplog\n  bind {node_a}:18090\n  server web {w1}:8090\n\
+         listen h2\n  mode http\n  log global\n  option httplog\n  bind {node_a}:18091 proto h2\n  server web {w1}:8090 proto h2\n\
+         listen h1-nolog\n  mode http\n  bind {node_a}:18092\n  server web {w1}:8090\n\
+         listen h2-nolog\n  mode http\n  bind {node_a}:18093 proto h2\n  server web {w1}:8090 proto h2\n\
          listen mtls-http\n  bind {node_a}:18443\n  server b {node_b}:18444 ssl crt {pem_a} {tls}\n\
          listen mtls-iperf\n  bind {node_a}:15443\n  server b {node_b}:15444 ssl crt {pem_a} {tls}\n"
     );
@@ -412,67 +395,20 @@ pub fn bench(
     let rows: Vec<Row> = runs.iter().map(|r| median_row(r)).collect();
 
     // Requests: the same rounds, interleaved the same way.
-    let http_paths: [(&str, String, String, u32); 6] = [
-        ("http-direct", format!("{w1}:8090"), format!("{w1}:8090"), da.pid()),
-        ("http-proxy-local", "10.96.0.23:80".into(), "10.96.0.24:80".into(), da.pid()),
-        ("http-proxy-mtls", "10.96.0.25:80".into(), "10.96.0.26:80".into(), da.pid()),
-        ("haproxy-http", format!("{node_a}:18090"), format!("{node_a}:18091"), haproxy),
-        ("http-proxy-routes", "10.96.0.27:80".into(), "10.96.0.28:80".into(), da.pid()),
-        ("http-proxy-authz", "10.96.0.29:80".into(), "10.96.0.30:80".into(), da.pid()),
+    let h = |port: u16| format!("{node_a}:{port}");
+    let http_paths = [
+        requests::Path::new("http-direct", format!("{w1}:8090"), format!("{w1}:8090"), vec![]),
+        requests::Path::new("http-proxy-local", "10.96.0.23:80", "10.96.0.24:80", vec![a]),
+        requests::Path::new("http-proxy-nolog", "10.96.0.31:80", "10.96.0.32:80", vec![a]),
+        requests::Path::new("haproxy-http", h(18090), h(18091), vec![haproxy]),
+        requests::Path::new("haproxy-http-nolog", h(18092), h(18093), vec![haproxy]),
+        requests::Path::new("http-proxy-mtls", "10.96.0.25:80", "10.96.0.26:80", vec![a, b]),
+        requests::Path::new("http-proxy-routes", "10.96.0.27:80", "10.96.0.28:80", vec![a]),
+        requests::Path::new("http-proxy-authz", "10.96.0.29:80", "10.96.0.30:80", vec![a]),
     ];
-    let oha = crate::setup::oha_path()
-        .context("oha is missing (the fixed-rate latency needs it): run cargo xtask setup")?
-        .display()
-        .to_string();
     let http_selected: Vec<_> =
-        http_paths.iter().filter(|s| only.is_empty() || only.iter().any(|o| o == s.0)).collect();
-    let mut http_runs: Vec<Vec<HttpRow>> = http_selected.iter().map(|_| Vec::new()).collect();
-    for round in 1..=rounds {
-        let n = http_selected.len();
-        for i in (0..n).map(|k| (k + round - 1) % n) {
-            let (name, h1, h2, pid) = http_selected[i];
-            say(&format!("{name} (round {round} of {rounds}): HTTP/1.1 keep-alive, HTTP/2 ({secs} s each)"));
-            let (_, cpu0) = usage(*pid);
-            let d = format!("{secs}s");
-            let ka =
-                c.exec("client", "wrk", &["-t1", "-c32", "-d", &d, "--latency", &format!("http://{h1}/")], wait)?;
-            let ka = String::from_utf8_lossy(&ka.stdout).into_owned();
-            let (rps, p50, p99) = parse_wrk(&ka).with_context(|| format!("{name}: no wrk result:\n{ka}"))?;
-            if let Some(e) = ka.lines().find(|l| l.trim_start().starts_with("Socket errors:")) {
-                socket_errors.push(format!("{name}, round {round}: {}", e.trim()));
-            }
-            let h2load = c.exec(
-                "client",
-                "h2load",
-                &["-c", "4", "-m", "32", "-D", &secs.to_string(), &format!("http://{h2}/")],
-                wait,
-            )?;
-            let h2out = String::from_utf8_lossy(&h2load.stdout).into_owned();
-            let h2_rps = parse_h2load(&h2out).with_context(|| format!("{name}: h2load failed:\n{h2out}"))?;
-            let rate = FIXED_RATE.to_string();
-            let fixed = c.exec(
-                "client",
-                &oha,
-                &["-z", &d, "-q", &rate, "-c", "8", "--latency-correction", "--no-tui", "--output-format", "json"]
-                    .into_iter()
-                    .chain([format!("http://{h1}/").as_str()])
-                    .collect::<Vec<_>>(),
-                wait,
-            )?;
-            let fixed = String::from_utf8_lossy(&fixed.stdout).into_owned();
-            let (fixed_p50_us, fixed_p99_us) =
-                parse_oha(&fixed).with_context(|| format!("{name}: oha failed or had failures:\n{fixed}"))?;
-            let (_, cpu1) = usage(*pid);
-            let row =
-                HttpRow { name, rps, p50_us: p50, p99_us: p99, h2_rps, fixed_p50_us, fixed_p99_us, cpu_s: cpu1 - cpu0 };
-            say(&format!(
-                "  HTTP/1.1 {:.0} req/s, p50 {:.0} us, p99 {:.0} us; HTTP/2 {:.0} req/s; at {FIXED_RATE}/s p50 {:.0} us, p99 {:.0} us; CPU {:.2} s",
-                row.rps, row.p50_us, row.p99_us, row.h2_rps, row.fixed_p50_us, row.fixed_p99_us, row.cpu_s
-            ));
-            http_runs[i].push(row);
-        }
-    }
-    let http_rows: Vec<HttpRow> = http_runs.iter().filter(|r| !r.is_empty()).map(|r| median_http_row(r)).collect();
+        http_paths.iter().filter(|p| only.is_empty() || only.iter().any(|o| o == p.name)).collect();
+    let http_rows = requests::measure(&c, &http_selected, secs, rounds, &mut socket_errors)?;
 
     // Only a full run of every path replaces the committed results.
     let full = !quick && release && only.is_empty() && seconds.is_none() && rounds >= 3;
@@ -490,8 +426,14 @@ pub fn bench(
         let _ = write!(flags, " --rounds {rounds}");
     }
     let mut table = render(&rows, secs, rounds, full, &flags);
+    // A full run's summary, first after the table's introduction; the
+    // README quotes it.
+    let block = headline::block(&headline::paragraph(&rows, &http_rows, active, rss_held));
+    if let Some(at) = table.find("\n| path |").filter(|_| full) {
+        table.insert_str(at, &format!("\n{block}\n"));
+    }
     if !http_rows.is_empty() {
-        table.push_str(&render_http(&http_rows));
+        table.push_str(&requests::render_http(&http_rows));
     }
     if !socket_errors.is_empty() {
         let _ = writeln!(table, "\nwrk reported socket errors (the figures above include them):");
@@ -509,138 +451,16 @@ pub fn bench(
     let file: PathBuf = dir.join(if full { "latest.md" } else { "quick.md" });
     std::fs::write(&file, &table)?;
     say(&format!("written to {}", file.display()));
+    if full {
+        headline::update_readme(&crate::root(), &block)?;
+        say("README.md's figures updated from it");
+    }
     Ok(())
-}
-
-/// The policies of the http-proxy-authz row, on http-authz and
-/// h2-authz: 19 DENY policies of 10 rules (a principal and a path each,
-/// or in every other policy a path alone, which no bench request has) and
-/// an ALLOW policy of 10 rules, the last of which (empty) matches every
-/// request: each request is checked against all 200 rules.
-fn bench_policies() -> String {
-    let mut s = String::from("policies:\n");
-    for i in 0..20 {
-        let action = if i < 19 { "DENY" } else { "ALLOW" };
-        let _ = writeln!(s, "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: bench-{i} }}\n    spec:\n      action: {action}\n      targetRefs: [{{ kind: Service, name: http-authz }}, {{ kind: Service, name: h2-authz }}]\n      rules:");
-        for j in 0..10 {
-            if i == 19 && j == 9 {
-                let _ = writeln!(s, "        - {{}}");
-            } else if i % 2 == 1 {
-                let _ = writeln!(s, "        - to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]");
-            } else {
-                let _ = writeln!(
-                    s,
-                    "        - from: [{{ source: {{ principals: [cluster.local/ns/other/sa/p{i}-{j}] }} }}]\n          to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]"
-                );
-            }
-        }
-    }
-    s
-}
-
-/// The routes of the http-proxy-routes row: on each of http-routes and
-/// h2-routes, 50 HTTPRoutes of 16 rules (a PathPrefix and a header match
-/// each, which no bench request matches, and which the router cannot skip
-/// by an index of exact paths) and one catch-all route to the same
-/// backend as http-proxy-local's, which every request ends at.
-fn bench_routes() -> String {
-    let mut s = String::from("routes:\n");
-    for (parent, backend) in [("http-routes", "http-local"), ("h2-routes", "h2-local")] {
-        for i in 0..50 {
-            let _ = writeln!(s, "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute");
-            let _ = writeln!(s, "    metadata: {{ name: {parent}-{i} }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules:");
-            for j in 0..16 {
-                let _ = writeln!(
-                    s,
-                    "        - matches: [{{ path: {{ type: PathPrefix, value: /r{i}/{j} }}, headers: [{{ name: x-rule, value: \"{j}\" }}] }}]\n          backendRefs: [{{ name: {backend}, port: 80 }}]"
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: {parent}-all }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules: [{{ backendRefs: [{{ name: {backend}, port: 80 }}] }}]"
-        );
-    }
-    s
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn median_http_row(runs: &[HttpRow]) -> HttpRow {
-    let med = |f: fn(&HttpRow) -> f64| median(runs.iter().map(f).collect());
-    HttpRow {
-        name: runs[0].name,
-        rps: med(|r| r.rps),
-        p50_us: med(|r| r.p50_us),
-        p99_us: med(|r| r.p99_us),
-        h2_rps: med(|r| r.h2_rps),
-        fixed_p50_us: med(|r| r.fixed_p50_us),
-        fixed_p99_us: med(|r| r.fixed_p99_us),
-        cpu_s: med(|r| r.cpu_s),
-    }
-}
-
-fn render_http(rows: &[HttpRow]) -> String {
-    let base = |f: fn(&HttpRow) -> f64, name: &str| rows.iter().find(|r| r.name == name).map(f).unwrap_or(0.0);
-    let cell = |r: &HttpRow, f: fn(&HttpRow) -> f64| {
-        let (d, h) = (base(f, "http-direct"), base(f, "haproxy-http"));
-        let ratio = |b: f64| if b > 0.0 { format!("{:.2}", f(r) / b) } else { "-".into() };
-        format!("{:.0} ({}x direct, {}x haproxy)", f(r), ratio(d), ratio(h))
-    };
-    let mut s = String::from(
-        "\n## Requests\n\nHTTP/1.1: wrk, 32 keep-alive connections. HTTP/2: h2load, 4 connections x 32 streams (prior knowledge). The mesh rows route every request on its own (`appProtocol: http` / `http2`); haproxy-http is HAProxy `mode http`, one thread. CPU is the proxy's over both.\n\n",
-    );
-    let _ = writeln!(s, "| path | HTTP/1.1 req/s | p50 µs | p99 µs | HTTP/2 req/s | proxy CPU s |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
-    for r in rows {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {:.2} |",
-            r.name,
-            cell(r, |r| r.rps),
-            cell(r, |r| r.p50_us),
-            cell(r, |r| r.p99_us),
-            cell(r, |r| r.h2_rps),
-            r.cpu_s
-        );
-    }
-    // What routes and policies cost, against the same service without.
-    let local = rows.iter().find(|r| r.name == "http-proxy-local");
-    for (what, row, how) in [
-        ("Routing", "http-proxy-routes", "50 HTTPRoutes x 16 rules"),
-        ("Authorization", "http-proxy-authz", "20 policies x 10 rules"),
-    ] {
-        let Some((l, r)) = local.zip(rows.iter().find(|r| r.name == row)) else { continue };
-        let pct = |a: f64, b: f64| if b > 0.0 { format!("{:+.1}%", (a / b - 1.0) * 100.0) } else { "-".into() };
-        let _ = writeln!(
-            s,
-            "\n{what} cost ({row}, {how} checked per request, against http-proxy-local in the same run): HTTP/1.1 req/s {}, HTTP/2 req/s {}, p50 at {FIXED_RATE} req/s {:+.0} µs.",
-            pct(r.rps, l.rps),
-            pct(r.h2_rps, l.h2_rps),
-            r.fixed_p50_us - l.fixed_p50_us
-        );
-    }
-    let _ = writeln!(
-        s,
-        "\nAt a fixed {FIXED_RATE} requests/s (oha `-q {FIXED_RATE}`, 8 HTTP/1.1 keep-alive connections, latency-corrected). A hop is one proxy a request passes: one for http-proxy-local and haproxy-http, two for http-proxy-mtls (both nodes' proxies).\n"
-    );
-    let _ = writeln!(s, "| path | p50 µs | p99 µs | added p50 per hop µs |");
-    let _ = writeln!(s, "|---|---|---|---|");
-    let direct = base(|r| r.fixed_p50_us, "http-direct");
-    for r in rows {
-        let hops = match r.name {
-            "http-direct" => 0.0,
-            "http-proxy-mtls" => 2.0,
-            _ => 1.0,
-        };
-        let added =
-            if hops > 0.0 && direct > 0.0 { format!("{:+.0}", (r.fixed_p50_us - direct) / hops) } else { "-".into() };
-        let _ = writeln!(s, "| {} | {:.0} | {:.0} | {added} |", r.name, r.fixed_p50_us, r.fixed_p99_us);
-    }
-    s
 }
 
 /// Each figure's median over the rounds.
@@ -799,23 +619,6 @@ mod tests {
         assert!(mtls.contains("| 2.00 (0.50x haproxy-mtls) |"), "{mtls}");
         assert!(mtls.contains("| 2.40 (3.00x direct-remote, 0.75x haproxy-mtls) | 93% |"), "{mtls}");
         assert!(line("direct-remote").contains("| - | 0.80 (1.00x direct-remote"), "{t}");
-    }
-
-    #[test]
-    fn parses_h2load_output() {
-        let out = "finished in 5.00s, 12345.67 req/s, 1.00MB/s\nrequests: 61728 total, 61728 started, 61728 done, 61728 succeeded, 0 failed, 0 errored, 0 timeout\n";
-        assert_eq!(parse_h2load(out), Some(12345.67));
-        let failed = out.replace("0 failed", "3 failed");
-        assert_eq!(parse_h2load(&failed), None, "failed requests make no figure");
-    }
-
-    #[test]
-    fn parses_oha_json() {
-        let out = r#"{"summary":{"successRate":1.0},"latencyPercentiles":{"p50":0.000158815,"p99":0.000549096}}"#;
-        let (p50, p99) = parse_oha(out).unwrap();
-        assert!((p50 - 158.815).abs() < 1e-6 && (p99 - 549.096).abs() < 1e-6);
-        let failed = out.replace("1.0", "0.98");
-        assert_eq!(parse_oha(&failed), None, "failed requests make no figure");
     }
 
     #[test]

@@ -185,6 +185,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     eprintln!("xtask: checking formatting (cargo fmt --check) and lints (cargo clippy -D warnings)");
     eprintln!("xtask: checking the daemon's layering (cargo xtask layers)");
     layers::check(&root())?;
+    bench::headline::check_readme(&root())?;
     lint::check_formatting(&root())?;
     lint::check_clippy(&root())?;
     lint::check_deny(&root())?;
