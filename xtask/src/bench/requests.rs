@@ -294,7 +294,12 @@ pub fn verdicts(rows: &[HttpRow]) -> Vec<String> {
                 let ok = if *higher { v >= target } else { v <= target };
                 met += usize::from(ok);
                 let op = if *higher { "≥" } else { "≤" };
-                format!("{what} {v:.2}x ({op} {target}x: {})", if ok { "met" } else { "**missed**" })
+                // Four decimals where two would show the target itself.
+                let mut shown = format!("{v:.2}");
+                if shown.parse::<f64>().ok() == Some(*target) {
+                    shown = format!("{v:.4}");
+                }
+                format!("{what} {shown}x ({op} {target}x: {})", if ok { "met" } else { "**missed**" })
             })
             .collect();
         format!("**{row}** against {against}: {}; {met} of {} met.", parts.join(", "), checks.len())
@@ -454,6 +459,12 @@ mod tests {
         // Authorization within 5%: 0.96x both.
         assert!(line("http-proxy-authz").ends_with("2 of 2 met."), "{v:?}");
         assert!(!v.iter().any(|l| l.contains("http-proxy-routes")), "a row not measured is not judged");
+        // 0.9496x of a 0.95x target is not shown as 0.95x.
+        let edge = verdicts(&[
+            row("http-proxy-local", 100_000.0, 100_000.0, 1.0, 1.0),
+            row("http-proxy-authz", 94_960.0, 96_000.0, 1.0, 1.0),
+        ]);
+        assert!(edge[0].contains("HTTP/1.1 req/s 0.9496x (≥ 0.95x: **missed**)"), "{edge:?}");
         let t = render_http(&rows);
         let nolog_row = t.lines().find(|l| l.starts_with("| http-proxy-nolog |")).unwrap();
         assert!(nolog_row.contains("80000 (0.89x direct, 1.07x haproxy-http-nolog)"), "{nolog_row}");
