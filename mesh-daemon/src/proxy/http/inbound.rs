@@ -103,7 +103,7 @@ pub async fn serve(
     let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target, spans, view });
     let svc = hyper::service::service_fn(move |r| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.forward(r).await) }
+        Box::pin(async move { Ok::<_, Infallible>(ctx.forward(r).await) })
     });
     let io = TokioIo::new(stream);
     let ended = match protocol {

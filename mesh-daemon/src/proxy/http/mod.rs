@@ -61,7 +61,10 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     let counters = conn.counters.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+        // Boxed: the request's future is some kilobytes, and hyper moves
+        // it several times (into its stream task for HTTP/2); a pointer
+        // moves for free.
+        Box::pin(async move { Ok::<_, Infallible>(handle(req, &conn).await) })
     });
     let result = if http2 {
         let (io, activity) = Watched::new(stream);
