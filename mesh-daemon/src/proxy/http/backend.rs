@@ -17,10 +17,10 @@ use tracing::warn;
 use super::conn::Resolved;
 use super::observe::{Finished, Observed};
 use super::retry::{NoRetry, Retrying};
-use super::upstream::{Body, ConnectedAt};
+use super::upstream::{Body, ConnectedAt, SendError};
 use super::{
-    answer, chain, connect_error, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer,
-    retry, retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
+    answer, chain, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer, retry,
+    retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
 };
 use crate::model::authz::Request as AuthzRequest;
 use crate::model::route::{Backend, Mirror, Rule};
@@ -212,7 +212,7 @@ impl<'a> Plan<'a> {
                     Err(step) => step,
                 },
                 Some(Err(e)) => {
-                    let Some(c) = connect_error(&e) else {
+                    let SendError::Connect(c) = &e else {
                         // The endpoint took the request and then failed it.
                         warn!(service = %route.name, endpoint = %ep.state.addr, error = %chain(&e), "upstream request failed");
                         failed_answer(route, ep, env);

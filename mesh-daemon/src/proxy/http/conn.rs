@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
 
-use super::upstream::{Body, Connector, Dial, Upstreams};
+use super::upstream::{Dial, Endpoint, Upstreams};
 use crate::env::Env;
 use crate::model::{AppProtocol, PortKey};
 use crate::proxy::error::ConnectError;
@@ -54,14 +53,14 @@ pub struct Conn {
     pub max_headers: usize,
 }
 
-/// One route of the table, as requests use it: the pooling client of each
-/// endpoint is found on first use, once per route and connection, not per
-/// request. The clients themselves live in [`Upstreams`], keyed by how the
-/// endpoint is reached, so a new route with the same endpoints finds the
-/// same pools and their open connections.
+/// One route of the table, as requests use it: the connections of each
+/// endpoint are found on first use, once per route and connection, not
+/// per request. They live in [`Upstreams`], keyed by how the endpoint is
+/// reached, so a new route with the same endpoints finds the same
+/// connections open.
 pub struct Resolved {
     pub route: Arc<Route>,
-    clients: Vec<OnceLock<Client<Connector, Body>>>,
+    clients: Vec<OnceLock<Arc<Endpoint>>>,
 }
 
 impl Resolved {
@@ -70,14 +69,14 @@ impl Resolved {
         Self { route, clients }
     }
 
-    /// The pooling client for endpoint `i` (`ep`) of the route.
-    pub fn client(&self, i: usize, ep: &RouteEndpoint, conn: &Conn) -> Result<Client<Connector, Body>, ConnectError> {
+    /// The connections to endpoint `i` (`ep`) of the route.
+    pub fn client(&self, i: usize, ep: &RouteEndpoint, conn: &Conn) -> Result<&Arc<Endpoint>, ConnectError> {
         if let Some(c) = self.clients[i].get() {
-            return Ok(c.clone());
+            return Ok(c);
         }
         let dial = dial(ep, &self.route, conn)?;
-        let c = conn.upstreams.client(dial, conn.http2, conn.tunnel.as_ref(), self.route.connect_timeout);
-        Ok(self.clients[i].get_or_init(|| c).clone())
+        let c = conn.upstreams.endpoint(dial, conn.http2, conn.tunnel.as_ref(), self.route.connect_timeout);
+        Ok(self.clients[i].get_or_init(|| c))
     }
 }
 
@@ -224,8 +223,7 @@ mod tests {
         let first = conn.resolve().unwrap();
         assert!(Arc::ptr_eq(&first, &conn.resolve().unwrap()), "the same route: the same clients, nothing rebuilt");
         let ep = &first.route.endpoints[0];
-        let client = first.client(0, ep, &conn).unwrap();
-        drop(client);
+        first.client(0, ep, &conn).unwrap();
         assert!(first.clients[0].get().is_some(), "found once, kept for the next request");
 
         // A write: 10.0.0.1 drained, 10.0.0.3 added.

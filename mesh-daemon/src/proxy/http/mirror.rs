@@ -41,7 +41,7 @@ pub fn send(conn: &Conn, mirrors: &[&Mirror], parts: &Parts, body: Option<&Repla
         };
         let ep = &route.endpoints[i];
         let state = ep.state.clone();
-        let Ok(client) = resolved.client(i, ep, conn) else {
+        let Ok(client) = resolved.client(i, ep, conn).cloned() else {
             state.release_probe();
             conn.counters.mirror_failed.inc();
             continue;

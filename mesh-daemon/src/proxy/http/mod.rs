@@ -42,7 +42,6 @@ use tracing::{debug, warn};
 use self::frontend::{Decided, Target};
 use self::observe::{Finished, Observed};
 use self::upstream::Body;
-use super::error::ConnectError;
 use super::{ProxyCounters, Route, RouteEndpoint};
 use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
@@ -153,8 +152,9 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// The request's URI in absolute form, which the pooling client needs:
-/// HTTP/1 requests carry the authority in `Host`.
+/// The request's URI in absolute form, which routing and an HTTP/2
+/// upstream need: HTTP/1 requests carry the authority in `Host` (the pool
+/// sends HTTP/1.1 requests in origin form again).
 fn absolute(req: &Request<Incoming>) -> Option<Uri> {
     if req.uri().authority().is_some() {
         return Some(req.uri().clone());
@@ -302,18 +302,6 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The connect error under a pooling client's error, if that is what it is.
-fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(c) = s.downcast_ref::<ConnectError>() {
-            return Some(c);
-        }
-        source = s.source();
-    }
-    None
-}
-
 /// An upgrade or `CONNECT`: one endpoint, a connection of its own, then
 /// bytes both ways (see [`upgrade`]). Not retried: the client's side is
 /// handed over with the request.
@@ -332,7 +320,7 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, route: &Arc<Route>, start
         }
     };
     let connector = upstream::Connector::new(dial.clone(), conn.tunnel.clone(), route.connect_timeout, None);
-    match upgrade::forward(req, dial, connector, conn.idle).await {
+    match upgrade::forward(req, dial, &connector, conn.idle).await {
         Ok(resp) => {
             let now = env.now();
             ep.state.connected(now - started, now);
@@ -342,11 +330,11 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, route: &Arc<Route>, start
         }
         Err(e) => {
             let reason = match &e {
-                upgrade::UpgradeError::Connect(c) => {
+                upstream::SendError::Connect(c) => {
                     super::tries::blame(ep, c, env);
                     c.reason()
                 }
-                upgrade::UpgradeError::Http(_) => "upstream",
+                upstream::SendError::Http(_) => "upstream",
             };
             warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upgrade could not reach the endpoint");
             finished.failed(reason, started, unavailable(false, reason))

@@ -8,11 +8,9 @@ use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
-use tower_service::Service;
 use tracing::{debug, warn};
 
-use super::upstream::{Connector, Dial};
-use crate::proxy::error::ConnectError;
+use super::upstream::{Connector, Dial, SendError};
 use crate::relay::relay;
 
 /// Whether the client asks to leave HTTP on this connection.
@@ -32,26 +30,17 @@ fn agreed(method: &Method, status: StatusCode) -> bool {
     status == StatusCode::SWITCHING_PROTOCOLS || (method == Method::CONNECT && status.is_success())
 }
 
-/// Why an upgrade did not reach its endpoint.
-#[derive(Debug, thiserror::Error)]
-pub enum UpgradeError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("HTTP/1 to the endpoint: {0}")]
-    Http(#[from] hyper::Error),
-}
-
 /// Sends the upgrade request `req` to the endpoint `dial` names over a new
 /// connection and, when it agrees, relays the two upgraded connections.
 /// Returns the endpoint's answer for the client.
 pub async fn forward(
     mut req: Request<Incoming>,
     dial: Dial,
-    mut connector: Connector,
+    connector: &Connector,
     idle: Duration,
-) -> Result<Response<Incoming>, UpgradeError> {
+) -> Result<Response<Incoming>, SendError> {
     let client_side = hyper::upgrade::on(&mut req);
-    let io = connector.call(req.uri().clone()).await?;
+    let io = connector.connect().await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {

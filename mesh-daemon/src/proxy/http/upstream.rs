@@ -1,25 +1,27 @@
-//! Pooled upstream connections for requests: hyper-util's pooling client
-//! (HTTP/1.1 keep-alive, or one multiplexed HTTP/2 connection), one per
-//! endpoint, protocol and, through the tunnel, source identity and service.
-//! Its connector dials the endpoint whatever the request's authority, so
-//! `Host` and `:authority` go upstream as the client sent them.
+//! Pooled upstream connections for requests, on hyper's `client::conn`:
+//! per endpoint, protocol and, through the tunnel, source identity and
+//! service, a queue of HTTP/1.1 keep-alive connections or one multiplexed
+//! HTTP/2 connection. A request takes a ready connection (or dials one),
+//! hands its request to it and puts it back at once: the connection is
+//! ready again when its answer has been read, and no task waits for that.
+//! The endpoint is dialled whatever the request's authority, so `Host` and
+//! `:authority` go upstream as the client sent them.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::io;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::header::{HeaderValue, HOST};
+use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
+use tracing::debug;
 
 use crate::identity::Identity;
 use crate::model::{NodeName, ServiceKey};
@@ -30,9 +32,13 @@ use crate::tunnel::StreamProtocol;
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
-/// Idle upstream connections kept per endpoint, and for how long.
+/// HTTP/1.1 connections kept per endpoint (busy and idle), idle ones past
+/// [`MAX_IDLE_PER_ENDPOINT`] or [`IDLE_TIMEOUT`] closed by the sweep (as
+/// the HTTP/2 one after [`IDLE_TIMEOUT`] without a request).
+const MAX_KEPT_PER_ENDPOINT: usize = 256;
 const MAX_IDLE_PER_ENDPOINT: usize = 32;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// How a connection to one endpoint is made (see [`dial`]): the key of
 /// its pool.
@@ -67,107 +73,499 @@ impl Connector {
     pub fn new(dial: Dial, pool: Option<Arc<Pool>>, timeout: Duration, protocol: Option<StreamProtocol>) -> Self {
         Self { dial: Arc::new(dial), pool, timeout, protocol }
     }
+
+    /// A new connection to the endpoint.
+    pub async fn connect(&self) -> Result<Io, ConnectError> {
+        let up = match &*self.dial {
+            Dial::Direct(addr) => dial::direct(*addr, self.timeout).await?,
+            Dial::Tunnel { target, via, source, service } => {
+                let what = (service, self.protocol, None);
+                dial::tunnel(*target, via, Some(source), what, self.pool.as_deref(), self.timeout).await?
+            }
+        };
+        Ok(TokioIo::new(up))
+    }
 }
 
-/// An upstream connection, and when it was made.
-pub struct Io {
-    inner: TokioIo<Upstream>,
-    at: Instant,
-}
+/// An upstream connection, as hyper reads and writes it.
+pub type Io = TokioIo<Upstream>;
 
-/// When the connection a response came over was made (a response
-/// extension): a request that had to wait for a new connection does not
-/// count the connect in its latency.
+/// When the connection a response came over was made, on a response that
+/// had to wait for a new connection (a response extension): its latency
+/// does not count the connect.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectedAt(pub Instant);
 
-impl Connection for Io {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(ConnectedAt(self.at))
-    }
+/// Why a request got no answer from its endpoint (an upgrade's too).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: nothing was sent.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection failed the request (it may have been sent).
+    #[error("the request to the endpoint failed: {0}")]
+    Http(#[from] hyper::Error),
 }
 
-impl hyper::rt::Read for Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
+/// A pooled HTTP/1.1 connection, and the sweep it was last handed back in.
+struct Kept {
+    tx: http1::SendRequest<Body>,
+    sweep: u32,
 }
 
-impl hyper::rt::Write for Io {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// The connections to one endpoint in one protocol: what a route's
+/// endpoint holds to send its requests.
+pub struct Endpoint {
+    connector: Connector,
+    conns: Conns,
+    /// Sweeps so far: connections are idle by how many passed since their
+    /// last request, so no request reads the clock for them.
+    sweeps: AtomicU32,
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = Io;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Io, ConnectError>> + Send>>;
+enum Conns {
+    /// Ready and busy connections, oldest first.
+    Http1(Mutex<VecDeque<Kept>>),
+    Http2 {
+        /// The connection every request shares, and when it was made.
+        shared: Mutex<Option<(http2::SendRequest<Body>, Instant)>>,
+        /// Held while one request dials for all.
+        dialling: tokio::sync::Mutex<()>,
+        /// The sweep of the last request.
+        used: AtomicU32,
+    },
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
+/// Sweeps without a request after which a connection is idle.
+const IDLE_SWEEPS: u32 = (IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs()) as u32;
+
+impl Endpoint {
+    fn new(connector: Connector, http2: bool) -> Arc<Self> {
+        let conns = if http2 {
+            Conns::Http2 { shared: Mutex::default(), dialling: tokio::sync::Mutex::new(()), used: AtomicU32::new(0) }
+        } else {
+            Conns::Http1(Mutex::default())
+        };
+        let ep = Arc::new(Self { connector, conns, sweeps: AtomicU32::new(0) });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&ep)));
+        }
+        ep
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let (dial, pool, after, protocol) = (self.dial.clone(), self.pool.clone(), self.timeout, self.protocol);
-        Box::pin(async move {
-            let up = match &*dial {
-                Dial::Direct(addr) => dial::direct(*addr, after).await?,
-                Dial::Tunnel { target, via, source, service } => {
-                    dial::tunnel(*target, via, Some(source), (service, protocol, None), pool.as_deref(), after).await?
+    /// Sends `req` (its URI absolute) and waits for the answer's head.
+    /// A request a reused connection refused before sending any of it
+    /// (the endpoint closed it meanwhile) goes once more on a new one.
+    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let now = self.sweeps.load(Ordering::Relaxed);
+        match &self.conns {
+            Conns::Http1(kept) => {
+                origin_form(&mut req);
+                for fresh in [false, true] {
+                    let (mut tx, dialled) = match ready(kept).filter(|_| !fresh) {
+                        Some(tx) => (tx, None),
+                        None => self.dial_h1().await?,
+                    };
+                    let sent = tx.try_send_request(req);
+                    // Back at once: busy until the answer has been read.
+                    keep(kept, Kept { tx, sweep: now });
+                    match sent.await {
+                        Ok(resp) => return Ok(connected_at(resp, dialled)),
+                        Err(e) => req = retry_or_fail(e, fresh || dialled.is_some())?,
+                    }
                 }
-            };
-            Ok(Io { inner: TokioIo::new(up), at: Instant::now() })
-        })
+            }
+            Conns::Http2 { shared, dialling, used } => {
+                if used.load(Ordering::Relaxed) != now {
+                    used.store(now, Ordering::Relaxed);
+                }
+                for fresh in [false, true] {
+                    let (mut tx, dialled) = self.shared_h2(shared, dialling, fresh).await?;
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(connected_at(resp, dialled)),
+                        Err(e) => req = retry_or_fail(e, fresh || dialled.is_some())?,
+                    }
+                }
+            }
+        }
+        unreachable!("the second try is on a new connection and returns")
+    }
+
+    /// The shared HTTP/2 connection, dialled when there is none (or it is
+    /// closed, or `renew`), with when it was made if this call waited for it.
+    async fn shared_h2(
+        &self,
+        shared: &Mutex<Option<(http2::SendRequest<Body>, Instant)>>,
+        dialling: &tokio::sync::Mutex<()>,
+        renew: bool,
+    ) -> Result<(http2::SendRequest<Body>, Option<Instant>), SendError> {
+        let current = || {
+            let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+            s.as_ref().filter(|(tx, _)| !tx.is_closed() && !renew).map(|(tx, at)| (tx.clone(), *at))
+        };
+        if let Some((tx, _)) = current() {
+            return Ok((tx, None));
+        }
+        let _one = dialling.lock().await;
+        if let Some((tx, at)) = current() {
+            return Ok((tx, Some(at)));
+        }
+        let (io, at) = self.dial().await?;
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new());
+        let (tx, conn) = b.handshake(io).await?;
+        drive(conn, "HTTP/2");
+        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), at));
+        Ok((tx, Some(at)))
+    }
+
+    async fn dial_h1(&self) -> Result<(http1::SendRequest<Body>, Option<Instant>), SendError> {
+        let (io, at) = self.dial().await?;
+        let (tx, conn) = http1::handshake(io).await?;
+        drive(conn, "HTTP/1.1");
+        Ok((tx, Some(at)))
+    }
+
+    async fn dial(&self) -> Result<(Io, Instant), ConnectError> {
+        let io = self.connector.connect().await?;
+        Ok((io, Instant::now()))
+    }
+
+    /// One sweep: closes HTTP/1.1 connections idle for [`IDLE_TIMEOUT`]
+    /// and the longest idle past [`MAX_IDLE_PER_ENDPOINT`]; the HTTP/2 one
+    /// once no request went on it for [`IDLE_TIMEOUT`].
+    fn sweep(&self) {
+        let now = self.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
+        let idle_since = |last: u32| now.wrapping_sub(last) > IDLE_SWEEPS;
+        match &self.conns {
+            Conns::Http1(kept) => {
+                let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+                kept.retain(|k| !(k.tx.is_closed() || k.tx.is_ready() && idle_since(k.sweep)));
+                let mut idle = kept.iter().filter(|k| k.tx.is_ready()).count();
+                kept.retain(|k| {
+                    let close = idle > MAX_IDLE_PER_ENDPOINT && k.tx.is_ready();
+                    idle -= usize::from(close);
+                    !close
+                });
+            }
+            Conns::Http2 { shared, used, .. } => {
+                if idle_since(used.load(Ordering::Relaxed)) {
+                    // Its streams still open finish: the connection closes after.
+                    shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        match &self.conns {
+            Conns::Http1(kept) => kept.lock().unwrap().len(),
+            Conns::Http2 { shared, .. } => usize::from(shared.lock().unwrap().is_some()),
+        }
     }
 }
 
-/// Upstream clients by (how to dial, HTTP/2 or not); kept across state
-/// writes so pools survive an `apply`.
+/// A kept HTTP/1.1 connection ready for a request: the oldest one; closed
+/// ones are dropped, busy ones stay.
+fn ready(kept: &Mutex<VecDeque<Kept>>) -> Option<http1::SendRequest<Body>> {
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..kept.len() {
+        let k = kept.pop_front()?;
+        if k.tx.is_closed() {
+            continue;
+        }
+        if k.tx.is_ready() {
+            return Some(k.tx);
+        }
+        kept.push_back(k);
+    }
+    None
+}
+
+fn keep(kept: &Mutex<VecDeque<Kept>>, k: Kept) {
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() < MAX_KEPT_PER_ENDPOINT {
+        kept.push_back(k);
+    }
+}
+
+/// Runs a connection's task until it ends.
+fn drive<C: std::future::Future<Output = hyper::Result<()>> + Send + 'static>(conn: C, what: &'static str) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "{what} connection to the endpoint ended");
+        }
+    });
+}
+
+/// Sweeps an endpoint's idle connections (see [`Endpoint::sweep`]) until
+/// the endpoint is dropped.
+async fn sweep(ep: Weak<Endpoint>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(ep) = ep.upgrade() else { return };
+        ep.sweep();
+    }
+}
+
+/// The request back, to go on a new connection, when this one refused it
+/// before sending any of it and was a reused one; else the error.
+fn retry_or_fail(mut e: TrySendError<Request<Body>>, fresh: bool) -> Result<Request<Body>, SendError> {
+    match e.take_message() {
+        Some(req) if !fresh => Ok(req),
+        _ => Err(SendError::Http(e.into_error())),
+    }
+}
+
+fn connected_at(mut resp: Response<Incoming>, dialled: Option<Instant>) -> Response<Incoming> {
+    if let Some(at) = dialled {
+        resp.extensions_mut().insert(ConnectedAt(at));
+    }
+    resp
+}
+
+/// An HTTP/1.1 request line names the path; `Host` names the authority
+/// (added from the URI when the client sent none).
+fn origin_form(req: &mut Request<Body>) {
+    *req.version_mut() = Version::HTTP_11;
+    if !req.headers().contains_key(HOST) {
+        if let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
+    let path = match req.uri().path_and_query() {
+        Some(p) if p.as_str() != "/" => {
+            let mut parts = hyper::http::uri::Parts::default();
+            parts.path_and_query = Some(p.clone());
+            Uri::from_parts(parts).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    };
+    *req.uri_mut() = path;
+}
+
+/// Endpoints by (how to dial, HTTP/2 or not); kept across state writes so
+/// their connections survive an `apply`.
 #[derive(Default)]
 pub struct Upstreams {
-    clients: Mutex<HashMap<(Dial, bool), Client<Connector, Body>>>,
+    endpoints: Mutex<HashMap<(Dial, bool), Arc<Endpoint>>>,
 }
 
 impl Upstreams {
-    /// The client for `dial`, speaking HTTP/2 with prior knowledge when
-    /// `http2`. The lock is held for a lookup, never across an await.
-    pub fn client(
+    /// The endpoint `dial` reaches, speaking HTTP/2 with prior knowledge
+    /// when `http2`. The lock is held for a lookup, never across an await.
+    pub fn endpoint(
         &self,
         dial: Dial,
         http2: bool,
         pool: Option<&Arc<Pool>>,
         connect_timeout: Duration,
-    ) -> Client<Connector, Body> {
-        let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Arc<Endpoint> {
+        let mut m = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((dial.clone(), http2))
             .or_insert_with(|| {
                 let protocol = if http2 { StreamProtocol::Http2 } else { StreamProtocol::Http1 };
-                let connector = Connector::new(dial, pool.cloned(), connect_timeout, Some(protocol));
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(IDLE_TIMEOUT)
-                    .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT)
-                    .http2_only(http2)
-                    .build(connector)
+                Endpoint::new(Connector::new(dial, pool.cloned(), connect_timeout, Some(protocol)), http2)
             })
             .clone()
     }
 
-    /// Forgets the clients of endpoints no longer in use (their pooled
-    /// connections close once idle).
+    /// Forgets the endpoints no longer in use (their connections close
+    /// once the requests on them are done).
     pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).retain(|(d, _), _| keep(d.target()));
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).retain(|(d, _), _| keep(d.target()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A backend on loopback answering each request with its request line
+    /// and `Host`; counts the connections it accepted. `once`: it closes
+    /// each connection after one answer.
+    async fn backend(http2: bool, once: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let host = req.headers().get(HOST).map(|h| h.to_str().unwrap().to_owned()).unwrap_or_default();
+                    let line = format!("{} {} {:?} {host}", req.method(), req.uri(), req.version());
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from(line))))
+                });
+                let io = TokioIo::new(s);
+                tokio::spawn(async move {
+                    if http2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .keep_alive(!once)
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn endpoint(addr: SocketAddr, http2: bool) -> Arc<Endpoint> {
+        Upstreams::default().endpoint(Dial::Direct(addr), http2, None, Duration::from_secs(1))
+    }
+
+    fn get(uri: &str) -> Request<Body> {
+        let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        let mut req = Request::get(uri).body(body).unwrap();
+        if uri.contains("svc") {
+            req.headers_mut().insert(HOST, HeaderValue::from_static("svc.example:8080"));
+        }
+        req
+    }
+
+    async fn text(resp: Response<Incoming>) -> String {
+        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http1_requests_one_after_another_reuse_one_connection_in_origin_form() {
+        let (addr, accepted) = backend(false, false).await;
+        let ep = endpoint(addr, false);
+        let first = ep.request(get("http://svc.example:8080/a/b?c=1")).await.unwrap();
+        assert!(first.extensions().get::<ConnectedAt>().is_some(), "the first waited for its connection");
+        assert_eq!(text(first).await, "GET /a/b?c=1 HTTP/1.1 svc.example:8080");
+        for _ in 0..9 {
+            let resp = ep.request(get("http://other.example/")).await.unwrap();
+            assert!(resp.extensions().get::<ConnectedAt>().is_none(), "a kept connection: no connect to wait for");
+            assert_eq!(text(resp).await, "GET / HTTP/1.1 other.example", "Host from the URI when the client sent none");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(ep.kept(), 1);
+    }
+
+    #[tokio::test]
+    async fn http1_concurrent_requests_each_take_a_ready_connection_and_idle_ones_are_swept() {
+        let (addr, accepted) = backend(false, false).await;
+        let ep = endpoint(addr, false);
+        for _ in 0..3 {
+            let all = (0..8).map(|_| {
+                let ep = ep.clone();
+                tokio::spawn(async move { text(ep.request(get("http://svc/x")).await.unwrap()).await })
+            });
+            for t in all {
+                assert!(t.await.unwrap().starts_with("GET /x HTTP/1.1"));
+            }
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!((1..=8).contains(&n), "at most one connection per request in flight, reused across rounds: {n}");
+        for _ in 0..IDLE_SWEEPS {
+            assert_eq!(ep.kept(), n, "not idle long enough");
+            ep.sweep();
+        }
+        ep.sweep();
+        assert_eq!(ep.kept(), 0, "idle past the timeout: closed");
+    }
+
+    #[tokio::test]
+    async fn http1_a_backend_that_closes_every_connection_still_answers_every_request() {
+        let (addr, accepted) = backend(false, true).await;
+        let ep = endpoint(addr, false);
+        for i in 0..10 {
+            let resp = ep.request(get(&format!("http://svc/{i}"))).await.unwrap();
+            assert_eq!(text(resp).await, format!("GET /{i} HTTP/1.1 svc.example:8080"));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 10);
+    }
+
+    /// A kept connection the endpoint closed before the proxy noticed
+    /// (its task has not run since): hyper writes the request before it
+    /// reads the close, so the request may have reached the endpoint and
+    /// fails as sent (never as a connect failure, which would send it to
+    /// another endpoint as if unsent); the next request dials anew. The
+    /// backend is a thread, so blocking this test's only runtime thread
+    /// keeps the connection's task from seeing the close first.
+    #[tokio::test]
+    async fn http1_a_request_on_a_kept_connection_the_endpoint_closed_fails_as_sent_and_the_next_dials_anew() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (close, closed) = std::sync::mpsc::channel::<()>();
+        let backend = std::thread::spawn(move || {
+            let answer = |s: &mut std::net::TcpStream| {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap();
+            };
+            let (mut first, _) = l.accept().unwrap();
+            answer(&mut first);
+            closed.recv().unwrap();
+            drop(first);
+            let (mut second, _) = l.accept().unwrap();
+            answer(&mut second);
+        });
+        let ep = endpoint(addr, false);
+        assert_eq!(text(ep.request(get("http://svc/1")).await.unwrap()).await, "ok");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let Conns::Http1(kept) = &ep.conns else { unreachable!() };
+        assert!(kept.lock().unwrap().front().is_some_and(|k| k.tx.is_ready()), "kept and ready");
+        close.send(()).unwrap();
+        // Blocking on purpose: the connection's task must not run.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(kept.lock().unwrap().front().is_some_and(|k| k.tx.is_ready()), "the close is not seen yet");
+        let e = ep.request(get("http://svc/2")).await.unwrap_err();
+        assert!(matches!(e, SendError::Http(_)), "{e}");
+        let resp = ep.request(get("http://svc/3")).await.unwrap();
+        assert!(resp.extensions().get::<ConnectedAt>().is_some(), "answered over a new connection");
+        assert_eq!(text(resp).await, "ok");
+        backend.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, accepted) = backend(true, false).await;
+        let ep = endpoint(addr, true);
+        let all: Vec<_> = (0..20)
+            .map(|i| {
+                let ep = ep.clone();
+                tokio::spawn(async move { text(ep.request(get(&format!("http://svc/{i}"))).await.unwrap()).await })
+            })
+            .collect();
+        for (i, t) in all.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), format!("GET http://svc/{i} HTTP/2.0 svc.example:8080"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the requests that came while it was dialled waited for it");
+        // The first sweep sees the requests; each next one, none.
+        for _ in 0..=(IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs()) {
+            assert_eq!(ep.kept(), 1, "kept while not idle for the timeout");
+            ep.sweep();
+        }
+        assert_eq!(ep.kept(), 0, "no request for the idle timeout: closed");
+        let resp = ep.request(get("http://svc/again")).await.unwrap();
+        assert!(resp.extensions().get::<ConnectedAt>().is_some(), "a new connection for the next request");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_refuses_is_a_connect_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        for http2 in [false, true] {
+            let e = endpoint(addr, http2).request(get("http://svc/")).await.unwrap_err();
+            assert!(matches!(e, SendError::Connect(ConnectError::Io { .. })), "{e}");
+        }
     }
 }
