@@ -276,5 +276,6 @@ fn root_a_tcp_port_over_its_rate_limit_resets_new_connections() {
     eprintln!("20 connections at once: {ok} answered, {refused} refused");
     assert!((5..=10).contains(&ok), "{ok} answered: {text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(ok as u64 + refused, 20, "each connection was either relayed or refused");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("reset"), "refused connections are reset");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reset"), "refused connections are reset; curl said:\n{stderr}");
 }
