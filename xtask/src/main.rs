@@ -151,14 +151,14 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
-        Cmd::Demo { requests } => setup::setup().and_then(|_| demo::demo(requests)),
+        Cmd::Demo { requests } => setup::demo().and_then(|_| demo::demo(requests)),
         Cmd::Bench { quick, only, seconds, rounds, scale: false, debug } => {
-            setup::setup().and_then(|_| bench::bench(quick, &only, seconds, rounds, !debug))
+            setup::bench().and_then(|_| bench::bench(quick, &only, seconds, rounds, !debug))
         }
-        Cmd::Bench { quick, scale: true, debug, .. } => setup::setup().and_then(|_| scale::scale(quick, !debug)),
+        Cmd::Bench { quick, scale: true, debug, .. } => setup::bench().and_then(|_| scale::scale(quick, !debug)),
         Cmd::Kind => kind::kind(),
-        Cmd::Fuzz { seconds, targets } => setup::setup().and_then(|_| fuzz::fuzz(seconds.max(1), &targets)),
-        Cmd::Soak { minutes } => setup::setup().and_then(|_| {
+        Cmd::Fuzz { seconds, targets } => setup::fuzz().and_then(|_| fuzz::fuzz(seconds.max(1), &targets)),
+        Cmd::Soak { minutes } => setup::demo().and_then(|_| {
             build_variant()?;
             build_bins(false)?;
             soak::soak(std::time::Duration::from_secs(minutes.max(1) * 60))

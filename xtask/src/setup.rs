@@ -1,5 +1,7 @@
-//! `cargo xtask setup`: everything a fresh machine needs, done only where
-//! missing, and silent when nothing is.
+//! What each xtask command needs on a fresh machine, installed only where
+//! missing and silent when nothing is: the demo needs the toolchain parts
+//! and a few base commands; the tests, the bench and fuzzing need the rest
+//! (`cargo xtask setup` installs all of it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -8,14 +10,15 @@ use anyhow::{bail, Context};
 
 use crate::run;
 
-/// Commands the tests and the demo run, with the Debian package of each.
+/// Commands the demo's mini cluster runs, with the Debian package of each.
+const DEMO_TOOLS: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("curl", "curl"), ("nsenter", "util-linux"), ("sysctl", "procps")];
+
+/// Commands the tests and the bench run besides the demo's.
 const TOOLS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("curl", "curl"),
     ("bpftool", "bpftool"),
-    ("nsenter", "util-linux"),
-    ("sysctl", "procps"),
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("haproxy", "haproxy"),
@@ -38,16 +41,36 @@ fn on_path(cmd: &str) -> bool {
         || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(cmd).is_file())
 }
 
-pub fn setup() -> anyhow::Result<()> {
+/// What `cargo xtask demo` needs: the nightly's rust-src and bpf-linker to
+/// build the kernel programs, the mini cluster's commands, and bpffs.
+pub fn demo() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    cargo_deny()?;
+    packages(DEMO_TOOLS)?;
+    bpffs()
+}
+
+/// What the bench needs: the demo's, its load tools (oha, wrk, h2load,
+/// iperf3) and the peer (HAProxy).
+pub fn bench() -> anyhow::Result<()> {
+    demo()?;
     oha()?;
+    packages(TOOLS)
+}
+
+/// What fuzzing needs: cargo-fuzz (the targets build on the nightly).
+pub fn fuzz() -> anyhow::Result<()> {
+    rust_src()?;
+    cargo_fuzz()
+}
+
+/// Everything: what `cargo xtask test` needs (its gates, every test, a
+/// short fuzz and soak, the bench's quick run).
+pub fn setup() -> anyhow::Result<()> {
+    bench()?;
+    cargo_deny()?;
     cargo_fuzz()?;
-    packages()?;
-    manifest_tools()?;
-    bpffs()?;
-    Ok(())
+    manifest_tools()
 }
 
 /// The Kubernetes schema validator the deploy/ tests run (from PyPI).
@@ -197,8 +220,9 @@ fn bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn packages() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TOOLS.iter().filter(|(c, _)| !on_path(c)).map(|(_, p)| *p).collect();
+/// Installs the Debian packages of the `tools` not on PATH.
+fn packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools.iter().filter(|(c, _)| !on_path(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
