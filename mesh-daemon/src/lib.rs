@@ -1,5 +1,5 @@
 //! mesh-daemon: the node-level mesh proxy. One folder per concern, in
-//! layers (docs/architecture.md) that `cargo xtask layers` checks.
+//! layers (docs/src/concepts/architecture.md) that `cargo xtask layers` checks.
 
 pub(crate) mod balance;
 pub(crate) mod control;

@@ -110,6 +110,24 @@ fn root_meshctl_apply_and_set_weight_change_routing_live() {
     // A whole new state that drains web-2 instead: everything to web-1.
     let only_web1 = c.config(&web(&c, "proxy", 5, 0));
     let f = c.write_file("only-web1.yaml", &only_web1).unwrap();
+    // First offline, then as a dry run against the daemon: nothing moves.
+    let (code, out, err) = ctl(&c, &["validate", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid (1 nodes, 3 workloads, 1 services, 0 routes, 0 policies)"), "{out}");
+    let (code, out, err) = ctl(&c, &["apply", "--dry-run", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let w2 = c.pod("web-2").ip.to_string();
+    assert!(out.starts_with("dry run: 2 change(s) to generation 2; nothing was applied"), "{out}");
+    let row = |ip: &str, detail: &str| {
+        out.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 5 && f[..4] == ["changed", "endpoint", "default/web", ip] && l.trim_end().ends_with(detail)
+        })
+    };
+    assert!(row(&w1, "weight 0 -> 5") && row(&w2, "weight 1 -> 0"), "{out}");
+    assert_eq!(generation(&c), 2, "a dry run applies nothing");
+    let t = tally(&c, 10);
+    assert_eq!(t.by_backend, BTreeMap::from([("web-2".to_owned(), 10)]), "{}", t.text);
     let (code, out, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "applied: generation 3");
@@ -360,6 +378,17 @@ fn root_invalid_write_changes_nothing() {
         web(&c, "proxy", 1, 1)
     );
     let f = c.write_file("bad.yaml", &c.config(&bad)).unwrap();
+    // Offline, with no daemon asked, the same field and words.
+    let offline = std::process::Command::new(&c.bins.meshctl)
+        .args(["--socket", "/nonexistent/mesh.sock", "validate", "-f"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let (code, _, err) = text(&offline);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(r#"services[1].endpoints[0].ip: "10.0.0.300" is not an IP address (IPv4 or IPv6)"#), "{err}");
+    let (code, _, err) = ctl(&c, &["apply", "--dry-run", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "a dry run is checked as the write: {err}");
     let (code, _, err) = ctl(&c, &["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(

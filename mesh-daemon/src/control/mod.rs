@@ -242,6 +242,23 @@ impl Control {
         self.snapshot.store(current.stored.clone());
     }
 
+    /// What `edit` would change, checked as [`Control::write`] checks it
+    /// (generation, validation, the maps' room, this node's network
+    /// namespaces), with nothing applied, saved or written: the current
+    /// generation, and each item added, removed or changed.
+    pub fn dry_run(
+        &self,
+        if_match: Option<u64>,
+        edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
+    ) -> Result<(u64, Vec<model::DiffEntry>), WriteError> {
+        let guard = self.inner.lock().map_err(|_| WriteError::Stopped)?;
+        let current = &guard.current;
+        let prev = (current.stored.as_ref(), current.state.as_ref(), &current.index);
+        let p = plan(prev, if_match, &self.cfg.node, &self.capacity(), edit)?;
+        self.local_cookies(&p.state, true).map_err(WriteError::Invalid)?;
+        Ok((current.stored.generation, model::diff(&current.stored.state, &p.stored.state)))
+    }
+
     /// Applies `edit` to a copy of the document; see the module doc.
     /// Returns the new generation.
     pub fn write(

@@ -6,6 +6,12 @@ use mesh_common::{limits, map_names};
 
 use super::{FieldError, Mode, NodeName, State, ValidationErrors};
 
+/// The daemon's `--slot-table-size` when not given.
+pub const DEFAULT_SLOT_TABLE_SIZE: u32 = 256;
+/// The daemon's `--slot-entries` when not given: `SLOTS` as the kernel
+/// programs declare it.
+pub const DEFAULT_SLOT_ENTRIES: u32 = limits::MAX_SLOTS;
+
 /// Entries the kernel maps hold, and the most slots a kernel-mode table
 /// gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +38,7 @@ impl MapCapacity {
 
 impl Default for MapCapacity {
     fn default() -> Self {
-        Self::with_table_size(256)
+        Self::with_table_size(DEFAULT_SLOT_TABLE_SIZE)
     }
 }
 

@@ -7,6 +7,7 @@ mod addrs;
 pub mod authz;
 pub mod capacity;
 mod chunked;
+mod diff;
 mod document;
 mod errors;
 pub mod http;
@@ -26,8 +27,9 @@ use std::time::Duration;
 
 pub use access_log::AccessLog;
 pub use addrs::{parse_ip, Addresses, Family};
-pub use capacity::{MapCapacity, MapNeeds};
+pub use capacity::{MapCapacity, MapNeeds, DEFAULT_SLOT_ENTRIES, DEFAULT_SLOT_TABLE_SIZE};
 pub use chunked::Chunked;
+pub use diff::{diff, DiffEntry};
 pub use document::{
     AuthorizationDoc, BudgetDoc, Document, EndpointDoc, HealthCheckDoc, HttpDoc, NodeDoc, OutlierDoc, PortDoc,
     RateLimitDoc, RetriesDoc, ServiceDoc, WorkloadDoc,

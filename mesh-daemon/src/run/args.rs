@@ -41,13 +41,13 @@ pub struct RunArgs {
     pub admin_listen: SocketAddr,
     /// The most slots a kernel-mode service table gets (1 to 4096): tables
     /// are as small as their weights allow, up to this.
-    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = crate::model::DEFAULT_SLOT_TABLE_SIZE, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub slot_table_size: u32,
     /// Entries of the kernel's slot map, shared by every kernel-mode table
     /// (kernel memory is taken per entry in use, about 120 bytes each).
     /// Taken when the map is created; a map pinned by an earlier daemon
     /// keeps its size.
-    #[arg(long, default_value_t = mesh_common::limits::MAX_SLOTS, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    #[arg(long, default_value_t = crate::model::DEFAULT_SLOT_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub slot_entries: u32,
     /// Time constant of the peak-EWMA of connect time (e.g. 10s).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]

@@ -6,6 +6,7 @@
 mod authz;
 mod print;
 mod routes;
+mod validate;
 
 use print::{print_dump, print_list, s, table};
 
@@ -43,6 +44,19 @@ enum Output {
 enum Cmd {
     /// The daemon's node, state generation, sizes and kernel counters.
     Status,
+    /// Check a state document offline, as the daemon would (its parser,
+    /// validation and kernel map room), naming every bad field; needs no
+    /// daemon. Exit 0 when valid, 1 otherwise.
+    Validate {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// The daemon's --slot-table-size the document must fit.
+        #[arg(long, default_value_t = mesh_daemon::model::DEFAULT_SLOT_TABLE_SIZE, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        slot_table_size: u32,
+        /// The daemon's --slot-entries the document must fit.
+        #[arg(long, default_value_t = mesh_daemon::model::DEFAULT_SLOT_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+        slot_entries: u32,
+    },
     /// Replace the whole state with a document (YAML or JSON).
     Apply {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -50,6 +64,11 @@ enum Cmd {
         /// Apply only if the state is still at this generation.
         #[arg(long, value_name = "GENERATION")]
         if_match: Option<u64>,
+        /// Show what would change (services, endpoints, routes, policies
+        /// added, removed or changed), checked as the write would be,
+        /// without changing anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List nodes, workloads, services or endpoints, or show one.
     Get {
@@ -266,6 +285,12 @@ fn ns_name(s: &str) -> (String, String) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let sock = cli.socket.as_path();
     let json_out = cli.output == Output::Json;
+    if let Cmd::Validate { file, slot_table_size, slot_entries } = &cli.command {
+        return match validate::run(file, *slot_table_size, *slot_entries, json_out)? {
+            true => Ok(()),
+            false => Err(Reported.into()),
+        };
+    }
     if let Cmd::Stats = cli.command {
         let rows = match call(sock, Method::GET, "/v1/stats", None, None).await? {
             Ok(Value::Array(rows)) => rows,
@@ -322,9 +347,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (method, path, body, if_match) = match &cli.command {
         Cmd::Status => (Method::GET, "/v1/status".to_owned(), None, None),
-        Cmd::Apply { file, if_match } => {
+        Cmd::Apply { file, if_match, dry_run } => {
             let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            (Method::PUT, "/v1/state".to_owned(), Some(text), *if_match)
+            let path = if *dry_run { "/v1/state?dryRun=true" } else { "/v1/state" };
+            (Method::PUT, path.to_owned(), Some(text), *if_match)
         }
         Cmd::Get { kind, name } => {
             let path = match (kind, name) {
@@ -373,7 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Method::DELETE, path, None, None)
         }
         Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
-        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } => unreachable!("handled above"),
+        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } | Cmd::Validate { .. } => unreachable!("handled above"),
     };
     let answer = call(sock, method.clone(), &path, body, if_match).await?;
     let v = match answer {
@@ -424,6 +450,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Get { kind, .. } => print_list(*kind, &v),
         Cmd::Datapath { .. } => print_dump(&v),
+        Cmd::Apply { dry_run: true, .. } => {
+            let changes = v["changes"].as_array().cloned().unwrap_or_default();
+            if changes.is_empty() {
+                println!("dry run: no change to generation {}", s(&v["generation"]));
+            } else {
+                println!(
+                    "dry run: {} change(s) to generation {}; nothing was applied",
+                    changes.len(),
+                    s(&v["generation"])
+                );
+                table(
+                    &["CHANGE", "KIND", "NAME", "DETAIL"],
+                    changes
+                        .iter()
+                        .map(|c| vec![s(&c["change"]), s(&c["kind"]), s(&c["name"]), s(&c["detail"])])
+                        .collect(),
+                );
+            }
+        }
         _ => {
             println!("applied: generation {}", s(&v["generation"]));
             for w in v["warnings"].as_array().into_iter().flatten() {

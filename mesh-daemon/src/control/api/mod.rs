@@ -8,6 +8,7 @@
 //! ```text
 //! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints | /v1/stats
 //! PUT    /v1/state                                 (the whole document)
+//! PUT    /v1/state?dryRun=true                     (what it would change; nothing applied)
 //! GET    /v1/nodes[/NAME]            PUT|DELETE /v1/nodes/NAME
 //! GET    /v1/workloads[/NS/NAME]     PUT|DELETE /v1/workloads/NS/NAME
 //! GET    /v1/services[/NS/NAME]      PUT|DELETE /v1/services/NS/NAME
@@ -274,16 +275,17 @@ async fn body_value(req: Request<Incoming>, within: Duration) -> Result<Value, B
 }
 
 /// The body as a `T`: read straight from JSON or YAML (a large state
-/// parsed through a generic value would cost its size over again), else
-/// through a value, which names what is wrong.
+/// parsed through a generic value would cost its size over again). The
+/// YAML parser's error names the field's path (`services[0].ports[0]:
+/// unknown field ...`), as `meshctl validate` and the config loader do.
 fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Reply>> {
     if let Ok(t) = serde_json::from_slice(bytes) {
         return Ok(t);
     }
-    if let Ok(t) = serde_yaml::from_slice(bytes) {
-        return Ok(t);
-    }
-    parse(value_of(bytes)?)
+    serde_yaml::from_slice(bytes).map_err(|e| match value_of(bytes) {
+        Ok(_) => bad(&format!("the body is not a valid object: {e}")),
+        Err(not_yaml) => not_yaml,
+    })
 }
 
 /// Sets `key` of an object body from the URL, or checks it matches.
@@ -396,6 +398,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
             Some(r) => r,
             None => unknown(&method, &path),
         },
+        (&Method::PUT, ["v1", "state"]) if dry_run(&req) => w.state_dry_run(req).await,
         (&Method::PUT, ["v1", "state"]) => w.state(req).await,
         (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => match (*kind, rest) {
             ("nodes", [name]) => w.node(req, name).await,
@@ -408,6 +411,11 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
         (&Method::PATCH, ["v1", "services", ns, name, "endpoints", ip]) => w.weight(req, ns, name, ip).await,
         _ => unknown(&method, &path),
     }
+}
+
+/// Whether the request asks for a dry run (`?dryRun=true`, or `?dryRun`).
+fn dry_run(req: &Request<Incoming>) -> bool {
+    req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "dryRun" || p == "dryRun=true"))
 }
 
 fn unknown(method: &Method, path: &str) -> Response<Full<Bytes>> {

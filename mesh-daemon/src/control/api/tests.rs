@@ -157,6 +157,14 @@ async fn a_bad_write_is_refused_with_the_field_and_nothing_changes() {
         ("PUT", "/v1/services/default/web", r#"{"name": "other"}"#, "does not match the URL's"),
         ("PUT", "/v1/services/default/web", "[1, 2]", "the body must be an object"),
         ("PATCH", "/v1/services/default/web/endpoints/10.244.1.4", r#"{"w": 1}"#, "{\"weight\": N}"),
+        // A whole document with a typo: the field's path, as `meshctl
+        // validate` and the config loader name it.
+        (
+            "PUT",
+            "/v1/state",
+            "services:\n  - name: w\n    vip: 10.96.0.9\n    ports: [{ port: 80, prot: 1 }]\n",
+            "services[0].ports[0]: unknown field `prot`",
+        ),
     ] {
         let (code, answer) = call(&a, method, path, body).await;
         assert_eq!(code, 400, "{method} {path} {body}: {answer}");
@@ -260,4 +268,40 @@ async fn an_ipv6_endpoint_is_found_however_its_address_is_spelled() {
     let state = a.control.snapshot().state.clone();
     let six = state.services.iter().find(|s| s.name.as_str() == "six").unwrap();
     assert_eq!((six.endpoints[0].ip.to_string(), six.endpoints[0].weight), ("fd00:0:0::9".to_owned(), 0));
+}
+
+#[tokio::test]
+async fn a_dry_run_names_what_a_write_would_change_and_changes_nothing() {
+    let a = api("dry-run", None);
+    let (_, body) = call(&a, "GET", "/v1/state", "").await;
+    let before = json(&body);
+    let generation = before["generation"].as_u64().unwrap();
+    let mut doc = before["state"].clone();
+    let services = doc["services"].as_array_mut().unwrap();
+    services[0]["endpoints"][0]["weight"] = serde_json::json!(0);
+    let name =
+        format!("{}/{}", services[0]["namespace"].as_str().unwrap_or("default"), services[0]["name"].as_str().unwrap());
+    let ip = services[0]["endpoints"][0]["ip"].as_str().unwrap().to_owned();
+    let (code, body) = call(&a, "PUT", "/v1/state?dryRun=true", &doc.to_string()).await;
+    assert_eq!(code, 200, "{body}");
+    let v = json(&body);
+    assert_eq!((v["dryRun"].as_bool(), v["generation"].as_u64()), (Some(true), Some(generation)), "{body}");
+    let changes = v["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{body}");
+    assert_eq!(changes[0]["kind"], "endpoint");
+    assert_eq!(changes[0]["name"], format!("{name} {ip}"));
+    assert_eq!(changes[0]["change"], "changed");
+    assert!(changes[0]["detail"].as_str().unwrap().ends_with("-> 0"), "{body}");
+    // Checked as a write: a bad document is refused with its fields.
+    services_bad(&mut doc);
+    let (code, body) = call(&a, "PUT", "/v1/state?dryRun=true", &doc.to_string()).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("10.96.0.300"), "{body}");
+    assert_eq!(a.control.snapshot().generation, generation, "nothing was applied");
+    let (_, after) = call(&a, "GET", "/v1/state", "").await;
+    assert_eq!(json(&after), before, "the state is as it was");
+}
+
+fn services_bad(doc: &mut serde_json::Value) {
+    doc["services"][0]["vip"] = serde_json::json!("10.96.0.300");
 }

@@ -25,6 +25,30 @@ impl Write<'_> {
         .await
     }
 
+    /// `PUT /v1/state?dryRun=true`: what the document would change,
+    /// checked as a write is; nothing is applied.
+    pub(super) async fn state_dry_run(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let new: Document = match body_bytes(req, self.body_timeout).await.and_then(|b| parse_body(&b)) {
+            Ok(d) => d,
+            Err(r) => return *r,
+        };
+        let (c, if_match) = (self.control.clone(), self.if_match);
+        match tokio::task::spawn_blocking(move || {
+            c.dry_run(if_match, move |d| {
+                *d = new;
+                Ok(())
+            })
+        })
+        .await
+        {
+            Ok(Ok((generation, changes))) => {
+                respond(StatusCode::OK, &json!({ "dryRun": true, "generation": generation, "changes": changes }))
+            }
+            Ok(Err(e)) => write_error(e),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("dry run failed: {e}")),
+        }
+    }
+
     /// The body of a `PUT` of one item, its `name` (and `namespace`) set
     /// from the URL or checked against it.
     pub(super) async fn item<T: serde::de::DeserializeOwned>(
