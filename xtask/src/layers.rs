@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// mesh-daemon's top-level modules, bottom layer first. A module may use
 /// only modules of layers below its own; modules of one layer are
-/// independent of each other. docs/architecture.md draws the same list.
+/// independent of each other. docs/src/concepts/architecture.md draws the same list.
 pub const LAYERS: &[&[&str]] = &[
     // Leaves: mechanisms with no knowledge of the mesh.
     &["heap", "shared_map", "handover", "env"],
@@ -564,7 +564,7 @@ pub fn check(root: &Path) -> anyhow::Result<()> {
     if !found.is_empty() {
         anyhow::bail!(
             "the daemon's structure is broken ({} problem(s)); move the code to the layer that owns it (or change \
-             LAYERS in xtask/src/layers.rs and docs/architecture.md together), and return typed errors:\n{}",
+             LAYERS in xtask/src/layers.rs and docs/src/concepts/architecture.md together), and return typed errors:\n{}",
             found.len(),
             found.join("\n")
         );

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod docs;
 mod fuzz;
 mod kind;
 mod layers;
@@ -86,6 +87,14 @@ enum Cmd {
     /// check a meshed pod reaches a Service through the mesh. Needs Docker,
     /// kind and kubectl.
     Kind,
+    /// Build the book of docs/ into target/book (mdBook), writing its
+    /// generated reference pages first; fails on a broken link.
+    Docs {
+        /// Write nothing: fail when a generated page differs from what the
+        /// code generates now (a gate of `test`).
+        #[arg(long)]
+        check: bool,
+    },
     /// Remove namespaces, cgroups, pins and logs left by crashed test runs.
     Clean,
     /// Print the daemon's layers and the edges between them; fails on a
@@ -163,6 +172,7 @@ fn main() -> std::process::ExitCode {
             build_bins(false)?;
             soak::soak(std::time::Duration::from_secs(minutes.max(1) * 60))
         }),
+        Cmd::Docs { check } => setup::docs().and_then(|_| docs::docs(check)),
         Cmd::Clean => clean(),
         Cmd::Layers => layers::print(&root()),
     };
@@ -192,6 +202,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     eprintln!("xtask: building the daemon, its kernel programs and the pod tools (and another build, for upgrades)");
     build_variant()?;
     build_bins(false)?;
+    eprintln!("xtask: checking the book: generated pages current, every link resolves (cargo xtask docs --check)");
+    docs::docs(true)?;
     eprintln!("xtask: running the tests (unit, then end-to-end on the real kernel)");
     let mut cmd = cargo();
     // Every test binary runs even after one fails, so a red run lists

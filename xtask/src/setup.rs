@@ -70,7 +70,32 @@ pub fn setup() -> anyhow::Result<()> {
     bench()?;
     cargo_deny()?;
     cargo_fuzz()?;
+    docs()?;
     manifest_tools()
+}
+
+/// What `cargo xtask docs` needs besides the demo's build: mdBook.
+pub fn docs() -> anyhow::Result<()> {
+    demo()?;
+    if cargo_bin("mdbook").is_some() {
+        return Ok(());
+    }
+    let version = crate::docs::MDBOOK_VERSION;
+    eprintln!("setup: building mdbook {version} (a few minutes, once)");
+    run(crate::cargo().args([
+        "install",
+        "--locked",
+        "mdbook",
+        "--version",
+        version,
+        "--no-default-features",
+        "--features",
+        "search",
+    ]))?;
+    if cargo_bin("mdbook").is_none() {
+        bail!("mdbook was installed but is not in ~/.cargo/bin or on PATH");
+    }
+    Ok(())
 }
 
 /// The Kubernetes schema validator the deploy/ tests run (from PyPI).
