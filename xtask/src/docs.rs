@@ -2,7 +2,8 @@
 //! reference pages, and the repository's links.
 //!
 //! The reference pages are written from what the code says (each binary's
-//! `--help`, clap's own rendering), never by hand; `--check` fails when a
+//! `--help`, clap's own rendering; the state document's JSON Schema, from
+//! its types, into `deploy/schema/`), never by hand; `--check` fails when a
 //! page differs from what the code generates now. Every relative link of
 //! every Markdown file (and of the Rust doc comments) must resolve inside
 //! the repository, a link from the book's pages inside the book, and an
@@ -17,8 +18,9 @@ use anyhow::{bail, Context};
 /// mdBook, from crates.io.
 pub const MDBOOK_VERSION: &str = "0.5.4";
 
-/// The pages generated from the code, relative to `docs/src`.
-const CLI_PAGE: &str = "reference/cli.md";
+/// The files generated from the code, relative to the repository.
+const CLI_PAGE: &str = "docs/src/reference/cli.md";
+const SCHEMA: &str = "deploy/schema/mesh.schema.json";
 
 /// Builds the book into `target/book`. With `check`, the generated pages
 /// must already be what the code generates (nothing is written); without,
@@ -26,20 +28,23 @@ const CLI_PAGE: &str = "reference/cli.md";
 pub fn docs(check: bool) -> anyhow::Result<()> {
     let root = crate::root();
     crate::build_bins(false)?;
-    let generated = [(CLI_PAGE, cli_page(&root.join("target/debug"))?)];
-    let src = root.join("docs/src");
+    let bins = root.join("target/debug");
+    let generated = [(CLI_PAGE, cli_page(&bins)?), (SCHEMA, schema(&bins)?)];
     let mut stale = Vec::new();
-    for (page, text) in &generated {
-        let path = src.join(page);
+    for (file, text) in &generated {
+        let path = root.join(file);
         let now = std::fs::read_to_string(&path).unwrap_or_default();
         if now == *text {
             continue;
         }
         if check {
-            stale.push(format!("docs/src/{page}"));
+            stale.push(file.to_string());
         } else {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("docs: wrote docs/src/{page}");
+            eprintln!("docs: wrote {file}");
         }
     }
     if !stale.is_empty() {
@@ -58,6 +63,16 @@ pub fn docs(check: bool) -> anyhow::Result<()> {
     crate::run(Command::new(mdbook).arg("build").arg(root.join("docs")).arg("--dest-dir").arg(&out))?;
     eprintln!("docs: the book is in {}", out.join("index.html").display());
     Ok(())
+}
+
+/// The state document's JSON Schema, as `meshctl schema` prints it.
+fn schema(bin_dir: &Path) -> anyhow::Result<String> {
+    let out =
+        Command::new(bin_dir.join("meshctl")).arg("schema").env_clear().output().context("running meshctl schema")?;
+    if !out.status.success() {
+        bail!("meshctl schema failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8(out.stdout).context("meshctl schema printed other than UTF-8")
 }
 
 /// The CLI reference: `--help` of `mesh-daemon` and `meshctl` and of each

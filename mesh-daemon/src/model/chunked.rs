@@ -187,6 +187,21 @@ impl<T: Serialize> Serialize for Chunked<T> {
     }
 }
 
+/// A list of `T` in the state document's JSON Schema, as it is written.
+impl<T: schemars::JsonSchema> schemars::JsonSchema for Chunked<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        Vec::<T>::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        Vec::<T>::json_schema(generator)
+    }
+}
+
 impl<'de, T: Deserialize<'de> + Clone> Deserialize<'de> for Chunked<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Vec::<T>::deserialize(d).map(Self::from)

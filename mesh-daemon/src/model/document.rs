@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Chunked;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Document {
     #[serde(default)]
@@ -91,7 +91,7 @@ impl Document {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeDoc {
     pub name: String,
@@ -103,7 +103,7 @@ pub struct NodeDoc {
     pub addresses: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadDoc {
     pub name: String,
@@ -128,7 +128,7 @@ pub struct WorkloadDoc {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceDoc {
     pub name: String,
@@ -180,7 +180,7 @@ pub struct ServiceDoc {
     pub access_log: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpDoc {
     /// The whole request, retries included, until the response headers.
@@ -203,10 +203,11 @@ pub struct HttpDoc {
     /// Per-prefix routes, gone: read only to say what replaces them (an
     /// HTTPRoute), never applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Value>")]
     pub routes: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetriesDoc {
     /// `connect-failure`, `5xx`, `gateway-error`, status codes, gRPC
@@ -228,7 +229,7 @@ pub struct RetriesDoc {
     pub methods: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BudgetDoc {
     /// Retries allowed per request [default 0.2].
@@ -242,7 +243,7 @@ pub struct BudgetDoc {
     pub window: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDoc {
     /// Failed answers in a row that eject an endpoint [default 5; 0: off].
@@ -253,7 +254,7 @@ pub struct OutlierDoc {
     pub max_ejected_percent: Option<i64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitDoc {
     pub requests_per_second: f64,
@@ -265,7 +266,7 @@ pub struct RateLimitDoc {
     pub per_identity: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationDoc {
     /// SPIFFE IDs allowed.
@@ -276,7 +277,7 @@ pub struct AuthorizationDoc {
     pub namespaces: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheckDoc {
     /// tcp (connect), http (GET `path`, expect 2xx) or none.
@@ -296,7 +297,7 @@ pub struct HealthCheckDoc {
     pub fall: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortDoc {
     pub port: i64,
@@ -310,7 +311,7 @@ pub struct PortDoc {
     pub app_protocol: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointDoc {
     pub ip: String,

@@ -20,6 +20,20 @@ pub fn parse_document(text: &str) -> Result<Document, Invalid> {
     serde_yaml::from_str(text).map_err(|e| Invalid(e.to_string()))
 }
 
+/// The JSON Schema of the state document (`--config`, `meshctl apply`),
+/// made from the document's types: field names, types, required fields,
+/// unknown fields refused, and each field's doc comment as its
+/// description. Editors validate with it (a yaml-language-server
+/// modeline); what it cannot say (addresses, ranges, references between
+/// items) the daemon's validation still checks.
+pub fn schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Document)).unwrap_or_default();
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("title".into(), "mesh state document".into());
+    }
+    schema
+}
+
 /// Reads, parses and validates a config file.
 pub fn load_file(path: &Path) -> Result<State, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;

@@ -37,7 +37,7 @@ pub use document::{
 pub(crate) use errors::invalid;
 pub use errors::{FieldError, Invalid, ValidationErrors};
 pub use ids::{PortKey, ServiceIds, ServiceKey};
-pub use load::{load_file, parse_document, ConfigError};
+pub use load::{load_file, parse_document, schema, ConfigError};
 use names::bounded_duration;
 pub use names::{parse_duration, Name, NodeName, Port, Weight, INJECT_LABEL};
 pub use snapshot::{Delta, Snapshot, View};

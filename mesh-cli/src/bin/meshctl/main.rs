@@ -57,6 +57,10 @@ enum Cmd {
         #[arg(long, default_value_t = mesh_daemon::model::DEFAULT_SLOT_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
         slot_entries: u32,
     },
+    /// Print the state document's JSON Schema (what deploy/schema/ holds):
+    /// for editors (a yaml-language-server modeline) and CI validators.
+    /// Needs no daemon.
+    Schema,
     /// Replace the whole state with a document (YAML or JSON).
     Apply {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -285,6 +289,10 @@ fn ns_name(s: &str) -> (String, String) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let sock = cli.socket.as_path();
     let json_out = cli.output == Output::Json;
+    if let Cmd::Schema = cli.command {
+        println!("{}", serde_json::to_string_pretty(&mesh_daemon::model::schema())?);
+        return Ok(());
+    }
     if let Cmd::Validate { file, slot_table_size, slot_entries } = &cli.command {
         return match validate::run(file, *slot_table_size, *slot_entries, json_out)? {
             true => Ok(()),
@@ -399,7 +407,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Method::DELETE, path, None, None)
         }
         Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
-        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } | Cmd::Validate { .. } => unreachable!("handled above"),
+        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } | Cmd::Validate { .. } | Cmd::Schema => {
+            unreachable!("handled above")
+        }
     };
     let answer = call(sock, method.clone(), &path, body, if_match).await?;
     let v = match answer {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteDoc {
     pub api_version: String,
@@ -16,12 +16,13 @@ pub struct RouteDoc {
     /// What the cluster wrote back; read and ignored, so an object copied
     /// from `kubectl get -o yaml` applies.
     #[serde(default, skip_serializing)]
+    #[schemars(with = "Option<serde_json::Value>")]
     pub status: Option<serde_yaml::Value>,
 }
 
 /// `metadata`: the name and namespace count; labels, annotations and the
 /// cluster's own fields are read and ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetadataDoc {
     pub name: String,
@@ -33,7 +34,7 @@ fn default_namespace() -> String {
     "default".into()
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteSpecDoc {
     #[serde(default)]
@@ -48,7 +49,7 @@ pub struct RouteSpecDoc {
 
 /// A `parentRef` or a `backendRef`: a Service (group `""`, kind
 /// `Service`), with a port; a backend also has a weight and filters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RefDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +76,7 @@ impl RefDoc {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,7 +95,7 @@ pub struct RuleDoc {
 
 /// An HTTPRoute rule's `retry`: which statuses, how many more tries, and
 /// the least wait between them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -105,7 +106,7 @@ pub struct RetryDoc {
     pub backoff: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TimeoutsDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,7 +115,7 @@ pub struct TimeoutsDoc {
     pub backend_request: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MatchDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,14 +130,14 @@ pub struct MatchDoc {
 
 /// An HTTPRoute's `method: GET`, or a GRPCRoute's `method: {type,
 /// service, method}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum MethodDoc {
     Http(String),
     Grpc(GrpcMethodDoc),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcMethodDoc {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
@@ -149,7 +150,7 @@ pub struct GrpcMethodDoc {
 
 /// A path, header or query parameter match: `type` (Exact, PathPrefix,
 /// RegularExpression), and a `name` for headers and query parameters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ValueMatchDoc {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
@@ -160,7 +161,7 @@ pub struct ValueMatchDoc {
     pub value: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FilterDoc {
     #[serde(rename = "type")]
@@ -176,10 +177,11 @@ pub struct FilterDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_mirror: Option<MirrorDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Value>")]
     pub extension_ref: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderModifierDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -190,14 +192,14 @@ pub struct HeaderModifierDoc {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderDoc {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RedirectDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,7 +214,7 @@ pub struct RedirectDoc {
     pub status_code: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RewriteDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,7 +223,7 @@ pub struct RewriteDoc {
     pub path: Option<PathModifierDoc>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathModifierDoc {
     #[serde(rename = "type")]
@@ -234,7 +236,7 @@ pub struct PathModifierDoc {
 
 /// A RequestMirror filter: a copy of each request (or of `percent` or
 /// `fraction` of them) to another Service.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MirrorDoc {
     pub backend_ref: RefDoc,
@@ -244,7 +246,7 @@ pub struct MirrorDoc {
     pub fraction: Option<FractionDoc>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FractionDoc {
     pub numerator: u32,
@@ -255,7 +257,7 @@ pub struct FractionDoc {
 /// A Gateway API `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`,
 /// or `v1`): in its own namespace, it lets the routes of the `from`
 /// namespaces name the Services listed in `to` as backends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ReferenceGrantDoc {
     pub api_version: String,
@@ -264,7 +266,7 @@ pub struct ReferenceGrantDoc {
     pub spec: GrantSpecDoc,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrantSpecDoc {
     pub from: Vec<GrantFromDoc>,
@@ -272,7 +274,7 @@ pub struct GrantSpecDoc {
 }
 
 /// Who may refer: objects of `group` and `kind` in `namespace`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrantFromDoc {
     pub group: String,
@@ -282,7 +284,7 @@ pub struct GrantFromDoc {
 
 /// What may be referred to: objects of `group` and `kind` in the grant's
 /// namespace, only the one called `name` when it is given.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrantToDoc {
     pub group: String,
