@@ -215,7 +215,7 @@ pub(super) fn validate(e: &mut Errors, p: &str, doc: Option<&HttpDoc>, ports: &[
     if doc.routes.is_some() {
         e.push(
             format!("{p}.routes"),
-            "per-prefix routes are gone: write a top-level HTTPRoute for this service whose rule matches the prefix (PathPrefix) and sets timeouts.request, timeouts.backendRequest and retry (see the README, Traffic routing)",
+            "per-prefix routes are gone: write a top-level HTTPRoute for this service whose rule matches the prefix (PathPrefix) and sets timeouts.request, timeouts.backendRequest and retry (see docs/src/guides/routing.md)",
         );
     }
     (e.0.len() == errors_before).then_some(HttpPolicy {
