@@ -359,3 +359,38 @@ fn root_a_request_with_a_body_whose_connect_failed_goes_whole_to_another_endpoin
     assert_eq!(tally(&text).get("web-1"), Some(&10), "{text}");
     assert!(d.counter("proxy", "retries").unwrap() >= 1, "some went to `gone` first: {}", d.stats().unwrap());
 }
+
+#[test]
+fn root_meshctl_top_agrees_with_a_known_load() {
+    let _one = serial();
+    let h = http("http2");
+    // One HTTP/2 connection at 200 requests a second for 12 s.
+    let rate = 200.0;
+    let load =
+        h.c.start("client", "h2load", &["-c", "1", "-m", "1", "-n", "2400", "--rps", "200", &format!("http://{VIP}/")])
+            .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Five seconds in the middle of it, as a script reads them.
+    let out = h.c.meshctl("node-a", &["-o", "json", "top", "--interval", "5", "--iterations", "1"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "meshctl top: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let load = load.wait_with_output().unwrap();
+    let (ok, failed, errored) = h2load_counts(&String::from_utf8_lossy(&load.stdout));
+    assert_eq!((ok, failed, errored), (2400, 0, 0), "{}", String::from_utf8_lossy(&load.stdout));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let interval = v["intervalSeconds"].as_f64().unwrap();
+    assert!((4.9..6.0).contains(&interval), "{v}");
+    let web = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"].as_str().unwrap().starts_with("default/web") && r["direction"] == "outbound")
+        .unwrap_or_else(|| panic!("no row for web: {v}"));
+    let rps = web["requestsPerSecond"].as_f64().unwrap();
+    eprintln!("meshctl top: {web}");
+    assert!((rps - rate).abs() <= rate * 0.1, "top says {rps} requests/s of h2load's {rate}: {v}");
+    assert_eq!(web["successRate"].as_f64(), Some(1.0), "{v}");
+    let (p50, p99) = (web["p50Ms"].as_f64().unwrap(), web["p99Ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99, "{v}");
+    assert!(web["bytesPerSecond"].as_f64().unwrap() > 0.0, "{v}");
+}

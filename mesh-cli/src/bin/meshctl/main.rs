@@ -6,6 +6,7 @@
 mod authz;
 mod print;
 mod routes;
+mod top;
 mod validate;
 
 use print::{print_dump, print_list, s, table};
@@ -120,6 +121,19 @@ enum Cmd {
     /// Per service and endpoint: connections, bytes, errors and the current
     /// EWMA of connect time, from the daemon's metrics.
     Stats,
+    /// A live table per service and direction, refreshed every interval:
+    /// requests/s, success, p50/p99 and bytes and connections per second
+    /// over the interval, from the daemon's counters. Redraws on a
+    /// terminal, prints one table per interval when piped, a JSON line
+    /// per interval with -o json.
+    Top {
+        /// Seconds between refreshes (what each figure is taken over).
+        #[arg(long, default_value_t = 2.0, value_parser = interval_secs)]
+        interval: f64,
+        /// Stop after this many refreshes (default: run until stopped).
+        #[arg(long, value_name = "N")]
+        iterations: Option<u64>,
+    },
     /// What is in the kernel.
     Datapath {
         #[command(subcommand)]
@@ -278,6 +292,14 @@ async fn call(
     Ok(if status.is_success() { Ok(body) } else { Err(ApiError { status, body }) })
 }
 
+/// `--interval`: seconds, from 0.1 to an hour.
+fn interval_secs(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if (0.1..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("{v:?}: give the seconds between refreshes, from 0.1 to 3600 (e.g. 2 or 0.5)")),
+    }
+}
+
 /// `[ns/]name` -> (ns, name)
 fn ns_name(s: &str) -> (String, String) {
     match s.split_once('/') {
@@ -289,6 +311,9 @@ fn ns_name(s: &str) -> (String, String) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let sock = cli.socket.as_path();
     let json_out = cli.output == Output::Json;
+    if let Cmd::Top { interval, iterations } = cli.command {
+        return top::top(sock, std::time::Duration::from_secs_f64(interval), iterations, json_out).await;
+    }
     if let Cmd::Schema = cli.command {
         println!("{}", serde_json::to_string_pretty(&mesh_daemon::model::schema())?);
         return Ok(());
@@ -407,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Method::DELETE, path, None, None)
         }
         Cmd::Datapath { command: DatapathCmd::Dump } => (Method::GET, "/v1/datapath".to_owned(), None, None),
-        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } | Cmd::Validate { .. } | Cmd::Schema => {
+        Cmd::Stats | Cmd::Route { .. } | Cmd::Authz { .. } | Cmd::Validate { .. } | Cmd::Schema | Cmd::Top { .. } => {
             unreachable!("handled above")
         }
     };

@@ -6,7 +6,7 @@
 //! the answer). Request bodies may be JSON or YAML.
 //!
 //! ```text
-//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints | /v1/stats
+//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints | /v1/stats[?buckets=true]
 //! PUT    /v1/state                                 (the whole document)
 //! PUT    /v1/state?dryRun=true                     (what it would change; nothing applied)
 //! GET    /v1/nodes[/NAME]            PUT|DELETE /v1/nodes/NAME
@@ -394,11 +394,11 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
     }
     let w = Write { control: &control, if_match: m, body_timeout };
     match (&method, segs.as_slice()) {
-        (&Method::GET, route) => match read(&control, route).await {
+        (&Method::GET, route) => match read(&control, route, query_flag(&req, "buckets")).await {
             Some(r) => r,
             None => unknown(&method, &path),
         },
-        (&Method::PUT, ["v1", "state"]) if dry_run(&req) => w.state_dry_run(req).await,
+        (&Method::PUT, ["v1", "state"]) if query_flag(&req, "dryRun") => w.state_dry_run(req).await,
         (&Method::PUT, ["v1", "state"]) => w.state(req).await,
         (&Method::PUT, ["v1", kind @ ("nodes" | "workloads" | "services"), rest @ ..]) => match (*kind, rest) {
             ("nodes", [name]) => w.node(req, name).await,
@@ -413,27 +413,38 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, body_timeout: Dur
     }
 }
 
-/// Whether the request asks for a dry run (`?dryRun=true`, or `?dryRun`).
-fn dry_run(req: &Request<Incoming>) -> bool {
-    req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "dryRun" || p == "dryRun=true"))
+/// Whether the query sets `flag` (`?flag=true`, or `?flag`).
+fn query_flag(req: &Request<Incoming>, flag: &str) -> bool {
+    req.uri().query().is_some_and(|q| {
+        q.split('&').any(|p| p == flag || p.strip_prefix(flag).and_then(|v| v.strip_prefix('=')) == Some("true"))
+    })
 }
 
 fn unknown(method: &Method, path: &str) -> Response<Full<Bytes>> {
     if path == "/v1" || path.starts_with("/v1/") {
-        error(StatusCode::NOT_FOUND, &format!("no such resource {method} {path}; see the API list in the README"))
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("no such resource {method} {path}; see the API list in docs/src/guides/meshctl.md"),
+        )
     } else {
         error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/"))
     }
 }
 
 /// A GET: what the state, the counters or the maps hold; None: no such
-/// resource.
-async fn read(control: &Arc<Control>, route: &[&str]) -> Option<Response<Full<Bytes>>> {
+/// resource. With `buckets`, stats rows carry their latency sketch.
+async fn read(control: &Arc<Control>, route: &[&str], buckets: bool) -> Option<Response<Full<Bytes>>> {
     let snap = control.snapshot();
     let doc = &snap.state;
     Some(match route {
         ["v1", "status"] => status(control, snap.generation, doc),
-        ["v1", "stats"] => respond(StatusCode::OK, &control.stats_rows()),
+        ["v1", "stats"] => {
+            let mut rows = control.stats_rows();
+            if !buckets {
+                rows.iter_mut().for_each(|r| r.latency_buckets = Vec::new());
+            }
+            respond(StatusCode::OK, &rows)
+        }
         ["v1", "state"] => respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc })),
         ["metrics"] | ["v1", "metrics"] => {
             let mut r = Response::new(Full::new(Bytes::from(control.render_metrics())));

@@ -126,7 +126,11 @@ impl Report for AtEndpoint {
     fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
         let route = &self.finished.route;
         let ep = &route.endpoints[self.endpoint];
-        ep.series().request(class(status, self.finished.grpc, grpc_status));
+        let series = ep.series();
+        series.request(class(status, self.finished.grpc, grpc_status));
+        // The response body's bytes, as the inbound side counts them: a
+        // request port's pooled upstream connection may never close.
+        series.received.inc_by(bytes);
         if failed(status, self.finished.grpc, grpc_status) {
             super::failed_answer(route, ep, self.finished.env);
         } else {

@@ -37,6 +37,11 @@ pub struct StatsRow {
     /// Response-header latency quantiles, to within 25%.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The latency sketch's counts (see [`LatencySketch::quantile_of`]),
+    /// only when asked for (`GET /v1/stats?buckets=true`): what `meshctl
+    /// top` takes quantiles of an interval from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_buckets: Vec<u64>,
 }
 
 impl StatsRow {
@@ -57,6 +62,7 @@ impl StatsRow {
             rate_per_second: None,
             p50_ms: None,
             p99_ms: None,
+            latency_buckets: Vec::new(),
         }
     }
 }
@@ -68,6 +74,7 @@ impl EndpointSeries {
         let requests: u64 = by_class.iter().map(|(_, n)| n).sum();
         let ok: u64 = by_class.iter().filter(|(c, _)| succeeded(c)).map(|(_, n)| n).sum();
         StatsRow {
+            latency_buckets: self.latency.counts(),
             p50_ms: self.latency.quantile_ms(0.5),
             p99_ms: self.latency.quantile_ms(0.99),
             requests,
@@ -119,7 +126,19 @@ impl LatencySketch {
     /// The `q` quantile (0..1) in milliseconds: the upper bound of its
     /// bucket. None before the first observation.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        Self::quantile_of(&self.counts(), q)
+    }
+
+    /// The counts of the buckets, as [`StatsRow::latency_buckets`] carries
+    /// them.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The `q` quantile (0..1) in milliseconds of a sketch's `counts`, or
+    /// of the difference of two (an interval's requests), to within 25%.
+    /// None when they hold nothing.
+    pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
