@@ -13,6 +13,8 @@ mod args;
 mod error;
 mod listeners;
 mod succession;
+#[cfg(test)]
+mod troubleshooting_tests;
 mod views;
 
 use std::net::SocketAddr;

@@ -20,9 +20,11 @@ use prometheus_client::registry::{Registry, Unit};
 mod labels;
 pub use labels::*;
 
-/// Every `reason` a failed connection can have (the connect error's
-/// reasons); series are dropped by these when a service goes.
-pub const FAILURE_REASONS: [&str; 13] = [
+/// Every `reason` a failed connection or request can have (the connect
+/// error's reasons, and a request's `no_route` and `no_backend`); series
+/// are dropped by these when a service goes, and `meshctl stats` sums
+/// them. The troubleshooting guide lists each (a test checks).
+pub const FAILURE_REASONS: [&str; 16] = [
     "refused",
     "unreachable",
     "reset",
@@ -36,6 +38,9 @@ pub const FAILURE_REASONS: [&str; 13] = [
     "no_certificates",
     "no_endpoint",
     "rate_limited",
+    "bad_request",
+    "no_route",
+    "no_backend",
 ];
 
 /// One endpoint of one service as a scrape shows it.
@@ -250,6 +255,7 @@ impl ServiceSeries {
 
     /// Counts a connection that failed, by the reason of its error.
     pub fn failed(&self, reason: &'static str) {
+        debug_assert!(FAILURE_REASONS.contains(&reason), "{reason} is not in FAILURE_REASONS");
         let l = FailedLabels { service: self.labels.service.clone(), direction: self.labels.direction, reason };
         self.failed.get_or_create(&l).inc();
     }

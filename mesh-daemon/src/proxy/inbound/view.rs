@@ -94,6 +94,10 @@ pub enum Deny {
 }
 
 impl Deny {
+    /// Every reason (what the troubleshooting guide's test checks).
+    #[cfg(test)]
+    pub const ALL: [Deny; 4] = [Deny::NotLocal, Deny::NotEndpoint, Deny::Policy, Deny::WrongNode];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Deny::NotLocal => "not-local",
