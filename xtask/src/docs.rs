@@ -316,7 +316,7 @@ mod tests {
         std::fs::write(
             root.join("README.md"),
             "# Title\n\n## Two commands\n\n[ok](docs/src/guides/a.md#the-page) [ok](#two-commands)\n\
-             [out](../shared/ARCHITECTURE.md) [gone](docs/src/nope.md) [anchor](#three-commands)\n\
+             [out](../elsewhere/NOTES.md) [gone](docs/src/nope.md) [anchor](#three-commands)\n\
              `[code](nowhere.md)`\n```\n[fenced](nowhere.md)\n```\n[web](https://example.com/x)\n",
         )
         .unwrap();
@@ -327,7 +327,7 @@ mod tests {
         let broken = check_links(&root).unwrap();
         let _ = std::fs::remove_dir_all(&root);
         let want = [
-            "README.md:6: (../shared/ARCHITECTURE.md): points outside the repository",
+            "README.md:6: (../elsewhere/NOTES.md): points outside the repository",
             "README.md:6: (docs/src/nope.md): no such file",
             "README.md:6: (#three-commands): no heading with the anchor #three-commands",
             "docs/src/guides/a.md:3: (../../../README.md): a page of the book links outside docs/src",
