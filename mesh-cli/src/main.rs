@@ -46,6 +46,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: std::path::PathBuf,
     },
+    /// Print a reference page (Markdown) of this build: every metric it
+    /// exports, or every route of its control API.
+    Reference {
+        #[arg(value_enum)]
+        page: ReferencePage,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReferencePage {
+    /// Name, type, labels and help of each series on /metrics.
+    Metrics,
+    /// Method, path, body and answer of each control API route.
+    Api,
 }
 
 #[derive(Subcommand)]
@@ -328,6 +342,16 @@ fn main() -> std::process::ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Ca { command } => ca(command),
+        Command::Reference { page } => {
+            print!(
+                "{}",
+                match page {
+                    ReferencePage::Metrics => run::reference::metrics_page(),
+                    ReferencePage::Api => run::reference::api_page(),
+                }
+            );
+            Ok(())
+        }
         Command::Probe { ready_file, admin } => run::probe(&ready_file, admin).map_err(anyhow::Error::from),
         Command::Run(args) => match runtime(args.worker_threads) {
             Ok(rt) => rt.block_on(run::run(*args, log_drops)).map_err(anyhow::Error::from),

@@ -21,6 +21,8 @@ pub const MDBOOK_VERSION: &str = "0.5.4";
 /// The files generated from the code, relative to the repository.
 const CLI_PAGE: &str = "docs/src/reference/cli.md";
 const SCHEMA: &str = "deploy/schema/mesh.schema.json";
+const METRICS_PAGE: &str = "docs/src/reference/metrics.md";
+const API_PAGE: &str = "docs/src/reference/api.md";
 
 /// Builds the book into `target/book`. With `check`, the generated pages
 /// must already be what the code generates (nothing is written); without,
@@ -29,7 +31,12 @@ pub fn docs(check: bool) -> anyhow::Result<()> {
     let root = crate::root();
     crate::build_bins(false)?;
     let bins = root.join("target/debug");
-    let generated = [(CLI_PAGE, cli_page(&bins)?), (SCHEMA, schema(&bins)?)];
+    let generated = [
+        (CLI_PAGE, cli_page(&bins)?),
+        (SCHEMA, schema(&bins)?),
+        (METRICS_PAGE, printed(&bins, "mesh-daemon", &["reference", "metrics"])?),
+        (API_PAGE, printed(&bins, "mesh-daemon", &["reference", "api"])?),
+    ];
     let mut stale = Vec::new();
     for (file, text) in &generated {
         let path = root.join(file);
@@ -67,12 +74,18 @@ pub fn docs(check: bool) -> anyhow::Result<()> {
 
 /// The state document's JSON Schema, as `meshctl schema` prints it.
 fn schema(bin_dir: &Path) -> anyhow::Result<String> {
+    printed(bin_dir, "meshctl", &["schema"])
+}
+
+/// What `bin args` prints, in a clean environment.
+fn printed(bin_dir: &Path, bin: &str, args: &[&str]) -> anyhow::Result<String> {
+    let what = format!("{bin} {}", args.join(" "));
     let out =
-        Command::new(bin_dir.join("meshctl")).arg("schema").env_clear().output().context("running meshctl schema")?;
+        Command::new(bin_dir.join(bin)).args(args).env_clear().output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("meshctl schema failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    String::from_utf8(out.stdout).context("meshctl schema printed other than UTF-8")
+    String::from_utf8(out.stdout).with_context(|| format!("{what} printed other than UTF-8"))
 }
 
 /// The CLI reference: `--help` of `mesh-daemon` and `meshctl` and of each

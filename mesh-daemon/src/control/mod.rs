@@ -54,7 +54,7 @@ use crate::model::{
 };
 
 use crate::telemetry::admin::NotReady;
-use crate::telemetry::metrics::{EndpointGauges, Live, Metrics, StatsRow, StatsSource};
+use crate::telemetry::metrics::{EndpointGauges, Live, MapFill, Metrics, ResultLabels, StatsRow, StatsSource};
 
 pub struct ControlConfig {
     pub node: NodeName,
@@ -145,15 +145,56 @@ impl<T: View + StatsSource> Reader for T {}
 struct Series {
     generation: Gauge,
     map_sync: Histogram,
+    /// Writes by [`WRITE_RESULTS`] index.
+    writes: [prometheus_client::metrics::counter::Counter; WRITE_RESULTS.len()],
 }
+
+/// Registers the control plane's series into `m` (what a daemon's control
+/// plane does when it starts), for the metrics reference.
+pub fn register_series(m: &Metrics) {
+    let _ = Series::register(m);
+}
+
+/// The `result` of a write to the state: `applied`, or why it was not.
+pub const WRITE_RESULTS: [&str; 7] =
+    ["applied", "conflict", "invalid", "not_found", "store", "datapath", "unavailable"];
 
 impl Series {
     fn register(m: &Metrics) -> Self {
         let generation = Gauge::default();
         let map_sync = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        let writes: prometheus_client::metrics::family::Family<
+            ResultLabels,
+            prometheus_client::metrics::counter::Counter,
+        > = Default::default();
         m.register("state_generation", "Generation of the accepted state", generation.clone());
         m.register_with_unit("map_sync_duration", "Time to sync the kernel maps", Unit::Seconds, map_sync.clone());
-        Self { generation, map_sync }
+        m.register(
+            "state_writes",
+            "Writes to the state (control API, file reload, Kubernetes), by result: applied, or why not",
+            writes.clone(),
+        );
+        Self {
+            generation,
+            map_sync,
+            writes: WRITE_RESULTS.map(|result| writes.get_or_create(&ResultLabels { result }).clone()),
+        }
+    }
+
+    /// Counts one write by its outcome.
+    fn write(&self, r: &Result<u64, WriteError>) {
+        let result = match r {
+            Ok(_) => "applied",
+            Err(WriteError::Conflict { .. }) => "conflict",
+            Err(WriteError::Invalid(_)) => "invalid",
+            Err(WriteError::NotFound(_)) => "not_found",
+            Err(WriteError::Store(_)) => "store",
+            Err(WriteError::Datapath { .. }) => "datapath",
+            Err(WriteError::Stopped | WriteError::HandingOver) => "unavailable",
+        };
+        if let Some(i) = WRITE_RESULTS.iter().position(|r| *r == result) {
+            self.writes[i].inc();
+        }
     }
 }
 
@@ -262,6 +303,16 @@ impl Control {
     /// Applies `edit` to a copy of the document; see the module doc.
     /// Returns the new generation.
     pub fn write(
+        &self,
+        if_match: Option<u64>,
+        edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
+    ) -> Result<u64, WriteError> {
+        let r = self.write_counted(if_match, edit);
+        self.series.write(&r);
+        r
+    }
+
+    fn write_counted(
         &self,
         if_match: Option<u64>,
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,

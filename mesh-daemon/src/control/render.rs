@@ -39,9 +39,32 @@ impl Live for LiveView {
             })
             .collect()
     }
+
+    fn maps(&self) -> Vec<MapFill> {
+        self.0.upgrade().map(|c| c.map_fill()).unwrap_or_default()
+    }
+
+    fn ready(&self) -> bool {
+        self.0.upgrade().is_some_and(|c| c.readiness().is_ok())
+    }
 }
 
 impl Control {
+    /// The maps the published state fills on this node, against what they
+    /// hold (as a write's plan checks them).
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let published = self.published.load();
+        let needs = crate::model::MapNeeds::of(&published.state, &self.cfg.node, self.cfg.slot_table_size);
+        let cap = self.capacity();
+        let fill =
+            |map, entries: usize, capacity: usize| MapFill { map, entries: entries as u64, capacity: capacity as u64 };
+        vec![
+            fill(mesh_common::map_names::WORKLOADS, needs.workloads, cap.workloads),
+            fill(mesh_common::map_names::SERVICES, needs.services, cap.services),
+            fill(mesh_common::map_names::SLOTS, needs.slots, cap.slots),
+        ]
+    }
+
     /// `/metrics`: nothing is copied or waited for; the kernel's counters
     /// and the endpoints' state are read during the encoding (see
     /// [`LiveView`]).

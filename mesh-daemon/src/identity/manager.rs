@@ -180,6 +180,16 @@ impl Certs {
         m.get(id).map(|h| (h.swap.clone(), h.issued.serial))
     }
 
+    /// When each certificate held now was issued and expires: the node's
+    /// (`node`) and every workload's (`workload`).
+    pub fn validity(&self) -> Vec<(&'static str, SystemTime, SystemTime)> {
+        let node = self.node_issued.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = vec![("node", node.not_before, node.not_after)];
+        let m = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(m.values().map(|h| ("workload", h.issued.not_before, h.issued.not_after)));
+        out
+    }
+
     /// Certificates asked for so far (the node's first one included).
     pub fn requests(&self) -> u64 {
         self.serial.load(Ordering::Relaxed)

@@ -12,6 +12,7 @@
 mod args;
 mod error;
 mod listeners;
+pub mod reference;
 mod succession;
 #[cfg(test)]
 mod troubleshooting_tests;
@@ -59,6 +60,9 @@ pub async fn run(args: RunArgs, log_drops: DroppedLines) -> Result<(), RunError>
     let kube = Kube::connect(&args).await?;
     let telemetry = Telemetry::start(&args, &node, log_drops);
     let certs = certificates(&args, &node).await?;
+    if let Some(c) = &certs {
+        telemetry.metrics.watch_certificates(Arc::new(views::CertView(Arc::downgrade(c))));
+    }
     // A daemon running on this node hands over its listening sockets: it
     // stops writing the maps now, so the state read next is final.
     let handover_path = args.handover_path();

@@ -36,3 +36,20 @@ impl admin::AdminSource for AdminView {
         serde_json::json!({ "generation": s.generation, "state": s.state })
     }
 }
+
+/// The certificates a scrape shows (weakly held).
+pub struct CertView(pub std::sync::Weak<crate::identity::manager::Certs>);
+
+impl crate::telemetry::metrics::Certificates for CertView {
+    fn certificates(&self) -> Vec<crate::telemetry::metrics::CertificateTimes> {
+        let Some(c) = self.0.upgrade() else { return Vec::new() };
+        c.validity()
+            .into_iter()
+            .map(|(kind, not_before, not_after)| crate::telemetry::metrics::CertificateTimes {
+                kind,
+                not_before,
+                not_after,
+            })
+            .collect()
+    }
+}

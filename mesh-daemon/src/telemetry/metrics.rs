@@ -53,11 +53,40 @@ pub struct EndpointGauges {
     pub ewma_rtt: std::time::Duration,
 }
 
+/// How full one kernel map is with the accepted state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapFill {
+    pub map: &'static str,
+    /// Entries the accepted state needs on this node.
+    pub entries: u64,
+    /// Entries the map holds.
+    pub capacity: u64,
+}
+
 /// What a scrape reads from the running daemon.
 pub trait Live: Send + Sync + 'static {
     /// The kernel programs' counters (the STATS map), by name.
     fn kernel(&self) -> Vec<(&'static str, u64)>;
     fn endpoints(&self) -> Vec<EndpointGauges>;
+    /// The maps the state fills, against their capacity.
+    fn maps(&self) -> Vec<MapFill>;
+    /// What the readiness probe answers now.
+    fn ready(&self) -> bool;
+}
+
+/// One certificate this daemon holds, as a scrape shows it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CertificateTimes {
+    /// `node` (served by the tunnel) or `workload` (presented for a pod).
+    pub kind: &'static str,
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The certificates a scrape reads (only a daemon with the mTLS tunnel
+/// holds any).
+pub trait Certificates: Send + Sync + 'static {
+    fn certificates(&self) -> Vec<CertificateTimes>;
 }
 
 /// Encodes what [`Live`] reads at scrape time: nothing is copied between
@@ -111,6 +140,71 @@ impl Collector for LiveCollector {
         )?;
         for e in &endpoints {
             ConstGauge::new(e.ewma_rtt.as_secs_f64()).encode(family.encode_family(&labels(e))?)?;
+        }
+        let maps = live.maps();
+        let mut family = encoder.encode_descriptor(
+            "map_entries",
+            "Entries the accepted state needs in a kernel map on this node",
+            None,
+            MetricType::Gauge,
+        )?;
+        for m in &maps {
+            ConstGauge::new(m.entries as i64).encode(family.encode_family(&MapLabels { map: m.map })?)?;
+        }
+        let mut family =
+            encoder.encode_descriptor("map_capacity", "Entries a kernel map holds", None, MetricType::Gauge)?;
+        for m in &maps {
+            ConstGauge::new(m.capacity as i64).encode(family.encode_family(&MapLabels { map: m.map })?)?;
+        }
+        let family = encoder.encode_descriptor(
+            "ready",
+            "1 when the daemon is ready (its datapath attached, its state accepted)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(live.ready())).encode(family)?;
+        Ok(())
+    }
+}
+
+/// Encodes, for each kind of certificate, the one that expires first.
+struct CertificateCollector(Arc<OnceLock<Arc<dyn Certificates>>>);
+
+impl std::fmt::Debug for CertificateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertificateCollector")
+    }
+}
+
+impl Collector for CertificateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(source) = self.0.get() else { return Ok(()) };
+        let mut first: Vec<CertificateTimes> = Vec::new();
+        for c in source.certificates() {
+            match first.iter_mut().find(|f| f.kind == c.kind) {
+                Some(f) if c.not_after < f.not_after => *f = c,
+                Some(_) => {}
+                None => first.push(c),
+            }
+        }
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut family = encoder.encode_descriptor(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate of this kind that expires first expires (Unix time)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in &first {
+            ConstGauge::new(secs(c.not_after)).encode(family.encode_family(&KindLabels { kind: c.kind })?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "certificate_issued_timestamp_seconds",
+            "When that certificate was issued (Unix time): renewed, it moves forward",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in &first {
+            ConstGauge::new(secs(c.not_before)).encode(family.encode_family(&KindLabels { kind: c.kind })?)?;
         }
         Ok(())
     }
@@ -311,6 +405,10 @@ pub struct Metrics {
     /// What a scrape reads from the running daemon (kernel counters,
     /// endpoint state), once it runs.
     live: Arc<OnceLock<Arc<dyn Live>>>,
+    /// The certificates a scrape reads, once the daemon holds any.
+    certificates: Arc<OnceLock<Arc<dyn Certificates>>>,
+    /// The process's own series (`process_*`, not prefixed).
+    process: Registry,
     /// Latency sketches by endpoint series, kept across state writes like
     /// the registered families.
     sketches: std::sync::Mutex<HashMap<ConnLabels, Recent>>,
@@ -344,6 +442,8 @@ impl Metrics {
             rate_limited: Family::default(),
             ejections: Family::default(),
             live: Arc::new(OnceLock::new()),
+            certificates: Arc::new(OnceLock::new()),
+            process: super::process::registry(),
             sketches: std::sync::Mutex::new(HashMap::new()),
             log_drops: Counter::default(),
             log_drop_source: std::sync::OnceLock::new(),
@@ -397,6 +497,7 @@ impl Metrics {
         );
         r.register("breaker_ejections", "Times an endpoint's breaker opened", m.ejections.clone());
         r.register_collector(Box::new(LiveCollector(m.live.clone())));
+        r.register_collector(Box::new(CertificateCollector(m.certificates.clone())));
         r.register("log_lines_dropped", "Log lines dropped because stderr could not keep up", m.log_drops.clone());
         Self { registry: std::sync::Mutex::new(r), ..m }
     }
@@ -518,6 +619,26 @@ impl Metrics {
         let _ = self.live.set(live);
     }
 
+    /// One series of each of the families this registry holds, with
+    /// placeholder labels: what the metrics reference page is generated
+    /// from (`mesh-daemon reference metrics`).
+    pub fn example_series(&self) {
+        let service = || String::from("NAMESPACE/NAME:PORT");
+        let conn = ConnLabels { service: service(), endpoint: "IP:PORT".into(), direction: "outbound" };
+        self.endpoint_series(conn).request("2xx");
+        self.service_series(ServiceLabels { service: service(), direction: "outbound" }).failed("refused");
+        let route = |s: &str| Arc::<str>::from(s);
+        let r = RouteLabels { route: route("NAMESPACE/ROUTE"), rule: route("RULE"), backend: route(""), class: "2xx" };
+        let _ = self.route_requests.get_or_create(&r);
+        let a = AuthzLabels { policy: route("NAMESPACE/POLICY"), action: "ALLOW", decision: "allow" };
+        let _ = self.authz_decisions.get_or_create(&a);
+    }
+
+    /// Reads the certificates' times from `source` at every scrape.
+    pub fn watch_certificates(&self, source: Arc<dyn Certificates>) {
+        let _ = self.certificates.set(source);
+    }
+
     /// Reports the log lines `counter` counts as dropped.
     pub fn watch_log_drops(&self, counter: super::logwriter::DroppedLines) {
         let _ = self.log_drop_source.set(counter);
@@ -535,10 +656,11 @@ impl Metrics {
             }
         }
         let mut open = String::new();
-        let _ = prometheus_client::encoding::text::encode(
+        let _ = prometheus_client::encoding::text::encode_registry(
             &mut open,
             &self.registry.lock().unwrap_or_else(|p| p.into_inner()),
         );
+        let _ = prometheus_client::encoding::text::encode(&mut open, &self.process);
         to_prometheus_text(&open)
     }
 }

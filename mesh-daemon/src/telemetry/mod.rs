@@ -7,5 +7,6 @@ pub mod line;
 pub mod logwriter;
 pub mod metrics;
 pub mod otlp;
+mod process;
 
 pub use metrics::Metrics;

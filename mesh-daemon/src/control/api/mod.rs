@@ -5,15 +5,7 @@
 //! [`Control::write`] (validated whole, saved, synced to the kernel before
 //! the answer). Request bodies may be JSON or YAML.
 //!
-//! ```text
-//! GET    /v1/status | /v1/state | /v1/datapath | /v1/endpoints | /v1/stats[?buckets=true]
-//! PUT    /v1/state                                 (the whole document)
-//! PUT    /v1/state?dryRun=true                     (what it would change; nothing applied)
-//! GET    /v1/nodes[/NAME]            PUT|DELETE /v1/nodes/NAME
-//! GET    /v1/workloads[/NS/NAME]     PUT|DELETE /v1/workloads/NS/NAME
-//! GET    /v1/services[/NS/NAME]      PUT|DELETE /v1/services/NS/NAME
-//! PATCH  /v1/services/NS/NAME/endpoints/IP         {"weight": N}
-//! ```
+//! The routes are in [`ROUTES`] (the reference page is generated from it).
 //! Writes answer `{"generation": N}`; `If-Match: N` makes a write fail
 //! with 409 when the state is no longer at generation N.
 
@@ -36,6 +28,108 @@ use super::{Control, StartError, WriteError};
 use crate::model::{Document, EndpointDoc, FieldError, NodeDoc, ServiceDoc, ValidationErrors, WorkloadDoc};
 
 const MAX_BODY: usize = 16 << 20;
+
+/// One route of the control API, as the reference page lists it
+/// (`mesh-daemon reference api`; a test calls each one).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiRoute {
+    pub method: &'static str,
+    /// With `NS`, `NAME` and `IP` where the item's names go.
+    pub path: &'static str,
+    /// The request body, if any.
+    pub body: &'static str,
+    /// What it answers.
+    pub answer: &'static str,
+}
+
+/// Every route the control API serves.
+pub const ROUTES: &[ApiRoute] = &[
+    ApiRoute {
+        method: "GET",
+        path: "/v1/status",
+        body: "",
+        answer: "The node, the state's generation, counts of nodes, workloads, services and endpoints, readiness \
+                 (`ready`, `notReadyReason`) and the kernel programs' counters",
+    },
+    ApiRoute {
+        method: "GET",
+        path: "/v1/state",
+        body: "",
+        answer: "`{\"generation\": N, \"state\": {...}}`: the accepted document",
+    },
+    ApiRoute {
+        method: "PUT",
+        path: "/v1/state",
+        body: "The whole document (JSON or YAML)",
+        answer: "`{\"generation\": N}`; 400 with every field's error, 409 when `If-Match` is stale",
+    },
+    ApiRoute {
+        method: "PUT",
+        path: "/v1/state?dryRun=true",
+        body: "The whole document",
+        answer:
+            "`{\"dryRun\": true, \"generation\": N, \"changes\": [{\"kind\", \"name\", \"change\", \"detail\"}]}`: \
+                 what the write would add, remove and change, checked as the write; nothing is applied",
+    },
+    ApiRoute {
+        method: "GET",
+        path: "/v1/stats",
+        body: "",
+        answer: "One row per service port and endpoint: connections, bytes, requests by class, rate, \
+                 latency quantiles (`?buckets=true` adds the latency sketch)",
+    },
+    ApiRoute {
+        method: "GET",
+        path: "/v1/endpoints",
+        body: "",
+        answer: "Every endpoint with its configured and effective weight, priority, health and latency",
+    },
+    ApiRoute {
+        method: "GET",
+        path: "/v1/datapath",
+        body: "",
+        answer: "What the kernel maps hold now (503 before the datapath is attached)",
+    },
+    ApiRoute {
+        method: "GET",
+        path: "/v1/metrics",
+        body: "",
+        answer: "The Prometheus text, as the admin endpoint's `/metrics`",
+    },
+    ApiRoute { method: "GET", path: "/v1/nodes", body: "", answer: "The state's nodes" },
+    ApiRoute { method: "GET", path: "/v1/nodes/NAME", body: "", answer: "One node; 404 when it is not in the state" },
+    ApiRoute {
+        method: "PUT",
+        path: "/v1/nodes/NAME",
+        body: "A node",
+        answer: "`{\"generation\": N}`: added or replaced",
+    },
+    ApiRoute { method: "DELETE", path: "/v1/nodes/NAME", body: "", answer: "`{\"generation\": N}`: removed" },
+    ApiRoute { method: "GET", path: "/v1/workloads", body: "", answer: "The state's workloads (pods)" },
+    ApiRoute { method: "GET", path: "/v1/workloads/NS/NAME", body: "", answer: "One workload" },
+    ApiRoute {
+        method: "PUT",
+        path: "/v1/workloads/NS/NAME",
+        body: "A workload",
+        answer: "`{\"generation\": N}`: added or replaced",
+    },
+    ApiRoute { method: "DELETE", path: "/v1/workloads/NS/NAME", body: "", answer: "`{\"generation\": N}`: removed" },
+    ApiRoute { method: "GET", path: "/v1/services", body: "", answer: "The state's services" },
+    ApiRoute { method: "GET", path: "/v1/services/NS/NAME", body: "", answer: "One service" },
+    ApiRoute {
+        method: "PUT",
+        path: "/v1/services/NS/NAME",
+        body: "A service",
+        answer: "`{\"generation\": N}`: added or replaced; errors name fields relative to the body",
+    },
+    ApiRoute { method: "DELETE", path: "/v1/services/NS/NAME", body: "", answer: "`{\"generation\": N}`: removed" },
+    ApiRoute {
+        method: "PATCH",
+        path: "/v1/services/NS/NAME/endpoints/IP",
+        body: "`{\"weight\": N}`",
+        answer: "`{\"generation\": N}`: the endpoint's weight changed (however the IP is spelled)",
+    },
+];
 
 type Reply = Response<Full<Bytes>>;
 
@@ -424,7 +518,7 @@ fn unknown(method: &Method, path: &str) -> Response<Full<Bytes>> {
     if path == "/v1" || path.starts_with("/v1/") {
         error(
             StatusCode::NOT_FOUND,
-            &format!("no such resource {method} {path}; see the API list in docs/src/guides/meshctl.md"),
+            &format!("no such resource {method} {path}; see `mesh-daemon reference api` or docs/src/reference/api.md"),
         )
     } else {
         error(StatusCode::NOT_FOUND, &format!("no such resource {path}: the API is under /v1/"))

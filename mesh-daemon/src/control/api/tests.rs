@@ -195,6 +195,13 @@ async fn a_write_against_an_older_generation_is_a_conflict() {
     assert!(json(&answer)["error"].as_str().unwrap().contains("read it again and retry"), "{answer}");
     let (code, answer) = send(&a, Ok(()), Duration::from_secs(5), request("PATCH", path, &["If-Match: x"], body)).await;
     assert_eq!(code, 400, "{answer}");
+    // Each write is counted by its result (the unreadable If-Match never
+    // reached a write).
+    let (_, metrics) = call(&a, "GET", "/v1/metrics", "").await;
+    for (result, n) in [("applied", 1), ("conflict", 1), ("invalid", 0)] {
+        let line = format!("mesh_state_writes_total{{result=\"{result}\"}} {n}\n");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]
@@ -202,7 +209,7 @@ async fn unknown_routes_say_where_the_api_is() {
     let a = api("routes", None);
     let (code, body) = call(&a, "GET", "/v1/things", "").await;
     assert_eq!(code, 404);
-    assert!(json(&body)["error"].as_str().unwrap().contains("see the API list"), "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("see `mesh-daemon reference api`"), "{body}");
     let (code, body) = call(&a, "GET", "/state", "").await;
     assert_eq!(code, 404);
     assert!(json(&body)["error"].as_str().unwrap().contains("the API is under /v1/"), "{body}");
@@ -304,4 +311,44 @@ async fn a_dry_run_names_what_a_write_would_change_and_changes_nothing() {
 
 fn services_bad(doc: &mut serde_json::Value) {
     doc["services"][0]["vip"] = serde_json::json!("10.96.0.300");
+}
+
+#[tokio::test]
+async fn every_route_of_the_reference_is_served() {
+    let a = api("route-table", None);
+    let (_, state) = call(&a, "GET", "/v1/state", "").await;
+    let state = json(&state)["state"].clone();
+    let doc = |kind: &str, find: &dyn Fn(&serde_json::Value) -> bool| {
+        state[kind].as_array().unwrap().iter().find(|v| find(v)).unwrap().to_string()
+    };
+    let node = doc("nodes", &|n| n["name"] == "b");
+    let workload = doc("workloads", &|w| w["name"] == "client");
+    let service = doc("services", &|s| s["name"] == "web");
+    // Writes last: a DELETE takes what the reads and PUTs found.
+    let mut routes: Vec<&ApiRoute> = ROUTES.iter().collect();
+    routes.sort_by_key(|r| r.method == "DELETE");
+    for r in routes {
+        let path = match r.path {
+            p if p.starts_with("/v1/nodes/") => p.replace("NAME", "b"),
+            p if p.starts_with("/v1/workloads/") => p.replace("NS/NAME", "default/client"),
+            p => p.replace("NS/NAME", "default/web").replace("IP", "10.244.2.4"),
+        };
+        let body = match (r.method, r.path) {
+            ("PUT", "/v1/state" | "/v1/state?dryRun=true") => state.to_string(),
+            ("PUT", p) if p.starts_with("/v1/nodes/") => node.clone(),
+            ("PUT", p) if p.starts_with("/v1/workloads/") => workload.clone(),
+            ("PUT", _) => service.clone(),
+            ("PATCH", _) => r#"{"weight": 7}"#.to_owned(),
+            _ => String::new(),
+        };
+        let (code, answer) = call(&a, r.method, &path, &body).await;
+        // Routed: answered by its handler, not as an unknown route
+        // (a node still in use is refused by validation, which is served).
+        let served = match (r.method, r.path) {
+            (_, "/v1/datapath") => code == 503,
+            ("DELETE", "/v1/nodes/NAME") => code == 400 && answer.contains("is not in `nodes`"),
+            _ => code == 200,
+        };
+        assert!(served, "{} {path}: {code} {answer}", r.method);
+    }
 }
