@@ -36,9 +36,14 @@ pub struct RunArgs {
     /// the node's address of their connection's family from the state.
     #[arg(long, default_value = "0.0.0.0:15001", value_name = "ADDR")]
     pub proxy_listen: Vec<SocketAddr>,
-    /// Admin HTTP endpoint (/live, /ready, /stats).
+    /// Admin HTTP endpoint (/live, /ready, /stats, /metrics, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15020", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
+    /// A listener for Prometheus serving only /metrics, /live and /ready
+    /// (never the state or the counters' JSON), e.g. on the node's address
+    /// where the admin endpoint stays on loopback. Off when not given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The most slots a kernel-mode service table gets (1 to 4096): tables
     /// are as small as their weights allow, up to this.
     #[arg(long, default_value_t = crate::model::DEFAULT_SLOT_TABLE_SIZE, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]

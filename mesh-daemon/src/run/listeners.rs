@@ -19,12 +19,15 @@ use crate::handover::{self, Taken};
 const OUTBOUND: [&str; 2] = ["outbound", "outbound-ipv6"];
 const TUNNEL: [&str; 2] = ["tunnel", "tunnel-ipv6"];
 const ADMIN: &str = "admin";
+const METRICS: &str = "metrics";
 const API: &str = "api";
 
 pub struct Listeners {
     /// One socket per family.
     pub outbound: TcpListeners,
     pub admin: TcpListener,
+    /// `--metrics-listen`, when given.
+    pub metrics: Option<TcpListener>,
     pub api: UnixListener,
     /// Only with certificates; one socket per family.
     pub tunnel: Option<TcpListeners>,
@@ -41,6 +44,10 @@ impl Listeners {
     ) -> Result<Self, RunError> {
         let outbound = relay_listeners(taken, OUTBOUND, &args.proxy_listen, "--proxy-listen").await?;
         let admin = tcp_listener(taken, ADMIN, args.admin_listen, "--admin-listen").await?;
+        let metrics = match args.metrics_listen {
+            Some(addr) => Some(tcp_listener(taken, METRICS, addr, "--metrics-listen").await?),
+            None => None,
+        };
         let api = match taken.as_mut().and_then(|t| t.take(API)) {
             Some(fd) if handover::unix_path(fd.as_fd()).as_deref() == Some(args.api_socket.as_path()) => {
                 let l = std::os::unix::net::UnixListener::from(fd);
@@ -55,7 +62,7 @@ impl Listeners {
             true => Some(relay_listeners(taken, TUNNEL, &args.tunnel_listen, "--tunnel-listen").await?),
             false => None,
         };
-        Ok(Self { outbound, admin, api, tunnel })
+        Ok(Self { outbound, admin, metrics, api, tunnel })
     }
 
     /// Copies of each, by name, to hand to the next daemon.
@@ -73,6 +80,9 @@ impl Listeners {
         };
         copies.extend(named(OUTBOUND, &self.outbound)?);
         copies.push((ADMIN, self.admin.as_fd().try_clone_to_owned()?));
+        if let Some(l) = &self.metrics {
+            copies.push((METRICS, l.as_fd().try_clone_to_owned()?));
+        }
         copies.push((API, self.api.as_fd().try_clone_to_owned()?));
         if let Some(l) = &self.tunnel {
             copies.extend(named(TUNNEL, l)?);

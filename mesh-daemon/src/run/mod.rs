@@ -407,7 +407,11 @@ impl Units<'_> {
         let view =
             Arc::new(AdminView { control: self.control.clone(), counters: t.proxy.clone(), tunnel: t.tunnel.clone() });
         let timeout = args.client_header_timeout;
-        let admin = tokio::spawn(admin::serve(listeners.admin, view, timeout, self.exit.clone()));
+        if let Some(l) = listeners.metrics {
+            let paths = admin::Paths::MetricsOnly;
+            background.push(tokio::spawn(admin::serve(l, view.clone(), paths, timeout, self.exit.clone())));
+        }
+        let admin = tokio::spawn(admin::serve(listeners.admin, view, admin::Paths::All, timeout, self.exit.clone()));
         let api = tokio::spawn(api::serve(listeners.api, self.control.clone(), access, timeout, drain.clone()));
         background.push(tokio::spawn(resync_health(self.control.clone(), health_changes)));
         Ok(Serving { proxy, api, admin, background })

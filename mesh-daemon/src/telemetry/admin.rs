@@ -36,21 +36,45 @@ pub const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// need a few); more are closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// What a listener serves: everything (`--admin-listen`), or only what
+/// Prometheus and probes read (`--metrics-listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paths {
+    All,
+    MetricsOnly,
+}
+
+impl Paths {
+    fn name(self) -> &'static str {
+        match self {
+            Paths::All => "admin",
+            Paths::MetricsOnly => "metrics",
+        }
+    }
+}
+
 /// Serves until `exit` starts draining (after the daemon's own drain, so
 /// probes keep their answers while connections finish). A client has
 /// `header_timeout` to send each request's headers.
-pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, header_timeout: Duration, exit: Drain) {
-    let gate = crate::drain::Gate::new("admin", MAX_CONNECTIONS);
-    crate::drain::accept_loop(listener, "admin", exit, move |stream, _| {
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn AdminSource>,
+    paths: Paths,
+    header_timeout: Duration,
+    exit: Drain,
+) {
+    let name = paths.name();
+    let gate = crate::drain::Gate::new(name, MAX_CONNECTIONS);
+    crate::drain::accept_loop(listener, name, exit, move |stream, _| {
         let Some(pass) = gate.enter() else { return };
         let source = source.clone();
         tokio::spawn(async move {
             let _pass = pass;
             let svc = hyper::service::service_fn(move |req| {
                 let source = source.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &*source)) }
+                async move { Ok::<_, Infallible>(handle(&req, &*source, paths)) }
             });
-            crate::drain::serve_local_http1(stream, svc, header_timeout, "admin").await;
+            crate::drain::serve_local_http1(stream, svc, header_timeout, name).await;
         });
     })
     .await;
@@ -62,11 +86,15 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn handle(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, source: &dyn AdminSource, paths: Paths) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if paths == Paths::MetricsOnly && !matches!(path, "/metrics" | "/live" | "/ready") {
+        return text(StatusCode::NOT_FOUND, "not found: this listener serves /metrics, /live and /ready\n");
+    }
+    match path {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => match source.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
