@@ -961,3 +961,47 @@ fn root_consumer_route_query_params_named_rules_and_303_308() {
     let log = m.d.log_with("rule=dolphins", 1);
     assert!(log.lines().any(|l| l.contains("route=default/mesh-query-param-matching rule=dolphins")), "{log}");
 }
+
+#[test]
+fn root_meshctl_top_shows_each_route_rule_at_its_load() {
+    let _one = serial();
+    let m = mesh();
+    apply(&m, &[SPLIT]);
+    // Two loads on the one route for 12 s: /v1 (rule 0) at 100 requests
+    // a second, /v2 (rule 1) at 40.
+    let load = |path: &str, rps: u32| {
+        let n = (rps * 12).to_string();
+        let args = ["-c", "1", "-m", "1", "-n", &n, "--rps", &rps.to_string(), &format!("http://{VIP}{path}")];
+        m.c.start("client", "h2load", &args).unwrap()
+    };
+    let (v1, v2) = (load("/v1", 100), load("/v2", 40));
+    std::thread::sleep(Duration::from_secs(3));
+    let out = m.c.meshctl("node-a", &["-o", "json", "top", "--interval", "5", "--iterations", "1"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "meshctl top: {text}{}", String::from_utf8_lossy(&out.stderr));
+    for (l, n) in [(v1, 1200), (v2, 480)] {
+        let out = l.wait_with_output().unwrap();
+        let (ok, failed, errored) = mesh_tests::loadgen::h2load_counts(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!((ok, failed, errored), (n, 0, 0), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    eprintln!("meshctl top: {v}");
+    let routes = v["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 2, "{v}");
+    for (rule, rate) in [("0", 100.0), ("1", 40.0)] {
+        let r = routes
+            .iter()
+            .find(|r| r["route"] == "default/mesh-split" && r["rule"] == rule)
+            .unwrap_or_else(|| panic!("no row for rule {rule}: {v}"));
+        let rps = r["requestsPerSecond"].as_f64().unwrap();
+        assert!((rps - rate).abs() <= rate * 0.1, "rule {rule}: top says {rps} requests/s of {rate}: {v}");
+        assert_eq!(r["successRate"].as_f64(), Some(1.0), "{v}");
+        let (p50, p99) = (r["p50Ms"].as_f64().unwrap(), r["p99Ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p99, "{v}");
+    }
+    // The same rows as a table, when piped.
+    let out = m.c.meshctl("node-a", &["top", "--interval", "1", "--iterations", "1"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("ROUTE") && l.contains("RULE")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("default/mesh-split")), "{text}");
+}

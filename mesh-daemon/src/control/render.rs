@@ -114,6 +114,11 @@ impl Control {
         self.views.iter().flat_map(|v| v.stats_rows()).collect()
     }
 
+    /// `meshctl top`'s route rows: each route rule that decided a request.
+    pub fn route_rows(&self) -> Vec<crate::telemetry::metrics::RouteStatsRow> {
+        self.cfg.metrics.route_rows()
+    }
+
     /// [`Control::endpoint_rows`] as the API shows them.
     pub fn endpoints(&self) -> Vec<Value> {
         self.endpoint_rows()

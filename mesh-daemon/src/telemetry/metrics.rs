@@ -362,7 +362,7 @@ fn duration_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
     Family::new_with_constructor(ctor)
 }
 
-fn response_latency_family() -> Family<ServiceLabels, Histogram, fn() -> Histogram> {
+fn response_latency_family<L: Clone + std::hash::Hash + Eq>() -> Family<L, Histogram, fn() -> Histogram> {
     fn ctor() -> Histogram {
         Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
     }
@@ -394,6 +394,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Requests by the route rule that decided them and its backend.
     pub route_requests: Family<RouteLabels, Counter>,
+    /// Response latency by route rule.
+    route_latency: Family<RuleLabels, Histogram, fn() -> Histogram>,
+    /// Each route rule's series, made when it first decides a request.
+    rules: std::sync::RwLock<HashMap<RuleLabels, Arc<RuleSeries>>>,
     /// Authorization decisions, by policy.
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub response_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -434,8 +438,10 @@ impl Metrics {
             duration: duration_family(),
             requests: Family::default(),
             route_requests: Family::default(),
+            route_latency: response_latency_family::<RuleLabels>(),
+            rules: Default::default(),
             authz_decisions: Family::default(),
-            response_latency: response_latency_family(),
+            response_latency: response_latency_family::<ServiceLabels>(),
             connect_latency: latency_family(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
@@ -483,6 +489,12 @@ impl Metrics {
             "route_requests",
             "Requests a route rule decided, by route, rule, backend Service (empty: answered by the proxy) and class",
             m.route_requests.clone(),
+        );
+        r.register_with_unit(
+            "route_response_latency",
+            "Time from a request a route rule decided to its response's headers (or the proxy's own answer)",
+            Unit::Seconds,
+            m.route_latency.clone(),
         );
         r.register(
             "authz_decisions",
@@ -603,14 +615,42 @@ impl Metrics {
     }
 
     /// Drops the series of route rules and backends (route, rule,
-    /// backend) that left the state.
+    /// backend) that left the state (a rule's own series go with its
+    /// backend-less key, which it has while it exists).
     pub fn forget_route_series<'a>(&self, gone: impl Iterator<Item = &'a (Arc<str>, Arc<str>, Arc<str>)>) {
         for (route, rule, backend) in gone {
+            if backend.is_empty() {
+                let l = RuleLabels { route: route.clone(), rule: rule.clone() };
+                self.rules.write().unwrap_or_else(|p| p.into_inner()).remove(&l);
+                self.route_latency.remove(&l);
+            }
             for class in REQUEST_CLASSES {
                 let l = RouteLabels { route: route.clone(), rule: rule.clone(), backend: backend.clone(), class };
                 self.route_requests.remove(&l);
             }
         }
+    }
+
+    /// The series of rule `rule` of route `route` (made on its first
+    /// request): what a request it decides is counted into.
+    pub fn rule_series(&self, route: &Arc<str>, rule: &Arc<str>) -> Arc<RuleSeries> {
+        let l = RuleLabels { route: route.clone(), rule: rule.clone() };
+        if let Some(s) = self.rules.read().unwrap_or_else(|p| p.into_inner()).get(&l) {
+            return s.clone();
+        }
+        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        rules
+            .entry(l.clone())
+            .or_insert_with(|| Arc::new(RuleSeries::new(self.route_latency.get_or_create(&l).clone(), l)))
+            .clone()
+    }
+
+    /// A row per route rule that decided a request, by route and rule.
+    pub fn route_rows(&self) -> Vec<RouteStatsRow> {
+        let mut rows: Vec<RouteStatsRow> =
+            self.rules.read().unwrap_or_else(|p| p.into_inner()).values().map(|s| s.row()).collect();
+        rows.sort_by(|a, b| (&a.route, &a.rule).cmp(&(&b.route, &b.rule)));
+        rows
     }
 
     /// Reads the kernel's counters and the endpoints' state from `live`
@@ -630,6 +670,7 @@ impl Metrics {
         let route = |s: &str| Arc::<str>::from(s);
         let r = RouteLabels { route: route("NAMESPACE/ROUTE"), rule: route("RULE"), backend: route(""), class: "2xx" };
         let _ = self.route_requests.get_or_create(&r);
+        self.rule_series(&r.route, &r.rule).answered(std::time::Duration::ZERO);
         let a = AuthzLabels { policy: route("NAMESPACE/POLICY"), action: "ALLOW", decision: "allow" };
         let _ = self.authz_decisions.get_or_create(&a);
     }

@@ -1,9 +1,11 @@
 //! `meshctl top`: a live table per service and direction (requests per
-//! second, success, p50 and p99, bytes and connections per second) over
-//! each interval, from the daemon's own counters: two reads of `GET
-//! /v1/stats?buckets=true` an interval apart, their difference divided by
-//! the time between them. The quantiles come from the difference of the
-//! latency sketches, so they are the interval's, to within 25%.
+//! second, success, p50 and p99, bytes and connections per second), and
+//! one per route rule (Gateway API) that decided requests, over each
+//! interval, from the daemon's own counters: two reads of `GET
+//! /v1/stats?buckets=true` and `GET /v1/stats/routes` an interval apart,
+//! their difference divided by the time between them. The quantiles come
+//! from the difference of the latency sketches, so they are the
+//! interval's, to within 25%.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -45,6 +47,17 @@ struct Row {
 }
 
 impl Row {
+    fn route_json(&self) -> Value {
+        json!({
+            "route": self.service,
+            "rule": self.direction,
+            "requestsPerSecond": self.requests_per_second,
+            "successRate": self.success_rate,
+            "p50Ms": self.p50_ms,
+            "p99Ms": self.p99_ms,
+        })
+    }
+
     fn json(&self) -> Value {
         json!({
             "service": self.service,
@@ -61,10 +74,16 @@ impl Row {
 
 /// The stats rows summed by (service, direction).
 fn totals(rows: &[Value]) -> BTreeMap<(String, String), Totals> {
+    totals_by(rows, ("service", "direction"))
+}
+
+/// The rows summed by the two fields of `key` (route rows: `route`,
+/// `rule`, and no bytes or connections).
+fn totals_by(rows: &[Value], key: (&str, &str)) -> BTreeMap<(String, String), Totals> {
     let mut out: BTreeMap<(String, String), Totals> = BTreeMap::new();
     for r in rows {
         let n = |k: &str| r[k].as_u64().unwrap_or(0);
-        let t = out.entry((s(&r["service"]), s(&r["direction"]))).or_default();
+        let t = out.entry((s(&r[key.0]), s(&r[key.1]))).or_default();
         let requests = n("requests");
         t.requests += requests;
         // successRate is ok / requests of this row: ok back, exactly.
@@ -117,12 +136,35 @@ fn rates(before: &BTreeMap<(String, String), Totals>, now: &BTreeMap<(String, St
     rows
 }
 
-async fn read(socket: &Path) -> anyhow::Result<BTreeMap<(String, String), Totals>> {
-    match call(socket, Method::GET, "/v1/stats?buckets=true", None, None).await? {
-        Ok(Value::Array(rows)) => Ok(totals(&rows)),
+type Read = (BTreeMap<(String, String), Totals>, BTreeMap<(String, String), Totals>);
+
+/// The services' and the route rules' totals now.
+async fn read(socket: &Path) -> anyhow::Result<Read> {
+    let services = match call(socket, Method::GET, "/v1/stats?buckets=true", None, None).await? {
+        Ok(Value::Array(rows)) => totals(&rows),
         Ok(other) => bail!("the daemon answered /v1/stats with {other}, not a list"),
         Err(ApiError { status, body }) => bail!("the daemon refused the request ({status}): {}", s(&body["error"])),
-    }
+    };
+    let routes = match call(socket, Method::GET, "/v1/stats/routes", None, None).await? {
+        Ok(Value::Array(rows)) => totals_by(&rows, ("route", "rule")),
+        Ok(other) => bail!("the daemon answered /v1/stats/routes with {other}, not a list"),
+        // A daemon from before route rows.
+        Err(e) if e.status == hyper::StatusCode::NOT_FOUND => BTreeMap::new(),
+        Err(ApiError { status, body }) => bail!("the daemon refused the request ({status}): {}", s(&body["error"])),
+    };
+    Ok((services, routes))
+}
+
+/// A row's key, rate, success and quantiles, as the tables show them.
+fn cells(r: &Row) -> Vec<String> {
+    vec![
+        r.service.clone(),
+        r.direction.clone(),
+        format!("{:.1}", r.requests_per_second),
+        r.success_rate.map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
+        ms(r.p50_ms),
+        ms(r.p99_ms),
+    ]
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -143,13 +185,18 @@ pub async fn top(socket: &Path, interval: Duration, iterations: Option<u64>, jso
         let now = read(socket).await?;
         let now_at = tokio::time::Instant::now();
         let secs = (now_at - at).as_secs_f64();
-        let rows = rates(&before, &now, secs);
+        let rows = rates(&before.0, &now.0, secs);
+        let routes = rates(&before.1, &now.1, secs);
         (before, at) = (now, now_at);
         done += 1;
         if json_out {
             println!(
                 "{}",
-                json!({ "intervalSeconds": (secs * 1000.0).round() / 1000.0, "services": rows.iter().map(Row::json).collect::<Vec<_>>() })
+                json!({
+                    "intervalSeconds": (secs * 1000.0).round() / 1000.0,
+                    "services": rows.iter().map(Row::json).collect::<Vec<_>>(),
+                    "routes": routes.iter().map(Row::route_json).collect::<Vec<_>>(),
+                })
             );
             continue;
         }
@@ -157,23 +204,19 @@ pub async fn top(socket: &Path, interval: Duration, iterations: Option<u64>, jso
             print!("\x1b[H\x1b[2J");
         }
         println!("meshctl top: per service and direction over the last {secs:.1} s (Ctrl-C to stop)");
+        let service_cells = |r: &Row| {
+            let mut c = cells(r);
+            c.extend([format!("{:.0}", r.bytes_per_second), format!("{:.1}", r.connections_per_second)]);
+            c
+        };
         table(
             &["SERVICE", "DIRECTION", "RPS", "SUCCESS", "P50(ms)", "P99(ms)", "BYTES/S", "CONN/S"],
-            rows.iter()
-                .map(|r| {
-                    vec![
-                        r.service.clone(),
-                        r.direction.clone(),
-                        format!("{:.1}", r.requests_per_second),
-                        r.success_rate.map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
-                        ms(r.p50_ms),
-                        ms(r.p99_ms),
-                        format!("{:.0}", r.bytes_per_second),
-                        format!("{:.1}", r.connections_per_second),
-                    ]
-                })
-                .collect(),
+            rows.iter().map(service_cells).collect(),
         );
+        if !routes.is_empty() {
+            println!();
+            table(&["ROUTE", "RULE", "RPS", "SUCCESS", "P50(ms)", "P99(ms)"], routes.iter().map(cells).collect());
+        }
         if !tty {
             println!();
         }
@@ -212,6 +255,23 @@ mod tests {
         assert_eq!(rows[0].p50_ms, LatencySketch::quantile_of(&[0, 1, 0], 0.5));
         assert_eq!(rows[0].p99_ms, LatencySketch::quantile_of(&[0, 0, 1], 0.5), "20 of 200 in the tail");
         assert_eq!((rows[1].requests_per_second, rows[1].success_rate, rows[1].p50_ms), (0.0, None, None));
+    }
+
+    #[test]
+    fn route_rows_are_summed_by_route_and_rule() {
+        let r = |rule: &str, requests: u64, success: f64, buckets: &[u64]| {
+            json!({ "route": "default/web", "rule": rule, "requests": requests, "successRate": success,
+                    "latencyBuckets": buckets })
+        };
+        let before = totals_by(&[r("0", 10, 1.0, &[10])], ("route", "rule"));
+        let now = totals_by(&[r("0", 30, 0.5, &[10, 20]), r("v2", 4, 1.0, &[4])], ("route", "rule"));
+        let rows = rates(&before, &now, 2.0);
+        assert_eq!((rows[0].service.as_str(), rows[0].direction.as_str()), ("default/web", "0"));
+        assert_eq!(rows[0].requests_per_second, 10.0);
+        assert_eq!(rows[0].success_rate, Some(0.25), "15 of 30 ok now, 10 of 10 before: 5 of 20");
+        assert_eq!(rows[0].p50_ms, LatencySketch::quantile_of(&[0, 1], 0.5));
+        assert_eq!((rows[1].direction.as_str(), rows[1].requests_per_second), ("v2", 2.0));
+        assert_eq!(rows[1].route_json()["rule"], "v2");
     }
 
     #[test]

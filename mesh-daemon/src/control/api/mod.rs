@@ -80,6 +80,13 @@ pub const ROUTES: &[ApiRoute] = &[
     },
     ApiRoute {
         method: "GET",
+        path: "/v1/stats/routes",
+        body: "",
+        answer: "One row per route rule that decided a request: requests, success rate, rate, latency quantiles \
+                 and the latency sketch",
+    },
+    ApiRoute {
+        method: "GET",
         path: "/v1/endpoints",
         body: "",
         answer: "Every endpoint with its configured and effective weight, priority, health and latency",
@@ -539,6 +546,7 @@ async fn read(control: &Arc<Control>, route: &[&str], buckets: bool) -> Option<R
             }
             respond(StatusCode::OK, &rows)
         }
+        ["v1", "stats", "routes"] => respond(StatusCode::OK, &control.route_rows()),
         ["v1", "state"] => respond(StatusCode::OK, &json!({ "generation": snap.generation, "state": doc })),
         ["metrics"] | ["v1", "metrics"] => {
             let mut r = Response::new(Full::new(Bytes::from(control.render_metrics())));

@@ -19,7 +19,7 @@ use super::Conn;
 use crate::model::route::Router;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, Workload};
-use crate::telemetry::metrics::{RouteLabels, GRPC_CLASSES, REQUEST_CLASSES};
+use crate::telemetry::metrics::{RouteLabels, RuleSeries, GRPC_CLASSES, REQUEST_CLASSES};
 
 /// What the access log says of a request.
 pub struct Line {
@@ -73,6 +73,8 @@ pub struct Finished {
     route: Arc<Route>,
     /// The route rule that decided the request, and its backend.
     by: Option<DecidedBy>,
+    /// That rule's series.
+    rule: Option<Arc<RuleSeries>>,
     /// The authorization policies that decided it, and audited it.
     pub authz: crate::proxy::authz::Logged,
     env: &'static dyn crate::env::Env,
@@ -186,6 +188,7 @@ impl Finished {
             grpc: conn.grpc,
             route: route.clone(),
             by: None,
+            rule: None,
             authz: Default::default(),
             env: conn.env,
         }
@@ -194,7 +197,18 @@ impl Finished {
     /// The request was decided by a route rule: its log line says which,
     /// and `mesh_route_requests_total` counts it.
     pub fn by(&mut self, by: Option<DecidedBy>) {
+        self.rule = by.as_ref().map(|b| {
+            let r = &b.router.rules[b.rule];
+            self.route.metrics().rule_series(&r.label, &r.name)
+        });
         self.by = by;
+    }
+
+    /// The answer's head came: its rule's latency.
+    fn answered_at(&self, started: Instant) {
+        if let Some(r) = &self.rule {
+            r.answered(started.elapsed());
+        }
     }
 
     pub fn trace(&mut self, traced: Option<Traced>) {
@@ -204,6 +218,7 @@ impl Finished {
     /// The request reached an endpoint of `route` and its response began;
     /// `endpoint` indexes `route.endpoints`.
     pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant) -> Completion<AtEndpoint> {
+        self.answered_at(started);
         Completion::new(AtEndpoint { finished: self, endpoint, started }, head)
     }
 
@@ -212,6 +227,7 @@ impl Finished {
         let status = response.status();
         let grpc_status = grpc_status(response.headers());
         let class = class(status, self.grpc, grpc_status);
+        self.answered_at(started);
         self.route.series().request_failed(class);
         self.route.series().failed(reason);
         self.log(None, status, grpc_status, 0, started, reason);
@@ -223,6 +239,7 @@ impl Finished {
     /// failure, and logged with `outcome`.
     pub fn answered(self, outcome: &'static str, started: Instant, response: Response<Body>) -> Response<Body> {
         let status = response.status();
+        self.answered_at(started);
         self.route.series().request_failed(class(status, self.grpc, None));
         self.log(None, status, None, 0, started, outcome);
         response
@@ -268,6 +285,9 @@ impl Finished {
                 backend: b.backend.clone().unwrap_or_else(|| Arc::from("")),
                 class: class(status, self.grpc, grpc_status),
             };
+            if let Some(r) = &self.rule {
+                r.finished(labels.class);
+            }
             self.route.metrics().route_requests.get_or_create(&labels).inc();
         }
         if let Some(t) = &self.traced {

@@ -105,3 +105,10 @@ pub struct KindLabels {
 pub struct ResultLabels {
     pub result: &'static str,
 }
+
+/// One route rule (Gateway API).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub route: Arc<str>,
+    pub rule: Arc<str>,
+}

@@ -93,6 +93,83 @@ impl EndpointSeries {
     }
 }
 
+/// One route rule's series: its requests by outcome, their recent rate,
+/// and the latency of their answers (a Prometheus histogram, and a sketch
+/// for `meshctl top`).
+#[derive(Debug)]
+pub struct RuleSeries {
+    labels: RuleLabels,
+    latency_histogram: Histogram,
+    latency: LatencySketch,
+    rate: RecentRate,
+    requests: AtomicU64,
+    ok: AtomicU64,
+}
+
+impl RuleSeries {
+    pub(super) fn new(latency_histogram: Histogram, labels: RuleLabels) -> Self {
+        Self {
+            labels,
+            latency_histogram,
+            latency: LatencySketch::default(),
+            rate: RecentRate::default(),
+            requests: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+        }
+    }
+
+    /// The answer's head came (from a backend, or the proxy) `d` after
+    /// the request.
+    pub fn answered(&self, d: std::time::Duration) {
+        self.latency_histogram.observe(d.as_secs_f64());
+        self.latency.observe(d);
+    }
+
+    /// A request it decided ended, in `class`.
+    pub fn finished(&self, class: &str) {
+        self.rate.record(now_secs());
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if succeeded(class) {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn row(&self) -> RouteStatsRow {
+        let requests = self.requests.load(Ordering::Relaxed);
+        RouteStatsRow {
+            route: self.labels.route.to_string(),
+            rule: self.labels.rule.to_string(),
+            requests,
+            success_rate: (requests > 0).then(|| self.ok.load(Ordering::Relaxed) as f64 / requests as f64),
+            rate_per_second: (requests > 0).then(|| self.rate.per_second(now_secs())),
+            p50_ms: self.latency.quantile_ms(0.5),
+            p99_ms: self.latency.quantile_ms(0.99),
+            latency_buckets: self.latency.counts(),
+        }
+    }
+}
+
+/// One route rule's row (`GET /v1/stats/routes`, `meshctl top`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatsRow {
+    /// `namespace/name` of the route.
+    pub route: String,
+    /// The rule's `name`, else its index.
+    pub rule: String,
+    /// Requests it decided that ended.
+    pub requests: u64,
+    /// Of those, the share that succeeded (HTTP below 500, gRPC OK).
+    pub success_rate: Option<f64>,
+    /// Requests per second over the last [`RATE_WINDOW_SECS`] seconds.
+    pub rate_per_second: Option<f64>,
+    /// Answer latency quantiles, to within 25%.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// The latency sketch's counts.
+    pub latency_buckets: Vec<u64>,
+}
+
 /// Response latencies of one endpoint in log-spaced buckets (each 25%
 /// wider than the one before, from 20 µs), for `meshctl stats`' p50 and
 /// p99: a quantile is known to within 25%. Lock-free, fixed size.

@@ -68,3 +68,30 @@ fn a_subsystem_registers_its_own_series_once() {
     assert_eq!(text.matches("# TYPE mesh_state_generation gauge").count(), 1, "{text}");
     assert!(text.contains("mesh_state_generation 7"), "{text}");
 }
+
+#[test]
+fn a_route_rule_counts_its_requests_and_latency_and_goes_with_its_rule() {
+    let m = Metrics::new();
+    let (route, rule) = (Arc::<str>::from("default/web"), Arc::<str>::from("v2"));
+    let s = m.rule_series(&route, &rule);
+    assert!(Arc::ptr_eq(&s, &m.rule_series(&route, &rule)), "made once");
+    for class in ["2xx", "2xx", "4xx", "5xx"] {
+        s.answered(std::time::Duration::from_millis(3));
+        s.finished(class);
+    }
+    let rows = m.route_rows();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].route.as_str(), rows[0].rule.as_str(), rows[0].requests), ("default/web", "v2", 4));
+    assert_eq!(rows[0].success_rate, Some(0.75), "4xx succeeds, 5xx does not");
+    assert!((2.4..=3.75).contains(&rows[0].p50_ms.unwrap()), "{rows:?}");
+    let text = m.encode();
+    let count = "mesh_route_response_latency_seconds_count{route=\"default/web\",rule=\"v2\"} 4";
+    assert!(text.contains(count), "{text}");
+    // A backend of the rule leaving keeps it; the rule leaving (its key
+    // without a backend) drops its series.
+    m.forget_route_series([(route.clone(), rule.clone(), Arc::from("default/web-v2:80"))].iter());
+    assert_eq!(m.route_rows().len(), 1);
+    m.forget_route_series([(route.clone(), rule.clone(), Arc::from(""))].iter());
+    assert!(m.route_rows().is_empty());
+    assert!(!m.encode().contains("rule=\"v2\""), "{}", m.encode());
+}
