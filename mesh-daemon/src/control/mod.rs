@@ -181,20 +181,18 @@ impl Series {
         }
     }
 
-    /// Counts one write by its outcome.
+    /// Counts one write by its outcome (its index in [`WRITE_RESULTS`]).
     fn write(&self, r: &Result<u64, WriteError>) {
         let result = match r {
-            Ok(_) => "applied",
-            Err(WriteError::Conflict { .. }) => "conflict",
-            Err(WriteError::Invalid(_)) => "invalid",
-            Err(WriteError::NotFound(_)) => "not_found",
-            Err(WriteError::Store(_)) => "store",
-            Err(WriteError::Datapath { .. }) => "datapath",
-            Err(WriteError::Stopped | WriteError::HandingOver) => "unavailable",
+            Ok(_) => 0,
+            Err(WriteError::Conflict { .. }) => 1,
+            Err(WriteError::Invalid(_)) => 2,
+            Err(WriteError::NotFound(_)) => 3,
+            Err(WriteError::Store(_)) => 4,
+            Err(WriteError::Datapath { .. }) => 5,
+            Err(WriteError::Stopped | WriteError::HandingOver) => 6,
         };
-        if let Some(i) = WRITE_RESULTS.iter().position(|r| *r == result) {
-            self.writes[i].inc();
-        }
+        self.writes[result].inc();
     }
 }
 
@@ -307,12 +305,13 @@ impl Control {
         if_match: Option<u64>,
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,
     ) -> Result<u64, WriteError> {
-        let r = self.write_counted(if_match, edit);
+        let r = self.apply(if_match, edit);
         self.series.write(&r);
         r
     }
 
-    fn write_counted(
+    /// [`Control::write`] but for counting its result.
+    fn apply(
         &self,
         if_match: Option<u64>,
         edit: impl FnOnce(&mut Document) -> Result<(), WriteError>,

@@ -15,4 +15,4 @@ pub mod tries;
 pub use counters::ProxyCounters;
 pub use inbound::{InboundHandler, InboundView};
 pub use outbound::Outbound;
-pub use routes::{Local, Route, RouteEndpoint, RouteTable, RoutesView, Workload};
+pub use routes::{Local, Route, RouteEndpoint, RouteTable, RoutesView, RuleMeter, Workload};

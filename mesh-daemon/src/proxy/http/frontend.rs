@@ -57,7 +57,8 @@ pub(super) fn target<'r>(
         router::Decision::Service => Decided::To(Target { resolved: frontend.clone(), routed: None, by: None }),
         router::Decision::Forward { entry, rule, backend: Some(b), prefix } => {
             router::rewrite_request(&mut parts.uri, &mut parts.headers, rule, b, prefix);
-            let by = Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: Some(b.label.clone()) });
+            let backend = rule.backends.iter().position(|x| std::ptr::eq(x, b));
+            let by = dialled.rule_meter(entry.rule).map(|meter| DecidedBy { meter, backend });
             match conn.backend(&b.port) {
                 Some(resolved) => Decided::To(Target { resolved, routed: Some((rule, b)), by }),
                 None => Decided::Answer(direct(conn, dialled, parts, (started, by), Direct::BackendGone)),
@@ -67,7 +68,7 @@ pub(super) fn target<'r>(
             conn,
             dialled,
             parts,
-            (started, Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: None })),
+            (started, dialled.rule_meter(entry.rule).map(|meter| DecidedBy { meter, backend: None })),
             Direct::NoBackend(if rule.total_weight == 0 {
                 "the route rule's backends all have weight 0"
             } else {
@@ -76,7 +77,7 @@ pub(super) fn target<'r>(
         )),
         router::Decision::NotFound => Decided::Answer(direct(conn, dialled, parts, (started, None), Direct::NotFound)),
         router::Decision::Redirect { entry, status, location } => {
-            let by = Some(DecidedBy { router: shared.clone(), rule: entry.rule, backend: None });
+            let by = dialled.rule_meter(entry.rule).map(|meter| DecidedBy { meter, backend: None });
             Decided::Answer(direct(conn, dialled, parts, (started, by), Direct::Redirect(status, location)))
         }
     }

@@ -16,10 +16,9 @@ use tokio::time::Instant;
 use super::trace::Traced;
 use super::upstream::Body;
 use super::Conn;
-use crate::model::route::Router;
 use crate::proxy::access::{Record, RequestLine};
-use crate::proxy::{Route, RouteEndpoint, Workload};
-use crate::telemetry::metrics::{RouteLabels, RuleSeries, GRPC_CLASSES, REQUEST_CLASSES};
+use crate::proxy::{Route, RouteEndpoint, RuleMeter, Workload};
+use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
 
 /// What the access log says of a request.
 pub struct Line {
@@ -73,21 +72,18 @@ pub struct Finished {
     route: Arc<Route>,
     /// The route rule that decided the request, and its backend.
     by: Option<DecidedBy>,
-    /// That rule's series.
-    rule: Option<Arc<RuleSeries>>,
     /// The authorization policies that decided it, and audited it.
     pub authz: crate::proxy::authz::Logged,
     env: &'static dyn crate::env::Env,
 }
 
-/// The route rule (Gateway API) that decided a request: rule `rule` of
-/// `router`, and the backend Service port it chose (None: the proxy
-/// answered, with a redirect or 500).
+/// The route rule (Gateway API) that decided a request, with what it
+/// counts into, and the backend it chose (an index into the rule's
+/// backends; None: the proxy answered, with a redirect or 500).
 #[derive(Clone)]
 pub struct DecidedBy {
-    pub router: Arc<Router>,
-    pub rule: usize,
-    pub backend: Option<Arc<str>>,
+    pub meter: Arc<RuleMeter>,
+    pub backend: Option<usize>,
 }
 
 /// Where a request that reached an endpoint is counted and logged once
@@ -188,7 +184,6 @@ impl Finished {
             grpc: conn.grpc,
             route: route.clone(),
             by: None,
-            rule: None,
             authz: Default::default(),
             env: conn.env,
         }
@@ -197,17 +192,13 @@ impl Finished {
     /// The request was decided by a route rule: its log line says which,
     /// and `mesh_route_requests_total` counts it.
     pub fn by(&mut self, by: Option<DecidedBy>) {
-        self.rule = by.as_ref().map(|b| {
-            let r = &b.router.rules[b.rule];
-            self.route.metrics().rule_series(&r.label, &r.name)
-        });
         self.by = by;
     }
 
     /// The answer's head came: its rule's latency.
     fn answered_at(&self, started: Instant) {
-        if let Some(r) = &self.rule {
-            r.answered(started.elapsed());
+        if let Some(b) = &self.by {
+            b.meter.series.answered(started.elapsed());
         }
     }
 
@@ -270,7 +261,7 @@ impl Finished {
             request: Some(RequestLine {
                 retries: self.retries,
                 trace_id: self.traced.as_ref().map(|t| t.trace_hex.as_str()),
-                route: self.by.as_ref().map(|b| (&*b.router.rules[b.rule].label, &*b.router.rules[b.rule].name)),
+                route: self.by.as_ref().map(|b| (&*b.meter.rule.label, &*b.meter.rule.name)),
                 authz: self.authz.by.as_deref(),
                 audit: self.authz.audit.as_deref(),
                 ..self.line.with(status, grpc_status)
@@ -278,17 +269,7 @@ impl Finished {
         }
         .log(self.route.access_log, self.env);
         if let Some(b) = &self.by {
-            let rule = &b.router.rules[b.rule];
-            let labels = RouteLabels {
-                route: rule.label.clone(),
-                rule: rule.name.clone(),
-                backend: b.backend.clone().unwrap_or_else(|| Arc::from("")),
-                class: class(status, self.grpc, grpc_status),
-            };
-            if let Some(r) = &self.rule {
-                r.finished(labels.class);
-            }
-            self.route.metrics().route_requests.get_or_create(&labels).inc();
+            b.meter.finished(b.backend, class(status, self.grpc, grpc_status));
         }
         if let Some(t) = &self.traced {
             let error = outcome != "ok" || failed(status, self.grpc, grpc_status);

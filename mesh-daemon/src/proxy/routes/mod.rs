@@ -17,11 +17,14 @@ use tokio::time::Instant;
 use crate::balance::{self, EndpointState, Member, Registry};
 use crate::env::Env;
 use crate::identity::Identity;
-use crate::model::route::Router;
+use crate::model::route::{Router, Rule};
 use crate::model::{AppProtocol, Delta, Family, Frontend, NodeName, PortKey, Snapshot, State};
 use crate::shared_map::SharedMap;
-use crate::telemetry::metrics::{ConnLabels, EndpointSeries, ServiceLabels, ServiceSeries, StatsRow};
+use crate::telemetry::metrics::{
+    ConnLabels, EndpointSeries, RouteLabels, RuleSeries, ServiceLabels, ServiceSeries, StatsRow, REQUEST_CLASSES,
+};
 use crate::telemetry::Metrics;
+use prometheus_client::metrics::counter::Counter;
 
 #[derive(Debug)]
 pub struct RouteEndpoint {
@@ -98,6 +101,9 @@ pub struct Route {
     /// The routes (Gateway API) attached to this service port, if any:
     /// its requests are decided by them (see [`crate::proxy::http::router`]).
     pub router: Option<Arc<Router>>,
+    /// What each rule of `router` counts its requests into, by rule index:
+    /// made on a rule's first request, then a request touches atomics.
+    meters: Box<[OnceLock<Arc<RuleMeter>>]>,
     /// The service, frontend and router it was made from: a later state
     /// with the same `Arc`s and frontend keeps the route as it is.
     from: (Arc<crate::model::Service>, Frontend),
@@ -118,6 +124,18 @@ impl Route {
     /// The metrics its series count into.
     pub fn metrics(&self) -> &crate::telemetry::metrics::Metrics {
         &self.source.metrics
+    }
+
+    /// The meter of rule `rule` of its router (None: it has no such rule).
+    pub fn rule_meter(&self, rule: usize) -> Option<Arc<RuleMeter>> {
+        let (router, cell) = (self.router.as_ref()?, self.meters.get(rule)?);
+        let meter = cell.get_or_init(|| {
+            let r = router.rules[rule].clone();
+            let series = self.source.metrics.rule_series(&r.label, &r.name);
+            let requests = (0..=r.backends.len()).map(|_| Default::default()).collect();
+            Arc::new(RuleMeter { rule: r, series, requests, metrics: self.source.metrics.clone() })
+        });
+        Some(meter.clone())
     }
 
     pub fn series(&self) -> &ServiceSeries {
@@ -167,8 +185,10 @@ impl Route {
             })
             .collect();
         let router = state.routes.router(&key.service).filter(|r| r.takes(key.port)).cloned();
+        let meters = router.as_ref().map_or(0, |r| r.rules.len());
         Route {
             router,
+            meters: (0..meters).map(|_| OnceLock::new()).collect(),
             series: OnceLock::new(),
             source,
             policy: policies.get(&key, &s.http),
@@ -242,6 +262,47 @@ impl Route {
                 metrics.forget_endpoint(&s.labels);
             }
         }
+    }
+}
+
+/// What the requests one route rule decides are counted into: the rule's
+/// own series and its `mesh_route_requests_total` counters, each looked
+/// up once per state.
+pub struct RuleMeter {
+    pub rule: Arc<Rule>,
+    pub series: Arc<RuleSeries>,
+    /// By index into `rule.backends` (the last: no backend, the proxy
+    /// answered), then by [`REQUEST_CLASSES`] index.
+    requests: Box<[[OnceLock<Counter>; REQUEST_CLASSES.len()]]>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for RuleMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.rule.label, self.rule.name)
+    }
+}
+
+impl RuleMeter {
+    /// A request the rule sent to `backend` (an index into its backends;
+    /// None: answered by the proxy) ended in `class`.
+    pub fn finished(&self, backend: Option<usize>, class: &'static str) {
+        self.series.finished(class);
+        let b = backend.filter(|b| *b < self.rule.backends.len()).unwrap_or(self.rule.backends.len());
+        let Some(c) = REQUEST_CLASSES.iter().position(|c| *c == class) else { return };
+        self.requests[b][c]
+            .get_or_init(|| {
+                let labels = RouteLabels {
+                    route: self.rule.label.clone(),
+                    rule: self.rule.name.clone(),
+                    backend: backend
+                        .and_then(|b| self.rule.backends.get(b))
+                        .map_or_else(|| Arc::from(""), |b| b.label.clone()),
+                    class,
+                };
+                self.metrics.route_requests.get_or_create(&labels).clone()
+            })
+            .inc();
     }
 }
 
