@@ -17,7 +17,7 @@ use tracing::warn;
 use super::conn::Resolved;
 use super::observe::{Finished, Observed};
 use super::retry::{NoRetry, Retrying};
-use super::upstream::{Body, ConnectedAt, SendError};
+use super::upstream::{Body, BodyError, ConnectedAt, SendError, UpstreamBody};
 use super::{
     answer, chain, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer, retry,
     retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
@@ -85,7 +85,8 @@ impl<'a> Plan<'a> {
             })
             .unwrap_or_default();
         let keep = retry.map_or(0, |r| r.max_body).max(if mirrors.is_empty() { 0 } else { mirror::MIRROR_BODY });
-        let body = (!hyper::body::Body::is_end_stream(&body)).then(|| replay::Replay::new(body.boxed_unsync(), keep));
+        let body = (!hyper::body::Body::is_end_stream(&body))
+            .then(|| replay::Replay::new(body.map_err(BodyError::from).boxed_unsync(), keep));
         if let Some(b) = budget {
             b.deposit(env.secs() as u64);
         }
@@ -295,9 +296,9 @@ impl<'a> Plan<'a> {
     fn answered(
         &mut self,
         ep: &RouteEndpoint,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         t0: Instant,
-    ) -> Result<Response<Incoming>, Step> {
+    ) -> Result<Response<UpstreamBody>, Step> {
         let (route, env) = (self.route(), self.conn.env);
         // From the send, or from the connect if this request waited for one.
         let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
@@ -318,7 +319,7 @@ impl<'a> Plan<'a> {
 
     /// The answer of endpoint `i`, on its way to the client: mirrored,
     /// its headers as the route rule says, watched to its end.
-    fn finish(self, i: usize, resp: Response<Incoming>, parts: &Parts, mut finished: Finished) -> Response<Body> {
+    fn finish(self, i: usize, resp: Response<UpstreamBody>, parts: &Parts, mut finished: Finished) -> Response<Body> {
         mirror::send(self.conn, &self.mirrors, parts, self.body.as_ref());
         let (mut head, body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);

@@ -278,7 +278,7 @@ fn retry_policy<'p>(rules: &Rules<'p>, method: &hyper::Method, grpc: bool) -> Op
 }
 
 /// Whether an answer (its head) is one the policy retries.
-fn retried_answer(r: &RetryPolicy, head: &Response<Incoming>, grpc: bool) -> bool {
+fn retried_answer<B>(r: &RetryPolicy, head: &Response<B>, grpc: bool) -> bool {
     r.on.status(head.status().as_u16())
         || (grpc && observe::grpc_status(head.headers()).is_some_and(|c| r.on.grpc_status(c)))
 }
@@ -334,7 +334,7 @@ async fn upgraded(req: Request<Incoming>, conn: &Conn, route: &Arc<Route>, start
                     super::tries::blame(ep, c, env);
                     c.reason()
                 }
-                upstream::SendError::Http(_) => "upstream",
+                upstream::SendError::Http(_) | upstream::SendError::H2(_) => "upstream",
             };
             warn!(service = %route.name, endpoint = %ep.state.addr, error = %e, "upgrade could not reach the endpoint");
             finished.failed(reason, started, unavailable(false, reason))

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::header::HeaderMap;
 use hyper::http::response::Parts as ResponseParts;
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::trace::Traced;
-use super::upstream::Body;
+use super::upstream::{Body, BodyError};
 use super::Conn;
 use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, RuleMeter, Workload};
@@ -282,21 +282,22 @@ impl Finished {
 
 /// The response body on its way to the client, watched for its end.
 pub struct Observed<R: Report> {
-    inner: Incoming,
+    inner: super::upstream::UpstreamBody,
     completion: Option<Completion<R>>,
 }
 
 impl<R: Report> Observed<R> {
-    pub fn new(inner: Incoming, completion: Completion<R>) -> Self {
+    pub fn new(inner: impl Into<super::upstream::UpstreamBody>, completion: Completion<R>) -> Self {
+        let inner = inner.into();
         Self { inner, completion: Some(completion) }
     }
 }
 
 impl<R: Report + Unpin> HttpBody for Observed<R> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

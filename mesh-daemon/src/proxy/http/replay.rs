@@ -14,7 +14,7 @@ use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::HeaderMap;
 
-use super::upstream::Body;
+use super::upstream::{Body, BodyError};
 
 struct Shared {
     /// The client's body, where the last try left it.
@@ -87,9 +87,9 @@ struct Try {
 
 impl HttpBody for Try {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let mut s = this.replay.shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = s.kept.get(this.next) {
@@ -173,11 +173,8 @@ mod tests {
 
     impl HttpBody for Chunks {
         type Data = Bytes;
-        type Error = hyper::Error;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        type Error = BodyError;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
             Poll::Ready(self.0.pop_front().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))))
         }
     }

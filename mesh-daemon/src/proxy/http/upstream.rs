@@ -1,9 +1,13 @@
-//! Pooled upstream connections for requests, on hyper's `client::conn`:
-//! per endpoint, protocol and, through the tunnel, source identity and
-//! service, a queue of HTTP/1.1 keep-alive connections or one multiplexed
-//! HTTP/2 connection. A request takes a ready connection (or dials one),
-//! hands its request to it and puts it back at once: the connection is
-//! ready again when its answer has been read, and no task waits for that.
+//! Pooled upstream connections for requests: per endpoint, protocol and,
+//! through the tunnel, source identity and service, a queue of HTTP/1.1
+//! keep-alive connections (hyper's `client::conn`) or one multiplexed
+//! HTTP/2 connection (the `h2` crate, driven directly). A request takes a
+//! ready connection (or dials one), hands its request to it and puts it
+//! back at once: the connection is ready again when its answer has been
+//! read, and no task waits for that. On HTTP/2 the request's own task
+//! opens the stream and waits for the answer's head; only the connection
+//! has a task of its own (and a request body, its pump), where hyper's
+//! client spawned one per request and answered it through a channel.
 //! The endpoint is dialled whatever the request's authority, so `Host` and
 //! `:authority` go upstream as the client sent them.
 
@@ -16,10 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::{http1, TrySendError};
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -30,7 +34,87 @@ use crate::proxy::error::ConnectError;
 use crate::tunnel::client::Pool;
 use crate::tunnel::StreamProtocol;
 
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+/// A body on its way through the proxy: a client's request body, or an
+/// answer's.
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a body failed on its way: its connection or stream failed, or was
+/// reset. The side it goes to sees it cut short (its HTTP/2 stream reset,
+/// its HTTP/1.1 connection closed), never a body that looks whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("the HTTP/2 stream failed: {0}")]
+    H2(#[from] h2::Error),
+}
+
+/// An endpoint's answer body: hyper's (HTTP/1.1), or an h2 stream's
+/// (HTTP/2), read in the task that sends it on.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    H2 {
+        recv: h2::RecvStream,
+        /// Its data has ended; its trailers (if any) are next.
+        data_done: bool,
+    },
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(b: Incoming) -> Self {
+        UpstreamBody::Hyper(b)
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::H2 { recv, data_done } => {
+                if !*data_done {
+                    match recv.poll_data(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Ok(d))) => {
+                            // Read: the endpoint may send as much again.
+                            let _ = recv.flow_control().release_capacity(d.len());
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(d))));
+                        }
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                        Poll::Ready(None) => *data_done = true,
+                    }
+                }
+                match recv.poll_trailers(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(t)) => Poll::Ready(t.map(|t| Ok(hyper::body::Frame::trailers(t)))),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H2 { recv, .. } => recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H2 { recv, .. } if recv.is_end_stream() => hyper::body::SizeHint::with_exact(0),
+            UpstreamBody::H2 { .. } => hyper::body::SizeHint::default(),
+        }
+    }
+}
 
 /// HTTP/1.1 connections kept per endpoint (busy and idle), idle ones past
 /// [`MAX_IDLE_PER_ENDPOINT`] or [`IDLE_TIMEOUT`] closed by the sweep (as
@@ -105,6 +189,9 @@ pub enum SendError {
     /// The connection failed the request (it may have been sent).
     #[error("the request to the endpoint failed: {0}")]
     Http(#[from] hyper::Error),
+    /// The HTTP/2 connection failed the request.
+    #[error("the request to the endpoint failed: {0}")]
+    H2(#[from] h2::Error),
 }
 
 /// A pooled HTTP/1.1 connection, and the sweep it was last handed back in.
@@ -128,7 +215,7 @@ enum Conns {
     Http1(Mutex<VecDeque<Kept>>),
     Http2 {
         /// The connection every request shares, and when it was made.
-        shared: Mutex<Option<(http2::SendRequest<Body>, Instant)>>,
+        shared: Mutex<Option<(h2::client::SendRequest<Bytes>, Instant)>>,
         /// Held while one request dials for all.
         dialling: tokio::sync::Mutex<()>,
         /// The sweep of the last request.
@@ -156,7 +243,7 @@ impl Endpoint {
     /// Sends `req` (its URI absolute) and waits for the answer's head.
     /// A request a reused connection refused before sending any of it
     /// (the endpoint closed it meanwhile) goes once more on a new one.
-    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<UpstreamBody>, SendError> {
         let now = self.sweeps.load(Ordering::Relaxed);
         match &self.conns {
             Conns::Http1(kept) => {
@@ -170,7 +257,7 @@ impl Endpoint {
                     // Back at once: busy until the answer has been read.
                     keep(kept, Kept { tx, sweep: now });
                     match sent.await {
-                        Ok(resp) => return Ok(connected_at(resp, dialled)),
+                        Ok(resp) => return Ok(connected_at(resp.map(UpstreamBody::Hyper), dialled)),
                         Err(e) => req = retry_or_fail(e, fresh || dialled.is_some())?,
                     }
                 }
@@ -179,29 +266,52 @@ impl Endpoint {
                 if used.load(Ordering::Relaxed) != now {
                     used.store(now, Ordering::Relaxed);
                 }
-                for fresh in [false, true] {
-                    let (mut tx, dialled) = self.shared_h2(shared, dialling, fresh).await?;
-                    match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(connected_at(resp, dialled)),
-                        Err(e) => req = retry_or_fail(e, fresh || dialled.is_some())?,
-                    }
+                strip_connection_headers(&mut req);
+                let (mut tx, dialled) = self.ready_h2(shared, dialling).await?;
+                let (head, body) = req.into_parts();
+                let eos = hyper::body::Body::is_end_stream(&body);
+                let (resp, stream) = tx.send_request(Request::from_parts(head, ()), eos)?;
+                if !eos {
+                    tokio::spawn(pump(body, stream));
                 }
+                let resp = resp.await?.map(|recv| UpstreamBody::H2 { recv, data_done: false });
+                return Ok(connected_at(resp, dialled));
             }
         }
         unreachable!("the second try is on a new connection and returns")
+    }
+
+    /// The shared HTTP/2 connection, ready for a stream: a connection
+    /// closed meanwhile (its `ready()` fails before any request is given
+    /// to it) is replaced once by a new one.
+    async fn ready_h2(
+        &self,
+        shared: &Mutex<Option<(h2::client::SendRequest<Bytes>, Instant)>>,
+        dialling: &tokio::sync::Mutex<()>,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Option<Instant>), SendError> {
+        let (tx, dialled) = self.shared_h2(shared, dialling, false).await?;
+        match tx.ready().await {
+            Ok(tx) => return Ok((tx, dialled)),
+            Err(e) if dialled.is_some() => return Err(e.into()),
+            Err(e) => debug!(error = %e, "HTTP/2 connection to the endpoint closed; dialling again"),
+        }
+        let (tx, dialled) = self.shared_h2(shared, dialling, true).await?;
+        Ok((tx.ready().await?, dialled))
     }
 
     /// The shared HTTP/2 connection, dialled when there is none (or it is
     /// closed, or `renew`), with when it was made if this call waited for it.
     async fn shared_h2(
         &self,
-        shared: &Mutex<Option<(http2::SendRequest<Body>, Instant)>>,
+        shared: &Mutex<Option<(h2::client::SendRequest<Bytes>, Instant)>>,
         dialling: &tokio::sync::Mutex<()>,
         renew: bool,
-    ) -> Result<(http2::SendRequest<Body>, Option<Instant>), SendError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Option<Instant>), SendError> {
+        // A closed connection is not seen here: its `ready()` fails, and
+        // the request goes again with `renew`.
         let current = || {
             let s = shared.lock().unwrap_or_else(|p| p.into_inner());
-            s.as_ref().filter(|(tx, _)| !tx.is_closed() && !renew).map(|(tx, at)| (tx.clone(), *at))
+            s.as_ref().filter(|_| !renew).map(|(tx, at)| (tx.clone(), *at))
         };
         if let Some((tx, _)) = current() {
             return Ok((tx, None));
@@ -211,10 +321,12 @@ impl Endpoint {
             return Ok((tx, Some(at)));
         }
         let (io, at) = self.dial().await?;
-        let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new());
-        let (tx, conn) = b.handshake(io).await?;
-        drive(conn, "HTTP/2");
+        let (tx, conn) = h2_client().handshake::<_, Bytes>(io.into_inner()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "HTTP/2 connection to the endpoint ended");
+            }
+        });
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), at));
         Ok((tx, Some(at)))
     }
@@ -318,7 +430,69 @@ fn retry_or_fail(mut e: TrySendError<Request<Body>>, fresh: bool) -> Result<Requ
     }
 }
 
-fn connected_at(mut resp: Response<Incoming>, dialled: Option<Instant>) -> Response<Incoming> {
+/// The settings of an HTTP/2 connection to an endpoint: hyper's client
+/// defaults (2 MiB stream and 5 MiB connection windows, at most 100
+/// streams before the endpoint's settings arrive, 16 KiB of response
+/// headers, no server push).
+fn h2_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .initial_max_send_streams(100)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        .enable_push(false);
+    b
+}
+
+/// Sends a request body into its h2 stream as the stream's window allows;
+/// a body that fails resets the stream (the endpoint never sees a cut body
+/// as whole).
+async fn pump(mut body: Body, mut stream: h2::SendStream<Bytes>) {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            stream.send_reset(h2::Reason::CANCEL);
+            return;
+        };
+        match frame.into_data() {
+            Ok(mut d) => {
+                while !d.is_empty() {
+                    stream.reserve_capacity(d.len());
+                    let Some(Ok(n)) = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await else { return };
+                    let chunk = d.split_to(n.min(d.len()));
+                    if stream.send_data(chunk, false).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    let _ = stream.send_trailers(t);
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// HTTP/2 carries no connection-specific header fields.
+fn strip_connection_headers(req: &mut Request<Body>) {
+    use hyper::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let h = req.headers_mut();
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(TE).is_some_and(|v| v != "trailers") {
+        h.remove(TE);
+    }
+    *req.version_mut() = Version::HTTP_2;
+}
+
+fn connected_at<B>(mut resp: Response<B>, dialled: Option<Instant>) -> Response<B> {
     if let Some(at) = dialled {
         resp.extensions_mut().insert(ConnectedAt(at));
     }
@@ -382,6 +556,7 @@ impl Upstreams {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioExecutor;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
@@ -389,6 +564,29 @@ mod tests {
     /// and `Host`; counts the connections it accepted. `once`: it closes
     /// each connection after one answer.
     async fn backend(http2: bool, once: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        listen(move |s| async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let host = req.headers().get(HOST).map(|h| h.to_str().unwrap().to_owned()).unwrap_or_default();
+                let line = format!("{} {} {:?} {host}", req.method(), req.uri(), req.version());
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from(line))))
+            });
+            let io = TokioIo::new(s);
+            if http2 {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new().keep_alive(!once).serve_connection(io, svc).await;
+            }
+        })
+        .await
+    }
+
+    /// A listener on loopback that serves each connection with `serve` in
+    /// a task of its own; counts the connections it accepted.
+    async fn listen<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -396,24 +594,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 n.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let host = req.headers().get(HOST).map(|h| h.to_str().unwrap().to_owned()).unwrap_or_default();
-                    let line = format!("{} {} {:?} {host}", req.method(), req.uri(), req.version());
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from(line))))
-                });
-                let io = TokioIo::new(s);
-                tokio::spawn(async move {
-                    if http2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(!once)
-                            .serve_connection(io, svc)
-                            .await;
-                    }
-                });
+                tokio::spawn(serve(s));
             }
         });
         (addr, accepted)
@@ -432,7 +613,7 @@ mod tests {
         req
     }
 
-    async fn text(resp: Response<Incoming>) -> String {
+    async fn text(resp: Response<UpstreamBody>) -> String {
         String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 
@@ -556,6 +737,88 @@ mod tests {
         let resp = ep.request(get("http://svc/again")).await.unwrap();
         assert!(resp.extensions().get::<ConnectedAt>().is_some(), "a new connection for the next request");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An HTTP/2 backend on the `h2` crate: to each request it answers
+    /// with the request body's bytes, then `x-trailer: done` trailers; or,
+    /// for path `/reset`, with a part of a body and then a reset stream.
+    /// Each connection is closed after `answers` requests (None: never).
+    async fn h2_backend(answers: Option<usize>) -> (SocketAddr, Arc<AtomicUsize>) {
+        listen(move |s| async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let mut served = 0;
+            // The connection is polled here; each stream is served in a
+            // task of its own.
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                tokio::spawn(answer(req, respond));
+                served += 1;
+                if answers.is_some_and(|a| served >= a) {
+                    conn.graceful_shutdown();
+                }
+            }
+        })
+        .await
+    }
+
+    async fn answer(req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+        let (head, mut body) = req.into_parts();
+        let mut got = Vec::new();
+        while let Some(Ok(d)) = body.data().await {
+            let _ = body.flow_control().release_capacity(d.len());
+            got.extend_from_slice(&d);
+        }
+        let mut send = respond.send_response(Response::new(()), false).unwrap();
+        if head.uri.path() == "/reset" {
+            send.send_data(Bytes::from_static(b"part"), false).unwrap();
+            // The part goes out before the reset.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
+            return;
+        }
+        send.reserve_capacity(got.len());
+        send.send_data(Bytes::from(got), false).unwrap();
+        let mut t = hyper::HeaderMap::new();
+        t.insert("x-trailer", HeaderValue::from_static("done"));
+        send.send_trailers(t).unwrap();
+    }
+
+    #[tokio::test]
+    async fn http2_request_bodies_go_whole_and_answers_come_with_their_trailers() {
+        let (addr, _) = h2_backend(None).await;
+        let ep = endpoint(addr, true);
+        let big = Bytes::from(vec![7u8; 300 << 10]);
+        let body = http_body_util::Full::new(big.clone()).map_err(|never| match never {}).boxed_unsync();
+        let req = Request::post("http://svc/echo").body(body).unwrap();
+        let resp = ep.request(req).await.unwrap();
+        let all = resp.into_body().collect().await.unwrap();
+        assert_eq!(all.trailers().and_then(|t| t.get("x-trailer")).unwrap(), "done");
+        assert_eq!(all.to_bytes(), big, "the body, past the stream's first window, whole");
+    }
+
+    #[tokio::test]
+    async fn http2_an_answer_the_endpoint_resets_midway_fails_and_never_looks_whole() {
+        let (addr, _) = h2_backend(None).await;
+        let ep = endpoint(addr, true);
+        let resp = ep.request(get("http://svc/reset")).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"part");
+        let e = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(e, BodyError::H2(ref h) if h.reason() == Some(h2::Reason::INTERNAL_ERROR)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn http2_a_connection_the_endpoint_closed_is_dialled_again() {
+        let (addr, accepted) = h2_backend(Some(1)).await;
+        let ep = endpoint(addr, true);
+        for i in 0..3 {
+            let resp = ep.request(get(&format!("http://svc/{i}"))).await.unwrap();
+            assert!(resp.extensions().get::<ConnectedAt>().is_some(), "request {i} on a new connection");
+            resp.into_body().collect().await.unwrap();
+            // The endpoint's GOAWAY and close reach the connection's task.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
