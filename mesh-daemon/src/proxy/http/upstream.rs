@@ -266,7 +266,9 @@ impl Endpoint {
                 if used.load(Ordering::Relaxed) != now {
                     used.store(now, Ordering::Relaxed);
                 }
-                strip_connection_headers(&mut req);
+                // Its hop-by-hop headers, which HTTP/2 must not carry, were
+                // removed where the request came in (`strip_hop_by_hop`).
+                *req.version_mut() = Version::HTTP_2;
                 let (mut tx, dialled) = self.ready_h2(shared, dialling).await?;
                 let (head, body) = req.into_parts();
                 let eos = hyper::body::Body::is_end_stream(&body);
@@ -322,11 +324,7 @@ impl Endpoint {
         }
         let (io, at) = self.dial().await?;
         let (tx, conn) = h2_client().handshake::<_, Bytes>(io.into_inner()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "HTTP/2 connection to the endpoint ended");
-            }
-        });
+        drive(conn, "HTTP/2");
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), at));
         Ok((tx, Some(at)))
     }
@@ -403,7 +401,11 @@ fn keep(kept: &Mutex<VecDeque<Kept>>, k: Kept) {
 }
 
 /// Runs a connection's task until it ends.
-fn drive<C: std::future::Future<Output = hyper::Result<()>> + Send + 'static>(conn: C, what: &'static str) {
+fn drive<C, E>(conn: C, what: &'static str)
+where
+    C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(error = %e, "{what} connection to the endpoint ended");
@@ -475,21 +477,6 @@ async fn pump(mut body: Body, mut stream: h2::SendStream<Bytes>) {
         }
     }
     let _ = stream.send_data(Bytes::new(), true);
-}
-
-/// HTTP/2 carries no connection-specific header fields.
-fn strip_connection_headers(req: &mut Request<Body>) {
-    use hyper::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    let h = req.headers_mut();
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-    if h.get(TE).is_some_and(|v| v != "trailers") {
-        h.remove(TE);
-    }
-    *req.version_mut() = Version::HTTP_2;
 }
 
 fn connected_at<B>(mut resp: Response<B>, dialled: Option<Instant>) -> Response<B> {
