@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
@@ -17,7 +16,7 @@ use tracing::warn;
 use super::conn::Resolved;
 use super::observe::{Finished, Observed};
 use super::retry::{NoRetry, Retrying};
-use super::upstream::{Body, BodyError, ConnectedAt, SendError, UpstreamBody};
+use super::upstream::{Body, ConnectedAt, SendError, UpstreamBody};
 use super::{
     answer, chain, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer, retry,
     retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
@@ -66,7 +65,7 @@ impl<'a> Plan<'a> {
         resolved: &'a Resolved,
         routed: Option<(&'a Rule, &'a Backend)>,
         parts: &Parts,
-        body: Incoming,
+        body: UpstreamBody,
         started: Instant,
     ) -> Self {
         let (route, env) = (&resolved.route, conn.env);
@@ -85,8 +84,7 @@ impl<'a> Plan<'a> {
             })
             .unwrap_or_default();
         let keep = retry.map_or(0, |r| r.max_body).max(if mirrors.is_empty() { 0 } else { mirror::MIRROR_BODY });
-        let body = (!hyper::body::Body::is_end_stream(&body))
-            .then(|| replay::Replay::new(body.map_err(BodyError::from).boxed_unsync(), keep));
+        let body = (!hyper::body::Body::is_end_stream(&body)).then(|| replay::Replay::new(body.boxed_unsync(), keep));
         if let Some(b) = budget {
             b.deposit(env.secs() as u64);
         }

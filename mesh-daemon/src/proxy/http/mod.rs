@@ -16,9 +16,11 @@ pub mod inbound;
 mod mirror;
 mod observe;
 pub mod policy;
+mod pump;
 mod replay;
 pub mod retry;
 pub mod router;
+mod server;
 pub mod trace;
 mod upgrade;
 pub mod upstream;
@@ -34,14 +36,14 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use self::frontend::{Decided, Target};
 use self::observe::{Finished, Observed};
-use self::upstream::Body;
+use self::upstream::{Body, UpstreamBody};
 use super::{ProxyCounters, Route, RouteEndpoint};
 use crate::balance::endpoint::Answered;
 use crate::drain::{Drain, Ended};
@@ -51,57 +53,73 @@ use crate::relay::Watched;
 
 /// Serves one client connection speaking HTTP/1.1 (`http2` false) or
 /// HTTP/2 with prior knowledge, until the client closes it or the drain
-/// ends it gracefully. An HTTP/1.1 connection waits at most 30 s for the
-/// next request's headers; an HTTP/2 one that moves no byte either way for
-/// the idle timeout (`--idle-timeout`, as relays) gets a GOAWAY and is
-/// closed.
+/// ends it gracefully: HTTP/1.1 on hyper's server, waiting at most 30 s
+/// for the next request's headers; HTTP/2 on the `h2` crate ([`server`]),
+/// a connection that moves no byte either way for the idle timeout
+/// (`--idle-timeout`, as relays) given a GOAWAY and closed.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
-    let (http2, idle, max_headers, client) = (conn.http2, conn.idle, conn.max_headers, conn.client);
+    if conn.http2 {
+        return serve_h2(stream, &conn, &drain).await;
+    }
+    let (client, max_headers) = (conn.client, conn.max_headers);
     let counters = conn.counters.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         // Boxed: the request's future is some kilobytes, and hyper moves
-        // it several times (into its stream task for HTTP/2); a pointer
-        // moves for free.
-        Box::pin(async move { Ok::<_, Infallible>(handle(req, &conn).await) })
+        // it several times; a pointer moves for free.
+        Box::pin(async move { Ok::<_, Infallible>(handle(req.map(UpstreamBody::Hyper), &conn).await) })
     });
-    let result = if http2 {
-        let (io, activity) = Watched::new(stream);
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // h2 decodes header blocks up to 4x the limit and `handle` answers
-        // 431 past the limit itself, counted and logged; the client is told
-        // the limit ([`advertise`]). Far past it, h2's own guards against
-        // CONTINUATION floods close the connection.
-        let decoded = u32::try_from(max_headers.saturating_mul(4)).unwrap_or(u32::MAX);
-        let io = advertise::Advertise::new(io, u32::try_from(max_headers).unwrap_or(u32::MAX));
-        b.timer(TokioTimer::new()).max_concurrent_streams(1024).max_header_list_size(decoded);
-        match drain
-            .serve_until_idle(b.serve_connection(TokioIo::new(io), svc), |c| c.graceful_shutdown(), activity.idle(idle))
-            .await
-        {
-            Ended::Done(r) => r,
-            Ended::Idle(r) => {
-                counters.idle_closed.inc();
-                debug!(?idle, "HTTP/2 client connection moved nothing for the idle timeout (--idle-timeout); closed");
-                r.unwrap_or(Ok(()))
-            }
-        }
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        // A header block past the read buffer is answered 431.
-        b.timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30))
-            .max_buf_size(max_headers.max(8192));
-        drain.serve(b.serve_connection(TokioIo::new(stream), svc).with_upgrades(), |c| c.graceful_shutdown()).await
-    };
-    match result {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    // A header block past the read buffer is answered 431.
+    b.timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(max_headers.max(8192));
+    let served = drain.serve(b.serve_connection(TokioIo::new(stream), svc).with_upgrades(), |c| c.graceful_shutdown());
+    match served.await {
         Err(e) if e.is_parse_too_large() => {
             counters.headers_too_large.inc();
             log_too_large(&counters, client, max_headers);
         }
         Err(e) => debug!(error = %e, "HTTP client connection ended"),
         Ok(()) => {}
+    }
+}
+
+/// An HTTP/2 client connection (see [`server`]): its handshake and then
+/// its streams, under the drain and the idle timeout.
+async fn serve_h2(stream: TcpStream, conn: &Conn, drain: &Drain) {
+    let (io, activity) = Watched::new(stream);
+    // h2 decodes header blocks up to 4x the limit and `handle` answers 431
+    // past the limit itself, counted and logged; the client is told the
+    // limit ([`advertise`]). Far past it, h2's own guards against
+    // CONTINUATION floods close the connection.
+    let decoded = u32::try_from(conn.max_headers.saturating_mul(4)).unwrap_or(u32::MAX);
+    let io = advertise::Advertise::new(io, u32::try_from(conn.max_headers).unwrap_or(u32::MAX));
+    let handshake = server::builder(decoded).handshake::<_, Bytes>(io);
+    let connection = tokio::select! {
+        c = handshake => c,
+        _ = drain.stopped() => return,
+        _ = activity.idle(conn.idle) => {
+            conn.counters.idle_closed.inc();
+            return debug!(idle = ?conn.idle, "HTTP/2 client sent no preface within the idle timeout (--idle-timeout); closed");
+        }
+    };
+    let served = match connection {
+        Ok(c) => server::Served::new(c, conn),
+        Err(e) => return debug!(error = %e, "HTTP/2 client connection ended before its preface"),
+    };
+    let result = match drain.serve_until_idle(served, server::Served::graceful_shutdown, activity.idle(conn.idle)).await
+    {
+        Ended::Done(r) => r,
+        Ended::Idle(r) => {
+            conn.counters.idle_closed.inc();
+            debug!(idle = ?conn.idle, "HTTP/2 client connection moved nothing for the idle timeout (--idle-timeout); closed");
+            r.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP/2 client connection ended");
     }
 }
 
@@ -155,7 +173,7 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// The request's URI in absolute form, which routing and an HTTP/2
 /// upstream need: HTTP/1 requests carry the authority in `Host` (the pool
 /// sends HTTP/1.1 requests in origin form again).
-fn absolute(req: &Request<Incoming>) -> Option<Uri> {
+fn absolute<B>(req: &Request<B>) -> Option<Uri> {
     if req.uri().authority().is_some() {
         return Some(req.uri().clone());
     }
@@ -305,7 +323,7 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
 /// An upgrade or `CONNECT`: one endpoint, a connection of its own, then
 /// bytes both ways (see [`upgrade`]). Not retried: the client's side is
 /// handed over with the request.
-async fn upgraded(req: Request<Incoming>, conn: &Conn, route: &Arc<Route>, started: Instant) -> Response<Body> {
+async fn upgraded(req: Request<UpstreamBody>, conn: &Conn, route: &Arc<Route>, started: Instant) -> Response<Body> {
     let finished = Finished::new(conn, route, req.method(), &absolute(&req).unwrap_or_else(|| req.uri().clone()));
     let env = conn.env;
     let Some(i) = route.pick_index(&[], env) else {
@@ -358,7 +376,7 @@ fn failed_answer(route: &Route, ep: &RouteEndpoint, env: &dyn Env) {
 /// (the frontend stage, [`frontend`]), which choose the backend Service
 /// or answer; that Service's rate limit; then its policy and the tries
 /// over its endpoints (the backend stage, [`backend`]).
-async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+async fn handle(req: Request<UpstreamBody>, conn: &Conn) -> Response<Body> {
     let started = conn.env.now();
     let Some(frontend) = conn.resolve() else {
         return gone(conn.grpc);

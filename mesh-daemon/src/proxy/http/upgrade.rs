@@ -10,11 +10,11 @@ use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tracing::{debug, warn};
 
-use super::upstream::{Connector, Dial, SendError};
+use super::upstream::{Connector, Dial, SendError, UpstreamBody};
 use crate::relay::relay;
 
 /// Whether the client asks to leave HTTP on this connection.
-pub fn wanted(req: &Request<Incoming>) -> bool {
+pub fn wanted<B>(req: &Request<B>) -> bool {
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)
             && req
@@ -34,7 +34,7 @@ fn agreed(method: &Method, status: StatusCode) -> bool {
 /// connection and, when it agrees, relays the two upgraded connections.
 /// Returns the endpoint's answer for the client.
 pub async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
     dial: Dial,
     connector: &Connector,
     idle: Duration,

@@ -274,7 +274,7 @@ impl Endpoint {
                 let eos = hyper::body::Body::is_end_stream(&body);
                 let (resp, stream) = tx.send_request(Request::from_parts(head, ()), eos)?;
                 if !eos {
-                    tokio::spawn(pump(body, stream));
+                    tokio::spawn(super::pump::pump(body, stream, h2::Reason::CANCEL));
                 }
                 let resp = resp.await?.map(|recv| UpstreamBody::H2 { recv, data_done: false });
                 return Ok(connected_at(resp, dialled));
@@ -450,35 +450,6 @@ fn h2_client() -> h2::client::Builder {
 /// Sends a request body into its h2 stream as the stream's window allows;
 /// a body that fails resets the stream (the endpoint never sees a cut body
 /// as whole).
-async fn pump(mut body: Body, mut stream: h2::SendStream<Bytes>) {
-    use http_body_util::BodyExt;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            stream.send_reset(h2::Reason::CANCEL);
-            return;
-        };
-        match frame.into_data() {
-            Ok(mut d) => {
-                while !d.is_empty() {
-                    stream.reserve_capacity(d.len());
-                    let Some(Ok(n)) = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await else { return };
-                    let chunk = d.split_to(n.min(d.len()));
-                    if stream.send_data(chunk, false).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    let _ = stream.send_trailers(t);
-                    return;
-                }
-            }
-        }
-    }
-    let _ = stream.send_data(Bytes::new(), true);
-}
-
 fn connected_at<B>(mut resp: Response<B>, dialled: Option<Instant>) -> Response<B> {
     if let Some(at) = dialled {
         resp.extensions_mut().insert(ConnectedAt(at));

@@ -579,9 +579,14 @@ pub(crate) mod testing {
     /// The table of one service `web` (10.96.0.10:80 -> 8080) on node a,
     /// with `extra` lines of its YAML (endpoints, retries...).
     pub(crate) fn table_with(extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
+        table_on(8080, extra, metrics)
+    }
+
+    /// As [`table_with`], its endpoints listening on `target_port`.
+    pub(crate) fn table_on(target_port: u16, extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 172.18.0.2}}]\n\
-             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: {target_port}}}]\n{extra}"
         ))
         .unwrap();
         let state = Arc::new(State::from_document(&doc).unwrap());

@@ -1,0 +1,350 @@
+//! The HTTP/2 client side, on the `h2` crate directly: every stream of a
+//! client connection is served in that connection's own task (its request
+//! routed by [`super::handle`], its answer's body pumped back), where
+//! hyper's server spawned a task per stream. A connection's streams share
+//! one worker thread, as they do in Envoy and HAProxy; connections spread
+//! over the workers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::{Connection, SendResponse};
+use h2::{Reason, RecvStream};
+use hyper::body::Body as _;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::pump::pump;
+use super::upstream::UpstreamBody;
+use super::Conn;
+
+/// The server side of a client connection: hyper's defaults for its
+/// windows (1 MiB per stream and per connection), frames (16 KiB) and
+/// send buffer (400 KiB per stream), at most 1024 streams at once, and
+/// header blocks decoded up to `decoded` bytes.
+pub(super) fn builder(decoded: u32) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .max_frame_size(16 << 10)
+        .max_send_buffer_size(400 << 10)
+        .max_concurrent_streams(1024)
+        .max_header_list_size(decoded)
+        .max_local_error_reset_streams(Some(1024));
+    b
+}
+
+type Stream<'c> = Pin<Box<dyn Future<Output = ()> + Send + 'c>>;
+
+/// A client connection being served: it ends when the client closes it,
+/// or after [`Served::graceful_shutdown`] once its open streams are done.
+pub(super) struct Served<'c, T> {
+    connection: Connection<T, Bytes>,
+    streams: FuturesUnordered<Stream<'c>>,
+    conn: &'c Conn,
+}
+
+impl<'c, T: AsyncRead + AsyncWrite + Unpin> Served<'c, T> {
+    pub(super) fn new(connection: Connection<T, Bytes>, conn: &'c Conn) -> Self {
+        Self { connection, streams: FuturesUnordered::new(), conn }
+    }
+
+    /// A GOAWAY to the client: no new stream, those open finish.
+    pub(super) fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().connection.graceful_shutdown();
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Future for Served<'_, T> {
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            // The streams first: what they send is then written by the
+            // connection's poll below, in this same turn.
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            let mut accepted = false;
+            loop {
+                match this.connection.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        this.streams.push(Box::pin(stream(req, respond, this.conn)));
+                        accepted = true;
+                    }
+                    // The connection failed: its streams go with it.
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    // Closed, its streams done (h2 ends a connection only
+                    // once none is open).
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            if !accepted {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// One stream: its request routed while the client may still reset it
+/// (which drops the request, and with it its upstream stream), then the
+/// answer's head and body sent back.
+async fn stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, conn: &Conn) {
+    let req = req.map(|recv| UpstreamBody::H2 { recv, data_done: false });
+    let handled = super::handle(req, conn);
+    tokio::pin!(handled);
+    let answer = std::future::poll_fn(|cx| match handled.as_mut().poll(cx) {
+        Poll::Ready(answer) => Poll::Ready(Some(answer)),
+        Poll::Pending => respond.poll_reset(cx).map(|_| None),
+    })
+    .await;
+    let Some(answer) = answer else { return };
+    let (mut head, body) = answer.into_parts();
+    let eos = body.is_end_stream();
+    if !eos && !head.headers.contains_key(header::CONTENT_LENGTH) {
+        if let Some(len) = body.size_hint().exact() {
+            head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(send) if !eos => pump(body, send, Reason::INTERNAL_ERROR).await,
+        Ok(_) => {}
+        // The stream was reset meanwhile, or its head was refused (a
+        // header HTTP/2 forbids): the client sees the stream reset.
+        Err(_) => respond.send_reset(Reason::INTERNAL_ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use bytes::Bytes;
+    use h2::server::SendResponse;
+    use h2::{Reason, RecvStream};
+    use hyper::{HeaderMap, Request, Response};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    use crate::drain::Drain;
+    use crate::model::AppProtocol;
+    use crate::proxy::http::{Accepted, Conn};
+    use crate::proxy::routes::testing::table_on;
+    use crate::proxy::ProxyCounters;
+    use crate::telemetry::otlp::Spans;
+    use crate::telemetry::Metrics;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// An HTTP/2 endpoint on loopback whose every stream `answer` serves.
+    async fn endpoint<F, Fut>(answer: F) -> SocketAddr
+    where
+        F: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                    // Streams in tasks of their own, the connection polled here.
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(answer(req, respond));
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The proxy serving one HTTP/2 client connection to service `web`,
+    /// whose one endpoint is `endpoint`; the client's side of it, and the
+    /// task serving it.
+    async fn proxy(endpoint: SocketAddr, drain: &Drain) -> (h2::client::SendRequest<Bytes>, JoinHandle<()>) {
+        let metrics = Arc::new(Metrics::new());
+        let (table, _) = table_on(endpoint.port(), "   endpoints: [{ip: 127.0.0.1, node: a}]\n", &metrics);
+        let routes = Arc::new(ArcSwap::from_pointee(table));
+        let route = routes.load().route(1).unwrap().clone();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = l.accept().await.unwrap();
+        let at = Accepted {
+            routes,
+            service_id: 1,
+            route,
+            source: None,
+            client: peer,
+            proto: AppProtocol::Http2,
+            max_headers: 65536,
+        };
+        let counters = Arc::new(ProxyCounters::new(&metrics));
+        let conn = Conn::new(
+            at,
+            Arc::default(),
+            None,
+            counters,
+            Arc::new(Spans::disabled()),
+            Duration::from_secs(60),
+            &crate::env::Live,
+        );
+        let served = tokio::spawn(super::super::serve(server, Arc::new(conn), drain.clone()));
+        let (tx, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        (tx, served)
+    }
+
+    fn get() -> Request<()> {
+        Request::get("http://web.default:80/x").body(()).unwrap()
+    }
+
+    /// Reads a body to its end, giving its window back: its bytes, or the
+    /// error that cut it short.
+    async fn read(mut body: RecvStream) -> Result<Vec<u8>, h2::Error> {
+        let mut all = Vec::new();
+        while let Some(d) = body.data().await {
+            let d = d?;
+            let _ = body.flow_control().release_capacity(d.len());
+            all.extend_from_slice(&d);
+        }
+        Ok(all)
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_client_resets_cancels_its_request_at_the_endpoint() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let ep = endpoint(move |_req, mut respond| {
+            let seen = seen_tx.clone();
+            async move {
+                seen.send(None).unwrap();
+                // Never answers: waits for the proxy to give the stream up.
+                let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await.ok();
+                seen.send(reason).unwrap();
+            }
+        })
+        .await;
+        let drain = Drain::new();
+        let (mut client, _served) = proxy(ep, &drain).await;
+        let (_answer, mut stream) = client.send_request(get(), true).unwrap();
+        assert_eq!(tokio::time::timeout(WAIT, seen.recv()).await.unwrap(), Some(None), "the request reached it");
+        stream.send_reset(Reason::CANCEL);
+        let reset = tokio::time::timeout(WAIT, seen.recv()).await.expect("the endpoint's stream is reset too");
+        assert!(matches!(reset, Some(Some(_))), "{reset:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_endpoint_cuts_short_reaches_the_client_reset_never_whole() {
+        let ep = endpoint(|_req, mut respond| async move {
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(Bytes::from_static(b"part"), false).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            send.send_reset(Reason::INTERNAL_ERROR);
+        })
+        .await;
+        let drain = Drain::new();
+        let (mut client, _served) = proxy(ep, &drain).await;
+        let (answer, _) = client.send_request(get(), true).unwrap();
+        let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        assert_eq!(answer.status(), 200);
+        let read = tokio::time::timeout(WAIT, read(answer.into_body())).await.unwrap();
+        assert!(read.is_err(), "a body cut short must not end as if whole: {read:?}");
+    }
+
+    /// A request body past the proxy's windows goes whole to the endpoint;
+    /// an answer past the client's (65535 bytes) comes back whole, with
+    /// its trailers, as the client reads it.
+    #[tokio::test]
+    async fn bodies_past_the_windows_go_whole_both_ways_with_the_trailers() {
+        const UP: usize = 3 << 20;
+        const DOWN: usize = 5 << 20;
+        let ep = endpoint(|req, mut respond| async move {
+            let got = read(req.into_body()).await.unwrap();
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            let data = Bytes::from(vec![7u8; DOWN]);
+            for chunk in data.chunks(100_000) {
+                send.reserve_capacity(chunk.len());
+                send.send_data(data.slice_ref(chunk), false).unwrap();
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-got", got.len().into());
+            send.send_trailers(trailers).unwrap();
+        })
+        .await;
+        let drain = Drain::new();
+        let (mut client, _served) = proxy(ep, &drain).await;
+        let (answer, mut up) =
+            client.send_request(Request::post("http://web.default/x").body(()).unwrap(), false).unwrap();
+        tokio::spawn(async move {
+            let body = Bytes::from(vec![1u8; UP]);
+            for chunk in body.chunks(64 << 10) {
+                up.reserve_capacity(chunk.len());
+                let _ = std::future::poll_fn(|cx| up.poll_capacity(cx)).await;
+                up.send_data(body.slice_ref(chunk), false).unwrap();
+            }
+            up.send_data(Bytes::new(), true).unwrap();
+        });
+        let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        let mut body = answer.into_body();
+        let mut n = 0;
+        while let Some(d) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
+            let d = d.unwrap();
+            let _ = body.flow_control().release_capacity(d.len());
+            assert!(d.iter().all(|b| *b == 7));
+            n += d.len();
+        }
+        assert_eq!(n, DOWN);
+        let trailers = body.trailers().await.unwrap().expect("the endpoint's trailers");
+        assert_eq!(trailers["x-got"], UP.to_string().as_str(), "the request body went whole");
+    }
+
+    /// A drain sends a GOAWAY: the stream open finishes whole, no new one
+    /// is taken, and the connection ends once it is done.
+    #[tokio::test]
+    async fn a_drain_lets_the_open_stream_finish_then_ends_the_connection() {
+        let go = Arc::new(tokio::sync::watch::channel(false).0);
+        let go_tx = go.clone();
+        let ep = endpoint(move |_req, mut respond| {
+            let mut go = go_tx.subscribe();
+            async move {
+                let _ = go.wait_for(|g| *g).await;
+                let mut send = respond.send_response(Response::new(()), false).unwrap();
+                send.send_data(Bytes::from_static(b"whole"), true).unwrap();
+            }
+        })
+        .await;
+        let drain = Drain::new();
+        let (mut client, served) = proxy(ep, &drain).await;
+        let (answer, _) = client.send_request(get(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain.start();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!served.is_finished(), "a stream is still open");
+        // Refused at once, never left waiting with the first.
+        let another = async {
+            match client.clone().ready().await {
+                Ok(mut c) => match c.send_request(get(), true) {
+                    Ok((r, _)) => r.await.err(),
+                    Err(e) => Some(e),
+                },
+                Err(e) => Some(e),
+            }
+        };
+        let refused = tokio::time::timeout(Duration::from_secs(2), another).await;
+        assert!(matches!(refused, Ok(Some(_))), "no new stream after the GOAWAY");
+        let _ = go.send(true);
+        let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        assert_eq!(read(answer.into_body()).await.unwrap(), b"whole");
+        tokio::time::timeout(WAIT, served).await.expect("the connection ends once its streams are done").unwrap();
+    }
+}
