@@ -222,6 +222,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streams_one_after_another_on_one_connection_are_each_answered() {
+        let ep = endpoint(|_req, mut respond| async move {
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
+        })
+        .await;
+        let drain = Drain::new();
+        let (client, _served) = proxy(ep, &drain).await;
+        for i in 0..5 {
+            let mut c = client.clone().ready().await.unwrap();
+            let (answer, _) = c.send_request(get(), true).unwrap();
+            let answer =
+                tokio::time::timeout(WAIT, answer).await.unwrap().unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(read(answer.into_body()).await.unwrap(), b"backend=web\n", "request {i}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_stream_the_client_resets_cancels_its_request_at_the_endpoint() {
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let ep = endpoint(move |_req, mut respond| {
