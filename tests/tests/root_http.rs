@@ -254,6 +254,46 @@ fn root_an_upgraded_connection_is_relayed_as_bytes() {
     assert!(body.starts_with("backend=web-"), "{body}");
 }
 
+/// The receiving node forwards a stream's requests over its own
+/// connection to the pod; a pod that ends its connections (here after
+/// every 3 requests, as nginx's `keepalive_requests` and
+/// `http2_max_requests` do after 1000) is dialled again, so every request
+/// of one client connection is answered, on HTTP/1.1 and on HTTP/2.
+#[test]
+fn root_a_workload_that_ends_its_connections_still_answers_every_request_through_the_tunnel() {
+    let _one = serial();
+    let c = Cluster::create(
+        &ClusterSpec::new().node("node-a").node("node-b").pod("client", "node-a").pod("web-2", "node-b"),
+    )
+    .expect("mini cluster");
+    c.serve_http("web-2", 8080, &["--max-requests", "3"]).unwrap();
+    let w = c.pod("web-2").ip;
+    let svc = |name: &str, vip: &str, app: &str| {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080, appProtocol: {app} }}]\n    \
+             healthCheck: {{ protocol: none }}\n    endpoints: [{{ ip: {w}, node: node-b }}]\n"
+        )
+    };
+    let h2_vip = "10.96.0.11";
+    let services = [svc("web", VIP, "http"), svc("web-h2", h2_vip, "http2")].concat();
+    let cfg = c.write_file("mesh.yaml", &c.config(&services)).unwrap();
+    let _a = c.start_daemon("node-a", &cfg, &[]).unwrap();
+    let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
+    for (vip, h2) in [(VIP, false), (h2_vip, true)] {
+        // One client connection, so one tunnel stream and one pod
+        // connection at a time on node-b.
+        let mut f = mesh_tests::follow::Follower::open(&c, "client", &format!("{vip}:80"), h2).unwrap();
+        let got = f.batch(12, "/").unwrap();
+        assert_eq!(
+            got.get("web-2"),
+            Some(&12),
+            "HTTP/2 {h2}: every request answered by the pod: {got:?}\n{}",
+            b.log_text()
+        );
+        assert_eq!(got.len(), 1, "HTTP/2 {h2}: {got:?}");
+    }
+}
+
 #[test]
 fn root_requests_through_the_tunnel_are_proxied_counted_and_logged_on_the_receiving_node() {
     let _one = serial();

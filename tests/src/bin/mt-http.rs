@@ -1,7 +1,7 @@
 //! An HTTP backend for the request-aware tests: HTTP/1.1 and HTTP/2 with
 //! prior knowledge (h2c) on one port, each answer `backend=NAME`.
 //!
-//! usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]
+//! usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S] [--max-requests N]
 //! `GET /__count` answers `served=N`: the requests it answered so far. A
 //! request with `Upgrade: echo` is answered 101 and the connection then
 //! echoes its bytes. `/status/NNN` answers with status NNN; `/delay/MS`
@@ -58,6 +58,9 @@ struct Behaviour {
     delay: Duration,
     fail_percent: u32,
     status: Option<hyper::StatusCode>,
+    /// Each connection ends gracefully after this many requests (as
+    /// nginx's `keepalive_requests` and `http2_max_requests`).
+    max_requests: Option<u64>,
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -77,8 +80,15 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
         let _ = s.set_nodelay(true);
         let body = body.clone();
         tokio::spawn(async move {
+            let (here, last) =
+                (std::sync::Arc::new(AtomicU64::new(0)), std::sync::Arc::new(tokio::sync::Notify::new()));
+            let (here_svc, last_svc) = (here.clone(), last.clone());
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = body.clone();
+                if how.max_requests.is_some_and(|max| here_svc.fetch_add(1, Ordering::Relaxed) + 1 >= max) {
+                    // Ends the connection once this answer is written.
+                    last_svc.notify_one();
+                }
                 async move {
                     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
                         // Leave HTTP: echo whatever arrives on the connection.
@@ -166,7 +176,15 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             b.http1().max_buf_size(1 << 20);
             b.http2().max_header_list_size(1 << 20);
-            let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
+            let conn = b.serve_connection_with_upgrades(TokioIo::new(s), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = last.notified() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }
@@ -263,13 +281,16 @@ fn main() -> ExitCode {
         };
     }
     let (Some(name), Some(port)) = (flag(&args, "--name"), flag(&args, "--port").and_then(|p| p.parse().ok())) else {
-        eprintln!("usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S]");
+        eprintln!(
+            "usage: mt-http --name NAME --port PORT [--delay-ms MS] [--fail-percent P] [--status S] [--max-requests N]"
+        );
         return ExitCode::from(2);
     };
     let how = Behaviour {
         delay: Duration::from_millis(flag(&args, "--delay-ms").and_then(|d| d.parse().ok()).unwrap_or(0)),
         fail_percent: flag(&args, "--fail-percent").and_then(|d| d.parse().ok()).unwrap_or(0),
         status: flag(&args, "--status").and_then(|s| s.parse().ok()).and_then(|s| hyper::StatusCode::from_u16(s).ok()),
+        max_requests: flag(&args, "--max-requests").and_then(|n| n.parse().ok()),
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
