@@ -410,6 +410,7 @@ mod tests {
             drain: drain.clone(),
             spans: Arc::new(crate::telemetry::otlp::Spans::disabled()),
             idle: Duration::from_secs(3600),
+            upstreams: Arc::default(),
         });
         let server = certs(&dir, "b");
         let cfg = tls::server_config(server.node_cert(), server.roots.clone()).unwrap();

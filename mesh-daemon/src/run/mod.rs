@@ -434,6 +434,7 @@ impl Units<'_> {
             drain: self.drain.clone(),
             spans: t.spans.clone(),
             idle: args.idle_timeout,
+            upstreams: self.readers.routes.upstreams(),
         });
         let limits = crate::tunnel::server::PeerLimits {
             connections: args.tunnel_connections_per_peer,

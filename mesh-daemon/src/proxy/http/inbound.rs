@@ -1,6 +1,8 @@
 //! Requests arriving through the tunnel from another node's proxy, which
 //! terminated its client's HTTP (the stream's `mesh-protocol`): each one
-//! is forwarded to the pod over the stream's own connection, counted by
+//! is forwarded to the pod over this node's pooled connections to it
+//! (`upstream::Endpoint`, which dials again when the pod ended one as
+//! servers do after an idle time or a number of requests), counted by
 //! class with `direction="inbound"`, timed, and logged with the peer's
 //! identity. The checks (target, service, policy) were made for the
 //! stream before it was accepted.
@@ -12,16 +14,14 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::observe::{class, failed, grpc_status, Completion, Line, Observed, Report};
 use super::trace::Traced;
-use super::upstream::Body;
+use super::upstream::{Body, Endpoint, UpstreamBody};
 use super::{answer, forbidden, strip_hop_by_hop, strip_mesh_headers};
 use crate::drain::Drain;
 use crate::env::Env as _;
@@ -48,129 +48,9 @@ const IDLE: Duration = Duration::from_secs(90);
 /// and a request is decided the same wherever its endpoint runs.
 const PEER_HEADERS: usize = (16 << 20) + 8192;
 
-/// How long dialling the pod again may take (as the stream's first
-/// connect to it).
-const POD_REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The stream's connection to the pod, dialled again when the pod closed
-/// it (an idle timeout, a cap on requests per connection as nginx's and
-/// Envoy's, a GOAWAY): the stream outlives any one pod connection, so a
-/// closed one must not fail every request the stream brings after it.
-enum Pod {
-    /// One request at a time, as the stream brings them.
-    Http1(tokio::sync::Mutex<http1::SendRequest<Incoming>>),
-    Http2 {
-        tx: std::sync::Mutex<http2::SendRequest<Incoming>>,
-        /// One redial at a time.
-        dialling: tokio::sync::Mutex<()>,
-    },
-}
-
-impl Pod {
-    /// A connection to the pod at `io`, speaking `protocol`.
-    async fn handshake(io: TcpStream, protocol: StreamProtocol) -> hyper::Result<Self> {
-        Ok(match protocol {
-            StreamProtocol::Http1 => Pod::Http1(tokio::sync::Mutex::new(h1(io).await?)),
-            StreamProtocol::Http2 => {
-                Pod::Http2 { tx: std::sync::Mutex::new(h2(io).await?), dialling: tokio::sync::Mutex::new(()) }
-            }
-        })
-    }
-
-    /// Sends `req` to the pod at `addr`, on a new connection when the
-    /// current one is closed, or closed before it took the request.
-    async fn send(&self, addr: SocketAddr, req: Request<Incoming>) -> Result<Response<Incoming>, PodError> {
-        match self {
-            Pod::Http1(s) => {
-                let mut s = s.lock().await;
-                if s.ready().await.is_err() {
-                    *s = h1(redial(addr).await?).await?;
-                    s.ready().await?;
-                }
-                match s.try_send_request(req).await {
-                    Ok(resp) => Ok(resp),
-                    Err(mut e) => match e.take_message() {
-                        Some(req) => {
-                            *s = h1(redial(addr).await?).await?;
-                            s.ready().await?;
-                            Ok(s.send_request(req).await?)
-                        }
-                        None => Err(e.into_error().into()),
-                    },
-                }
-            }
-            Pod::Http2 { tx, dialling } => {
-                let current = || tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let mut t = current();
-                if t.ready().await.is_ok() {
-                    match t.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp),
-                        Err(mut e) => match e.take_message() {
-                            Some(req) => return Self::send_redialled(addr, req, tx, dialling).await,
-                            None => return Err(e.into_error().into()),
-                        },
-                    }
-                }
-                Self::send_redialled(addr, req, tx, dialling).await
-            }
-        }
-    }
-
-    /// HTTP/2: `req` on a new connection to the pod (or on one another
-    /// request just made).
-    async fn send_redialled(
-        addr: SocketAddr,
-        req: Request<Incoming>,
-        tx: &std::sync::Mutex<http2::SendRequest<Incoming>>,
-        dialling: &tokio::sync::Mutex<()>,
-    ) -> Result<Response<Incoming>, PodError> {
-        let _one = dialling.lock().await;
-        let mut t = tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if t.ready().await.is_err() {
-            t = h2(redial(addr).await?).await?;
-            *tx.lock().unwrap_or_else(|p| p.into_inner()) = t.clone();
-        }
-        drop(_one);
-        Ok(t.send_request(req).await?)
-    }
-}
-
-/// Why a request could not be sent to the pod.
-#[derive(Debug, thiserror::Error)]
-enum PodError {
-    #[error("dialling the workload again: {0}")]
-    Dial(#[source] std::io::Error),
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-}
-
-async fn redial(addr: SocketAddr) -> Result<TcpStream, PodError> {
-    let s = match tokio::time::timeout(POD_REDIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(r) => r.map_err(PodError::Dial)?,
-        Err(_) => return Err(PodError::Dial(std::io::ErrorKind::TimedOut.into())),
-    };
-    let _ = s.set_nodelay(true);
-    debug!(target = %addr, "the workload closed the stream's connection; dialled again");
-    Ok(s)
-}
-
-async fn h1(io: TcpStream) -> hyper::Result<http1::SendRequest<Incoming>> {
-    let (s, conn) = http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
-    Ok(s)
-}
-
-async fn h2(io: TcpStream) -> hyper::Result<http2::SendRequest<Incoming>> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new());
-    let (s, conn) = b.handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
-    Ok(s)
-}
-
 /// What every request of one stream shares.
 struct Ctx {
-    pod: Pod,
+    pod: Arc<Endpoint>,
     peer: Arc<Identity>,
     addr: SocketAddr,
     target: Arc<Target>,
@@ -184,20 +64,13 @@ struct Ctx {
 /// the drain ends it gracefully.
 pub async fn serve(
     stream: Stream,
-    pod: TcpStream,
+    pod: Arc<Endpoint>,
     protocol: StreamProtocol,
     req: StreamRequest,
     target: Arc<Target>,
     (spans, view): (Arc<Spans>, Arc<ArcSwap<Inbound>>),
     drain: Drain,
 ) {
-    let pod = match Pod::handshake(pod, protocol).await {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(identity = %req.peer, target = %req.target, error = %e, "HTTP handshake with the workload failed");
-            return;
-        }
-    };
     let ctx = Arc::new(Ctx { pod, peer: req.peer, addr: req.target, target, spans, view });
     let svc = hyper::service::service_fn(move |r| {
         let ctx = ctx.clone();
@@ -275,7 +148,7 @@ impl Ctx {
             }
         };
         let traced = Traced::of(req.headers_mut(), &self.spans);
-        let sent = self.pod.send(self.addr, req).await;
+        let sent = self.pod.request(req.map(|b| UpstreamBody::from(b).boxed_unsync())).await;
         let mut report = Reported {
             target: self.target.clone(),
             peer: self.peer.clone(),

@@ -283,6 +283,30 @@ impl Endpoint {
         unreachable!("the second try is on a new connection and returns")
     }
 
+    /// A connection to the endpoint, ready for a request: a kept one, or
+    /// one dialled now and kept. Err when the endpoint cannot be reached.
+    pub async fn warm(&self) -> Result<(), SendError> {
+        match &self.conns {
+            Conns::Http1(kept) => {
+                let tx = match ready(kept) {
+                    Some(tx) => tx,
+                    None => {
+                        let (mut tx, _) = self.dial_h1().await?;
+                        // Ready once its task has run: then the next
+                        // request finds it ready, not busy.
+                        tx.ready().await?;
+                        tx
+                    }
+                };
+                keep(kept, Kept { tx, sweep: self.sweeps.load(Ordering::Relaxed) });
+            }
+            Conns::Http2 { shared, dialling, .. } => {
+                self.ready_h2(shared, dialling).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The shared HTTP/2 connection, ready for a stream: a connection
     /// closed meanwhile (its `ready()` fails before any request is given
     /// to it) is replaced once by a new one.
@@ -787,6 +811,25 @@ mod tests {
         for http2 in [false, true] {
             let e = endpoint(addr, http2).request(get("http://svc/")).await.unwrap_err();
             assert!(matches!(e, SendError::Connect(ConnectError::Io { .. })), "{e}");
+            let e = endpoint(addr, http2).warm().await.unwrap_err();
+            assert!(matches!(e, SendError::Connect(ConnectError::Io { .. })), "warming it too: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_warmed_endpoint_answers_its_next_requests_on_the_connection_it_dialled() {
+        for http2 in [false, true] {
+            let (addr, accepted) = backend(http2, false).await;
+            let ep = endpoint(addr, http2);
+            ep.warm().await.unwrap();
+            ep.warm().await.unwrap();
+            assert_eq!(ep.kept(), 1, "one connection, kept: http2 {http2}");
+            for i in 0..3 {
+                let resp = ep.request(get(&format!("http://svc/{i}"))).await.unwrap();
+                assert!(resp.extensions().get::<ConnectedAt>().is_none(), "no connect to wait for: http2 {http2}");
+                text(resp).await;
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 1, "the one warmed: http2 {http2}");
         }
     }
 }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -18,10 +17,14 @@ use crate::env::Env as _;
 
 use crate::drain::Drain;
 use crate::proxy::access::Record;
+use crate::proxy::dial::{self, Upstream};
+use crate::proxy::error::ConnectError;
+use crate::proxy::http::upstream::{Dial, Endpoint, SendError, Upstreams};
 use crate::relay::{relay, Transfer};
 use crate::tunnel::client::Stream;
 use crate::tunnel::server::{Refusal, StreamHandler, StreamRequest};
-use crate::tunnel::TunnelCounters;
+use crate::tunnel::{StreamProtocol, TunnelCounters};
+
 /// How long the connect to a local pod may take.
 const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,12 +39,24 @@ pub struct InboundHandler {
     /// A stream that moves no byte either way this long is closed
     /// (`--idle-timeout`).
     pub idle: Duration,
+    /// Connections to this node's pods for the requests of request
+    /// streams, shared by all streams (and with this node's own clients).
+    pub upstreams: Arc<Upstreams>,
 }
 
-/// A stream let through: the pod's connection and its target.
+/// A stream let through: what reaches the pod, and its target.
 pub struct Accepted {
-    upstream: TcpStream,
+    pod: Pod,
     target: Arc<Target>,
+}
+
+/// How a stream reaches its pod.
+enum Pod {
+    /// A connection of its own, for the client's bytes as they are.
+    Relay(Upstream),
+    /// The pod's pooled connections, for requests the sending proxy
+    /// terminated: a connection the pod ends is dialled again there.
+    Requests(Arc<Endpoint>, StreamProtocol),
 }
 
 impl StreamHandler for InboundHandler {
@@ -82,45 +97,42 @@ impl StreamHandler for InboundHandler {
                 return Err(Refusal::Denied(Deny::Policy.as_str()));
             }
         }
-        let upstream = match tokio::time::timeout(POD_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.counters.upstream_failures.inc();
-                warn!(identity = %peer, %target, error = %e, "connect to the workload failed");
-                return Err(Refusal::Unreachable);
-            }
-            Err(_) => {
-                self.counters.upstream_failures.inc();
-                warn!(identity = %peer, %target, "connect to the workload timed out");
-                return Err(Refusal::TimedOut);
+        let pod = match req.protocol {
+            None => dial::direct(target, POD_CONNECT_TIMEOUT).await.map(Pod::Relay).map_err(SendError::from),
+            Some(protocol) => {
+                let http2 = protocol == StreamProtocol::Http2;
+                let pod = self.upstreams.endpoint(Dial::Direct(target), http2, None, POD_CONNECT_TIMEOUT);
+                pod.warm().await.map(|()| Pod::Requests(pod, protocol))
             }
         };
-        let _ = upstream.set_nodelay(true);
+        let pod = pod.map_err(|e| {
+            self.counters.upstream_failures.inc();
+            warn!(identity = %peer, %target, error = %e, "connect to the workload failed");
+            match e {
+                SendError::Connect(ConnectError::Timeout { .. }) => Refusal::TimedOut,
+                _ => Refusal::Unreachable,
+            }
+        })?;
         self.counters.streams.inc();
-        Ok(Accepted { upstream, target: found })
+        Ok(Accepted { pod, target: found })
     }
 
     async fn carry(&self, req: StreamRequest, accepted: Accepted, mut stream: Stream) {
-        let Accepted { mut upstream, target } = accepted;
+        let Accepted { pod, target } = accepted;
         let series = target.series();
-        if let Some(protocol) = req.protocol {
-            // Requests the sending proxy terminated: each proxied, counted
-            // and logged here too.
-            series.opened.inc();
-            let ctx = (self.spans.clone(), self.view.clone());
-            crate::proxy::http::inbound::serve(
-                stream,
-                upstream,
-                protocol,
-                req,
-                target.clone(),
-                ctx,
-                self.drain.clone(),
-            )
-            .await;
-            target.series().closed.inc();
-            return;
-        }
+        let mut upstream = match pod {
+            Pod::Relay(upstream) => upstream,
+            Pod::Requests(pod, protocol) => {
+                // Requests the sending proxy terminated: each proxied,
+                // counted and logged here too.
+                series.opened.inc();
+                let ctx = (self.spans.clone(), self.view.clone());
+                let drain = self.drain.clone();
+                crate::proxy::http::inbound::serve(stream, pod, protocol, req, target.clone(), ctx, drain).await;
+                target.series().closed.inc();
+                return;
+            }
+        };
         let started = Instant::now();
         series.opened.inc();
         let Transfer { up, down, error } = relay(&mut stream, &mut upstream, self.idle).await;
