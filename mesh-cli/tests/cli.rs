@@ -26,12 +26,28 @@ fn run(config: &std::path::Path, node: &str) -> std::process::Output {
         .unwrap()
 }
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+/// A folder of one test's own, removed when the test ends, passed or
+/// failed.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-cli-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 const BAD: &str = r#"
@@ -49,7 +65,8 @@ services:
 
 #[test]
 fn run_refuses_a_bad_config_naming_every_field() {
-    let cfg = write("bad.yaml", BAD);
+    let dir = Scratch::new("bad-config");
+    let cfg = dir.write("bad.yaml", BAD);
     let out = run(&cfg, "node-a");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -60,7 +77,8 @@ fn run_refuses_a_bad_config_naming_every_field() {
 
 #[test]
 fn run_refuses_an_unknown_node() {
-    let cfg = write("good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
+    let dir = Scratch::new("unknown-node");
+    let cfg = dir.write("good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
     let out = run(&cfg, "node-z");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -69,11 +87,12 @@ fn run_refuses_an_unknown_node() {
 
 #[test]
 fn check_validates_without_running() {
-    let good = write("check-good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
+    let dir = Scratch::new("check");
+    let good = dir.write("check-good.yaml", "nodes: [{ name: node-a, address: 172.18.0.2 }]\n");
     let out = daemon().arg("check").arg("--config").arg(&good).output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (1 nodes, 0 workloads, 0 services)"));
-    let bad = write("check-bad.yaml", "nodes: [{ name: node-a, adress: 1.2.3.4 }]\n");
+    let bad = dir.write("check-bad.yaml", "nodes: [{ name: node-a, adress: 1.2.3.4 }]\n");
     let out = daemon().arg("check").arg("--config").arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));

@@ -96,6 +96,14 @@ routes:
 fn the_schema_and_meshctl_validate_agree_on_a_good_document_and_a_typo() {
     let dir = std::env::temp_dir().join(format!("mesh-schema-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed when the test ends, passed or failed.
+    struct Removed<'a>(&'a std::path::Path);
+    impl Drop for Removed<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _removed = Removed(&dir);
     let good = dir.join("good.yaml");
     std::fs::write(&good, DOC).unwrap();
     assert_eq!(meshctl_validate(&good), (true, vec![]), "meshctl validate accepts the document");
@@ -120,5 +128,4 @@ fn the_schema_and_meshctl_validate_agree_on_a_good_document_and_a_typo() {
         assert_eq!(errors[0].0, path, "the schema's validator names the same path: {errors:?}");
         assert!(errors[0].1.contains(&format!("'{field}x' was unexpected")), "{errors:?}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

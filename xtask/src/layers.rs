@@ -598,7 +598,23 @@ pub fn print(root: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn tree(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    /// A source tree of one test's own, removed when the test ends.
+    struct Tree(PathBuf);
+
+    impl std::ops::Deref for Tree {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tree(name: &str, files: &[(&str, &str)]) -> Tree {
         let dir = std::env::temp_dir().join(format!("xtask-layers-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for (path, text) in files {
@@ -606,7 +622,7 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, text).unwrap();
         }
-        dir
+        Tree(dir)
     }
 
     const LAYERS: &[&[&str]] = &[&["low"], &["mid"], &["high"]];
