@@ -254,8 +254,8 @@ fn root_an_upgraded_connection_is_relayed_as_bytes() {
     assert!(body.starts_with("backend=web-"), "{body}");
 }
 
-/// The receiving node forwards a stream's requests over its own
-/// connection to the pod; a pod that ends its connections (here after
+/// The receiving node forwards a stream's requests over its pooled
+/// connections to the pod; a pod that ends its connections (here after
 /// every 3 requests, as nginx's `keepalive_requests` and
 /// `http2_max_requests` do after 1000) is dialled again, so every request
 /// of one client connection is answered, on HTTP/1.1 and on HTTP/2.
@@ -280,8 +280,7 @@ fn root_a_workload_that_ends_its_connections_still_answers_every_request_through
     let _a = c.start_daemon("node-a", &cfg, &[]).unwrap();
     let b = c.start_daemon("node-b", &cfg, &[]).unwrap();
     for (vip, h2) in [(VIP, false), (h2_vip, true)] {
-        // One client connection, so one tunnel stream and one pod
-        // connection at a time on node-b.
+        // One client connection, so one tunnel stream on node-b.
         let mut f = mesh_tests::follow::Follower::open(&c, "client", &format!("{vip}:80"), h2).unwrap();
         let got = f.batch(12, "/").unwrap();
         assert_eq!(
@@ -292,6 +291,10 @@ fn root_a_workload_that_ends_its_connections_still_answers_every_request_through
         );
         assert_eq!(got.len(), 1, "HTTP/2 {h2}: {got:?}");
     }
+    // The pod did end its connections: 24 requests, at most 3 on each,
+    // and the question's own connection.
+    let conns = mesh_tests::loadgen::backend_counts(&c, "client", &["web-2"], "/__connections")["web-2"];
+    assert!(conns > 24 / 3, "connections the pod accepted: {conns}");
 }
 
 #[test]

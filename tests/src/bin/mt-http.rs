@@ -14,7 +14,10 @@
 //! as `NAME=VALUE` lines.
 //! `--fail-percent P` answers 503 to P% of requests at random, `--status S`
 //! answers S to every request. `GET /__cancelled` answers `cancelled=N`:
-//! requests whose client (the proxy) went away before the answer.
+//! requests whose client (the proxy) went away before the answer;
+//! `GET /__connections` answers `connections=N`: the connections it
+//! accepted so far (this one too). `--max-requests N` ends each connection
+//! gracefully after N requests.
 //!
 //! usage: mt-http --follow ADDR (--h1 | --h2)
 //! A client that opens one connection to ADDR (HTTP/1.1 keep-alive or
@@ -40,6 +43,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 static SERVED: AtomicU64 = AtomicU64::new(0);
 /// Requests dropped before their answer was ready.
 static CANCELLED: AtomicU64 = AtomicU64::new(0);
+/// Connections accepted.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a request as cancelled if dropped before `done`.
 struct Pending(bool);
@@ -77,6 +82,7 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
     let body: Bytes = format!("backend={name}\n").into();
     loop {
         let (s, _) = l.accept().await?;
+        CONNECTIONS.fetch_add(1, Ordering::Relaxed);
         let _ = s.set_nodelay(true);
         let body = body.clone();
         tokio::spawn(async move {
@@ -106,13 +112,14 @@ async fn serve(name: String, port: u16, how: Behaviour) -> std::io::Result<()> {
                         resp.headers_mut().insert("upgrade", "echo".parse().unwrap());
                         return Ok::<_, Infallible>(resp);
                     }
-                    if req.uri().path() == "/__count" {
-                        let n = SERVED.load(Ordering::Relaxed);
-                        return Ok(Response::new(Full::new(Bytes::from(format!("served={n}\n")))));
-                    }
-                    if req.uri().path() == "/__cancelled" {
-                        let n = CANCELLED.load(Ordering::Relaxed);
-                        return Ok(Response::new(Full::new(Bytes::from(format!("cancelled={n}\n")))));
+                    let counters = [
+                        ("/__count", "served", &SERVED),
+                        ("/__cancelled", "cancelled", &CANCELLED),
+                        ("/__connections", "connections", &CONNECTIONS),
+                    ];
+                    if let Some((_, what, n)) = counters.iter().find(|(path, ..)| req.uri().path() == *path) {
+                        let n = n.load(Ordering::Relaxed);
+                        return Ok(Response::new(Full::new(Bytes::from(format!("{what}={n}\n")))));
                     }
                     SERVED.fetch_add(1, Ordering::Relaxed);
                     let mut pending = Pending(false);
