@@ -347,7 +347,7 @@ impl Endpoint {
             return Ok((tx, Some(at)));
         }
         let (io, at) = self.dial().await?;
-        let (tx, conn) = h2_client().handshake::<_, Bytes>(io.into_inner()).await?;
+        let (tx, conn) = Box::pin(h2_client().handshake::<_, Bytes>(io.into_inner())).await?;
         drive(conn, "HTTP/2");
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), at));
         Ok((tx, Some(at)))
@@ -355,13 +355,18 @@ impl Endpoint {
 
     async fn dial_h1(&self) -> Result<(http1::SendRequest<Body>, Option<Instant>), SendError> {
         let (io, at) = self.dial().await?;
-        let (tx, conn) = http1::handshake(io).await?;
+        let (tx, conn) = Box::pin(http1::handshake(io)).await?;
         drive(conn, "HTTP/1.1");
         Ok((tx, Some(at)))
     }
 
+    /// A new connection. Connecting (TCP, or the tunnel's TLS and CONNECT)
+    /// is boxed, as the handshakes after it: each is a large future made
+    /// once per connection, which inline would make every request's
+    /// future that much larger, and every request's future is copied
+    /// whole as it is made and boxed.
     async fn dial(&self) -> Result<(Io, Instant), ConnectError> {
-        let io = self.connector.connect().await?;
+        let io = Box::pin(self.connector.connect()).await?;
         Ok((io, Instant::now()))
     }
 
