@@ -406,9 +406,7 @@ async fn handle(req: Request<UpstreamBody>, conn: &Conn) -> Response<Body> {
     };
     let route = &resolved.route;
     if wants_upgrade {
-        // Boxed: a connect of its own, which the requests' futures need
-        // not carry (see `upstream::Endpoint::dial`).
-        return Box::pin(upgraded(Request::from_parts(parts, body), conn, route, started)).await;
+        return upgraded(Request::from_parts(parts, body), conn, route, started).await;
     }
     strip_hop_by_hop(&mut parts.headers);
     strip_mesh_headers(&mut parts.headers);

@@ -158,15 +158,22 @@ impl Connector {
         Self { dial: Arc::new(dial), pool, timeout, protocol }
     }
 
-    /// A new connection to the endpoint.
+    /// A new connection to the endpoint. The connect (TCP, or the
+    /// tunnel's TLS and CONNECT) is a large future made once per
+    /// connection; boxed here, it adds a pointer to the futures that await
+    /// it (a request's, which are copied whole as they are made), not its
+    /// own size.
     pub async fn connect(&self) -> Result<Io, ConnectError> {
-        let up = match &*self.dial {
-            Dial::Direct(addr) => dial::direct(*addr, self.timeout).await?,
-            Dial::Tunnel { target, via, source, service } => {
-                let what = (service, self.protocol, None);
-                dial::tunnel(*target, via, Some(source), what, self.pool.as_deref(), self.timeout).await?
+        let up = Box::pin(async {
+            match &*self.dial {
+                Dial::Direct(addr) => dial::direct(*addr, self.timeout).await,
+                Dial::Tunnel { target, via, source, service } => {
+                    let what = (service, self.protocol, None);
+                    dial::tunnel(*target, via, Some(source), what, self.pool.as_deref(), self.timeout).await
+                }
             }
-        };
+        })
+        .await?;
         Ok(TokioIo::new(up))
     }
 }
@@ -347,6 +354,8 @@ impl Endpoint {
             return Ok((tx, Some(at)));
         }
         let (io, at) = self.dial().await?;
+        // Boxed for the reason `Connector::connect` is: HTTP/2's handshake
+        // future is large (HTTP/1.1's is not).
         let (tx, conn) = Box::pin(h2_client().handshake::<_, Bytes>(io.into_inner())).await?;
         drive(conn, "HTTP/2");
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), at));
