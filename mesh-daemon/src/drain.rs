@@ -227,9 +227,19 @@ pub trait Listener: Send + 'static {
 impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
     type Addr = std::net::SocketAddr;
-    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
-        tokio::net::TcpListener::accept(self)
+    async fn accept(&self) -> io::Result<(Self::Io, Self::Addr)> {
+        tokio::net::TcpListener::accept(self).await.map(no_delay)
     }
+}
+
+/// Every TCP connection the daemon accepts sends what it is given at once,
+/// as those it makes do (`proxy::dial`, the tunnel's client): with Nagle's
+/// algorithm a small answer waits until the peer acknowledged the one
+/// before, and between two proxies each holding the other's answers back
+/// the requests in flight take turns instead of overlapping.
+fn no_delay<A>((io, addr): (tokio::net::TcpStream, A)) -> (tokio::net::TcpStream, A) {
+    let _ = io.set_nodelay(true);
+    (io, addr)
 }
 
 /// The listening sockets of one listener, one per address family (an
@@ -256,7 +266,7 @@ impl Listener for TcpListeners {
             let n = self.sockets.len();
             for i in 0..n {
                 if let std::task::Poll::Ready(r) = self.sockets[(first + i) % n].poll_accept(cx) {
-                    return std::task::Poll::Ready(r);
+                    return std::task::Poll::Ready(r.map(no_delay));
                 }
             }
             std::task::Poll::Pending
@@ -434,7 +444,8 @@ mod tests {
             let _ = tx.send(io);
         }));
         let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(rx.recv().await.is_some(), "accepted before the drain");
+        let accepted = rx.recv().await.expect("accepted before the drain");
+        assert!(accepted.nodelay().unwrap(), "an accepted connection has Nagle's algorithm off");
         d.start();
         task.await.unwrap();
         let refused = tokio::net::TcpStream::connect(addr).await;
@@ -457,8 +468,9 @@ mod tests {
         for round in 0..3 {
             for a in [a6, a4] {
                 held.push(tokio::net::TcpStream::connect(a).await.unwrap());
-                let (_, peer) = rx.recv().await.unwrap();
+                let (io, peer) = rx.recv().await.unwrap();
                 assert_eq!(peer.is_ipv6(), a.is_ipv6(), "round {round}: {peer} for {a}");
+                assert!(io.nodelay().unwrap(), "round {round}: Nagle's algorithm on for {peer}");
             }
         }
         d.start();
