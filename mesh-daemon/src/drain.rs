@@ -234,9 +234,9 @@ impl Listener for tokio::net::TcpListener {
 
 /// Every TCP connection the daemon accepts sends what it is given at once,
 /// as those it makes do (`proxy::dial`, the tunnel's client): with Nagle's
-/// algorithm a small answer waits until the peer acknowledged the one
-/// before, and between two proxies each holding the other's answers back
-/// the requests in flight take turns instead of overlapping.
+/// algorithm a small answer may wait until the peer acknowledged the one
+/// before (BENCHMARKS.md, seventh round: lower latency at a fixed rate,
+/// the same throughput).
 fn no_delay<A>((io, addr): (tokio::net::TcpStream, A)) -> (tokio::net::TcpStream, A) {
     let _ = io.set_nodelay(true);
     (io, addr)
