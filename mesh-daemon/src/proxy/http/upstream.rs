@@ -364,18 +364,15 @@ impl Endpoint {
 
     async fn dial_h1(&self) -> Result<(http1::SendRequest<Body>, Option<Instant>), SendError> {
         let (io, at) = self.dial().await?;
-        let (tx, conn) = Box::pin(http1::handshake(io)).await?;
+        let (tx, conn) = http1::handshake(io).await?;
         drive(conn, "HTTP/1.1");
         Ok((tx, Some(at)))
     }
 
-    /// A new connection. Connecting (TCP, or the tunnel's TLS and CONNECT)
-    /// is boxed, as the handshakes after it: each is a large future made
-    /// once per connection, which inline would make every request's
-    /// future that much larger, and every request's future is copied
-    /// whole as it is made and boxed.
+    /// A new connection, and when it was made ([`Connector::connect`]
+    /// boxes its own work).
     async fn dial(&self) -> Result<(Io, Instant), ConnectError> {
-        let io = Box::pin(self.connector.connect()).await?;
+        let io = self.connector.connect().await?;
         Ok((io, Instant::now()))
     }
 
