@@ -160,10 +160,14 @@ pub fn cargo_bin(name: &str) -> Option<std::path::PathBuf> {
     {
         return Some(p);
     }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
-    Some(home.join("bin").join(name)).filter(|p| p.is_file())
+    Some(cargo_home()?.join("bin").join(name)).filter(|p| p.is_file())
+}
+
+/// Where `cargo install` puts what it builds: `$CARGO_HOME`, else `~/.cargo`.
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
 }
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -223,7 +227,10 @@ fn bpf_linker() -> anyhow::Result<()> {
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
     let major: String = lib["libLLVM.so.".len()..].chars().take_while(char::is_ascii_digit).collect();
-    let prefix = crate::root().join("target").join("llvm-prefix");
+    // bpf-linker finds libLLVM at run time through this prefix (its
+    // runpath), so the prefix lives as long as the installed tool, not in
+    // a checkout that `cargo clean` or a deleted clone would take with it.
+    let prefix = cargo_home().context("neither CARGO_HOME nor HOME is set")?.join(format!("bpf-linker-llvm-{major}"));
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
     for name in ["libLLVM.so", lib.as_str()] {
@@ -235,12 +242,21 @@ fn bpf_linker() -> anyhow::Result<()> {
     eprintln!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (takes a minute or two)"
     );
+    // `--force`: an installed bpf-linker that does not run (its libLLVM
+    // gone) is replaced, not kept as "already installed".
     run(crate::cargo()
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+        .args(["install", "--force", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+        .arg("--features")
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
-    if !succeeds(Command::new("bpf-linker").arg("--version")) {
-        bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");
+    match Command::new("bpf-linker").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => bail!(
+            "bpf-linker was installed but does not run: {}(its libLLVM is linked from {})",
+            String::from_utf8_lossy(&out.stderr),
+            prefix_lib.display()
+        ),
+        Err(e) => bail!("bpf-linker was installed but does not run ({e}); is ~/.cargo/bin on PATH?"),
     }
     Ok(())
 }
