@@ -74,6 +74,11 @@ impl Identity {
         &self.uri[self.td_end + 1..]
     }
 
+    /// The URI, `spiffe://<trust domain>/<path>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
     /// The identity as Istio's policies name it: `<trust domain>/<path>`.
     pub fn principal(&self) -> &str {
         &self.uri[SCHEME.len()..]

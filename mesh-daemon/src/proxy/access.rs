@@ -92,14 +92,14 @@ impl Record<'_> {
             f.str("source", v);
         }
         if let Some(v) = self.identity {
-            f.display("identity", v);
+            f.str("identity", v.as_str());
         }
         if let Some(v) = self.client {
-            f.display("client", &v);
+            f.addr("client", v);
         }
         f.str("service", self.service);
         if let Some(v) = self.endpoint {
-            f.display("endpoint", &v);
+            f.addr("endpoint", v);
         }
         if let Some(v) = self.node {
             f.str("node", v);

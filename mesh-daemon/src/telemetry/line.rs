@@ -34,18 +34,56 @@ pub struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    pub fn str(&mut self, key: &str, v: &str) {
+    /// ` key=` or `,"key":` (keys are fixed names, never escaped).
+    fn key(&mut self, key: &str) {
         if self.json {
-            let _ = write!(self.out, ",\"{key}\":\"");
+            self.out.push_str(",\"");
+            self.out.push_str(key);
+            self.out.push_str("\":");
+        } else {
+            self.out.push(' ');
+            self.out.push_str(key);
+            self.out.push('=');
+        }
+    }
+
+    pub fn str(&mut self, key: &str, v: &str) {
+        self.key(key);
+        if self.json {
+            self.out.push('"');
             escape(self.out, v);
             self.out.push('"');
         } else {
-            let _ = write!(self.out, " {key}={v}");
+            self.out.push_str(v);
         }
     }
 
     pub fn u64(&mut self, key: &str, v: u64) {
-        let _ = if self.json { write!(self.out, ",\"{key}\":{v}") } else { write!(self.out, " {key}={v}") };
+        self.key(key);
+        self.out.push_str(itoa::Buffer::new().format(v));
+    }
+
+    /// An address, as `Display` writes it; IPv4 without `fmt`.
+    pub fn addr(&mut self, key: &str, v: std::net::SocketAddr) {
+        let std::net::SocketAddr::V4(v4) = v else {
+            return self.display(key, &v);
+        };
+        self.key(key);
+        if self.json {
+            self.out.push('"');
+        }
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push('.');
+            }
+            self.out.push_str(digits.format(octet));
+        }
+        self.out.push(':');
+        self.out.push_str(digits.format(v4.port()));
+        if self.json {
+            self.out.push('"');
+        }
     }
 
     pub fn display(&mut self, key: &str, v: &dyn Display) {
@@ -102,7 +140,10 @@ pub fn format(
         out.push('"');
     } else {
         timestamp(out, now);
-        let _ = write!(out, "  INFO {target}: {message}");
+        out.push_str("  INFO ");
+        out.push_str(target);
+        out.push_str(": ");
+        out.push_str(message);
     }
     fill(&mut Fields { out, scratch, json });
     if json {
@@ -118,14 +159,29 @@ fn timestamp(out: &mut String, since_epoch: std::time::Duration) {
     let secs = since_epoch.as_secs();
     let (y, m, d) = civil(secs / 86_400);
     let s = secs % 86_400;
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        since_epoch.subsec_micros()
-    );
+    digits(out, y, 4);
+    out.push('-');
+    digits(out, m, 2);
+    out.push('-');
+    digits(out, d, 2);
+    out.push('T');
+    digits(out, s / 3600, 2);
+    out.push(':');
+    digits(out, s / 60 % 60, 2);
+    out.push(':');
+    digits(out, s % 60, 2);
+    out.push('.');
+    digits(out, u64::from(since_epoch.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// The last `width` decimal digits of `v`, zero-padded.
+fn digits(out: &mut String, v: u64, width: u32) {
+    let mut place = 10u64.pow(width - 1);
+    while place > 0 {
+        out.push(char::from(b'0' + (v / place % 10) as u8));
+        place /= 10;
+    }
 }
 
 /// The (year, month, day) of a day since 1970-01-01 (Howard Hinnant's
@@ -144,6 +200,10 @@ fn civil(days: u64) -> (u64, u64, u64) {
 
 /// `s` as the inside of a JSON string.
 fn escape(out: &mut String, s: &str) {
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -176,6 +236,24 @@ mod tests {
         s.clear();
         timestamp(&mut s, Duration::new(1_795_910_400, 1_000));
         assert_eq!(s, "2026-11-29T00:00:00.000001Z");
+    }
+
+    #[test]
+    fn addresses_and_numbers_read_as_display_writes_them() {
+        let addrs =
+            ["0.0.0.0:0", "10.244.2.3:8080", "255.255.255.255:65535", "[fd00::a:1]:80", "[::ffff:10.0.0.1]:443"];
+        for json in [false, true] {
+            for a in addrs {
+                let a: std::net::SocketAddr = a.parse().unwrap();
+                let (mut out, mut scratch) = (String::new(), String::new());
+                let mut f = Fields { out: &mut out, scratch: &mut scratch, json };
+                f.addr("a", a);
+                f.u64("n", 1_000_000_007);
+                let want =
+                    if json { format!(",\"a\":\"{a}\",\"n\":1000000007") } else { format!(" a={a} n=1000000007") };
+                assert_eq!(out, want);
+            }
+        }
     }
 
     #[test]
