@@ -177,9 +177,14 @@ fn absolute<B>(req: &Request<B>) -> Option<Uri> {
     if req.uri().authority().is_some() {
         return Some(req.uri().clone());
     }
-    let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{host}{path}").parse().ok()
+    let host = req.headers().get(header::HOST)?;
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    parts.authority = Some(host.as_bytes().try_into().ok()?);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).ok()
 }
 
 fn empty() -> Body {
@@ -432,4 +437,28 @@ fn admit(conn: &Conn, route: &Route) -> Result<(), Duration> {
             warn!(service = %route.name, identity = identity.map(tracing::field::display), "over the rate limit: 429 (logged once a second)");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&'static str>) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn an_http1_request_is_made_absolute_from_its_host() {
+        let abs = |uri, host| absolute(&req(uri, host)).map(|u| u.to_string());
+        assert_eq!(abs("/a/b?x=1", Some("web.default:8080")).as_deref(), Some("http://web.default:8080/a/b?x=1"));
+        assert_eq!(abs("*", Some("web")).as_deref(), Some("http://web*"), "OPTIONS *: the path as sent");
+        assert_eq!(abs("http://api/x", Some("web")).as_deref(), Some("http://api/x"), "absolute form: the URI's");
+        assert_eq!(abs("/x", None), None, "no host");
+        assert_eq!(abs("/x", Some("web/evil")), None, "a host that is no authority");
+        assert_eq!(abs("/x", Some("")), None);
+    }
 }

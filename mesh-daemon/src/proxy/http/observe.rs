@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::header::HeaderMap;
 use hyper::http::response::Parts as ResponseParts;
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Instant;
 
@@ -20,35 +21,52 @@ use crate::proxy::access::{Record, RequestLine};
 use crate::proxy::{Route, RouteEndpoint, RuleMeter, Workload};
 use crate::telemetry::metrics::{GRPC_CLASSES, REQUEST_CLASSES};
 
-/// What the access log says of a request.
+/// What the access log says of a request: the request's own parts,
+/// shared (their bytes are reference-counted), not copied.
 pub struct Line {
     method: Method,
-    authority: String,
-    /// Without the query string, which may hold secrets.
-    path: String,
+    /// From the URI, else from `Host` (an HTTP/1 request).
+    authority: Authority,
+    /// The path is read without the query string, which may hold secrets.
+    path: Option<PathAndQuery>,
+}
+
+enum Authority {
+    Uri(hyper::http::uri::Authority),
+    Host(hyper::header::HeaderValue),
+    None,
 }
 
 impl Line {
     /// `authority` from the URI, else from `Host` (an HTTP/1 request).
     pub fn new(method: &Method, uri: &hyper::Uri, headers: &HeaderMap) -> Self {
-        let authority = match uri.authority() {
-            Some(a) => a.to_string(),
-            None => headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
+        let authority = match (uri.authority(), headers.get(hyper::header::HOST)) {
+            (Some(a), _) => Authority::Uri(a.clone()),
+            (None, Some(h)) if h.to_str().is_ok() => Authority::Host(h.clone()),
+            _ => Authority::None,
         };
-        Self { method: method.clone(), authority, path: uri.path().to_owned() }
+        Self { method: method.clone(), authority, path: uri.path_and_query().cloned() }
     }
 
     /// (method, authority, path), for a span.
     pub fn parts(&self) -> (&str, &str, &str) {
-        (self.method.as_str(), &self.authority, &self.path)
+        let authority = match &self.authority {
+            Authority::Uri(a) => a.as_str(),
+            Authority::Host(h) => h.to_str().unwrap_or_default(),
+            Authority::None => "",
+        };
+        // As `Uri::path` reads it: none in authority form (`CONNECT`).
+        let path = self.path.as_ref().map_or("", |p| p.path());
+        (self.method.as_str(), authority, path)
     }
 
     pub fn with(&self, status: StatusCode, grpc_status: Option<u32>) -> RequestLine<'_> {
+        let (method, authority, path) = self.parts();
         RequestLine {
             trace_id: None,
-            method: self.method.as_str(),
-            authority: &self.authority,
-            path: &self.path,
+            method,
+            authority,
+            path,
             status: status.as_u16(),
             grpc_status,
             retries: 0,
@@ -348,6 +366,27 @@ impl<R: Report> Drop for Observed<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_reads_as_the_uri_and_host_say() {
+        let parts = |uri: &str, host: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = host {
+                h.insert(hyper::header::HOST, hyper::header::HeaderValue::from_static(v));
+            }
+            let uri: hyper::Uri = uri.parse().unwrap();
+            let line = Line::new(&Method::GET, &uri, &h);
+            let (m, a, p) = line.parts();
+            assert_eq!(p, uri.path(), "{uri}");
+            (m.to_owned(), a.to_owned(), p.to_owned())
+        };
+        let own = |m: &str, a: &str, p: &str| (m.to_owned(), a.to_owned(), p.to_owned());
+        assert_eq!(parts("http://web:80/a?secret=1", Some("other")), own("GET", "web:80", "/a"));
+        assert_eq!(parts("http://web", None), own("GET", "web", "/"));
+        assert_eq!(parts("/a", Some("web")), own("GET", "web", "/a"));
+        assert_eq!(parts("/a", None), own("GET", "", "/a"));
+        assert_eq!(parts("web:443", None), own("GET", "web:443", ""));
+    }
 
     #[test]
     fn classes_are_http_status_classes_or_grpc_statuses() {
