@@ -461,4 +461,49 @@ mod tests {
         assert_eq!(abs("/x", Some("web/evil")), None, "a host that is no authority");
         assert_eq!(abs("/x", Some("")), None);
     }
+
+    #[test]
+    fn hop_by_hop_and_mesh_headers_are_stripped_and_nothing_else() {
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let names = |h: &HeaderMap| {
+            let mut n: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+            n.sort();
+            n
+        };
+        let plain = [("host", "web"), ("content-type", "text/plain"), ("te", "trailers"), ("x-a", "1")];
+        let mut h = map(&plain);
+        strip_hop_by_hop(&mut h);
+        strip_mesh_headers(&mut h);
+        assert_eq!(h, map(&plain), "nothing to strip: unchanged");
+
+        let mut h = map(&[
+            ("host", "web"),
+            ("connection", "close, X-Named"),
+            ("x-named", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "secret"),
+            ("te", "gzip"),
+            ("mesh-source", "10.0.0.1:1"),
+            ("x-forwarded-client-cert", "By=spiffe://x"),
+            ("x-b", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        strip_mesh_headers(&mut h);
+        assert_eq!(names(&h), ["host", "x-b"]);
+
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "te other than trailers, alone");
+        let mut h = map(&[("x-forwarded-client-cert", "By=spiffe://x")]);
+        strip_mesh_headers(&mut h);
+        assert!(h.is_empty(), "xfcc alone");
+    }
 }
