@@ -89,17 +89,16 @@ impl Fields<'_> {
     pub fn display(&mut self, key: &str, v: &dyn Display) {
         self.scratch.clear();
         let _ = write!(self.scratch, "{v}");
+        self.key(key);
         if self.json {
-            let _ = write!(self.out, ",\"{key}\":\"");
+            self.out.push('"');
             escape(self.out, self.scratch);
             self.out.push('"');
-        } else {
+        } else if self.scratch.contains(' ') {
             // Free text (an error) is quoted; addresses and names are not.
-            let _ = if self.scratch.contains(' ') {
-                write!(self.out, " {key}={:?}", self.scratch)
-            } else {
-                write!(self.out, " {key}={}", self.scratch)
-            };
+            let _ = write!(self.out, "{:?}", self.scratch);
+        } else {
+            self.out.push_str(self.scratch);
         }
     }
 }
