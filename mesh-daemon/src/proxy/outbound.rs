@@ -162,10 +162,10 @@ async fn connect<'r>(
     path: Path<'_>,
 ) -> Result<(Upstream, &'r RouteEndpoint, Duration), ConnectError> {
     let (counters, env) = (path.counters, path.env);
-    let mut tries = Tries::new(route, env);
+    let mut t0 = env.now();
+    let mut tries = Tries::new(route, env, t0);
     let mut last = ConnectError::NoEndpoint;
-    while let Some((_, ep)) = tries.pick() {
-        let t0 = env.now();
+    while let Some((_, ep)) = tries.pick(t0) {
         match open(ep, route, source, path).await {
             Ok(s) => {
                 let now = env.now();
@@ -180,6 +180,7 @@ async fn connect<'r>(
                 if !again {
                     break;
                 }
+                t0 = env.now();
             }
         }
     }

@@ -49,11 +49,12 @@ pub struct Tries<'r, 'e> {
 }
 
 impl<'r, 'e> Tries<'r, 'e> {
-    pub fn new(route: &'r Route, env: &'e dyn Env) -> Self {
+    /// The tries of a request or connection that began at `start`.
+    pub fn new(route: &'r Route, env: &'e dyn Env, start: Instant) -> Self {
         Self {
             route,
             env,
-            start: env.now(),
+            start,
             tried: [SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0); MAX_TRIES],
             n: 0,
             attempt: 0,
@@ -61,9 +62,9 @@ impl<'r, 'e> Tries<'r, 'e> {
     }
 
     /// The endpoint for the next try (its index in the route), claiming
-    /// the breaker's probe if one is due.
-    pub fn pick(&mut self) -> Option<(usize, &'r RouteEndpoint)> {
-        let i = self.route.pick_index(&self.tried[..self.n], self.env)?;
+    /// the breaker's probe if one is due, as of `now`.
+    pub fn pick(&mut self, now: Instant) -> Option<(usize, &'r RouteEndpoint)> {
+        let i = self.route.pick_index_at(&self.tried[..self.n], now, self.env)?;
         let ep = &self.route.endpoints[i];
         if self.n < MAX_TRIES {
             self.tried[self.n] = ep.state.addr;
@@ -131,10 +132,10 @@ mod tests {
         let (table, _) = table_with(&format!("   retries: 2\n{EPS}"), &Arc::new(Metrics::new()));
         let route = table.route(1).unwrap();
         let env = Scripted::new(&[0.0]);
-        let mut tries = Tries::new(route, &env);
+        let mut tries = Tries::new(route, &env, env.now());
         let mut seen = Vec::new();
         let mut pauses = Vec::new();
-        while let Some((_, ep)) = tries.pick() {
+        while let Some((_, ep)) = tries.pick(env.now()) {
             seen.push(ep.state.addr);
             match tries.next(ep, &refused(ep)) {
                 Some(p) => pauses.push(p),
@@ -152,8 +153,8 @@ mod tests {
         let (table, _) = table_with(&format!("   retries: 2\n{EPS}"), &Arc::new(Metrics::new()));
         let route = table.route(1).unwrap();
         let env = Scripted::new(&[0.0]);
-        let mut tries = Tries::new(route, &env);
-        let (_, ep) = tries.pick().unwrap();
+        let mut tries = Tries::new(route, &env, env.now());
+        let (_, ep) = tries.pick(env.now()).unwrap();
         let e = ConnectError::NoIdentity { addr: ep.state.addr, node: NodeName::parse("b").unwrap() };
         assert_eq!(tries.next(ep, &e), None);
         for _ in 0..10 {
@@ -172,13 +173,13 @@ mod tests {
         let (table, _) = table_with(&format!("   retries: 5\n   retryBudget: 100ms\n{EPS}"), &Arc::new(Metrics::new()));
         let route = table.route(1).unwrap();
         let env = Scripted::new(&[0.0]);
-        let mut tries = Tries::new(route, &env);
-        let (_, ep) = tries.pick().unwrap();
+        let mut tries = Tries::new(route, &env, env.now());
+        let (_, ep) = tries.pick(env.now()).unwrap();
         assert_eq!(tries.next(ep, &refused(ep)), Some(ms(10)));
         tokio::time::advance(ms(79)).await;
-        let (_, ep) = tries.pick().unwrap();
+        let (_, ep) = tries.pick(env.now()).unwrap();
         assert_eq!(tries.next(ep, &refused(ep)), Some(ms(20)), "79 ms + 20 ms ends before 100 ms");
-        let (_, ep) = tries.pick().unwrap();
+        let (_, ep) = tries.pick(env.now()).unwrap();
         assert_eq!(tries.next(ep, &refused(ep)), None, "79 ms + 40 ms would pass 100 ms");
     }
 }

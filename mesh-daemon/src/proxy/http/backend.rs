@@ -16,7 +16,7 @@ use tracing::warn;
 use super::conn::Resolved;
 use super::observe::{Finished, Observed};
 use super::retry::{NoRetry, Retrying};
-use super::upstream::{Body, ConnectedAt, SendError, UpstreamBody};
+use super::upstream::{Body, ConnectedAt, Failed, SendError, UpstreamBody};
 use super::{
     answer, chain, empty, failed_answer, forbidden, mirror, replay, request_timeout, retried_answer, retry,
     retry_policy, router, strip_hop_by_hop, timed_out, unavailable, Conn,
@@ -135,16 +135,24 @@ impl<'a> Plan<'a> {
     /// and the budget allows.
     pub(super) async fn run(mut self, parts: Parts, mut finished: Finished) -> Response<Body> {
         let (route, env) = (self.route(), self.conn.env);
-        let mut tries = Tries::new(route, env);
+        let mut tries = Tries::new(route, env, self.started);
         let mut reason = "no_endpoint";
         // `mesh-source`, made on the first try through the tunnel.
         let mut source_ip: Option<Option<HeaderValue>> = None;
-        loop {
+        // The request as it came: copied for each try only when an answer
+        // may be retried or mirrored; else moved into the try, and given
+        // back by the pool if no connection could be had for it.
+        let copied = self.retrying.policy.is_some() || !self.mirrors.is_empty();
+        let mut parts = Some(parts);
+        // Taken for each try (and put back when copied); None after a try
+        // took it and the pool could not give it back.
+        while let Some(original) = parts.take() {
             let retried = self.retrying.retried;
-            let picked = tries.pick().or_else(|| {
+            let t0 = env.now();
+            let picked = tries.pick(t0).or_else(|| {
                 (retried > 0).then(|| {
                     tries.forget_tried();
-                    tries.pick()
+                    tries.pick(t0)
                 })?
             });
             let Some((i, ep)) = picked else { break };
@@ -152,7 +160,7 @@ impl<'a> Plan<'a> {
             // The policies, for a try this node hands to the workload itself.
             let table = (!tunnelled).then(|| self.conn.routes.load());
             if let Some(table) = &table {
-                match self.authorize(table.guard(), ep, &parts) {
+                match self.authorize(table.guard(), ep, &original) {
                     Ok(logged) => finished.authz = logged,
                     Err(denied) => {
                         // Decided here as the endpoint's node would: never
@@ -172,9 +180,14 @@ impl<'a> Plan<'a> {
             };
             let b = self.body.as_ref().map_or_else(empty, replay::Replay::body);
             let in_flight = ep.state.start();
-            let t0 = env.now();
             let until = retry::try_deadline(self.retrying.deadline, self.per_try_timeout, t0);
-            let mut head = parts.clone();
+            let mut head = if copied {
+                let head = original.clone();
+                parts = Some(original);
+                head
+            } else {
+                original
+            };
             match (&table, self.conn.source.as_ref()) {
                 // Handed to the workload here: who called it, verified.
                 (Some(table), Some(caller)) if route.policy.cfg.forward_client_cert => {
@@ -194,7 +207,7 @@ impl<'a> Plan<'a> {
                 }
                 _ => {}
             }
-            let sent = client.request(Request::from_parts(head, b));
+            let sent = client.send(Request::from_parts(head, b));
             let outcome = match until {
                 Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
                 None => Some(sent.await),
@@ -207,10 +220,10 @@ impl<'a> Plan<'a> {
                     Err(after) => return finished.failed("timeout", self.started, timed_out(self.conn.grpc, after)),
                 },
                 Some(Ok(resp)) => match self.answered(ep, resp, t0) {
-                    Ok(resp) => return self.finish(i, resp, &parts, finished),
+                    Ok(resp) => return self.finish(i, resp, parts.as_ref(), finished),
                     Err(step) => step,
                 },
-                Some(Err(e)) => {
+                Some(Err(Failed { error: e, unsent })) => {
                     let SendError::Connect(c) = &e else {
                         // The endpoint took the request and then failed it.
                         warn!(service = %route.name, endpoint = %ep.state.addr, error = %chain(&e), "upstream request failed");
@@ -224,6 +237,16 @@ impl<'a> Plan<'a> {
                         );
                         return finished.failed("upstream", self.started, r);
                     };
+                    if parts.is_none() {
+                        // Moved into this try: back as it came, but for
+                        // what this try added.
+                        parts = unsent.map(|r| {
+                            let (mut p, _) = (*r).into_parts();
+                            p.headers.remove(SOURCE_HEADER);
+                            p.headers.remove(crate::proxy::authz::XFCC);
+                            p
+                        });
+                    }
                     reason = c.reason();
                     if self.body.as_ref().is_some_and(|b| !b.replayable()) {
                         // Part of the body went with this try: it cannot go again.
@@ -317,8 +340,16 @@ impl<'a> Plan<'a> {
 
     /// The answer of endpoint `i`, on its way to the client: mirrored,
     /// its headers as the route rule says, watched to its end.
-    fn finish(self, i: usize, resp: Response<UpstreamBody>, parts: &Parts, mut finished: Finished) -> Response<Body> {
-        mirror::send(self.conn, &self.mirrors, parts, self.body.as_ref());
+    fn finish(
+        self,
+        i: usize,
+        resp: Response<UpstreamBody>,
+        parts: Option<&Parts>,
+        mut finished: Finished,
+    ) -> Response<Body> {
+        if let Some(parts) = parts {
+            mirror::send(self.conn, &self.mirrors, parts, self.body.as_ref());
+        }
         let (mut head, body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
         if let Some((rule, b)) = self.routed {

@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
@@ -147,13 +148,15 @@ impl Report for AtEndpoint {
         // The response body's bytes, as the inbound side counts them: a
         // request port's pooled upstream connection may never close.
         series.received.inc_by(bytes);
+        let env = self.finished.env;
+        // One clock read for the endpoint's answer and the log's duration.
+        let now = env.now();
         if failed(status, self.finished.grpc, grpc_status) {
-            super::failed_answer(route, ep, self.finished.env);
+            super::failed_answer(route, ep, env);
         } else {
-            let env = self.finished.env;
-            ep.state.answered(true, 0, false, env.now(), env.unit());
+            ep.state.answered(true, 0, false, now, env.unit());
         }
-        self.finished.log(Some(ep), status, grpc_status, bytes, self.started, outcome);
+        self.finished.log(Some(ep), status, grpc_status, bytes, now - self.started, outcome);
     }
 }
 
@@ -239,7 +242,7 @@ impl Finished {
         self.answered_at(started);
         self.route.series().request_failed(class);
         self.route.series().failed(reason);
-        self.log(None, status, grpc_status, 0, started, reason);
+        self.log(None, status, grpc_status, 0, started.elapsed(), reason);
         response
     }
 
@@ -250,7 +253,7 @@ impl Finished {
         let status = response.status();
         self.answered_at(started);
         self.route.series().request_failed(class(status, self.grpc, None));
-        self.log(None, status, None, 0, started, outcome);
+        self.log(None, status, None, 0, started.elapsed(), outcome);
         response
     }
 
@@ -260,7 +263,7 @@ impl Finished {
         status: StatusCode,
         grpc_status: Option<u32>,
         bytes: u64,
-        started: Instant,
+        duration: Duration,
         outcome: &'static str,
     ) {
         Record {
@@ -273,7 +276,7 @@ impl Finished {
             node: ep.map(|e| e.node()),
             bytes_up: None,
             bytes_down: bytes,
-            duration: started.elapsed(),
+            duration,
             outcome,
             error: None,
             request: Some(RequestLine {

@@ -170,8 +170,14 @@ mod tests {
     /// A client connection from `client` to service `web`, whose one
     /// endpoint is 127.0.0.1:`port`.
     fn conn_to(port: u16, client: SocketAddr) -> Conn {
+        conn_on(port, "   endpoints: [{ip: 127.0.0.1, node: a}]\n", client, &crate::env::Live)
+    }
+
+    /// As [`conn_to`], with the endpoints `endpoints` (YAML) listening on
+    /// `port`, and `env`'s clock and draws.
+    fn conn_on(port: u16, endpoints: &str, client: SocketAddr, env: &'static dyn crate::env::Env) -> Conn {
         let metrics = Arc::new(Metrics::new());
-        let (table, _) = table_on(port, "   endpoints: [{ip: 127.0.0.1, node: a}]\n", &metrics);
+        let (table, _) = table_on(port, endpoints, &metrics);
         let routes = Arc::new(ArcSwap::from_pointee(table));
         let route = routes.load().route(1).unwrap().clone();
         let at = Accepted {
@@ -184,15 +190,7 @@ mod tests {
             max_headers: 65536,
         };
         let counters = Arc::new(ProxyCounters::new(&metrics));
-        Conn::new(
-            at,
-            Arc::default(),
-            None,
-            counters,
-            Arc::new(Spans::disabled()),
-            Duration::from_secs(60),
-            &crate::env::Live,
-        )
+        Conn::new(at, Arc::default(), None, counters, Arc::new(Spans::disabled()), Duration::from_secs(60), env)
     }
 
     /// The proxy serving one HTTP/2 client connection to service `web`,
@@ -227,6 +225,47 @@ mod tests {
         Ok(all)
     }
 
+    /// Not a check: a fixed load through the proxy (one HTTP/2 client
+    /// connection, 32 streams at a time, `MESH_LOAD_REQUESTS` requests in
+    /// all) for counting the instructions a request costs with callgrind,
+    /// which counts the same for the same work whatever else the machine
+    /// runs (BENCHMARKS.md, "Instructions per request"):
+    /// `MESH_LOAD_REQUESTS=4000 valgrind --tool=callgrind <the lib's test
+    /// binary> --ignored --exact proxy::http::server::tests::a_fixed_load_for_callgrind`.
+    #[tokio::test]
+    #[ignore = "a load for callgrind, run by hand"]
+    async fn a_fixed_load_for_callgrind() {
+        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let ep = endpoint(|_req, mut respond| async move {
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
+        })
+        .await;
+        let drain = Drain::new();
+        let (client, _served) = proxy(ep, &drain).await;
+        let streams: Vec<_> = (0..32)
+            .map(|s| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for _ in (s..n).step_by(32) {
+                        let mut c = client.clone().ready().await.unwrap();
+                        let req = Request::get("http://web.default:80/")
+                            .header("user-agent", "h2load nghttp2/1.52.0")
+                            .body(())
+                            .unwrap();
+                        let (answer, _) = c.send_request(req, true).unwrap();
+                        let answer = answer.await.unwrap();
+                        assert_eq!(answer.status(), 200);
+                        read(answer.into_body()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in streams {
+            s.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn streams_one_after_another_on_one_connection_are_each_answered() {
         let ep = endpoint(|_req, mut respond| async move {
@@ -243,6 +282,47 @@ mod tests {
                 tokio::time::timeout(WAIT, answer).await.unwrap().unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(read(answer.into_body()).await.unwrap(), b"backend=web\n", "request {i}");
         }
+    }
+
+    /// A request without a retry policy is not copied for its tries: one
+    /// that met an endpoint refusing connections goes to the other one as
+    /// it came (the pool gives it back unsent), every time.
+    #[tokio::test]
+    async fn a_request_an_endpoint_refused_goes_to_another_as_it_came() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let ep = endpoint(move |req, mut respond| {
+            let seen = seen_tx.clone();
+            async move {
+                seen.send((req.uri().clone(), req.headers().clone())).unwrap();
+                respond.send_response(Response::new(()), true).unwrap();
+            }
+        })
+        .await;
+        // 127.0.0.2 is loopback too, with nothing listening on the port;
+        // draws of 0 pick it first, until its breaker ejects it.
+        let env = Box::leak(Box::new(crate::env::Scripted::new(&[0.0])));
+        let two = "   endpoints: [{ip: 127.0.0.2, node: a}, {ip: 127.0.0.1, node: a}]\n";
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = l.accept().await.unwrap();
+        let conn = Arc::new(conn_on(ep.port(), two, peer, env));
+        let drain = Drain::new();
+        tokio::spawn(super::super::serve(server, conn.clone(), drain.clone()));
+        let (tx, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        for i in 0..8 {
+            let mut c = tx.clone().ready().await.unwrap();
+            let req = Request::get("http://web.default:80/x?y=1").header("x-probe", "p").body(()).unwrap();
+            let (answer, _) = c.send_request(req, true).unwrap();
+            let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+            assert_eq!(answer.status(), 200, "request {i}");
+            let (uri, headers) = seen.recv().await.unwrap();
+            assert_eq!(uri.to_string(), "http://web.default:80/x?y=1", "request {i}");
+            assert_eq!(headers.get("x-probe").map(|v| v.as_bytes()), Some(&b"p"[..]), "request {i}");
+            let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-probe"], "request {i}: nothing added on its way");
+        }
+        assert!(conn.counters.retries.get() >= 1, "some request met the refusing endpoint first");
     }
 
     #[tokio::test]
@@ -394,7 +474,7 @@ mod tests {
         let upstreams = crate::proxy::http::upstream::Upstreams::default();
         let dial = crate::proxy::http::upstream::Dial::Direct("127.0.0.1:1".parse().unwrap());
         let ep = upstreams.endpoint(dial, true, None, WAIT);
-        let request = returned(&|req: Request<crate::proxy::http::upstream::Body>| ep.request(req));
+        let request = returned(&|req: Request<crate::proxy::http::upstream::Body>| ep.send(req));
         assert!(request <= 1024, "an endpoint's request future is {request} bytes");
         assert!(handle <= 5120, "a request's future is {handle} bytes");
         assert!(stream <= 6144, "an HTTP/2 stream's future is {stream} bytes");

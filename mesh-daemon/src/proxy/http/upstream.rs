@@ -201,6 +201,26 @@ pub enum SendError {
     H2(#[from] h2::Error),
 }
 
+/// A request that got no answer: why, and the request as it came when no
+/// connection could be had for it (none of it was sent; boxed, so that
+/// the futures that await a send stay small).
+pub struct Failed {
+    pub error: SendError,
+    pub unsent: Option<Box<Request<Body>>>,
+}
+
+impl From<SendError> for Failed {
+    fn from(error: SendError) -> Self {
+        Self { error, unsent: None }
+    }
+}
+
+impl From<h2::Error> for Failed {
+    fn from(e: h2::Error) -> Self {
+        SendError::H2(e).into()
+    }
+}
+
 /// A pooled HTTP/1.1 connection, and the sweep it was last handed back in.
 struct Kept {
     tx: http1::SendRequest<Body>,
@@ -250,33 +270,49 @@ impl Endpoint {
     /// Sends `req` (its URI absolute) and waits for the answer's head.
     /// A request a reused connection refused before sending any of it
     /// (the endpoint closed it meanwhile) goes once more on a new one.
-    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn request(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, SendError> {
+        self.send(req).await.map_err(|f| f.error)
+    }
+
+    /// As [`Endpoint::request`], with the request given back as it came
+    /// when no connection could be had for it: the caller may send it to
+    /// another endpoint without having kept a copy.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<UpstreamBody>, Failed> {
         let now = self.sweeps.load(Ordering::Relaxed);
         match &self.conns {
             Conns::Http1(kept) => {
-                origin_form(&mut req);
-                for fresh in [false, true] {
+                let mut fresh = false;
+                loop {
                     let (mut tx, dialled) = match ready(kept).filter(|_| !fresh) {
                         Some(tx) => (tx, None),
-                        None => self.dial_h1().await?,
+                        None => match self.dial_h1().await {
+                            Ok(c) => c,
+                            Err(error) => return Err(Failed { error, unsent: Some(Box::new(req)) }),
+                        },
                     };
+                    let absolute = origin_form(&mut req);
                     let sent = tx.try_send_request(req);
                     // Back at once: busy until the answer has been read.
                     keep(kept, Kept { tx, sweep: now });
                     match sent.await {
                         Ok(resp) => return Ok(connected_at(resp.map(UpstreamBody::Hyper), dialled)),
-                        Err(e) => req = retry_or_fail(e, fresh || dialled.is_some())?,
+                        Err(e) => req = absolute.restore(retry_or_fail(e, fresh || dialled.is_some())?),
                     }
+                    // A reused connection refused it unsent: once more, on a new one.
+                    fresh = true;
                 }
             }
             Conns::Http2 { shared, dialling, used } => {
                 if used.load(Ordering::Relaxed) != now {
                     used.store(now, Ordering::Relaxed);
                 }
+                let (mut tx, dialled) = match self.ready_h2(shared, dialling).await {
+                    Ok(c) => c,
+                    Err(error) => return Err(Failed { error, unsent: Some(Box::new(req)) }),
+                };
                 // Its hop-by-hop headers, which HTTP/2 must not carry, were
                 // removed where the request came in (`strip_hop_by_hop`).
                 *req.version_mut() = Version::HTTP_2;
-                let (mut tx, dialled) = self.ready_h2(shared, dialling).await?;
                 let (head, body) = req.into_parts();
                 let eos = hyper::body::Body::is_end_stream(&body);
                 let (resp, stream) = tx.send_request(Request::from_parts(head, ()), eos)?;
@@ -284,10 +320,9 @@ impl Endpoint {
                     tokio::spawn(super::pump::pump(body, stream, h2::Reason::CANCEL));
                 }
                 let resp = resp.await?.map(|recv| UpstreamBody::H2 { recv, data_done: false });
-                return Ok(connected_at(resp, dialled));
+                Ok(connected_at(resp, dialled))
             }
         }
-        unreachable!("the second try is on a new connection and returns")
     }
 
     /// A connection to the endpoint, ready for a request: a kept one, or
@@ -493,12 +528,15 @@ fn connected_at<B>(mut resp: Response<B>, dialled: Option<Instant>) -> Response<
 }
 
 /// An HTTP/1.1 request line names the path; `Host` names the authority
-/// (added from the URI when the client sent none).
-fn origin_form(req: &mut Request<Body>) {
-    *req.version_mut() = Version::HTTP_11;
+/// (added from the URI when the client sent none). What it replaced is
+/// returned, to make the request as it came again.
+fn origin_form(req: &mut Request<Body>) -> Absolute {
+    let version = std::mem::replace(req.version_mut(), Version::HTTP_11);
+    let mut host_added = false;
     if !req.headers().contains_key(HOST) {
         if let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             req.headers_mut().insert(HOST, v);
+            host_added = true;
         }
     }
     let path = match req.uri().path_and_query() {
@@ -509,7 +547,26 @@ fn origin_form(req: &mut Request<Body>) {
         }
         _ => Uri::default(),
     };
-    *req.uri_mut() = path;
+    let uri = std::mem::replace(req.uri_mut(), path);
+    Absolute { uri, version, host_added }
+}
+
+/// What [`origin_form`] changed in a request.
+struct Absolute {
+    uri: Uri,
+    version: Version,
+    host_added: bool,
+}
+
+impl Absolute {
+    fn restore(self, mut req: Request<Body>) -> Request<Body> {
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        if self.host_added {
+            req.headers_mut().remove(HOST);
+        }
+        req
+    }
 }
 
 /// Endpoints by (how to dial, HTTP/2 or not); kept across state writes so
@@ -608,6 +665,37 @@ mod tests {
 
     async fn text(resp: Response<UpstreamBody>) -> String {
         String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    /// What the pool gives back of a request it could not send is the
+    /// request as it came, though it was made origin-form for HTTP/1.1.
+    #[test]
+    fn a_request_made_origin_form_is_given_back_as_it_came() {
+        for uri in ["http://web.default:80/x?y=1", "http://svc.example:8080/", "http://web/"] {
+            let mut req = get(uri);
+            *req.version_mut() = Version::HTTP_2;
+            let before = (req.uri().clone(), req.version(), req.headers().clone());
+            let absolute = origin_form(&mut req);
+            assert_eq!(req.version(), Version::HTTP_11);
+            assert!(req.uri().authority().is_none() && req.headers().contains_key(HOST), "{uri}: {req:?}");
+            let req = absolute.restore(req);
+            assert_eq!((req.uri().clone(), req.version(), req.headers().clone()), before, "{uri}");
+        }
+    }
+
+    /// A request to an endpoint no connection can be had to is given
+    /// back whole, in either protocol.
+    #[tokio::test]
+    async fn a_request_no_connection_took_is_given_back() {
+        for http2 in [false, true] {
+            // Nothing listens there: refused.
+            let ep = endpoint("127.0.0.1:1".parse().unwrap(), http2);
+            let Err(f) = ep.send(get("http://svc.example:8080/a?b=1")).await else { panic!("sent") };
+            assert!(matches!(f.error, SendError::Connect(_)), "{}", f.error);
+            let back = f.unsent.expect("given back");
+            assert_eq!(back.uri(), "http://svc.example:8080/a?b=1");
+            assert_eq!(back.headers().get(HOST).unwrap(), "svc.example:8080");
+        }
     }
 
     #[tokio::test]

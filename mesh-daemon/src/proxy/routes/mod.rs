@@ -330,7 +330,12 @@ impl Route {
     /// [`crate::balance::pick`]), leaving out `tried`, as an index into
     /// `endpoints`; claims the breaker's probe if one is due.
     pub fn pick_index(&self, tried: &[SocketAddr], env: &dyn Env) -> Option<usize> {
-        balance::pick(&self.endpoints, self.fail_open, tried, env.now(), || env.unit())
+        self.pick_index_at(tried, env.now(), env)
+    }
+
+    /// [`Route::pick_index`] as of `now`, which the caller has read.
+    pub fn pick_index_at(&self, tried: &[SocketAddr], now: Instant, env: &dyn Env) -> Option<usize> {
+        balance::pick(&self.endpoints, self.fail_open, tried, now, || env.unit())
     }
 
     /// Whether one more endpoint may be ejected by its answers: at most
