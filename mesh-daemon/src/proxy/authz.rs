@@ -257,7 +257,7 @@ impl Guard {
 }
 
 /// The header that tells a workload who called it, in Envoy's format.
-pub const XFCC: &str = "x-forwarded-client-cert";
+pub const XFCC: hyper::header::HeaderName = hyper::header::HeaderName::from_static("x-forwarded-client-cert");
 
 /// The `x-forwarded-client-cert` value for `caller` reaching the workload
 /// `server` (when it is one): `By=<server>;URI=<caller>`.

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod server;
 
+use hyper::header::HeaderName;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
@@ -24,18 +25,18 @@ use crate::telemetry::Metrics;
 
 /// Request header of a CONNECT: the service (`namespace/name`) the stream
 /// is for. The receiving node relays only to an endpoint of that service.
-pub const SERVICE_HEADER: &str = "mesh-service";
+pub const SERVICE_HEADER: HeaderName = HeaderName::from_static("mesh-service");
 /// Request header of a CONNECT whose stream carries requests the sending
 /// proxy terminated (`http/1.1` or `h2`): the receiving node proxies and
 /// counts each request. Without it a stream is opaque bytes.
-pub const PROTOCOL_HEADER: &str = "mesh-protocol";
+pub const PROTOCOL_HEADER: HeaderName = HeaderName::from_static("mesh-protocol");
 /// The address of the client whose connection a stream carries, which
 /// the receiving node believes only of a workload of the peer's identity
 /// (its policies may name client addresses). On a stream of requests the
 /// sending proxy writes it on each request instead.
-pub const SOURCE_HEADER: &str = "mesh-source";
+pub const SOURCE_HEADER: HeaderName = HeaderName::from_static("mesh-source");
 /// Response header of a refused CONNECT: why (see [`server::Deny`]).
-pub const DENY_HEADER: &str = "mesh-deny";
+pub const DENY_HEADER: HeaderName = HeaderName::from_static("mesh-deny");
 
 /// What a stream carries, when it carries requests (see [`PROTOCOL_HEADER`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -265,7 +265,8 @@ fn rate_limited(grpc: bool, wait: Duration) -> Response<Body> {
 
 /// `grpc-timeout` (RFC: up to 8 digits and a unit of H, M, S, m, u, n).
 fn grpc_timeout(h: &HeaderMap) -> Option<Duration> {
-    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    let v = h.get(GRPC_TIMEOUT)?.to_str().ok()?;
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = n.parse().ok().filter(|_| (1..=8).contains(&n.len()))?;
     Some(match unit {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, HeaderName};
 use hyper::http::response::Parts as ResponseParts;
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Response, StatusCode};
@@ -190,7 +190,8 @@ pub fn class(status: StatusCode, grpc: bool, grpc_status: Option<u32>) -> &'stat
 }
 
 pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 impl Finished {

@@ -10,13 +10,13 @@ use std::fmt::Write as _;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-const TRACEPARENT: &str = "traceparent";
-const B3: &str = "b3";
-const B3_TRACE_ID: &str = "x-b3-traceid";
-const B3_SPAN_ID: &str = "x-b3-spanid";
-const B3_PARENT: &str = "x-b3-parentspanid";
-const B3_SAMPLED: &str = "x-b3-sampled";
-const B3_FLAGS: &str = "x-b3-flags";
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// The trace a request belongs to, as its headers said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,8 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out).filter(|b| b.iter().any(|x| *x != 0))
 }
 
-fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+// Names, not strings: a string is parsed into a name on every lookup.
+fn header(h: &HeaderMap, name: HeaderName) -> Option<&str> {
     h.get(name)?.to_str().ok()
 }
 
@@ -107,9 +108,9 @@ pub fn new_span_id() -> [u8; 8] {
 /// keeping each one's trace id and sampling.
 pub fn inject(h: &mut HeaderMap, span: [u8; 8]) {
     let span_hex = hex(&span);
-    let set = |h: &mut HeaderMap, name: &'static str, v: String| {
+    let set = |h: &mut HeaderMap, name: HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(HeaderName::from_static(name), v);
+            h.insert(name, v);
         }
     };
     if let Some(v) = header(h, TRACEPARENT).map(str::to_owned) {
