@@ -59,6 +59,7 @@ use anyhow::{bail, Context};
 use mesh_tests::{Cluster, ClusterSpec};
 
 pub mod headline;
+pub mod instructions;
 mod requests;
 use requests::{bench_policies, bench_routes};
 

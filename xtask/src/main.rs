@@ -64,6 +64,11 @@ enum Cmd {
         /// comparison).
         #[arg(long, requires = "quick")]
         debug: bool,
+        /// Instead: the instructions an HTTP/2 request costs through the
+        /// proxy, counted by callgrind on a fixed in-process load (the
+        /// same count for the same code, however busy the machine).
+        #[arg(long, conflicts_with_all = ["only", "seconds", "rounds", "scale", "quick"])]
+        instructions: bool,
     },
     /// Fuzz every target of fuzz/ (cargo-fuzz, libFuzzer, nightly) for a
     /// bounded time each, from its corpus; fails on the first crash.
@@ -161,7 +166,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => setup::demo().and_then(|_| demo::demo(requests)),
-        Cmd::Bench { quick, only, seconds, rounds, scale: false, debug } => {
+        Cmd::Bench { instructions: true, .. } => {
+            setup::instructions().and_then(|_| bench::instructions::instructions())
+        }
+        Cmd::Bench { quick, only, seconds, rounds, scale: false, debug, .. } => {
             setup::bench().and_then(|_| bench::bench(quick, &only, seconds, rounds, !debug))
         }
         Cmd::Bench { quick, scale: true, debug, .. } => setup::bench().and_then(|_| scale::scale(quick, !debug)),

@@ -58,6 +58,12 @@ pub fn bench() -> anyhow::Result<()> {
     packages(TOOLS)
 }
 
+/// What `bench --instructions` needs: the daemon's build and valgrind.
+pub fn instructions() -> anyhow::Result<()> {
+    demo()?;
+    packages(&[("valgrind", "valgrind")])
+}
+
 /// What fuzzing needs: cargo-fuzz (the targets build on the nightly).
 pub fn fuzz() -> anyhow::Result<()> {
     rust_src()?;

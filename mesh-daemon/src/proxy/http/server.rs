@@ -225,17 +225,13 @@ mod tests {
         Ok(all)
     }
 
-    /// Not a check: a fixed load through the proxy (one HTTP/2 client
-    /// connection, 32 streams at a time, `MESH_LOAD_REQUESTS` requests in
-    /// all) for counting the instructions a request costs with callgrind,
-    /// which counts the same for the same work whatever else the machine
-    /// runs (BENCHMARKS.md, "Instructions per request"):
-    /// `MESH_LOAD_REQUESTS=4000 valgrind --tool=callgrind <the lib's test
-    /// binary> --ignored --exact proxy::http::server::tests::a_fixed_load_for_callgrind`.
+    /// A fixed load through the proxy (one HTTP/2 client connection, 32
+    /// streams at a time, `MESH_LOAD_REQUESTS` requests in all, 200 by
+    /// default), each answered whole: what `cargo xtask bench
+    /// --instructions` counts the instructions of under callgrind.
     #[tokio::test]
-    #[ignore = "a load for callgrind, run by hand"]
     async fn a_fixed_load_for_callgrind() {
-        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
         let ep = endpoint(|_req, mut respond| async move {
             let mut send = respond.send_response(Response::new(()), false).unwrap();
             send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
