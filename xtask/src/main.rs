@@ -64,9 +64,10 @@ enum Cmd {
         /// comparison).
         #[arg(long, requires = "quick")]
         debug: bool,
-        /// Instead: the instructions an HTTP/2 request costs through the
-        /// proxy, counted by callgrind on a fixed in-process load (the
-        /// same count for the same code, however busy the machine).
+        /// Instead: the instructions an HTTP/2 and an HTTP/1.1 request
+        /// cost through the proxy, counted by callgrind on fixed
+        /// in-process loads (the same count for the same code, however
+        /// busy the machine).
         #[arg(long, conflicts_with_all = ["only", "seconds", "rounds", "scale", "quick"])]
         instructions: bool,
     },

@@ -1,7 +1,7 @@
-//! `cargo xtask bench --instructions`: the instructions an HTTP/2 request
-//! costs, counted by callgrind on a fixed load in one process (a client,
-//! the proxy, an endpoint; the daemon's ignored test
-//! `a_fixed_load_for_callgrind`). callgrind counts the same for the same
+//! `cargo xtask bench --instructions`: the instructions an HTTP/2 and an
+//! HTTP/1.1 request cost, counted by callgrind on a fixed load in one
+//! process (a client, the proxy, an endpoint; the daemon's tests
+//! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`). callgrind counts the same for the same
 //! code and load whatever else the machine runs, so a lever of a few
 //! hundred instructions per request shows, where timed rounds on a shared
 //! machine cannot tell it from noise (BENCHMARKS.md, tenth round).
@@ -13,7 +13,11 @@ use anyhow::{bail, Context};
 
 use crate::{cargo, root};
 
-const TEST: &str = "proxy::http::server::tests::a_fixed_load_for_callgrind";
+/// The loads: their protocol and test.
+const LOADS: [(&str, &str); 2] = [
+    ("HTTP/2", "proxy::http::server::tests::a_fixed_load_for_callgrind"),
+    ("HTTP/1.1", "proxy::http::server::tests::a_fixed_http1_load_for_callgrind"),
+];
 /// Two loads: their difference leaves out what the process costs once
 /// (start, connections, the runtime).
 const FEW: u64 = 1000;
@@ -21,14 +25,18 @@ const MANY: u64 = 5000;
 
 pub fn instructions() -> anyhow::Result<()> {
     let binary = build()?;
-    eprintln!("bench: counting instructions for {FEW} and {MANY} requests under callgrind (about a minute)");
-    let few = count(&binary, FEW)?;
-    let many = count(&binary, MANY)?;
-    let per = per_request(few, many)?;
-    println!(
-        "instructions per HTTP/2 request (client, proxy and endpoint in one process): {per} \
-         ({few} for {FEW} requests, {many} for {MANY})"
-    );
+    for (protocol, test) in LOADS {
+        eprintln!(
+            "bench: counting {protocol} instructions for {FEW} and {MANY} requests under callgrind (about a minute)"
+        );
+        let few = count(&binary, test, FEW)?;
+        let many = count(&binary, test, MANY)?;
+        let per = per_request(few, many)?;
+        println!(
+            "instructions per {protocol} request (client, proxy and endpoint in one process): {per} \
+             ({few} for {FEW} requests, {many} for {MANY})"
+        );
+    }
     Ok(())
 }
 
@@ -63,13 +71,13 @@ fn test_binary(messages: &str) -> Option<PathBuf> {
 }
 
 /// The instructions callgrind counted for `requests` requests.
-fn count(binary: &PathBuf, requests: u64) -> anyhow::Result<u64> {
+fn count(binary: &PathBuf, test: &str, requests: u64) -> anyhow::Result<u64> {
     let out_file = std::env::temp_dir().join(format!("mesh-callgrind-{}-{requests}.out", std::process::id()));
     let out = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out_file.display()))
         .arg(binary)
-        .args(["--exact", "--test-threads", "1", TEST])
+        .args(["--exact", "--test-threads", "1", test])
         .env("MESH_LOAD_REQUESTS", requests.to_string())
         .output()
         .context("running valgrind (Debian package valgrind)")?;

@@ -170,25 +170,25 @@ mod tests {
     /// A client connection from `client` to service `web`, whose one
     /// endpoint is 127.0.0.1:`port`.
     fn conn_to(port: u16, client: SocketAddr) -> Conn {
-        conn_on(port, "   endpoints: [{ip: 127.0.0.1, node: a}]\n", client, &crate::env::Live)
+        conn_on(port, ONE, client, &crate::env::Live, AppProtocol::Http2)
     }
 
+    const ONE: &str = "   endpoints: [{ip: 127.0.0.1, node: a}]\n";
+
     /// As [`conn_to`], with the endpoints `endpoints` (YAML) listening on
-    /// `port`, and `env`'s clock and draws.
-    fn conn_on(port: u16, endpoints: &str, client: SocketAddr, env: &'static dyn crate::env::Env) -> Conn {
+    /// `port`, `env`'s clock and draws, and `proto`'s requests.
+    fn conn_on(
+        port: u16,
+        endpoints: &str,
+        client: SocketAddr,
+        env: &'static dyn crate::env::Env,
+        proto: AppProtocol,
+    ) -> Conn {
         let metrics = Arc::new(Metrics::new());
         let (table, _) = table_on(port, endpoints, &metrics);
         let routes = Arc::new(ArcSwap::from_pointee(table));
         let route = routes.load().route(1).unwrap().clone();
-        let at = Accepted {
-            routes,
-            service_id: 1,
-            route,
-            source: None,
-            client,
-            proto: AppProtocol::Http2,
-            max_headers: 65536,
-        };
+        let at = Accepted { routes, service_id: 1, route, source: None, client, proto, max_headers: 65536 };
         let counters = Arc::new(ProxyCounters::new(&metrics));
         Conn::new(at, Arc::default(), None, counters, Arc::new(Spans::disabled()), Duration::from_secs(60), env)
     }
@@ -262,6 +262,44 @@ mod tests {
         }
     }
 
+    /// The same over HTTP/1.1 (what `cargo xtask bench --instructions`
+    /// counts second): one keep-alive client connection, one request at a
+    /// time, through the proxy to an HTTP/1.1 endpoint.
+    #[tokio::test]
+    async fn a_fixed_http1_load_for_callgrind() {
+        use http_body_util::{BodyExt, Empty, Full};
+        use hyper_util::rt::TokioIo;
+        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"backend=web\n"))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+            }
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = l.accept().await.unwrap();
+        let conn = conn_on(ep.port(), ONE, peer, &crate::env::Live, AppProtocol::Http);
+        let drain = Drain::new();
+        tokio::spawn(super::super::serve(server, Arc::new(conn), drain.clone()));
+        let (mut tx, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(connection);
+        for i in 0..n {
+            let req = Request::get("/")
+                .header("host", "web.default")
+                .header("user-agent", "wrk")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let answer = tx.send_request(req).await.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(answer.status(), 200, "request {i}");
+            assert_eq!(&answer.into_body().collect().await.unwrap().to_bytes()[..], b"backend=web\n");
+        }
+    }
+
     #[tokio::test]
     async fn streams_one_after_another_on_one_connection_are_each_answered() {
         let ep = endpoint(|_req, mut respond| async move {
@@ -301,7 +339,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, peer) = l.accept().await.unwrap();
-        let conn = Arc::new(conn_on(ep.port(), two, peer, env));
+        let conn = Arc::new(conn_on(ep.port(), two, peer, env, AppProtocol::Http2));
         let drain = Drain::new();
         tokio::spawn(super::super::serve(server, conn.clone(), drain.clone()));
         let (tx, connection) = h2::client::handshake(client).await.unwrap();
