@@ -197,16 +197,37 @@ mod tests {
     /// whose one endpoint is `endpoint`; the client's side of it, and the
     /// task serving it.
     async fn proxy(endpoint: SocketAddr, drain: &Drain) -> (h2::client::SendRequest<Bytes>, JoinHandle<()>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, peer) = l.accept().await.unwrap();
-        let conn = conn_to(endpoint.port(), peer);
-        let served = tokio::spawn(super::super::serve(server, Arc::new(conn), drain.clone()));
+        let (client, _, served) = served(|peer| conn_to(endpoint.port(), peer), drain).await;
         let (tx, connection) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(async move {
             let _ = connection.await;
         });
         (tx, served)
+    }
+
+    /// A client connection on loopback, the proxy serving it with the
+    /// connection `conn` makes of the client's address, and the task.
+    async fn served(conn: impl FnOnce(SocketAddr) -> Conn, drain: &Drain) -> (TcpStream, Arc<Conn>, JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = l.accept().await.unwrap();
+        let conn = Arc::new(conn(peer));
+        let task = tokio::spawn(super::super::serve(server, conn.clone(), drain.clone()));
+        (client, conn, task)
+    }
+
+    /// An HTTP/2 endpoint answering every stream `backend=web`.
+    async fn web_endpoint() -> SocketAddr {
+        endpoint(|_req, mut respond| async move {
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
+        })
+        .await
+    }
+
+    /// The requests of a fixed load: `MESH_LOAD_REQUESTS`, 200 by default.
+    fn load_requests() -> usize {
+        std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
     }
 
     fn get() -> Request<()> {
@@ -231,14 +252,9 @@ mod tests {
     /// --instructions` counts the instructions of under callgrind.
     #[tokio::test]
     async fn a_fixed_load_for_callgrind() {
-        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-        let ep = endpoint(|_req, mut respond| async move {
-            let mut send = respond.send_response(Response::new(()), false).unwrap();
-            send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
-        })
-        .await;
+        let n = load_requests();
         let drain = Drain::new();
-        let (client, _served) = proxy(ep, &drain).await;
+        let (client, _served) = proxy(web_endpoint().await, &drain).await;
         let streams: Vec<_> = (0..32)
             .map(|s| {
                 let client = client.clone();
@@ -269,7 +285,7 @@ mod tests {
     async fn a_fixed_http1_load_for_callgrind() {
         use http_body_util::{BodyExt, Empty, Full};
         use hyper_util::rt::TokioIo;
-        let n: usize = std::env::var("MESH_LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+        let n = load_requests();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ep = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -280,12 +296,9 @@ mod tests {
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
             }
         });
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, peer) = l.accept().await.unwrap();
-        let conn = conn_on(ep.port(), ONE, peer, &crate::env::Live, AppProtocol::Http);
         let drain = Drain::new();
-        tokio::spawn(super::super::serve(server, Arc::new(conn), drain.clone()));
+        let http1 = |peer| conn_on(ep.port(), ONE, peer, &crate::env::Live, AppProtocol::Http);
+        let (client, _, _served) = served(http1, &drain).await;
         let (mut tx, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.unwrap();
         tokio::spawn(connection);
         for i in 0..n {
@@ -302,13 +315,8 @@ mod tests {
 
     #[tokio::test]
     async fn streams_one_after_another_on_one_connection_are_each_answered() {
-        let ep = endpoint(|_req, mut respond| async move {
-            let mut send = respond.send_response(Response::new(()), false).unwrap();
-            send.send_data(Bytes::from_static(b"backend=web\n"), true).unwrap();
-        })
-        .await;
         let drain = Drain::new();
-        let (client, _served) = proxy(ep, &drain).await;
+        let (client, _served) = proxy(web_endpoint().await, &drain).await;
         for i in 0..5 {
             let mut c = client.clone().ready().await.unwrap();
             let (answer, _) = c.send_request(get(), true).unwrap();
@@ -336,12 +344,9 @@ mod tests {
         // draws of 0 pick it first, until its breaker ejects it.
         let env = Box::leak(Box::new(crate::env::Scripted::new(&[0.0])));
         let two = "   endpoints: [{ip: 127.0.0.2, node: a}, {ip: 127.0.0.1, node: a}]\n";
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, peer) = l.accept().await.unwrap();
-        let conn = Arc::new(conn_on(ep.port(), two, peer, env, AppProtocol::Http2));
         let drain = Drain::new();
-        tokio::spawn(super::super::serve(server, conn.clone(), drain.clone()));
+        let (client, conn, _served) =
+            served(|peer| conn_on(ep.port(), two, peer, env, AppProtocol::Http2), &drain).await;
         let (tx, connection) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(connection);
         for i in 0..8 {
