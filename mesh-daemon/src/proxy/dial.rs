@@ -87,7 +87,9 @@ pub async fn connect(
     after: Duration,
 ) -> Result<Upstream, ConnectError> {
     match via {
-        Some(via) => tunnel(addr, via, source, stream, pool, after).await,
+        // Boxed: the tunnel's dial (a TLS handshake, a pool) is a future
+        // of some kilobytes, which every direct connect would carry too.
+        Some(via) => Box::pin(tunnel(addr, via, source, stream, pool, after)).await,
         None => direct(addr, after).await,
     }
 }

@@ -128,7 +128,10 @@ impl StreamHandler for InboundHandler {
                 series.opened.inc();
                 let ctx = (self.spans.clone(), self.view.clone());
                 let drain = self.drain.clone();
-                crate::proxy::http::inbound::serve(stream, pod, protocol, req, target.clone(), ctx, drain).await;
+                // Boxed: its HTTP connection's state would size the task
+                // of every relayed stream too.
+                Box::pin(crate::proxy::http::inbound::serve(stream, pod, protocol, req, target.clone(), ctx, drain))
+                    .await;
                 target.series().closed.inc();
                 return;
             }
