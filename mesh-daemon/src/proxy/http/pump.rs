@@ -13,9 +13,9 @@ use hyper::body::Body;
 /// Sends `body` on `stream` to its end: each chunk as soon as the stream
 /// has room for a byte of it (h2 sends the rest as the peer's windows
 /// open, so at most one chunk waits in h2's buffer per stream, and a peer
-/// that reads slowly slows the body's source), the last chunk with the
-/// end of the stream (no empty DATA frame after it), trailers as they
-/// come. A body that fails resets the stream with `on_error`, so the
+/// that reads slowly slows the body's source), the last chunk at once
+/// with the end of the stream (no empty DATA frame after it), trailers as
+/// they come. A body that fails resets the stream with `on_error`, so the
 /// peer sees it cut short; a peer that resets the stream stops the pump
 /// at once, and dropping the body tells its source.
 pub(super) async fn pump<B>(mut body: B, mut stream: SendStream<Bytes>, on_error: Reason)
@@ -44,7 +44,9 @@ where
         match frame.into_data() {
             Ok(data) => {
                 let eos = body.is_end_stream();
-                if !data.is_empty() && !room(&mut stream).await {
+                // The last chunk does not wait for room: nothing after it
+                // is held back, and h2 claims the window it needs itself.
+                if !eos && !data.is_empty() && !room(&mut stream).await {
                     return;
                 }
                 if stream.send_data(data, eos).is_err() || eos {

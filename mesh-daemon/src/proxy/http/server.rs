@@ -451,6 +451,29 @@ mod tests {
         assert_eq!(trailers["x-got"], UP.to_string().as_str(), "the request body went whole");
     }
 
+    /// An answer past the client's window (65535 bytes) that ends with a
+    /// data frame comes whole: its last chunk goes to h2 without waiting
+    /// for room, and h2 sends it as the client's window opens.
+    #[tokio::test]
+    async fn an_answer_ending_past_the_clients_window_comes_whole() {
+        const DOWN: usize = 200_000;
+        let ep = endpoint(|_req, mut respond| async move {
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.reserve_capacity(DOWN);
+            send.send_data(Bytes::from(vec![9u8; DOWN]), true).unwrap();
+        })
+        .await;
+        let drain = Drain::new();
+        let (mut client, _served) = proxy(ep, &drain).await;
+        let (answer, _) = client.send_request(get(), true).unwrap();
+        let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        // Read late: the proxy holds what the client's window does not take.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body = tokio::time::timeout(WAIT, read(answer.into_body())).await.unwrap().unwrap();
+        assert_eq!(body.len(), DOWN);
+        assert!(body.iter().all(|b| *b == 9));
+    }
+
     /// A drain sends a GOAWAY: the stream open finishes whole, no new one
     /// is taken, and the connection ends once it is done.
     #[tokio::test]
