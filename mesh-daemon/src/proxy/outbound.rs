@@ -110,9 +110,7 @@ impl Outbound {
                         counters.forwarded.inc();
                         let at = http::Accepted { routes, service_id, route, source, client: peer, proto, max_headers };
                         let conn = http::Conn::new(at, upstreams, tunnel, counters, spans, idle, env);
-                        // Boxed: an HTTP connection's state would size
-                        // the task of every relayed connection too.
-                        Box::pin(http::serve(client, Arc::new(conn), drain)).await
+                        http::serve(client, Arc::new(conn), drain).await
                     }
                 }
                 drop(guard);

@@ -1,8 +1,9 @@
 //! `cargo xtask bench --instructions`: the instructions an HTTP/2 and an
 //! HTTP/1.1 request cost, counted by callgrind on a fixed load in one
 //! process (a client, the proxy, an endpoint; the daemon's tests
-//! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`). callgrind counts the same for the same
-//! code and load whatever else the machine runs, so a lever of a few
+//! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`).
+//! callgrind counts the same for the same code and load whatever else
+//! the machine runs, so a lever of a few
 //! hundred instructions per request shows, where timed rounds on a shared
 //! machine cannot tell it from noise (BENCHMARKS.md, tenth round).
 

@@ -61,8 +61,22 @@ struct Ctx {
 }
 
 /// Serves the requests of one stream until the sending proxy closes it, or
-/// the drain ends it gracefully.
-pub async fn serve(
+/// the drain ends it gracefully. Boxed, as [`super::serve`] is: the task
+/// that carries a tunnel stream relays it when it carries no requests, and
+/// would otherwise be sized by this state too.
+pub fn serve(
+    stream: Stream,
+    pod: Arc<Endpoint>,
+    protocol: StreamProtocol,
+    req: StreamRequest,
+    target: Arc<Target>,
+    ctx: (Arc<Spans>, Arc<ArcSwap<Inbound>>),
+    drain: Drain,
+) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(serve_stream(stream, pod, protocol, req, target, ctx, drain))
+}
+
+async fn serve_stream(
     stream: Stream,
     pod: Arc<Endpoint>,
     protocol: StreamProtocol,

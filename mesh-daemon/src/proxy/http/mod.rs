@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -57,7 +58,15 @@ use crate::relay::Watched;
 /// for the next request's headers; HTTP/2 on the `h2` crate ([`server`]),
 /// a connection that moves no byte either way for the idle timeout
 /// (`--idle-timeout`, as relays) given a GOAWAY and closed.
-pub async fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
+///
+/// Boxed: a connection's state is some kilobytes, and the task that
+/// accepts a connection relays it when it turns out not to be HTTP; so
+/// unboxed, it would size every relayed connection's task too.
+pub fn serve(stream: TcpStream, conn: Arc<Conn>, drain: Drain) -> BoxFuture<'static, ()> {
+    Box::pin(serve_conn(stream, conn, drain))
+}
+
+async fn serve_conn(stream: TcpStream, conn: Arc<Conn>, drain: Drain) {
     if conn.http2 {
         return serve_h2(stream, &conn, &drain).await;
     }

@@ -128,10 +128,7 @@ impl StreamHandler for InboundHandler {
                 series.opened.inc();
                 let ctx = (self.spans.clone(), self.view.clone());
                 let drain = self.drain.clone();
-                // Boxed: its HTTP connection's state would size the task
-                // of every relayed stream too.
-                Box::pin(crate::proxy::http::inbound::serve(stream, pod, protocol, req, target.clone(), ctx, drain))
-                    .await;
+                crate::proxy::http::inbound::serve(stream, pod, protocol, req, target.clone(), ctx, drain).await;
                 target.series().closed.inc();
                 return;
             }
