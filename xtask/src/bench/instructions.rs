@@ -3,9 +3,9 @@
 //! process (a client, the proxy, an endpoint; the daemon's tests
 //! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`).
 //! callgrind counts the same for the same code and load whatever else
-//! the machine runs, so a lever of a few
-//! hundred instructions per request shows, where timed rounds on a shared
-//! machine cannot tell it from noise (BENCHMARKS.md, tenth round).
+//! the machine runs, so a lever of a few hundred instructions per request
+//! shows, where timed rounds on a shared machine cannot tell it from
+//! noise (BENCHMARKS.md, tenth round).
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -157,3 +157,26 @@ impl StreamHandler for InboundHandler {
         .log(target.access_log, crate::env::live());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` makes, without making it.
+    fn made<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'static InboundHandler, StreamRequest, Accepted, Stream) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A tunnel stream's task lives as long as the stream, and all it
+    /// holds is the carry's future: while it relays to a pod, the relay,
+    /// not the state of the HTTP requests another stream would serve
+    /// (boxed by `http::inbound::serve`; some kilobytes unboxed).
+    #[test]
+    fn a_carried_stream_holds_only_its_relay_while_it_relays() {
+        let size = made(|h, req, accepted, stream| h.carry(req, accepted, stream));
+        assert!(size <= 2048, "a carried stream's future is {size} bytes");
+    }
+}
