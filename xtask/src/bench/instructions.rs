@@ -1,7 +1,10 @@
 //! `cargo xtask bench --instructions`: the instructions an HTTP/2 and an
 //! HTTP/1.1 request cost, counted by callgrind on a fixed load in one
 //! process (a client, the proxy, an endpoint; the daemon's tests
-//! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`).
+//! `a_fixed_load_for_callgrind` and `a_fixed_http1_load_for_callgrind`),
+//! and an HTTP/2 request on a service with the bench's routes, and with
+//! its policies (`a_fixed_routed_load_for_callgrind`,
+//! `a_fixed_authorized_load_for_callgrind`).
 //! callgrind counts the same for the same code and load whatever else
 //! the machine runs, so a lever of a few hundred instructions per request
 //! shows, where timed rounds on a shared machine cannot tell it from
@@ -15,9 +18,11 @@ use anyhow::{bail, Context};
 use crate::{cargo, root};
 
 /// The loads: their protocol and test.
-const LOADS: [(&str, &str); 2] = [
+const LOADS: [(&str, &str); 4] = [
     ("HTTP/2", "proxy::http::server::tests::a_fixed_load_for_callgrind"),
     ("HTTP/1.1", "proxy::http::server::tests::a_fixed_http1_load_for_callgrind"),
+    ("routed HTTP/2 (50 routes x 16 rules)", "proxy::http::server::tests::a_fixed_routed_load_for_callgrind"),
+    ("authorized HTTP/2 (20 policies x 10 rules)", "proxy::http::server::tests::a_fixed_authorized_load_for_callgrind"),
 ];
 /// Two loads: their difference leaves out what the process costs once
 /// (start, connections, the runtime).

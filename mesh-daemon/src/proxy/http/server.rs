@@ -121,6 +121,7 @@ async fn stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, conn
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
@@ -186,10 +187,21 @@ mod tests {
     ) -> Conn {
         let metrics = Arc::new(Metrics::new());
         let (table, _) = table_on(port, endpoints, &metrics);
+        conn_of(table, &metrics, client, env, proto)
+    }
+
+    /// A client connection from `client` to service `web` of `table`.
+    fn conn_of(
+        table: crate::proxy::routes::RouteTable,
+        metrics: &Arc<Metrics>,
+        client: SocketAddr,
+        env: &'static dyn crate::env::Env,
+        proto: AppProtocol,
+    ) -> Conn {
         let routes = Arc::new(ArcSwap::from_pointee(table));
         let route = routes.load().route(1).unwrap().clone();
         let at = Accepted { routes, service_id: 1, route, source: None, client, proto, max_headers: 65536 };
-        let counters = Arc::new(ProxyCounters::new(&metrics));
+        let counters = Arc::new(ProxyCounters::new(metrics));
         Conn::new(at, Arc::default(), None, counters, Arc::new(Spans::disabled()), Duration::from_secs(60), env)
     }
 
@@ -252,9 +264,63 @@ mod tests {
     /// --instructions` counts the instructions of under callgrind.
     #[tokio::test]
     async fn a_fixed_load_for_callgrind() {
+        fixed_h2_load(ONE).await;
+    }
+
+    /// The same with the bench's routes on service `web` (50 HTTPRoutes
+    /// of 16 rules no request matches, and a catch-all), the second
+    /// HTTP/2 load `cargo xtask bench --instructions` counts.
+    #[tokio::test]
+    async fn a_fixed_routed_load_for_callgrind() {
+        let mut extra = format!("{ONE}routes:\n");
+        for i in 0..50 {
+            let _ = writeln!(extra, "  - {{ apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {{ name: r{i} }}, spec: {{ parentRefs: [{{ name: web, port: 80 }}], rules: [");
+            for j in 0..16 {
+                let _ = writeln!(extra, "    {{ matches: [{{ path: {{ type: PathPrefix, value: /r{i}/{j} }}, headers: [{{ name: x-rule, value: \"{j}\" }}] }}], backendRefs: [{{ name: web, port: 80 }}] }},");
+            }
+            extra.push_str("  ] } }\n");
+        }
+        extra.push_str("  - { apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: { name: all }, spec: { parentRefs: [{ name: web, port: 80 }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] } }\n");
+        fixed_h2_load(&extra).await;
+    }
+
+    /// The same with the bench's policies on service `web` (19 DENY
+    /// policies of 10 rules no request matches, and an ALLOW policy whose
+    /// last rule matches every request), the third HTTP/2 load.
+    #[tokio::test]
+    async fn a_fixed_authorized_load_for_callgrind() {
+        let mut extra = format!("{ONE}policies:\n");
+        for i in 0..20 {
+            let action = if i < 19 { "DENY" } else { "ALLOW" };
+            let _ = writeln!(extra, "  - {{ apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{ name: p{i} }}, spec: {{ action: {action}, targetRefs: [{{ kind: Service, name: web }}], rules: [");
+            for j in 0..10 {
+                let rule = match (i, j) {
+                    (19, 9) => String::from("{}"),
+                    _ if i % 2 == 1 => format!("{{ to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}] }}"),
+                    _ => format!("{{ from: [{{ source: {{ principals: [cluster.local/ns/other/sa/p{i}-{j}] }} }}], to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}] }}"),
+                };
+                let _ = writeln!(extra, "    {rule},");
+            }
+            extra.push_str("  ] } }\n");
+        }
+        fixed_h2_load(&extra).await;
+    }
+
+    /// The fixed HTTP/2 load through service `web` with `extra` (YAML)
+    /// after its `ports`: its endpoints, and routes or policies.
+    async fn fixed_h2_load(extra: &str) {
         let n = load_requests();
         let drain = Drain::new();
-        let (client, _served) = proxy(web_endpoint().await, &drain).await;
+        let ep = web_endpoint().await;
+        let metrics = Arc::new(Metrics::new());
+        let port = format!("port: 80, targetPort: {}, appProtocol: http2", ep.port());
+        let (table, _) = crate::proxy::routes::testing::table_of(&port, extra, &metrics);
+        let conn = |peer| conn_of(table, &metrics, peer, &crate::env::Live, AppProtocol::Http2);
+        let (client, _, _served) = served(conn, &drain).await;
+        let (client, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
         let streams: Vec<_> = (0..32)
             .map(|s| {
                 let client = client.clone();

@@ -589,9 +589,15 @@ pub(crate) mod testing {
 
     /// As [`table_with`], its endpoints listening on `target_port`.
     pub(crate) fn table_on(target_port: u16, extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
+        table_of(&format!("port: 80, targetPort: {target_port}"), extra, metrics)
+    }
+
+    /// As [`table_on`], with `port` (YAML: `port: 80, ...`) the one port
+    /// of service `web`.
+    pub(crate) fn table_of(port: &str, extra: &str, metrics: &Arc<Metrics>) -> (RouteTable, Registry) {
         let doc = parse_document(&format!(
             "nodes: [{{name: a, address: 172.18.0.2}}]\n\
-             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{port: 80, targetPort: {target_port}}}]\n{extra}"
+             services:\n - name: web\n   vip: 10.96.0.10\n   ports: [{{{port}}}]\n{extra}"
         ))
         .unwrap();
         let state = Arc::new(State::from_document(&doc).unwrap());
