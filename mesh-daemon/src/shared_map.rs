@@ -5,14 +5,30 @@
 //! a fixed number of shards behind `Arc`s; a copy clones the shard
 //! pointers, and a write clones the one shard it changes (copy on write).
 
+//!
+//! Its keys (service ids, service ports, workload addresses) come from
+//! the cluster's state, not from clients, and it is read on every
+//! request: it hashes with foldhash, a few instructions a key, where the
+//! standard library's SipHash costs about a hundred (BENCHMARKS.md,
+//! thirteenth round).
+
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
+
+use foldhash::fast::FixedState;
 
 const SHARDS: usize = 64;
 
-type Shard<K, V> = Arc<HashMap<K, V>>;
+/// The hash that picks a key's shard: fixed, so that every copy agrees,
+/// and seeded apart from [`IN_SHARD`]'s, or a shard's keys (which share
+/// this hash modulo [`SHARDS`]) would crowd its table's buckets.
+const SHARD: FixedState = FixedState::with_seed(0x5eed_0001);
+/// The hash of a shard's own table.
+const IN_SHARD: FixedState = FixedState::with_seed(0x5eed_0002);
+
+type Shard<K, V> = Arc<HashMap<K, V, FixedState>>;
 
 #[derive(Debug)]
 pub struct SharedMap<K, V> {
@@ -27,13 +43,13 @@ impl<K, V> Clone for SharedMap<K, V> {
 
 impl<K, V> Default for SharedMap<K, V> {
     fn default() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect() }
+        Self { shards: (0..SHARDS).map(|_| Arc::new(HashMap::with_hasher(IN_SHARD))).collect() }
     }
 }
 
 /// The shard of a key: a fixed hash, so that every copy agrees.
 fn shard<Q: Hash + ?Sized>(k: &Q) -> usize {
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(k) as usize % SHARDS
+    SHARD.hash_one(k) as usize % SHARDS
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> SharedMap<K, V> {

@@ -183,20 +183,22 @@ const INDEX_SIZE: usize = 1 << 20;
 
 /// The first segment of a path: `api` of `/api/v1`, `` of `/`.
 pub fn first_segment(path: &str) -> &str {
-    path.trim_start_matches('/').split('/').next().unwrap_or("")
+    // Bytes, not chars: `/` is ASCII, so any index found is a boundary.
+    let rest = &path[path.bytes().position(|b| b != b'/').unwrap_or(path.len())..];
+    &rest[..rest.bytes().position(|b| b == b'/').unwrap_or(rest.len())]
 }
 
 /// The entries by the first path segment they can match (an Exact path's,
 /// a PathPrefix's other than `/`), each list with the entries that may
 /// match any path (a prefix `/`, a regular expression) merged in, in
 /// precedence order; and those alone, for a segment no entry names.
-fn segment_index(entries: &[Entry]) -> (Option<HashMap<String, Vec<usize>>>, Vec<usize>) {
+fn segment_index(entries: &[Entry]) -> (Option<super::SegmentIndex>, Vec<usize>) {
     let segment = |e: &Entry| match &e.matches.path {
         PathMatch::Exact(p) => Some(first_segment(p).to_owned()),
         PathMatch::Prefix(p) if p != "/" => Some(first_segment(p).to_owned()),
         _ => None,
     };
-    let mut by: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut by = super::SegmentIndex::default();
     let mut generic = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         match segment(e) {
@@ -518,4 +520,24 @@ fn retry(e: &mut Errors, p: &str, d: &super::doc::RetryDoc, grpc: bool) -> Optio
         methods: None,
         backoff,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_first_segment_of_a_path() {
+        for (path, seg) in [
+            ("/api/v1", "api"),
+            ("/api", "api"),
+            ("//api//v1", "api"),
+            ("/", ""),
+            ("", ""),
+            ("///", ""),
+            ("api/v1", "api"),
+            ("/ä/ö", "ä"),
+            ("/é", "é"),
+        ] {
+            assert_eq!(super::first_segment(path), seg, "{path:?}");
+        }
+    }
 }

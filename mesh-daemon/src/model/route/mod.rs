@@ -135,6 +135,11 @@ impl Routes {
     }
 }
 
+/// Entries by the first segment of the paths they match. Read on every
+/// routed request with a segment the client wrote: foldhash, seeded per
+/// process (the keys are the routes', so a client can only miss them).
+pub type SegmentIndex = HashMap<String, Vec<usize>, foldhash::fast::RandomState>;
+
 /// The routes attached to one parent Service.
 #[derive(Debug)]
 pub struct Router {
@@ -152,7 +157,7 @@ pub struct Router {
     /// match any path merged in): a request checks only those, not every
     /// entry. None: too large an index; every request checks `generic`,
     /// which is then every entry.
-    pub by_segment: Option<HashMap<String, Vec<usize>>>,
+    pub by_segment: Option<SegmentIndex>,
     /// The entries that may match any path (a prefix `/`, a regular
     /// expression), for a segment no entry names.
     pub generic: Vec<usize>,
