@@ -317,5 +317,104 @@ fn the_path_gate_skips_policies_whose_exact_paths_the_request_is_none_of_and_kee
     assert_eq!(decided(&p, &tcp), "deny shop/gated#0");
 }
 
+#[test]
+fn a_rules_own_path_gate_skips_it_where_the_policy_has_none_and_keeps_the_answers() {
+    let p = policies(&format!(
+        "{}spec:\n  rules:\n  - to: [{{operation: {{paths: [/a]}}}}, {{operation: {{paths: [/b], methods: [POST]}}}}]\n  - to: [{{operation: {{paths: ['/p/*']}}}}]\n  - from: [{{source: {{principals: ['{S}/x']}}}}]\n    to: [{{operation: {{paths: [/c], notPaths: [/c]}}}}]\n  - {{}}\n",
+        head("shop", "mixed")
+    ));
+    let gates: Vec<_> = p.list[0].rule_path_gates.iter().map(|g| g.as_ref().map(|g| g.len())).collect();
+    assert!(p.list[0].path_gate.is_none(), "a prefix and `{{}}`: no gate for the policy");
+    assert_eq!(gates, [Some(2), None, Some(1), None], "the rules of exact paths only have gates of their own");
+    let x = Some(format!("{S}/x"));
+    let req =
+        |method, path| Case { principal: x.as_deref(), ip: "10.244.1.9", req: Some((method, path, &[])), port: 8080 };
+    assert_eq!(decided(&p, &req("GET", "/a")), "allow shop/mixed#0");
+    assert_eq!(decided(&p, &req("POST", "/b")), "allow shop/mixed#0");
+    assert_eq!(decided(&p, &req("GET", "/b")), "allow shop/mixed#3", "through the gate, the method not: the next rule");
+    assert_eq!(decided(&p, &req("GET", "/p/q")), "allow shop/mixed#1");
+    assert_eq!(decided(&p, &req("GET", "/c")), "allow shop/mixed#3", "notPaths still checked past the gate");
+    assert_eq!(decided(&p, &req("GET", "/z")), "allow shop/mixed#3", "gated rules skipped, `{{}}` decides");
+    let tcp = Case { principal: x.as_deref(), ip: "10.244.1.9", req: None, port: 8080 };
+    assert_eq!(
+        decided(&p, &tcp),
+        "allow shop/mixed#3",
+        "on a connection no gate is used, an ALLOW rule's paths never match"
+    );
+}
+
+#[test]
+fn gated_deny_and_audit_policies_are_found_by_principal_and_path_in_list_order() {
+    let doc = |name: &str, action: &str, scope: &str, rule: &str| {
+        format!("{}spec:\n  action: {action}\n{scope}  rules: [{rule}]\n", head("shop", name))
+    };
+    let web = "  targetRefs: [{kind: Service, name: web}]\n";
+    let p = policies(
+        &[
+            doc("a", "DENY", "", "{to: [{operation: {paths: [/w]}}]}"),
+            doc(
+                "b",
+                "DENY",
+                web,
+                &format!("{{from: [{{source: {{principals: ['{S}/p']}}}}], to: [{{operation: {{paths: [/b]}}}}]}}"),
+            ),
+            doc("c", "DENY", web, "{to: [{operation: {methods: [DELETE]}}]}"),
+            doc(
+                "d",
+                "DENY",
+                "  targetRefs: [{kind: Service, name: other}]\n",
+                &format!("{{from: [{{source: {{principals: ['{S}/p']}}}}]}}"),
+            ),
+            doc(
+                "e",
+                "AUDIT",
+                web,
+                &format!("{{from: [{{source: {{principals: ['{S}/p']}}}}], to: [{{operation: {{paths: [/y]}}}}]}}"),
+            ),
+            doc(
+                "f",
+                "DENY",
+                web,
+                &format!("{{from: [{{source: {{principals: ['{S}/q']}}}}], to: [{{operation: {{paths: [/x]}}}}]}}"),
+            ),
+        ]
+        .join("---\n"),
+    );
+    let (gated, open): (Vec<_>, Vec<_>) =
+        p.list.iter().partition(|p| p.principal_gate.is_some() || p.path_gate.is_some());
+    assert_eq!((gated.len(), open.len()), (5, 1), "all but c are found through the gates");
+    let (pp, q) = (Some(format!("{S}/p")), Some(format!("{S}/q")));
+    let delete = Case { principal: pp.as_deref(), ip: "10.244.1.9", req: Some(("DELETE", "/w", &[])), port: 8080 };
+    assert_eq!(decided(&p, &delete), "deny shop/a#0", "a path-gated policy before an open one");
+    let delete_z = Case { req: Some(("DELETE", "/z", &[])), ..delete };
+    assert_eq!(decided(&p, &delete_z), "deny shop/c#0");
+    assert_eq!(decided(&p, &get(&pp, "/b")), "deny shop/b#0", "a principal-gated one with its path");
+    assert_eq!(decided(&p, &get(&pp, "/z")), "allow -", "d names another service: it does not apply");
+    assert_eq!(decided(&p, &get(&q, "/x")), "deny shop/f#0", "both gates passed");
+    assert_eq!(decided(&p, &get(&q, "/b")), "allow -");
+    assert_eq!(decided(&p, &get(&None, "/x")), "allow -", "no principal: no principal-gated policy matches");
+    let svc = key("shop", "web");
+    let dest = Dest { service: &svc, namespace: "shop", labels: None, port: 8080 };
+    let h = HeaderMap::new();
+    let caller = Caller { principal: pp.as_deref(), namespace: Some("shop"), ip: None };
+    let r = Request { method: "GET", path: "/y", host: "web", headers: &h };
+    let v = decide(&p, &dest, &caller, Some(&r));
+    assert!(v.allowed);
+    assert_eq!(v.audited.iter().map(|(p, i)| format!("{}#{i}", p.label)).collect::<Vec<_>>(), ["shop/e#0"]);
+    // A connection has no path: every path-gated DENY policy is looked
+    // at, and its request parts match (Istio's rule for TCP).
+    let tcp = Case { principal: None, ip: "10.244.1.9", req: None, port: 8080 };
+    assert_eq!(decided(&p, &tcp), "deny shop/a#0");
+    let p = policies(&doc(
+        "f",
+        "DENY",
+        web,
+        &format!("{{from: [{{source: {{principals: ['{S}/q']}}}}], to: [{{operation: {{paths: [/x]}}}}]}}"),
+    ));
+    let tcp_q = Case { principal: q.as_deref(), ip: "10.244.1.9", req: None, port: 8080 };
+    assert_eq!(decided(&p, &tcp_q), "deny shop/f#0", "its principal found, its paths unknown on a connection");
+    assert_eq!(decided(&p, &tcp), "allow -");
+}
+
 /// The principals of namespace shop's service accounts.
 const S: &str = "cluster.local/ns/shop/sa";
