@@ -38,8 +38,18 @@ impl Env for Live {
 /// Seconds since the process first read this clock (tokio's), for the
 /// rate windows of limits, budgets and metrics.
 pub fn process_secs() -> f64 {
+    process_start().elapsed().as_secs_f64()
+}
+
+/// [`process_secs`] at `now` (read already), in whole seconds: a request
+/// that read the clock once for its duration counts its rates with it.
+pub fn secs_at(now: Instant) -> u64 {
+    now.saturating_duration_since(process_start()).as_secs()
+}
+
+fn process_start() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    *START.get_or_init(Instant::now)
 }
 
 /// The one the daemon passes: a `'static` reference, so holding it costs

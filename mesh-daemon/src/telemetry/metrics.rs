@@ -235,8 +235,9 @@ impl EndpointSeries {
     /// Counts one finished request of this endpoint by its class.
     /// The counter of each class is looked up once per state, on its
     /// first request, so a request only touches an atomic.
-    pub fn request(&self, class: &'static str) {
-        self.rate.record(now_secs());
+    /// `secs`: when it ended ([`crate::env::secs_at`]).
+    pub fn request(&self, class: &'static str, secs: u64) {
+        self.rate.record(secs);
         let Some(i) = REQUEST_CLASSES.iter().position(|c| *c == class) else { return };
         self.by_class[i]
             .get_or_init(|| {
@@ -665,7 +666,7 @@ impl Metrics {
     pub fn example_series(&self) {
         let service = || String::from("NAMESPACE/NAME:PORT");
         let conn = ConnLabels { service: service(), endpoint: "IP:PORT".into(), direction: "outbound" };
-        self.endpoint_series(conn).request("2xx");
+        self.endpoint_series(conn).request("2xx", now_secs());
         self.service_series(ServiceLabels { service: service(), direction: "outbound" }).failed("refused");
         let route = |s: &str| Arc::<str>::from(s);
         let r = RouteLabels { route: route("NAMESPACE/ROUTE"), rule: route("RULE"), backend: route(""), class: "2xx" };

@@ -220,7 +220,7 @@ impl<'a> Plan<'a> {
                     Err(after) => return finished.failed("timeout", self.started, timed_out(self.conn.grpc, after)),
                 },
                 Some(Ok(resp)) => match self.answered(ep, resp, t0) {
-                    Ok(resp) => return self.finish(i, resp, parts.as_ref(), finished),
+                    Ok((resp, now)) => return self.finish(i, (resp, now), parts.as_ref(), finished),
                     Err(step) => step,
                 },
                 Some(Err(Failed { error: e, unsent })) => {
@@ -306,20 +306,20 @@ impl<'a> Plan<'a> {
         let host = parts.uri.authority().map_or("", |a| a.as_str());
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();
-        let secs = self.conn.env.secs() as u64;
+        let secs = || self.conn.env.secs() as u64;
         guard.check(&route.key.service, ep.state.addr, &caller, Some(&req), route.metrics(), secs)
     }
 
     /// An answer came: its latency observed; again when the retry policy
     /// names it and a retry is allowed (dropping the answer resets its
     /// stream, or closes its connection if its body was not read), else
-    /// the answer to send on.
+    /// the answer to send on, with when it came.
     fn answered(
         &mut self,
         ep: &RouteEndpoint,
         resp: Response<UpstreamBody>,
         t0: Instant,
-    ) -> Result<Response<UpstreamBody>, Step> {
+    ) -> Result<(Response<UpstreamBody>, Instant), Step> {
         let (route, env) = (self.route(), self.conn.env);
         // From the send, or from the connect if this request waited for one.
         let since = resp.extensions().get::<ConnectedAt>().map_or(t0, |c| c.0.max(t0));
@@ -335,15 +335,16 @@ impl<'a> Plan<'a> {
                 return Err(self.retrying(pause));
             }
         }
-        Ok(resp)
+        Ok((resp, now))
     }
 
-    /// The answer of endpoint `i`, on its way to the client: mirrored,
-    /// its headers as the route rule says, watched to its end.
+    /// The answer of endpoint `i` (come at `now`), on its way to the
+    /// client: mirrored, its headers as the route rule says, watched to
+    /// its end.
     fn finish(
         self,
         i: usize,
-        resp: Response<UpstreamBody>,
+        (resp, now): (Response<UpstreamBody>, Instant),
         parts: Option<&Parts>,
         mut finished: Finished,
     ) -> Response<Body> {
@@ -356,7 +357,7 @@ impl<'a> Plan<'a> {
             router::rewrite_response(&mut head.headers, rule, b);
         }
         finished.retries = self.retrying.retried;
-        let observed = Observed::new(body, finished.at(i, &head, self.started));
+        let observed = Observed::new(body, finished.at(i, &head, self.started, now));
         Response::from_parts(head, observed.boxed_unsync())
     }
 }

@@ -131,7 +131,7 @@ impl Ctx {
             host: host.unwrap_or(""),
             headers: req.headers(),
         };
-        let secs = crate::env::Live.secs() as u64;
+        let secs = || crate::env::Live.secs() as u64;
         view.guard
             .check(&self.target.service, self.addr, &caller, Some(&r), self.target.metrics(), secs)
             .map_err(|d| (forbidden(self.target.grpc), d.logged()))
@@ -213,7 +213,9 @@ struct Reported {
 impl Report for Reported {
     fn report(&mut self, status: StatusCode, grpc_status: Option<u32>, bytes: u64, outcome: &'static str) {
         let series = self.target.series();
-        series.request(class(status, self.target.grpc, grpc_status));
+        // One clock read for the rate and the log's duration.
+        let now = Instant::now();
+        series.request(class(status, self.target.grpc, grpc_status), crate::env::secs_at(now));
         series.received.inc_by(bytes);
         Record {
             direction: "inbound",
@@ -225,7 +227,7 @@ impl Report for Reported {
             node: Some("local"),
             bytes_up: None,
             bytes_down: bytes,
-            duration: self.started.elapsed(),
+            duration: now - self.started,
             outcome,
             error: None,
             request: Some(RequestLine {

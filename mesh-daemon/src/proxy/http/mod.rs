@@ -366,7 +366,7 @@ async fn upgraded(req: Request<UpstreamBody>, conn: &Conn, route: &Arc<Route>, s
             let now = env.now();
             ep.state.connected(now - started, now);
             let (head, body) = resp.into_parts();
-            let observed = Observed::new(body, finished.at(i, &head, started));
+            let observed = Observed::new(body, finished.at(i, &head, started, now));
             Response::from_parts(head, observed.boxed_unsync())
         }
         Err(e) => {

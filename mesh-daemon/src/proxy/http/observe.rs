@@ -144,19 +144,21 @@ impl Report for AtEndpoint {
         let route = &self.finished.route;
         let ep = &route.endpoints[self.endpoint];
         let series = ep.series();
-        series.request(class(status, self.finished.grpc, grpc_status));
+        let env = self.finished.env;
+        // One clock read for the endpoint's answer, the rates and the
+        // log's duration.
+        let now = env.now();
+        let secs = crate::env::secs_at(now);
+        series.request(class(status, self.finished.grpc, grpc_status), secs);
         // The response body's bytes, as the inbound side counts them: a
         // request port's pooled upstream connection may never close.
         series.received.inc_by(bytes);
-        let env = self.finished.env;
-        // One clock read for the endpoint's answer and the log's duration.
-        let now = env.now();
         if failed(status, self.finished.grpc, grpc_status) {
             super::failed_answer(route, ep, env);
         } else {
             ep.state.answered(true, 0, false, now, env.unit());
         }
-        self.finished.log(Some(ep), status, grpc_status, bytes, now - self.started, outcome);
+        self.finished.log(Some(ep), status, grpc_status, bytes, (now - self.started, secs), outcome);
     }
 }
 
@@ -218,9 +220,10 @@ impl Finished {
     }
 
     /// The answer's head came: its rule's latency.
-    fn answered_at(&self, started: Instant) {
+    /// The answer's head came `took` after the request.
+    fn answered_at(&self, took: Duration) {
         if let Some(b) = &self.by {
-            b.meter.series.answered(started.elapsed());
+            b.meter.series.answered(took);
         }
     }
 
@@ -228,10 +231,11 @@ impl Finished {
         self.traced = traced;
     }
 
-    /// The request reached an endpoint of `route` and its response began;
-    /// `endpoint` indexes `route.endpoints`.
-    pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant) -> Completion<AtEndpoint> {
-        self.answered_at(started);
+    /// The request reached an endpoint of `route` and its response began
+    /// (at `now`, read by the caller); `endpoint` indexes
+    /// `route.endpoints`.
+    pub fn at(self, endpoint: usize, head: &ResponseParts, started: Instant, now: Instant) -> Completion<AtEndpoint> {
+        self.answered_at(now - started);
         Completion::new(AtEndpoint { finished: self, endpoint, started }, head)
     }
 
@@ -240,10 +244,11 @@ impl Finished {
         let status = response.status();
         let grpc_status = grpc_status(response.headers());
         let class = class(status, self.grpc, grpc_status);
-        self.answered_at(started);
+        let now = self.env.now();
+        self.answered_at(now - started);
         self.route.series().request_failed(class);
         self.route.series().failed(reason);
-        self.log(None, status, grpc_status, 0, started.elapsed(), reason);
+        self.log(None, status, grpc_status, 0, (now - started, crate::env::secs_at(now)), reason);
         response
     }
 
@@ -252,9 +257,10 @@ impl Finished {
     /// failure, and logged with `outcome`.
     pub fn answered(self, outcome: &'static str, started: Instant, response: Response<Body>) -> Response<Body> {
         let status = response.status();
-        self.answered_at(started);
+        let now = self.env.now();
+        self.answered_at(now - started);
         self.route.series().request_failed(class(status, self.grpc, None));
-        self.log(None, status, None, 0, started.elapsed(), outcome);
+        self.log(None, status, None, 0, (now - started, crate::env::secs_at(now)), outcome);
         response
     }
 
@@ -264,7 +270,7 @@ impl Finished {
         status: StatusCode,
         grpc_status: Option<u32>,
         bytes: u64,
-        duration: Duration,
+        (duration, secs): (Duration, u64),
         outcome: &'static str,
     ) {
         Record {
@@ -291,7 +297,7 @@ impl Finished {
         }
         .log(self.route.access_log, self.env);
         if let Some(b) = &self.by {
-            b.meter.finished(b.backend, class(status, self.grpc, grpc_status));
+            b.meter.finished(b.backend, class(status, self.grpc, grpc_status), secs);
         }
         if let Some(t) = &self.traced {
             let error = outcome != "ok" || failed(status, self.grpc, grpc_status);

@@ -90,7 +90,7 @@ impl StreamHandler for InboundHandler {
         // request (`http::inbound`).
         if req.protocol.is_none() {
             let caller = view.guard.caller(Some(peer), req.source);
-            let secs = crate::env::Live.secs() as u64;
+            let secs = || crate::env::Live.secs() as u64;
             if let Err(d) = view.guard.check(&found.service, target, &caller, None, found.metrics(), secs) {
                 self.counters.denied_policy.inc();
                 debug!(identity = %peer, %target, by = %d.describe(), "stream denied by authorization policy (403)");

@@ -286,8 +286,8 @@ impl std::fmt::Debug for RuleMeter {
 impl RuleMeter {
     /// A request the rule sent to `backend` (an index into its backends;
     /// None: answered by the proxy) ended in `class`.
-    pub fn finished(&self, backend: Option<usize>, class: &'static str) {
-        self.series.finished(class);
+    pub fn finished(&self, backend: Option<usize>, class: &'static str, secs: u64) {
+        self.series.finished(class, secs);
         let b = backend.filter(|b| *b < self.rule.backends.len()).unwrap_or(self.rule.backends.len());
         let Some(c) = REQUEST_CLASSES.iter().position(|c| *c == class) else { return };
         self.requests[b][c]

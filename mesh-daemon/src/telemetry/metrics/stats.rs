@@ -125,9 +125,10 @@ impl RuleSeries {
         self.latency.observe(d);
     }
 
-    /// A request it decided ended, in `class`.
-    pub fn finished(&self, class: &str) {
-        self.rate.record(now_secs());
+    /// A request it decided ended, in `class`, at second `secs`
+    /// ([`crate::env::secs_at`]).
+    pub fn finished(&self, class: &str, secs: u64) {
+        self.rate.record(secs);
         self.requests.fetch_add(1, Ordering::Relaxed);
         if succeeded(class) {
             self.ok.fetch_add(1, Ordering::Relaxed);

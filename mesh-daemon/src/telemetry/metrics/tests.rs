@@ -77,7 +77,7 @@ fn a_route_rule_counts_its_requests_and_latency_and_goes_with_its_rule() {
     assert!(Arc::ptr_eq(&s, &m.rule_series(&route, &rule)), "made once");
     for class in ["2xx", "2xx", "4xx", "5xx"] {
         s.answered(std::time::Duration::from_millis(3));
-        s.finished(class);
+        s.finished(class, now_secs());
     }
     let rows = m.route_rows();
     assert_eq!(rows.len(), 1);
