@@ -54,18 +54,33 @@ pub struct Policies {
 ///
 /// A DENY or AUDIT policy with a gate (every rule names exact principals,
 /// or exact paths) is not in those lists: it is found by the caller's
-/// principal, or the request's path, in `by_principal` or `by_path`, so
-/// a request looks at none of the gated policies it cannot match (with
-/// the bench's 19 DENY policies, at none of them). ALLOW policies are
-/// never skipped: one that applies and does not match still denies what
-/// no other allows.
+/// principal, or the request's path, in its service's [`Gated`] (or, if
+/// it is scoped otherwise, in `unscoped`'s, which every request looks
+/// in), so a request looks at none of the gated policies it cannot match
+/// (with the bench's 19 DENY policies, at none of them), and never at
+/// another service's. ALLOW policies are never skipped: one that applies
+/// and does not match still denies what no other allows.
 #[derive(Debug, Default)]
 struct Candidates {
     /// Read on every request (foldhash: the keys are the state's).
     by_service: std::collections::HashMap<ServiceKey, Lists, foldhash::fast::RandomState>,
     unscoped: Lists,
-    /// Gated DENY and AUDIT policies with a principal gate, under each
-    /// principal's hash.
+}
+
+/// The policies of one service (or those scoped otherwise), in list
+/// order.
+#[derive(Debug, Default)]
+struct Lists {
+    allow: Vec<u32>,
+    /// DENY and AUDIT policies without a gate.
+    other: Vec<u32>,
+    gated: Gated,
+}
+
+/// Gated DENY and AUDIT policies.
+#[derive(Debug, Default)]
+struct Gated {
+    /// Those with a principal gate, under each principal's hash.
     by_principal: HashMap<u64, Vec<u32>, BuildHasherDefault<Prehashed>>,
     /// Those with a path gate and no principal gate, under each path's
     /// hash; and all of them (`path_gated`), for a connection, which has
@@ -74,12 +89,31 @@ struct Candidates {
     path_gated: Vec<u32>,
 }
 
-/// The policies of one service (or of none), in list order.
-#[derive(Debug, Default, Clone)]
-struct Lists {
-    allow: Vec<u32>,
-    /// DENY and AUDIT policies without a gate.
-    other: Vec<u32>,
+impl Gated {
+    /// Adds policy `i`, if it has a gate: false if it has none.
+    fn add(&mut self, i: u32, p: &Policy) -> bool {
+        if let Some(gate) = &p.principal_gate {
+            gate.iter().for_each(|h| self.by_principal.entry(*h).or_default().push(i));
+        } else if let Some(gate) = &p.path_gate {
+            gate.iter().for_each(|h| self.by_path.entry(*h).or_default().push(i));
+            self.path_gated.push(i);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// The gated policies a request with `hashes` may match: by its
+    /// principal, and by its path (every path-gated one for a
+    /// connection).
+    fn found(&self, hashes: Hashes) -> [&[u32]; 2] {
+        fn at(m: &HashMap<u64, Vec<u32>, BuildHasherDefault<Prehashed>>, h: u64) -> &[u32] {
+            m.get(&h).map_or(&[], |v| v)
+        }
+        let by_principal = hashes.principal.map_or(&[][..], |h| at(&self.by_principal, h));
+        let by_path = hashes.path.map_or(&self.path_gated[..], |h| at(&self.by_path, h));
+        [by_principal, by_path]
+    }
 }
 
 impl Policies {
@@ -92,23 +126,18 @@ impl Policies {
         let mut index = Candidates::default();
         for (i, p) in list.iter().enumerate() {
             let i = i as u32;
-            if p.action != Action::Allow {
-                if let Some(gate) = &p.principal_gate {
-                    gate.iter().for_each(|h| index.by_principal.entry(*h).or_default().push(i));
-                    continue;
-                }
-                if let Some(gate) = &p.path_gate {
-                    gate.iter().for_each(|h| index.by_path.entry(*h).or_default().push(i));
-                    index.path_gated.push(i);
-                    continue;
-                }
-            }
-            let push = |l: &mut Lists| if p.action == Action::Allow { l.allow.push(i) } else { l.other.push(i) };
+            let push = |l: &mut Lists| match p.action {
+                Action::Allow => l.allow.push(i),
+                _ if l.gated.add(i, p) => {}
+                _ => l.other.push(i),
+            };
             match &p.scope {
                 Scope::Services(keys) => keys.iter().for_each(|k| push(index.by_service.entry(k.clone()).or_default())),
                 _ => push(&mut index.unscoped),
             }
         }
+        // A service's lists take the ungated policies scoped otherwise in
+        // (its gated ones stay apart: a request looks in both).
         for l in index.by_service.values_mut() {
             for (v, unscoped) in [(&mut l.allow, &index.unscoped.allow), (&mut l.other, &index.unscoped.other)] {
                 v.extend(unscoped);
@@ -122,18 +151,14 @@ impl Policies {
     /// The policies that apply to `dest` and that a request with
     /// `hashes` may match, in list order: the ALLOW ones, and the others.
     fn applying<'p: 'd, 'd>(&'p self, dest: &'d Dest<'d>, hashes: Hashes) -> (Walk<'p, 'd>, Walk<'p, 'd>) {
-        let lists = self.index.by_service.get(dest.service).unwrap_or(&self.index.unscoped);
-        let gated =
-            |m: &'p HashMap<u64, Vec<u32>, _>, h: Option<u64>| h.and_then(|h| m.get(&h)).map_or(&[][..], |v| &v[..]);
-        let by_path = match hashes.path {
-            Some(_) => gated(&self.index.by_path, hashes.path),
-            None => &self.index.path_gated,
+        let unscoped = &self.index.unscoped;
+        let (lists, [a, b]) = match self.index.by_service.get(dest.service) {
+            Some(l) => (l, l.gated.found(hashes)),
+            None => (unscoped, [&[][..], &[][..]]),
         };
-        let walk = |open, gated: [&'p [u32]; 2]| Walk { policies: self, dest, open, gated };
-        (
-            walk(&lists.allow, [&[], &[]]),
-            walk(&lists.other, [gated(&self.index.by_principal, hashes.principal), by_path]),
-        )
+        let [c, d] = unscoped.gated.found(hashes);
+        let walk = |open, gated| Walk { policies: self, dest, open, gated };
+        (walk(&lists.allow, [&[]; 4]), walk(&lists.other, [a, b, c, d]))
     }
 }
 
@@ -144,14 +169,15 @@ impl PartialEq for Policies {
 }
 
 /// Policies in list order from the sorted index lists of a request: its
-/// service's (`open`) and the gated ones its principal and path found
-/// (which may be of any service: each is asked whether it applies).
-#[derive(Clone)]
+/// service's (`open`) and the gated ones its principal and path found,
+/// the service's and those scoped otherwise. No policy is in two of them;
+/// one of `targetRefs` is only in its services' lists, so it applies,
+/// and any other is asked.
 struct Walk<'p, 'd> {
     policies: &'p Policies,
     dest: &'d Dest<'d>,
     open: &'p [u32],
-    gated: [&'p [u32]; 2],
+    gated: [&'p [u32]; 4],
 }
 
 impl<'p> Iterator for Walk<'p, '_> {
@@ -160,22 +186,18 @@ impl<'p> Iterator for Walk<'p, '_> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let first = |s: &[u32]| s.first().copied().unwrap_or(u32::MAX);
-            let (o, a, b) = (first(self.open), first(self.gated[0]), first(self.gated[1]));
-            let i = o.min(a).min(b);
-            if i == u32::MAX {
+            let (mut at, mut list) = (first(self.open), &mut self.open);
+            for g in &mut self.gated {
+                if first(g) < at {
+                    (at, list) = (first(g), g);
+                }
+            }
+            if at == u32::MAX {
                 return None;
             }
-            let p = &self.policies.list[i as usize];
-            let open = i == o;
-            if open {
-                self.open = &self.open[1..];
-            } else if i == a {
-                self.gated[0] = &self.gated[0][1..];
-            } else {
-                self.gated[1] = &self.gated[1][1..];
-            }
-            let listed = open && matches!(p.scope, Scope::Services(_));
-            if listed || p.applies(self.dest) {
+            *list = &list[1..];
+            let p = &self.policies.list[at as usize];
+            if matches!(p.scope, Scope::Services(_)) || p.applies(self.dest) {
                 return Some(p);
             }
         }

@@ -416,5 +416,40 @@ fn gated_deny_and_audit_policies_are_found_by_principal_and_path_in_list_order()
     assert_eq!(decided(&p, &tcp), "allow -");
 }
 
+#[test]
+fn a_request_walks_its_services_gated_policies_and_the_unscoped_ones_never_another_services() {
+    let doc = |name: &str, scope: &str| {
+        format!(
+            "{}spec:\n  action: DENY\n{scope}  rules: [{{from: [{{source: {{principals: ['{S}/p']}}}}]}}]\n",
+            head("shop", name)
+        )
+    };
+    let p = policies(
+        &[
+            doc("other", "  targetRefs: [{kind: Service, name: other}]\n"),
+            doc("ns", ""),
+            doc("web", "  targetRefs: [{kind: Service, name: web}]\n"),
+            doc("label", "  selector: {matchLabels: {app: nope}}\n"),
+        ]
+        .join("---\n"),
+    );
+    let walked = |service: &ServiceKey, principal: &str| {
+        let dest = Dest { service, namespace: "shop", labels: None, port: 8080 };
+        let hashes = super::Hashes { principal: Some(gate_hash(principal)), path: Some(gate_hash("/")) };
+        let (allowing, others) = p.applying(&dest, hashes);
+        assert_eq!(allowing.count(), 0);
+        others.map(|p| p.label.to_string()).collect::<Vec<_>>()
+    };
+    let p_sa = format!("{S}/p");
+    assert_eq!(
+        walked(&key("shop", "web"), &p_sa),
+        ["shop/ns", "shop/web"],
+        "not other's, not a selector's that does not apply"
+    );
+    assert_eq!(walked(&key("shop", "other"), &p_sa), ["shop/other", "shop/ns"]);
+    assert_eq!(walked(&key("shop", "none"), &p_sa), ["shop/ns"], "a service no policy names: the unscoped ones");
+    assert_eq!(walked(&key("shop", "web"), &format!("{S}/q")), Vec::<String>::new(), "no gate lets q in");
+}
+
 /// The principals of namespace shop's service accounts.
 const S: &str = "cluster.local/ns/shop/sa";
