@@ -219,8 +219,8 @@ impl Finished {
         self.by = by;
     }
 
-    /// The answer's head came: its rule's latency.
-    /// The answer's head came `took` after the request.
+    /// The answer's head came `took` after the request: its rule's
+    /// latency.
     fn answered_at(&self, took: Duration) {
         if let Some(b) = &self.by {
             b.meter.series.answered(took);
