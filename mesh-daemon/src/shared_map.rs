@@ -4,7 +4,6 @@
 //! changed, so a copy must not cost one clone per entry. Entries live in
 //! a fixed number of shards behind `Arc`s; a copy clones the shard
 //! pointers, and a write clones the one shard it changes (copy on write).
-
 //!
 //! Its keys (service ids, service ports, workload addresses) come from
 //! the cluster's state, not from clients, and it is read on every

@@ -14,6 +14,7 @@
 
 pub mod cluster;
 pub mod fake_kube;
+pub mod fixtures;
 pub mod follow;
 pub mod loadgen;
 pub mod sys;

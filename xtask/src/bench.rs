@@ -61,7 +61,7 @@ use mesh_tests::{Cluster, ClusterSpec};
 pub mod headline;
 pub mod instructions;
 mod requests;
-use requests::{bench_policies, bench_routes};
+use mesh_tests::fixtures::{bench_policies, bench_routes};
 
 struct Row {
     name: &'static str,
@@ -230,7 +230,12 @@ pub fn bench(
         no_log(http_svc("h2-nolog", "10.96.0.32", "http2", w1, "node-a")),
     ]
     .concat();
-    let cfg = c.write_file("mesh.yaml", &(c.config(&services) + &bench_routes() + &bench_policies()))?;
+    let cfg = c.write_file(
+        "mesh.yaml",
+        &(c.config(&services)
+            + &bench_routes(&[("http-routes", "http-local"), ("h2-routes", "h2-local")])
+            + &bench_policies(&["http-authz", "h2-authz"])),
+    )?;
     let da = c.start_daemon("node-a", &cfg, &["--worker-threads", "1"])?;
     let db = c.start_daemon("node-b", &cfg, &["--worker-threads", "1"])?;
 

@@ -195,8 +195,8 @@ impl Guard {
     /// The decision for `caller` reaching `target` (a workload of this
     /// node, or another endpoint it hands connections to) as `service`,
     /// with request `req` (None: a connection on a `tcp` port). Counted in
-    /// `mesh_authz_decisions_total`; a denial is logged (once a second:
-    /// `now_secs` reads the clock, only for a denial).
+    /// `mesh_authz_decisions_total`; a denial is logged (once a second on
+    /// `env`'s clock, read for a denial only).
     /// Ok with what the access log says: the ALLOW policy and rule that
     /// decided, when one did, and the AUDIT ones that matched.
     pub fn check(
@@ -206,7 +206,7 @@ impl Guard {
         caller: &Caller<'_>,
         req: Option<&Request<'_>>,
         metrics: &Metrics,
-        now_secs: impl FnOnce() -> u64,
+        env: &dyn crate::env::Env,
     ) -> Result<Logged, Denied> {
         if !self.enforcing() {
             return Ok(Logged::default());
@@ -222,7 +222,7 @@ impl Guard {
             return Ok(Logged { by: v.by.map(|(p, r)| p.rule_labels[r].clone()), audit });
         }
         let denied = Denied { by: v.by.map(|(p, r)| (p.label.clone(), r)), audit };
-        let now_secs = now_secs();
+        let now_secs = env.secs() as u64;
         if self.logged.swap(now_secs, Ordering::Relaxed) != now_secs {
             warn!(service = %service, %target, caller = caller.principal.unwrap_or("-"), by = %denied.describe(), "denied by authorization policy (logged once a second)");
         }

@@ -133,9 +133,8 @@ async fn open(
     let via = dial::via(ep, route);
     if via.is_none() {
         let caller = path.guard.caller(id, Some(path.client.ip()));
-        let secs = || path.env.secs() as u64;
         path.guard
-            .check(&route.key.service, ep.state.addr, &caller, None, route.metrics(), secs)
+            .check(&route.key.service, ep.state.addr, &caller, None, route.metrics(), path.env)
             .map_err(|d| ConnectError::Denied { addr: ep.state.addr, by: d.describe() })
             .map(|_| ())?;
     }

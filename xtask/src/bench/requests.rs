@@ -335,58 +335,6 @@ pub fn verdicts(rows: &[HttpRow]) -> Vec<String> {
     out
 }
 
-/// The policies of the http-proxy-authz row, on http-authz and
-/// h2-authz: 19 DENY policies of 10 rules (a principal and a path each,
-/// or in every other policy a path alone, which no bench request has) and
-/// an ALLOW policy of 10 rules, the last of which (empty) matches every
-/// request: each request is checked against all 200 rules.
-pub fn bench_policies() -> String {
-    let mut s = String::from("policies:\n");
-    for i in 0..20 {
-        let action = if i < 19 { "DENY" } else { "ALLOW" };
-        let _ = writeln!(s, "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: bench-{i} }}\n    spec:\n      action: {action}\n      targetRefs: [{{ kind: Service, name: http-authz }}, {{ kind: Service, name: h2-authz }}]\n      rules:");
-        for j in 0..10 {
-            if i == 19 && j == 9 {
-                let _ = writeln!(s, "        - {{}}");
-            } else if i % 2 == 1 {
-                let _ = writeln!(s, "        - to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]");
-            } else {
-                let _ = writeln!(
-                    s,
-                    "        - from: [{{ source: {{ principals: [cluster.local/ns/other/sa/p{i}-{j}] }} }}]\n          to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}]"
-                );
-            }
-        }
-    }
-    s
-}
-
-/// The routes of the http-proxy-routes row: on each of http-routes and
-/// h2-routes, 50 HTTPRoutes of 16 rules (a PathPrefix and a header match
-/// each, which no bench request matches, and which the router cannot skip
-/// by an index of exact paths) and one catch-all route to the same
-/// backend as http-proxy-local's, which every request ends at.
-pub fn bench_routes() -> String {
-    let mut s = String::from("routes:\n");
-    for (parent, backend) in [("http-routes", "http-local"), ("h2-routes", "h2-local")] {
-        for i in 0..50 {
-            let _ = writeln!(s, "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute");
-            let _ = writeln!(s, "    metadata: {{ name: {parent}-{i} }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules:");
-            for j in 0..16 {
-                let _ = writeln!(
-                    s,
-                    "        - matches: [{{ path: {{ type: PathPrefix, value: /r{i}/{j} }}, headers: [{{ name: x-rule, value: \"{j}\" }}] }}]\n          backendRefs: [{{ name: {backend}, port: 80 }}]"
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: {parent}-all }}\n    spec:\n      parentRefs: [{{ name: {parent}, port: 80 }}]\n      rules: [{{ backendRefs: [{{ name: {backend}, port: 80 }}] }}]"
-        );
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

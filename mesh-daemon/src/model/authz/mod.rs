@@ -126,10 +126,12 @@ impl Policies {
         let mut index = Candidates::default();
         for (i, p) in list.iter().enumerate() {
             let i = i as u32;
-            let push = |l: &mut Lists| match p.action {
-                Action::Allow => l.allow.push(i),
-                _ if l.gated.add(i, p) => {}
-                _ => l.other.push(i),
+            let push = |l: &mut Lists| {
+                if p.action == Action::Allow {
+                    l.allow.push(i);
+                } else if !l.gated.add(i, p) {
+                    l.other.push(i);
+                }
             };
             match &p.scope {
                 Scope::Services(keys) => keys.iter().for_each(|k| push(index.by_service.entry(k.clone()).or_default())),

@@ -306,8 +306,7 @@ impl<'a> Plan<'a> {
         let host = parts.uri.authority().map_or("", |a| a.as_str());
         let req = AuthzRequest { method: parts.method.as_str(), path: parts.uri.path(), host, headers: &parts.headers };
         let route = self.route();
-        let secs = || self.conn.env.secs() as u64;
-        guard.check(&route.key.service, ep.state.addr, &caller, Some(&req), route.metrics(), secs)
+        guard.check(&route.key.service, ep.state.addr, &caller, Some(&req), route.metrics(), self.conn.env)
     }
 
     /// An answer came: its latency observed; again when the retry policy

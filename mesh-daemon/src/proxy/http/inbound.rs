@@ -24,7 +24,6 @@ use super::trace::Traced;
 use super::upstream::{Body, Endpoint, UpstreamBody};
 use super::{answer, forbidden, strip_hop_by_hop, strip_mesh_headers};
 use crate::drain::Drain;
-use crate::env::Env as _;
 use crate::identity::Identity;
 use crate::model::authz::Request as AuthzRequest;
 use crate::proxy::access::{Record, RequestLine};
@@ -131,9 +130,8 @@ impl Ctx {
             host: host.unwrap_or(""),
             headers: req.headers(),
         };
-        let secs = || crate::env::Live.secs() as u64;
         view.guard
-            .check(&self.target.service, self.addr, &caller, Some(&r), self.target.metrics(), secs)
+            .check(&self.target.service, self.addr, &caller, Some(&r), self.target.metrics(), crate::env::live())
             .map_err(|d| (forbidden(self.target.grpc), d.logged()))
     }
 

@@ -227,6 +227,15 @@ impl Finished {
         }
     }
 
+    /// The proxy answers now: the clock read once, for the rule's
+    /// latency and what the log and the rates take (the time since
+    /// `started`, and the second).
+    fn answered_now(&self, started: Instant) -> (Duration, u64) {
+        let now = self.env.now();
+        self.answered_at(now - started);
+        (now - started, crate::env::secs_at(now))
+    }
+
     pub fn trace(&mut self, traced: Option<Traced>) {
         self.traced = traced;
     }
@@ -244,11 +253,10 @@ impl Finished {
         let status = response.status();
         let grpc_status = grpc_status(response.headers());
         let class = class(status, self.grpc, grpc_status);
-        let now = self.env.now();
-        self.answered_at(now - started);
+        let ended = self.answered_now(started);
         self.route.series().request_failed(class);
         self.route.series().failed(reason);
-        self.log(None, status, grpc_status, 0, (now - started, crate::env::secs_at(now)), reason);
+        self.log(None, status, grpc_status, 0, ended, reason);
         response
     }
 
@@ -257,10 +265,9 @@ impl Finished {
     /// failure, and logged with `outcome`.
     pub fn answered(self, outcome: &'static str, started: Instant, response: Response<Body>) -> Response<Body> {
         let status = response.status();
-        let now = self.env.now();
-        self.answered_at(now - started);
+        let ended = self.answered_now(started);
         self.route.series().request_failed(class(status, self.grpc, None));
-        self.log(None, status, None, 0, (now - started, crate::env::secs_at(now)), outcome);
+        self.log(None, status, None, 0, ended, outcome);
         response
     }
 

@@ -121,7 +121,6 @@ async fn stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, conn
 
 #[cfg(test)]
 mod tests {
-    use std::fmt::Write as _;
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
@@ -272,16 +271,13 @@ mod tests {
     /// HTTP/2 load `cargo xtask bench --instructions` counts.
     #[tokio::test]
     async fn a_fixed_routed_load_for_callgrind() {
-        let mut extra = format!("{ONE}routes:\n");
-        for i in 0..50 {
-            let _ = writeln!(extra, "  - {{ apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {{ name: r{i} }}, spec: {{ parentRefs: [{{ name: web, port: 80 }}], rules: [");
-            for j in 0..16 {
-                let _ = writeln!(extra, "    {{ matches: [{{ path: {{ type: PathPrefix, value: /r{i}/{j} }}, headers: [{{ name: x-rule, value: \"{j}\" }}] }}], backendRefs: [{{ name: web, port: 80 }}] }},");
-            }
-            extra.push_str("  ] } }\n");
-        }
-        extra.push_str("  - { apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: { name: all }, spec: { parentRefs: [{ name: web, port: 80 }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] } }\n");
-        fixed_h2_load(&extra).await;
+        let routes = mesh_tests::fixtures::bench_routes(&[("web", "web")]);
+        let metrics = fixed_h2_load(&format!("{ONE}{routes}")).await;
+        // What is counted went through the router, every request to the
+        // catch-all.
+        let routed: Vec<_> = metrics.route_rows().into_iter().filter(|r| r.requests > 0).collect();
+        assert_eq!(routed.len(), 1, "{routed:?}");
+        assert_eq!((routed[0].route.as_str(), routed[0].requests), ("default/web-all", load_requests() as u64));
     }
 
     /// The same with the bench's policies on service `web` (19 DENY
@@ -289,26 +285,25 @@ mod tests {
     /// last rule matches every request), the third HTTP/2 load.
     #[tokio::test]
     async fn a_fixed_authorized_load_for_callgrind() {
-        let mut extra = format!("{ONE}policies:\n");
-        for i in 0..20 {
-            let action = if i < 19 { "DENY" } else { "ALLOW" };
-            let _ = writeln!(extra, "  - {{ apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{ name: p{i} }}, spec: {{ action: {action}, targetRefs: [{{ kind: Service, name: web }}], rules: [");
-            for j in 0..10 {
-                let rule = match (i, j) {
-                    (19, 9) => String::from("{}"),
-                    _ if i % 2 == 1 => format!("{{ to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}] }}"),
-                    _ => format!("{{ from: [{{ source: {{ principals: [cluster.local/ns/other/sa/p{i}-{j}] }} }}], to: [{{ operation: {{ paths: [/deny/{i}/{j}] }} }}] }}"),
-                };
-                let _ = writeln!(extra, "    {rule},");
-            }
-            extra.push_str("  ] } }\n");
-        }
-        fixed_h2_load(&extra).await;
+        let policies = mesh_tests::fixtures::bench_policies(&["web"]);
+        let metrics = fixed_h2_load(&format!("{ONE}{policies}")).await;
+        // What is counted went through the policies: every request
+        // allowed by the ALLOW policy's last rule.
+        let text = metrics.encode();
+        let allowed = text
+            .lines()
+            .find(|l| l.starts_with("mesh_authz_decisions_total{") && l.contains("decision=\"allow\""))
+            .unwrap_or_else(|| panic!("no allow decision counted:\n{text}"));
+        assert!(
+            allowed.contains("default/bench-19") && allowed.ends_with(&format!(" {}", load_requests())),
+            "{allowed}"
+        );
     }
 
     /// The fixed HTTP/2 load through service `web` with `extra` (YAML)
-    /// after its `ports`: its endpoints, and routes or policies.
-    async fn fixed_h2_load(extra: &str) {
+    /// after its `ports`: its endpoints, and routes or policies. The
+    /// proxy's metrics, to see what the requests went through.
+    async fn fixed_h2_load(extra: &str) -> Arc<Metrics> {
         let n = load_requests();
         let drain = Drain::new();
         let ep = web_endpoint().await;
@@ -342,6 +337,7 @@ mod tests {
         for s in streams {
             s.await.unwrap();
         }
+        metrics
     }
 
     /// The same over HTTP/1.1 (what `cargo xtask bench --instructions`

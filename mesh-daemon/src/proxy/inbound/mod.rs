@@ -13,8 +13,6 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::env::Env as _;
-
 use crate::drain::Drain;
 use crate::proxy::access::Record;
 use crate::proxy::dial::{self, Upstream};
@@ -90,8 +88,8 @@ impl StreamHandler for InboundHandler {
         // request (`http::inbound`).
         if req.protocol.is_none() {
             let caller = view.guard.caller(Some(peer), req.source);
-            let secs = || crate::env::Live.secs() as u64;
-            if let Err(d) = view.guard.check(&found.service, target, &caller, None, found.metrics(), secs) {
+            if let Err(d) = view.guard.check(&found.service, target, &caller, None, found.metrics(), crate::env::live())
+            {
                 self.counters.denied_policy.inc();
                 debug!(identity = %peer, %target, by = %d.describe(), "stream denied by authorization policy (403)");
                 return Err(Refusal::Denied(Deny::Policy.as_str()));
