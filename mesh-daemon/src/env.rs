@@ -88,3 +88,21 @@ impl Env for Scripted {
         self.draws[self.next.fetch_add(1, Ordering::Relaxed) % self.draws.len()]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_second_of_an_instant_read_already_is_the_process_second_then() {
+        let before = Instant::now();
+        let at = secs_at(before);
+        assert_eq!(at, process_secs() as u64, "the clock process_secs counts on");
+        tokio::time::advance(Duration::from_millis(3500)).await;
+        let now = Instant::now();
+        assert_eq!(secs_at(now), process_secs() as u64);
+        assert!(secs_at(now) - at >= 3, "{} then {at}", secs_at(now));
+        assert_eq!(secs_at(before), at, "an instant read earlier keeps its second");
+    }
+}

@@ -220,7 +220,7 @@ impl<'a> Plan<'a> {
                     Err(after) => return finished.failed("timeout", self.started, timed_out(self.conn.grpc, after)),
                 },
                 Some(Ok(resp)) => match self.answered(ep, resp, t0) {
-                    Ok((resp, now)) => return self.finish(i, (resp, now), parts.as_ref(), finished),
+                    Ok(answer) => return self.finish(i, answer, parts.as_ref(), finished),
                     Err(step) => step,
                 },
                 Some(Err(Failed { error: e, unsent })) => {

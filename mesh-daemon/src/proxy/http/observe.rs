@@ -232,8 +232,9 @@ impl Finished {
     /// `started`, and the second).
     fn answered_now(&self, started: Instant) -> (Duration, u64) {
         let now = self.env.now();
-        self.answered_at(now - started);
-        (now - started, crate::env::secs_at(now))
+        let took = now - started;
+        self.answered_at(took);
+        (took, crate::env::secs_at(now))
     }
 
     pub fn trace(&mut self, traced: Option<Traced>) {
